@@ -1,0 +1,131 @@
+"""The in-task entry point: the only tfrun code that runs before the user's script.
+
+``python -m tfrun.bootstrap RUN_DIR`` (local) or :func:`run_task` called by submitit
+inside ``srun`` (Slurm). It reads the plan, works out which task it is, prepares the
+environment the backend wants, pins GPUs, changes to the source dir and runs the
+script as ``__main__`` with the planned ``sys.argv``.
+"""
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import time
+import traceback
+from typing import Mapping
+
+from tfrun import backends, gpus, identity, runs
+from tfrun.errors import BootstrapError
+from tfrun.plan import Plan, Task
+
+# Variables tfrun owns outright; any other one the user already set is kept.
+_OWNED_PREFIXES = ("TFRUN_", "CUDA_VISIBLE_DEVICES")
+
+
+def say(message: str) -> None:
+    """A line in the rank's log, marked as tfrun's."""
+    print(f"tfrun: {message}", file=sys.stderr, flush=True)
+
+
+def apply_env(env: Mapping[str, str]) -> None:
+    """Set the task's environment; never silently replace what the user set."""
+    shown = []
+    for key, value in env.items():
+        current = os.environ.get(key)
+        if current is not None and current != value and not key.startswith(_OWNED_PREFIXES):
+            say(f"kept {key}={current!r} from your environment (tfrun would set {value!r})")
+            continue
+        os.environ[key] = value
+        if not key.startswith("TFRUN_"):
+            shown.append(f"{key}={value}")
+    if shown:
+        say("set " + " ".join(shown))
+
+
+def redirect_output(path: str | os.PathLike[str]) -> None:
+    """Send this process's stdout/stderr (file descriptors, so C++ logs too) to path."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def run_script(argv: list[str]) -> int:
+    """Run a script as ``__main__``; its exit code (tracebacks go to stderr)."""
+    sys.argv = list(argv)
+    sys.path.insert(0, os.path.dirname(argv[0]))
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        return 130
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def prepare(plan: Plan, ident: identity.TaskIdentity) -> Task:
+    """Everything before the script: env, GPUs, backend, working dir."""
+    if ident.world_size != len(plan.tasks):
+        raise BootstrapError(f"the launcher started {ident.world_size} tasks but the plan has {len(plan.tasks)}")
+    task = plan.tasks[ident.rank]
+    env = dict(task.env)
+    per_task = plan.compute.get("gpus_per_task") or plan.compute["gpus_per_node"] // plan.compute["tasks_per_node"]
+    devices, why = gpus.pin(os.environ.get("CUDA_VISIBLE_DEVICES"), ident.local_rank, per_task)
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+        say(f"CUDA_VISIBLE_DEVICES={devices} ({why})")
+    backend = backends.get(plan.backend)
+    env.update(backend.setup(plan.config["backend"], ident, plan.run_dir, task, plan))
+    apply_env(env)
+    os.makedirs(plan.output_dir, exist_ok=True)
+    os.chdir(plan.source_dir)
+    return task
+
+
+def run_task(run_dir: str, launcher: str = "local") -> int:
+    """Prepare this task and run it; returns its exit code."""
+    plan = Plan.load(run_dir)
+    ident = identity.detect(launcher, plan.compute["nodes"], plan.compute["tasks_per_node"])
+    if launcher == "slurm":
+        redirect_output(runs.rank_log(run_dir, ident.rank))
+    runs.update_rank(run_dir, ident.rank, host=runs.hostname(), pid=os.getpid(), started=time.time(),
+                     ended=None, exit_code=None, error=None)
+    say(f"rank {ident.rank}/{ident.world_size} on {runs.hostname()} (node {ident.node_index}, "
+        f"local rank {ident.local_rank}), run {plan.run_id}")
+    code, error = 1, None
+    try:
+        task = prepare(plan, ident)
+        code = run_script(task.argv) if task.runs_script else backends.get(plan.backend).serve(plan, task)
+        if code:
+            error = f"exit code {code}"
+    except BaseException as exc:  # a failure of tfrun's own preparation
+        traceback.print_exc()
+        error = f"{type(exc).__name__}: {exc}"
+    runs.update_rank(run_dir, ident.rank, ended=time.time(), exit_code=code, error=error)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tfrun.bootstrap RUN_DIR``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m tfrun.bootstrap RUN_DIR", file=sys.stderr)
+        sys.exit(2)
+    code = run_task(argv[0], os.environ.get("TFRUN_LAUNCHER", "local"))
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

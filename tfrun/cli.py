@@ -1,0 +1,210 @@
+"""The ``tfrun`` command.
+
+``tfrun [OVERRIDES]`` composes a run with Hydra, plans it and launches it;
+``tfrun --dry-run[=json] ...`` prints the plan and runs nothing; ``tfrun status|logs|
+cancel|runs`` act on run directories. Nothing here imports TensorFlow.
+
+Exit codes: 0 the run completed; 1 it failed, timed out or was cancelled; 2 the
+configuration or command line was wrong and nothing was started.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tfrun.errors import ConfigError, TfrunError
+
+VERBS = ("status", "logs", "cancel", "runs")
+EXIT_CONFIG = 2
+
+
+@dataclass
+class _Invocation:
+    """What main() learned from argv before handing the rest to Hydra."""
+
+    dry_run: str | None = None  # None, "text" or "json"
+    entered_task: bool = False  # Hydra got as far as our task function
+
+
+_INVOCATION = _Invocation()
+
+
+def error(message: str) -> None:
+    """One paragraph on stderr, the way every tfrun error looks."""
+    print(f"tfrun: error: {message}", file=sys.stderr)
+
+
+def _pop_dry_run(argv: list[str]) -> tuple[str | None, list[str]]:
+    mode, rest = None, []
+    for arg in argv:
+        if arg == "--dry-run":
+            mode = "text"
+        elif arg.startswith("--dry-run="):
+            mode = arg.split("=", 1)[1]
+            if mode not in ("text", "json"):
+                raise ConfigError.invalid("--dry-run", mode, ("text", "json"))
+        else:
+            rest.append(arg)
+    return mode, rest
+
+
+def _is_option(arg: str) -> bool:
+    return arg.startswith("-")
+
+
+def normalize_overrides(argv: list[str]) -> list[str]:
+    """``trainer.x=v`` -> ``++trainer.x=v``: trainer keys are free-form, so add-or-set."""
+    return [re.sub(r"^trainer\.", "++trainer.", a) if not _is_option(a) else a for a in argv]
+
+
+def _option_value(argv: list[str], *names: str) -> str | None:
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def with_project_config_dir(argv: list[str]) -> list[str]:
+    """Add ./conf as the user's config dir when they did not name one."""
+    if _option_value(argv, "--config-dir", "-cd") is None and Path("conf").is_dir():
+        return ["--config-dir", str(Path("conf").resolve()), *argv]
+    return argv
+
+
+def _overrides_only(argv: list[str]) -> tuple[list[str], bool, str | None, str]:
+    """(overrides, multirun, config dir, config name) from argv, for --dry-run."""
+    overrides, multirun, skip = [], False, False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp"):
+            skip = True
+        elif not _is_option(arg):
+            overrides.append(arg)
+    name = _option_value(argv, "--config-name", "-cn") or "config"
+    return overrides, multirun, _option_value(argv, "--config-dir", "-cd"), name
+
+
+# Hydra's own flags: with any of these, Hydra's app runs the command line as it would.
+_HYDRA_FLAGS = ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help",
+                "--shell-completion", "-sc", "--resolve", "--package", "-p", "--version", "--experimental-rerun")
+
+
+def _wants_hydra_app(argv: list[str]) -> bool:
+    return any(a in _HYDRA_FLAGS or a.split("=", 1)[0] in _HYDRA_FLAGS for a in argv)
+
+
+def dry_run(argv: list[str], mode: str) -> int:
+    """Print the plan(s) ``argv`` would launch."""
+    from tfrun import render
+    from tfrun.config.compose import compose_plans
+
+    overrides, multirun, config_dir, config_name = _overrides_only(argv)
+    plans = compose_plans(overrides, multirun=multirun, config_dir=config_dir, config_name=config_name)
+    print(render.plans_json(plans, multirun) if mode == "json" else render.plans_text(plans))
+    return 0
+
+
+def launch_plan(plan: Any) -> str:
+    """Launch a plan where its compute target says, print the outcome, return the state."""
+    from tfrun import launch
+    from tfrun.report import print_outcome
+
+    state = launch.get(plan.target).run(plan)
+    print_outcome(plan, state)
+    return state
+
+
+def run_single(argv: list[str]) -> int:
+    """One run, composed once with the same configs Hydra's app would use."""
+    from tfrun.config.compose import compose_run
+
+    overrides, _, config_dir, config_name = _overrides_only(argv)
+    plan = compose_run(overrides, config_dir=config_dir, config_name=config_name)
+    return 0 if launch_plan(plan) == "COMPLETED" else 1
+
+
+def run_plan_here(cfg: Any) -> str:
+    """Hydra task function body (``--cfg``-style invocations that still run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from tfrun.config.compose import to_run_config
+    from tfrun.plan import build_plan
+
+    return launch_plan(build_plan(to_run_config(cfg), HydraConfig.get().runtime.output_dir))
+
+
+def _task(cfg: Any) -> None:
+    _INVOCATION.entered_task = True
+    try:
+        state = run_plan_here(cfg)
+    except ConfigError as exc:
+        error(str(exc))
+        raise SystemExit(EXIT_CONFIG)
+    except TfrunError as exc:
+        error(str(exc))
+        raise SystemExit(1)
+    if state != "COMPLETED":
+        raise SystemExit(1)
+
+
+def _hydra_main(argv: list[str]) -> int:
+    import hydra
+
+    from tfrun.config.compose import CONFIG_MODULE, CONFIG_NAME, setup
+
+    setup()
+    app = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=CONFIG_NAME)(_task)
+    sys.argv = [sys.argv[0], *argv]
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+        # Hydra exits 1 for anything it rejects before running our task: bad overrides,
+        # unknown options or keys, wrong types. Those are configuration errors.
+        return EXIT_CONFIG if code == 1 and not _INVOCATION.entered_task else code
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in VERBS:
+        from tfrun import verbs
+
+        sys.exit(verbs.main(argv))
+    try:
+        mode, argv = _pop_dry_run(argv)
+        argv = with_project_config_dir(normalize_overrides(argv))
+        if mode:
+            sys.exit(dry_run(argv, mode))
+        if not _wants_hydra_app(argv):
+            sys.exit(run_single(argv))
+    except ConfigError as exc:
+        error(str(exc))
+        sys.exit(EXIT_CONFIG)
+    except TfrunError as exc:
+        error(str(exc))
+        sys.exit(1)
+    except Exception as exc:  # Hydra's and OmegaConf's composition errors
+        if type(exc).__module__.startswith(("hydra", "omegaconf")):
+            from tfrun.config.compose import explain
+
+            error(explain(exc, _overrides_only(argv)[0], _overrides_only(argv)[2]))
+            sys.exit(EXIT_CONFIG)
+        raise
+    sys.exit(_hydra_main(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Config schema, registration and composition of a run."""

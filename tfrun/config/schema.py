@@ -1,0 +1,112 @@
+"""Structured-config schema of a tfrun run.
+
+Each config group option under ``conf/`` picks one of these dataclasses (through the
+``schema/<group>/<name>`` entries registered in :mod:`tfrun.config.store`) and fills
+values, so Hydra checks keys and types at composition time. Field names reuse
+submitit's words and carry units (``timeout_min``, ``mem_gb``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class EntryConfig:
+    """What runs in each task: the user's script and how its parameters reach it."""
+
+    script: str = MISSING  # path of the training script, absolute or relative to source_dir
+    source_dir: Optional[str] = None  # working directory of the script (default: the cwd at launch)
+    flag_prefix: str = "--"  # trainer.lr=0.1 becomes <flag_prefix>lr 0.1
+    flag_style: str = "keep"  # keep: --batch_size; dashes: --batch-size
+    args: List[str] = field(default_factory=list)  # extra arguments appended verbatim
+    python: Optional[str] = None  # interpreter for the tasks (default: the one running tfrun)
+
+
+@dataclass
+class ComputeConfig:
+    """Where the tasks run. ``target`` picks the launcher (local or slurm)."""
+
+    target: str = "local"
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    timeout_min: int = 60
+
+
+@dataclass
+class LocalComputeConfig(ComputeConfig):
+    """Processes on this machine; ``nodes`` are simulated (all tasks are local)."""
+
+    target: str = "local"
+    stop_grace_s: float = 5.0  # after a rank fails, how long others get to exit before SIGKILL
+
+
+@dataclass
+class SlurmComputeConfig(ComputeConfig):
+    """One Slurm job per run, placed by submitit; parameter names follow submitit's."""
+
+    target: str = "slurm"
+    partition: Optional[str] = None
+    cpus_per_task: Optional[int] = None
+    gpus_per_task: Optional[int] = None
+    mem_gb: Optional[float] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    nodelist: Optional[str] = None
+    job_name: str = "tfrun"
+    setup: List[str] = field(default_factory=list)  # shell lines run before srun (module load ...)
+    srun_args: List[str] = field(default_factory=list)
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)  # any other #SBATCH key
+    signal_delay_s: int = 120  # SIGUSR1 this long before the time limit
+    array_parallelism: int = 256  # most array tasks running at once in a sweep
+    wait: bool = True  # follow the job until it ends; false: print ids and return
+    poll_s: float = 2.0  # seconds between batched state queries while following
+
+
+@dataclass
+class BackendConfig:
+    """How the tasks cooperate. ``name`` picks the backend module."""
+
+    name: str = "none"
+    legacy_keras: bool = False  # set TF_USE_LEGACY_KERAS=1 in every task
+
+
+@dataclass
+class DepsConfig:
+    """What the tasks' Python environment holds. ``kind=none``: the current environment."""
+
+    kind: str = "none"
+    env: Dict[str, str] = field(default_factory=dict)  # extra environment variables for every task
+
+
+@dataclass
+class ExportConfig:
+    """What happens to the trained model after the run. ``format=none``: nothing."""
+
+    format: str = "none"
+
+
+@dataclass
+class TfrunSettings:
+    """Settings of tfrun itself rather than of the run."""
+
+    runs_dir: str = "tfrun-runs"  # where run directories are created (relative to the cwd)
+    name: Optional[str] = None  # a label shown by `tfrun runs`
+
+
+@dataclass
+class RunConfig:
+    """The root of a composed run."""
+
+    entry: EntryConfig = field(default_factory=EntryConfig)
+    trainer: Dict[str, Any] = field(default_factory=dict)
+    compute: Any = MISSING
+    backend: Any = MISSING
+    deps: Any = MISSING
+    export: Any = MISSING
+    tfrun: TfrunSettings = field(default_factory=TfrunSettings)

@@ -1,0 +1,76 @@
+"""Checks Hydra cannot express in a schema. Each error names key, value and what is allowed."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from tfrun.errors import ConfigError
+
+# Trainer values become single argv entries. They never pass through a shell, but a
+# value with quotes, blanks or shell syntax is almost always a quoting mistake on the
+# command line, and it would make the printed plan and sbatch lines ambiguous.
+_SAFE_VALUE = re.compile(r"[\w.,:/=+\-@%~]*")
+SAFE_VALUE_HELP = "letters, digits and _ . , : / = + - @ % ~ (no blanks, quotes, ;, $ or newlines)"
+FLAG_STYLES = ("keep", "dashes")
+
+
+def positive_int(key: str, value: Any, minimum: int = 1) -> None:
+    """``value`` must be an int >= minimum."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError.invalid(key, value, f"an integer >= {minimum}")
+
+
+def check_compute(compute: Mapping[str, Any]) -> None:
+    """Task counts and time limits that Slurm or the local launcher could not honour."""
+    positive_int("compute.nodes", compute["nodes"])
+    positive_int("compute.tasks_per_node", compute["tasks_per_node"])
+    positive_int("compute.gpus_per_node", compute["gpus_per_node"], minimum=0)
+    positive_int("compute.timeout_min", compute["timeout_min"])
+    gpus, tasks = compute["gpus_per_node"], compute["tasks_per_node"]
+    if gpus and gpus % tasks and not compute.get("gpus_per_task"):
+        raise ConfigError.invalid(
+            "compute.gpus_per_node", gpus,
+            f"a multiple of compute.tasks_per_node={tasks}, so that every task gets the same GPUs",
+        )
+
+
+def check_trainer_value(key: str, value: Any) -> None:
+    """A trainer value must be a scalar (or a list of scalars) made of safe characters."""
+    if isinstance(value, Mapping):
+        raise ConfigError.invalid(f"trainer.{key}", value, "a scalar or a list of scalars, not a mapping")
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if item is None or isinstance(item, (bool, int, float)):
+            continue
+        if isinstance(item, (list, tuple, Mapping)) or not _SAFE_VALUE.fullmatch(str(item)):
+            raise ConfigError.invalid(f"trainer.{key}", item, SAFE_VALUE_HELP)
+
+
+def check_trainer(trainer: Mapping[str, Any]) -> None:
+    """Every trainer key must be a plain flag name and every value safe."""
+    for key, value in trainer.items():
+        if not re.fullmatch(r"[A-Za-z_][\w\-]*", str(key)):
+            raise ConfigError.invalid("trainer", key, "flag names made of letters, digits, _ and -")
+        check_trainer_value(str(key), value)
+
+
+def resolve_script(entry: Mapping[str, Any], cwd: Path) -> tuple[Path, Path]:
+    """(absolute script, absolute source dir); the script must exist."""
+    source_dir = Path(entry["source_dir"]).expanduser() if entry.get("source_dir") else cwd
+    source_dir = (cwd / source_dir).resolve()
+    if not source_dir.is_dir():
+        raise ConfigError.invalid("entry.source_dir", entry["source_dir"], "an existing directory")
+    script = Path(str(entry["script"])).expanduser()
+    candidates = [script] if script.is_absolute() else [source_dir / script, cwd / script]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve(), source_dir
+    looked = ", ".join(str(c) for c in candidates)
+    raise ConfigError.invalid("entry.script", entry["script"], f"an existing file (looked for {looked})")
+
+
+def check_entry(entry: Mapping[str, Any]) -> None:
+    """Flag spelling options."""
+    if entry["flag_style"] not in FLAG_STYLES:
+        raise ConfigError.invalid("entry.flag_style", entry["flag_style"], FLAG_STYLES)

@@ -1,0 +1,35 @@
+"""The few exception types tfrun raises, so callers can tell user mistakes from failures."""
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class TfrunError(Exception):
+    """Base class of every error tfrun raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(TfrunError):
+    """The composed configuration cannot be run as given. Nothing was started."""
+
+    exit_code = 2
+
+    @classmethod
+    def invalid(cls, key: str, value: object, allowed: str | Iterable[str]) -> "ConfigError":
+        """An error that names the key, the value given and what would have been accepted."""
+        if not isinstance(allowed, str):
+            allowed = "one of: " + ", ".join(str(a) for a in allowed)
+        return cls(f"{key}={value!r} is not valid: {allowed}.")
+
+
+class LaunchError(TfrunError):
+    """Starting or following the run's tasks failed."""
+
+
+class RunFailed(TfrunError):
+    """The run started but ended in a state other than COMPLETED."""
+
+
+class BootstrapError(TfrunError):
+    """A task could not be prepared before the user's script ran."""

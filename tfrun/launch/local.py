@@ -1,0 +1,144 @@
+"""Run a Plan as processes on this machine.
+
+Every rank's output is written to its log in the run dir and streamed to the terminal
+(prefixed with the rank when there are several). If a rank fails, the others are
+stopped within ``compute.stop_grace_s``; Ctrl-C stops every task. Each task runs in its
+own process group so that whatever it started is stopped with it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import IO, Any
+
+from tfrun import runs
+from tfrun.plan import Plan
+
+POLL_S = 0.1
+
+
+def request(plan: Plan) -> dict[str, Any]:
+    """What will be started: one process per task, with the variables that say which."""
+    return {
+        "processes": [
+            {"rank": t.rank, "argv": plan.command, "env": task_launch_env(t.rank)} for t in plan.tasks
+        ]
+    }
+
+
+def task_launch_env(rank: int) -> dict[str, str]:
+    """The variables the bootstrap needs to know which task it is."""
+    return {"TFRUN_LAUNCHER": "local", "TFRUN_RANK": str(rank)}
+
+
+class _Pump(threading.Thread):
+    """Copies one task's output to its log file and to the terminal, line by line."""
+
+    def __init__(self, stream: IO[bytes], log_path: str, prefix: bytes, out: IO[bytes], lock: threading.Lock):
+        super().__init__(daemon=True)
+        self.stream, self.log_path, self.prefix, self.out, self.lock = stream, log_path, prefix, out, lock
+
+    def run(self) -> None:
+        with open(self.log_path, "ab") as log:
+            for line in iter(self.stream.readline, b""):
+                log.write(line)
+                log.flush()
+                with self.lock:
+                    self.out.write(self.prefix + line)
+                    self.out.flush()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """SIGTERM every task's group, then SIGKILL what is left after grace_s."""
+    for proc in procs:
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(POLL_S)
+    for proc in procs:
+        # Kill the group even if the leader is gone: it may have left children behind.
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
+
+
+def describe_exit(code: int) -> str:
+    """'exit code 3' or 'killed by SIGKILL' from a Popen return code."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def start(plan: Plan) -> list[subprocess.Popen[bytes]]:
+    """Start one process per task."""
+    procs = []
+    for task in plan.tasks:
+        env = {**os.environ, **task_launch_env(task.rank)}
+        procs.append(subprocess.Popen(
+            plan.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        ))
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> tuple[str, int | None]:
+    """Block until all tasks end, one fails, or the time limit; (state, failed rank)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        codes = [p.poll() for p in procs]
+        for rank, code in enumerate(codes):
+            if code not in (None, 0):
+                return "FAILED", rank
+        if all(c == 0 for c in codes):
+            return "COMPLETED", None
+        if time.monotonic() > deadline:
+            return "TIMEOUT", None
+        time.sleep(POLL_S)
+
+
+def run(plan: Plan, out: IO[bytes] | None = None) -> str:
+    """Run every task of the plan here; returns the final state (also in status.json)."""
+    out = out or sys.stdout.buffer
+    run_dir = plan.run_dir
+    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+    plan.save()
+    runs.update_status(run_dir, run_id=plan.run_id, state="RUNNING", target="local", backend=plan.backend,
+                       started=time.time(), ended=None, world_size=len(plan.tasks), job_ids=[])
+    procs = start(plan)
+    lock = threading.Lock()
+    pumps = []
+    for task, proc in zip(plan.tasks, procs):
+        prefix = f"[rank{task.rank}] ".encode() if len(procs) > 1 else b""
+        assert proc.stdout is not None
+        pump = _Pump(proc.stdout, str(runs.rank_log(run_dir, task.rank)), prefix, out, lock)
+        pump.start()
+        pumps.append(pump)
+    grace = float(plan.compute.get("stop_grace_s", 5.0))
+    try:
+        state, failed = _wait(procs, plan.compute["timeout_min"] * 60)
+    except KeyboardInterrupt:
+        state, failed = "CANCELLED", None
+    stop_all(procs, grace)
+    for pump in pumps:
+        pump.join(timeout=5)
+    codes = {str(t.rank): p.returncode for t, p in zip(plan.tasks, procs)}
+    fields: dict[str, Any] = {"state": state, "ended": time.time(), "exit_codes": codes}
+    if failed is not None:
+        fields.update(failed_rank=failed, host=runs.hostname(),
+                      reason=describe_exit(procs[failed].returncode))
+    runs.update_status(run_dir, **fields)
+    return state

@@ -1,0 +1,52 @@
+"""Plans as text a person reads (``--dry-run``) or JSON a program reads (``--dry-run=json``)."""
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+from tfrun.plan import Plan
+
+
+def _env_lines(env: dict[str, str], indent: str) -> list[str]:
+    return [f"{indent}{k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+
+
+def plan_text(plan: Plan) -> str:
+    """A human-readable account of what the plan will do."""
+    c = plan.compute
+    lines = [
+        f"run {plan.run_id}: {len(plan.tasks)} task(s) on {c['target']} "
+        f"({c['nodes']} node(s) x {c['tasks_per_node']} task(s)), backend {plan.backend}",
+        f"  run dir:    {plan.run_dir}",
+        f"  script:     {plan.script}",
+        f"  cwd:        {plan.source_dir}",
+        f"  python:     {plan.python}",
+    ]
+    for task in plan.tasks:
+        lines.append(f"  task rank {task.rank}: {task.role} {task.role_index}, node {task.node_index}, "
+                     f"local rank {task.local_rank}{'' if task.runs_script else ' (serves; does not run the script)'}")
+        lines.append(f"    command: {shlex.join(plan.command)}")
+        lines.append(f"    argv:    {shlex.join(task.argv)}")
+        if task.gpus is not None:
+            lines.append(f"    CUDA_VISIBLE_DEVICES={task.gpus}")
+        if task.tf_config is not None:
+            lines.append(f"    TF_CONFIG={json.dumps(task.tf_config, sort_keys=True)}")
+        lines.append("    env:")
+        lines += _env_lines(task.env, "      ")
+    if "sbatch" in plan.request:
+        lines.append("  sbatch script:")
+        lines += ["    " + line for line in plan.request["sbatch"].splitlines()]
+    return "\n".join(lines)
+
+
+def plans_text(plans: list[Plan]) -> str:
+    """Text for a single run or every point of a sweep."""
+    head = [f"sweep of {len(plans)} run(s)"] if len(plans) > 1 else []
+    return "\n\n".join([*head, *(plan_text(p) for p in plans)])
+
+
+def plans_json(plans: list[Plan], multirun: bool) -> str:
+    """JSON: the plan itself for a single run, ``{"runs": [...]}`` for a sweep."""
+    data: Any = {"runs": [p.to_dict() for p in plans]} if multirun else plans[0].to_dict()
+    return json.dumps(data, indent=1, sort_keys=True)

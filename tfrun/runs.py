@@ -1,0 +1,144 @@
+"""The run directory: layout, status file, per-rank records, lookup by id.
+
+The run dir is the job's shared memory. Everything is written atomically (temp file +
+rename) so that a reader on another node, or a kill at any moment, never sees half a
+file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from tfrun.errors import TfrunError
+
+STATUS_FILE = "status.json"
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write JSON atomically: readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
+    """Read a JSON file, or ``default`` if it does not exist."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return default
+
+
+def rank_log(run_dir: str | os.PathLike[str], rank: int) -> Path:
+    """Path of a rank's log (stdout and stderr of its task)."""
+    return Path(run_dir) / "logs" / f"rank{rank}.log"
+
+
+def rank_record(run_dir: str | os.PathLike[str], rank: int) -> Path:
+    """Path of the record a task keeps about itself (host, pid, start, end, exit)."""
+    return Path(run_dir) / "ranks" / f"{rank}.json"
+
+
+def update_rank(run_dir: str | os.PathLike[str], rank: int, **fields: Any) -> None:
+    """Merge fields into a rank's record. Only that rank writes it."""
+    path = rank_record(run_dir, rank)
+    record = read_json(path, {"rank": rank})
+    record.update(fields)
+    write_json(path, record)
+
+
+def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run's status file, or an empty dict."""
+    return read_json(Path(run_dir) / STATUS_FILE, {})
+
+
+def update_status(run_dir: str | os.PathLike[str], **fields: Any) -> dict[str, Any]:
+    """Merge fields into the status file (written by the process that launched the run)."""
+    status = read_status(run_dir)
+    status.update(fields)
+    status["updated"] = time.time()
+    write_json(Path(run_dir) / STATUS_FILE, status)
+    return status
+
+
+def rank_records(run_dir: str | os.PathLike[str]) -> dict[int, dict[str, Any]]:
+    """Every rank's record, by rank."""
+    records = {}
+    for path in sorted((Path(run_dir) / "ranks").glob("*.json")):
+        data = read_json(path)
+        if data is not None:
+            records[int(data["rank"])] = data
+    return records
+
+
+def tail(path: str | os.PathLike[str], lines: int = 20) -> str:
+    """The last lines of a text file ('' if it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def hostname() -> str:
+    """This node's name as Slurm knows it, else the machine's."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def runs_root(runs_dir: str | None = None) -> Path:
+    """Where run dirs are looked up: $TFRUN_RUNS_DIR, else ./tfrun-runs."""
+    return Path(runs_dir or os.environ.get("TFRUN_RUNS_DIR") or "tfrun-runs")
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run dir is a dir with a plan (a sweep dir holds run dirs)."""
+    return (path / "plan.json").is_file()
+
+
+def iter_runs(root: Path) -> Iterator[Path]:
+    """Every run dir under root (single runs and sweep points), oldest first."""
+    if not root.is_dir():
+        return
+    for entry in sorted(root.iterdir()):
+        if is_run_dir(entry):
+            yield entry
+        elif entry.is_dir():
+            points = [p for p in entry.iterdir() if p.is_dir() and is_run_dir(p)]
+            yield from sorted(points, key=lambda p: (len(p.name), p.name))
+
+
+def find_run(ref: str | None, root: Path | None = None) -> Path:
+    """A run (or sweep) dir from a path, an id, a unique id prefix/suffix, or the latest."""
+    root = root or runs_root()
+    if ref and Path(ref).is_dir():
+        return Path(ref)
+    candidates = [p for p in sorted(root.iterdir())] if root.is_dir() else []
+    if not ref:
+        if not candidates:
+            raise TfrunError(f"no runs under {root} (set TFRUN_RUNS_DIR or pass a run dir)")
+        return max(candidates, key=lambda p: p.stat().st_mtime)
+    if (root / ref).is_dir():
+        return root / ref
+    matches = [p for p in candidates if ref in p.name]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise TfrunError(f"no run matches {ref!r} under {root}")
+    raise TfrunError(f"{ref!r} matches several runs: " + ", ".join(p.name for p in matches[:10]))
