@@ -36,7 +36,7 @@ def apply_env(env: Mapping[str, str]) -> None:
             say(f"kept {key}={current!r} from your environment (tfrun would set {value!r})")
             continue
         os.environ[key] = value
-        if not key.startswith("TFRUN_"):
+        if not key.startswith(_OWNED_PREFIXES):  # those are reported where they are chosen
             shown.append(f"{key}={value}")
     if shown:
         say("set " + " ".join(shown))
@@ -64,13 +64,23 @@ def run_script(argv: list[str]) -> int:
             return exc.code or 0
         print(exc.code, file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        traceback.print_exc()
+    except KeyboardInterrupt as exc:
+        print_user_traceback(exc)
         return 130
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as exc:
+        print_user_traceback(exc)
         return 1
     return 0
+
+
+def print_user_traceback(exc: BaseException) -> None:
+    """The traceback from the user's script down, without tfrun's and runpy's frames."""
+    tb = exc.__traceback__
+    while tb is not None and (tb.tb_frame.f_code.co_filename in (__file__, "<frozen runpy>")
+                              or tb.tb_frame.f_code.co_filename.endswith("runpy.py")):
+        tb = tb.tb_next
+    traceback.print_exception(type(exc), exc, tb or exc.__traceback__, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def prepare(plan: Plan, ident: identity.TaskIdentity) -> Task:

@@ -19,6 +19,9 @@ from typing import Any
 from tfrun.errors import ConfigError, TfrunError
 
 VERBS = ("status", "logs", "cancel", "runs")
+# A submitted run that tfrun did not wait for (compute.wait=false, or Ctrl-C while
+# following) is a success of the command: the job is in Slurm's hands.
+OK_STATES = ("COMPLETED", "PENDING", "DETACHED")
 EXIT_CONFIG = 2
 
 
@@ -131,7 +134,7 @@ def run_single(argv: list[str]) -> int:
 
     overrides, _, config_dir, config_name = _overrides_only(argv)
     plan = compose_run(overrides, config_dir=config_dir, config_name=config_name)
-    return 0 if launch_plan(plan) == "COMPLETED" else 1
+    return 0 if launch_plan(plan) in OK_STATES else 1
 
 
 def run_plan_here(cfg: Any) -> str:
@@ -154,7 +157,7 @@ def _task(cfg: Any) -> None:
     except TfrunError as exc:
         error(str(exc))
         raise SystemExit(1)
-    if state != "COMPLETED":
+    if state not in OK_STATES:
         raise SystemExit(1)
 
 
@@ -173,6 +176,11 @@ def _hydra_main(argv: list[str]) -> int:
         # Hydra exits 1 for anything it rejects before running our task: bad overrides,
         # unknown options or keys, wrong types. Those are configuration errors.
         return EXIT_CONFIG if code == 1 and not _INVOCATION.entered_task else code
+    from tfrun.sweep import SweepOutcome
+
+    if SweepOutcome.failed:
+        error(f"{len(SweepOutcome.failed)} sweep point(s) did not complete: {', '.join(SweepOutcome.failed)}")
+        return 1
     return 0
 
 

@@ -45,25 +45,37 @@ def local_identity(rank: int, nodes: int, tasks_per_node: int) -> TaskIdentity:
     )
 
 
+def _split_hostlist(nodelist: str) -> list[str]:
+    """Split on the commas that are not inside brackets."""
+    parts, depth, current = [], 0, ""
+    for char in nodelist:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [p for p in [*parts, current] if p]
+
+
+def _expand_host(pattern: str) -> list[str]:
+    """``rack[1-2]n[01-02]`` -> every combination, in Slurm's order (leftmost range slowest)."""
+    match = re.fullmatch(r"(.*?)\[([^\]]*)\](.*)", pattern)
+    if not match:
+        return [pattern]
+    prefix, ranges, suffix = match.groups()
+    tails = _expand_host(suffix)
+    hosts = []
+    for item in ranges.split(","):
+        lo, _, hi = item.partition("-")
+        numbers = [lo] if not hi else [f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi) + 1)]
+        hosts += [f"{prefix}{number}{tail}" for number in numbers for tail in tails]
+    return hosts
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
     """Expand Slurm's compact host list (``node[1-3,7],gpu01``) without calling scontrol."""
-    hosts: list[str] = []
-    # Split on commas that are not inside brackets.
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
-        match = re.fullmatch(r"(.*?)\[([^\]]*)\](.*)", part)
-        if not match:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = match.groups()
-        for item in ranges.split(","):
-            lo, _, hi = item.partition("-")
-            if not hi:
-                hosts.append(f"{prefix}{lo}{suffix}")
-                continue
-            width = len(lo)
-            for n in range(int(lo), int(hi) + 1):
-                hosts.append(f"{prefix}{n:0{width}d}{suffix}")
-    return hosts
+    return [host for part in _split_hostlist(nodelist) for host in _expand_host(part)]
 
 
 def slurm_identity(env: Mapping[str, str]) -> TaskIdentity:

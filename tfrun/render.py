@@ -26,7 +26,7 @@ def plan_text(plan: Plan) -> str:
     for task in plan.tasks:
         lines.append(f"  task rank {task.rank}: {task.role} {task.role_index}, node {task.node_index}, "
                      f"local rank {task.local_rank}{'' if task.runs_script else ' (serves; does not run the script)'}")
-        lines.append(f"    command: {shlex.join(plan.command)}")
+        lines.append(f"    command: {plan.request.get('srun') or shlex.join(plan.command)}")
         lines.append(f"    argv:    {shlex.join(task.argv)}")
         if task.gpus is not None:
             lines.append(f"    CUDA_VISIBLE_DEVICES={task.gpus}")

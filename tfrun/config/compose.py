@@ -16,10 +16,27 @@ CONFIG_MODULE = "tfrun.conf"
 CONFIG_NAME = "config"
 
 
+def _expose_launcher_plugin() -> None:
+    # Hydra finds plugins by listing the hydra_plugins namespace's directories. A
+    # default editable install maps packages through an import hook that such a
+    # listing cannot see, so name the plugin's real directory explicitly.
+    import importlib.util
+
+    import hydra_plugins
+
+    spec = importlib.util.find_spec("hydra_plugins.tfrun_launcher")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    parent = str(Path(list(spec.submodule_search_locations)[0]).parent)
+    if parent not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(parent)
+
+
 def setup() -> None:
-    """Register schemas and resolvers (idempotent)."""
+    """Register schemas, resolvers and the launcher plugin (idempotent)."""
     store.register()
     resolvers.register()
+    _expose_launcher_plugin()
 
 
 def to_run_config(cfg: DictConfig) -> dict[str, Any]:
@@ -39,22 +56,82 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
     return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
 
 
+def _type_name(tp: Any) -> str:
+    name = getattr(tp, "__name__", None)
+    return name if name and not getattr(tp, "__args__", None) else str(tp).replace("typing.", "")
+
+
+def _explain_parse(exc: Any) -> str:
+    """An override Hydra's grammar rejects: name its key and value, say what to do."""
+    from tfrun.config.validate import SAFE_VALUE_HELP
+
+    override = re.sub(r"^\+\+(?=trainer\.)", "", exc.override)  # our own add-or-set prefix
+    key, sep, value = override.partition("=")
+    cause = exc.__context__ if str(exc.__context__ or "").strip() else None
+    reason = (str(cause) if cause else exc.message).strip().splitlines()[0].rstrip(".")
+    shown = f"{key}={value!r}" if sep else repr(override)
+    hint = (f"trainer values may only use {SAFE_VALUE_HELP}" if key.lstrip("+~").startswith("trainer.")
+            else "quote a value with blanks or special characters, e.g. key='a b'")
+    return f"{shown} could not be parsed ({reason}): {hint}."
+
+
+def _explain_validation(cause: Any) -> str | None:
+    """A value of the wrong type for a schema field: key, value and the field's type."""
+    import dataclasses
+    import typing
+
+    key, value, owner = getattr(cause, "full_key", None), getattr(cause, "value", None), getattr(cause, "object_type", None)
+    if not key:
+        return None
+    reason = str(getattr(cause, "msg", cause)).strip().splitlines()[0].rstrip(".")
+    wanted = ""
+    if owner is not None and dataclasses.is_dataclass(owner):
+        field_type = typing.get_type_hints(owner).get(str(getattr(cause, "key", "")))
+        wanted = f"expected {_type_name(field_type)} " if field_type is not None else ""
+    return f"{key}={value!r} is not valid: {wanted}({reason})."
+
+
+def _explain_unknown_key(full_key: str, overrides: list[str], config_dir: str | None) -> str | None:
+    """An override of a key the schema does not have: list the keys it does have."""
+    parent, _, key = full_key.rpartition(".")
+    rest = [o for o in overrides if not o.lstrip("+~").startswith(full_key + "=")]
+    try:
+        cfg = compose_config(rest, config_dir)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        keys = sorted(k for k in node.keys() if k != "hydra")
+    except Exception:  # the explanation must not hide the original error
+        return None
+    if OmegaConf.get_type(node) is dict:  # a free-form mapping (deps.env): any key may be added
+        given = [o.lstrip("+~") for o in overrides if o.lstrip("+~").startswith(full_key + "=")]
+        return f"{full_key} is not in {parent} yet; add it with +{given[0] if given else full_key + '=VALUE'}"
+    where = parent or "the config"
+    return f"{full_key} is not a key of {where}; allowed keys: {', '.join(keys)}"
+
+
 def explain(exc: Exception, overrides: list[str], config_dir: str | None = None) -> str:
-    """Hydra's message for a rejected composition, with its cause and the allowed keys."""
+    """One message for a composition Hydra rejected: the key, the value, what is allowed."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(exc, OverrideParseException):
+        return _explain_parse(exc)
+    if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
+        group, _, name = exc.missing_cfg_file.rpartition("/")
+        if group:
+            return (f"{group}={name} is not an option of {group}; "
+                    f"available options: {', '.join(exc.options) or '(none)'}")
     message = str(exc).strip()
     cause = exc.__cause__ or exc.__context__
+    if type(cause).__name__ == "ValidationError" and message.startswith("Error merging override"):
+        explained = _explain_validation(cause)
+        if explained:
+            return explained
+    match = re.search(r"Could not override '([\w.]+)'", message)
+    if match:
+        explained = _explain_unknown_key(match.group(1), overrides, config_dir)
+        if explained:
+            return explained
     if cause is not None and str(cause).strip() and str(cause).strip() not in message:
         message += "\n" + str(cause).strip()
-    match = re.search(r"Could not override '([\w.]+)'", message)
-    if match and "." in match.group(1):
-        parent, key = match.group(1).rsplit(".", 1)
-        rest = [o for o in overrides if not o.lstrip("+~").startswith(match.group(1) + "=")]
-        try:
-            node = OmegaConf.select(compose_config(rest, config_dir), parent)
-            message = (f"{parent}.{key} is not a key of {parent}; "
-                       f"allowed keys: {', '.join(sorted(node.keys()))}")
-        except Exception:  # the explanation must not hide the original error
-            pass
     # Hydra's search-path dump helps nobody here.
     return message.split("\nConfig search path:")[0]
 

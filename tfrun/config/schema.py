@@ -95,7 +95,8 @@ class ExportConfig:
 class TfrunSettings:
     """Settings of tfrun itself rather than of the run."""
 
-    runs_dir: str = "tfrun-runs"  # where run directories are created (relative to the cwd)
+    # where run directories are created (relative to the cwd); `tfrun runs` looks there too
+    runs_dir: str = "${oc.env:TFRUN_RUNS_DIR,tfrun-runs}"
     name: Optional[str] = None  # a label shown by `tfrun runs`
 
 

@@ -61,8 +61,11 @@ def resolve_script(entry: Mapping[str, Any], cwd: Path) -> tuple[Path, Path]:
     source_dir = (cwd / source_dir).resolve()
     if not source_dir.is_dir():
         raise ConfigError.invalid("entry.source_dir", entry["source_dir"], "an existing directory")
+    if entry.get("script") in (None, "", "???"):  # "???": a config that never set it
+        raise ConfigError.invalid("entry.script", entry.get("script"),
+                                  "the path of your training script, e.g. entry.script=train.py")
     script = Path(str(entry["script"])).expanduser()
-    candidates = [script] if script.is_absolute() else [source_dir / script, cwd / script]
+    candidates = [script] if script.is_absolute() else list(dict.fromkeys([source_dir / script, cwd / script]))
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve(), source_dir

@@ -117,7 +117,8 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     plan.save()
     runs.update_status(run_dir, run_id=plan.run_id, state="RUNNING", target="local", backend=plan.backend,
-                       started=time.time(), ended=None, world_size=len(plan.tasks), job_ids=[])
+                       started=time.time(), ended=None, world_size=len(plan.tasks), job_ids=[],
+                       launcher_pid=os.getpid(), launcher_host=runs.hostname())
     procs = start(plan)
     lock = threading.Lock()
     pumps = []

@@ -1,0 +1,1 @@
+"""tfrun's Hydra launcher plugin (discovered under the ``hydra_plugins`` namespace)."""

@@ -1,0 +1,344 @@
+"""Run Plans on Slurm through submitit: one job per run, one job array per sweep.
+
+``request`` is pure (what would be submitted: submitit parameters, the exact sbatch
+script); ``submit``/``run``/``run_many`` act. State comes from one batched ``sacct``
+query per poll for all of a launch's jobs, never one query per job.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from tfrun import runs
+from tfrun.errors import ConfigError, LaunchError
+from tfrun.plan import Plan
+
+SUBMITIT_DIR = ".submitit"
+# sacct states -> tfrun states. Anything not listed is shown as Slurm says it.
+_STATES = {
+    "PENDING": "PENDING", "REQUEUED": "PENDING", "REQUEUE_HOLD": "PENDING", "REQUEUE_FED": "PENDING",
+    "RESIZING": "RUNNING", "RUNNING": "RUNNING", "COMPLETING": "RUNNING", "SUSPENDED": "RUNNING",
+    "COMPLETED": "COMPLETED", "CANCELLED": "CANCELLED", "TIMEOUT": "TIMEOUT", "PREEMPTED": "PENDING",
+    "FAILED": "FAILED", "NODE_FAIL": "FAILED", "OUT_OF_MEMORY": "FAILED", "BOOT_FAIL": "FAILED",
+    "DEADLINE": "TIMEOUT",
+}
+
+
+def tfrun_state(slurm_state: str) -> str:
+    """Map a sacct state (``CANCELLED by 0`` included) to tfrun's vocabulary."""
+    word = slurm_state.split()[0] if slurm_state else "UNKNOWN"
+    return _STATES.get(word, word)
+
+
+def parameters(compute: dict[str, Any]) -> dict[str, Any]:
+    """submitit/sbatch parameters for a compute section (names as ``_make_sbatch_string`` takes them)."""
+    params: dict[str, Any] = {
+        "job_name": compute["job_name"],
+        "time": compute["timeout_min"],
+        "nodes": compute["nodes"],
+        "ntasks_per_node": compute["tasks_per_node"],
+        "signal_delay_s": compute["signal_delay_s"],
+        "stderr_to_stdout": True,
+        # A rank that exits non-zero ends the whole step at once: no rank is left
+        # waiting forever in a collective for a peer that is gone.
+        "srun_args": ["--kill-on-bad-exit=1", *compute["srun_args"]],
+        "setup": list(compute["setup"]),
+        "array_parallelism": compute["array_parallelism"],
+    }
+    if compute.get("gpus_per_task"):
+        params["gpus_per_task"] = compute["gpus_per_task"]
+    elif compute["gpus_per_node"]:
+        params["gpus_per_node"] = compute["gpus_per_node"]
+    if compute.get("mem_gb"):
+        from submitit.slurm.slurm import _convert_mem
+
+        params["mem"] = _convert_mem(compute["mem_gb"])
+    for key in ("partition", "cpus_per_task", "account", "qos", "constraint", "exclude", "nodelist"):
+        if compute.get(key) is not None:
+            params[key] = compute[key]
+    if compute["additional_parameters"]:
+        params["additional_parameters"] = dict(compute["additional_parameters"])
+    return params
+
+
+def submitit_command(python: str, folder: str | os.PathLike[str]) -> str:
+    """The command submitit puts after srun in the sbatch script."""
+    return f"{shlex.quote(python)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+
+
+def sbatch_text(params: dict[str, Any], python: str, folder: str | os.PathLike[str], array_size: int | None = None) -> str:
+    """The exact sbatch script submitit will write for these parameters."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    extra = {"map_count": array_size} if array_size and array_size > 1 else {}
+    return _make_sbatch_string(command=submitit_command(python, folder), folder=folder, **params, **extra)
+
+
+def submitit_folder(plan: Plan) -> str:
+    """Where submitit keeps its pickles and logs: beside the run, or beside the sweep."""
+    return os.path.join(plan.run_dir, SUBMITIT_DIR)
+
+
+def request(plan: Plan) -> dict[str, Any]:
+    """What ``sbatch`` will get for this run (shown by ``--dry-run``)."""
+    params = parameters(plan.compute)
+    folder = submitit_folder(plan)
+    text = sbatch_text(params, plan.python, folder)
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    return {"parameters": params, "folder": folder, "sbatch": text, "srun": srun}
+
+
+def slurm_entry(run_dir: str) -> None:
+    """What every srun task runs (pickled by submitit): the bootstrap, as a Slurm task."""
+    import signal
+
+    from tfrun.bootstrap import run_task
+
+    # submitit ignores SIGTERM in its tasks (so that a preempted job lives until it is
+    # requeued). Here SIGTERM is how srun's --kill-on-bad-exit stops the other ranks
+    # when one fails, and ignoring it would leave them hanging until KillWait's SIGKILL.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    code = run_task(run_dir, launcher="slurm")
+    if code:
+        # Exit non-zero so that srun's --kill-on-bad-exit ends the step and Slurm marks the job FAILED.
+        raise SystemExit(code)
+
+
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (Slurm's default when it cannot be read)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 1001
+    for line in out.splitlines():
+        if line.startswith("MaxArraySize"):
+            return int(line.split("=", 1)[1].strip())
+    return 1001
+
+
+def _executor(folder: str, params: dict[str, Any], python: str):  # -> submitit.SlurmExecutor
+    import submitit
+
+    try:
+        executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(python))
+    except RuntimeError as exc:  # no srun on PATH
+        raise LaunchError(f"compute.target=slurm needs Slurm's commands on PATH: {exc}") from exc
+    executor.update_parameters(**params)
+    return executor
+
+
+def _rejected(exc: Exception) -> ConfigError:
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if "error" in ln.lower()] or text.splitlines()[-3:]
+    return ConfigError("Slurm rejected the job: " + " / ".join(ln.strip() for ln in lines))
+
+
+def submit(plans: Sequence[Plan], folder: str) -> list[str]:
+    """Submit plans that share compute parameters: one job, or job arrays split at MaxArraySize."""
+    params = parameters(plans[0].compute)
+    executor = _executor(folder, params, plans[0].python)
+    ids: list[str] = []
+    chunk = max(1, max_array_size())
+    for start in range(0, len(plans), chunk):
+        part = plans[start:start + chunk]
+        try:
+            if len(part) == 1:
+                jobs = [executor.submit(slurm_entry, part[0].run_dir)]
+            else:
+                with executor.batch():
+                    jobs = [executor.submit(slurm_entry, p.run_dir) for p in part]
+        except Exception as exc:  # submitit raises its own types with sbatch's stderr inside
+            if ids:
+                cancel(ids)
+            raise _rejected(exc) from exc
+        ids += [str(job.job_id) for job in jobs]
+    return ids
+
+
+def query(job_ids: Iterable[str]) -> dict[str, dict[str, str]]:
+    """State and nodes of many jobs in one sacct call: ``{job_id: {"State": ..., "NodeList": ...}}``."""
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    ids = sorted({j.split("_")[0] for j in job_ids})
+    if not ids:
+        return {}
+    command = ["sacct", "-o", "JobID,State,NodeList,ExitCode", "--parsable2", "-j", ",".join(ids)]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return SlurmInfoWatcher().read_info(out.stdout)
+
+
+def cancel(job_ids: Iterable[str]) -> None:
+    """scancel, once for all of them."""
+    ids = list(job_ids)
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
+
+
+def settle(run_dir: str, state: str) -> dict[str, Any]:
+    """Final status fields: which rank failed, where, and how (from the ranks' own records)."""
+    fields: dict[str, Any] = {"state": state, "ended": time.time()}
+    records = runs.rank_records(run_dir)
+    fields["exit_codes"] = {str(r): rec.get("exit_code") for r, rec in records.items()}
+    failed = [rec for rec in records.values() if rec.get("exit_code") not in (None, 0)]
+    if failed:
+        first = min(failed, key=lambda rec: rec.get("ended") or 0)
+        fields.update(failed_rank=first["rank"], host=first.get("host"), reason=first.get("error"))
+    elif state in ("FAILED", "TIMEOUT"):
+        unfinished = [rec for rec in records.values() if rec.get("ended") is None]
+        if unfinished:
+            rec = unfinished[0]
+            fields.update(failed_rank=rec["rank"], host=rec.get("host"),
+                          reason=f"killed before it finished (Slurm state {state})")
+    return fields
+
+
+class _LogTail:
+    """Prints what a log file gained since the last call."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def pump(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        self.offset += len(data)
+        if data:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+
+
+def _sweep_line(total: int, states: dict[str, str], shown: str) -> str:
+    """A live count of states: rewritten in place on a terminal, one line per change otherwise."""
+    counts: dict[str, int] = {}
+    for state in states.values():
+        counts[state] = counts.get(state, 0) + 1
+    line = f"tfrun: sweep of {total}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    if line != shown:
+        if sys.stderr.isatty():
+            print(f"\r{line}   ", end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+    return line
+
+
+def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list[str]:
+    """Poll until every job ends (one sacct per poll); print state changes and rank 0's log.
+
+    Ctrl-C detaches: the jobs keep running. Returns the final tfrun state of every plan.
+    """
+    tail = _LogTail(runs.rank_log(plans[0].run_dir, 0)) if len(plans) == 1 else None
+    last: dict[str, str] = {}
+    final: dict[str, str] = {}
+    shown = ""
+    while len(final) < len(plans):
+        info = query(job_ids)
+        for plan, job_id in zip(plans, job_ids):
+            if job_id in final:
+                continue
+            state = tfrun_state(info.get(job_id, {}).get("State", "PENDING"))
+            if state != last.get(job_id):
+                last[job_id] = state
+                runs.update_status(plan.run_dir, state=state, nodes=info.get(job_id, {}).get("NodeList"))
+                if len(plans) == 1:
+                    print(f"tfrun: job {job_id} {state}", file=sys.stderr, flush=True)
+            if state in runs.FINAL_STATES:
+                final[job_id] = state
+                runs.update_status(plan.run_dir, **settle(plan.run_dir, state))
+        if tail:
+            tail.pump()
+        if len(plans) > 1:
+            shown = _sweep_line(len(plans), last, shown)
+        if len(final) < len(plans):
+            time.sleep(poll_s)
+    if tail:
+        time.sleep(0.2)  # the last lines can land after sacct says the job ended
+        tail.pump()
+    if len(plans) > 1 and sys.stderr.isatty():
+        print(file=sys.stderr)
+    return [final[j] for j in job_ids]
+
+
+def _prepare(plan: Plan) -> None:
+    os.makedirs(runs.rank_log(plan.run_dir, 0).parent, exist_ok=True)
+    plan.save()
+
+
+def launch(plans: Sequence[Plan], folder: str) -> list[str]:
+    """Write the plans, submit them, record the job ids. Nothing is left queued on error."""
+    for plan in plans:
+        _prepare(plan)
+    try:
+        job_ids = submit(plans, folder)
+    except ConfigError as exc:
+        for plan in plans:
+            runs.update_status(plan.run_dir, run_id=plan.run_id, state="FAILED", target="slurm",
+                               reason=str(exc), ended=time.time())
+        raise
+    now = time.time()
+    for plan, job_id in zip(plans, job_ids):
+        runs.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm",
+                           backend=plan.backend, job_ids=[job_id], submitted=now, started=now,
+                           ended=None, world_size=len(plan.tasks))
+    return job_ids
+
+
+def _detached(job_ids: Sequence[str], where: str) -> None:
+    print(f"tfrun: jobs keep running: {', '.join(job_ids)}\n"
+          f"tfrun: follow with `tfrun status {where}` and `tfrun logs {where} -f`", file=sys.stderr)
+
+
+def run(plan: Plan) -> str:
+    """Submit one run as one Slurm job and, unless ``compute.wait=false``, follow it."""
+    job_ids = launch([plan], submitit_folder(plan))
+    print(f"tfrun: submitted job {job_ids[0]}; run dir {plan.run_dir}", file=sys.stderr, flush=True)
+    if not plan.compute["wait"]:
+        _detached(job_ids, plan.run_dir)
+        return "PENDING"
+    try:
+        return follow([plan], job_ids, plan.compute["poll_s"])[0]
+    except KeyboardInterrupt:
+        _detached(job_ids, plan.run_dir)
+        return "DETACHED"
+
+
+def parameter_groups(plans: Sequence[Plan]) -> list[list[Plan]]:
+    """Plans whose Slurm parameters are equal go in one array (a sweep over nodes makes several)."""
+    groups: dict[str, list[Plan]] = {}
+    for plan in plans:
+        key = repr(sorted(parameters(plan.compute).items())) + plan.python
+        groups.setdefault(key, []).append(plan)
+    return list(groups.values())
+
+
+def run_many(plans: Sequence[Plan], sweep_dir: str) -> list[str]:
+    """Submit a sweep as job array(s) and, unless ``compute.wait=false``, follow them all."""
+    folder = os.path.join(sweep_dir, SUBMITIT_DIR)
+    ordered: list[Plan] = []
+    job_ids: list[str] = []
+    for group in parameter_groups(plans):
+        job_ids += launch(group, folder)
+        ordered += group
+    print(f"tfrun: submitted {len(ordered)} run(s) as job(s) {', '.join(sorted({j.split('_')[0] for j in job_ids}))}; "
+          f"sweep dir {sweep_dir}", file=sys.stderr, flush=True)
+    if not plans[0].compute["wait"]:
+        _detached(sorted({j.split("_")[0] for j in job_ids}), sweep_dir)
+        return ["PENDING"] * len(plans)
+    try:
+        states = follow(ordered, job_ids, plans[0].compute["poll_s"])
+    except KeyboardInterrupt:
+        _detached(job_ids, sweep_dir)
+        return ["DETACHED"] * len(plans)
+    by_dir = {p.run_dir: s for p, s in zip(ordered, states)}
+    return [by_dir[p.run_dir] for p in plans]

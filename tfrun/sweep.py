@@ -1,0 +1,107 @@
+"""Multirun: plan every point of a sweep, then launch them together.
+
+Used by the Hydra launcher plugin (``launchers/hydra_plugins/tfrun_launcher``), which is a
+thin adapter around :func:`launch_points`. Every point is planned (and validated) before
+anything starts, so one bad point means nothing is submitted.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from tfrun import runs
+from tfrun.errors import ConfigError
+from tfrun.plan import Plan
+
+SWEEP_FILE = "sweep.json"
+OK_STATES = ("COMPLETED", "PENDING", "DETACHED")  # see tfrun.cli.OK_STATES
+
+
+class SweepOutcome:
+    """What the last multirun in this process did; the CLI turns it into an exit code."""
+
+    failed: list[str] = []
+    config_error: ConfigError | None = None
+
+
+def _plan_point(cfg: Any) -> Plan:
+    from hydra.core.hydra_config import HydraConfig
+
+    from tfrun.config.compose import to_run_config
+    from tfrun.plan import build_plan
+
+    return build_plan(to_run_config(cfg), HydraConfig.get().runtime.output_dir)
+
+
+def plan_points(hydra_context: Any, config: Any, job_overrides: Sequence[Sequence[str]],
+                initial_job_idx: int) -> list[tuple[Plan, Any]]:
+    """(plan, Hydra JobReturn) per point; each point's run dir gets its ``.hydra`` files."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import JobStatus, run_job
+    from omegaconf import open_dict
+
+    points = []
+    for offset, overrides in enumerate(job_overrides):
+        idx = initial_job_idx + offset
+        sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+        HydraConfig.instance().set_config(sweep_config)
+        ret = run_job(hydra_context=hydra_context, task_function=_plan_point, config=sweep_config,
+                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        if ret.status == JobStatus.FAILED:
+            raise ret._return_value  # a ConfigError for this point: stop before anything runs
+        points.append((ret.return_value, ret))
+    return points
+
+
+def write_sweep_file(sweep_dir: Path, plans: Sequence[Plan], overrides: Sequence[Sequence[str]]) -> None:
+    """The sweep's index: its points, in order, with their overrides."""
+    runs.write_json(sweep_dir / SWEEP_FILE, {
+        "points": [{"run_id": p.run_id, "run_dir": p.run_dir, "overrides": list(o)} for p, o in zip(plans, overrides)],
+    })
+
+
+def run_points(plans: Sequence[Plan], sweep_dir: Path) -> list[str]:
+    """Launch planned points: locally one after another, on Slurm as job array(s)."""
+    from tfrun import launch
+    from tfrun.report import print_outcome
+
+    targets = {p.target for p in plans}
+    if targets == {"slurm"}:
+        return launch.get("slurm").run_many(plans, str(sweep_dir))
+    states = []
+    for num, plan in enumerate(plans):
+        print(f"tfrun: sweep point {num + 1}/{len(plans)}: {plan.run_id}", file=sys.stderr, flush=True)
+        state = launch.get(plan.target).run(plan)
+        print_outcome(plan, state)
+        states.append(state)
+    return states
+
+
+def launch_points(hydra_context: Any, config: Any, job_overrides: Sequence[Sequence[str]],
+                  initial_job_idx: int) -> list[Any]:
+    """Plan every point, launch them, and return Hydra JobReturns carrying each run's state."""
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    existed = sweep_dir.exists()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        points = plan_points(hydra_context, config, job_overrides, initial_job_idx)
+    except ConfigError as exc:
+        SweepOutcome.config_error = exc
+        if not existed:
+            shutil.rmtree(sweep_dir, ignore_errors=True)  # nothing ran: leave nothing behind
+        raise SystemExit(2)
+    plans = [plan for plan, _ in points]
+    write_sweep_file(sweep_dir, plans, job_overrides)
+    states = run_points(plans, sweep_dir)
+    returns = []
+    for (plan, ret), state in zip(points, states):
+        ret.return_value = state
+        if state not in OK_STATES:
+            SweepOutcome.failed.append(plan.run_id)
+        returns.append(ret)
+    return returns

@@ -1,0 +1,186 @@
+"""``tfrun status|logs|cancel|runs``: act on run directories, from any shell, any day.
+
+They read the run dir and, for Slurm runs not yet finished, ask Slurm about all the
+jobs concerned in one ``sacct`` call.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from tfrun import runs
+from tfrun.errors import TfrunError
+from tfrun.report import failure_text
+from tfrun.sweep import SWEEP_FILE
+
+
+def run_dirs_of(path: Path) -> list[Path]:
+    """The run dirs a path stands for: itself, or every point of a sweep."""
+    if runs.is_run_dir(path):
+        return [path]
+    index = runs.read_json(path / SWEEP_FILE)
+    if index:
+        return [Path(p["run_dir"]) for p in index["points"]]
+    points = [p for p in sorted(path.iterdir(), key=lambda p: (len(p.name), p.name)) if runs.is_run_dir(p)]
+    if not points:
+        raise TfrunError(f"{path} is neither a run dir nor a sweep dir")
+    return points
+
+
+def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Current status of each run; unfinished Slurm runs are updated from one sacct call."""
+    statuses = [runs.read_status(d) for d in run_dirs]
+    live = [(d, s) for d, s in zip(run_dirs, statuses)
+            if s.get("target") == "slurm" and s.get("state") not in runs.FINAL_STATES and s.get("job_ids")]
+    if live:
+        from tfrun.launch import slurm
+
+        info = slurm.query(j for _, s in live for j in s["job_ids"])
+        for run_dir, status in live:
+            job = info.get(status["job_ids"][-1])
+            if not job:
+                continue
+            state = slurm.tfrun_state(job["State"])
+            fields = slurm.settle(str(run_dir), state) if state in runs.FINAL_STATES else {"state": state}
+            status.update(runs.update_status(run_dir, nodes=job.get("NodeList"), **fields))
+    return statuses
+
+
+def _duration(status: dict[str, Any]) -> str:
+    start = status.get("started")
+    if not start:
+        return "-"
+    return f"{(status.get('ended') or time.time()) - start:.0f}s"
+
+
+def show_run(run_dir: Path, status: dict[str, Any]) -> None:
+    """Everything `tfrun status` says about one run."""
+    print(f"run {status.get('run_id', run_dir.name)}: {status.get('state', 'UNKNOWN')}")
+    print(f"  dir: {run_dir}")
+    print(f"  target: {status.get('target', '?')}  backend: {status.get('backend', '?')}  "
+          f"tasks: {status.get('world_size', '?')}  duration: {_duration(status)}")
+    if status.get("job_ids"):
+        print(f"  slurm job: {', '.join(status['job_ids'])}  nodes: {status.get('nodes') or '-'}")
+    for rank, rec in sorted(runs.rank_records(run_dir).items()):
+        if rec.get("ended") is not None:
+            end = f"exit {rec.get('exit_code')}"
+        else:
+            end = "killed before it finished" if status.get("state") in runs.FINAL_STATES else "running"
+        print(f"  rank {rank}: {rec.get('host', '?')} pid {rec.get('pid', '?')} {end}")
+    if status.get("failed_rank") is not None:
+        print("  " + failure_text(str(run_dir), status).replace("\n", "\n  "))
+    elif status.get("reason"):
+        print(f"  reason: {status['reason']}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    path = runs.find_run(args.run)
+    dirs = run_dirs_of(path)
+    statuses = refresh(dirs)
+    if len(dirs) == 1 and runs.is_run_dir(path):
+        show_run(dirs[0], statuses[0])
+        return 0
+    print(f"sweep {path}: {len(dirs)} run(s)")
+    for run_dir, status in zip(dirs, statuses):
+        jobs = ",".join(status.get("job_ids") or []) or "-"
+        extra = f"  rank {status['failed_rank']}: {status.get('reason')}" if status.get("failed_rank") is not None else ""
+        print(f"  {run_dir.name:>4}  {status.get('state', 'UNKNOWN'):<10} job {jobs:<10} {_duration(status):>6}{extra}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    path = runs.find_run(args.run)
+    run_dir = run_dirs_of(path)[0] if not runs.is_run_dir(path) else path
+    log = runs.rank_log(run_dir, args.rank)
+    offset = 0
+    while True:
+        if log.exists():
+            with open(log, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+            offset += len(data)
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        if not args.follow:
+            return 0 if log.exists() else 1
+        if refresh([run_dir])[0].get("state") in runs.FINAL_STATES:
+            args.follow = False  # one last read for what landed before the end
+            continue
+        time.sleep(1.0)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    path = runs.find_run(args.run)
+    dirs = run_dirs_of(path)
+    statuses = refresh(dirs)
+    job_ids = sorted({j.split("_")[0] if len(dirs) > 1 else j
+                      for s in statuses if s.get("state") not in runs.FINAL_STATES for j in s.get("job_ids", [])})
+    if job_ids:
+        from tfrun.launch import slurm
+
+        slurm.cancel(job_ids)
+    for run_dir, status in zip(dirs, statuses):
+        if status.get("state") in runs.FINAL_STATES:
+            continue
+        pid = status.get("launcher_pid")
+        if status.get("target") == "local" and pid and status.get("launcher_host") == runs.hostname():
+            try:
+                os.kill(int(pid), signal.SIGINT)  # the local launcher stops its tasks and records CANCELLED
+            except ProcessLookupError:
+                runs.update_status(run_dir, state="CANCELLED", ended=time.time())
+        else:
+            runs.update_status(run_dir, state="CANCELLED", ended=time.time(), reason="cancelled with tfrun cancel")
+        print(f"tfrun: cancelled {status.get('run_id', run_dir.name)}"
+              + (f" (job {', '.join(status.get('job_ids', []))})" if status.get("job_ids") else ""))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    root = runs.runs_root(args.runs_dir)
+    dirs = list(runs.iter_runs(root))[-args.last:]
+    statuses = refresh(dirs)
+    print(f"{'RUN':<34} {'STATE':<10} {'BACKEND':<8} {'COMPUTE':<8} {'JOBS':<10} DURATION")
+    for run_dir, status in zip(dirs, statuses):
+        run_id = status.get("run_id") or run_dir.name
+        jobs = ",".join(status.get("job_ids") or []) or "-"
+        print(f"{run_id:<34} {status.get('state', 'UNKNOWN'):<10} {status.get('backend', '?'):<8} "
+              f"{status.get('target', '?'):<8} {jobs:<10} {_duration(status)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The verbs' command line."""
+    p = argparse.ArgumentParser(prog="tfrun", description="Inspect and control tfrun runs.")
+    sub = p.add_subparsers(dest="verb", required=True)
+    run_help = "run or sweep dir, run id, unique part of an id (default: the latest run)"
+    s = sub.add_parser("status", help="state of a run or sweep, per rank; why it failed")
+    s.add_argument("run", nargs="?", help=run_help)
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("logs", help="a rank's log")
+    s.add_argument("run", nargs="?", help=run_help)
+    s.add_argument("--rank", type=int, default=0)
+    s.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
+    s.set_defaults(func=cmd_logs)
+    s = sub.add_parser("cancel", help="cancel a run or every unfinished point of a sweep")
+    s.add_argument("run", nargs="?", help=run_help)
+    s.set_defaults(func=cmd_cancel)
+    s = sub.add_parser("runs", help="recent runs")
+    s.add_argument("--runs-dir", help="where runs are (default: $TFRUN_RUNS_DIR or ./tfrun-runs)")
+    s.add_argument("--last", type=int, default=20, help="how many to show")
+    s.set_defaults(func=cmd_runs)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """Run a verb; errors are one line and exit 1."""
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except TfrunError as exc:
+        print(f"tfrun: error: {exc}", file=sys.stderr)
+        return 1
