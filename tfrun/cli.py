@@ -16,12 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tfrun import runs
 from tfrun.errors import ConfigError, TfrunError
 
 VERBS = ("status", "logs", "cancel", "runs")
-# A submitted run that tfrun did not wait for (compute.wait=false, or Ctrl-C while
-# following) is a success of the command: the job is in Slurm's hands.
-OK_STATES = ("COMPLETED", "PENDING", "DETACHED")
 EXIT_CONFIG = 2
 
 
@@ -134,7 +132,7 @@ def run_single(argv: list[str]) -> int:
 
     overrides, _, config_dir, config_name = _overrides_only(argv)
     plan = compose_run(overrides, config_dir=config_dir, config_name=config_name)
-    return 0 if launch_plan(plan) in OK_STATES else 1
+    return 0 if launch_plan(plan) in runs.OK_STATES else 1
 
 
 def run_plan_here(cfg: Any) -> str:
@@ -157,7 +155,7 @@ def _task(cfg: Any) -> None:
     except TfrunError as exc:
         error(str(exc))
         raise SystemExit(1)
-    if state not in OK_STATES:
+    if state not in runs.OK_STATES:
         raise SystemExit(1)
 
 

@@ -18,6 +18,9 @@ from tfrun.errors import TfrunError
 
 STATUS_FILE = "status.json"
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+# States in which the tfrun command itself succeeded: a submitted run that tfrun did not
+# wait for (compute.wait=false, or Ctrl-C while following) is in Slurm's hands.
+OK_STATES = ("COMPLETED", "PENDING", "DETACHED")
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:

@@ -16,7 +16,6 @@ from tfrun.errors import ConfigError
 from tfrun.plan import Plan
 
 SWEEP_FILE = "sweep.json"
-OK_STATES = ("COMPLETED", "PENDING", "DETACHED")  # see tfrun.cli.OK_STATES
 
 
 class SweepOutcome:
@@ -101,7 +100,7 @@ def launch_points(hydra_context: Any, config: Any, job_overrides: Sequence[Seque
     returns = []
     for (plan, ret), state in zip(points, states):
         ret.return_value = state
-        if state not in OK_STATES:
+        if state not in runs.OK_STATES:
             SweepOutcome.failed.append(plan.run_id)
         returns.append(ret)
     return returns
