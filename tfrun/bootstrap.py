@@ -94,8 +94,7 @@ def prepare(plan: Plan, ident: identity.TaskIdentity) -> Task:
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
         say(f"CUDA_VISIBLE_DEVICES={devices} ({why})")
-    backend = backends.get(plan.backend)
-    env.update(backend.setup(plan.config["backend"], ident, plan.run_dir, task, plan))
+    env.update(backends.get(plan.backend).setup(plan.config["backend"], ident, plan.run_dir, task, plan))
     apply_env(env)
     os.makedirs(plan.output_dir, exist_ok=True)
     os.chdir(plan.source_dir)
@@ -113,14 +112,21 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     say(f"rank {ident.rank}/{ident.world_size} on {runs.hostname()} (node {ident.node_index}, "
         f"local rank {ident.local_rank}), run {plan.run_id}")
     code, error = 1, None
+    backend = backends.get(plan.backend)
+    task = plan.tasks[ident.rank]
     try:
         task = prepare(plan, ident)
-        code = run_script(task.argv) if task.runs_script else backends.get(plan.backend).serve(plan, task)
+        code = run_script(task.argv) if task.runs_script else backend.serve(plan, task)
         if code:
             error = f"exit code {code}"
     except BaseException as exc:  # a failure of tfrun's own preparation
-        traceback.print_exc()
+        if isinstance(exc, BootstrapError):
+            say(f"error: {exc}")
+        else:
+            print_user_traceback(exc)
         error = f"{type(exc).__name__}: {exc}"
+    if hasattr(backend, "finish"):
+        backend.finish(plan, task, code)
     runs.update_rank(run_dir, ident.rank, ended=time.time(), exit_code=code, error=error)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -156,7 +156,7 @@ def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Pat
     gpus_per_task = compute.get("gpus_per_task") or compute["gpus_per_node"] // compute["tasks_per_node"]
 
     extra_env = {str(k): str(v) for k, v in cfg["deps"].get("env", {}).items()}
-    if backend_cfg.get("legacy_keras") or getattr(backend, "NEEDS_LEGACY_KERAS", False):
+    if backend_cfg.get("legacy_keras"):
         extra_env["TF_USE_LEGACY_KERAS"] = "1"
 
     tasks = []

@@ -5,7 +5,7 @@ from typing import Any, Mapping
 
 from tfrun.identity import TaskIdentity
 
-NEEDS_LEGACY_KERAS = False
+TOLERATES_WORKER_LOSS = False
 
 
 def check(backend: Mapping[str, Any], world_size: int) -> None:

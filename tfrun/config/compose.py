@@ -63,15 +63,19 @@ def _type_name(tp: Any) -> str:
 
 def _explain_parse(exc: Any) -> str:
     """An override Hydra's grammar rejects: name its key and value, say what to do."""
-    from tfrun.config.validate import SAFE_VALUE_HELP
+    from tfrun.config.validate import SAFE_VALUE, SAFE_VALUE_HELP
 
     override = re.sub(r"^\+\+(?=trainer\.)", "", exc.override)  # our own add-or-set prefix
     key, sep, value = override.partition("=")
     cause = exc.__context__ if str(exc.__context__ or "").strip() else None
     reason = (str(cause) if cause else exc.message).strip().splitlines()[0].rstrip(".")
     shown = f"{key}={value!r}" if sep else repr(override)
-    hint = (f"trainer values may only use {SAFE_VALUE_HELP}" if key.lstrip("+~").startswith("trainer.")
-            else "quote a value with blanks or special characters, e.g. key='a b'")
+    if SAFE_VALUE.fullmatch(value):  # e.g. ~/data: fine as a value, but Hydra wants it quoted
+        hint = f"quote it: {key}='{value}'"
+    elif key.lstrip("+~").startswith("trainer."):
+        hint = f"trainer values may only use {SAFE_VALUE_HELP}"
+    else:
+        hint = "quote a value with blanks or special characters, e.g. key='a b'"
     return f"{shown} could not be parsed ({reason}): {hint}."
 
 

@@ -77,6 +77,42 @@ class BackendConfig:
 
 
 @dataclass
+class DistributedBackendConfig(BackendConfig):
+    """Fields every multi-task backend shares."""
+
+    legacy_keras: bool = True  # Keras model.fit under these strategies needs tf_keras on TF >= 2.16
+    rendezvous_timeout_s: float = 300.0  # how long a task waits for the others to publish their addresses
+
+
+@dataclass
+class HorovodBackendConfig(DistributedBackendConfig):
+    """Horovod over Gloo (or MPI): one rank per task; the script calls hvd.init() itself."""
+
+    name: str = "horovod"
+    controller: str = "gloo"  # gloo | mpi
+    iface: Optional[str] = None  # network interface for Gloo (default: the one that reaches rank 0)
+    check_size: bool = True  # initialise Horovod in the bootstrap and fail unless size == tasks
+
+
+@dataclass
+class PsBackendConfig(DistributedBackendConfig):
+    """TF parameter-server training: chief + workers + parameter servers (+ evaluator)."""
+
+    name: str = "ps"
+    worker_count: int = 2
+    parameter_server_count: int = 1
+    evaluator: bool = False
+    chief_timeout_s: float = 120.0  # servers stop when the chief's heartbeat is this old
+
+
+@dataclass
+class MwmsBackendConfig(DistributedBackendConfig):
+    """tf.distribute.MultiWorkerMirroredStrategy: every task is a worker and runs the script."""
+
+    name: str = "mwms"
+
+
+@dataclass
 class DepsConfig:
     """What the tasks' Python environment holds. ``kind=none``: the current environment."""
 

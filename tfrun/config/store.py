@@ -13,7 +13,12 @@ from tfrun.config import schema
 # group -> option schema name -> dataclass. The YAML files pick from these.
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {
     "compute": {"local": schema.LocalComputeConfig, "slurm": schema.SlurmComputeConfig},
-    "backend": {"none": schema.BackendConfig},
+    "backend": {
+        "none": schema.BackendConfig,
+        "horovod": schema.HorovodBackendConfig,
+        "ps": schema.PsBackendConfig,
+        "mwms": schema.MwmsBackendConfig,
+    },
     "deps": {"none": schema.DepsConfig},
     "export": {"none": schema.ExportConfig},
 }

@@ -10,7 +10,7 @@ from tfrun.errors import ConfigError
 # Trainer values become single argv entries. They never pass through a shell, but a
 # value with quotes, blanks or shell syntax is almost always a quoting mistake on the
 # command line, and it would make the printed plan and sbatch lines ambiguous.
-_SAFE_VALUE = re.compile(r"[\w.,:/=+\-@%~]*")
+SAFE_VALUE = re.compile(r"[\w.,:/=+\-@%~]*")
 SAFE_VALUE_HELP = "letters, digits and _ . , : / = + - @ % ~ (no blanks, quotes, ;, $ or newlines)"
 FLAG_STYLES = ("keep", "dashes")
 
@@ -43,7 +43,7 @@ def check_trainer_value(key: str, value: Any) -> None:
     for item in items:
         if item is None or isinstance(item, (bool, int, float)):
             continue
-        if isinstance(item, (list, tuple, Mapping)) or not _SAFE_VALUE.fullmatch(str(item)):
+        if isinstance(item, (list, tuple, Mapping)) or not SAFE_VALUE.fullmatch(str(item)):
             raise ConfigError.invalid(f"trainer.{key}", item, SAFE_VALUE_HELP)
 
 

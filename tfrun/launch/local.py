@@ -15,7 +15,7 @@ import threading
 import time
 from typing import IO, Any
 
-from tfrun import runs
+from tfrun import backends, runs
 from tfrun.plan import Plan
 
 POLL_S = 0.1
@@ -30,9 +30,9 @@ def request(plan: Plan) -> dict[str, Any]:
     }
 
 
-def task_launch_env(rank: int) -> dict[str, str]:
-    """The variables the bootstrap needs to know which task it is."""
-    return {"TFRUN_LAUNCHER": "local", "TFRUN_RANK": str(rank)}
+def task_launch_env(rank: int, attempt: str = "local-<launch time>") -> dict[str, str]:
+    """The variables the bootstrap needs to know which task it is, and which launch."""
+    return {"TFRUN_LAUNCHER": "local", "TFRUN_RANK": str(rank), "TFRUN_ATTEMPT": attempt}
 
 
 class _Pump(threading.Thread):
@@ -86,8 +86,9 @@ def describe_exit(code: int) -> str:
 def start(plan: Plan) -> list[subprocess.Popen[bytes]]:
     """Start one process per task."""
     procs = []
+    attempt = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     for task in plan.tasks:
-        env = {**os.environ, **task_launch_env(task.rank)}
+        env = {**os.environ, **task_launch_env(task.rank, attempt)}
         procs.append(subprocess.Popen(
             plan.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True,
@@ -95,15 +96,29 @@ def start(plan: Plan) -> list[subprocess.Popen[bytes]]:
     return procs
 
 
-def _wait(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> tuple[str, int | None]:
-    """Block until all tasks end, one fails, or the time limit; (state, failed rank)."""
+def critical_ranks(plan: Plan) -> set[int]:
+    """Ranks whose failure ends the run: all, unless the backend survives losing a server task."""
+    if getattr(backends.get(plan.backend), "TOLERATES_WORKER_LOSS", False):
+        return {t.rank for t in plan.tasks if t.runs_script}
+    return {t.rank for t in plan.tasks}
+
+
+def _wait(procs: list[subprocess.Popen[bytes]], critical: set[int], timeout_s: float,
+          out: IO[bytes]) -> tuple[str, int | None]:
+    """Block until all tasks end, a critical one fails, or the time limit; (state, failed rank)."""
     deadline = time.monotonic() + timeout_s
+    lost: set[int] = set()
     while True:
         codes = [p.poll() for p in procs]
         for rank, code in enumerate(codes):
-            if code not in (None, 0):
+            if code in (None, 0) or rank in lost:
+                continue
+            if rank in critical:
                 return "FAILED", rank
-        if all(c == 0 for c in codes):
+            lost.add(rank)
+            out.write(f"tfrun: rank {rank} ended ({describe_exit(code)}); the run goes on without it\n".encode())
+            out.flush()
+        if all(c is not None for c in codes):
             return "COMPLETED", None
         if time.monotonic() > deadline:
             return "TIMEOUT", None
@@ -130,7 +145,7 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
         pumps.append(pump)
     grace = float(plan.compute.get("stop_grace_s", 5.0))
     try:
-        state, failed = _wait(procs, plan.compute["timeout_min"] * 60)
+        state, failed = _wait(procs, critical_ranks(plan), plan.compute["timeout_min"] * 60, out)
     except KeyboardInterrupt:
         state, failed = "CANCELLED", None
     stop_all(procs, grace)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from tfrun import runs
+from tfrun import backends, runs
 from tfrun.errors import ConfigError, LaunchError
 from tfrun.plan import Plan
 
@@ -35,8 +35,12 @@ def tfrun_state(slurm_state: str) -> str:
     return _STATES.get(word, word)
 
 
-def parameters(compute: dict[str, Any]) -> dict[str, Any]:
-    """submitit/sbatch parameters for a compute section (names as ``_make_sbatch_string`` takes them)."""
+def parameters(compute: dict[str, Any], backend: str = "none") -> dict[str, Any]:
+    """submitit/sbatch parameters for a run (names as ``_make_sbatch_string`` takes them)."""
+    # A rank that exits non-zero ends the whole step at once: no rank is left waiting
+    # forever in a collective for a peer that is gone. Backends that survive losing a
+    # server task (ps) stop their servers themselves when the chief ends.
+    tolerant = getattr(backends.get(backend), "TOLERATES_WORKER_LOSS", False)
     params: dict[str, Any] = {
         "job_name": compute["job_name"],
         "time": compute["timeout_min"],
@@ -44,9 +48,7 @@ def parameters(compute: dict[str, Any]) -> dict[str, Any]:
         "ntasks_per_node": compute["tasks_per_node"],
         "signal_delay_s": compute["signal_delay_s"],
         "stderr_to_stdout": True,
-        # A rank that exits non-zero ends the whole step at once: no rank is left
-        # waiting forever in a collective for a peer that is gone.
-        "srun_args": ["--kill-on-bad-exit=1", *compute["srun_args"]],
+        "srun_args": [f"--kill-on-bad-exit={0 if tolerant else 1}", *compute["srun_args"]],
         "setup": list(compute["setup"]),
         "array_parallelism": compute["array_parallelism"],
     }
@@ -86,7 +88,7 @@ def submitit_folder(plan: Plan) -> str:
 
 def request(plan: Plan) -> dict[str, Any]:
     """What ``sbatch`` will get for this run (shown by ``--dry-run``)."""
-    params = parameters(plan.compute)
+    params = parameters(plan.compute, plan.backend)
     folder = submitit_folder(plan)
     text = sbatch_text(params, plan.python, folder)
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
@@ -140,7 +142,7 @@ def _rejected(exc: Exception) -> ConfigError:
 
 def submit(plans: Sequence[Plan], folder: str) -> list[str]:
     """Submit plans that share compute parameters: one job, or job arrays split at MaxArraySize."""
-    params = parameters(plans[0].compute)
+    params = parameters(plans[0].compute, plans[0].backend)
     executor = _executor(folder, params, plans[0].python)
     ids: list[str] = []
     chunk = max(1, max_array_size())
@@ -317,7 +319,7 @@ def parameter_groups(plans: Sequence[Plan]) -> list[list[Plan]]:
     """Plans whose Slurm parameters are equal go in one array (a sweep over nodes makes several)."""
     groups: dict[str, list[Plan]] = {}
     for plan in plans:
-        key = repr(sorted(parameters(plan.compute).items())) + plan.python
+        key = repr(sorted(parameters(plan.compute, plan.backend).items())) + plan.python
         groups.setdefault(key, []).append(plan)
     return list(groups.values())
 

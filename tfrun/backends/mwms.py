@@ -1,0 +1,40 @@
+"""``backend=mwms``: tf.distribute.MultiWorkerMirroredStrategy.
+
+Every task is a worker (worker 0 acts as chief) and runs the script; TF_CONFIG names
+them all. Keras ``model.fit`` under this strategy needs legacy Keras (tf_keras) on
+TF >= 2.16, so TF_USE_LEGACY_KERAS=1 is set.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+from tfrun.backends import tfconfig
+from tfrun.identity import TaskIdentity
+
+TOLERATES_WORKER_LOSS = False
+
+
+def check(backend: Mapping[str, Any], world_size: int) -> None:
+    """Any number of workers (one is a plain single-worker run)."""
+
+
+def roles(backend: Mapping[str, Any], world_size: int) -> list[tuple[str, int, bool]]:
+    """Every rank is a worker that runs the script."""
+    return [("worker", rank, True) for rank in range(world_size)]
+
+
+def tf_config(backend: Mapping[str, Any], roles: tfconfig.Roles, rank: int) -> dict[str, Any]:
+    """TF_CONFIG with placeholders for hosts and ports."""
+    return tfconfig.tf_config(roles, rank)
+
+
+def setup(backend: Mapping[str, Any], ident: TaskIdentity, run_dir: str, task: Any, plan: Any) -> dict[str, str]:
+    """The real TF_CONFIG, once every worker has published its address."""
+    config = tfconfig.resolve(run_dir, ident, plan_roles(plan), float(backend["rendezvous_timeout_s"]))
+    return {"TF_CONFIG": json.dumps(config)}
+
+
+def plan_roles(plan: Any) -> list[tuple[str, int, bool]]:
+    """The roles recorded in a plan, in rank order."""
+    return [(t.role, t.role_index, t.runs_script) for t in plan.tasks]

@@ -1,0 +1,108 @@
+"""``backend=ps``: TensorFlow parameter-server training.
+
+Tasks: one chief (the coordinator, rank 0, runs the script), ``worker_count``
+workers and ``parameter_server_count`` parameter servers (which serve), and optionally
+an evaluator (runs the script with TFRUN_ROLE=evaluator). Workers and parameter servers
+run ``tf.distribute.Server`` until the chief is done: the chief publishes ``chief-done``
+when its script ends and a heartbeat while it runs, so they also stop if it dies.
+A lost worker does not end the run: TF's coordinator carries on with the others.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any, Mapping
+
+from tfrun import rendezvous
+from tfrun.backends import tfconfig
+from tfrun.backends.mwms import plan_roles
+from tfrun.errors import ConfigError
+from tfrun.identity import TaskIdentity
+
+TOLERATES_WORKER_LOSS = True
+HEARTBEAT_S = 5.0
+
+
+def needed_tasks(backend: Mapping[str, Any]) -> int:
+    """chief + workers + parameter servers (+ evaluator)."""
+    return 1 + backend["worker_count"] + backend["parameter_server_count"] + (1 if backend["evaluator"] else 0)
+
+
+def check(backend: Mapping[str, Any], world_size: int) -> None:
+    """The task count must be exactly what the roles need."""
+    for key in ("worker_count", "parameter_server_count"):
+        if not isinstance(backend[key], int) or backend[key] < 1:
+            raise ConfigError.invalid(f"backend.{key}", backend[key], "an integer >= 1")
+    need = needed_tasks(backend)
+    if need != world_size:
+        evaluator = " + 1 evaluator" if backend["evaluator"] else ""
+        raise ConfigError(
+            f"backend=ps with worker_count={backend['worker_count']} and parameter_server_count="
+            f"{backend['parameter_server_count']} needs {need} tasks (1 chief + {backend['worker_count']} "
+            f"worker(s) + {backend['parameter_server_count']} ps{evaluator}), but compute gives "
+            f"nodes x tasks_per_node = {world_size}. Set compute.nodes/compute.tasks_per_node so that "
+            f"their product is {need}."
+        )
+
+
+def roles(backend: Mapping[str, Any], world_size: int) -> list[tuple[str, int, bool]]:
+    """Rank 0 chief, then workers, then parameter servers, then the evaluator."""
+    result = [("chief", 0, True)]
+    result += [("worker", i, False) for i in range(backend["worker_count"])]
+    result += [("ps", i, False) for i in range(backend["parameter_server_count"])]
+    if backend["evaluator"]:
+        result.append(("evaluator", 0, True))
+    return result
+
+
+def tf_config(backend: Mapping[str, Any], roles: tfconfig.Roles, rank: int) -> dict[str, Any]:
+    """TF_CONFIG with placeholders for hosts and ports."""
+    return tfconfig.tf_config(roles, rank)
+
+
+def _heartbeat(run_dir: str) -> None:
+    while True:
+        rendezvous.publish(run_dir, "chief-heartbeat", {"time": time.time()})
+        time.sleep(HEARTBEAT_S)
+
+
+def setup(backend: Mapping[str, Any], ident: TaskIdentity, run_dir: str, task: Any, plan: Any) -> dict[str, str]:
+    """The real TF_CONFIG; the chief starts its heartbeat."""
+    config = tfconfig.resolve(run_dir, ident, plan_roles(plan), float(backend["rendezvous_timeout_s"]))
+    if task.role == "chief":
+        threading.Thread(target=_heartbeat, args=(run_dir,), daemon=True, name="tfrun-heartbeat").start()
+    # The coordinator should see a lost worker as an error it can recover from, not a hang.
+    return {"TF_CONFIG": json.dumps(config), "GRPC_FAIL_FAST": "use_caller"}
+
+
+def finish(plan: Any, task: Any, code: int) -> None:
+    """The chief tells the servers to stop."""
+    if task.role == "chief":
+        rendezvous.publish(plan.run_dir, "chief-done", {"exit_code": code, "time": time.time()})
+
+
+def _chief_gone(run_dir: str, limit_s: float) -> str | None:
+    if rendezvous.exists(run_dir, "chief-done"):
+        return "the chief finished"
+    from tfrun.runs import read_json
+
+    beat = read_json(rendezvous.directory(run_dir) / "chief-heartbeat.json")
+    if beat and time.time() - beat["time"] > limit_s:
+        return f"no heartbeat from the chief for {limit_s:.0f} s"
+    return None
+
+
+def serve(plan: Any, task: Any) -> int:
+    """Run this worker's or parameter server's tf.distribute.Server until the chief is done."""
+    import tensorflow as tf
+
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    server = tf.distribute.Server(resolver.cluster_spec(), job_name=resolver.task_type,
+                                  task_index=resolver.task_id, protocol=resolver.rpc_layer or "grpc", start=True)
+    print(f"tfrun: {task.role} {task.role_index} serving at {server.target}", flush=True)
+    limit = float(plan.config["backend"]["chief_timeout_s"])
+    while (why := _chief_gone(plan.run_dir, limit)) is None:
+        time.sleep(1.0)
+    print(f"tfrun: {task.role} {task.role_index} stopping: {why}", flush=True)
+    return 0

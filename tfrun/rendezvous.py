@@ -1,0 +1,72 @@
+"""How tasks of one run find each other: through files in the run dir.
+
+Every task picks its own free port on its own node and publishes ``{host, port}``;
+the others wait for what they need. Nothing uses a fixed base port, so two jobs that
+share a node cannot collide. Files live under ``rendezvous/<attempt>/`` so that a
+requeued job never reads the addresses of its previous attempt.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from tfrun import runs
+from tfrun.errors import BootstrapError
+
+
+def attempt_key(env: dict[str, str] | os._Environ[str] | None = None) -> str:
+    """Names this launch of the run: the Slurm job and restart count, or the local launch."""
+    env = os.environ if env is None else env
+    if env.get("TFRUN_ATTEMPT"):
+        return env["TFRUN_ATTEMPT"]
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_RESTART_COUNT', '0')}"
+    return "manual"
+
+
+def directory(run_dir: str | os.PathLike[str], attempt: str | None = None) -> Path:
+    """This attempt's rendezvous dir."""
+    return Path(run_dir) / "rendezvous" / (attempt or attempt_key())
+
+
+def free_port() -> int:
+    """A port free on this node right now (bound to 0 and released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def publish(run_dir: str | os.PathLike[str], name: str, data: dict[str, Any]) -> None:
+    """Make ``data`` visible to the run's other tasks under ``name``."""
+    runs.write_json(directory(run_dir) / f"{name}.json", data)
+
+
+def wait_for(run_dir: str | os.PathLike[str], names: list[str], timeout_s: float,
+             what: str = "peers") -> dict[str, dict[str, Any]]:
+    """Block until every name is published; a clear error naming the missing ones after timeout_s."""
+    folder = directory(run_dir)
+    deadline = time.monotonic() + timeout_s
+    found: dict[str, dict[str, Any]] = {}
+    delay = 0.02
+    while True:
+        for name in names:
+            if name not in found:
+                data = runs.read_json(folder / f"{name}.json")
+                if data is not None:
+                    found[name] = data
+        if len(found) == len(names):
+            return found
+        if time.monotonic() > deadline:
+            missing = ", ".join(n for n in names if n not in found)
+            raise BootstrapError(f"timed out after {timeout_s:.0f} s waiting for {what}: {missing} never "
+                                 f"published an address in {folder} (did those tasks start?)")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+
+
+def exists(run_dir: str | os.PathLike[str], name: str) -> bool:
+    """Has ``name`` been published in this attempt?"""
+    return (directory(run_dir) / f"{name}.json").exists()
