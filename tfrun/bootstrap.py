@@ -94,8 +94,11 @@ def prepare(plan: Plan, ident: identity.TaskIdentity) -> Task:
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
         say(f"CUDA_VISIBLE_DEVICES={devices} ({why})")
-    env.update(backends.get(plan.backend).setup(plan.config["backend"], ident, plan.run_dir, task, plan))
+    backend = backends.get(plan.backend)
+    env.update(backend.setup(plan.config["backend"], ident, plan.run_dir, task, plan))
     apply_env(env)
+    if hasattr(backend, "verify"):  # after apply_env: it may import TensorFlow
+        backend.verify(plan.config["backend"], ident)
     os.makedirs(plan.output_dir, exist_ok=True)
     os.chdir(plan.source_dir)
     return task

@@ -1,0 +1,118 @@
+"""``backend=horovod``: Horovod over Gloo, without horovodrun.
+
+Rank 0 serves Horovod's rendezvous (an HTTP server on a port it finds free) and
+publishes its address in the run dir; every rank then gets the HOROVOD_* variables
+that horovodrun would have set, so a script's own ``hvd.init()`` joins the group. With
+``check_size`` the bootstrap initialises Horovod first and fails, naming the ranks,
+unless the group has every task: a script never silently trains alone.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+from typing import Any, Mapping
+
+from tfrun import rendezvous
+from tfrun.errors import BootstrapError, ConfigError
+from tfrun.identity import TaskIdentity
+
+TOLERATES_WORKER_LOSS = False
+CONTROLLERS = ("gloo", "mpi")
+_SERVER: Any = None  # rank 0's rendezvous server, alive for the life of the task
+
+
+def check(backend: Mapping[str, Any], world_size: int) -> None:
+    """Horovod must be installed (scripts/build-horovod) and the controller usable."""
+    if backend["controller"] not in CONTROLLERS:
+        raise ConfigError.invalid("backend.controller", backend["controller"], CONTROLLERS)
+    if importlib.util.find_spec("horovod") is None:
+        raise ConfigError("backend=horovod needs Horovod, which is not installed in this environment: "
+                          "run scripts/build-horovod (builds Horovod 0.28.1 for the installed TensorFlow).")
+    if backend["controller"] == "mpi" and shutil.which("mpirun") is None:
+        raise ConfigError.invalid("backend.controller", "mpi",
+                                  "gloo here: no MPI is installed (mpirun is not on PATH); install one and "
+                                  "rebuild with scripts/build-horovod --force, or use backend.controller=gloo")
+
+
+def roles(backend: Mapping[str, Any], world_size: int) -> list[tuple[str, int, bool]]:
+    """Every rank runs the script."""
+    return [("worker", rank, True) for rank in range(world_size)]
+
+
+def tf_config(backend: Mapping[str, Any], roles: Any, rank: int) -> None:
+    """Horovod does not use TF_CONFIG."""
+    return None
+
+
+def host_slots(ident: TaskIdentity) -> list[tuple[str, int]]:
+    """(host, tasks) in rank order. Local simulated nodes are one host: they share its name."""
+    if ident.launcher == "local":
+        return [("localhost", ident.world_size)]
+    return [(host, ident.local_world_size) for host in ident.hostnames]
+
+
+def interface_for(address: str) -> str:
+    """The local network interface that reaches ``address`` (Gloo binds to it)."""
+    import psutil
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((address, 9))  # UDP: no packet is sent; the kernel picks the route
+        local_ip = s.getsockname()[0]
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == local_ip for a in addrs):
+            return name
+    return "lo" if local_ip.startswith("127.") else ""
+
+
+def _serve_rendezvous(slots: list[tuple[str, int]], world_size: int) -> int:
+    global _SERVER
+    from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
+    from horovod.runner.http.http_server import RendezvousServer
+
+    _SERVER = RendezvousServer(verbose=0)
+    port = _SERVER.start()
+    _SERVER.init(get_host_assignments(parse_hosts(",".join(f"{h}:{n}" for h, n in slots)), world_size))
+    return int(port)
+
+
+def setup(backend: Mapping[str, Any], ident: TaskIdentity, run_dir: str, task: Any, plan: Any) -> dict[str, str]:
+    """HOROVOD_* for this rank, after rank 0 has started the rendezvous server."""
+    slots = host_slots(ident)
+    if ident.rank == 0:
+        port = _serve_rendezvous(slots, ident.world_size)
+        addr = socket.gethostbyname(slots[0][0])
+        rendezvous.publish(run_dir, "horovod", {"addr": addr, "port": port})
+    found = rendezvous.wait_for(run_dir, ["horovod"], float(backend["rendezvous_timeout_s"]),
+                                "Horovod's rendezvous server (rank 0)")["horovod"]
+    host_index = 0 if ident.launcher == "local" else ident.node_index
+    local_rank = ident.rank if ident.launcher == "local" else ident.local_rank
+    return {
+        "HOROVOD_CONTROLLER": backend["controller"],
+        "HOROVOD_CPU_OPERATIONS": backend["controller"],
+        "HOROVOD_GLOO_RENDEZVOUS_ADDR": found["addr"],
+        "HOROVOD_GLOO_RENDEZVOUS_PORT": str(found["port"]),
+        "HOROVOD_GLOO_IFACE": backend.get("iface") or interface_for(found["addr"]),
+        "HOROVOD_GLOO_TIMEOUT_SECONDS": str(int(backend["rendezvous_timeout_s"])),
+        "HOROVOD_HOSTNAME": slots[host_index][0],
+        "HOROVOD_RANK": str(ident.rank),
+        "HOROVOD_SIZE": str(ident.world_size),
+        "HOROVOD_LOCAL_RANK": str(local_rank),
+        "HOROVOD_LOCAL_SIZE": str(slots[host_index][1]),
+        "HOROVOD_CROSS_RANK": str(host_index),
+        "HOROVOD_CROSS_SIZE": str(len(slots)),
+    }
+
+
+def verify(backend: Mapping[str, Any], ident: TaskIdentity) -> None:
+    """Initialise Horovod now and insist that the group is the whole run."""
+    if not backend["check_size"]:
+        return
+    import horovod.tensorflow as hvd
+
+    hvd.init()
+    if hvd.size() != ident.world_size:
+        raise BootstrapError(f"Horovod initialised with size {hvd.size()} but the run has {ident.world_size} "
+                             f"tasks; rank {ident.rank} would train alone. Check HOROVOD_GLOO_* in this log.")
+    print(f"tfrun: horovod ready: rank {hvd.rank()} of {hvd.size()}", flush=True)
