@@ -112,7 +112,8 @@ def local_gpus(local_rank: int, gpus_per_task: int) -> str | None:
     return ",".join(str(first + i) for i in range(gpus_per_task))
 
 
-def base_env(run_id: str, run_dir: str, ident: Mapping[str, int], role: str, world_size: int) -> dict[str, str]:
+def base_env(run_id: str, run_dir: str, ident: Mapping[str, int], role: str, world_size: int,
+             backend: str) -> dict[str, str]:
     """The TFRUN_* variables every task gets (also read by :func:`tfrun.context`)."""
     return {
         "TFRUN_RUN_ID": run_id,
@@ -123,6 +124,7 @@ def base_env(run_id: str, run_dir: str, ident: Mapping[str, int], role: str, wor
         "TFRUN_NODE_INDEX": str(ident["node_index"]),
         "TFRUN_WORLD_SIZE": str(world_size),
         "TFRUN_ROLE": role,
+        "TFRUN_BACKEND": backend,
     }
 
 
@@ -163,7 +165,7 @@ def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Pat
     roles = backend.roles(backend_cfg, world_size)
     for rank, (role, role_index, runs_script) in enumerate(roles):
         ident = {"rank": rank, "local_rank": rank % compute["tasks_per_node"], "node_index": rank // compute["tasks_per_node"]}
-        env = {**base_env(run_id, str(run_path), ident, role, world_size), **extra_env}
+        env = {**base_env(run_id, str(run_path), ident, role, world_size, backend_cfg["name"]), **extra_env}
         tasks.append(Task(
             **ident, role=role, role_index=role_index, runs_script=runs_script, argv=argv, env=env,
             gpus=local_gpus(ident["local_rank"], gpus_per_task) if compute["target"] == "local" else None,

@@ -54,7 +54,7 @@ class _Pump(threading.Thread):
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
     try:
-        os.kill(proc.pid, sig)
+        os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
 
