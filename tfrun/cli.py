@@ -112,7 +112,7 @@ def dry_run(argv: list[str], mode: str) -> int:
 
     overrides, multirun, config_dir, config_name = _overrides_only(argv)
     plans = compose_plans(overrides, multirun=multirun, config_dir=config_dir, config_name=config_name)
-    print(render.plans_json(plans, multirun) if mode == "json" else render.plans_text(plans))
+    print(render.plans_json(plans, multirun) if mode == "json" else render.plans_text(plans, multirun))
     return 0
 
 
@@ -121,6 +121,8 @@ def launch_plan(plan: Any) -> str:
     from tfrun import launch
     from tfrun.report import print_outcome
 
+    for warning in plan.warnings:
+        print(f"tfrun: warning: {warning}", file=sys.stderr)
     state = launch.get(plan.target).run(plan)
     print_outcome(plan, state)
     return state

@@ -50,6 +50,7 @@ class Plan:
     tasks: list[Task]
     config: dict[str, Any]  # the composed, resolved config
     request: dict[str, Any] = field(default_factory=dict)  # launcher-specific (sbatch text, ...)
+    warnings: list[str] = field(default_factory=list)  # things that will run but probably not as meant
 
     @property
     def output_dir(self) -> str:
@@ -177,5 +178,11 @@ def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Pat
         run_id=run_id, run_dir=str(run_path), target=compute["target"], backend=backend_cfg["name"],
         script=str(script), source_dir=str(source_dir), python=python,
         command=[python, "-u", "-m", "tfrun.bootstrap", str(run_path)], tasks=tasks, config=dict(cfg),
+        warnings=[w for w in [validate.keras3_warning(script, backend_cfg)] if w],
     )
     return replace(plan, request=launcher.request(plan))
+
+
+def in_sweep(plan: Plan, sweep_dir: str | os.PathLike[str]) -> Plan:
+    """The plan of a sweep point: the launcher's request as the sweep will submit it."""
+    return replace(plan, request=launch.get(plan.target).request(plan, sweep_dir=str(sweep_dir)))

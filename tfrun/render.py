@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from typing import Any
 
@@ -34,19 +35,35 @@ def plan_text(plan: Plan) -> str:
             lines.append(f"    TF_CONFIG={json.dumps(task.tf_config, sort_keys=True)}")
         lines.append("    env:")
         lines += _env_lines(task.env, "      ")
+    lines += [f"  warning: {w}" for w in plan.warnings]
     if "sbatch" in plan.request:
         lines.append("  sbatch script:")
         lines += ["    " + line for line in plan.request["sbatch"].splitlines()]
     return "\n".join(lines)
 
 
-def plans_text(plans: list[Plan]) -> str:
-    """Text for a single run or every point of a sweep."""
-    head = [f"sweep of {len(plans)} run(s)"] if len(plans) > 1 else []
-    return "\n\n".join([*head, *(plan_text(p) for p in plans)])
+def sweep_arrays(plans: list[Plan]) -> list[dict[str, Any]]:
+    """The job arrays a Slurm sweep submits (empty for local sweeps)."""
+    if not plans or any(p.target != "slurm" for p in plans):
+        return []
+    from tfrun.launch import slurm
+
+    return slurm.array_requests(plans, os.path.dirname(plans[0].run_dir))
+
+
+def plans_text(plans: list[Plan], multirun: bool = False) -> str:
+    """Text for a single run or every point of a sweep (with the arrays it becomes)."""
+    if not multirun:
+        return plan_text(plans[0])
+    parts = [f"sweep of {len(plans)} run(s) in {os.path.dirname(plans[0].run_dir)}"]
+    for array in sweep_arrays(plans):
+        body = "\n".join("    " + line for line in array["sbatch"].splitlines())
+        parts.append(f"  job array of {len(array['runs'])} run(s): {', '.join(array['runs'])}\n  sbatch script:\n{body}")
+    return "\n\n".join([*parts, *(plan_text(p) for p in plans)])
 
 
 def plans_json(plans: list[Plan], multirun: bool) -> str:
-    """JSON: the plan itself for a single run, ``{"runs": [...]}`` for a sweep."""
-    data: Any = {"runs": [p.to_dict() for p in plans]} if multirun else plans[0].to_dict()
+    """JSON: the plan itself for a single run, ``{"runs": [...], "arrays": [...]}`` for a sweep."""
+    data: Any = ({"runs": [p.to_dict() for p in plans], "arrays": sweep_arrays(plans)}
+                 if multirun else plans[0].to_dict())
     return json.dumps(data, indent=1, sort_keys=True)

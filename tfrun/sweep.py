@@ -29,9 +29,10 @@ def _plan_point(cfg: Any) -> Plan:
     from hydra.core.hydra_config import HydraConfig
 
     from tfrun.config.compose import to_run_config
-    from tfrun.plan import build_plan
+    from tfrun.plan import build_plan, in_sweep
 
-    return build_plan(to_run_config(cfg), HydraConfig.get().runtime.output_dir)
+    hydra = HydraConfig.get()
+    return in_sweep(build_plan(to_run_config(cfg), hydra.runtime.output_dir), Path(hydra.sweep.dir).resolve())
 
 
 def plan_points(hydra_context: Any, config: Any, job_overrides: Sequence[Sequence[str]],
@@ -95,6 +96,8 @@ def launch_points(hydra_context: Any, config: Any, job_overrides: Sequence[Seque
             shutil.rmtree(sweep_dir, ignore_errors=True)  # nothing ran: leave nothing behind
         raise SystemExit(2)
     plans = [plan for plan, _ in points]
+    for warning in sorted({w for p in plans for w in p.warnings}):
+        print(f"tfrun: warning: {warning}", file=sys.stderr)
     write_sweep_file(sweep_dir, plans, job_overrides)
     states = run_points(plans, sweep_dir)
     returns = []

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tfrun.config import resolvers, store
-from tfrun.plan import Plan, build_plan
+from tfrun.plan import Plan, build_plan, in_sweep
 
 CONFIG_MODULE = "tfrun.conf"
 CONFIG_NAME = "config"
@@ -195,5 +195,6 @@ def compose_plans(overrides: list[str], multirun: bool = False, config_dir: str 
                     os.path.join(cfg.hydra.sweep.dir, str(cfg.hydra.sweep.subdir)) if multirun else cfg.hydra.run.dir
                 )
             HydraConfig.instance().set_config(cfg)
-            plans.append(build_plan(to_run_config(cfg), cfg.hydra.runtime.output_dir))
+            plan = build_plan(to_run_config(cfg), cfg.hydra.runtime.output_dir)
+            plans.append(in_sweep(plan, Path(cfg.hydra.sweep.dir).resolve()) if multirun else plan)
     return plans

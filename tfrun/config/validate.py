@@ -77,3 +77,21 @@ def check_entry(entry: Mapping[str, Any]) -> None:
     """Flag spelling options."""
     if entry["flag_style"] not in FLAG_STYLES:
         raise ConfigError.invalid("entry.flag_style", entry["flag_style"], FLAG_STYLES)
+
+
+_KERAS3_IMPORT = re.compile(r"^\s*(import keras\b|from keras\b)", re.M)
+
+
+def keras3_warning(script: Path, backend: Mapping[str, Any]) -> str | None:
+    """A warning when a script imports Keras 3 under a backend whose strategies need tf_keras."""
+    if not backend.get("legacy_keras") or backend["name"] == "none":
+        return None
+    try:
+        source = script.read_text(errors="replace")
+    except OSError:
+        return None
+    if not _KERAS3_IMPORT.search(source):
+        return None
+    return (f"{script.name} imports keras (Keras 3), but backend={backend['name']} needs legacy Keras for "
+            f"model.fit on TF >= 2.16. tfrun sets TF_USE_LEGACY_KERAS=1, which makes tf.keras the legacy "
+            f"Keras: use `import tensorflow as tf` and tf.keras (or `import tf_keras as keras`).")

@@ -21,7 +21,7 @@ from tfrun.plan import Plan
 POLL_S = 0.1
 
 
-def request(plan: Plan) -> dict[str, Any]:
+def request(plan: Plan, sweep_dir: str | None = None) -> dict[str, Any]:
     """What will be started: one process per task, with the variables that say which."""
     return {
         "processes": [

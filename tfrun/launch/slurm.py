@@ -86,10 +86,10 @@ def submitit_folder(plan: Plan) -> str:
     return os.path.join(plan.run_dir, SUBMITIT_DIR)
 
 
-def request(plan: Plan) -> dict[str, Any]:
-    """What ``sbatch`` will get for this run (shown by ``--dry-run``)."""
+def request(plan: Plan, sweep_dir: str | None = None) -> dict[str, Any]:
+    """What ``sbatch`` will get for this run (shown by ``--dry-run``); a sweep's runs share its folder."""
     params = parameters(plan.compute, plan.backend)
-    folder = submitit_folder(plan)
+    folder = os.path.join(sweep_dir, SUBMITIT_DIR) if sweep_dir else submitit_folder(plan)
     text = sbatch_text(params, plan.python, folder)
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
     return {"parameters": params, "folder": folder, "sbatch": text, "srun": srun}
@@ -322,6 +322,20 @@ def parameter_groups(plans: Sequence[Plan]) -> list[list[Plan]]:
         key = repr(sorted(parameters(plan.compute, plan.backend).items())) + plan.python
         groups.setdefault(key, []).append(plan)
     return list(groups.values())
+
+
+def array_requests(plans: Sequence[Plan], sweep_dir: str) -> list[dict[str, Any]]:
+    """What a sweep submits: per group of equal parameters, its runs and the array's sbatch."""
+    folder = os.path.join(sweep_dir, SUBMITIT_DIR)
+    chunk = max_array_size()
+    requests = []
+    for group in parameter_groups(plans):
+        for start in range(0, len(group), chunk):
+            part = group[start:start + chunk]
+            params = parameters(part[0].compute, part[0].backend)
+            requests.append({"runs": [p.run_id for p in part],
+                             "sbatch": sbatch_text(params, part[0].python, folder, array_size=len(part))})
+    return requests
 
 
 def run_many(plans: Sequence[Plan], sweep_dir: str) -> list[str]:
