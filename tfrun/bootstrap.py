@@ -14,7 +14,7 @@ import time
 import traceback
 from typing import Mapping
 
-from tfrun import backends, gpus, identity, runs
+from tfrun import backends, gpus, identity, keras_hooks, preempt, rendezvous, runs
 from tfrun.errors import BootstrapError
 from tfrun.plan import Plan, Task
 
@@ -64,6 +64,9 @@ def run_script(argv: list[str]) -> int:
             return exc.code or 0
         print(exc.code, file=sys.stderr)
         return 1
+    except preempt.Preempted:
+        say("stopped on request; the last finished epoch is in the run's backup")
+        return preempt.EXIT_PREEMPTED
     except KeyboardInterrupt as exc:
         print_user_traceback(exc)
         return 130
@@ -97,6 +100,7 @@ def prepare(plan: Plan, ident: identity.TaskIdentity) -> Task:
     backend = backends.get(plan.backend)
     env.update(backend.setup(plan.config["backend"], ident, plan.run_dir, task, plan))
     apply_env(env)
+    keras_hooks.install()
     if hasattr(backend, "verify"):  # after apply_env: it may import TensorFlow
         backend.verify(plan.config["backend"], ident)
     os.makedirs(plan.output_dir, exist_ok=True)
@@ -104,8 +108,36 @@ def prepare(plan: Plan, ident: identity.TaskIdentity) -> Task:
     return task
 
 
+def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> int:
+    """On Slurm, rank 0 requeues the job (bounded for time-outs); every rank then waits to be ended."""
+    job = preempt.job_id()
+    if ident.launcher != "slurm" or not job:
+        if ident.rank == 0:  # local: the launcher records a resumable stop
+            runs.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason="stopped")
+        return code
+    if ident.rank == 0:
+        left = preempt.time_left_s(job)
+        timed_out = left is not None and left <= plan.compute.get("signal_delay_s", 120) + 60
+        reason = "timeout" if timed_out else "preempted"
+        earlier = sum(1 for a in runs.attempts(plan.run_dir) if a.get("reason") == "timeout")
+        if timed_out and earlier >= plan.compute.get("max_requeues", 3):
+            say(f"time limit reached after {earlier} requeue(s) for time-outs (compute.max_requeues): not requeued")
+            runs.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason, requeued=False)
+            return code
+        failure = preempt.requeue(job)
+        runs.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason,
+                            requeued=failure is None, error=failure)
+        if failure:
+            say(f"could not requeue job {job}: {failure}")
+            return code
+        say(f"{reason}: job {job} requeued; it resumes from the backup")
+    preempt.wait_to_be_stopped()
+    return code
+
+
 def run_task(run_dir: str, launcher: str = "local") -> int:
     """Prepare this task and run it; returns its exit code."""
+    preempt.install()  # first: an early SIGUSR2 must not kill the task
     plan = Plan.load(run_dir)
     ident = identity.detect(launcher, plan.compute["nodes"], plan.compute["tasks_per_node"])
     if launcher == "slurm":
@@ -114,6 +146,9 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
                      ended=None, exit_code=None, error=None)
     say(f"rank {ident.rank}/{ident.world_size} on {runs.hostname()} (node {ident.node_index}, "
         f"local rank {ident.local_rank}), run {plan.run_id}")
+    if ident.rank == 0:
+        runs.update_attempt(run_dir, rendezvous.attempt_key(), started=time.time(), ended=None,
+                            job_id=preempt.job_id(), host=runs.hostname())
     code, error = 1, None
     backend = backends.get(plan.backend)
     task = plan.tasks[ident.rank]
@@ -128,6 +163,12 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
         else:
             print_user_traceback(exc)
         error = f"{type(exc).__name__}: {exc}"
+    if code == preempt.EXIT_PREEMPTED:
+        error = "stopped on request (preemption, time limit or Ctrl-C)"
+        code = after_stop_request(plan, ident, code)
+    elif ident.rank == 0:
+        runs.update_attempt(run_dir, rendezvous.attempt_key(), ended=time.time(),
+                            reason="completed" if code == 0 else "failed")
     if hasattr(backend, "finish"):
         backend.finish(plan, task, code)
     runs.update_rank(run_dir, ident.rank, ended=time.time(), exit_code=code, error=error)

@@ -19,7 +19,7 @@ from typing import Any
 from tfrun import runs
 from tfrun.errors import ConfigError, TfrunError
 
-VERBS = ("status", "logs", "cancel", "runs")
+VERBS = ("status", "logs", "cancel", "runs", "resume")
 EXIT_CONFIG = 2
 
 

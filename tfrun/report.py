@@ -30,5 +30,7 @@ def print_outcome(plan: Plan, state: str) -> None:
     print(f"tfrun: run {plan.run_id} {state}{took}", file=sys.stderr)
     if state == "FAILED":
         print("tfrun: " + failure_text(plan.run_dir, status), file=sys.stderr)
+    if state == "STOPPED":
+        print(f"tfrun: continue it with: tfrun resume {plan.run_dir}", file=sys.stderr)
     print(f"tfrun: run dir {plan.run_dir}", file=sys.stderr)
     print(f"tfrun: outputs {plan.output_dir}", file=sys.stderr)

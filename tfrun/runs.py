@@ -17,7 +17,8 @@ from typing import Any, Iterator
 from tfrun.errors import TfrunError
 
 STATUS_FILE = "status.json"
-FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+ATTEMPTS_FILE = "attempts.json"
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "STOPPED")  # STOPPED: resumable
 # States in which the tfrun command itself succeeded: a submitted run that tfrun did not
 # wait for (compute.wait=false, or Ctrl-C while following) is in Slurm's hands.
 OK_STATES = ("COMPLETED", "PENDING", "DETACHED")
@@ -62,6 +63,20 @@ def update_rank(run_dir: str | os.PathLike[str], rank: int, **fields: Any) -> No
     record = read_json(path, {"rank": rank})
     record.update(fields)
     write_json(path, record)
+
+
+def attempts(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every attempt of the run (start, end, reason, requeued), oldest first."""
+    records = read_json(Path(run_dir) / ATTEMPTS_FILE, {}).values()
+    return sorted(records, key=lambda a: a.get("started") or 0)
+
+
+def update_attempt(run_dir: str | os.PathLike[str], key: str, **fields: Any) -> None:
+    """Merge fields into one attempt's record (written by rank 0 only)."""
+    path = Path(run_dir) / ATTEMPTS_FILE
+    records = read_json(path, {})
+    records.setdefault(key, {"attempt": key}).update(fields)
+    write_json(path, records)
 
 
 def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -140,6 +140,24 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Launch a stopped, cancelled, failed or timed-out run again in its own run dir."""
+    from tfrun import launch
+    from tfrun.plan import Plan
+    from tfrun.report import print_outcome
+
+    path = runs.find_run(args.run)
+    status = refresh([path])[0]
+    if status.get("state") not in runs.FINAL_STATES or status.get("state") == "COMPLETED":
+        raise TfrunError(f"run {path} is {status.get('state', 'UNKNOWN')}: only a stopped, cancelled, failed "
+                         f"or timed-out run can be resumed")
+    plan = Plan.load(path)
+    print(f"tfrun: resuming {plan.run_id} (it continues from its last backup)", file=sys.stderr)
+    state = launch.get(plan.target).run(plan)
+    print_outcome(plan, state)
+    return 0 if state in runs.OK_STATES else 1
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     root = runs.runs_root(args.runs_dir)
     dirs = list(runs.iter_runs(root))[-args.last:]
@@ -169,6 +187,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cancel", help="cancel a run or every unfinished point of a sweep")
     s.add_argument("run", nargs="?", help=run_help)
     s.set_defaults(func=cmd_cancel)
+    s = sub.add_parser("resume", help="continue a stopped (or failed, cancelled, timed-out) run from its backup")
+    s.add_argument("run", nargs="?", help=run_help)
+    s.set_defaults(func=cmd_resume)
     s = sub.add_parser("runs", help="recent runs")
     s.add_argument("--runs-dir", help="where runs are (default: $TFRUN_RUNS_DIR or ./tfrun-runs)")
     s.add_argument("--last", type=int, default=20, help="how many to show")

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import socket
+import time
 from typing import Any, Mapping
 
 from tfrun import rendezvous
@@ -77,6 +78,25 @@ def _serve_rendezvous(slots: list[tuple[str, int]], world_size: int) -> int:
     return int(port)
 
 
+def reach(addr: str, port: int, deadline: float) -> None:
+    """Connect once to rank 0's rendezvous server, retrying until ``deadline`` (monotonic).
+
+    Horovod itself aborts the process (C++ terminate, SIGABRT) with "HTTP request failed"
+    when the server is unreachable; failing here names the address and the likely causes.
+    """
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=2.0):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise BootstrapError(
+                    f"cannot reach Horovod's rendezvous server (rank 0) at {addr}:{port}: {exc}. Rank 0 may have "
+                    f"died after publishing it, or this node cannot route to that address "
+                    f"(set backend.iface, or check the node names resolve)") from exc
+            time.sleep(0.2)
+
+
 def setup(backend: Mapping[str, Any], ident: TaskIdentity, run_dir: str, task: Any, plan: Any) -> dict[str, str]:
     """HOROVOD_* for this rank, after rank 0 has started the rendezvous server."""
     slots = host_slots(ident)
@@ -84,8 +104,11 @@ def setup(backend: Mapping[str, Any], ident: TaskIdentity, run_dir: str, task: A
         port = _serve_rendezvous(slots, ident.world_size)
         addr = socket.gethostbyname(slots[0][0])
         rendezvous.publish(run_dir, "horovod", {"addr": addr, "port": port})
-    found = rendezvous.wait_for(run_dir, ["horovod"], float(backend["rendezvous_timeout_s"]),
-                                "Horovod's rendezvous server (rank 0)")["horovod"]
+    timeout = float(backend["rendezvous_timeout_s"])
+    deadline = time.monotonic() + timeout
+    found = rendezvous.wait_for(run_dir, ["horovod"], timeout, "Horovod's rendezvous server (rank 0)")["horovod"]
+    if ident.rank != 0:
+        reach(found["addr"], int(found["port"]), deadline)
     host_index = 0 if ident.launcher == "local" else ident.node_index
     local_rank = ident.rank if ident.launcher == "local" else ident.local_rank
     return {

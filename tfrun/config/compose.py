@@ -84,7 +84,8 @@ def _explain_validation(cause: Any) -> str | None:
     import dataclasses
     import typing
 
-    key, value, owner = getattr(cause, "full_key", None), getattr(cause, "value", None), getattr(cause, "object_type", None)
+    key, value = getattr(cause, "full_key", None), getattr(cause, "value", None)
+    owner = getattr(cause, "object_type", None)
     if not key:
         return None
     reason = str(getattr(cause, "msg", cause)).strip().splitlines()[0].rstrip(".")

@@ -62,7 +62,8 @@ class SlurmComputeConfig(ComputeConfig):
     setup: List[str] = field(default_factory=list)  # shell lines run before srun (module load ...)
     srun_args: List[str] = field(default_factory=list)
     additional_parameters: Dict[str, Any] = field(default_factory=dict)  # any other #SBATCH key
-    signal_delay_s: int = 120  # SIGUSR1 this long before the time limit
+    signal_delay_s: int = 120  # SIGUSR2 to every task this long before the time limit
+    max_requeues: int = 3  # requeues after time-outs (preemptions are always requeued)
     array_parallelism: int = 256  # most array tasks running at once in a sweep
     wait: bool = True  # follow the job until it ends; false: print ids and return
     poll_s: float = 2.0  # seconds between batched state queries while following

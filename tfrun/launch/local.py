@@ -15,10 +15,11 @@ import threading
 import time
 from typing import IO, Any
 
-from tfrun import backends, runs
+from tfrun import backends, preempt, runs
 from tfrun.plan import Plan
 
 POLL_S = 0.1
+CHECKPOINT_WAIT_S = 120.0  # after a stop request, how long tasks get to reach a batch end
 
 
 def request(plan: Plan, sweep_dir: str | None = None) -> dict[str, Any]:
@@ -125,6 +126,27 @@ def _wait(procs: list[subprocess.Popen[bytes]], critical: set[int], timeout_s: f
         time.sleep(POLL_S)
 
 
+def stop_gracefully(procs: list[subprocess.Popen[bytes]], out: IO[bytes]) -> tuple[str, int | None]:
+    """First Ctrl-C: every task checkpoints and stops (STOPPED, resumable). A second: CANCELLED."""
+    out.write(b"\ntfrun: stopping: every task checkpoints and stops (Ctrl-C again to kill them)\n")
+    out.flush()
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(preempt.SIGNALS[1])  # to the bootstrap only, not its children
+    deadline = time.monotonic() + CHECKPOINT_WAIT_S
+    try:
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        return "CANCELLED", None
+    codes = [p.poll() for p in procs]
+    if any(c is None for c in codes):
+        return "CANCELLED", None
+    if any(c == preempt.EXIT_PREEMPTED for c in codes) and all(c in (0, preempt.EXIT_PREEMPTED) for c in codes):
+        return "STOPPED", None
+    return ("COMPLETED", None) if all(c == 0 for c in codes) else ("CANCELLED", None)
+
+
 def run(plan: Plan, out: IO[bytes] | None = None) -> str:
     """Run every task of the plan here; returns the final state (also in status.json)."""
     out = out or sys.stdout.buffer
@@ -133,7 +155,7 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
     plan.save()
     runs.update_status(run_dir, run_id=plan.run_id, state="RUNNING", target="local", backend=plan.backend,
                        started=time.time(), ended=None, world_size=len(plan.tasks), job_ids=[],
-                       launcher_pid=os.getpid(), launcher_host=runs.hostname())
+                       launcher_pid=os.getpid(), launcher_host=runs.hostname(), failed_rank=None, reason=None)
     procs = start(plan)
     lock = threading.Lock()
     pumps = []
@@ -144,10 +166,11 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
         pump.start()
         pumps.append(pump)
     grace = float(plan.compute.get("stop_grace_s", 5.0))
+    critical = critical_ranks(plan)
     try:
-        state, failed = _wait(procs, critical_ranks(plan), plan.compute["timeout_min"] * 60, out)
+        state, failed = _wait(procs, critical, plan.compute["timeout_min"] * 60, out)
     except KeyboardInterrupt:
-        state, failed = "CANCELLED", None
+        state, failed = stop_gracefully(procs, out)
     stop_all(procs, grace)
     for pump in pumps:
         pump.join(timeout=5)

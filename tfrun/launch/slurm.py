@@ -290,9 +290,10 @@ def launch(plans: Sequence[Plan], folder: str) -> list[str]:
         raise
     now = time.time()
     for plan, job_id in zip(plans, job_ids):
+        earlier = runs.read_status(plan.run_dir).get("job_ids") or []  # a resumed run keeps its history
         runs.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm",
-                           backend=plan.backend, job_ids=[job_id], submitted=now, started=now,
-                           ended=None, world_size=len(plan.tasks))
+                           backend=plan.backend, job_ids=[*earlier, job_id], submitted=now, started=now,
+                           ended=None, world_size=len(plan.tasks), failed_rank=None, reason=None)
     return job_ids
 
 

@@ -1,0 +1,92 @@
+"""Preemption, time limits and clean stops, inside a task.
+
+Slurm sends SIGUSR2 (``compute.signal_delay_s`` before the time limit, or with
+``scancel --signal=USR2``) to every task of the job; the local launcher sends it on the
+first Ctrl-C. Every rank then sees :func:`should_checkpoint` turn true and its
+:func:`on_preempt` callbacks run; Keras ``fit`` stops at the next batch end (the last
+complete epoch is in the run's backup), and the run is requeued (Slurm) or left
+resumable (``tfrun resume``).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable
+
+SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+EXIT_PREEMPTED = 75  # "temporary failure": stopped on request, resumable
+
+_requested = threading.Event()
+_callbacks: list[Callable[[], None]] = []
+
+
+class Preempted(BaseException):
+    """Raised out of training when a stop was requested (a BaseException, so that a
+    script's ``except Exception`` does not swallow it)."""
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    first = not _requested.is_set()
+    _requested.set()
+    if not first:
+        return
+    print(f"tfrun: received {signal.Signals(signum).name}: checkpointing and stopping", file=sys.stderr, flush=True)
+    for callback in list(_callbacks):
+        try:
+            callback()
+        except Exception as exc:  # a user's callback must not stop the others
+            print(f"tfrun: on_preempt callback {callback!r} failed: {exc!r}", file=sys.stderr, flush=True)
+
+
+def install() -> None:
+    """Catch the stop signals in this process (replaces submitit's rank-0-only handler)."""
+    for sig in SIGNALS:
+        signal.signal(sig, _on_signal)
+
+
+def on_preempt(callback: Callable[[], None]) -> None:
+    """Call ``callback()`` (in the main thread, from the signal handler) when a stop is requested."""
+    _callbacks.append(callback)
+
+
+def should_checkpoint() -> bool:
+    """True once a stop was requested: save what you need and return (or raise Preempted)."""
+    return _requested.is_set()
+
+
+def time_left_s(job_id: str) -> float | None:
+    """Seconds left before the Slurm job's time limit (None if unknown)."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True,
+                             timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not out or out in ("INVALID", "UNLIMITED", "NOT_SET"):
+        return None
+    days, _, clock = out.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def requeue(job_id: str) -> str | None:
+    """``scontrol requeue``; None on success, else Slurm's message."""
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    return None if result.returncode == 0 else (result.stderr or result.stdout).strip()
+
+
+def wait_to_be_stopped(limit_s: float = 120.0) -> None:
+    """After a requeue Slurm ends every task itself; exiting first would fail the step."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+
+
+def job_id() -> str | None:
+    """The Slurm job id of this task (the unique id, also for array elements)."""
+    return os.environ.get("SLURM_JOB_ID")
