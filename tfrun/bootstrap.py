@@ -53,27 +53,24 @@ def redirect_output(path: str | os.PathLike[str]) -> None:
     os.close(fd)
 
 
-def run_script(argv: list[str]) -> int:
-    """Run a script as ``__main__``; its exit code (tracebacks go to stderr)."""
+def run_script(argv: list[str]) -> tuple[int, str | None]:
+    """Run a script as ``__main__``: (exit code, what went wrong). Tracebacks go to stderr."""
     sys.argv = list(argv)
     sys.path.insert(0, os.path.dirname(argv[0]))
     try:
         runpy.run_path(argv[0], run_name="__main__")
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
-            return exc.code or 0
+            return exc.code or 0, f"exit code {exc.code}" if exc.code else None
         print(exc.code, file=sys.stderr)
-        return 1
+        return 1, f"exit: {exc.code}"
     except preempt.Preempted:
         say("stopped on request; the last finished epoch is in the run's backup")
-        return preempt.EXIT_PREEMPTED
-    except KeyboardInterrupt as exc:
+        return preempt.EXIT_PREEMPTED, "stopped on request (preemption, time limit or Ctrl-C)"
+    except BaseException as exc:  # KeyboardInterrupt included: the script's own failure
         print_user_traceback(exc)
-        return 130
-    except BaseException as exc:
-        print_user_traceback(exc)
-        return 1
-    return 0
+        return (130 if isinstance(exc, KeyboardInterrupt) else 1), f"{type(exc).__name__}: {exc}"
+    return 0, None
 
 
 def print_user_traceback(exc: BaseException) -> None:
@@ -154,9 +151,11 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     task = plan.tasks[ident.rank]
     try:
         task = prepare(plan, ident)
-        code = run_script(task.argv) if task.runs_script else backend.serve(plan, task)
-        if code:
-            error = f"exit code {code}"
+        if task.runs_script:
+            code, error = run_script(task.argv)
+        else:
+            code = backend.serve(plan, task)
+            error = f"exit code {code}" if code else None
     except BaseException as exc:  # a failure of tfrun's own preparation
         if isinstance(exc, BootstrapError):
             say(f"error: {exc}")
@@ -164,7 +163,6 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
             print_user_traceback(exc)
         error = f"{type(exc).__name__}: {exc}"
     if code == preempt.EXIT_PREEMPTED:
-        error = "stopped on request (preemption, time limit or Ctrl-C)"
         code = after_stop_request(plan, ident, code)
     elif ident.rank == 0:
         runs.update_attempt(run_dir, rendezvous.attempt_key(), ended=time.time(),

@@ -7,6 +7,7 @@ query per poll for all of a launch's jobs, never one query per job.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -184,13 +185,40 @@ def cancel(job_ids: Iterable[str]) -> None:
         subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
 
 
+_SRUN_TASK_ERROR = re.compile(r"^srun: error: (\S+): tasks? (\d+)(?:-\d+)?: (.+)$", re.M)
+
+
+def srun_failure(run_dir: str) -> dict[str, Any] | None:
+    """The first task srun reported as failed (rank, host, how) in the job's own log.
+
+    srun names the task that failed first, before those it then terminated, which the
+    ranks' records cannot do for a task killed by SIGKILL (it records nothing).
+    """
+    status = runs.read_status(run_dir)
+    folder, jobs = status.get("submitit_folder"), status.get("job_ids") or []
+    if not folder or not jobs:
+        return None
+    match = _SRUN_TASK_ERROR.search(runs.tail(Path(folder) / f"{jobs[-1]}_0_log.out", 200))
+    if not match:
+        return None
+    host, rank, how = match.groups()
+    reason = {"Killed": "killed by SIGKILL", "Terminated": "killed by SIGTERM"}.get(how.strip(), how.strip())
+    return {"failed_rank": int(rank), "host": host, "reason": reason}
+
+
 def settle(run_dir: str, state: str) -> dict[str, Any]:
-    """Final status fields: which rank failed, where, and how (from the ranks' own records)."""
+    """Final status fields: which rank failed, where, and how (from srun and the ranks' records)."""
     fields: dict[str, Any] = {"state": state, "ended": time.time()}
     records = runs.rank_records(run_dir)
     fields["exit_codes"] = {str(r): rec.get("exit_code") for r, rec in records.items()}
     failed = [rec for rec in records.values() if rec.get("exit_code") not in (None, 0)]
-    if failed:
+    first = srun_failure(run_dir) if state != "COMPLETED" else None
+    if first:
+        record = records.get(first["failed_rank"], {})
+        if record.get("error"):  # the rank's own account (exit code, exception) is more precise
+            first["reason"] = record["error"]
+        fields.update(first)
+    elif failed:
         first = min(failed, key=lambda rec: rec.get("ended") or 0)
         fields.update(failed_rank=first["rank"], host=first.get("host"), reason=first.get("error"))
     elif state in ("FAILED", "TIMEOUT"):
@@ -291,7 +319,7 @@ def launch(plans: Sequence[Plan], folder: str) -> list[str]:
     now = time.time()
     for plan, job_id in zip(plans, job_ids):
         earlier = runs.read_status(plan.run_dir).get("job_ids") or []  # a resumed run keeps its history
-        runs.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm",
+        runs.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm", submitit_folder=folder,
                            backend=plan.backend, job_ids=[*earlier, job_id], submitted=now, started=now,
                            ended=None, world_size=len(plan.tasks), failed_rank=None, reason=None)
     return job_ids
