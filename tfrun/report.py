@@ -14,7 +14,7 @@ def failure_text(run_dir: str, status: dict) -> str:
         return ""
     record = runs.rank_records(run_dir).get(int(rank), {})
     host = record.get("host") or status.get("host") or "?"
-    reason = status.get("reason") or record.get("error") or "failed"
+    reason = record.get("error") or status.get("reason") or "failed"  # the rank's own account first
     log = runs.rank_log(run_dir, int(rank))
     lines = [f"rank {rank} on {host} failed: {reason}", f"last lines of {log}:"]
     lines += ["  | " + line for line in runs.tail(log, 15).splitlines()]
