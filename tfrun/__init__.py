@@ -6,6 +6,11 @@ from __future__ import annotations
 
 from tfrun.context import Context, context
 from tfrun.errors import ConfigError, LaunchError, RunFailed, TfrunError
+from tfrun.preempt import on_preempt, should_checkpoint
+from tfrun.tracking import log_metric, log_params
 
 __version__ = "0.1.0"
-__all__ = ["Context", "context", "ConfigError", "LaunchError", "RunFailed", "TfrunError", "__version__"]
+__all__ = [
+    "Context", "context", "ConfigError", "LaunchError", "RunFailed", "TfrunError", "__version__",
+    "log_metric", "log_params", "on_preempt", "should_checkpoint",
+]

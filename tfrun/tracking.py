@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,9 +57,30 @@ def append(record: Mapping[str, Any], path: Path | None = None) -> None:
     _rewrite(path, [*read_metrics(path), {"time": time.time(), **record}])
 
 
+_writer: Any = None
+
+
+def tensorboard(values: Mapping[str, float], step: int) -> None:
+    """The same values as TensorBoard scalars under ``<run dir>/tensorboard`` (if TF is loaded)."""
+    global _writer
+    if "tensorflow" not in sys.modules or not os.environ.get("TFRUN_RUN_DIR"):
+        return  # never import TensorFlow only to log
+    import tensorflow as tf
+
+    if _writer is None:
+        rank = int(os.environ.get("TFRUN_RANK", "0"))
+        folder = Path(os.environ["TFRUN_RUN_DIR"]) / "tensorboard" / ("" if rank == 0 else f"rank{rank}")
+        _writer = tf.summary.create_file_writer(str(folder))
+    with _writer.as_default():
+        for name, value in values.items():
+            tf.summary.scalar(name, value, step=step)
+    _writer.flush()
+
+
 def log_metric(name: str, value: float, step: int | None = None) -> None:
     """Record one value of a metric (from any script, any framework)."""
     append({"name": name, "value": float(value), "step": step})
+    tensorboard({name: float(value)}, step or 0)
 
 
 def log_params(params: Mapping[str, Any] | None = None, **more: Any) -> None:
@@ -68,7 +90,9 @@ def log_params(params: Mapping[str, Any] | None = None, **more: Any) -> None:
 
 def log_epoch(epoch: int, logs: Mapping[str, Any]) -> None:
     """Record a finished Keras epoch (0-based) with its logs."""
-    append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
+    values = {k: float(v) for k, v in logs.items()}
+    append({"epoch": epoch, **values})
+    tensorboard(values, epoch)
 
 
 def reconcile_epochs(completed: int, last_logs: Mapping[str, Any] | None) -> None:
