@@ -19,7 +19,7 @@ from typing import Any
 from tfrun import runs
 from tfrun.errors import ConfigError, TfrunError
 
-VERBS = ("status", "logs", "cancel", "runs", "resume")
+VERBS = ("status", "logs", "cancel", "runs", "resume", "plot")
 EXIT_CONFIG = 2
 
 

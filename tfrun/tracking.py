@@ -61,10 +61,22 @@ _writer: Any = None
 
 
 def tensorboard(values: Mapping[str, float], step: int) -> None:
-    """The same values as TensorBoard scalars under ``<run dir>/tensorboard`` (if TF is loaded)."""
+    """The same values as TensorBoard scalars under ``<run dir>/tensorboard`` (if TF is loaded).
+
+    Recording metrics must never break training: a failure is reported once, then skipped.
+    """
     global _writer
-    if "tensorflow" not in sys.modules or not os.environ.get("TFRUN_RUN_DIR"):
+    if _writer is False or "tensorflow" not in sys.modules or not os.environ.get("TFRUN_RUN_DIR"):
         return  # never import TensorFlow only to log
+    try:
+        _write_scalars(values, step)
+    except Exception as exc:
+        print(f"tfrun: warning: no TensorBoard events for this run: {exc}", file=sys.stderr, flush=True)
+        _writer = False
+
+
+def _write_scalars(values: Mapping[str, float], step: int) -> None:
+    global _writer
     import tensorflow as tf
 
     if _writer is None:

@@ -58,6 +58,18 @@ def _duration(status: dict[str, Any]) -> str:
     return f"{(status.get('ended') or time.time()) - start:.0f}s"
 
 
+def latest_epoch(run_dir: Path) -> str:
+    """'epoch 7: loss=0.12 val_accuracy=0.97' from the run's metrics, or ''."""
+    from tfrun import tracking
+
+    epochs = [r for r in tracking.read_metrics(run_dir / tracking.METRICS_FILE) if r.get("epoch") is not None]
+    if not epochs:
+        return ""
+    last = epochs[-1]
+    values = " ".join(f"{k}={v:.4g}" for k, v in sorted(last.items()) if k not in ("epoch", "time"))
+    return f"epoch {last['epoch'] + 1}: {values}"
+
+
 def show_run(run_dir: Path, status: dict[str, Any]) -> None:
     """Everything `tfrun status` says about one run."""
     print(f"run {status.get('run_id', run_dir.name)}: {status.get('state', 'UNKNOWN')}")
@@ -72,6 +84,9 @@ def show_run(run_dir: Path, status: dict[str, Any]) -> None:
         else:
             end = "killed before it finished" if status.get("state") in runs.FINAL_STATES else "running"
         print(f"  rank {rank}: {rec.get('host', '?')} pid {rec.get('pid', '?')} {end}")
+    latest = latest_epoch(run_dir)
+    if latest:
+        print("  latest epoch: " + latest)
     if status.get("failed_rank") is not None:
         print("  " + failure_text(str(run_dir), status).replace("\n", "\n  "))
     elif status.get("reason"):
@@ -158,7 +173,24 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0 if state in runs.OK_STATES else 1
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from tfrun.compare import labels, plot
+
+    path = runs.find_run(args.run)
+    dirs = run_dirs_of(path)
+    out = Path(args.output) if args.output else path / f"plot-{args.metric}.png"
+    print(plot(dirs, args.metric, out, labels(path, dirs)))
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
+    if args.sweep:
+        from tfrun.compare import sweep_table
+
+        sweep = runs.find_run(args.sweep)
+        dirs = run_dirs_of(sweep)
+        print(sweep_table(sweep, dirs, refresh(dirs), sort=args.sort))
+        return 0
     root = runs.runs_root(args.runs_dir)
     dirs = list(runs.iter_runs(root))[-args.last:]
     statuses = refresh(dirs)
@@ -193,7 +225,14 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("runs", help="recent runs")
     s.add_argument("--runs-dir", help="where runs are (default: $TFRUN_RUNS_DIR or ./tfrun-runs)")
     s.add_argument("--last", type=int, default=20, help="how many to show")
+    s.add_argument("--sweep", help="a sweep (dir or id): its runs with the parameters that differ and their metrics")
+    s.add_argument("--sort", help="with --sweep: order by this metric's final value, best first")
     s.set_defaults(func=cmd_runs)
+    s = sub.add_parser("plot", help="PNG of a metric's learning curves, one line per run")
+    s.add_argument("run", nargs="?", help=run_help)
+    s.add_argument("--metric", default="loss")
+    s.add_argument("-o", "--output", help="PNG path (default: plot-METRIC.png in the run or sweep dir)")
+    s.set_defaults(func=cmd_plot)
     return p
 
 

@@ -1,0 +1,106 @@
+"""Runs side by side: the sweep table of ``tfrun runs --sweep`` and ``tfrun plot``."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from tfrun import runs, tracking
+from tfrun.errors import TfrunError
+
+
+def epoch_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of a run's Keras epochs: name -> [(epoch, value)]."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for record in tracking.read_metrics(run_dir / tracking.METRICS_FILE):
+        if record.get("epoch") is not None:
+            for name, value in record.items():
+                if name not in ("epoch", "time") and isinstance(value, (int, float)):
+                    series.setdefault(name, []).append((int(record["epoch"]), float(value)))
+        elif record.get("name") is not None:  # tfrun.log_metric
+            step = record.get("step") or len(series.get(record["name"], []))
+            series.setdefault(record["name"], []).append((int(step), float(record["value"])))
+    return series
+
+
+def better(metric: str) -> Any:
+    """min for losses and errors, max for everything else (accuracy, auc, ...)."""
+    return min if any(w in metric for w in ("loss", "error", "mse", "mae")) else max
+
+
+def summary(run_dir: Path) -> dict[str, tuple[float, float]]:
+    """metric -> (final value, best value)."""
+    return {name: (values[-1][1], better(name)(v for _, v in values))
+            for name, values in epoch_series(run_dir).items() if values}
+
+
+def point_params(sweep_dir: Path, run_dirs: Sequence[Path]) -> list[dict[str, str]]:
+    """Each point's overrides as key -> value."""
+    index = runs.read_json(sweep_dir / "sweep.json") or {"points": []}
+    by_dir = {p["run_dir"]: p["overrides"] for p in index["points"]}
+    params = []
+    for run_dir in run_dirs:
+        overrides = by_dir.get(str(run_dir), [])
+        params.append({o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o})
+    return params
+
+
+def sweep_table(sweep_dir: Path, run_dirs: Sequence[Path], statuses: Sequence[dict[str, Any]],
+                sort: str | None = None) -> str:
+    """A text table: the parameters that differ, state, duration, final/best of each metric."""
+    params = point_params(sweep_dir, run_dirs)
+    varying = sorted(k for k in {k for p in params for k in p} if len({p.get(k) for p in params}) > 1)
+    summaries = [summary(d) for d in run_dirs]
+    metrics = sorted({m for s in summaries for m in s})
+    rows = list(zip(run_dirs, params, statuses, summaries))
+    if sort:
+        pick = better(sort)
+        present = [r for r in rows if sort in r[3]]
+        present.sort(key=lambda r: r[3][sort][0], reverse=pick is max)
+        rows = present + [r for r in rows if sort not in r[3]]
+    header = ["run", *varying, "state", "duration", *(f"{m} final/best" for m in metrics)]
+    table = [header]
+    for run_dir, p, status, summ in rows:
+        start, end = status.get("started"), status.get("ended") or time.time()
+        duration = f"{end - start:.0f}s" if start else "-"
+        cells = [f"{summ[m][0]:.4g}/{summ[m][1]:.4g}" if m in summ else "-" for m in metrics]
+        table.append([run_dir.name, *(p.get(k, "-") for k in varying), status.get("state", "UNKNOWN"), duration, *cells])
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+
+
+def labels(sweep_dir: Path, run_dirs: Sequence[Path]) -> list[str]:
+    """'3: trainer.lr=0.01' for each point: its name and the parameters that differ."""
+    params = point_params(sweep_dir, run_dirs)
+    varying = sorted(k for k in {k for p in params for k in p} if len({p.get(k) for p in params}) > 1)
+    return [f"{d.name}: " + " ".join(f"{k}={p.get(k)}" for k in varying) if varying else d.name
+            for d, p in zip(run_dirs, params)]
+
+
+def plot(run_dirs: Sequence[Path], metric: str, out: Path, names: Sequence[str] | None = None) -> Path:
+    """A PNG of one metric's learning curves, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = 0
+    for run_dir, name in zip(run_dirs, names or [d.name for d in run_dirs]):
+        values = epoch_series(run_dir).get(metric)
+        if values:
+            ax.plot([e for e, _ in values], [v for _, v in values], marker="o", markersize=3, label=name)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise TfrunError(f"no run under {out.parent} recorded the metric {metric!r}")
+    ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if drawn <= 20:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
