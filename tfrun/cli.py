@@ -58,8 +58,15 @@ def _is_option(arg: str) -> bool:
 
 
 def normalize_overrides(argv: list[str]) -> list[str]:
-    """``trainer.x=v`` -> ``++trainer.x=v``: trainer keys are free-form, so add-or-set."""
-    return [re.sub(r"^trainer\.", "++trainer.", a) if not _is_option(a) else a for a in argv]
+    """``trainer.x=v`` -> ``++trainer.x=v``: trainer keys are free-form, so add-or-set.
+
+    With the Optuna sweeper, failed trials are told to the study as failed and the study
+    goes on, unless the user set ``hydra.sweeper.max_failure_rate`` themselves.
+    """
+    argv = [re.sub(r"^trainer\.", "++trainer.", a) if not _is_option(a) else a for a in argv]
+    if "hydra/sweeper=optuna" in argv and not any(a.startswith("hydra.sweeper.max_failure_rate=") for a in argv):
+        argv.append("hydra.sweeper.max_failure_rate=1.0")
+    return argv
 
 
 def _option_value(argv: list[str], *names: str) -> str | None:
@@ -176,12 +183,23 @@ def _hydra_main(argv: list[str]) -> int:
         # Hydra exits 1 for anything it rejects before running our task: bad overrides,
         # unknown options or keys, wrong types. Those are configuration errors.
         return EXIT_CONFIG if code == 1 and not _INVOCATION.entered_task else code
-    from tfrun.sweep import SweepOutcome
+    return sweep_exit_code()
+
+
+def sweep_exit_code() -> int:
+    """After a multirun: name the failed points; with an objective, the best run too."""
+    from tfrun.sweep import SweepOutcome, best_point
 
     if SweepOutcome.failed:
         error(f"{len(SweepOutcome.failed)} sweep point(s) did not complete: {', '.join(SweepOutcome.failed)}")
-        return 1
-    return 0
+    if SweepOutcome.objective and SweepOutcome.sweep_dir:
+        best = best_point(SweepOutcome.sweep_dir, SweepOutcome.maximize)
+        if best:
+            print(f"tfrun: best run: {best['run_dir']} ({SweepOutcome.objective}={best['objective']['value']:.6g}; "
+                  f"{' '.join(best['overrides'])})", file=sys.stderr)
+        # A tuning study tolerates failed trials (they are reported to the sweeper as failed).
+        return 0 if best else 1
+    return 1 if SweepOutcome.failed else 0
 
 
 def main(argv: list[str] | None = None) -> None:

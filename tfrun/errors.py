@@ -33,3 +33,7 @@ class RunFailed(TfrunError):
 
 class BootstrapError(TfrunError):
     """A task could not be prepared before the user's script ran."""
+
+
+class ExportError(TfrunError):
+    """Converting or checking the trained model failed (the run itself is not affected)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tfrun import runs
-from tfrun.errors import ConfigError
+from tfrun.errors import ConfigError, RunFailed
 from tfrun.plan import Plan
 
 SWEEP_FILE = "sweep.json"
@@ -23,6 +23,9 @@ class SweepOutcome:
 
     failed: list[str] = []
     config_error: ConfigError | None = None
+    sweep_dir: Path | None = None
+    objective: str | None = None
+    maximize: bool = True
 
 
 def _plan_point(cfg: Any) -> Plan:
@@ -45,7 +48,9 @@ def plan_points(hydra_context: Any, config: Any, job_overrides: Sequence[Sequenc
     points = []
     for offset, overrides in enumerate(job_overrides):
         idx = initial_job_idx + offset
-        sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+        # A sweeper (Optuna's, say) names trainer keys plainly; they are free-form: add-or-set.
+        overrides = [("++" + o) if o.startswith("trainer.") else o for o in overrides]
+        sweep_config = hydra_context.config_loader.load_sweep_config(config, overrides)
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
@@ -58,11 +63,39 @@ def plan_points(hydra_context: Any, config: Any, job_overrides: Sequence[Sequenc
     return points
 
 
-def write_sweep_file(sweep_dir: Path, plans: Sequence[Plan], overrides: Sequence[Sequence[str]]) -> None:
-    """The sweep's index: its points, in order, with their overrides."""
-    runs.write_json(sweep_dir / SWEEP_FILE, {
-        "points": [{"run_id": p.run_id, "run_dir": p.run_dir, "overrides": list(o)} for p, o in zip(plans, overrides)],
-    })
+def record_points(sweep_dir: Path, plans: Sequence[Plan], overrides: Sequence[Sequence[str]]) -> None:
+    """Add points to the sweep's index (a tuning sweeper launches several batches)."""
+    index = runs.read_json(sweep_dir / SWEEP_FILE, {"points": []})
+    known = {p["run_dir"] for p in index["points"]}
+    index["points"] += [{"run_id": p.run_id, "run_dir": p.run_dir, "overrides": list(o)}
+                        for p, o in zip(plans, overrides) if p.run_dir not in known]
+    runs.write_json(sweep_dir / SWEEP_FILE, index)
+
+
+def record_objective(sweep_dir: Path, plan: Plan, metric: str, value: float | None) -> None:
+    """Remember a point's objective value in the sweep's index."""
+    index = runs.read_json(sweep_dir / SWEEP_FILE, {"points": []})
+    for point in index["points"]:
+        if point["run_dir"] == plan.run_dir:
+            point["objective"] = {"metric": metric, "value": value}
+    runs.write_json(sweep_dir / SWEEP_FILE, index)
+
+
+def objective_value(plan: Plan, metric: str) -> float | None:
+    """The final value of ``metric`` in a finished run's metrics (None if it never recorded it)."""
+    from tfrun.compare import summary
+
+    found = summary(Path(plan.run_dir)).get(metric)
+    return found[0] if found else None
+
+
+def best_point(sweep_dir: Path, maximize: bool) -> dict[str, Any] | None:
+    """The point with the best objective value so far."""
+    index = runs.read_json(sweep_dir / SWEEP_FILE, {"points": []})
+    scored = [p for p in index["points"] if (p.get("objective") or {}).get("value") is not None]
+    if not scored:
+        return None
+    return (max if maximize else min)(scored, key=lambda p: p["objective"]["value"])
 
 
 def run_points(plans: Sequence[Plan], sweep_dir: Path) -> list[str]:
@@ -85,7 +118,11 @@ def run_points(plans: Sequence[Plan], sweep_dir: Path) -> list[str]:
 def launch_points(hydra_context: Any, config: Any, job_overrides: Sequence[Sequence[str]],
                   initial_job_idx: int) -> list[Any]:
     """Plan every point, launch them, and return Hydra JobReturns carrying each run's state."""
+    from omegaconf import OmegaConf
+
     sweep_dir = Path(str(config.hydra.sweep.dir))
+    SweepOutcome.sweep_dir, SweepOutcome.objective = sweep_dir, config.tfrun.get("objective")
+    SweepOutcome.maximize = "min" not in str(OmegaConf.select(config, "hydra.sweeper.direction", default="maximize"))
     existed = sweep_dir.exists()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -98,12 +135,28 @@ def launch_points(hydra_context: Any, config: Any, job_overrides: Sequence[Seque
     plans = [plan for plan, _ in points]
     for warning in sorted({w for p in plans for w in p.warnings}):
         print(f"tfrun: warning: {warning}", file=sys.stderr)
-    write_sweep_file(sweep_dir, plans, job_overrides)
+    record_points(sweep_dir, plans, job_overrides)
     states = run_points(plans, sweep_dir)
-    returns = []
-    for (plan, ret), state in zip(points, states):
+    return [_job_return(plan, ret, state, sweep_dir) for (plan, ret), state in zip(points, states)]
+
+
+def _job_return(plan: Plan, ret: Any, state: str, sweep_dir: Path) -> Any:
+    """The Hydra JobReturn of a point: its state, or with ``tfrun.objective`` the metric's
+    final value (a tuning sweeper such as Optuna optimises it; a failed run is a failed trial)."""
+    from hydra.core.utils import JobStatus
+
+    metric = plan.config["tfrun"].get("objective")
+    if state not in runs.OK_STATES:
+        SweepOutcome.failed.append(plan.run_id)
+    if not metric:
         ret.return_value = state
-        if state not in runs.OK_STATES:
-            SweepOutcome.failed.append(plan.run_id)
-        returns.append(ret)
-    return returns
+        return ret
+    value = objective_value(plan, metric) if state == "COMPLETED" else None
+    record_objective(sweep_dir, plan, metric, value)
+    if value is None:
+        ret.status = JobStatus.FAILED
+        ret.return_value = RunFailed(f"run {plan.run_id} {state}" + ("" if state != "COMPLETED" else
+                                     f" without recording the objective metric {metric!r}"))
+    else:
+        ret.return_value = value
+    return ret

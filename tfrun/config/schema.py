@@ -122,10 +122,79 @@ class DepsConfig:
 
 
 @dataclass
+class BuiltDepsConfig(DepsConfig):
+    """An environment tfrun builds once and keeps in a cache, named by a hash of its definition."""
+
+    # On Slurm this must be on a filesystem every node sees.
+    cache_dir: str = "${oc.env:TFRUN_ENV_CACHE,'~/.cache/tfrun/envs'}"
+    build_on: str = "login"  # login: before submitting (a broken spec queues nothing) | job: in the job's setup
+
+
+@dataclass
+class PipDepsConfig(BuiltDepsConfig):
+    """A virtual environment built with uv on top of a base interpreter (entry.python or tfrun's own)."""
+
+    kind: str = "pip"
+    pip_packages: List[str] = field(default_factory=list)  # requirement specifiers: tabulate, numpy<2, ...
+    requirements: Optional[str] = None  # a requirements file, relative to the cwd
+    # inherit: --system-site-packages over the base, so TensorFlow and tfrun are visible without reinstalling;
+    # isolated: nothing of the base is visible, tfrun (hence TensorFlow) is installed into the env
+    base: str = "inherit"
+    pin_base: bool = True  # keep packages the base has at its versions (an upgraded numpy would break TF)
+    install_args: List[str] = field(default_factory=list)  # more uv pip install arguments (--index-url URL)
+
+
+@dataclass
+class CondaDepsConfig(BuiltDepsConfig):
+    """A conda environment built with micromamba, mamba or conda (the first found)."""
+
+    kind: str = "conda"
+    conda_packages: List[str] = field(default_factory=list)  # python=3.11 is added unless a python is named
+    channels: List[str] = field(default_factory=list)
+    environment_file: Optional[str] = None  # an environment.yml, relative to the cwd
+    pip_packages: List[str] = field(default_factory=list)  # installed with uv after the conda packages
+    conda_exe: Optional[str] = None  # micromamba | mamba | conda or a path (default: the first found)
+
+
+@dataclass
+class ModulesDepsConfig(DepsConfig):
+    """Environment modules (Lmod, Environment Modules) loaded before the tasks start."""
+
+    kind: str = "modules"
+    modules: List[str] = field(default_factory=list)  # each becomes a `module load NAME` line
+    purge: bool = False  # `module purge` first
+
+
+@dataclass
+class ContainerDepsConfig(DepsConfig):
+    """Every task runs inside an Apptainer/Singularity image (which must hold Python and TensorFlow)."""
+
+    kind: str = "container"
+    image: str = MISSING  # a .sif file, or a URI the runtime pulls (docker://..., oras://...)
+    runtime: str = "apptainer"  # apptainer | singularity
+    binds: List[str] = field(default_factory=list)  # SRC[:DEST[:ro]]; the run and source dirs are bound anyway
+    python: str = "python3"  # the interpreter inside the image
+    nv: Optional[bool] = None  # --nv (GPUs inside the container); default: when the run asks for GPUs
+    exec_args: List[str] = field(default_factory=list)  # more `exec` arguments (--cleanenv, --contain, ...)
+
+
+@dataclass
 class ExportConfig:
     """What happens to the trained model after the run. ``format=none``: nothing."""
 
     format: str = "none"
+
+
+@dataclass
+class OnnxExportConfig(ExportConfig):
+    """Convert the saved model to ONNX on rank 0 after training, and check it (tfrun/export.py)."""
+
+    format: str = "onnx"
+    model: Optional[str] = None  # relative to outputs/ (default: model.keras, *.keras, a SavedModel dir, *.h5)
+    output: str = "model.onnx"  # written in outputs/, only if the check passed
+    opset: int = 17
+    tolerance: float = 1e-4  # largest absolute difference allowed between onnxruntime and TensorFlow
+    samples: int = 16  # random inputs run through both
 
 
 @dataclass
@@ -135,6 +204,7 @@ class TfrunSettings:
     # where run directories are created (relative to the cwd); `tfrun runs` looks there too
     runs_dir: str = "${oc.env:TFRUN_RUNS_DIR,tfrun-runs}"
     name: Optional[str] = None  # a label shown by `tfrun runs`
+    objective: Optional[str] = None  # metric whose final value a tuning sweeper (Optuna) optimises
 
 
 @dataclass

@@ -19,8 +19,14 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
         "ps": schema.PsBackendConfig,
         "mwms": schema.MwmsBackendConfig,
     },
-    "deps": {"none": schema.DepsConfig},
-    "export": {"none": schema.ExportConfig},
+    "deps": {
+        "none": schema.DepsConfig,
+        "pip": schema.PipDepsConfig,
+        "conda": schema.CondaDepsConfig,
+        "modules": schema.ModulesDepsConfig,
+        "container": schema.ContainerDepsConfig,
+    },
+    "export": {"none": schema.ExportConfig, "onnx": schema.OnnxExportConfig},
 }
 
 _registered = False
