@@ -132,6 +132,20 @@ def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> i
     return code
 
 
+def export_after_training(plan: Plan, ident: identity.TaskIdentity, code: int) -> None:
+    """Rank 0, once its script succeeded: the export asked for (``export=onnx``).
+
+    Here rather than in the launcher so that on Slurm it runs inside the job, beside the
+    model, and the CLI never imports TensorFlow; after ``backend.finish`` so that parameter
+    servers are not kept waiting. It cannot change the rank's exit code: the run completed.
+    """
+    if code != 0 or ident.rank != 0 or (plan.config.get("export") or {}).get("format", "none") == "none":
+        return
+    from tfrun import export
+
+    export.run_in_task(plan.run_dir, plan.python)
+
+
 def run_task(run_dir: str, launcher: str = "local") -> int:
     """Prepare this task and run it; returns its exit code."""
     preempt.install()  # first: an early SIGUSR2 must not kill the task
@@ -169,6 +183,7 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
                             reason="completed" if code == 0 else "failed")
     if hasattr(backend, "finish"):
         backend.finish(plan, task, code)
+    export_after_training(plan, ident, code)
     runs.update_rank(run_dir, ident.rank, ended=time.time(), exit_code=code, error=error)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -5,7 +5,8 @@
 cancel|runs`` act on run directories. Nothing here imports TensorFlow.
 
 Exit codes: 0 the run completed; 1 it failed, timed out or was cancelled; 2 the
-configuration or command line was wrong and nothing was started.
+configuration or command line was wrong and nothing was started; 3 the run completed
+(state COMPLETED, files kept) but the export it asked for (``export=onnx``) failed.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any
 from tfrun import runs
 from tfrun.errors import ConfigError, TfrunError
 
-VERBS = ("status", "logs", "cancel", "runs", "resume", "plot")
+VERBS = ("status", "logs", "cancel", "runs", "resume", "plot", "export", "serve", "env")
 EXIT_CONFIG = 2
 
 
@@ -125,23 +126,28 @@ def dry_run(argv: list[str], mode: str) -> int:
 
 def launch_plan(plan: Any) -> str:
     """Launch a plan where its compute target says, print the outcome, return the state."""
-    from tfrun import launch
+    from tfrun import launch, mlflow_sync
     from tfrun.report import print_outcome
 
     for warning in plan.warnings:
         print(f"tfrun: warning: {warning}", file=sys.stderr)
     state = launch.get(plan.target).run(plan)
     print_outcome(plan, state)
+    mlflow_sync.sync_if_asked(plan.run_dir, state)
     return state
 
 
 def run_single(argv: list[str]) -> int:
     """One run, composed once with the same configs Hydra's app would use."""
+    from tfrun import export
     from tfrun.config.compose import compose_run
 
     overrides, _, config_dir, config_name = _overrides_only(argv)
     plan = compose_run(overrides, config_dir=config_dir, config_name=config_name)
-    return 0 if launch_plan(plan) in runs.OK_STATES else 1
+    state = launch_plan(plan)
+    if state == "COMPLETED" and export.failed(plan.run_dir):
+        return export.EXIT_EXPORT_FAILED
+    return 0 if state in runs.OK_STATES else 1
 
 
 def run_plan_here(cfg: Any) -> str:
@@ -188,8 +194,11 @@ def _hydra_main(argv: list[str]) -> int:
 
 def sweep_exit_code() -> int:
     """After a multirun: name the failed points; with an objective, the best run too."""
+    from tfrun import mlflow_sync
     from tfrun.sweep import SweepOutcome, best_point
 
+    if SweepOutcome.sweep_dir:
+        mlflow_sync.finish_sweep(SweepOutcome.sweep_dir, failed=bool(SweepOutcome.failed))
     if SweepOutcome.failed:
         error(f"{len(SweepOutcome.failed)} sweep point(s) did not complete: {', '.join(SweepOutcome.failed)}")
     if SweepOutcome.objective and SweepOutcome.sweep_dir:

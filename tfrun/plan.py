@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from tfrun import backends, launch
+from tfrun import backends, deps, export, launch
 from tfrun.config import validate
 
 PLAN_FILE = "plan.json"
@@ -51,6 +51,7 @@ class Plan:
     config: dict[str, Any]  # the composed, resolved config
     request: dict[str, Any] = field(default_factory=dict)  # launcher-specific (sbatch text, ...)
     warnings: list[str] = field(default_factory=list)  # things that will run but probably not as meant
+    deps: dict[str, Any] = field(default_factory=dict)  # the environment (tfrun.deps.DepsPlan as data)
 
     @property
     def output_dir(self) -> str:
@@ -147,6 +148,7 @@ def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Pat
     validate.check_entry(entry)
     validate.check_compute(compute)
     validate.check_trainer(cfg["trainer"])
+    export.check(cfg["export"])
     launcher = launch.get(compute["target"])
     backend = backends.get(backend_cfg["name"])
     script, source_dir = validate.resolve_script(entry, cwd)
@@ -173,11 +175,14 @@ def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Pat
             tf_config=backend.tf_config(backend_cfg, roles, rank),
         ))
 
-    python = entry.get("python") or sys.executable
+    deps_plan = deps.plan_for(cfg["deps"], entry.get("python") or sys.executable, compute, str(run_path),
+                              str(script), str(source_dir), cwd)
+    python = deps_plan.python  # the environment's interpreter (or the container's)
     plan = Plan(
         run_id=run_id, run_dir=str(run_path), target=compute["target"], backend=backend_cfg["name"],
         script=str(script), source_dir=str(source_dir), python=python,
-        command=[python, "-u", "-m", "tfrun.bootstrap", str(run_path)], tasks=tasks, config=dict(cfg),
+        command=[*deps_plan.command_prefix, python, "-u", "-m", "tfrun.bootstrap", str(run_path)], tasks=tasks,
+        config=dict(cfg), deps=deps_plan.to_dict(),
         warnings=[w for w in [validate.keras3_warning(script, backend_cfg)] if w],
     )
     return replace(plan, request=launcher.request(plan))

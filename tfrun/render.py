@@ -6,6 +6,7 @@ import os
 import shlex
 from typing import Any
 
+from tfrun import deps
 from tfrun.plan import Plan
 
 
@@ -24,6 +25,11 @@ def plan_text(plan: Plan) -> str:
         f"  cwd:        {plan.source_dir}",
         f"  python:     {plan.python}",
     ]
+    lines += ["  " + line for line in deps.describe(plan.deps)]
+    export = plan.config.get("export") or {}
+    if export.get("format", "none") != "none":
+        lines.append(f"  export:     rank 0 converts the saved model to {export['format']} after the script "
+                     f"succeeds: " + " ".join(f"{k}={v}" for k, v in sorted(export.items()) if k != "format"))
     for task in plan.tasks:
         lines.append(f"  task rank {task.rank}: {task.role} {task.role_index}, node {task.node_index}, "
                      f"local rank {task.local_rank}{'' if task.runs_script else ' (serves; does not run the script)'}")

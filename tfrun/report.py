@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from tfrun import runs
+from tfrun.export import summary as export_summary
 from tfrun.plan import Plan
 
 
@@ -32,5 +33,7 @@ def print_outcome(plan: Plan, state: str) -> None:
         print("tfrun: " + failure_text(plan.run_dir, status), file=sys.stderr)
     if state == "STOPPED":
         print(f"tfrun: continue it with: tfrun resume {plan.run_dir}", file=sys.stderr)
+    if status.get("export"):
+        print(f"tfrun: {export_summary(status['export'])}", file=sys.stderr)
     print(f"tfrun: run dir {plan.run_dir}", file=sys.stderr)
     print(f"tfrun: outputs {plan.output_dir}", file=sys.stderr)

@@ -145,6 +145,9 @@ def _job_return(plan: Plan, ret: Any, state: str, sweep_dir: Path) -> Any:
     final value (a tuning sweeper such as Optuna optimises it; a failed run is a failed trial)."""
     from hydra.core.utils import JobStatus
 
+    from tfrun import mlflow_sync
+
+    mlflow_sync.sync_if_asked(plan.run_dir, state)
     metric = plan.config["tfrun"].get("objective")
     if state not in runs.OK_STATES:
         SweepOutcome.failed.append(plan.run_id)

@@ -48,6 +48,10 @@ def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
             state = slurm.tfrun_state(job["State"])
             fields = slurm.settle(str(run_dir), state) if state in runs.FINAL_STATES else {"state": state}
             status.update(runs.update_status(run_dir, nodes=job.get("NodeList"), **fields))
+            if state in runs.FINAL_STATES:
+                from tfrun import mlflow_sync
+
+                mlflow_sync.sync_if_asked(run_dir, state)
     return statuses
 
 
@@ -91,6 +95,10 @@ def show_run(run_dir: Path, status: dict[str, Any]) -> None:
         print("  " + failure_text(str(run_dir), status).replace("\n", "\n  "))
     elif status.get("reason"):
         print(f"  reason: {status['reason']}")
+    if status.get("export"):
+        from tfrun.export import summary
+
+        print(f"  {summary(status['export'])}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -203,6 +211,29 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Convert a finished run's model to ONNX and check it (tfrun/export.py)."""
+    from tfrun import export
+
+    return export.cmd_export(args.run, opset=args.opset, tolerance=args.tolerance, samples=args.samples,
+                             model=args.model, output=args.output)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a run's ONNX model over HTTP (tfrun/serve.py)."""
+    from tfrun import serve
+
+    return serve.cmd_serve(args.run, host=args.host, port=args.port, model=args.model)
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """The environment cache of deps=pip|conda (tfrun/deps.py)."""
+    from tfrun import deps
+
+    return deps.env_command(args.action, cache_dir=args.cache_dir, older_than_days=getattr(args, "older_than", None),
+                            remove_all=getattr(args, "all", False))
+
+
 def parser() -> argparse.ArgumentParser:
     """The verbs' command line."""
     p = argparse.ArgumentParser(prog="tfrun", description="Inspect and control tfrun runs.")
@@ -233,6 +264,30 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default="loss")
     s.add_argument("-o", "--output", help="PNG path (default: plot-METRIC.png in the run or sweep dir)")
     s.set_defaults(func=cmd_plot)
+    s = sub.add_parser("export", help="convert a finished run's model to ONNX and check it against the model")
+    s.add_argument("run", nargs="?", help=run_help)
+    s.add_argument("--opset", type=int, help="ONNX opset (default: the run's export.opset, else 17)")
+    s.add_argument("--tolerance", type=float, help="largest max abs difference allowed (default 1e-4)")
+    s.add_argument("--samples", type=int, help="random inputs compared (default 16)")
+    s.add_argument("--model", help="the model, relative to outputs/ (default: found there)")
+    s.add_argument("--output", help="file name written in outputs/ (default model.onnx)")
+    s.set_defaults(func=cmd_export)
+    s = sub.add_parser("serve", help="serve a run's outputs/model.onnx over HTTP with onnxruntime")
+    s.add_argument("run", nargs="?", help=run_help)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
+    s.add_argument("--model", help="an .onnx file to serve instead (relative to the run's outputs/)")
+    s.set_defaults(func=cmd_serve)
+    s = sub.add_parser("env", help="the cached environments of deps=pip|conda: list, prune")
+    env_sub = s.add_subparsers(dest="action", required=True)
+    cache_help = "the cache (default: $TFRUN_ENV_CACHE or ~/.cache/tfrun/envs)"
+    e = env_sub.add_parser("list", help="every environment: hash, packages, size, last used")
+    e.add_argument("--cache-dir", help=cache_help)
+    e = env_sub.add_parser("prune", help="remove unfinished builds, and environments unused for DAYS (or all)")
+    e.add_argument("--cache-dir", help=cache_help)
+    e.add_argument("--older-than", type=float, metavar="DAYS", help="also remove environments unused for DAYS days")
+    e.add_argument("--all", action="store_true", help="remove every environment")
+    s.set_defaults(func=cmd_env)
     return p
 
 

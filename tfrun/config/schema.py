@@ -198,6 +198,22 @@ class OnnxExportConfig(ExportConfig):
 
 
 @dataclass
+class TrackingConfig:
+    """Where a run's params, metrics and files go besides its run dir. ``kind=none``: nowhere."""
+
+    kind: str = "none"
+
+
+@dataclass
+class MlflowTrackingConfig(TrackingConfig):
+    """Each run one MLflow run; a sweep one parent run with the points nested under it."""
+
+    kind: str = "mlflow"
+    tracking_uri: Optional[str] = None  # default: sqlite:///<runs_dir>/mlflow.db; or http://host:5000
+    experiment: Optional[str] = None  # default: "tfrun" for single runs, the sweep's name for sweeps
+
+
+@dataclass
 class TfrunSettings:
     """Settings of tfrun itself rather than of the run."""
 
@@ -217,4 +233,5 @@ class RunConfig:
     backend: Any = MISSING
     deps: Any = MISSING
     export: Any = MISSING
+    tracking: Any = MISSING
     tfrun: TfrunSettings = field(default_factory=TfrunSettings)

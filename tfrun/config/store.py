@@ -27,6 +27,7 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
         "container": schema.ContainerDepsConfig,
     },
     "export": {"none": schema.ExportConfig, "onnx": schema.OnnxExportConfig},
+    "tracking": {"none": schema.TrackingConfig, "mlflow": schema.MlflowTrackingConfig},
 }
 
 _registered = False

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import IO, Any
 
-from tfrun import backends, preempt, runs
+from tfrun import backends, deps, export, preempt, runs
 from tfrun.plan import Plan
 
 POLL_S = 0.1
@@ -153,6 +153,7 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
     run_dir = plan.run_dir
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     plan.save()
+    deps.prepare(plan)  # build or reuse the environment; a ConfigError here starts nothing
     runs.update_status(run_dir, run_id=plan.run_id, state="RUNNING", target="local", backend=plan.backend,
                        started=time.time(), ended=None, world_size=len(plan.tasks), job_ids=[],
                        launcher_pid=os.getpid(), launcher_host=runs.hostname(), failed_rank=None, reason=None)
@@ -176,6 +177,8 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
         pump.join(timeout=5)
     codes = {str(t.rank): p.returncode for t, p in zip(plan.tasks, procs)}
     fields: dict[str, Any] = {"state": state, "ended": time.time(), "exit_codes": codes}
+    if state == "COMPLETED":
+        fields.update(export.status_fields(run_dir))  # rank 0 recorded it in export.json
     if failed is not None:
         fields.update(failed_rank=failed, host=runs.hostname(),
                       reason=describe_exit(procs[failed].returncode))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from tfrun import backends, runs
+from tfrun import backends, deps, export, runs
 from tfrun.errors import ConfigError, LaunchError
 from tfrun.plan import Plan
 
@@ -69,12 +69,24 @@ def parameters(compute: dict[str, Any], backend: str = "none") -> dict[str, Any]
     return params
 
 
-def submitit_command(python: str, folder: str | os.PathLike[str]) -> str:
+def plan_parameters(plan: Plan) -> dict[str, Any]:
+    """:func:`parameters` of a plan, with the setup lines its deps add (module loads, an in-job build)."""
+    params = parameters(plan.compute, plan.backend)
+    params["setup"] = [*params["setup"], *deps.setup_lines(plan)]
+    return params
+
+
+def submitit_command(python: str | Sequence[str], folder: str | os.PathLike[str]) -> str:
     """The command submitit puts after srun in the sbatch script."""
-    return f"{shlex.quote(python)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    return f"{_shell_words(python)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
 
 
-def sbatch_text(params: dict[str, Any], python: str, folder: str | os.PathLike[str], array_size: int | None = None) -> str:
+def _shell_words(python: str | Sequence[str]) -> str:
+    """An interpreter, or a command that ends with one (apptainer exec ... IMAGE python3), quoted."""
+    return shlex.quote(python) if isinstance(python, str) else shlex.join(python)
+
+
+def sbatch_text(params: dict[str, Any], python: str | Sequence[str], folder: str | os.PathLike[str], array_size: int | None = None) -> str:
     """The exact sbatch script submitit will write for these parameters."""
     from submitit.slurm.slurm import _make_sbatch_string
 
@@ -89,9 +101,9 @@ def submitit_folder(plan: Plan) -> str:
 
 def request(plan: Plan, sweep_dir: str | None = None) -> dict[str, Any]:
     """What ``sbatch`` will get for this run (shown by ``--dry-run``); a sweep's runs share its folder."""
-    params = parameters(plan.compute, plan.backend)
+    params = plan_parameters(plan)
     folder = os.path.join(sweep_dir, SUBMITIT_DIR) if sweep_dir else submitit_folder(plan)
-    text = sbatch_text(params, plan.python, folder)
+    text = sbatch_text(params, deps.python_words(plan), folder)
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
     return {"parameters": params, "folder": folder, "sbatch": text, "srun": srun}
 
@@ -124,11 +136,11 @@ def max_array_size() -> int:
     return 1001
 
 
-def _executor(folder: str, params: dict[str, Any], python: str):  # -> submitit.SlurmExecutor
+def _executor(folder: str, params: dict[str, Any], python: str | Sequence[str]):  # -> submitit.SlurmExecutor
     import submitit
 
     try:
-        executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(python))
+        executor = submitit.SlurmExecutor(folder=folder, python=_shell_words(python))
     except RuntimeError as exc:  # no srun on PATH
         raise LaunchError(f"compute.target=slurm needs Slurm's commands on PATH: {exc}") from exc
     executor.update_parameters(**params)
@@ -143,8 +155,8 @@ def _rejected(exc: Exception) -> ConfigError:
 
 def submit(plans: Sequence[Plan], folder: str) -> list[str]:
     """Submit plans that share compute parameters: one job, or job arrays split at MaxArraySize."""
-    params = parameters(plans[0].compute, plans[0].backend)
-    executor = _executor(folder, params, plans[0].python)
+    params = plan_parameters(plans[0])
+    executor = _executor(folder, params, deps.python_words(plans[0]))
     ids: list[str] = []
     chunk = max(1, max_array_size())
     for start in range(0, len(plans), chunk):
@@ -209,6 +221,8 @@ def srun_failure(run_dir: str) -> dict[str, Any] | None:
 def settle(run_dir: str, state: str) -> dict[str, Any]:
     """Final status fields: which rank failed, where, and how (from srun and the ranks' records)."""
     fields: dict[str, Any] = {"state": state, "ended": time.time()}
+    if state == "COMPLETED":
+        fields.update(export.status_fields(run_dir))  # rank 0 recorded it in export.json, in the job
     records = runs.rank_records(run_dir)
     fields["exit_codes"] = {str(r): rec.get("exit_code") for r, rec in records.items()}
     failed = [rec for rec in records.values() if rec.get("exit_code") not in (None, 0)]
@@ -310,6 +324,8 @@ def launch(plans: Sequence[Plan], folder: str) -> list[str]:
     for plan in plans:
         _prepare(plan)
     try:
+        for plan in plans:
+            deps.prepare(plan)  # build_on=login: a broken spec fails here, before anything is queued
         job_ids = submit(plans, folder)
     except ConfigError as exc:
         for plan in plans:
@@ -348,7 +364,7 @@ def parameter_groups(plans: Sequence[Plan]) -> list[list[Plan]]:
     """Plans whose Slurm parameters are equal go in one array (a sweep over nodes makes several)."""
     groups: dict[str, list[Plan]] = {}
     for plan in plans:
-        key = repr(sorted(parameters(plan.compute, plan.backend).items())) + plan.python
+        key = repr(sorted(plan_parameters(plan).items())) + shlex.join(deps.python_words(plan))
         groups.setdefault(key, []).append(plan)
     return list(groups.values())
 
@@ -361,9 +377,9 @@ def array_requests(plans: Sequence[Plan], sweep_dir: str) -> list[dict[str, Any]
     for group in parameter_groups(plans):
         for start in range(0, len(group), chunk):
             part = group[start:start + chunk]
-            params = parameters(part[0].compute, part[0].backend)
+            params = plan_parameters(part[0])
             requests.append({"runs": [p.run_id for p in part],
-                             "sbatch": sbatch_text(params, part[0].python, folder, array_size=len(part))})
+                             "sbatch": sbatch_text(params, deps.python_words(part[0]), folder, array_size=len(part))})
     return requests
 
 
