@@ -154,7 +154,8 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     if launcher == "slurm":
         redirect_output(runs.rank_log(run_dir, ident.rank))
     runs.update_rank(run_dir, ident.rank, host=runs.hostname(), pid=os.getpid(), started=time.time(),
-                     ended=None, exit_code=None, error=None)
+                     ended=None, exit_code=None, error=None,
+                     job=os.environ.get("SLURM_JOB_ID"), step=os.environ.get("SLURM_STEP_ID"))
     say(f"rank {ident.rank}/{ident.world_size} on {runs.hostname()} (node {ident.node_index}, "
         f"local rank {ident.local_rank}), run {plan.run_id}")
     if ident.rank == 0:

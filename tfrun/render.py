@@ -52,9 +52,10 @@ def sweep_arrays(plans: list[Plan]) -> list[dict[str, Any]]:
     """The job arrays a Slurm sweep submits (empty for local sweeps)."""
     if not plans or any(p.target != "slurm" for p in plans):
         return []
-    from tfrun.launch import slurm
+    from tfrun.launch import pack, slurm
 
-    return slurm.array_requests(plans, os.path.dirname(plans[0].run_dir))
+    sweep_dir = os.path.dirname(plans[0].run_dir)
+    return pack.request(plans, sweep_dir) if pack.is_packed(plans) else slurm.array_requests(plans, sweep_dir)
 
 
 def plans_text(plans: list[Plan], multirun: bool = False) -> str:
@@ -64,7 +65,10 @@ def plans_text(plans: list[Plan], multirun: bool = False) -> str:
     parts = [f"sweep of {len(plans)} run(s) in {os.path.dirname(plans[0].run_dir)}"]
     for array in sweep_arrays(plans):
         body = "\n".join("    " + line for line in array["sbatch"].splitlines())
-        parts.append(f"  job array of {len(array['runs'])} run(s): {', '.join(array['runs'])}\n  sbatch script:\n{body}")
+        packing = "".join(f"\n  job {job['array_index']}: {', '.join(job['runs'])}" for job in array.get("jobs", []))
+        what = (f"{len(array['jobs'])} packed job(s) for {len(array['runs'])} run(s)" if "jobs" in array
+                else f"{len(array['runs'])} run(s): {', '.join(array['runs'])}")
+        parts.append(f"  job array of {what}{packing}\n  sbatch script:\n{body}")
     return "\n\n".join([*parts, *(plan_text(p) for p in plans)])
 
 

@@ -105,6 +105,10 @@ def run_points(plans: Sequence[Plan], sweep_dir: Path) -> list[str]:
 
     targets = {p.target for p in plans}
     if targets == {"slurm"}:
+        from tfrun.launch import pack
+
+        if pack.is_packed(plans):
+            return pack.run_packed(plans, str(sweep_dir))
         return launch.get("slurm").run_many(plans, str(sweep_dir))
     states = []
     for num, plan in enumerate(plans):

@@ -46,6 +46,12 @@ def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
             if not job:
                 continue
             state = slurm.tfrun_state(job["State"])
+            if status.get("packed"):  # its allocation's state is not the point's
+                from tfrun.launch import pack
+
+                state = pack.point_state(run_dir, state)
+                status.update(runs.read_status(run_dir))
+                continue
             fields = slurm.settle(str(run_dir), state) if state in runs.FINAL_STATES else {"state": state}
             status.update(runs.update_status(run_dir, nodes=job.get("NodeList"), **fields))
             if state in runs.FINAL_STATES:
@@ -141,14 +147,21 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     path = runs.find_run(args.run)
     dirs = run_dirs_of(path)
     statuses = refresh(dirs)
-    job_ids = sorted({j.split("_")[0] if len(dirs) > 1 else j
-                      for s in statuses if s.get("state") not in runs.FINAL_STATES for j in s.get("job_ids", [])})
+    packed_point = len(dirs) == 1 and statuses[0].get("packed")
+    job_ids = [] if packed_point else sorted({j.split("_")[0] if len(dirs) > 1 else j for s in statuses
+                                              if s.get("state") not in runs.FINAL_STATES for j in s.get("job_ids", [])})
     if job_ids:
         from tfrun.launch import slurm
 
         slurm.cancel(job_ids)
     for run_dir, status in zip(dirs, statuses):
         if status.get("state") in runs.FINAL_STATES:
+            continue
+        if status.get("packed") and len(dirs) == 1:
+            from tfrun.launch import pack
+
+            pack.cancel_point(run_dir)
+            print(f"tfrun: cancelled {status.get('run_id', run_dir.name)} (its pack's other points go on)")
             continue
         pid = status.get("launcher_pid")
         if status.get("target") == "local" and pid and status.get("launcher_host") == runs.hostname():

@@ -65,6 +65,9 @@ class SlurmComputeConfig(ComputeConfig):
     signal_delay_s: int = 120  # SIGUSR2 to every task this long before the time limit
     max_requeues: int = 3  # requeues after time-outs (preemptions are always requeued)
     array_parallelism: int = 256  # most array tasks running at once in a sweep
+    pack_size: int = 1  # sweep points per Slurm job (1: one job per point)
+    pack: str = "off"  # auto: pick pack_size from the sweep size and array_parallelism
+    pack_slots: int = 1  # points of a pack that run side by side (the allocation is this many points wide)
     wait: bool = True  # follow the job until it ends; false: print ids and return
     poll_s: float = 2.0  # seconds between batched state queries while following
 

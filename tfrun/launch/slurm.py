@@ -208,9 +208,13 @@ def srun_failure(run_dir: str) -> dict[str, Any] | None:
     """
     status = runs.read_status(run_dir)
     folder, jobs = status.get("submitit_folder"), status.get("job_ids") or []
-    if not folder or not jobs:
+    if status.get("srun_log"):  # a packed point: its own step's srun
+        log = Path(status["srun_log"])
+    elif folder and jobs:
+        log = Path(folder) / f"{jobs[-1]}_0_log.out"
+    else:
         return None
-    match = _SRUN_TASK_ERROR.search(runs.tail(Path(folder) / f"{jobs[-1]}_0_log.out", 200))
+    match = _SRUN_TASK_ERROR.search(runs.tail(log, 200))
     if not match:
         return None
     host, rank, how = match.groups()

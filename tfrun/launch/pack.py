@@ -1,0 +1,251 @@
+"""Sweeps of many short runs packed into few Slurm allocations (``compute.pack_size``).
+
+A sweep of N points becomes ceil(N/K) jobs of one array. In each allocation a runner
+(running in the batch shell, not under srun) starts every point as its own job step,
+``slots`` at a time side by side: each point keeps its own run dir, bootstrap, ranks,
+logs, status and rendezvous. A failing point does not stop the others. The runner
+catches the time-limit warning (``--signal=B:USR2@...``), passes it to the running
+points, and requeues the job; on restart it runs only the points not yet finished.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from tfrun import deps, preempt, runs
+from tfrun.errors import ConfigError
+from tfrun.launch import slurm
+from tfrun.plan import Plan
+
+CANCEL_MARKER = "cancel-requested"
+AUTO_MIN_POINTS = 10  # pack=auto: at least this many points per job
+
+
+def pack_size(compute: dict[str, Any], points: int) -> int:
+    """K for a sweep of ``points``: compute.pack_size, or with pack=auto at most
+    array_parallelism jobs and at least AUTO_MIN_POINTS points per job."""
+    if compute.get("pack") == "auto":
+        return max(math.ceil(points / compute["array_parallelism"]), min(AUTO_MIN_POINTS, points))
+    return max(1, int(compute.get("pack_size") or 1))
+
+
+def is_packed(plans: Sequence[Plan]) -> bool:
+    """Does this Slurm sweep ask for packing?"""
+    return bool(plans) and pack_size(plans[0].compute, len(plans)) > 1
+
+
+def packs(plans: Sequence[Plan]) -> list[list[Plan]]:
+    """Consecutive groups of K points, in sweep order."""
+    k = pack_size(plans[0].compute, len(plans))
+    return [list(plans[i:i + k]) for i in range(0, len(plans), k)]
+
+
+def allocation_parameters(plan: Plan) -> dict[str, Any]:
+    """One point's parameters, widened to ``pack_slots`` points side by side; the time-limit
+    warning goes to the batch shell (the runner), which passes it on."""
+    params = slurm.plan_parameters(plan)
+    slots = int(plan.compute.get("pack_slots") or 1)
+    params["ntasks_per_node"] = plan.compute["tasks_per_node"] * slots
+    params["use_srun"] = False
+    params.pop("srun_args", None)
+    extra = dict(params.get("additional_parameters") or {})
+    extra["signal"] = f"B:{preempt.SIGNALS[1].name.removeprefix('SIG')}@{plan.compute['signal_delay_s']}"
+    params["additional_parameters"] = extra
+    return params
+
+
+def request(plans: Sequence[Plan], sweep_dir: str) -> list[dict[str, Any]]:
+    """For --dry-run: which points go in which job, and the array's sbatch script."""
+    groups = packs(plans)
+    folder = os.path.join(sweep_dir, slurm.SUBMITIT_DIR)
+    text = slurm.sbatch_text(allocation_parameters(plans[0]), deps.python_words(plans[0]), folder,
+                             array_size=len(groups))
+    return [{"runs": [p.run_id for p in plans], "sbatch": text,
+             "jobs": [{"array_index": i, "runs": [p.run_id for p in g]} for i, g in enumerate(groups)]}]
+
+
+def step_command(plan: Plan) -> list[str]:
+    """The job step that runs one point: srun with the point's own task layout."""
+    c = plan.compute
+    world = c["nodes"] * c["tasks_per_node"]
+    srun = ["srun", "--exact", "--unbuffered", f"--nodes={c['nodes']}", f"--ntasks={world}",
+            f"--ntasks-per-node={c['tasks_per_node']}", "--kill-on-bad-exit=1", *c.get("srun_args", [])]
+    if c.get("gpus_per_task"):
+        srun.append(f"--gpus-per-task={c['gpus_per_task']}")
+    return [*srun, *deps.python_words(plan), "-u", "-m", "tfrun.bootstrap", plan.run_dir]
+
+
+def _finished(run_dir: str) -> bool:
+    return runs.read_status(run_dir).get("state") in runs.FINAL_STATES
+
+
+class _Runner:
+    """Runs a pack's points inside the allocation; all the state it needs is in the run dirs."""
+
+    def __init__(self, run_dirs: Sequence[str], slots: int):
+        self.pending = [d for d in run_dirs if not _finished(d)]  # a requeued job skips finished points
+        self.slots, self.running, self.stop = slots, {}, False
+        self.job = os.environ.get("SLURM_JOB_ID", "")
+        self.array_job = (f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+                          if os.environ.get("SLURM_ARRAY_JOB_ID") else self.job)
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        self.stop = True
+
+    def start(self, run_dir: str) -> None:
+        if (Path(run_dir) / CANCEL_MARKER).exists():
+            runs.update_status(run_dir, state="CANCELLED", ended=time.time(), reason="cancelled with tfrun cancel")
+            return
+        plan = Plan.load(run_dir)
+        log = open(Path(run_dir) / "srun.log", "ab")
+        env = {**os.environ, "TFRUN_LAUNCHER": "slurm"}
+        runs.update_status(run_dir, state="RUNNING", started=time.time(), srun_log=str(Path(run_dir) / "srun.log"),
+                           allocation=self.job)
+        self.running[run_dir] = subprocess.Popen(step_command(plan), env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def reap(self) -> None:
+        for run_dir, proc in list(self.running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self.running[run_dir]
+            if (Path(run_dir) / CANCEL_MARKER).exists():
+                state = "CANCELLED"
+            elif code == 0:
+                state = "COMPLETED"
+            elif self.stop:
+                continue  # stopped for a requeue: not finished, it runs again
+            else:
+                state = "FAILED"
+            runs.update_status(run_dir, **slurm.settle(run_dir, state))
+
+    def requeue(self) -> None:
+        """Pass the warning to the running points, give them time to checkpoint, requeue."""
+        for proc in self.running.values():
+            proc.send_signal(preempt.SIGNALS[1])  # srun forwards it to the point's tasks
+        deadline = time.monotonic() + 60
+        while self.running and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.5)
+        failure = preempt.requeue(self.job)
+        print(f"tfrun: pack requeued ({failure or 'ok'}); unfinished points run again", file=sys.stderr, flush=True)
+        preempt.wait_to_be_stopped()
+
+    def run(self) -> None:
+        for sig in preempt.SIGNALS:
+            signal.signal(sig, self.on_signal)
+        while self.pending or self.running:
+            if self.stop:
+                self.requeue()
+                return
+            while self.pending and len(self.running) < self.slots:
+                self.start(self.pending.pop(0))
+            self.reap()
+            time.sleep(0.2)
+
+
+def run_pack(run_dirs: list[str], slots: int) -> None:
+    """What each array element runs (pickled by submitit, in the batch shell)."""
+    _Runner(run_dirs, slots).run()
+
+
+def submit(groups: Sequence[Sequence[Plan]], folder: str) -> list[str]:
+    """One array element per pack (arrays split at MaxArraySize)."""
+    first = groups[0][0]
+    params = allocation_parameters(first)
+    executor = slurm._executor(folder, params, deps.python_words(first))
+    slots = int(first.compute.get("pack_slots") or 1)
+    ids: list[str] = []
+    chunk = max(1, slurm.max_array_size())
+    for start in range(0, len(groups), chunk):
+        part = groups[start:start + chunk]
+        try:
+            with executor.batch():
+                jobs = [executor.submit(run_pack, [p.run_dir for p in g], slots) for g in part]
+        except Exception as exc:  # sbatch's message inside
+            slurm.cancel(ids)
+            raise slurm._rejected(exc) from exc
+        ids += [str(job.job_id) for job in jobs]
+    return ids
+
+
+def point_state(run_dir: str | os.PathLike[str], job_state: str) -> str:
+    """A packed point's state: its own, until its allocation ended without finishing it."""
+    status = runs.read_status(run_dir)
+    state = status.get("state", "PENDING")
+    if state in runs.FINAL_STATES or job_state not in runs.FINAL_STATES:
+        return state
+    state = job_state if job_state != "COMPLETED" else "FAILED"
+    runs.update_status(run_dir, state=state, ended=time.time(),
+                       reason=f"its allocation {status.get('job_ids', ['?'])[-1]} ended ({job_state}) before it finished")
+    return state
+
+
+def cancel_point(run_dir: Path) -> None:
+    """Cancel one point of a pack: never start it, or end its job step; the others go on."""
+    (run_dir / CANCEL_MARKER).touch()
+    steps = {(r.get("job"), r.get("step")) for r in runs.rank_records(run_dir).values()
+             if r.get("ended") is None and r.get("job") and r.get("step") is not None}
+    for job, step in steps:
+        subprocess.run(["scancel", f"{job}.{step}"], capture_output=True, text=True, timeout=60)
+    if not steps and runs.read_status(run_dir).get("state") in ("PENDING", None):
+        runs.update_status(run_dir, state="CANCELLED", ended=time.time(), reason="cancelled with tfrun cancel")
+
+
+def follow(plans: Sequence[Plan], by_dir: dict[str, str], poll_s: float) -> list[str]:
+    """Until every point is final: one sacct per poll for the allocations, the points' own status files."""
+    shown, final = "", {}
+    while len(final) < len(plans):
+        info = slurm.query(set(by_dir.values()))
+        states = {}
+        for plan in plans:
+            job_state = slurm.tfrun_state(info.get(by_dir[plan.run_dir], {}).get("State", "PENDING"))
+            state = point_state(plan.run_dir, job_state)
+            states[plan.run_dir] = state
+            if state in runs.FINAL_STATES:
+                final[plan.run_dir] = state
+        shown = slurm._sweep_line(len(plans), states, shown)
+        if len(final) < len(plans):
+            time.sleep(poll_s)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    return [final[p.run_dir] for p in plans]
+
+
+def run_packed(plans: Sequence[Plan], sweep_dir: str) -> list[str]:
+    """Submit a sweep as packed allocations and, unless compute.wait=false, follow its points."""
+    if len(slurm.parameter_groups(plans)) > 1:
+        raise ConfigError.invalid("compute.pack_size", plans[0].compute.get("pack_size"),
+                                  "a sweep whose points all ask for the same Slurm resources (this one varies them)")
+    groups = packs(plans)
+    folder = os.path.join(sweep_dir, slurm.SUBMITIT_DIR)
+    for plan in plans:
+        slurm._prepare(plan)
+        deps.prepare(plan)
+    job_ids = submit(groups, folder)
+    now = time.time()
+    by_dir = {}
+    for group, job_id in zip(groups, job_ids):
+        for plan in group:
+            by_dir[plan.run_dir] = job_id
+            runs.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm", packed=True,
+                               submitit_folder=folder, backend=plan.backend, job_ids=[job_id], submitted=now,
+                               started=None, ended=None, world_size=len(plan.tasks))
+    array = sorted({j.split("_")[0] for j in job_ids})
+    print(f"tfrun: submitted {len(plans)} run(s) packed into {len(job_ids)} job(s) (array {', '.join(array)}); "
+          f"sweep dir {sweep_dir}", file=sys.stderr, flush=True)
+    if not plans[0].compute["wait"]:
+        slurm._detached(array, sweep_dir)
+        return ["PENDING"] * len(plans)
+    try:
+        return follow(plans, by_dir, plans[0].compute["poll_s"])
+    except KeyboardInterrupt:
+        slurm._detached(array, sweep_dir)
+        return ["DETACHED"] * len(plans)
