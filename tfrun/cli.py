@@ -126,12 +126,12 @@ def dry_run(argv: list[str], mode: str) -> int:
 
 def launch_plan(plan: Any) -> str:
     """Launch a plan where its compute target says, print the outcome, return the state."""
-    from tfrun import launch, mlflow_sync
+    from tfrun import mlflow_sync, targets
     from tfrun.report import print_outcome
 
     for warning in plan.warnings:
         print(f"tfrun: warning: {warning}", file=sys.stderr)
-    state = launch.get(plan.target).run(plan)
+    state = targets.get(plan.target).run(plan)
     print_outcome(plan, state)
     mlflow_sync.sync_if_asked(plan.run_dir, state)
     return state
@@ -195,7 +195,7 @@ def _hydra_main(argv: list[str]) -> int:
 def sweep_exit_code() -> int:
     """After a multirun: name the failed points; with an objective, the best run too."""
     from tfrun import mlflow_sync
-    from tfrun.sweep import SweepOutcome, best_point
+    from tfrun.multirun import SweepOutcome, best_point
 
     if SweepOutcome.sweep_dir:
         mlflow_sync.finish_sweep(SweepOutcome.sweep_dir, failed=bool(SweepOutcome.failed))

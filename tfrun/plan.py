@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from tfrun import backends, deps, export, launch
+from tfrun import backends, deps, export, targets
 from tfrun.config import validate
 
 PLAN_FILE = "plan.json"
@@ -149,7 +149,7 @@ def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Pat
     validate.check_compute(compute)
     validate.check_trainer(cfg["trainer"])
     export.check(cfg["export"])
-    launcher = launch.get(compute["target"])
+    launcher = targets.get(compute["target"])
     backend = backends.get(backend_cfg["name"])
     script, source_dir = validate.resolve_script(entry, cwd)
 
@@ -190,4 +190,4 @@ def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Pat
 
 def in_sweep(plan: Plan, sweep_dir: str | os.PathLike[str]) -> Plan:
     """The plan of a sweep point: the launcher's request as the sweep will submit it."""
-    return replace(plan, request=launch.get(plan.target).request(plan, sweep_dir=str(sweep_dir)))
+    return replace(plan, request=targets.get(plan.target).request(plan, sweep_dir=str(sweep_dir)))

@@ -52,7 +52,7 @@ def sweep_arrays(plans: list[Plan]) -> list[dict[str, Any]]:
     """The job arrays a Slurm sweep submits (empty for local sweeps)."""
     if not plans or any(p.target != "slurm" for p in plans):
         return []
-    from tfrun.launch import pack, slurm
+    from tfrun.targets import pack, slurm
 
     sweep_dir = os.path.dirname(plans[0].run_dir)
     return pack.request(plans, sweep_dir) if pack.is_packed(plans) else slurm.array_requests(plans, sweep_dir)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from tfrun import runs
 from tfrun.errors import TfrunError
 from tfrun.report import failure_text
-from tfrun.sweep import SWEEP_FILE
+from tfrun.multirun import SWEEP_FILE
 
 
 def run_dirs_of(path: Path) -> list[Path]:
@@ -38,7 +38,7 @@ def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     live = [(d, s) for d, s in zip(run_dirs, statuses)
             if s.get("target") == "slurm" and s.get("state") not in runs.FINAL_STATES and s.get("job_ids")]
     if live:
-        from tfrun.launch import slurm
+        from tfrun.targets import slurm
 
         info = slurm.query(j for _, s in live for j in s["job_ids"])
         for run_dir, status in live:
@@ -47,7 +47,7 @@ def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
                 continue
             state = slurm.tfrun_state(job["State"])
             if status.get("packed"):  # its allocation's state is not the point's
-                from tfrun.launch import pack
+                from tfrun.targets import pack
 
                 state = pack.point_state(run_dir, state)
                 status.update(runs.read_status(run_dir))
@@ -143,42 +143,49 @@ def cmd_logs(args: argparse.Namespace) -> int:
         time.sleep(1.0)
 
 
-def cmd_cancel(args: argparse.Namespace) -> int:
-    path = runs.find_run(args.run)
+def cancel(path: Path) -> list[str]:
+    """Cancel a run or every unfinished point of a sweep; what was cancelled."""
     dirs = run_dirs_of(path)
     statuses = refresh(dirs)
     packed_point = len(dirs) == 1 and statuses[0].get("packed")
     job_ids = [] if packed_point else sorted({j.split("_")[0] if len(dirs) > 1 else j for s in statuses
                                               if s.get("state") not in runs.FINAL_STATES for j in s.get("job_ids", [])})
     if job_ids:
-        from tfrun.launch import slurm
+        from tfrun.targets import slurm
 
         slurm.cancel(job_ids)
+    done = []
     for run_dir, status in zip(dirs, statuses):
         if status.get("state") in runs.FINAL_STATES:
             continue
+        name = status.get("run_id", run_dir.name)
         if status.get("packed") and len(dirs) == 1:
-            from tfrun.launch import pack
+            from tfrun.targets import pack
 
             pack.cancel_point(run_dir)
-            print(f"tfrun: cancelled {status.get('run_id', run_dir.name)} (its pack's other points go on)")
+            done.append(f"{name} (its pack's other points go on)")
             continue
         pid = status.get("launcher_pid")
         if status.get("target") == "local" and pid and status.get("launcher_host") == runs.hostname():
             try:
-                os.kill(int(pid), signal.SIGINT)  # the local launcher stops its tasks and records CANCELLED
+                os.kill(int(pid), signal.SIGTERM)  # the local launcher stops its tasks and records CANCELLED
             except ProcessLookupError:
                 runs.update_status(run_dir, state="CANCELLED", ended=time.time())
         else:
             runs.update_status(run_dir, state="CANCELLED", ended=time.time(), reason="cancelled with tfrun cancel")
-        print(f"tfrun: cancelled {status.get('run_id', run_dir.name)}"
-              + (f" (job {', '.join(status.get('job_ids', []))})" if status.get("job_ids") else ""))
+        done.append(name + (f" (job {', '.join(status.get('job_ids', []))})" if status.get("job_ids") else ""))
+    return done
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    for what in cancel(runs.find_run(args.run)):
+        print(f"tfrun: cancelled {what}")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """Launch a stopped, cancelled, failed or timed-out run again in its own run dir."""
-    from tfrun import launch
+    from tfrun import targets
     from tfrun.plan import Plan
     from tfrun.report import print_outcome
 
@@ -189,7 +196,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
                          f"or timed-out run can be resumed")
     plan = Plan.load(path)
     print(f"tfrun: resuming {plan.run_id} (it continues from its last backup)", file=sys.stderr)
-    state = launch.get(plan.target).run(plan)
+    state = targets.get(plan.target).run(plan)
     print_outcome(plan, state)
     return 0 if state in runs.OK_STATES else 1
 

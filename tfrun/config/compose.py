@@ -178,8 +178,9 @@ def compose_run(overrides: list[str], config_dir: str | None = None, config_name
 
 
 def compose_plans(overrides: list[str], multirun: bool = False, config_dir: str | None = None,
-                  config_name: str = CONFIG_NAME) -> list[Plan]:
-    """Compose and plan every run that ``tfrun [-m] OVERRIDES`` would launch."""
+                  config_name: str = CONFIG_NAME, write: bool = False) -> list[Plan]:
+    """Compose and plan every run that ``tfrun [-m] OVERRIDES`` would launch (``write``: and
+    create their run dirs, as a launch does)."""
     from hydra import compose, initialize_config_module
     from hydra.core.hydra_config import HydraConfig
 
@@ -198,4 +199,6 @@ def compose_plans(overrides: list[str], multirun: bool = False, config_dir: str 
             HydraConfig.instance().set_config(cfg)
             plan = build_plan(to_run_config(cfg), cfg.hydra.runtime.output_dir)
             plans.append(in_sweep(plan, Path(cfg.hydra.sweep.dir).resolve()) if multirun else plan)
+            if write:
+                write_hydra_files(cfg, plan.run_dir, point)
     return plans

@@ -11,8 +11,8 @@ from types import ModuleType
 from tfrun.errors import ConfigError
 
 TARGETS: dict[str, str] = {
-    "local": "tfrun.launch.local",
-    "slurm": "tfrun.launch.slurm",
+    "local": "tfrun.targets.local",
+    "slurm": "tfrun.targets.slurm",
 }
 
 

@@ -126,6 +126,21 @@ def _wait(procs: list[subprocess.Popen[bytes]], critical: set[int], timeout_s: f
         time.sleep(POLL_S)
 
 
+class _Cancelled(Exception):
+    """SIGTERM to the launcher (``tfrun cancel``): stop every task now."""
+
+
+def _raise_cancelled(signum: int, frame: object) -> None:
+    raise _Cancelled()
+
+
+def _cancel_on_sigterm() -> Any:
+    """SIGTERM cancels the run cleanly (only the main thread can take signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_cancelled)
+
+
 def stop_gracefully(procs: list[subprocess.Popen[bytes]], out: IO[bytes]) -> tuple[str, int | None]:
     """First Ctrl-C: every task checkpoints and stops (STOPPED, resumable). A second: CANCELLED."""
     out.write(b"\ntfrun: stopping: every task checkpoints and stops (Ctrl-C again to kill them)\n")
@@ -168,10 +183,16 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
         pumps.append(pump)
     grace = float(plan.compute.get("stop_grace_s", 5.0))
     critical = critical_ranks(plan)
+    previous = _cancel_on_sigterm()
     try:
         state, failed = _wait(procs, critical, plan.compute["timeout_min"] * 60, out)
     except KeyboardInterrupt:
         state, failed = stop_gracefully(procs, out)
+    except _Cancelled:
+        state, failed = "CANCELLED", None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     stop_all(procs, grace)
     for pump in pumps:
         pump.join(timeout=5)

@@ -100,20 +100,19 @@ def best_point(sweep_dir: Path, maximize: bool) -> dict[str, Any] | None:
 
 def run_points(plans: Sequence[Plan], sweep_dir: Path) -> list[str]:
     """Launch planned points: locally one after another, on Slurm as job array(s)."""
-    from tfrun import launch
+    from tfrun import targets
     from tfrun.report import print_outcome
 
-    targets = {p.target for p in plans}
-    if targets == {"slurm"}:
-        from tfrun.launch import pack
+    if {p.target for p in plans} == {"slurm"}:
+        from tfrun.targets import pack
 
         if pack.is_packed(plans):
             return pack.run_packed(plans, str(sweep_dir))
-        return launch.get("slurm").run_many(plans, str(sweep_dir))
+        return targets.get("slurm").run_many(plans, str(sweep_dir))
     states = []
     for num, plan in enumerate(plans):
         print(f"tfrun: sweep point {num + 1}/{len(plans)}: {plan.run_id}", file=sys.stderr, flush=True)
-        state = launch.get(plan.target).run(plan)
+        state = targets.get(plan.target).run(plan)
         print_outcome(plan, state)
         states.append(state)
     return states

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from tfrun import deps, preempt, runs
 from tfrun.errors import ConfigError
-from tfrun.launch import slurm
+from tfrun.targets import slurm
 from tfrun.plan import Plan
 
 CANCEL_MARKER = "cancel-requested"

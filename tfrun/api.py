@@ -1,0 +1,165 @@
+"""tfrun from Python: ``tfrun.launch``, ``tfrun.sweep``, ``tfrun.Run``.
+
+Composes exactly like the command line (same configs, same overrides) and never calls
+``sys.exit`` or needs a terminal, so it works from a notebook. Errors are exceptions
+(:class:`tfrun.ConfigError` for bad input, nothing started).
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from tfrun import runs
+from tfrun.errors import TfrunError
+
+
+class Run:
+    """A run directory and what can be done with it."""
+
+    def __init__(self, path: str | Path):
+        self.dir = Path(path).resolve()
+
+    @classmethod
+    def load(cls, path_or_id: str | Path, runs_dir: str | Path | None = None) -> "Run":
+        """Reopen an earlier run by its dir, its id, or a unique part of its id."""
+        root = Path(runs_dir) if runs_dir else runs.runs_root()
+        return cls(runs.find_run(str(path_or_id), root))
+
+    @property
+    def id(self) -> str:
+        """The run's id (its path under the runs dir)."""
+        return str(runs.read_status(self.dir).get("run_id") or self.dir.name)
+
+    def info(self) -> dict[str, Any]:
+        """The whole status record, refreshed from Slurm if the run is not finished."""
+        from tfrun.verbs import refresh
+
+        return refresh([self.dir])[0]
+
+    def status(self) -> str:
+        """PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT or STOPPED."""
+        return str(self.info().get("state", "PENDING"))
+
+    def wait(self, timeout_s: float | None = None, poll_s: float = 2.0) -> str:
+        """Block until the run ends (or timeout_s passes); its state."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while (state := self.status()) not in runs.FINAL_STATES:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(poll_s)
+        return state
+
+    def logs(self, rank: int = 0) -> str:
+        """A rank's log so far."""
+        path = runs.rank_log(self.dir, rank)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The run's metric records (Keras epochs and tfrun.log_metric values)."""
+        from tfrun import tracking
+
+        return tracking.read_metrics(self.dir / tracking.METRICS_FILE)
+
+    def cancel(self) -> None:
+        """Cancel the run if it is not finished."""
+        from tfrun.verbs import cancel
+
+        cancel(self.dir)
+
+    def __repr__(self) -> str:
+        return f"Run({self.id!r}, dir={str(self.dir)!r})"
+
+
+class _Text:
+    """A byte sink for the local launcher where sys.stdout has no buffer (notebooks)."""
+
+    def write(self, data: bytes) -> None:
+        sys.stdout.write(data.decode(errors="replace"))
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+def _out() -> Any:
+    return getattr(sys.stdout, "buffer", None) or _Text()
+
+
+def _start(plans: Sequence[Any], wait: bool, sweep_dir: Path | None = None) -> None:
+    """Launch planned runs: Slurm runs are submitted (followed by Run.wait), local ones run here."""
+    from tfrun import targets
+
+    for plan in plans:
+        for warning in plan.warnings:
+            warnings.warn(warning, stacklevel=3)
+    if plans[0].target == "slurm":
+        for plan in plans:
+            plan.compute["wait"] = False  # the API follows through Run.wait, never a terminal
+        if sweep_dir is None:
+            targets.get("slurm").run(plans[0])
+        else:
+            from tfrun.multirun import run_points
+
+            run_points(plans, sweep_dir)
+        return
+    local = targets.get("local")
+
+    def run_all() -> None:
+        for plan in plans:
+            local.run(plan, out=_out())
+
+    if wait:
+        run_all()
+    else:
+        threading.Thread(target=run_all, daemon=True, name="tfrun-local").start()
+        for plan in plans:  # return once every run dir exists, so the handles are usable
+            while not runs.read_status(plan.run_dir) and plan is plans[0]:
+                time.sleep(0.05)
+
+
+def _overrides(overrides: Sequence[str]) -> list[str]:
+    from tfrun.cli import normalize_overrides
+
+    return normalize_overrides([str(o) for o in overrides])
+
+
+def launch(overrides: Sequence[str] = (), config_dir: str | None = None, wait: bool = True) -> Run:
+    """Compose a run like ``tfrun OVERRIDES``, start it and return its handle.
+
+    ``wait=True`` blocks until it ends (see ``Run.status()``); a failed run is not an
+    exception, a wrong configuration is (:class:`tfrun.ConfigError`).
+    """
+    from tfrun.config import resolvers
+    from tfrun.config.compose import compose_run
+
+    resolvers.reset_run_id()
+    plan = compose_run(_overrides(overrides), config_dir=config_dir)
+    _start([plan], wait)
+    run = Run(plan.run_dir)
+    if wait:
+        run.wait()
+    return run
+
+
+def sweep(overrides: Sequence[str] = (), config_dir: str | None = None, wait: bool = True) -> list[Run]:
+    """Like ``tfrun -m OVERRIDES`` (grid sweeps): the runs of every point."""
+    from tfrun.config import resolvers
+    from tfrun.config.compose import compose_plans, sweep_points
+    from tfrun.multirun import record_points
+
+    resolvers.reset_run_id()
+    overrides = _overrides(overrides)
+    plans = compose_plans(overrides, multirun=True, config_dir=config_dir, write=True)
+    if not plans:
+        raise TfrunError("the sweep has no points")
+    sweep_dir = Path(plans[0].run_dir).parent
+    record_points(sweep_dir, plans, sweep_points(overrides))
+    _start(plans, wait, sweep_dir)
+    handles = [Run(p.run_dir) for p in plans]
+    if wait:
+        for handle in handles:
+            handle.wait()
+    return handles
