@@ -104,7 +104,9 @@ def plan_for(deps: Mapping[str, Any], base_python: str, compute: Mapping[str, An
     kind = deps.get("kind", "none")
     if kind not in KINDS:
         raise ConfigError.invalid("deps.kind", kind, KINDS)
-    ctx = _Ctx(deps, os.path.abspath(base_python), compute, run_dir, script, source_dir, cwd)
+    # entry.python may be a name on PATH (python3.11) or a path
+    base = (shutil.which(base_python) or base_python) if os.sep not in base_python else os.path.abspath(base_python)
+    ctx = _Ctx(deps, base, compute, run_dir, script, source_dir, cwd)
     if kind == "none":
         return DepsPlan(kind="none", target=compute["target"], python=base_python, base_python=ctx.base_python)
     return {"pip": _plan_pip, "conda": _plan_conda, "modules": _plan_modules, "container": _plan_container}[kind](ctx)
@@ -242,7 +244,8 @@ def _plan_pip(ctx: _Ctx) -> DepsPlan:
         "kind": "pip", "base": base, "python": ctx.base_python, "python_version": info["version"],
         "prefix": info["prefix"], "platform": info["platform"], "libc": info["libc"],
         "packages": packages, "install_args": [str(a) for a in d.get("install_args") or []],
-        "requirements": {"path": str(requirements), "sha256": _sha256(requirements.read_bytes())} if requirements else None,
+        # the file's content, not its path (files it includes with -r are not read)
+        "requirements": _sha256(requirements.read_bytes()) if requirements else None,
         "pin_base": pin, "tfrun": extra,
         # The base's packages: visible through the env (inherit) or pinned in it; a change rebuilds.
         "base_packages": _sha256("\n".join(installed(info["site"])).encode()) if pin or base == "inherit" else None,
@@ -387,64 +390,6 @@ def ensure(dp: DepsPlan, log: Path | None = None, echo: bool = False) -> None:
     deps_build.ensure(dp, log, echo)
 
 
-_SHELL_VARS = {"_", "SHLVL", "PWD", "OLDPWD", "PS1", "PS2"}
-_SNAPSHOT = "\necho; echo __tfrun_env__; env -0\n"
-
-
-def _env_of(text: str) -> dict[str, str]:
-    return dict(item.split("=", 1) for item in text.split("\0") if "=" in item)
-
-
-def module_changes(before: Mapping[str, str], after: Mapping[str, str], current: Mapping[str, str]) -> dict[str, str]:
-    """What the module lines changed, applied to ``current``: a PATH-like value the modules
-    extended keeps this process's entries (a login profile may have reset PATH itself)."""
-    changed = {}
-    for key, value in after.items():
-        old = before.get(key)
-        if old == value or key in _SHELL_VARS or key.startswith("BASH_FUNC_"):
-            continue
-        mine = current.get(key)
-        if old and mine is not None and value.endswith(old):
-            value = value[:-len(old)] + mine
-        elif old and mine is not None and value.startswith(old):
-            value = mine + value[len(old):]
-        changed[key] = value
-    return changed
-
-
-def load_modules(lines: list[str]) -> dict[str, str]:
-    """Run ``module`` lines in a login shell (where sites define ``module``) and apply what they
-    change to this process's environment, which the local tasks inherit. Returns the changes."""
-    script = ("type module >/dev/null 2>&1 || exit 97" + _SNAPSHOT
-              + "\n".join(f"{line} || exit 98" for line in lines) + _SNAPSHOT)
-    try:
-        out = subprocess.run(["bash", "-lc", script], stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise ConfigError(f"deps=modules: could not run bash to load modules: {exc}") from exc
-    errors = out.stderr.decode(errors="replace").strip()
-    if out.returncode == 97:
-        raise ConfigError("deps=modules: there is no `module` command on this machine (`bash -lc 'type module'` "
-                          "finds none): environment modules (Lmod, Environment Modules) are a cluster's. Run with "
-                          "compute=slurm, where the modules are loaded in the job, or load what you need yourself "
-                          "and use deps=none (deps.env sets variables).")
-    if out.returncode != 0:
-        raise ConfigError(f"deps.modules: `{' && '.join(lines)}` failed (exit {out.returncode}):\n"
-                          + "\n".join("  | " + ln for ln in errors.splitlines()[-15:]))
-    snapshots = out.stdout.decode(errors="replace").split("\n__tfrun_env__\n")
-    changed = module_changes(_env_of(snapshots[1]), _env_of(snapshots[2]), os.environ)
-    os.environ.update(changed)
-    return changed
-
-
-def check_runtime(dp: DepsPlan) -> None:
-    """A container run here needs its runtime on PATH."""
-    runtime = dp.command_prefix[0]
-    if shutil.which(runtime) is None:
-        raise ConfigError(f"deps.runtime={runtime}: `{runtime}` is not on PATH on this machine, so the image "
-                          f"{dp.spec.get('image')} cannot run here. Install Apptainer (or SingularityCE), `module load` "
-                          f"it, or run on a cluster that has it (compute=slurm).")
-
-
 def prepare(plan: Any) -> None:
     """Make the run's environment ready before any of its tasks start (the launchers call this).
 
@@ -454,7 +399,7 @@ def prepare(plan: Any) -> None:
     """
     if not getattr(plan, "deps", None):
         return
-    from tfrun import runs
+    from tfrun import deps_build, runs
 
     dp = DepsPlan.from_dict(plan.deps)
     try:
@@ -466,10 +411,10 @@ def prepare(plan: Any) -> None:
         elif dp.kind in BUILT:
             ensure(dp, Path(plan.run_dir) / "logs" / "deps.log")
         elif dp.kind == "modules" and dp.modules:
-            changed = load_modules(dp.modules)
+            changed = deps_build.load_modules(dp.modules)
             say(f"loaded modules ({'; '.join(dp.modules)}) in bash -lc: set {' '.join(sorted(changed)) or 'nothing'}")
         elif dp.kind == "container" and dp.target == "local":
-            check_runtime(dp)
+            deps_build.check_runtime(dp)
     except ConfigError as exc:
         runs.update_status(plan.run_dir, run_id=plan.run_id, state="FAILED", target=plan.target, backend=plan.backend,
                            reason=str(exc), ended=time.time())

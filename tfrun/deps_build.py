@@ -1,4 +1,5 @@
-"""Building the environments of ``deps=pip|conda`` (the acting half of :mod:`tfrun.deps`).
+"""The acting half of :mod:`tfrun.deps`: building ``deps=pip|conda`` environments, loading
+modules for local tasks, checking a container runtime, and cleaning the cache.
 
 A build runs under the key's file lock, in a temporary dir that is renamed into place when
 everything succeeded (conda: in place, complete once its ``tfrun-env.json`` is written), so
@@ -22,6 +23,7 @@ from typing import Any, Callable, Iterator, Mapping
 from tfrun.deps import (BUILD_LOG, BUILT, CONSTRAINTS, META, LAST_USED, DepsPlan, conda_steps, find_conda, installed,
                         is_complete, say)
 from tfrun.errors import ConfigError
+
 
 @contextmanager
 def _lock(cache: Path, key: str, blocking: bool = True,
@@ -196,10 +198,13 @@ def _build_conda(build: _Build) -> None:
 
 
 def _progress(dp: DepsPlan) -> str:
+    """What a build will do, in a few words: 'uv pip install 2 packages'."""
     if dp.kind == "pip":
-        count = len(dp.spec["packages"]) + (1 if dp.spec.get("requirements") else 0)
-        return f"uv pip install {count} package{'s' if count != 1 else ''}{' + requirements' if dp.spec.get('requirements') else ''}"
-    return f"conda create {len(dp.spec['packages'])} package(s)"
+        count = len(dp.spec["packages"])
+        what = f"{count} package{'s' if count != 1 else ''}" if count else ""
+        what += (" and " if what else "") + "a requirements file" if dp.spec.get("requirements") else ""
+        return f"uv pip install {what}"
+    return f"{Path(dp.steps[0][0]).name} create {len(dp.spec['packages'])} package(s)"
 
 
 def ensure(dp: DepsPlan, log: Path | None = None, echo: bool = False) -> None:
@@ -213,14 +218,17 @@ def ensure(dp: DepsPlan, log: Path | None = None, echo: bool = False) -> None:
         say(f"environment {dp.key} cached: {env}")
         return
     cache = env.parent
-    cache.mkdir(parents=True, exist_ok=True)
-    with _lock(cache, dp.key, on_wait=lambda: say(f"environment {dp.key}: another process is building it; waiting")):
-        if is_complete(env):
-            _touch_used(env)
-            say(f"environment {dp.key} was built by another process: {env}")
-            return
-        _clean_leftovers(cache, dp.key)
-        _build_locked(dp, env, log, echo)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with _lock(cache, dp.key, on_wait=lambda: say(f"environment {dp.key}: another process is building it; waiting")):
+            if is_complete(env):
+                _touch_used(env)
+                say(f"environment {dp.key} was built by another process: {env}")
+                return
+            _clean_leftovers(cache, dp.key)
+            _build_locked(dp, env, log, echo)
+    except OSError as exc:  # a cache dir that cannot be written, a full disk
+        raise ConfigError.invalid("deps.cache_dir", str(cache), f"a directory tfrun can write ({exc})") from exc
 
 
 def _clean_leftovers(cache: Path, key: str) -> None:
@@ -269,6 +277,67 @@ def _build_locked(dp: DepsPlan, env: Path, log: Path | None, echo: bool) -> None
                 sink.close()
     _touch_used(env)
     say(f"environment {dp.key} ready in {time.monotonic() - started:.1f} s: {env}")
+
+
+# --- modules and containers -------------------------------------------------------------
+
+_SHELL_VARS = {"_", "SHLVL", "PWD", "OLDPWD", "PS1", "PS2"}
+_SNAPSHOT = "\necho; echo __tfrun_env__; env -0\n"
+
+
+def _env_of(text: str) -> dict[str, str]:
+    text = text[:text.rfind("\0")]  # what the module lines printed after `env -0` is not the environment
+    return dict(item.split("=", 1) for item in text.split("\0") if "=" in item)
+
+
+def module_changes(before: Mapping[str, str], after: Mapping[str, str], current: Mapping[str, str]) -> dict[str, str]:
+    """What the module lines changed, applied to ``current``: a PATH-like value the modules
+    extended keeps this process's entries (a login profile may have reset PATH itself)."""
+    changed = {}
+    for key, value in after.items():
+        old = before.get(key)
+        if old == value or key in _SHELL_VARS or key.startswith("BASH_FUNC_"):
+            continue
+        mine = current.get(key)
+        if old and mine is not None and value.endswith(old):
+            value = value[:-len(old)] + mine
+        elif old and mine is not None and value.startswith(old):
+            value = mine + value[len(old):]
+        changed[key] = value
+    return changed
+
+
+def load_modules(lines: list[str]) -> dict[str, str]:
+    """Run ``module`` lines in a login shell (where sites define ``module``) and apply what they
+    change to this process's environment, which the local tasks inherit. Returns the changes."""
+    script = ("type module >/dev/null 2>&1 || exit 97" + _SNAPSHOT
+              + "\n".join(f"{line} || exit 98" for line in lines) + _SNAPSHOT)
+    try:
+        out = subprocess.run(["bash", "-lc", script], stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ConfigError(f"deps=modules: could not run bash to load modules: {exc}") from exc
+    errors = out.stderr.decode(errors="replace").strip()
+    if out.returncode == 97:
+        raise ConfigError("deps=modules: there is no `module` command on this machine (`bash -lc 'type module'` "
+                          "finds none): environment modules (Lmod, Environment Modules) are a cluster's. Run with "
+                          "compute=slurm, where the modules are loaded in the job, or load what you need yourself "
+                          "and use deps=none (deps.env sets variables).")
+    if out.returncode != 0:
+        raise ConfigError(f"deps.modules: `{' && '.join(lines)}` failed (exit {out.returncode}):\n"
+                          + "\n".join("  | " + ln for ln in errors.splitlines()[-15:]))
+    snapshots = out.stdout.decode(errors="replace").split("\n__tfrun_env__\n")
+    changed = module_changes(_env_of(snapshots[1]), _env_of(snapshots[2]), os.environ)
+    os.environ.update(changed)
+    return changed
+
+
+def check_runtime(dp: DepsPlan) -> None:
+    """A container run here needs its runtime on PATH."""
+    runtime = dp.command_prefix[0]
+    if shutil.which(runtime) is None:
+        raise ConfigError(f"deps.runtime={runtime}: `{runtime}` is not on PATH on this machine, so the image "
+                          f"{dp.spec.get('image')} cannot run here. Install Apptainer (or SingularityCE), `module load` "
+                          f"it, or run on a cluster that has it (compute=slurm).")
 
 
 # --- the cache: what is there, and cleaning it ----------------------------------------

@@ -1,0 +1,217 @@
+"""A drop-in for the retired cloud SDK v1 ``TensorFlow`` estimator, on tfrun.
+
+Code written against it moves with an import change::
+
+    from tfrun.estimator import TensorFlow, Experiment   # was: from azureml.train.dnn / azureml.core
+    est = TensorFlow(source_directory=".", entry_script="train.py", script_params={"--lr": 0.01},
+                     compute_target="slurm", node_count=2, process_count_per_node=1,
+                     distributed_backend="mpi")
+    run = Experiment(ws, "digits").submit(est)
+    run.wait_for_completion(show_output=True)
+
+Every accepted argument maps to tfrun config (``to_overrides()`` shows the equivalent
+``tfrun`` command line); arguments that mean nothing on a cluster raise an error that
+names the tfrun equivalent instead of being ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+import sys
+from typing import Any, Mapping, Sequence
+
+from tfrun.api import Run, launch
+from tfrun.errors import ConfigError
+
+BACKENDS = {"mpi": "horovod", "horovod": "horovod", "ps": "ps", "parameter_server": "ps", "mwms": "mwms", None: "none"}
+
+# Arguments of the cloud estimator that have no meaning on a cluster you own -> what to use.
+UNSUPPORTED = {
+    "vm_size": "a Slurm partition or constraint: compute.partition=... / compute.constraint=...",
+    "vm_priority": "a Slurm QOS: compute.qos=...",
+    "custom_docker_image": "deps=container deps.image=IMAGE (Apptainer/Singularity)",
+    "image_registry_details": "deps=container deps.image=IMAGE",
+    "use_docker": "deps=container deps.image=IMAGE",
+    "user_managed": "deps=none (the current Python environment)",
+    "conda_dependencies_file": "deps=conda deps.environment_file=FILE",
+    "pip_requirements_file": "deps=pip deps.requirements=FILE",
+    "environment_definition": "the deps group (deps=pip / deps=conda / deps=container)",
+    "inputs": "paths on the cluster's shared filesystem, passed through script_params",
+    "source_directory_data_store": "a source_directory on the cluster's shared filesystem",
+    "shm_size": "compute.additional_parameters (e.g. a --tmp request) or your site's settings",
+    "resume_from": "tfrun resume RUN (a run continues from its own backup)",
+    "checkpoint_file_path": "tfrun resume RUN (a run continues from its own backup)",
+    "max_run_duration_seconds_exceeded": "compute.timeout_min",
+}
+
+
+def _flag_overrides(script_params: Mapping[str, Any]) -> list[str]:
+    """``{"--batch-size": 50}`` -> ``trainer.batch-size=50``; other keys go verbatim to entry.args."""
+    overrides, extra = [], []
+    for key, value in script_params.items():
+        key = str(key)
+        if key.startswith("--"):
+            overrides.append(f"trainer.{key[2:]}={'null' if value is None else _value(value)}")
+        else:
+            extra += [key] if value is None else [key, str(value)]
+    if extra:
+        overrides.append("entry.args=[" + ",".join(_value(a) for a in extra) + "]")
+    return overrides
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _compute_overrides(target: Any) -> list[str]:
+    """A compute option name, or a compute config object (dataclass or mapping) -> overrides."""
+    if isinstance(target, str):
+        return [f"compute={target}"]
+    fields = dataclasses.asdict(target) if dataclasses.is_dataclass(target) else dict(target)
+    option = fields.pop("option", None) or fields.get("target", "local")
+    return [f"compute={option}"] + [f"compute.{k}={_value(v)}" for k, v in fields.items()
+                                    if k != "target" and v is not None and v != [] and v != {}]
+
+
+class TensorFlow:
+    """The cloud ``TensorFlow`` estimator's arguments, mapped onto a tfrun run."""
+
+    def __init__(self, source_directory: str, entry_script: str, script_params: Mapping[str, Any] | None = None,
+                 compute_target: Any = "local", node_count: int = 1, process_count_per_node: int = 1,
+                 worker_count: int | None = None, parameter_server_count: int | None = None,
+                 distributed_backend: str | None = None, use_gpu: bool = False,
+                 pip_packages: Sequence[str] | None = None, conda_packages: Sequence[str] | None = None,
+                 environment_variables: Mapping[str, str] | None = None,
+                 max_run_duration_seconds: int | None = None, framework_version: str | None = None,
+                 **unsupported: Any):
+        for name in unsupported:
+            if name in UNSUPPORTED:
+                raise ConfigError(f"TensorFlow({name}=...) has no meaning on a cluster you own; use {UNSUPPORTED[name]}.")
+            raise ConfigError(f"TensorFlow() got an unknown argument {name!r}.")
+        if distributed_backend not in BACKENDS:
+            raise ConfigError.invalid("distributed_backend", distributed_backend, [str(k) for k in BACKENDS])
+        if pip_packages and conda_packages:
+            raise ConfigError("give pip_packages or conda_packages, not both (tfrun builds one environment: "
+                              "deps=pip or deps=conda; conda's environment can list pip packages).")
+        self.source_directory, self.entry_script = source_directory, entry_script
+        self.script_params = dict(script_params or {})
+        self.compute_target, self.node_count, self.process_count_per_node = compute_target, node_count, process_count_per_node
+        self.worker_count, self.parameter_server_count = worker_count, parameter_server_count
+        self.distributed_backend, self.use_gpu = distributed_backend, use_gpu
+        self.pip_packages, self.conda_packages = list(pip_packages or []), list(conda_packages or [])
+        self.environment_variables = dict(environment_variables or {})
+        self.max_run_duration_seconds, self.framework_version = max_run_duration_seconds, framework_version
+        self._check_framework()
+
+    def _check_framework(self) -> None:
+        if not self.framework_version:
+            return
+        from importlib.metadata import version
+
+        installed = version("tensorflow")
+        if not installed.startswith(str(self.framework_version)):
+            raise ConfigError.invalid("framework_version", self.framework_version,
+                                      f"the installed TensorFlow {installed} (tfrun runs the environment's TensorFlow; "
+                                      f"install tensorflow=={self.framework_version}.* or drop framework_version)")
+
+    def _task_layout(self, backend: str) -> list[str]:
+        nodes, per_node = self.node_count, self.process_count_per_node
+        if backend != "ps":
+            return [f"compute.nodes={nodes}", f"compute.tasks_per_node={per_node}"]
+        workers, servers = self.worker_count or 1, self.parameter_server_count or 1
+        tasks = 1 + workers + servers  # tfrun runs the coordinator (chief) as its own task
+        if tasks % nodes:
+            raise ConfigError(f"distributed_backend='ps' with worker_count={workers} and parameter_server_count="
+                              f"{servers} needs {tasks} tasks (1 chief + workers + parameter servers), which "
+                              f"node_count={nodes} does not divide evenly; choose node_count among the divisors of {tasks}.")
+        return [f"compute.nodes={nodes}", f"compute.tasks_per_node={tasks // nodes}",
+                f"backend.worker_count={workers}", f"backend.parameter_server_count={servers}"]
+
+    def to_overrides(self) -> list[str]:
+        """The tfrun overrides this estimator stands for."""
+        backend = BACKENDS[self.distributed_backend]
+        overrides = [f"entry.source_dir={self.source_directory}", f"entry.script={self.entry_script}",
+                     *_compute_overrides(self.compute_target), f"backend={backend}", *self._task_layout(backend)]
+        if self.use_gpu:
+            slurm = self.compute_target in ("slurm", "slurm_gpu")
+            overrides += ["compute=slurm_gpu"] if slurm else [f"compute.gpus_per_node={self.process_count_per_node}"]
+        if self.pip_packages:
+            overrides += ["deps=pip", "deps.pip_packages=[" + ",".join(self.pip_packages) + "]"]
+        if self.conda_packages:
+            overrides += ["deps=conda", "deps.conda_packages=[" + ",".join(self.conda_packages) + "]"]
+        overrides += [f"++deps.env.{k}={_value(v)}" for k, v in self.environment_variables.items()]
+        if self.max_run_duration_seconds:
+            overrides.append(f"compute.timeout_min={math.ceil(self.max_run_duration_seconds / 60)}")
+        return [*overrides, *_flag_overrides(self.script_params)]
+
+    def command_line(self) -> str:
+        """The equivalent ``tfrun`` command."""
+        return shlex.join(["tfrun", *self.to_overrides()])
+
+
+class EstimatorRun:
+    """The cloud SDK's run object, over a :class:`tfrun.Run`."""
+
+    _STATUS = {"PENDING": "Queued", "RUNNING": "Running", "COMPLETED": "Completed", "FAILED": "Failed",
+               "CANCELLED": "Canceled", "TIMEOUT": "Failed", "STOPPED": "Canceled"}
+
+    def __init__(self, run: Run):
+        self.run, self.id = run, run.id
+
+    def get_status(self) -> str:
+        """Queued, Running, Completed, Failed or Canceled."""
+        return self._STATUS.get(self.run.status(), self.run.status())
+
+    def wait_for_completion(self, show_output: bool = False, wait_post_processing: bool = False) -> dict[str, Any]:
+        """Block until the run ends; with show_output, print rank 0's log as it grows."""
+        offset = 0
+        while True:
+            state = self.run.status()
+            if show_output:
+                text = self.run.logs(0)
+                sys.stdout.write(text[offset:])
+                sys.stdout.flush()
+                offset = len(text)
+            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "STOPPED"):
+                break
+            import time
+
+            time.sleep(2.0)
+        return self.get_details()
+
+    def get_details(self) -> dict[str, Any]:
+        """Status, run dir and tfrun's status record."""
+        return {"runId": self.id, "status": self.get_status(), "runDir": str(self.run.dir), "tfrun": self.run.info()}
+
+    def get_metrics(self) -> dict[str, Any]:
+        """metric -> value (the last) or list of values, the way the cloud SDK returned them."""
+        series: dict[str, list[float]] = {}
+        for record in self.run.metrics():
+            if record.get("name") is not None:
+                series.setdefault(record["name"], []).append(record["value"])
+            elif record.get("epoch") is not None:
+                for key, value in record.items():
+                    if key not in ("epoch", "time") and isinstance(value, (int, float)):
+                        series.setdefault(key, []).append(value)
+        return {k: v[0] if len(v) == 1 else v for k, v in series.items()}
+
+    def cancel(self) -> None:
+        """Cancel the run."""
+        self.run.cancel()
+
+
+class Experiment:
+    """The cloud SDK's Experiment: a name under which runs are submitted."""
+
+    def __init__(self, workspace: Any = None, name: str = "tfrun"):
+        self.workspace, self.name = workspace, name
+
+    def submit(self, config: TensorFlow, tags: Mapping[str, str] | None = None) -> EstimatorRun:
+        """Start the estimator's run (returns at once; wait with ``wait_for_completion``)."""
+        overrides = [*config.to_overrides(), f"tfrun.name={self.name}"]
+        return EstimatorRun(launch(overrides, wait=False))
