@@ -87,4 +87,8 @@ def session(model: Any, module: ModuleType) -> tuple[int, list[Any]]:
     if context().is_chief:
         tracking.reconcile_epochs(done, logs)
     backup, stop = _callback_classes(module)
+    if os.environ.get("TFRUN_BACKEND") == "ps":
+        # tf_keras refuses batch-level callbacks under ParameterServerStrategy (ValueError
+        # in fit), so there a stop request is not acted on mid-epoch; the backup still is.
+        return done, [backup()]
     return done, [backup(), stop()]

@@ -355,18 +355,19 @@ def failed(run_dir: str | os.PathLike[str]) -> bool:
 def run_in_task(run_dir: str, python: str) -> None:
     """Rank 0, after its script returned 0: the export in a child process; never raises."""
     print("tfrun: export onnx: converting the model the script saved", file=sys.stderr, flush=True)
+    record_path = Path(run_dir) / EXPORT_FILE
+    record_path.unlink(missing_ok=True)  # an earlier attempt's record must not pass for this one's
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the script's TensorFlow may still hold the GPUs
     try:
-        code = subprocess.run([python, "-u", "-m", "tfrun.export", run_dir], env=env, stdin=subprocess.DEVNULL).returncode
+        code = subprocess.run([python, "-u", "-m", "tfrun.export", run_dir], env=env,
+                              stdin=subprocess.DEVNULL).returncode
+        why = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
     except OSError as exc:
-        code, why = -1, str(exc)
-    else:
-        why = f"exit code {code}"
-    if not runs.read_json(Path(run_dir) / EXPORT_FILE) or code not in (0, 1):
-        runs.write_json(Path(run_dir) / EXPORT_FILE, {"format": "onnx", "passed": False, "onnx": None,
-                                                      "error": f"the export process ended without a record ({why})"})
-        print(f"tfrun: export onnx FAILED: the export process ended without a record ({why})",
-              file=sys.stderr, flush=True)
+        why = str(exc)
+    if not runs.read_json(record_path):
+        error = f"the export process ended without a record ({why})"
+        runs.write_json(record_path, {"format": "onnx", "passed": False, "onnx": None, "error": error})
+        print(f"tfrun: export onnx FAILED: {error}", file=sys.stderr, flush=True)
 
 
 def cmd_export(run: str | None, **overrides: Any) -> int:
@@ -391,13 +392,12 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: python -m tfrun.export RUN_DIR", file=sys.stderr)
         sys.exit(2)
     try:
-        settings = settings_for(argv[0])
-    except ConfigError as exc:
-        runs.write_json(Path(argv[0]) / EXPORT_FILE, {"format": "onnx", "passed": False, "error": str(exc)})
-        settings = None
-    record = export_run(argv[0], settings) if settings else runs.read_json(Path(argv[0]) / EXPORT_FILE)
+        record = export_run(argv[0], settings_for(argv[0]))
+    except ConfigError as exc:  # build_plan checked the settings: only an edited plan.json gets here
+        record = {"format": "onnx", "passed": False, "onnx": None, "error": str(exc)}
+        runs.write_json(Path(argv[0]) / EXPORT_FILE, record)
     print(f"tfrun: {summary(record)}", file=sys.stderr, flush=True)
-    sys.exit(0 if record.get("passed") else 1)
+    sys.exit(0 if record["passed"] else 1)
 
 
 if __name__ == "__main__":
