@@ -251,7 +251,8 @@ class Bench:
         calls = self.dir / "calls-hsl.txt"
         start, took, out = self.timed(argv, self.dir / "hsl", calls)
         submitted, pickles = last_submitted(sweep_dir / ".submitit")
-        arrays = sorted({p.name.split("_")[0] for p in (sweep_dir / ".submitit").iterdir() if "_" in p.name})
+        arrays = sorted({m.group(1) for p in (sweep_dir / ".submitit").iterdir()
+                         if (m := re.fullmatch(r"(\d+)_\d+", p.name))})
         stamps = re.findall(r"^\[([\d\- :,]+)\]\[HYDRA\] \t#\d+ :", out, re.M)
         launcher = (time.mktime(time.strptime(stamps[0].split(",")[0], "%Y-%m-%d %H:%M:%S"))
                     + int(stamps[0].split(",")[1]) / 1000 - start) if stamps else float("nan")
@@ -352,12 +353,16 @@ def main() -> None:
     mon = [f"| `tfrun -m ... compute.wait=true compute.poll_s={args.poll_s}` | "
            + " | ".join(f"{s} points" for s in monitor) + " |", "|---|" + "---|" * len(monitor)]
     follow = {s: m["returned"] - m["submitted"] for s, m in monitor.items()}
+
+    def polls(size: int) -> float:  # the first poll comes at once, then one every poll_s or more
+        return 1 + follow[size] / args.poll_s
+
     rows = {
         "following (submitted to tfrun's exit), s": lambda s, m: f"{follow[s]:.1f}",
         "sacct calls": lambda s, m: str(len(m["calls"]["sacct"])),
         "squeue calls": lambda s, m: str(len(m["calls"]["squeue"])),
-        "polls at most (following / poll_s)": lambda s, m: f"{follow[s] / args.poll_s:.1f}",
-        "scheduler queries per poll": lambda s, m: f"{(len(m['calls']['sacct']) + len(m['calls']['squeue'])) / max(1.0, follow[s] / args.poll_s):.2f}",
+        "polls at most (1 + following / poll_s)": lambda s, m: f"{polls(s):.1f}",
+        "scheduler queries per poll": lambda s, m: f"{(len(m['calls']['sacct']) + len(m['calls']['squeue'])) / polls(s):.2f}",
         "job ids named per sacct call (max)": lambda s, m: str(max((ids_per_query(a) for a in m["calls"]["sacct"]), default=0)),
         "all finished (last End), s from start": lambda s, m: f"{m['all_finished']:.0f}",
     }

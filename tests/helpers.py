@@ -1,0 +1,84 @@
+"""Helpers shared by the tests: run the real ``tfrun`` command in a scratch dir, watch processes."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = REPO / "examples" / "digits" / "train.py"
+
+
+def tfrun_command() -> list[str]:
+    """The installed console script beside this interpreter, else ``python -m tfrun.cli``."""
+    script = Path(sys.executable).with_name("tfrun")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("tfrun")
+    return [found] if found else [sys.executable, "-m", "tfrun.cli"]
+
+
+def scratch_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment a test runs tfrun in: runs land under tmp_path, TF logs are quiet."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TFRUN_", "SLURM_"))}
+    env.update(TFRUN_RUNS_DIR=str(tmp_path / "runs"), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_tfrun(tmp_path: Path, *args: str, cwd: Path | None = None, timeout: float = 120,
+              **env: str) -> subprocess.CompletedProcess[str]:
+    """``tfrun ARGS`` as a user runs it, from ``cwd`` (default tmp_path)."""
+    return subprocess.run(
+        [*tfrun_command(), *args], cwd=cwd or tmp_path, env=scratch_env(tmp_path, **env),
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def run_dir_from(stderr: str) -> Path:
+    """The run dir tfrun reported at the end of a run."""
+    match = re.search(r"^tfrun: run dir (.+)$", stderr, re.M)
+    assert match, f"tfrun did not say where the run went:\n{stderr}"
+    return Path(match.group(1))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def alive(pid: int) -> bool:
+    """True while a process exists and is not a zombie (nothing may reap orphans here)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    """Poll until predicate() is true or fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
+    """The pids still alive after waiting up to timeout seconds for them to end."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]

@@ -1,0 +1,79 @@
+"""Bad input through the real ``tfrun`` command: exit 2, one message naming the key and the
+value, no traceback, nothing started, with and without ``--dry-run``."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_tfrun
+from tfrun.config.schema import LocalComputeConfig
+
+LOCAL_COMPUTE_KEYS = [f.name for f in dataclasses.fields(LocalComputeConfig)]
+
+# id -> (argv after `tfrun`, strings the message must contain)
+CASES = {
+    "unknown compute option": (["compute=foo"], ["compute", "foo", "local"]),
+    "unknown backend option": (["backend=bar"], ["backend", "bar", "none"]),
+    "unknown compute key": (["compute.foo=1"], ["compute.foo", *LOCAL_COMPUTE_KEYS]),
+    "unknown top-level key": (["foo=1"], ["foo", "compute", "trainer", "entry"]),
+    "free-form dict key without +": (["deps.env.FOO=bar"], ["deps.env.FOO", "bar", "+deps.env.FOO=bar"]),
+    "wrong type": (["compute.nodes=abc"], ["compute.nodes", "abc", "int"]),
+    "wrong type bool": (["backend.legacy_keras=maybe"], ["backend.legacy_keras", "maybe", "bool"]),
+    "script null": (["entry.script=null"], ["entry.script", "None"]),
+    "script empty": (["entry.script="], ["entry.script", "''"]),
+    "script left missing": (["entry.script=???"], ["entry.script", "???", "path of your training script"]),
+    "script does not exist": (["entry.script=nope.py"], ["entry.script", "nope.py", "existing file"]),
+    "script dir does not exist": (["entry.source_dir=nowhere"], ["entry.source_dir", "nowhere"]),
+    "zero tasks per node": (["compute.tasks_per_node=0"], ["compute.tasks_per_node", "0", ">= 1"]),
+    "negative nodes": (["compute.nodes=-1"], ["compute.nodes", "-1"]),
+    "unknown target": (["compute.target=mars"], ["compute.target", "mars", "local", "slurm"]),
+    "bad flag style": (["entry.flag_style=snake"], ["entry.flag_style", "snake", "dashes"]),
+    "gpus not divisible": (["compute.gpus_per_node=3", "compute.tasks_per_node=2"],
+                           ["compute.gpus_per_node", "3", "tasks_per_node"]),
+    "bad dry-run mode": (["--dry-run=yaml"], ["--dry-run", "yaml", "json"]),
+    # Trainer values become argv items; quotes, blanks and shell syntax are refused.
+    "quoted blank": (["trainer.x='a b'"], ["trainer.x", "a b"]),
+    "unquoted blank": (["trainer.x=a b"], ["trainer.x", "a b"]),
+    "command substitution": (["trainer.x=$(ls)"], ["trainer.x", "$(ls)"]),
+    "quoted command substitution": (["trainer.x='$(ls)'"], ["trainer.x", "$(ls)"]),
+    "backticks": (["trainer.x=`ls`"], ["trainer.x", "`ls`"]),
+    "variable": (["trainer.x=$HOME"], ["trainer.x", "$HOME"]),
+    "quoted semicolon": (['trainer.x="a;b"'], ["trainer.x", "a;b"]),
+    "bare semicolon": (["trainer.x=a;b"], ["trainer.x", "a;b"]),
+    "lone quote": (["trainer.x=a'b"], ["trainer.x", "a'b"]),
+    "unquoted tilde": (["trainer.path=~/data"], ["trainer.path", "~/data", "quote it"]),
+    "quoted newline": (["trainer.x='a\nb'"], ["trainer.x", "a\\nb"]),
+    "bad item in list": (["trainer.x=[1,'a b']"], ["trainer.x", "a b"]),
+    "mapping value": (["trainer.x={a:1}"], ["trainer.x", "mapping"]),
+    "non-trainer parse error": (["compute.nodes=$(ls)"], ["compute.nodes", "$(ls)"]),
+}
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_error(tmp_path: Path, case: str, dry_run: bool) -> None:
+    argv, wanted = CASES[case]
+    before = set(tmp_path.rglob("*"))
+    result = run_tfrun(tmp_path, *(["--dry-run"] if dry_run else []), *argv, timeout=60)
+
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stdout == ""
+    assert result.stderr.startswith("tfrun: error: ")
+    assert result.stderr.count("tfrun: error:") == 1
+    for text in wanted:
+        assert text in result.stderr, f"{text!r} missing from:\n{result.stderr}"
+    # Nothing was started: no run dir, no plan, no rank log.
+    assert set(tmp_path.rglob("*")) == before == set()
+
+
+def test_good_values_pass_unchanged(tmp_path: Path) -> None:
+    """The safe-value rule lets through what real flags look like, byte for byte."""
+    result = run_tfrun(tmp_path, "--dry-run=json", "trainer.name=a/b:c+d", "trainer.lr=0.001",
+                       "trainer.tags=[x,y]", "trainer.path='~/data'", "trainer.opt='k=v@1%'")
+    assert result.returncode == 0, result.stderr
+    argv = json.loads(result.stdout)["tasks"][0]["argv"][1:]
+    assert argv == ["--name", "a/b:c+d", "--lr", "0.001", "--tags", "x", "y", "--path", "~/data", "--opt", "k=v@1%"]

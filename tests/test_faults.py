@@ -1,0 +1,575 @@
+"""Faults, for real (issue 7): preemption and requeue, a rank killed, time limits, the
+Slurm controller going away, Ctrl-C; and that checkpoints and metrics stay readable.
+
+Slurm tests run jobs on the local cluster (``scripts/local-slurm``); signals are real
+(``scancel --signal``, the time limit, SIGKILL, SIGINT). Every job has a job name of its
+own, cancelled afterwards. Training is a small Keras model on scikit-learn's digits,
+slowed down by a sleep per batch so that it can be interrupted mid-run. A requeued job
+restarts about 30 s after it was requeued here (``AuthInfo=cred_expire=30``).
+"""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.helpers import (REPO, alive, read_json, run_dir_from, run_tfrun, scratch_env, tfrun_command, wait_for,
+                           wait_gone)
+
+LOCAL_SLURM = REPO / "scripts" / "local-slurm"
+JOB_TIMEOUT = 600  # generous: the machine is small and other suites share the cluster
+EPOCHS = 8
+
+# A Keras fit (Keras 3) slow enough to be interrupted: ~15 batches per epoch, a sleep each.
+FIT_SCRIPT = """\
+import argparse, os, signal, time
+parser = argparse.ArgumentParser()
+parser.add_argument("--epochs", type=int, default=8)
+parser.add_argument("--batch_sleep", type=float, default=0.2)
+parser.add_argument("--pid_dir", default=None)
+parser.add_argument("--kill_rank", type=int, default=-1)   # this rank SIGKILLs itself ...
+parser.add_argument("--kill_after", type=float, default=5)  # ... this long into training
+parser.add_argument("--stop_delay", type=float, default=0)  # a slow checkpoint on a stop request
+args = parser.parse_args()
+rank = int(os.environ.get("TFRUN_RANK", "0"))
+if args.pid_dir:
+    with open(os.path.join(args.pid_dir, f"rank{rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+if args.stop_delay:
+    import tfrun
+    tfrun.on_preempt(lambda: time.sleep(args.stop_delay))
+
+import keras
+from sklearn.datasets import load_digits
+
+digits = load_digits()
+x, y = (digits.data / 16.0).astype("float32"), digits.target
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input(shape=(64,)), keras.layers.Dense(32, activation="relu"),
+                          keras.layers.Dense(10, activation="softmax")])
+model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+
+
+class Slow(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.began = time.time()
+
+    def on_train_batch_end(self, batch, logs=None):
+        time.sleep(args.batch_sleep)
+        if rank == args.kill_rank and time.time() - self.began > args.kill_after:
+            with open(os.path.join(args.pid_dir, "killed"), "w") as f:
+                f.write(str(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+model.fit(x, y, epochs=args.epochs, batch_size=128, verbose=2, callbacks=[Slow()])
+print(f"rank {rank} TRAINING DONE", flush=True)
+"""
+
+# The classic Horovod Keras script (tf.keras is tf_keras: tfrun sets TF_USE_LEGACY_KERAS).
+HOROVOD_SCRIPT = """\
+import argparse, hashlib, json, os, time
+import numpy as np
+import tensorflow as tf
+import horovod.tensorflow.keras as hvd
+from sklearn.datasets import load_digits
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--epochs", type=int, default=8)
+parser.add_argument("--batch_sleep", type=float, default=0.2)
+parser.add_argument("--output_dir", default=os.environ.get("TFRUN_OUTPUT_DIR", "outputs"))
+args = parser.parse_args()
+
+hvd.init()
+tf.keras.utils.set_random_seed(hvd.rank())  # different initial weights: the broadcast must fix them
+digits = load_digits()
+x = (digits.data / 16.0).astype("float32")[hvd.rank()::hvd.size()]
+y = digits.target[hvd.rank()::hvd.size()]
+model = tf.keras.Sequential([tf.keras.Input(shape=(64,)), tf.keras.layers.Dense(32, activation="relu"),
+                             tf.keras.layers.Dense(10)])
+opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05 * hvd.size()))
+model.compile(optimizer=opt, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+
+class Slow(tf.keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        time.sleep(args.batch_sleep)
+
+
+callbacks = [hvd.callbacks.BroadcastGlobalVariablesCallback(0), hvd.callbacks.MetricAverageCallback(), Slow()]
+model.fit(x, y, batch_size=64, epochs=args.epochs, callbacks=callbacks, verbose=2 if hvd.rank() == 0 else 0)
+weights = np.concatenate([w.ravel() for w in model.get_weights()])
+os.makedirs(args.output_dir, exist_ok=True)
+with open(os.path.join(args.output_dir, f"weights-rank{hvd.rank()}.json"), "w") as f:
+    json.dump({"sha": hashlib.sha256(weights.tobytes()).hexdigest()}, f)
+print(f"rank {hvd.rank()} TRAINING DONE", flush=True)
+"""
+
+POINT_SCRIPT = """\
+import argparse, os, time
+parser = argparse.ArgumentParser()
+parser.add_argument("--x", type=int, required=True)
+parser.add_argument("--sleep", type=float, default=45)
+args = parser.parse_args()
+print(f"point x={args.x} job={os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}", flush=True)
+time.sleep(args.sleep)
+print(f"point x={args.x} done", flush=True)
+"""
+
+
+# --- the cluster, jobs, processes ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    """The local cluster must be up; a missing cluster is a failure, never a skip."""
+    out = subprocess.run([str(LOCAL_SLURM), "status"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        pytest.fail("the local Slurm cluster is not up: start it with `scripts/local-slurm start`.\n"
+                    f"{out.stdout}{out.stderr}", pytrace=False)
+
+
+@pytest.fixture
+def job_name(cluster: None) -> Iterator[str]:
+    """A job name of this test's own; whatever still runs under it is cancelled afterwards."""
+    name = f"tfrun-faults-{uuid.uuid4().hex[:8]}"
+    yield name
+    subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=60)
+
+
+def write_script(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def sacct_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    states = dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
+    return states.get(job_id, "")
+
+
+def submitted(stderr: str) -> tuple[str, Path]:
+    """(job id, run dir) from tfrun's submission line."""
+    match = re.search(r"^tfrun: submitted job (\S+); run dir (.+)$", stderr, re.M)
+    assert match, f"tfrun did not print the job id:\n{stderr}"
+    return match.group(1), Path(match.group(2))
+
+
+def job_processes(job_id: str) -> list[int]:
+    """Live processes (not zombies) whose environment says they belong to this Slurm job."""
+    needle = f"\0SLURM_JOB_ID={job_id}\0".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = b"\0" + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in env and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def first_line_of_status(tmp_path: Path, run: Path | str) -> str:
+    result = run_tfrun(tmp_path, "status", str(run), timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()[0] if result.stdout else ""
+
+
+def wait_final(tmp_path: Path, run_dir: Path, timeout: float = JOB_TIMEOUT) -> str:
+    """Poll ``tfrun status`` until the run is in a final state; that state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = first_line_of_status(tmp_path, run_dir).rsplit(": ", 1)[-1]
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "STOPPED"):
+            return state
+        time.sleep(3)
+    pytest.fail(f"{run_dir} did not end within {timeout} s")
+
+
+def attempts(run_dir: Path) -> list[dict[str, Any]]:
+    return sorted(read_json(run_dir / "attempts.json").values(), key=lambda a: a["started"])
+
+
+# --- 7: atomic writes: checked during every run and after it -----------------------------------
+
+def metric_epochs(run_dir: Path) -> list[int]:
+    """The epochs of metrics.jsonl, in file order; every line must be complete JSON."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines()]  # raises on a torn line
+    return [r["epoch"] for r in records if r.get("epoch") is not None]
+
+
+def backup_problem(run_dir: Path) -> str | None:
+    """What is wrong with the backup right now (None: absent, or state.json names a weights file that exists)."""
+    backup = run_dir / "checkpoints" / "backup"
+    state_path = backup / "state.json"
+    if not state_path.exists():
+        return None
+    state = json.loads(state_path.read_text())  # raises on a torn file
+    if (backup / state["weights"]).is_file():
+        return None
+    # The chief may have committed a newer epoch (and removed this one) since we read it.
+    again = json.loads(state_path.read_text())
+    if again != state:
+        return None
+    return f"state.json names {state['weights']}, which does not exist ({sorted(p.name for p in backup.iterdir())})"
+
+
+class FileWatch:
+    """Reads the run's backup and metrics every 50 ms while a test runs; records anything torn."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.problems, self.reads = run_dir, [], 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                metric_epochs(self.run_dir)
+                problem = backup_problem(self.run_dir)
+                if problem:
+                    self.problems.append(problem)
+            except (json.JSONDecodeError, KeyError) as exc:
+                self.problems.append(f"unreadable: {exc!r}")
+            except FileNotFoundError:
+                pass  # a file replaced between listing and reading: not torn
+            self.reads += 1
+            time.sleep(0.05)
+
+    def __enter__(self) -> "FileWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def check(self) -> None:
+        assert self.reads > 10, "the watcher hardly ran"
+        assert not self.problems, self.problems[:5]
+        assert_files_consistent(self.run_dir)
+
+
+def assert_files_consistent(run_dir: Path) -> None:
+    """After a run: the backup's state names an existing weights file; metrics lines all parse."""
+    assert (run_dir / "checkpoints/backup/state.json").is_file(), "no backup was written"
+    assert backup_problem(run_dir) is None, backup_problem(run_dir)
+    metric_epochs(run_dir)
+    leftovers = [p.name for p in (run_dir / "checkpoints/backup").glob("tmp-*")]
+    assert not leftovers, f"unfinished temp files left in the backup: {leftovers}"
+
+
+def _popen_tfrun(tmp_path: Path, *args: str, name: str = "tfrun") -> tuple[subprocess.Popen, Path, Path]:
+    out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+    with open(out, "w") as fout, open(err, "w") as ferr:
+        proc = subprocess.Popen([*tfrun_command(), *args], cwd=tmp_path, env=scratch_env(tmp_path),
+                                stdin=subprocess.DEVNULL, stdout=fout, stderr=ferr,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return proc, out, err
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _wait_for_job(err: Path) -> tuple[str, Path]:
+    wait_for(lambda: "tfrun: submitted job" in err.read_text(), 120, "tfrun to submit the job")
+    return submitted(err.read_text())
+
+
+# --- 1: a preempted Keras job is requeued and trains every epoch exactly once ---------------------
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preempted_keras_job_is_requeued_and_completes(tmp_path: Path, job_name: str) -> None:
+    write_script(tmp_path, "fit.py", FIT_SCRIPT)
+    proc, out, err = _popen_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1",
+                                  "entry.script=fit.py", f"trainer.epochs={EPOCHS}")
+    try:
+        job_id, run_dir = _wait_for_job(err)
+        with FileWatch(run_dir) as watch:
+            wait_for(lambda: len(metric_epochs(run_dir)) >= 2, JOB_TIMEOUT, "two epochs in metrics.jsonl")
+            subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+            code = proc.wait(timeout=JOB_TIMEOUT)
+    finally:
+        _stop(proc)
+    stderr = err.read_text()
+    assert code == 0, stderr
+    assert f"tfrun: job {job_id} COMPLETED" in stderr
+    assert metric_epochs(run_dir) == list(range(EPOCHS))
+    tried = attempts(run_dir)
+    assert [a["reason"] for a in tried] == ["preempted", "completed"], tried
+    assert tried[0]["requeued"] is True and tried[0]["job_id"] == tried[1]["job_id"] == job_id, tried
+    log = (run_dir / "logs/rank0.log").read_text()
+    assert "tfrun: received SIGUSR2" in log and f"tfrun: preempted: job {job_id} requeued" in log
+    resumed = re.findall(r"tfrun: resumed from the backup of epoch (\d+)", log)
+    assert len(resumed) == 1 and 2 <= int(resumed[0]) < EPOCHS, log
+    assert f"Epoch {int(resumed[0]) + 1}/{EPOCHS}" in log.split("resumed from the backup")[1]
+    status = read_json(run_dir / "status.json")
+    assert status["state"] == "COMPLETED" and status["job_ids"] == [job_id], status  # the same job, the same run
+    assert sacct_state(job_id) == "COMPLETED"
+    watch.check()
+
+
+# --- 2: the same with Horovod on 2 tasks: both ranks resume from the same backup ----------------
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preempted_horovod_job_resumes_every_rank_from_the_same_backup(tmp_path: Path, job_name: str) -> None:
+    write_script(tmp_path, "hvd_fit.py", HOROVOD_SCRIPT)
+    proc, out, err = _popen_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1",
+                                  "backend=horovod", "compute.tasks_per_node=2", "entry.script=hvd_fit.py",
+                                  f"trainer.epochs={EPOCHS}")
+    try:
+        job_id, run_dir = _wait_for_job(err)
+        with FileWatch(run_dir) as watch:
+            wait_for(lambda: len(metric_epochs(run_dir)) >= 2, JOB_TIMEOUT, "two epochs in metrics.jsonl")
+            subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+            code = proc.wait(timeout=JOB_TIMEOUT)
+    finally:
+        _stop(proc)
+    stderr = err.read_text()
+    assert code == 0, stderr
+    resumed = {}
+    for rank in (0, 1):
+        log = (run_dir / f"logs/rank{rank}.log").read_text()
+        assert "tfrun: received SIGUSR2" in log, f"rank {rank} never got the signal:\n{log}"
+        found = re.findall(r"tfrun: resumed from the backup of epoch (\d+)", log)
+        assert len(found) == 1, f"rank {rank}:\n{log}"
+        resumed[rank] = int(found[0])
+        assert f"rank {rank} TRAINING DONE" in log
+    assert resumed[0] == resumed[1] >= 2, resumed
+    shas = {r: read_json(run_dir / f"outputs/weights-rank{r}.json")["sha"] for r in (0, 1)}
+    assert shas[0] == shas[1], f"the ranks ended with different weights: {shas}"
+    assert metric_epochs(run_dir) == list(range(EPOCHS))
+    assert [a["reason"] for a in attempts(run_dir)] == ["preempted", "completed"]
+    assert attempts(run_dir)[0]["requeued"] is True
+    assert read_json(run_dir / "status.json")["job_ids"] == [job_id]
+    watch.check()
+
+
+# --- 3: a rank killed with SIGKILL ends the job within 30 s, named, and nothing is left --------------
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_rank_killed_by_sigkill_fails_the_job_quickly_and_leaves_nothing(tmp_path: Path, job_name: str) -> None:
+    write_script(tmp_path, "fit.py", FIT_SCRIPT)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    result = run_tfrun(tmp_path, "compute=slurm", "compute.nodes=2", f"compute.job_name={job_name}",
+                       "compute.poll_s=1", "entry.script=fit.py", "trainer.epochs=100", f"trainer.pid_dir={pids}",
+                       "trainer.kill_rank=1", "trainer.kill_after=5", timeout=JOB_TIMEOUT)
+    returned = time.time()
+    assert result.returncode == 1, result.stderr
+    job_id, run_dir = submitted(result.stderr)
+    killed = float((pids / "killed").read_text())
+    assert returned - killed < 30, f"tfrun reported the failure {returned - killed:.0f} s after the kill"
+    assert "Epoch 1/100" in (run_dir / "logs/rank0.log").read_text()  # rank 0 was training
+
+    status = read_json(run_dir / "status.json")
+    assert status["state"] == "FAILED" and status["failed_rank"] == 1, status
+    assert "SIGKILL" in status["reason"] and status["host"] == "node2", status
+    assert "rank 1 on node2 failed: killed by SIGKILL" in result.stderr
+    assert sacct_state(job_id) == "FAILED"
+    shown = run_tfrun(tmp_path, "status", str(run_dir), timeout=120).stdout
+    assert shown.startswith(f"run {status['run_id']}: FAILED"), shown
+    assert "rank 1 on node2 failed: killed by SIGKILL" in shown, shown
+
+    task_pids = [int((pids / f"rank{r}.pid").read_text()) for r in (0, 1)]
+    assert wait_gone(task_pids, timeout=15) == [], "a rank of the failed job is still running"
+    wait_for(lambda: not job_processes(job_id), 30, f"every process of job {job_id} to end")
+
+
+# --- 4: time limits: requeued as a time-out; bounded by compute.max_requeues ----------------------
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_time_limit_requeues_and_max_requeues_bounds_it(tmp_path: Path, job_name: str) -> None:
+    """Both runs at once (to halve the wait): timeout_min=1 with the warning 45 s before it.
+
+    Slurm checks time limits about every 30 s, so the warning comes 15-45 s into each
+    attempt. ``finishes``: 8 epochs of ~5 s, more than one attempt can do, with enough
+    requeues allowed to complete. ``bounded``: training far too long, max_requeues=1:
+    the first time-out is requeued, the second is not.
+    """
+    write_script(tmp_path, "fit.py", FIT_SCRIPT)
+    common = ["compute=slurm", f"compute.job_name={job_name}", "compute.wait=false", "compute.timeout_min=1",
+              "compute.signal_delay_s=45", "entry.script=fit.py", "trainer.batch_sleep=0.33"]
+    runs = {}
+    for name, extra in (("finishes", [f"trainer.epochs={EPOCHS}", "compute.max_requeues=10"]),
+                        ("bounded", ["trainer.epochs=200", "compute.max_requeues=1"])):
+        result = run_tfrun(tmp_path, *common, *extra, timeout=120)
+        assert result.returncode == 0, result.stderr
+        runs[name] = submitted(result.stderr)
+    watches = {name: FileWatch(run_dir).__enter__() for name, (_, run_dir) in runs.items()}
+    try:
+        states = {name: wait_final(tmp_path, run_dir, timeout=900) for name, (_, run_dir) in runs.items()}
+    finally:
+        for watch in watches.values():
+            watch.__exit__()
+
+    job_id, run_dir = runs["finishes"]
+    assert states["finishes"] == "COMPLETED", (run_dir / "logs/rank0.log").read_text()[-3000:]
+    tried = attempts(run_dir)
+    assert [a["reason"] for a in tried[:-1]] == ["timeout"] * (len(tried) - 1) and len(tried) >= 2, tried
+    assert all(a["requeued"] is True for a in tried[:-1]) and tried[-1]["reason"] == "completed", tried
+    assert metric_epochs(run_dir) == list(range(EPOCHS))
+    assert read_json(run_dir / "status.json")["job_ids"] == [job_id]
+    watches["finishes"].check()
+
+    job_id, run_dir = runs["bounded"]
+    assert states["bounded"] in ("TIMEOUT", "FAILED"), states
+    tried = attempts(run_dir)
+    assert [(a["reason"], a["requeued"]) for a in tried] == [("timeout", True), ("timeout", False)], tried
+    log = (run_dir / "logs/rank0.log").read_text()
+    assert "time limit reached after 1 requeue(s) for time-outs (compute.max_requeues): not requeued" in log
+    assert sacct_state(job_id) in ("TIMEOUT", "FAILED")
+    epochs = metric_epochs(run_dir)
+    assert epochs == list(range(len(epochs))) and epochs, epochs  # what was trained, once each
+    watches["bounded"].check()
+
+
+# --- 5: the controller reconfigured and restarted under a running sweep ------------------------------
+
+def _sweep_rows(tmp_path: Path, sweep_dir: Path) -> list[list[str]]:
+    result = run_tfrun(tmp_path, "status", str(sweep_dir), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"sweep {sweep_dir}: 3 run(s)"), result.stdout
+    return [line.split() for line in result.stdout.splitlines()[1:]]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sweep_status_survives_reconfigure_and_controller_restart(tmp_path: Path, job_name: str) -> None:
+    write_script(tmp_path, "point.py", POINT_SCRIPT)
+    result = run_tfrun(tmp_path, "-m", "compute=slurm", f"compute.job_name={job_name}", "compute.wait=false",
+                       "entry.script=point.py", "trainer.sleep=40", "trainer.x=1,2,3", timeout=120)
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"^tfrun: submitted 3 run\(s\) as job\(s\) (\d+); sweep dir (.+)$", result.stderr, re.M)
+    assert match, result.stderr
+    array, sweep_dir = match.group(1), Path(match.group(2))
+    jobs = [f"{array}_{i}" for i in range(3)]
+
+    def running() -> bool:
+        return all("point x=" in (sweep_dir / str(i) / "logs/rank0.log").read_text()
+                   if (sweep_dir / str(i) / "logs/rank0.log").exists() else False for i in range(3))
+
+    wait_for(running, JOB_TIMEOUT, "every point to start")
+    assert [row[:4] for row in _sweep_rows(tmp_path, sweep_dir)] == [
+        [str(i), "RUNNING", "job", jobs[i]] for i in range(3)]
+
+    reconfigured = subprocess.run(["scontrol", "reconfigure"], capture_output=True, text=True, timeout=120)
+    assert reconfigured.returncode == 0, reconfigured.stderr
+    time.sleep(2)
+    assert [row[:4] for row in _sweep_rows(tmp_path, sweep_dir)] == [
+        [str(i), "RUNNING", "job", jobs[i]] for i in range(3)]
+
+    pid_file = Path("/var/lib/tfrun-slurm/run/slurmctld.pid")
+    before = pid_file.read_text().strip()
+    restarted = subprocess.run([str(LOCAL_SLURM), "restart-controller"], capture_output=True, text=True,
+                               timeout=180)
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert pid_file.read_text().strip() != before, "slurmctld was not restarted"
+    rows = _sweep_rows(tmp_path, sweep_dir)
+    assert [row[:4] for row in rows] == [[str(i), row[1], "job", jobs[i]] for i, row in enumerate(rows)], rows
+    assert all(row[1] in ("RUNNING", "COMPLETED") for row in rows), rows
+
+    for i in range(3):
+        assert wait_final(tmp_path, sweep_dir / str(i)) == "COMPLETED"
+    assert [row[:4] for row in _sweep_rows(tmp_path, sweep_dir)] == [
+        [str(i), "COMPLETED", "job", jobs[i]] for i in range(3)]
+    for i, x in enumerate((1, 2, 3)):
+        status = read_json(sweep_dir / str(i) / "status.json")
+        assert status["job_ids"] == [jobs[i]], status  # not resubmitted, not renumbered
+        assert f"point x={x} done" in (sweep_dir / str(i) / "logs/rank0.log").read_text()
+        assert sacct_state(jobs[i]) == "COMPLETED"
+
+
+# --- 6: Ctrl-C locally: a clean, resumable stop; twice: cancelled -------------------------------------
+
+def _local_run_dir(tmp_path: Path) -> Path:
+    found = [p for p in (tmp_path / "runs").iterdir() if (p / "plan.json").exists()] if (tmp_path / "runs").exists() else []
+    return found[0] if len(found) == 1 else Path("/nonexistent")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_resume_completes(tmp_path: Path) -> None:
+    write_script(tmp_path, "fit.py", FIT_SCRIPT)
+    proc, out, err = _popen_tfrun(tmp_path, "entry.script=fit.py", f"trainer.epochs={EPOCHS}")
+    try:
+        wait_for(lambda: (_local_run_dir(tmp_path) / "plan.json").exists(), 120, "the run dir")
+        run_dir = _local_run_dir(tmp_path)
+        with FileWatch(run_dir) as watch:
+            wait_for(lambda: len(metric_epochs(run_dir)) >= 2, JOB_TIMEOUT, "two epochs in metrics.jsonl")
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=180)
+    finally:
+        _stop(proc)
+    stderr = err.read_text()
+    assert code != 0, stderr
+    assert "Traceback" not in stderr + out.read_text()
+    assert f"tfrun: continue it with: tfrun resume {run_dir}" in stderr
+    status = read_json(run_dir / "status.json")
+    assert status["state"] == "STOPPED", status
+    state = read_json(run_dir / "checkpoints/backup/state.json")
+    assert state["epoch"] >= 2 and (run_dir / "checkpoints/backup" / state["weights"]).is_file()
+    assert attempts(run_dir)[-1]["reason"] == "stopped"
+    watch.check()
+    stopped_at = state["epoch"]
+    assert metric_epochs(run_dir) == list(range(stopped_at))
+
+    with FileWatch(run_dir) as watch:
+        resumed = run_tfrun(tmp_path, "resume", run_dir.name, timeout=JOB_TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_json(run_dir / "status.json")["state"] == "COMPLETED"
+    log = (run_dir / "logs/rank0.log").read_text()
+    assert f"tfrun: resumed from the backup of epoch {stopped_at}" in log and "rank 0 TRAINING DONE" in log
+    assert metric_epochs(run_dir) == list(range(EPOCHS))
+    assert [a["reason"] for a in attempts(run_dir)] == ["stopped", "completed"]
+    watch.check()
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_during_the_stop_cancels(tmp_path: Path) -> None:
+    """The script's checkpoint on a stop request takes 60 s (``tfrun.on_preempt``): a second
+    Ctrl-C does not wait for it."""
+    write_script(tmp_path, "fit.py", FIT_SCRIPT)
+    proc, out, err = _popen_tfrun(tmp_path, "entry.script=fit.py", "trainer.epochs=100", "trainer.stop_delay=60")
+    try:
+        wait_for(lambda: (_local_run_dir(tmp_path) / "plan.json").exists(), 120, "the run dir")
+        run_dir = _local_run_dir(tmp_path)
+        wait_for(lambda: len(metric_epochs(run_dir)) >= 1, JOB_TIMEOUT, "an epoch in metrics.jsonl")
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: "tfrun: stopping" in out.read_text(), 30, "tfrun to ask the task to stop")
+        wait_for(lambda: "checkpointing and stopping" in out.read_text(), 30, "the task to get the request")
+        assert proc.poll() is None
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        _stop(proc)
+    stderr = err.read_text()
+    assert code != 0 and took < 15, (code, took, stderr)
+    assert read_json(run_dir / "status.json")["state"] == "CANCELLED"
+    assert "CANCELLED" in stderr
+    pid = read_json(run_dir / "ranks/0.json")["pid"]
+    assert wait_gone([pid], timeout=10) == [], "the task survived the second Ctrl-C"
+    assert_files_consistent(run_dir)

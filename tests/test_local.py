@@ -1,0 +1,362 @@
+"""Real local runs through the ``tfrun`` command: real processes, real files, no mocks."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (DIGITS, alive, read_json, run_dir_from, run_tfrun, scratch_env, tfrun_command,
+                           wait_for, wait_gone)
+
+# Epochs of the digits example that reach >= 0.9 validation accuracy in a few seconds.
+DIGITS_EPOCHS = 5
+
+
+def write_script(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+# --- (a) the digits example, one task -------------------------------------------------
+
+@pytest.mark.slow
+def test_digits_single_task_trains_and_records_the_run(tmp_path: Path) -> None:
+    result = run_tfrun(tmp_path, f"trainer.epochs={DIGITS_EPOCHS}", timeout=300)
+    assert result.returncode == 0, result.stderr
+    run_dir = run_dir_from(result.stderr)
+    assert run_dir.parent == tmp_path / "runs"
+    assert f"tfrun: outputs {run_dir / 'outputs'}" in result.stderr
+    assert "COMPLETED" in result.stderr
+
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "plan.json", "status.json",
+                 "logs/rank0.log", "ranks/0.json", "outputs/model.keras", "outputs/final_metrics.json"):
+        assert (run_dir / name).is_file(), name
+    status = read_json(run_dir / "status.json")
+    assert status["state"] == "COMPLETED" and status["exit_codes"] == {"0": 0}
+    assert status["ended"] >= status["started"]
+    record = read_json(run_dir / "ranks/0.json")
+    assert record["exit_code"] == 0 and record["error"] is None and record["pid"] > 0
+    plan = read_json(run_dir / "plan.json")
+    assert plan["tasks"][0]["argv"] == [str(DIGITS), "--epochs", str(DIGITS_EPOCHS)]
+    assert "epochs: 5" in (run_dir / ".hydra/config.yaml").read_text()
+
+    metrics = read_json(run_dir / "outputs/final_metrics.json")
+    assert metrics["val_accuracy"] >= 0.9, metrics
+    log = (run_dir / "logs/rank0.log").read_text()
+    assert f"Epoch {DIGITS_EPOCHS}/{DIGITS_EPOCHS}" in log and "val_accuracy=" in log
+    assert "val_accuracy=" in result.stdout  # streamed to the terminal too
+    assert "[rank0]" not in result.stdout    # one task: no prefixes
+
+
+# --- (b) two tasks -----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_tasks_log_separately_and_prefix_output(tmp_path: Path) -> None:
+    result = run_tfrun(tmp_path, "compute.tasks_per_node=2", "trainer.epochs=1", timeout=300)
+    assert result.returncode == 0, result.stderr
+    run_dir = run_dir_from(result.stderr)
+    for rank in (0, 1):
+        log = (run_dir / f"logs/rank{rank}.log").read_text()
+        assert f"rank {rank}/2" in log and "val_accuracy=" in log
+        assert read_json(run_dir / f"ranks/{rank}.json")["exit_code"] == 0
+    lines = result.stdout.splitlines()
+    assert lines and all(line.startswith(("[rank0] ", "[rank1] ")) for line in lines)
+    assert any(line.startswith("[rank1] val_accuracy=") for line in lines)
+    assert read_json(run_dir / "status.json")["exit_codes"] == {"0": 0, "1": 0}
+
+
+# --- (c) what a script sees ----------------------------------------------------------------
+
+SHOW_SCRIPT = """\
+import json, os, sys
+import tfrun
+
+ctx = tfrun.context()
+print("TFRUN-SEES " + json.dumps({
+    "argv": sys.argv, "cwd": os.getcwd(), "rank": ctx.rank, "world_size": ctx.world_size,
+    "run_dir": ctx.run_dir, "output_dir": ctx.output_dir, "output_exists": os.path.isdir(ctx.output_dir),
+    "env_output_dir": os.environ["TFRUN_OUTPUT_DIR"], "trainer": ctx.trainer, "config": ctx.config,
+    "under_tfrun": ctx.under_tfrun, "is_chief": ctx.is_chief, "my_var": os.environ.get("MY_VAR"),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_script_sees_flags_cwd_and_context(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    write_script(source, "show.py", SHOW_SCRIPT)
+    result = run_tfrun(tmp_path, f"entry.source_dir={source}", "entry.script=show.py", "trainer.lr=0.01",
+                       "trainer.batch_size=50", "trainer.name=a/b:c+d", "+deps.env.MY_VAR=hello")
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.split("TFRUN-SEES ", 1)[1].splitlines()[0])
+    run_dir = run_dir_from(result.stderr)
+
+    assert seen["argv"] == [str(source / "show.py"), "--lr", "0.01", "--batch_size", "50", "--name", "a/b:c+d"]
+    assert seen["cwd"] == str(source)
+    assert seen["run_dir"] == str(run_dir)
+    assert seen["output_dir"] == seen["env_output_dir"] == str(run_dir / "outputs")
+    assert seen["output_exists"]
+    assert seen["trainer"] == {"lr": 0.01, "batch_size": 50, "name": "a/b:c+d"}
+    assert seen["config"]["trainer"] == seen["trainer"]
+    assert seen["config"]["entry"]["source_dir"] == str(source)
+    assert (seen["rank"], seen["world_size"], seen["under_tfrun"], seen["is_chief"]) == (0, 1, True, True)
+    assert seen["my_var"] == "hello"
+
+
+@pytest.mark.slow
+def test_script_run_from_cwd_by_default(tmp_path: Path) -> None:
+    write_script(tmp_path, "show.py", SHOW_SCRIPT)
+    result = run_tfrun(tmp_path, "entry.script=show.py")
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.split("TFRUN-SEES ", 1)[1].splitlines()[0])
+    assert seen["cwd"] == str(tmp_path) and seen["argv"] == [str(tmp_path / "show.py")]
+
+
+def test_context_outside_tfrun(tmp_path: Path) -> None:
+    """A script that uses tfrun.context() still runs as plain python."""
+    write_script(tmp_path, "show.py", SHOW_SCRIPT.replace('os.environ["TFRUN_OUTPUT_DIR"]', "None"))
+    result = subprocess.run([sys.executable, "show.py", "--x", "1"], cwd=tmp_path, env=scratch_env(tmp_path),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.split("TFRUN-SEES ", 1)[1])
+    assert (seen["under_tfrun"], seen["rank"], seen["world_size"]) == (False, 0, 1)
+    assert seen["output_dir"] == str(tmp_path) and seen["config"] == {}
+
+
+# --- (d) a failing rank stops the run -------------------------------------------------------
+
+FAILING_SCRIPT = """\
+import os, subprocess, sys, time
+rank = int(os.environ["TFRUN_RANK"])
+pids = "{pids}"
+if rank == 0:
+    child = subprocess.Popen(["sleep", "300"])  # something the task started: must die with it
+    with open(os.path.join(pids, "child"), "w") as f:
+        f.write(str(child.pid))
+    with open(os.path.join(pids, "rank0.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(os.path.join(pids, "rank0.tmp"), os.path.join(pids, "rank0"))
+    time.sleep(300)
+else:
+    while not os.path.exists(os.path.join(pids, "rank0")):
+        time.sleep(0.05)
+    print("rank 1 about to fail", flush=True)
+    {failure}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure, code, reason, in_log", [
+    ("sys.exit(3)", 3, "exit code 3", "rank 1 about to fail"),
+    ("raise ValueError('boom from rank 1')", 1, "ValueError: boom from rank 1", "Traceback (most recent call last)"),
+], ids=["exit-3", "exception"])
+def test_failing_rank_stops_the_run(tmp_path: Path, failure: str, code: int, reason: str, in_log: str) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    write_script(tmp_path, "fail.py", FAILING_SCRIPT.format(pids=pids, failure=failure))
+    started = time.monotonic()
+    result = run_tfrun(tmp_path, "entry.script=fail.py", "compute.tasks_per_node=2", timeout=120)
+    took = time.monotonic() - started
+
+    assert result.returncode == 1, result.stderr
+    assert took < 15, f"tfrun took {took:.1f} s to give up"
+    assert "tfrun: rank 1 on " in result.stderr and f"failed: {reason}" in result.stderr
+    assert "logs/rank1.log" in result.stderr and in_log in result.stderr  # the tail of its log
+    run_dir = run_dir_from(result.stderr)
+    status = read_json(run_dir / "status.json")
+    assert status["state"] == "FAILED" and status["failed_rank"] == 1
+    assert status["reason"] == f"exit code {code}" and status["exit_codes"]["1"] == code
+    assert read_json(run_dir / "ranks/1.json")["exit_code"] == code
+
+    task_pids = [int((pids / name).read_text()) for name in ("rank0", "child")]
+    assert wait_gone(task_pids, timeout=5) == [], "processes of the run were left running"
+
+
+# --- (e) Ctrl-C cancels every task ------------------------------------------------------------
+
+SLEEP_SCRIPT = """\
+import os, time
+pids = "{pids}"
+rank = os.environ["TFRUN_RANK"]
+with open(os.path.join(pids, rank + ".tmp"), "w") as f:
+    f.write(str(os.getpid()))
+os.rename(os.path.join(pids, rank + ".tmp"), os.path.join(pids, rank))
+time.sleep(300)
+"""
+
+
+def _default_sigint() -> None:
+    # As in a terminal: a test runner started in the background may have SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_cancels_every_task(tmp_path: Path) -> None:
+    """The first Ctrl-C asks every task to checkpoint and stop; this script never does, so
+    the second Ctrl-C kills them all."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    write_script(tmp_path, "sleep.py", SLEEP_SCRIPT.format(pids=pids))
+    out_path = tmp_path / "tfrun.out"
+    with open(out_path, "wb") as out, open(tmp_path / "tfrun.err", "wb") as err:
+        proc = subprocess.Popen([*tfrun_command(), "entry.script=sleep.py", "compute.tasks_per_node=2"],
+                                cwd=tmp_path, env=scratch_env(tmp_path), stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err, preexec_fn=_default_sigint)
+    try:
+        wait_for(lambda: (pids / "0").exists() and (pids / "1").exists(), 60, "both ranks to start")
+        task_pids = [int((pids / r).read_text()) for r in ("0", "1")]
+        assert all(alive(p) for p in task_pids)
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: b"tfrun: stopping" in out_path.read_bytes(), 10, "tfrun to ask the tasks to stop")
+        assert proc.poll() is None and all(alive(p) for p in task_pids)  # still waiting for a checkpoint
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err_text = (tmp_path / "tfrun.err").read_text()
+    assert proc.returncode != 0, err_text
+    assert "Traceback" not in err_text
+    assert took < 10, f"tfrun took {took:.1f} s to stop after the second SIGINT"
+    assert "CANCELLED" in err_text
+    assert read_json(run_dir_from(err_text) / "status.json")["state"] == "CANCELLED"
+    assert wait_gone(task_pids, timeout=5) == [], "tasks survived Ctrl-C"
+
+
+# --- (f) the user's config dir ------------------------------------------------------------------
+
+MYBOX = """\
+defaults:
+  - /schema/compute/local@_here_
+  - _self_
+tasks_per_node: 2
+"""
+
+
+def planned(result: subprocess.CompletedProcess[str]) -> dict:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def make_user_conf(root: Path) -> Path:
+    conf = root / "conf"
+    (conf / "compute").mkdir(parents=True)
+    (conf / "compute" / "mybox.yaml").write_text(MYBOX)
+    return conf
+
+
+def test_user_config_dir_adds_an_option(tmp_path: Path) -> None:
+    conf = make_user_conf(tmp_path / "project")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for flag in (["--config-dir", str(conf)], [f"--config-dir={conf}"], ["-cd", str(conf)]):
+        plan = planned(run_tfrun(tmp_path, "--dry-run=json", *flag, "compute=mybox", cwd=elsewhere))
+        assert len(plan["tasks"]) == 2, flag
+    # Without --config-dir, tfrun finds ./conf by itself ...
+    plan = planned(run_tfrun(tmp_path, "--dry-run=json", "compute=mybox", cwd=tmp_path / "project"))
+    assert len(plan["tasks"]) == 2
+    # ... and only there.
+    result = run_tfrun(tmp_path, "--dry-run", "compute=mybox", cwd=elsewhere)
+    assert result.returncode == 2 and "compute=mybox" in result.stderr
+
+
+@pytest.mark.parametrize("project_default, tasks, argv", [
+    ("# @package _global_\ndefaults:\n  - override /compute: mybox\n", 2, []),
+    ("# @package _global_\ncompute:\n  tasks_per_node: 3\ntrainer:\n  epochs: 2\n", 3, ["--epochs", "2"]),
+], ids=["override-group", "set-values"])
+def test_project_default_changes_defaults(tmp_path: Path, project_default: str, tasks: int, argv: list) -> None:
+    conf = make_user_conf(tmp_path)
+    (conf / "project").mkdir()
+    (conf / "project" / "default.yaml").write_text(project_default)
+    plan = planned(run_tfrun(tmp_path, "--dry-run=json"))
+    assert len(plan["tasks"]) == tasks
+    assert plan["tasks"][0]["argv"][1:] == argv
+    # The command line still wins over the project's defaults.
+    plan = planned(run_tfrun(tmp_path, "--dry-run=json", "compute=local", "compute.tasks_per_node=1"))
+    assert len(plan["tasks"]) == 1
+    # Hydra's own app (used for --cfg, -m, ...) sees the same defaults.
+    result = run_tfrun(tmp_path, "--cfg", "job")
+    assert result.returncode == 0 and f"tasks_per_node: {tasks}" in result.stdout
+
+
+BARE_CONFIG = """\
+defaults:
+  - tfrun_schema
+  - compute: local
+  - backend: none
+  - deps: none
+  - export: none
+  - _self_
+entry:
+  script: ${tfrun_example:digits/train.py}
+compute:
+  tasks_per_node: 2
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="--config-name is looked up in tfrun's conf only: compose_plans adds "
+                   "the user dir through hydra.searchpath, which Hydra reads after it loads the primary config")
+def test_config_name_from_user_config_dir(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mine.yaml").write_text(BARE_CONFIG)
+    assert run_tfrun(tmp_path, "--cfg", "job", "--config-name", "mine").returncode == 0
+    plan = planned(run_tfrun(tmp_path, "--dry-run=json", "--config-name", "mine"))
+    assert len(plan["tasks"]) == 2
+
+
+# --- (g) no TensorFlow in the CLI ---------------------------------------------------------------
+
+NO_TF = """\
+import sys
+from tfrun.cli import main
+sys.argv = ["tfrun", *{args!r}]
+try:
+    main()
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf_keras", "horovod"))
+assert not heavy, heavy
+print("NO-TF-OK", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args", [["--dry-run"], ["--dry-run=json", "compute.tasks_per_node=2"], ["--help"],
+                                  ["--cfg", "job"]], ids=" ".join)
+def test_cli_does_not_import_tensorflow(tmp_path: Path, args: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-c", NO_TF.format(args=args)], cwd=tmp_path,
+                            env=scratch_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "NO-TF-OK" in result.stderr, result.stderr
+
+
+# --- (h) Hydra's own flags ------------------------------------------------------------------------
+
+def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
+    result = run_tfrun(tmp_path, "--cfg", "job", "compute.tasks_per_node=3", "trainer.lr=0.5")
+    assert result.returncode == 0, result.stderr
+    for text in ("compute:", "tasks_per_node: 3", "trainer:", "lr: 0.5", "entry:", "${tfrun_example:"):
+        assert text in result.stdout
+    resolved = run_tfrun(tmp_path, "--cfg", "job", "--resolve")
+    assert resolved.returncode == 0, resolved.stderr
+    assert f"script: {DIGITS}" in resolved.stdout and f"runs_dir: {tmp_path / 'runs'}" in resolved.stdout
+    assert not (tmp_path / "runs").exists()  # printing the config runs nothing
+
+
+def test_info_and_help(tmp_path: Path) -> None:
+    info = run_tfrun(tmp_path, "--info")
+    assert info.returncode == 0, info.stderr
+    assert "compute" in info.stdout
+    help_ = run_tfrun(tmp_path, "--help")
+    assert help_.returncode == 0, help_.stderr
+    assert "compute" in help_.stdout and "local" in help_.stdout
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,214 @@
+"""Pure tests: composing a run and planning it start no process and touch no run dir."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import DIGITS
+from tfrun import gpus, identity, render
+from tfrun.cli import main, normalize_overrides
+from tfrun.config.compose import compose_config, compose_plans
+from tfrun.errors import ConfigError
+from tfrun.plan import Plan, script_args
+
+TFRUN_VARS = {"TFRUN_RUN_ID", "TFRUN_RUN_DIR", "TFRUN_OUTPUT_DIR", "TFRUN_RANK", "TFRUN_LOCAL_RANK",
+              "TFRUN_NODE_INDEX", "TFRUN_WORLD_SIZE", "TFRUN_ROLE"}
+
+
+def plan_for(*overrides: str) -> Plan:
+    """The single plan ``tfrun OVERRIDES`` would run (the CLI's own override rewriting)."""
+    plans = compose_plans(normalize_overrides(list(overrides)))
+    assert len(plans) == 1
+    return plans[0]
+
+
+# --- trainer keys become flags ------------------------------------------------------
+
+def test_default_run_is_the_digits_example(scratch: Path) -> None:
+    plan = plan_for()
+    assert plan.script == str(DIGITS)
+    assert plan.source_dir == str(scratch)
+    assert plan.target == "local" and plan.backend == "none"
+    assert [t.argv for t in plan.tasks] == [[str(DIGITS)]]
+    assert plan.command[-2:] == ["tfrun.bootstrap", plan.run_dir]
+
+
+def test_trainer_keys_become_flags_in_order(scratch: Path) -> None:
+    plan = plan_for("trainer.lr=0.01", "trainer.batch_size=50")
+    assert plan.tasks[0].argv == [str(DIGITS), "--lr", "0.01", "--batch_size", "50"]
+
+
+def test_flag_style_dashes(scratch: Path) -> None:
+    plan = plan_for("entry.flag_style=dashes", "trainer.batch_size=50", "trainer.lr=0.1")
+    assert plan.tasks[0].argv[1:] == ["--batch-size", "50", "--lr", "0.1"]
+
+
+def test_flag_prefix_and_extra_args(scratch: Path) -> None:
+    plan = plan_for("entry.flag_prefix=-", "trainer.lr=0.1", "entry.args=[--verbose,x]")
+    assert plan.tasks[0].argv[1:] == ["-lr", "0.1", "--verbose", "x"]
+
+
+def test_script_args_none_and_lists() -> None:
+    args = script_args({"resume": None, "layers": [64, 32], "name": "a/b"}, "--", "keep")
+    assert args == ["--resume", "--layers", "64", "32", "--name", "a/b"]
+
+
+def test_bad_flag_style_is_a_config_error(scratch: Path) -> None:
+    with pytest.raises(ConfigError, match=r"entry\.flag_style='snake'.*keep, dashes"):
+        plan_for("entry.flag_style=snake")
+
+
+def test_compose_config_keeps_trainer_and_hydra_node(scratch: Path) -> None:
+    cfg = compose_config(normalize_overrides(["trainer.lr=0.5", "compute.nodes=2"]))
+    assert cfg.trainer.lr == 0.5 and cfg.compute.nodes == 2
+    assert "hydra" in cfg and cfg.hydra.run.dir.startswith(str(scratch / "runs"))
+
+
+# --- tasks, ranks, GPUs -------------------------------------------------------------
+
+def test_nodes_times_tasks_per_node(scratch: Path) -> None:
+    plan = plan_for("compute.nodes=2", "compute.tasks_per_node=3")
+    ranks = [(t.rank, t.local_rank, t.node_index) for t in plan.tasks]
+    assert ranks == [(0, 0, 0), (1, 1, 0), (2, 2, 0), (3, 0, 1), (4, 1, 1), (5, 2, 1)]
+    for task in plan.tasks:
+        assert task.env["TFRUN_RANK"] == str(task.rank)
+        assert task.env["TFRUN_LOCAL_RANK"] == str(task.local_rank)
+        assert task.env["TFRUN_NODE_INDEX"] == str(task.node_index)
+        assert task.env["TFRUN_WORLD_SIZE"] == "6"
+        assert task.role == "worker" and task.runs_script
+    assert [p["rank"] for p in plan.request["processes"]] == list(range(6))
+
+
+@pytest.mark.parametrize("gpus_per_node, tasks, expected", [
+    (0, 2, [None, None]),
+    (2, 2, ["0", "1"]),
+    (4, 2, ["0,1", "2,3"]),
+    (4, 1, ["0,1,2,3"]),
+])
+def test_gpus_per_node_split_per_local_task(scratch: Path, gpus_per_node: int, tasks: int, expected: list) -> None:
+    plan = plan_for(f"compute.gpus_per_node={gpus_per_node}", f"compute.tasks_per_node={tasks}")
+    assert [t.gpus for t in plan.tasks] == expected
+
+
+def test_gpus_per_node_must_divide_among_tasks(scratch: Path) -> None:
+    with pytest.raises(ConfigError, match=r"compute\.gpus_per_node=3.*tasks_per_node=2"):
+        plan_for("compute.gpus_per_node=3", "compute.tasks_per_node=2")
+
+
+# --- the environment of every task ---------------------------------------------------
+
+def test_every_task_gets_the_tfrun_variables(scratch: Path) -> None:
+    plan = plan_for("compute.tasks_per_node=2")
+    runs = scratch / "runs"
+    assert Path(plan.run_dir).parent == runs  # TFRUN_RUNS_DIR decides where runs go
+    assert plan.run_id == Path(plan.run_dir).name
+    for task in plan.tasks:
+        assert TFRUN_VARS <= set(task.env)
+        assert task.env["TFRUN_RUN_DIR"] == plan.run_dir
+        assert task.env["TFRUN_RUN_ID"] == plan.run_id
+        assert task.env["TFRUN_OUTPUT_DIR"] == os.path.join(plan.run_dir, "outputs") == plan.output_dir
+        assert task.env["TFRUN_ROLE"] == "worker"
+
+
+def test_runs_dir_override_wins_over_environment(scratch: Path) -> None:
+    plan = plan_for(f"tfrun.runs_dir={scratch / 'elsewhere'}")
+    assert Path(plan.run_dir).parent == scratch / "elsewhere"
+
+
+def test_deps_env_and_legacy_keras_reach_every_task(scratch: Path) -> None:
+    plan = plan_for("+deps.env.MY_FLAG=on", "+deps.env.OMP_NUM_THREADS=2", "backend.legacy_keras=true",
+                    "compute.tasks_per_node=2")
+    for task in plan.tasks:
+        assert task.env["MY_FLAG"] == "on" and task.env["OMP_NUM_THREADS"] == "2"
+        assert task.env["TF_USE_LEGACY_KERAS"] == "1"
+
+
+def test_plan_survives_json_round_trip(scratch: Path) -> None:
+    plan = plan_for("compute.tasks_per_node=2", "trainer.lr=0.1")
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_composing_writes_nothing(scratch: Path) -> None:
+    plan_for("compute.tasks_per_node=2")
+    assert list(scratch.iterdir()) == []
+
+
+# --- --dry-run=json ------------------------------------------------------------------
+
+def test_dry_run_json_parses_and_holds_the_tasks(scratch: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--dry-run=json", "compute.tasks_per_node=2", "trainer.lr=0.01"])
+    assert exit_.value.code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [t["rank"] for t in data["tasks"]] == [0, 1]
+    assert data["tasks"][1]["argv"] == [str(DIGITS), "--lr", "0.01"]
+    assert data["tasks"][1]["env"]["TFRUN_WORLD_SIZE"] == "2"
+    assert data["config"]["compute"]["tasks_per_node"] == 2
+    assert not (scratch / "runs").exists()
+
+
+def test_render_text_names_every_task(scratch: Path) -> None:
+    text = render.plans_text([plan_for("compute.tasks_per_node=2", "trainer.lr=0.01")])
+    assert "task rank 0" in text and "task rank 1" in text and "--lr 0.01" in text
+
+
+# --- tfrun.gpus.pin ------------------------------------------------------------------
+
+@pytest.mark.parametrize("existing, local_rank, per_task, expected", [
+    (None, 0, 0, None),            # no GPUs asked: leave CUDA_VISIBLE_DEVICES alone
+    ("0,1", 1, 0, None),
+    (None, 0, 1, "0"),             # nothing bound: slice by local rank
+    (None, 1, 2, "2,3"),
+    ("", 1, 1, "1"),
+    ("3", 0, 1, "3"),              # the scheduler bound exactly this task's share
+    ("2,5", 1, 2, "2,5"),
+    ("0,1,2,3", 0, 2, "0,1"),      # whole node visible to every task: take the local slice
+    ("0,1,2,3", 1, 2, "2,3"),
+    ("4,5,6,7", 3, 1, "7"),
+    ("0,1", 2, 1, "0,1"),          # too few devices for this rank: left as is
+])
+def test_gpu_pinning(existing: str | None, local_rank: int, per_task: int, expected: str | None) -> None:
+    devices, why = gpus.pin(existing, local_rank, per_task)
+    assert devices == expected
+    assert why
+
+
+# --- tfrun.identity ------------------------------------------------------------------
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("node1", ["node1"]),
+    ("a,b", ["a", "b"]),
+    ("node[1-3,7],gpu01", ["node1", "node2", "node3", "node7", "gpu01"]),
+    ("n[01-03]", ["n01", "n02", "n03"]),
+    ("x[8-11]", ["x8", "x9", "x10", "x11"]),
+    ("a[09-10],b[1,3]", ["a09", "a10", "b1", "b3"]),
+    ("gpu[1-2]-ib", ["gpu1-ib", "gpu2-ib"]),
+    ("rack[1-2]n[1,3]", ["rack1n1", "rack1n3", "rack2n1", "rack2n3"]),  # as `scontrol show hostnames`
+])
+def test_expand_nodelist(nodelist: str, hosts: list[str]) -> None:
+    assert identity.expand_nodelist(nodelist) == hosts
+
+
+def test_slurm_identity_from_env() -> None:
+    env = {"SLURM_JOB_NODELIST": "big[1-9]", "SLURM_STEP_NODELIST": "node[3-4]", "SLURM_NTASKS": "4",
+           "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}
+    ident = identity.slurm_identity(env)
+    assert (ident.rank, ident.local_rank, ident.world_size, ident.local_world_size) == (3, 1, 4, 2)
+    assert (ident.node_index, ident.num_nodes, ident.hostnames) == (1, 2, ("node3", "node4"))
+    assert ident.hostname == "node4" and ident.launcher == "slurm"
+
+
+def test_slurm_identity_falls_back_to_job_nodelist() -> None:
+    env = {"SLURM_JOB_NODELIST": "c1", "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "SLURM_NODEID": "0"}
+    assert identity.slurm_identity(env).hostnames == ("c1",)
+    assert identity.detect("slurm", 1, 2, env).world_size == 2
+
+
+def test_local_identity_from_env() -> None:
+    ident = identity.detect("local", 2, 2, {"TFRUN_RANK": "3"})
+    assert (ident.rank, ident.local_rank, ident.node_index, ident.world_size) == (3, 1, 1, 4)
+    assert identity.detect("local", 2, 2, {}).world_size == 1  # started by hand
