@@ -72,6 +72,8 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
     class StopOnRequest(base):  # type: ignore[misc, valid-type]
         """Leave fit at the next batch end once a stop was requested."""
 
+        stops_on_request = True
+
         def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
             if preempt.should_checkpoint():
                 raise preempt.Preempted()

@@ -120,7 +120,12 @@ def dry_run(argv: list[str], mode: str) -> int:
 
     overrides, multirun, config_dir, config_name = _overrides_only(argv)
     plans = compose_plans(overrides, multirun=multirun, config_dir=config_dir, config_name=config_name)
-    print(render.plans_json(plans, multirun) if mode == "json" else render.plans_text(plans, multirun))
+    text = render.plans_json(plans, multirun) if mode == "json" else render.plans_text(plans, multirun)
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `tfrun --dry-run | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

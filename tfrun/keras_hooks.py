@@ -65,11 +65,16 @@ def patch_fit(module: ModuleType) -> None:
             return original(self, *args, **kwargs)
         from tfrun import checkpoint
 
+        from tfrun import preempt
+
         initial, extra = checkpoint.session(self, module)
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *extra]
         if initial:
             kwargs["initial_epoch"] = max(int(kwargs.get("initial_epoch") or 0), initial)
-        return original(self, *args, **kwargs)
+        if not any(getattr(cb, "stops_on_request", False) for cb in extra):
+            return original(self, *args, **kwargs)
+        with preempt.listening():
+            return original(self, *args, **kwargs)
 
     fit._tfrun = True  # type: ignore[attr-defined]
     model_cls.fit = fit

@@ -9,19 +9,22 @@ resumable (``tfrun resume``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 EXIT_PREEMPTED = 75  # "temporary failure": stopped on request, resumable
 
 _requested = threading.Event()
 _callbacks: list[Callable[[], None]] = []
+_listeners = 0  # Keras fits in progress that stop by themselves at the next batch end
+_polled = False  # the script asked should_checkpoint() at least once
 
 
 class Preempted(BaseException):
@@ -40,6 +43,20 @@ def _on_signal(signum: int, frame: object) -> None:
             callback()
         except Exception as exc:  # a user's callback must not stop the others
             print(f"tfrun: on_preempt callback {callback!r} failed: {exc!r}", file=sys.stderr, flush=True)
+    if not (_listeners or _callbacks or _polled):
+        # Nothing in the script will act on the request: stop it here, at once.
+        raise Preempted()
+
+
+@contextlib.contextmanager
+def listening() -> Iterator[None]:
+    """Marks a stretch of code that stops by itself when a stop is requested."""
+    global _listeners
+    _listeners += 1
+    try:
+        yield
+    finally:
+        _listeners -= 1
 
 
 def install() -> None:
@@ -54,7 +71,13 @@ def on_preempt(callback: Callable[[], None]) -> None:
 
 
 def should_checkpoint() -> bool:
-    """True once a stop was requested: save what you need and return (or raise Preempted)."""
+    """True once a stop was requested: save what you need and return (or raise Preempted).
+
+    A script that asks is trusted to stop by itself; one that never asks (and registered
+    no :func:`on_preempt` callback) is stopped where it is when the request comes.
+    """
+    global _polled
+    _polled = True
     return _requested.is_set()
 
 

@@ -105,11 +105,13 @@ def critical_ranks(plan: Plan) -> set[int]:
 
 
 def _wait(procs: list[subprocess.Popen[bytes]], critical: set[int], timeout_s: float,
-          out: IO[bytes]) -> tuple[str, int | None]:
+          out: IO[bytes], cancelled: threading.Event | None = None) -> tuple[str, int | None]:
     """Block until all tasks end, a critical one fails, or the time limit; (state, failed rank)."""
     deadline = time.monotonic() + timeout_s
     lost: set[int] = set()
     while True:
+        if cancelled is not None and cancelled.is_set():
+            raise _Cancelled()
         codes = [p.poll() for p in procs]
         for rank, code in enumerate(codes):
             if code in (None, 0) or rank in lost:
@@ -134,6 +136,21 @@ def _raise_cancelled(signum: int, frame: object) -> None:
     raise _Cancelled()
 
 
+# Runs launched by a thread of this process (tfrun.launch(wait=False)), by run dir: their
+# cancel flags. SIGTERM to the launcher's pid, how `tfrun cancel` stops a local run, would
+# end the whole calling process (a notebook) and leave the tasks running.
+_IN_PROCESS: dict[str, threading.Event] = {}
+
+
+def cancel_in_process(run_dir: str | os.PathLike[str]) -> bool:
+    """Cancel a run that this very process is running; False if it is not one of them."""
+    event = _IN_PROCESS.get(os.path.realpath(run_dir))
+    if event is None:
+        return False
+    event.set()
+    return True
+
+
 def _cancel_on_sigterm() -> Any:
     """SIGTERM cancels the run cleanly (only the main thread can take signals)."""
     if threading.current_thread() is not threading.main_thread():
@@ -143,13 +160,13 @@ def _cancel_on_sigterm() -> Any:
 
 def stop_gracefully(procs: list[subprocess.Popen[bytes]], out: IO[bytes]) -> tuple[str, int | None]:
     """First Ctrl-C: every task checkpoints and stops (STOPPED, resumable). A second: CANCELLED."""
-    out.write(b"\ntfrun: stopping: every task checkpoints and stops (Ctrl-C again to kill them)\n")
-    out.flush()
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(preempt.SIGNALS[1])  # to the bootstrap only, not its children
-    deadline = time.monotonic() + CHECKPOINT_WAIT_S
     try:
+        out.write(b"\ntfrun: stopping: every task checkpoints and stops (Ctrl-C again to kill them)\n")
+        out.flush()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(preempt.SIGNALS[1])  # to the bootstrap only, not its children
+        deadline = time.monotonic() + CHECKPOINT_WAIT_S
         while time.monotonic() < deadline and any(p.poll() is None for p in procs):
             time.sleep(POLL_S)
     except KeyboardInterrupt:
@@ -184,13 +201,15 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
     grace = float(plan.compute.get("stop_grace_s", 5.0))
     critical = critical_ranks(plan)
     previous = _cancel_on_sigterm()
+    cancelled = _IN_PROCESS.setdefault(os.path.realpath(run_dir), threading.Event())
     try:
-        state, failed = _wait(procs, critical, plan.compute["timeout_min"] * 60, out)
+        state, failed = _wait(procs, critical, plan.compute["timeout_min"] * 60, out, cancelled)
     except KeyboardInterrupt:
         state, failed = stop_gracefully(procs, out)
     except _Cancelled:
         state, failed = "CANCELLED", None
     finally:
+        _IN_PROCESS.pop(os.path.realpath(run_dir), None)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     stop_all(procs, grace)
