@@ -139,7 +139,12 @@ def launch_points(hydra_context: Any, config: Any, job_overrides: Sequence[Seque
     for warning in sorted({w for p in plans for w in p.warnings}):
         print(f"tfrun: warning: {warning}", file=sys.stderr)
     record_points(sweep_dir, plans, job_overrides)
-    states = run_points(plans, sweep_dir)
+    try:
+        states = run_points(plans, sweep_dir)
+    except ConfigError as exc:  # Slurm rejected the submission: nothing is queued
+        SweepOutcome.config_error = exc
+        print(f"tfrun: error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
     return [_job_return(plan, ret, state, sweep_dir) for (plan, ret), state in zip(points, states)]
 
 

@@ -1,11 +1,12 @@
 """Sweeps of many short runs packed into few Slurm allocations (``compute.pack_size``).
 
 A sweep of N points becomes ceil(N/K) jobs of one array. In each allocation a runner
-(running in the batch shell, not under srun) starts every point as its own job step,
+(running in the batch script, not under srun) starts every point as its own job step,
 ``slots`` at a time side by side: each point keeps its own run dir, bootstrap, ranks,
-logs, status and rendezvous. A failing point does not stop the others. The runner
-catches the time-limit warning (``--signal=B:USR2@...``), passes it to the running
-points, and requeues the job; on restart it runs only the points not yet finished.
+logs, status and rendezvous. A failing point does not stop the others. The time-limit
+warning reaches the running points' tasks; the point's rank 0 requeues the job (as in
+a run of its own), the runner stops starting points, and on restart it runs only the
+points not yet finished.
 """
 from __future__ import annotations
 
@@ -47,16 +48,14 @@ def packs(plans: Sequence[Plan]) -> list[list[Plan]]:
 
 
 def allocation_parameters(plan: Plan) -> dict[str, Any]:
-    """One point's parameters, widened to ``pack_slots`` points side by side; the time-limit
-    warning goes to the batch shell (the runner), which passes it on."""
+    """One point's parameters, widened to ``pack_slots`` points side by side. The runner
+    is the batch script itself (no srun); the time-limit warning goes to the job steps,
+    i.e. to the running points, whose rank 0 requeues the job."""
     params = slurm.plan_parameters(plan)
     slots = int(plan.compute.get("pack_slots") or 1)
     params["ntasks_per_node"] = plan.compute["tasks_per_node"] * slots
     params["use_srun"] = False
     params.pop("srun_args", None)
-    extra = dict(params.get("additional_parameters") or {})
-    extra["signal"] = f"B:{preempt.SIGNALS[1].name.removeprefix('SIG')}@{plan.compute['signal_delay_s']}"
-    params["additional_parameters"] = extra
     return params
 
 
@@ -120,34 +119,38 @@ class _Runner:
                 state = "CANCELLED"
             elif code == 0:
                 state = "COMPLETED"
-            elif self.stop:
-                continue  # stopped for a requeue: not finished, it runs again
+            elif self.stop or code == preempt.EXIT_PREEMPTED:
+                self.stop = True  # the point stopped for a requeue: not finished, it runs again
+                continue
             else:
                 state = "FAILED"
             runs.update_status(run_dir, **slurm.settle(run_dir, state))
 
-    def requeue(self) -> None:
-        """Pass the warning to the running points, give them time to checkpoint, requeue."""
+    def wind_down(self) -> None:
+        """The job is being requeued (a point's rank 0 asked) or ended: let the running
+        points stop on their own, record nothing as finished that did not finish, and
+        wait for Slurm to end this attempt."""
         for proc in self.running.values():
             proc.send_signal(preempt.SIGNALS[1])  # srun forwards it to the point's tasks
         deadline = time.monotonic() + 60
         while self.running and time.monotonic() < deadline:
             self.reap()
             time.sleep(0.5)
-        failure = preempt.requeue(self.job)
-        print(f"tfrun: pack requeued ({failure or 'ok'}); unfinished points run again", file=sys.stderr, flush=True)
+        print("tfrun: pack stopping; its unfinished points run again when the job restarts", file=sys.stderr, flush=True)
         preempt.wait_to_be_stopped()
 
     def run(self) -> None:
-        for sig in preempt.SIGNALS:
+        # SIGTERM: Slurm is ending this attempt (requeue, cancel, time limit). submitit
+        # would ignore it; here it means: start nothing more, mark nothing as failed.
+        for sig in (*preempt.SIGNALS, signal.SIGTERM):
             signal.signal(sig, self.on_signal)
         while self.pending or self.running:
+            self.reap()
             if self.stop:
-                self.requeue()
+                self.wind_down()
                 return
             while self.pending and len(self.running) < self.slots:
                 self.start(self.pending.pop(0))
-            self.reap()
             time.sleep(0.2)
 
 
