@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import textwrap
 import threading
@@ -191,8 +192,6 @@ def lone_rank(tmp_path: Path, rank: int, timeout_s: int, stale_rendezvous: bool 
     run_dir.mkdir(parents=True)
     (run_dir / "plan.json").write_text(shown.stdout)
     if stale_rendezvous:
-        import socket
-
         with socket.socket() as s:  # a port nothing listens on any more
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -236,11 +235,12 @@ def test_horovod_rank0_alone_never_trains(tmp_path: Path) -> None:
     """Rank 0 serves the rendezvous, but rank 1 never comes: Horovod gives up after its timeout.
 
     Horovod aborts the process from C++ (SIGABRT), so the bootstrap cannot record an exit
-    code; the launcher reports the rank as killed by SIGABRT.
+    code; the launcher reports the rank as killed by SIGABRT. Horovod's clock starts at
+    hvd.init(), after TensorFlow's import (seconds on a busy machine), hence the looser bound.
     """
     result, took, run_dir = lone_rank(tmp_path, rank=0, timeout_s=5)
     assert result.returncode == -signal.SIGABRT, (result.returncode, result.stderr[-2000:])
-    assert took < 5 + 15, took
+    assert took < 5 + 45, took
     assert "Wait timeout after 5 seconds for key(s): 1" in result.stderr
     assert "TRAINED ALONE" not in result.stdout and not (run_dir / "script-ran-rank0").exists()
 

@@ -330,3 +330,15 @@ def test_servers_stop_when_the_chief_finished(scratch: Path, attempt: str) -> No
 def test_servers_stop_when_the_chief_never_beat(scratch: Path, attempt: str) -> None:
     """A chief killed before its first heartbeat must not leave the servers up until the time limit."""
     assert ps._chief_gone(str(scratch), 5.0, since=time.time() - 6) == "no heartbeat from the chief for 5 s"
+
+
+# --- ports -------------------------------------------------------------------------------------
+
+def test_free_ports_avoid_the_ephemeral_range() -> None:
+    """A task binds its port seconds after choosing it; outgoing connections must not take it meanwhile."""
+    low, high = rendezvous.ephemeral_ports()
+    ports = {rendezvous.free_port() for _ in range(50)}
+    assert all(not low <= p <= high and 10000 <= p <= 65535 for p in ports), sorted(ports)
+    assert len(ports) > 40  # random, not a fixed base
+    with socket.socket() as s:
+        s.bind(("", ports.pop()))

@@ -8,6 +8,7 @@ requeued job never reads the addresses of its previous attempt.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from pathlib import Path
@@ -32,9 +33,42 @@ def directory(run_dir: str | os.PathLike[str], attempt: str | None = None) -> Pa
     return Path(run_dir) / "rendezvous" / (attempt or attempt_key())
 
 
-def free_port() -> int:
-    """A port free on this node right now (bound to 0 and released)."""
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local side of outgoing connections (and for bind to 0)."""
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A port free on this node right now, outside the kernel's ephemeral range.
+
+    The task binds it only seconds later (TensorFlow's gRPC server starts after TensorFlow
+    is imported). A port from bind(("", 0)) is in the ephemeral range, where any outgoing
+    connection on the node may take it meanwhile ("Could not start gRPC server" was seen
+    on a busy node); a port outside that range is taken only by a process that binds it on
+    purpose. The port is random, not a fixed base, so tasks and jobs rarely collide.
+    """
+    low, high = ephemeral_ports()
+    spans = [(a, b) for a, b in ((10000, low - 1), (high + 1, 65535)) if b >= a]
+    rng = random.SystemRandom()
+    for _ in range(200):
+        a, b = rng.choices(spans, weights=[b - a + 1 for a, b in spans])[0] if spans else (1024, 65535)
+        port = rng.randint(a, b)
+        if _bindable(port):
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded node: the kernel's choice
         s.bind(("", 0))
         return int(s.getsockname()[1])
 

@@ -34,6 +34,11 @@ def check(backend: Mapping[str, Any], world_size: int) -> None:
     for key in ("worker_count", "parameter_server_count"):
         if not isinstance(backend[key], int) or backend[key] < 1:
             raise ConfigError.invalid(f"backend.{key}", backend[key], "an integer >= 1")
+    if backend["chief_timeout_s"] <= 2 * HEARTBEAT_S:
+        # Servers would give up on a chief that is alive and beating every HEARTBEAT_S.
+        raise ConfigError.invalid("backend.chief_timeout_s", backend["chief_timeout_s"],
+                                  f"more than {2 * HEARTBEAT_S:.0f} s (the chief's heartbeat comes every "
+                                  f"{HEARTBEAT_S:.0f} s)")
     need = needed_tasks(backend)
     if need != world_size:
         evaluator = " + 1 evaluator" if backend["evaluator"] else ""
@@ -82,13 +87,17 @@ def finish(plan: Any, task: Any, code: int) -> None:
         rendezvous.publish(plan.run_dir, "chief-done", {"exit_code": code, "time": time.time()})
 
 
-def _chief_gone(run_dir: str, limit_s: float) -> str | None:
+def _chief_gone(run_dir: str, limit_s: float, since: float) -> str | None:
+    """Why this server should stop, or None. ``since``: when it started serving."""
     if rendezvous.exists(run_dir, "chief-done"):
         return "the chief finished"
     from tfrun.runs import read_json
 
     beat = read_json(rendezvous.directory(run_dir) / "chief-heartbeat.json")
-    if beat and time.time() - beat["time"] > limit_s:
+    # A server serves only once every task published its address, the chief included, and
+    # the chief's first heartbeat follows at once: none at all after limit_s means it died.
+    last = beat["time"] if beat else since
+    if time.time() - last > limit_s:
         return f"no heartbeat from the chief for {limit_s:.0f} s"
     return None
 
@@ -101,8 +110,8 @@ def serve(plan: Any, task: Any) -> int:
     server = tf.distribute.Server(resolver.cluster_spec(), job_name=resolver.task_type,
                                   task_index=resolver.task_id, protocol=resolver.rpc_layer or "grpc", start=True)
     print(f"tfrun: {task.role} {task.role_index} serving at {server.target}", flush=True)
-    limit = float(plan.config["backend"]["chief_timeout_s"])
-    while (why := _chief_gone(plan.run_dir, limit)) is None:
+    limit, since = float(plan.config["backend"]["chief_timeout_s"]), time.time()
+    while (why := _chief_gone(plan.run_dir, limit, since)) is None:
         time.sleep(1.0)
     print(f"tfrun: {task.role} {task.role_index} stopping: {why}", flush=True)
     return 0
