@@ -32,7 +32,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "digits" / "train.py"
 TARGETS = {"tfrun --dry-run": 0.5, "overhead ratio": 1.05}
-NOTES_HEADING = "## Notes"
+SECTION = "## tfrun core benchmark"
+
+
+def replace_section(text: str, section: str) -> str:
+    """RESULTS.md with this benchmark's section replaced (or added); other sections stay."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(SECTION)), None)
+    if start is None:
+        return text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join([*lines[:start], *section.rstrip("\n").splitlines(), "", *lines[end:]]).rstrip("\n") + "\n"
 
 
 def tfrun_command() -> list[str]:
@@ -193,7 +203,7 @@ def main() -> None:
     info["load average (1, 5, 15 min) at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     command = "python bench/bench_core.py " + " ".join(sys.argv[1:])
     report = "\n".join([
-        "# tfrun core benchmark", "",
+        SECTION, "",
         f"Command: `{command.strip()}`", "",
         *(f"- {k}: {v}" for k, v in info.items()), "",
         table, "", *phase_lines, "",
@@ -201,10 +211,8 @@ def main() -> None:
     print(report)
     if args.output != "-":
         output = Path(args.output)
-        # Hand-written notes under NOTES_HEADING survive a re-run.
-        old = output.read_text() if output.is_file() else ""
-        notes = old[old.index(NOTES_HEADING):] if NOTES_HEADING in old else ""
-        output.write_text(report + ("\n" + notes if notes else ""))
+        old = output.read_text() if output.is_file() else "# tfrun benchmarks\n"
+        output.write_text(replace_section(old, report))
         print(f"written to {args.output}", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
     if dry >= TARGETS["tfrun --dry-run"] or ratio > TARGETS["overhead ratio"]:
