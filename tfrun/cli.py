@@ -243,7 +243,12 @@ def main(argv: list[str] | None = None) -> None:
             error(explain(exc, _overrides_only(argv)[0], _overrides_only(argv)[2]))
             sys.exit(EXIT_CONFIG)
         raise
-    sys.exit(_hydra_main(argv))
+    try:
+        code = _hydra_main(argv)
+    except BrokenPipeError:  # `tfrun --help | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
 
 
 if __name__ == "__main__":
