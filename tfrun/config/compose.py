@@ -187,7 +187,7 @@ def compose_plans(overrides: list[str], multirun: bool = False, config_dir: str 
     setup()
     extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
     points = sweep_points(overrides) if multirun else [overrides]
-    plans = []
+    plans, composed = [], []
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         for num, point in enumerate(points):
             cfg = compose(config_name, overrides=[*extra, *point], return_hydra_config=True)
@@ -199,6 +199,12 @@ def compose_plans(overrides: list[str], multirun: bool = False, config_dir: str 
             HydraConfig.instance().set_config(cfg)
             plan = build_plan(to_run_config(cfg), cfg.hydra.runtime.output_dir)
             plans.append(in_sweep(plan, Path(cfg.hydra.sweep.dir).resolve()) if multirun else plan)
-            if write:
-                write_hydra_files(cfg, plan.run_dir, point)
+            composed.append((cfg, point))
+    if write:  # only once every point composed: a bad point leaves no run dirs behind
+        for plan, (cfg, point) in zip(plans, composed):
+            write_hydra_files(cfg, plan.run_dir, point)
+    if multirun and plans and all(p.target == "slurm" for p in plans):
+        from tfrun.targets.pack import point_requests
+
+        plans = point_requests(plans)
     return plans

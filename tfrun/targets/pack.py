@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -67,6 +69,13 @@ def request(plans: Sequence[Plan], sweep_dir: str) -> list[dict[str, Any]]:
                              array_size=len(groups))
     return [{"runs": [p.run_id for p in plans], "sbatch": text,
              "jobs": [{"array_index": i, "runs": [p.run_id for p in g]} for i, g in enumerate(groups)]}]
+
+
+def point_requests(plans: Sequence[Plan]) -> list[Plan]:
+    """A packed sweep's plans with each point's request being its job step (not a job of its own)."""
+    if not is_packed(plans):
+        return list(plans)
+    return [replace(p, request={"srun": shlex.join(step_command(p)), "packed": True}) for p in plans]
 
 
 def step_command(plan: Plan) -> list[str]:
