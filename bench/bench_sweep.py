@@ -280,7 +280,7 @@ def profile_table(path: Path, start: float, points: int) -> list[str]:
     rows = [
         ("start-up: interpreter, imports, master config (to Hydra's validation)", ev["validate:first"] - start),
         ("Hydra's sweeper validates every point (one composition each)", validate),
-        ("tfrun composes every point again (load_sweep_config)", compose - validate),
+        ("tfrun composes every point again (load_sweep_config)", max(0.0, compose - validate)),
         ("run_job: .hydra/*.yaml per point", get("save_config")),
         ("run_job: tfrun's plan per point (build_plan, in_sweep)", get("plan_point")),
         ("run_job: Hydra's own per-point work (config copies, HydraConfig)", run_job - get("save_config") - get("plan_point")),
@@ -370,7 +370,7 @@ def main() -> None:
 
     command = "python bench/bench_sweep.py " + " ".join(sys.argv[1:])
     report = "\n".join([
-        "", f"# Sweep submission on the local Slurm: tfrun vs hydra-submitit-launcher {HSL_VERSION}", "",
+        "", f"## Sweep submission on the local Slurm: tfrun vs hydra-submitit-launcher {HSL_VERSION}", "",
         f"Command: `{command.strip()}`", "",
         *(f"- {k}: {v}" for k, v in info.items()), "",
         "Same task (a script / Hydra app printing a number), same Slurm parameters "
