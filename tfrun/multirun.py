@@ -172,7 +172,8 @@ def launch_points(hydra_context: Any, config: Any, job_overrides: Sequence[Seque
         points = plan_points(hydra_context, config, job_overrides, initial_job_idx)
     except ConfigError as exc:
         SweepOutcome.config_error = exc
-        if not existed:
+        print(f"tfrun: error: {exc}", file=sys.stderr)
+        if not existed or not (sweep_dir / SWEEP_FILE).exists():
             shutil.rmtree(sweep_dir, ignore_errors=True)  # nothing ran: leave nothing behind
         raise SystemExit(2)
     finally:
