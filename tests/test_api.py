@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from typing import Any, Iterator
 import pytest
 
 import tfrun
-from tests.helpers import DIGITS, REPO, alive, run_tfrun, wait_gone
+from tests.helpers import DIGITS, REPO, alive, run_tfrun, wait_for, wait_gone
 
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
 EXAMPLES = REPO / "examples"
@@ -161,13 +162,16 @@ def leftovers_cancelled(cluster: None, scratch: Path) -> Iterator[None]:
 def test_launch_on_slurm(scratch: Path, quick: Path, job_name: str, no_exit: None) -> None:
     run = tfrun.launch(["compute=slurm", f"compute.job_name={job_name}", "entry.script=quick.py"])
     assert run.status() == "COMPLETED"
-    assert "quick script on node1 rank 0" in run.logs(0)
+    assert re.search(r"^quick script on node\d rank 0$", run.logs(0), re.M), run.logs(0)
     info = run.info()
     assert info["target"] == "slurm" and len(info["job_ids"]) == 1
     job = info["job_ids"][0]
-    out = subprocess.run(["sacct", "-j", job, "-X", "-n", "-o", "JobName%40,State"], capture_output=True,
-                         text=True, timeout=60).stdout.split()
-    assert out == [job_name, "COMPLETED"]
+
+    def accounted() -> list[str]:  # a job that ran for a second is named "allocation" at first
+        return subprocess.run(["sacct", "-j", job, "-X", "-n", "-o", "JobName%40,State"], capture_output=True,
+                              text=True, timeout=60).stdout.split()
+
+    wait_for(lambda: accounted() == [job_name, "COMPLETED"], 60, f"sacct to show {job_name} COMPLETED")
 
 
 # --- the estimator drop-in: the documented samples, only the import changed ---------------------------
@@ -188,8 +192,9 @@ def _compare_with_cli(tmp_path: Path, est: Any, run: Any) -> None:
 
     assert tasks(cli_plan) == tasks(submitted)
     assert cli_plan["backend"] == submitted["backend"] and cli_plan["script"] == submitted["script"]
-    assert {k: v for k, v in cli_plan["config"]["compute"].items() if k != "job_name"} == \
-        {k: v for k, v in submitted["config"]["compute"].items() if k != "job_name"}
+    # The API follows a Slurm job itself (Run.wait), so it submits with compute.wait=false.
+    assert {k: v for k, v in cli_plan["config"]["compute"].items() if k != "wait"} == \
+        {k: v for k, v in submitted["config"]["compute"].items() if k != "wait"}
 
 
 @pytest.mark.slurm

@@ -22,8 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.helpers import (REPO, alive, read_json, run_dir_from, run_tfrun, scratch_env, tfrun_command, wait_for,
-                           wait_gone)
+from tests.helpers import REPO, alive, read_json, run_tfrun, scratch_env, tfrun_command, wait_for, wait_gone
 
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
 JOB_TIMEOUT = 600  # generous: the machine is small and other suites share the cluster
@@ -39,8 +38,10 @@ parser.add_argument("--pid_dir", default=None)
 parser.add_argument("--kill_rank", type=int, default=-1)   # this rank SIGKILLs itself ...
 parser.add_argument("--kill_after", type=float, default=5)  # ... this long into training
 parser.add_argument("--stop_delay", type=float, default=0)  # a slow checkpoint on a stop request
+parser.add_argument("--stall_after", type=int, default=-1)  # first Slurm attempt: 1 s per batch from this epoch
 args = parser.parse_args()
 rank = int(os.environ.get("TFRUN_RANK", "0"))
+first_attempt = os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
 if args.pid_dir:
     with open(os.path.join(args.pid_dir, f"rank{rank}.pid"), "w") as f:
         f.write(str(os.getpid()))
@@ -61,10 +62,14 @@ model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
 
 class Slow(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
-        self.began = time.time()
+        self.began, self.epoch = time.time(), 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        time.sleep(args.batch_sleep)
+        stalled = first_attempt and 0 <= args.stall_after <= self.epoch
+        time.sleep(1.0 if stalled else args.batch_sleep)
         if rank == args.kill_rank and time.time() - self.began > args.kill_after:
             with open(os.path.join(args.pid_dir, "killed"), "w") as f:
                 f.write(str(time.time()))
@@ -259,15 +264,16 @@ class FileWatch:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def check(self) -> None:
+    def check(self, backup_required: bool = True) -> None:
         assert self.reads > 10, "the watcher hardly ran"
         assert not self.problems, self.problems[:5]
-        assert_files_consistent(self.run_dir)
+        assert_files_consistent(self.run_dir, backup_required)
 
 
-def assert_files_consistent(run_dir: Path) -> None:
+def assert_files_consistent(run_dir: Path, backup_required: bool = True) -> None:
     """After a run: the backup's state names an existing weights file; metrics lines all parse."""
-    assert (run_dir / "checkpoints/backup/state.json").is_file(), "no backup was written"
+    if backup_required:
+        assert (run_dir / "checkpoints/backup/state.json").is_file(), "no backup was written"
     assert backup_problem(run_dir) is None, backup_problem(run_dir)
     metric_epochs(run_dir)
     leftovers = [p.name for p in (run_dir / "checkpoints/backup").glob("tmp-*")]
@@ -395,6 +401,7 @@ def test_rank_killed_by_sigkill_fails_the_job_quickly_and_leaves_nothing(tmp_pat
     task_pids = [int((pids / f"rank{r}.pid").read_text()) for r in (0, 1)]
     assert wait_gone(task_pids, timeout=15) == [], "a rank of the failed job is still running"
     wait_for(lambda: not job_processes(job_id), 30, f"every process of job {job_id} to end")
+    assert_files_consistent(run_dir, backup_required=False)  # killed mid-epoch: whatever was written is whole
 
 
 # --- 4: time limits: requeued as a time-out; bounded by compute.max_requeues ----------------------
@@ -404,17 +411,23 @@ def test_rank_killed_by_sigkill_fails_the_job_quickly_and_leaves_nothing(tmp_pat
 def test_time_limit_requeues_and_max_requeues_bounds_it(tmp_path: Path, job_name: str) -> None:
     """Both runs at once (to halve the wait): timeout_min=1 with the warning 45 s before it.
 
-    Slurm checks time limits about every 30 s, so the warning comes 15-45 s into each
-    attempt. ``finishes``: 8 epochs of ~5 s, more than one attempt can do, with enough
-    requeues allowed to complete. ``bounded``: training far too long, max_requeues=1:
-    the first time-out is requeued, the second is not.
+    Slurm checks time limits about every 30 s, so the warning comes 15-45 s into an
+    attempt (in practice ~30 s after a requeued job restarts), of which TensorFlow's
+    start takes 8-25 s on this loaded machine: too little and too variable a window to
+    make "more than one attempt, but not too many" a matter of training speed. So
+    ``finishes`` trains at ~2 s an epoch but stalls (1 s a batch) from its third epoch
+    on in its first Slurm attempt only (``SLURM_RESTART_COUNT=0``): that attempt always
+    hits the time limit, later ones train at full speed from the backup until done.
+    ``bounded``: training far too long, max_requeues=1: the first time-out is requeued,
+    the second is not.
     """
     write_script(tmp_path, "fit.py", FIT_SCRIPT)
     common = ["compute=slurm", f"compute.job_name={job_name}", "compute.wait=false", "compute.timeout_min=1",
-              "compute.signal_delay_s=45", "entry.script=fit.py", "trainer.batch_sleep=0.33"]
+              "compute.signal_delay_s=45", "entry.script=fit.py"]
     runs = {}
-    for name, extra in (("finishes", [f"trainer.epochs={EPOCHS}", "compute.max_requeues=10"]),
-                        ("bounded", ["trainer.epochs=200", "compute.max_requeues=1"])):
+    for name, extra in (("finishes", [f"trainer.epochs={EPOCHS}", "compute.max_requeues=10", "trainer.batch_sleep=0.05",
+                                      "trainer.stall_after=2"]),
+                        ("bounded", ["trainer.epochs=200", "compute.max_requeues=1", "trainer.batch_sleep=0.3"])):
         result = run_tfrun(tmp_path, *common, *extra, timeout=120)
         assert result.returncode == 0, result.stderr
         runs[name] = submitted(result.stderr)
@@ -442,8 +455,8 @@ def test_time_limit_requeues_and_max_requeues_bounds_it(tmp_path: Path, job_name
     assert "time limit reached after 1 requeue(s) for time-outs (compute.max_requeues): not requeued" in log
     assert sacct_state(job_id) in ("TIMEOUT", "FAILED")
     epochs = metric_epochs(run_dir)
-    assert epochs == list(range(len(epochs))) and epochs, epochs  # what was trained, once each
-    watches["bounded"].check()
+    assert epochs == list(range(len(epochs))), epochs  # what was trained (maybe nothing), once each
+    watches["bounded"].check(backup_required=bool(epochs))
 
 
 # --- 5: the controller reconfigured and restarted under a running sweep ------------------------------
@@ -472,8 +485,9 @@ def test_sweep_status_survives_reconfigure_and_controller_restart(tmp_path: Path
                    if (sweep_dir / str(i) / "logs/rank0.log").exists() else False for i in range(3))
 
     wait_for(running, JOB_TIMEOUT, "every point to start")
-    assert [row[:4] for row in _sweep_rows(tmp_path, sweep_dir)] == [
-        [str(i), "RUNNING", "job", jobs[i]] for i in range(3)]
+    # sacct learns of a start from slurmdbd a moment after the script printed its line.
+    wait_for(lambda: [row[:4] for row in _sweep_rows(tmp_path, sweep_dir)] == [
+        [str(i), "RUNNING", "job", jobs[i]] for i in range(3)], 30, "tfrun status to say RUNNING for every point")
 
     reconfigured = subprocess.run(["scontrol", "reconfigure"], capture_output=True, text=True, timeout=120)
     assert reconfigured.returncode == 0, reconfigured.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tfrun import runs
-from tfrun.errors import TfrunError
+from tfrun.errors import ConfigError, TfrunError
 
 
 class Run:
@@ -126,6 +126,19 @@ def _overrides(overrides: Sequence[str]) -> list[str]:
     return normalize_overrides([str(o) for o in overrides])
 
 
+def _config_dir(config_dir: str | None) -> str | None:
+    """As on the command line: ./conf is the project's config dir unless one is given."""
+    return config_dir if config_dir is not None or not Path("conf").is_dir() else str(Path("conf").resolve())
+
+
+def _raise_config_error(exc: Exception, overrides: list[str], config_dir: str | None) -> None:
+    """Hydra's and OmegaConf's composition errors become the ConfigError the CLI would print."""
+    if type(exc).__module__.startswith(("hydra", "omegaconf")):
+        from tfrun.config.compose import explain
+
+        raise ConfigError(explain(exc, overrides, config_dir)) from exc
+
+
 def launch(overrides: Sequence[str] = (), config_dir: str | None = None, wait: bool = True) -> Run:
     """Compose a run like ``tfrun OVERRIDES``, start it and return its handle.
 
@@ -136,7 +149,12 @@ def launch(overrides: Sequence[str] = (), config_dir: str | None = None, wait: b
     from tfrun.config.compose import compose_run
 
     resolvers.reset_run_id()
-    plan = compose_run(_overrides(overrides), config_dir=config_dir)
+    overrides, config_dir = _overrides(overrides), _config_dir(config_dir)
+    try:
+        plan = compose_run(overrides, config_dir=config_dir)
+    except Exception as exc:
+        _raise_config_error(exc, overrides, config_dir)
+        raise
     _start([plan], wait)
     run = Run(plan.run_dir)
     if wait:
@@ -151,12 +169,17 @@ def sweep(overrides: Sequence[str] = (), config_dir: str | None = None, wait: bo
     from tfrun.multirun import record_points
 
     resolvers.reset_run_id()
-    overrides = _overrides(overrides)
-    plans = compose_plans(overrides, multirun=True, config_dir=config_dir, write=True)
+    overrides, config_dir = _overrides(overrides), _config_dir(config_dir)
+    try:
+        plans = compose_plans(overrides, multirun=True, config_dir=config_dir, write=True)
+        points = sweep_points(overrides)
+    except Exception as exc:
+        _raise_config_error(exc, overrides, config_dir)
+        raise
     if not plans:
         raise TfrunError("the sweep has no points")
     sweep_dir = Path(plans[0].run_dir).parent
-    record_points(sweep_dir, plans, sweep_points(overrides))
+    record_points(sweep_dir, plans, points)
     _start(plans, wait, sweep_dir)
     handles = [Run(p.run_dir) for p in plans]
     if wait:

@@ -31,11 +31,16 @@ UNSUPPORTED = {
     "vm_size": "a Slurm partition or constraint: compute.partition=... / compute.constraint=...",
     "vm_priority": "a Slurm QOS: compute.qos=...",
     "custom_docker_image": "deps=container deps.image=IMAGE (Apptainer/Singularity)",
+    "custom_docker_base_image": "deps=container deps.image=IMAGE (Apptainer/Singularity)",
     "image_registry_details": "deps=container deps.image=IMAGE",
     "use_docker": "deps=container deps.image=IMAGE",
     "user_managed": "deps=none (the current Python environment)",
     "conda_dependencies_file": "deps=conda deps.environment_file=FILE",
     "pip_requirements_file": "deps=pip deps.requirements=FILE",
+    "conda_dependencies_file_path": "deps=conda deps.environment_file=FILE",
+    "pip_requirements_file_path": "deps=pip deps.requirements=FILE",
+    "distributed_training": "distributed_backend='mpi' / 'ps' with node_count, process_count_per_node, "
+                            "worker_count, parameter_server_count (backend=horovod / backend=ps)",
     "environment_definition": "the deps group (deps=pip / deps=conda / deps=container)",
     "inputs": "paths on the cluster's shared filesystem, passed through script_params",
     "source_directory_data_store": "a source_directory on the cluster's shared filesystem",
@@ -135,11 +140,14 @@ class TensorFlow:
     def to_overrides(self) -> list[str]:
         """The tfrun overrides this estimator stands for."""
         backend = BACKENDS[self.distributed_backend]
+        layout = self._task_layout(backend)
         overrides = [f"entry.source_dir={self.source_directory}", f"entry.script={self.entry_script}",
-                     *_compute_overrides(self.compute_target), f"backend={backend}", *self._task_layout(backend)]
+                     *_compute_overrides(self.compute_target), f"backend={backend}", *layout]
         if self.use_gpu:
             slurm = self.compute_target in ("slurm", "slurm_gpu")
-            overrides += ["compute=slurm_gpu"] if slurm else [f"compute.gpus_per_node={self.process_count_per_node}"]
+            # One GPU per task: under ps there are more tasks per node than process_count_per_node.
+            per_node = next(o.split("=", 1)[1] for o in layout if o.startswith("compute.tasks_per_node="))
+            overrides += ["compute=slurm_gpu"] if slurm else [f"compute.gpus_per_node={per_node}"]
         if self.pip_packages:
             overrides += ["deps=pip", "deps.pip_packages=[" + ",".join(self.pip_packages) + "]"]
         if self.conda_packages:

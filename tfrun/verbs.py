@@ -143,6 +143,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
         time.sleep(1.0)
 
 
+def _cancel_in_this_process(run_dir: Path) -> bool:
+    from tfrun.targets import local
+
+    return local.cancel_in_process(run_dir)
+
+
 def cancel(path: Path) -> list[str]:
     """Cancel a run or every unfinished point of a sweep; what was cancelled."""
     dirs = run_dirs_of(path)
@@ -166,7 +172,9 @@ def cancel(path: Path) -> list[str]:
             done.append(f"{name} (its pack's other points go on)")
             continue
         pid = status.get("launcher_pid")
-        if status.get("target") == "local" and pid and status.get("launcher_host") == runs.hostname():
+        if status.get("target") == "local" and _cancel_in_this_process(run_dir):
+            pass  # launched by this process (tfrun.launch(wait=False)): SIGTERM would end it
+        elif status.get("target") == "local" and pid and status.get("launcher_host") == runs.hostname():
             try:
                 os.kill(int(pid), signal.SIGTERM)  # the local launcher stops its tasks and records CANCELLED
             except ProcessLookupError:
