@@ -198,13 +198,46 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+# Says it will handle a stop request (on_preempt) and then never stops.
+DEAF_SLEEP_SCRIPT = "import tfrun\ntfrun.on_preempt(lambda: None)\n" + SLEEP_SCRIPT
+
+
 @pytest.mark.slow
-def test_ctrl_c_twice_cancels_every_task(tmp_path: Path) -> None:
-    """The first Ctrl-C asks every task to checkpoint and stop; this script never does, so
-    the second Ctrl-C kills them all."""
+def test_ctrl_c_once_stops_a_script_that_does_not_listen(tmp_path: Path) -> None:
+    """A script that neither fits with Keras nor listens for a stop is stopped at once by
+    the first Ctrl-C; the run is STOPPED (resumable) and no task is left."""
     pids = tmp_path / "pids"
     pids.mkdir()
     write_script(tmp_path, "sleep.py", SLEEP_SCRIPT.format(pids=pids))
+    with open(tmp_path / "tfrun.err", "wb") as err:
+        proc = subprocess.Popen([*tfrun_command(), "entry.script=sleep.py", "compute.tasks_per_node=2"],
+                                cwd=tmp_path, env=scratch_env(tmp_path), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_default_sigint)
+    try:
+        wait_for(lambda: (pids / "0").exists() and (pids / "1").exists(), 60, "both ranks to start")
+        task_pids = [int((pids / r).read_text()) for r in ("0", "1")]
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err_text = (tmp_path / "tfrun.err").read_text()
+    assert proc.returncode != 0 and took < 15, (took, err_text)
+    assert read_json(run_dir_from(err_text) / "status.json")["state"] == "STOPPED"
+    assert "tfrun resume" in err_text
+    assert wait_gone(task_pids, timeout=5) == [], "tasks survived Ctrl-C"
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_cancels_every_task(tmp_path: Path) -> None:
+    """The first Ctrl-C asks every task to checkpoint and stop; this script promises to
+    and never does, so the second Ctrl-C kills them all."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    write_script(tmp_path, "sleep.py", DEAF_SLEEP_SCRIPT.format(pids=pids))
     out_path = tmp_path / "tfrun.out"
     with open(out_path, "wb") as out, open(tmp_path / "tfrun.err", "wb") as err:
         proc = subprocess.Popen([*tfrun_command(), "entry.script=sleep.py", "compute.tasks_per_node=2"],
