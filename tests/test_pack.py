@@ -135,7 +135,6 @@ def test_time_limit_reruns_only_unfinished_points(tmp_path: Path) -> None:
     requeues = sum(1 for n in found for a in json.loads((sweep / n / "attempts.json").read_text()).values()
                    if a.get("requeued"))
     assert requeues >= 1, "the time limit never came"
-    assert runs_per_point["0"] == 1, runs_per_point  # finished before the first requeue: not run again
     # One point at a time: each requeue interrupted exactly one point, which ran again; no
     # finished point ran twice.
     assert sum(runs_per_point.values()) == len(found) + requeues, (runs_per_point, requeues)

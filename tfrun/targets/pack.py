@@ -89,6 +89,14 @@ def step_command(plan: Plan) -> list[str]:
     return [*srun, *deps.python_words(plan), "-u", "-m", "tfrun.bootstrap", plan.run_dir]
 
 
+def _killed_by_stop_signal(run_dir: str, code: int) -> bool:
+    """Did the point's step end because a task died of the stop signal itself?"""
+    signum = int(preempt.SIGNALS[1])
+    if code in (-signum, 128 + signum):
+        return True
+    return "task 0: " + signal.strsignal(signum) in runs.tail(Path(run_dir) / "srun.log", 20)
+
+
 def _finished(run_dir: str) -> bool:
     return runs.read_status(run_dir).get("state") in runs.FINAL_STATES
 
@@ -98,7 +106,7 @@ class _Runner:
 
     def __init__(self, run_dirs: Sequence[str], slots: int):
         self.pending = [d for d in run_dirs if not _finished(d)]  # a requeued job skips finished points
-        self.slots, self.running, self.stop = slots, {}, False
+        self.slots, self.running, self.stop, self.requeue_needed = slots, {}, False, False
         self.job = os.environ.get("SLURM_JOB_ID", "")
         self.array_job = (f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
                           if os.environ.get("SLURM_ARRAY_JOB_ID") else self.job)
@@ -131,6 +139,11 @@ class _Runner:
             elif self.stop or code == preempt.EXIT_PREEMPTED:
                 self.stop = True  # the point stopped for a requeue: not finished, it runs again
                 continue
+            elif _killed_by_stop_signal(run_dir, code):
+                # The warning came while the point was still starting (before its bootstrap
+                # could catch it), so nobody requeued the job: the runner does.
+                self.stop = self.requeue_needed = True
+                continue
             else:
                 state = "FAILED"
             runs.update_status(run_dir, **slurm.settle(run_dir, state))
@@ -145,6 +158,10 @@ class _Runner:
         while self.running and time.monotonic() < deadline:
             self.reap()
             time.sleep(0.5)
+        if self.requeue_needed:
+            failure = preempt.requeue(self.job)
+            if failure:
+                print(f"tfrun: could not requeue job {self.job}: {failure}", file=sys.stderr, flush=True)
         print("tfrun: pack stopping; its unfinished points run again when the job restarts", file=sys.stderr, flush=True)
         preempt.wait_to_be_stopped()
 
