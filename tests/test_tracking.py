@@ -167,3 +167,22 @@ def test_optuna_tpe_over_lr_and_batch_size_with_failed_trials(tmp_path: Path) ->
     best = max(index, key=lambda p: p["objective"]["value"] or -1)
     assert f"tfrun: best run: {best['run_dir']}" in result.stderr
     assert "Best value" in result.stderr + result.stdout
+
+
+@pytest.mark.slurm
+def test_optuna_trials_run_on_slurm_in_parallel(tmp_path: Path) -> None:
+    """n_jobs trials at a time, each batch one Slurm job array; a failing trial does not end the study."""
+    (tmp_path / "custom.py").write_text(CUSTOM)
+    result = run_tfrun(
+        tmp_path, "-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler.seed=3", "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.n_jobs=2", "hydra.sweeper.direction=maximize", "trainer.x=interval(0,1)",
+        "compute=slurm", "compute.poll_s=1", "entry.script=custom.py", "tfrun.objective=score", timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = next((tmp_path / "runs").glob("sweep-*"))
+    points = json.loads((sweep / "sweep.json").read_text())["points"]
+    assert len(points) == 4
+    jobs = [json.loads((Path(p["run_dir"]) / "status.json").read_text())["job_ids"][-1] for p in points]
+    arrays = [j.split("_")[0] for j in jobs]
+    assert len(set(arrays)) == 2 and arrays[0] == arrays[1] and arrays[2] == arrays[3], jobs
+    assert "tfrun: best run:" in result.stderr
