@@ -13,7 +13,8 @@
     python bench/bench_backends.py [--repeats 5] [--steps 100] [--output bench/RESULTS.md]
 
 Prints markdown tables and APPENDS them, with the command, date and machine, to
-bench/RESULTS.md (``--output -`` writes nothing).
+bench/RESULTS.md (``--output -`` writes nothing; ``--json PATH`` also writes the
+headline figures, for bench/run.py).
 """
 from __future__ import annotations
 
@@ -315,6 +316,7 @@ def main() -> None:
     parser.add_argument("--ps-repeats", type=int, default=None, help="default: --repeats; 0 skips the ps part")
     parser.add_argument("--skip-horovod", action="store_true", help="only the parameter-server part")
     parser.add_argument("--output", default=str(REPO / "bench" / "RESULTS.md"), help="'-' to write nothing")
+    parser.add_argument("--json", default=None, help="also write the headline figures here (for bench/run.py)")
     args = parser.parse_args()
     ps_repeats = args.repeats if args.ps_repeats is None else args.ps_repeats
 
@@ -362,6 +364,15 @@ def main() -> None:
         append_report(args.output, report)
         print(f"appended to {args.output}", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        figures: dict[str, Any] = {}
+        if not args.skip_horovod:
+            figures["horovod"] = {key: {"tfrun": med(hvd["tfrun"], key), "horovodrun": med(hvd["horovodrun"], key)}
+                                  for key in ("wall", "launch_to_init", "cpu")}
+            figures["horovod"]["ratio"] = ratio
+        if ps_repeats:
+            figures["ps"] = {key: statistics.median(r[key] for r in ps) for key in ps[0]}
+        Path(args.json).write_text(json.dumps(figures, indent=1))
     if ratio is not None and ratio > TARGET_RATIO:
         print(f"the wall time target (tfrun / horovodrun <= {TARGET_RATIO}) was missed", file=sys.stderr)
 
