@@ -20,7 +20,7 @@ On the local cluster (``scripts/local-slurm start``), in one run:
    (default 10 and 100) with ``sacct``/``squeue`` wrappers first on PATH that count
    every call: the scheduler queries per poll must not grow with the sweep.
 3. Profile: one ``tfrun`` submission of ``--profile-points`` points with timers around
-   its phases (Hydra's validation of every point, tfrun's composition, run_job,
+   its phases (Hydra's validation of every point, the copy of a composition per point,
    planning, submission), to show where the time goes.
 
    ``--points`` may name several sizes (``10,100,500``): one submission per size and tool,
@@ -113,8 +113,8 @@ from hydra.core import utils as hydra_utils
 import tfrun.multirun, tfrun.plan, tfrun.targets.slurm, tfrun.targets.pack
 wrap(sweeper.Sweeper, "validate_batch_is_legal", "validate")
 wrap(config_loader_impl.ConfigLoaderImpl, "load_sweep_config", "compose")
-wrap(hydra_utils, "run_job", "run_job")
 wrap(hydra_utils, "_save_config", "save_config")
+wrap(tfrun.multirun, "_plan_job", "plan_job")
 wrap(tfrun.multirun, "_plan_point", "plan_point")
 wrap(tfrun.multirun, "plan_points", "plan_points")
 wrap(tfrun.multirun, "run_points", "run_points")
@@ -365,14 +365,18 @@ def profile_table(path: Path, start: float, points: int) -> list[str]:
     data = json.loads(path.read_text())
     t, ev = data["timers"], data["events"]
     get = lambda k: t.get(k, [0, 0.0])[1]  # noqa: E731
-    validate, compose, run_job = get("validate"), get("compose"), get("run_job")
+    validate, compose, plan_job = get("validate"), get("compose"), get("plan_job")
+    compositions = t.get("compose", [0, 0.0])[0]
     rows = [
         ("start-up: interpreter, imports, master config (to Hydra's validation)", ev["validate:first"] - start),
-        ("Hydra's sweeper validates every point (one composition each)", validate),
-        ("tfrun composes every point again (load_sweep_config)", max(0.0, compose - validate)),
-        ("run_job: .hydra/*.yaml per point", get("save_config")),
-        ("run_job: tfrun's plan per point (build_plan, in_sweep)", get("plan_point")),
-        ("run_job: Hydra's own per-point work (config copies, HydraConfig)", run_job - get("save_config") - get("plan_point")),
+        ("Hydra's sweeper validates every point (tfrun.config.points builds each)", validate),
+        (f"  of which Hydra composes (load_sweep_config, {compositions} call(s): one per choice of group options)",
+         compose),
+        ("  of which a copy of that composition per point, with the point's value overrides", max(0.0, validate - compose)),
+        ("plan every point (tfrun.multirun._plan_job)", plan_job),
+        ("  of which .hydra/*.yaml per point", get("save_config")),
+        ("  of which tfrun's plan per point (build_plan, in_sweep)", get("plan_point")),
+        ("  of which the rest (HydraConfig, task config copy, JobReturn)", plan_job - get("save_config") - get("plan_point")),
         ("launch: plan.json, sbatch, status.json (run_points)", get("run_points")),
         ("  of which submit (pickles + one sbatch per array)", get("submit")),
         ("exit", data["exit"] - ev["run_points:last"]),

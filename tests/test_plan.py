@@ -67,6 +67,79 @@ def test_compose_config_keeps_trainer_and_hydra_node(scratch: Path) -> None:
     assert "hydra" in cfg and cfg.hydra.run.dir.startswith(str(scratch / "runs"))
 
 
+# --- sweep points: one composition per choice of group options ---------------------
+
+def _sweep_loader(sweep_dir: Path, *hydra_overrides: str):
+    """Hydra's config loader and a multirun master config for tfrun's configs."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.types import RunMode
+
+    from tfrun.config.compose import setup
+
+    setup()
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path("pkg://tfrun.conf"))
+    master = loader.load_configuration("config", [f"hydra.sweep.dir={sweep_dir}", *hydra_overrides],
+                                       run_mode=RunMode.MULTIRUN)
+    return loader, master
+
+
+@pytest.mark.parametrize("point", [
+    ["+trainer.x=3"],
+    ["backend=ps", "+trainer.lr=0.1", "compute.tasks_per_node=4"],
+    ["compute=slurm", "compute.partition=debug", "++trainer.name=a b"],
+    ["++trainer.x=1", "compute=slurm_gpu", "backend=horovod", "deps=pip", "compute.nodes=2"],
+    ["compute={nodes: 2}", "+trainer.a=1", "~trainer.a"],
+])
+def test_sweep_point_composition_is_hydras(scratch: Path, point: list[str]) -> None:
+    from omegaconf import OmegaConf
+
+    from tfrun.config.points import PointComposer
+
+    loader, master = _sweep_loader(scratch / "sweep")
+    expected = loader.load_sweep_config(master, point)
+    composer = PointComposer(loader)
+    got = composer(master, point)
+    again = composer(master, point)  # from the cached composition of the same group options
+    for config in (got, again):
+        assert OmegaConf.to_container(config) == OmegaConf.to_container(expected)
+    assert OmegaConf.to_container(composer.take(master, point)) == OmegaConf.to_container(expected)
+    got.compute.nodes = 7  # points never share nodes with each other or with the cache
+    assert again.compute.nodes == expected.compute.nodes
+    assert composer(master, point).compute.nodes == expected.compute.nodes
+
+
+def test_sweep_point_composition_with_a_user_config_dir(scratch: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from tfrun.config.points import PointComposer
+
+    (scratch / "conf" / "compute").mkdir(parents=True)
+    (scratch / "conf" / "compute" / "mybox.yaml").write_text(
+        "defaults:\n  - /schema/compute/local@_here_\n  - _self_\ntasks_per_node: 2\n")
+    loader, master = _sweep_loader(scratch / "sweep", f"hydra.searchpath=[file://{scratch / 'conf'}]")
+    composer = PointComposer(loader)
+    for point in (["compute=mybox", "+trainer.x=1"], ["compute=mybox", "+trainer.x=2"]):
+        expected = loader.load_sweep_config(master, point)
+        assert OmegaConf.to_container(composer(master, point)) == OmegaConf.to_container(expected)
+    assert expected.compute.tasks_per_node == 2 and len(composer.bases) == 1
+
+
+def test_sweep_point_bad_value_fails_as_in_hydra(scratch: Path) -> None:
+    from hydra.errors import ConfigCompositionException
+
+    from tfrun.config.points import PointComposer
+
+    loader, master = _sweep_loader(scratch / "sweep")
+    composer = PointComposer(loader)
+    composer(master, ["compute.nodes=2"])
+    with pytest.raises(ConfigCompositionException) as hydra_error:
+        loader.load_sweep_config(master, ["compute.nodes=many"])
+    with pytest.raises(ConfigCompositionException) as ours:
+        composer(master, ["compute.nodes=many"])
+    assert str(ours.value.__cause__) == str(hydra_error.value.__cause__)
+
+
 # --- tasks, ranks, GPUs -------------------------------------------------------------
 
 def test_nodes_times_tasks_per_node(scratch: Path) -> None:

@@ -6,6 +6,7 @@ anything starts, so one bad point means nothing is submitted.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -38,69 +39,69 @@ def _plan_point(cfg: Any) -> Plan:
     return in_sweep(build_plan(to_run_config(cfg), hydra.runtime.output_dir), Path(hydra.sweep.dir).resolve())
 
 
-_VALIDATED = "_tfrun_validated"
-
-
-def reuse_validated_compositions(hydra_context: Any) -> None:
-    """Let :func:`plan_points` take the config Hydra's sweeper composed for a point.
-
-    The sweeper composes every point once to validate the batch, then the launcher composes
-    it again: on a 200-point sweep that second composition is about 40% of the time to
-    submit. Hydra's ``load_sweep_config`` is deterministic for a master config and a list
-    of overrides, so the validated config is the one a second call would build. Each is
-    handed out once (exact same overrides only) and nothing is kept after the launch.
-    """
-    loader = hydra_context.config_loader
-    if hasattr(loader, _VALIDATED):
-        return
-    compose = loader.load_sweep_config
-    validated: dict[tuple[int, tuple[str, ...]], Any] = {}
-
-    def load_sweep_config(master_config: Any, sweep_overrides: list[str]) -> Any:
-        sweep_config = compose(master_config, sweep_overrides)
-        validated[(id(master_config), tuple(sweep_overrides))] = sweep_config
-        return sweep_config
-
-    loader.load_sweep_config = load_sweep_config
-    setattr(loader, _VALIDATED, (validated, compose))
-
-
-def _compose_point(hydra_context: Any, config: Any, overrides: list[str]) -> Any:
-    """The validated composition of these overrides if the sweeper made one, else a new one."""
-    loader = hydra_context.config_loader
-    validated, compose = getattr(loader, _VALIDATED, ({}, loader.load_sweep_config))
-    found = validated.pop((id(config), tuple(overrides)), None)
-    return found if found is not None else compose(config, overrides)
-
-
-def _forget_validated(hydra_context: Any) -> None:
-    validated, _ = getattr(hydra_context.config_loader, _VALIDATED, ({}, None))
-    validated.clear()
-
-
 def plan_points(hydra_context: Any, config: Any, job_overrides: Sequence[Sequence[str]],
                 initial_job_idx: int) -> list[tuple[Plan, Any]]:
     """(plan, Hydra JobReturn) per point; each point's run dir gets its ``.hydra`` files."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.core.utils import JobStatus, run_job
     from omegaconf import open_dict
 
-    points = []
+    from tfrun.config import points as composer
+
+    compose = composer.install(hydra_context)
+    found = []
     for offset, overrides in enumerate(job_overrides):
         idx = initial_job_idx + offset
         # A sweeper (Optuna's, say) names trainer keys plainly; they are free-form: add-or-set.
         overrides = [("++" + o) if o.startswith("trainer.") else o for o in overrides]
-        sweep_config = _compose_point(hydra_context, config, overrides)
+        sweep_config = compose.take(config, overrides)
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
-        HydraConfig.instance().set_config(sweep_config)
-        ret = run_job(hydra_context=hydra_context, task_function=_plan_point, config=sweep_config,
+        found.append(_plan_job(hydra_context, sweep_config))
+    compose.forget_points()
+    return found
+
+
+def _plan_job(hydra_context: Any, config: Any) -> tuple[Plan, Any]:
+    """Hydra's ``run_job`` for a point whose job is to be planned: the output dir, its
+    ``.hydra/`` files, ``HydraConfig`` set while planning, a JobReturn. Without Hydra's
+    per-job logging set-up and its second copy of the config (a third of the time to plan a
+    point); with Hydra callbacks configured, Hydra's own ``run_job`` runs them."""
+    import copy
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import JobReturn, JobRuntime, JobStatus, _save_config, run_job
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    if config.hydra.get("callbacks"):
+        ret = run_job(hydra_context=hydra_context, task_function=_plan_point, config=config,
                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-        if ret.status == JobStatus.FAILED:
-            raise ret._return_value  # a ConfigError for this point: stop before anything runs
-        points.append((ret.return_value, ret))
-    return points
+    else:
+        output_dir = Path(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir)).absolute()
+        before = HydraConfig.instance().cfg
+        with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+            config.hydra.runtime.output_dir = str(output_dir)
+        HydraConfig.instance().set_config(config)
+        ret = JobReturn(overrides=OmegaConf.to_container(config.hydra.overrides.task),
+                        hydra_cfg=HydraConfig.instance().cfg, working_dir=os.getcwd())
+        ret.cfg = copy.deepcopy(config)
+        with read_write(ret.cfg), open_dict(ret.cfg):
+            del ret.cfg["hydra"]
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if config.hydra.output_subdir is not None:
+            hydra_output = output_dir / str(config.hydra.output_subdir)
+            _save_config(ret.cfg, "config.yaml", hydra_output)
+            _save_config(ret.hydra_cfg, "hydra.yaml", hydra_output)
+            _save_config(config.hydra.overrides.task, "overrides.yaml", hydra_output)
+        try:
+            ret.return_value, ret.status = _plan_point(ret.cfg), JobStatus.COMPLETED
+        except Exception as exc:
+            ret.return_value, ret.status = exc, JobStatus.FAILED
+        finally:
+            HydraConfig.instance().cfg = before
+        ret.task_name = JobRuntime.instance().get("name")
+    if ret.status == JobStatus.FAILED:
+        raise ret._return_value  # a ConfigError for this point: stop before anything runs
+    return ret.return_value, ret
 
 
 def record_points(sweep_dir: Path, plans: Sequence[Plan], overrides: Sequence[Sequence[str]]) -> None:
@@ -176,8 +177,6 @@ def launch_points(hydra_context: Any, config: Any, job_overrides: Sequence[Seque
         if not existed or not (sweep_dir / SWEEP_FILE).exists():
             shutil.rmtree(sweep_dir, ignore_errors=True)  # nothing ran: leave nothing behind
         raise SystemExit(2)
-    finally:
-        _forget_validated(hydra_context)
     plans = [plan for plan, _ in points]
     if all(p.target == "slurm" for p in plans):
         from tfrun.targets.pack import point_requests

@@ -182,15 +182,26 @@ def compose_plans(overrides: list[str], multirun: bool = False, config_dir: str 
     """Compose and plan every run that ``tfrun [-m] OVERRIDES`` would launch (``write``: and
     create their run dirs, as a launch does)."""
     from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from tfrun.config.points import PointComposer
 
     setup()
     extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
     points = sweep_points(overrides) if multirun else [overrides]
     plans, composed = [], []
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        if multirun:  # as `tfrun -m` composes its points: from the sweep's master config
+            loader = GlobalHydra.instance().config_loader()
+            master = loader.load_configuration(config_name, extra, run_mode=RunMode.MULTIRUN)
+            composer = PointComposer(loader)
         for num, point in enumerate(points):
-            cfg = compose(config_name, overrides=[*extra, *point], return_hydra_config=True)
+            if multirun:
+                cfg = composer(master, point)
+            else:
+                cfg = compose(config_name, overrides=[*extra, *point], return_hydra_config=True)
             with open_dict(cfg):
                 cfg.hydra.job.num = num
                 cfg.hydra.runtime.output_dir = (

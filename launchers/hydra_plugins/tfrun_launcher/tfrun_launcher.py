@@ -34,10 +34,10 @@ class TfrunLauncher(Launcher):
         self.task_function: Optional[TaskFunction] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        from tfrun.multirun import reuse_validated_compositions
+        from tfrun.config import points
 
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
-        reuse_validated_compositions(hydra_context)  # the sweeper composes every point before launch()
+        points.install(hydra_context)  # the sweeper composes every point before launch(): once each
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hydra.core.utils import configure_log, setup_globals
