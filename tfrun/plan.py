@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from tfrun import backends, deps, export, targets
+from tfrun import backends, targets
 from tfrun.config import validate
 
 PLAN_FILE = "plan.json"
@@ -143,6 +143,10 @@ def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Pat
 
     Raises :class:`tfrun.errors.ConfigError` for anything that cannot run.
     """
+    # Imported here: every task's bootstrap imports this module for Plan.load, and these
+    # pull in omegaconf and the schemas (a quarter of a second per task of a packed sweep).
+    from tfrun import deps, export
+
     cwd = cwd or Path.cwd()
     compute, backend_cfg, entry = cfg["compute"], cfg["backend"], cfg["entry"]
     validate.check_entry(entry)

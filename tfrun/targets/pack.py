@@ -28,6 +28,10 @@ from tfrun.plan import Plan
 
 CANCEL_MARKER = "cancel-requested"
 AUTO_MIN_POINTS = 10  # pack=auto: at least this many points per job
+# How often the runner looks for finished points. A slot stays idle for half of this on
+# average after its point ends; at 0.2 s that was a third of a trivial point's cost, and
+# polling a few child processes 20 times a second costs nothing measurable.
+POLL_S = 0.05
 
 
 def pack_size(compute: dict[str, Any], points: int) -> int:
@@ -177,7 +181,7 @@ class _Runner:
                 return
             while self.pending and len(self.running) < self.slots:
                 self.start(self.pending.pop(0))
-            time.sleep(0.2)
+            time.sleep(POLL_S)
 
 
 def run_pack(run_dirs: list[str], slots: int) -> None:
