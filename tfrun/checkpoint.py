@@ -1,13 +1,16 @@
 """Backup and restore of Keras training across preemptions, in the run dir.
 
-The chief writes ``checkpoints/backup/epoch-<n>.weights.h5`` after every finished
-epoch (temp file + rename), then ``state.json`` naming it (the commit point); every
-rank restores from the chief's backup, so all resume from the same epoch.
+The chief writes ``checkpoints/backup/epoch-<n>.weights.h5`` after finished epochs
+(temp file + rename), then ``state.json`` naming it (the commit point); every rank
+restores from the chief's backup, so all resume from the same epoch. Epochs much
+shorter than a save are backed up less often (see BACKUP_BUDGET), the last one always
+before a requested stop and at the end of fit.
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -40,42 +43,119 @@ def restore(model: Any) -> tuple[int, dict[str, Any] | None]:
     return int(state["epoch"]), state.get("logs")
 
 
+# Every finished epoch is backed up unless saving would cost more than 1/BACKUP_BUDGET of
+# the training time: on epochs much shorter than a save (small models, a few batches), a
+# save per epoch was ~5 % of a run. Skipped epochs are kept in memory instead (weights and
+# optimizer state, a copy that costs far less than a file) and written when a stop is
+# requested (preemption, time limit, Ctrl-C) or when fit ends, so a requeued job still
+# resumes from its last finished epoch; only a hard crash loses the unsaved epochs (at most
+# ~BACKUP_BUDGET times the cost of a save).
+BACKUP_BUDGET = 50
+
+
+def _optimizer_variables(model: Any) -> list[Any]:
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        return []
+    found = optimizer.variables
+    return list(found() if callable(found) else found)  # a method on legacy optimizers
+
+
+def _snapshot(model: Any) -> tuple[list[Any], list[Any]]:
+    """The model's weights and its optimizer's state, as host arrays."""
+    return model.get_weights(), [v.numpy() for v in _optimizer_variables(model)]
+
+
+def _put_back(model: Any, snapshot: tuple[list[Any], list[Any]]) -> None:
+    weights, optimizer_state = snapshot
+    model.set_weights(weights)
+    for variable, value in zip(_optimizer_variables(model), optimizer_state):
+        variable.assign(value)
+
+
 def _callback_classes(module: ModuleType) -> tuple[type, type]:
     base = module.callbacks.Callback
 
     class Backup(base):  # type: ignore[misc, valid-type]
-        """Every finished epoch: weights (atomically), then the state that commits them."""
+        """Finished epochs: weights (atomically), then the state that commits them.
+
+        ``spaced``: back up within the time budget and keep the other epochs in memory
+        (only where a stop request writes them: not under MultiWorkerMirroredStrategy,
+        whose saves every worker must join at the same epoch, nor parameter servers).
+        """
+
+        def __init__(self, spaced: bool = False):
+            super().__init__()
+            self.spaced, self.cost, self.since, self.held = spaced, None, time.monotonic(), None
+
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            self.since = time.monotonic()
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             done = epoch + 1
             logs = {k: float(v) for k, v in (logs or {}).items()}
-            chief = context().is_chief
-            folder = backup_dir() if chief else backup_dir() / f".rank{context().rank}"
-            folder.mkdir(parents=True, exist_ok=True)
-            name = f"epoch-{done}.weights.h5"
-            tmp = folder / f"tmp-{name}"
-            if not chief:
+            if not context().is_chief:
                 # Under MultiWorkerMirroredStrategy every worker must take part in a save;
                 # the others' copies are thrown away.
                 if os.environ.get("TFRUN_BACKEND") == "mwms":
-                    self.model.save_weights(str(tmp))
-                    tmp.unlink(missing_ok=True)
+                    folder = backup_dir() / f".rank{context().rank}"
+                    folder.mkdir(parents=True, exist_ok=True)
+                    self.model.save_weights(str(folder / f"tmp-epoch-{done}.weights.h5"))
+                    (folder / f"tmp-epoch-{done}.weights.h5").unlink(missing_ok=True)
                 return
+            if self.spaced and self.cost is not None and time.monotonic() - self.since < BACKUP_BUDGET * self.cost:
+                try:
+                    self.held = (done, logs, _snapshot(self.model))
+                except Exception:  # a model or optimizer this cannot copy: save every epoch
+                    self.spaced = False
+            if self.held is None or self.held[0] != done:
+                self.write(done, logs)
+            tracking.log_epoch(epoch, logs)
+
+        def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+            self.write_held()
+
+        def write_held(self) -> None:
+            """Write the last finished epoch if only memory has it (fit ends, or a stop)."""
+            if self.held is None:
+                return
+            done, logs, snapshot = self.held
+            current = _snapshot(self.model)
+            _put_back(self.model, snapshot)
+            try:
+                self.write(done, logs)
+            finally:
+                _put_back(self.model, current)
+
+        def write(self, done: int, logs: dict[str, Any]) -> None:
+            began = time.monotonic()
+            folder = backup_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"epoch-{done}.weights.h5"
+            tmp = folder / f"tmp-{name}"
             self.model.save_weights(str(tmp))
             os.replace(tmp, folder / name)
             runs.write_json(folder / "state.json", {"epoch": done, "weights": name, "logs": logs})
             for old in folder.glob("epoch-*.weights.h5"):
                 if old.name != name:
                     old.unlink(missing_ok=True)
-            tracking.log_epoch(epoch, logs)
+            self.held, self.since = None, time.monotonic()
+            self.cost = self.since - began
 
     class StopOnRequest(base):  # type: ignore[misc, valid-type]
-        """Leave fit at the next batch end once a stop was requested."""
+        """Leave fit at the next batch end once a stop was requested, the last finished
+        epoch backed up."""
 
         stops_on_request = True
 
+        def __init__(self, backup: Any):
+            super().__init__()
+            self.backup = backup
+
         def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
             if preempt.should_checkpoint():
+                if context().is_chief:
+                    self.backup.write_held()
                 raise preempt.Preempted()
 
     return Backup, StopOnRequest
@@ -88,9 +168,11 @@ def session(model: Any, module: ModuleType) -> tuple[int, list[Any]]:
     done, logs = restore(model)
     if context().is_chief:
         tracking.reconcile_epochs(done, logs)
-    backup, stop = _callback_classes(module)
-    if os.environ.get("TFRUN_BACKEND") == "ps":
+    backup_class, stop_class = _callback_classes(module)
+    backend = os.environ.get("TFRUN_BACKEND")
+    if backend == "ps":
         # tf_keras refuses batch-level callbacks under ParameterServerStrategy (ValueError
         # in fit), so there a stop request is not acted on mid-epoch; the backup still is.
-        return done, [backup()]
-    return done, [backup(), stop()]
+        return done, [backup_class()]
+    backup = backup_class(spaced=backend != "mwms")
+    return done, [backup, stop_class(backup)]

@@ -2,8 +2,8 @@
 
 The bootstrap installs an import hook: when ``keras`` (Keras 3) or ``tf_keras`` (legacy
 Keras) is imported, ``Model.fit`` is wrapped so that it restores the run's backup (if a
-previous attempt left one) and adds three callbacks: the backup of every finished epoch
-(written by the chief, read by every rank), the metrics record, and a stop at the next
+previous attempt left one) and adds callbacks: the backup of finished epochs (written by the
+chief, read by every rank) with the metrics record, and a stop at the next
 batch end when preemption is signalled.
 """
 from __future__ import annotations
