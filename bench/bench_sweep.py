@@ -703,7 +703,7 @@ def packed_main(args: argparse.Namespace, python: Path, info: dict[str, str], n:
         "", "| one packed point, in its allocation (median over points) | s |", "|---|---|",
         f"| runner starts `srun` to the bootstrap's rank record (job step + interpreter + tfrun imports + plan) | {ph['step_start']:.2f} |",
         f"| the script (rank record start to end) | {ph['script']:.2f} |",
-        f"| rank end to settled by the runner (step end, 0.2 s poll, status.json) | {ph['step_end']:.2f} |",
+        f"| rank end to settled by the runner (step end, the runner's poll, status.json) | {ph['step_end']:.2f} |",
         f"| **one point, end to end** | **{ph['per_point']:.2f}** |",
         f"| points one slot runs one after another (ceil(points / allocations / slots)) | {ph['points_per_slot']:.0f} |",
         f"| one allocation's busy time (first step started to last settled) | {ph['allocation_busy']:.1f} |",

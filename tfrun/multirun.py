@@ -64,10 +64,8 @@ def plan_points(hydra_context: Any, config: Any, job_overrides: Sequence[Sequenc
 def _plan_job(hydra_context: Any, config: Any) -> tuple[Plan, Any]:
     """Hydra's ``run_job`` for a point whose job is to be planned: the output dir, its
     ``.hydra/`` files, ``HydraConfig`` set while planning, a JobReturn. Without Hydra's
-    per-job logging set-up and its second copy of the config (a third of the time to plan a
+    per-job logging set-up and its copies of the config (a third of the time to plan a
     point); with Hydra callbacks configured, Hydra's own ``run_job`` runs them."""
-    import copy
-
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import JobReturn, JobRuntime, JobStatus, _save_config, run_job
     from omegaconf import OmegaConf, open_dict, read_write
@@ -83,15 +81,18 @@ def _plan_job(hydra_context: Any, config: Any) -> tuple[Plan, Any]:
         HydraConfig.instance().set_config(config)
         ret = JobReturn(overrides=OmegaConf.to_container(config.hydra.overrides.task),
                         hydra_cfg=HydraConfig.instance().cfg, working_dir=os.getcwd())
-        ret.cfg = copy.deepcopy(config)
-        with read_write(ret.cfg), open_dict(ret.cfg):
-            del ret.cfg["hydra"]
+        # The point's config is this point's own (a copy made for it): the task config is
+        # that config without its hydra node, which HydraConfig now holds (as in run_job,
+        # minus a copy of the whole config per point).
+        ret.cfg = config
+        with read_write(config), open_dict(config):
+            del config["hydra"]
         output_dir.mkdir(parents=True, exist_ok=True)
-        if config.hydra.output_subdir is not None:
-            hydra_output = output_dir / str(config.hydra.output_subdir)
+        if ret.hydra_cfg.hydra.output_subdir is not None:
+            hydra_output = output_dir / str(ret.hydra_cfg.hydra.output_subdir)
             _save_config(ret.cfg, "config.yaml", hydra_output)
             _save_config(ret.hydra_cfg, "hydra.yaml", hydra_output)
-            _save_config(config.hydra.overrides.task, "overrides.yaml", hydra_output)
+            _save_config(ret.hydra_cfg.hydra.overrides.task, "overrides.yaml", hydra_output)
         try:
             ret.return_value, ret.status = _plan_point(ret.cfg), JobStatus.COMPLETED
         except Exception as exc:
