@@ -191,9 +191,34 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     return code
 
 
+AWAIT_FLAG = "--await"
+
+
+def await_task() -> list[str] | None:
+    """``python -m tfrun.bootstrap --await``: started while tfrun was still composing the run
+    (:func:`tfrun.targets.local.prestart`), so that this interpreter and these imports are
+    ready when the plan is. One JSON line on stdin names the run dir and the variables the
+    task would have been started with; end of input means it is not needed."""
+    import json
+
+    line = sys.stdin.buffer.readline()
+    if not line.strip():
+        return None
+    order = json.loads(line)
+    os.environ.update(order["env"])
+    devnull = os.open(os.devnull, os.O_RDONLY)  # as a task started directly: no input
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return [order["run_dir"]]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m tfrun.bootstrap RUN_DIR``."""
+    """``python -m tfrun.bootstrap RUN_DIR`` (or ``--await``, then the run dir on stdin)."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv == [AWAIT_FLAG]:
+        argv = await_task()
+        if argv is None:
+            sys.exit(0)
     if len(argv) != 1:
         print("usage: python -m tfrun.bootstrap RUN_DIR", file=sys.stderr)
         sys.exit(2)
