@@ -587,3 +587,84 @@ def test_second_ctrl_c_during_the_stop_cancels(tmp_path: Path) -> None:
     pid = read_json(run_dir / "ranks/0.json")["pid"]
     assert wait_gone([pid], timeout=10) == [], "the task survived the second Ctrl-C"
     assert_files_consistent(run_dir)
+
+
+# --- 8: short epochs: backups spaced within their time budget, the last epoch written on a stop ---
+
+FAST_FIT = """\
+import argparse, json, os, signal
+import numpy as np
+import keras
+from sklearn.datasets import load_digits
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--epochs", type=int, default=60)
+parser.add_argument("--stop_after", type=int, default=25)  # first attempt: a stop request after this epoch
+args = parser.parse_args()
+run_dir = os.environ["TFRUN_RUN_DIR"]
+first_attempt = not os.path.exists(os.path.join(run_dir, "first-attempt-done"))
+digits = load_digits()
+x, y = (digits.data / 16.0).astype("float32"), digits.target
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input(shape=(64,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10)])
+model.compile(optimizer=keras.optimizers.Adam(0.003),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+def checksum():
+    return float(sum(np.abs(w).sum() for w in model.get_weights()))
+
+class Record(keras.callbacks.Callback):
+    def record(self, **fields):
+        with open(os.path.join(run_dir, "epochs.jsonl"), "a") as f:
+            f.write(json.dumps(fields) + "\\n")
+
+    def on_train_begin(self, logs=None):
+        self.record(begin=True, checksum=checksum())
+
+    def on_epoch_end(self, epoch, logs=None):
+        try:  # what the backup holds when this epoch ends (tfrun's own callback runs after this one)
+            backed_up = json.load(open(os.path.join(run_dir, "checkpoints/backup/state.json")))["epoch"]
+        except FileNotFoundError:
+            backed_up = None
+        self.record(epoch=epoch + 1, checksum=checksum(), backed_up=backed_up)
+        if first_attempt and epoch + 1 == args.stop_after:
+            open(os.path.join(run_dir, "first-attempt-done"), "w").close()
+            os.kill(os.getpid(), signal.SIGUSR2)  # what Slurm's warning or Ctrl-C sends
+
+model.fit(x, y, epochs=args.epochs, batch_size=512, verbose=0, callbacks=[Record()])
+print("TRAINING DONE", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_short_epochs_are_backed_up_within_budget_and_resume_exactly(tmp_path: Path) -> None:
+    write_script(tmp_path, "fast.py", FAST_FIT)
+    stopped = run_tfrun(tmp_path, "entry.script=fast.py", "trainer.epochs=60", "trainer.stop_after=25",
+                        timeout=JOB_TIMEOUT)
+    assert stopped.returncode != 0, stopped.stderr
+    run_dir = _local_run_dir(tmp_path)
+    assert read_json(run_dir / "status.json")["state"] == "STOPPED"
+    first = [json.loads(line) for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
+    epochs = [r for r in first if "epoch" in r]
+    # Epochs of a few ms against a save of ~10 ms: far fewer saves than epochs ...
+    saves = {r["backed_up"] for r in epochs if r["backed_up"] is not None}
+    assert len(saves) <= len(epochs) // 3, saves
+    # ... yet the stop request wrote the last finished epoch, and metrics match it.
+    state = read_json(run_dir / "checkpoints/backup/state.json")
+    last = epochs[-1]["epoch"]
+    assert state["epoch"] == last >= 25, (state, last)
+    assert metric_epochs(run_dir) == list(range(last))
+    assert_files_consistent(run_dir)
+
+    resumed = run_tfrun(tmp_path, "resume", run_dir.name, timeout=JOB_TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr
+    log = (run_dir / "logs/rank0.log").read_text()
+    assert f"tfrun: resumed from the backup of epoch {last}" in log and "TRAINING DONE" in log
+    records = [json.loads(line) for line in (run_dir / "epochs.jsonl").read_text().splitlines()]
+    begins = [i for i, r in enumerate(records) if r.get("begin")]
+    assert len(begins) == 2
+    # The resumed weights are exactly those of the last finished epoch (held in memory, then written).
+    assert records[begins[1]]["checksum"] == pytest.approx(epochs[-1]["checksum"], rel=1e-6)
+    assert [r["epoch"] for r in records[begins[1]:] if "epoch" in r] == list(range(last + 1, 61))
+    assert metric_epochs(run_dir) == list(range(60))
+    assert read_json(run_dir / "checkpoints/backup/state.json")["epoch"] == 60  # written when fit ended

@@ -172,6 +172,7 @@ def _wait(procs: list[subprocess.Popen[bytes]], critical: set[int], timeout_s: f
     """Block until all tasks end, a critical one fails, or the time limit; (state, failed rank)."""
     deadline = time.monotonic() + timeout_s
     lost: set[int] = set()
+    stopping = False
     while True:
         if cancelled is not None and cancelled.is_set():
             raise _Cancelled()
@@ -179,13 +180,22 @@ def _wait(procs: list[subprocess.Popen[bytes]], critical: set[int], timeout_s: f
         for rank, code in enumerate(codes):
             if code in (None, 0) or rank in lost:
                 continue
+            if code == preempt.EXIT_PREEMPTED:
+                # A task stopped on a stop request sent to it (a site's preemption hook, or
+                # `kill -USR2`): the run stops, resumable, so the other tasks are asked too.
+                if not stopping:
+                    stopping = True
+                    for proc in procs:
+                        if proc.poll() is None:
+                            proc.send_signal(preempt.SIGNALS[1])
+                continue
             if rank in critical:
                 return "FAILED", rank
             lost.add(rank)
             out.write(f"tfrun: rank {rank} ended ({describe_exit(code)}); the run goes on without it\n".encode())
             out.flush()
         if all(c is not None for c in codes):
-            return "COMPLETED", None
+            return ("STOPPED" if stopping else "COMPLETED"), None
         if time.monotonic() > deadline:
             return "TIMEOUT", None
         time.sleep(WAIT_POLL_S)
