@@ -109,11 +109,10 @@ def wrap(owner, name, label):
     setattr(owner, name, timed)
 from hydra.plugins import sweeper
 from hydra._internal import config_loader_impl
-from hydra.core import utils as hydra_utils
-import tfrun.multirun, tfrun.plan, tfrun.targets.slurm, tfrun.targets.pack
+import tfrun.config.compose, tfrun.multirun, tfrun.plan, tfrun.targets.slurm, tfrun.targets.pack
 wrap(sweeper.Sweeper, "validate_batch_is_legal", "validate")
 wrap(config_loader_impl.ConfigLoaderImpl, "load_sweep_config", "compose")
-wrap(hydra_utils, "_save_config", "save_config")
+wrap(tfrun.config.compose, "save_yaml", "save_config")
 wrap(tfrun.multirun, "_plan_job", "plan_job")
 wrap(tfrun.multirun, "_plan_point", "plan_point")
 wrap(tfrun.multirun, "plan_points", "plan_points")
@@ -376,7 +375,7 @@ def profile_table(path: Path, start: float, points: int) -> list[str]:
         ("plan every point (tfrun.multirun._plan_job)", plan_job),
         ("  of which .hydra/*.yaml per point", get("save_config")),
         ("  of which tfrun's plan per point (build_plan, in_sweep)", get("plan_point")),
-        ("  of which the rest (HydraConfig, task config copy, JobReturn)", plan_job - get("save_config") - get("plan_point")),
+        ("  of which the rest (HydraConfig, output dir, JobReturn)", plan_job - get("save_config") - get("plan_point")),
         ("launch: plan.json, sbatch, status.json (run_points)", get("run_points")),
         ("  of which submit (pickles + one sbatch per array)", get("submit")),
         ("exit", data["exit"] - ev["run_points:last"]),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_tfrun
+from tests.helpers import run_tfrun, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -53,7 +53,10 @@ def test_forty_points_in_four_jobs_one_failing(tmp_path: Path) -> None:
     assert "exit code 3" in found["13"]["reason"]
     array_ids = {s["job_ids"][-1].split("_")[0] for s in found.values()}
     assert len(array_ids) == 1
-    jobs = sacct_jobs(array_ids.pop())
+    array_id = array_ids.pop()
+    # The controller hands job records to slurmdbd asynchronously: sacct may lag a moment.
+    wait_for(lambda: len(sacct_jobs(array_id)) >= 4, 60, "the array's elements in sacct")
+    jobs = sacct_jobs(array_id)
     assert len(jobs) == 4 and all(line.endswith("COMPLETED") for line in jobs), jobs
     # Every point is a complete run of its own.
     for name, status in found.items():

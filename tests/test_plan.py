@@ -103,6 +103,8 @@ def test_sweep_point_composition_is_hydras(scratch: Path, point: list[str]) -> N
     again = composer(master, point)  # from the cached composition of the same group options
     for config in (got, again):
         assert OmegaConf.to_container(config) == OmegaConf.to_container(expected)
+        assert OmegaConf.get_type(config, "compute") is OmegaConf.get_type(expected, "compute")
+        assert OmegaConf.is_struct(config) and OmegaConf.is_struct(expected)
     assert OmegaConf.to_container(composer.take(master, point)) == OmegaConf.to_container(expected)
     got.compute.nodes = 7  # points never share nodes with each other or with the cache
     assert again.compute.nodes == expected.compute.nodes
@@ -123,6 +125,20 @@ def test_sweep_point_composition_with_a_user_config_dir(scratch: Path) -> None:
         expected = loader.load_sweep_config(master, point)
         assert OmegaConf.to_container(composer(master, point)) == OmegaConf.to_container(expected)
     assert expected.compute.tasks_per_node == 2 and len(composer.bases) == 1
+
+
+def test_save_yaml_writes_what_omegaconf_writes(scratch: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from tfrun.config.compose import save_yaml
+
+    loader, master = _sweep_loader(scratch / "sweep")
+    config = loader.load_sweep_config(master, ["compute=slurm", "++trainer.name=a b", "++trainer.v='1e-3'",
+                                               "++trainer.flag='true'", "+trainer.n=3"])
+    for cfg in (config, config.hydra, config.hydra.overrides.task, OmegaConf.create({"s": "ünï", "x": [1, "2"]})):
+        save_yaml(cfg, scratch / "ours.yaml")
+        OmegaConf.save(cfg, scratch / "omegaconf.yaml")
+        assert (scratch / "ours.yaml").read_text() == (scratch / "omegaconf.yaml").read_text()
 
 
 def test_sweep_point_bad_value_fails_as_in_hydra(scratch: Path) -> None:

@@ -67,8 +67,10 @@ def _plan_job(hydra_context: Any, config: Any) -> tuple[Plan, Any]:
     per-job logging set-up and its copies of the config (a third of the time to plan a
     point); with Hydra callbacks configured, Hydra's own ``run_job`` runs them."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.core.utils import JobReturn, JobRuntime, JobStatus, _save_config, run_job
+    from hydra.core.utils import JobReturn, JobRuntime, JobStatus, run_job
     from omegaconf import OmegaConf, open_dict, read_write
+
+    from tfrun.config.compose import save_yaml
 
     if config.hydra.get("callbacks"):
         ret = run_job(hydra_context=hydra_context, task_function=_plan_point, config=config,
@@ -90,9 +92,9 @@ def _plan_job(hydra_context: Any, config: Any) -> tuple[Plan, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         if ret.hydra_cfg.hydra.output_subdir is not None:
             hydra_output = output_dir / str(ret.hydra_cfg.hydra.output_subdir)
-            _save_config(ret.cfg, "config.yaml", hydra_output)
-            _save_config(ret.hydra_cfg, "hydra.yaml", hydra_output)
-            _save_config(ret.hydra_cfg.hydra.overrides.task, "overrides.yaml", hydra_output)
+            save_yaml(ret.cfg, hydra_output / "config.yaml")
+            save_yaml(ret.hydra_cfg, hydra_output / "hydra.yaml")
+            save_yaml(ret.hydra_cfg.hydra.overrides.task, hydra_output / "overrides.yaml")
         try:
             ret.return_value, ret.status = _plan_point(ret.cfg), JobStatus.COMPLETED
         except Exception as exc:

@@ -151,6 +151,28 @@ def compose_config(overrides: list[str], config_dir: str | None = None, config_n
         return compose(config_name, overrides=[*extra, *overrides], return_hydra_config=True)
 
 
+_DUMPER: Any = None
+
+
+def save_yaml(cfg: Any, path: str | os.PathLike[str]) -> None:
+    """``OmegaConf.save``, the same text, on libyaml's emitter when PyYAML has it (~3x
+    faster; a sweep writes three such files per point). OmegaConf's own representer still
+    quotes the strings that would read back as numbers or booleans."""
+    global _DUMPER
+    import yaml
+    from omegaconf._utils import get_omega_conf_dumper
+
+    if _DUMPER is None:
+        _DUMPER = get_omega_conf_dumper()
+        if hasattr(yaml, "CDumper"):
+            _DUMPER = type("OmegaConfCDumper", (yaml.CDumper,), {})
+            _DUMPER.add_representer(str, get_omega_conf_dumper().str_representer)
+    data = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True) if OmegaConf.is_config(cfg) else cfg
+    text = yaml.dump(data, default_flow_style=False, allow_unicode=True, sort_keys=False, Dumper=_DUMPER)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text, encoding="utf-8")
+
+
 def write_hydra_files(cfg: DictConfig, run_dir: str | os.PathLike[str], overrides: list[str]) -> None:
     """The ``.hydra/`` files Hydra's app writes, so a run dir looks the same either way."""
     out = Path(run_dir) / ".hydra"
@@ -158,9 +180,9 @@ def write_hydra_files(cfg: DictConfig, run_dir: str | os.PathLike[str], override
     hydra_node = cfg.hydra
     with open_dict(cfg):
         job = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
-    OmegaConf.save(job, out / "config.yaml")
-    OmegaConf.save(OmegaConf.create({"hydra": hydra_node}), out / "hydra.yaml")
-    OmegaConf.save(OmegaConf.create(list(overrides)), out / "overrides.yaml")
+    save_yaml(job, out / "config.yaml")
+    save_yaml(OmegaConf.create({"hydra": hydra_node}), out / "hydra.yaml")
+    save_yaml(list(overrides), out / "overrides.yaml")
 
 
 def compose_run(overrides: list[str], config_dir: str | None = None, config_name: str = CONFIG_NAME) -> Plan:
