@@ -146,7 +146,6 @@ def run_single(argv: list[str]) -> int:
     """One run, composed once with the same configs Hydra's app would use."""
     from tfrun import export
     from tfrun.config.compose import compose_run
-
     from tfrun.targets import local
 
     overrides, _, config_dir, config_name = _overrides_only(argv)

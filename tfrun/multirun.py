@@ -48,16 +48,18 @@ def plan_points(hydra_context: Any, config: Any, job_overrides: Sequence[Sequenc
 
     compose = composer.install(hydra_context)
     found = []
-    for offset, overrides in enumerate(job_overrides):
-        idx = initial_job_idx + offset
-        # A sweeper (Optuna's, say) names trainer keys plainly; they are free-form: add-or-set.
-        overrides = [("++" + o) if o.startswith("trainer.") else o for o in overrides]
-        sweep_config = compose.take(config, overrides)
-        with open_dict(sweep_config):
-            sweep_config.hydra.job.id = idx
-            sweep_config.hydra.job.num = idx
-        found.append(_plan_job(hydra_context, sweep_config))
-    compose.forget_points()
+    try:
+        for offset, overrides in enumerate(job_overrides):
+            idx = initial_job_idx + offset
+            # A sweeper (Optuna's, say) names trainer keys plainly; they are free-form: add-or-set.
+            overrides = [("++" + o) if o.startswith("trainer.") else o for o in overrides]
+            sweep_config = compose.take(config, overrides)
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.id = idx
+                sweep_config.hydra.job.num = idx
+            found.append(_plan_job(hydra_context, sweep_config))
+    finally:
+        compose.forget_points()  # the validated compositions of this batch are used or dead
     return found
 
 
