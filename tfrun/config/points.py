@@ -30,7 +30,7 @@ class PointComposer:
     """Stands in for a Hydra config loader's ``load_sweep_config`` during a multirun.
 
     Compositions are kept for the life of the multirun (a tuning sweeper launches batch
-    after batch); each is a few hundred kB, one per distinct choice of group options.
+    after batch), pickled (~15 kB each), one per distinct choice of group options.
     Points the sweeper validated are handed to the launcher once (:meth:`take`), so a
     point is built once, not twice.
     """
