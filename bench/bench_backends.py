@@ -30,9 +30,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
+
+from benchlib import append_report, cpu_model, load_average, versions
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.02
@@ -222,22 +223,11 @@ def med(runs: list[dict[str, float]], key: str) -> float:
 
 
 def machine() -> dict[str, str]:
-    cpu = "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = []
-    for package in ("tensorflow", "horovod"):
-        try:
-            versions.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            versions.append(f"{package} not installed")
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": f"{platform.node()}, {os.cpu_count()} CPU(s), {cpu}",
-        "software": f"Python {platform.python_version()}, " + ", ".join(versions),
-        "load average (1, 5, 15 min) at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "machine": f"{platform.node()}, {os.cpu_count()} CPU(s), {cpu_model()}",
+        "software": f"Python {platform.python_version()}, " + ", ".join(versions("tensorflow", "horovod")),
+        "load average (1, 5, 15 min) at start": load_average(),
     }
 
 
@@ -301,14 +291,6 @@ def ps_table(ps: list[dict[str, float]]) -> list[str]:
     return lines
 
 
-def append_report(path: str, text: str) -> None:
-    """Append a section; never rewrite what others put there."""
-    target = Path(path)
-    lead = "\n" if target.is_file() and target.read_text().strip() else ""
-    with open(target, "a") as f:
-        f.write(lead + text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -360,9 +342,7 @@ def main() -> None:
         *lines, "",
     ])
     print(report)
-    if args.output != "-":
-        append_report(args.output, report)
-        print(f"appended to {args.output}", file=sys.stderr)
+    append_report(args.output, report)
     shutil.rmtree(work, ignore_errors=True)
     if args.json:
         figures: dict[str, Any] = {}

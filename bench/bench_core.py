@@ -29,8 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
+
+from benchlib import cpu_model, load_average, versions
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "digits" / "train.py"
@@ -116,22 +117,13 @@ def median(xs: list[float]) -> float:
 
 def machine() -> dict[str, str]:
     """What the figures were measured on."""
-    cpu = "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        tf_version = metadata.version("tensorflow")
-    except metadata.PackageNotFoundError:
-        tf_version = "not installed"
     return {
         "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
         "nproc": str(os.cpu_count()),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "python": platform.python_version(),
-        "tensorflow": tf_version,
-        "load average (1, 5, 15 min) at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "tensorflow": versions("tensorflow")[0].split(" ", 1)[1],
+        "load average (1, 5, 15 min) at start": load_average(),
     }
 
 

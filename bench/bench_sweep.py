@@ -66,6 +66,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from benchlib import append_report, cpu_model, load_average, versions
+
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "bench" / ".work"
 VENV = WORK / "hsl-venv"
@@ -133,18 +135,13 @@ def tfrun_command() -> list[str]:
 
 def machine() -> dict[str, str]:
     """What the figures were measured on (load matters: 2 cores run the composition and the jobs)."""
-    cpu = "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "nproc": str(os.cpu_count()),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "python": sys.version.split()[0],
-        "tfrun env": ", ".join(f"{n} {metadata.version(n)}" for n in ("hydra-core", "omegaconf", "submitit")),
-        "load average (1, 5, 15 min) at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "tfrun env": ", ".join(versions("hydra-core", "omegaconf", "submitit")),
+        "load average (1, 5, 15 min) at start": load_average(),
     }
 
 
@@ -482,10 +479,7 @@ def main() -> None:
 
 def write_report(args: argparse.Namespace, report: str, figures: dict) -> None:
     print(report)
-    if args.output != "-":
-        with open(args.output, "a") as f:
-            f.write(report)
-        print(f"appended to {args.output}", file=sys.stderr)
+    append_report(args.output, report)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
 

@@ -27,9 +27,10 @@ import re
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
+
+from benchlib import cpu_model, load_average, versions
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -56,23 +57,13 @@ BENCHMARKS: dict[str, tuple[str, str, list[str], list[str]]] = {
 
 
 def machine() -> dict[str, str]:
-    cpu = "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = []
-    for name in ("tensorflow", "horovod", "hydra-core", "submitit"):
-        try:
-            versions.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            versions.append(f"{name} not installed")
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": f"{platform.node()}, {os.cpu_count()} CPU(s), {cpu}; local Slurm: nodes node1, node2 "
+        "machine": f"{platform.node()}, {os.cpu_count()} CPU(s), {cpu_model()}; local Slurm: nodes node1, node2 "
                    "(partition debug, 2 CPUs each) and node3 (partition cpu), all on this machine",
-        "software": f"Python {platform.python_version()}, " + ", ".join(versions),
-        "load average (1, 5, 15 min) at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "software": f"Python {platform.python_version()}, "
+                    + ", ".join(versions("tensorflow", "horovod", "hydra-core", "submitit")),
+        "load average (1, 5, 15 min) at start": load_average(),
     }
 
 

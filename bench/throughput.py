@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import append_report
+
 TARGET = 0.99
 
 
@@ -216,10 +218,7 @@ def compare(args: argparse.Namespace) -> None:
         *lines, "",
     ])
     print(report)
-    if args.output != "-":
-        with open(args.output, "a") as f:
-            f.write(report)
-        print(f"appended to {args.output}", file=sys.stderr)
+    append_report(args.output, report)
     if args.json:
         Path(args.json).write_text(json.dumps({"throughput": figures}, indent=1))
 
