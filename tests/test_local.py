@@ -338,8 +338,6 @@ compute:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="--config-name is looked up in tfrun's conf only: compose_plans adds "
-                   "the user dir through hydra.searchpath, which Hydra reads after it loads the primary config")
 def test_config_name_from_user_config_dir(tmp_path: Path) -> None:
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "mine.yaml").write_text(BARE_CONFIG)

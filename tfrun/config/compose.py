@@ -2,10 +2,11 @@
 and the Python API. Grid sweeps (``-m a=1,2``) expand to one plan per point."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -141,14 +142,35 @@ def explain(exc: Exception, overrides: list[str], config_dir: str | None = None)
     return message.split("\nConfig search path:")[0]
 
 
+@contextlib.contextmanager
+def _hydra(config_dir: str | None) -> Iterator[None]:
+    """Hydra's compose API over tfrun's configs, with the user's config dir searched first
+    as ``--config-dir`` does for Hydra's app: ``--config-name`` may then name a config that
+    is only there (a ``hydra.searchpath`` override is read after the primary config)."""
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    backup = get_gh_backup()
+    version.setbase("1.3")
+    search_path = create_automatic_config_search_path(None, f"{CONFIG_MODULE}.app", None)
+    if config_dir:
+        search_path.prepend("command-line", f"file://{Path(config_dir).resolve()}")
+    Hydra.create_main_hydra2("app", search_path)
+    try:
+        yield
+    finally:
+        restore_gh_from_backup(backup)
+
+
 def compose_config(overrides: list[str], config_dir: str | None = None, config_name: str = CONFIG_NAME) -> DictConfig:
     """Compose one run's config (with its ``hydra`` node) exactly as ``tfrun`` would."""
-    from hydra import compose, initialize_config_module
+    from hydra import compose
 
     setup()
-    extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name, overrides=[*extra, *overrides], return_hydra_config=True)
+    with _hydra(config_dir):
+        return compose(config_name, overrides=overrides, return_hydra_config=True)
 
 
 _DUMPER: Any = None
@@ -203,7 +225,7 @@ def compose_plans(overrides: list[str], multirun: bool = False, config_dir: str 
                   config_name: str = CONFIG_NAME, write: bool = False) -> list[Plan]:
     """Compose and plan every run that ``tfrun [-m] OVERRIDES`` would launch (``write``: and
     create their run dirs, as a launch does)."""
-    from hydra import compose, initialize_config_module
+    from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -211,19 +233,18 @@ def compose_plans(overrides: list[str], multirun: bool = False, config_dir: str 
     from tfrun.config.points import PointComposer
 
     setup()
-    extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
     points = sweep_points(overrides) if multirun else [overrides]
     plans, composed = [], []
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+    with _hydra(config_dir):
         if multirun:  # as `tfrun -m` composes its points: from the sweep's master config
             loader = GlobalHydra.instance().config_loader()
-            master = loader.load_configuration(config_name, extra, run_mode=RunMode.MULTIRUN)
+            master = loader.load_configuration(config_name, [], run_mode=RunMode.MULTIRUN)
             composer = PointComposer(loader)
         for num, point in enumerate(points):
             if multirun:
                 cfg = composer(master, point)
             else:
-                cfg = compose(config_name, overrides=[*extra, *point], return_hydra_config=True)
+                cfg = compose(config_name, overrides=point, return_hydra_config=True)
             with open_dict(cfg):
                 cfg.hydra.job.num = num
                 cfg.hydra.runtime.output_dir = (
