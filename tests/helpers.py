@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +42,24 @@ def run_tfrun(tmp_path: Path, *args: str, cwd: Path | None = None, timeout: floa
         [*tfrun_command(), *args], cwd=cwd or tmp_path, env=scratch_env(tmp_path, **env),
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def popen_tfrun(tmp_path: Path, *args: str, name: str = "tfrun") -> tuple[subprocess.Popen, Path, Path]:
+    """Start tfrun in the background, output to ``NAME.out``/``NAME.err``; SIGINT acts as in a
+    terminal (a test runner started in the background may have it ignored)."""
+    out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+    with open(out, "w") as fout, open(err, "w") as ferr:
+        proc = subprocess.Popen([*tfrun_command(), *args], cwd=tmp_path, env=scratch_env(tmp_path),
+                                stdin=subprocess.DEVNULL, stdout=fout, stderr=ferr,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return proc, out, err
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill a background tfrun the test is done with (if it is still running)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def run_dir_from(stderr: str) -> Path:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.helpers import REPO, alive, read_json, run_tfrun, scratch_env, tfrun_command, wait_for, wait_gone
+from tests.helpers import REPO, alive, popen_tfrun, read_json, run_tfrun, stop, wait_for, wait_gone
 
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
 JOB_TIMEOUT = 600  # generous: the machine is small and other suites share the cluster
@@ -280,21 +280,6 @@ def assert_files_consistent(run_dir: Path, backup_required: bool = True) -> None
     assert not leftovers, f"unfinished temp files left in the backup: {leftovers}"
 
 
-def _popen_tfrun(tmp_path: Path, *args: str, name: str = "tfrun") -> tuple[subprocess.Popen, Path, Path]:
-    out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-    with open(out, "w") as fout, open(err, "w") as ferr:
-        proc = subprocess.Popen([*tfrun_command(), *args], cwd=tmp_path, env=scratch_env(tmp_path),
-                                stdin=subprocess.DEVNULL, stdout=fout, stderr=ferr,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    return proc, out, err
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-
-
 def _wait_for_job(err: Path) -> tuple[str, Path]:
     wait_for(lambda: "tfrun: submitted job" in err.read_text(), 120, "tfrun to submit the job")
     return submitted(err.read_text())
@@ -306,7 +291,7 @@ def _wait_for_job(err: Path) -> tuple[str, Path]:
 @pytest.mark.slow
 def test_preempted_keras_job_is_requeued_and_completes(tmp_path: Path, job_name: str) -> None:
     write_script(tmp_path, "fit.py", FIT_SCRIPT)
-    proc, out, err = _popen_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1",
+    proc, out, err = popen_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1",
                                   "entry.script=fit.py", f"trainer.epochs={EPOCHS}")
     try:
         job_id, run_dir = _wait_for_job(err)
@@ -315,7 +300,7 @@ def test_preempted_keras_job_is_requeued_and_completes(tmp_path: Path, job_name:
             subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
             code = proc.wait(timeout=JOB_TIMEOUT)
     finally:
-        _stop(proc)
+        stop(proc)
     stderr = err.read_text()
     assert code == 0, stderr
     assert f"tfrun: job {job_id} COMPLETED" in stderr
@@ -340,7 +325,7 @@ def test_preempted_keras_job_is_requeued_and_completes(tmp_path: Path, job_name:
 @pytest.mark.slow
 def test_preempted_horovod_job_resumes_every_rank_from_the_same_backup(tmp_path: Path, job_name: str) -> None:
     write_script(tmp_path, "hvd_fit.py", HOROVOD_SCRIPT)
-    proc, out, err = _popen_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1",
+    proc, out, err = popen_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1",
                                   "backend=horovod", "compute.tasks_per_node=2", "entry.script=hvd_fit.py",
                                   f"trainer.epochs={EPOCHS}")
     try:
@@ -350,7 +335,7 @@ def test_preempted_horovod_job_resumes_every_rank_from_the_same_backup(tmp_path:
             subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
             code = proc.wait(timeout=JOB_TIMEOUT)
     finally:
-        _stop(proc)
+        stop(proc)
     stderr = err.read_text()
     assert code == 0, stderr
     resumed = {}
@@ -526,7 +511,7 @@ def _local_run_dir(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_resume_completes(tmp_path: Path) -> None:
     write_script(tmp_path, "fit.py", FIT_SCRIPT)
-    proc, out, err = _popen_tfrun(tmp_path, "entry.script=fit.py", f"trainer.epochs={EPOCHS}")
+    proc, out, err = popen_tfrun(tmp_path, "entry.script=fit.py", f"trainer.epochs={EPOCHS}")
     try:
         wait_for(lambda: (_local_run_dir(tmp_path) / "plan.json").exists(), 120, "the run dir")
         run_dir = _local_run_dir(tmp_path)
@@ -535,7 +520,7 @@ def test_ctrl_c_stops_cleanly_and_resume_completes(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGINT)
             code = proc.wait(timeout=180)
     finally:
-        _stop(proc)
+        stop(proc)
     stderr = err.read_text()
     assert code != 0, stderr
     assert "Traceback" not in stderr + out.read_text()
@@ -565,7 +550,7 @@ def test_second_ctrl_c_during_the_stop_cancels(tmp_path: Path) -> None:
     """The script's checkpoint on a stop request takes 60 s (``tfrun.on_preempt``): a second
     Ctrl-C does not wait for it."""
     write_script(tmp_path, "fit.py", FIT_SCRIPT)
-    proc, out, err = _popen_tfrun(tmp_path, "entry.script=fit.py", "trainer.epochs=100", "trainer.stop_delay=60")
+    proc, out, err = popen_tfrun(tmp_path, "entry.script=fit.py", "trainer.epochs=100", "trainer.stop_delay=60")
     try:
         wait_for(lambda: (_local_run_dir(tmp_path) / "plan.json").exists(), 120, "the run dir")
         run_dir = _local_run_dir(tmp_path)
@@ -579,7 +564,7 @@ def test_second_ctrl_c_during_the_stop_cancels(tmp_path: Path) -> None:
         code = proc.wait(timeout=60)
         took = time.monotonic() - sent
     finally:
-        _stop(proc)
+        stop(proc)
     stderr = err.read_text()
     assert code != 0 and took < 15, (code, took, stderr)
     assert read_json(run_dir / "status.json")["state"] == "CANCELLED"

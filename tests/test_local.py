@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (DIGITS, alive, read_json, run_dir_from, run_tfrun, scratch_env, tfrun_command,
+from tests.helpers import (DIGITS, alive, popen_tfrun, read_json, run_dir_from, run_tfrun, scratch_env, stop,
                            wait_for, wait_gone)
 
 # Epochs of the digits example that reach >= 0.9 validation accuracy in a few seconds.
@@ -193,11 +193,6 @@ time.sleep(300)
 """
 
 
-def _default_sigint() -> None:
-    # As in a terminal: a test runner started in the background may have SIGINT ignored.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 # Says it will handle a stop request (on_preempt) and then never stops.
 DEAF_SLEEP_SCRIPT = "import tfrun\ntfrun.on_preempt(lambda: None)\n" + SLEEP_SCRIPT
 
@@ -209,10 +204,7 @@ def test_ctrl_c_once_stops_a_script_that_does_not_listen(tmp_path: Path) -> None
     pids = tmp_path / "pids"
     pids.mkdir()
     write_script(tmp_path, "sleep.py", SLEEP_SCRIPT.format(pids=pids))
-    with open(tmp_path / "tfrun.err", "wb") as err:
-        proc = subprocess.Popen([*tfrun_command(), "entry.script=sleep.py", "compute.tasks_per_node=2"],
-                                cwd=tmp_path, env=scratch_env(tmp_path), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_default_sigint)
+    proc, _, _ = popen_tfrun(tmp_path, "entry.script=sleep.py", "compute.tasks_per_node=2")
     try:
         wait_for(lambda: (pids / "0").exists() and (pids / "1").exists(), 60, "both ranks to start")
         task_pids = [int((pids / r).read_text()) for r in ("0", "1")]
@@ -221,9 +213,7 @@ def test_ctrl_c_once_stops_a_script_that_does_not_listen(tmp_path: Path) -> None
         proc.wait(timeout=60)
         took = time.monotonic() - sent
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     err_text = (tmp_path / "tfrun.err").read_text()
     assert proc.returncode != 0 and took < 15, (took, err_text)
     assert read_json(run_dir_from(err_text) / "status.json")["state"] == "STOPPED"
@@ -238,11 +228,7 @@ def test_ctrl_c_twice_cancels_every_task(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     pids.mkdir()
     write_script(tmp_path, "sleep.py", DEAF_SLEEP_SCRIPT.format(pids=pids))
-    out_path = tmp_path / "tfrun.out"
-    with open(out_path, "wb") as out, open(tmp_path / "tfrun.err", "wb") as err:
-        proc = subprocess.Popen([*tfrun_command(), "entry.script=sleep.py", "compute.tasks_per_node=2"],
-                                cwd=tmp_path, env=scratch_env(tmp_path), stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err, preexec_fn=_default_sigint)
+    proc, out_path, _ = popen_tfrun(tmp_path, "entry.script=sleep.py", "compute.tasks_per_node=2")
     try:
         wait_for(lambda: (pids / "0").exists() and (pids / "1").exists(), 60, "both ranks to start")
         task_pids = [int((pids / r).read_text()) for r in ("0", "1")]
@@ -255,9 +241,7 @@ def test_ctrl_c_twice_cancels_every_task(tmp_path: Path) -> None:
         proc.wait(timeout=30)
         took = time.monotonic() - sent
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     err_text = (tmp_path / "tfrun.err").read_text()
     assert proc.returncode != 0, err_text
     assert "Traceback" not in err_text

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.helpers import REPO, read_json, run_dir_from, run_tfrun, scratch_env, tfrun_command, wait_for
+from tests.helpers import REPO, popen_tfrun, read_json, run_dir_from, run_tfrun, wait_for
 
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
 DIGITS_EPOCHS = 2
@@ -303,20 +303,11 @@ def test_no_wait_returns_at_once_and_cancel_ends_the_job(tmp_path: Path, job_nam
     assert read_json(run_dir / "status.json")["state"] == "CANCELLED"
 
 
-def _default_sigint() -> None:
-    # As in a terminal: a test runner started in the background may have SIGINT ignored.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.slurm
 def test_ctrl_c_while_following_detaches_and_the_job_keeps_running(tmp_path: Path, job_name: str) -> None:
     write_script(tmp_path, "sleep.py", SLEEP_SCRIPT)
-    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    with open(out, "w") as fout, open(err, "w") as ferr:
-        proc = subprocess.Popen([*tfrun_command(), "compute=slurm", "compute.wait=true", "compute.poll_s=0.5",
-                                 f"compute.job_name={job_name}", "entry.script=sleep.py"],
-                                cwd=tmp_path, env=scratch_env(tmp_path), stdin=subprocess.DEVNULL,
-                                stdout=fout, stderr=ferr, preexec_fn=_default_sigint)
+    proc, out, err = popen_tfrun(tmp_path, "compute=slurm", "compute.wait=true", "compute.poll_s=0.5",
+                                 f"compute.job_name={job_name}", "entry.script=sleep.py")
     try:
         wait_for(lambda: re.search(r"job \d+ RUNNING", err.read_text()) and "sleeping" in out.read_text(),
                  JOB_TIMEOUT, "tfrun to follow the running job")
