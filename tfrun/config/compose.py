@@ -144,19 +144,21 @@ def explain(exc: Exception, overrides: list[str], config_dir: str | None = None)
 
 @contextlib.contextmanager
 def _hydra(config_dir: str | None) -> Iterator[None]:
-    """Hydra's compose API over tfrun's configs, with the user's config dir searched first
-    as ``--config-dir`` does for Hydra's app: ``--config-name`` may then name a config that
-    is only there (a ``hydra.searchpath`` override is read after the primary config)."""
+    """Hydra's compose API over tfrun's configs and the user's config dir, placed in the
+    search path as Hydra's app places ``--config-dir``: ``--config-name`` may then name a
+    config that is only there (a ``hydra.searchpath`` override is read after the primary
+    config is loaded)."""
     from hydra import version
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
     backup = get_gh_backup()
     version.setbase("1.3")
     search_path = create_automatic_config_search_path(None, f"{CONFIG_MODULE}.app", None)
-    if config_dir:
-        search_path.prepend("command-line", f"file://{Path(config_dir).resolve()}")
+    if config_dir:  # where Hydra's app puts --config-dir: after tfrun's configs, before the schemas
+        search_path.prepend("command-line", f"file://{Path(config_dir).resolve()}", anchor=SearchPathQuery("schema"))
     Hydra.create_main_hydra2("app", search_path)
     try:
         yield
