@@ -37,7 +37,7 @@ On the local cluster (``scripts/local-slurm start``), in one run:
    a ratio (target tfrun <= 0.3x), with the sacct job counts of each (tfrun: ceil(N/K)
    array elements and N job steps; hydra-submitit-launcher: N jobs). The tfrun
    submission runs under the phase timers of 3 (same code path as the console script:
-   ``tfrun.cli.main``), and every point's run dir gives its in-allocation phases; when
+   ``tfrun.cli.main.main``), and every point's run dir gives its in-allocation phases; when
    the target is missed, one more small job times, inside an allocation like a pack's,
    an empty ``srun`` step, the interpreter and tfrun's bootstrap imports, so that the
    report says where tfrun's time goes.
@@ -111,18 +111,18 @@ def wrap(owner, name, label):
     setattr(owner, name, timed)
 from hydra.plugins import sweeper
 from hydra._internal import config_loader_impl
-import tfrun.config.compose, tfrun.multirun, tfrun.plan, tfrun.targets.slurm, tfrun.targets.pack
+import tfrun.config.hydra_files, tfrun.plan.planner, tfrun.targets.sweeps, tfrun.targets.slurm, tfrun.targets.pack
 wrap(sweeper.Sweeper, "validate_batch_is_legal", "validate")
 wrap(config_loader_impl.ConfigLoaderImpl, "load_sweep_config", "compose")
-wrap(tfrun.config.compose, "save_yaml", "save_config")
-wrap(tfrun.multirun, "_plan_job", "plan_job")
-wrap(tfrun.multirun, "_plan_point", "plan_point")
-wrap(tfrun.multirun, "plan_points", "plan_points")
-wrap(tfrun.multirun, "run_points", "run_points")
+wrap(tfrun.config.hydra_files, "save_yaml", "save_config")
+wrap(tfrun.plan.planner, "plan_points", "plan_points")
+wrap(tfrun.plan.planner, "plan_composed", "plan_point")
+wrap(tfrun.targets.sweeps, "_job", "job")
+wrap(tfrun.targets.sweeps, "run_points", "run_points")
 wrap(tfrun.targets.slurm, "submit", "submit")
 wrap(tfrun.targets.pack, "submit", "submit")
 atexit.register(lambda: open(os.environ["BENCH_SWEEP_PROFILE"], "w").write(json.dumps({"timers": T, "events": EVENTS, "exit": time.time()})))
-from tfrun.cli import main
+from tfrun.cli.main import main
 main()
 '''
 
@@ -361,7 +361,7 @@ def profile_table(path: Path, start: float, points: int) -> list[str]:
     data = json.loads(path.read_text())
     t, ev = data["timers"], data["events"]
     get = lambda k: t.get(k, [0, 0.0])[1]  # noqa: E731
-    validate, compose, plan_job = get("validate"), get("compose"), get("plan_job")
+    validate, compose, plan_points = get("validate"), get("compose"), get("plan_points")
     compositions = t.get("compose", [0, 0.0])[0]
     rows = [
         ("start-up: interpreter, imports, master config (to Hydra's validation)", ev["validate:first"] - start),
@@ -369,10 +369,11 @@ def profile_table(path: Path, start: float, points: int) -> list[str]:
         (f"  of which Hydra composes (load_sweep_config, {compositions} call(s): one per choice of group options)",
          compose),
         ("  of which a copy of that composition per point, with the point's value overrides", max(0.0, validate - compose)),
-        ("plan every point (tfrun.multirun._plan_job)", plan_job),
+        ("plan every point (tfrun.plan.planner.plan_points)", plan_points),
+        ("  of which tfrun's plan per point (plan_composed: HydraConfig, build_plan, in_sweep)", get("plan_point")),
+        ("  of which the rest (each point's composition, taken from validation)", plan_points - get("plan_point")),
+        ("run dirs: .hydra/*.yaml and a JobReturn per point (tfrun.targets.sweeps._job)", get("job")),
         ("  of which .hydra/*.yaml per point", get("save_config")),
-        ("  of which tfrun's plan per point (build_plan, in_sweep)", get("plan_point")),
-        ("  of which the rest (HydraConfig, output dir, JobReturn)", plan_job - get("save_config") - get("plan_point")),
         ("launch: plan.json, sbatch, status.json (run_points)", get("run_points")),
         ("  of which submit (pickles + one sbatch per array)", get("submit")),
         ("exit", data["exit"] - ev["run_points:last"]),
@@ -738,7 +739,7 @@ def packed_main(args: argparse.Namespace, python: Path, info: dict[str, str], n:
         f"compute.timeout_min={args.pack_timeout_min}`, i.e. {jobs} jobs of {SLURM['tasks_per_node'] * slots} "
         f"tasks (a whole 2-CPU debug node each), every point a job step of its own. Both start to the last "
         "allocation's End in sacct; tfrun ran with `compute.wait=false` under the bench's phase timers "
-        "(`tfrun.cli.main` with wrapped functions).", "",
+        "(`tfrun.cli.main.main` with wrapped functions).", "",
         *lines, "", *timeline, "", *([prof[0].replace("`tfrun -m` submitting", "packed `tfrun -m` submitting (round 1)"), *prof[1:], ""]
           if prof else []),
         *notes, "",

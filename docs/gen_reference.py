@@ -7,8 +7,8 @@
 config.md comes from the structured-config dataclasses (tfrun/config/schema.py: field
 names, types and the comments beside or above each field), the option YAML files under
 conf/ (their leading comment, and the values they set) and the defaults Hydra composes
-for each option. cli.md comes from the verbs' argparse parser (tfrun/verbs.py) and the
-``tfrun`` command's module docstring (tfrun/cli.py). Nothing here is written by hand
+for each option. cli.md comes from the verbs' argparse parser (tfrun/cli/verbs.py) and the
+``tfrun`` command's module docstring (tfrun/cli/main.py). Nothing here is written by hand
 except FALLBACK_HELP, for fields that have no comment in schema.py yet; the check fails
 when one of its entries names a field that no longer exists or that has a comment now.
 """
@@ -325,7 +325,8 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argpar
 
 
 def cli_page() -> str:
-    from tfrun import cli, verbs
+    from tfrun.cli import main as cli
+    from tfrun.cli import verbs
     from tfrun.config.store import GROUP_SCHEMAS
 
     exit_codes = " ".join(cli.__doc__.split("Exit codes:", 1)[1].split()).replace("``", "`")

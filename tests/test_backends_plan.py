@@ -15,13 +15,13 @@ from typing import Iterator
 import pytest
 
 from tests.helpers import run_tfrun
-from tfrun import rendezvous
 from tfrun.backends import horovod, mwms, ps, tfconfig
-from tfrun.cli import normalize_overrides
-from tfrun.config.compose import compose_plans
+from tfrun.config.compose import normalize_overrides
 from tfrun.errors import BootstrapError
-from tfrun.identity import TaskIdentity, local_identity
 from tfrun.plan import Plan
+from tfrun.plan.planner import compose_plans
+from tfrun.task import rendezvous
+from tfrun.task.identity import TaskIdentity, local_identity
 
 ATTEMPT = "unit-test"
 

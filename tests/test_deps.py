@@ -21,12 +21,18 @@ from typing import Iterator
 
 import pytest
 
+import tfrun
 from tests.helpers import read_json, run_dir_from, run_tfrun, scratch_env, tfrun_command
-from tfrun import deps, deps_build, render
-from tfrun.cli import normalize_overrides
-from tfrun.config.compose import compose_plans
+from tfrun import deps
+from tfrun.cli import render
+from tfrun.config.compose import normalize_overrides
+from tfrun.deps import cache as env_cache
+from tfrun.deps import container
+from tfrun.deps import modules as deps_modules
+from tfrun.deps import plan as deps_plan
 from tfrun.errors import ConfigError
 from tfrun.plan import Plan
+from tfrun.plan.planner import compose_plans
 
 PACKAGE, OTHER = "tabulate", "humanize"
 MISSING = "tfrun-no-such-package-xyz"
@@ -119,7 +125,7 @@ def test_conda_spec_and_commands(cache: Path) -> None:
     plan = plan_for("entry.script=train.py", "deps=conda", "deps.conda_exe=micromamba",
                     "deps.conda_packages=[numpy,tabulate]", "deps.channels=[conda-forge]", "deps.pip_packages=[humanize]")
     dp = deps.DepsPlan.from_dict(plan.deps)
-    version = ".".join(deps.interpreter(sys.executable)["version"].split(".")[:2])
+    version = ".".join(deps_plan.interpreter(sys.executable)["version"].split(".")[:2])
     assert dp.spec["packages"] == ["numpy", "tabulate", f"python={version}"]  # tfrun's Python version added
     assert dp.steps == [
         ["micromamba", "create", "--yes", "--prefix", "{env}", "--channel", "conda-forge", "numpy", "tabulate",
@@ -131,11 +137,11 @@ def test_conda_spec_and_commands(cache: Path) -> None:
 
     Path("environment.yml").write_text("name: x\ndependencies:\n  - python=3.11\n  - numpy\n")
     spec = {**dp.spec, "packages": ["tabulate"], "environment_file": {"path": "/p/environment.yml"}}
-    assert deps.conda_steps("/opt/bin/conda", spec) == [
+    assert deps_plan.conda_steps("/opt/bin/conda", spec) == [
         ["/opt/bin/conda", "env", "create", "--prefix", "{env}", "--file", "/p/environment.yml"],
         ["/opt/bin/conda", "install", "--yes", "--prefix", "{env}", "--channel", "conda-forge", "tabulate"],
     ]
-    assert deps.conda_steps("mamba", {**spec, "environment_file": None})[0][:3] == ["mamba", "create", "--yes"]
+    assert deps_plan.conda_steps("mamba", {**spec, "environment_file": None})[0][:3] == ["mamba", "create", "--yes"]
     with_file = plan_for("entry.script=train.py", "deps=conda", "deps.environment_file=environment.yml")
     assert "python=" not in " ".join(with_file.deps["spec"]["packages"])  # the file says which python
     Path("environment.yml").write_text("name: x\ndependencies:\n  - python=3.11\n  - numpy<2\n")
@@ -159,7 +165,7 @@ def test_modules_become_setup_lines_of_the_job_before_srun(cache: Path) -> None:
 def test_module_changes_keep_the_launchers_path() -> None:
     before = {"PATH": "/usr/bin:/bin", "HOME": "/h"}
     after = {"PATH": "/opt/cuda/bin:/usr/bin:/bin", "HOME": "/h", "CUDA_HOME": "/opt/cuda", "SHLVL": "2"}
-    changed = deps_build.module_changes(before, after, {"PATH": "/venv/bin:/usr/bin:/bin"})
+    changed = deps_modules.module_changes(before, after, {"PATH": "/venv/bin:/usr/bin:/bin"})
     assert changed == {"PATH": "/opt/cuda/bin:/venv/bin:/usr/bin:/bin", "CUDA_HOME": "/opt/cuda"}
 
 
@@ -173,9 +179,9 @@ def test_container_command_line_locally_and_on_slurm(cache: Path) -> None:
     binds = plan.command[plan.command.index("--bind") + 1].split(",")
     assert binds[0] == "/data:/data:ro"
     assert os.path.dirname(plan.run_dir) in binds and plan.source_dir in binds
-    tfrun_dir = str(Path(deps.__file__).parent)
-    assert f"{tfrun_dir}:{deps.CONTAINER_LIB}/tfrun:ro" in binds
-    assert plan.command[plan.command.index("--env") + 1] == f"PYTHONPATH={deps.CONTAINER_LIB}"
+    tfrun_dir = str(Path(tfrun.__file__).parent)
+    assert f"{tfrun_dir}:{container.CONTAINER_LIB}/tfrun:ro" in binds
+    assert plan.command[plan.command.index("--env") + 1] == f"PYTHONPATH={container.CONTAINER_LIB}"
 
     gpu = plan_for("entry.script=train.py", "compute=slurm_gpu", "deps=container", "deps.image=docker://tf/tf:2.21",
                    "deps.runtime=singularity")
@@ -222,7 +228,7 @@ def test_pip_run_builds_once_then_hits_the_cache_without_installing(tmp_path: Pa
     run_dir = run_dir_from(first.stderr)
     assert read_json(run_dir / "plan.json")["python"] == f"{env}/bin/python"
     assert f"uv pip install --python {cache}/.tmp-{env.name}-" in (run_dir / "logs" / "deps.log").read_text()
-    build_log, meta = env / deps.BUILD_LOG, read_json(env / deps.META)
+    build_log, meta = env / env_cache.BUILD_LOG, read_json(env / env_cache.META)
     stamp = build_log.stat().st_mtime_ns
     assert f"+ {PACKAGE}==" in build_log.read_text()
 
@@ -235,7 +241,7 @@ def test_pip_run_builds_once_then_hits_the_cache_without_installing(tmp_path: Pa
     assert "building environment" not in second.stderr
     assert re.search(rf"^IMPORTED {PACKAGE} \S+ {env}/bin/python$", second.stdout, re.M)
     # no install step ran: the build's own log and record are untouched, the run's log holds no command
-    assert build_log.stat().st_mtime_ns == stamp and read_json(env / deps.META) == meta
+    assert build_log.stat().st_mtime_ns == stamp and read_json(env / env_cache.META) == meta
     second_log = (run_dir_from(second.stderr) / "logs" / "deps.log")
     assert not second_log.exists() or "$ " not in second_log.read_text()
     assert cache_entries(cache) == [env.name]
@@ -277,7 +283,7 @@ def test_a_package_that_does_not_exist_fails_with_uvs_message_and_leaves_nothing
 
 
 def test_conda_without_a_conda_tool_says_so_and_how_to_fix(tmp_path: Path) -> None:
-    if deps.find_conda():
+    if deps_plan.find_conda():
         pytest.skip("a conda tool is installed here: test_conda_builds_for_real runs instead")
     write_importer(tmp_path, "train.py", PACKAGE)
     result = env_run(tmp_path, tmp_path / "cache", "entry.script=train.py", "deps=conda", "deps.conda_packages=[tabulate]")
@@ -289,7 +295,7 @@ def test_conda_without_a_conda_tool_says_so_and_how_to_fix(tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_conda_builds_for_real(tmp_path: Path) -> None:
-    tool = deps.find_conda()
+    tool = deps_plan.find_conda()
     if not tool:
         # Holds on CI too: no conda tool is packaged for Debian 12 or on PyPI, and conda
         # channels (conda-forge) are not reachable from these machines' network.
@@ -386,7 +392,7 @@ def test_env_list_and_prune(tmp_path: Path) -> None:
     pruned = env_run(tmp_path, cache, "env", "prune", timeout=60)
     assert pruned.returncode == 0 and not leftover.exists() and "removed 0, kept 2" in pruned.stdout
 
-    old = cache / keys[0] / deps.LAST_USED
+    old = cache / keys[0] / env_cache.LAST_USED
     three_days_ago = time.time() - 3 * 86400
     os.utime(old, (three_days_ago, three_days_ago))
     pruned = env_run(tmp_path, cache, "env", "prune", "--older-than", "2", timeout=60)
@@ -441,7 +447,7 @@ def test_pip_slurm_job_imports_the_package(tmp_path: Path, job_name: str, build_
     else:  # built by the job's setup line; its output is in the job's log in the run dir
         assert f"tfrun: environment {env.name} is built in the job (build_on=job)" in result.stderr
         assert f"tfrun: building environment {env.name}" in job_log and f"+ {OTHER}==" in job_log
-    assert deps.is_complete(env)
+    assert env_cache.is_complete(env)
 
 
 @pytest.mark.slurm

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests.helpers import REPO, read_json, run_dir_from, run_tfrun, scratch_env, tfrun_command
-from tfrun import export, serve
+from tfrun.model import export, serve
 from tfrun.errors import ExportError
 
 TRAIN_TIMEOUT = 900  # two cores shared with other suites: training plus an export can be slow
@@ -46,7 +46,7 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Com
 # --- fast: checks that need no training ------------------------------------------------
 
 def test_cli_modules_do_not_import_tensorflow_or_onnxruntime() -> None:
-    code = ("import sys, tfrun.cli, tfrun.plan, tfrun.export, tfrun.serve, tfrun.verbs; "
+    code = ("import sys, tfrun.cli.main, tfrun.plan.build, tfrun.model.export, tfrun.model.serve, tfrun.cli.verbs; "
             "bad = [m for m in ('tensorflow', 'keras', 'tf2onnx', 'onnxruntime') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -334,7 +334,7 @@ def test_config_name_from_user_config_dir(tmp_path: Path) -> None:
 
 NO_TF = """\
 import sys
-from tfrun.cli import main
+from tfrun.cli.main import main
 sys.argv = ["tfrun", *{args!r}]
 try:
     main()

@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DIGITS
-from tfrun import gpus, identity, render
-from tfrun.cli import main, normalize_overrides
-from tfrun.config.compose import compose_config, compose_plans
+from tfrun.cli import render
+from tfrun.cli.main import main
+from tfrun.config.compose import compose_config, normalize_overrides
 from tfrun.errors import ConfigError
-from tfrun.plan import Plan, script_args
+from tfrun.plan import Plan
+from tfrun.plan.build import script_args
+from tfrun.plan.planner import compose_plans
+from tfrun.task import gpus, identity
 
 TFRUN_VARS = {"TFRUN_RUN_ID", "TFRUN_RUN_DIR", "TFRUN_OUTPUT_DIR", "TFRUN_RANK", "TFRUN_LOCAL_RANK",
               "TFRUN_NODE_INDEX", "TFRUN_WORLD_SIZE", "TFRUN_ROLE"}
@@ -130,7 +133,7 @@ def test_sweep_point_composition_with_a_user_config_dir(scratch: Path) -> None:
 def test_save_yaml_writes_what_omegaconf_writes(scratch: Path) -> None:
     from omegaconf import OmegaConf
 
-    from tfrun.config.compose import save_yaml
+    from tfrun.config.hydra_files import save_yaml
 
     loader, master = _sweep_loader(scratch / "sweep")
     config = loader.load_sweep_config(master, ["compute=slurm", "++trainer.name=a b", "++trainer.v='1e-3'",

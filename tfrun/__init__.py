@@ -1,17 +1,20 @@
 """tfrun: train TensorFlow/Keras scripts locally or on Slurm from a composed config.
 
-Importing tfrun is cheap: nothing here imports TensorFlow.
+Importing tfrun is cheap: nothing here imports TensorFlow. The names here are the public
+API: launching runs from Python (``launch``, ``sweep``, ``Run``) and what a training
+script may call inside its task (``context``, ``log_metric``, ``should_checkpoint``, ...);
+``tfrun.distributed`` and ``tfrun.estimator`` are the two public modules besides.
 """
 from __future__ import annotations
 
 from tfrun.api import Run, launch, sweep
-from tfrun.context import Context, context
 from tfrun.errors import ConfigError, LaunchError, RunFailed, TfrunError
-from tfrun.preempt import on_preempt, should_checkpoint
-from tfrun.tracking import log_metric, log_params
+from tfrun.task.context import Context, context
+from tfrun.task.preempt import Preempted, on_preempt, should_checkpoint
+from tfrun.tracking.metrics import log_metric, log_params
 
 __version__ = "0.1.0"
 __all__ = [
     "Context", "context", "ConfigError", "LaunchError", "RunFailed", "TfrunError", "__version__",
-    "log_metric", "log_params", "on_preempt", "should_checkpoint", "Run", "launch", "sweep",
+    "log_metric", "log_params", "on_preempt", "should_checkpoint", "Preempted", "Run", "launch", "sweep",
 ]

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from tfrun import runs
+from tfrun import rundir
 from tfrun.errors import ConfigError, TfrunError
 
 
@@ -26,17 +26,17 @@ class Run:
     @classmethod
     def load(cls, path_or_id: str | Path, runs_dir: str | Path | None = None) -> "Run":
         """Reopen an earlier run by its dir, its id, or a unique part of its id."""
-        root = Path(runs_dir) if runs_dir else runs.runs_root()
-        return cls(runs.find_run(str(path_or_id), root))
+        root = Path(runs_dir) if runs_dir else rundir.runs_root()
+        return cls(rundir.find_run(str(path_or_id), root))
 
     @property
     def id(self) -> str:
         """The run's id (its path under the runs dir)."""
-        return str(runs.read_status(self.dir).get("run_id") or self.dir.name)
+        return str(rundir.read_status(self.dir).get("run_id") or self.dir.name)
 
     def info(self) -> dict[str, Any]:
         """The whole status record, refreshed from Slurm if the run is not finished."""
-        from tfrun.verbs import refresh
+        from tfrun.targets.control import refresh
 
         return refresh([self.dir])[0]
 
@@ -47,7 +47,7 @@ class Run:
     def wait(self, timeout_s: float | None = None, poll_s: float = 2.0) -> str:
         """Block until the run ends (or timeout_s passes); its state."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while (state := self.status()) not in runs.FINAL_STATES:
+        while (state := self.status()) not in rundir.FINAL_STATES:
             if deadline is not None and time.monotonic() > deadline:
                 break
             time.sleep(poll_s)
@@ -55,18 +55,18 @@ class Run:
 
     def logs(self, rank: int = 0) -> str:
         """A rank's log so far."""
-        path = runs.rank_log(self.dir, rank)
+        path = rundir.rank_log(self.dir, rank)
         return path.read_text(errors="replace") if path.exists() else ""
 
     def metrics(self) -> list[dict[str, Any]]:
         """The run's metric records (Keras epochs and tfrun.log_metric values)."""
-        from tfrun import tracking
+        from tfrun.tracking import metrics
 
-        return tracking.read_metrics(self.dir / tracking.METRICS_FILE)
+        return metrics.read_metrics(self.dir / metrics.METRICS_FILE)
 
     def cancel(self) -> None:
         """Cancel the run if it is not finished."""
-        from tfrun.verbs import cancel
+        from tfrun.targets.control import cancel
 
         cancel(self.dir)
 
@@ -101,7 +101,7 @@ def _start(plans: Sequence[Any], wait: bool, sweep_dir: Path | None = None) -> N
         if sweep_dir is None:
             targets.get("slurm").run(plans[0])
         else:
-            from tfrun.multirun import run_points
+            from tfrun.targets.sweeps import run_points
 
             run_points(plans, sweep_dir)
         return
@@ -116,12 +116,12 @@ def _start(plans: Sequence[Any], wait: bool, sweep_dir: Path | None = None) -> N
     else:
         threading.Thread(target=run_all, daemon=True, name="tfrun-local").start()
         for plan in plans:  # return once every run dir exists, so the handles are usable
-            while not runs.read_status(plan.run_dir) and plan is plans[0]:
+            while not rundir.read_status(plan.run_dir) and plan is plans[0]:
                 time.sleep(0.05)
 
 
 def _overrides(overrides: Sequence[str]) -> list[str]:
-    from tfrun.cli import normalize_overrides
+    from tfrun.config.compose import normalize_overrides
 
     return normalize_overrides([str(o) for o in overrides])
 
@@ -134,7 +134,7 @@ def _config_dir(config_dir: str | None) -> str | None:
 def _raise_config_error(exc: Exception, overrides: list[str], config_dir: str | None) -> None:
     """Hydra's and OmegaConf's composition errors become the ConfigError the CLI would print."""
     if type(exc).__module__.startswith(("hydra", "omegaconf")):
-        from tfrun.config.compose import explain
+        from tfrun.config.explain import explain
 
         raise ConfigError(explain(exc, overrides, config_dir)) from exc
 
@@ -146,15 +146,17 @@ def launch(overrides: Sequence[str] = (), config_dir: str | None = None, wait: b
     exception, a wrong configuration is (:class:`tfrun.ConfigError`).
     """
     from tfrun.config import resolvers
-    from tfrun.config.compose import compose_run
+    from tfrun.plan.planner import plan_run
 
     resolvers.reset_run_id()
     overrides, config_dir = _overrides(overrides), _config_dir(config_dir)
     try:
-        plan = compose_run(overrides, config_dir=config_dir)
+        planned = plan_run(overrides, config_dir=config_dir)
     except Exception as exc:
         _raise_config_error(exc, overrides, config_dir)
         raise
+    planned.write()
+    plan = planned.plan
     _start([plan], wait)
     run = Run(plan.run_dir)
     if wait:
@@ -165,21 +167,23 @@ def launch(overrides: Sequence[str] = (), config_dir: str | None = None, wait: b
 def sweep(overrides: Sequence[str] = (), config_dir: str | None = None, wait: bool = True) -> list[Run]:
     """Like ``tfrun -m OVERRIDES`` (grid sweeps): the runs of every point."""
     from tfrun.config import resolvers
-    from tfrun.config.compose import compose_plans, sweep_points
-    from tfrun.multirun import record_points
+    from tfrun.plan.planner import plan_sweep, sweep_requests
+    from tfrun.targets.sweeps import record_points
 
     resolvers.reset_run_id()
     overrides, config_dir = _overrides(overrides), _config_dir(config_dir)
     try:
-        plans = compose_plans(overrides, multirun=True, config_dir=config_dir, write=True)
-        points = sweep_points(overrides)
+        planned = plan_sweep(overrides, config_dir=config_dir)
     except Exception as exc:
         _raise_config_error(exc, overrides, config_dir)
         raise
-    if not plans:
+    if not planned:
         raise TfrunError("the sweep has no points")
+    for one in planned:  # once every point is planned: a bad point leaves no run dirs behind
+        one.write()
+    plans = sweep_requests([one.plan for one in planned])
     sweep_dir = Path(plans[0].run_dir).parent
-    record_points(sweep_dir, plans, points)
+    record_points(sweep_dir, plans, [one.overrides for one in planned])
     _start(plans, wait, sweep_dir)
     handles = [Run(p.run_dir) for p in plans]
     if wait:

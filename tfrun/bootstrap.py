@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import os
 import runpy
+import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Mapping
 
-from tfrun import backends, gpus, identity, keras_hooks, preempt, rendezvous, runs
+from tfrun import backends, rundir
 from tfrun.errors import BootstrapError
-from tfrun.plan import Plan, Task
+from tfrun.rundir import Plan, Task
+from tfrun.task import gpus, identity, keras_hooks, preempt, rendezvous
 
+# The model floor's export, run as a child process (the task floor never imports it).
+EXPORT_MODULE = "tfrun.model.export"
 # Variables tfrun owns outright; any other one the user already set is kept.
 _OWNED_PREFIXES = ("TFRUN_", "CUDA_VISIBLE_DEVICES")
 
@@ -110,20 +115,20 @@ def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> i
     job = preempt.job_id()
     if ident.launcher != "slurm" or not job:
         if ident.rank == 0:  # local: the launcher records a resumable stop
-            runs.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason="stopped")
+            rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason="stopped")
         return code
     if ident.rank == 0:
         left = preempt.time_left_s(job)
         timed_out = left is not None and left <= plan.compute.get("signal_delay_s", 120) + 60
         reason = "timeout" if timed_out else "preempted"
-        earlier = sum(1 for a in runs.attempts(plan.run_dir) if a.get("reason") == "timeout")
+        earlier = sum(1 for a in rundir.attempts(plan.run_dir) if a.get("reason") == "timeout")
         if timed_out and earlier >= plan.compute.get("max_requeues", 3):
             say(f"time limit reached after {earlier} requeue(s) for time-outs (compute.max_requeues): not requeued")
-            runs.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason, requeued=False)
+            rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason, requeued=False)
             return code
         failure = preempt.requeue(job)
-        runs.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason,
-                            requeued=failure is None, error=failure)
+        rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason,
+                              requeued=failure is None, error=failure)
         if failure:
             say(f"could not requeue job {job}: {failure}")
             return code
@@ -133,17 +138,29 @@ def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> i
 
 
 def export_after_training(plan: Plan, ident: identity.TaskIdentity, code: int) -> None:
-    """Rank 0, once its script succeeded: the export asked for (``export=onnx``).
+    """Rank 0, once its script succeeded: the export asked for (``export=onnx``), in a child
+    process (``python -m tfrun.model.export RUN_DIR``); never raises.
 
     Here rather than in the launcher so that on Slurm it runs inside the job, beside the
     model, and the CLI never imports TensorFlow; after ``backend.finish`` so that parameter
-    servers are not kept waiting. It cannot change the rank's exit code: the run completed.
+    servers are not kept waiting. A child process without GPUs, since the script's
+    TensorFlow may still hold them. It cannot change the rank's exit code: the run completed.
     """
     if code != 0 or ident.rank != 0 or (plan.config.get("export") or {}).get("format", "none") == "none":
         return
-    from tfrun import export
-
-    export.run_in_task(plan.run_dir, plan.python)
+    say("export onnx: converting the model the script saved")
+    record_path = Path(plan.run_dir) / rundir.EXPORT_FILE
+    record_path.unlink(missing_ok=True)  # an earlier attempt's record must not pass for this one's
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    try:
+        child = subprocess.run([plan.python, "-u", "-m", EXPORT_MODULE, plan.run_dir], env=env, stdin=subprocess.DEVNULL)
+        why = f"exit code {child.returncode}" if child.returncode >= 0 else f"killed by signal {-child.returncode}"
+    except OSError as exc:
+        why = str(exc)
+    if not rundir.read_json(record_path):
+        error = f"the export process ended without a record ({why})"
+        rundir.write_json(record_path, {"format": "onnx", "passed": False, "onnx": None, "error": error})
+        say(f"export onnx FAILED: {error}")
 
 
 def run_task(run_dir: str, launcher: str = "local") -> int:
@@ -152,15 +169,15 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     plan = Plan.load(run_dir)
     ident = identity.detect(launcher, plan.compute["nodes"], plan.compute["tasks_per_node"])
     if launcher == "slurm":
-        redirect_output(runs.rank_log(run_dir, ident.rank))
-    runs.update_rank(run_dir, ident.rank, host=runs.hostname(), pid=os.getpid(), started=time.time(),
-                     ended=None, exit_code=None, error=None,
-                     job=os.environ.get("SLURM_JOB_ID"), step=os.environ.get("SLURM_STEP_ID"))
-    say(f"rank {ident.rank}/{ident.world_size} on {runs.hostname()} (node {ident.node_index}, "
+        redirect_output(rundir.rank_log(run_dir, ident.rank))
+    rundir.update_rank(run_dir, ident.rank, host=rundir.hostname(), pid=os.getpid(), started=time.time(),
+                       ended=None, exit_code=None, error=None,
+                       job=os.environ.get("SLURM_JOB_ID"), step=os.environ.get("SLURM_STEP_ID"))
+    say(f"rank {ident.rank}/{ident.world_size} on {rundir.hostname()} (node {ident.node_index}, "
         f"local rank {ident.local_rank}), run {plan.run_id}")
     if ident.rank == 0:
-        runs.update_attempt(run_dir, rendezvous.attempt_key(), started=time.time(), ended=None,
-                            job_id=preempt.job_id(), host=runs.hostname())
+        rundir.update_attempt(run_dir, rendezvous.attempt_key(), started=time.time(), ended=None,
+                              job_id=preempt.job_id(), host=rundir.hostname())
     code, error = 1, None
     backend = backends.get(plan.backend)
     task = plan.tasks[ident.rank]
@@ -180,12 +197,12 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     if code == preempt.EXIT_PREEMPTED:
         code = after_stop_request(plan, ident, code)
     elif ident.rank == 0:
-        runs.update_attempt(run_dir, rendezvous.attempt_key(), ended=time.time(),
-                            reason="completed" if code == 0 else "failed")
+        rundir.update_attempt(run_dir, rendezvous.attempt_key(), ended=time.time(),
+                              reason="completed" if code == 0 else "failed")
     if hasattr(backend, "finish"):
         backend.finish(plan, task, code)
     export_after_training(plan, ident, code)
-    runs.update_rank(run_dir, ident.rank, ended=time.time(), exit_code=code, error=error)
+    rundir.update_rank(run_dir, ident.rank, ended=time.time(), exit_code=code, error=error)
     sys.stdout.flush()
     sys.stderr.flush()
     return code

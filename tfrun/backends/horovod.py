@@ -9,15 +9,14 @@ unless the group has every task: a script never silently trains alone.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import socket
 import time
 from typing import Any, Mapping
 
-from tfrun import rendezvous
 from tfrun.errors import BootstrapError, ConfigError
-from tfrun.identity import TaskIdentity
+from tfrun.task import rendezvous
+from tfrun.task.identity import TaskIdentity
 
 TOLERATES_WORKER_LOSS = False
 CONTROLLERS = ("gloo", "mpi")

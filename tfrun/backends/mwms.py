@@ -10,7 +10,7 @@ import json
 from typing import Any, Mapping
 
 from tfrun.backends import tfconfig
-from tfrun.identity import TaskIdentity
+from tfrun.task.identity import TaskIdentity
 
 TOLERATES_WORKER_LOSS = False
 

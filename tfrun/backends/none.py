@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from tfrun.identity import TaskIdentity
+from tfrun.task.identity import TaskIdentity
 
 TOLERATES_WORKER_LOSS = False
 

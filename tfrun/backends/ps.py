@@ -14,11 +14,11 @@ import threading
 import time
 from typing import Any, Mapping
 
-from tfrun import rendezvous
 from tfrun.backends import tfconfig
 from tfrun.backends.mwms import plan_roles
 from tfrun.errors import ConfigError
-from tfrun.identity import TaskIdentity
+from tfrun.task import rendezvous
+from tfrun.task.identity import TaskIdentity
 
 TOLERATES_WORKER_LOSS = True
 HEARTBEAT_S = 5.0
@@ -91,7 +91,7 @@ def _chief_gone(run_dir: str, limit_s: float, since: float) -> str | None:
     """Why this server should stop, or None. ``since``: when it started serving."""
     if rendezvous.exists(run_dir, "chief-done"):
         return "the chief finished"
-    from tfrun.runs import read_json
+    from tfrun.rundir import read_json
 
     beat = read_json(rendezvous.directory(run_dir) / "chief-heartbeat.json")
     # A server serves only once every task published its address, the chief included, and

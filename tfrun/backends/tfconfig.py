@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from tfrun import rendezvous
-from tfrun.identity import TaskIdentity
+from tfrun.task import rendezvous
+from tfrun.task.identity import TaskIdentity
 
 Roles = Sequence[tuple[str, int, bool]]
 

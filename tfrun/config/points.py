@@ -5,8 +5,8 @@ Hydra composes every point from scratch (defaults list, every config file, struc
 schemas, merges): about 100 ms per point for tfrun's config, and a sweep composes each
 point twice (the sweeper validates the batch, the launcher plans it). Two points that
 choose the same group options (``compute=slurm backend=ps``) differ only in their value
-overrides (``trainer.lr=0.01``), which Hydra itself applies after composing, with
-``ConfigLoaderImpl._apply_overrides_to_config``. So :class:`PointComposer` composes once
+overrides (``trainer.lr=0.01``), which Hydra itself applies after composing
+(:func:`tfrun.config.hydra_compat.apply_overrides`). So :class:`PointComposer` composes once
 per distinct set of group overrides, copies that composition for each point, applies the
 point's value overrides the way Hydra does and fills in the ``hydra.overrides`` /
 ``hydra.job.override_dirname`` fields Hydra would. Anything it cannot reproduce exactly
@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
+
+from tfrun.config import hydra_compat
 
 Compose = Callable[[DictConfig, list[str]], DictConfig]
 
@@ -97,10 +99,8 @@ class PointComposer:
     def _repo(self, master: DictConfig) -> Any:
         repo = self.repos.get(id(master))
         if repo is None:
-            try:
-                _, repo = self.loader._parse_overrides_and_create_caching_repo(
-                    master.hydra.job.config_name, list(master.hydra.overrides.hydra))
-            except AttributeError:  # another Hydra: compose every point the slow way
+            repo = hydra_compat.caching_repo(self.loader, master.hydra.job.config_name, list(master.hydra.overrides.hydra))
+            if repo is None:  # another Hydra: compose every point the slow way
                 return None
             self.repos[id(master)] = repo
         return repo
@@ -108,27 +108,25 @@ class PointComposer:
     @staticmethod
     def _apply(config: DictConfig, values: list[Any], parsed: list[Any]) -> None:
         """What Hydra's ``_load_configuration_impl`` does after composing, for these overrides."""
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
         from hydra.errors import ConfigCompositionException
 
         try:
-            ConfigLoaderImpl._apply_overrides_to_config(values, config)
+            hydra_compat.apply_overrides(values, config)
         except OmegaConfBaseException as exc:  # as Hydra's load_configuration reports it
             raise ConfigCompositionException().with_traceback(sys.exc_info()[2]) from exc
         naming = config.hydra.job.config.override_dirname
         with open_dict(config.hydra):
             config.hydra.overrides.task = [o.input_line for o in parsed]
-            config.hydra.job.override_dirname = get_overrides_dirname(
-                overrides=parsed, kv_sep=naming.kv_sep, item_sep=naming.item_sep, exclude_keys=naming.exclude_keys)
+            config.hydra.job.override_dirname = hydra_compat.overrides_dirname(
+                parsed, naming.kv_sep, naming.item_sep, list(naming.exclude_keys))
 
 
-def install(hydra_context: Any) -> PointComposer:
-    """Route the multirun's compositions (the sweeper's and the launcher's) through one
-    :class:`PointComposer`; idempotent."""
-    loader = hydra_context.config_loader
+def install(loader: Any) -> PointComposer:
+    """Route a config loader's sweep compositions (the sweeper's and the launcher's) through
+    one :class:`PointComposer`; idempotent."""
     composer = getattr(loader, _INSTALLED, None)
     if composer is None:
         composer = PointComposer(loader)
-        loader.load_sweep_config = composer
+        hydra_compat.route_sweep_compositions(loader, composer)
         setattr(loader, _INSTALLED, composer)
     return composer

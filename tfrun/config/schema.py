@@ -190,7 +190,7 @@ class ExportConfig:
 
 @dataclass
 class OnnxExportConfig(ExportConfig):
-    """Convert the saved model to ONNX on rank 0 after training, and check it (tfrun/export.py)."""
+    """Convert the saved model to ONNX on rank 0 after training, and check it (tfrun/model/export.py)."""
 
     format: str = "onnx"
     model: Optional[str] = None  # relative to outputs/ (default: model.keras, *.keras, a SavedModel dir, *.h5)

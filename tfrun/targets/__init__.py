@@ -1,7 +1,13 @@
-"""Compute targets: a name maps to the module that renders and runs a Plan there.
+"""Compute targets: where planned runs are started and followed. A name maps to the module
+that runs a Plan there: ``run(plan)``, and for sweeps ``run_many(plans, sweep_dir)``.
 
-Each module offers ``request(plan) -> dict`` (pure: what would be submitted, shown by
-``--dry-run``) and ``run(plan, ...)`` / ``run_many(plans, ...)`` (act).
+What each target is asked to do was rendered at plan time (:mod:`tfrun.plan`); here is the
+acting half: :mod:`~tfrun.targets.local` (processes on this machine),
+:mod:`~tfrun.targets.slurm` (submitit), :mod:`~tfrun.targets.pack` (packed sweeps, and
+their runner inside the allocation), :mod:`~tfrun.targets.sweeps` (every point of a sweep,
+for the Hydra launcher plugin and ``tfrun.sweep``), :mod:`~tfrun.targets.control` (state
+and cancel, for the verbs and the API), :mod:`~tfrun.targets.report` (what is printed when
+a run ends).
 """
 from __future__ import annotations
 

@@ -16,28 +16,16 @@ import threading
 import time
 from typing import IO, Any
 
-from tfrun import backends, deps, export, preempt, runs
-from tfrun.plan import Plan
+from tfrun import backends, deps, rundir
+from tfrun.model import export
+from tfrun.plan import Plan, build
+from tfrun.task import preempt
 
 POLL_S = 0.1
 # While tasks run: a task's end is noticed within this. At 0.1 s the wait added ~0.05 s
 # to every run; a poll of each task's pid 50 times a second costs nothing measurable.
 WAIT_POLL_S = 0.02
 CHECKPOINT_WAIT_S = 120.0  # after a stop request, how long tasks get to reach a batch end
-
-
-def request(plan: Plan, sweep_dir: str | None = None) -> dict[str, Any]:
-    """What will be started: one process per task, with the variables that say which."""
-    return {
-        "processes": [
-            {"rank": t.rank, "argv": plan.command, "env": task_launch_env(t.rank)} for t in plan.tasks
-        ]
-    }
-
-
-def task_launch_env(rank: int, attempt: str = "local-<launch time>") -> dict[str, str]:
-    """The variables the bootstrap needs to know which task it is, and which launch."""
-    return {"TFRUN_LAUNCHER": "local", "TFRUN_RANK": str(rank), "TFRUN_ATTEMPT": attempt}
 
 
 class _Pump(threading.Thread):
@@ -151,7 +139,7 @@ def start(plan: Plan) -> list[subprocess.Popen[bytes]]:
     procs = []
     attempt = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     for task in plan.tasks:
-        launch_env = task_launch_env(task.rank, attempt)
+        launch_env = build.task_launch_env(task.rank, attempt)
         proc = _take_prestarted(plan, launch_env) if task.rank == 0 else None
         procs.append(proc or subprocess.Popen(
             plan.command, env={**os.environ, **launch_env}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -259,16 +247,16 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     plan.save()
     deps.prepare(plan)  # build or reuse the environment; a ConfigError here starts nothing
-    runs.update_status(run_dir, run_id=plan.run_id, state="RUNNING", target="local", backend=plan.backend,
-                       started=time.time(), ended=None, world_size=len(plan.tasks), job_ids=[],
-                       launcher_pid=os.getpid(), launcher_host=runs.hostname(), failed_rank=None, reason=None)
+    rundir.update_status(run_dir, run_id=plan.run_id, state="RUNNING", target="local", backend=plan.backend,
+                         started=time.time(), ended=None, world_size=len(plan.tasks), job_ids=[],
+                         launcher_pid=os.getpid(), launcher_host=rundir.hostname(), failed_rank=None, reason=None)
     procs = start(plan)
     lock = threading.Lock()
     pumps = []
     for task, proc in zip(plan.tasks, procs):
         prefix = f"[rank{task.rank}] ".encode() if len(procs) > 1 else b""
         assert proc.stdout is not None
-        pump = _Pump(proc.stdout, str(runs.rank_log(run_dir, task.rank)), prefix, out, lock)
+        pump = _Pump(proc.stdout, str(rundir.rank_log(run_dir, task.rank)), prefix, out, lock)
         pump.start()
         pumps.append(pump)
     grace = float(plan.compute.get("stop_grace_s", 5.0))
@@ -293,7 +281,7 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
     if state == "COMPLETED":
         fields.update(export.status_fields(run_dir))  # rank 0 recorded it in export.json
     if failed is not None:
-        fields.update(failed_rank=failed, host=runs.hostname(),
+        fields.update(failed_rank=failed, host=rundir.hostname(),
                       reason=describe_exit(procs[failed].returncode))
-    runs.update_status(run_dir, **fields)
+    rundir.update_status(run_dir, **fields)
     return state

@@ -10,87 +10,25 @@ points not yet finished.
 """
 from __future__ import annotations
 
-import math
 import os
-import shlex
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from tfrun import deps, preempt, runs
+from tfrun import deps, rundir
 from tfrun.errors import ConfigError
+from tfrun.plan import Plan, packing, sbatch
 from tfrun.targets import slurm
-from tfrun.plan import Plan
+from tfrun.task import preempt
 
 CANCEL_MARKER = "cancel-requested"
-AUTO_MIN_POINTS = 10  # pack=auto: at least this many points per job
 # How often the runner looks for finished points. A slot stays idle for half of this on
 # average after its point ends; at 0.2 s that was a third of a trivial point's cost, and
 # polling a few child processes 20 times a second costs nothing measurable.
 POLL_S = 0.05
-
-
-def pack_size(compute: dict[str, Any], points: int) -> int:
-    """K for a sweep of ``points``: compute.pack_size, or with pack=auto at most
-    array_parallelism jobs and at least AUTO_MIN_POINTS points per job."""
-    if compute.get("pack") == "auto":
-        return max(math.ceil(points / compute["array_parallelism"]), min(AUTO_MIN_POINTS, points))
-    return max(1, int(compute.get("pack_size") or 1))
-
-
-def is_packed(plans: Sequence[Plan]) -> bool:
-    """Does this Slurm sweep ask for packing?"""
-    return bool(plans) and pack_size(plans[0].compute, len(plans)) > 1
-
-
-def packs(plans: Sequence[Plan]) -> list[list[Plan]]:
-    """Consecutive groups of K points, in sweep order."""
-    k = pack_size(plans[0].compute, len(plans))
-    return [list(plans[i:i + k]) for i in range(0, len(plans), k)]
-
-
-def allocation_parameters(plan: Plan) -> dict[str, Any]:
-    """One point's parameters, widened to ``pack_slots`` points side by side. The runner
-    is the batch script itself (no srun); the time-limit warning goes to the job steps,
-    i.e. to the running points, whose rank 0 requeues the job."""
-    params = slurm.plan_parameters(plan)
-    slots = int(plan.compute.get("pack_slots") or 1)
-    params["ntasks_per_node"] = plan.compute["tasks_per_node"] * slots
-    params["use_srun"] = False
-    params.pop("srun_args", None)
-    return params
-
-
-def request(plans: Sequence[Plan], sweep_dir: str) -> list[dict[str, Any]]:
-    """For --dry-run: which points go in which job, and the array's sbatch script."""
-    groups = packs(plans)
-    folder = os.path.join(sweep_dir, slurm.SUBMITIT_DIR)
-    text = slurm.sbatch_text(allocation_parameters(plans[0]), deps.python_words(plans[0]), folder,
-                             array_size=len(groups))
-    return [{"runs": [p.run_id for p in plans], "sbatch": text,
-             "jobs": [{"array_index": i, "runs": [p.run_id for p in g]} for i, g in enumerate(groups)]}]
-
-
-def point_requests(plans: Sequence[Plan]) -> list[Plan]:
-    """A packed sweep's plans with each point's request being its job step (not a job of its own)."""
-    if not is_packed(plans):
-        return list(plans)
-    return [replace(p, request={"srun": shlex.join(step_command(p)), "packed": True}) for p in plans]
-
-
-def step_command(plan: Plan) -> list[str]:
-    """The job step that runs one point: srun with the point's own task layout."""
-    c = plan.compute
-    world = c["nodes"] * c["tasks_per_node"]
-    srun = ["srun", "--exact", "--unbuffered", f"--nodes={c['nodes']}", f"--ntasks={world}",
-            f"--ntasks-per-node={c['tasks_per_node']}", "--kill-on-bad-exit=1", *c.get("srun_args", [])]
-    if c.get("gpus_per_task"):
-        srun.append(f"--gpus-per-task={c['gpus_per_task']}")
-    return [*srun, *deps.python_words(plan), "-u", "-m", "tfrun.bootstrap", plan.run_dir]
 
 
 def _killed_by_stop_signal(run_dir: str, code: int) -> bool:
@@ -98,11 +36,11 @@ def _killed_by_stop_signal(run_dir: str, code: int) -> bool:
     signum = int(preempt.SIGNALS[1])
     if code in (-signum, 128 + signum):
         return True
-    return "task 0: " + signal.strsignal(signum) in runs.tail(Path(run_dir) / "srun.log", 20)
+    return "task 0: " + signal.strsignal(signum) in rundir.tail(Path(run_dir) / "srun.log", 20)
 
 
 def _finished(run_dir: str) -> bool:
-    return runs.read_status(run_dir).get("state") in runs.FINAL_STATES
+    return rundir.read_status(run_dir).get("state") in rundir.FINAL_STATES
 
 
 class _Runner:
@@ -120,14 +58,14 @@ class _Runner:
 
     def start(self, run_dir: str) -> None:
         if (Path(run_dir) / CANCEL_MARKER).exists():
-            runs.update_status(run_dir, state="CANCELLED", ended=time.time(), reason="cancelled with tfrun cancel")
+            rundir.update_status(run_dir, state="CANCELLED", ended=time.time(), reason="cancelled with tfrun cancel")
             return
         plan = Plan.load(run_dir)
         log = open(Path(run_dir) / "srun.log", "ab")
         env = {**os.environ, "TFRUN_LAUNCHER": "slurm"}
-        runs.update_status(run_dir, state="RUNNING", started=time.time(), srun_log=str(Path(run_dir) / "srun.log"),
-                           allocation=self.job)
-        self.running[run_dir] = subprocess.Popen(step_command(plan), env=env, stdout=log, stderr=subprocess.STDOUT)
+        rundir.update_status(run_dir, state="RUNNING", started=time.time(), srun_log=str(Path(run_dir) / "srun.log"),
+                             allocation=self.job)
+        self.running[run_dir] = subprocess.Popen(packing.step_command(plan), env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
     def reap(self) -> None:
@@ -150,7 +88,7 @@ class _Runner:
                 continue
             else:
                 state = "FAILED"
-            runs.update_status(run_dir, **slurm.settle(run_dir, state))
+            rundir.update_status(run_dir, **slurm.settle(run_dir, state))
 
     def wind_down(self) -> None:
         """The job is being requeued (a point's rank 0 asked) or ended: let the running
@@ -192,11 +130,11 @@ def run_pack(run_dirs: list[str], slots: int) -> None:
 def submit(groups: Sequence[Sequence[Plan]], folder: str) -> list[str]:
     """One array element per pack (arrays split at MaxArraySize)."""
     first = groups[0][0]
-    params = allocation_parameters(first)
+    params = packing.allocation_parameters(first)
     executor = slurm._executor(folder, params, deps.python_words(first))
     slots = int(first.compute.get("pack_slots") or 1)
     ids: list[str] = []
-    chunk = max(1, slurm.max_array_size())
+    chunk = max(1, sbatch.max_array_size())
     for start in range(0, len(groups), chunk):
         part = groups[start:start + chunk]
         try:
@@ -211,25 +149,25 @@ def submit(groups: Sequence[Sequence[Plan]], folder: str) -> list[str]:
 
 def point_state(run_dir: str | os.PathLike[str], job_state: str) -> str:
     """A packed point's state: its own, until its allocation ended without finishing it."""
-    status = runs.read_status(run_dir)
+    status = rundir.read_status(run_dir)
     state = status.get("state", "PENDING")
-    if state in runs.FINAL_STATES or job_state not in runs.FINAL_STATES:
+    if state in rundir.FINAL_STATES or job_state not in rundir.FINAL_STATES:
         return state
     state = job_state if job_state != "COMPLETED" else "FAILED"
-    runs.update_status(run_dir, state=state, ended=time.time(),
-                       reason=f"its allocation {status.get('job_ids', ['?'])[-1]} ended ({job_state}) before it finished")
+    rundir.update_status(run_dir, state=state, ended=time.time(),
+                         reason=f"its allocation {status.get('job_ids', ['?'])[-1]} ended ({job_state}) before it finished")
     return state
 
 
 def cancel_point(run_dir: Path) -> None:
     """Cancel one point of a pack: never start it, or end its job step; the others go on."""
     (run_dir / CANCEL_MARKER).touch()
-    steps = {(r.get("job"), r.get("step")) for r in runs.rank_records(run_dir).values()
+    steps = {(r.get("job"), r.get("step")) for r in rundir.rank_records(run_dir).values()
              if r.get("ended") is None and r.get("job") and r.get("step") is not None}
     for job, step in steps:
         subprocess.run(["scancel", f"{job}.{step}"], capture_output=True, text=True, timeout=60)
-    if not steps and runs.read_status(run_dir).get("state") in ("PENDING", None):
-        runs.update_status(run_dir, state="CANCELLED", ended=time.time(), reason="cancelled with tfrun cancel")
+    if not steps and rundir.read_status(run_dir).get("state") in ("PENDING", None):
+        rundir.update_status(run_dir, state="CANCELLED", ended=time.time(), reason="cancelled with tfrun cancel")
 
 
 def follow(plans: Sequence[Plan], by_dir: dict[str, str], poll_s: float) -> list[str]:
@@ -242,7 +180,7 @@ def follow(plans: Sequence[Plan], by_dir: dict[str, str], poll_s: float) -> list
             job_state = slurm.tfrun_state(info.get(by_dir[plan.run_dir], {}).get("State", "PENDING"))
             state = point_state(plan.run_dir, job_state)
             states[plan.run_dir] = state
-            if state in runs.FINAL_STATES:
+            if state in rundir.FINAL_STATES:
                 final[plan.run_dir] = state
         shown = slurm._sweep_line(len(plans), states, shown)
         if len(final) < len(plans):
@@ -254,11 +192,11 @@ def follow(plans: Sequence[Plan], by_dir: dict[str, str], poll_s: float) -> list
 
 def run_packed(plans: Sequence[Plan], sweep_dir: str) -> list[str]:
     """Submit a sweep as packed allocations and, unless compute.wait=false, follow its points."""
-    if len(slurm.parameter_groups(plans)) > 1:
+    if len(sbatch.parameter_groups(plans)) > 1:
         raise ConfigError.invalid("compute.pack_size", plans[0].compute.get("pack_size"),
                                   "a sweep whose points all ask for the same Slurm resources (this one varies them)")
-    groups = packs(plans)
-    folder = os.path.join(sweep_dir, slurm.SUBMITIT_DIR)
+    groups = packing.packs(plans)
+    folder = os.path.join(sweep_dir, sbatch.SUBMITIT_DIR)
     for plan in plans:
         slurm._prepare(plan)
         deps.prepare(plan)
@@ -268,9 +206,9 @@ def run_packed(plans: Sequence[Plan], sweep_dir: str) -> list[str]:
     for group, job_id in zip(groups, job_ids):
         for plan in group:
             by_dir[plan.run_dir] = job_id
-            runs.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm", packed=True,
-                               submitit_folder=folder, backend=plan.backend, job_ids=[job_id], submitted=now,
-                               started=None, ended=None, world_size=len(plan.tasks))
+            rundir.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm", packed=True,
+                                 submitit_folder=folder, backend=plan.backend, job_ids=[job_id], submitted=now,
+                                 started=None, ended=None, world_size=len(plan.tasks))
     array = sorted({j.split("_")[0] for j in job_ids})
     print(f"tfrun: submitted {len(plans)} run(s) packed into {len(job_ids)} job(s) (array {', '.join(array)}); "
           f"sweep dir {sweep_dir}", file=sys.stderr, flush=True)

@@ -1,25 +1,24 @@
 """Run Plans on Slurm through submitit: one job per run, one job array per sweep.
 
-``request`` is pure (what would be submitted: submitit parameters, the exact sbatch
-script); ``submit``/``run``/``run_many`` act. State comes from one batched ``sacct``
+What is submitted was rendered at plan time (:mod:`tfrun.plan.sbatch`: submitit's
+parameters, the exact sbatch script); ``submit``/``run``/``run_many`` act. State comes from one batched ``sacct``
 query per poll for all of a launch's jobs, never one query per job.
 """
 from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from tfrun import backends, deps, export, runs
+from tfrun import deps, rundir
 from tfrun.errors import ConfigError, LaunchError
-from tfrun.plan import Plan
+from tfrun.model import export
+from tfrun.plan import Plan, sbatch, submitit_compat
 
-SUBMITIT_DIR = ".submitit"
 # sacct states -> tfrun states. Anything not listed is shown as Slurm says it.
 _STATES = {
     "PENDING": "PENDING", "REQUEUED": "PENDING", "REQUEUE_HOLD": "PENDING", "REQUEUE_FED": "PENDING",
@@ -34,78 +33,6 @@ def tfrun_state(slurm_state: str) -> str:
     """Map a sacct state (``CANCELLED by 0`` included) to tfrun's vocabulary."""
     word = slurm_state.split()[0] if slurm_state else "UNKNOWN"
     return _STATES.get(word, word)
-
-
-def parameters(compute: dict[str, Any], backend: str = "none") -> dict[str, Any]:
-    """submitit/sbatch parameters for a run (names as ``_make_sbatch_string`` takes them)."""
-    # A rank that exits non-zero ends the whole step at once: no rank is left waiting
-    # forever in a collective for a peer that is gone. Backends that survive losing a
-    # server task (ps) stop their servers themselves when the chief ends.
-    tolerant = getattr(backends.get(backend), "TOLERATES_WORKER_LOSS", False)
-    params: dict[str, Any] = {
-        "job_name": compute["job_name"],
-        "time": compute["timeout_min"],
-        "nodes": compute["nodes"],
-        "ntasks_per_node": compute["tasks_per_node"],
-        "signal_delay_s": compute["signal_delay_s"],
-        "stderr_to_stdout": True,
-        "srun_args": [f"--kill-on-bad-exit={0 if tolerant else 1}", *compute["srun_args"]],
-        "setup": list(compute["setup"]),
-        "array_parallelism": compute["array_parallelism"],
-    }
-    if compute.get("gpus_per_task"):
-        params["gpus_per_task"] = compute["gpus_per_task"]
-    elif compute["gpus_per_node"]:
-        params["gpus_per_node"] = compute["gpus_per_node"]
-    if compute.get("mem_gb"):
-        from submitit.slurm.slurm import _convert_mem
-
-        params["mem"] = _convert_mem(compute["mem_gb"])
-    for key in ("partition", "cpus_per_task", "account", "qos", "constraint", "exclude", "nodelist"):
-        if compute.get(key) is not None:
-            params[key] = compute[key]
-    if compute["additional_parameters"]:
-        params["additional_parameters"] = dict(compute["additional_parameters"])
-    return params
-
-
-def plan_parameters(plan: Plan) -> dict[str, Any]:
-    """:func:`parameters` of a plan, with the setup lines its deps add (module loads, an in-job build)."""
-    params = parameters(plan.compute, plan.backend)
-    params["setup"] = [*params["setup"], *deps.setup_lines(plan)]
-    return params
-
-
-def submitit_command(python: str | Sequence[str], folder: str | os.PathLike[str]) -> str:
-    """The command submitit puts after srun in the sbatch script."""
-    return f"{_shell_words(python)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
-
-
-def _shell_words(python: str | Sequence[str]) -> str:
-    """An interpreter, or a command that ends with one (apptainer exec ... IMAGE python3), quoted."""
-    return shlex.quote(python) if isinstance(python, str) else shlex.join(python)
-
-
-def sbatch_text(params: dict[str, Any], python: str | Sequence[str], folder: str | os.PathLike[str], array_size: int | None = None) -> str:
-    """The exact sbatch script submitit will write for these parameters."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    extra = {"map_count": array_size} if array_size and array_size > 1 else {}
-    return _make_sbatch_string(command=submitit_command(python, folder), folder=folder, **params, **extra)
-
-
-def submitit_folder(plan: Plan) -> str:
-    """Where submitit keeps its pickles and logs: beside the run, or beside the sweep."""
-    return os.path.join(plan.run_dir, SUBMITIT_DIR)
-
-
-def request(plan: Plan, sweep_dir: str | None = None) -> dict[str, Any]:
-    """What ``sbatch`` will get for this run (shown by ``--dry-run``); a sweep's runs share its folder."""
-    params = plan_parameters(plan)
-    folder = os.path.join(sweep_dir, SUBMITIT_DIR) if sweep_dir else submitit_folder(plan)
-    text = sbatch_text(params, deps.python_words(plan), folder)
-    srun = next(line for line in text.splitlines() if line.startswith("srun "))
-    return {"parameters": params, "folder": folder, "sbatch": text, "srun": srun}
 
 
 def slurm_entry(run_dir: str) -> None:
@@ -124,23 +51,11 @@ def slurm_entry(run_dir: str) -> None:
         raise SystemExit(code)
 
 
-def max_array_size() -> int:
-    """The cluster's MaxArraySize (Slurm's default when it cannot be read)."""
-    try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 1001
-    for line in out.splitlines():
-        if line.startswith("MaxArraySize"):
-            return int(line.split("=", 1)[1].strip())
-    return 1001
-
-
 def _executor(folder: str, params: dict[str, Any], python: str | Sequence[str]):  # -> submitit.SlurmExecutor
     import submitit
 
     try:
-        executor = submitit.SlurmExecutor(folder=folder, python=_shell_words(python))
+        executor = submitit.SlurmExecutor(folder=folder, python=sbatch.shell_words(python))
     except RuntimeError as exc:  # no srun on PATH
         raise LaunchError(f"compute.target=slurm needs Slurm's commands on PATH: {exc}") from exc
     executor.update_parameters(**params)
@@ -155,10 +70,10 @@ def _rejected(exc: Exception) -> ConfigError:
 
 def submit(plans: Sequence[Plan], folder: str) -> list[str]:
     """Submit plans that share compute parameters: one job, or job arrays split at MaxArraySize."""
-    params = plan_parameters(plans[0])
+    params = sbatch.plan_parameters(plans[0])
     executor = _executor(folder, params, deps.python_words(plans[0]))
     ids: list[str] = []
-    chunk = max(1, max_array_size())
+    chunk = max(1, sbatch.max_array_size())
     for start in range(0, len(plans), chunk):
         part = plans[start:start + chunk]
         try:
@@ -177,8 +92,6 @@ def submit(plans: Sequence[Plan], folder: str) -> list[str]:
 
 def query(job_ids: Iterable[str]) -> dict[str, dict[str, str]]:
     """State and nodes of many jobs in one sacct call: ``{job_id: {"State": ..., "NodeList": ...}}``."""
-    from submitit.slurm.slurm import SlurmInfoWatcher
-
     ids = sorted({j.split("_")[0] for j in job_ids})
     if not ids:
         return {}
@@ -187,7 +100,7 @@ def query(job_ids: Iterable[str]) -> dict[str, dict[str, str]]:
         out = subprocess.run(command, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return {}
-    return SlurmInfoWatcher().read_info(out.stdout)
+    return submitit_compat.read_sacct(out.stdout)
 
 
 def cancel(job_ids: Iterable[str]) -> None:
@@ -206,7 +119,7 @@ def srun_failure(run_dir: str) -> dict[str, Any] | None:
     srun names the task that failed first, before those it then terminated, which the
     ranks' records cannot do for a task killed by SIGKILL (it records nothing).
     """
-    status = runs.read_status(run_dir)
+    status = rundir.read_status(run_dir)
     folder, jobs = status.get("submitit_folder"), status.get("job_ids") or []
     if status.get("srun_log"):  # a packed point: its own step's srun
         log = Path(status["srun_log"])
@@ -214,7 +127,7 @@ def srun_failure(run_dir: str) -> dict[str, Any] | None:
         log = Path(folder) / f"{jobs[-1]}_0_log.out"
     else:
         return None
-    match = _SRUN_TASK_ERROR.search(runs.tail(log, 200))
+    match = _SRUN_TASK_ERROR.search(rundir.tail(log, 200))
     if not match:
         return None
     host, rank, how = match.groups()
@@ -227,7 +140,7 @@ def settle(run_dir: str, state: str) -> dict[str, Any]:
     fields: dict[str, Any] = {"state": state, "ended": time.time()}
     if state == "COMPLETED":
         fields.update(export.status_fields(run_dir))  # rank 0 recorded it in export.json, in the job
-    records = runs.rank_records(run_dir)
+    records = rundir.rank_records(run_dir)
     fields["exit_codes"] = {str(r): rec.get("exit_code") for r, rec in records.items()}
     failed = [rec for rec in records.values() if rec.get("exit_code") not in (None, 0)]
     first = srun_failure(run_dir) if state != "COMPLETED" else None
@@ -286,7 +199,7 @@ def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list
 
     Ctrl-C detaches: the jobs keep running. Returns the final tfrun state of every plan.
     """
-    tail = _LogTail(runs.rank_log(plans[0].run_dir, 0)) if len(plans) == 1 else None
+    tail = _LogTail(rundir.rank_log(plans[0].run_dir, 0)) if len(plans) == 1 else None
     last: dict[str, str] = {}
     final: dict[str, str] = {}
     shown = ""
@@ -298,12 +211,12 @@ def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list
             state = tfrun_state(info.get(job_id, {}).get("State", "PENDING"))
             if state != last.get(job_id):
                 last[job_id] = state
-                runs.update_status(plan.run_dir, state=state, nodes=info.get(job_id, {}).get("NodeList"))
+                rundir.update_status(plan.run_dir, state=state, nodes=info.get(job_id, {}).get("NodeList"))
                 if len(plans) == 1:
                     print(f"tfrun: job {job_id} {state}", file=sys.stderr, flush=True)
-            if state in runs.FINAL_STATES:
+            if state in rundir.FINAL_STATES:
                 final[job_id] = state
-                runs.update_status(plan.run_dir, **settle(plan.run_dir, state))
+                rundir.update_status(plan.run_dir, **settle(plan.run_dir, state))
         if tail:
             tail.pump()
         if len(plans) > 1:
@@ -319,7 +232,7 @@ def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list
 
 
 def _prepare(plan: Plan) -> None:
-    os.makedirs(runs.rank_log(plan.run_dir, 0).parent, exist_ok=True)
+    os.makedirs(rundir.rank_log(plan.run_dir, 0).parent, exist_ok=True)
     plan.save()
 
 
@@ -333,15 +246,15 @@ def launch(plans: Sequence[Plan], folder: str) -> list[str]:
         job_ids = submit(plans, folder)
     except ConfigError as exc:
         for plan in plans:
-            runs.update_status(plan.run_dir, run_id=plan.run_id, state="FAILED", target="slurm",
-                               reason=str(exc), ended=time.time())
+            rundir.update_status(plan.run_dir, run_id=plan.run_id, state="FAILED", target="slurm",
+                                 reason=str(exc), ended=time.time())
         raise
     now = time.time()
     for plan, job_id in zip(plans, job_ids):
-        earlier = runs.read_status(plan.run_dir).get("job_ids") or []  # a resumed run keeps its history
-        runs.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm", submitit_folder=folder,
-                           backend=plan.backend, job_ids=[*earlier, job_id], submitted=now, started=now,
-                           ended=None, world_size=len(plan.tasks), failed_rank=None, reason=None)
+        earlier = rundir.read_status(plan.run_dir).get("job_ids") or []  # a resumed run keeps its history
+        rundir.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm", submitit_folder=folder,
+                             backend=plan.backend, job_ids=[*earlier, job_id], submitted=now, started=now,
+                             ended=None, world_size=len(plan.tasks), failed_rank=None, reason=None)
     return job_ids
 
 
@@ -352,7 +265,7 @@ def _detached(job_ids: Sequence[str], where: str) -> None:
 
 def run(plan: Plan) -> str:
     """Submit one run as one Slurm job and, unless ``compute.wait=false``, follow it."""
-    job_ids = launch([plan], submitit_folder(plan))
+    job_ids = launch([plan], sbatch.submitit_folder(plan))
     print(f"tfrun: submitted job {job_ids[0]}; run dir {plan.run_dir}", file=sys.stderr, flush=True)
     if not plan.compute["wait"]:
         _detached(job_ids, plan.run_dir)
@@ -364,35 +277,12 @@ def run(plan: Plan) -> str:
         return "DETACHED"
 
 
-def parameter_groups(plans: Sequence[Plan]) -> list[list[Plan]]:
-    """Plans whose Slurm parameters are equal go in one array (a sweep over nodes makes several)."""
-    groups: dict[str, list[Plan]] = {}
-    for plan in plans:
-        key = repr(sorted(plan_parameters(plan).items())) + shlex.join(deps.python_words(plan))
-        groups.setdefault(key, []).append(plan)
-    return list(groups.values())
-
-
-def array_requests(plans: Sequence[Plan], sweep_dir: str) -> list[dict[str, Any]]:
-    """What a sweep submits: per group of equal parameters, its runs and the array's sbatch."""
-    folder = os.path.join(sweep_dir, SUBMITIT_DIR)
-    chunk = max_array_size()
-    requests = []
-    for group in parameter_groups(plans):
-        for start in range(0, len(group), chunk):
-            part = group[start:start + chunk]
-            params = plan_parameters(part[0])
-            requests.append({"runs": [p.run_id for p in part],
-                             "sbatch": sbatch_text(params, deps.python_words(part[0]), folder, array_size=len(part))})
-    return requests
-
-
 def run_many(plans: Sequence[Plan], sweep_dir: str) -> list[str]:
     """Submit a sweep as job array(s) and, unless ``compute.wait=false``, follow them all."""
-    folder = os.path.join(sweep_dir, SUBMITIT_DIR)
+    folder = os.path.join(sweep_dir, sbatch.SUBMITIT_DIR)
     ordered: list[Plan] = []
     job_ids: list[str] = []
-    for group in parameter_groups(plans):
+    for group in sbatch.parameter_groups(plans):
         job_ids += launch(group, folder)
         ordered += group
     print(f"tfrun: submitted {len(ordered)} run(s) as job(s) {', '.join(sorted({j.split('_')[0] for j in job_ids}))}; "

@@ -1,6 +1,6 @@
 """Hydra launcher that runs sweep points the tfrun way: planned first, then launched
 locally one after another or as Slurm job array(s). A thin adapter: the work is in
-:mod:`tfrun.multirun`.
+:mod:`tfrun.targets.sweeps`.
 
 No ``from __future__ import annotations`` here: Hydra imports plugin modules without
 registering them in sys.modules, and dataclasses then cannot resolve string annotations."""
@@ -37,15 +37,16 @@ class TfrunLauncher(Launcher):
         from tfrun.config import points
 
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
-        points.install(hydra_context)  # the sweeper composes every point before launch(): once each
+        points.install(hydra_context.config_loader)  # the sweeper composes every point before launch(): once each
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hydra.core.utils import configure_log, setup_globals
 
-        from tfrun.multirun import launch_points
+        from tfrun.targets.sweeps import launch_points
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        returns: Any = launch_points(self.hydra_context, self.config, job_overrides, initial_job_idx)
+        returns: Any = launch_points(self.hydra_context, self.config, job_overrides, initial_job_idx,
+                                      self.task_function)
         return returns

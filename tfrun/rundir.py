@@ -1,8 +1,11 @@
-"""The run directory: layout, status file, per-rank records, lookup by id.
+"""The run directory: its layout, the plan it holds, the status file, per-rank records,
+attempts, and lookup by id.
 
-The run dir is the job's shared memory. Everything is written atomically (temp file +
-rename) so that a reader on another node, or a kill at any moment, never sees half a
-file.
+The run dir is the job's shared memory, and this module the one place that knows its
+files: :class:`Plan` is what ``plan.json`` holds (written by the launcher, read by every
+task's bootstrap), so it lives here, below both. Everything is written atomically (temp
+file + rename) so that a reader on another node, or a kill at any moment, never sees
+half a file.
 """
 from __future__ import annotations
 
@@ -11,17 +14,88 @@ import os
 import socket
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from tfrun.errors import TfrunError
 
+PLAN_FILE = "plan.json"
 STATUS_FILE = "status.json"
 ATTEMPTS_FILE = "attempts.json"
+EXPORT_FILE = "export.json"  # the record of export=onnx (tfrun.model.export)
+SWEEP_FILE = "sweep.json"  # in a sweep dir: its points, their overrides and objective values
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "STOPPED")  # STOPPED: resumable
 # States in which the tfrun command itself succeeded: a submitted run that tfrun did not
 # wait for (compute.wait=false, or Ctrl-C while following) is in Slurm's hands.
 OK_STATES = ("COMPLETED", "PENDING", "DETACHED")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One process of the run."""
+
+    rank: int
+    local_rank: int
+    node_index: int
+    role: str  # worker, chief, ps, evaluator
+    role_index: int
+    runs_script: bool  # false for tasks that only serve (parameter servers)
+    argv: list[str]  # sys.argv the script sees
+    env: dict[str, str]  # variables tfrun sets in this task (hosts and ports are filled in the task)
+    gpus: str | None  # CUDA_VISIBLE_DEVICES when known at plan time (local), else None
+    tf_config: dict[str, Any] | None  # TF_CONFIG with host/port placeholders
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the run will do, as plain data."""
+
+    run_id: str
+    run_dir: str
+    target: str  # compute target: local or slurm
+    backend: str
+    script: str
+    source_dir: str
+    python: str
+    command: list[str]  # what each task's process runs (before the bootstrap takes over)
+    tasks: list[Task]
+    config: dict[str, Any]  # the composed, resolved config
+    request: dict[str, Any] = field(default_factory=dict)  # launcher-specific (sbatch text, ...)
+    warnings: list[str] = field(default_factory=list)  # things that will run but probably not as meant
+    deps: dict[str, Any] = field(default_factory=dict)  # the environment (a tfrun.deps DepsPlan as data)
+
+    @property
+    def output_dir(self) -> str:
+        """Where the script should write what it produces."""
+        return os.path.join(self.run_dir, "outputs")
+
+    @property
+    def compute(self) -> dict[str, Any]:
+        """The composed compute section."""
+        return self.config["compute"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    def save(self) -> Path:
+        """Write plan.json into the run dir atomically."""
+        path = Path(self.run_dir) / PLAN_FILE
+        write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        """Inverse of :meth:`to_dict`."""
+        fields = dict(data)
+        fields["tasks"] = [Task(**t) for t in data["tasks"]]
+        return cls(**fields)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str]) -> "Plan":
+        """Read plan.json from a run dir."""
+        return cls.from_dict(json.loads((Path(run_dir) / PLAN_FILE).read_text()))
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:

@@ -2,90 +2,24 @@
 
 Building a plan has no side effects. ``--dry-run`` prints it, tests assert on it, the
 launchers write it to the run dir as ``plan.json``, and the bootstrap in every task
-reads it back to learn what to do.
+reads it back (:class:`tfrun.rundir.Plan`) to learn what to do.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from tfrun import backends, targets
+from tfrun import backends
 from tfrun.config import validate
+from tfrun.errors import ConfigError
+from tfrun.plan import sbatch
+from tfrun.rundir import Plan, Task
 
-PLAN_FILE = "plan.json"
-
-
-@dataclass(frozen=True)
-class Task:
-    """One process of the run."""
-
-    rank: int
-    local_rank: int
-    node_index: int
-    role: str  # worker, chief, ps, evaluator
-    role_index: int
-    runs_script: bool  # false for tasks that only serve (parameter servers)
-    argv: list[str]  # sys.argv the script sees
-    env: dict[str, str]  # variables tfrun sets in this task (hosts and ports are filled in the task)
-    gpus: str | None  # CUDA_VISIBLE_DEVICES when known at plan time (local), else None
-    tf_config: dict[str, Any] | None  # TF_CONFIG with host/port placeholders
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Everything the run will do, as plain data."""
-
-    run_id: str
-    run_dir: str
-    target: str  # compute target: local or slurm
-    backend: str
-    script: str
-    source_dir: str
-    python: str
-    command: list[str]  # what each task's process runs (before the bootstrap takes over)
-    tasks: list[Task]
-    config: dict[str, Any]  # the composed, resolved config
-    request: dict[str, Any] = field(default_factory=dict)  # launcher-specific (sbatch text, ...)
-    warnings: list[str] = field(default_factory=list)  # things that will run but probably not as meant
-    deps: dict[str, Any] = field(default_factory=dict)  # the environment (tfrun.deps.DepsPlan as data)
-
-    @property
-    def output_dir(self) -> str:
-        """Where the script should write what it produces."""
-        return os.path.join(self.run_dir, "outputs")
-
-    @property
-    def compute(self) -> dict[str, Any]:
-        """The composed compute section."""
-        return self.config["compute"]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return asdict(self)
-
-    def save(self) -> Path:
-        """Write plan.json into the run dir atomically."""
-        from tfrun.runs import write_json
-
-        path = Path(self.run_dir) / PLAN_FILE
-        write_json(path, self.to_dict())
-        return path
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
-        """Inverse of :meth:`to_dict`."""
-        fields = dict(data)
-        fields["tasks"] = [Task(**t) for t in data["tasks"]]
-        return cls(**fields)
-
-    @classmethod
-    def load(cls, run_dir: str | os.PathLike[str]) -> "Plan":
-        """Read plan.json from a run dir."""
-        return cls.from_dict(json.loads((Path(run_dir) / PLAN_FILE).read_text()))
+# Where a run can go; :mod:`tfrun.targets` has the code that starts it there.
+TARGETS = ("local", "slurm")
 
 
 def script_args(trainer: Mapping[str, Any], prefix: str, style: str) -> list[str]:
@@ -116,7 +50,7 @@ def local_gpus(local_rank: int, gpus_per_task: int) -> str | None:
 
 def base_env(run_id: str, run_dir: str, ident: Mapping[str, int], role: str, world_size: int,
              backend: str) -> dict[str, str]:
-    """The TFRUN_* variables every task gets (also read by :func:`tfrun.context`)."""
+    """The TFRUN_* variables every task gets (also read by :func:`tfrun.task.context`)."""
     return {
         "TFRUN_RUN_ID": run_id,
         "TFRUN_RUN_DIR": run_dir,
@@ -143,9 +77,10 @@ def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Pat
 
     Raises :class:`tfrun.errors.ConfigError` for anything that cannot run.
     """
-    # Imported here: every task's bootstrap imports this module for Plan.load, and these
-    # pull in omegaconf and the schemas (a quarter of a second per task of a packed sweep).
-    from tfrun import deps, export
+    # Imported here: export's settings are a schema (omegaconf), and the runner of a packed
+    # allocation, which imports this package for its points' job steps, needs neither.
+    from tfrun import deps
+    from tfrun.model import export
 
     cwd = cwd or Path.cwd()
     compute, backend_cfg, entry = cfg["compute"], cfg["backend"], cfg["entry"]
@@ -153,7 +88,8 @@ def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Pat
     validate.check_compute(compute)
     validate.check_trainer(cfg["trainer"])
     export.check(cfg["export"])
-    launcher = targets.get(compute["target"])
+    if compute["target"] not in TARGETS:
+        raise ConfigError.invalid("compute.target", compute["target"], TARGETS)
     backend = backends.get(backend_cfg["name"])
     script, source_dir = validate.resolve_script(entry, cwd)
 
@@ -189,9 +125,22 @@ def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Pat
         config=dict(cfg), deps=deps_plan.to_dict(),
         warnings=[w for w in [validate.keras3_warning(script, backend_cfg)] if w],
     )
-    return replace(plan, request=launcher.request(plan))
+    return replace(plan, request=target_request(plan))
 
 
 def in_sweep(plan: Plan, sweep_dir: str | os.PathLike[str]) -> Plan:
     """The plan of a sweep point: the launcher's request as the sweep will submit it."""
-    return replace(plan, request=targets.get(plan.target).request(plan, sweep_dir=str(sweep_dir)))
+    return replace(plan, request=target_request(plan, sweep_dir=str(sweep_dir)))
+
+
+def target_request(plan: Plan, sweep_dir: str | None = None) -> dict[str, Any]:
+    """What the compute target is asked to do (``--dry-run`` shows it): on Slurm the exact
+    sbatch script; here, one process per task with the variables that say which."""
+    if plan.target == "slurm":
+        return sbatch.request(plan, sweep_dir)
+    return {"processes": [{"rank": t.rank, "argv": plan.command, "env": task_launch_env(t.rank)} for t in plan.tasks]}
+
+
+def task_launch_env(rank: int, attempt: str = "local-<launch time>") -> dict[str, str]:
+    """The variables a local task's bootstrap needs to know which task it is, and which launch."""
+    return {"TFRUN_LAUNCHER": "local", "TFRUN_RANK": str(rank), "TFRUN_ATTEMPT": attempt}

@@ -5,14 +5,15 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from tfrun import runs, tracking
+from tfrun import rundir
 from tfrun.errors import TfrunError
+from tfrun.tracking import metrics
 
 
 def epoch_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every metric of a run's Keras epochs: name -> [(epoch, value)]."""
     series: dict[str, list[tuple[int, float]]] = {}
-    for record in tracking.read_metrics(run_dir / tracking.METRICS_FILE):
+    for record in metrics.read_metrics(run_dir / metrics.METRICS_FILE):
         if record.get("epoch") is not None:
             for name, value in record.items():
                 if name not in ("epoch", "time") and isinstance(value, (int, float)):
@@ -36,7 +37,7 @@ def summary(run_dir: Path) -> dict[str, tuple[float, float]]:
 
 def point_params(sweep_dir: Path, run_dirs: Sequence[Path]) -> list[dict[str, str]]:
     """Each point's overrides as key -> value."""
-    index = runs.read_json(sweep_dir / "sweep.json") or {"points": []}
+    index = rundir.read_json(sweep_dir / rundir.SWEEP_FILE) or {"points": []}
     by_dir = {p["run_dir"]: p["overrides"] for p in index["points"]}
     params = []
     for run_dir in run_dirs:
@@ -51,19 +52,19 @@ def sweep_table(sweep_dir: Path, run_dirs: Sequence[Path], statuses: Sequence[di
     params = point_params(sweep_dir, run_dirs)
     varying = sorted(k for k in {k for p in params for k in p} if len({p.get(k) for p in params}) > 1)
     summaries = [summary(d) for d in run_dirs]
-    metrics = sorted({m for s in summaries for m in s})
+    names = sorted({m for s in summaries for m in s})
     rows = list(zip(run_dirs, params, statuses, summaries))
     if sort:
         pick = better(sort)
         present = [r for r in rows if sort in r[3]]
         present.sort(key=lambda r: r[3][sort][0], reverse=pick is max)
         rows = present + [r for r in rows if sort not in r[3]]
-    header = ["run", *varying, "state", "duration", *(f"{m} final/best" for m in metrics)]
+    header = ["run", *varying, "state", "duration", *(f"{m} final/best" for m in names)]
     table = [header]
     for run_dir, p, status, summ in rows:
         start, end = status.get("started"), status.get("ended") or time.time()
         duration = f"{end - start:.0f}s" if start else "-"
-        cells = [f"{summ[m][0]:.4g}/{summ[m][1]:.4g}" if m in summ else "-" for m in metrics]
+        cells = [f"{summ[m][0]:.4g}/{summ[m][1]:.4g}" if m in summ else "-" for m in names]
         table.append([run_dir.name, *(p.get(k, "-") for k in varying), status.get("state", "UNKNOWN"), duration, *cells])
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)

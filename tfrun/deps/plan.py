@@ -1,22 +1,11 @@
-"""The packages a run needs (``deps=pip|conda|modules|container``): built once, reused everywhere.
+"""The pure half of :mod:`tfrun.deps`: the composed ``deps`` section becomes a
+:class:`DepsPlan` (the environment's key, path, whether it is cached, the interpreter the
+tasks run, the job's setup lines, the container command) that ``--dry-run`` shows. It reads
+files and asks an interpreter about itself, but builds nothing and starts no task.
 
-Two halves, like the backends. :func:`plan_for` is pure: it turns the composed ``deps``
-section into a :class:`DepsPlan` (the environment's key, path, whether it is cached, the
-interpreter the tasks run, the job's setup lines, the container command) that
-``--dry-run`` shows; it reads files but starts no process. :func:`prepare`, called by the
-launchers before any task starts, acts: it builds a missing environment (:func:`ensure`),
-loads modules for local tasks, checks a container runtime is there. With
-``deps.build_on=job`` the job's setup runs ``python -m tfrun.deps build SPEC`` instead.
-
-An environment lives in ``deps.cache_dir`` under ``<kind>-<hash>``, the hash covering
-everything that defines it. It is built under a file lock (concurrent runs that need the
-same new environment build it once) in a temporary dir renamed into place on success, so
-no run ever sees a half-built one and a failed build leaves nothing behind. Cache layout::
-
-    pip-<hash>/             a finished environment; tfrun-env.json inside says what it holds
-    .tmp-pip-<hash>-<pid>/  a build in progress
-    .locks/<key>.lock       held while building or removing <key>
-    .specs/<key>.json       what a job will build (deps.build_on=job)
+A built environment (pip, conda) is named ``<kind>-<hash>`` in the cache
+(:mod:`tfrun.deps.cache`), the hash covering everything that defines it: the packages, a
+requirements file's content, the base interpreter, its packages and the platform.
 """
 from __future__ import annotations
 
@@ -28,28 +17,24 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
+from tfrun.deps import container
+from tfrun.deps.cache import cache_root, is_complete, spec_file
+from tfrun.deps.modules import load_lines
 from tfrun.errors import ConfigError
 
 KINDS = ("none", "pip", "conda", "modules", "container")
 BUILT = ("pip", "conda")  # kinds whose environment tfrun builds and caches
 BUILD_ON = ("login", "job")
 BASES = ("inherit", "isolated")
-RUNTIMES = ("apptainer", "singularity")
 CONDA_TOOLS = ("micromamba", "mamba", "conda")
-DEFAULT_CACHE = "~/.cache/tfrun/envs"
-META = "tfrun-env.json"  # written last: an environment without it is unfinished
-LAST_USED = ".tfrun-last-used"  # touched by every run that uses the environment
-BUILD_LOG = "tfrun-build.log"
 CONSTRAINTS = ".tfrun-base-constraints.txt"
 # What a task needs of tfrun's own stack (pure Python) in an interpreter that is not tfrun's:
 # the bootstrap, and submitit's job runner on Slurm.
 RUNTIME_MODULES = ("tfrun", "submitit", "cloudpickle", "typing_extensions")
-CONTAINER_LIB = "/opt/tfrun/lib"
 
 
 @dataclass(frozen=True)
@@ -96,8 +81,6 @@ def say(message: str) -> None:
     print(f"tfrun: {message}", file=sys.stderr, flush=True)
 
 
-# --- the pure half --------------------------------------------------------------------
-
 def plan_for(deps: Mapping[str, Any], base_python: str, compute: Mapping[str, Any], run_dir: str,
              script: str, source_dir: str, cwd: Path) -> DepsPlan:
     """The :class:`DepsPlan` of a composed ``deps`` section. Raises ConfigError for what cannot work."""
@@ -129,11 +112,6 @@ def _input_file(key: str, value: Any, cwd: Path) -> Path | None:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def cache_root(value: Any = None) -> Path:
-    """The environment cache: ``value``, else $TFRUN_ENV_CACHE, else ~/.cache/tfrun/envs."""
-    return Path(str(value or os.environ.get("TFRUN_ENV_CACHE") or DEFAULT_CACHE)).expanduser().absolute()
 
 
 _DESCRIBE = r"""
@@ -183,7 +161,7 @@ def tfrun_requirement() -> list[str]:
     try:
         dist = metadata.distribution("tfrun")
     except metadata.PackageNotFoundError:
-        return [str(Path(__file__).resolve().parents[1])]
+        return [str(Path(__file__).resolve().parents[2])]  # the checkout tfrun/ is in
     direct = json.loads(dist.read_text("direct_url.json") or "{}")
     url = direct.get("url", "")
     if url.startswith("file://"):
@@ -206,11 +184,6 @@ def runtime_sources() -> dict[str, str]:
 
 def _key(kind: str, spec: Mapping[str, Any]) -> str:
     return f"{kind}-{_sha256(json.dumps(spec, sort_keys=True).encode())[:16]}"
-
-
-def is_complete(env: Path) -> bool:
-    """A finished environment: its META is written last (and a pip env appears by rename)."""
-    return (env / META).is_file()
 
 
 def _built(ctx: _Ctx, kind: str, spec: dict[str, Any], packages: list[str], steps: list[list[str]],
@@ -318,18 +291,10 @@ def _plan_modules(ctx: _Ctx) -> DepsPlan:
     modules = [str(m) for m in d.get("modules") or []]
     if not modules and not d.get("purge"):
         raise ConfigError.invalid("deps.modules", modules, "at least one module name, e.g. deps.modules=[cuda/12.4]")
-    lines = (["module purge"] if d.get("purge") else []) + [f"module load {shlex.quote(m)}" for m in modules]
+    lines = load_lines(modules, bool(d.get("purge")))
     slurm = ctx.compute["target"] == "slurm"
     return DepsPlan(kind="modules", target=ctx.compute["target"], python=ctx.base_python, base_python=ctx.base_python,
                     packages=modules, setup=lines if slurm else [], modules=[] if slurm else lines)
-
-
-def container_binds(ctx: _Ctx, user_binds: list[str]) -> list[str]:
-    """User binds, the dirs the run reads and writes, and tfrun's runtime at CONTAINER_LIB."""
-    own = [os.path.dirname(ctx.run_dir), ctx.source_dir, os.path.dirname(ctx.script)]
-    runtime = [f"{src}:{CONTAINER_LIB}/{os.path.basename(src) if os.path.isfile(src) else name}:ro"
-               for name, src in runtime_sources().items()]
-    return list(dict.fromkeys([*user_binds, *own, *runtime]))
 
 
 def _plan_container(ctx: _Ctx) -> DepsPlan:
@@ -339,12 +304,12 @@ def _plan_container(ctx: _Ctx) -> DepsPlan:
         raise ConfigError.invalid("deps.image", image, "a .sif image file or a URI, e.g. deps.image=docker://tensorflow/tensorflow")
     if "://" not in str(image):
         image = str(_input_file("deps.image", image, ctx.cwd))
-    runtime = _choice("deps.runtime", d.get("runtime", "apptainer"), RUNTIMES)
+    runtime = _choice("deps.runtime", d.get("runtime", "apptainer"), container.RUNTIMES)
     gpus = bool(ctx.compute.get("gpus_per_node") or ctx.compute.get("gpus_per_task"))
     nv = gpus if d.get("nv") is None else bool(d.get("nv"))
-    prefix = [runtime, "exec", *(["--nv"] if nv else []), *[str(a) for a in d.get("exec_args") or []],
-              "--bind", ",".join(container_binds(ctx, [str(b) for b in d.get("binds") or []])),
-              "--env", f"PYTHONPATH={CONTAINER_LIB}", str(image)]
+    bound = container.binds([str(b) for b in d.get("binds") or []], ctx.run_dir, ctx.source_dir, ctx.script,
+                            runtime_sources())
+    prefix = container.command_prefix(runtime, str(image), nv, list(d.get("exec_args") or []), bound)
     return DepsPlan(kind="container", target=ctx.compute["target"], python=str(d.get("python") or "python3"),
                     base_python=ctx.base_python, packages=[str(image)], spec={"image": str(image), "runtime": runtime},
                     command_prefix=prefix)
@@ -378,115 +343,3 @@ def describe(deps: Mapping[str, Any]) -> list[str]:
     if dp.command_prefix:
         lines.append(f"  container: {shlex.join(dp.command_prefix)}")
     return lines
-
-
-
-# --- the acting half: what the launchers call -----------------------------------------
-
-def ensure(dp: DepsPlan, log: Path | None = None, echo: bool = False) -> None:
-    """Make the planned environment ready here (see :func:`tfrun.deps_build.ensure`)."""
-    from tfrun import deps_build
-
-    deps_build.ensure(dp, log, echo)
-
-
-def prepare(plan: Any) -> None:
-    """Make the run's environment ready before any of its tasks start (the launchers call this).
-
-    Locally: build a missing environment, load modules, check the container runtime. On
-    Slurm: build on this (login) node, or with build_on=job leave the spec where the job's
-    setup line finds it. A ConfigError marks the run FAILED with the reason and nothing starts.
-    """
-    if not getattr(plan, "deps", None):
-        return
-    from tfrun import deps_build, runs
-
-    dp = DepsPlan.from_dict(plan.deps)
-    try:
-        if dp.kind in BUILT and dp.target == "slurm" and dp.build_on == "job":
-            assert dp.path and dp.key
-            runs.write_json(spec_file(Path(dp.path).parent, dp.key), dp.to_dict())
-            say(f"environment {dp.key} {'cached' if is_complete(Path(dp.path)) else 'is built in the job (build_on=job)'}: "
-                f"{dp.path}")
-        elif dp.kind in BUILT:
-            ensure(dp, Path(plan.run_dir) / "logs" / "deps.log")
-        elif dp.kind == "modules" and dp.modules:
-            changed = deps_build.load_modules(dp.modules)
-            say(f"loaded modules ({'; '.join(dp.modules)}) in bash -lc: set {' '.join(sorted(changed)) or 'nothing'}")
-        elif dp.kind == "container" and dp.target == "local":
-            deps_build.check_runtime(dp)
-    except ConfigError as exc:
-        runs.update_status(plan.run_dir, run_id=plan.run_id, state="FAILED", target=plan.target, backend=plan.backend,
-                           reason=str(exc), ended=time.time())
-        raise
-
-
-def spec_file(cache: Path, key: str) -> Path:
-    """Where a job finds the plan of the environment it builds (deps.build_on=job)."""
-    return cache / ".specs" / f"{key}.json"
-
-
-# --- tfrun env list|prune ----------------------------------------------------------------
-
-def _human(size: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
-
-
-def _when(stamp: float) -> str:
-    days = (time.time() - stamp) / 86400
-    ago = f"{days:.0f} d ago" if days >= 1 else f"{days * 24:.0f} h ago" if days * 24 >= 1 else "just now"
-    return f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(stamp))} ({ago})"
-
-
-def env_command(action: str, cache_dir: str | None = None, older_than_days: float | None = None,
-                remove_all: bool = False) -> int:
-    """``tfrun env list`` / ``tfrun env prune [--older-than DAYS] [--all]``."""
-    from tfrun import deps_build
-
-    cache = cache_root(cache_dir)
-    if action == "list":
-        rows = deps_build.entries(cache)
-        print(f"{'KEY':<22} {'KIND':<6} {'SIZE':>9}  {'LAST USED':<28} PACKAGES")
-        for row in rows:
-            packages = " ".join(row["packages"]) if row["complete"] else "(unfinished build)"
-            print(f"{row['key']:<22} {row['kind']:<6} {_human(row['size']):>9}  {_when(row['last_used']):<28} {packages}")
-        print(f"{len(rows)} environment(s), {_human(sum(r['size'] for r in rows))} in {cache}")
-        return 0
-    done = deps_build.prune(cache, older_than_days, remove_all)
-    for key in done["removed"]:
-        print(f"tfrun: removed {key}")
-    for key in done["busy"]:
-        print(f"tfrun: kept {key}: another process is building or removing it")
-    hint = "" if remove_all or older_than_days is not None else " (--older-than DAYS or --all remove environments)"
-    print(f"tfrun: removed {len(done['removed'])}, kept {len(done['kept']) + len(done['busy'])} in {cache}{hint}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tfrun.deps build SPEC.json|RUN_DIR``: build an environment (a job's setup line)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] != "build":
-        print("usage: python -m tfrun.deps build SPEC.json|RUN_DIR", file=sys.stderr)
-        return 2
-    source = Path(argv[1])
-    try:
-        if source.is_dir():
-            data, log = json.loads((source / "plan.json").read_text())["deps"], source / "logs" / "deps.log"
-        else:
-            data, log = json.loads(source.read_text()), None
-        ensure(DepsPlan.from_dict(data), log, echo=True)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"tfrun: error: cannot read the environment's spec from {source}: {exc}", file=sys.stderr)
-        return 2
-    except ConfigError as exc:
-        print(f"tfrun: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,7 @@ difference). ``outputs/model.onnx`` exists only when the latest export passed.
 
 The outcome is recorded in ``export.json`` in the run dir (and in ``status.json``).
 
-When it runs: with ``export=onnx``, rank 0's bootstrap runs ``python -m tfrun.export
+When it runs: with ``export=onnx``, rank 0's bootstrap runs ``python -m tfrun.model.export
 RUN_DIR`` in a child process after the script returned 0 (so on Slurm the export
 happens inside the job, on the node that has the model), with the GPUs hidden: the
 script's TensorFlow may still hold them, and a crash of the converter cannot take the
@@ -29,17 +29,16 @@ import importlib.util
 import logging
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from tfrun import runs
+from tfrun import rundir
 from tfrun.config.schema import OnnxExportConfig
 from tfrun.errors import ConfigError, ExportError
 
-EXPORT_FILE = "export.json"
+EXPORT_FILE = rundir.EXPORT_FILE
 NEEDED_PACKAGES = ("tf2onnx", "onnxruntime", "onnx")
 MIN_OPSET = 7  # tf2onnx's lowest
 UNKNOWN_DIM = 8  # size given to unknown non-batch dimensions of the sample inputs
@@ -67,7 +66,7 @@ def check(export: Mapping[str, Any]) -> None:
 
 def settings_for(run_dir: str | os.PathLike[str], **overrides: Any) -> OnnxExportConfig:
     """The run's ``export`` section if it asked for ONNX, else the defaults; then overrides."""
-    plan = runs.read_json(Path(run_dir) / "plan.json", {})
+    plan = rundir.read_json(Path(run_dir) / "plan.json", {})
     section = (plan.get("config") or {}).get("export") or {}
     fields = {f.name for f in dataclasses.fields(OnnxExportConfig)}
     base = {k: v for k, v in section.items() if k in fields} if section.get("format") == "onnx" else {}
@@ -325,7 +324,7 @@ def export_run(run_dir: str | os.PathLike[str], settings: OnnxExportConfig) -> d
     except Exception as exc:  # the converter's or the runtime's own failures are the export's, not tfrun's
         record["error"] = f"{type(exc).__name__}: {exc}"
     record.update(seconds=round(time.time() - started, 2), finished=time.time())
-    runs.write_json(Path(run_dir) / EXPORT_FILE, record)
+    rundir.write_json(Path(run_dir) / EXPORT_FILE, record)
     return record
 
 
@@ -339,63 +338,45 @@ def summary(record: Mapping[str, Any]) -> str:
 
 def status_fields(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``{"export": record}`` for status.json if the run exported, else nothing."""
-    record = runs.read_json(Path(run_dir) / EXPORT_FILE)
+    record = rundir.read_json(Path(run_dir) / EXPORT_FILE)
     return {"export": record} if record else {}
 
 
 def failed(run_dir: str | os.PathLike[str]) -> bool:
     """True when the run asked for an export and it did not pass."""
-    plan = runs.read_json(Path(run_dir) / "plan.json", {})
+    plan = rundir.read_json(Path(run_dir) / "plan.json", {})
     if ((plan.get("config") or {}).get("export") or {}).get("format", "none") == "none":
         return False
-    record = runs.read_json(Path(run_dir) / EXPORT_FILE)
+    record = rundir.read_json(Path(run_dir) / EXPORT_FILE)
     return not (record and record.get("passed"))
-
-
-def run_in_task(run_dir: str, python: str) -> None:
-    """Rank 0, after its script returned 0: the export in a child process; never raises."""
-    print("tfrun: export onnx: converting the model the script saved", file=sys.stderr, flush=True)
-    record_path = Path(run_dir) / EXPORT_FILE
-    record_path.unlink(missing_ok=True)  # an earlier attempt's record must not pass for this one's
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the script's TensorFlow may still hold the GPUs
-    try:
-        code = subprocess.run([python, "-u", "-m", "tfrun.export", run_dir], env=env,
-                              stdin=subprocess.DEVNULL).returncode
-        why = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
-    except OSError as exc:
-        why = str(exc)
-    if not runs.read_json(record_path):
-        error = f"the export process ended without a record ({why})"
-        runs.write_json(record_path, {"format": "onnx", "passed": False, "onnx": None, "error": error})
-        print(f"tfrun: export onnx FAILED: {error}", file=sys.stderr, flush=True)
 
 
 def cmd_export(run: str | None, **overrides: Any) -> int:
     """``tfrun export RUN``: export a finished run; 0 if the export passed, else 1."""
-    run_dir = runs.find_run(run)
-    if not runs.is_run_dir(run_dir):
+    run_dir = rundir.find_run(run)
+    if not rundir.is_run_dir(run_dir):
         raise ExportError(f"{run_dir} is not a run dir (for a sweep, name one of its runs)")
-    state = runs.read_status(run_dir).get("state", "UNKNOWN")
-    if state not in runs.FINAL_STATES:
+    state = rundir.read_status(run_dir).get("state", "UNKNOWN")
+    if state not in rundir.FINAL_STATES:
         raise ExportError(f"run {run_dir} is {state}: export it once it has finished")
     record = export_run(run_dir, settings_for(run_dir, **overrides))
-    runs.update_status(run_dir, export=record)
+    rundir.update_status(run_dir, export=record)
     print(f"tfrun: {summary(record)}", file=sys.stderr)
     print(f"tfrun: record {Path(run_dir) / EXPORT_FILE}", file=sys.stderr)
     return 0 if record["passed"] else 1
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m tfrun.export RUN_DIR``: the in-task export with the run's own settings."""
+    """``python -m tfrun.model.export RUN_DIR``: the in-task export with the run's own settings."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m tfrun.export RUN_DIR", file=sys.stderr)
+        print("usage: python -m tfrun.model.export RUN_DIR", file=sys.stderr)
         sys.exit(2)
     try:
         record = export_run(argv[0], settings_for(argv[0]))
     except ConfigError as exc:  # build_plan checked the settings: only an edited plan.json gets here
         record = {"format": "onnx", "passed": False, "onnx": None, "error": str(exc)}
-        runs.write_json(Path(argv[0]) / EXPORT_FILE, record)
+        rundir.write_json(Path(argv[0]) / EXPORT_FILE, record)
     print(f"tfrun: {summary(record)}", file=sys.stderr, flush=True)
     sys.exit(0 if record["passed"] else 1)
 

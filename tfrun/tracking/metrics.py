@@ -1,7 +1,7 @@
 """Metrics of a run: ``metrics.jsonl`` in the run dir, one JSON object per line.
 
 Keras ``fit`` epochs are recorded on the chief by the callback that
-:mod:`tfrun.keras_hooks` adds (``{"epoch": 3, "loss": ..., "time": ...}``); any script
+:mod:`tfrun.task.keras_hooks` adds (``{"epoch": 3, "loss": ..., "time": ...}``); any script
 can add ``tfrun.log_metric(name, value, step)`` records. The file is rewritten through a
 temp file and a rename, so a kill at any moment leaves the previous complete file.
 """
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
+
+from tfrun.tracking import tensorboard
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -57,47 +58,10 @@ def append(record: Mapping[str, Any], path: Path | None = None) -> None:
     _rewrite(path, [*read_metrics(path), {"time": time.time(), **record}])
 
 
-_writer: Any = None
-
-
-def tensorboard(values: Mapping[str, float], step: int) -> None:
-    """The same values as TensorBoard scalars under ``<run dir>/tensorboard`` (if TF is loaded).
-
-    Recording metrics must never break training: a failure is reported once, then skipped.
-    """
-    global _writer
-    if _writer is False or "tensorflow" not in sys.modules or not os.environ.get("TFRUN_RUN_DIR"):
-        return  # never import TensorFlow only to log
-    try:
-        _write_scalars(values, step)
-    except Exception as exc:
-        print(f"tfrun: warning: no TensorBoard events for this run: {exc}", file=sys.stderr, flush=True)
-        _writer = False
-
-
-def _write_scalars(values: Mapping[str, float], step: int) -> None:
-    # tf.summary.write with the scalars plugin's metadata is what tf.summary.scalar does,
-    # minus importing tensorboard.summary on first use: that pulls in TensorBoard's
-    # TensorFlow stub and, where boto3 is installed, boto3 (~0.1-0.2 s per task).
-    global _writer
-    import tensorflow as tf
-    from tensorflow.core.framework.summary_pb2 import SummaryMetadata
-
-    if _writer is None:
-        rank = int(os.environ.get("TFRUN_RANK", "0"))
-        folder = Path(os.environ["TFRUN_RUN_DIR"]) / "tensorboard" / ("" if rank == 0 else f"rank{rank}")
-        _writer = tf.summary.create_file_writer(str(folder))
-    scalar = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="scalars"))
-    with _writer.as_default():
-        for name, value in values.items():
-            tf.summary.write(tag=name, tensor=tf.constant(value, tf.float32), step=step, metadata=scalar)
-    _writer.flush()
-
-
 def log_metric(name: str, value: float, step: int | None = None) -> None:
     """Record one value of a metric (from any script, any framework)."""
     append({"name": name, "value": float(value), "step": step})
-    tensorboard({name: float(value)}, step or 0)
+    tensorboard.scalars({name: float(value)}, step or 0)
 
 
 def log_params(params: Mapping[str, Any] | None = None, **more: Any) -> None:
@@ -109,7 +73,7 @@ def log_epoch(epoch: int, logs: Mapping[str, Any]) -> None:
     """Record a finished Keras epoch (0-based) with its logs."""
     values = {k: float(v) for k, v in logs.items()}
     append({"epoch": epoch, **values})
-    tensorboard(values, epoch)
+    tensorboard.scalars(values, epoch)
 
 
 def reconcile_epochs(completed: int, last_logs: Mapping[str, Any] | None) -> None:

@@ -1,5 +1,7 @@
-"""The acting half of :mod:`tfrun.deps`: building ``deps=pip|conda`` environments, loading
-modules for local tasks, checking a container runtime, and cleaning the cache.
+"""The acting half of :mod:`tfrun.deps`: making a planned environment ready before any task
+starts (:func:`prepare`, which the launchers call), building ``deps=pip|conda``
+environments (:func:`ensure`), and ``python -m tfrun.deps build SPEC`` (a job's setup line,
+with ``deps.build_on=job``).
 
 A build runs under the key's file lock, in a temporary dir that is renamed into place when
 everything succeeded (conda: in place, complete once its ``tfrun-env.json`` is written), so
@@ -8,7 +10,6 @@ would use.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shlex
@@ -16,54 +17,15 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Mapping
 
-from tfrun.deps import (BUILD_LOG, BUILT, CONSTRAINTS, META, LAST_USED, DepsPlan, conda_steps, find_conda, installed,
-                        is_complete, say)
+from tfrun import rundir
+from tfrun.deps.cache import BUILD_LOG, META, is_complete, lock, spec_file, touch_used
+from tfrun.deps.container import check_runtime
+from tfrun.deps.modules import load_modules
+from tfrun.deps.plan import BUILT, CONSTRAINTS, DepsPlan, conda_steps, find_conda, installed, say
 from tfrun.errors import ConfigError
-
-
-@contextmanager
-def _lock(cache: Path, key: str, blocking: bool = True,
-          on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
-    """Hold ``.locks/<key>.lock`` (flock: released by the kernel if the holder dies); yields False if
-    not ``blocking`` and another process holds it."""
-    (cache / ".locks").mkdir(parents=True, exist_ok=True)
-    with open(cache / ".locks" / f"{key}.lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not blocking:
-                yield False
-                return
-            if on_wait:
-                on_wait()
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _touch_used(env: Path) -> None:
-    try:
-        (env / LAST_USED).touch()
-    except OSError:  # a read-only shared cache still serves
-        pass
-
-
-def _remove(path: Path) -> None:
-    """Remove a dir so that nobody sees it half-removed: rename it away first."""
-    if not path.exists():
-        return
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-    try:
-        os.rename(path, trash)
-    except OSError:
-        trash = path
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def uv_command() -> list[str]:
@@ -214,15 +176,15 @@ def ensure(dp: DepsPlan, log: Path | None = None, echo: bool = False) -> None:
         return
     env = Path(dp.path)
     if is_complete(env):
-        _touch_used(env)
+        touch_used(env)
         say(f"environment {dp.key} cached: {env}")
         return
     cache = env.parent
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        with _lock(cache, dp.key, on_wait=lambda: say(f"environment {dp.key}: another process is building it; waiting")):
+        with lock(cache, dp.key, on_wait=lambda: say(f"environment {dp.key}: another process is building it; waiting")):
             if is_complete(env):
-                _touch_used(env)
+                touch_used(env)
                 say(f"environment {dp.key} was built by another process: {env}")
                 return
             _clean_leftovers(cache, dp.key)
@@ -275,124 +237,56 @@ def _build_locked(dp: DepsPlan, env: Path, log: Path | None, echo: bool) -> None
         for sink in sinks[1:]:
             if sink is not sys.stdout:
                 sink.close()
-    _touch_used(env)
+    touch_used(env)
     say(f"environment {dp.key} ready in {time.monotonic() - started:.1f} s: {env}")
 
 
-# --- modules and containers -------------------------------------------------------------
+def prepare(plan: Any) -> None:
+    """Make the run's environment ready before any of its tasks start (the launchers call this).
 
-_SHELL_VARS = {"_", "SHLVL", "PWD", "OLDPWD", "PS1", "PS2"}
-_SNAPSHOT = "\necho; echo __tfrun_env__; env -0\n"
-
-
-def _env_of(text: str) -> dict[str, str]:
-    text = text[:text.rfind("\0")]  # what the module lines printed after `env -0` is not the environment
-    return dict(item.split("=", 1) for item in text.split("\0") if "=" in item)
-
-
-def module_changes(before: Mapping[str, str], after: Mapping[str, str], current: Mapping[str, str]) -> dict[str, str]:
-    """What the module lines changed, applied to ``current``: a PATH-like value the modules
-    extended keeps this process's entries (a login profile may have reset PATH itself)."""
-    changed = {}
-    for key, value in after.items():
-        old = before.get(key)
-        if old == value or key in _SHELL_VARS or key.startswith("BASH_FUNC_"):
-            continue
-        mine = current.get(key)
-        if old and mine is not None and value.endswith(old):
-            value = value[:-len(old)] + mine
-        elif old and mine is not None and value.startswith(old):
-            value = mine + value[len(old):]
-        changed[key] = value
-    return changed
-
-
-def load_modules(lines: list[str]) -> dict[str, str]:
-    """Run ``module`` lines in a login shell (where sites define ``module``) and apply what they
-    change to this process's environment, which the local tasks inherit. Returns the changes."""
-    script = ("type module >/dev/null 2>&1 || exit 97" + _SNAPSHOT
-              + "\n".join(f"{line} || exit 98" for line in lines) + _SNAPSHOT)
-    try:
-        out = subprocess.run(["bash", "-lc", script], stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise ConfigError(f"deps=modules: could not run bash to load modules: {exc}") from exc
-    errors = out.stderr.decode(errors="replace").strip()
-    if out.returncode == 97:
-        raise ConfigError("deps=modules: there is no `module` command on this machine (`bash -lc 'type module'` "
-                          "finds none): environment modules (Lmod, Environment Modules) are a cluster's. Run with "
-                          "compute=slurm, where the modules are loaded in the job, or load what you need yourself "
-                          "and use deps=none (deps.env sets variables).")
-    if out.returncode != 0:
-        raise ConfigError(f"deps.modules: `{' && '.join(lines)}` failed (exit {out.returncode}):\n"
-                          + "\n".join("  | " + ln for ln in errors.splitlines()[-15:]))
-    snapshots = out.stdout.decode(errors="replace").split("\n__tfrun_env__\n")
-    changed = module_changes(_env_of(snapshots[1]), _env_of(snapshots[2]), os.environ)
-    os.environ.update(changed)
-    return changed
-
-
-def check_runtime(dp: DepsPlan) -> None:
-    """A container run here needs its runtime on PATH."""
-    runtime = dp.command_prefix[0]
-    if shutil.which(runtime) is None:
-        raise ConfigError(f"deps.runtime={runtime}: `{runtime}` is not on PATH on this machine, so the image "
-                          f"{dp.spec.get('image')} cannot run here. Install Apptainer (or SingularityCE), `module load` "
-                          f"it, or run on a cluster that has it (compute=slurm).")
-
-
-# --- the cache: what is there, and cleaning it ----------------------------------------
-
-def _size(path: Path) -> int:
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def entries(cache: Path) -> list[dict[str, Any]]:
-    """Every environment in the cache: key, kind, packages, size, last use, complete or not."""
-    rows: list[dict[str, Any]] = []
-    if not cache.is_dir():
-        return rows
-    for path in sorted(cache.iterdir()):
-        if path.name.startswith(".") or not path.is_dir():
-            continue
-        try:
-            meta = json.loads((path / META).read_text())
-        except (OSError, ValueError):
-            meta = None
-        stamp = next((p for p in (path / LAST_USED, path / META, path) if p.exists()), path)
-        rows.append({"key": path.name, "path": str(path), "complete": meta is not None,
-                     "kind": (meta or {}).get("kind") or path.name.split("-")[0],
-                     "packages": (meta or {}).get("packages", []), "size": _size(path),
-                     "last_used": stamp.stat().st_mtime})
-    return rows
-
-
-def prune(cache: Path, older_than_days: float | None = None, remove_all: bool = False) -> dict[str, list[str]]:
-    """Remove environments (all, or unused for longer than the days given) and unfinished builds.
-
-    An environment being built or removed by another process (its lock is held) is left alone.
+    Locally: build a missing environment, load modules, check the container runtime. On
+    Slurm: build on this (login) node, or with build_on=job leave the spec where the job's
+    setup line finds it. A ConfigError marks the run FAILED with the reason and nothing starts.
     """
-    done: dict[str, list[str]] = {"removed": [], "kept": [], "busy": []}
-    now = time.time()
-    for entry in entries(cache):
-        stale = older_than_days is not None and now - entry["last_used"] > older_than_days * 86400
-        if not (remove_all or stale or not entry["complete"]):
-            done["kept"].append(entry["key"])
-            continue
-        with _lock(cache, entry["key"], blocking=False) as got:
-            if got:
-                _remove(Path(entry["path"]))
-                (cache / ".specs" / f"{entry['key']}.json").unlink(missing_ok=True)
-        done["removed" if got else "busy"].append(entry["key"])
-    for leftover in sorted(cache.glob(".tmp-*")) + sorted(cache.glob(".trash-*")) if cache.is_dir() else []:
-        key = leftover.name.split("-", 1)[1].rsplit("-", 1)[0].removesuffix(".log")
-        with _lock(cache, key, blocking=False) as got:
-            if got and leftover.exists():
-                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-    return done
+    if not getattr(plan, "deps", None):
+        return
+    dp = DepsPlan.from_dict(plan.deps)
+    try:
+        if dp.kind in BUILT and dp.target == "slurm" and dp.build_on == "job":
+            assert dp.path and dp.key
+            rundir.write_json(spec_file(Path(dp.path).parent, dp.key), dp.to_dict())
+            say(f"environment {dp.key} {'cached' if is_complete(Path(dp.path)) else 'is built in the job (build_on=job)'}: "
+                f"{dp.path}")
+        elif dp.kind in BUILT:
+            ensure(dp, Path(plan.run_dir) / "logs" / "deps.log")
+        elif dp.kind == "modules" and dp.modules:
+            changed = load_modules(dp.modules)
+            say(f"loaded modules ({'; '.join(dp.modules)}) in bash -lc: set {' '.join(sorted(changed)) or 'nothing'}")
+        elif dp.kind == "container" and dp.target == "local":
+            check_runtime(dp.command_prefix[0], str(dp.spec.get("image")))
+    except ConfigError as exc:
+        rundir.update_status(plan.run_dir, run_id=plan.run_id, state="FAILED", target=plan.target, backend=plan.backend,
+                             reason=str(exc), ended=time.time())
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tfrun.deps build SPEC.json|RUN_DIR``: build an environment (a job's setup line)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "build":
+        print("usage: python -m tfrun.deps build SPEC.json|RUN_DIR", file=sys.stderr)
+        return 2
+    source = Path(argv[1])
+    try:
+        if source.is_dir():
+            data, log = rundir.Plan.load(source).deps, source / "logs" / "deps.log"
+        else:
+            data, log = json.loads(source.read_text()), None
+        ensure(DepsPlan.from_dict(data), log, echo=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"tfrun: error: cannot read the environment's spec from {source}: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"tfrun: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

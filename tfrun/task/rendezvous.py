@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tfrun import runs
+from tfrun import rundir
 from tfrun.errors import BootstrapError
 
 
@@ -75,7 +75,7 @@ def free_port() -> int:
 
 def publish(run_dir: str | os.PathLike[str], name: str, data: dict[str, Any]) -> None:
     """Make ``data`` visible to the run's other tasks under ``name``."""
-    runs.write_json(directory(run_dir) / f"{name}.json", data)
+    rundir.write_json(directory(run_dir) / f"{name}.json", data)
 
 
 def wait_for(run_dir: str | os.PathLike[str], names: list[str], timeout_s: float,
@@ -88,7 +88,7 @@ def wait_for(run_dir: str | os.PathLike[str], names: list[str], timeout_s: float
     while True:
         for name in names:
             if name not in found:
-                data = runs.read_json(folder / f"{name}.json")
+                data = rundir.read_json(folder / f"{name}.json")
                 if data is not None:
                     found[name] = data
         if len(found) == len(names):

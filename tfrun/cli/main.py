@@ -11,13 +11,12 @@ configuration or command line was wrong and nothing was started; 3 the run compl
 from __future__ import annotations
 
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tfrun import runs
+from tfrun import rundir
 from tfrun.errors import ConfigError, TfrunError
 
 VERBS = ("status", "logs", "cancel", "runs", "resume", "plot", "export", "serve", "env")
@@ -58,18 +57,6 @@ def _is_option(arg: str) -> bool:
     return arg.startswith("-")
 
 
-def normalize_overrides(argv: list[str]) -> list[str]:
-    """``trainer.x=v`` -> ``++trainer.x=v``: trainer keys are free-form, so add-or-set.
-
-    With the Optuna sweeper, failed trials are told to the study as failed and the study
-    goes on, unless the user set ``hydra.sweeper.max_failure_rate`` themselves.
-    """
-    argv = [re.sub(r"^trainer\.", "++trainer.", a) if not _is_option(a) else a for a in argv]
-    if "hydra/sweeper=optuna" in argv and not any(a.startswith("hydra.sweeper.max_failure_rate=") for a in argv):
-        argv.append("hydra.sweeper.max_failure_rate=1.0")
-    return argv
-
-
 def _option_value(argv: list[str], *names: str) -> str | None:
     for i, arg in enumerate(argv):
         for name in names:
@@ -104,19 +91,22 @@ def _overrides_only(argv: list[str]) -> tuple[list[str], bool, str | None, str]:
     return overrides, multirun, _option_value(argv, "--config-dir", "-cd"), name
 
 
-# Hydra's own flags: with any of these, Hydra's app runs the command line as it would.
-_HYDRA_FLAGS = ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help",
-                "--shell-completion", "-sc", "--resolve", "--package", "-p", "--version", "--experimental-rerun")
+# Hydra's own flags that launch nothing (help, config and info views, completion): with any
+# of these, Hydra's app runs the command line as it would. Runs and sweeps compose through
+# tfrun's own path (tfrun.plan.planner), which shares the app's search path.
+_HYDRA_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc",
+                "--resolve", "--package", "-p", "--version", "--experimental-rerun")
+_MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
-def _wants_hydra_app(argv: list[str]) -> bool:
-    return any(a in _HYDRA_FLAGS or a.split("=", 1)[0] in _HYDRA_FLAGS for a in argv)
+def _has_flag(argv: list[str], flags: tuple[str, ...]) -> bool:
+    return any(a in flags or a.split("=", 1)[0] in flags for a in argv)
 
 
 def dry_run(argv: list[str], mode: str) -> int:
     """Print the plan(s) ``argv`` would launch."""
-    from tfrun import render
-    from tfrun.config.compose import compose_plans
+    from tfrun.cli import render
+    from tfrun.plan.planner import compose_plans
 
     overrides, multirun, config_dir, config_name = _overrides_only(argv)
     plans = compose_plans(overrides, multirun=multirun, config_dir=config_dir, config_name=config_name)
@@ -131,8 +121,9 @@ def dry_run(argv: list[str], mode: str) -> int:
 
 def launch_plan(plan: Any) -> str:
     """Launch a plan where its compute target says, print the outcome, return the state."""
-    from tfrun import mlflow_sync, targets
-    from tfrun.report import print_outcome
+    from tfrun import targets
+    from tfrun.targets.report import print_outcome
+    from tfrun.tracking import mlflow_sync
 
     for warning in plan.warnings:
         print(f"tfrun: warning: {warning}", file=sys.stderr)
@@ -144,20 +135,22 @@ def launch_plan(plan: Any) -> str:
 
 def run_single(argv: list[str]) -> int:
     """One run, composed once with the same configs Hydra's app would use."""
-    from tfrun import export
-    from tfrun.config.compose import compose_run
+    from tfrun.model import export
+    from tfrun.plan.planner import plan_run
     from tfrun.targets import local
 
     overrides, _, config_dir, config_name = _overrides_only(argv)
     local.prestart()  # most single runs are local: their first task starts while we compose
     try:
-        plan = compose_run(overrides, config_dir=config_dir, config_name=config_name)
+        planned = plan_run(overrides, config_dir=config_dir, config_name=config_name)
+        planned.write()
+        plan = planned.plan
         state = launch_plan(plan)
     finally:
         local.dismiss_prestarted()
     if state == "COMPLETED" and export.failed(plan.run_dir):
         return export.EXIT_EXPORT_FAILED
-    return 0 if state in runs.OK_STATES else 1
+    return 0 if state in rundir.OK_STATES else 1
 
 
 def run_plan_here(cfg: Any) -> str:
@@ -165,9 +158,19 @@ def run_plan_here(cfg: Any) -> str:
     from hydra.core.hydra_config import HydraConfig
 
     from tfrun.config.compose import to_run_config
-    from tfrun.plan import build_plan
+    from tfrun.plan.build import build_plan
 
     return launch_plan(build_plan(to_run_config(cfg), HydraConfig.get().runtime.output_dir))
+
+
+def run_sweep(argv: list[str]) -> int:
+    """``tfrun -m``: Hydra's multirun; its sweeper picks the points, the launcher plugin plans
+    and launches them (tfrun.targets.sweeps)."""
+    from tfrun.config.compose import multirun
+
+    overrides, _, config_dir, config_name = _overrides_only(argv)
+    multirun(overrides, _task, config_dir=config_dir, config_name=config_name)
+    return sweep_exit_code()
 
 
 def _task(cfg: Any) -> None:
@@ -180,7 +183,7 @@ def _task(cfg: Any) -> None:
     except TfrunError as exc:
         error(str(exc))
         raise SystemExit(1)
-    if state not in runs.OK_STATES:
+    if state not in rundir.OK_STATES:
         raise SystemExit(1)
 
 
@@ -199,13 +202,13 @@ def _hydra_main(argv: list[str]) -> int:
         # Hydra exits 1 for anything it rejects before running our task: bad overrides,
         # unknown options or keys, wrong types. Those are configuration errors.
         return EXIT_CONFIG if code == 1 and not _INVOCATION.entered_task else code
-    return sweep_exit_code()
+    return 0
 
 
 def sweep_exit_code() -> int:
     """After a multirun: name the failed points; with an objective, the best run too."""
-    from tfrun import mlflow_sync
-    from tfrun.multirun import SweepOutcome, best_point
+    from tfrun.targets.sweeps import SweepOutcome, best_point
+    from tfrun.tracking import mlflow_sync
 
     if SweepOutcome.sweep_dir:
         mlflow_sync.finish_sweep(SweepOutcome.sweep_dir, failed=bool(SweepOutcome.failed))
@@ -225,16 +228,18 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in VERBS:
-        from tfrun import verbs
+        from tfrun.cli import verbs
 
         sys.exit(verbs.main(argv))
+    from tfrun.config.compose import normalize_overrides
+
     try:
         mode, argv = _pop_dry_run(argv)
         argv = with_project_config_dir(normalize_overrides(argv))
         if mode:
             sys.exit(dry_run(argv, mode))
-        if not _wants_hydra_app(argv):
-            sys.exit(run_single(argv))
+        if not _has_flag(argv, _HYDRA_FLAGS):
+            sys.exit(run_sweep(argv) if _has_flag(argv, _MULTIRUN_FLAGS) else run_single(argv))
     except ConfigError as exc:
         error(str(exc))
         sys.exit(EXIT_CONFIG)
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except Exception as exc:  # Hydra's and OmegaConf's composition errors
         if type(exc).__module__.startswith(("hydra", "omegaconf")):
-            from tfrun.config.compose import explain
+            from tfrun.config.explain import explain
 
             error(explain(exc, _overrides_only(argv)[0], _overrides_only(argv)[2]))
             sys.exit(EXIT_CONFIG)

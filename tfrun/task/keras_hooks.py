@@ -63,9 +63,7 @@ def patch_fit(module: ModuleType) -> None:
     def fit(self: Any, *args: Any, **kwargs: Any) -> Any:
         if len(args) > 5:  # callbacks given positionally: leave this call alone
             return original(self, *args, **kwargs)
-        from tfrun import checkpoint
-
-        from tfrun import preempt
+        from tfrun.task import checkpoint, preempt
 
         initial, extra = checkpoint.session(self, module)
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *extra]

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from tfrun import runs, tracking
+from tfrun import rundir
+from tfrun.tracking import metrics
 
 _MAX_PARAM = 500  # MLflow rejects long param values; the full config is an artifact anyway
 
@@ -51,14 +52,14 @@ def _experiment_id(mlflow: Any, cfg: Mapping[str, Any], runs_dir: Path, name: st
 def parent_run(cfg: Mapping[str, Any], runs_dir: Path, sweep_dir: Path) -> str:
     """The sweep's parent run (created once; its id is kept in the sweep dir)."""
     marker = sweep_dir / "mlflow.json"
-    known = runs.read_json(marker)
+    known = rundir.read_json(marker)
     if known:
         return str(known["run_id"])
     mlflow = _client(cfg, runs_dir)
     experiment_id = _experiment_id(mlflow, cfg, runs_dir, cfg.get("experiment") or sweep_dir.name)
     run = mlflow.MlflowClient().create_run(experiment_id, run_name=sweep_dir.name,
                                            tags={"tfrun.sweep_dir": str(sweep_dir)})
-    runs.write_json(marker, {"run_id": run.info.run_id, "experiment_id": experiment_id,
+    rundir.write_json(marker, {"run_id": run.info.run_id, "experiment_id": experiment_id,
                              "tracking_uri": tracking_uri(cfg, runs_dir)})
     return str(run.info.run_id)
 
@@ -67,20 +68,20 @@ def sync_run(run_dir: Path, config: Mapping[str, Any], state: str) -> str:
     """Log one finished run to MLflow; returns the MLflow run id (kept in status.json)."""
     cfg = config["tracking"]
     runs_dir = Path(config["tfrun"]["runs_dir"])
-    sweep_dir = run_dir.parent if (run_dir.parent / "sweep.json").exists() else None
+    sweep_dir = run_dir.parent if (run_dir.parent / rundir.SWEEP_FILE).exists() else None
     parent = parent_run(cfg, runs_dir, sweep_dir) if sweep_dir else None
     mlflow = _client(cfg, runs_dir)
     if parent:
-        experiment_id = runs.read_json(sweep_dir / "mlflow.json")["experiment_id"]  # type: ignore[operator]
+        experiment_id = rundir.read_json(sweep_dir / "mlflow.json")["experiment_id"]  # type: ignore[operator]
     else:
         experiment_id = _experiment_id(mlflow, cfg, runs_dir, cfg.get("experiment") or "tfrun")
     tags = {"tfrun.run_dir": str(run_dir), "tfrun.state": state}
     if parent:
         tags["mlflow.parentRunId"] = parent
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_dir.name if parent else
-                          runs.read_status(run_dir).get("run_id", run_dir.name), tags=tags) as run:
+                          rundir.read_status(run_dir).get("run_id", run_dir.name), tags=tags) as run:
         mlflow.log_params(dict(flatten({k: v for k, v in config.items() if k != "hydra"})))
-        for record in tracking.read_metrics(run_dir / tracking.METRICS_FILE):
+        for record in metrics.read_metrics(run_dir / metrics.METRICS_FILE):
             step = record.get("epoch") if record.get("epoch") is not None else (record.get("step") or 0)
             if record.get("name") is not None:
                 mlflow.log_metric(record["name"], float(record["value"]), step=int(step))
@@ -106,10 +107,10 @@ def sync_if_asked(run_dir: str | os.PathLike[str], state: str) -> None:
     """Sync a finished run once, if its config asks for MLflow; failures are reported, not fatal."""
     import sys
 
-    from tfrun.plan import Plan
+    from tfrun.rundir import Plan
 
     path = Path(run_dir)
-    if state not in runs.FINAL_STATES or runs.read_status(path).get("mlflow_run_id"):
+    if state not in rundir.FINAL_STATES or rundir.read_status(path).get("mlflow_run_id"):
         return
     config = Plan.load(path).config
     if config.get("tracking", {}).get("kind", "none") != "mlflow":
@@ -119,14 +120,14 @@ def sync_if_asked(run_dir: str | os.PathLike[str], state: str) -> None:
     except Exception as exc:  # the run's own result must not depend on the tracking server
         print(f"tfrun: warning: could not log run {path.name} to MLflow: {exc}", file=sys.stderr)
         return
-    runs.update_status(path, mlflow_run_id=run_id)
+    rundir.update_status(path, mlflow_run_id=run_id)
     print(f"tfrun: logged to MLflow ({tracking_uri(config['tracking'], Path(config['tfrun']['runs_dir']))}) "
           f"as run {run_id}", file=sys.stderr)
 
 
 def finish_sweep(sweep_dir: Path, failed: bool) -> None:
     """Close a sweep's parent run, if it has one."""
-    marker = runs.read_json(sweep_dir / "mlflow.json")
+    marker = rundir.read_json(sweep_dir / "mlflow.json")
     if not marker:
         return
     import mlflow

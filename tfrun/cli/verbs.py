@@ -1,64 +1,21 @@
-"""``tfrun status|logs|cancel|runs``: act on run directories, from any shell, any day.
+"""``tfrun status|logs|cancel|runs|resume|plot|export|serve|env``: act on run directories,
+from any shell, any day.
 
 They read the run dir and, for Slurm runs not yet finished, ask Slurm about all the
-jobs concerned in one ``sacct`` call.
+jobs concerned in one ``sacct`` call (:mod:`tfrun.targets.control`).
 """
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from tfrun import runs
+from tfrun import rundir
 from tfrun.errors import TfrunError
-from tfrun.report import failure_text
-from tfrun.multirun import SWEEP_FILE
-
-
-def run_dirs_of(path: Path) -> list[Path]:
-    """The run dirs a path stands for: itself, or every point of a sweep."""
-    if runs.is_run_dir(path):
-        return [path]
-    index = runs.read_json(path / SWEEP_FILE)
-    if index:
-        return [Path(p["run_dir"]) for p in index["points"]]
-    points = [p for p in sorted(path.iterdir(), key=lambda p: (len(p.name), p.name)) if runs.is_run_dir(p)]
-    if not points:
-        raise TfrunError(f"{path} is neither a run dir nor a sweep dir")
-    return points
-
-
-def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
-    """Current status of each run; unfinished Slurm runs are updated from one sacct call."""
-    statuses = [runs.read_status(d) for d in run_dirs]
-    live = [(d, s) for d, s in zip(run_dirs, statuses)
-            if s.get("target") == "slurm" and s.get("state") not in runs.FINAL_STATES and s.get("job_ids")]
-    if live:
-        from tfrun.targets import slurm
-
-        info = slurm.query(j for _, s in live for j in s["job_ids"])
-        for run_dir, status in live:
-            job = info.get(status["job_ids"][-1])
-            if not job:
-                continue
-            state = slurm.tfrun_state(job["State"])
-            if status.get("packed"):  # its allocation's state is not the point's
-                from tfrun.targets import pack
-
-                state = pack.point_state(run_dir, state)
-                status.update(runs.read_status(run_dir))
-                continue
-            fields = slurm.settle(str(run_dir), state) if state in runs.FINAL_STATES else {"state": state}
-            status.update(runs.update_status(run_dir, nodes=job.get("NodeList"), **fields))
-            if state in runs.FINAL_STATES:
-                from tfrun import mlflow_sync
-
-                mlflow_sync.sync_if_asked(run_dir, state)
-    return statuses
+from tfrun.targets.control import cancel, refresh, run_dirs_of
+from tfrun.targets.report import failure_text
 
 
 def _duration(status: dict[str, Any]) -> str:
@@ -70,9 +27,9 @@ def _duration(status: dict[str, Any]) -> str:
 
 def latest_epoch(run_dir: Path) -> str:
     """'epoch 7: loss=0.12 val_accuracy=0.97' from the run's metrics, or ''."""
-    from tfrun import tracking
+    from tfrun.tracking import metrics
 
-    epochs = [r for r in tracking.read_metrics(run_dir / tracking.METRICS_FILE) if r.get("epoch") is not None]
+    epochs = [r for r in metrics.read_metrics(run_dir / metrics.METRICS_FILE) if r.get("epoch") is not None]
     if not epochs:
         return ""
     last = epochs[-1]
@@ -88,11 +45,11 @@ def show_run(run_dir: Path, status: dict[str, Any]) -> None:
           f"tasks: {status.get('world_size', '?')}  duration: {_duration(status)}")
     if status.get("job_ids"):
         print(f"  slurm job: {', '.join(status['job_ids'])}  nodes: {status.get('nodes') or '-'}")
-    for rank, rec in sorted(runs.rank_records(run_dir).items()):
+    for rank, rec in sorted(rundir.rank_records(run_dir).items()):
         if rec.get("ended") is not None:
             end = f"exit {rec.get('exit_code')}"
         else:
-            end = "killed before it finished" if status.get("state") in runs.FINAL_STATES else "running"
+            end = "killed before it finished" if status.get("state") in rundir.FINAL_STATES else "running"
         print(f"  rank {rank}: {rec.get('host', '?')} pid {rec.get('pid', '?')} {end}")
     latest = latest_epoch(run_dir)
     if latest:
@@ -102,16 +59,16 @@ def show_run(run_dir: Path, status: dict[str, Any]) -> None:
     elif status.get("reason"):
         print(f"  reason: {status['reason']}")
     if status.get("export"):
-        from tfrun.export import summary
+        from tfrun.model.export import summary
 
         print(f"  {summary(status['export'])}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    path = runs.find_run(args.run)
+    path = rundir.find_run(args.run)
     dirs = run_dirs_of(path)
     statuses = refresh(dirs)
-    if len(dirs) == 1 and runs.is_run_dir(path):
+    if len(dirs) == 1 and rundir.is_run_dir(path):
         show_run(dirs[0], statuses[0])
         return 0
     print(f"sweep {path}: {len(dirs)} run(s)")
@@ -123,9 +80,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    path = runs.find_run(args.run)
-    run_dir = run_dirs_of(path)[0] if not runs.is_run_dir(path) else path
-    log = runs.rank_log(run_dir, args.rank)
+    path = rundir.find_run(args.run)
+    run_dir = run_dirs_of(path)[0] if not rundir.is_run_dir(path) else path
+    log = rundir.rank_log(run_dir, args.rank)
     offset = 0
     while True:
         if log.exists():
@@ -137,56 +94,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
             sys.stdout.buffer.flush()
         if not args.follow:
             return 0 if log.exists() else 1
-        if refresh([run_dir])[0].get("state") in runs.FINAL_STATES:
+        if refresh([run_dir])[0].get("state") in rundir.FINAL_STATES:
             args.follow = False  # one last read for what landed before the end
             continue
         time.sleep(1.0)
 
 
-def _cancel_in_this_process(run_dir: Path) -> bool:
-    from tfrun.targets import local
-
-    return local.cancel_in_process(run_dir)
-
-
-def cancel(path: Path) -> list[str]:
-    """Cancel a run or every unfinished point of a sweep; what was cancelled."""
-    dirs = run_dirs_of(path)
-    statuses = refresh(dirs)
-    packed_point = len(dirs) == 1 and statuses[0].get("packed")
-    job_ids = [] if packed_point else sorted({j.split("_")[0] if len(dirs) > 1 else j for s in statuses
-                                              if s.get("state") not in runs.FINAL_STATES for j in s.get("job_ids", [])})
-    if job_ids:
-        from tfrun.targets import slurm
-
-        slurm.cancel(job_ids)
-    done = []
-    for run_dir, status in zip(dirs, statuses):
-        if status.get("state") in runs.FINAL_STATES:
-            continue
-        name = status.get("run_id", run_dir.name)
-        if status.get("packed") and len(dirs) == 1:
-            from tfrun.targets import pack
-
-            pack.cancel_point(run_dir)
-            done.append(f"{name} (its pack's other points go on)")
-            continue
-        pid = status.get("launcher_pid")
-        if status.get("target") == "local" and _cancel_in_this_process(run_dir):
-            pass  # launched by this process (tfrun.launch(wait=False)): SIGTERM would end it
-        elif status.get("target") == "local" and pid and status.get("launcher_host") == runs.hostname():
-            try:
-                os.kill(int(pid), signal.SIGTERM)  # the local launcher stops its tasks and records CANCELLED
-            except ProcessLookupError:
-                runs.update_status(run_dir, state="CANCELLED", ended=time.time())
-        else:
-            runs.update_status(run_dir, state="CANCELLED", ended=time.time(), reason="cancelled with tfrun cancel")
-        done.append(name + (f" (job {', '.join(status.get('job_ids', []))})" if status.get("job_ids") else ""))
-    return done
-
-
 def cmd_cancel(args: argparse.Namespace) -> int:
-    for what in cancel(runs.find_run(args.run)):
+    for what in cancel(rundir.find_run(args.run)):
         print(f"tfrun: cancelled {what}")
     return 0
 
@@ -195,24 +110,24 @@ def cmd_resume(args: argparse.Namespace) -> int:
     """Launch a stopped, cancelled, failed or timed-out run again in its own run dir."""
     from tfrun import targets
     from tfrun.plan import Plan
-    from tfrun.report import print_outcome
+    from tfrun.targets.report import print_outcome
 
-    path = runs.find_run(args.run)
+    path = rundir.find_run(args.run)
     status = refresh([path])[0]
-    if status.get("state") not in runs.FINAL_STATES or status.get("state") == "COMPLETED":
+    if status.get("state") not in rundir.FINAL_STATES or status.get("state") == "COMPLETED":
         raise TfrunError(f"run {path} is {status.get('state', 'UNKNOWN')}: only a stopped, cancelled, failed "
                          f"or timed-out run can be resumed")
     plan = Plan.load(path)
     print(f"tfrun: resuming {plan.run_id} (it continues from its last backup)", file=sys.stderr)
     state = targets.get(plan.target).run(plan)
     print_outcome(plan, state)
-    return 0 if state in runs.OK_STATES else 1
+    return 0 if state in rundir.OK_STATES else 1
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from tfrun.compare import labels, plot
+    from tfrun.tracking.compare import labels, plot
 
-    path = runs.find_run(args.run)
+    path = rundir.find_run(args.run)
     dirs = run_dirs_of(path)
     out = Path(args.output) if args.output else path / f"plot-{args.metric}.png"
     print(plot(dirs, args.metric, out, labels(path, dirs)))
@@ -221,14 +136,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     if args.sweep:
-        from tfrun.compare import sweep_table
+        from tfrun.tracking.compare import sweep_table
 
-        sweep = runs.find_run(args.sweep)
+        sweep = rundir.find_run(args.sweep)
         dirs = run_dirs_of(sweep)
         print(sweep_table(sweep, dirs, refresh(dirs), sort=args.sort))
         return 0
-    root = runs.runs_root(args.runs_dir)
-    dirs = list(runs.iter_runs(root))[-args.last:]
+    root = rundir.runs_root(args.runs_dir)
+    dirs = list(rundir.iter_runs(root))[-args.last:]
     statuses = refresh(dirs)
     print(f"{'RUN':<34} {'STATE':<10} {'BACKEND':<8} {'COMPUTE':<8} {'JOBS':<10} DURATION")
     for run_dir, status in zip(dirs, statuses):
@@ -240,26 +155,57 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Convert a finished run's model to ONNX and check it (tfrun/export.py)."""
-    from tfrun import export
+    """Convert a finished run's model to ONNX and check it (tfrun/model/export.py)."""
+    from tfrun.model import export
 
     return export.cmd_export(args.run, opset=args.opset, tolerance=args.tolerance, samples=args.samples,
                              model=args.model, output=args.output)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve a run's ONNX model over HTTP (tfrun/serve.py)."""
-    from tfrun import serve
+    """Serve a run's ONNX model over HTTP (tfrun/model/serve.py)."""
+    from tfrun.model import serve
 
     return serve.cmd_serve(args.run, host=args.host, port=args.port, model=args.model)
 
 
-def cmd_env(args: argparse.Namespace) -> int:
-    """The environment cache of deps=pip|conda (tfrun/deps.py)."""
-    from tfrun import deps
+def _human(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
 
-    return deps.env_command(args.action, cache_dir=args.cache_dir, older_than_days=getattr(args, "older_than", None),
-                            remove_all=getattr(args, "all", False))
+
+def _when(stamp: float) -> str:
+    days = (time.time() - stamp) / 86400
+    ago = f"{days:.0f} d ago" if days >= 1 else f"{days * 24:.0f} h ago" if days * 24 >= 1 else "just now"
+    return f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(stamp))} ({ago})"
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """``tfrun env list`` / ``tfrun env prune [--older-than DAYS] [--all]``: the environment
+    cache of deps=pip|conda (tfrun/deps/cache.py)."""
+    from tfrun.deps import cache
+
+    root = cache.cache_root(args.cache_dir)
+    if args.action == "list":
+        rows = cache.entries(root)
+        print(f"{'KEY':<22} {'KIND':<6} {'SIZE':>9}  {'LAST USED':<28} PACKAGES")
+        for row in rows:
+            packages = " ".join(row["packages"]) if row["complete"] else "(unfinished build)"
+            print(f"{row['key']:<22} {row['kind']:<6} {_human(row['size']):>9}  {_when(row['last_used']):<28} {packages}")
+        print(f"{len(rows)} environment(s), {_human(sum(r['size'] for r in rows))} in {root}")
+        return 0
+    older_than, remove_all = getattr(args, "older_than", None), getattr(args, "all", False)
+    done = cache.prune(root, older_than, remove_all)
+    for key in done["removed"]:
+        print(f"tfrun: removed {key}")
+    for key in done["busy"]:
+        print(f"tfrun: kept {key}: another process is building or removing it")
+    hint = "" if remove_all or older_than is not None else " (--older-than DAYS or --all remove environments)"
+    print(f"tfrun: removed {len(done['removed'])}, kept {len(done['kept']) + len(done['busy'])} in {root}{hint}")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tfrun import runs
+from tfrun import rundir
 from tfrun.errors import TfrunError
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -183,9 +183,9 @@ def make_server(served: Served, host: str, port: int) -> ThreadingHTTPServer:
 
 def model_path(run: str | None, model: str | None) -> Path:
     """The .onnx file of a run: --model, else the one its last export wrote."""
-    run_dir = runs.find_run(run)
+    run_dir = rundir.find_run(run)
     outputs = run_dir / "outputs"
-    record = runs.read_json(run_dir / "export.json") or {}
+    record = rundir.read_json(run_dir / "export.json") or {}
     path = outputs / model if model else Path(record.get("onnx") or outputs / "model.onnx")
     if path.is_file():
         return path

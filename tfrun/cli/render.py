@@ -52,10 +52,9 @@ def sweep_arrays(plans: list[Plan]) -> list[dict[str, Any]]:
     """The job arrays a Slurm sweep submits (empty for local sweeps)."""
     if not plans or any(p.target != "slurm" for p in plans):
         return []
-    from tfrun.targets import pack, slurm
+    from tfrun.plan import packing
 
-    sweep_dir = os.path.dirname(plans[0].run_dir)
-    return pack.request(plans, sweep_dir) if pack.is_packed(plans) else slurm.array_requests(plans, sweep_dir)
+    return packing.sweep_arrays(plans, os.path.dirname(plans[0].run_dir))
 
 
 def plans_text(plans: list[Plan], multirun: bool = False) -> str:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from tfrun import runs
-from tfrun.export import summary as export_summary
+from tfrun import rundir
+from tfrun.model.export import summary as export_summary
 from tfrun.plan import Plan
 
 
@@ -13,18 +13,18 @@ def failure_text(run_dir: str, status: dict) -> str:
     rank = status.get("failed_rank")
     if rank is None:
         return ""
-    record = runs.rank_records(run_dir).get(int(rank), {})
+    record = rundir.rank_records(run_dir).get(int(rank), {})
     host = record.get("host") or status.get("host") or "?"
     reason = record.get("error") or status.get("reason") or "failed"  # the rank's own account first
-    log = runs.rank_log(run_dir, int(rank))
+    log = rundir.rank_log(run_dir, int(rank))
     lines = [f"rank {rank} on {host} failed: {reason}", f"last lines of {log}:"]
-    lines += ["  | " + line for line in runs.tail(log, 15).splitlines()]
+    lines += ["  | " + line for line in rundir.tail(log, 15).splitlines()]
     return "\n".join(lines)
 
 
 def print_outcome(plan: Plan, state: str) -> None:
     """One summary after a run ends."""
-    status = runs.read_status(plan.run_dir)
+    status = rundir.read_status(plan.run_dir)
     took = ""
     if status.get("started") and status.get("ended"):
         took = f" in {status['ended'] - status['started']:.1f} s"

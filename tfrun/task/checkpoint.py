@@ -15,8 +15,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tfrun import preempt, runs, tracking
-from tfrun.context import context
+from tfrun import rundir
+from tfrun.task import preempt
+from tfrun.task.context import context
+from tfrun.tracking import metrics
 
 BACKUP_DIR = "checkpoints/backup"
 
@@ -28,7 +30,7 @@ def backup_dir() -> Path:
 
 def restore(model: Any) -> tuple[int, dict[str, Any] | None]:
     """Load the last backup into ``model``; (finished epochs, that epoch's logs)."""
-    state = runs.read_json(backup_dir() / "state.json")
+    state = rundir.read_json(backup_dir() / "state.json")
     if not state:
         return 0, None
     if not model.built:
@@ -110,7 +112,7 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
                     self.spaced = False
             if self.held is None or self.held[0] != done:
                 self.write(done, logs)
-            tracking.log_epoch(epoch, logs)
+            metrics.log_epoch(epoch, logs)
 
         def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
             self.write_held()
@@ -135,7 +137,7 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
             tmp = folder / f"tmp-{name}"
             self.model.save_weights(str(tmp))
             os.replace(tmp, folder / name)
-            runs.write_json(folder / "state.json", {"epoch": done, "weights": name, "logs": logs})
+            rundir.write_json(folder / "state.json", {"epoch": done, "weights": name, "logs": logs})
             for old in folder.glob("epoch-*.weights.h5"):
                 if old.name != name:
                     old.unlink(missing_ok=True)
@@ -167,7 +169,7 @@ def session(model: Any, module: ModuleType) -> tuple[int, list[Any]]:
         return 0, []
     done, logs = restore(model)
     if context().is_chief:
-        tracking.reconcile_epochs(done, logs)
+        metrics.reconcile_epochs(done, logs)
     backup_class, stop_class = _callback_classes(module)
     backend = os.environ.get("TFRUN_BACKEND")
     if backend == "ps":

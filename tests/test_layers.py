@@ -1,0 +1,71 @@
+"""The package's floors hold: import-linter's contracts (pyproject.toml) pass, every module
+of tfrun is on a floor, and what runs inside a task imports no Hydra, OmegaConf or
+submitit (nor TensorFlow until a script asks for it)."""
+from __future__ import annotations
+
+import pkgutil
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+import tfrun
+from tests.helpers import REPO
+
+CONTRACTS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+
+
+def _contract(contract_id: str) -> dict:
+    return next(c for c in CONTRACTS if c["id"] == contract_id)
+
+
+def test_lint_imports_keeps_every_contract() -> None:
+    lint = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
+    result = subprocess.run([lint, "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert f"Contracts: {len(CONTRACTS)} kept, 0 broken." in result.stdout, result.stdout[-2000:]
+
+
+def test_every_module_of_tfrun_is_on_a_floor() -> None:
+    """A new module or package must be placed on a floor, or the floors contract would not see it."""
+    floors = {name.strip() for layer in _contract("floors")["layers"] for name in layer.replace(":", "|").split("|")}
+    top = {f"tfrun.{m.name}" for m in pkgutil.iter_modules(tfrun.__path__)}
+    assert top - floors == set(), f"modules on no floor: {sorted(top - floors)}"
+    assert floors - top == set(), f"floors naming no module: {sorted(floors - top)}"
+
+
+ISOLATED = """\
+import importlib, sys
+for name in {modules!r}:
+    importlib.import_module(name)
+bad = sorted({{m.split(".")[0] for m in sys.modules}} & {forbidden!r})
+print("FOUND", bad)
+sys.exit(1 if bad else 0)
+"""
+
+
+def _imports_in_fresh_interpreter(modules: list[str], forbidden: set[str]) -> subprocess.CompletedProcess[str]:
+    code = ISOLATED.format(modules=modules, forbidden=forbidden)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_the_bootstrap_imports_no_hydra_omegaconf_or_submitit() -> None:
+    result = _imports_in_fresh_interpreter(["tfrun.bootstrap"], {"hydra", "omegaconf", "submitit"})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _package_modules(package: str) -> list[str]:
+    module = __import__(package, fromlist=["__path__"])
+    return [package, *(f"{package}.{m.name}" for m in pkgutil.iter_modules(module.__path__) if m.name != "__main__")]
+
+
+@pytest.mark.parametrize("package", ["tfrun.task", "tfrun.backends", "tfrun.tracking"])
+def test_what_runs_in_a_task_imports_no_hydra_nor_tensorflow(package: str) -> None:
+    """Every module of the floors a task uses: no Hydra, OmegaConf, submitit, and TensorFlow
+    only inside the functions that need it (a parameter server's bootstrap imports it late)."""
+    forbidden = {"hydra", "omegaconf", "submitit", "tensorflow", "keras", "tf_keras", "horovod"}
+    result = _imports_in_fresh_interpreter(_package_modules(package), forbidden)
+    assert result.returncode == 0, result.stdout + result.stderr

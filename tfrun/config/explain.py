@@ -1,0 +1,98 @@
+"""Composition errors in one paragraph: the key, the value given, and what is allowed.
+
+Hydra and OmegaConf say what went wrong in their own terms (a grammar error, a merge
+failure, a search path dump); these turn such an error into what a user can act on.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+def _type_name(tp: Any) -> str:
+    name = getattr(tp, "__name__", None)
+    return name if name and not getattr(tp, "__args__", None) else str(tp).replace("typing.", "")
+
+
+def _explain_parse(exc: Any) -> str:
+    """An override Hydra's grammar rejects: name its key and value, say what to do."""
+    from tfrun.config.validate import SAFE_VALUE, SAFE_VALUE_HELP
+
+    override = re.sub(r"^\+\+(?=trainer\.)", "", exc.override)  # our own add-or-set prefix
+    key, sep, value = override.partition("=")
+    cause = exc.__context__ if str(exc.__context__ or "").strip() else None
+    reason = (str(cause) if cause else exc.message).strip().splitlines()[0].rstrip(".")
+    shown = f"{key}={value!r}" if sep else repr(override)
+    if SAFE_VALUE.fullmatch(value):  # e.g. ~/data: fine as a value, but Hydra wants it quoted
+        hint = f"quote it: {key}='{value}'"
+    elif key.lstrip("+~").startswith("trainer."):
+        hint = f"trainer values may only use {SAFE_VALUE_HELP}"
+    else:
+        hint = "quote a value with blanks or special characters, e.g. key='a b'"
+    return f"{shown} could not be parsed ({reason}): {hint}."
+
+
+def _explain_validation(cause: Any) -> str | None:
+    """A value of the wrong type for a schema field: key, value and the field's type."""
+    import dataclasses
+    import typing
+
+    key, value = getattr(cause, "full_key", None), getattr(cause, "value", None)
+    owner = getattr(cause, "object_type", None)
+    if not key:
+        return None
+    reason = str(getattr(cause, "msg", cause)).strip().splitlines()[0].rstrip(".")
+    wanted = ""
+    if owner is not None and dataclasses.is_dataclass(owner):
+        field_type = typing.get_type_hints(owner).get(str(getattr(cause, "key", "")))
+        wanted = f"expected {_type_name(field_type)} " if field_type is not None else ""
+    return f"{key}={value!r} is not valid: {wanted}({reason})."
+
+
+def _explain_unknown_key(full_key: str, overrides: list[str], config_dir: str | None) -> str | None:
+    """An override of a key the schema does not have: list the keys it does have."""
+    parent, _, key = full_key.rpartition(".")
+    rest = [o for o in overrides if not o.lstrip("+~").startswith(full_key + "=")]
+    from tfrun.config.compose import compose_config
+
+    try:
+        cfg = compose_config(rest, config_dir)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        keys = sorted(k for k in node.keys() if k != "hydra")
+    except Exception:  # the explanation must not hide the original error
+        return None
+    if OmegaConf.get_type(node) is dict:  # a free-form mapping (deps.env): any key may be added
+        given = [o.lstrip("+~") for o in overrides if o.lstrip("+~").startswith(full_key + "=")]
+        return f"{full_key} is not in {parent} yet; add it with +{given[0] if given else full_key + '=VALUE'}"
+    where = parent or "the config"
+    return f"{full_key} is not a key of {where}; allowed keys: {', '.join(keys)}"
+
+
+def explain(exc: Exception, overrides: list[str], config_dir: str | None = None) -> str:
+    """One message for a composition Hydra rejected: the key, the value, what is allowed."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(exc, OverrideParseException):
+        return _explain_parse(exc)
+    if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
+        group, _, name = exc.missing_cfg_file.rpartition("/")
+        if group:
+            return (f"{group}={name} is not an option of {group}; "
+                    f"available options: {', '.join(exc.options) or '(none)'}")
+    message = str(exc).strip()
+    cause = exc.__cause__ or exc.__context__
+    if type(cause).__name__ == "ValidationError" and message.startswith("Error merging override"):
+        explained = _explain_validation(cause)
+        if explained:
+            return explained
+    match = re.search(r"Could not override '([\w.]+)'", message)
+    if match:
+        explained = _explain_unknown_key(match.group(1), overrides, config_dir)
+        if explained:
+            return explained
+    if cause is not None and str(cause).strip() and str(cause).strip() not in message:
+        message += "\n" + str(cause).strip()
+    # Hydra's search-path dump helps nobody here.
+    return message.split("\nConfig search path:")[0]

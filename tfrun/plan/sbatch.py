@@ -1,0 +1,117 @@
+"""What a run or a sweep will submit to Slurm, as data: submitit's parameters and the exact
+sbatch script. Pure (``--dry-run`` shows it); :mod:`tfrun.targets.slurm` submits it."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from typing import Any, Sequence
+
+from tfrun import backends, deps
+from tfrun.plan import submitit_compat
+from tfrun.rundir import Plan
+
+SUBMITIT_DIR = ".submitit"
+
+
+def parameters(compute: dict[str, Any], backend: str = "none") -> dict[str, Any]:
+    """submitit/sbatch parameters for a run (names as ``_make_sbatch_string`` takes them)."""
+    # A rank that exits non-zero ends the whole step at once: no rank is left waiting
+    # forever in a collective for a peer that is gone. Backends that survive losing a
+    # server task (ps) stop their servers themselves when the chief ends.
+    tolerant = getattr(backends.get(backend), "TOLERATES_WORKER_LOSS", False)
+    params: dict[str, Any] = {
+        "job_name": compute["job_name"],
+        "time": compute["timeout_min"],
+        "nodes": compute["nodes"],
+        "ntasks_per_node": compute["tasks_per_node"],
+        "signal_delay_s": compute["signal_delay_s"],
+        "stderr_to_stdout": True,
+        "srun_args": [f"--kill-on-bad-exit={0 if tolerant else 1}", *compute["srun_args"]],
+        "setup": list(compute["setup"]),
+        "array_parallelism": compute["array_parallelism"],
+    }
+    if compute.get("gpus_per_task"):
+        params["gpus_per_task"] = compute["gpus_per_task"]
+    elif compute["gpus_per_node"]:
+        params["gpus_per_node"] = compute["gpus_per_node"]
+    if compute.get("mem_gb"):
+        params["mem"] = submitit_compat.mem(compute["mem_gb"])
+    for key in ("partition", "cpus_per_task", "account", "qos", "constraint", "exclude", "nodelist"):
+        if compute.get(key) is not None:
+            params[key] = compute[key]
+    if compute["additional_parameters"]:
+        params["additional_parameters"] = dict(compute["additional_parameters"])
+    return params
+
+
+def plan_parameters(plan: Plan) -> dict[str, Any]:
+    """:func:`parameters` of a plan, with the setup lines its deps add (module loads, an in-job build)."""
+    params = parameters(plan.compute, plan.backend)
+    params["setup"] = [*params["setup"], *deps.setup_lines(plan)]
+    return params
+
+
+def submitit_command(python: str | Sequence[str], folder: str | os.PathLike[str]) -> str:
+    """The command submitit puts after srun in the sbatch script."""
+    return f"{shell_words(python)} -u -m {submitit_compat.SUBMIT_MODULE} {shlex.quote(str(folder))}"
+
+
+def shell_words(python: str | Sequence[str]) -> str:
+    """An interpreter, or a command that ends with one (apptainer exec ... IMAGE python3), quoted."""
+    return shlex.quote(python) if isinstance(python, str) else shlex.join(python)
+
+
+def sbatch_text(params: dict[str, Any], python: str | Sequence[str], folder: str | os.PathLike[str], array_size: int | None = None) -> str:
+    """The exact sbatch script submitit will write for these parameters."""
+    extra = {"map_count": array_size} if array_size and array_size > 1 else {}
+    return submitit_compat.sbatch_script(submitit_command(python, folder), folder, **params, **extra)
+
+
+def submitit_folder(plan: Plan) -> str:
+    """Where submitit keeps its pickles and logs: beside the run, or beside the sweep."""
+    return os.path.join(plan.run_dir, SUBMITIT_DIR)
+
+
+def request(plan: Plan, sweep_dir: str | None = None) -> dict[str, Any]:
+    """What ``sbatch`` will get for this run (shown by ``--dry-run``); a sweep's runs share its folder."""
+    params = plan_parameters(plan)
+    folder = os.path.join(sweep_dir, SUBMITIT_DIR) if sweep_dir else submitit_folder(plan)
+    text = sbatch_text(params, deps.python_words(plan), folder)
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    return {"parameters": params, "folder": folder, "sbatch": text, "srun": srun}
+
+
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (Slurm's default when it cannot be read)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 1001
+    for line in out.splitlines():
+        if line.startswith("MaxArraySize"):
+            return int(line.split("=", 1)[1].strip())
+    return 1001
+
+
+def parameter_groups(plans: Sequence[Plan]) -> list[list[Plan]]:
+    """Plans whose Slurm parameters are equal go in one array (a sweep over nodes makes several)."""
+    groups: dict[str, list[Plan]] = {}
+    for plan in plans:
+        key = repr(sorted(plan_parameters(plan).items())) + shlex.join(deps.python_words(plan))
+        groups.setdefault(key, []).append(plan)
+    return list(groups.values())
+
+
+def array_requests(plans: Sequence[Plan], sweep_dir: str) -> list[dict[str, Any]]:
+    """What a sweep submits: per group of equal parameters, its runs and the array's sbatch."""
+    folder = os.path.join(sweep_dir, SUBMITIT_DIR)
+    chunk = max_array_size()
+    requests = []
+    for group in parameter_groups(plans):
+        for start in range(0, len(group), chunk):
+            part = group[start:start + chunk]
+            params = plan_parameters(part[0])
+            requests.append({"runs": [p.run_id for p in part],
+                             "sbatch": sbatch_text(params, deps.python_words(part[0]), folder, array_size=len(part))})
+    return requests

@@ -1,0 +1,97 @@
+"""The state of runs, and stopping them: what ``tfrun status|cancel|...`` and the Python API
+share. They read the run dir and, for Slurm runs not yet finished, ask Slurm about all the
+jobs concerned in one ``sacct`` call."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from tfrun import rundir
+from tfrun.errors import TfrunError
+
+
+def run_dirs_of(path: Path) -> list[Path]:
+    """The run dirs a path stands for: itself, or every point of a sweep."""
+    if rundir.is_run_dir(path):
+        return [path]
+    index = rundir.read_json(path / rundir.SWEEP_FILE)
+    if index:
+        return [Path(p["run_dir"]) for p in index["points"]]
+    points = [p for p in sorted(path.iterdir(), key=lambda p: (len(p.name), p.name)) if rundir.is_run_dir(p)]
+    if not points:
+        raise TfrunError(f"{path} is neither a run dir nor a sweep dir")
+    return points
+
+
+def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Current status of each run; unfinished Slurm runs are updated from one sacct call."""
+    statuses = [rundir.read_status(d) for d in run_dirs]
+    live = [(d, s) for d, s in zip(run_dirs, statuses)
+            if s.get("target") == "slurm" and s.get("state") not in rundir.FINAL_STATES and s.get("job_ids")]
+    if live:
+        from tfrun.targets import slurm
+
+        info = slurm.query(j for _, s in live for j in s["job_ids"])
+        for run_dir, status in live:
+            job = info.get(status["job_ids"][-1])
+            if not job:
+                continue
+            state = slurm.tfrun_state(job["State"])
+            if status.get("packed"):  # its allocation's state is not the point's
+                from tfrun.targets import pack
+
+                state = pack.point_state(run_dir, state)
+                status.update(rundir.read_status(run_dir))
+                continue
+            fields = slurm.settle(str(run_dir), state) if state in rundir.FINAL_STATES else {"state": state}
+            status.update(rundir.update_status(run_dir, nodes=job.get("NodeList"), **fields))
+            if state in rundir.FINAL_STATES:
+                from tfrun.tracking import mlflow_sync
+
+                mlflow_sync.sync_if_asked(run_dir, state)
+    return statuses
+
+
+def _cancel_in_this_process(run_dir: Path) -> bool:
+    from tfrun.targets import local
+
+    return local.cancel_in_process(run_dir)
+
+
+def cancel(path: Path) -> list[str]:
+    """Cancel a run or every unfinished point of a sweep; what was cancelled."""
+    dirs = run_dirs_of(path)
+    statuses = refresh(dirs)
+    packed_point = len(dirs) == 1 and statuses[0].get("packed")
+    job_ids = [] if packed_point else sorted({j.split("_")[0] if len(dirs) > 1 else j for s in statuses
+                                              if s.get("state") not in rundir.FINAL_STATES for j in s.get("job_ids", [])})
+    if job_ids:
+        from tfrun.targets import slurm
+
+        slurm.cancel(job_ids)
+    done = []
+    for run_dir, status in zip(dirs, statuses):
+        if status.get("state") in rundir.FINAL_STATES:
+            continue
+        name = status.get("run_id", run_dir.name)
+        if status.get("packed") and len(dirs) == 1:
+            from tfrun.targets import pack
+
+            pack.cancel_point(run_dir)
+            done.append(f"{name} (its pack's other points go on)")
+            continue
+        pid = status.get("launcher_pid")
+        if status.get("target") == "local" and _cancel_in_this_process(run_dir):
+            pass  # launched by this process (tfrun.launch(wait=False)): SIGTERM would end it
+        elif status.get("target") == "local" and pid and status.get("launcher_host") == rundir.hostname():
+            try:
+                os.kill(int(pid), signal.SIGTERM)  # the local launcher stops its tasks and records CANCELLED
+            except ProcessLookupError:
+                rundir.update_status(run_dir, state="CANCELLED", ended=time.time())
+        else:
+            rundir.update_status(run_dir, state="CANCELLED", ended=time.time(), reason="cancelled with tfrun cancel")
+        done.append(name + (f" (job {', '.join(status.get('job_ids', []))})" if status.get("job_ids") else ""))
+    return done
