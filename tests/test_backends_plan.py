@@ -342,3 +342,12 @@ def test_free_ports_avoid_the_ephemeral_range() -> None:
     assert len(ports) > 40  # random, not a fixed base
     with socket.socket() as s:
         s.bind(("", ports.pop()))
+
+
+def test_tasks_on_one_node_never_claim_the_same_port(scratch: Path, attempt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two tasks that share a node and draw the same free port: the second gets another one."""
+    draws = iter([31000, 31000, 31001, 31000])
+    monkeypatch.setattr(rendezvous, "free_port", lambda: next(draws))
+    assert rendezvous.claim_port(str(scratch), "node1") == 31000
+    assert rendezvous.claim_port(str(scratch), "node1") == 31001
+    assert rendezvous.claim_port(str(scratch), "node2") == 31000  # another node's ports are its own

@@ -32,7 +32,7 @@ def tf_config(roles: Roles, rank: int, address: Mapping[int, str] | None = None)
 
 def resolve(run_dir: str, ident: TaskIdentity, roles: Roles, timeout_s: float) -> dict[str, Any]:
     """Publish this task's address, wait for every other task's, and build its TF_CONFIG."""
-    port = rendezvous.free_port()
+    port = rendezvous.claim_port(run_dir, ident.hostname)
     rendezvous.publish(run_dir, f"task-{ident.rank}", {"host": ident.hostname, "port": port})
     found = rendezvous.wait_for(run_dir, [f"task-{r}" for r in range(len(roles))], timeout_s, "the other tasks")
     address = {r: f"{found[f'task-{r}']['host']}:{found[f'task-{r}']['port']}" for r in range(len(roles))}

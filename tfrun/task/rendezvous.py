@@ -73,6 +73,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def claim_port(run_dir: str | os.PathLike[str], host: str) -> int:
+    """A free port on this node (:func:`free_port`) that no other task of this attempt on
+    ``host`` has taken. Tasks that share a node choose at the same moment and bind seconds
+    later, so "free right now" alone let two of them pick one port (the second one's server
+    then failed to start); a claim file created exclusively settles it."""
+    folder = directory(run_dir) / "ports"
+    folder.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        port = free_port()
+        try:
+            os.close(os.open(folder / f"{host}-{port}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            continue  # another task of this run on this node has it
+        return port
+    raise BootstrapError(f"could not claim a free port on {host}: every port tried was taken (see {folder})")
+
+
 def publish(run_dir: str | os.PathLike[str], name: str, data: dict[str, Any]) -> None:
     """Make ``data`` visible to the run's other tasks under ``name``."""
     rundir.write_json(directory(run_dir) / f"{name}.json", data)
