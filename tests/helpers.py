@@ -1,11 +1,13 @@
 """Helpers shared by the tests: run the real ``tfrun`` command in a scratch dir, watch processes."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -101,3 +103,25 @@ def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
     while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.1)
     return [p for p in pids if alive(p)]
+
+
+# --- the local cluster's nodes as separate hosts (scripts/local-slurm) --------------------------
+
+def node_address(node: str) -> str:
+    """A node's own address, as the cluster resolves its name (never loopback on it)."""
+    address = socket.gethostbyname(node)
+    assert not ipaddress.ip_address(address).is_loopback, f"{node} resolves to {address}: not a cluster of hosts"
+    return address
+
+
+def assert_on_separate_hosts(run_dir: Path, nodes: list[str]) -> None:
+    """Rank r ran on nodes[r], a host of its own: that hostname, and the node's own address
+    as the one it used (a task records the address it published or reached rank 0 from)."""
+    assert len(set(nodes)) > 1
+    for rank, node in enumerate(nodes):
+        record = read_json(run_dir / f"ranks/{rank}.json")
+        assert (record["host"], record["hostname"]) == (node, node), record
+        assert record["address"] == node_address(node), record
+    published = [read_json(p) for p in sorted((run_dir / "rendezvous").glob("*/*.json"))
+                 if p.name.startswith(("task-", "horovod"))]
+    assert published and all(p["addr"] == node_address(p["host"]) for p in published), published

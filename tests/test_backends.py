@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import (REPO, alive, read_json, run_dir_from, run_tfrun, scratch_env, tfrun_command,
-                           wait_for)
+from tests.helpers import (REPO, alive, assert_on_separate_hosts, node_address, read_json, run_dir_from, run_tfrun,
+                           scratch_env, tfrun_command, wait_for)
 
 EXAMPLES = REPO / "examples"
 HOROVOD_KERAS = EXAMPLES / "horovod_keras" / "train.py"
@@ -159,9 +159,27 @@ def test_horovod_keras_slurm_two_nodes(tmp_path: Path) -> None:
     run_dir = completed(tmp_path, "compute=slurm", "compute.nodes=2", f"entry.script={script}", "backend=horovod",
                         "trainer.epochs=3")
     check_horovod_keras(run_dir, epochs=3)
-    hosts = {read_json(run_dir / f"ranks/{r}.json")["host"] for r in (0, 1)}
-    assert hosts == {"node1", "node2"}
-    assert "HOROVOD_HOSTNAME=node2" in (run_dir / "logs/rank1.log").read_text()
+    assert_horovod_across(run_dir, ["node1", "node2"])
+
+
+def assert_horovod_across(run_dir: Path, nodes: list[str]) -> None:
+    """Every rank met rank 0's rendezvous at node1's own address, over its own interface."""
+    assert_on_separate_hosts(run_dir, nodes)
+    for rank, node in enumerate(nodes):
+        env = dict(re.findall(r"(HOROVOD_[A-Z_]+)=(\S+)", (run_dir / f"logs/rank{rank}.log").read_text()))
+        assert env["HOROVOD_GLOO_RENDEZVOUS_ADDR"] == node_address(nodes[0]), env
+        assert env["HOROVOD_GLOO_IFACE"] not in ("lo", ""), env
+        assert (env["HOROVOD_HOSTNAME"], env["HOROVOD_CROSS_RANK"], env["HOROVOD_CROSS_SIZE"]) == (
+            node, str(sorted(set(nodes)).index(node)), str(len(set(nodes)))), env
+
+
+def check_horovod_tape(run_dir: Path, steps: int) -> None:
+    histories = [read_json(run_dir / f"outputs/history-rank{r}.json") for r in (0, 1)]
+    assert [h["rank"] for h in histories] == [0, 1]
+    assert_same_training(histories, size=2)
+    # Every step's loss is allreduced: the ranks saw the same numbers.
+    assert histories[0]["loss"] == histories[1]["loss"] and len(histories[0]["loss"]) == steps
+    assert_no_process_left(run_dir)
 
 
 @pytest.mark.slow
@@ -169,12 +187,18 @@ def test_horovod_keras_slurm_two_nodes(tmp_path: Path) -> None:
 def test_horovod_gradient_tape_two_local_tasks(tmp_path: Path) -> None:
     run_dir = completed(tmp_path, f"entry.script={HOROVOD_TAPE}", "backend=horovod", "compute.tasks_per_node=2",
                         "trainer.steps=30")
-    histories = [read_json(run_dir / f"outputs/history-rank{r}.json") for r in (0, 1)]
-    assert [h["rank"] for h in histories] == [0, 1]
-    assert_same_training(histories, size=2)
-    # Every step's loss is allreduced: the ranks saw the same numbers.
-    assert histories[0]["loss"] == histories[1]["loss"] and len(histories[0]["loss"]) == 30
-    assert_no_process_left(run_dir)
+    check_horovod_tape(run_dir, steps=30)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@needs_slurm
+@needs_horovod
+def test_horovod_gradient_tape_slurm_two_nodes(tmp_path: Path) -> None:
+    run_dir = completed(tmp_path, "compute=slurm", "compute.nodes=2", f"entry.script={HOROVOD_TAPE}",
+                        "backend=horovod", "trainer.steps=30")
+    check_horovod_tape(run_dir, steps=30)
+    assert_horovod_across(run_dir, ["node1", "node2"])
 
 
 # --- 3. Horovod: a rank that cannot reach the rendezvous ---------------------------------------
@@ -210,7 +234,7 @@ def lone_rank(tmp_path: Path, rank: int, timeout_s: int, stale_rendezvous: bool 
             port = s.getsockname()[1]
         folder = run_dir / "rendezvous" / "lone"
         folder.mkdir(parents=True)
-        (folder / "horovod.json").write_text(json.dumps({"addr": "127.0.0.1", "port": port}))
+        (folder / "horovod.json").write_text(json.dumps({"addr": "127.0.0.1", "port": port, "host": "localhost"}))
     env = scratch_env(tmp_path, TFRUN_LAUNCHER="local", TFRUN_RANK=str(rank), TFRUN_ATTEMPT="lone")
     start = time.monotonic()
     result = subprocess.run(plan["command"], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
@@ -237,7 +261,8 @@ def test_horovod_rank_fails_when_rendezvous_is_unreachable(tmp_path: Path) -> No
     result, took, run_dir = lone_rank(tmp_path, rank=1, timeout_s=5, stale_rendezvous=True)
     assert result.returncode == 1, result.stderr
     assert 4 < took < 5 + 10, took
-    assert "tfrun: error: cannot reach Horovod's rendezvous server (rank 0) at 127.0.0.1:" in result.stderr
+    assert ("tfrun: error: rank 1 on localhost cannot reach Horovod's rendezvous server (rank 0, on localhost) "
+            "at 127.0.0.1:") in result.stderr
     assert not (run_dir / "script-ran-rank1").exists() and "TRAINED ALONE" not in result.stdout
     assert read_json(run_dir / "ranks/1.json")["exit_code"] == 1
 
@@ -289,12 +314,13 @@ def test_ps_keras_slurm_two_nodes_two_tasks(tmp_path: Path) -> None:
     run_dir = completed(tmp_path, "compute=slurm", "compute.nodes=2", "compute.tasks_per_node=2",
                         f"entry.script={PS_KERAS}", "backend=ps", "trainer.epochs=3", "trainer.steps_per_epoch=10")
     check_ps_run(run_dir)
-    hosts = [read_json(run_dir / f"ranks/{r}.json")["host"] for r in range(4)]
-    assert hosts == ["node1", "node1", "node2", "node2"]
+    assert_on_separate_hosts(run_dir, ["node1", "node1", "node2", "node2"])
     shown = re.search(r"TF_CONFIG=(\{.*\}) GRPC_FAIL_FAST", (run_dir / "logs/rank0.log").read_text())
     assert shown, "the chief's log does not show its TF_CONFIG"
     cluster = json.loads(shown.group(1))["cluster"]
-    assert [a.split(":")[0] for a in cluster["worker"] + cluster["ps"]] == ["node1", "node2", "node2"]
+    # chief and worker 0 on node1; worker 1 and the parameter server on node2: by address, never loopback
+    assert [a.split(":")[0] for a in cluster["chief"] + cluster["worker"] + cluster["ps"]] == [
+        node_address("node1"), node_address("node1"), node_address("node2"), node_address("node2")]
 
 
 class _Lines(threading.Thread):
@@ -419,7 +445,9 @@ def test_mwms_slurm_two_nodes(tmp_path: Path) -> None:
                         "backend=mwms", "trainer.epochs=3", "trainer.steps_per_epoch=10")
     histories = [read_json(run_dir / f"outputs/history-rank{r}.json") for r in (0, 1)]
     assert_same_training(histories, size=2)
-    assert [read_json(run_dir / f"ranks/{r}.json")["host"] for r in (0, 1)] == ["node1", "node2"]
+    assert_on_separate_hosts(run_dir, ["node1", "node2"])
+    shown = re.search(r"TF_CONFIG=(\{.*\})", (run_dir / "logs/rank1.log").read_text())
+    assert shown and json.loads(shown.group(1))["cluster"]["worker"][0].split(":")[0] == node_address("node1")
     assert_no_process_left(run_dir)
 
 

@@ -167,24 +167,26 @@ def test_tf_config_with_an_address_map() -> None:
 
 
 def test_resolve_builds_tf_config_from_what_tasks_published(scratch: Path, attempt: str) -> None:
-    plan = plan_for("backend=ps", "compute=slurm", "compute.nodes=2", "compute.tasks_per_node=2")
-    for rank, (host, port) in {0: ("node1", 5000), 1: ("node1", 5001), 3: ("node2", 5003)}.items():
-        rendezvous.publish(plan.run_dir, f"task-{rank}", {"host": host, "port": port})
-    ident = slurm_identity(2, nodes=2, tasks_per_node=2)
+    """TF_CONFIG names addresses (what each task published), not node names. (Across
+    nodes, tests/test_backends.py runs this on the cluster's separate hosts.)"""
+    plan = plan_for("backend=ps", "compute=slurm", "compute.tasks_per_node=4")
+    for rank, port in {0: 5000, 1: 5001, 3: 5003}.items():
+        rendezvous.publish(plan.run_dir, f"task-{rank}", {"host": "node1", "addr": "127.0.0.1", "port": port})
+    ident = slurm_identity(2, nodes=1, tasks_per_node=4)
     env = ps.setup(plan.config["backend"], ident, plan.run_dir, plan.tasks[2], plan)
 
-    mine = rendezvous.directory(plan.run_dir, attempt) / "task-2.json"
-    port = json.loads(mine.read_text())["port"]
-    assert json.loads(mine.read_text())["host"] == "node2"
+    mine = json.loads((rendezvous.directory(plan.run_dir, attempt) / "task-2.json").read_text())
+    assert mine["host"] == "node1" and mine["addr"] == "127.0.0.1"  # one host: the tasks meet on loopback
     assert json.loads(env["TF_CONFIG"]) == {
-        "cluster": {"chief": ["node1:5000"], "worker": ["node1:5001", f"node2:{port}"], "ps": ["node2:5003"]},
+        "cluster": {"chief": ["127.0.0.1:5000"], "worker": ["127.0.0.1:5001", f"127.0.0.1:{mine['port']}"],
+                    "ps": ["127.0.0.1:5003"]},
         "task": {"type": "worker", "index": 1}, "environment": "cloud"}
     assert env["GRPC_FAIL_FAST"] == "use_caller"
 
 
 def test_resolve_names_the_tasks_that_never_published(scratch: Path, attempt: str) -> None:
     plan = plan_for("backend=mwms", "compute.tasks_per_node=3", "backend.rendezvous_timeout_s=0.3")
-    rendezvous.publish(plan.run_dir, "task-0", {"host": "localhost", "port": 5000})
+    rendezvous.publish(plan.run_dir, "task-0", {"host": "localhost", "addr": "127.0.0.1", "port": 5000})
     with pytest.raises(BootstrapError, match=r"timed out after 0 s waiting for the other tasks: task-2 never"):
         mwms.setup(plan.config["backend"], local_identity(1, 1, 3), plan.run_dir, plan.tasks[1], plan)
 
@@ -286,7 +288,8 @@ def test_horovod_rank0_serves_the_rendezvous(scratch: Path, attempt: str) -> Non
     try:
         env0 = horovod.setup(BACKEND, local_identity(0, 1, 2), run_dir, None, None)
         published = json.loads((rendezvous.directory(run_dir, attempt) / "horovod.json").read_text())
-        assert published == {"addr": "127.0.0.1", "port": int(env0["HOROVOD_GLOO_RENDEZVOUS_PORT"])}
+        port = int(env0["HOROVOD_GLOO_RENDEZVOUS_PORT"])
+        assert published == {"addr": "127.0.0.1", "port": port, "host": "localhost"}
         with socket.create_connection(("127.0.0.1", published["port"]), timeout=2):
             pass
         env1 = horovod.setup(BACKEND, local_identity(1, 1, 2), run_dir, None, None)
@@ -308,8 +311,9 @@ def test_horovod_rank_without_rendezvous_fails_clearly(scratch: Path, attempt: s
 
 def test_horovod_unreachable_rendezvous_fails_clearly(scratch: Path, attempt: str) -> None:
     port = closed_port()
-    rendezvous.publish(str(scratch), "horovod", {"addr": "127.0.0.1", "port": port})
-    with pytest.raises(BootstrapError, match=rf"cannot reach Horovod's rendezvous server \(rank 0\) at 127.0.0.1:{port}"):
+    rendezvous.publish(str(scratch), "horovod", {"addr": "127.0.0.1", "port": port, "host": "node1"})
+    with pytest.raises(BootstrapError, match=rf"rank 1 on node2 cannot reach Horovod's rendezvous server \(rank 0, on "
+                                             rf"node1\) at 127.0.0.1:{port}"):
         horovod.setup({**BACKEND, "rendezvous_timeout_s": 0.5}, slurm_identity(1, 2, 1), str(scratch), None, None)
 
 
@@ -344,7 +348,8 @@ def test_free_ports_avoid_the_ephemeral_range() -> None:
         s.bind(("", ports.pop()))
 
 
-def test_tasks_on_one_node_never_claim_the_same_port(scratch: Path, attempt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tasks_on_one_node_never_claim_the_same_port(scratch: Path, attempt: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Two tasks that share a node and draw the same free port: the second gets another one."""
     draws = iter([31000, 31000, 31001, 31000])
     monkeypatch.setattr(rendezvous, "free_port", lambda: next(draws))

@@ -107,8 +107,10 @@ def test_the_multirun_config_is_hydras() -> None:
     from hydra.types import RunMode
 
     with compose.session() as hydra:
-        sweep = hydra_compat.compose_multirun_config(hydra, compose.CONFIG_NAME, ["++trainer.lr=0.1,0.2", "hydra.job.chdir=false"])
-        assert sweep.hydra.mode == RunMode.MULTIRUN, broke(HYDRA, "Hydra.compose_config", "hydra_compat.compose_multirun_config")
+        sweep = hydra_compat.compose_multirun_config(hydra, compose.CONFIG_NAME,
+                                                     ["++trainer.lr=0.1,0.2", "hydra.job.chdir=false"])
+        assert sweep.hydra.mode == RunMode.MULTIRUN, broke(HYDRA, "Hydra.compose_config",
+                                                           "hydra_compat.compose_multirun_config")
         assert list(sweep.hydra.overrides.task) == ["++trainer.lr=0.1,0.2"], broke(
             HYDRA, "hydra.overrides.task of a multirun", "hydra_compat.compose_multirun_config")
         assert list(sweep.hydra.overrides.hydra) == ["hydra.job.chdir=false", "hydra.mode=MULTIRUN"]
@@ -121,7 +123,8 @@ def test_the_multirun_config_is_hydras() -> None:
 
 def test_omegaconfs_dumper_quotes_what_would_read_back_as_another_type(tmp_path: Path) -> None:
     dumper = hydra_compat.omegaconf_dumper()
-    assert hasattr(dumper, "str_representer"), broke("omegaconf", "get_omega_conf_dumper", "hydra_compat.omegaconf_dumper")
+    assert hasattr(dumper, "str_representer"), broke("omegaconf", "get_omega_conf_dumper",
+                                                     "hydra_compat.omegaconf_dumper")
     from tfrun.config.hydra_files import save_yaml
 
     cfg = OmegaConf.create({"a": "1", "b": "true", "c": "text"})

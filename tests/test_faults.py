@@ -22,7 +22,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.helpers import REPO, alive, popen_tfrun, read_json, run_tfrun, stop, wait_for, wait_gone
+from tests.helpers import (REPO, alive, assert_on_separate_hosts, popen_tfrun, read_json, run_tfrun, stop, wait_for,
+                           wait_gone)
 
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
 JOB_TIMEOUT = 600  # generous: the machine is small and other suites share the cluster
@@ -319,14 +320,14 @@ def test_preempted_keras_job_is_requeued_and_completes(tmp_path: Path, job_name:
     watch.check()
 
 
-# --- 2: the same with Horovod on 2 tasks: both ranks resume from the same backup ----------------
+# --- 2: the same with Horovod on 2 nodes: both ranks resume from the same backup ----------------
 
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_preempted_horovod_job_resumes_every_rank_from_the_same_backup(tmp_path: Path, job_name: str) -> None:
     write_script(tmp_path, "hvd_fit.py", HOROVOD_SCRIPT)
     proc, out, err = popen_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1",
-                                  "backend=horovod", "compute.tasks_per_node=2", "entry.script=hvd_fit.py",
+                                  "backend=horovod", "compute.nodes=2", "entry.script=hvd_fit.py",
                                   f"trainer.epochs={EPOCHS}")
     try:
         job_id, run_dir = _wait_for_job(err)
@@ -353,6 +354,9 @@ def test_preempted_horovod_job_resumes_every_rank_from_the_same_backup(tmp_path:
     assert [a["reason"] for a in attempts(run_dir)] == ["preempted", "completed"]
     assert attempts(run_dir)[0]["requeued"] is True
     assert read_json(run_dir / "status.json")["job_ids"] == [job_id]
+    # Both attempts met across the two hosts: rank 0's rendezvous at node1's own address each time.
+    assert len(list((run_dir / "rendezvous").glob("*/horovod.json"))) == 2
+    assert_on_separate_hosts(run_dir, ["node1", "node2"])
     watch.check()
 
 

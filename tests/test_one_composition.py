@@ -85,4 +85,5 @@ def test_every_entry_composes_the_same_config(project: tuple[Path, list[str]]) -
             assert (run_dir / ".hydra" / name).read_text() == (launched["tfrun"] / ".hydra" / name).read_text(), \
                 f"{entry} wrote another .hydra/{name}"
         assert read_json(run_dir / "status.json")["state"] == "COMPLETED", entry
-        assert "argv ['--from_project', '7', '--lr', '0.25', '--tag', 'a,b']" in (run_dir / "logs" / "rank1.log").read_text()
+        argv = "argv ['--from_project', '7', '--lr', '0.25', '--tag', 'a,b']"
+        assert argv in (run_dir / "logs" / "rank1.log").read_text(), entry

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import socket
 import subprocess
 import sys
 import time
@@ -124,7 +125,8 @@ def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> i
         earlier = sum(1 for a in rundir.attempts(plan.run_dir) if a.get("reason") == "timeout")
         if timed_out and earlier >= plan.compute.get("max_requeues", 3):
             say(f"time limit reached after {earlier} requeue(s) for time-outs (compute.max_requeues): not requeued")
-            rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason, requeued=False)
+            rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason,
+                                  requeued=False)
             return code
         failure = preempt.requeue(job)
         rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason,
@@ -153,7 +155,8 @@ def export_after_training(plan: Plan, ident: identity.TaskIdentity, code: int) -
     record_path.unlink(missing_ok=True)  # an earlier attempt's record must not pass for this one's
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     try:
-        child = subprocess.run([plan.python, "-u", "-m", EXPORT_MODULE, plan.run_dir], env=env, stdin=subprocess.DEVNULL)
+        child = subprocess.run([plan.python, "-u", "-m", EXPORT_MODULE, plan.run_dir], env=env,
+                               stdin=subprocess.DEVNULL)
         why = f"exit code {child.returncode}" if child.returncode >= 0 else f"killed by signal {-child.returncode}"
     except OSError as exc:
         why = str(exc)
@@ -170,7 +173,8 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     ident = identity.detect(launcher, plan.compute["nodes"], plan.compute["tasks_per_node"])
     if launcher == "slurm":
         redirect_output(rundir.rank_log(run_dir, ident.rank))
-    rundir.update_rank(run_dir, ident.rank, host=rundir.hostname(), pid=os.getpid(), started=time.time(),
+    rundir.update_rank(run_dir, ident.rank, host=rundir.hostname(), hostname=socket.gethostname(), pid=os.getpid(),
+                       started=time.time(),
                        ended=None, exit_code=None, error=None,
                        job=os.environ.get("SLURM_JOB_ID"), step=os.environ.get("SLURM_STEP_ID"))
     say(f"rank {ident.rank}/{ident.world_size} on {rundir.hostname()} (node {ident.node_index}, "

@@ -1,7 +1,8 @@
 """``backend=horovod``: Horovod over Gloo, without horovodrun.
 
 Rank 0 serves Horovod's rendezvous (an HTTP server on a port it finds free) and
-publishes its address in the run dir; every rank then gets the HOROVOD_* variables
+publishes its node's address in the run dir (across nodes: an address the others reach,
+never loopback; see :mod:`tfrun.task.network`); every rank then gets the HOROVOD_* variables
 that horovodrun would have set, so a script's own ``hvd.init()`` joins the group. With
 ``check_size`` the bootstrap initialises Horovod first and fails, naming the ranks,
 unless the group has every task: a script never silently trains alone.
@@ -14,8 +15,9 @@ import socket
 import time
 from typing import Any, Mapping
 
+from tfrun import rundir
 from tfrun.errors import BootstrapError, ConfigError
-from tfrun.task import rendezvous
+from tfrun.task import network, rendezvous
 from tfrun.task.identity import TaskIdentity
 
 TOLERATES_WORKER_LOSS = False
@@ -53,17 +55,21 @@ def host_slots(ident: TaskIdentity) -> list[tuple[str, int]]:
     return [(host, ident.local_world_size) for host in ident.hostnames]
 
 
+def route_to(address: str) -> tuple[str, str]:
+    """(interface, source address) this node uses to reach ``address``: Gloo binds to that
+    interface. A UDP socket's connect sends nothing; the kernel only picks the route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((address, 9))
+        local_ip = s.getsockname()[0]
+    for name, addresses in network.interfaces().items():
+        if local_ip in addresses:
+            return name, local_ip
+    return ("lo" if network.is_loopback(local_ip) else ""), local_ip
+
+
 def interface_for(address: str) -> str:
     """The local network interface that reaches ``address`` (Gloo binds to it)."""
-    import psutil
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect((address, 9))  # UDP: no packet is sent; the kernel picks the route
-        local_ip = s.getsockname()[0]
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.address == local_ip for a in addrs):
-            return name
-    return "lo" if local_ip.startswith("127.") else ""
+    return route_to(address)[0]
 
 
 def _serve_rendezvous(slots: list[tuple[str, int]], world_size: int) -> int:
@@ -77,23 +83,21 @@ def _serve_rendezvous(slots: list[tuple[str, int]], world_size: int) -> int:
     return int(port)
 
 
-def reach(addr: str, port: int, deadline: float) -> None:
+def reach(found: Mapping[str, Any], ident: TaskIdentity, deadline: float) -> None:
     """Connect once to rank 0's rendezvous server, retrying until ``deadline`` (monotonic).
 
     Horovod itself aborts the process (C++ terminate, SIGABRT) with "HTTP request failed"
-    when the server is unreachable; failing here names the address and the likely causes.
+    when the server is unreachable; failing here names both nodes, the address and the port.
     """
-    while True:
-        try:
-            with socket.create_connection((addr, port), timeout=2.0):
-                return
-        except OSError as exc:
-            if time.monotonic() >= deadline:
-                raise BootstrapError(
-                    f"cannot reach Horovod's rendezvous server (rank 0) at {addr}:{port}: {exc}. Rank 0 may have "
-                    f"died after publishing it, or this node cannot route to that address "
-                    f"(set backend.iface, or check the node names resolve)") from exc
-            time.sleep(0.2)
+    addr, port = found["addr"], int(found["port"])
+    try:
+        network.reach(addr, port, deadline)
+    except OSError as exc:
+        raise BootstrapError(
+            f"rank {ident.rank} on {ident.hostname} cannot reach Horovod's rendezvous server (rank 0, on "
+            f"{found.get('host', '?')}) at {addr}:{port}: {exc}. Rank 0 may have died after publishing it, or "
+            f"this node cannot route to that address or a firewall drops the port (backend.iface picks the "
+            f"interface)") from exc
 
 
 def setup(backend: Mapping[str, Any], ident: TaskIdentity, run_dir: str, task: Any, plan: Any) -> dict[str, str]:
@@ -101,13 +105,19 @@ def setup(backend: Mapping[str, Any], ident: TaskIdentity, run_dir: str, task: A
     slots = host_slots(ident)
     if ident.rank == 0:
         port = _serve_rendezvous(slots, ident.world_size)
-        addr = socket.gethostbyname(slots[0][0])
-        rendezvous.publish(run_dir, "horovod", {"addr": addr, "port": port})
+        if ident.launcher != "local" and ident.num_nodes > 1:  # the others are other hosts
+            addr, why = network.own_address(slots[0][0], backend.get("iface"))
+        else:
+            addr, why = socket.gethostbyname(slots[0][0]), "one host"
+        rendezvous.publish(run_dir, "horovod", {"addr": addr, "port": port, "host": slots[0][0]})
+        rundir.update_rank(run_dir, ident.rank, address=addr, address_why=why)
     timeout = float(backend["rendezvous_timeout_s"])
     deadline = time.monotonic() + timeout
     found = rendezvous.wait_for(run_dir, ["horovod"], timeout, "Horovod's rendezvous server (rank 0)")["horovod"]
+    iface, mine = route_to(found["addr"])
     if ident.rank != 0:
-        reach(found["addr"], int(found["port"]), deadline)
+        reach(found, ident, deadline)
+        rundir.update_rank(run_dir, ident.rank, address=mine, address_why=f"the route to rank 0 ({iface})")
     host_index = 0 if ident.launcher == "local" else ident.node_index
     local_rank = ident.rank if ident.launcher == "local" else ident.local_rank
     return {
@@ -115,7 +125,7 @@ def setup(backend: Mapping[str, Any], ident: TaskIdentity, run_dir: str, task: A
         "HOROVOD_CPU_OPERATIONS": backend["controller"],
         "HOROVOD_GLOO_RENDEZVOUS_ADDR": found["addr"],
         "HOROVOD_GLOO_RENDEZVOUS_PORT": str(found["port"]),
-        "HOROVOD_GLOO_IFACE": backend.get("iface") or interface_for(found["addr"]),
+        "HOROVOD_GLOO_IFACE": backend.get("iface") or iface,
         "HOROVOD_GLOO_TIMEOUT_SECONDS": str(int(backend["rendezvous_timeout_s"])),
         "HOROVOD_HOSTNAME": slots[host_index][0],
         "HOROVOD_RANK": str(ident.rank),

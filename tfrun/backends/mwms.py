@@ -31,7 +31,8 @@ def tf_config(backend: Mapping[str, Any], roles: tfconfig.Roles, rank: int) -> d
 
 def setup(backend: Mapping[str, Any], ident: TaskIdentity, run_dir: str, task: Any, plan: Any) -> dict[str, str]:
     """The real TF_CONFIG, once every worker has published its address."""
-    config = tfconfig.resolve(run_dir, ident, plan_roles(plan), float(backend["rendezvous_timeout_s"]))
+    config = tfconfig.resolve(run_dir, ident, plan_roles(plan), float(backend["rendezvous_timeout_s"]),
+                              backend.get("iface"))
     return {"TF_CONFIG": json.dumps(config)}
 
 

@@ -74,7 +74,8 @@ def _heartbeat(run_dir: str) -> None:
 
 def setup(backend: Mapping[str, Any], ident: TaskIdentity, run_dir: str, task: Any, plan: Any) -> dict[str, str]:
     """The real TF_CONFIG; the chief starts its heartbeat."""
-    config = tfconfig.resolve(run_dir, ident, plan_roles(plan), float(backend["rendezvous_timeout_s"]))
+    config = tfconfig.resolve(run_dir, ident, plan_roles(plan), float(backend["rendezvous_timeout_s"]),
+                              backend.get("iface"))
     if task.role == "chief":
         threading.Thread(target=_heartbeat, args=(run_dir,), daemon=True, name="tfrun-heartbeat").start()
     # The coordinator should see a lost worker as an error it can recover from, not a hang.

@@ -99,7 +99,8 @@ class PointComposer:
     def _repo(self, master: DictConfig) -> Any:
         repo = self.repos.get(id(master))
         if repo is None:
-            repo = hydra_compat.caching_repo(self.loader, master.hydra.job.config_name, list(master.hydra.overrides.hydra))
+            repo = hydra_compat.caching_repo(self.loader, master.hydra.job.config_name,
+                                             list(master.hydra.overrides.hydra))
             if repo is None:  # another Hydra: compose every point the slow way
                 return None
             self.repos[id(master)] = repo

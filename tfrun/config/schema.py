@@ -86,6 +86,8 @@ class DistributedBackendConfig(BackendConfig):
 
     legacy_keras: bool = True  # Keras model.fit under these strategies needs tf_keras on TF >= 2.16
     rendezvous_timeout_s: float = 300.0  # how long a task waits for the others to publish their addresses
+    # the network interface whose address a node gives the other nodes (default: its name's address)
+    iface: Optional[str] = None
 
 
 @dataclass
@@ -94,7 +96,6 @@ class HorovodBackendConfig(DistributedBackendConfig):
 
     name: str = "horovod"
     controller: str = "gloo"  # gloo | mpi
-    iface: Optional[str] = None  # network interface for Gloo (default: the one that reaches rank 0)
     check_size: bool = True  # initialise Horovod in the bootstrap and fail unless size == tasks
 
 

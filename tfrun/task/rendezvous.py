@@ -96,7 +96,7 @@ def publish(run_dir: str | os.PathLike[str], name: str, data: dict[str, Any]) ->
 
 
 def wait_for(run_dir: str | os.PathLike[str], names: list[str], timeout_s: float,
-             what: str = "peers") -> dict[str, dict[str, Any]]:
+             what: str = "peers", never: str = "published an address") -> dict[str, dict[str, Any]]:
     """Block until every name is published; a clear error naming the missing ones after timeout_s."""
     folder = directory(run_dir)
     deadline = time.monotonic() + timeout_s
@@ -113,7 +113,7 @@ def wait_for(run_dir: str | os.PathLike[str], names: list[str], timeout_s: float
         if time.monotonic() > deadline:
             missing = ", ".join(n for n in names if n not in found)
             raise BootstrapError(f"timed out after {timeout_s:.0f} s waiting for {what}: {missing} never "
-                                 f"published an address in {folder} (did those tasks start?)")
+                                 f"{never} in {folder} (did those tasks start?)")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.5)
 
