@@ -432,8 +432,16 @@ def test_pip_slurm_job_imports_the_package(tmp_path: Path, job_name: str, build_
     cache = tmp_path / "cache"  # tmp_path: the local cluster's nodes share this filesystem
     module = PACKAGE if build_on == "login" else OTHER
     write_importer(tmp_path, "train.py", module)
+    extra = []
+    if build_on == "job":
+        # The local cluster's nodes, like many clusters' compute nodes, reach no package index:
+        # the job builds from a wheelhouse on the shared filesystem, filled from the login side.
+        wheels = tmp_path / "wheels"
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), module],
+                       check=True, capture_output=True, timeout=BUILD_TIMEOUT)
+        extra = [f"deps.install_args=[--offline,--find-links,{wheels}]"]
     result = env_run(tmp_path, cache, "entry.script=train.py", "compute=slurm", f"compute.job_name={job_name}",
-                     "deps=pip", f"deps.pip_packages=[{module}]", f"deps.build_on={build_on}",
+                     "deps=pip", f"deps.pip_packages=[{module}]", f"deps.build_on={build_on}", *extra,
                      timeout=BUILD_TIMEOUT + JOB_TIMEOUT)
     assert result.returncode == 0, result.stderr
     run_dir = run_dir_from(result.stderr)
