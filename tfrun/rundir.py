@@ -9,6 +9,9 @@ half a file.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import socket
@@ -113,6 +116,29 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
         raise
 
 
+@contextlib.contextmanager
+def locked(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock for updating ``path`` (``flock`` on ``.<name>.lock`` beside it;
+    the kernel drops it if the holder dies). Where the filesystem has no locks (some NFS
+    mounts without lockd answer ENOLCK), updates go on unlocked: concurrent updates of one
+    file can then lose a field, as they could before locks."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            held = True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            held = False
+        try:
+            yield
+        finally:
+            if held:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
     """Read a JSON file, or ``default`` if it does not exist."""
     try:
@@ -146,11 +172,12 @@ def attempts(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def update_attempt(run_dir: str | os.PathLike[str], key: str, **fields: Any) -> None:
-    """Merge fields into one attempt's record (written by rank 0 only)."""
+    """Merge fields into one attempt's record (rank 0, and a pack's runner)."""
     path = Path(run_dir) / ATTEMPTS_FILE
-    records = read_json(path, {})
-    records.setdefault(key, {"attempt": key}).update(fields)
-    write_json(path, records)
+    with locked(path):
+        records = read_json(path, {})
+        records.setdefault(key, {"attempt": key}).update(fields)
+        write_json(path, records)
 
 
 def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -159,11 +186,15 @@ def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def update_status(run_dir: str | os.PathLike[str], **fields: Any) -> dict[str, Any]:
-    """Merge fields into the status file (written by the process that launched the run)."""
-    status = read_status(run_dir)
-    status.update(fields)
-    status["updated"] = time.time()
-    write_json(Path(run_dir) / STATUS_FILE, status)
+    """Merge fields into the status file. Several processes write it (the launcher, a pack's
+    runner, a follower in another shell, the verbs, MLflow's sync): each merge is one
+    read-modify-write under the file's lock, so none is lost."""
+    path = Path(run_dir) / STATUS_FILE
+    with locked(path):
+        status = read_status(run_dir)
+        status.update(fields)
+        status["updated"] = time.time()
+        write_json(path, status)
     return status
 
 
