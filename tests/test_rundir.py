@@ -1,8 +1,12 @@
 """The run directory's files under concurrent writers: no update lost, no half-written file."""
 from __future__ import annotations
 
+import json
 import multiprocessing
 from pathlib import Path
+
+import pytest
+import yaml
 
 from tfrun import rundir
 
@@ -29,3 +33,43 @@ def test_concurrent_status_updates_lose_nothing(tmp_path: Path) -> None:
     for who in range(WRITERS):
         assert status[f"field{who}"] == UPDATES - 1, who
         assert all(status[f"seen{who}_{k}"] for k in range(7)), who
+
+
+def _version(who: int) -> dict:
+    return {"writer": who, "payload": [str(who) * 64] * 4000}  # ~260 kB: a write takes a while
+
+
+def _save(kind: str, path: str, who: int) -> None:
+    """Write one of the writers' versions of ``path`` many times."""
+    from tfrun.config.hydra_files import save_yaml
+
+    for _ in range(60):
+        if kind == "yaml":
+            save_yaml(_version(who), path)
+        else:
+            rundir.write_atomic(path, json.dumps(_version(who)))
+
+
+@pytest.mark.parametrize("kind", ["yaml", "bytes"])
+def test_a_reader_never_sees_a_part_of_a_file_being_written(tmp_path: Path, kind: str) -> None:
+    """The run dir's files (.hydra/*.yaml, JSON records, the ONNX model) while 4 processes
+    rewrite one of them: every read is one whole version, and no writer trips over another."""
+    path = tmp_path / ("config.yaml" if kind == "yaml" else "record.json")
+    _save(kind, str(path), 0)
+    whole = {len(path.read_bytes())}  # every version has the same size: a part is shorter
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_save, args=(kind, str(path), who)) for who in range(1, 5)]
+    for proc in procs:
+        proc.start()
+    reads = 0
+    while any(p.is_alive() for p in procs):
+        size = len(path.read_bytes())
+        assert size in whole, f"read {size} bytes of a file whose versions have {whole}"
+        reads += 1
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    assert reads > 100, "the reader barely ran while the writers wrote: nothing was checked"
+    text = path.read_text()
+    assert (yaml.safe_load(text) if kind == "yaml" else json.loads(text))["writer"] in range(1, 5)
+    assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"

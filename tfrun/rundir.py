@@ -101,19 +101,25 @@ class Plan:
         return cls.from_dict(json.loads((Path(run_dir) / PLAN_FILE).read_text()))
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON atomically: readers see the old file or the new one, never a mix."""
+def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
+    """Write a file atomically: readers (on any node) see the old file or the new one, never
+    a part; the temporary file has a name of its own, so concurrent writers of one path do
+    not trip over each other's, and a writer killed midway leaves the old file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write JSON atomically (:func:`write_atomic`)."""
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
 
 
 @contextlib.contextmanager

@@ -224,7 +224,7 @@ def _build_locked(dp: DepsPlan, env: Path, log: Path | None, echo: bool) -> None
         build.run([build.python(), "-c", "import tfrun.bootstrap"])  # the tasks' first import
         meta = {"key": dp.key, "kind": dp.kind, "packages": dp.packages, "spec": dp.spec, "created": time.time(),
                 "built_by": {"host": os.uname().nodename, "pid": os.getpid()}, "seconds": time.monotonic() - started}
-        (work / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        rundir.write_json(work / META, meta)  # whole or not at all: its presence marks the environment done
         sinks[0].close()
         os.replace(temp_log, work / BUILD_LOG)
         if work != env:
