@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.helpers import run_tfrun
 from tfrun import rundir
 
 WRITERS, UPDATES = 8, 200
@@ -73,3 +76,26 @@ def test_a_reader_never_sees_a_part_of_a_file_being_written(tmp_path: Path, kind
     text = path.read_text()
     assert (yaml.safe_load(text) if kind == "yaml" else json.loads(text))["writer"] in range(1, 5)
     assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_cancel_never_signals_a_process_that_reused_the_launchers_pid(tmp_path: Path) -> None:
+    """A local run whose launcher died, its pid taken by another process: ``tfrun cancel``
+    records the run as cancelled and leaves that process alone."""
+    shown = run_tfrun(tmp_path, "--dry-run=json")
+    assert shown.returncode == 0, shown.stderr
+    run_dir = Path(json.loads(shown.stdout)["run_dir"])
+    rundir.write_atomic(run_dir / "plan.json", shown.stdout)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        rundir.update_status(run_dir, state="RUNNING", target="local", launcher_pid=other.pid,
+                             launcher_host=rundir.hostname(),
+                             launcher_started=rundir.process_started(other.pid) - 3600)  # the launcher was older
+        result = run_tfrun(tmp_path, "cancel", str(run_dir))
+        assert result.returncode == 0, result.stderr
+        time.sleep(0.5)
+        assert other.poll() is None, "tfrun cancel signalled a process that is not the run's launcher"
+        status = rundir.read_status(run_dir)
+        assert status["state"] == "CANCELLED" and "had ended" in status["reason"], status
+    finally:
+        other.kill()
+        other.wait()

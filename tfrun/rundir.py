@@ -226,6 +226,17 @@ def tail(path: str | os.PathLike[str], lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None if there is none. A pid
+    and its start time name one process: pids are reused, the pair is not."""
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, ValueError):
+        return None
+
+
 def hostname() -> str:
     """This node's name as Slurm knows it, else the machine's."""
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()

@@ -249,7 +249,8 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
     deps.prepare(plan)  # build or reuse the environment; a ConfigError here starts nothing
     rundir.update_status(run_dir, run_id=plan.run_id, state="RUNNING", target="local", backend=plan.backend,
                          started=time.time(), ended=None, world_size=len(plan.tasks), job_ids=[],
-                         launcher_pid=os.getpid(), launcher_host=rundir.hostname(), failed_rank=None, reason=None)
+                         launcher_pid=os.getpid(), launcher_started=rundir.process_started(os.getpid()),
+                         launcher_host=rundir.hostname(), failed_rank=None, reason=None)
     procs = start(plan)
     lock = threading.Lock()
     pumps = []
