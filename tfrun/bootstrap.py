@@ -182,6 +182,10 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     if ident.rank == 0:
         rundir.update_attempt(run_dir, rendezvous.attempt_key(), started=time.time(), ended=None,
                               job_id=preempt.job_id(), host=rundir.hostname())
+        # The nodes this attempt runs on, as Slurm gave them (a packed point's step: its own).
+        nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+        if nodes:
+            rundir.update_status(run_dir, nodes=nodes)
     code, error = 1, None
     backend = backends.get(plan.backend)
     task = plan.tasks[ident.rank]

@@ -47,7 +47,7 @@ def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
                 status.update(rundir.read_status(run_dir))
                 continue
             fields = slurm.settle(str(run_dir), state) if state in rundir.FINAL_STATES else {"state": state}
-            status.update(rundir.update_status(run_dir, nodes=job.get("NodeList"), **fields))
+            status.update(rundir.update_status(run_dir, **slurm.allocation(job, state), **fields))
             if state in rundir.FINAL_STATES:
                 from tfrun.tracking import mlflow_sync
 

@@ -194,6 +194,13 @@ def _sweep_line(total: int, states: dict[str, str], shown: str) -> str:
     return line
 
 
+def allocation(job: dict[str, str], state: str) -> dict[str, str]:
+    """``{"nodes": ...}`` from a job's sacct record while it runs. Before it runs there are
+    none, and just after it ends sacct briefly shows only the batch host: the running job's
+    list is the allocation (rank 0 also records it from inside the job)."""
+    return {"nodes": job["NodeList"]} if state == "RUNNING" and job.get("NodeList") else {}
+
+
 def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list[str]:
     """Poll until every job ends (one sacct per poll); print state changes and rank 0's log.
 
@@ -211,7 +218,7 @@ def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list
             state = tfrun_state(info.get(job_id, {}).get("State", "PENDING"))
             if state != last.get(job_id):
                 last[job_id] = state
-                rundir.update_status(plan.run_dir, state=state, nodes=info.get(job_id, {}).get("NodeList"))
+                rundir.update_status(plan.run_dir, state=state, **allocation(info.get(job_id, {}), state))
                 if len(plans) == 1:
                     print(f"tfrun: job {job_id} {state}", file=sys.stderr, flush=True)
             if state in rundir.FINAL_STATES:
