@@ -38,6 +38,12 @@ CASES = {
     "mapping value": (["trainer.x={a:1}"], ["trainer.x", "mapping"]),
     "list in a list": (["trainer.x=[[1,2]]"], ["trainer.x", "[1, 2]", "a scalar or a list of scalars"]),
     "unknown bool style": (["entry.bool_style=switch"], ["entry.bool_style", "switch", "flag", "value"]),
+    "unknown pack mode": (["compute=slurm", "compute.pack=yes"], ["compute.pack", "yes", "off", "auto"]),
+    "zero pack size": (["compute=slurm", "compute.pack_size=0"], ["compute.pack_size", "0", ">= 1"]),
+    "negative pack slots": (["compute=slurm", "compute.pack_slots=-2"], ["compute.pack_slots", "-2", ">= 1"]),
+    "auto packing without parallelism": (["compute=slurm", "compute.pack=auto", "compute.array_parallelism=0",
+                                          "-m", "trainer.x=1,2"], ["compute.array_parallelism", "0", ">= 1"]),
+    "negative requeues": (["compute=slurm", "compute.max_requeues=-1"], ["compute.max_requeues", "-1", ">= 0"]),
     "non-trainer parse error": (["compute.nodes=$(ls)"], ["compute.nodes", "$(ls)"]),
     "unquoted tilde": (["entry.source_dir=~/data"], ["entry.source_dir", "~/data", "quote it"]),
 }

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from tfrun.errors import ConfigError
 
 FLAG_STYLES = ("keep", "dashes")
+PACK_MODES = ("off", "auto")
 BOOL_STYLES = ("flag", "value")
 
 
@@ -23,12 +24,25 @@ def check_compute(compute: Mapping[str, Any]) -> None:
     positive_int("compute.tasks_per_node", compute["tasks_per_node"])
     positive_int("compute.gpus_per_node", compute["gpus_per_node"], minimum=0)
     positive_int("compute.timeout_min", compute["timeout_min"])
+    if "pack" in compute:  # Slurm: sweeps and packing
+        check_slurm_sweeps(compute)
     gpus, tasks = compute["gpus_per_node"], compute["tasks_per_node"]
     if gpus and gpus % tasks and not compute.get("gpus_per_task"):
         raise ConfigError.invalid(
             "compute.gpus_per_node", gpus,
             f"a multiple of compute.tasks_per_node={tasks}, so that every task gets the same GPUs",
         )
+
+
+def check_slurm_sweeps(compute: Mapping[str, Any]) -> None:
+    """How a sweep is submitted: array throttling, packing, requeues."""
+    if compute["pack"] not in PACK_MODES:
+        raise ConfigError.invalid("compute.pack", compute["pack"],
+                                  "off (one job per point, or compute.pack_size points a job) or auto")
+    positive_int("compute.pack_size", compute["pack_size"])
+    positive_int("compute.pack_slots", compute["pack_slots"])
+    positive_int("compute.array_parallelism", compute["array_parallelism"])
+    positive_int("compute.max_requeues", compute["max_requeues"], minimum=0)
 
 
 def check_trainer_value(key: str, value: Any) -> None:
