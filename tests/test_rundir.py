@@ -99,3 +99,22 @@ def test_cancel_never_signals_a_process_that_reused_the_launchers_pid(tmp_path: 
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_requeue_that_cannot_run_is_reported_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """scontrol missing (or hanging) on a node: the caller gets the reason and carries on."""
+    from tfrun.task import preempt
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here
+    assert "scontrol could not run" in preempt.requeue("123")
+    (tmp_path / "scontrol").write_text("#!/bin/sh\nexec /bin/sleep 30\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    assert "did not answer within 1 s" in preempt.requeue("123", timeout_s=1)
+
+
+def test_time_outs_are_requeued_at_most_max_requeues_times() -> None:
+    from tfrun.task import preempt
+
+    assert preempt.may_requeue("preempted", earlier_timeouts=99, max_requeues=0)
+    assert preempt.may_requeue("timeout", earlier_timeouts=2, max_requeues=3)
+    assert not preempt.may_requeue("timeout", earlier_timeouts=3, max_requeues=3)

@@ -119,11 +119,9 @@ def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> i
             rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason="stopped")
         return code
     if ident.rank == 0:
-        left = preempt.time_left_s(job)
-        timed_out = left is not None and left <= plan.compute.get("signal_delay_s", 120) + 60
-        reason = "timeout" if timed_out else "preempted"
+        reason = preempt.stop_reason(job, plan.compute.get("signal_delay_s", 120))
         earlier = sum(1 for a in rundir.attempts(plan.run_dir) if a.get("reason") == "timeout")
-        if timed_out and earlier >= plan.compute.get("max_requeues", 3):
+        if not preempt.may_requeue(reason, earlier, plan.compute.get("max_requeues", 3)):
             say(f"time limit reached after {earlier} requeue(s) for time-outs (compute.max_requeues): not requeued")
             rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason,
                                   requeued=False)
