@@ -366,6 +366,15 @@ def test_modules_locally_are_loaded_in_a_login_shell_before_the_tasks(tmp_path: 
     bad = run_tfrun(tmp_path, "entry.script=train.py", "deps=modules", "deps.modules=[nosuch/1]", HOME=str(home))
     assert bad.returncode == 2 and "unknown module nosuch/1" in bad.stderr, bad.stderr
 
+    # From Python (a notebook): the run's tasks get the modules, the notebook's own process does not.
+    notebook = ("import os, tfrun\n"
+                "run = tfrun.launch(['entry.script=train.py', 'deps=modules', 'deps.modules=[gcc/12]'])\n"
+                "print('STATE', run.status(), 'NOTEBOOK', os.environ.get('LOADEDMODULES'))\n")
+    result = subprocess.run([sys.executable, "-c", notebook], cwd=tmp_path, env=scratch_env(tmp_path, HOME=str(home)),
+                            capture_output=True, text=True, timeout=120)
+    assert "STATE COMPLETED NOTEBOOK None" in result.stdout, result.stdout + result.stderr
+    assert re.search(r"^MODS gcc/12 ", result.stdout, re.M), result.stdout
+
 
 # --- tfrun env list / prune -------------------------------------------------------------
 

@@ -143,6 +143,7 @@ def test_packed_sweep_points_span_two_hosts(tmp_path: Path) -> None:
     for point in points:
         assert [(point / f"outputs/sum-rank{r}").read_text() for r in (0, 1)] == ["3.0", "3.0"]
         assert_on_separate_hosts(point, ["node1", "node2"])
+        assert read_json(point / "status.json")["nodes"] == "node[1-2]"  # the point's own allocation
 
 
 # --- a cluster's network, broken ------------------------------------------------------------------

@@ -473,3 +473,47 @@ def test_state_comes_from_one_batched_query_per_poll(tmp_path: Path, job_name: s
     limit = wall / poll_s + 3
     assert len(sacct_calls) + len(squeue_calls) <= limit, (
         f"{len(sacct_calls)} sacct + {len(squeue_calls)} squeue calls in {wall:.1f} s at poll_s={poll_s}")
+
+
+# --- the scheduler's bad days --------------------------------------------------------------------
+
+SLEEPER = """\
+import time
+time.sleep(20)
+print("SLEPT", flush=True)
+"""
+
+
+def _stop_slurmdbd() -> None:
+    state = Path(os.environ.get("TFRUN_SLURM_DIR", "/var/lib/tfrun-slurm"))
+    pid = int((state / "run" / "slurmdbd.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+             30, "slurmdbd to stop")
+    assert subprocess.run(["sacct", "-n", "-j", "1"], capture_output=True, timeout=60).returncode != 0
+
+
+@pytest.mark.slow
+def test_states_stay_right_without_accounting(tmp_path: Path, job_name: str) -> None:
+    """slurmdbd stops while a sweep runs: sacct fails, and tfrun follows the jobs through
+    squeue and scontrol until they complete; no live job is taken for gone."""
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    proc, out, err = popen_tfrun(tmp_path, "-m", "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1",
+                                 "entry.script=sleeper.py", "trainer.x=1,2")
+    try:
+        wait_for(lambda: "submitted 2 run(s)" in err.read_text(), 120, "tfrun to submit the sweep")
+        _stop_slurmdbd()
+        code = proc.wait(timeout=JOB_TIMEOUT)
+        stderr = err.read_text()
+        assert code == 0, stderr
+        assert "Slurm accounting (sacct) does not answer" in stderr and stderr.count("does not answer") == 1
+        sweep = next((tmp_path / "runs").glob("sweep-*"))
+        for point in ("0", "1"):
+            assert read_json(sweep / point / "status.json")["state"] == "COMPLETED"
+            assert "SLEPT" in (sweep / point / "logs" / "rank0.log").read_text()
+        shown = run_tfrun(tmp_path, "status", str(sweep), timeout=120)
+        assert shown.returncode == 0 and shown.stdout.count("COMPLETED") == 2, shown.stdout + shown.stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run([str(LOCAL_SLURM), "start"], capture_output=True, timeout=300)  # slurmdbd back

@@ -119,11 +119,9 @@ def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> i
             rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason="stopped")
         return code
     if ident.rank == 0:
-        left = preempt.time_left_s(job)
-        timed_out = left is not None and left <= plan.compute.get("signal_delay_s", 120) + 60
-        reason = "timeout" if timed_out else "preempted"
+        reason = preempt.stop_reason(job, plan.compute.get("signal_delay_s", 120))
         earlier = sum(1 for a in rundir.attempts(plan.run_dir) if a.get("reason") == "timeout")
-        if timed_out and earlier >= plan.compute.get("max_requeues", 3):
+        if not preempt.may_requeue(reason, earlier, plan.compute.get("max_requeues", 3)):
             say(f"time limit reached after {earlier} requeue(s) for time-outs (compute.max_requeues): not requeued")
             rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason,
                                   requeued=False)
@@ -182,6 +180,10 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     if ident.rank == 0:
         rundir.update_attempt(run_dir, rendezvous.attempt_key(), started=time.time(), ended=None,
                               job_id=preempt.job_id(), host=rundir.hostname())
+        # The nodes this attempt runs on, as Slurm gave them (a packed point's step: its own).
+        nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+        if nodes:
+            rundir.update_status(run_dir, nodes=nodes)
     code, error = 1, None
     backend = backends.get(plan.backend)
     task = plan.tasks[ident.rank]

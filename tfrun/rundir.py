@@ -9,6 +9,9 @@ half a file.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import socket
@@ -98,19 +101,48 @@ class Plan:
         return cls.from_dict(json.loads((Path(run_dir) / PLAN_FILE).read_text()))
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON atomically: readers see the old file or the new one, never a mix."""
+def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
+    """Write a file atomically: readers (on any node) see the old file or the new one, never
+    a part; the temporary file has a name of its own, so concurrent writers of one path do
+    not trip over each other's, and a writer killed midway leaves the old file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write JSON atomically (:func:`write_atomic`)."""
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock for updating ``path`` (``flock`` on ``.<name>.lock`` beside it;
+    the kernel drops it if the holder dies). Where the filesystem has no locks (some NFS
+    mounts without lockd answer ENOLCK), updates go on unlocked: concurrent updates of one
+    file can then lose a field, as they could before locks."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            held = True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            held = False
+        try:
+            yield
+        finally:
+            if held:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
@@ -146,11 +178,12 @@ def attempts(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def update_attempt(run_dir: str | os.PathLike[str], key: str, **fields: Any) -> None:
-    """Merge fields into one attempt's record (written by rank 0 only)."""
+    """Merge fields into one attempt's record (rank 0, and a pack's runner)."""
     path = Path(run_dir) / ATTEMPTS_FILE
-    records = read_json(path, {})
-    records.setdefault(key, {"attempt": key}).update(fields)
-    write_json(path, records)
+    with locked(path):
+        records = read_json(path, {})
+        records.setdefault(key, {"attempt": key}).update(fields)
+        write_json(path, records)
 
 
 def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -159,11 +192,15 @@ def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def update_status(run_dir: str | os.PathLike[str], **fields: Any) -> dict[str, Any]:
-    """Merge fields into the status file (written by the process that launched the run)."""
-    status = read_status(run_dir)
-    status.update(fields)
-    status["updated"] = time.time()
-    write_json(Path(run_dir) / STATUS_FILE, status)
+    """Merge fields into the status file. Several processes write it (the launcher, a pack's
+    runner, a follower in another shell, the verbs, MLflow's sync): each merge is one
+    read-modify-write under the file's lock, so none is lost."""
+    path = Path(run_dir) / STATUS_FILE
+    with locked(path):
+        status = read_status(run_dir)
+        status.update(fields)
+        status["updated"] = time.time()
+        write_json(path, status)
     return status
 
 
@@ -187,6 +224,17 @@ def tail(path: str | os.PathLike[str], lines: int = 20) -> str:
     except FileNotFoundError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None if there is none. A pid
+    and its start time name one process: pids are reused, the pair is not."""
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, ValueError):
+        return None
 
 
 def hostname() -> str:

@@ -10,13 +10,12 @@ itself (:func:`multirun`), so that its sweeper plugins drive the points.
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from tfrun.config import hydra_compat, resolvers, store
+from tfrun.config import hydra_compat, overrides, resolvers, store
 from tfrun.errors import ConfigError
 
 CONFIG_MODULE = "tfrun.conf"
@@ -48,15 +47,8 @@ def setup() -> None:
 
 
 def normalize_overrides(argv: list[str]) -> list[str]:
-    """``trainer.x=v`` -> ``++trainer.x=v``: trainer keys are free-form, so add-or-set.
-
-    With the Optuna sweeper, failed trials are told to the study as failed and the study
-    goes on, unless the user set ``hydra.sweeper.max_failure_rate`` themselves.
-    """
-    argv = [re.sub(r"^trainer\.", "++trainer.", a) if not a.startswith("-") else a for a in argv]
-    if "hydra/sweeper=optuna" in argv and not any(a.startswith("hydra.sweeper.max_failure_rate=") for a in argv):
-        argv.append("hydra.sweeper.max_failure_rate=1.0")
-    return argv
+    """The command line's overrides as Hydra's grammar reads them (:func:`overrides.normalize`)."""
+    return overrides.normalize(argv)
 
 
 def to_run_config(cfg: DictConfig) -> dict[str, Any]:

@@ -11,6 +11,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 
+# Text without blanks, quotes or shell syntax: a value that only needs quoting for Hydra.
+_PLAIN = re.compile(r"[\w.,:/=+\-@%~]*")
+
+
 def _type_name(tp: Any) -> str:
     name = getattr(tp, "__name__", None)
     return name if name and not getattr(tp, "__args__", None) else str(tp).replace("typing.", "")
@@ -18,17 +22,13 @@ def _type_name(tp: Any) -> str:
 
 def _explain_parse(exc: Any) -> str:
     """An override Hydra's grammar rejects: name its key and value, say what to do."""
-    from tfrun.config.validate import SAFE_VALUE, SAFE_VALUE_HELP
-
     override = re.sub(r"^\+\+(?=trainer\.)", "", exc.override)  # our own add-or-set prefix
     key, sep, value = override.partition("=")
     cause = exc.__context__ if str(exc.__context__ or "").strip() else None
     reason = (str(cause) if cause else exc.message).strip().splitlines()[0].rstrip(".")
     shown = f"{key}={value!r}" if sep else repr(override)
-    if SAFE_VALUE.fullmatch(value):  # e.g. ~/data: fine as a value, but Hydra wants it quoted
+    if _PLAIN.fullmatch(value):  # e.g. ~/data: fine as a value, but Hydra wants it quoted
         hint = f"quote it: {key}='{value}'"
-    elif key.lstrip("+~").startswith("trainer."):
-        hint = f"trainer values may only use {SAFE_VALUE_HELP}"
     else:
         hint = "quote a value with blanks or special characters, e.g. key='a b'"
     return f"{shown} could not be parsed ({reason}): {hint}."

@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tfrun import rundir
 from tfrun.config import hydra_compat
 
 _DUMPER: Any = None
@@ -27,8 +28,7 @@ def save_yaml(cfg: Any, path: str | os.PathLike[str]) -> None:
             _DUMPER.add_representer(str, hydra_compat.omegaconf_dumper().str_representer)
     data = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True) if OmegaConf.is_config(cfg) else cfg
     text = yaml.dump(data, default_flow_style=False, allow_unicode=True, sort_keys=False, Dumper=_DUMPER)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text, encoding="utf-8")
+    rundir.write_atomic(path, text.encode("utf-8"))
 
 
 def write(task_config: DictConfig, hydra_config: DictConfig, run_dir: str | os.PathLike[str]) -> None:

@@ -21,6 +21,7 @@ class EntryConfig:
     source_dir: Optional[str] = None  # working directory of the script (default: the cwd at launch)
     flag_prefix: str = "--"  # trainer.lr=0.1 becomes <flag_prefix>lr 0.1
     flag_style: str = "keep"  # keep: --batch_size; dashes: --batch-size
+    bool_style: str = "flag"  # flag: true gives a bare --flag, false none; value: --flag True / --flag False
     args: List[str] = field(default_factory=list)  # extra arguments appended verbatim
     python: Optional[str] = None  # interpreter for the tasks (default: the one running tfrun)
 

@@ -7,12 +7,9 @@ from typing import Any, Mapping
 
 from tfrun.errors import ConfigError
 
-# Trainer values become single argv entries. They never pass through a shell, but a
-# value with quotes, blanks or shell syntax is almost always a quoting mistake on the
-# command line, and it would make the printed plan and sbatch lines ambiguous.
-SAFE_VALUE = re.compile(r"[\w.,:/=+\-@%~]*")
-SAFE_VALUE_HELP = "letters, digits and _ . , : / = + - @ % ~ (no blanks, quotes, ;, $ or newlines)"
 FLAG_STYLES = ("keep", "dashes")
+PACK_MODES = ("off", "auto")
+BOOL_STYLES = ("flag", "value")
 
 
 def positive_int(key: str, value: Any, minimum: int = 1) -> None:
@@ -27,6 +24,8 @@ def check_compute(compute: Mapping[str, Any]) -> None:
     positive_int("compute.tasks_per_node", compute["tasks_per_node"])
     positive_int("compute.gpus_per_node", compute["gpus_per_node"], minimum=0)
     positive_int("compute.timeout_min", compute["timeout_min"])
+    if "pack" in compute:  # Slurm: sweeps and packing
+        check_slurm_sweeps(compute)
     gpus, tasks = compute["gpus_per_node"], compute["tasks_per_node"]
     if gpus and gpus % tasks and not compute.get("gpus_per_task"):
         raise ConfigError.invalid(
@@ -35,16 +34,28 @@ def check_compute(compute: Mapping[str, Any]) -> None:
         )
 
 
+def check_slurm_sweeps(compute: Mapping[str, Any]) -> None:
+    """How a sweep is submitted: array throttling, packing, requeues."""
+    if compute["pack"] not in PACK_MODES:
+        raise ConfigError.invalid("compute.pack", compute["pack"],
+                                  "off (one job per point, or compute.pack_size points a job) or auto")
+    positive_int("compute.pack_size", compute["pack_size"])
+    positive_int("compute.pack_slots", compute["pack_slots"])
+    positive_int("compute.array_parallelism", compute["array_parallelism"])
+    positive_int("compute.max_requeues", compute["max_requeues"], minimum=0)
+
+
 def check_trainer_value(key: str, value: Any) -> None:
-    """A trainer value must be a scalar (or a list of scalars) made of safe characters."""
+    """A trainer value must be a scalar (or a list of scalars). Text becomes one argv entry
+    as it is, never through a shell: only NUL, which no argv entry can hold, is refused."""
     if isinstance(value, Mapping):
         raise ConfigError.invalid(f"trainer.{key}", value, "a scalar or a list of scalars, not a mapping")
     items = value if isinstance(value, (list, tuple)) else [value]
     for item in items:
-        if item is None or isinstance(item, (bool, int, float)):
-            continue
-        if isinstance(item, (list, tuple, Mapping)) or not SAFE_VALUE.fullmatch(str(item)):
-            raise ConfigError.invalid(f"trainer.{key}", item, SAFE_VALUE_HELP)
+        if isinstance(item, (list, tuple, Mapping)):
+            raise ConfigError.invalid(f"trainer.{key}", item, "a scalar or a list of scalars")
+        if isinstance(item, str) and "\0" in item:
+            raise ConfigError.invalid(f"trainer.{key}", item, "text without NUL characters (an argv entry ends at NUL)")
 
 
 def check_trainer(trainer: Mapping[str, Any]) -> None:
@@ -77,6 +88,8 @@ def check_entry(entry: Mapping[str, Any]) -> None:
     """Flag spelling options."""
     if entry["flag_style"] not in FLAG_STYLES:
         raise ConfigError.invalid("entry.flag_style", entry["flag_style"], FLAG_STYLES)
+    if entry.get("bool_style", "flag") not in BOOL_STYLES:
+        raise ConfigError.invalid("entry.bool_style", entry["bool_style"], BOOL_STYLES)
 
 
 _KERAS3_IMPORT = re.compile(r"^\s*(import keras\b|from keras\b)", re.M)

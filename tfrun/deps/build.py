@@ -224,7 +224,7 @@ def _build_locked(dp: DepsPlan, env: Path, log: Path | None, echo: bool) -> None
         build.run([build.python(), "-c", "import tfrun.bootstrap"])  # the tasks' first import
         meta = {"key": dp.key, "kind": dp.kind, "packages": dp.packages, "spec": dp.spec, "created": time.time(),
                 "built_by": {"host": os.uname().nodename, "pid": os.getpid()}, "seconds": time.monotonic() - started}
-        (work / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        rundir.write_json(work / META, meta)  # whole or not at all: its presence marks the environment done
         sinks[0].close()
         os.replace(temp_log, work / BUILD_LOG)
         if work != env:
@@ -241,15 +241,16 @@ def _build_locked(dp: DepsPlan, env: Path, log: Path | None, echo: bool) -> None
     say(f"environment {dp.key} ready in {time.monotonic() - started:.1f} s: {env}")
 
 
-def prepare(plan: Any) -> None:
-    """Make the run's environment ready before any of its tasks start (the launchers call this).
+def prepare(plan: Any) -> dict[str, str]:
+    """Make the run's environment ready before any of its tasks start (the launchers call this);
+    returns the variables the local tasks get on top of this process's (loaded modules).
 
     Locally: build a missing environment, load modules, check the container runtime. On
     Slurm: build on this (login) node, or with build_on=job leave the spec where the job's
     setup line finds it. A ConfigError marks the run FAILED with the reason and nothing starts.
     """
     if not getattr(plan, "deps", None):
-        return
+        return {}
     dp = DepsPlan.from_dict(plan.deps)
     try:
         if dp.kind in BUILT and dp.target == "slurm" and dp.build_on == "job":
@@ -262,12 +263,14 @@ def prepare(plan: Any) -> None:
         elif dp.kind == "modules" and dp.modules:
             changed = load_modules(dp.modules)
             say(f"loaded modules ({'; '.join(dp.modules)}) in bash -lc: set {' '.join(sorted(changed)) or 'nothing'}")
+            return changed
         elif dp.kind == "container" and dp.target == "local":
             check_runtime(dp.command_prefix[0], str(dp.spec.get("image")))
     except ConfigError as exc:
         rundir.update_status(plan.run_dir, run_id=plan.run_id, state="FAILED", target=plan.target, backend=plan.backend,
                              reason=str(exc), ended=time.time())
         raise
+    return {}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,8 +42,10 @@ def module_changes(before: Mapping[str, str], after: Mapping[str, str], current:
 
 
 def load_modules(lines: list[str]) -> dict[str, str]:
-    """Run ``module`` lines in a login shell (where sites define ``module``) and apply what they
-    change to this process's environment, which the local tasks inherit. Returns the changes."""
+    """Run ``module`` lines in a login shell (where sites define ``module``) and return what
+    they change, applied to this process's environment: what the local tasks are to get.
+    This process's own environment stays as it is (a notebook that launches a run must not
+    keep the run's modules loaded)."""
     script = ("type module >/dev/null 2>&1 || exit 97" + _SNAPSHOT
               + "\n".join(f"{line} || exit 98" for line in lines) + _SNAPSHOT)
     try:
@@ -60,6 +62,4 @@ def load_modules(lines: list[str]) -> dict[str, str]:
         raise ConfigError(f"deps.modules: `{' && '.join(lines)}` failed (exit {out.returncode}):\n"
                           + "\n".join("  | " + ln for ln in errors.splitlines()[-15:]))
     snapshots = out.stdout.decode(errors="replace").split("\n__tfrun_env__\n")
-    changed = module_changes(_env_of(snapshots[1]), _env_of(snapshots[2]), os.environ)
-    os.environ.update(changed)
-    return changed
+    return module_changes(_env_of(snapshots[1]), _env_of(snapshots[2]), os.environ)

@@ -304,9 +304,7 @@ def export_model(outputs: Path, settings: OnnxExportConfig, record: dict[str, An
     if not diff <= settings.tolerance:
         raise ExportError(f"onnxruntime and TensorFlow disagree: max abs diff {diff:.3g} > "
                           f"export.tolerance={settings.tolerance:g} on {settings.samples} random inputs")
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(model_proto.SerializeToString())
-    os.replace(tmp, target)
+    rundir.write_atomic(target, model_proto.SerializeToString())
     record.update(onnx=str(target), passed=True)
 
 

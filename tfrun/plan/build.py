@@ -22,16 +22,20 @@ from tfrun.rundir import Plan, Task
 TARGETS = ("local", "slurm")
 
 
-def script_args(trainer: Mapping[str, Any], prefix: str, style: str) -> list[str]:
+def script_args(trainer: Mapping[str, Any], prefix: str, style: str, bools: str = "flag") -> list[str]:
     """``trainer`` as command-line flags, the way the cloud estimator passed script_params.
 
-    ``None`` gives a bare flag, a list gives the flag followed by each item.
+    ``None`` gives a bare flag, a list gives the flag followed by each item, and every
+    value is one argv entry as it is. A boolean is a switch (``bools="flag"``: ``true`` a
+    bare flag, as ``store_true`` expects, ``false`` no flag) or a value (``--flag True``).
     """
     args: list[str] = []
     for key, value in trainer.items():
         name = str(key).replace("_", "-") if style == "dashes" else str(key)
         flag = f"{prefix}{name}"
-        if value is None:
+        if isinstance(value, bool) and bools == "flag":
+            args += [flag] if value else []
+        elif value is None:
             args.append(flag)
         elif isinstance(value, (list, tuple)):
             args += [flag, *(str(v) for v in value)]
@@ -97,7 +101,8 @@ def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Pat
     backend.check(backend_cfg, world_size)
     run_path = (cwd / run_dir).resolve()
     run_id = run_id_for(run_path, cwd / cfg["tfrun"]["runs_dir"])
-    argv = [str(script), *script_args(cfg["trainer"], entry["flag_prefix"], entry["flag_style"]), *entry["args"]]
+    flags = script_args(cfg["trainer"], entry["flag_prefix"], entry["flag_style"], entry.get("bool_style", "flag"))
+    argv = [str(script), *flags, *entry["args"]]
     gpus_per_task = compute.get("gpus_per_task") or compute["gpus_per_node"] // compute["tasks_per_node"]
 
     extra_env = {str(k): str(v) for k, v in cfg["deps"].get("env", {}).items()}

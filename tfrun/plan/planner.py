@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, open_dict, read_write
 
 from tfrun.config import compose, hydra_files, points
+from tfrun.errors import ConfigError
 from tfrun.plan.build import build_plan, in_sweep
 from tfrun.plan.packing import point_requests
 from tfrun.rundir import Plan
@@ -112,6 +113,11 @@ def plan_sweep(overrides: Sequence[str], config_dir: str | None = None,
 
     with compose.session(config_dir):
         sweep = compose.compose_sweep(list(overrides), config_name)
+        sweeper = str(sweep.hydra.sweeper.get("_target_", ""))
+        if not sweeper.endswith(".BasicSweeper"):
+            raise ConfigError(f"hydra/sweeper={sweeper.rsplit('.', 1)[-1]} chooses its points while it runs, so "
+                              f"only a grid sweep can be planned ahead (--dry-run -m, tfrun.sweep): run `tfrun -m "
+                              f"...` to tune, or --dry-run without -m to see one run's plan")
         loader = GlobalHydra.instance().config_loader()
         return plan_points(loader, sweep, compose.grid_points(sweep))
 

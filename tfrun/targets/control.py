@@ -47,7 +47,7 @@ def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
                 status.update(rundir.read_status(run_dir))
                 continue
             fields = slurm.settle(str(run_dir), state) if state in rundir.FINAL_STATES else {"state": state}
-            status.update(rundir.update_status(run_dir, nodes=job.get("NodeList"), **fields))
+            status.update(rundir.update_status(run_dir, **slurm.allocation(job, state), **fields))
             if state in rundir.FINAL_STATES:
                 from tfrun.tracking import mlflow_sync
 
@@ -59,6 +59,16 @@ def _cancel_in_this_process(run_dir: Path) -> bool:
     from tfrun.targets import local
 
     return local.cancel_in_process(run_dir)
+
+
+def _is_the_launcher(pid: int, status: dict[str, Any]) -> bool:
+    """Is ``pid`` still the process that launched this run? Its start time must be the one
+    recorded at launch (pids are reused: a SIGTERM must never reach another process)."""
+    started = rundir.process_started(pid)
+    recorded = status.get("launcher_started")
+    if started is None or recorded is None:  # no such process, or a run recorded without it
+        return False
+    return abs(started - float(recorded)) < 1.0
 
 
 def cancel(path: Path) -> list[str]:
@@ -87,10 +97,11 @@ def cancel(path: Path) -> list[str]:
         if status.get("target") == "local" and _cancel_in_this_process(run_dir):
             pass  # launched by this process (tfrun.launch(wait=False)): SIGTERM would end it
         elif status.get("target") == "local" and pid and status.get("launcher_host") == rundir.hostname():
-            try:
+            if _is_the_launcher(int(pid), status):
                 os.kill(int(pid), signal.SIGTERM)  # the local launcher stops its tasks and records CANCELLED
-            except ProcessLookupError:
-                rundir.update_status(run_dir, state="CANCELLED", ended=time.time())
+            else:  # gone; its pid may belong to another process by now
+                rundir.update_status(run_dir, state="CANCELLED", ended=time.time(),
+                                     reason=f"cancelled with tfrun cancel (its launcher, pid {pid}, had ended)")
         else:
             rundir.update_status(run_dir, state="CANCELLED", ended=time.time(), reason="cancelled with tfrun cancel")
         done.append(name + (f" (job {', '.join(status.get('job_ids', []))})" if status.get("job_ids") else ""))

@@ -134,16 +134,19 @@ def _take_prestarted(plan: Plan, env: dict[str, str]) -> subprocess.Popen[bytes]
     return proc
 
 
-def start(plan: Plan) -> list[subprocess.Popen[bytes]]:
-    """Start one process per task (the first may be the prestarted interpreter)."""
+def start(plan: Plan, extra_env: dict[str, str] | None = None) -> list[subprocess.Popen[bytes]]:
+    """Start one process per task (the first may be the prestarted interpreter), with this
+    process's environment and ``extra_env`` (loaded modules: PATH and friends, which only a
+    new interpreter honours, so never the prestarted one)."""
     procs = []
     attempt = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     for task in plan.tasks:
         launch_env = build.task_launch_env(task.rank, attempt)
-        proc = _take_prestarted(plan, launch_env) if task.rank == 0 else None
+        proc = _take_prestarted(plan, launch_env) if task.rank == 0 and not extra_env else None
+        env = {**os.environ, **(extra_env or {}), **launch_env}
         procs.append(proc or subprocess.Popen(
-            plan.command, env={**os.environ, **launch_env}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            plan.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
         ))
     return procs
 
@@ -246,11 +249,12 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
     run_dir = plan.run_dir
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     plan.save()
-    deps.prepare(plan)  # build or reuse the environment; a ConfigError here starts nothing
+    extra_env = deps.prepare(plan)  # build or reuse the environment; a ConfigError here starts nothing
     rundir.update_status(run_dir, run_id=plan.run_id, state="RUNNING", target="local", backend=plan.backend,
                          started=time.time(), ended=None, world_size=len(plan.tasks), job_ids=[],
-                         launcher_pid=os.getpid(), launcher_host=rundir.hostname(), failed_rank=None, reason=None)
-    procs = start(plan)
+                         launcher_pid=os.getpid(), launcher_started=rundir.process_started(os.getpid()),
+                         launcher_host=rundir.hostname(), failed_rank=None, reason=None)
+    procs = start(plan, extra_env)
     lock = threading.Lock()
     pumps = []
     for task, proc in zip(plan.tasks, procs):

@@ -47,6 +47,7 @@ class _Runner:
     """Runs a pack's points inside the allocation; all the state it needs is in the run dirs."""
 
     def __init__(self, run_dirs: Sequence[str], slots: int):
+        self.run_dirs = list(run_dirs)
         self.pending = [d for d in run_dirs if not _finished(d)]  # a requeued job skips finished points
         self.slots, self.running, self.stop, self.requeue_needed = slots, {}, False, False
         self.job = os.environ.get("SLURM_JOB_ID", "")
@@ -101,11 +102,23 @@ class _Runner:
             self.reap()
             time.sleep(0.5)
         if self.requeue_needed:
-            failure = preempt.requeue(self.job)
-            if failure:
-                print(f"tfrun: could not requeue job {self.job}: {failure}", file=sys.stderr, flush=True)
+            self._requeue()
         print("tfrun: pack stopping; its unfinished points run again when the job restarts", file=sys.stderr, flush=True)
         preempt.wait_to_be_stopped()
+
+    def _requeue(self) -> None:
+        """Requeue the allocation, bounded for time-outs by compute.max_requeues like a run of
+        its own (Slurm counts this job's restarts)."""
+        compute = Plan.load(self.run_dirs[0]).compute
+        reason = preempt.stop_reason(self.job, compute.get("signal_delay_s", 120))
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        if not preempt.may_requeue(reason, restarts, compute.get("max_requeues", 3)):
+            print(f"tfrun: time limit reached after {restarts} requeue(s) (compute.max_requeues): the pack's "
+                  f"unfinished points are not run again", file=sys.stderr, flush=True)
+            return
+        failure = preempt.requeue(self.job)
+        if failure:
+            print(f"tfrun: could not requeue job {self.job}: {failure}", file=sys.stderr, flush=True)
 
     def run(self) -> None:
         # SIGTERM: Slurm is ending this attempt (requeue, cancel, time limit). submitit

@@ -90,17 +90,76 @@ def submit(plans: Sequence[Plan], folder: str) -> list[str]:
     return ids
 
 
+_told_no_accounting = False
+
+
 def query(job_ids: Iterable[str]) -> dict[str, dict[str, str]]:
-    """State and nodes of many jobs in one sacct call: ``{job_id: {"State": ..., "NodeList": ...}}``."""
+    """State and nodes of many jobs: ``{job_id: {"State": ..., "NodeList": ...}}``.
+
+    One sacct call for them all. Without accounting (no slurmdbd, or sacct failing) the
+    jobs sacct did not answer for come from one squeue call (queued and running jobs), then
+    from scontrol (jobs ended in the last few minutes). A job none of them knows is left
+    out, never reported as ended: callers keep its last known state.
+    """
+    wanted = sorted(set(job_ids))
+    info = _sacct(wanted)
+    missing = [j for j in wanted if j not in info]
+    if missing:
+        info.update(_squeue(missing))
+        for job in (j for j in missing if j not in info):
+            found = _scontrol(job)
+            if found:
+                info[job] = found
+    return info
+
+
+def _sacct(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    global _told_no_accounting
     ids = sorted({j.split("_")[0] for j in job_ids})
     if not ids:
         return {}
     command = ["sacct", "-o", "JobID,State,NodeList,ExitCode", "--parsable2", "-j", ",".join(ids)]
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as exc:
+        out, error = None, str(exc)
+    else:
+        error = (out.stderr or "").strip() if out.returncode else ""
+    if out is None or error:
+        if not _told_no_accounting:
+            _told_no_accounting = True
+            print(f"tfrun: Slurm accounting (sacct) does not answer ({error.splitlines()[-1] if error else '?'}): "
+                  f"job states come from squeue and scontrol, which forget a job minutes after it ends",
+                  file=sys.stderr, flush=True)
         return {}
     return submitit_compat.read_sacct(out.stdout)
+
+
+def _squeue(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """Queued and running jobs (array elements one by one) from one squeue call."""
+    command = ["squeue", "-h", "-r", "-o", "%i|%T|%N", "-j", ",".join(sorted({j.split("_")[0] for j in job_ids}))]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found = {}
+    for line in out.stdout.splitlines():
+        job, state, nodes = (line.split("|") + ["", ""])[:3]
+        if job.strip():
+            found[job.strip()] = {"State": state.strip(), "NodeList": nodes.strip()}
+    return found
+
+
+def _scontrol(job_id: str) -> dict[str, str] | None:
+    """A job that recently left the queue (the controller keeps it for MinJobAge)."""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    fields = dict(word.split("=", 1) for word in out.stdout.split() if "=" in word)
+    if out.returncode or "JobState" not in fields:
+        return None
+    return {"State": fields["JobState"], "NodeList": fields.get("NodeList", "")}
 
 
 def cancel(job_ids: Iterable[str]) -> None:
@@ -194,6 +253,13 @@ def _sweep_line(total: int, states: dict[str, str], shown: str) -> str:
     return line
 
 
+def allocation(job: dict[str, str], state: str) -> dict[str, str]:
+    """``{"nodes": ...}`` from a job's sacct record while it runs. Before it runs there are
+    none, and just after it ends sacct briefly shows only the batch host: the running job's
+    list is the allocation (rank 0 also records it from inside the job)."""
+    return {"nodes": job["NodeList"]} if state == "RUNNING" and job.get("NodeList") else {}
+
+
 def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list[str]:
     """Poll until every job ends (one sacct per poll); print state changes and rank 0's log.
 
@@ -208,10 +274,11 @@ def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list
         for plan, job_id in zip(plans, job_ids):
             if job_id in final:
                 continue
-            state = tfrun_state(info.get(job_id, {}).get("State", "PENDING"))
+            # A job the scheduler did not answer for keeps its last state: never taken as gone.
+            state = tfrun_state(info[job_id]["State"]) if job_id in info else last.get(job_id, "PENDING")
             if state != last.get(job_id):
                 last[job_id] = state
-                rundir.update_status(plan.run_dir, state=state, nodes=info.get(job_id, {}).get("NodeList"))
+                rundir.update_status(plan.run_dir, state=state, **allocation(info.get(job_id, {}), state))
                 if len(plans) == 1:
                     print(f"tfrun: job {job_id} {state}", file=sys.stderr, flush=True)
             if state in rundir.FINAL_STATES:

@@ -84,6 +84,15 @@ def run_points(plans: Sequence[Plan], sweep_dir: Path) -> list[str]:
     return states
 
 
+def _remove_empty_sweep(sweep_dir: Path) -> None:
+    """Nothing ran: leave nothing behind, the runs dir Hydra's sweeper made for it included."""
+    shutil.rmtree(sweep_dir, ignore_errors=True)
+    try:
+        sweep_dir.parent.rmdir()  # only if empty
+    except OSError:
+        pass
+
+
 def launch_points(hydra_context: Any, config: Any, job_overrides: Sequence[Sequence[str]],
                   initial_job_idx: int, task_function: Any = None) -> list[Any]:
     """Plan every point, launch them, and return Hydra JobReturns carrying each run's state."""
@@ -98,7 +107,7 @@ def launch_points(hydra_context: Any, config: Any, job_overrides: Sequence[Seque
         planned = planner.plan_points(hydra_context.config_loader, config, job_overrides, initial_job_idx)
     except Exception as exc:  # a point that cannot run (ConfigError), or that Hydra cannot compose
         if not existed or not (sweep_dir / rundir.SWEEP_FILE).exists():
-            shutil.rmtree(sweep_dir, ignore_errors=True)  # nothing ran: leave nothing behind
+            _remove_empty_sweep(sweep_dir)
         if not isinstance(exc, ConfigError):
             raise
         SweepOutcome.config_error = exc

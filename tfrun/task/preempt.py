@@ -97,10 +97,28 @@ def time_left_s(job_id: str) -> float | None:
     return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
-def requeue(job_id: str) -> str | None:
-    """``scontrol requeue``; None on success, else Slurm's message."""
-    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-    return None if result.returncode == 0 else (result.stderr or result.stdout).strip()
+def requeue(job_id: str, timeout_s: float = 60.0) -> str | None:
+    """``scontrol requeue``; None on success, else why not (Slurm's message, or that scontrol
+    could not run or did not answer): the caller reports it, it never raises."""
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=timeout_s)
+    except OSError as exc:
+        return f"scontrol could not run: {exc}"
+    except subprocess.TimeoutExpired:
+        return f"scontrol requeue {job_id} did not answer within {timeout_s:.0f} s"
+    return None if result.returncode == 0 else (result.stderr or result.stdout).strip() or f"exit {result.returncode}"
+
+
+def stop_reason(job_id: str, signal_delay_s: float) -> str:
+    """Why a Slurm job is asked to stop: "timeout" when its time limit is near (the warning
+    comes ``signal_delay_s`` before it), else "preempted"."""
+    left = time_left_s(job_id)
+    return "timeout" if left is not None and left <= signal_delay_s + 60 else "preempted"
+
+
+def may_requeue(reason: str, earlier_timeouts: int, max_requeues: int) -> bool:
+    """Preemptions are always requeued; time-outs at most ``max_requeues`` times."""
+    return reason != "timeout" or earlier_timeouts < max_requeues
 
 
 def wait_to_be_stopped(limit_s: float = 120.0) -> None:

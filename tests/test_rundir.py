@@ -1,0 +1,120 @@
+"""The run directory's files under concurrent writers: no update lost, no half-written file."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import run_tfrun
+from tfrun import rundir
+
+WRITERS, UPDATES = 8, 200
+
+
+def _writer(run_dir: str, who: int) -> None:
+    for i in range(UPDATES):
+        rundir.update_status(run_dir, **{f"field{who}": i, f"seen{who}_{i % 7}": True})
+
+
+def test_concurrent_status_updates_lose_nothing(tmp_path: Path) -> None:
+    """8 processes merge different fields into one status.json, 200 times each."""
+    rundir.update_status(tmp_path, state="RUNNING")
+    ctx = multiprocessing.get_context("spawn")  # separate interpreters, as the launcher, follower and verbs are
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), who)) for who in range(WRITERS)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    status = rundir.read_status(tmp_path)
+    assert status["state"] == "RUNNING"
+    for who in range(WRITERS):
+        assert status[f"field{who}"] == UPDATES - 1, who
+        assert all(status[f"seen{who}_{k}"] for k in range(7)), who
+
+
+def _version(who: int) -> dict:
+    return {"writer": who, "payload": [str(who) * 64] * 4000}  # ~260 kB: a write takes a while
+
+
+def _save(kind: str, path: str, who: int) -> None:
+    """Write one of the writers' versions of ``path`` many times."""
+    from tfrun.config.hydra_files import save_yaml
+
+    for _ in range(60):
+        if kind == "yaml":
+            save_yaml(_version(who), path)
+        else:
+            rundir.write_atomic(path, json.dumps(_version(who)))
+
+
+@pytest.mark.parametrize("kind", ["yaml", "bytes"])
+def test_a_reader_never_sees_a_part_of_a_file_being_written(tmp_path: Path, kind: str) -> None:
+    """The run dir's files (.hydra/*.yaml, JSON records, the ONNX model) while 4 processes
+    rewrite one of them: every read is one whole version, and no writer trips over another."""
+    path = tmp_path / ("config.yaml" if kind == "yaml" else "record.json")
+    _save(kind, str(path), 0)
+    whole = {len(path.read_bytes())}  # every version has the same size: a part is shorter
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_save, args=(kind, str(path), who)) for who in range(1, 5)]
+    for proc in procs:
+        proc.start()
+    reads = 0
+    while any(p.is_alive() for p in procs):
+        size = len(path.read_bytes())
+        assert size in whole, f"read {size} bytes of a file whose versions have {whole}"
+        reads += 1
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    assert reads > 100, "the reader barely ran while the writers wrote: nothing was checked"
+    text = path.read_text()
+    assert (yaml.safe_load(text) if kind == "yaml" else json.loads(text))["writer"] in range(1, 5)
+    assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_cancel_never_signals_a_process_that_reused_the_launchers_pid(tmp_path: Path) -> None:
+    """A local run whose launcher died, its pid taken by another process: ``tfrun cancel``
+    records the run as cancelled and leaves that process alone."""
+    shown = run_tfrun(tmp_path, "--dry-run=json")
+    assert shown.returncode == 0, shown.stderr
+    run_dir = Path(json.loads(shown.stdout)["run_dir"])
+    rundir.write_atomic(run_dir / "plan.json", shown.stdout)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        rundir.update_status(run_dir, state="RUNNING", target="local", launcher_pid=other.pid,
+                             launcher_host=rundir.hostname(),
+                             launcher_started=rundir.process_started(other.pid) - 3600)  # the launcher was older
+        result = run_tfrun(tmp_path, "cancel", str(run_dir))
+        assert result.returncode == 0, result.stderr
+        time.sleep(0.5)
+        assert other.poll() is None, "tfrun cancel signalled a process that is not the run's launcher"
+        status = rundir.read_status(run_dir)
+        assert status["state"] == "CANCELLED" and "had ended" in status["reason"], status
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_requeue_that_cannot_run_is_reported_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """scontrol missing (or hanging) on a node: the caller gets the reason and carries on."""
+    from tfrun.task import preempt
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here
+    assert "scontrol could not run" in preempt.requeue("123")
+    (tmp_path / "scontrol").write_text("#!/bin/sh\nexec /bin/sleep 30\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    assert "did not answer within 1 s" in preempt.requeue("123", timeout_s=1)
+
+
+def test_time_outs_are_requeued_at_most_max_requeues_times() -> None:
+    from tfrun.task import preempt
+
+    assert preempt.may_requeue("preempted", earlier_timeouts=99, max_requeues=0)
+    assert preempt.may_requeue("timeout", earlier_timeouts=2, max_requeues=3)
+    assert not preempt.may_requeue("timeout", earlier_timeouts=3, max_requeues=3)
