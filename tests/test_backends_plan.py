@@ -6,6 +6,7 @@ TF_CONFIG and Horovod backends is driven in this process with a fake task identi
 """
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import time
@@ -20,7 +21,7 @@ from tfrun.config.compose import normalize_overrides
 from tfrun.errors import BootstrapError
 from tfrun.plan import Plan
 from tfrun.plan.planner import compose_plans
-from tfrun.task import rendezvous
+from tfrun.task import network, rendezvous
 from tfrun.task.identity import TaskIdentity, local_identity
 
 ATTEMPT = "unit-test"
@@ -302,6 +303,86 @@ def test_horovod_rank0_serves_the_rendezvous(scratch: Path, attempt: str) -> Non
         assert (env["HOROVOD_SIZE"], env["HOROVOD_LOCAL_SIZE"], env["HOROVOD_CROSS_SIZE"]) == ("2", "2", "1")
         assert env["HOROVOD_HOSTNAME"] == "localhost" and env["HOROVOD_CROSS_RANK"] == "0"
     assert env0["HOROVOD_GLOO_RENDEZVOUS_PORT"] == env1["HOROVOD_GLOO_RENDEZVOUS_PORT"]
+
+
+def other_local_addresses() -> list[tuple[str, str]]:
+    """(interface, address) of this machine's IPv4 addresses besides loopback."""
+    return [(name, a) for name, addrs in sorted(network.interfaces().items()) for a in addrs
+            if not network.is_loopback(a)]
+
+
+def refuses(address: str, port: int) -> bool:
+    """Whether a connection to ``address:port`` is refused (nothing listens there)."""
+    try:
+        with socket.create_connection((address, port), timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def store_round_trip(address: str, port: int) -> bytes:
+    """PUT a value in Horovod's rendezvous store and GET it back, as Gloo's ranks do."""
+    conn = http.client.HTTPConnection(address, port, timeout=5)
+    try:
+        conn.request("PUT", "/tfrun-test/rank-0", body=b"10.0.0.1:5000")
+        assert conn.getresponse().read() == b""
+        conn.request("GET", "/tfrun-test/rank-0")
+        return conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+def serve_as_rank0(backend: dict, ident: TaskIdentity, run_dir: str, attempt: str) -> tuple[dict, int]:
+    """What rank 0's setup published, and the port; the server is stopped by the caller."""
+    env = horovod.setup(backend, ident, run_dir, None, None)
+    published = json.loads((rendezvous.directory(run_dir, attempt) / "horovod.json").read_text())
+    assert published["port"] == int(env["HOROVOD_GLOO_RENDEZVOUS_PORT"])
+    return published, int(published["port"])
+
+
+@pytest.fixture
+def stops_rendezvous() -> Iterator[None]:
+    """Stop whatever rendezvous server the test's rank 0 started."""
+    yield
+    if horovod._SERVER is not None:
+        horovod._SERVER.stop()
+        horovod._SERVER._httpd.server_close()  # stop() leaves the socket open: free the port now
+        horovod._SERVER = None
+
+
+def test_horovod_rendezvous_of_a_local_run_listens_on_loopback_only(scratch: Path, attempt: str,
+                                                                     stops_rendezvous: None) -> None:
+    """Horovod's own start() binds every interface: anyone reaching the node could read and
+    change the store through which the ranks find each other."""
+    published, port = serve_as_rank0(BACKEND, local_identity(0, 1, 2), str(scratch / "run"), attempt)
+    assert published["addr"] == "127.0.0.1"
+    assert store_round_trip("127.0.0.1", port) == b"10.0.0.1:5000"
+    assert refuses("127.0.0.2", port)  # loopback is 127.0.0.0/8: bound to 127.0.0.1, not to every address
+    for _, address in other_local_addresses():
+        assert refuses(address, port), f"the rendezvous server answers on {address}"
+
+
+def test_horovod_rendezvous_of_a_one_node_slurm_job_listens_on_loopback_only(scratch: Path, attempt: str,
+                                                                              stops_rendezvous: None) -> None:
+    published, port = serve_as_rank0(BACKEND, slurm_identity(0, nodes=1, tasks_per_node=2),
+                                     str(scratch / "run"), attempt)
+    assert published == {"addr": "127.0.0.1", "port": port, "host": "node1"}
+    assert store_round_trip("127.0.0.1", port) == b"10.0.0.1:5000"
+    assert refuses("127.0.0.2", port)
+
+
+def test_horovod_rendezvous_across_nodes_listens_on_the_published_address_only(scratch: Path, attempt: str,
+                                                                                stops_rendezvous: None) -> None:
+    """Across nodes: the node's own address (here backend.iface's), which the others reach."""
+    found = other_local_addresses()
+    if not found:
+        pytest.skip("this machine has no address but loopback")
+    iface, address = found[0]
+    published, port = serve_as_rank0({**BACKEND, "iface": iface}, slurm_identity(0, nodes=2, tasks_per_node=1),
+                                     str(scratch / "run"), attempt)
+    assert published == {"addr": address, "port": port, "host": "node1"}
+    assert store_round_trip(address, port) == b"10.0.0.1:5000"
+    assert refuses("127.0.0.1", port)
 
 
 def test_horovod_rank_without_rendezvous_fails_clearly(scratch: Path, attempt: str) -> None:

@@ -1,8 +1,9 @@
-"""Contracts with the private parts of Hydra and submitit that tfrun uses.
+"""Contracts with the private parts of Hydra, submitit and Horovod that tfrun uses.
 
 Each private call lives in one compat module (``tfrun/config/hydra_compat.py``,
-``tfrun/plan/submitit_compat.py``); each test here checks one of them against the installed
-library and, when it fails, says which upgrade changed what.
+``tfrun/plan/submitit_compat.py``, ``tfrun/backends/horovod_compat.py``); each test here
+checks one of them against the installed library and, when it fails, says which upgrade
+changed what.
 """
 from __future__ import annotations
 
@@ -167,3 +168,30 @@ def test_sacct_output_is_read_per_job_and_array_element() -> None:
         "12": "RUNNING", "13_0": "PENDING", "13_1": "PENDING", "14_1": "COMPLETED"}, broke(
         SUBMITIT, "SlurmInfoWatcher.read_info", "submitit_compat.read_sacct")
     assert info["14_1"]["NodeList"] == "node2"
+
+
+# --- Horovod ------------------------------------------------------------------------------
+
+def test_the_rendezvous_server_is_horovods_on_the_address_given() -> None:
+    """horovod_compat.start_rendezvous sets RendezvousServer's _httpd and _listen_thread,
+    which Horovod's own init() and stop() use."""
+    pytest.importorskip("horovod", reason="backend=horovod needs scripts/build-horovod")
+    from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
+    from horovod.runner.http.http_server import RendezvousServer
+
+    from tfrun.backends import horovod_compat
+
+    horovod_version = f"horovod {metadata.version('horovod')}"
+    assert {"_httpd", "_listen_thread"} <= set(vars(RendezvousServer())), broke(
+        horovod_version, "RendezvousServer's attributes", "horovod_compat.start_rendezvous")
+    server, port = horovod_compat.start_rendezvous("127.0.0.1")
+    try:
+        assert server._httpd.server_address == ("127.0.0.1", port) and server._listen_thread.is_alive()
+        server.init(get_host_assignments(parse_hosts("localhost:2"), 2))
+        assert server._httpd.scope_size["global"] == 2, broke(
+            horovod_version, "RendezvousServer.init", "horovod_compat.start_rendezvous")
+    finally:
+        server.stop()
+        server._httpd.server_close()
+    assert not server._listen_thread.is_alive(), broke(
+        horovod_version, "RendezvousServer.stop", "horovod_compat.start_rendezvous")

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -309,6 +311,165 @@ def test_serve_without_an_onnx_model_says_what_to_do(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "its last export failed: tf2onnx cannot convert the TensorFlow op Erfinv" in result.stderr
     assert f"tfrun export {run_dir}" in result.stderr
+
+
+# --- tfrun serve: what it answers to bad requests (a tiny model, no training) -----------------
+
+def tiny_model(path: Path, elem_type: int) -> Path:
+    """An ONNX model ``y = x`` for an [N, 3] input of ``elem_type`` (onnx.TensorProto)."""
+    import onnx
+    from onnx import helper
+
+    x = helper.make_tensor_value_info("x", elem_type, ["N", 3])
+    y = helper.make_tensor_value_info("y", elem_type, ["N", 3])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "tiny", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what the installed onnxruntime reads, whatever onnx writes by default
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def tiny_servers(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> Iterator[dict[str, int]]:
+    """Ports of ``tfrun serve``'s server (``make_server``, as ``cmd_serve`` builds it) for a
+    float32 and an int8 model, in threads; afterwards, the servers must have printed no traceback."""
+    from onnx import TensorProto
+
+    models = {"float32": TensorProto.FLOAT, "int8": TensorProto.INT8}
+    servers = {name: serve.make_server(serve.load(tiny_model(tmp_path / f"{name}.onnx", kind)), "127.0.0.1", 0)
+               for name, kind in models.items()}
+    for server in servers.values():
+        # a short poll: shutdown() waits for one, and every test starts and stops two servers
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        yield {name: server.server_address[1] for name, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.shutdown()
+            server.server_close()
+    log = capfd.readouterr().err
+    assert "Traceback" not in log, log
+
+
+def _exchange(port: int, request: bytes, half_close: bool = False, timeout: float = 15) -> tuple[int, Any]:
+    """Send raw bytes, read until the server closes: (status, JSON body). A server that
+    neither answers nor closes within ``timeout`` fails the test (a hung connection)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(request)
+        if half_close:
+            conn.shutdown(socket.SHUT_WR)
+        answer = b""
+        try:
+            while chunk := conn.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            pytest.fail(f"no answer within {timeout} s and the connection still open; got {answer!r}")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/"), f"not an HTTP answer: {answer!r}"
+    assert b"Content-Type: application/json" in head, head
+    return int(head.split()[1]), json.loads(body)
+
+
+def _post(port: int, body: bytes, length: str | None = None, **kwargs: Any) -> tuple[int, Any]:
+    """POST /predict with ``body`` and a Content-Length of ``length`` (its real length if None)."""
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body) if length is None else length}\r\n\r\n"
+    return _exchange(port, head.encode() + body, **kwargs)
+
+
+def test_serve_answers_good_requests_of_each_dtype(tiny_servers: dict[str, int]) -> None:
+    assert _post(tiny_servers["float32"], b'{"inputs": [[1, 2.5, -3e3]]}') == (200, {"outputs": [[1.0, 2.5, -3000.0]]})
+    assert _post(tiny_servers["int8"], b'{"inputs": [[1, -128, 127]]}') == (200, {"outputs": [[1, -128, 127]]})
+
+
+@pytest.mark.parametrize("request_line, code, error", [
+    (b"PUT /predict HTTP/1.1", 501, "Unsupported method ('PUT')"),
+    (b"GET /health HTTP/1.1\r\nX-Long: " + b"x" * 70_000, 431, "Line too long"),
+])
+def test_serve_answers_what_http_server_refuses_in_json(tiny_servers: dict[str, int], request_line: bytes,
+                                                         code: int, error: str) -> None:
+    assert _exchange(tiny_servers["float32"], request_line + b"\r\n\r\n") == (code, {"error": error})
+
+
+@pytest.mark.parametrize("length", ["-1", "abc", "1_0", "+2", "2, 3"])
+def test_serve_refuses_a_content_length_that_is_not_a_number_of_bytes(tiny_servers: dict[str, int],
+                                                                      length: str) -> None:
+    """-1 used to read until the client closed (a hung request), "abc" to drop the connection."""
+    code, answer = _post(tiny_servers["float32"], b"{}", length)
+    assert code == 400
+    assert answer["error"] == f"Content-Length {length!r} is not a number of bytes (a whole number, 0 or more)"
+
+
+def test_serve_refuses_two_different_content_lengths(tiny_servers: dict[str, int]) -> None:
+    code, answer = _exchange(tiny_servers["float32"], b"POST /predict HTTP/1.1\r\nContent-Length: 2\r\n"
+                                                      b"Content-Length: 40\r\n\r\n{}")
+    assert code == 400 and "Content-Length given several times with different values: ['2', '40']" in answer["error"]
+
+
+def test_serve_refuses_a_body_over_the_limit_and_the_client_reads_why(tiny_servers: dict[str, int]) -> None:
+    """The whole body is sent, as an ordinary client does: the answer must reach it, not a reset."""
+    body = b" " * (serve.MAX_BODY_BYTES + 1)
+    request = urllib.request.Request(f"http://127.0.0.1:{tiny_servers['float32']}/predict", data=body, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=60)
+    assert raised.value.code == 413
+    assert json.loads(raised.value.read()) == {
+        "error": f"body of {serve.MAX_BODY_BYTES + 1} bytes; at most {serve.MAX_BODY_BYTES}"}
+
+
+def test_serve_answers_a_body_shorter_than_its_content_length(tiny_servers: dict[str, int],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve.Handler, "timeout", 1)
+    code, answer = _post(tiny_servers["float32"], b'{"inputs"', "100", half_close=True)
+    assert code == 400 and answer["error"] == "the body ended after 9 bytes; its Content-Length announced 100"
+    code, answer = _post(tiny_servers["float32"], b'{"inputs"', "100", timeout=10)  # the client stalls
+    assert code == 400 and answer["error"] == "the body did not arrive within 1 s (Content-Length announced 100 bytes)"
+
+
+@pytest.mark.parametrize("body, error", [
+    (b"{not json", "the body is not JSON: Expecting property name enclosed in double quotes: line 1 column 2"),
+    (b'{"inputs": [[1, 2, 3]]', "the body is not JSON: Expecting ',' delimiter"),
+    (b'{"inputs": "\xff"}', "the body is not UTF-8 text (JSON must be)"),
+    (b"[" * 100_000, "the body is not JSON this server reads: it nests too deeply"),
+])
+def test_serve_refuses_what_is_not_json(tiny_servers: dict[str, int], body: bytes, error: str) -> None:
+    code, answer = _post(tiny_servers["float32"], body)
+    assert code == 400 and answer["error"].startswith(error), answer
+
+
+@pytest.mark.parametrize("payload, error", [
+    (None, 'the body must be a JSON object {"inputs": [[...], ...]}'),
+    ([[1, 2, 3]], 'the body must be a JSON object {"inputs": [[...], ...]}'),
+    ({"input": [[1, 2, 3]]}, 'the body must be a JSON object {"inputs": [[...], ...]}'),
+    ({"inputs": {"y": [[1, 2, 3]]}}, "inputs ['y'] given; the model's inputs are ['x']"),
+    ({"inputs": [[1, 2], [3]]}, "input 'x' is not a rectangular array: its rows differ in length or depth"),
+    ({"inputs": [[1, 2, [3]]]}, "input 'x' is not a rectangular array: its rows differ in length or depth"),
+    ({"inputs": [1, 2, 3]}, "input 'x' has shape [3]; the model expects [N, 3]"),
+    ({"inputs": []}, "input 'x' has shape [0]; the model expects [N, 3]"),
+    ({"inputs": 7}, "input 'x' has shape []; the model expects [N, 3]"),
+])
+def test_serve_refuses_a_payload_of_the_wrong_structure(tiny_servers: dict[str, int], payload: Any,
+                                                        error: str) -> None:
+    code, answer = _post(tiny_servers["float32"], json.dumps(payload).encode())
+    assert code == 400 and answer["error"].startswith(error), answer
+
+
+@pytest.mark.parametrize("model, rows, error", [
+    ("float32", [["1.5", "2", "3"]], "input 'x' holds strings: the model takes float32, so only numbers"),
+    ("float32", [[None, 2, 3]], "input 'x' holds null: the model takes float32, so only numbers"),
+    ("float32", [[True, 2, 3]], "input 'x' holds true/false: the model takes float32, so only numbers"),
+    ("float32", [[{"v": 1}, "a", 3]], "input 'x' holds objects, strings: the model takes float32, so only numbers"),
+    ("float32", [[1e300, 2, 3]], "input 'x' has a value out of the range of float32"),
+    ("float32", [[10 ** 400, 2, 3]], "input 'x' has a value out of the range of float32"),
+    ("int8", [[1.5, 2, 3]], ("input 'x' holds numbers with a decimal point: the model takes int8, "
+                             "so only whole numbers (no decimal point)")),
+    ("int8", [[300, 2, 3]], "input 'x' has a value out of the range of int8"),
+])
+def test_serve_refuses_values_of_the_wrong_dtype(tiny_servers: dict[str, int], model: str, rows: Any,
+                                                 error: str) -> None:
+    """Numeric strings, null and true used to be read as numbers; 300 for int8 and 10**400
+    for float32 used to drop the connection."""
+    code, answer = _post(tiny_servers[model], json.dumps({"inputs": rows}).encode())
+    assert code == 400 and answer["error"].startswith(error), answer
 
 
 # --- on Slurm: the export runs inside the job --------------------------------------------------

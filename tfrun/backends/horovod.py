@@ -16,6 +16,7 @@ import time
 from typing import Any, Mapping
 
 from tfrun import rundir
+from tfrun.backends import horovod_compat
 from tfrun.errors import BootstrapError, ConfigError
 from tfrun.task import network, rendezvous
 from tfrun.task.identity import TaskIdentity
@@ -72,15 +73,27 @@ def interface_for(address: str) -> str:
     return route_to(address)[0]
 
 
-def _serve_rendezvous(slots: list[tuple[str, int]], world_size: int) -> int:
+def rendezvous_address(ident: TaskIdentity, slots: list[tuple[str, int]],
+                       backend: Mapping[str, Any]) -> tuple[str, str]:
+    """(address, why) rank 0's rendezvous server listens on, and publishes: loopback when
+    every rank is on this host (a local run, a job on one node), so nothing off the node can
+    reach the server; across nodes the node's own address the others reach (and no other)."""
+    if ident.launcher != "local" and ident.num_nodes > 1:  # the others are other hosts
+        return network.own_address(slots[0][0], backend.get("iface"))
+    return network.LOOPBACK, "one host"
+
+
+def _serve_rendezvous(addr: str, slots: list[tuple[str, int]], world_size: int) -> int:
+    """Start Horovod's rendezvous server on ``addr`` (only) for these slots; its port."""
     global _SERVER
     from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
-    from horovod.runner.http.http_server import RendezvousServer
 
-    _SERVER = RendezvousServer(verbose=0)
-    port = _SERVER.start()
+    try:
+        _SERVER, port = horovod_compat.start_rendezvous(addr)
+    except OSError as exc:
+        raise BootstrapError(f"rank 0 on {slots[0][0]} cannot serve Horovod's rendezvous on {addr}: {exc}") from exc
     _SERVER.init(get_host_assignments(parse_hosts(",".join(f"{h}:{n}" for h, n in slots)), world_size))
-    return int(port)
+    return port
 
 
 def reach(found: Mapping[str, Any], ident: TaskIdentity, deadline: float) -> None:
@@ -104,11 +117,8 @@ def setup(backend: Mapping[str, Any], ident: TaskIdentity, run_dir: str, task: A
     """HOROVOD_* for this rank, after rank 0 has started the rendezvous server."""
     slots = host_slots(ident)
     if ident.rank == 0:
-        port = _serve_rendezvous(slots, ident.world_size)
-        if ident.launcher != "local" and ident.num_nodes > 1:  # the others are other hosts
-            addr, why = network.own_address(slots[0][0], backend.get("iface"))
-        else:
-            addr, why = socket.gethostbyname(slots[0][0]), "one host"
+        addr, why = rendezvous_address(ident, slots, backend)
+        port = _serve_rendezvous(addr, slots, ident.world_size)
         rendezvous.publish(run_dir, "horovod", {"addr": addr, "port": port, "host": slots[0][0]})
         rundir.update_rank(run_dir, ident.rank, address=addr, address_why=why)
     timeout = float(backend["rendezvous_timeout_s"])

@@ -3,8 +3,11 @@
 ``POST /predict`` takes ``{"inputs": [[...], ...]}`` (a batch for the model's one input,
 or ``{"inputs": {"name": [...], ...}}`` for several) and answers ``{"outputs": [[...]]}``
 (``{"outputs": {"name": [...]}}`` for several outputs). ``GET /health`` tells the model
-file, its inputs (name, shape, dtype), outputs and opset. An input whose shape does not
-fit the model's gets a 400 with the expected and the given shape.
+file, its inputs (name, shape, dtype), outputs and opset. A request the model cannot take
+gets a 400 with ``{"error": ...}`` saying why (a Content-Length that is not a number of
+bytes, a body that is not UTF-8 JSON, not ``{"inputs": ...}``, values of the wrong type
+or range for the input's dtype, an input of the wrong shape); a body over
+``MAX_BODY_BYTES`` gets a 413. Never a traceback, never a dropped or hung connection.
 
 Why the standard library's ``ThreadingHTTPServer`` and no web framework: two JSON
 endpoints on loopback need no routing, validation or async layer; nothing more has to
@@ -19,10 +22,13 @@ No TensorFlow here: only onnxruntime and numpy (and onnx, if installed, for the 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,8 @@ from tfrun import rundir
 from tfrun.errors import TfrunError
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+READ_TIMEOUT_S = 60  # a client silent this long mid-request gets its 400 and the thread is freed
+DRAIN_S = 5  # at most this long reading (and dropping) a refused body, so its sender sees the answer
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # onnxruntime's type names -> numpy dtype names
 _DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
@@ -38,8 +46,29 @@ _DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(floa
            "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
 
 
+# The JSON values (as json.loads gives them) each kind of input dtype takes, and how to say
+# so. Exact types: True is an int to Python and numpy reads "1.5" as a float, but a
+# true/false or a string sent for a float input is a mistake to report, not a 1.0 to use.
+_TAKES: dict[str, tuple[frozenset[type], str]] = {
+    "f": (frozenset({int, float}), "numbers"),
+    "i": (frozenset({int}), "whole numbers (no decimal point)"),
+    "u": (frozenset({int}), "whole numbers (no decimal point)"),
+    "b": (frozenset({bool}), "true or false"),
+}
+_JSON_NAMES = {str: "strings", type(None): "null", bool: "true/false", int: "whole numbers",
+               float: "numbers with a decimal point", dict: "objects"}
+
+
 class BadRequest(Exception):
-    """A request the model cannot answer; the message goes back with a 400."""
+    """A request the model cannot answer; the message goes back with ``status`` (400)."""
+
+    status = 400
+
+
+class BodyTooLarge(BadRequest):
+    """A body over MAX_BODY_BYTES: 413, and the body is never read."""
+
+    status = 413
 
 
 @dataclass
@@ -94,14 +123,38 @@ def check_shape(name: str, expected: list[int | None], given: tuple[int, ...]) -
 
 
 def _array(name: str, value: Any, spec: dict[str, Any]) -> Any:
+    """``value`` (parsed JSON) as an array of the input's dtype; BadRequest unless it is a
+    rectangular array whose every value is of a JSON type that dtype takes, in its range,
+    of the input's shape."""
     import numpy as np
 
     try:
-        array = np.asarray(value, dtype=spec["dtype"])
-    except (ValueError, TypeError) as exc:
-        raise BadRequest(f"input {name!r} is not a rectangular array of {spec['dtype']} numbers: {exc}") from exc
+        dtype = np.dtype(spec["dtype"])
+    except TypeError:  # an onnxruntime type numpy has no name for, e.g. tensor(string)
+        dtype = np.dtype(object)  # kind "O": not one that JSON values are fed as
+    if dtype.kind not in _TAKES:
+        raise BadRequest(f"input {name!r} is of type {spec['dtype']}, which tfrun serve cannot feed "
+                         f"(it feeds number and bool inputs)")
+    ragged = BadRequest(f"input {name!r} is not a rectangular array: its rows differ in length or depth")
+    try:
+        # dtype=object keeps every value as JSON gave it, for the type check; rows of
+        # different lengths leave lists inside the array (numpy < 1.24 raised instead)
+        array = np.asarray(value, dtype=object)
+    except ValueError as exc:
+        raise ragged from exc
+    found = {type(v) for v in array.flat}
+    if list in found:
+        raise ragged
+    takes, what = _TAKES[dtype.kind]
+    if found - takes:
+        given = ", ".join(sorted(_JSON_NAMES.get(t, t.__name__) for t in found - takes))
+        raise BadRequest(f"input {name!r} holds {given}: the model takes {dtype.name}, so only {what}")
     check_shape(name, spec["shape"], array.shape)
-    return array
+    try:
+        with np.errstate(over="raise"):  # 1e300 for a float32 input: an error, not inf
+            return array.astype(dtype)
+    except (OverflowError, FloatingPointError) as exc:
+        raise BadRequest(f"input {name!r} has a value out of the range of {dtype.name}: {exc}") from exc
 
 
 def predict(served: Served, payload: Any) -> dict[str, Any]:
@@ -127,19 +180,56 @@ def predict(served: Served, payload: Any) -> dict[str, Any]:
     return {"outputs": {name: r.tolist() for name, r in zip(served.outputs, results)}}
 
 
+def body_length(headers: Message) -> int:
+    """The byte count Content-Length announces (0 without one); BadRequest unless it is one
+    whole number of bytes (``int()`` alone would take -1, which reads until the client
+    closes, and raise on "abc"), BodyTooLarge over MAX_BODY_BYTES."""
+    if "chunked" in (headers.get("Transfer-Encoding") or "").lower():
+        raise BadRequest("a chunked body is not read: send the body with a Content-Length")
+    values = {v.strip() for v in headers.get_all("Content-Length") or []}
+    if len(values) > 1:
+        raise BadRequest(f"Content-Length given several times with different values: {sorted(values)}")
+    text = values.pop() if values else "0"
+    if not re.fullmatch(r"[0-9]+", text):
+        raise BadRequest(f"Content-Length {text!r} is not a number of bytes (a whole number, 0 or more)")
+    length = int(text)
+    if length > MAX_BODY_BYTES:
+        raise BodyTooLarge(f"body of {length} bytes; at most {MAX_BODY_BYTES}")
+    return length
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as JSON (an empty body is null); BadRequest unless it is UTF-8 JSON."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"the body is not UTF-8 text (JSON must be): {exc}") from exc
+    try:
+        return json.loads(text or "null")
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not JSON: {exc}") from exc
+    except RecursionError as exc:  # a body of "[[[[..." nests deeper than the parser goes
+        raise BadRequest("the body is not JSON this server reads: it nests too deeply") from exc
+
+
 class Handler(BaseHTTPRequestHandler):
     """GET /health, POST /predict; every answer is JSON."""
 
     served: Served  # set on the subclass make_server builds
     server_version = "tfrun-serve"
+    timeout = READ_TIMEOUT_S  # on the connection's socket: a stalled client cannot hold a thread forever
 
     def _reply(self, code: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except ConnectionError:  # the client left before its answer: one log line, not a traceback
+            self.close_connection = True
+            self.log_error("the client closed the connection before the %d answer", code)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path.split("?")[0] == "/health":
@@ -149,21 +239,58 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         if self.path.split("?")[0] != "/predict":
-            self._reply(404, {"error": f"no {self.path}: GET /health, POST /predict"})
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            self._reply(413, {"error": f"body of {length} bytes; at most {MAX_BODY_BYTES}"})
+            self._refuse(404, f"no {self.path}: GET /health, POST /predict")
             return
         try:
-            payload = json.loads(self.rfile.read(length) or b"null")
-        except json.JSONDecodeError as exc:
-            self._reply(400, {"error": f"the body is not JSON: {exc}"})
-            return
-        try:
-            self._reply(200, predict(self.served, payload))
+            body = self._read_body()
         except BadRequest as exc:
-            self._reply(400, {"error": str(exc)})
+            self._refuse(exc.status, str(exc))
+            return
+        try:
+            code, answer = 200, predict(self.served, parse_json(body))
+        except BadRequest as exc:
+            code, answer = exc.status, {"error": str(exc)}
+        except Exception as exc:  # a bug here or in onnxruntime: still an answer, not a dropped connection
+            self.log_error("failed on a request: %s: %s", type(exc).__name__, exc)
+            code, answer = 500, {"error": f"tfrun serve failed on this request: {type(exc).__name__}: {exc}"}
+        self._reply(code, answer)
+
+    def _read_body(self) -> bytes:
+        """The body, exactly as long as its Content-Length; BadRequest if it is not."""
+        length = body_length(self.headers)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError as exc:
+            raise BadRequest(f"the body did not arrive within {self.timeout} s "
+                             f"(Content-Length announced {length} bytes)") from exc
+        if len(body) < length:
+            raise BadRequest(f"the body ended after {len(body)} bytes; its Content-Length announced {length}")
+        return body
+
+    def _refuse(self, code: int, error: str) -> None:
+        """Answer ``error`` to a request not read to its end, then read and drop what the
+        client still sends, for up to DRAIN_S seconds.
+
+        Closing a socket with unread data makes the kernel answer with a reset, so a client
+        still sending (a body over MAX_BODY_BYTES, say) would get "connection reset" instead
+        of this answer. Our side is shut first, so the answer is complete before the drain.
+        """
+        self.close_connection = True
+        self._reply(code, {"error": error})
+        deadline = time.monotonic() + DRAIN_S
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            while (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                if not self.rfile.read1(64 * 1024):
+                    return  # the client closed its side: nothing more is coming
+        except OSError:  # timed out, or the client reset: either way, done with it
+            return
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a request line it cannot parse, a method other than
+        GET and POST, headers too long) in JSON like every other answer, not its HTML page."""
+        self._refuse(code, message or self.responses.get(code, (f"HTTP {code}",))[0])
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
         print(f"tfrun serve: {self.address_string()} {format % args}", file=sys.stderr, flush=True)
