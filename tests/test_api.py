@@ -2,7 +2,8 @@
 cloud SDK v1 ``TensorFlow`` estimator (issue 8), run in this process as a notebook would.
 
 The estimator tests are that SDK's documented code samples with only the import line
-changed, submitted to the local Slurm against the bundled examples.
+changed, submitted to the local Slurm against the bundled examples; and the estimator's
+values (commas, ``=``, quotes, ``"true"``, dicts) composed by tfrun itself, which runs nothing.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import pytest
 
 import tfrun
 from tests.helpers import DIGITS, REPO, alive, run_tfrun, wait_for, wait_gone
+from tfrun.plan import Plan
 
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
 EXAMPLES = REPO / "examples"
@@ -321,3 +323,172 @@ def test_estimator_rejects_what_has_no_meaning_on_a_cluster(scratch: Path) -> No
         TensorFlow(source_directory=".", entry_script="train.py", distributed_backend="gloo")
     assert "distributed_backend" in str(error.value)
     assert not (scratch / "runs").exists()
+
+
+# --- the estimator's values, composed by tfrun itself (nothing runs) --------------------------------
+
+def estimator_plan(overrides: list[str]) -> Plan:
+    """The plan ``tfrun.launch(overrides)`` would run, composed and planned the way it does."""
+    from tfrun.config.compose import normalize_overrides
+    from tfrun.plan.planner import compose_plans
+
+    plans = compose_plans(normalize_overrides(overrides))
+    assert len(plans) == 1
+    return plans[0]
+
+
+# Values Hydra's override grammar reads as something else unless they are quoted and escaped.
+AWKWARD_TEXT = {
+    "WITH_COMMA": "a,b,c",
+    "WITH_EQUALS": "key=value",
+    "TRUE_AS_TEXT": "true",
+    "NUMBER_AS_TEXT": "1e3",
+    "NULL_AS_TEXT": "null",
+    "EMPTY": "",
+    "BOTH_QUOTES": "it's \"quoted\"",
+    "ESCAPED_QUOTE": "a\\'b\\\"c",
+    "TRAILING_BACKSLASH": "C:\\dir\\",
+    "LOOKS_INTERPOLATED": "${HOME} and \\${x}",
+    "CONTAINERS": "[1,2] {a: b}",
+    "BLANKS": "  two  blanks ",
+}
+
+
+def test_estimator_environment_variables_reach_every_task_as_given(scratch: Path) -> None:
+    from tfrun.estimator import TensorFlow
+
+    est = TensorFlow(source_directory=str(EXAMPLES / "digits"), entry_script="train.py",
+                     node_count=2, environment_variables=AWKWARD_TEXT)
+    plan = estimator_plan(est.to_overrides())
+    assert plan.config["deps"]["env"] == AWKWARD_TEXT
+    for task in plan.tasks:
+        assert {k: task.env[k] for k in AWKWARD_TEXT} == AWKWARD_TEXT
+    assert shlex.split(est.command_line())[1:] == est.to_overrides()
+
+
+def test_estimator_script_params_keep_their_values_and_types(scratch: Path) -> None:
+    from tfrun.estimator import TensorFlow
+
+    params = {"--names": "a,b", "--opt": "key=value", "--flag": "true", "--scale": "1e3", "--lr": 0.01,
+              "--small": 1e-05, "--epochs": 3, "--verbose": True, "--layers": [64, 32], "--resume": None,
+              "-m": "it's \"x\", y=1"}
+    est = TensorFlow(source_directory=str(EXAMPLES / "digits"), entry_script="train.py", script_params=params)
+    plan = estimator_plan(est.to_overrides())
+    trainer = plan.config["trainer"]
+    wanted = {k[2:]: v for k, v in params.items() if k.startswith("--")}
+    assert trainer == wanted
+    assert {k: type(v) for k, v in trainer.items()} == {k: type(v) for k, v in wanted.items()}
+    assert plan.config["entry"]["args"] == ["-m", "it's \"x\", y=1"]
+    argv = plan.tasks[0].argv
+    for flag, value in [("--names", "a,b"), ("--opt", "key=value"), ("--flag", "true"), ("--scale", "1e3")]:
+        assert argv[argv.index(flag) + 1] == value, argv
+    assert argv[-2:] == ["-m", "it's \"x\", y=1"]
+
+
+def test_estimator_compute_object_with_a_dict_field(scratch: Path) -> None:
+    from tfrun.config.schema import SlurmComputeConfig
+    from tfrun.estimator import TensorFlow
+
+    extra = {"mail-type": "END,FAIL", "comment": "k=v, 'single' \"double\"", "mail-user": "me@example.org"}
+    setup = ["module load cuda/12.4", "export LIST=a,b"]
+    as_dict = {"option": "slurm", "partition": "gpu", "additional_parameters": extra, "setup": setup}
+    as_dataclass = SlurmComputeConfig(partition="gpu", additional_parameters=extra, setup=setup)
+    for target in (as_dict, as_dataclass):
+        est = TensorFlow(source_directory=str(EXAMPLES / "digits"), entry_script="train.py", compute_target=target)
+        compute = estimator_plan(est.to_overrides()).config["compute"]
+        assert compute["target"] == "slurm" and compute["partition"] == "gpu"
+        assert compute["additional_parameters"] == extra and compute["setup"] == setup
+
+
+def test_estimator_paths_name_and_tags_as_given(scratch: Path) -> None:
+    from tfrun.estimator import Experiment, TensorFlow
+
+    source = scratch / "data,v=1 'x'"
+    source.mkdir()
+    (source / "train.py").write_text("print('hi')\n")
+    tags = {"team": "vision", "note": "lr=0.01, batch 32", "mlflow.note.content": "it's \"the\" baseline",
+            "count": "3"}
+    est = TensorFlow(source_directory=str(source), entry_script="train.py")
+    plan = estimator_plan(Experiment(None, "digits, v2 = true").to_overrides(est, tags=tags))
+    assert plan.source_dir == str(source) and plan.script == str(source / "train.py")
+    assert plan.config["tfrun"]["name"] == "digits, v2 = true"
+    assert plan.config["tfrun"]["tags"] == tags
+
+
+def test_estimator_refuses_names_hydra_cannot_write(scratch: Path) -> None:
+    from tfrun.estimator import TensorFlow
+
+    with pytest.raises(tfrun.ConfigError) as error:
+        TensorFlow(source_directory=".", entry_script="train.py", environment_variables={"A.B": "x"}).to_overrides()
+    assert "environment_variables" in str(error.value) and "A.B" in str(error.value)
+    with pytest.raises(tfrun.ConfigError) as error:
+        TensorFlow(source_directory=".", entry_script="train.py",
+                   compute_target={"option": "slurm", "additional_parameters": {"it's": "x"}}).to_overrides()
+    assert "compute.additional_parameters" in str(error.value) and "it's" in str(error.value)
+
+
+def test_estimator_framework_version_compares_release_numbers(scratch: Path) -> None:
+    from importlib.metadata import version
+
+    from tfrun.estimator import TensorFlow
+
+    installed = version("tensorflow")
+    major_minor = ".".join(installed.split(".")[:2])
+    assert major_minor == "2.21", installed  # the version pyproject.toml pins
+    for matching in (major_minor, installed, "2"):
+        TensorFlow(source_directory=".", entry_script="train.py", framework_version=matching)
+    for other in ("2.2", "2.1", "2.210", "3"):
+        with pytest.raises(tfrun.ConfigError) as error:
+            TensorFlow(source_directory=".", entry_script="train.py", framework_version=other)
+        message = str(error.value)
+        assert "framework_version" in message and repr(other) in message and installed in message, message
+        assert major_minor in message
+    with pytest.raises(tfrun.ConfigError) as error:
+        TensorFlow(source_directory=".", entry_script="train.py", framework_version="latest")
+    assert "framework_version" in str(error.value) and "'latest'" in str(error.value)
+
+
+def test_framework_matches_part_by_part() -> None:
+    from tfrun.estimator import framework_matches
+
+    assert framework_matches("2.2", "2.2.3") and framework_matches("2.21", "2.21.0rc1")
+    assert framework_matches("2.21.0", "2.21.0") and framework_matches("2", "2.21.0")
+    assert not framework_matches("2.2", "2.21.0") and not framework_matches("2.21.1", "2.21.0")
+    assert not framework_matches("2.21", "2.2.1")
+
+
+def test_experiment_submit_keeps_tags(scratch: Path, quick: Path, no_exit: None) -> None:
+    """The tags are the run's: in its config and plan, from the run object, and on its MLflow run."""
+    from tfrun.estimator import Experiment, TensorFlow
+
+    (scratch / "conf" / "project").mkdir(parents=True)
+    (scratch / "conf" / "project" / "default.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /tracking: mlflow\n")
+    tags = {"team": "vision", "note": "lr=0.01, batch 32", "mlflow.note.content": "it's \"the\" baseline"}
+    est = TensorFlow(source_directory=str(scratch), entry_script="quick.py")
+    run = Experiment(None, "tagged").submit(est, tags=tags)
+    assert run.wait_for_completion()["status"] == "Completed", run.run.logs(0)
+    assert run.get_tags() == tags and run.get_details()["tags"] == tags
+    assert json.loads((run.run.dir / "plan.json").read_text())["config"]["tfrun"]["tags"] == tags
+    # The MLflow sync follows the run's end in the process that launched it.
+    wait_for(lambda: "mlflow_run_id" in run.run.info(), 120, "the run to be logged to MLflow")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{scratch / 'runs' / 'mlflow.db'}")
+    logged = client.get_run(run.run.info()["mlflow_run_id"]).data.tags
+    assert {k: logged.get(k) for k in tags} == tags
+
+
+def test_local_sweep_from_python_is_logged_to_mlflow(scratch: Path, quick: Path, no_exit: None) -> None:
+    """As from the command line: every point an MLflow run under the sweep's, which ends FINISHED."""
+    runs = tfrun.sweep(["entry.script=quick.py", "tracking=mlflow", "trainer.sleep=0,0.1"])
+    assert [r.status() for r in runs] == ["COMPLETED", "COMPLETED"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{scratch / 'runs' / 'mlflow.db'}")
+    logged = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    parents = [r for r in logged if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in logged if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", [r.info for r in logged]
+    assert sorted(r.data.params["trainer.sleep"] for r in children) == ["0", "0.1"]
+    assert {r.info.run_id for r in children} == {r.info()["mlflow_run_id"] for r in runs}

@@ -105,11 +105,19 @@ def _start(plans: Sequence[Any], wait: bool, sweep_dir: Path | None = None) -> N
 
             run_points(plans, sweep_dir)
         return
+    from tfrun.tracking import mlflow_sync
+
     local = targets.get("local")
 
     def run_all() -> None:
+        states = []
         for plan in plans:
-            local.run(plan, out=_out())
+            states.append(local.run(plan, out=_out()))
+            # As the CLI does: the process that saw a local run end logs it (tracking=mlflow);
+            # nothing else would, since only unfinished Slurm runs are refreshed later.
+            mlflow_sync.sync_if_asked(plan.run_dir, states[-1])
+        if sweep_dir is not None:  # and closes the sweep's parent run, if the points made one
+            mlflow_sync.finish_sweep(sweep_dir, failed=any(s not in rundir.OK_STATES for s in states))
 
     if wait:
         run_all()

@@ -10,19 +10,23 @@ Code written against it moves with an import change::
     run.wait_for_completion(show_output=True)
 
 Every accepted argument maps to tfrun config (``to_overrides()`` shows the equivalent
-``tfrun`` command line); arguments that mean nothing on a cluster raise an error that
-names the tfrun equivalent instead of being ignored.
+``tfrun`` command line), each value quoted so that it reaches the run as given;
+arguments that mean nothing on a cluster raise an error that names the tfrun equivalent
+instead of being ignored.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import shlex
 import sys
 from typing import Any, Mapping, Sequence
 
 from tfrun.api import Run, launch
+from tfrun.config.overrides import mapping_overrides, override
 from tfrun.errors import ConfigError
+from tfrun.rundir import Plan
 
 BACKENDS = {"mpi": "horovod", "horovod": "horovod", "ps": "ps", "parameter_server": "ps", "mwms": "mwms", None: "none"}
 
@@ -51,26 +55,24 @@ UNSUPPORTED = {
 }
 
 
+# What a shell (and so a task's environment) accepts as a variable's name.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# framework_version: a release number, as many parts of it as the user cares about.
+_RELEASE_NUMBER = re.compile(r"\d+(\.\d+){0,2}")
+
+
 def _flag_overrides(script_params: Mapping[str, Any]) -> list[str]:
     """``{"--batch-size": 50}`` -> ``trainer.batch-size=50``; other keys go verbatim to entry.args."""
     overrides, extra = [], []
     for key, value in script_params.items():
         key = str(key)
         if key.startswith("--"):
-            overrides.append(f"trainer.{key[2:]}={'null' if value is None else _value(value)}")
+            overrides.append(override(f"trainer.{key[2:]}", value))
         else:
             extra += [key] if value is None else [key, str(value)]
     if extra:
-        overrides.append("entry.args=[" + ",".join(_value(a) for a in extra) + "]")
+        overrides.append(override("entry.args", extra))
     return overrides
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_value(v) for v in value) + "]"
-    return str(value)
 
 
 def _compute_overrides(target: Any) -> list[str]:
@@ -79,8 +81,42 @@ def _compute_overrides(target: Any) -> list[str]:
         return [f"compute={target}"]
     fields = dataclasses.asdict(target) if dataclasses.is_dataclass(target) else dict(target)
     option = fields.pop("option", None) or fields.get("target", "local")
-    return [f"compute={option}"] + [f"compute.{k}={_value(v)}" for k, v in fields.items()
-                                    if k != "target" and v is not None and v != [] and v != {}]
+    overrides = [f"compute={option}"]
+    for key, value in fields.items():
+        if key == "target" or value is None or value == [] or value == {}:
+            continue  # unset: the option's own value stays
+        overrides += (mapping_overrides(f"compute.{key}", value) if isinstance(value, Mapping)
+                      else [override(f"compute.{key}", value)])
+    return overrides
+
+
+def _env_overrides(variables: Mapping[str, Any]) -> list[str]:
+    """``{"K": "v"}`` -> ``++deps.env.K='v'``; a name is part of the key, so it must be a plain one."""
+    for name in variables:
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise ConfigError.invalid("environment_variables", name,
+                                      "variable names made of letters, digits and _, not starting with a digit")
+    # deps.env is free-form (any name may be added), hence ++; its values are strings.
+    return [override(f"deps.env.{name}", str(value), prefix="++") for name, value in variables.items()]
+
+
+def framework_matches(wanted: str, installed: str) -> bool:
+    """Whether ``installed`` is the release ``wanted`` names, part by part: ``2.21`` is any
+    2.21.x (2.21.0rc1 too), never 2.2 or 2.210; ``2.21.0`` is 2.21.0 only."""
+    want = tuple(int(part) for part in wanted.split("."))
+    found = re.match(r"\d+(\.\d+)*", installed)
+    have = tuple(int(part) for part in found.group().split(".")) if found else ()
+    return have[:len(want)] == want
+
+
+def _installed_tensorflow(wanted: Any) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tensorflow")
+    except PackageNotFoundError:
+        raise ConfigError.invalid("framework_version", wanted, "none here: TensorFlow is not installed in this "
+                                  "environment (install it, or drop framework_version)") from None
 
 
 class TensorFlow:
@@ -114,15 +150,21 @@ class TensorFlow:
         self._check_framework()
 
     def _check_framework(self) -> None:
+        """tfrun runs the environment's TensorFlow: a framework_version must name that release."""
         if not self.framework_version:
             return
-        from importlib.metadata import version
-
-        installed = version("tensorflow")
-        if not installed.startswith(str(self.framework_version)):
+        wanted = str(self.framework_version).strip()
+        installed = _installed_tensorflow(self.framework_version)
+        major_minor = ".".join(installed.split(".")[:2])
+        if not _RELEASE_NUMBER.fullmatch(wanted):
             raise ConfigError.invalid("framework_version", self.framework_version,
-                                      f"the installed TensorFlow {installed} (tfrun runs the environment's TensorFlow; "
-                                      f"install tensorflow=={self.framework_version}.* or drop framework_version)")
+                                      f"a TensorFlow release number such as {major_minor!r} or {installed!r} "
+                                      f"(the installed TensorFlow is {installed})")
+        if not framework_matches(wanted, installed):
+            raise ConfigError.invalid("framework_version", self.framework_version,
+                                      f"the installed TensorFlow {installed}, so {major_minor!r} or {installed!r} "
+                                      f"(tfrun runs the environment's TensorFlow; install tensorflow=={wanted}.* "
+                                      f"there, or drop framework_version)")
 
     def _task_layout(self, backend: str) -> list[str]:
         nodes, per_node = self.node_count, self.process_count_per_node
@@ -141,18 +183,18 @@ class TensorFlow:
         """The tfrun overrides this estimator stands for."""
         backend = BACKENDS[self.distributed_backend]
         layout = self._task_layout(backend)
-        overrides = [f"entry.source_dir={self.source_directory}", f"entry.script={self.entry_script}",
+        overrides = [override("entry.source_dir", self.source_directory), override("entry.script", self.entry_script),
                      *_compute_overrides(self.compute_target), f"backend={backend}", *layout]
         if self.use_gpu:
             slurm = self.compute_target in ("slurm", "slurm_gpu")
             # One GPU per task: under ps there are more tasks per node than process_count_per_node.
             per_node = next(o.split("=", 1)[1] for o in layout if o.startswith("compute.tasks_per_node="))
             overrides += ["compute=slurm_gpu"] if slurm else [f"compute.gpus_per_node={per_node}"]
-        if self.pip_packages:
-            overrides += ["deps=pip", "deps.pip_packages=[" + ",".join(self.pip_packages) + "]"]
+        if self.pip_packages:  # a specifier may hold a comma: numpy>=1.26,<2
+            overrides += ["deps=pip", override("deps.pip_packages", self.pip_packages)]
         if self.conda_packages:
-            overrides += ["deps=conda", "deps.conda_packages=[" + ",".join(self.conda_packages) + "]"]
-        overrides += [f"++deps.env.{k}={_value(v)}" for k, v in self.environment_variables.items()]
+            overrides += ["deps=conda", override("deps.conda_packages", self.conda_packages)]
+        overrides += _env_overrides(self.environment_variables)
         if self.max_run_duration_seconds:
             overrides.append(f"compute.timeout_min={math.ceil(self.max_run_duration_seconds / 60)}")
         return [*overrides, *_flag_overrides(self.script_params)]
@@ -193,8 +235,13 @@ class EstimatorRun:
         return self.get_details()
 
     def get_details(self) -> dict[str, Any]:
-        """Status, run dir and tfrun's status record."""
-        return {"runId": self.id, "status": self.get_status(), "runDir": str(self.run.dir), "tfrun": self.run.info()}
+        """Status, run dir, tags and tfrun's status record."""
+        return {"runId": self.id, "status": self.get_status(), "runDir": str(self.run.dir), "tags": self.get_tags(),
+                "tfrun": self.run.info()}
+
+    def get_tags(self) -> dict[str, str]:
+        """The tags the run was submitted with (its config's ``tfrun.tags``)."""
+        return dict(Plan.load(self.run.dir).config["tfrun"].get("tags") or {})
 
     def get_metrics(self) -> dict[str, Any]:
         """metric -> value (the last) or list of values, the way the cloud SDK returned them."""
@@ -219,7 +266,13 @@ class Experiment:
     def __init__(self, workspace: Any = None, name: str = "tfrun"):
         self.workspace, self.name = workspace, name
 
+    def to_overrides(self, config: TensorFlow, tags: Mapping[str, str] | None = None) -> list[str]:
+        """The tfrun overrides of ``submit(config, tags)``: the estimator's, the name, the tags."""
+        overrides = [*config.to_overrides(), override("tfrun.name", self.name)]
+        if tags:  # kept as the run's tfrun.tags: in its config and plan, and on its MLflow run
+            overrides += mapping_overrides("tfrun.tags", {str(k): str(v) for k, v in tags.items()})
+        return overrides
+
     def submit(self, config: TensorFlow, tags: Mapping[str, str] | None = None) -> EstimatorRun:
         """Start the estimator's run (returns at once; wait with ``wait_for_completion``)."""
-        overrides = [*config.to_overrides(), f"tfrun.name={self.name}"]
-        return EstimatorRun(launch(overrides, wait=False))
+        return EstimatorRun(launch(self.to_overrides(config, tags), wait=False))

@@ -1,36 +1,130 @@
-"""Override lines as people type them, made into what Hydra's override grammar reads.
+"""Overrides as people type them and as Python writes them, made into what Hydra's override
+grammar reads.
 
-A ``trainer`` value is the script's own business: any text becomes one argv entry of the
-script, byte for byte (only NUL cannot be in an argv entry). Hydra's grammar reads some
-text as syntax (``$(...)``, ``;``, unpaired quotes, non-ASCII letters, a newline) and
-rejects a value that is not valid syntax. Where it cannot parse a trainer value at all,
-tfrun takes the value as literal text, quoted for the grammar; values it parses keep their
-meaning (numbers, lists, ``a,b`` sweeps, ``'quoted'`` strings, ``${...}`` interpolations).
-:func:`quote` also serves callers that build overrides from Python values.
+The command line (:func:`normalize`): a ``trainer`` value is the script's own business, so
+any text becomes one argv entry of the script, byte for byte (only NUL cannot be in an argv
+entry). Hydra's grammar reads some text as syntax (``$(...)``, ``;``, unpaired quotes,
+non-ASCII letters, a newline) and rejects a value that is not valid syntax; where it cannot
+parse a trainer value at all, tfrun takes the value as literal text. Values it parses keep
+their meaning (numbers, lists, ``a,b`` sweeps, quoted strings, ``${...}`` interpolations).
+
+Python values (:func:`override`, for ``tfrun.estimator``): a value pasted into
+``key=value`` unquoted is read by Hydra's grammar first (``a,b`` a sweep, ``k=v`` a parse
+error, ``true`` a bool, ``1e3`` a float), and OmegaConf then resolves any ``${...}`` in a
+string. :func:`override` writes strings quoted, with the characters either layer would read
+escaped, and numbers, bools, None, lists and dicts as Hydra's literals, so that a str stays
+that str and an int that int. :func:`mapping_overrides` adds a mapping's entries to a
+mapping the config has.
 """
 from __future__ import annotations
 
+import numbers
+import os
 import re
+from functools import lru_cache
+from typing import Any, Mapping
 
-_TRAINER = re.compile(r"^(?:\+\+)?trainer\.")
-# Inside a quoted value, a backslash escapes a quote, an interpolation, or the backslashes
-# before those and before the closing quote: only such backslashes need doubling.
-_BACKSLASHES = re.compile(r"\\+(?=\$\{|'|$)")
+from tfrun.errors import ConfigError
+
+VALUE_TYPES = "a str, int, float, bool, None, or a list or dict of them"
+DICT_KEY_HELP = ("a str that Hydra's override grammar can write as a dict key: letters, digits, blanks and "
+                 "_ - . / \\ + $ % * @ ? | ( ) [ ] { } : = , (no quotes), not read as a number, bool or null")
+
+# OmegaConf reads "${" in a string as an interpolation, and a run of backslashes right
+# before it as escapes of each other: "\${" is a literal "${", "\\${" a backslash and one.
+_INTERPOLATION = re.compile(r"(\\*)\$\{")
+# Inside a quoted Hydra value only backslashes before its quote (the closing one included)
+# are escapes; any other backslash is itself.
+_BEFORE_QUOTE = re.compile(r'(\\*)"')
+_AT_END = re.compile(r"(\\+)\Z")  # \Z: "$" would also match before a final newline
+# Characters a dict key (which Hydra does not let one quote) may hold only escaped.
+_KEY_ESCAPES = re.compile(r"([\\()\[\]{}:=, \t])")
+
+
+def literal_text(text: str) -> str:
+    """``text`` as OmegaConf reads it back unchanged: every ``${`` is escaped."""
+    return _INTERPOLATION.sub(lambda m: m.group(1) * 2 + "\\${", text)
 
 
 def quote(text: str) -> str:
-    """``text`` as a quoted value of Hydra's grammar that reads back as exactly ``text`` (an
-    interpolation in it stays text)."""
-    body = _BACKSLASHES.sub(lambda m: m.group(0) * 2, text)
-    return "'" + body.replace("'", "\\'").replace("${", "\\${") + "'"
+    """``text`` as a double-quoted Hydra value that composes to ``text`` itself.
+
+    Double quotes, so that a shell's single quotes hold the whole override unchanged.
+    """
+    body = _BEFORE_QUOTE.sub(lambda m: m.group(1) * 2 + '\\"', literal_text(text))
+    return '"' + _AT_END.sub(lambda m: m.group(1) * 2, body) + '"'
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Any:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
+
+
+def dict_key(key: Any, where: str) -> str:
+    """A mapping's key as Hydra writes it in ``{key: value}``; ``where`` names the mapping in errors.
+
+    Hydra's grammar has no quoted keys, so a key is escaped and then parsed back: a key
+    that comes back as anything else (a quote in it, or ``10`` read as an int) is refused.
+    """
+    from hydra.errors import HydraException
+
+    text = _KEY_ESCAPES.sub(r"\\\1", key) if isinstance(key, str) else ""
+    try:
+        parsed = list(_parser().parse_override(f"k={{{text}:0}}").value()) if text else []
+    except HydraException:
+        parsed = []
+    if not isinstance(key, str) or parsed != [key]:
+        raise ConfigError.invalid(where, key, DICT_KEY_HELP)
+    return text
+
+
+def value_text(value: Any, key: str) -> str:
+    """``value`` as the right-hand side of an override of ``key`` (named in errors)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):  # before Integral: a bool is an int in Python
+        return "true" if value else "false"
+    if isinstance(value, numbers.Integral):  # numpy's ints too
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        return repr(float(value))  # inf, nan and 1e-05 are Hydra floats as repr writes them
+    if isinstance(value, str):
+        return quote(value)
+    if isinstance(value, os.PathLike):  # a path is its text
+        return quote(str(value))
+    if isinstance(value, Mapping):
+        items = (f"{dict_key(k, key)}:{value_text(v, f'{key}.{k}')}" for k, v in value.items())
+        return "{" + ",".join(items) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(value_text(v, key) for v in value) + "]"
+    raise ConfigError.invalid(key, value, VALUE_TYPES)
+
+
+def override(key: str, value: Any, prefix: str = "") -> str:
+    """``key=value`` (``prefix``: ``+`` or ``++``) that composes ``key`` to ``value`` exactly."""
+    return f"{prefix}{key}={value_text(value, key)}"
+
+
+def mapping_overrides(key: str, value: Mapping[str, Any]) -> list[str]:
+    """Overrides that add ``value``'s entries to the mapping at ``key``, which must exist.
+
+    Hydra's struct mode refuses new keys in a plain ``key={...}``, so the entries are
+    force-added (``++``); a ``++`` alone would also create a misspelled ``key``, so an
+    empty change (``key={}``, which merges nothing) comes first and fails for one.
+    """
+    return [f"{key}={{}}", override(key, value, prefix="++")]
+
+
+_TRAINER = re.compile(r"^(?:\+\+)?trainer\.")
 
 
 def _parses(line: str) -> bool:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     try:
-        OverridesParser.create().parse_override(line)
+        _parser().parse_override(line)
     except HydraException:  # the grammar's errors (parse_overrides wraps them in OverrideParseException)
         return False
     return True

@@ -226,6 +226,7 @@ class TfrunSettings:
     runs_dir: str = "${oc.env:TFRUN_RUNS_DIR,tfrun-runs}"
     name: Optional[str] = None  # a label shown by `tfrun runs`
     objective: Optional[str] = None  # metric whose final value a tuning sweeper (Optuna) optimises
+    tags: Dict[str, str] = field(default_factory=dict)  # labels kept with the run; with tracking=mlflow, its MLflow tags
 
 
 @dataclass

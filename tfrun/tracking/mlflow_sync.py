@@ -75,7 +75,8 @@ def sync_run(run_dir: Path, config: Mapping[str, Any], state: str) -> str:
         experiment_id = rundir.read_json(sweep_dir / "mlflow.json")["experiment_id"]  # type: ignore[operator]
     else:
         experiment_id = _experiment_id(mlflow, cfg, runs_dir, cfg.get("experiment") or "tfrun")
-    tags = {"tfrun.run_dir": str(run_dir), "tfrun.state": state}
+    # The user's tags (tfrun.tags, Experiment.submit(tags=...)) first: tfrun's own keys are its to set.
+    tags = {**(config["tfrun"].get("tags") or {}), "tfrun.run_dir": str(run_dir), "tfrun.state": state}
     if parent:
         tags["mlflow.parentRunId"] = parent
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_dir.name if parent else
