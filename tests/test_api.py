@@ -110,7 +110,7 @@ def test_cancel_a_sleeping_run(scratch: Path, quick: Path, no_exit: None) -> Non
     ("nokey=1", "nokey"),
     ("compute.nodes=0", "compute.nodes"),
     ("entry.script=missing.py", "entry.script"),
-    ("trainer.lr=$(reboot)", "trainer.lr"),
+    ("trainer.lr={a: 1}", "trainer.lr"),  # a mapping: not a value a script can be given
 ])
 def test_bad_override_raises_config_error_and_creates_nothing(scratch: Path, no_exit: None, override: str,
                                                              named: str) -> None:
