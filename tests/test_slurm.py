@@ -67,6 +67,14 @@ def sacct(job: str, fields: str = "JobID,State") -> dict[str, list[str]]:
     return {row[0]: row[1:] for row in rows}
 
 
+def array_accounted(array: str, size: int) -> dict[str, list[str]]:
+    """The array's elements as accounting holds them, once slurmdbd has them all: it learns of
+    an array's split into elements a moment after the elements end, so ask until it has."""
+    expected = {f"{array}_{i}" for i in range(size)}
+    wait_for(lambda: set(sacct(array)) == expected, 60, f"accounting to list {sorted(expected)}")
+    return sacct(array)
+
+
 def sacct_state(job_id: str) -> str:
     """``sacct -j ID -X -n -o State`` for one job."""
     out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-o", "State"],
@@ -210,7 +218,7 @@ def test_sweep_is_one_job_array_with_a_run_dir_per_point(tmp_path: Path, job_nam
         status = read_json(run_dir / "status.json")
         assert status["state"] == "COMPLETED" and status["job_ids"] == [f"{array}_{i}"], status
         assert f"point x={x} job={array}_{i}" in (run_dir / "logs/rank0.log").read_text()
-    assert sacct(array) == {f"{array}_{i}": ["COMPLETED"] for i in range(3)}
+    assert array_accounted(array, 3) == {f"{array}_{i}": ["COMPLETED"] for i in range(3)}
 
     shown = tfrun_status(tmp_path, sweep_dir)
     assert f"sweep {sweep_dir}: 3 run(s)" in shown
@@ -461,7 +469,7 @@ def test_state_comes_from_one_batched_query_per_poll(tmp_path: Path, job_name: s
     arrays, sweep_dir = submitted_sweep(result.stderr)
     assert len(arrays) == 1
     array = arrays[0]
-    assert sacct(array) == {f"{array}_{i}": ["COMPLETED"] for i in range(6)}
+    assert array_accounted(array, 6) == {f"{array}_{i}": ["COMPLETED"] for i in range(6)}
 
     recorded = [line.split()[1:] for line in calls.read_text().splitlines()] if calls.exists() else []
     sacct_calls = [args for args in recorded if args[0] == "sacct"]
