@@ -97,6 +97,33 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+# States a job or array element is still in while slurmdbd has not yet been told how it ended.
+UNSETTLED_STATES = ("PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "COMPLETING")
+
+
+def accounted(job: str, count: int = 1, timeout: float = 60) -> dict[str, str]:
+    """{JobID: State} of a job (or of an array: one per element) once accounting lists `count`
+    allocations and every one has ended. The controller hands records to slurmdbd asynchronously,
+    so sacct may list an element that has ended as RUNNING, or not list it, for a moment."""
+    def rows() -> dict[str, str]:
+        out = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        return dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
+
+    wait_for(lambda: len(found := rows()) >= count
+             and not any(state.startswith(UNSETTLED_STATES) for state in found.values()),
+             timeout, f"accounting to list {count} ended allocation(s) of job {job}")
+    return rows()
+
+
+def text_of(path: Path) -> str:
+    """A file's text, or "" while it does not exist yet (a task's log appears when it starts)."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
     """The pids still alive after waiting up to timeout seconds for them to end."""
     deadline = time.monotonic() + timeout

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.helpers import (REPO, alive, assert_on_separate_hosts, popen_tfrun, read_json, run_tfrun, stop, wait_for,
+from tests.helpers import (REPO, accounted, alive, assert_on_separate_hosts, popen_tfrun, read_json, run_tfrun, stop, wait_for,
                            wait_gone)
 
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
@@ -158,10 +158,8 @@ def write_script(tmp_path: Path, name: str, body: str) -> Path:
 
 
 def sacct_state(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State"],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
-    states = dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
-    return states.get(job_id, "")
+    """How accounting says a job ended, once it knows."""
+    return accounted(job_id).get(job_id, "")
 
 
 def submitted(stderr: str) -> tuple[str, Path]:

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_tfrun, wait_for
+from tests.helpers import accounted, run_tfrun
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -26,12 +25,6 @@ print("point", a.i, "done")
 
 def sweep_dir(tmp_path: Path) -> Path:
     return next((tmp_path / "runs").glob("sweep-*"))
-
-
-def sacct_jobs(array_id: str) -> list[str]:
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", array_id],
-                         capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if line]
 
 
 def statuses(sweep: Path) -> dict[str, dict]:
@@ -54,10 +47,8 @@ def test_forty_points_in_four_jobs_one_failing(tmp_path: Path) -> None:
     array_ids = {s["job_ids"][-1].split("_")[0] for s in found.values()}
     assert len(array_ids) == 1
     array_id = array_ids.pop()
-    # The controller hands job records to slurmdbd asynchronously: sacct may lag a moment.
-    wait_for(lambda: len(sacct_jobs(array_id)) >= 4, 60, "the array's elements in sacct")
-    jobs = sacct_jobs(array_id)
-    assert len(jobs) == 4 and all(line.endswith("COMPLETED") for line in jobs), jobs
+    jobs = accounted(array_id, 4)
+    assert sorted(jobs) == [f"{array_id}_{i}" for i in range(4)] and set(jobs.values()) == {"COMPLETED"}, jobs
     # Every point is a complete run of its own.
     for name, status in found.items():
         point = sweep / name

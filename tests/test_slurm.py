@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.helpers import REPO, popen_tfrun, read_json, run_dir_from, run_tfrun, wait_for
+from tests.helpers import REPO, accounted, popen_tfrun, read_json, run_dir_from, run_tfrun, text_of, wait_for
 
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
 DIGITS_EPOCHS = 2
@@ -68,18 +68,15 @@ def sacct(job: str, fields: str = "JobID,State") -> dict[str, list[str]]:
 
 
 def array_accounted(array: str, size: int) -> dict[str, list[str]]:
-    """The array's elements as accounting holds them, once slurmdbd has them all: it learns of
-    an array's split into elements a moment after the elements end, so ask until it has."""
-    expected = {f"{array}_{i}" for i in range(size)}
-    wait_for(lambda: set(sacct(array)) == expected, 60, f"accounting to list {sorted(expected)}")
+    """The array's elements as accounting holds them, once slurmdbd has them all, ended: it
+    learns of an array's split into elements, and of how they ended, a moment after they end."""
+    accounted(array, size)
     return sacct(array)
 
 
 def sacct_state(job_id: str) -> str:
-    """``sacct -j ID -X -n -o State`` for one job."""
-    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-o", "State"],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
-    return out.strip()
+    """How accounting says a job ended, once it knows."""
+    return accounted(job_id).get(job_id, "")
 
 
 def queued(name: str) -> list[str]:
@@ -298,12 +295,12 @@ def test_no_wait_returns_at_once_and_cancel_ends_the_job(tmp_path: Path, job_nam
 
     wait_for(lambda: _first_line(tfrun_status(tmp_path, run_dir)).endswith(": RUNNING"), JOB_TIMEOUT,
              "tfrun status to say RUNNING")
-    wait_for(lambda: "sleeping" in (run_dir / "logs/rank0.log").read_text(), 60, "the script to start")
+    wait_for(lambda: "sleeping" in text_of(run_dir / "logs/rank0.log"), 60, "the script to start")
 
     cancelled = run_tfrun(tmp_path, "cancel", str(run_dir), timeout=60)
     assert cancelled.returncode == 0, cancelled.stderr
     assert f"(job {job_id})" in cancelled.stdout
-    wait_for(lambda: sacct_state(job_id).startswith("CANCELLED"), 60, "sacct to say CANCELLED")
+    assert sacct_state(job_id).startswith("CANCELLED")
     wait_for(lambda: not queued(job_name), 60, "the job to leave the queue")
     shown = tfrun_status(tmp_path, run_dir)
     assert _first_line(shown).endswith(": CANCELLED"), shown
@@ -337,7 +334,7 @@ def test_ctrl_c_while_following_detaches_and_the_job_keeps_running(tmp_path: Pat
 
     cancelled = run_tfrun(tmp_path, "cancel", str(run_dir), timeout=60)
     assert cancelled.returncode == 0, cancelled.stderr
-    wait_for(lambda: sacct_state(job_id).startswith("CANCELLED"), 60, "sacct to say CANCELLED")
+    assert sacct_state(job_id).startswith("CANCELLED")
     assert _first_line(tfrun_status(tmp_path, run_dir)).endswith(": CANCELLED")
 
 
