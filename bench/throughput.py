@@ -47,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=4, help="timed epochs of the fit mode (plus one warm-up)")
     parser.add_argument("--mode", choices=("loop", "fit", "both"), default="both")
+    parser.add_argument("--beat", action="store_true", help="loop mode: tfrun.heartbeat(step) after every step")
     parser.add_argument("--compare", action="store_true", help="run bare and under tfrun, interleaved, medians")
     parser.add_argument("--repeats", type=int, default=5, help="--compare: rounds")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "RESULTS.md"),
@@ -101,9 +102,16 @@ def measure_loop(args: argparse.Namespace) -> dict:
     for _ in range(args.warmup):
         loss = step(*next(data))
     float(loss)
+    beat = None
+    if args.beat:
+        import tfrun
+
+        beat = tfrun.heartbeat
     wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(args.steps):
+    for i in range(args.steps):
         loss = step(*next(data))
+        if beat is not None:
+            beat(i)
     float(loss)  # wait for the last step
     return timing("loop", args.steps, args.batch_size, time.perf_counter() - wall, time.process_time() - cpu)
 

@@ -7,6 +7,7 @@ script as ``__main__`` with the planned ``sys.argv``.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import runpy
 import socket
@@ -20,7 +21,7 @@ from typing import Mapping
 from tfrun import backends, rundir
 from tfrun.errors import BootstrapError
 from tfrun.rundir import Plan, Task
-from tfrun.task import gpus, identity, keras_hooks, preempt, rendezvous
+from tfrun.task import gpus, heartbeat, identity, keras_hooks, preempt, rendezvous, watchdog
 
 # The model floor's export, run as a child process (the task floor never imports it).
 EXPORT_MODULE = "tfrun.model.export"
@@ -171,6 +172,9 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     ident = identity.detect(launcher, plan.compute["nodes"], plan.compute["tasks_per_node"])
     if launcher == "slurm":
         redirect_output(rundir.rank_log(run_dir, ident.rank))
+    # The watchdog's ask for every thread's stack, answered even when the script is stuck.
+    faulthandler.register(watchdog.STACKS, file=sys.stderr, all_threads=True, chain=False)
+    heartbeat.start(run_dir, rendezvous.attempt_key(), ident.rank)
     rundir.update_rank(run_dir, ident.rank, host=rundir.hostname(), hostname=socket.gethostname(), pid=os.getpid(),
                        started=time.time(),
                        ended=None, exit_code=None, error=None,
@@ -180,18 +184,22 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     if ident.rank == 0:
         rundir.update_attempt(run_dir, rendezvous.attempt_key(), started=time.time(), ended=None,
                               job_id=preempt.job_id(), host=rundir.hostname())
-        # The nodes this attempt runs on, as Slurm gave them (a packed point's step: its own).
+        # The nodes this attempt runs on, as Slurm gave them (a packed point's step: its own);
+        # a hang an earlier attempt reported is that attempt's.
         nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
-        if nodes:
-            rundir.update_status(run_dir, nodes=nodes)
+        rundir.update_status(run_dir, hang=None, **({"nodes": nodes} if nodes else {}))
+        if plan.compute.get("hang_timeout_s"):
+            watchdog.spawn(run_dir, rendezvous.attempt_key(), launcher, float(plan.compute["hang_timeout_s"]))
     code, error = 1, None
     backend = backends.get(plan.backend)
     task = plan.tasks[ident.rank]
     try:
         task = prepare(plan, ident)
         if task.runs_script:
+            heartbeat.beat(phase="script running")
             code, error = run_script(task.argv)
         else:
+            heartbeat.beat(phase="serving")  # a server makes no steps: the watchdog leaves it be
             code = backend.serve(plan, task)
             error = f"exit code {code}" if code else None
     except BaseException as exc:  # a failure of tfrun's own preparation
@@ -207,6 +215,7 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
                               reason="completed" if code == 0 else "failed")
     if hasattr(backend, "finish"):
         backend.finish(plan, task, code)
+    heartbeat.beat(phase="ended")
     export_after_training(plan, ident, code)
     rundir.update_rank(run_dir, ident.rank, ended=time.time(), exit_code=code, error=error)
     sys.stdout.flush()

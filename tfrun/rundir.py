@@ -204,6 +204,17 @@ def update_status(run_dir: str | os.PathLike[str], **fields: Any) -> dict[str, A
     return status
 
 
+def hang_fields(run_dir: str | os.PathLike[str], state: str) -> dict[str, Any]:
+    """A run's final fields when its watchdog found a hang and ended it (not requeued): FAILED,
+    with the rank that stopped first as the failed rank and the watchdog's account as reason;
+    else nothing."""
+    hang = read_status(run_dir).get("hang")
+    if not hang or hang.get("requeued") or state == "COMPLETED":
+        return {}
+    return {"state": "FAILED", "failed_rank": hang["rank"], "host": hang.get("host"),
+            "reason": f"hang: {hang['reason']}"}
+
+
 def rank_records(run_dir: str | os.PathLike[str]) -> dict[int, dict[str, Any]]:
     """Every rank's record, by rank."""
     records = {}

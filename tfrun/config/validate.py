@@ -24,6 +24,9 @@ def check_compute(compute: Mapping[str, Any]) -> None:
     positive_int("compute.tasks_per_node", compute["tasks_per_node"])
     positive_int("compute.gpus_per_node", compute["gpus_per_node"], minimum=0)
     positive_int("compute.timeout_min", compute["timeout_min"])
+    hang = compute.get("hang_timeout_s")
+    if hang is not None and (isinstance(hang, bool) or not isinstance(hang, (int, float)) or hang <= 0):
+        raise ConfigError.invalid("compute.hang_timeout_s", hang, "a number of seconds > 0, or null (no watchdog)")
     if "pack" in compute:  # Slurm: sweeps and packing
         check_slurm_sweeps(compute)
     gpus, tasks = compute["gpus_per_node"], compute["tasks_per_node"]

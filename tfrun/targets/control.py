@@ -51,7 +51,7 @@ def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
             if state in rundir.FINAL_STATES:
                 from tfrun.tracking import mlflow_sync
 
-                mlflow_sync.sync_if_asked(run_dir, state)
+                mlflow_sync.sync_if_asked(run_dir, fields["state"])
     return statuses
 
 

@@ -287,5 +287,6 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
     if failed is not None:
         fields.update(failed_rank=failed, host=rundir.hostname(),
                       reason=describe_exit(procs[failed].returncode))
+    fields.update(rundir.hang_fields(run_dir, state))  # the watchdog ended it: its account wins
     rundir.update_status(run_dir, **fields)
-    return state
+    return fields["state"]

@@ -217,6 +217,7 @@ def settle(run_dir: str, state: str) -> dict[str, Any]:
             rec = unfinished[0]
             fields.update(failed_rank=rec["rank"], host=rec.get("host"),
                           reason=f"killed before it finished (Slurm state {state})")
+    fields.update(rundir.hang_fields(run_dir, state))  # the watchdog ended it: its account wins
     return fields
 
 
@@ -282,8 +283,9 @@ def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list
                 if len(plans) == 1:
                     print(f"tfrun: job {job_id} {state}", file=sys.stderr, flush=True)
             if state in rundir.FINAL_STATES:
-                final[job_id] = state
-                rundir.update_status(plan.run_dir, **settle(plan.run_dir, state))
+                fields = settle(plan.run_dir, state)
+                final[job_id] = fields["state"]  # a hang the watchdog ended is FAILED, not Slurm's CANCELLED
+                rundir.update_status(plan.run_dir, **fields)
         if tail:
             tail.pump()
         if len(plans) > 1:

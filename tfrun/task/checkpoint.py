@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any
 
 from tfrun import rundir
-from tfrun.task import preempt
+from tfrun.task import heartbeat, preempt
 from tfrun.task.context import context
 from tfrun.tracking import metrics
 
@@ -53,6 +53,8 @@ def restore(model: Any) -> tuple[int, dict[str, Any] | None]:
 # resumes from its last finished epoch; only a hard crash loses the unsaved epochs (at most
 # ~BACKUP_BUDGET times the cost of a save).
 BACKUP_BUDGET = 50
+# How long the end of fit, after its last callback, counts as progress for the watchdog.
+FIT_END_GRACE_S = 120.0
 
 
 def _optimizer_variables(model: Any) -> list[Any]:
@@ -95,6 +97,7 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             done = epoch + 1
+            heartbeat.beat(epoch=done)
             logs = {k: float(v) for k, v in (logs or {}).items()}
             if not context().is_chief:
                 # Under MultiWorkerMirroredStrategy every worker must take part in a save;
@@ -130,6 +133,10 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
                 _put_back(self.model, current)
 
         def write(self, done: int, logs: dict[str, Any]) -> None:
+            with heartbeat.busy("writing a backup"):
+                self._write(done, logs)
+
+        def _write(self, done: int, logs: dict[str, Any]) -> None:
             began = time.monotonic()
             folder = backup_dir()
             folder.mkdir(parents=True, exist_ok=True)
@@ -146,15 +153,30 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
 
     class StopOnRequest(base):  # type: ignore[misc, valid-type]
         """Leave fit at the next batch end once a stop was requested, the last finished
-        epoch backed up."""
+        epoch backed up; and beat for the watchdog at every batch, of training and of
+        evaluation (a long validation is progress, not a hang)."""
 
         stops_on_request = True
 
         def __init__(self, backup: Any):
             super().__init__()
-            self.backup = backup
+            self.backup, self.steps = backup, 0
+
+        def on_test_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            heartbeat.beat()
+
+        def on_predict_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            heartbeat.beat()
+
+        def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+            # What fit does after its last callback (freeing its data pipeline and, under
+            # Horovod, waiting on the other ranks' ends) has been seen to take 15-20 s; it is
+            # no hang unless it lasts far longer. The fit hook releases this when fit returns.
+            heartbeat.hold("ending fit", limit_s=FIT_END_GRACE_S)
 
         def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            self.steps += 1
+            heartbeat.beat(step=self.steps)
             if preempt.should_checkpoint():
                 if context().is_chief:
                     self.backup.write_held()

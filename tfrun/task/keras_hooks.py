@@ -63,7 +63,7 @@ def patch_fit(module: ModuleType) -> None:
     def fit(self: Any, *args: Any, **kwargs: Any) -> Any:
         if len(args) > 5:  # callbacks given positionally: leave this call alone
             return original(self, *args, **kwargs)
-        from tfrun.task import checkpoint, preempt
+        from tfrun.task import checkpoint, heartbeat, preempt
 
         initial, extra = checkpoint.session(self, module)
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *extra]
@@ -71,8 +71,11 @@ def patch_fit(module: ModuleType) -> None:
             kwargs["initial_epoch"] = max(int(kwargs.get("initial_epoch") or 0), initial)
         if not any(getattr(cb, "stops_on_request", False) for cb in extra):
             return original(self, *args, **kwargs)
-        with preempt.listening():
-            return original(self, *args, **kwargs)
+        try:
+            with preempt.listening():
+                return original(self, *args, **kwargs)
+        finally:
+            heartbeat.release()  # fit's end was progress until now (checkpoint's on_train_end)
 
     fit._tfrun = True  # type: ignore[attr-defined]
     model_cls.fit = fit

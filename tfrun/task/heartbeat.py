@@ -1,0 +1,113 @@
+"""A task's progress, where the watchdog sees it: ``heartbeats/<attempt>/<rank>.json``.
+
+Training code says it made progress with :func:`beat` (the Keras hooks do it for every
+batch of ``fit``, ``evaluate`` and ``predict`` and around backups; custom loops call
+``tfrun.heartbeat(step)``; the bootstrap marks its phases). A beat only updates a few
+fields in memory: a thread writes them to the run dir every :data:`WRITE_S` seconds when
+they changed. So a rank stuck in a collective, a read or a deadlock stops beating while
+its thread still writes (the file says *when* it last progressed), and a process frozen
+as a whole stops writing too: either way the watchdog (:mod:`tfrun.task.watchdog`) sees
+its progress grow old.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tfrun import rundir
+
+WRITE_S = 2.0
+DIR = "heartbeats"
+
+_state: dict[str, Any] = {"step": None, "epoch": None, "phase": "started", "progressed": time.time(), "busy": None}
+_started = threading.Event()
+_news = threading.Event()  # a new phase or the first step: written at once, not WRITE_S later
+_busy_until: list[float | None] = [None]  # when a bounded hold stops counting as progress
+
+
+def beat(step: int | None = None, epoch: int | None = None, phase: str | None = None) -> None:
+    """This task made progress (cheap: a few assignments)."""
+    if step is not None:
+        if _state["step"] is None:
+            _news.set()
+        _state["step"] = step
+    if epoch is not None:
+        _state["epoch"] = epoch
+    if phase is not None and phase != _state["phase"]:
+        _state["phase"] = phase
+        _news.set()
+    _state["progressed"] = time.time()
+
+
+@contextlib.contextmanager
+def busy(what: str) -> Iterator[None]:
+    """A stretch of work with no steps that is still progress (a backup written, an evaluation
+    of one long batch): the writer thread beats for it while it lasts."""
+    before, until = _state["busy"], _busy_until[0]
+    hold(what)
+    try:
+        yield
+    finally:
+        _state["busy"], _busy_until[0] = before, until
+        beat()
+
+
+def hold(what: str, limit_s: float | None = None) -> None:
+    """Count the time from now until :func:`release` as progress, for at most ``limit_s``
+    seconds (None: no limit): work that makes no steps and whose end is seen elsewhere."""
+    _state["busy"] = what
+    _busy_until[0] = None if limit_s is None else time.time() + limit_s
+    beat()
+
+
+def release() -> None:
+    """End a :func:`hold`."""
+    _state["busy"], _busy_until[0] = None, None
+    beat()
+
+
+def path(run_dir: str | os.PathLike[str], attempt: str, rank: int) -> Path:
+    """Where a rank's heartbeat is written for this attempt."""
+    return Path(run_dir) / DIR / attempt / f"{rank}.json"
+
+
+def start(run_dir: str, attempt: str, rank: int) -> None:
+    """Write this task's heartbeat from now on (a daemon thread; idempotent)."""
+    if _started.is_set():
+        return
+    _started.set()
+    target = path(run_dir, attempt, rank)
+    info = {"rank": rank, "pid": os.getpid(), "host": rundir.hostname(), "hostname": socket.gethostname()}
+
+    def write_forever() -> None:
+        last: dict[str, Any] = {}
+        while True:
+            if _state["busy"] and (_busy_until[0] is None or time.time() < _busy_until[0]):
+                beat()
+            now = dict(_state)
+            if now != last:
+                try:
+                    rundir.write_json(target, {**info, **now, "written": time.time()})
+                    last = now
+                except OSError:  # a full or flaky filesystem must not end training
+                    pass
+            _news.wait(WRITE_S)
+            _news.clear()
+
+    threading.Thread(target=write_forever, daemon=True, name="tfrun-heartbeat").start()
+
+
+def read_all(run_dir: str | os.PathLike[str], attempt: str) -> dict[int, dict[str, Any]]:
+    """Every rank's last heartbeat of an attempt, by rank."""
+    beats = {}
+    for file in (Path(run_dir) / DIR / attempt).glob("*.json"):
+        data = rundir.read_json(file)
+        if data is not None:
+            beats[int(data["rank"])] = data
+    return beats
