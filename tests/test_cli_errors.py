@@ -19,7 +19,10 @@ CASES = {
     "unknown backend option": (["backend=bar"], ["backend", "bar", "none"]),
     "unknown compute key": (["compute.foo=1"], ["compute.foo", *LOCAL_COMPUTE_KEYS]),
     "unknown top-level key": (["foo=1"], ["foo", "compute", "trainer", "entry"]),
-    "free-form dict key without +": (["deps.env.FOO=bar"], ["deps.env.FOO", "bar", "+deps.env.FOO=bar"]),
+    # A free-form mapping's entries are added as typed (test below), but only where it exists.
+    "mapping the compute option lacks": (["compute.additional_parameters={nodelist:node1}"],
+                                         ["compute.additional_parameters", "not a key of compute",
+                                          *LOCAL_COMPUTE_KEYS]),
     "wrong type": (["compute.nodes=abc"], ["compute.nodes", "abc", "int"]),
     "wrong type bool": (["backend.legacy_keras=maybe"], ["backend.legacy_keras", "maybe", "bool"]),
     "script null": (["entry.script=null"], ["entry.script", "None"]),
@@ -74,3 +77,17 @@ def test_good_values_pass_unchanged(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     argv = json.loads(result.stdout)["tasks"][0]["argv"][1:]
     assert argv == ["--name", "a/b:c+d", "--lr", "0.001", "--tags", "x", "y", "--path", "~/data", "--opt", "k=v@1%"]
+
+
+def test_free_form_mappings_take_entries_as_typed(tmp_path: Path) -> None:
+    """The README's ``compute.additional_parameters={...}``, ``deps.env`` and ``tfrun.tags``:
+    a whole mapping or one entry, no ``+`` needed."""
+    result = run_tfrun(tmp_path, "--dry-run=json", "compute=slurm", "compute.additional_parameters={nodelist:node1}",
+                       "compute.additional_parameters.exclusive=true", "deps.env={A:1}", "deps.env.B=two",
+                       "tfrun.tags={team:vision}", "tfrun.tags.stage=dev")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    sbatch = plan["request"]["sbatch"].splitlines()
+    assert "#SBATCH --nodelist=node1" in sbatch and "#SBATCH --exclusive" in sbatch, sbatch
+    assert {k: v for k, v in plan["tasks"][0]["env"].items() if k in ("A", "B")} == {"A": "1", "B": "two"}
+    assert plan["config"]["tfrun"]["tags"] == {"team": "vision", "stage": "dev"}

@@ -139,14 +139,32 @@ def trainer_literal(line: str) -> str:
     return f"{key}={quote(value)}"
 
 
+# The schema's other free-form mappings (``Dict`` fields): any key may be set in them.
+FREE_MAPPINGS = ("compute.additional_parameters", "deps.env", "tfrun.tags")
+_FREE = re.compile(r"^(" + "|".join(re.escape(k) for k in FREE_MAPPINGS) + r")(\.[^=]+)?=")
+
+
+def free_mapping(line: str) -> list[str]:
+    """``compute.additional_parameters={nodelist:node1}`` or ``deps.env.X=1`` as typed: the
+    entries are added (Hydra's struct mode refuses new keys in a plain override), after a
+    guard that fails where the mapping does not exist (``compute=local`` has no
+    ``additional_parameters``), as :func:`mapping_overrides` does."""
+    match = _FREE.match(line)
+    if not match:
+        return [line]
+    return [f"{match.group(1)}={{}}", "++" + line]
+
+
 def normalize(argv: list[str]) -> list[str]:
     """``trainer.x=v`` -> ``++trainer.x=v``: trainer keys are free-form, so add-or-set, and a
-    value the grammar cannot read is literal text.
+    value the grammar cannot read is literal text; the same add-or-set for the schema's
+    other free-form mappings (:data:`FREE_MAPPINGS`).
 
     With the Optuna sweeper, failed trials are told to the study as failed and the study
     goes on, unless the user set ``hydra.sweeper.max_failure_rate`` themselves.
     """
     argv = [trainer_literal(re.sub(r"^trainer\.", "++trainer.", a)) if not a.startswith("-") else a for a in argv]
+    argv = [line for a in argv for line in free_mapping(a)]
     if "hydra/sweeper=optuna" in argv and not any(a.startswith("hydra.sweeper.max_failure_rate=") for a in argv):
         argv.append("hydra.sweeper.max_failure_rate=1.0")
     return argv
