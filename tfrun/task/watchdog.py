@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tfrun import rundir
-from tfrun.task import heartbeat, identity
+from tfrun.task import heartbeat, identity, preempt
 
 POLL_S = 1.0
 STARTUP_S = 600.0  # before a rank's first step: imports, data, a strategy's set-up
@@ -123,7 +123,7 @@ def report(beats: dict[int, dict[str, Any]], culprit: int, world_size: int, now:
         return now - float(beats.get(rank, {}).get("progressed", since))
 
     host = hosts.get(culprit, "?")
-    waiting = [r for r in range(world_size) if r != culprit and beats.get(r, {}).get("phase") not in ("serving",)]
+    waiting = [r for r in range(world_size) if r != culprit and beats.get(r, {}).get("phase") != "serving"]
     text = (f"rank {culprit} on {host} made no progress {where(beats.get(culprit))} ({age(culprit):.0f} s)"
             + ("; ranks waiting: " + ", ".join(f"{r} on {hosts.get(r, '?')} ({where(beats.get(r))}, "
                                                 f"{age(r):.0f} s)" for r in waiting) if waiting else ""))
@@ -202,7 +202,7 @@ class Watchdog:
                              failed_rank=culprit, host=record["host"], reason=f"hang: {record['reason']}")
         rundir.update_attempt(self.run_dir, self.attempt, ended=time.time(), reason="hang", requeued=requeue,
                               error=record["reason"])
-        self.end(beats, requeue, lost)
+        self.end(beats, requeue)
 
     def _requeue_allowed(self) -> bool:
         if self.launcher != "slurm" or not self.compute.get("requeue_on_hang"):
@@ -253,7 +253,7 @@ class Watchdog:
             return f"py-spy could not run: {exc}"
         return (out.stdout + out.stderr).strip()
 
-    def end(self, beats: dict[int, dict[str, Any]], requeue: bool, lost: list[str]) -> None:
+    def end(self, beats: dict[int, dict[str, Any]], requeue: bool) -> None:
         if self.launcher != "slurm":
             for beat in beats.values():
                 try:
@@ -263,8 +263,10 @@ class Watchdog:
             return
         if requeue:
             say(f"requeueing job {self.job} (compute.requeue_on_hang): it resumes from its last backup")
-            subprocess.run(["scontrol", "requeue", str(self.job)], capture_output=True, timeout=60, check=False)
-            return
+            failure = preempt.requeue(str(self.job))
+            if not failure:
+                return
+            say(f"could not requeue job {self.job}: {failure}; ending it instead")
         say(f"ending job {self.job}")
         # The whole job: a lost node's tasks could hold its step up until Slurm marks the node down.
         subprocess.run(["scancel", str(self.job)], capture_output=True, timeout=60, check=False)
