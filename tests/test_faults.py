@@ -22,8 +22,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.helpers import (REPO, accounted, alive, assert_on_separate_hosts, popen_tfrun, read_json, run_tfrun, stop, wait_for,
-                           wait_gone)
+from tests.helpers import (REPO, accounted, alive, assert_on_separate_hosts, popen_tfrun, read_json, run_tfrun, stop,
+                           text_of, wait_for, wait_gone)
 
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
 JOB_TIMEOUT = 600  # generous: the machine is small and other suites share the cluster
@@ -106,7 +106,25 @@ opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.05 * hvd.size()))
 model.compile(optimizer=opt, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
 
+def checksum():
+    return float(sum(np.abs(w).sum() for w in model.get_weights()))
+
+
 class Slow(tf.keras.callbacks.Callback):
+    # Rank 0 records, in epochs.jsonl, the weights at the start of fit (restored from the
+    # backup on a resumed attempt) and at the end of every epoch.
+
+    def record(self, **fields):
+        if hvd.rank() == 0:
+            with open(os.path.join(os.environ["TFRUN_RUN_DIR"], "epochs.jsonl"), "a") as f:
+                f.write(json.dumps(fields) + "\\n")
+
+    def on_train_begin(self, logs=None):
+        self.record(begin=True, checksum=checksum())
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.record(epoch=epoch + 1, checksum=checksum())
+
     def on_train_batch_end(self, batch, logs=None):
         time.sleep(args.batch_sleep)
 
@@ -284,7 +302,7 @@ def _wait_for_job(err: Path) -> tuple[str, Path]:
     return submitted(err.read_text())
 
 
-# --- 1: a preempted Keras job is requeued and trains every epoch exactly once ---------------------
+# --- 1: a stopped Keras job is requeued and trains every epoch exactly once ---------------------
 
 @pytest.mark.slurm
 @pytest.mark.slow
@@ -296,19 +314,20 @@ def test_preempted_keras_job_is_requeued_and_completes(tmp_path: Path, job_name:
         job_id, run_dir = _wait_for_job(err)
         with FileWatch(run_dir) as watch:
             wait_for(lambda: len(metric_epochs(run_dir)) >= 2, JOB_TIMEOUT, "two epochs in metrics.jsonl")
-            subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+            # To the batch shell too (issue 22): it passes the request on and goes on, not FAILED.
+            subprocess.run(["scancel", "--full", "--signal=USR2", job_id], check=True, timeout=60)
             code = proc.wait(timeout=JOB_TIMEOUT)
     finally:
         stop(proc)
     stderr = err.read_text()
     assert code == 0, stderr
-    assert f"tfrun: job {job_id} COMPLETED" in stderr
+    assert f"tfrun: job {job_id} COMPLETED" in stderr and "FAILED" not in stderr
     assert metric_epochs(run_dir) == list(range(EPOCHS))
     tried = attempts(run_dir)
     assert [a["reason"] for a in tried] == ["preempted", "completed"], tried
     assert tried[0]["requeued"] is True and tried[0]["job_id"] == tried[1]["job_id"] == job_id, tried
     log = (run_dir / "logs/rank0.log").read_text()
-    assert "tfrun: received SIGUSR2" in log and f"tfrun: preempted: job {job_id} requeued" in log
+    assert "tfrun: received SIGUSR2" in log and f"tfrun: preempted: requeueing job {job_id}; it resumes from the backup" in log
     resumed = re.findall(r"tfrun: resumed from the backup of epoch (\d+)", log)
     assert len(resumed) == 1 and 2 <= int(resumed[0]) < EPOCHS, log
     assert f"Epoch {int(resumed[0]) + 1}/{EPOCHS}" in log.split("resumed from the backup")[1]
@@ -318,44 +337,159 @@ def test_preempted_keras_job_is_requeued_and_completes(tmp_path: Path, job_name:
     watch.check()
 
 
-# --- 2: the same with Horovod on 2 nodes: both ranks resume from the same backup ----------------
+# --- 2: Horovod on 2 nodes, preempted by a higher-priority job (issue 22) -------------------------
+
+def preempt_nodes(nodes: str, job_name: str) -> str:
+    """Submit a short job to the high-priority partition that needs these nodes whole: Slurm
+    preempts what runs there in the low-priority partitions (scripts/local-slurm)."""
+    count = len(nodes.split(","))
+    out = subprocess.run(["sbatch", "--parsable", "-p", "debug", "--exclusive", f"--nodes={count}", "-w", nodes,
+                          f"--job-name={job_name}", "-o", "/dev/null", "--wrap", "sleep 2"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout.strip()
+
+
+def epoch_records(run_dir: Path) -> list[list[dict[str, Any]]]:
+    """epochs.jsonl split into attempts (each begins with its fit's first record)."""
+    attempts_seen: list[list[dict[str, Any]]] = []
+    for line in text_of(run_dir / "epochs.jsonl").splitlines():
+        record = json.loads(line)
+        if record.get("begin"):
+            attempts_seen.append([])
+        attempts_seen[-1].append(record)
+    return attempts_seen
+
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_preempted_horovod_job_resumes_every_rank_from_the_same_backup(tmp_path: Path, job_name: str) -> None:
+def test_preempted_horovod_job_is_requeued_and_every_rank_resumes_from_the_last_epoch(tmp_path: Path,
+                                                                                       job_name: str) -> None:
+    epochs = 30  # short epochs (~0.3 s): the backup budget keeps some of them in memory only
     write_script(tmp_path, "hvd_fit.py", HOROVOD_SCRIPT)
     proc, out, err = popen_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1",
-                                  "backend=horovod", "compute.nodes=2", "entry.script=hvd_fit.py",
-                                  f"trainer.epochs={EPOCHS}")
+                                  "compute.partition=low", "backend=horovod", "compute.nodes=2",
+                                  "entry.script=hvd_fit.py", f"trainer.epochs={epochs}", "trainer.batch_sleep=0.01")
     try:
         job_id, run_dir = _wait_for_job(err)
         with FileWatch(run_dir) as watch:
-            wait_for(lambda: len(metric_epochs(run_dir)) >= 2, JOB_TIMEOUT, "two epochs in metrics.jsonl")
-            subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+            wait_for(lambda: len(metric_epochs(run_dir)) >= 3, JOB_TIMEOUT, "three epochs in metrics.jsonl")
+            preempt_nodes("node1", job_name)
+            wait_for(lambda: proc.poll() is not None or first_line_of_status(tmp_path, run_dir).endswith(": PREEMPTED"),
+                     120, "tfrun status to say PREEMPTED")
             code = proc.wait(timeout=JOB_TIMEOUT)
     finally:
         stop(proc)
     stderr = err.read_text()
     assert code == 0, stderr
-    resumed = {}
+    shown = re.findall(rf"^tfrun: job {job_id} (\w+)$", stderr, re.M)
+    assert shown[-4:] == ["RUNNING", "PREEMPTED", "RUNNING", "COMPLETED"], stderr
+    log = (run_dir / "logs/rank0.log").read_text()
+    assert f"tfrun: job {job_id} is being preempted (partition low, PreemptMode=REQUEUE; 20 s of grace time)" in log
+    assert "tfrun: received SIGTERM: checkpointing and stopping" in log
     for rank in (0, 1):
+        # Slurm signals node2 a little later than node1: rank 1's SIGTERM may find the job
+        # requeued already (rank 0 needs a batch end to stop), and then it just ends.
         log = (run_dir / f"logs/rank{rank}.log").read_text()
-        assert "tfrun: received SIGUSR2" in log, f"rank {rank} never got the signal:\n{log}"
-        found = re.findall(r"tfrun: resumed from the backup of epoch (\d+)", log)
-        assert len(found) == 1, f"rank {rank}:\n{log}"
-        resumed[rank] = int(found[0])
+        assert "tfrun: received SIGTERM" in log, f"rank {rank}:\n{log}"
         assert f"rank {rank} TRAINING DONE" in log
-    assert resumed[0] == resumed[1] >= 2, resumed
+    first, second = epoch_records(run_dir)
+    stopped_at = first[-1]["epoch"]  # the last epoch the first attempt finished
+    log = (run_dir / "logs/rank0.log").read_text()
+    assert f"tfrun: preempted: requeueing job {job_id}; it resumes from the backup" in log
+    assert re.findall(r"tfrun: resumed from the backup of epoch (\d+)", log) == [str(stopped_at)], log
+    assert 3 <= stopped_at < epochs
+    # The restored weights are exactly those of that epoch, and training went on from the next one.
+    assert second[0]["checksum"] == pytest.approx(first[-1]["checksum"], rel=1e-6)
+    assert [r["epoch"] for r in second[1:]] == list(range(stopped_at + 1, epochs + 1))
     shas = {r: read_json(run_dir / f"outputs/weights-rank{r}.json")["sha"] for r in (0, 1)}
     assert shas[0] == shas[1], f"the ranks ended with different weights: {shas}"
-    assert metric_epochs(run_dir) == list(range(EPOCHS))
-    assert [a["reason"] for a in attempts(run_dir)] == ["preempted", "completed"]
-    assert attempts(run_dir)[0]["requeued"] is True
+    assert metric_epochs(run_dir) == list(range(epochs))
+    tried = attempts(run_dir)
+    assert [a["reason"] for a in tried] == ["preempted", "completed"], tried
+    assert tried[0]["signal"] == "SIGTERM" and tried[0]["grace_s"] == 20 and tried[0]["partition"] == "low", tried
+    assert tried[0]["requeued"] is True and tried[0]["requeued_by"] == "tfrun", tried
     assert read_json(run_dir / "status.json")["job_ids"] == [job_id]
+    assert accounted(job_id).get(job_id) == "COMPLETED"
     # Both attempts met across the two hosts: rank 0's rendezvous at node1's own address each time.
     assert len(list((run_dir / "rendezvous").glob("*/horovod.json"))) == 2
     assert_on_separate_hosts(run_dir, ["node1", "node2"])
     watch.check()
+
+
+# A script that saves its own progress every second and never listens for a stop request;
+# with --slow_backup its stop callback outlasts any grace time.
+PROGRESS_SCRIPT = """\
+import argparse, json, os, time
+parser = argparse.ArgumentParser()
+parser.add_argument("--slow_backup", type=int, default=0)
+args = parser.parse_args()
+path = os.path.join(os.environ["TFRUN_RUN_DIR"], "progress.json")
+done = json.load(open(path))["epochs"] if os.path.exists(path) else 0
+print(f"attempt {os.environ.get('SLURM_RESTART_COUNT', '0')} starts at epoch {done}", flush=True)
+if args.slow_backup:
+    import tfrun
+    tfrun.on_preempt(lambda: time.sleep(300))
+for epoch in range(done, 25):
+    time.sleep(1)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"epochs": epoch + 1}, f)
+    os.replace(path + ".tmp", path)
+    print(f"epoch {epoch + 1} saved", flush=True)
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preemption_without_requeue_and_past_the_grace_time(tmp_path: Path, job_name: str) -> None:
+    """Two jobs preempted by one job that needs both nodes: in "scavenge" (Slurm cancels
+    preempted jobs) with compute.requeue_on_preempt=false, a script that does not listen
+    stops at once and the run ends STOPPED, resumable; in "low" (Slurm requeues them), a
+    script whose backup outlasts the grace time is killed and Slurm requeues it, once: it
+    starts again from its last save, losing only the epoch in progress."""
+    write_script(tmp_path, "progress.py", PROGRESS_SCRIPT)
+    common = ["compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1", "entry.script=progress.py"]
+    cancelled_proc, _, cancelled_err = popen_tfrun(tmp_path, *common, "compute.partition=scavenge",
+                                                   "compute.nodelist=node2", "compute.requeue_on_preempt=false",
+                                                   name="scavenge")
+    slow_proc, _, slow_err = popen_tfrun(tmp_path, *common, "compute.partition=low", "compute.nodelist=node1",
+                                         "trainer.slow_backup=1", name="low")
+    try:
+        cancelled_job, cancelled_dir = _wait_for_job(cancelled_err)
+        slow_job, slow_dir = _wait_for_job(slow_err)
+        for run_dir in (cancelled_dir, slow_dir):
+            wait_for(lambda: "epoch 3 saved" in text_of(run_dir / "logs/rank0.log"), JOB_TIMEOUT, "three epochs")
+        preempt_nodes("node1,node2", job_name)
+        assert cancelled_proc.wait(timeout=JOB_TIMEOUT) != 0  # not completed
+        assert slow_proc.wait(timeout=JOB_TIMEOUT) == 0, slow_err.read_text()
+    finally:
+        stop(cancelled_proc)
+        stop(slow_proc)
+
+    # Cancelled by Slurm, not requeued: STOPPED, saying why and how to continue.
+    stderr = cancelled_err.read_text()
+    assert "tfrun: run " in stderr and " STOPPED in " in stderr, stderr
+    why = "partition scavenge ends preempted jobs (PreemptMode=CANCEL) and compute.requeue_on_preempt=false"
+    assert f"tfrun: preempted; not requeued ({why})" in stderr
+    assert f"tfrun: continue it with: tfrun resume {cancelled_dir}" in stderr
+    log = (cancelled_dir / "logs/rank0.log").read_text()
+    assert "tfrun: received SIGTERM" in log and "stopped on request" in log  # at once: it does not listen
+    (tried,) = attempts(cancelled_dir)
+    assert tried["reason"] == "preempted" and tried["requeued"] is False and tried["why_not_requeued"] == why, tried
+    assert tried["preempt_mode"] == "CANCEL" and tried["signal"] == "SIGTERM", tried
+    assert first_line_of_status(tmp_path, cancelled_dir).endswith(": STOPPED")
+
+    # Past the grace time: killed, requeued by Slurm itself (once), resumed from the last save.
+    log = (slow_dir / "logs/rank0.log").read_text()
+    first_part, second_part = log.split("attempt 1 starts at epoch ")
+    saved = [int(n) for n in re.findall(r"^epoch (\d+) saved$", first_part, re.M)]
+    assert second_part.startswith(f"{saved[-1]}\n"), log
+    assert re.search(rf"tfrun: received SIGTERM \(job {slow_job} is \w+, PreemptTime=None\): ending now", first_part)
+    assert "requeueing" not in first_part  # tfrun never got to requeue it: Slurm did
+    assert re.search(r"^Restarts=1$", subprocess.run(["scontrol", "show", "job", slow_job], capture_output=True,
+                                                     text=True).stdout.replace(" ", "\n"), re.M)
+    tried = attempts(slow_dir)
+    assert [a["reason"] for a in tried] == ["preempted", "completed"], tried
+    assert "epoch 25 saved" in log
 
 
 # --- 3: a rank killed with SIGKILL ends the job within 30 s, named, and nothing is left --------------

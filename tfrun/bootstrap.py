@@ -13,6 +13,7 @@ import runpy
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -112,28 +113,84 @@ def prepare(plan: Plan, ident: identity.TaskIdentity) -> Task:
     return task
 
 
+def stop_decision(plan: Plan, job: str) -> tuple[str, bool, str | None]:
+    """Rank 0, on Slurm, once its script stopped on request: (why this attempt stops, whether
+    tfrun requeues the job, why not when it does not)."""
+    request = preempt.stop_request()
+    current = rendezvous.attempt_key()
+    earlier = [a for a in rundir.attempts(plan.run_dir) if a.get("attempt") != current]
+    limit = int(plan.compute.get("max_requeues", 3))
+    if request.get("preempted"):
+        if preempt.slurm_requeues(request):
+            # Slurm would requeue it once the grace time is over; requeued now, the nodes go
+            # to the job that preempted it as soon as the backup is written.
+            return "preempted", True, None
+        where = f"partition {request.get('partition')} ends preempted jobs (PreemptMode={request.get('preempt_mode')})"
+        if not plan.compute.get("requeue_on_preempt", True):
+            return "preempted", False, f"{where} and compute.requeue_on_preempt=false"
+        done = sum(1 for a in earlier if a.get("reason") == "preempted" and a.get("requeued_by") == "tfrun"
+                   and not preempt.slurm_requeues(a))
+        if done >= limit:
+            return "preempted", False, f"{where}; requeued after {done} such preemption(s) already (compute.max_requeues)"
+        return "preempted", True, None
+    reason = preempt.stop_reason(job, plan.compute.get("signal_delay_s", 120))
+    done = sum(1 for a in earlier if a.get("reason") == "timeout")
+    if not preempt.may_requeue(reason, done, limit):
+        return reason, False, f"time limit reached after {done} requeue(s) for time-outs (compute.max_requeues)"
+    return reason, True, None
+
+
+def record_stop_request(plan: Plan, request: dict) -> None:
+    """Rank 0, the moment a stop is requested: what asked (a preemption with its grace time is
+    recorded even if the attempt is then killed before it can say more)."""
+    fields = {k: v for k, v in request.items() if k != "preempted"}
+    if request.get("preempted"):
+        fields["reason"] = "preempted"
+    rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), **fields)
+
+
+_recording: list[threading.Thread] = []
+
+
+def record_in_background(plan: Plan, request: dict) -> None:
+    """:func:`record_stop_request` in a thread: the signal handler that calls this runs in the
+    main thread, which may be holding the attempts file's lock."""
+    thread = threading.Thread(target=record_stop_request, args=(plan, request), name="tfrun-stop-record")
+    _recording.append(thread)
+    thread.start()
+
+
 def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> int:
-    """On Slurm, rank 0 requeues the job (bounded for time-outs); every rank then waits to be ended."""
+    """On Slurm, rank 0 requeues the job (bounded where it must be); every rank then waits to be ended."""
     job = preempt.job_id()
     if ident.launcher != "slurm" or not job:
         if ident.rank == 0:  # local: the launcher records a resumable stop
             rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason="stopped")
         return code
     if ident.rank == 0:
-        reason = preempt.stop_reason(job, plan.compute.get("signal_delay_s", 120))
-        earlier = sum(1 for a in rundir.attempts(plan.run_dir) if a.get("reason") == "timeout")
-        if not preempt.may_requeue(reason, earlier, plan.compute.get("max_requeues", 3)):
-            say(f"time limit reached after {earlier} requeue(s) for time-outs (compute.max_requeues): not requeued")
+        for thread in _recording:  # what asked is recorded first, then what was done
+            thread.join(timeout=30)
+        reason, requeue, why_not = stop_decision(plan, job)
+        if not requeue:
+            say(f"{why_not}: not requeued" if reason == "timeout" else
+                f"{reason}: not requeued ({why_not}); continue it with: tfrun resume {plan.run_dir}")
             rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason,
-                                  requeued=False)
+                                  requeued=False, why_not_requeued=why_not)
             return code
-        failure = preempt.requeue(job)
+        # Said and recorded first: Slurm ends this task the moment the requeue is done.
+        say(f"{reason}: requeueing job {job}; it resumes from the backup")
         rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason,
-                              requeued=failure is None, error=failure)
-        if failure:
+                              requeued=True, requeued_by="tfrun")
+        failure = preempt.requeue(job)
+        if failure and preempt.slurm_requeues(preempt.stop_request()):
+            # The grace time ran out first: Slurm has requeued it (once, and not again by tfrun).
+            say(f"{reason}: job {job} is requeued by Slurm ({failure})")
+            rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), requeued_by="slurm")
+        elif failure:
             say(f"could not requeue job {job}: {failure}")
+            rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), requeued=False, requeued_by=None,
+                                  error=failure)
             return code
-        say(f"{reason}: job {job} requeued; it resumes from the backup")
     preempt.wait_to_be_stopped()
     return code
 
@@ -167,7 +224,7 @@ def export_after_training(plan: Plan, ident: identity.TaskIdentity, code: int) -
 
 def run_task(run_dir: str, launcher: str = "local") -> int:
     """Prepare this task and run it; returns its exit code."""
-    preempt.install()  # first: an early SIGUSR2 must not kill the task
+    preempt.install(slurm=launcher == "slurm")  # first: an early stop request must not kill the task
     plan = Plan.load(run_dir)
     ident = identity.detect(launcher, plan.compute["nodes"], plan.compute["tasks_per_node"])
     if launcher == "slurm":
@@ -184,6 +241,7 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     if ident.rank == 0:
         rundir.update_attempt(run_dir, rendezvous.attempt_key(), started=time.time(), ended=None,
                               job_id=preempt.job_id(), host=rundir.hostname())
+        preempt.on_stop_request(lambda request: record_in_background(plan, request))
         # The nodes this attempt runs on, as Slurm gave them (a packed point's step: its own);
         # a hang an earlier attempt reported is that attempt's.
         nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")

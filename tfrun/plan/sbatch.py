@@ -13,6 +13,18 @@ from tfrun.rundir import Plan
 
 SUBMITIT_DIR = ".submitit"
 
+# The first lines of every job's script. A stop request sent to the batch shell (with the
+# job: ``scancel --full --signal=USR2``; alone: ``scancel --batch``, ``--signal=B:USR2@N``)
+# killed it (bash's default), and the job ended FAILED. The shell now passes it on to the
+# job's tasks and goes on; srun runs in the background so that the trap runs at once (bash
+# runs traps only between commands), and the script still ends with srun's exit status.
+BATCH_SHELL_LINES = [
+    '_tfrun_stop() { scancel --signal="$1" "$SLURM_JOB_ID"; }',
+    "trap '_tfrun_stop USR1' USR1",
+    "trap '_tfrun_stop USR2' USR2",
+    'srun() { command srun "$@" & local pid=$!; while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done; wait "$pid"; }',
+]
+
 
 def parameters(compute: dict[str, Any], backend: str = "none") -> dict[str, Any]:
     """submitit/sbatch parameters for a run (names as ``_make_sbatch_string`` takes them)."""
@@ -28,7 +40,7 @@ def parameters(compute: dict[str, Any], backend: str = "none") -> dict[str, Any]
         "signal_delay_s": compute["signal_delay_s"],
         "stderr_to_stdout": True,
         "srun_args": [f"--kill-on-bad-exit={0 if tolerant else 1}", *compute["srun_args"]],
-        "setup": list(compute["setup"]),
+        "setup": [*BATCH_SHELL_LINES, *compute["setup"]],
         "array_parallelism": compute["array_parallelism"],
     }
     if compute.get("gpus_per_task"):

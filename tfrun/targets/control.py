@@ -39,7 +39,7 @@ def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
             job = info.get(status["job_ids"][-1])
             if not job:
                 continue
-            state = slurm.tfrun_state(job["State"])
+            state = slurm.shown_state(run_dir, slurm.tfrun_state(job["State"]))
             if status.get("packed"):  # its allocation's state is not the point's
                 from tfrun.targets import pack
 

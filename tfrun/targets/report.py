@@ -32,6 +32,8 @@ def print_outcome(plan: Plan, state: str) -> None:
     if state == "FAILED":
         print("tfrun: " + failure_text(plan.run_dir, status), file=sys.stderr)
     if state == "STOPPED":
+        if status.get("reason"):
+            print(f"tfrun: {status['reason']}", file=sys.stderr)
         print(f"tfrun: continue it with: tfrun resume {plan.run_dir}", file=sys.stderr)
     if status.get("export"):
         print(f"tfrun: {export_summary(status['export'])}", file=sys.stderr)

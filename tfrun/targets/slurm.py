@@ -23,7 +23,10 @@ from tfrun.plan import Plan, sbatch, submitit_compat
 _STATES = {
     "PENDING": "PENDING", "REQUEUED": "PENDING", "REQUEUE_HOLD": "PENDING", "REQUEUE_FED": "PENDING",
     "RESIZING": "RUNNING", "RUNNING": "RUNNING", "COMPLETING": "RUNNING", "SUSPENDED": "RUNNING",
-    "COMPLETED": "COMPLETED", "CANCELLED": "CANCELLED", "TIMEOUT": "TIMEOUT", "PREEMPTED": "PENDING",
+    "COMPLETED": "COMPLETED", "CANCELLED": "CANCELLED", "TIMEOUT": "TIMEOUT",
+    # Preempted and not requeued (PreemptMode=CANCEL): it can go on with tfrun resume. A job
+    # Slurm requeues shows PENDING again (see query).
+    "PREEMPTED": "STOPPED",
     "FAILED": "FAILED", "NODE_FAIL": "FAILED", "OUT_OF_MEMORY": "FAILED", "BOOT_FAIL": "FAILED",
     "DEADLINE": "TIMEOUT",
 }
@@ -103,6 +106,10 @@ def query(job_ids: Iterable[str]) -> dict[str, dict[str, str]]:
     """
     wanted = sorted(set(job_ids))
     info = _sacct(wanted)
+    # sacct says PREEMPTED of a job Slurm is about to requeue, too: the queue knows which.
+    preempted = [j for j in wanted if j in info and info[j]["State"].startswith("PREEMPTED")]
+    if preempted:
+        info.update(_squeue(preempted))
     missing = [j for j in wanted if j not in info]
     if missing:
         info.update(_squeue(missing))
@@ -194,8 +201,32 @@ def srun_failure(run_dir: str) -> dict[str, Any] | None:
     return {"failed_rank": int(rank), "host": host, "reason": reason}
 
 
+def shown_state(run_dir: str | os.PathLike[str], state: str) -> str:
+    """A job waiting to run again after a preemption is PREEMPTED (Slurm says PENDING)."""
+    if state != "PENDING":
+        return state
+    tried = rundir.attempts(run_dir)
+    last = tried[-1] if tried else {}
+    return "PREEMPTED" if last.get("reason") == "preempted" and last.get("requeued") is not False else state
+
+
+def preempted_fields(run_dir: str | os.PathLike[str], state: str) -> dict[str, Any] | None:
+    """A job that ended after a preemption it was not requeued for: STOPPED (resumable), and why."""
+    if state not in ("FAILED", "STOPPED"):
+        return None
+    tried = rundir.attempts(run_dir)
+    last = tried[-1] if tried else {}
+    if last.get("reason") != "preempted" or last.get("requeued"):
+        return None
+    why = last.get("why_not_requeued") or "Slurm ended it"
+    return {"state": "STOPPED", "ended": time.time(), "failed_rank": None, "reason": f"preempted; not requeued ({why})"}
+
+
 def settle(run_dir: str, state: str) -> dict[str, Any]:
     """Final status fields: which rank failed, where, and how (from srun and the ranks' records)."""
+    stopped = preempted_fields(run_dir, state)
+    if stopped:
+        return stopped
     fields: dict[str, Any] = {"state": state, "ended": time.time()}
     if state == "COMPLETED":
         fields.update(export.status_fields(run_dir))  # rank 0 recorded it in export.json, in the job
@@ -277,14 +308,15 @@ def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list
                 continue
             # A job the scheduler did not answer for keeps its last state: never taken as gone.
             state = tfrun_state(info[job_id]["State"]) if job_id in info else last.get(job_id, "PENDING")
+            state = shown_state(plan.run_dir, state)
+            fields = settle(plan.run_dir, state) if state in rundir.FINAL_STATES else {"state": state}
             if state != last.get(job_id):
                 last[job_id] = state
-                rundir.update_status(plan.run_dir, state=state, **allocation(info.get(job_id, {}), state))
-                if len(plans) == 1:
-                    print(f"tfrun: job {job_id} {state}", file=sys.stderr, flush=True)
+                rundir.update_status(plan.run_dir, **fields, **allocation(info.get(job_id, {}), state))
+                if len(plans) == 1:  # as settled: a hang the watchdog ended is FAILED, not Slurm's CANCELLED
+                    print(f"tfrun: job {job_id} {fields['state']}", file=sys.stderr, flush=True)
             if state in rundir.FINAL_STATES:
-                fields = settle(plan.run_dir, state)
-                final[job_id] = fields["state"]  # a hang the watchdog ended is FAILED, not Slurm's CANCELLED
+                final[job_id] = fields["state"]
                 rundir.update_status(plan.run_dir, **fields)
         if tail:
             tail.pump()
