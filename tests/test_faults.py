@@ -440,30 +440,59 @@ for epoch in range(done, 25):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_preemption_without_requeue_and_past_the_grace_time(tmp_path: Path, job_name: str) -> None:
-    """Two jobs preempted by one job that needs both nodes: in "scavenge" (Slurm cancels
-    preempted jobs) with compute.requeue_on_preempt=false, a script that does not listen
-    stops at once and the run ends STOPPED, resumable; in "low" (Slurm requeues them), a
-    script whose backup outlasts the grace time is killed and Slurm requeues it, once: it
-    starts again from its last save, losing only the epoch in progress."""
+def test_preemption_where_slurm_cancels_and_past_the_grace_time(tmp_path: Path, job_name: str) -> None:
+    """Three jobs preempted by one job that needs both nodes. In "scavenge" (Slurm cancels
+    preempted jobs): a Keras fit with epochs shorter than its backup budget is requeued by
+    tfrun and resumes from its last finished epoch, held in memory until the SIGTERM; with
+    compute.requeue_on_preempt=false, a script that does not listen stops at once and the run
+    ends STOPPED, resumable. In "low" (Slurm requeues them), a script whose backup outlasts
+    the grace time is killed and Slurm requeues it, once: it starts again from its last
+    save, losing only the epoch in progress."""
     write_script(tmp_path, "progress.py", PROGRESS_SCRIPT)
-    common = ["compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1", "entry.script=progress.py"]
+    write_script(tmp_path, "fast.py", FAST_FIT)
+    common = ["compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1"]
+    keras_proc, _, keras_err = popen_tfrun(tmp_path, *common, "compute.partition=scavenge", "compute.nodelist=node2",
+                                           "entry.script=fast.py", "trainer.epochs=300", "trainer.stop_after=0",
+                                           "trainer.batch_sleep=0.025", name="keras")
     cancelled_proc, _, cancelled_err = popen_tfrun(tmp_path, *common, "compute.partition=scavenge",
-                                                   "compute.nodelist=node2", "compute.requeue_on_preempt=false",
-                                                   name="scavenge")
+                                                   "compute.nodelist=node1", "compute.requeue_on_preempt=false",
+                                                   "entry.script=progress.py", name="scavenge")
     slow_proc, _, slow_err = popen_tfrun(tmp_path, *common, "compute.partition=low", "compute.nodelist=node1",
-                                         "trainer.slow_backup=1", name="low")
+                                         "entry.script=progress.py", "trainer.slow_backup=1", name="low")
+    procs = (keras_proc, cancelled_proc, slow_proc)
     try:
+        keras_job, keras_dir = _wait_for_job(keras_err)
         cancelled_job, cancelled_dir = _wait_for_job(cancelled_err)
         slow_job, slow_dir = _wait_for_job(slow_err)
         for run_dir in (cancelled_dir, slow_dir):
             wait_for(lambda: "epoch 3 saved" in text_of(run_dir / "logs/rank0.log"), JOB_TIMEOUT, "three epochs")
+        wait_for(lambda: len(metric_epochs(keras_dir)) >= 10, JOB_TIMEOUT, "ten epochs of the Keras fit")
         preempt_nodes("node1,node2", job_name)
         assert cancelled_proc.wait(timeout=JOB_TIMEOUT) != 0  # not completed
         assert slow_proc.wait(timeout=JOB_TIMEOUT) == 0, slow_err.read_text()
+        assert keras_proc.wait(timeout=JOB_TIMEOUT) == 0, keras_err.read_text()
     finally:
-        stop(cancelled_proc)
-        stop(slow_proc)
+        for proc in procs:
+            stop(proc)
+
+    # Cancelled by Slurm, requeued by tfrun: the last finished epoch, held in memory, was
+    # written at the SIGTERM; the weights go on from exactly there.
+    records = [json.loads(line) for line in (keras_dir / "epochs.jsonl").read_text().splitlines()]
+    begins = [i for i, r in enumerate(records) if r.get("begin")]
+    assert len(begins) == 2, records[:3]
+    first = [r for r in records[:begins[1]] if "epoch" in r]
+    assert len({r["backed_up"] for r in first}) < len(first) // 2, "epochs this short should not all be saved"
+    last = first[-1]["epoch"]
+    log = (keras_dir / "logs/rank0.log").read_text()
+    assert f"tfrun: job {keras_job} is being preempted (partition scavenge, PreemptMode=CANCEL" in log
+    assert f"tfrun: resumed from the backup of epoch {last}" in log and "TRAINING DONE" in log
+    assert records[begins[1]]["checksum"] == pytest.approx(first[-1]["checksum"], rel=1e-6)
+    assert [r["epoch"] for r in records[begins[1]:] if "epoch" in r] == list(range(last + 1, 301))
+    assert metric_epochs(keras_dir) == list(range(300))
+    tried = attempts(keras_dir)
+    assert [a["reason"] for a in tried] == ["preempted", "completed"], tried
+    assert tried[0]["requeued_by"] == "tfrun" and tried[0]["preempt_mode"] == "CANCEL", tried
+    assert f"tfrun: job {keras_job} PREEMPTED" in keras_err.read_text()
 
     # Cancelled by Slurm, not requeued: STOPPED, saying why and how to continue.
     stderr = cancelled_err.read_text()
@@ -713,7 +742,7 @@ def test_second_ctrl_c_during_the_stop_cancels(tmp_path: Path) -> None:
 # --- 8: short epochs: backups spaced within their time budget, the last epoch written on a stop ---
 
 FAST_FIT = """\
-import argparse, json, os, signal
+import argparse, json, os, signal, time
 import numpy as np
 import keras
 from sklearn.datasets import load_digits
@@ -721,6 +750,7 @@ from sklearn.datasets import load_digits
 parser = argparse.ArgumentParser()
 parser.add_argument("--epochs", type=int, default=60)
 parser.add_argument("--stop_after", type=int, default=25)  # first attempt: a stop request after this epoch
+parser.add_argument("--batch_sleep", type=float, default=0)  # slower epochs, still shorter than a save budget
 args = parser.parse_args()
 run_dir = os.environ["TFRUN_RUN_DIR"]
 first_attempt = not os.path.exists(os.path.join(run_dir, "first-attempt-done"))
@@ -741,6 +771,9 @@ class Record(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.record(begin=True, checksum=checksum())
+
+    def on_train_batch_end(self, batch, logs=None):
+        time.sleep(args.batch_sleep)
 
     def on_epoch_end(self, epoch, logs=None):
         try:  # what the backup holds when this epoch ends (tfrun's own callback runs after this one)
