@@ -5,7 +5,7 @@ Slurm tests run jobs on the local cluster (``scripts/local-slurm``); signals are
 (``scancel --signal``, the time limit, SIGKILL, SIGINT). Every job has a job name of its
 own, cancelled afterwards. Training is a small Keras model on scikit-learn's digits,
 slowed down by a sleep per batch so that it can be interrupted mid-run. A requeued job
-restarts about 30 s after it was requeued here (``AuthInfo=cred_expire=30``).
+restarts about 12 s after it was requeued here (``AuthInfo=cred_expire=10``).
 """
 from __future__ import annotations
 
@@ -452,7 +452,7 @@ def test_preemption_where_slurm_cancels_and_past_the_grace_time(tmp_path: Path, 
     write_script(tmp_path, "fast.py", FAST_FIT)
     common = ["compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1"]
     keras_proc, _, keras_err = popen_tfrun(tmp_path, *common, "compute.partition=scavenge", "compute.nodelist=node2",
-                                           "entry.script=fast.py", "trainer.epochs=300", "trainer.stop_after=0",
+                                           "entry.script=fast.py", "trainer.epochs=120", "trainer.stop_after=0",
                                            "trainer.batch_sleep=0.025", name="keras")
     cancelled_proc, _, cancelled_err = popen_tfrun(tmp_path, *common, "compute.partition=scavenge",
                                                    "compute.nodelist=node1", "compute.requeue_on_preempt=false",
@@ -487,8 +487,8 @@ def test_preemption_where_slurm_cancels_and_past_the_grace_time(tmp_path: Path, 
     assert f"tfrun: job {keras_job} is being preempted (partition scavenge, PreemptMode=CANCEL" in log
     assert f"tfrun: resumed from the backup of epoch {last}" in log and "TRAINING DONE" in log
     assert records[begins[1]]["checksum"] == pytest.approx(first[-1]["checksum"], rel=1e-6)
-    assert [r["epoch"] for r in records[begins[1]:] if "epoch" in r] == list(range(last + 1, 301))
-    assert metric_epochs(keras_dir) == list(range(300))
+    assert [r["epoch"] for r in records[begins[1]:] if "epoch" in r] == list(range(last + 1, 121))
+    assert metric_epochs(keras_dir) == list(range(120))
     tried = attempts(keras_dir)
     assert [a["reason"] for a in tried] == ["preempted", "completed"], tried
     assert tried[0]["requeued_by"] == "tfrun" and tried[0]["preempt_mode"] == "CANCEL", tried
