@@ -266,6 +266,7 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
         else:
             print_user_traceback(exc)
         error = f"{type(exc).__name__}: {exc}"
+    preempt.script_ended()
     if code == preempt.EXIT_PREEMPTED:
         code = after_stop_request(plan, ident, code)
     elif ident.rank == 0:
@@ -278,6 +279,7 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     rundir.update_rank(run_dir, ident.rank, ended=time.time(), exit_code=code, error=error)
     sys.stdout.flush()
     sys.stderr.flush()
+    preempt.exiting()
     return code
 
 

@@ -32,6 +32,7 @@ _requested = threading.Event()
 _request: dict[str, Any] = {}  # what asked for the stop: signal, and for a preemption, Slurm's account
 _callbacks: list[Callable[[], None]] = []
 _recorders: list[Callable[[dict[str, Any]], None]] = []  # tfrun's own, run before the script's callbacks
+_ended = False  # the script has returned: nothing is left to stop
 _listeners = 0  # Keras fits in progress that stop by themselves at the next batch end
 _polled = False  # the script asked should_checkpoint() at least once
 
@@ -42,6 +43,8 @@ class Preempted(BaseException):
 
 
 def _on_signal(signum: int, frame: object) -> None:
+    if _ended:  # raising Preempted now would break the task's own ending (backend.finish, export)
+        return
     first = not _requested.is_set()
     _requested.set()
     if not first:
@@ -96,8 +99,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
     if found is None:
         print(f"tfrun: received SIGTERM ({why}): ending now", file=sys.stderr, flush=True)
         _die_of_sigterm()
-    if _requested.is_set():
-        return  # the same preemption again: the stop is under way
+    if _requested.is_set() or _ended:
+        return  # the same preemption again, or the script is done: nothing is left to stop
     _request.update(found)
     grace = f"; {found['grace_s']} s of grace time" if found.get("grace_s") is not None else ""
     print(f"tfrun: job {job} is being preempted (partition {found.get('partition', '?')}, "
@@ -112,6 +115,25 @@ def install(slurm: bool = False) -> None:
         signal.signal(sig, _on_signal)
     if slurm:
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def script_ended() -> None:
+    """The script has returned: later stop requests have nothing to stop. SIGUSR1/SIGUSR2 are
+    ignored from now on, at the C level: Python puts back the default action of the signals
+    it handles as it exits, and a time-limit warning that came just then killed a task whose
+    training had finished, and the job ended FAILED."""
+    global _ended
+    _ended = True
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def exiting() -> None:
+    """The task returns to its launcher and exits: SIGTERM is ignored too (a preemption's, in
+    the last moments of a finished task, would otherwise fail the job; the task ends anyway)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def on_stop_request(recorder: Callable[[dict[str, Any]], None]) -> None:
