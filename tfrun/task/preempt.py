@@ -251,13 +251,14 @@ def preemption(job: str) -> tuple[dict[str, Any] | None, str]:
     limit, srun ending the step, or Slurm not answering.
 
     While a running job is being preempted, Slurm sets its ``PreemptTime``; a cancelled or
-    timed-out job is no longer RUNNING. How the preemption ends (``PreemptMode``: REQUEUE,
+    timed-out job is no longer RUNNING (nor SIGNALING), and a requeue clears PreemptTime. How the preemption ends (``PreemptMode``: REQUEUE,
     CANCEL, ...) and the grace time are the job's QOS's under ``preempt/qos``, else its
     partition's (or the cluster's)."""
     record = scontrol_fields("job", job)
     if not record:
         return None, f"scontrol show job {job} did not answer"
-    if record.get("JobState") != "RUNNING" or record.get("PreemptTime", "None") in ("None", "Unknown", ""):
+    # SIGNALING: a running job while Slurm signals it (seen during a preemption's SIGTERM).
+    if record.get("JobState") not in ("RUNNING", "SIGNALING") or record.get("PreemptTime", "None") in ("None", "Unknown", ""):
         return None, f"job {job} is {record.get('JobState')}, PreemptTime={record.get('PreemptTime')}"
     found: dict[str, Any] = {"preempted": True, "preempt_time": record["PreemptTime"],
                              "partition": record.get("Partition"), "qos": record.get("QOS")}
