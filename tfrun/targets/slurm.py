@@ -201,12 +201,16 @@ def srun_failure(run_dir: str) -> dict[str, Any] | None:
     return {"failed_rank": int(rank), "host": host, "reason": reason}
 
 
+def _last_attempt(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    tried = rundir.attempts(run_dir)
+    return tried[-1] if tried else {}
+
+
 def shown_state(run_dir: str | os.PathLike[str], state: str) -> str:
     """A job waiting to run again after a preemption is PREEMPTED (Slurm says PENDING)."""
     if state != "PENDING":
         return state
-    tried = rundir.attempts(run_dir)
-    last = tried[-1] if tried else {}
+    last = _last_attempt(run_dir)
     return "PREEMPTED" if last.get("reason") == "preempted" and last.get("requeued") is not False else state
 
 
@@ -214,8 +218,7 @@ def preempted_fields(run_dir: str | os.PathLike[str], state: str) -> dict[str, A
     """A job that ended after a preemption it was not requeued for: STOPPED (resumable), and why."""
     if state not in ("FAILED", "STOPPED"):
         return None
-    tried = rundir.attempts(run_dir)
-    last = tried[-1] if tried else {}
+    last = _last_attempt(run_dir)
     if last.get("reason") != "preempted" or last.get("requeued"):
         return None
     why = last.get("why_not_requeued") or "Slurm ended it"
@@ -315,9 +318,8 @@ def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list
                 rundir.update_status(plan.run_dir, **fields, **allocation(info.get(job_id, {}), state))
                 if len(plans) == 1:  # as settled: a hang the watchdog ended is FAILED, not Slurm's CANCELLED
                     print(f"tfrun: job {job_id} {fields['state']}", file=sys.stderr, flush=True)
-            if state in rundir.FINAL_STATES:
+            if state in rundir.FINAL_STATES:  # recorded above: a job is first seen final only once
                 final[job_id] = fields["state"]
-                rundir.update_status(plan.run_dir, **fields)
         if tail:
             tail.pump()
         if len(plans) > 1:
