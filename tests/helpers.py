@@ -152,3 +152,74 @@ def assert_on_separate_hosts(run_dir: Path, nodes: list[str]) -> None:
     published = [read_json(p) for p in sorted((run_dir / "rendezvous").glob("*/*.json"))
                  if p.name.startswith(("task-", "horovod"))]
     assert published and all(p["addr"] == node_address(p["host"]) for p in published), published
+
+
+# --- a real MLflow tracking server ------------------------------------------------------------
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class MlflowServer:
+    """``mlflow server`` on ``host`` (loopback, or the local cluster's bridge address so the
+    nodes reach it), its store and artifacts under ``folder``; stop() and start() again keep them."""
+
+    def __init__(self, folder: Path, host: str = "127.0.0.1"):
+        self.folder, self.host, self.port = folder, host, free_port(host)
+        self.uri = f"http://{host}:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> "MlflowServer":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", self.host, "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--artifacts-destination", str(self.folder / "server-artifacts"), "--workers", "1",
+             "--allowed-hosts", f"{self.host}:{self.port},{self.host}"],
+            cwd=self.folder, stdout=subprocess.DEVNULL, stderr=open(self.folder / "server.log", "a"),
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1):
+                    return self
+            except OSError:
+                assert time.monotonic() < deadline and self.proc.poll() is None, \
+                    f"mlflow server did not start:\n{text_of(self.folder / 'server.log')}"
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def __enter__(self) -> "MlflowServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def mlflow_runs(uri: str) -> list[dict[str, Any]]:
+    """Every run of an MLflow store, with its metric histories (steps per key), params, tags,
+    artifacts: read through MLflow's client in a child process (no MLflow in the test runner)."""
+    code = (
+        "import json, mlflow; c = mlflow.MlflowClient(%r); out = []\n"
+        "for e in c.search_experiments():\n"
+        "  for r in c.search_runs([e.experiment_id]):\n"
+        "    hist = {k: [(m.step, m.value) for m in c.get_metric_history(r.info.run_id, k)] for k in r.data.metrics}\n"
+        "    out.append({'experiment': e.name, 'run_id': r.info.run_id, 'name': r.info.run_name,\n"
+        "      'status': r.info.status, 'params': r.data.params, 'tags': r.data.tags, 'history': hist,\n"
+        "      'parent': r.data.tags.get('mlflow.parentRunId'),\n"
+        "      'artifacts': [a.path for a in c.list_artifacts(r.info.run_id)]})\n"
+        "print(json.dumps(out))" % uri
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return list(json.loads(done.stdout))

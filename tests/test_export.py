@@ -40,7 +40,9 @@ def digits_data() -> tuple[Any, Any]:
 def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
     """The digits example trained with export=onnx (shared by the export and serve tests)."""
     tmp = tmp_path_factory.mktemp("digits-onnx")
-    result = run_tfrun(tmp, "export=onnx", "trainer.epochs=2", timeout=TRAIN_TIMEOUT)
+    # Also registered in MLflow's model registry (a local store beside the runs).
+    result = run_tfrun(tmp, "export=onnx", "trainer.epochs=2", "tracking=mlflow", "tracking.register_model=digits",
+                       timeout=TRAIN_TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     return result, run_dir_from(result.stderr)
 
@@ -300,6 +302,44 @@ def test_serve_answers_like_onnxruntime_and_stops_on_sigint(server: tuple[Any, s
     assert proc.wait(timeout=30) == 0
     rest = proc.stderr.read()
     assert "tfrun: serve stopped" in rest and "Traceback" not in rest
+
+
+@pytest.mark.slow
+def test_the_registered_model_version_serves(digits_run: tuple[Any, Path], tmp_path: Path) -> None:
+    """``tracking.register_model=digits``: a new version of ``digits`` in MLflow's registry,
+    tagged with the run; ``tfrun serve models:/digits/1`` downloads its ONNX file and answers
+    as the run's own model does."""
+    import numpy as np
+
+    run_dir = digits_run[1]
+    store = f"sqlite:///{run_dir.parent / 'mlflow.db'}"
+    code = ("import json, mlflow; c = mlflow.MlflowClient(%r); v = c.get_model_version('digits', '1');"
+            "print(json.dumps({'run_id': v.run_id, 'tags': v.tags, 'source': v.source}))" % store)
+    version = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                        check=True).stdout)
+    assert version["tags"]["tfrun.run_dir"] == str(run_dir) and version["tags"]["tfrun.onnx"] == "true"
+    assert version["run_id"] == read_json(run_dir / "mlflow.json")["run_id"] == read_json(run_dir / "status.json")["mlflow_run_id"]
+    assert read_json(run_dir / "mlflow.json")["registered"] == {"name": "digits", "version": "1"}
+    proc = subprocess.Popen([*tfrun_command(), "serve", "models:/digits/1", "--tracking-uri", store, "--port", "0"],
+                            cwd=tmp_path, env=scratch_env(tmp_path), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = _read_until(proc, "tfrun: serving", timeout=120).rsplit(" at ", 1)[1].strip()
+        code, health = _request(f"{url}/health")
+        assert code == 200 and health["model"].endswith("model.onnx") and str(run_dir) not in health["model"]
+        x, _ = digits_data()
+        code, answer = _request(f"{url}/predict", {"inputs": x[:50].tolist()})
+        assert code == 200
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(run_dir / "outputs" / "model.onnx"), providers=["CPUExecutionProvider"])
+        direct = session.run(None, {session.get_inputs()[0].name: x[:50]})[0]
+        assert float(np.abs(np.array(answer["outputs"]) - direct).max()) < 1e-6
+    finally:
+        proc.kill()
+        proc.wait()
+    missing = run_tfrun(tmp_path, "serve", "models:/digits/7", "--tracking-uri", store, timeout=120)
+    assert missing.returncode != 0 and "cannot serve models:/digits/7" in missing.stderr
 
 
 def test_serve_without_an_onnx_model_says_what_to_do(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import textwrap
 import threading
@@ -22,8 +23,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.helpers import (REPO, accounted, alive, assert_on_separate_hosts, popen_tfrun, read_json, run_tfrun, stop,
-                           text_of, wait_for, wait_gone)
+from tests.helpers import (REPO, MlflowServer, accounted, alive, assert_on_separate_hosts, mlflow_runs, popen_tfrun,
+                           read_json, run_tfrun, stop, text_of, wait_for, wait_gone)
 
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
 JOB_TIMEOUT = 600  # generous: the machine is small and other suites share the cluster
@@ -349,6 +350,11 @@ def preempt_nodes(nodes: str, job_name: str) -> str:
     return out.stdout.strip()
 
 
+def _mlflow_epochs(uri: str, experiment: str) -> list[int]:
+    runs = [r for r in mlflow_runs(uri) if r["experiment"] == experiment]
+    return [step for step, _ in runs[0]["history"].get("loss", [])] if runs else []
+
+
 def epoch_records(run_dir: Path) -> list[list[dict[str, Any]]]:
     """epochs.jsonl split into attempts (each begins with its fit's first record)."""
     attempts_seen: list[list[dict[str, Any]]] = []
@@ -364,25 +370,37 @@ def epoch_records(run_dir: Path) -> list[list[dict[str, Any]]]:
 @pytest.mark.slow
 def test_preempted_horovod_job_is_requeued_and_every_rank_resumes_from_the_last_epoch(tmp_path: Path,
                                                                                        job_name: str) -> None:
-    epochs = 30  # short epochs (~0.3 s): the backup budget keeps some of them in memory only
+    epochs = 40  # short epochs (~0.5 s): the backup budget keeps some of them in memory only
     write_script(tmp_path, "hvd_fit.py", HOROVOD_SCRIPT)
+    # tracking=mlflow with a real server, on the bridge's address so that the nodes reach it.
+    server = MlflowServer(tmp_path, host=socket.gethostbyname("tfctl")).start()
     proc, out, err = popen_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1",
                                   "compute.partition=low", "backend=horovod", "compute.nodes=2",
-                                  "entry.script=hvd_fit.py", f"trainer.epochs={epochs}", "trainer.batch_sleep=0.01")
+                                  "entry.script=hvd_fit.py", f"trainer.epochs={epochs}", "trainer.batch_sleep=0.02",
+                                  "tracking=mlflow", f"tracking.tracking_uri={server.uri}", "tracking.experiment=hvd")
     try:
         job_id, run_dir = _wait_for_job(err)
         with FileWatch(run_dir) as watch:
             wait_for(lambda: len(metric_epochs(run_dir)) >= 3, JOB_TIMEOUT, "three epochs in metrics.jsonl")
+            # Already in MLflow while the job trains: sent from inside the job, not at its end.
+            wait_for(lambda: _mlflow_epochs(server.uri, "hvd"), 60, "epochs in MLflow while the job runs")
+            assert proc.poll() is None and not metric_epochs(run_dir)[-1] == epochs - 1
             preempt_nodes("node1", job_name)
             wait_for(lambda: proc.poll() is not None or first_line_of_status(tmp_path, run_dir).endswith(": PREEMPTED"),
                      120, "tfrun status to say PREEMPTED")
             code = proc.wait(timeout=JOB_TIMEOUT)
+        runs = [r for r in mlflow_runs(server.uri) if r["experiment"] == "hvd"]
     finally:
         stop(proc)
+        server.stop()
     stderr = err.read_text()
     assert code == 0, stderr
     shown = re.findall(rf"^tfrun: job {job_id} (\w+)$", stderr, re.M)
     assert shown[-4:] == ["RUNNING", "PREEMPTED", "RUNNING", "COMPLETED"], stderr
+    # One MLflow run across both attempts, each epoch once, ended as the run did.
+    assert len(runs) == 1 and runs[0]["status"] == "FINISHED", runs
+    assert [step for step, _ in runs[0]["history"]["loss"]] == list(range(epochs))
+    assert runs[0]["tags"]["tfrun.slurm_job_id"] == job_id and runs[0]["tags"]["tfrun.attempt"] == f"slurm-{job_id}-1"
     log = (run_dir / "logs/rank0.log").read_text()
     assert f"tfrun: job {job_id} is being preempted (partition low, PreemptMode=REQUEUE; 20 s of grace time)" in log
     assert "tfrun: received SIGTERM: checkpointing and stopping" in log

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DIGITS, run_dir_from, run_tfrun, scratch_env
+from tests.helpers import (DIGITS, MlflowServer, mlflow_runs, popen_tfrun, read_json, run_dir_from, run_tfrun,
+                           scratch_env, stop, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -81,17 +82,11 @@ def test_sweep_table_and_plot(tmp_path: Path) -> None:
 
 
 def _mlflow_runs(uri: str) -> list:
-    code = (
-        "import json, mlflow; mlflow.set_tracking_uri(%r); c = mlflow.MlflowClient();"
-        "out = [];"
-        "[out.append({'experiment': e.name, 'name': r.info.run_name, 'status': r.info.status,"
-        " 'parent': r.data.tags.get('mlflow.parentRunId'), 'metrics': r.data.metrics, 'params': r.data.params,"
-        " 'steps': [m.step for m in c.get_metric_history(r.info.run_id, 'loss')],"
-        " 'artifacts': [a.path for a in c.list_artifacts(r.info.run_id)]})"
-        " for e in c.search_experiments() for r in c.search_runs([e.experiment_id])];"
-        "print(json.dumps(out))" % uri
-    )
-    return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    found = mlflow_runs(uri)
+    for run in found:  # the loss curve's steps, the latest value of each metric
+        run["steps"] = [step for step, _ in run["history"].get("loss", [])]
+        run["metrics"] = {k: v[-1][1] for k, v in run["history"].items() if v}
+    return found
 
 
 def test_mlflow_local_store_single_run_and_sweep(tmp_path: Path) -> None:
@@ -104,48 +99,79 @@ def test_mlflow_local_store_single_run_and_sweep(tmp_path: Path) -> None:
     assert len(single) == 1 and single[0]["status"] == "FINISHED"
     assert single[0]["steps"] == [0, 1] and "val_accuracy" in single[0]["metrics"]
     assert single[0]["params"]["trainer.epochs"] == "2" and single[0]["params"]["compute.target"] == "local"
-    assert {"plan.json", "status.json", "logs", "hydra"} <= set(single[0]["artifacts"])
+    assert {"plan.json", "status.json", "logs", "hydra", "model"} <= set(single[0]["artifacts"])
+    run_dir = run_dir_from(result.stderr)
+    tags = single[0]["tags"]
+    assert tags["tfrun.run_dir"] == str(run_dir) and tags["tfrun.state"] == "COMPLETED"
+    assert "tfrun.attempt" in tags and "tfrun.host" in tags, tags
+    # Opened by the chief task itself, as it started: its log names the MLflow run.
+    assert f"MLflow run {single[0]['run_id']}" in (run_dir / "logs/rank0.log").read_text()
     swept = [r for r in found if r["experiment"].startswith("sweep-")]
     parents = [r for r in swept if r["parent"] is None]
     children = [r for r in swept if r["parent"] is not None]
     assert len(parents) == 1 and parents[0]["status"] == "FINISHED"
     assert sorted(c["name"] for c in children) == ["0", "1"]
+    assert {c["parent"] for c in children} == {parents[0]["run_id"]}
     assert not list(tmp_path.glob("mlruns")), "artifacts must stay beside the runs, not in the cwd"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# Epochs of a known length (a sleep per batch), so that a slowed epoch shows.
+TIMED_EPOCHS = """
+import time, numpy as np, tf_keras as keras
+class Slow(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        time.sleep(0.05)
+x = np.random.RandomState(0).rand(256, 8).astype("float32"); y = (x.sum(1) > 4).astype("float32")
+model = keras.Sequential([keras.layers.Dense(8, activation="relu", input_shape=(8,)), keras.layers.Dense(1, activation="sigmoid")])
+model.compile("adam", "binary_crossentropy", metrics=["accuracy"])
+model.fit(x, y, batch_size=32, epochs=40, callbacks=[Slow()], verbose=0)
+"""
 
 
-def test_mlflow_tracking_server(tmp_path: Path) -> None:
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+def test_mlflow_server_down_mid_run_then_sync(tmp_path: Path) -> None:
+    """The server goes away while the run trains: training keeps its pace, the run
+    completes, and ``tfrun sync`` later brings the server up to date."""
+    (tmp_path / "timed.py").write_text(TIMED_EPOCHS)
+    server = MlflowServer(tmp_path).start()
+    proc, _, err = popen_tfrun(tmp_path, "tracking=mlflow", f"tracking.tracking_uri={server.uri}",
+                               "tracking.experiment=timed", "entry.script=timed.py")
     try:
-        uri = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
-                time.sleep(0.5)
-        result = run_tfrun(tmp_path, "tracking=mlflow", f"tracking.tracking_uri={uri}",
-                           "tracking.experiment=digits", "trainer.epochs=2", timeout=300)
-        assert result.returncode == 0, result.stderr
-        assert f"logged to MLflow ({uri})" in result.stderr
-        found = [r for r in _mlflow_runs(uri) if r["experiment"] == "digits"]
-        assert len(found) == 1 and found[0]["steps"] == [0, 1] and "logs" in found[0]["artifacts"]
+        def live_epochs() -> list[int]:
+            runs = [r for r in mlflow_runs(server.uri) if r["experiment"] == "timed"]
+            return [step for step, _ in runs[0]["history"].get("loss", [])] if runs else []
+
+        wait_for(lambda: len(live_epochs()) >= 2 or proc.poll() is not None, 180, "epochs in MLflow during the run")
+        assert proc.poll() is None, err.read_text()  # seen in MLflow while still training
+        server.stop()
+        stopped_at = time.time()
+        code = proc.wait(timeout=300)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(proc)
+        server.stop()
+    stderr = err.read_text()
+    assert code == 0, stderr
+    run_dir = run_dir_from(stderr)
+    epochs = [r for r in metrics(run_dir) if r.get("epoch") is not None]
+    assert [r["epoch"] for r in epochs] == list(range(40))
+    lengths = [b["time"] - a["time"] for a, b in zip(epochs, epochs[1:])]
+    before = [d for d, r in zip(lengths, epochs[1:]) if r["time"] < stopped_at]
+    after = [d for d, r in zip(lengths, epochs[1:]) if r["time"] > stopped_at + 1]
+    assert before and after, (before, after)
+    assert max(after) < 2 * max(before) + 1, f"epochs slowed down with MLflow gone: {before} -> {after}"
+    log = (run_dir / "logs/rank0.log").read_text()
+    assert "MLflow unreachable" in log and f"tfrun sync {run_dir}" in log, log
+    assert "could not log run" in stderr  # the launcher's own try at the end, reported, not fatal
+    down = run_tfrun(tmp_path, "sync", str(run_dir))
+    assert down.returncode == 1 and "MLflow unreachable" in down.stderr and "nothing lost" in down.stderr
+    with server.start():  # the same store, the same address
+        synced = run_tfrun(tmp_path, "sync", str(run_dir))
+        assert synced.returncode == 0, synced.stderr
+        assert "ended COMPLETED" in synced.stdout
+        runs = [r for r in mlflow_runs(server.uri) if r["experiment"] == "timed"]
+    assert len(runs) == 1 and runs[0]["status"] == "FINISHED", runs
+    assert [step for step, _ in runs[0]["history"]["loss"]] == list(range(40))
+    assert [v for _, v in runs[0]["history"]["loss"]] == pytest.approx([r["loss"] for r in epochs])
+    assert "logs" in runs[0]["artifacts"]
 
 
 def test_optuna_tpe_over_lr_and_batch_size_with_failed_trials(tmp_path: Path) -> None:

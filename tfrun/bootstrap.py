@@ -23,6 +23,7 @@ from tfrun import backends, rundir
 from tfrun.errors import BootstrapError
 from tfrun.rundir import Plan, Task
 from tfrun.task import gpus, heartbeat, identity, keras_hooks, preempt, rendezvous, watchdog
+from tfrun.tracking import metrics, mlflow_sync, provenance
 
 # The model floor's export, run as a child process (the task floor never imports it).
 EXPORT_MODULE = "tfrun.model.export"
@@ -241,6 +242,11 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     if ident.rank == 0:
         rundir.update_attempt(run_dir, rendezvous.attempt_key(), started=time.time(), ended=None,
                               job_id=preempt.job_id(), host=rundir.hostname())
+        # Off the script's path: a thread (git and the packages' metadata take ~0.1 s).
+        provenance.record_in_background(run_dir, rendezvous.attempt_key(), os.path.dirname(plan.script),
+                                        ident.hostnames if launcher == "slurm" else [rundir.hostname()],
+                                        [t.node_index if launcher == "slurm" else 0 for t in plan.tasks],
+                                        preempt.job_id())
         preempt.on_stop_request(lambda request: record_in_background(plan, request))
         # The nodes this attempt runs on, as Slurm gave them (a packed point's step: its own);
         # a hang an earlier attempt reported is that attempt's.
@@ -248,6 +254,8 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
         rundir.update_status(run_dir, hang=None, **({"nodes": nodes} if nodes else {}))
         if plan.compute.get("hang_timeout_s"):
             watchdog.spawn(run_dir, rendezvous.attempt_key(), launcher, float(plan.compute["hang_timeout_s"]))
+    # tracking=mlflow: the chief's metrics reach MLflow while it trains (a thread; never blocks).
+    live = mlflow_sync.start_live(run_dir, plan.config, rendezvous.attempt_key()) if ident.rank == 0 else None
     code, error = 1, None
     backend = backends.get(plan.backend)
     task = plan.tasks[ident.rank]
@@ -267,7 +275,10 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
             print_user_traceback(exc)
         error = f"{type(exc).__name__}: {exc}"
     preempt.script_ended()
-    if code == preempt.EXIT_PREEMPTED:
+    stopped = code == preempt.EXIT_PREEMPTED
+    if stopped and live is not None:
+        live.end(None)  # now: a requeue ends this task the moment Slurm has done it
+    if stopped:
         code = after_stop_request(plan, ident, code)
     elif ident.rank == 0:
         rundir.update_attempt(run_dir, rendezvous.attempt_key(), ended=time.time(),
@@ -276,6 +287,9 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
         backend.finish(plan, task, code)
     heartbeat.beat(phase="ended")
     export_after_training(plan, ident, code)
+    metrics.flush()
+    if live is not None and not stopped:  # a stopped run goes on in a later attempt, or tfrun ends it
+        live.end("COMPLETED" if code == 0 else "FAILED")
     rundir.update_rank(run_dir, ident.rank, ended=time.time(), exit_code=code, error=error)
     sys.stdout.flush()
     sys.stderr.flush()

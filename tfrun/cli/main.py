@@ -2,7 +2,7 @@
 
 ``tfrun [OVERRIDES]`` composes a run with Hydra, plans it and launches it;
 ``tfrun --dry-run[=json] ...`` prints the plan and runs nothing; ``tfrun status|logs|
-cancel|runs`` act on run directories. Nothing here imports TensorFlow.
+cancel|runs|tensorboard|...`` act on run directories. Nothing here imports TensorFlow.
 
 Exit codes: 0 the run completed; 1 it failed, timed out or was cancelled; 2 the
 configuration or command line was wrong and nothing was started; 3 the run completed
@@ -19,7 +19,7 @@ from typing import Any
 from tfrun import rundir
 from tfrun.errors import ConfigError, TfrunError
 
-VERBS = ("status", "logs", "cancel", "runs", "resume", "plot", "export", "serve", "env")
+VERBS = ("status", "logs", "cancel", "runs", "resume", "plot", "tensorboard", "sync", "export", "serve", "env", "watch")
 EXIT_CONFIG = 2
 
 
@@ -166,8 +166,10 @@ def run_plan_here(cfg: Any) -> str:
 def run_sweep(argv: list[str]) -> int:
     """``tfrun -m``: Hydra's multirun; its sweeper picks the points, the launcher plugin plans
     and launches them (tfrun.targets.sweeps)."""
+    from tfrun.cli import watch
     from tfrun.config.compose import multirun
 
+    watch.install()  # on a terminal, a sweep on Slurm is followed in tfrun watch's live table
     overrides, _, config_dir, config_name = _overrides_only(argv)
     multirun(overrides, _task, config_dir=config_dir, config_name=config_name)
     return sweep_exit_code()

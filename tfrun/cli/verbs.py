@@ -1,4 +1,4 @@
-"""``tfrun status|logs|cancel|runs|resume|plot|export|serve|env``: act on run directories,
+"""``tfrun status|logs|cancel|runs|resume|plot|tensorboard|export|serve|env``: act on run directories,
 from any shell, any day.
 
 They read the run dir and, for Slurm runs not yet finished, ask Slurm about all the
@@ -7,6 +7,7 @@ jobs concerned in one ``sacct`` call (:mod:`tfrun.targets.control`).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -64,10 +65,41 @@ def show_run(run_dir: Path, status: dict[str, Any]) -> None:
         print(f"  {summary(status['export'])}")
 
 
+def show_attempts(run_dir: Path) -> None:
+    """`tfrun status --full`: each attempt with where it came from (tfrun/tracking/provenance.py)."""
+    from tfrun.tracking import provenance
+
+    tried = rundir.attempts(run_dir)
+    print(f"  attempts: {len(tried)}")
+    for attempt in tried:
+        key = str(attempt.get("attempt"))
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(attempt["started"])) if attempt.get("started") else "-"
+        print(f"  attempt {key}: started {started}, {attempt.get('reason') or 'running'}")
+        prov = provenance.read(run_dir, key)
+        if not prov:
+            print("    provenance: not recorded (yet)")
+            continue
+        git = prov["git"]
+        commit = git["commit"] or f"none ({git['error'] or 'not a git repo'})"
+        if git["dirty"]:
+            commit += f" dirty ({run_dir / git['diff_file']})"
+        if git["untracked"]:
+            commit += f", {len(git['untracked'])} untracked file(s)"
+        print(f"    commit: {commit}  (in {prov['source_dir']})")
+        print(f"    hosts: {','.join(prov['hosts'])}  slurm job: {prov['job_id'] or '-'}")
+        print(f"    python: {prov['python']['version']} {prov['python']['executable']}")
+        print(f"    packages: {prov['packages']['count']} ({run_dir / prov['packages']['file']})")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     path = rundir.find_run(args.run)
     dirs = run_dirs_of(path)
     statuses = refresh(dirs)
+    if args.full:
+        for run_dir, status in zip(dirs, statuses):
+            show_run(run_dir, status)
+            show_attempts(run_dir)
+        return 0
     if len(dirs) == 1 and rundir.is_run_dir(path):
         show_run(dirs[0], statuses[0])
         return 0
@@ -154,19 +186,92 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tensorboard(args: argparse.Namespace) -> int:
+    """TensorBoard over a sweep's (or a run's) events, each run named by its differing parameters."""
+    import tempfile
+
+    from tfrun.tracking import board
+
+    try:
+        path = rundir.find_run(args.run)
+        if not board.is_run_or_sweep(path):
+            raise TfrunError(f"{path} is neither a run dir nor a sweep dir")
+        runs = board.board_runs(path, run_dirs_of(path))
+    except TfrunError as exc:
+        print(f"tfrun: error: {exc}", file=sys.stderr)
+        return 2
+    if not board.available():
+        raise TfrunError("TensorBoard is not installed here: pip install tensorboard")
+    links = board.link_runs(runs, Path(tempfile.mkdtemp(prefix="tfrun-tensorboard-")))
+    cmd = board.command(links, args.host, args.port)
+    print(board.describe(runs, cmd), file=sys.stderr)
+    if args.print_command:  # the links stay: the command is meant to be run
+        print(shlex.join(cmd))
+        return 0
+    return _serve_tensorboard(cmd, links)
+
+
+def _serve_tensorboard(cmd: list[str], links: Path) -> int:
+    """Run TensorBoard until it ends or tfrun is stopped; then remove its dir of links."""
+    import shutil
+    import signal
+    import subprocess
+
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    # A SIGTERM to tfrun ends TensorBoard too: as an exit, the `finally` below runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        return child.wait()
+    except KeyboardInterrupt:  # Ctrl-C: TensorBoard, in the same process group, got it too
+        return 130
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        shutil.rmtree(links, ignore_errors=True)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Convert a finished run's model to ONNX and check it (tfrun/model/export.py)."""
+    from tfrun.cli.watch import step
     from tfrun.model import export
 
-    return export.cmd_export(args.run, opset=args.opset, tolerance=args.tolerance, samples=args.samples,
-                             model=args.model, output=args.output)
+    with step("exporting the model to ONNX and checking it against the model"):
+        return export.cmd_export(args.run, opset=args.opset, tolerance=args.tolerance, samples=args.samples,
+                                 model=args.model, output=args.output)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a run's ONNX model over HTTP (tfrun/model/serve.py)."""
     from tfrun.model import serve
 
-    return serve.cmd_serve(args.run, host=args.host, port=args.port, model=args.model)
+    return serve.cmd_serve(args.run, host=args.host, port=args.port, model=args.model, tracking_uri=args.tracking_uri)
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Send a run's (or each point's) metrics, artifacts and end state to MLflow (tracking/mlflow_sync.py)."""
+    from tfrun.tracking import mlflow_sync
+
+    path = rundir.find_run(args.run)
+    code = 0
+    for run_dir, status in zip(run_dirs_of(path), refresh(run_dirs_of(path))):
+        try:
+            known = mlflow_sync.sync(run_dir, status.get("state"))
+        except ValueError as exc:
+            print(f"tfrun: error: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:
+            print(f"tfrun: {run_dir.name}: MLflow unreachable ({type(exc).__name__}: {str(exc)[:300]}); "
+                  "nothing lost: the run dir keeps everything, run tfrun sync again later", file=sys.stderr)
+            code = 1
+            continue
+        ended = f", ended {known['ended']}" if known.get("ended") else ", still running"
+        print(f"{run_dir.name}: MLflow run {known['run_id']} at {known['tracking_uri']} up to date{ended}")
+    return code
 
 
 def _human(size: float) -> str:
@@ -215,7 +320,12 @@ def parser() -> argparse.ArgumentParser:
     run_help = "run or sweep dir, run id, unique part of an id (default: the latest run)"
     s = sub.add_parser("status", help="state of a run or sweep, per rank; why it failed")
     s.add_argument("run", nargs="?", help=run_help)
+    s.add_argument("--full", action="store_true",
+                   help="also each attempt: git commit (dirty?), hosts, Slurm job, Python, packages")
     s.set_defaults(func=cmd_status)
+    from tfrun.cli import watch
+
+    watch.add_parser(sub)  # tfrun/cli/watch.py
     s = sub.add_parser("logs", help="a rank's log")
     s.add_argument("run", nargs="?", help=run_help)
     s.add_argument("--rank", type=int, default=0)
@@ -238,6 +348,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default="loss")
     s.add_argument("-o", "--output", help="PNG path (default: plot-METRIC.png in the run or sweep dir)")
     s.set_defaults(func=cmd_plot)
+    s = sub.add_parser("tensorboard", help="TensorBoard over a sweep's runs, named by the parameters that differ")
+    s.add_argument("run", nargs="?", help=run_help)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=6006, help="port to serve on")
+    s.add_argument("--print-command", action="store_true",
+                   help="print the TensorBoard command (its dir of links is kept) and exit")
+    s.set_defaults(func=cmd_tensorboard)
     s = sub.add_parser("export", help="convert a finished run's model to ONNX and check it against the model")
     s.add_argument("run", nargs="?", help=run_help)
     s.add_argument("--opset", type=int, help="ONNX opset (default: the run's export.opset, else 17)")
@@ -246,8 +363,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="the model, relative to outputs/ (default: found there)")
     s.add_argument("--output", help="file name written in outputs/ (default model.onnx)")
     s.set_defaults(func=cmd_export)
-    s = sub.add_parser("serve", help="serve a run's outputs/model.onnx over HTTP with onnxruntime")
+    s = sub.add_parser("sync", help="send MLflow what a run (tracking=mlflow) recorded and it lacks")
     s.add_argument("run", nargs="?", help=run_help)
+    s.set_defaults(func=cmd_sync)
+    s = sub.add_parser("serve", help="serve a run's outputs/model.onnx (or a registered models:/NAME/VERSION) "
+                                     "over HTTP with onnxruntime")
+    s.add_argument("run", nargs="?", help=run_help + "; or models:/NAME/VERSION from MLflow's registry")
+    s.add_argument("--tracking-uri", help="MLflow of models:/ (default: $MLFLOW_TRACKING_URI, else the "
+                                          "runs dir's mlflow.db)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
     s.add_argument("--model", help="an .onnx file to serve instead (relative to the run's outputs/)")

@@ -221,6 +221,8 @@ class MlflowTrackingConfig(TrackingConfig):
     kind: str = "mlflow"
     tracking_uri: Optional[str] = None  # default: sqlite:///<runs_dir>/mlflow.db; or http://host:5000
     experiment: Optional[str] = None  # default: "tfrun" for single runs, the sweep's name for sweeps
+    register_model: Optional[str] = None  # a name: each completed run's model becomes a new version of it
+    system_metrics: bool = False  # MLflow's CPU, memory, disk, network (and GPU, with NVIDIA's library) metrics
 
 
 @dataclass

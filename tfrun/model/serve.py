@@ -22,6 +22,7 @@ No TensorFlow here: only onnxruntime and numpy (and onnx, if installed, for the 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -324,9 +325,23 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def cmd_serve(run: str | None, host: str = "127.0.0.1", port: int = 8080, model: str | None = None) -> int:
+def registered_path(uri: str, tracking_uri: str | None) -> Path:
+    """The .onnx file of a registered model version (``models:/NAME/VERSION``), downloaded."""
+    from tfrun.tracking import mlflow_sync
+
+    tracking = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow_sync.tracking_uri(
+        {}, Path(os.environ.get("TFRUN_RUNS_DIR", "tfrun-runs")))
+    try:
+        return mlflow_sync.registered_onnx(uri, tracking)
+    except Exception as exc:
+        raise TfrunError(f"cannot serve {uri} from MLflow at {tracking}: {type(exc).__name__}: {exc}") from exc
+
+
+def cmd_serve(run: str | None, host: str = "127.0.0.1", port: int = 8080, model: str | None = None,
+              tracking_uri: str | None = None) -> int:
     """``tfrun serve RUN``: serve until Ctrl-C (or SIGTERM); 0 once stopped."""
-    served = load(model_path(run, model))
+    registered = bool(run and run.startswith("models:/"))
+    served = load(registered_path(run, tracking_uri) if registered else model_path(run, model))  # type: ignore[arg-type]
     server = make_server(served, host, port)
     url = _url(host, server.server_address[1])
     if host not in LOOPBACK:

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from tfrun import rundir
 from tfrun.errors import TfrunError
+from tfrun.targets import progress
 
 
 def run_dirs_of(path: Path) -> list[Path]:
@@ -53,6 +54,24 @@ def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
 
                 mlflow_sync.sync_if_asked(run_dir, fields["state"])
     return statuses
+
+
+def _lost(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
+    """A local run not ended whose launcher (on this host) is gone: LOST, for it will not end
+    by itself. Read again first: the launcher records the end just before it exits."""
+    if (status.get("target") != "local" or status.get("state") in rundir.FINAL_STATES or not status.get("launcher_pid")
+            or status.get("launcher_started") is None
+            or status.get("launcher_host") != rundir.hostname() or _is_the_launcher(int(status["launcher_pid"]), status)):
+        return status
+    status = rundir.read_status(run_dir)
+    return status if status.get("state") in rundir.FINAL_STATES else {**status, "state": progress.LOST}
+
+
+def snapshot(path: Path) -> progress.Snapshot:
+    """The progress of a run or sweep now (``tfrun watch``): one :func:`refresh`, so at most
+    one scheduler query for all its runs."""
+    dirs = run_dirs_of(path)
+    return progress.snapshot(path, dirs, [_lost(d, s) for d, s in zip(dirs, refresh(dirs))])
 
 
 def _cancel_in_this_process(run_dir: Path) -> bool:

@@ -21,7 +21,7 @@ from typing import Sequence
 from tfrun import deps, rundir
 from tfrun.errors import ConfigError
 from tfrun.plan import Plan, packing, sbatch
-from tfrun.targets import slurm
+from tfrun.targets import progress, slurm
 from tfrun.task import preempt
 
 CANCEL_MARKER = "cancel-requested"
@@ -186,19 +186,24 @@ def cancel_point(run_dir: Path) -> None:
 def follow(plans: Sequence[Plan], by_dir: dict[str, str], poll_s: float) -> list[str]:
     """Until every point is final: one sacct per poll for the allocations, the points' own status files."""
     shown, final = "", {}
-    while len(final) < len(plans):
-        info = slurm.query(set(by_dir.values()))
-        states = {}
-        for plan in plans:
-            job_state = slurm.tfrun_state(info.get(by_dir[plan.run_dir], {}).get("State", "PENDING"))
-            state = point_state(plan.run_dir, job_state)
-            states[plan.run_dir] = state
-            if state in rundir.FINAL_STATES:
-                final[plan.run_dir] = state
-        shown = slurm._sweep_line(len(plans), states, shown)
-        if len(final) < len(plans):
-            time.sleep(poll_s)
-    if sys.stderr.isatty():
+    view = progress.sweep_view()
+    try:
+        while len(final) < len(plans):
+            info = slurm.query(set(by_dir.values()))
+            states = {}
+            for plan in plans:
+                job_state = slurm.tfrun_state(info.get(by_dir[plan.run_dir], {}).get("State", "PENDING"))
+                state = point_state(plan.run_dir, job_state)
+                states[plan.run_dir] = state
+                if state in rundir.FINAL_STATES:
+                    final[plan.run_dir] = state
+            shown = slurm.show_sweep(view, plans, states, shown)
+            if len(final) < len(plans):
+                time.sleep(poll_s)
+    finally:
+        if view is not None:
+            view.close()
+    if sys.stderr.isatty() and view is None:
         print(file=sys.stderr)
     return [final[p.run_dir] for p in plans]
 
@@ -210,10 +215,11 @@ def run_packed(plans: Sequence[Plan], sweep_dir: str) -> list[str]:
                                   "a sweep whose points all ask for the same Slurm resources (this one varies them)")
     groups = packing.packs(plans)
     folder = os.path.join(sweep_dir, sbatch.SUBMITIT_DIR)
-    for plan in plans:
-        slurm._prepare(plan)
-        deps.prepare(plan)
-    job_ids = submit(groups, folder)
+    with progress.busy(f"submitting {len(plans)} run(s) packed into {len(groups)} job(s)"):
+        for plan in plans:
+            slurm._prepare(plan)
+            deps.prepare(plan)
+        job_ids = submit(groups, folder)
     now = time.time()
     by_dir = {}
     for group, job_id in zip(groups, job_ids):

@@ -6,6 +6,7 @@ query per poll for all of a launch's jobs, never one query per job.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ from tfrun import deps, rundir
 from tfrun.errors import ConfigError, LaunchError
 from tfrun.model import export
 from tfrun.plan import Plan, sbatch, submitit_compat
+from tfrun.targets import progress
 
 # sacct states -> tfrun states. Anything not listed is shown as Slurm says it.
 _STATES = {
@@ -288,6 +290,16 @@ def _sweep_line(total: int, states: dict[str, str], shown: str) -> str:
     return line
 
 
+def show_sweep(view: progress.SweepView | None, plans: Sequence[Plan], states: dict[str, str], shown: str) -> str:
+    """The sweep's progress after a poll: the live view on a terminal (drawn from the status
+    files this poll just updated: no query of its own), else :func:`_sweep_line`."""
+    if view is None:
+        return _sweep_line(len(plans), states, shown)
+    dirs = [Path(p.run_dir) for p in plans]
+    view.show(progress.snapshot(dirs[0].parent, dirs, [rundir.read_status(d) for d in dirs]))
+    return shown
+
+
 def allocation(job: dict[str, str], state: str) -> dict[str, str]:
     """``{"nodes": ...}`` from a job's sacct record while it runs. Before it runs there are
     none, and just after it ends sacct briefly shows only the batch host: the running job's
@@ -303,6 +315,23 @@ def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list
     tail = _LogTail(rundir.rank_log(plans[0].run_dir, 0)) if len(plans) == 1 else None
     last: dict[str, str] = {}
     final: dict[str, str] = {}
+    view = progress.sweep_view() if len(plans) > 1 else None
+    try:
+        _poll(plans, job_ids, poll_s, tail, last, final, view)
+    finally:
+        if view is not None:
+            view.close()
+    if tail:
+        time.sleep(0.2)  # the last lines can land after sacct says the job ended
+        tail.pump()
+    if len(plans) > 1 and sys.stderr.isatty() and view is None:
+        print(file=sys.stderr)
+    return [final[j] for j in job_ids]
+
+
+def _poll(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float, tail: _LogTail | None,
+          last: dict[str, str], final: dict[str, str], view: progress.SweepView | None) -> None:
+    """:func:`follow`'s loop: one query per poll, state changes recorded, progress shown."""
     shown = ""
     while len(final) < len(plans):
         info = query(job_ids)
@@ -323,15 +352,9 @@ def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list
         if tail:
             tail.pump()
         if len(plans) > 1:
-            shown = _sweep_line(len(plans), last, shown)
+            shown = show_sweep(view, plans, last, shown)
         if len(final) < len(plans):
             time.sleep(poll_s)
-    if tail:
-        time.sleep(0.2)  # the last lines can land after sacct says the job ended
-        tail.pump()
-    if len(plans) > 1 and sys.stderr.isatty():
-        print(file=sys.stderr)
-    return [final[j] for j in job_ids]
 
 
 def _prepare(plan: Plan) -> None:
@@ -385,9 +408,10 @@ def run_many(plans: Sequence[Plan], sweep_dir: str) -> list[str]:
     folder = os.path.join(sweep_dir, sbatch.SUBMITIT_DIR)
     ordered: list[Plan] = []
     job_ids: list[str] = []
-    for group in sbatch.parameter_groups(plans):
-        job_ids += launch(group, folder)
-        ordered += group
+    with progress.busy(f"submitting {len(plans)} run(s) to Slurm") if len(plans) > 1 else contextlib.nullcontext():
+        for group in sbatch.parameter_groups(plans):
+            job_ids += launch(group, folder)
+            ordered += group
     print(f"tfrun: submitted {len(ordered)} run(s) as job(s) {', '.join(sorted({j.split('_')[0] for j in job_ids}))}; "
           f"sweep dir {sweep_dir}", file=sys.stderr, flush=True)
     if not plans[0].compute["wait"]:

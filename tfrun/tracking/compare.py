@@ -46,11 +46,16 @@ def point_params(sweep_dir: Path, run_dirs: Sequence[Path]) -> list[dict[str, st
     return params
 
 
+def varying_keys(params: Sequence[dict[str, str]]) -> list[str]:
+    """The parameters whose value is not the same in every point, sorted."""
+    return sorted(k for k in {k for p in params for k in p} if len({p.get(k) for p in params}) > 1)
+
+
 def sweep_table(sweep_dir: Path, run_dirs: Sequence[Path], statuses: Sequence[dict[str, Any]],
                 sort: str | None = None) -> str:
     """A text table: the parameters that differ, state, duration, final/best of each metric."""
     params = point_params(sweep_dir, run_dirs)
-    varying = sorted(k for k in {k for p in params for k in p} if len({p.get(k) for p in params}) > 1)
+    varying = varying_keys(params)
     summaries = [summary(d) for d in run_dirs]
     names = sorted({m for s in summaries for m in s})
     rows = list(zip(run_dirs, params, statuses, summaries))
@@ -73,7 +78,7 @@ def sweep_table(sweep_dir: Path, run_dirs: Sequence[Path], statuses: Sequence[di
 def labels(sweep_dir: Path, run_dirs: Sequence[Path]) -> list[str]:
     """'3: trainer.lr=0.01' for each point: its name and the parameters that differ."""
     params = point_params(sweep_dir, run_dirs)
-    varying = sorted(k for k in {k for p in params for k in p} if len({p.get(k) for p in params}) > 1)
+    varying = varying_keys(params)
     return [f"{d.name}: " + " ".join(f"{k}={p.get(k)}" for k in varying) if varying else d.name
             for d, p in zip(run_dirs, params)]
 

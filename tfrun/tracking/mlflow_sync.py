@@ -1,20 +1,37 @@
-"""``tracking=mlflow``: each tfrun run becomes one MLflow run, a sweep one parent run.
+"""``tracking=mlflow``: each tfrun run is one MLflow run, a sweep one parent run.
 
-Synced from the run dir by the tfrun process that sees the run end (the one that
-launched it, or a later ``tfrun status``): the composed config as params, every metric
-with its step, the run's files (config, plan, status, logs, exported model) as
-artifacts. MLflow is imported only here, only when asked.
+Live: the chief task opens the run when it starts (params, tags) and a background thread
+sends each metric record as ``metrics.jsonl`` gains it; when the script ends the task
+adds the artifacts (config, plan, logs, the saved model, the ONNX export), registers the
+model if asked, and ends the MLflow run. A requeued or resumed run continues the same
+MLflow run: its id is kept in the run dir (``mlflow.json``), with the time of the last
+record sent. The run dir stays the truth: an MLflow server that is down never fails or
+slows training (records wait in the run dir), and ``tfrun sync RUN`` or the tfrun process
+that sees the run end sends whatever is missing. MLflow is imported only here, only
+when asked; the client, not MLflow's global "active run", so a script's own MLflow use
+is left alone.
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from tfrun import rundir
 from tfrun.tracking import metrics
 
+STATE_FILE = "mlflow.json"  # in a run dir (its MLflow run) or a sweep dir (the parent run)
+SEND_INTERVAL_S = 2.0
+RETRY_INTERVAL_S = 30.0  # after a failed send: the server is down, do not hammer it
+END_DEADLINE_S = 20.0  # how long the end of a task may wait for MLflow
 _MAX_PARAM = 500  # MLflow rejects long param values; the full config is an artifact anyway
+_BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-request limits
+_RESERVED = ("epoch", "time", "step")
 
 
 def tracking_uri(cfg: Mapping[str, Any], runs_dir: Path) -> str:
@@ -33,11 +50,21 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, st
             yield name, str(value)[:_MAX_PARAM]
 
 
-def _client(cfg: Mapping[str, Any], runs_dir: Path) -> Any:
-    import mlflow
+def wanted(config: Mapping[str, Any]) -> bool:
+    return bool((config.get("tracking") or {}).get("kind", "none") == "mlflow")
 
-    mlflow.set_tracking_uri(tracking_uri(cfg, runs_dir))
-    return mlflow
+
+def _quick_failures() -> None:
+    """An unreachable server answers within seconds, not after MLflow's ~2 minutes of retries."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _experiment_id(mlflow: Any, cfg: Mapping[str, Any], runs_dir: Path, name: str) -> str:
@@ -46,92 +73,381 @@ def _experiment_id(mlflow: Any, cfg: Mapping[str, Any], runs_dir: Path, name: st
     if found is not None:
         return str(found.experiment_id)
     location = None if cfg.get("tracking_uri") else (runs_dir / "mlartifacts").resolve().as_uri()
-    return str(mlflow.create_experiment(name, artifact_location=location))
+    try:
+        return str(mlflow.create_experiment(name, artifact_location=location))
+    except Exception:
+        found = mlflow.get_experiment_by_name(name)  # another point of the sweep created it first
+        if found is None:
+            raise
+        return str(found.experiment_id)
 
 
-def parent_run(cfg: Mapping[str, Any], runs_dir: Path, sweep_dir: Path) -> str:
-    """The sweep's parent run (created once; its id is kept in the sweep dir)."""
-    marker = sweep_dir / "mlflow.json"
-    known = rundir.read_json(marker)
-    if known:
-        return str(known["run_id"])
-    mlflow = _client(cfg, runs_dir)
-    experiment_id = _experiment_id(mlflow, cfg, runs_dir, cfg.get("experiment") or sweep_dir.name)
-    run = mlflow.MlflowClient().create_run(experiment_id, run_name=sweep_dir.name,
-                                           tags={"tfrun.sweep_dir": str(sweep_dir)})
-    rundir.write_json(marker, {"run_id": run.info.run_id, "experiment_id": experiment_id,
-                             "tracking_uri": tracking_uri(cfg, runs_dir)})
-    return str(run.info.run_id)
+class _Lock:
+    """An exclusive lock on a file of the shared run dir: one creator of a run at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
 
 
-def sync_run(run_dir: Path, config: Mapping[str, Any], state: str) -> str:
-    """Log one finished run to MLflow; returns the MLflow run id (kept in status.json)."""
+def parent_run(cfg: Mapping[str, Any], runs_dir: Path, sweep_dir: Path) -> dict[str, Any]:
+    """The sweep's parent run: created once, by whichever point gets there first."""
+    marker = sweep_dir / STATE_FILE
+    with _Lock(sweep_dir / ".mlflow.lock"):
+        known = rundir.read_json(marker)
+        if known:
+            return dict(known)
+        uri = tracking_uri(cfg, runs_dir)
+        mlflow = client(uri)
+        experiment_id = _experiment_id(mlflow, cfg, runs_dir, cfg.get("experiment") or sweep_dir.name)
+        run = mlflow.create_run(experiment_id, run_name=sweep_dir.name, tags={"tfrun.sweep_dir": str(sweep_dir)})
+        known = {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": uri}
+        rundir.write_json(marker, known)
+        return known
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _log(mlflow: Any, run_id: str, *, metrics: list[Any] = (), params: list[Any] = (),  # type: ignore[assignment]
+         tags: list[Any] = ()) -> None:  # type: ignore[assignment]
+    for kind, items in (("params", list(params)), ("tags", list(tags)), ("metrics", list(metrics))):
+        for chunk in _chunks(items, _BATCH[kind]):
+            mlflow.log_batch(run_id, **{kind: chunk})
+
+
+def open_run(run_dir: Path, config: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The run's MLflow run (created, with its params and tags, the first time) and its record."""
+    from mlflow.entities import Param
+
     cfg = config["tracking"]
     runs_dir = Path(config["tfrun"]["runs_dir"])
-    sweep_dir = run_dir.parent if (run_dir.parent / rundir.SWEEP_FILE).exists() else None
-    parent = parent_run(cfg, runs_dir, sweep_dir) if sweep_dir else None
-    mlflow = _client(cfg, runs_dir)
-    if parent:
-        experiment_id = rundir.read_json(sweep_dir / "mlflow.json")["experiment_id"]  # type: ignore[operator]
-    else:
-        experiment_id = _experiment_id(mlflow, cfg, runs_dir, cfg.get("experiment") or "tfrun")
-    # The user's tags (tfrun.tags, Experiment.submit(tags=...)) first: tfrun's own keys are its to set.
-    tags = {**(config["tfrun"].get("tags") or {}), "tfrun.run_dir": str(run_dir), "tfrun.state": state}
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_dir.name if parent else
-                          rundir.read_status(run_dir).get("run_id", run_dir.name), tags=tags) as run:
-        mlflow.log_params(dict(flatten({k: v for k, v in config.items() if k != "hydra"})))
-        for record in metrics.read_metrics(run_dir / metrics.METRICS_FILE):
-            step = record.get("epoch") if record.get("epoch") is not None else (record.get("step") or 0)
-            if record.get("name") is not None:
-                mlflow.log_metric(record["name"], float(record["value"]), step=int(step))
-                continue
-            for key, value in record.items():
-                if key not in ("epoch", "time", "step") and isinstance(value, (int, float)):
-                    mlflow.log_metric(key, float(value), step=int(step))
-        for name in ("plan.json", "status.json", "attempts.json", "export.json"):
-            if (run_dir / name).exists():
-                mlflow.log_artifact(str(run_dir / name))
-        for folder in (".hydra", "logs"):
-            if (run_dir / folder).is_dir():
-                mlflow.log_artifacts(str(run_dir / folder), artifact_path=folder.lstrip("."))
-        onnx = run_dir / "outputs" / "model.onnx"
-        if onnx.exists():
-            mlflow.log_artifact(str(onnx), artifact_path="model")
-        status = "FINISHED" if state == "COMPLETED" else "FAILED" if state in ("FAILED", "TIMEOUT") else "KILLED"
-        mlflow.end_run(status=status)
-        return str(run.info.run_id)
+    with _Lock(run_dir / ".mlflow.lock"):
+        known = rundir.read_json(run_dir / STATE_FILE)
+        if known:
+            return client(known["tracking_uri"]), dict(known)
+        uri = tracking_uri(cfg, runs_dir)
+        mlflow = client(uri)
+        sweep_dir = run_dir.parent if (run_dir.parent / rundir.SWEEP_FILE).exists() else None
+        parent = parent_run(cfg, runs_dir, sweep_dir) if sweep_dir else None
+        if parent:
+            experiment_id = parent["experiment_id"]
+        else:
+            experiment_id = _experiment_id(mlflow, cfg, runs_dir, cfg.get("experiment") or "tfrun")
+        # The user's tags (tfrun.tags, Experiment.submit(tags=...)) first: tfrun's own keys are its to set.
+        run_id = rundir.read_status(run_dir).get("run_id", run_dir.name)
+        tags = {**(config["tfrun"].get("tags") or {}), "tfrun.run_dir": str(run_dir), "tfrun.run_id": run_id}
+        if parent:
+            tags["mlflow.parentRunId"] = parent["run_id"]
+        run = mlflow.create_run(experiment_id, run_name=run_dir.name if parent else run_id, tags=tags)
+        params = [Param(k, v) for k, v in flatten({k: v for k, v in config.items() if k != "hydra"})]
+        _log(mlflow, run.info.run_id, params=params)
+        known = {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": uri, "sent_until": 0.0}
+        rundir.write_json(run_dir / STATE_FILE, known)
+        return mlflow, known
 
 
-def sync_if_asked(run_dir: str | os.PathLike[str], state: str) -> None:
-    """Sync a finished run once, if its config asks for MLflow; failures are reported, not fatal."""
-    import sys
+def to_metrics(records: list[dict[str, Any]]) -> list[Any]:
+    """MLflow metrics of metric records: ``log_metric`` values and each number of an epoch."""
+    from mlflow.entities import Metric
 
+    out = []
+    for record in records:
+        stamp = int(record.get("time", 0) * 1000)
+        if record.get("name") is not None:
+            out.append(Metric(str(record["name"]), float(record["value"]), stamp, int(record.get("step") or 0)))
+            continue
+        if record.get("epoch") is None:
+            continue  # log_params records: the run's params come from its config
+        for key, value in record.items():
+            if key not in _RESERVED and isinstance(value, (int, float)) and not isinstance(value, bool):
+                out.append(Metric(key, float(value), stamp, int(record["epoch"])))
+    return out
+
+
+class Sender:
+    """Sends a run's new metric records to its MLflow run: those after ``sent_until``.
+
+    Reads ``metrics.jsonl`` on from where it last stopped (from the start again if the
+    file was replaced, as at a restore), and remembers what was sent in ``mlflow.json``,
+    so each record is sent once across attempts and processes.
+    """
+
+    def __init__(self, run_dir: Path, mlflow: Any, known: dict[str, Any]):
+        self.run_dir, self.mlflow, self.known = run_dir, mlflow, known
+        self.path = run_dir / metrics.METRICS_FILE
+        self.offset, self.inode = 0, None
+
+    def _new_records(self) -> tuple[list[dict[str, Any]], int]:
+        try:
+            with open(self.path, "rb") as f:
+                inode = os.fstat(f.fileno()).st_ino
+                if inode != self.inode or os.fstat(f.fileno()).st_size < self.offset:
+                    self.offset, self.inode = 0, inode
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return [], self.offset
+        end = data.rfind(b"\n") + 1  # a line still being written waits for the next round
+        since = float(self.known.get("sent_until") or 0.0)
+        records = [r for r in metrics.parse(data[:end].decode(errors="replace")) if r.get("time", 0) > since]
+        return records, self.offset + end
+
+    def send(self) -> int:
+        """Send what is new; the number of records sent. Raises if MLflow cannot be reached."""
+        records, offset = self._new_records()
+        if records:
+            _log(self.mlflow, self.known["run_id"], metrics=to_metrics(records))
+            self.known["sent_until"] = max(r.get("time", 0) for r in records)
+            rundir.write_json(self.run_dir / STATE_FILE, self.known)
+        self.offset = offset
+        return len(records)
+
+
+def _artifacts(mlflow: Any, run_id: str, run_dir: Path) -> None:
+    for name in ("plan.json", "status.json", "attempts.json", "export.json"):
+        if (run_dir / name).exists():
+            mlflow.log_artifact(run_id, str(run_dir / name))
+    for folder in (".hydra", "logs", "provenance"):
+        if (run_dir / folder).is_dir():
+            mlflow.log_artifacts(run_id, str(run_dir / folder), artifact_path=folder.lstrip("."))
+    outputs = run_dir / "outputs"
+    if outputs.is_dir() and any(outputs.iterdir()):
+        mlflow.log_artifacts(run_id, str(outputs), artifact_path="model")
+
+
+def register(mlflow: Any, run_id: str, name: str, run_dir: Path) -> str:
+    """A new version of registered model ``name`` from the run's ``model`` artifacts; its number."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.create_registered_model(name, description="Registered by tfrun from its runs' outputs/.")
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    source = f"{mlflow.get_run(run_id).info.artifact_uri}/model"
+    tags = {"tfrun.run_dir": str(run_dir), "tfrun.onnx": str((run_dir / "outputs" / "model.onnx").exists()).lower()}
+    version = mlflow.create_model_version(name, source, run_id=run_id, tags=tags)
+    return str(version.version)
+
+
+def _mlflow_status(state: str) -> str:
+    return "FINISHED" if state == "COMPLETED" else "FAILED" if state in ("FAILED", "TIMEOUT") else "KILLED"
+
+
+def finish(run_dir: Path, config: Mapping[str, Any], state: str) -> dict[str, Any]:
+    """Send what is missing, the artifacts, the registration if asked; end the MLflow run."""
+    mlflow, known = open_run(run_dir, config)
+    Sender(run_dir, mlflow, known).send()
+    _artifacts(mlflow, known["run_id"], run_dir)
+    model_name = config["tracking"].get("register_model")
+    if model_name and state == "COMPLETED" and not known.get("registered"):
+        known["registered"] = {"name": model_name, "version": register(mlflow, known["run_id"], model_name, run_dir)}
+    mlflow.set_tag(known["run_id"], "tfrun.state", state)
+    mlflow.set_terminated(known["run_id"], status=_mlflow_status(state))
+    known["ended"] = state
+    rundir.write_json(run_dir / STATE_FILE, known)
+    return known
+
+
+def _say(message: str) -> None:
+    print(f"tfrun: {message}", file=sys.stderr, flush=True)
+
+
+class Live:
+    """In the chief task: the run's MLflow run kept up to date while the script trains."""
+
+    def __init__(self, run_dir: Path, config: Mapping[str, Any], attempt: str):
+        self.run_dir, self.config, self.attempt = run_dir, config, attempt
+        self.sender: Sender | None = None
+        self.monitor: Any = None
+        self.stop = threading.Event()
+        self.warned = False
+        self.thread = threading.Thread(target=self._run, name="tfrun-mlflow", daemon=True)
+
+    def start(self) -> None:
+        _quick_failures()
+        self.thread.start()
+
+    def _connect(self) -> Sender:
+        mlflow, known = open_run(self.run_dir, self.config)
+        tags = {"tfrun.attempt": self.attempt, "tfrun.state": "RUNNING", "tfrun.host": socket.gethostname()}
+        if os.environ.get("SLURM_JOB_ID"):
+            tags["tfrun.slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+        tags.update(_provenance_tags(self.run_dir, self.attempt))
+        from mlflow.entities import RunTag
+
+        _log(mlflow, known["run_id"], tags=[RunTag(k, v) for k, v in tags.items()])
+        if known.get("ended"):  # a resumed run: its MLflow run is running again
+            mlflow.update_run(known["run_id"], status="RUNNING")
+            known.pop("ended")
+            rundir.write_json(self.run_dir / STATE_FILE, known)
+        if self.config["tracking"].get("system_metrics"):
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(known["run_id"], resume_logging=self.attempt_number() > 1,
+                                                tracking_uri=known["tracking_uri"])
+            self.monitor.start()
+        _say(f"MLflow run {known['run_id']} at {known['tracking_uri']}")
+        return Sender(self.run_dir, mlflow, known)
+
+    def attempt_number(self) -> int:
+        return len(rundir.attempts(self.run_dir)) or 1
+
+    def _round(self) -> None:
+        if self.sender is None:
+            self.sender = self._connect()
+        self.sender.send()
+        if self.warned:
+            _say("MLflow reachable again: metrics sent")
+            self.warned = False
+
+    def _run(self) -> None:
+        wait = 0.0
+        while not self.stop.wait(wait):
+            try:
+                self._round()
+                wait = SEND_INTERVAL_S
+            except Exception as exc:
+                wait = RETRY_INTERVAL_S
+                if not self.warned:
+                    _say(f"warning: MLflow unreachable ({type(exc).__name__}: {str(exc)[:200]}); metrics stay "
+                         f"in the run dir and are sent when it answers (or `tfrun sync {self.run_dir}`)")
+                    self.warned = True
+
+    def end(self, state: str | None) -> None:
+        """The script returned: last records, then artifacts and the end of the MLflow run
+        (``state`` None: the run continues in a later attempt, its MLflow run stays open).
+        Bounded by END_DEADLINE_S; never raises."""
+        self.stop.set()
+        self.thread.join(END_DEADLINE_S)
+        if self.monitor is not None:
+            self.monitor.finish()
+        done = threading.Event()
+
+        def last() -> None:
+            try:
+                metrics.flush()
+                if state is None or self.warned:
+                    if self.sender is not None and not self.warned:
+                        self.sender.send()
+                    return
+                finish(self.run_dir, self.config, state)
+            except Exception as exc:
+                _say(f"warning: could not end the MLflow run ({type(exc).__name__}: {str(exc)[:200]}); "
+                     f"`tfrun sync {self.run_dir}` sends the rest")
+            finally:
+                done.set()
+
+        threading.Thread(target=last, name="tfrun-mlflow-end", daemon=True).start()
+        if not done.wait(END_DEADLINE_S):
+            _say(f"warning: MLflow did not answer within {END_DEADLINE_S:.0f} s; `tfrun sync {self.run_dir}` "
+                 "sends the rest")
+
+
+def _provenance_tags(run_dir: Path, attempt: str) -> dict[str, str]:
+    """The attempt's provenance (git commit, hosts) as tags, when recorded."""
+    try:
+        from tfrun.tracking import provenance  # type: ignore[attr-defined]
+    except ImportError:
+        return {}
+    try:
+        found = provenance.read(run_dir, attempt)
+    except Exception:
+        return {}
+    tags = {}
+    for key, value in (found or {}).items():
+        if isinstance(value, (str, int, float, bool)):
+            tags[f"tfrun.{key}"] = str(value)[:_MAX_PARAM]
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            tags[f"tfrun.{key}"] = ",".join(value)[:_MAX_PARAM]
+    return tags
+
+
+def start_live(run_dir: str | os.PathLike[str], config: Mapping[str, Any], attempt: str) -> Live | None:
+    """In the chief task, when the run asks for MLflow: the live sync, started."""
+    if not wanted(config):
+        return None
+    live = Live(Path(run_dir), config, attempt)
+    live.start()
+    return live
+
+
+def sync(run_dir: str | os.PathLike[str], state: str | None = None) -> dict[str, Any]:
+    """``tfrun sync RUN``: send what MLflow lacks; end the MLflow run if the run has ended."""
     from tfrun.rundir import Plan
 
     path = Path(run_dir)
-    if state not in rundir.FINAL_STATES or rundir.read_status(path).get("mlflow_run_id"):
+    config = Plan.load(path).config
+    if not wanted(config):
+        raise ValueError(f"run {path} was not launched with tracking=mlflow (its tracking.kind is "
+                         f"{(config.get('tracking') or {}).get('kind', 'none')!r})")
+    _quick_failures()
+    state = state or rundir.read_status(path).get("state")
+    if state in rundir.FINAL_STATES:
+        return finish(path, config, state)
+    mlflow, known = open_run(path, config)
+    Sender(path, mlflow, known).send()
+    return known
+
+
+def sync_if_asked(run_dir: str | os.PathLike[str], state: str) -> None:
+    """When a run ended: end its MLflow run if the task could not; failures are reported, not fatal."""
+    from tfrun.rundir import Plan
+
+    path = Path(run_dir)
+    if state not in rundir.FINAL_STATES:
+        return
+    if rundir.read_status(path).get("mlflow_run_id"):
         return
     config = Plan.load(path).config
-    if config.get("tracking", {}).get("kind", "none") != "mlflow":
+    if not wanted(config):
         return
-    try:
-        run_id = sync_run(path, config, state)
-    except Exception as exc:  # the run's own result must not depend on the tracking server
-        print(f"tfrun: warning: could not log run {path.name} to MLflow: {exc}", file=sys.stderr)
-        return
-    rundir.update_status(path, mlflow_run_id=run_id)
-    print(f"tfrun: logged to MLflow ({tracking_uri(config['tracking'], Path(config['tfrun']['runs_dir']))}) "
-          f"as run {run_id}", file=sys.stderr)
+    known = rundir.read_json(path / STATE_FILE) or {}
+    if known.get("ended") != state:  # else the chief task ended it already
+        try:
+            _quick_failures()
+            known = finish(path, config, state)
+        except Exception as exc:  # the run's own result must not depend on the tracking server
+            print(f"tfrun: warning: could not log run {path.name} to MLflow: {exc}", file=sys.stderr)
+            return
+    rundir.update_status(path, mlflow_run_id=known["run_id"])
+    print(f"tfrun: logged to MLflow ({known['tracking_uri']}) as run {known['run_id']}", file=sys.stderr)
+
+
+def registered_onnx(uri: str, tracking: str) -> Path:
+    """The ONNX file of ``models:/NAME/VERSION``, downloaded to a fresh temp dir."""
+    import tempfile
+
+    from mlflow.artifacts import download_artifacts
+
+    name, _, version = uri[len("models:/"):].rstrip("/").partition("/")
+    if not name or not version:
+        raise ValueError(f"{uri}: expected models:/NAME/VERSION")
+    registry = client(tracking)  # its registry is the tracking store's (MLflow's default would be the cwd's)
+    if version == "latest":
+        version = str(max(int(v.version) for v in registry.search_model_versions(f"name='{name}'")))
+    source = registry.get_model_version_download_uri(name, version)
+    local = Path(download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="tfrun-model-"),
+                                    tracking_uri=tracking))
+    found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local] if local.suffix == ".onnx" else []
+    if not found:
+        raise FileNotFoundError(f"{uri} has no .onnx file (register a run made with export=onnx)")
+    return found[0]
 
 
 def finish_sweep(sweep_dir: Path, failed: bool) -> None:
     """Close a sweep's parent run, if it has one."""
-    marker = rundir.read_json(sweep_dir / "mlflow.json")
+    marker = rundir.read_json(sweep_dir / STATE_FILE)
     if not marker:
         return
-    import mlflow
-
-    mlflow.set_tracking_uri(marker["tracking_uri"])
-    mlflow.MlflowClient().set_terminated(marker["run_id"], status="FAILED" if failed else "FINISHED")
+    client(marker["tracking_uri"]).set_terminated(marker["run_id"], status="FAILED" if failed else "FINISHED")
