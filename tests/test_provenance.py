@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -49,6 +50,9 @@ with open(os.path.join(folder, "events.out.tfevents.%d.test" % time.time()), "wb
         data = event.SerializeToString()
         header = struct.pack("<Q", len(data))
         f.write(header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data)))
+import tfrun
+for s in range(4):  # values of a custom loop: tfrun tensorboard converts them
+    tfrun.log_metric("custom", a.x + s, s)
 '''
 
 
@@ -163,7 +167,13 @@ def test_tensorboard_serves_the_sweep(tmp_path: Path, sweep: Path) -> None:
                 assert proc.poll() is None, err.read_text()
                 return []
 
-        wait_for(lambda: runs() == ["trainer.x=0.5", "trainer.x=2"], 60, "TensorBoard to list both runs")
+        # Each run's own events, and its tfrun.log_metric values converted (TensorFlow's import: ~10 s).
+        wait_for(lambda: runs() == ["trainer.x=0.5", "trainer.x=0.5/metrics", "trainer.x=2", "trainer.x=2/metrics"],
+                 90, "TensorBoard to list both runs and their logged values")
+        query = urllib.parse.urlencode({"run": "trainer.x=2/metrics", "tag": "custom"})
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?{query}", timeout=10) as answer:
+            points = json.loads(answer.read())
+        assert [(step, value) for _, step, value in points] == [(0, 2.0), (1, 3.0), (2, 4.0), (3, 5.0)]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

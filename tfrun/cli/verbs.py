@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -205,18 +206,24 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
     links = board.link_runs(runs, Path(tempfile.mkdtemp(prefix="tfrun-tensorboard-")))
     cmd = board.command(links, args.host, args.port)
     print(board.describe(runs, cmd), file=sys.stderr)
+    # tfrun.log_metric values become TensorBoard scalars here, not in the task (a child
+    # process: converting imports TensorFlow, which tfrun's CLI never does).
+    convert = [sys.executable, "-m", "tfrun.tracking.board", *(str(r.run_dir) for r in runs)]
     if args.print_command:  # the links stay: the command is meant to be run
+        if any(board.has_values(r.run_dir) for r in runs):
+            subprocess.run(convert, stdin=subprocess.DEVNULL, check=False)
         print(shlex.join(cmd))
         return 0
-    return _serve_tensorboard(cmd, links)
+    return _serve_tensorboard(cmd, links, [convert[0], *convert[1:3], "--every", "5", *convert[3:]])
 
 
-def _serve_tensorboard(cmd: list[str], links: Path) -> int:
-    """Run TensorBoard until it ends or tfrun is stopped; then remove its dir of links."""
+def _serve_tensorboard(cmd: list[str], links: Path, convert: list[str]) -> int:
+    """Run TensorBoard (and the conversion of logged values, every few seconds) until it
+    ends or tfrun is stopped; then remove its dir of links."""
     import shutil
     import signal
-    import subprocess
 
+    converter = subprocess.Popen(convert, stdin=subprocess.DEVNULL)
     child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
     # A SIGTERM to tfrun ends TensorBoard too: as an exit, the `finally` below runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -232,6 +239,9 @@ def _serve_tensorboard(cmd: list[str], links: Path) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+        if converter.poll() is None:
+            converter.terminate()
+            converter.wait()
         shutil.rmtree(links, ignore_errors=True)
 
 
@@ -385,6 +395,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--older-than", type=float, metavar="DAYS", help="also remove environments unused for DAYS days")
     e.add_argument("--all", action="store_true", help="remove every environment")
     s.set_defaults(func=cmd_env)
+    # `tfrun tune` composes and runs a multirun again: tfrun.cli.main does it, with this parser.
+    s = sub.add_parser("tune", help="tuning studies of hydra/sweeper=tfrun")
+    tune_sub = s.add_subparsers(dest="action", required=True)
+    t = tune_sub.add_parser("resume", help="follow a study again after its tfrun was stopped or killed: trials "
+                                           "still running are followed, ended ones told, missing ones started")
+    t.add_argument("sweep", help="the study's sweep dir, its id, or a unique part of it")
     return p
 
 

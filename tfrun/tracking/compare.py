@@ -70,7 +70,10 @@ def sweep_table(sweep_dir: Path, run_dirs: Sequence[Path], statuses: Sequence[di
         start, end = status.get("started"), status.get("ended") or time.time()
         duration = f"{end - start:.0f}s" if start else "-"
         cells = [f"{summ[m][0]:.4g}/{summ[m][1]:.4g}" if m in summ else "-" for m in names]
-        table.append([run_dir.name, *(p.get(k, "-") for k in varying), status.get("state", "UNKNOWN"), duration, *cells])
+        state = status.get("state", "UNKNOWN")
+        if state == "PRUNED" and status.get("pruned_epoch") is not None:  # a tuning policy stopped it there
+            state = f"PRUNED@{status['pruned_epoch']}"
+        table.append([run_dir.name, *(p.get(k, "-") for k in varying), state, duration, *cells])
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
 
@@ -95,7 +98,11 @@ def plot(run_dirs: Sequence[Path], metric: str, out: Path, names: Sequence[str] 
     for run_dir, name in zip(run_dirs, names or [d.name for d in run_dirs]):
         values = epoch_series(run_dir).get(metric)
         if values:
-            ax.plot([e for e, _ in values], [v for _, v in values], marker="o", markersize=3, label=name)
+            pruned = rundir.read_status(run_dir).get("state") == "PRUNED"  # a tuning policy stopped it
+            ax.plot([e for e, _ in values], [v for _, v in values], marker="o", markersize=3,
+                    label=f"{name} (pruned)" if pruned else name)
+            if pruned:
+                ax.plot([values[-1][0]], [values[-1][1]], marker="x", color="black", markersize=9, linestyle="")
             drawn += 1
     if not drawn:
         plt.close(fig)

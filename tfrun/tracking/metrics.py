@@ -8,25 +8,33 @@ Records are appended, never rewritten: an epoch (or ``log_params``) is written a
 flushed at once; ``log_metric`` values, which scripts may log at every step, are kept in
 memory and written in batches by a background thread (at least every
 :data:`FLUSH_INTERVAL_S`, and when the task ends or is asked to stop), so a call costs
-about a microsecond whatever the file's size. A kill can leave a torn last line: readers
+about a microsecond whatever the file's size. Epochs also become TensorBoard scalars here;
+``log_metric`` values become TensorBoard scalars outside the task, when ``tfrun tensorboard``
+shows the run (:func:`tfrun.tracking.board.convert`): a summary op per value would
+cost the script far more than the value itself. A kill can leave a torn last line: readers
 skip it, and the next writer starts on a new line.
 """
 from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
+import sys
 import tempfile
 import threading
 import time
+from array import array
 from pathlib import Path
 from typing import Any, Mapping
+
+import orjson
 
 from tfrun.tracking import tensorboard
 
 METRICS_FILE = "metrics.jsonl"
 FLUSH_INTERVAL_S = 1.0
-MAX_PENDING = 50_000  # values kept in memory before the caller writes them itself
+MAX_PENDING = 250_000  # about (~7 MB); values kept in memory before the caller writes them itself
 
 
 def metrics_path(run_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -36,22 +44,26 @@ def metrics_path(run_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(run_dir) / (METRICS_FILE if rank == 0 else f"metrics-rank{rank}.jsonl")
 
 
-def parse(text: str) -> list[dict[str, Any]]:
+def parse(text: str | bytes) -> list[dict[str, Any]]:
     """The complete records of a metrics file's text (a torn or foreign line is skipped)."""
-    lines = [line for line in text.splitlines() if line]
+    data = text.encode() if isinstance(text, str) else text
     try:
-        # One parse of the whole file is ~5x faster than a parse per line (1M records < 2 s).
-        records = json.loads("[" + ",".join(lines) + "]")
-        if all(isinstance(r, dict) for r in records):
-            return records
-    except json.JSONDecodeError:
+        # The whole file as one JSON array, parsed by orjson: ~4x faster than json per line
+        # (1,000,000 records in < 2 s).
+        records = orjson.loads(b"[" + data.strip().replace(b"\n", b",") + b"]")
+        if all(type(r) is dict for r in records):
+            return list(records)
+    except orjson.JSONDecodeError:
         pass
     records = []
-    for line in lines:
+    for line in data.splitlines():
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill mid-write: skip it, keep the rest
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            try:
+                record = json.loads(line)  # NaN and Infinity, which orjson refuses
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill mid-write: skip it, keep the rest
         if isinstance(record, dict):
             records.append(record)
     return records
@@ -60,30 +72,37 @@ def parse(text: str) -> list[dict[str, Any]]:
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every complete record of a metrics file."""
     try:
-        return parse(Path(path).read_text())
+        return parse(Path(path).read_bytes())
     except FileNotFoundError:
         return []
 
 
-def _line(record: Mapping[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True, default=float) + "\n"
+def _line(record: Mapping[str, Any]) -> bytes:
+    return (json.dumps(record, sort_keys=True, default=float) + "\n").encode()
 
 
 class _Appender:
-    """Appends to one task's metrics file; ``log_metric`` values wait in memory for a batch."""
+    """Appends to one task's metrics file; ``log_metric`` values wait in memory for a batch.
+
+    Waiting values are kept in four columns, not as a tuple each: a tuple is an object the
+    garbage collector tracks, and 100,000 of them made its collections cost more than the
+    calls themselves.
+    """
 
     def __init__(self) -> None:
-        self.pending: list[tuple[str, float, int | None, float]] = []
+        self.names: list[str] = []
+        self.values = array("d")
+        self.steps: list[int | None] = []
+        self.times = array("d")  # appended last: its length counts the complete values
         self.lock = threading.Lock()  # one writer at a time: the caller or the flusher
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
-        self.names: dict[str, str] = {}  # name -> its JSON string, encoded once
 
-    def value(self, name: str, value: float, step: int | None) -> None:
-        self.pending.append((name, value, step, time.time()))
+    def started(self) -> None:
+        """After the first value: the flusher runs; at every MAX_PENDING values: a write now."""
         if self.thread is None:
             self._start()
-        if len(self.pending) >= MAX_PENDING:
+        if len(self.times) >= MAX_PENDING:
             self.flush()  # a script logging faster than the flusher writes: keep memory bounded
 
     def record(self, record: Mapping[str, Any], path: Path | None = None) -> None:
@@ -97,29 +116,31 @@ class _Appender:
             if text:
                 self._write(metrics_path(), text, sync=False)
 
-    def _take(self) -> str:
-        if not self.pending:
-            return ""
-        batch, self.pending = self.pending, []  # one step under the GIL: no value is lost
-        tensorboard.scalar_batch(batch)
-        names = self.names
-        parts = []
-        for name, value, step, stamp in batch:
-            encoded = names.get(name) or names.setdefault(name, json.dumps(name))
-            parts.append('{"name": %s, "step": %s, "time": %r, "value": %r}\n'
-                         % (encoded, "null" if step is None else int(step), stamp, value))
-        return "".join(parts)
+    def _take(self) -> bytes:
+        count = len(self.times)
+        if not count:
+            return b""
+        # The columns stay the ones scripts append to; a value being appended meanwhile is
+        # past `count` in each and stays for the next batch.
+        columns = (self.names, self.values, self.steps, self.times)
+        names, values, steps, times = (column[:count] for column in columns)
+        for column in columns:
+            del column[:count]
+        dumps = orjson.dumps  # ~3x faster than formatting in Python
+        return b"".join(dumps({"name": str(name), "step": step, "time": stamp, "value": value}) + b"\n"
+                        if math.isfinite(value) else _line({"name": name, "step": step, "time": stamp, "value": value})
+                        for name, value, step, stamp in zip(names, values, steps, times))
 
     @staticmethod
-    def _write(path: Path, text: str, sync: bool) -> None:
+    def _write(path: Path, text: bytes, sync: bool) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a+b") as f:
             # A kill mid-write leaves a line without its newline: start on a fresh line.
             if f.tell() > 0:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
-                    text = "\n" + text
-            f.write(text.encode())
+                    text = b"\n" + text
+            f.write(text)
             f.flush()
             if sync:
                 os.fsync(f.fileno())
@@ -135,11 +156,15 @@ class _Appender:
             self.wake.clear()
             try:
                 self.flush()
-            except OSError:
-                pass  # a full or vanished disk must not end training; the next flush retries
+            except Exception as exc:  # a full or vanished disk must not end training
+                print(f"tfrun: warning: could not write metrics ({type(exc).__name__}: {exc})",
+                      file=sys.stderr, flush=True)
 
 
 _appender = _Appender()
+_names, _values, _steps, _times = (_appender.names.append, _appender.values.append, _appender.steps.append,
+                                   _appender.times.append)
+_now = time.time
 
 
 def flush() -> None:
@@ -154,7 +179,14 @@ def append(record: Mapping[str, Any], path: Path | None = None) -> None:
 
 def log_metric(name: str, value: float, step: int | None = None) -> None:
     """Record one value of a metric (from any script, any framework); cheap enough per step."""
-    _appender.value(name, float(value), step)
+    value = float(value)  # first: a value that is no number fails here, before any column grows
+    step = None if step is None else int(step)
+    _names(name)
+    _values(value)
+    _steps(step)
+    _times(_now())
+    if len(_appender.times) % 4096 == 1:  # the first value, then now and then: one branch per call
+        _appender.started()
 
 
 def log_params(params: Mapping[str, Any] | None = None, **more: Any) -> None:
@@ -172,8 +204,8 @@ def log_epoch(epoch: int, logs: Mapping[str, Any]) -> None:
 def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(_line(record) for record in records))
+    with os.fdopen(fd, "wb") as f:
+        f.write(b"".join(_line(record) for record in records))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -199,7 +199,7 @@ class Sender:
             return [], self.offset
         end = data.rfind(b"\n") + 1  # a line still being written waits for the next round
         since = float(self.known.get("sent_until") or 0.0)
-        records = [r for r in metrics.parse(data[:end].decode(errors="replace")) if r.get("time", 0) > since]
+        records = [r for r in metrics.parse(data[:end]) if r.get("time", 0) > since]
         return records, self.offset + end
 
     def send(self) -> int:
@@ -331,6 +331,11 @@ class Live:
         self.stop.set()
         self.thread.join(END_DEADLINE_S)
         if self.monitor is not None:
+            try:  # a last sample: a run shorter than one sampling interval still gets one
+                self.monitor.collect_metrics()
+                self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+            except Exception:
+                pass
             self.monitor.finish()
         done = threading.Event()
 

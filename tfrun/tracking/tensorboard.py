@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 _writer: Any = None
-_write_batch: Any = None
 
 
 def scalars(values: Mapping[str, float], step: int) -> None:
@@ -24,47 +23,6 @@ def scalars(values: Mapping[str, float], step: int) -> None:
     except Exception as exc:
         print(f"tfrun: warning: no TensorBoard events for this run: {exc}", file=sys.stderr, flush=True)
         _writer = False
-
-
-def scalar_batch(batch: Sequence[tuple[str, float, int | None, float]]) -> None:
-    """``(name, value, step, time)`` values of ``tfrun.log_metric`` as scalars, in one TF call.
-
-    One traced function writes a whole batch: a summary op per value from Python costs
-    ~50-700 us, which per-step logging cannot afford.
-    """
-    global _writer
-    if not batch or _writer is False or "tensorflow" not in sys.modules or not os.environ.get("TFRUN_RUN_DIR"):
-        return
-    try:
-        _write_batch_now(batch)
-    except Exception as exc:
-        print(f"tfrun: warning: no TensorBoard events for this run: {exc}", file=sys.stderr, flush=True)
-        _writer = False
-
-
-def _write_batch_now(batch: Sequence[tuple[str, float, int | None, float]]) -> None:
-    global _write_batch
-    import tensorflow as tf
-
-    writer = _file_writer()
-    if _write_batch is None:
-        from tensorflow.core.framework.summary_pb2 import SummaryMetadata
-
-        metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="scalars"))
-
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.float32),
-                                      tf.TensorSpec([None], tf.int64)])
-        def write(tags: Any, values: Any, steps: Any) -> Any:
-            with writer.as_default():
-                for i in tf.range(tf.shape(values)[0]):
-                    tf.summary.write(tag=tags[i], tensor=values[i], step=steps[i], metadata=metadata)
-            return tf.constant(0)
-
-        _write_batch = write
-    _write_batch(tf.constant([name for name, _, _, _ in batch]),
-                 tf.constant([value for _, value, _, _ in batch], tf.float32),
-                 tf.constant([step or 0 for _, _, step, _ in batch], tf.int64))
-    writer.flush()
 
 
 def _file_writer() -> Any:
