@@ -106,6 +106,9 @@ def test_mlflow_local_store_single_run_and_sweep(tmp_path: Path) -> None:
     tags = single[0]["tags"]
     assert tags["tfrun.run_dir"] == str(run_dir) and tags["tfrun.state"] == "COMPLETED"
     assert "tfrun.attempt" in tags and "tfrun.host" in tags, tags
+    # The attempt's provenance: the example's dir is in this repo, so it has a commit.
+    assert len(tags["tfrun.git_commit"]) == 40 and tags["tfrun.hosts"] and tags["tfrun.packages"].isdigit(), tags
+    assert "provenance" in single[0]["artifacts"]
     # Opened by the chief task itself, as it started: its log names the MLflow run.
     assert f"MLflow run {single[0]['run_id']}" in (run_dir / "logs/rank0.log").read_text()
     swept = [r for r in found if r["experiment"].startswith("sweep-")]

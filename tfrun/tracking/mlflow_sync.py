@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from tfrun import rundir
-from tfrun.tracking import metrics
+from tfrun.tracking import metrics, provenance
 
 STATE_FILE = "mlflow.json"  # in a run dir (its MLflow run) or a sweep dir (the parent run)
 SEND_INTERVAL_S = 2.0
@@ -240,6 +240,12 @@ def register(mlflow: Any, run_id: str, name: str, run_dir: Path) -> str:
     return str(version.version)
 
 
+def _run_tags(tags: Mapping[str, str]) -> list[Any]:
+    from mlflow.entities import RunTag
+
+    return [RunTag(key, value) for key, value in tags.items()]
+
+
 def _mlflow_status(state: str) -> str:
     return "FINISHED" if state == "COMPLETED" else "FAILED" if state in ("FAILED", "TIMEOUT") else "KILLED"
 
@@ -252,7 +258,9 @@ def finish(run_dir: Path, config: Mapping[str, Any], state: str) -> dict[str, An
     model_name = config["tracking"].get("register_model")
     if model_name and state == "COMPLETED" and not known.get("registered"):
         known["registered"] = {"name": model_name, "version": register(mlflow, known["run_id"], model_name, run_dir)}
-    mlflow.set_tag(known["run_id"], "tfrun.state", state)
+    tried = rundir.attempts(run_dir)
+    last = provenance_tags(run_dir, str(tried[-1].get("attempt"))) if tried else {}
+    _log(mlflow, known["run_id"], tags=_run_tags({**last, "tfrun.state": state}))
     mlflow.set_terminated(known["run_id"], status=_mlflow_status(state))
     known["ended"] = state
     rundir.write_json(run_dir / STATE_FILE, known)
@@ -272,6 +280,7 @@ class Live:
         self.monitor: Any = None
         self.stop = threading.Event()
         self.warned = False
+        self.tagged = False
         self.thread = threading.Thread(target=self._run, name="tfrun-mlflow", daemon=True)
 
     def start(self) -> None:
@@ -283,10 +292,7 @@ class Live:
         tags = {"tfrun.attempt": self.attempt, "tfrun.state": "RUNNING", "tfrun.host": socket.gethostname()}
         if os.environ.get("SLURM_JOB_ID"):
             tags["tfrun.slurm_job_id"] = os.environ["SLURM_JOB_ID"]
-        tags.update(_provenance_tags(self.run_dir, self.attempt))
-        from mlflow.entities import RunTag
-
-        _log(mlflow, known["run_id"], tags=[RunTag(k, v) for k, v in tags.items()])
+        _log(mlflow, known["run_id"], tags=_run_tags(tags))
         if known.get("ended"):  # a resumed run: its MLflow run is running again
             mlflow.update_run(known["run_id"], status="RUNNING")
             known.pop("ended")
@@ -306,6 +312,10 @@ class Live:
     def _round(self) -> None:
         if self.sender is None:
             self.sender = self._connect()
+        if not self.tagged:  # the provenance is recorded beside the script's start, in a thread
+            tags = provenance_tags(self.run_dir, self.attempt)
+            _log(self.sender.mlflow, self.sender.known["run_id"], tags=_run_tags(tags))
+            self.tagged = bool(tags)
         self.sender.send()
         if self.warned:
             _say("MLflow reachable again: metrics sent")
@@ -359,23 +369,18 @@ class Live:
                  "sends the rest")
 
 
-def _provenance_tags(run_dir: Path, attempt: str) -> dict[str, str]:
-    """The attempt's provenance (git commit, hosts) as tags, when recorded."""
-    try:
-        from tfrun.tracking import provenance  # type: ignore[attr-defined]
-    except ImportError:
+def provenance_tags(run_dir: Path, attempt: str) -> dict[str, str]:
+    """The attempt's provenance (:func:`tfrun.tracking.provenance.read`) as MLflow tags;
+    empty until rank 0's background thread has recorded it."""
+    found = provenance.read(run_dir, attempt)
+    if not found:
         return {}
-    try:
-        found = provenance.read(run_dir, attempt)
-    except Exception:
-        return {}
-    tags = {}
-    for key, value in (found or {}).items():
-        if isinstance(value, (str, int, float, bool)):
-            tags[f"tfrun.{key}"] = str(value)[:_MAX_PARAM]
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            tags[f"tfrun.{key}"] = ",".join(value)[:_MAX_PARAM]
-    return tags
+    git = found.get("git") or {}
+    tags = {"tfrun.git_commit": str(git.get("commit") or "none"), "tfrun.git_dirty": str(bool(git.get("dirty"))).lower(),
+            "tfrun.source_dir": str(found.get("source_dir")), "tfrun.hosts": ",".join(found.get("hosts") or []),
+            "tfrun.python": str((found.get("python") or {}).get("version")),
+            "tfrun.packages": str((found.get("packages") or {}).get("count"))}
+    return {k: v[:_MAX_PARAM] for k, v in tags.items()}
 
 
 def start_live(run_dir: str | os.PathLike[str], config: Mapping[str, Any], attempt: str) -> Live | None:
