@@ -339,7 +339,8 @@ class Live:
         (``state`` None: the run continues in a later attempt, its MLflow run stays open).
         Bounded by END_DEADLINE_S; never raises."""
         self.stop.set()
-        self.thread.join(END_DEADLINE_S)
+        # A stop request (state None) is in a hurry: the node may be wanted by another job.
+        self.thread.join(END_DEADLINE_S if state else 5)
         if self.monitor is not None:
             try:  # a last sample: a run shorter than one sampling interval still gets one
                 self.monitor.collect_metrics()
