@@ -13,8 +13,6 @@ what the command line registered in :data:`VIEWS`, on a terminal only, else plai
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -154,7 +152,7 @@ class _Files:
     def __init__(self) -> None:
         self.totals: dict[str, int | None] = {}
         # metrics file -> (inode, bytes read, its epoch records so far)
-        self.epochs: dict[str, tuple[int, int, list[dict[str, Any]]]] = {}
+        self.epochs: dict[str, tuple[metrics_file.Tail, list[dict[str, Any]]]] = {}
 
     def total(self, run_dir: Path) -> int | None:
         key = str(run_dir)
@@ -168,30 +166,11 @@ class _Files:
 
     def epoch_records(self, run_dir: Path) -> list[dict[str, Any]]:
         path = run_dir / metrics_file.METRICS_FILE
-        try:
-            with open(path, "rb") as f:
-                inode, size = os.fstat(f.fileno()).st_ino, os.fstat(f.fileno()).st_size
-                known, offset, records = self.epochs.get(str(path), (inode, 0, []))
-                if known != inode or size < offset:  # rewritten (a restore reconciles epochs): from the start
-                    offset, records = 0, []
-                f.seek(offset)
-                data = f.read(size - offset)
-        except FileNotFoundError:
-            return []
-        whole = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next refresh
-        new = [r for r in map(_record, whole.decode(errors="replace").splitlines()) if isinstance(r.get("epoch"), int)]
-        records = [*records, *new] if new else records
-        self.epochs[str(path)] = (inode, offset + len(whole), records)
+        tail, records = self.epochs.get(str(path)) or (metrics_file.Tail(path), [])
+        new = [r for r in tail.new_records() if isinstance(r.get("epoch"), int)]
+        records = new if tail.restarted else [*records, *new]  # rewritten (a restore reconciles epochs)
+        self.epochs[str(path)] = (tail, records)
         return records
-
-
-def _record(line: str) -> dict[str, Any]:
-    """A metrics line as a dict ({} for a torn or foreign line)."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return {}
-    return record if isinstance(record, dict) else {}
 
 
 _FILES = _Files()

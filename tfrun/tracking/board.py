@@ -115,7 +115,7 @@ class Converter:
     def __init__(self, run_dir: Path):
         import shutil
 
-        self.run_dir, self.offset, self.inode = run_dir, 0, None
+        self.run_dir, self.tail = run_dir, metrics.Tail(run_dir / metrics.METRICS_FILE)
         self.folder = run_dir / "tensorboard" / METRICS_EVENTS
         shutil.rmtree(self.folder, ignore_errors=True)
         self.writer: Any = None  # made with the first values: a run without any shows no empty run
@@ -124,27 +124,16 @@ class Converter:
     def __call__(self) -> int:
         import tensorflow as tf
 
-        path = self.run_dir / metrics.METRICS_FILE
-        try:
-            with open(path, "rb") as f:
-                stat = os.fstat(f.fileno())
-                if stat.st_ino != self.inode or stat.st_size < self.offset:
-                    self.offset, self.inode = 0, stat.st_ino
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
+        values = [r for r in self.tail.new_records() if r.get("name") is not None]
+        if not values:
             return 0
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        values = [r for r in metrics.parse(data[:end]) if r.get("name") is not None]
-        if values and self.writer is None:
+        if self.writer is None:
             self.writer = tf.summary.create_file_writer(str(self.folder))
             self.write = _batch_function(self.writer)
-        if values:
-            self.write(tf.constant([str(r["name"]) for r in values]),
-                       tf.constant([float(r["value"]) for r in values], tf.float32),
-                       tf.constant([int(r.get("step") or 0) for r in values], tf.int64))
-            self.writer.flush()
+        self.write(tf.constant([str(r["name"]) for r in values]),
+                   tf.constant([float(r["value"]) for r in values], tf.float32),
+                   tf.constant([int(r.get("step") or 0) for r in values], tf.int64))
+        self.writer.flush()
         return len(values)
 
 

@@ -77,6 +77,31 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return []
 
 
+class Tail:
+    """The records a metrics file gained since the last call: each read starts where the
+    last one ended (from the start again if the file was replaced, as a restore does), and
+    a line still being written waits for the next call."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.inode = path, 0, -1
+        self.restarted = False  # the last call read the file from its start again
+
+    def new_records(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                stat = os.fstat(f.fileno())
+                self.restarted = stat.st_ino != self.inode or stat.st_size < self.offset
+                if self.restarted:
+                    self.offset, self.inode = 0, stat.st_ino
+                f.seek(self.offset)
+                data = f.read(stat.st_size - self.offset)
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        return parse(data[:end]) if end else []
+
+
 def _line(record: Mapping[str, Any]) -> bytes:
     return (json.dumps(record, sort_keys=True, default=float) + "\n").encode()
 

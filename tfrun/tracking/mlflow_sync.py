@@ -184,33 +184,21 @@ class Sender:
 
     def __init__(self, run_dir: Path, mlflow: Any, known: dict[str, Any]):
         self.run_dir, self.mlflow, self.known = run_dir, mlflow, known
-        self.path = run_dir / metrics.METRICS_FILE
-        self.offset, self.inode = 0, None
-
-    def _new_records(self) -> tuple[list[dict[str, Any]], int]:
-        try:
-            with open(self.path, "rb") as f:
-                inode = os.fstat(f.fileno()).st_ino
-                if inode != self.inode or os.fstat(f.fileno()).st_size < self.offset:
-                    self.offset, self.inode = 0, inode
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return [], self.offset
-        end = data.rfind(b"\n") + 1  # a line still being written waits for the next round
-        since = float(self.known.get("sent_until") or 0.0)
-        records = [r for r in metrics.parse(data[:end]) if r.get("time", 0) > since]
-        return records, self.offset + end
+        self.tail = metrics.Tail(run_dir / metrics.METRICS_FILE)
+        self.unsent: list[dict[str, Any]] = []  # read, not yet accepted by MLflow
 
     def send(self) -> int:
         """Send what is new; the number of records sent. Raises if MLflow cannot be reached."""
-        records, offset = self._new_records()
-        if records:
-            _log(self.mlflow, self.known["run_id"], metrics=to_metrics(records))
-            self.known["sent_until"] = max(r.get("time", 0) for r in records)
-            rundir.write_json(self.run_dir / STATE_FILE, self.known)
-        self.offset = offset
-        return len(records)
+        since = float(self.known.get("sent_until") or 0.0)
+        fresh = [r for r in self.tail.new_records() if r.get("time", 0) > since]
+        self.unsent = fresh if self.tail.restarted else [*self.unsent, *fresh]
+        if not self.unsent:
+            return 0
+        _log(self.mlflow, self.known["run_id"], metrics=to_metrics(self.unsent))
+        self.known["sent_until"] = max(r.get("time", 0) for r in self.unsent)
+        rundir.write_json(self.run_dir / STATE_FILE, self.known)
+        sent, self.unsent = len(self.unsent), []
+        return sent
 
 
 def _artifacts(mlflow: Any, run_id: str, run_dir: Path) -> None:
