@@ -117,6 +117,8 @@ def prepare(plan: Plan, ident: identity.TaskIdentity) -> Task:
 def stop_decision(plan: Plan, job: str) -> tuple[str, bool, str | None]:
     """Rank 0, on Slurm, once its script stopped on request: (why this attempt stops, whether
     tfrun requeues the job, why not when it does not)."""
+    if (Path(plan.run_dir) / rundir.PRUNE_FILE).exists():  # a tuning policy stopped it: for good
+        return "pruned", False, "pruned by the tuning study's early-termination policy"
     request = preempt.stop_request()
     current = rendezvous.attempt_key()
     earlier = [a for a in rundir.attempts(plan.run_dir) if a.get("attempt") != current]
@@ -173,7 +175,7 @@ def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> i
             thread.join(timeout=30)
         reason, requeue, why_not = stop_decision(plan, job)
         if not requeue:
-            say(f"{why_not}: not requeued" if reason == "timeout" else
+            say(f"{why_not}: not requeued" if reason in ("timeout", "pruned") else
                 f"{reason}: not requeued ({why_not}); continue it with: tfrun resume {plan.run_dir}")
             rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason,
                                   requeued=False, why_not_requeued=why_not)

@@ -208,7 +208,7 @@ class EstimatorRun:
     """The cloud SDK's run object, over a :class:`tfrun.Run`."""
 
     _STATUS = {"PENDING": "Queued", "RUNNING": "Running", "COMPLETED": "Completed", "FAILED": "Failed",
-               "CANCELLED": "Canceled", "TIMEOUT": "Failed", "STOPPED": "Canceled"}
+               "CANCELLED": "Canceled", "TIMEOUT": "Failed", "STOPPED": "Canceled", "PRUNED": "Canceled"}
 
     def __init__(self, run: Run):
         self.run, self.id = run, run.id
@@ -227,7 +227,7 @@ class EstimatorRun:
                 sys.stdout.write(text[offset:])
                 sys.stdout.flush()
                 offset = len(text)
-            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "STOPPED"):
+            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "STOPPED", "PRUNED"):
                 break
             import time
 

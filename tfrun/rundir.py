@@ -28,7 +28,9 @@ STATUS_FILE = "status.json"
 ATTEMPTS_FILE = "attempts.json"
 EXPORT_FILE = "export.json"  # the record of export=onnx (tfrun.model.export)
 SWEEP_FILE = "sweep.json"  # in a sweep dir: its points, their overrides and objective values
-FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "STOPPED")  # STOPPED: resumable
+PRUNE_FILE = "prune.json"  # a tuning policy asked this trial to stop for good (tfrun.targets.tuning)
+# STOPPED: resumable; PRUNED: a tuning trial its early-termination policy stopped (not resumed, not a failure)
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "STOPPED", "PRUNED")
 # States in which the tfrun command itself succeeded: a submitted run that tfrun did not
 # wait for (compute.wait=false, or Ctrl-C while following) is in Slurm's hands.
 OK_STATES = ("COMPLETED", "PENDING", "DETACHED")
@@ -213,6 +215,18 @@ def hang_fields(run_dir: str | os.PathLike[str], state: str) -> dict[str, Any]:
         return {}
     return {"state": "FAILED", "failed_rank": hang["rank"], "host": hang.get("host"),
             "reason": f"hang: {hang['reason']}"}
+
+
+def pruned_fields(run_dir: str | os.PathLike[str], state: str) -> dict[str, Any]:
+    """A trial that stopped because its tuning policy pruned it (``prune.json`` in its run dir):
+    PRUNED, at which epoch and why, whatever the scheduler called the stop; else nothing."""
+    if state not in ("FAILED", "STOPPED", "CANCELLED"):
+        return {}
+    prune = read_json(Path(run_dir) / PRUNE_FILE)
+    if not prune:
+        return {}
+    return {"state": "PRUNED", "failed_rank": None, "pruned_epoch": prune.get("epoch"),
+            "reason": f"pruned by policy {prune.get('policy')} at epoch {prune.get('epoch')}: {prune.get('why')}"}
 
 
 def rank_records(run_dir: str | os.PathLike[str]) -> dict[int, dict[str, Any]]:

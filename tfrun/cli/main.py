@@ -106,16 +106,40 @@ def _has_flag(argv: list[str], flags: tuple[str, ...]) -> bool:
 def dry_run(argv: list[str], mode: str) -> int:
     """Print the plan(s) ``argv`` would launch."""
     from tfrun.cli import render
-    from tfrun.plan.planner import compose_plans
+    from tfrun.plan.planner import TuningStudy, compose_plans
 
     overrides, multirun, config_dir, config_name = _overrides_only(argv)
-    plans = compose_plans(overrides, multirun=multirun, config_dir=config_dir, config_name=config_name)
+    if multirun and _tuning(overrides):
+        return _dry_run_study(overrides, config_dir, config_name, mode)
+    try:
+        plans = compose_plans(overrides, multirun=multirun, config_dir=config_dir, config_name=config_name)
+    except TuningStudy:  # the user's config chose hydra/sweeper=tfrun
+        return _dry_run_study(overrides, config_dir, config_name, mode)
     text = render.plans_json(plans, multirun) if mode == "json" else render.plans_text(plans, multirun)
     try:
         print(text)
         sys.stdout.flush()
     except BrokenPipeError:  # `tfrun --dry-run | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _tuning(overrides: list[str]) -> bool:
+    return any(o.replace(" ", "") in ("hydra/sweeper=tfrun", "override hydra/sweeper=tfrun") for o in overrides)
+
+
+def _dry_run_study(overrides: list[str], config_dir: str | None, config_name: str, mode: str) -> int:
+    """``--dry-run -m hydra/sweeper=tfrun``: the study (sampler, space, policy, storage) and the
+    plan of its first trial; checked as a run would check it, nothing written."""
+    from tfrun.cli import render
+    from tfrun.targets import tuning
+
+    info, plan = tuning.preview(overrides, config_dir, config_name)
+    if mode == "json":
+        print(tuning.dumps({**info, "example_trial": plan.to_dict()}))
+    else:
+        print(tuning.describe_text(info) + "\n\nthe first trial's plan (the space's first values):\n"
+              + render.plan_text(plan))
     return 0
 
 
@@ -171,6 +195,10 @@ def run_sweep(argv: list[str]) -> int:
 
     watch.install()  # on a terminal, a sweep on Slurm is followed in tfrun watch's live table
     overrides, _, config_dir, config_name = _overrides_only(argv)
+    if _tuning(overrides):
+        from tfrun.targets import tuning
+
+        tuning.remember_invocation(overrides, config_dir, config_name)
     multirun(overrides, _task, config_dir=config_dir, config_name=config_name)
     return sweep_exit_code()
 
@@ -226,9 +254,33 @@ def sweep_exit_code() -> int:
     return 1 if SweepOutcome.failed else 0
 
 
+def tune(argv: list[str]) -> int:
+    """``tfrun tune resume SWEEP``: follow a tuning study again (its follower was stopped or
+    killed): trials still running are followed, ended ones told, missing ones started."""
+    from tfrun.cli import verbs
+    from tfrun.targets import tuning
+
+    args = verbs.parser().parse_args(["tune", *argv])  # --help, and usage errors (exit 2)
+    try:
+        sweep = rundir.find_run(args.sweep)
+        args, cwd = tuning.resume_argv(sweep)
+    except ConfigError as exc:
+        error(str(exc))
+        return EXIT_CONFIG
+    except TfrunError as exc:
+        error(str(exc))
+        return 1
+    os.chdir(cwd)  # the study's relative paths (entry.script, ./conf) mean what they meant
+    from tfrun.config.compose import normalize_overrides
+
+    return run_sweep(with_project_config_dir(normalize_overrides(args)))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tune"]:
+        sys.exit(tune(argv[1:]))
     if argv and argv[0] in VERBS:
         from tfrun.cli import verbs
 

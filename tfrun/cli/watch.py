@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
 _STYLES = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "PREEMPTED": "yellow",
-           "FAILED": "bold red", "TIMEOUT": "red", "CANCELLED": "magenta", "STOPPED": "magenta",
+           "FAILED": "bold red", "TIMEOUT": "red", "CANCELLED": "magenta", "STOPPED": "magenta", "PRUNED": "dim",
            progress.LOST: "red"}
 EXIT_INTERRUPTED = 130
 

@@ -140,7 +140,7 @@ def trainer_literal(line: str) -> str:
 
 
 # The schema's other free-form mappings (``Dict`` fields): any key may be set in them.
-FREE_MAPPINGS = ("compute.additional_parameters", "deps.env", "tfrun.tags")
+FREE_MAPPINGS = ("compute.additional_parameters", "deps.env", "tfrun.tags", "hydra.sweeper.policy_args")
 _FREE = re.compile(r"^(" + "|".join(re.escape(k) for k in FREE_MAPPINGS) + r")(\.[^=]+)?=")
 
 

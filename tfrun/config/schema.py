@@ -232,7 +232,7 @@ class TfrunSettings:
     # where run directories are created (relative to the cwd); `tfrun runs` looks there too
     runs_dir: str = "${oc.env:TFRUN_RUNS_DIR,tfrun-runs}"
     name: Optional[str] = None  # a label shown by `tfrun runs`
-    objective: Optional[str] = None  # metric whose final value a tuning sweeper (Optuna) optimises
+    objective: Optional[str] = None  # metric whose final value a tuning sweeper (`hydra/sweeper=tfrun`) optimises
     tags: Dict[str, str] = field(default_factory=dict)  # labels kept with the run; with tracking=mlflow, its MLflow tags
 
 

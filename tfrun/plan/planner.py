@@ -23,6 +23,11 @@ from tfrun.plan.packing import point_requests
 from tfrun.rundir import Plan
 
 
+class TuningStudy(ConfigError):
+    """A sweep whose points a tuning study chooses while it runs (``hydra/sweeper=tfrun``):
+    ``--dry-run -m`` shows the study instead (:func:`tfrun.targets.tuning.preview`)."""
+
+
 @dataclass(frozen=True)
 class Planned:
     """A plan and the composition it came from (what the run dir's ``.hydra`` files hold)."""
@@ -114,6 +119,10 @@ def plan_sweep(overrides: Sequence[str], config_dir: str | None = None,
     with compose.session(config_dir):
         sweep = compose.compose_sweep(list(overrides), config_name)
         sweeper = str(sweep.hydra.sweeper.get("_target_", ""))
+        if sweeper.endswith(".TfrunSweeper"):
+            raise TuningStudy("hydra/sweeper=tfrun chooses its trials while it runs, so they cannot be planned "
+                              "ahead (tfrun.sweep): run `tfrun -m ...` to tune; `tfrun --dry-run -m ...` shows "
+                              "the study and its first trial's plan")
         if not sweeper.endswith(".BasicSweeper"):
             raise ConfigError(f"hydra/sweeper={sweeper.rsplit('.', 1)[-1]} chooses its points while it runs, so "
                               f"only a grid sweep can be planned ahead (--dry-run -m, tfrun.sweep): run `tfrun -m "

@@ -288,5 +288,6 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
         fields.update(failed_rank=failed, host=rundir.hostname(),
                       reason=describe_exit(procs[failed].returncode))
     fields.update(rundir.hang_fields(run_dir, state))  # the watchdog ended it: its account wins
+    fields.update(rundir.pruned_fields(run_dir, fields["state"]))  # its tuning policy stopped it
     rundir.update_status(run_dir, **fields)
     return fields["state"]

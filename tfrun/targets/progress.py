@@ -79,8 +79,9 @@ class Snapshot:
 
     @property
     def exit_code(self) -> int:
-        """0 if every run completed, else 1 (the codes of ``tfrun`` itself)."""
-        return 0 if all(run.state == "COMPLETED" for run in self.runs) else 1
+        """0 if every run completed (or was pruned by its tuning policy: no failure), else 1
+        (the codes of ``tfrun`` itself)."""
+        return 0 if all(run.state in ("COMPLETED", "PRUNED") for run in self.runs) else 1
 
 
 def clock(seconds: float | None) -> str:

@@ -232,6 +232,9 @@ def settle(run_dir: str, state: str) -> dict[str, Any]:
     stopped = preempted_fields(run_dir, state)
     if stopped:
         return stopped
+    pruned = rundir.pruned_fields(run_dir, state)
+    if pruned:
+        return {**pruned, "ended": time.time()}
     fields: dict[str, Any] = {"state": state, "ended": time.time()}
     if state == "COMPLETED":
         fields.update(export.status_fields(run_dir))  # rank 0 recorded it in export.json, in the job

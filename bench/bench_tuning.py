@@ -1,0 +1,159 @@
+"""Tuning with hydra/sweeper=tfrun (issue 18): what early termination saves, and what
+asynchronous trials save over lock-step batches.
+
+Two figures, from one run:
+
+1. The digits example (examples/digits) with the learning rate, batch size and width
+   (``trainer.hidden``) searched, ``--trials`` trials (default 24), ``--parallel`` at once:
+   the same study (TPE, same seed) with ``policy=bandit`` (or ``--policy``) and with no
+   policy. Total task-seconds, wall time, wall time to the best trial, best val_accuracy.
+   Targets: <= 0.5x task-seconds, <= 0.6x wall time, best within 0.5 points.
+2. Trials of unequal length (a script that sleeps; ``--durations``) on Slurm, ``--parallel``
+   slots: the tfrun sweeper (a trial starts when one ends) against lock-step batches of
+   ``--parallel`` (Hydra's basic sweeper with ``max_batch_size``: each batch a job array
+   waited for, as Hydra's Optuna sweeper launches its ``n_jobs`` batches). Wall time ratio,
+   target <= 0.7x.
+
+    python bench/bench_tuning.py [--trials 24] [--epochs 15] [--parallel 2] [--compute local]
+                                 [--durations 8,1,1,1,8,1,1,1] [--skip-digits] [--skip-async] [--output -]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import append_report, load_average, versions
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = REPO / "examples" / "digits" / "train.py"
+UNEVEN = '''
+import argparse, time
+from tfrun.tracking.metrics import log_epoch
+p = argparse.ArgumentParser(); p.add_argument("--i", type=int); p.add_argument("--durations"); a = p.parse_args()
+secs = float(a.durations.split(",")[a.i])
+time.sleep(secs)
+log_epoch(0, {"score": secs})
+'''
+
+
+def tfrun(work: Path, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """Run tfrun in ``work``; (wall seconds, the process)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TFRUN_", "SLURM_"))}
+    env.update(TFRUN_RUNS_DIR=str(work / "runs"), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    start = time.time()
+    out = subprocess.run(["tfrun", *args], cwd=work, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"tfrun {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return time.time() - start, out
+
+
+def newest_sweep(work: Path) -> Path:
+    return max((work / "runs").glob("sweep-*"), key=lambda p: p.stat().st_mtime)
+
+
+def study_figures(work: Path, started: float, wall: float) -> dict[str, float]:
+    """From the sweep's index: task-seconds, the best value, and when the best trial ended."""
+    sweep = newest_sweep(work)
+    index = json.loads((sweep / "sweep.json").read_text())
+    scored = [p for p in index["points"] if (p.get("objective") or {}).get("value") is not None]
+    best = max(scored, key=lambda p: p["objective"]["value"])
+    ended = json.loads((Path(best["run_dir"]) / "status.json").read_text())["ended"]
+    study = index["study"]
+    return {"task_s": study["task_seconds"], "wall_s": wall, "to_best_s": ended - started,
+            "best": best["objective"]["value"], "pruned": study["pruned"], "trials": study["trials"]}
+
+
+def digits(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
+    common = ["-m", "hydra/sweeper=tfrun", f"compute={args.compute}", f"entry.script={DIGITS}",
+              "tfrun.objective=val_accuracy", f"hydra.sweeper.n_trials={args.trials}",
+              f"hydra.sweeper.max_parallel={args.parallel}", "hydra.sweeper.seed=0", f"trainer.epochs={args.epochs}",
+              "trainer.lr=tag(log,interval(1e-3,1e-1))", "trainer.batch_size=choice(32,64,128)",
+              "trainer.hidden=choice(16,32,64,128)"]
+    policy = [f"hydra.sweeper.policy={args.policy}", *(f"hydra.sweeper.policy_args.{a}" for a in args.policy_args)]
+    figures = {}
+    for name, extra in (("none", []), (args.policy, policy)):
+        started = time.time()
+        wall, _ = tfrun(work, *common, *extra)
+        figures[name] = study_figures(work, started, wall)
+        print(f"  digits, policy {name}: {figures[name]}", file=sys.stderr, flush=True)
+    base, pruned = figures["none"], figures[args.policy]
+    task, wall = pruned["task_s"] / base["task_s"], pruned["to_best_s"] / base["to_best_s"]
+    gap = 100 * (base["best"] - pruned["best"])
+    rows = [
+        f"| none | {base['trials']} | 0 | {base['task_s']:.0f} | {base['wall_s']:.0f} | {base['to_best_s']:.0f} | "
+        f"{base['best']:.4f} |",
+        f"| {args.policy} | {pruned['trials']} | {pruned['pruned']} | {pruned['task_s']:.0f} | {pruned['wall_s']:.0f} | "
+        f"{pruned['to_best_s']:.0f} | {pruned['best']:.4f} |",
+        "",
+        f"- task-seconds {task:.2f}x (target <= 0.5x: {'met' if task <= 0.5 else 'MISSED'}); wall time to the best "
+        f"{wall:.2f}x (target <= 0.6x: {'met' if wall <= 0.6 else 'MISSED'}); best val_accuracy "
+        f"{gap:+.2f} points below (target <= 0.5: {'met' if gap <= 0.5 else 'MISSED'})",
+    ]
+    head = [f"Digits, {args.trials} trials, {args.epochs} epochs, {args.parallel} at once, compute={args.compute}, "
+            f"TPE seed 0; policy {args.policy} {' '.join(args.policy_args)}", "",
+            "| policy | trials | pruned | task-s | wall s | wall s to best | best val_accuracy |", "|---|---|---|---|---|---|---|"]
+    return head + rows, figures
+
+
+def asynchronous(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
+    (work / "uneven.py").write_text(UNEVEN)
+    n = len(args.durations.split(","))
+    common = [f"compute={args.async_compute}", "compute.poll_s=0.5", "entry.script=uneven.py",
+              f"trainer.durations='{args.durations}'"]
+    wall_async, _ = tfrun(work, "-m", "hydra/sweeper=tfrun", "tfrun.objective=score", "hydra.sweeper.sampler=grid",
+                          f"hydra.sweeper.max_parallel={args.parallel}", f"trainer.i=range(0,{n})", *common)
+    # Lock-step: every batch of `parallel` points is one job array, waited for before the next.
+    wall_batch, _ = tfrun(work, "-m", f"hydra.sweeper.max_batch_size={args.parallel}",
+                          f"trainer.i={','.join(map(str, range(n)))}", *common)
+    ratio = wall_async / wall_batch
+    lines = [f"Trials of unequal length ({args.durations} s), {args.parallel} slots, compute={args.async_compute}", "",
+             "| sweeper | wall s |", "|---|---|",
+             f"| tfrun (asynchronous) | {wall_async:.1f} |", f"| lock-step batches of {args.parallel} | {wall_batch:.1f} |",
+             "", f"- wall time {ratio:.2f}x (target <= 0.7x: {'met' if ratio <= 0.7 else 'MISSED'})"]
+    return lines, {"async_s": wall_async, "batches_s": wall_batch, "ratio": ratio}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--compute", default="local")
+    parser.add_argument("--policy", default="bandit")
+    parser.add_argument("--policy-args", nargs="*", default=["slack_factor=0.1", "delay_evaluation=2"])
+    parser.add_argument("--durations", default="8,1,1,1,8,1,1,1")
+    parser.add_argument("--async-compute", default="slurm")
+    parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument("--skip-async", action="store_true")
+    parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="tfrun-bench-tuning-"))
+    start_load = load_average()
+    sections, figures = [], {}
+    if not args.skip_digits:
+        lines, figures["digits"] = digits(args, work)
+        sections += [*lines, ""]
+    if not args.skip_async:
+        lines, figures["async"] = asynchronous(args, work)
+        sections += [*lines, ""]
+    report = "\n".join([
+        "", f"## Tuning: early termination and asynchronous trials ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})",
+        "", f"Command: `python bench/bench_tuning.py {' '.join(sys.argv[1:])}`".rstrip(), "",
+        f"- {', '.join(versions('optuna', 'tensorflow'))}; load average at start {start_load}, at end {load_average()}",
+        "", *sections])
+    print(report)
+    append_report(args.output, report)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"tuning": figures}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

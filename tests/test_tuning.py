@@ -1,0 +1,279 @@
+"""Tuning studies of hydra/sweeper=tfrun (issue 18): asynchronous trials, early-termination
+policies, reattaching to a study whose follower was killed, bad input. Real runs, no mocks;
+the trials are a synthetic script (no TensorFlow) whose curve is a function of its
+parameters, so the right decision is known."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import DIGITS, REPO, popen_tfrun, read_json, run_tfrun, stop
+
+pytestmark = pytest.mark.slow
+
+# After epoch e of E: q * (e+1) / E; the bad trials (q < 0.5) are a bit worse when s=1, and
+# have slower epochs (so that a follower on a loaded machine still sees them mid-way).
+SYNTH = '''
+import argparse, time
+from tfrun.tracking.metrics import log_epoch
+p = argparse.ArgumentParser()
+p.add_argument("--q", type=float, default=1.0); p.add_argument("--s", type=int, default=0)
+p.add_argument("--epochs", type=int, default=5); p.add_argument("--secs", type=float, default=0.25)
+a = p.parse_args()
+for e in range(a.epochs):
+    time.sleep(a.secs if a.q >= 0.5 else 4 * a.secs)
+    log_epoch(e, {"score": a.q * (e + 1) / a.epochs - (0.01 * a.s if a.q < 0.5 else 0.0)})
+'''
+# Two epochs of secs/2 each: trials as long as their parameter says.
+UNEVEN = '''
+import argparse, time
+from tfrun.tracking.metrics import log_epoch
+p = argparse.ArgumentParser(); p.add_argument("--secs", type=float, default=1.0); a = p.parse_args()
+for e in range(2):
+    time.sleep(a.secs / 2)
+    log_epoch(e, {"score": a.secs})
+'''
+TUNE = ("-m", "hydra/sweeper=tfrun", "tfrun.objective=score")
+
+
+def sweep_of(tmp_path: Path) -> Path:
+    found = sorted((tmp_path / "runs").glob("sweep-*"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def trials(sweep: Path) -> dict[int, dict]:
+    """Trial number -> its point in sweep.json, with its status."""
+    points = read_json(sweep / "sweep.json")["points"]
+    return {p["trial"]: {**p, "status": read_json(Path(p["run_dir"]) / "status.json")} for p in points}
+
+
+def study_states(sweep: Path) -> list[str]:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(sweep / "study.journal")))
+    study = optuna.load_study(study_name="tfrun", storage=storage)
+    return [t.state.name for t in sorted(study.get_trials(), key=lambda t: t.number)]
+
+
+def epochs_recorded(run_dir: str) -> int:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return sum(1 for line in lines if "epoch" in json.loads(line))
+
+
+POLICIES = {
+    "median": [],
+    "bandit": ["hydra.sweeper.policy_args.slack_factor=0.2"],
+    "truncation": ["hydra.sweeper.policy_args.truncation_percentage=50"],
+    "asha": ["hydra.sweeper.policy_args.min_resource=1", "hydra.sweeper.policy_args.reduction_factor=2"],
+    "hyperband": ["hydra.sweeper.policy_args.min_resource=1", "hydra.sweeper.policy_args.max_resource=5"],
+}
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_policy_prunes_the_bad_trials_and_lets_the_good_run_on(tmp_path: Path, policy: str) -> None:
+    """A grid in the order written: the two good trials (q=1) run first, side by side, then the
+    two bad ones (q=0.2), which every policy should stop at its first evaluation."""
+    (tmp_path / "synth.py").write_text(SYNTH)
+    result = run_tfrun(tmp_path, *TUNE, "entry.script=synth.py", "hydra.sweeper.sampler=grid",
+                       "trainer.q=choice(1.0,0.2)", "trainer.s=choice(0,1)", f"hydra.sweeper.policy={policy}",
+                       *POLICIES[policy], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = sweep_of(tmp_path)
+    found = trials(sweep)
+    assert sorted(found) == [0, 1, 2, 3]
+    good, bad = [found[0], found[1]], [found[2], found[3]]
+    assert all(t["status"]["state"] == "COMPLETED" and t["objective"]["value"] == pytest.approx(1.0) for t in good), found
+    pruned = [t for t in found.values() if t["status"]["state"] == "PRUNED"]
+    assert all(t in bad for t in pruned), found
+    if policy == "hyperband":  # its brackets split 4 trials: a bad one may have no better one to lose to
+        assert pruned, found
+    else:
+        assert len(pruned) == 2, found
+    states = study_states(sweep)
+    for t in pruned:
+        # Stopped within one epoch of the decision, told to the study as pruned, not requeued or failed.
+        assert epochs_recorded(t["run_dir"]) <= t["status"]["pruned_epoch"] + 1, t
+        assert states[t["trial"]] == "PRUNED" and t["state"] == "PRUNED", (states, t)
+        assert (Path(t["run_dir"]) / "prune.json").exists()
+        assert "received SIGUSR2" in (Path(t["run_dir"]) / "logs" / "rank0.log").read_text()
+    assert f"{2 + (2 - len(pruned))} done, {len(pruned)} pruned, 0 failed" in result.stderr, result.stderr
+    assert "compute saved by policy" in result.stderr and f"tfrun: best run: {found[0]['run_dir']}" in result.stderr
+    if policy == "bandit":
+        table = run_tfrun(tmp_path, "runs", "--sweep", str(sweep)).stdout
+        assert table.count("PRUNED@1") == 2 and table.count("COMPLETED") == 2, table
+
+
+def test_a_pruned_keras_trial_keeps_its_backup(tmp_path: Path) -> None:
+    """One trial at a time: a good one (a stand-in that records val_accuracy 0.9 per epoch
+    without TensorFlow, to keep the test short), then the digits example with a learning rate
+    that does not learn: it is stopped after a few of its 40 epochs, the last of them in its backup."""
+    (tmp_path / "digits_or_good.py").write_text(
+        "import runpy, sys\n"
+        "if float(sys.argv[sys.argv.index('--lr') + 1]) > 0.01:\n"
+        "    from tfrun.tracking.metrics import log_epoch\n"
+        "    for e in range(int(sys.argv[sys.argv.index('--epochs') + 1])):\n"
+        "        log_epoch(e, {'val_accuracy': 0.9})\n"
+        "else:\n"
+        f"    sys.argv[0] = {str(DIGITS)!r}\n"
+        f"    runpy.run_path({str(DIGITS)!r}, run_name='__main__')\n")
+    result = run_tfrun(tmp_path, *TUNE[:2], "tfrun.objective=val_accuracy", "entry.script=digits_or_good.py",
+                       "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=1", "trainer.epochs=40",
+                       "trainer.lr=choice(0.05,0.00001)", "hydra.sweeper.policy=bandit",
+                       "hydra.sweeper.policy_args.slack_factor=0.1", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = trials(sweep_of(tmp_path))
+    assert found[0]["status"]["state"] == "COMPLETED" and found[1]["status"]["state"] == "PRUNED", found
+    pruned = Path(found[1]["run_dir"])
+    # Epochs of digits take ~0.3 s: the follower (one poll every 0.25 s) decides within a few.
+    assert found[1]["status"]["pruned_epoch"] <= 10, found[1]
+    assert epochs_recorded(str(pruned)) <= found[1]["status"]["pruned_epoch"] + 1
+    assert read_json(pruned / "checkpoints" / "backup" / "state.json")
+    assert list((pruned / "checkpoints" / "backup").glob("epoch-*.weights.h5"))
+    attempts = read_json(pruned / "attempts.json")
+    assert all(not a.get("requeued") for a in attempts.values()), attempts
+
+
+@pytest.fixture
+def cluster() -> None:
+    out = subprocess.run([str(REPO / "scripts" / "local-slurm"), "status"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        pytest.fail(f"the local Slurm cluster is not up: start it with `scripts/local-slurm start`\n{out.stdout}",
+                    pytrace=False)
+
+
+def rank0(trial: dict) -> dict:
+    return read_json(Path(trial["run_dir"]) / "ranks" / "0.json")
+
+
+@pytest.mark.slurm
+def test_an_asynchronous_study_on_slurm_survives_a_killed_follower(tmp_path: Path, cluster: None) -> None:
+    """Two slots, trials of 8 s, 1 s, 2 s and 3 s, each its own Slurm job. The third starts as
+    soon as the short one ends, while the long one still runs (in lock-step batches it would
+    wait for the long one). The follower is then killed (SIGKILL) and `tfrun tune resume`
+    reattaches: the running trials are followed, not resubmitted, the missing one is started,
+    and every trial ran once."""
+    (tmp_path / "uneven.py").write_text(UNEVEN)
+    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", "compute.poll_s=0.5", "entry.script=uneven.py",
+                               "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=2",
+                               "trainer.secs=choice(8,1,2,3)")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            index = tmp_path / "runs"
+            sweeps = list(index.glob("sweep-*/sweep.json")) if index.exists() else []
+            points = read_json(sweeps[0])["points"] if sweeps else []
+            if len(points) >= 3 and (read_json(Path(points[2]["run_dir"]) / "status.json") if
+                                     (Path(points[2]["run_dir"]) / "status.json").exists() else {}).get("job_ids"):
+                break  # the third trial is submitted (and trial 0 still runs)
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the study did not reach its third trial:\n{err.read_text()}")
+    finally:
+        proc.kill()  # SIGKILL: no chance to tidy up
+        proc.wait()
+    stop(proc)
+    sweep = sweep_of(tmp_path)
+    before = trials(sweep)
+    assert before[1]["status"]["state"] == "COMPLETED" and len(before) == 3, before
+    result = run_tfrun(tmp_path, "tune", "resume", sweep.name, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming the study" in result.stderr and "trial 0: following it again" in result.stderr, result.stderr
+    after = trials(sweep)
+    assert sorted(after) == [0, 1, 2, 3] and all(t["status"]["state"] == "COMPLETED" for t in after.values()), after
+    assert all(len(t["status"]["job_ids"]) == 1 for t in after.values()), after  # nothing submitted twice
+    assert [after[n]["status"]["job_ids"] for n in (0, 1, 2)] == [before[n]["status"]["job_ids"] for n in (0, 1, 2)]
+    assert study_states(sweep) == ["COMPLETE"] * 4
+    long, short, third = (rank0(after[n]) for n in (0, 1, 2))
+    assert short["ended"] <= third["started"] < long["ended"], (long, short, third)
+    assert "study: 4 trial(s): 4 done, 0 pruned, 0 failed" in result.stderr
+
+
+BAD = {
+    "sampler": (["hydra.sweeper.sampler=annealing", "trainer.q=choice(1,2)", "tfrun.objective=score"],
+                "hydra.sweeper.sampler='annealing' is not valid: one of: random, grid, tpe"),
+    "policy": (["hydra.sweeper.policy=early", "trainer.q=choice(1,2)", "tfrun.objective=score"],
+               "hydra.sweeper.policy='early' is not valid: one of: none, median, bandit, truncation, asha, hyperband"),
+    "no objective": (["hydra.sweeper.policy=median", "trainer.q=choice(1,2)"],
+                     "hydra.sweeper.policy=median stops trials from the objective's values per epoch, but no objective"),
+    "empty space": (["trainer.q=1", "tfrun.objective=score"], "empty search space"),
+    "storage": (["hydra.sweeper.storage=/nonexistent/dir/study.journal", "trainer.q=choice(1,2)", "tfrun.objective=score"],
+                "hydra.sweeper.storage='/nonexistent/dir/study.journal' is not valid: a journal file in an existing"),
+}
+
+
+def test_bad_input_is_one_paragraph_exit_2_and_nothing_runs(tmp_path: Path) -> None:
+    (tmp_path / "synth.py").write_text(SYNTH)
+    for name, (args, expected) in BAD.items():
+        result = run_tfrun(tmp_path, "-m", "hydra/sweeper=tfrun", "entry.script=synth.py", "compute=slurm", *args)
+        assert result.returncode == 2, (name, result.stderr)
+        assert result.stderr.startswith("tfrun: error: ") and expected in result.stderr, (name, result.stderr)
+        assert result.stderr.strip().count("\n") == 0, (name, result.stderr)  # one paragraph
+        assert not list((tmp_path / "runs").glob("*")), name  # no sweep dir: nothing was planned to run
+
+
+def test_dry_run_shows_the_study(tmp_path: Path) -> None:
+    (tmp_path / "synth.py").write_text(SYNTH)
+    result = run_tfrun(tmp_path, "--dry-run", *TUNE, "entry.script=synth.py", "hydra.sweeper.n_trials=24",
+                       "hydra.sweeper.max_parallel=4", "hydra.sweeper.policy=bandit",
+                       "hydra.sweeper.policy_args.slack_factor=0.1", "trainer.lr=tag(log,interval(1e-4,1e-1))",
+                       "trainer.batch_size=choice(32,64)")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for line in ("sampler:    tpe (multivariate", "trials:     24, at most 4 at once",
+                 "policy:     bandit delay_evaluation=0 evaluation_interval=1 slack_factor=0.1",
+                 "storage:    journal file ", "trainer.lr: float in [0.0001, 0.1], log scale",
+                 "trainer.batch_size: one of 32, 64", "argv:    "):
+        assert line in out, out
+    assert not (tmp_path / "runs").exists()
+
+
+# --- the pieces, without running anything ------------------------------------------------
+
+def test_policies_decide_from_the_curves() -> None:
+    from tfrun.errors import ConfigError
+    from tfrun.targets import policies
+
+    bandit = policies.make("bandit", {"slack_factor": 0.1}, "acc")
+    assert policies.decide(bandit, True, {1: 0.5}, [{1: 0.6}]) is not None  # 0.5 < 0.6 / 1.1
+    assert policies.decide(bandit, True, {1: 0.56}, [{1: 0.6}]) is None
+    assert policies.decide(bandit, True, {1: 0.5}, []) is None  # nothing to compare with: runs on
+    assert policies.decide(bandit, False, {1: 0.7}, [{1: 0.6}]) is not None  # minimize: 0.7 > 0.6 * 1.1
+    amount = policies.make("bandit", {"slack_amount": 0.2}, "loss")
+    assert policies.decide(amount, False, {1: 0.75}, [{1: 0.6}]) is None
+    delayed = policies.make("median", {"delay_evaluation": 2, "evaluation_interval": 2}, "acc")
+    assert [policies.evaluation_point(delayed, n) for n in (1, 3, 4, 5, 6)] == [None, None, 4, 4, 6]
+    assert policies.decide(delayed, True, {1: 0.0, 2: 0.0, 3: 0.0}, [{1: 1.0, 2: 1.0, 3: 1.0}]) is None
+    assert policies.decide(delayed, True, {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}, [{4: 1.0, 1: 1, 2: 1, 3: 1}])
+    cut = policies.make("truncation", {"truncation_percentage": 50}, "acc")
+    assert policies.decide(cut, True, {1: 0.5}, [{1: 0.5}]) is None  # a tie is not the lowest half
+    assert policies.decide(cut, True, {1: 0.4}, [{1: 0.5}, {1: 0.6}]) is not None
+    for name, args in (("bandit", {}), ("median", {"evaluation_interval": 0}), ("truncation", {"x": 1}),
+                       ("none", {"slack_factor": 0.1})):
+        with pytest.raises(ConfigError):
+            policies.make(name, args, "acc")
+
+
+def test_the_space_reads_hydra_sweep_syntax() -> None:
+    from tfrun.config import space
+    from tfrun.errors import ConfigError
+
+    found = space.parse(["++trainer.lr=tag(log,interval(1e-4,1e-1))", "++trainer.bs=choice(32,64)", "x=1,2",
+                         "++trainer.n=range(2,10,4)", "++trainer.f=range(0.5,1.0,0.25)", "compute=local"])
+    assert [d.describe() for d in found.dimensions] == [
+        "trainer.lr: float in [0.0001, 0.1], log scale", "trainer.bs: one of 32, 64", "x: one of 1, 2",
+        "trainer.n: int in [2, 6], step 4", "trainer.f: one of 0.5, 0.75"]
+    assert found.fixed == ("compute=local",)
+    assert found.overrides({"trainer.lr": 0.01, "trainer.bs": 32, "x": 2, "trainer.n": 6, "trainer.f": 0.5})[:2] == [
+        "++trainer.lr=0.01", "++trainer.bs=32"]
+    grid = space.parse(["a=choice(1,2)", "b=range(0,3)"]).grid()
+    assert grid[:4] == [{"a": 1, "b": 0}, {"a": 1, "b": 1}, {"a": 1, "b": 2}, {"a": 2, "b": 0}] and len(grid) == 6
+    with pytest.raises(ConfigError, match="continuous interval"):
+        space.parse(["a=interval(0,1)"]).grid()
+    with pytest.raises(ConfigError, match="empty search space"):
+        space.parse(["a=1"])

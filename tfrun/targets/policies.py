@@ -1,0 +1,155 @@
+"""Early-termination policies of a tuning study: which running trial to stop, from the
+per-epoch values of the objective every trial records.
+
+``median``, ``bandit`` and ``truncation`` are the cloud tuners' policies, under their names
+and with their arguments (``evaluation_interval`` and ``delay_evaluation`` in epochs); they
+are decided here from the curves alone, so they work with any sampler (grid and random
+included). ``asha`` and ``hyperband`` are Optuna's SuccessiveHalvingPruner and
+HyperbandPruner, which the study asks through ``trial.should_prune()``.
+
+A trial is evaluated after ``delay_evaluation + k * evaluation_interval`` epochs (k >= 1),
+against the other trials of the study (running, finished or pruned) that recorded that
+epoch; until one has, there is nothing to compare with and it runs on.
+"""
+from __future__ import annotations
+
+import inspect
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from tfrun.errors import ConfigError
+
+Curve = Mapping[int, float]  # epoch count (1-based: after n epochs) -> objective value
+
+_COMMON = {"evaluation_interval": 1, "delay_evaluation": 0}
+# Each policy decided here: its arguments and their defaults.
+OWN: dict[str, dict[str, Any]] = {
+    "median": {**_COMMON},
+    "bandit": {**_COMMON, "slack_factor": None, "slack_amount": None},
+    "truncation": {**_COMMON, "truncation_percentage": 10},
+}
+OPTUNA = {"asha": "SuccessiveHalvingPruner", "hyperband": "HyperbandPruner"}
+POLICIES = ("none", *OWN, *OPTUNA)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A policy chosen and checked: its name and its arguments (defaults filled in)."""
+
+    name: str = "none"
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """``bandit slack_factor=0.1 evaluation_interval=1 delay_evaluation=0``."""
+        shown = " ".join(f"{k}={v}" for k, v in sorted(self.args.items()) if v is not None)
+        return f"{self.name} {shown}".strip()
+
+
+def _optuna_arguments(name: str) -> list[str]:
+    import optuna
+
+    cls = getattr(optuna.pruners, OPTUNA[name])
+    return [p for p in inspect.signature(cls).parameters if p != "self"]
+
+
+def make(name: str, args: Mapping[str, Any] | None, objective: str | None) -> Policy:
+    """Check a policy and its arguments; errors name the key, the value and what is allowed."""
+    args = dict(args or {})
+    if name not in POLICIES:
+        raise ConfigError.invalid("hydra.sweeper.policy", name, POLICIES)
+    if name == "none":
+        if args:
+            raise ConfigError(f"hydra.sweeper.policy_args={args} but hydra.sweeper.policy=none: choose a policy "
+                              f"({', '.join(POLICIES[1:])}) or drop the arguments")
+        return Policy()
+    if not objective:
+        raise ConfigError(f"hydra.sweeper.policy={name} stops trials from the objective's values per epoch, but no "
+                          f"objective is set: add tfrun.objective=METRIC (a Keras metric such as val_accuracy, or "
+                          f"a value the script records with tfrun.log_metric)")
+    allowed = list(OWN[name]) if name in OWN else _optuna_arguments(name)
+    unknown = sorted(set(args) - set(allowed))
+    if unknown:
+        raise ConfigError(f"hydra.sweeper.policy_args.{unknown[0]}={args[unknown[0]]!r} is not an argument of "
+                          f"policy {name}: it takes {', '.join(allowed)}")
+    if name in OWN:
+        args = {**OWN[name], **args}
+        _check_own(name, args)
+    return Policy(name, args)
+
+
+def _check_own(name: str, args: dict[str, Any]) -> None:
+    for key in ("evaluation_interval", "delay_evaluation"):
+        if not isinstance(args[key], int) or args[key] < (1 if key == "evaluation_interval" else 0):
+            raise ConfigError(f"hydra.sweeper.policy_args.{key}={args[key]!r}: an integer number of epochs, "
+                              f"{'at least 1' if key == 'evaluation_interval' else '0 or more'}")
+    if name == "bandit" and (args["slack_factor"] is None) == (args["slack_amount"] is None):
+        raise ConfigError(f"policy bandit takes one of hydra.sweeper.policy_args.slack_factor (a ratio, e.g. 0.1) "
+                          f"or slack_amount (in the metric's units), got slack_factor={args['slack_factor']} "
+                          f"slack_amount={args['slack_amount']}")
+    if name == "truncation" and not 1 <= float(args["truncation_percentage"]) <= 99:
+        raise ConfigError(f"hydra.sweeper.policy_args.truncation_percentage={args['truncation_percentage']!r}: "
+                          f"a percentage between 1 and 99")
+
+
+def optuna_pruner(policy: Policy) -> Any:
+    """The Optuna pruner the study is created with (a no-op one unless asha/hyperband)."""
+    import optuna
+
+    if policy.name in OPTUNA:
+        return getattr(optuna.pruners, OPTUNA[policy.name])(**policy.args)
+    return optuna.pruners.NopPruner()
+
+
+def evaluation_point(policy: Policy, epochs_done: int) -> int | None:
+    """The latest epoch count at which ``policy`` evaluates a trial that has ``epochs_done``."""
+    interval, delay = policy.args["evaluation_interval"], policy.args["delay_evaluation"]
+    if epochs_done < delay + interval:
+        return None
+    return delay + (epochs_done - delay) // interval * interval
+
+
+def _worse(value: float, than: float, maximize: bool) -> bool:
+    return value < than if maximize else value > than
+
+
+def decide(policy: Policy, maximize: bool, curve: Curve, peers: Sequence[Curve]) -> tuple[int, str] | None:
+    """(epoch count, why) if ``policy`` stops the trial whose values are ``curve``; else None."""
+    if policy.name not in OWN or not curve:
+        return None
+    at = evaluation_point(policy, max(curve))
+    if at is None or at not in curve:
+        return None
+    others = [p for p in peers if at in p]
+    if not others:
+        return None
+    value = curve[at]
+    if policy.name == "bandit":
+        return _bandit(policy.args, maximize, at, value, [p[at] for p in others])
+    if policy.name == "median":
+        mine = statistics.fmean(curve[e] for e in range(1, at + 1) if e in curve)
+        middle = statistics.median(statistics.fmean(p[e] for e in range(1, at + 1) if e in p) for p in others)
+        if _worse(mine, middle, maximize):
+            return at, f"running average {mine:.4g} after {at} epoch(s) is worse than the median {middle:.4g} of {len(others)} other trial(s)"
+        return None
+    values = [p[at] for p in others]
+    count = len(values) + 1
+    cut = int(float(policy.args["truncation_percentage"]) * count / 100)
+    better = sum(1 for v in values if _worse(value, v, maximize))
+    if cut >= 1 and better >= count - cut:
+        return at, (f"{value:.4g} after {at} epoch(s) is in the lowest {policy.args['truncation_percentage']}% of "
+                    f"{count} trial(s)")
+    return None
+
+
+def _bandit(args: Mapping[str, Any], maximize: bool, at: int, value: float, values: list[float]) -> tuple[int, str] | None:
+    best = max(values) if maximize else min(values)
+    if args.get("slack_amount") is not None:
+        amount = float(args["slack_amount"])
+        bound = best - amount if maximize else best + amount
+    else:
+        factor = float(args["slack_factor"])
+        bound = best / (1 + factor) if maximize else best * (1 + factor)
+    if _worse(value, bound, maximize):
+        return at, f"{value:.4g} after {at} epoch(s) is outside the slack of the best {best:.4g} (bound {bound:.4g})"
+    return None

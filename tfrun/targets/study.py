@@ -1,0 +1,363 @@
+"""An asynchronous tuning study: ask Optuna for a trial, run it as its own run (its own Slurm
+job, or a local process), follow every trial in flight with one status refresh per poll
+(:func:`tfrun.targets.control.refresh`: one ``sacct`` for all), report each new epoch's
+objective to the study, stop the trials the policy prunes, and tell the study how each one
+ended. A new trial starts as soon as a slot frees: never in lock-step batches.
+
+The study lives in Optuna's storage (a journal file in the sweep dir by default). Each trial
+records its run dir there before it is submitted, so a follower started again on the same
+sweep (``tfrun tune resume``) re-follows the trials still running, tells the ones that ended
+meanwhile, and asks only for the trials still missing: none is lost or run twice.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tfrun import rundir
+from tfrun.config.space import Space
+from tfrun.plan import Plan
+from tfrun.targets import control, policies
+from tfrun.targets.tuning import Settings, distributions, make_sampler, objective_curve, open_storage
+
+LOCAL_POLL_S = 0.25
+
+
+@dataclass
+class Live:
+    """A trial in flight (or, ``draining``, pruned and not yet ended)."""
+
+    number: int
+    trial_id: int
+    run_dir: Path
+    reported: set[int] = field(default_factory=set)
+    thread: threading.Thread | None = None
+    draining: bool = False
+    handle: Any = None  # its optuna.Trial, made once (making one asks the sampler)
+
+
+def say(text: str) -> None:
+    """A line of the study's progress on stderr."""
+    print(f"tfrun: {text}", file=sys.stderr, flush=True)
+
+
+def _record(sweep_dir: Path, run_dir: Path, **fields: Any) -> None:
+    path = sweep_dir / rundir.SWEEP_FILE
+    with rundir.locked(path):
+        index = rundir.read_json(path, {"points": []})
+        for point in index["points"]:
+            if point["run_dir"] == str(run_dir):
+                point.update(fields)
+        rundir.write_json(path, index)
+
+
+class Study:
+    """Runs a study to ``n_trials``: :meth:`run`. ``plan_trial(number, overrides)`` composes,
+    plans and writes a trial's run dir (the sweeper's Hydra composition)."""
+
+    def __init__(self, found: Settings, space: Space, plan_trial: Callable[[int, list[str]], Plan]) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.found, self.space, self.plan_trial = found, space, plan_trial
+        self.storage = open_storage(found)
+        existing = [s.study_name for s in optuna.study.get_all_study_summaries(self.storage)]
+        self.resumed = found.study_name in existing
+        self.study = optuna.create_study(storage=self.storage, study_name=found.study_name, load_if_exists=True,
+                                         direction=found.direction, sampler=make_sampler(found),
+                                         pruner=policies.optuna_pruner(found.policy))
+        self.distributions = distributions(space)
+        if found.sampler == "grid" and not self.resumed:
+            for params in space.grid()[:found.n_trials]:
+                self.study.enqueue_trial(params)
+        self.live: list[Live] = []
+        self._threads: dict[int, threading.Thread] = {}
+        self.launched = 0  # trials this follower started
+        self.target = ""
+        self.poll_s = LOCAL_POLL_S
+
+    # -- starting trials ---------------------------------------------------------------
+    def _started(self) -> int:
+        from optuna.trial import TrialState
+
+        return sum(1 for t in self.study.get_trials(deepcopy=False) if t.state != TrialState.WAITING)
+
+    def _more(self) -> bool:
+        from optuna.trial import TrialState
+
+        if self.found.sampler == "grid":
+            return bool(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        return self._started() < self.found.n_trials
+
+    def _start_next(self) -> None:
+        from optuna.trial import TrialState
+
+        from tfrun.errors import ConfigError
+        from tfrun.targets.sweeps import SweepOutcome
+
+        trial = self.study.ask(self.distributions)
+        overrides = self.space.overrides(trial.params)
+        try:
+            plan = self.plan_trial(trial.number, overrides)
+            trial.set_user_attr("run_dir", plan.run_dir)
+            trial.set_user_attr("overrides", overrides)
+            self._record_point(plan, overrides, trial.number)
+            self._launch(plan, trial.number, overrides[:len(self.space.dimensions)])
+        except ConfigError as exc:  # this point cannot run (or Slurm refused it): a failed trial
+            self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            if not self.launched:
+                raise  # the first one: nothing was submitted, the study stops here (exit 2)
+            SweepOutcome.failed.append(f"trial {trial.number}")
+            say(f"trial {trial.number}: not started: {exc}")
+            return
+        self.launched += 1
+        self.live.append(Live(trial.number, trial._trial_id, Path(plan.run_dir)))
+        self._attach_thread(self.live[-1])
+
+    def _record_point(self, plan: Plan, overrides: list[str], number: int) -> None:
+        from tfrun.targets.sweeps import record_points
+
+        record_points(self.found.sweep_dir, [plan], [overrides])
+        _record(self.found.sweep_dir, Path(plan.run_dir), trial=number, state="PENDING")
+
+    def _launch(self, plan: Plan, number: int, shown: list[str]) -> None:
+        self.target = plan.target
+        if plan.target == "slurm":
+            from tfrun.plan import sbatch
+            from tfrun.targets import slurm
+
+            self.poll_s = min(float(plan.compute.get("poll_s", 2.0)), 2.0)
+            job_ids = slurm.launch([plan], os.path.join(self.found.sweep_dir, sbatch.SUBMITIT_DIR))
+            say(f"trial {number}: job {job_ids[0]}: {' '.join(shown)}")
+            return
+        thread = threading.Thread(target=_run_local, args=(plan,), name=f"trial-{number}", daemon=True)
+        self._threads[number] = thread
+        thread.start()
+        say(f"trial {number}: started: {' '.join(shown)}")
+
+    def _attach_thread(self, live: Live) -> None:
+        live.thread = self._threads.pop(live.number, None)
+
+    # -- following ---------------------------------------------------------------------
+    def _reattach(self) -> None:
+        """Resume: trials the storage has as running are followed again (or, never
+        submitted, submitted now); ones that ended meanwhile are told."""
+        from optuna.trial import TrialState
+
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            run_dir = trial.user_attrs.get("run_dir")
+            if not run_dir:  # asked but never planned: nothing ran; the study forgets it
+                self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+                continue
+            status = rundir.read_status(run_dir)
+            live = Live(trial.number, trial._trial_id, Path(run_dir), reported=set(trial.intermediate_values))
+            if not status.get("state"):
+                plan = Plan.load(run_dir) if (Path(run_dir) / rundir.PLAN_FILE).exists() else None
+                if plan is None:
+                    plan = self.plan_trial(trial.number, list(trial.user_attrs["overrides"]))
+                job = submitted_job(self.found.sweep_dir, plan) if plan.target == "slurm" else None
+                if job:
+                    say(f"trial {trial.number}: following job {job} (submitted just before the earlier follower ended)")
+                else:
+                    self._launch(plan, trial.number, [])
+                    self._attach_thread(live)
+                    say(f"trial {trial.number}: submitted now (the earlier follower ended before it did)")
+            elif status.get("target") == "local" and status.get("state") not in rundir.FINAL_STATES:
+                rundir.update_status(run_dir, state="FAILED", ended=time.time(),
+                                     reason="its tuning study's follower ended while it ran locally")
+            else:
+                say(f"trial {trial.number}: following it again ({status.get('state')})")
+            live.draining = (Path(run_dir) / rundir.PRUNE_FILE).exists()
+            self.live.append(live)
+
+    def run(self) -> None:
+        """Run the study to its end (every trial asked for has ended)."""
+        if self.resumed:
+            done = self._started() - len(self.study.get_trials(deepcopy=False, states=(_running(),)))
+            say(f"resuming the study in {self.found.sweep_dir}: {done} trial(s) ended already")
+            self._reattach()
+            self.launched = max(1, len(self.live))  # a resumed study has run before: a bad trial fails alone
+        try:
+            while True:
+                while sum(not t.draining for t in self.live) < self.found.max_parallel and self._more():
+                    self._start_next()
+                if not self.live:
+                    break
+                self._poll()
+                if self.live:
+                    time.sleep(self.poll_s)
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
+
+    def _interrupted(self) -> None:
+        """Ctrl-C: Slurm trials go on (``tfrun tune resume`` follows them again); local ones
+        run in this process's threads, so they are cancelled, and told as failed."""
+        from optuna.trial import TrialState
+
+        from tfrun.targets import local
+
+        for live in self.live:
+            if live.thread is not None and live.thread.is_alive():
+                local.cancel_in_process(live.run_dir)
+                live.thread.join(timeout=30)
+                self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
+                _record(self.found.sweep_dir, live.run_dir, state=rundir.read_status(live.run_dir).get("state"))
+
+    def _poll(self) -> None:
+        statuses = control.refresh([t.run_dir for t in self.live])
+        curves = None
+        for live, status in zip(list(self.live), statuses):
+            state = status.get("state")
+            if state in rundir.FINAL_STATES and (live.thread is None or not live.thread.is_alive()):
+                self._ended(live, status)
+                continue
+            if live.draining:
+                continue
+            if curves is None:
+                curves = self._curves()
+            self._report(live, curves.get(live.number, {}))
+            self._should_prune(live, curves)
+
+    def _curves(self) -> dict[int, dict[int, float]]:
+        """Every trial's objective per epoch: the storage's reports, and the live trials' files."""
+        found = {t.number: {int(k): v for k, v in t.intermediate_values.items()}
+                 for t in self.study.get_trials(deepcopy=False)}
+        for live in self.live:
+            found[live.number] = {**found.get(live.number, {}),
+                                  **objective_curve(live.run_dir, self.found.objective)}
+        return found
+
+    def _trial(self, live: Live) -> Any:
+        import optuna
+
+        if live.handle is None:
+            live.handle = optuna.Trial(self.study, live.trial_id)
+        return live.handle
+
+    def _report(self, live: Live, curve: dict[int, float]) -> None:
+        for epoch in sorted(set(curve) - live.reported):
+            self._trial(live).report(curve[epoch], epoch)
+            live.reported.add(epoch)
+
+    def _should_prune(self, live: Live, curves: dict[int, dict[int, float]]) -> bool:
+        curve = curves.get(live.number, {})
+        if not curve:
+            return False
+        policy = self.found.policy
+        if policy.name in policies.OPTUNA:
+            decided = (max(curve), f"Optuna's {policies.OPTUNA[policy.name]}") \
+                if self._trial(live).should_prune() else None
+        else:
+            peers = [c for n, c in curves.items() if n != live.number]
+            decided = policies.decide(policy, self.found.maximize, curve, peers)
+        if decided is None:
+            return False
+        self._prune(live, *decided)
+        return True
+
+    def _prune(self, live: Live, epoch: int, why: str) -> None:
+        from optuna.trial import TrialState
+
+        rundir.write_json(live.run_dir / rundir.PRUNE_FILE, {"policy": self.found.policy.name, "epoch": epoch,
+                                                            "why": why, "time": time.time(), "trial": live.number})
+        stop_request(live.run_dir)
+        self.study.tell(live.number, state=TrialState.PRUNED, skip_if_finished=True)
+        live.draining = True  # its slot is free now; it is followed until it has stopped
+        _record(self.found.sweep_dir, live.run_dir, state="PRUNED", pruned_epoch=epoch)
+        say(f"trial {live.number}: pruned after {epoch} epoch(s) ({self.found.policy.name}: {why})")
+
+    def _ended(self, live: Live, status: dict[str, Any]) -> None:
+        from optuna.trial import TrialState
+
+        from tfrun.targets.sweeps import SweepOutcome
+
+        self.live.remove(live)
+        state = status.get("state")
+        metric = self.found.objective
+        curve = objective_curve(live.run_dir, metric)
+        if not live.draining:  # (a pruned trial was told already: its storage record is closed)
+            self._report(live, curve)  # epochs since the last poll: the policies compare later trials with them
+        value = curve[max(curve)] if curve and state == "COMPLETED" else None
+        if state == "PRUNED" or live.draining:  # (it may have completed before the stop request came)
+            self.study.tell(live.number, state=TrialState.PRUNED, skip_if_finished=True)
+            _record(self.found.sweep_dir, live.run_dir, state=state, pruned_epoch=status.get("pruned_epoch"),
+                    objective={"metric": metric, "value": value})
+            return
+        if value is None:
+            self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
+            SweepOutcome.failed.append(f"trial {live.number}")
+            why = status.get("reason") or (f"no {metric} recorded" if state == "COMPLETED" else state)
+            say(f"trial {live.number}: {state}: {why}")
+        else:
+            self.study.tell(live.number, value, skip_if_finished=True)
+            say(f"trial {live.number}: {state}: {metric}={value:.6g}")
+        _record(self.found.sweep_dir, live.run_dir, state=state, objective={"metric": metric, "value": value})
+
+
+def _running() -> Any:
+    from optuna.trial import TrialState
+
+    return TrialState.RUNNING
+
+
+def _run_local(plan: Plan) -> None:
+    """A local trial, in a thread of the follower: its tasks' output goes to their logs only."""
+    from tfrun.targets import local
+    from tfrun.tracking import mlflow_sync
+
+    try:
+        with open(os.devnull, "wb") as sink:
+            state = local.run(plan, out=sink)
+        mlflow_sync.sync_if_asked(plan.run_dir, state)  # (control.refresh does it for Slurm trials)
+    except Exception as exc:  # the study goes on; the trial is a failed one
+        rundir.update_status(plan.run_dir, run_id=plan.run_id, state="FAILED", target="local", ended=time.time(),
+                             reason=f"could not run: {exc}")
+
+
+def submitted_job(sweep_dir: Path, plan: Plan) -> str | None:
+    """A trial Slurm has but its status does not (the follower was killed between sbatch and
+    recording the job id): found in submitit's record of what it submitted, and recorded now,
+    so that it is followed rather than submitted twice."""
+    import pickle
+
+    from tfrun.plan import sbatch
+
+    folder = sweep_dir / sbatch.SUBMITIT_DIR
+    for path in sorted(folder.glob("*_submitted.pkl")):
+        try:
+            with open(path, "rb") as f:
+                args = getattr(pickle.load(f), "args", ())  # submitit's DelayedSubmission, written by us
+        except Exception:  # a file being written, or not submitit's: not this trial's
+            continue
+        if args and str(args[0]) == plan.run_dir:
+            job = path.name.split("_", 1)[0]
+            now = time.time()
+            rundir.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm",
+                                 submitit_folder=str(folder), backend=plan.backend, job_ids=[job], submitted=now,
+                                 started=now, ended=None, world_size=len(plan.tasks), failed_rank=None, reason=None)
+            return job
+    return None
+
+
+def stop_request(run_dir: Path) -> None:
+    """Ask a run's tasks to stop (their Keras fit backs up the last epoch and returns):
+    ``scancel --signal=USR2`` on Slurm, SIGUSR2 to the tasks of a local run."""
+    import signal
+    import subprocess
+
+    status = rundir.read_status(run_dir)
+    if status.get("target") == "slurm" and status.get("job_ids"):
+        subprocess.run(["scancel", "--signal=USR2", status["job_ids"][-1]], capture_output=True, timeout=60)
+        return
+    for record in rundir.rank_records(run_dir).values():
+        if record.get("ended") is None and record.get("pid") and record.get("host") == rundir.hostname():
+            try:
+                os.kill(int(record["pid"]), signal.SIGUSR2)
+            except ProcessLookupError:
+                pass
