@@ -73,7 +73,7 @@ def digits(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
     common = ["-m", "hydra/sweeper=tfrun", f"compute={args.compute}", f"entry.script={DIGITS}",
               "tfrun.objective=val_accuracy", f"hydra.sweeper.n_trials={args.trials}",
               f"hydra.sweeper.max_parallel={args.parallel}", "hydra.sweeper.seed=0", f"trainer.epochs={args.epochs}",
-              "trainer.lr=tag(log,interval(1e-3,1e-1))", "trainer.batch_size=choice(32,64,128)",
+              f"trainer.lr=tag(log,interval({args.lr}))", "trainer.batch_size=choice(32,64,128)",
               "trainer.hidden=choice(16,32,64,128)"]
     policy = [f"hydra.sweeper.policy={args.policy}", *(f"hydra.sweeper.policy_args.{a}" for a in args.policy_args)]
     figures = {}
@@ -96,7 +96,7 @@ def digits(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
         f"{gap:+.2f} points below (target <= 0.5: {'met' if gap <= 0.5 else 'MISSED'})",
     ]
     head = [f"Digits, {args.trials} trials, {args.epochs} epochs, {args.parallel} at once, compute={args.compute}, "
-            f"TPE seed 0; policy {args.policy} {' '.join(args.policy_args)}", "",
+            f"TPE seed 0, lr in ({args.lr}) log scale; policy {args.policy} {' '.join(args.policy_args)}", "",
             "| policy | trials | pruned | task-s | wall s | wall s to best | best val_accuracy |", "|---|---|---|---|---|---|---|"]
     return head + rows, figures
 
@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--compute", default="local")
+    # Four decades of learning rate, as a first search does: slow and diverging trials among them.
+    parser.add_argument("--lr", default="1e-4,0.3", help="the learning rate's interval (log scale)")
     parser.add_argument("--policy", default="bandit")
     parser.add_argument("--policy-args", nargs="*", default=["slack_factor=0.1", "delay_evaluation=2"])
     parser.add_argument("--durations", default="8,1,1,1,8,1,1,1")

@@ -694,7 +694,8 @@ def _local_run_dir(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_resume_completes(tmp_path: Path) -> None:
     write_script(tmp_path, "fit.py", FIT_SCRIPT)
-    proc, out, err = popen_tfrun(tmp_path, "entry.script=fit.py", f"trainer.epochs={EPOCHS}")
+    # ~1.5 s epochs (0.1 s a batch): the Ctrl-C still lands mid-fit, after epoch 2 of 8.
+    proc, out, err = popen_tfrun(tmp_path, "entry.script=fit.py", f"trainer.epochs={EPOCHS}", "trainer.batch_sleep=0.1")
     try:
         wait_for(lambda: (_local_run_dir(tmp_path) / "plan.json").exists(), 120, "the run dir")
         run_dir = _local_run_dir(tmp_path)

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -185,8 +186,11 @@ class Watchdog:
 
     def act(self, beats: dict[int, dict[str, Any]], late: list[int], now: float) -> None:
         hosts = {r: beats.get(r, {}).get("host", "?") for r in range(self.world_size)}
-        lost = sorted(set(self.lost_nodes(now) if self.silent else [])
-                      | {h for h in set(hosts.values()) if len(self.nodes) > 1 and h != "?" and not reachable(h)})
+        silent = set(self.lost_nodes(now) if self.silent else [])
+        # A node just found lost is not asked again: each probe of a silent node costs its whole
+        # timeout, and the job waits for them.
+        lost = sorted(silent | {h for h in set(hosts.values())
+                                if len(self.nodes) > 1 and h != "?" and h not in silent and not reachable(h)})
         dumps = self.stacks(beats, lost)
         # Every rank that should be stepping, not only the late ones: a rank frozen before its
         # heartbeat was next written still looks young.
@@ -216,30 +220,49 @@ class Watchdog:
         logs = {r: rundir.rank_log(self.run_dir, r) for r in range(self.world_size)}
         sizes = {r: (log.stat().st_size if log.exists() else 0) for r, log in logs.items()}
         if self.launcher == "slurm" and self.job and self.step is not None:
-            subprocess.run(["scancel", f"--signal={int(STACKS)}", f"{self.job}.{self.step}"],
-                           capture_output=True, timeout=30, check=False)
+            # scancel returns once every node of the step has answered: a lost node holds it up
+            # for Slurm's MessageTimeout and more (~15-20 s seen here), while the reachable ranks
+            # have their signal at once. So with a node lost it is not waited for past
+            # STACK_WAIT_S (it ends on its own; the ranks that can answer have had that long);
+            # otherwise as long as it takes (30 s at most), then STACK_WAIT_S.
+            sent = time.monotonic()
+            signalling = subprocess.Popen(["scancel", f"--signal={int(STACKS)}", f"{self.job}.{self.step}"],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
+            try:
+                signalling.wait(timeout=STACK_WAIT_S if lost else 30)
+            except subprocess.TimeoutExpired:
+                if not lost:
+                    signalling.kill()
+                    signalling.wait()
+            time.sleep(max(0.0, STACK_WAIT_S - (time.monotonic() - sent)) if lost else STACK_WAIT_S)
         else:
             for beat in beats.values():
                 try:
                     os.kill(int(beat["pid"]), STACKS)
                 except (OSError, KeyError, ValueError):
                     pass
-        time.sleep(STACK_WAIT_S)
+            time.sleep(STACK_WAIT_S)
         dumps = {r: _read_from(logs[r], sizes[r]) for r in logs}
-        if shutil.which("py-spy") is not None:
-            for rank, beat in sorted(beats.items()):
-                if beat.get("host") not in lost:  # nothing runs on a node that cannot be reached
-                    self._py_spy(rank, beat)
+        # nothing runs on a node that cannot be reached
+        spied = [(r, b) for r, b in sorted(beats.items()) if b.get("host") not in lost]
+        if shutil.which("py-spy") is not None and spied:
+            # Every rank at once: a dump takes a second or two, through srun on another node
+            # several, and the job waits for them all.
+            with ThreadPoolExecutor(max_workers=min(8, len(spied))) as pool:
+                spies = {rank: pool.submit(self._py_spy, beat) for rank, beat in spied}
+                for rank, spy in spies.items():
+                    with open(rundir.rank_log(self.run_dir, rank), "a") as log:
+                        log.write(f"tfrun: watchdog: rank {rank}'s stacks from py-spy:\n{spy.result()}\n")
         return dumps
 
-    def _py_spy(self, rank: int, beat: dict[str, Any]) -> None:
+    def _py_spy(self, beat: dict[str, Any]) -> str:
         """``py-spy dump`` of a rank, native frames included; a process frozen as a whole
         cannot be paused for that, so then its Python stacks without pausing it."""
         text = self._run_py_spy(beat, ["--native"])
         if "Failed to get stack traces" in text:
             text = self._run_py_spy(beat, ["--nonblocking"])
-        with open(rundir.rank_log(self.run_dir, rank), "a") as log:
-            log.write(f"tfrun: watchdog: rank {rank}'s stacks from py-spy:\n{text}\n")
+        return text
 
     def _run_py_spy(self, beat: dict[str, Any], options: list[str]) -> str:
         command = ["py-spy", "dump", *options, "--pid", str(beat.get("pid"))]
