@@ -200,7 +200,8 @@ class MlflowServer:
                 self.proc.wait()
 
     def __enter__(self) -> "MlflowServer":
-        return self.start()
+        # `with MlflowServer(...)` and `with server.start()` alike: one server, stopped at the end.
+        return self if self.proc is not None and self.proc.poll() is None else self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
