@@ -277,6 +277,7 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
             print_user_traceback(exc)
         error = f"{type(exc).__name__}: {exc}"
     preempt.script_ended()
+    metrics.flush()  # values the script logged last: a requeue below may end this task at any moment
     stopped = code == preempt.EXIT_PREEMPTED
     if stopped and live is not None:
         live.end(None)  # now: a requeue ends this task the moment Slurm has done it
@@ -289,7 +290,6 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
         backend.finish(plan, task, code)
     heartbeat.beat(phase="ended")
     export_after_training(plan, ident, code)
-    metrics.flush()
     if live is not None and not stopped:  # a stopped run goes on in a later attempt, or tfrun ends it
         live.end("COMPLETED" if code == 0 else "FAILED")
     rundir.update_rank(run_dir, ident.rank, ended=time.time(), exit_code=code, error=error)
