@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import (MlflowServer, mlflow_runs, popen_tfrun, read_json, run_dir_from, run_tfrun,
-                           scratch_env, stop, wait_for)
+from tests.helpers import (MlflowServer, mlflow_runs, popen_tfrun, run_dir_from, run_tfrun,
+                           stop, wait_for)
 
 pytestmark = pytest.mark.slow
 

@@ -266,9 +266,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
     """Send a run's (or each point's) metrics, artifacts and end state to MLflow (tracking/mlflow_sync.py)."""
     from tfrun.tracking import mlflow_sync
 
-    path = rundir.find_run(args.run)
+    dirs = run_dirs_of(rundir.find_run(args.run))
     code = 0
-    for run_dir, status in zip(run_dirs_of(path), refresh(run_dirs_of(path))):
+    for run_dir, status in zip(dirs, refresh(dirs)):
         try:
             known = mlflow_sync.sync(run_dir, status.get("state"))
         except ValueError as exc:

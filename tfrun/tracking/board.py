@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tfrun import rundir
-from tfrun.tracking import compare, metrics
+from tfrun.tracking import compare, metrics, tensorboard
 
 EVENTS_DIR = "tensorboard"  # in a run dir, where its events are
 _MAX_NAME = 200  # bytes; file names may have 255
@@ -141,9 +141,8 @@ def _batch_function(writer: Any) -> Any:
     """One traced function that writes a whole batch of scalars (an op per value from Python
     costs ~50-700 us)."""
     import tensorflow as tf
-    from tensorflow.core.framework.summary_pb2 import SummaryMetadata
 
-    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="scalars"))
+    metadata = tensorboard.scalar_metadata()
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.float32),
                                   tf.TensorSpec([None], tf.int64)])

@@ -120,7 +120,6 @@ class _Appender:
         self.steps: list[int | None] = []
         self.times = array("d")  # appended last: its length counts the complete values
         self.lock = threading.Lock()  # one writer at a time: the caller or the flusher
-        self.wake = threading.Event()
         self.thread: threading.Thread | None = None
 
     def started(self) -> None:
@@ -177,8 +176,7 @@ class _Appender:
 
     def _run(self) -> None:
         while True:
-            self.wake.wait(FLUSH_INTERVAL_S)
-            self.wake.clear()
+            time.sleep(FLUSH_INTERVAL_S)
             try:
                 self.flush()
             except Exception as exc:  # a full or vanished disk must not end training

@@ -36,15 +36,21 @@ def _file_writer() -> Any:
     return _writer
 
 
+def scalar_metadata() -> Any:
+    """What marks a summary as a scalar for TensorBoard (what tf.summary.scalar adds)."""
+    from tensorflow.core.framework.summary_pb2 import SummaryMetadata
+
+    return SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="scalars"))
+
+
 def _write_scalars(values: Mapping[str, float], step: int) -> None:
     # tf.summary.write with the scalars plugin's metadata is what tf.summary.scalar does,
     # minus importing tensorboard.summary on first use: that pulls in TensorBoard's
     # TensorFlow stub and, where boto3 is installed, boto3 (~0.1-0.2 s per task).
     import tensorflow as tf
-    from tensorflow.core.framework.summary_pb2 import SummaryMetadata
 
     writer = _file_writer()
-    scalar = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="scalars"))
+    scalar = scalar_metadata()
     with writer.as_default():
         for name, value in values.items():
             tf.summary.write(tag=name, tensor=tf.constant(value, tf.float32), step=step, metadata=scalar)
