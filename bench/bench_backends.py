@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchlib import append_report, cpu_model, load_average, versions
+from benchlib import cpu_model, load_average, versions, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.02
@@ -74,10 +74,14 @@ def step(xb, yb):
 
 
 hvd.broadcast_variables([w, b], root_rank=0)
-losses = [float(step(*next(data))) for _ in range(args.steps)]
+WARMUP = min(10, args.steps // 2)  # the first steps trace the function and warm Gloo's buffers
+losses = [float(step(*next(data))) for _ in range(WARMUP)]
+T_WARM = time.time()
+losses += [float(step(*next(data))) for _ in range(args.steps - WARMUP)]
 T_END = time.time()
 print("BENCH " + json.dumps({"rank": hvd.rank(), "size": hvd.size(), "start": T_START, "imported": T_IMPORTED,
-                              "init": T_INIT, "end": T_END, "loss": [losses[0], losses[-1]]}), flush=True)
+                              "init": T_INIT, "end": T_END, "loss": [losses[0], losses[-1]],
+                              "step_ms": 1000 * (T_END - T_WARM) / max(1, args.steps - WARMUP)}), flush=True)
 '''
 
 PS_SCRIPT = '''\
@@ -163,6 +167,7 @@ def common_phases(r: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, f
         "script_to_init": max(x["init"] - x["start"] for x in ranks),
         "init_to_end": max(x["end"] for x in ranks) - max(x["init"] for x in ranks),
         "end_to_exit": end_of_command - max(x["end"] for x in ranks),
+        "step_ms": max(x["step_ms"] for x in ranks),  # steady state: after the warm-up steps
     }
 
 
@@ -241,6 +246,7 @@ def horovod_tables(hvd: dict[str, list[dict[str, float]]]) -> tuple[list[str], f
         ("launch to script body start (s)", "launch_to_script"),
         ("script body start to hvd.init() returned (s)", "script_to_init"),
         ("hvd.init() to end of training (s)", "init_to_end"),
+        ("steady-state step, after 10 warm-up steps, slowest rank (ms)", "step_ms"),
         ("end of training to command exit (s)", "end_to_exit"),
     ]
     lines = ["| Horovod, 2 ranks (median of %d) | tfrun | horovodrun | tfrun / horovodrun |" % len(t),
@@ -249,8 +255,16 @@ def horovod_tables(hvd: dict[str, list[dict[str, float]]]) -> tuple[list[str], f
         a, b = med(t, key), med(h, key)
         lines.append(f"| {label} | {a:.2f} | {b:.2f} | {a / b:.3f} |" if b > 0.005 else f"| {label} | {a:.2f} | {b:.2f} | |")
     lines.append(f"| **wall time ratio** (target <= {TARGET_RATIO}) | | | **{ratio:.3f}: {verdict}** |")
+    step = med(t, "step_ms") / med(h, "step_ms")
+    lines.append(f"| **steady-state step ratio** (target <= {TARGET_RATIO}) | | | "
+                 f"**{step:.3f}: {'met' if step <= TARGET_RATIO else 'MISSED'}** |")
     fastest = min(r["wall"] for r in t) / min(r["wall"] for r in h)
     lines.append(f"| wall time ratio of the fastest runs (less sensitive to load) | | | {fastest:.3f} |")
+    def rounds(runs: list[dict[str, float]]) -> str:
+        return ", ".join(f"{r['wall']:.2f}" for r in runs) + "; " + ", ".join(f"{r['step_ms']:.1f}" for r in runs)
+
+    lines += ["", "Every round, in the order run (wall s; step ms):", "",
+              f"- tfrun: {rounds(t)}", f"- horovodrun: {rounds(h)}"]
     lines += ["", "| where a `tfrun` Horovod run's time goes (median) | s |", "|---|---|"]
     for label, key in [
         ("CLI: interpreter, compose, plan, run dir (launch to status RUNNING)", "cli"),
@@ -297,7 +311,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="training steps of the Horovod script")
     parser.add_argument("--ps-repeats", type=int, default=None, help="default: --repeats; 0 skips the ps part")
     parser.add_argument("--skip-horovod", action="store_true", help="only the parameter-server part")
-    parser.add_argument("--output", default=str(REPO / "bench" / "RESULTS.md"), help="'-' to write nothing")
+    parser.add_argument("--output", default="-", help="also write the report here (bench/run.py does)")
     parser.add_argument("--json", default=None, help="also write the headline figures here (for bench/run.py)")
     args = parser.parse_args()
     ps_repeats = args.repeats if args.ps_repeats is None else args.ps_repeats
@@ -342,13 +356,14 @@ def main() -> None:
         *lines, "",
     ])
     print(report)
-    append_report(args.output, report)
+    write_report(args.output, report)
     shutil.rmtree(work, ignore_errors=True)
     if args.json:
         figures: dict[str, Any] = {}
         if not args.skip_horovod:
             figures["horovod"] = {key: {"tfrun": med(hvd["tfrun"], key), "horovodrun": med(hvd["horovodrun"], key)}
-                                  for key in ("wall", "launch_to_init", "cpu")}
+                                  for key in ("wall", "launch_to_init", "cpu", "step_ms")}
+            figures["horovod"]["rounds"] = {name: [r["wall"] for r in runs] for name, runs in hvd.items()}
             figures["horovod"]["ratio"] = ratio
         if ps_repeats:
             figures["ps"] = {key: statistics.median(r[key] for r in ps) for key in ps[0]}

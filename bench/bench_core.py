@@ -133,7 +133,7 @@ def main() -> None:
     # 11 interleaved runs each: run-to-run noise here is several %, the target 5 %.
     parser.add_argument("--repeats-run", type=int, default=11)
     parser.add_argument("--epochs", type=int, default=15, help="digits example epochs (its default: 15)")
-    parser.add_argument("--output", default=str(REPO / "bench" / "RESULTS.md"), help="'-' to write nothing")
+    parser.add_argument("--output", default="-", help="also write the report here (bench/run.py does)")
     parser.add_argument("--json", default=None, help="also write the headline figures here (for bench/run.py)")
     args = parser.parse_args()
 

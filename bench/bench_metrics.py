@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import append_report, load_average
+from benchlib import write_report, load_average
 
 CALLS = 100_000
 TARGET_US = 2.0
@@ -83,7 +83,7 @@ def _child(code: str, run_dir: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
+    parser.add_argument("--output", default="-", help="also write the report here (bench/run.py does)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tfrun-bench-metrics-"))
@@ -124,7 +124,7 @@ def main() -> None:
         "| figure | per call (loop) | per call (with flush) | former writer (rewrite per record) | target | |",
         "|---|---|---|---|---|---|", *rows, ""])
     print(report)
-    append_report(args.output, report)
+    write_report(args.output, report)
     if args.json:
         Path(args.json).write_text(json.dumps({"metrics": figures, "worst_loop_us": worst_loop}, indent=1))
 

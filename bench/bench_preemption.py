@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import append_report, load_average
+from benchlib import write_report, load_average
 
 SCRIPT = """\
 import argparse, time
@@ -96,7 +96,8 @@ def one_round(variant: str, work: Path, env: dict[str, str], name: str) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
+    parser.add_argument("--output", default="-", help="also write the report here (bench/run.py does)")
+    parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tfrun-bench-preemption-"))
@@ -127,7 +128,11 @@ def main() -> None:
         f"| a stop that waits out the grace time | {grace_s:.1f} | {rounds['grace']} |",
         "", f"Ratio tfrun / grace: {tfrun_s / grace_s:.2f}.", ""])
     print(report)
-    append_report(args.output, report)
+    write_report(args.output, report)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"preemption": {
+            "tfrun_s": tfrun_s, "grace_s": grace_s, "ratio": tfrun_s / grace_s, "grace_time_s": grace,
+            "rounds": {v: [r["handover_s"] for r in found[v]] for v in found}}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from benchlib import append_report, cpu_model, load_average, versions
+from benchlib import cpu_model, load_average, versions, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "bench" / ".work"
@@ -392,7 +392,7 @@ def main() -> None:
     parser.add_argument("--profile-points", type=int, default=50, help="0: no profile")
     parser.add_argument("--poll-s", type=float, default=2.0, help="tfrun's compute.poll_s")
     parser.add_argument("--timeout", type=float, default=1800, help="per command / per sweep to finish")
-    parser.add_argument("--output", default=str(REPO / "bench" / "RESULTS.md"), help="'-' to write nothing")
+    parser.add_argument("--output", default="-", help="also write the report here (bench/run.py does)")
     parser.add_argument("--json", default=None, help="also write the headline figures here (for bench/run.py)")
     packed = parser.add_argument_group("--packed (issue 10)")
     packed.add_argument("--packed", action="store_true", help="only the packed comparison, start to all finished")
@@ -451,6 +451,7 @@ def main() -> None:
     for size, (tf, hsl) in submitted.items():
         figures["submit"][size] = {"tfrun": tf["submitted"], "hsl": hsl["submitted"],
                                    "ratio": tf["submitted"] / hsl["submitted"],
+                                   "tfrun_finished": tf["all_finished"], "hsl_finished": hsl["all_finished"],
                                    "hsl_vmhwm_mb": hsl["memory"]["vmhwm_mb"]}
     ratio = 0.0
     if submitted:
@@ -473,14 +474,14 @@ def main() -> None:
         "method for both; all finished = the last array element's End in sacct.", "",
         *lines, "", *mon, "", *(prof or []), "",
     ])
-    write_report(args, report, figures)
+    publish(args, report, figures)
     if submitted and ratio > TARGET_RATIO:
         print(f"bench: submit time ratio {ratio:.2f}x misses the target {TARGET_RATIO:.1f}x", file=sys.stderr)
 
 
-def write_report(args: argparse.Namespace, report: str, figures: dict) -> None:
+def publish(args: argparse.Namespace, report: str, figures: dict) -> None:
     print(report)
-    append_report(args.output, report)
+    write_report(args.output, report)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
 
@@ -748,7 +749,7 @@ def packed_main(args: argparse.Namespace, python: Path, info: dict[str, str], n:
                           "ratio": ratio, "target": PACKED_TARGET, "tfrun_jobs": tf["counts"]["jobs"],
                           "tfrun_steps": tf["counts"]["steps"], "hsl_jobs": hsl["counts"]["jobs"],
                           "phases": ph, "probe": probe, "rounds": len(rounds)}}
-    write_report(args, report, figures)
+    publish(args, report, figures)
     if missed:
         print(f"bench: packed ratio {ratio:.2f}x misses the target {PACKED_TARGET}x", file=sys.stderr)
 

@@ -26,7 +26,7 @@ import time
 import timeit
 from pathlib import Path
 
-from benchlib import append_report, load_average
+from benchlib import write_report, load_average
 
 TARGET = 0.005  # at most this share of step time
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
+    parser.add_argument("--output", default="-", help="also write the report here (bench/run.py does)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -78,7 +78,7 @@ def main() -> None:
         "| mode | off | on | throughput lost | one beat per step, share of step time | target < 0.5 % |",
         "|---|---|---|---|---|---|", *rows, ""])
     print(report)
-    append_report(args.output, report)
+    write_report(args.output, report)
     if args.json:
         Path(args.json).write_text(json.dumps({"watchdog": figures}, indent=1))
 

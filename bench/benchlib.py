@@ -33,12 +33,11 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def append_report(path: str, text: str) -> None:
-    """Append a section to the results file (``-``: nowhere); never rewrite what others put there."""
+def write_report(path: str, text: str) -> None:
+    """Write a benchmark's report (a markdown section) to ``path`` (``-``: nowhere).
+
+    Only bench/run.py puts reports into bench/RESULTS.md, which it regenerates whole."""
     if path == "-":
         return
-    target = Path(path)
-    lead = "\n" if target.is_file() and target.read_text().strip() else ""
-    with open(target, "a") as f:
-        f.write(lead + text)
-    print(f"appended to {path}", file=sys.stderr)
+    Path(path).write_text(text.lstrip("\n") + "\n")
+    print(f"report written to {path}", file=sys.stderr)

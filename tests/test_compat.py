@@ -73,6 +73,26 @@ def test_value_overrides_apply_as_hydras_loader_applies_them() -> None:
         HYDRA, "ConfigLoaderImpl._apply_overrides_to_config", "hydra_compat.apply_overrides")
 
 
+def test_the_held_hydra_node_answers_as_hydras_set_config() -> None:
+    """hold_hydra_node stands in for HydraConfig.set_config without its copy."""
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = compose.compose_config(["hydra.job.num=3", "hydra.sweep.subdir=${hydra.job.num}"])
+    cfg.hydra.runtime.output_dir = "/tmp/out"
+    holder = HydraConfig.instance()
+    before = holder.cfg
+    try:
+        holder.set_config(cfg)
+        theirs = OmegaConf.to_container(HydraConfig.get(), resolve=True)
+        hydra_compat.hold_hydra_node(cfg)
+        ours = OmegaConf.to_container(HydraConfig.get(), resolve=True)
+        resolved = OmegaConf.create({"num": "${hydra:job.num}", "out": "${hydra:runtime.output_dir}"})
+        assert ours == theirs and OmegaConf.to_container(resolved, resolve=True) == {"num": 3, "out": "/tmp/out"}, \
+            broke(HYDRA, "HydraConfig.set_config", "hydra_compat.hold_hydra_node")
+    finally:
+        holder.cfg = before
+
+
 def test_override_dirname_is_hydras() -> None:
     name = hydra_compat.overrides_dirname(_parse(["b=2", "a=1", "seed=3"]), "=", ",", ["seed"])
     assert name == "a=1,b=2", broke(HYDRA, "get_overrides_dirname", "hydra_compat.overrides_dirname")

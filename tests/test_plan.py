@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.helpers import DIGITS
 from tfrun.cli import render
@@ -157,6 +160,88 @@ def test_sweep_point_bad_value_fails_as_in_hydra(scratch: Path) -> None:
     with pytest.raises(ConfigCompositionException) as ours:
         composer(master, ["compute.nodes=many"])
     assert str(ours.value.__cause__) == str(hydra_error.value.__cause__)
+
+
+@pytest.fixture
+def slow_points(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Turns off planning a point from resolved values: every point is composed, as Hydra would."""
+    from tfrun.config.points import PointComposer
+
+    return lambda: monkeypatch.setattr(PointComposer, "resolved", lambda self, master, overrides: None)
+
+
+def _sweep_plans(sweep_dir: Path, overrides: list[str]) -> str:
+    plans = compose_plans([*normalize_overrides(overrides), f"hydra.sweep.dir={sweep_dir}"], multirun=True)
+    return json.dumps([plan.to_dict() for plan in plans], sort_keys=True)  # NaN == NaN as text
+
+
+LITERALS = st.one_of(
+    st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["true", "False", "NULL", "inf", "-inf", "nan", "1e-3", ".5", "1.", "007", "1_000", "a-b",
+                     "'quoted'", "[1,2]", "x y", "0x10", "+3", "-0", "${trainer.lr}", "???"]),
+    st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=LITERALS)
+def test_a_literal_reads_as_hydras_parser_reads_it(text: str) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from tfrun.config.points import _NOT_LITERAL, literal
+
+    ours = literal(text)
+    if ours is _NOT_LITERAL:
+        return
+    theirs = OverridesParser.create().parse_override(f"++trainer.x={text}").value()
+    assert type(ours) is type(theirs) and repr(ours) == repr(theirs)
+
+
+@pytest.mark.parametrize("sweep, resolved", [
+    # every literal kind a grid or a sampler writes, and words Hydra reads otherwise (composed)
+    # (Hydra writes the grid's 1_000 as 1000; 007 and a-b are composed)
+    (["trainer.seed=1,2", "trainer.v=0,-3,1e-3,.5,inf,nan,true,NULL,abc,007,1_000,a-b", "compute=slurm"], 24 - 4),
+    (["trainer.lr=0.1,0.2", "backend=ps", "compute.tasks_per_node=4", "++trainer.extra=x"], 2),
+    # a point adds to the trainer the strict way, or run dirs are named by the overrides: composed
+    (["trainer.lr=0.1,0.2", "+trainer.n=3"], 0),
+    (["trainer.lr=0.1,0.2", "hydra.sweep.subdir=${hydra.job.override_dirname}"], 0),
+])
+def test_a_sweep_planned_from_resolved_values_is_the_composed_one(
+        scratch: Path, monkeypatch: pytest.MonkeyPatch, slow_points: Callable[[], None], sweep: list[str],
+        resolved: int) -> None:
+    """Points planned from resolved values get exactly the plans that composing each one gives."""
+    from tfrun.config.points import PointComposer
+
+    answers: list[object] = []
+    real = PointComposer.resolved
+    monkeypatch.setattr(PointComposer, "resolved", lambda self, *a: answers.append(real(self, *a)) or answers[-1])
+    fast = _sweep_plans(scratch / "sweep", sweep)
+    assert sum(a is not None for a in answers) == resolved
+    slow_points()
+    assert fast == _sweep_plans(scratch / "sweep", sweep)
+
+
+def test_a_config_that_interpolates_the_trainer_is_composed_per_point(scratch: Path) -> None:
+    (scratch / "conf").mkdir()
+    (scratch / "conf" / "mine.yaml").write_text(
+        "defaults:\n  - config\n  - _self_\ntrainer:\n  lr: 0.1\n  warm: ${trainer.lr}\n")
+    plans = compose_plans(normalize_overrides(["trainer.lr=0.3,0.2", f"hydra.sweep.dir={scratch / 'sweep'}"]),
+                          multirun=True, config_dir=str(scratch / "conf"), config_name="mine")
+    assert [plan.tasks[0].argv[1:] for plan in plans] == [["--lr", "0.3", "--warm", "0.3"],
+                                                          ["--lr", "0.2", "--warm", "0.2"]]
+
+
+def test_a_planned_point_writes_the_composed_points_hydra_files(scratch: Path, slow_points: Callable[[], None]) -> None:
+    """A point planned from resolved values composes its config when its run dir is written:
+    the same .hydra files as a point composed up front."""
+    sweep = [*normalize_overrides(["trainer.seed=3,4", "compute=slurm"]), f"hydra.sweep.dir={scratch / 'a'}"]
+    compose_plans(sweep, multirun=True, write=True)
+    slow_points()
+    compose_plans([*sweep[:-1], f"hydra.sweep.dir={scratch / 'b'}"], multirun=True, write=True)
+    for point in ("0", "1"):
+        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            ours, theirs = (scratch / d / point / ".hydra" / name for d in ("a", "b"))
+            assert ours.read_text() == theirs.read_text().replace(str(scratch / "b"), str(scratch / "a")), name
 
 
 # --- tasks, ranks, GPUs -------------------------------------------------------------

@@ -47,6 +47,23 @@ def restore_global_hydra(backup: Any) -> None:
     restore_gh_from_backup(backup)
 
 
+def hold_hydra_node(cfg: Any) -> None:
+    """``HydraConfig.instance().set_config(cfg)`` without its copy of the ``hydra`` node.
+
+    Hydra's ``set_config`` makes ``OmegaConf.masked_copy(cfg, "hydra")`` (a deep copy of the
+    largest node, ~10 ms) and re-parents the copy's ``hydra`` node on ``cfg``, so that
+    ``${hydra:...}`` and the ``hydra`` node's own interpolations resolve as in a job. A
+    point's composed config is its own copy already, so the holder here shares the node:
+    same readonly flag, same parent, same answers to ``HydraConfig.get()``."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    OmegaConf.set_readonly(cfg.hydra, True)
+    holder = OmegaConf.create({})
+    holder.__dict__["_content"]["hydra"] = cfg._get_node("hydra")  # its parent stays cfg
+    HydraConfig.instance().cfg = holder
+
+
 def grid_points(parsed_overrides: list[Any]) -> list[list[str]]:
     """Every point of a grid sweep, as Hydra's basic sweeper orders them."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper

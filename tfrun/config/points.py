@@ -11,12 +11,20 @@ per distinct set of group overrides, copies that composition for each point, app
 point's value overrides the way Hydra does and fills in the ``hydra.overrides`` /
 ``hydra.job.override_dirname`` fields Hydra would. Anything it cannot reproduce exactly
 (overrides of ``hydra.*``, Hydra callbacks) goes to Hydra's own composition.
+
+Planning needs less still: a point that differs from the others only in plain trainer
+values (``++trainer.seed=7``) has the resolved config of its base with those values in
+place, when nothing in the config interpolates the trainer or the ``hydra`` node
+(:meth:`PointComposer.resolved`). A 10,000-point dry run then composes one config, not
+10,000; the point's own config is composed only if its run dir is written.
 """
 from __future__ import annotations
 
+import math
 import pickle
+import re
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -43,6 +51,7 @@ class PointComposer:
         self.bases: dict[tuple[int, tuple[str, ...]], bytes] = {}
         self.built: dict[tuple[int, tuple[str, ...]], DictConfig] = {}
         self.repos: dict[int, Any] = {}
+        self.resolved_bases: dict[tuple[int, tuple[str, ...]], tuple[dict[str, Any], str] | None] = {}
 
     def __call__(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
         """Hydra's ``load_sweep_config``, same signature, cheaper."""
@@ -54,6 +63,68 @@ class PointComposer:
         """The point's config: the one built for validation if there is one (handed out once)."""
         found = self.built.pop((id(master), tuple(overrides)), None)
         return found if found is not None else self._compose(master, list(overrides))
+
+    def validated(self, master: DictConfig, overrides: list[str]) -> bool:
+        """Whether the sweeper composed this point already (:meth:`take` hands it out)."""
+        return (id(master), tuple(overrides)) in self.built
+
+    def resolved(self, master: DictConfig, overrides: list[str]) -> tuple[dict[str, Any], str] | None:
+        """(the point's run config, resolved, without ``hydra``; its sweep dir), or None where
+        only composing the point gives them exactly.
+
+        The point's plain trainer values (``++trainer.NAME=LITERAL``) are set into the
+        resolved config of the rest of its overrides (composed once per distinct rest);
+        anything else, a value that is not a plain literal, or a config that interpolates
+        the trainer or the ``hydra`` node (whose job number differs per point) gives None.
+        """
+        base_lines, values = [], {}
+        for line in overrides:
+            found = _TRAINER_VALUE.fullmatch(line)
+            if found is None:
+                if _TRAINER_KEY.match(line):  # +trainer.x, trainer.x.y=..., ~trainer.x: Hydra's order and merges
+                    return None
+                base_lines.append(line)
+                continue
+            value = literal(found.group(2))
+            if value is _NOT_LITERAL:
+                return None
+            values[found.group(1)] = value
+        key = (id(master), tuple(base_lines))
+        if key not in self.resolved_bases:
+            self.resolved_bases[key] = self._resolved_base(master, base_lines)
+        base = self.resolved_bases[key]
+        if base is None:
+            return None
+        run_config, sweep_dir = base
+        trainer = run_config["trainer"]
+        if any(isinstance(trainer.get(name), (dict, list)) for name in values):  # Hydra would merge into it
+            return None
+        # A shallow copy: the plan reads the config, never changes it. An existing key keeps
+        # its place and a new one comes last, as OmegaConf.update does (the script's argv order).
+        return {**run_config, "trainer": {**trainer, **values}}, sweep_dir
+
+    def _resolved_base(self, master: DictConfig, lines: list[str]) -> tuple[dict[str, Any], str] | None:
+        if master.hydra.get("callbacks"):
+            return None
+        try:
+            cfg = self._compose(master, lines)
+        except Exception:  # noqa: BLE001 -- composing the point itself reports it, the slow way
+            return None
+        if str(OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")) != "${hydra.job.num}":
+            return None  # the run dir depends on more than the job number
+        sweep_dir = str(cfg.hydra.sweep.dir)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        raw = OmegaConf.to_container(cfg, resolve=False)
+        assert isinstance(raw, dict)
+        for path, text in _interpolations(raw):
+            if path[0] == "trainer" or "trainer" in text or "hydra" in text:
+                return None
+        data = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(data, dict)
+        if not isinstance(data.get("trainer"), dict):
+            return None
+        return data, sweep_dir
 
     def forget_points(self) -> None:
         self.built.clear()
@@ -99,8 +170,10 @@ class PointComposer:
     def _repo(self, master: DictConfig) -> Any:
         repo = self.repos.get(id(master))
         if repo is None:
-            repo = hydra_compat.caching_repo(self.loader, master.hydra.job.config_name,
-                                             list(master.hydra.overrides.hydra))
+            # Unresolved, as Hydra's load_sweep_config reads them: hydra.sweep.subdir=${...} stays text.
+            hydra_lines = OmegaConf.to_container(master.hydra.overrides.hydra, resolve=False)
+            assert isinstance(hydra_lines, list)
+            repo = hydra_compat.caching_repo(self.loader, master.hydra.job.config_name, hydra_lines)
             if repo is None:  # another Hydra: compose every point the slow way
                 return None
             self.repos[id(master)] = repo
@@ -120,6 +193,48 @@ class PointComposer:
             config.hydra.overrides.task = [o.input_line for o in parsed]
             config.hydra.job.override_dirname = hydra_compat.overrides_dirname(
                 parsed, naming.kv_sep, naming.item_sep, list(naming.exclude_keys))
+
+
+_TRAINER_VALUE = re.compile(r"\+\+trainer\.([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
+_TRAINER_KEY = re.compile(r"[+~]*trainer\b")
+_NOT_LITERAL = object()
+# Hydra's grammar, for the literals a grid or a sampler writes (anything else: Hydra's parser).
+_INT = re.compile(r"[+-]?(?:0|[1-9][0-9]*)")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?[0-9]+[eE][+-]?[0-9]+")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEYWORDS = {"true": True, "false": False, "null": None}
+_FLOAT_WORDS = {"inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "nan": math.nan, "+nan": math.nan,
+                "-nan": math.nan}
+
+
+def literal(text: str) -> Any:
+    """The value Hydra's override parser gives a plain literal (int, float, bool, null, a
+    word), or ``_NOT_LITERAL`` for anything else (quoted, lists, functions, interpolations,
+    words Hydra reads otherwise)."""
+    if _INT.fullmatch(text):
+        return int(text)
+    if _FLOAT.fullmatch(text):
+        return float(text)
+    lower = text.lower()
+    if lower in _KEYWORDS:
+        return _KEYWORDS[lower]
+    if lower in _FLOAT_WORDS:
+        return _FLOAT_WORDS[lower]
+    if _WORD.fullmatch(text):
+        return text
+    return _NOT_LITERAL
+
+
+def _interpolations(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], str]]:
+    """(path, text) of every string with an interpolation in a plain container."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _interpolations(value, (*path, str(key)))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _interpolations(value, (*path, str(i)))
+    elif isinstance(node, str) and "${" in node:
+        yield path or ("",), node
 
 
 def install(loader: Any) -> PointComposer:

@@ -9,14 +9,15 @@ config becomes a plan in :func:`plan_composed`.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from omegaconf import DictConfig, open_dict, read_write
 
-from tfrun.config import compose, hydra_files, points
+from tfrun.config import compose, hydra_compat, hydra_files, points
 from tfrun.errors import ConfigError
 from tfrun.plan.build import build_plan, in_sweep
 from tfrun.plan.packing import point_requests
@@ -28,13 +29,33 @@ class TuningStudy(ConfigError):
     ``--dry-run -m`` shows the study instead (:func:`tfrun.targets.tuning.preview`)."""
 
 
-@dataclass(frozen=True)
 class Planned:
-    """A plan and the composition it came from (what the run dir's ``.hydra`` files hold)."""
+    """A plan and the composition it came from (what the run dir's ``.hydra`` files hold).
 
-    plan: Plan
-    config: DictConfig  # the run's config without its hydra node
-    hydra: DictConfig  # only the hydra node, as HydraConfig holds it
+    A sweep point planned from its resolved values (:meth:`PointComposer.resolved`) composes
+    its config only when asked (``compose``): a dry run of 10,000 points never needs them."""
+
+    def __init__(self, plan: Plan, config: DictConfig | None = None, hydra: DictConfig | None = None,
+                 compose: Callable[[], tuple[DictConfig, DictConfig]] | None = None) -> None:
+        self.plan = plan
+        self._config, self._hydra, self._compose = config, hydra, compose
+
+    def _parts(self) -> tuple[DictConfig, DictConfig]:
+        if self._config is None or self._hydra is None:
+            assert self._compose is not None
+            self._config, self._hydra = self._compose()
+            self._compose = None
+        return self._config, self._hydra
+
+    @property
+    def config(self) -> DictConfig:
+        """The run's config without its hydra node."""
+        return self._parts()[0]
+
+    @property
+    def hydra(self) -> DictConfig:
+        """Only the hydra node, as HydraConfig holds it."""
+        return self._parts()[1]
 
     @property
     def overrides(self) -> list[str]:
@@ -46,26 +67,30 @@ class Planned:
         hydra_files.write(self.config, self.hydra, self.plan.run_dir)
 
 
-def plan_composed(cfg: DictConfig, output_dir: str, sweep_dir: Path | None = None) -> Planned:
-    """Plan a composed config (hydra node included) whose run dir is ``output_dir``.
-
-    ``HydraConfig`` holds the run's hydra node while its config is resolved, so that
-    ``${hydra:...}`` interpolations mean this run, as in Hydra's own jobs.
-    """
+@contextlib.contextmanager
+def _hydra_node_held(cfg: DictConfig, output_dir: str) -> Iterator[DictConfig]:
+    """``HydraConfig`` holds the run's hydra node (yielded) and ``cfg`` loses it, so that
+    ``${hydra:...}`` interpolations mean this run while it is resolved, as in Hydra's jobs."""
     from hydra.core.hydra_config import HydraConfig
 
     with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
         cfg.hydra.runtime.output_dir = output_dir
     holder = HydraConfig.instance()
     before = holder.cfg
-    holder.set_config(cfg)
+    hydra_compat.hold_hydra_node(cfg)
     hydra = holder.cfg
     try:
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]
-        plan = build_plan(compose.to_run_config(cfg), output_dir)
+        yield hydra
     finally:
         holder.cfg = before
+
+
+def plan_composed(cfg: DictConfig, output_dir: str, sweep_dir: Path | None = None) -> Planned:
+    """Plan a composed config (hydra node included) whose run dir is ``output_dir``."""
+    with _hydra_node_held(cfg, output_dir) as hydra:
+        plan = build_plan(compose.to_run_config(cfg), output_dir)
     if sweep_dir is not None:
         plan = in_sweep(plan, sweep_dir)
     return Planned(plan, cfg, hydra)
@@ -92,16 +117,41 @@ def plan_points(loader: Any, sweep: DictConfig, job_overrides: Sequence[Sequence
     try:
         for offset, overrides in enumerate(job_overrides):
             # A sweeper (Optuna's, say) names trainer keys plainly; they are free-form: add-or-set.
-            cfg = composer.take(sweep, compose.normalize_overrides(list(overrides)))
+            normalized = compose.normalize_overrides(list(overrides))
             idx = initial_job_idx + offset
-            with open_dict(cfg):
-                cfg.hydra.job.id = idx
-                cfg.hydra.job.num = idx
-            output_dir = os.path.abspath(os.path.join(str(cfg.hydra.sweep.dir), str(cfg.hydra.sweep.subdir)))
-            planned.append(plan_composed(cfg, output_dir, sweep_dir))
+            # A point the sweeper composed already is planned from that composition.
+            resolved = None if composer.validated(sweep, normalized) else composer.resolved(sweep, normalized)
+            if resolved is None:
+                cfg, output_dir = _point(composer, sweep, normalized, idx)
+                planned.append(plan_composed(cfg, output_dir, sweep_dir))
+                continue
+            # The same plan as composing the point would give (tests/test_plan.py compares them),
+            # without composing it: its config is composed only if the launch writes it.
+            run_config, point_sweep_dir = resolved
+            output_dir = os.path.abspath(os.path.join(point_sweep_dir, str(idx)))
+            plan = in_sweep(build_plan(run_config, output_dir), sweep_dir)
+            planned.append(Planned(plan, compose=functools.partial(_point_parts, composer, sweep, normalized, idx)))
     finally:
         composer.forget_points()  # the validated compositions of this batch are used or dead
     return planned
+
+
+def _point(composer: points.PointComposer, sweep: DictConfig, overrides: list[str],
+           idx: int) -> tuple[DictConfig, str]:
+    """A point's composed config (hydra node included) and its run dir."""
+    cfg = composer.take(sweep, overrides)
+    with open_dict(cfg):
+        cfg.hydra.job.id = idx
+        cfg.hydra.job.num = idx
+    return cfg, os.path.abspath(os.path.join(str(cfg.hydra.sweep.dir), str(cfg.hydra.sweep.subdir)))
+
+
+def _point_parts(composer: points.PointComposer, sweep: DictConfig, overrides: list[str],
+                 idx: int) -> tuple[DictConfig, DictConfig]:
+    """(config, hydra node) of a point planned from its resolved values, composed now."""
+    cfg, output_dir = _point(composer, sweep, overrides, idx)
+    with _hydra_node_held(cfg, output_dir) as hydra:
+        return cfg, hydra
 
 
 def sweep_requests(plans: Sequence[Plan]) -> list[Plan]:
