@@ -55,6 +55,7 @@ def restore(model: Any) -> tuple[int, dict[str, Any] | None]:
 BACKUP_BUDGET = 50
 # How long the end of fit, after its last callback, counts as progress for the watchdog.
 FIT_END_GRACE_S = 120.0
+FIRST_BATCH_GRACE_S = 120.0  # an evaluation's first batch: its function is built (traced) first
 
 
 def _optimizer_variables(model: Any) -> list[Any]:
@@ -160,13 +161,29 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
 
         def __init__(self, backup: Any):
             super().__init__()
-            self.backup, self.steps = backup, 0
+            self.backup, self.steps, self.first_batch = backup, 0, False
+
+        def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+            # An evaluation's first batch builds its function first (seconds; far more on a
+            # loaded machine), with no batch end to beat at: progress until that batch ends.
+            heartbeat.hold("evaluating: the first batch", limit_s=FIRST_BATCH_GRACE_S)
+            self.first_batch = True
 
         def on_test_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-            heartbeat.beat()
+            self._evaluated()
+
+        def on_predict_begin(self, logs: dict[str, Any] | None = None) -> None:
+            self.on_test_begin(logs)
 
         def on_predict_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-            heartbeat.beat()
+            self._evaluated()
+
+        def _evaluated(self) -> None:
+            if self.first_batch:
+                self.first_batch = False
+                heartbeat.release()  # beats too
+            else:
+                heartbeat.beat()
 
         def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
             # What fit does after its last callback (freeing its data pipeline and, under
