@@ -178,6 +178,13 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
         def on_predict_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
             self._evaluated()
 
+        def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+            if self.first_batch:  # an evaluation of no batch: nothing left to wait for
+                self._evaluated()
+
+        def on_predict_end(self, logs: dict[str, Any] | None = None) -> None:
+            self.on_test_end(logs)
+
         def _evaluated(self) -> None:
             if self.first_batch:
                 self.first_batch = False
