@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchlib import cpu_model, load_average, versions, write_report
+from benchlib import cpu_model, load_average, publish, versions
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.02
@@ -355,19 +355,16 @@ def main() -> None:
         *(f"- {k}: {v}" for k, v in info.items()), "",
         *lines, "",
     ])
-    print(report)
-    write_report(args.output, report)
     shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        figures: dict[str, Any] = {}
-        if not args.skip_horovod:
-            figures["horovod"] = {key: {"tfrun": med(hvd["tfrun"], key), "horovodrun": med(hvd["horovodrun"], key)}
-                                  for key in ("wall", "launch_to_init", "cpu", "step_ms")}
-            figures["horovod"]["rounds"] = {name: [r["wall"] for r in runs] for name, runs in hvd.items()}
-            figures["horovod"]["ratio"] = ratio
-        if ps_repeats:
-            figures["ps"] = {key: statistics.median(r[key] for r in ps) for key in ps[0]}
-        Path(args.json).write_text(json.dumps(figures, indent=1))
+    figures: dict[str, Any] = {}
+    if not args.skip_horovod:
+        figures["horovod"] = {key: {"tfrun": med(hvd["tfrun"], key), "horovodrun": med(hvd["horovodrun"], key)}
+                              for key in ("wall", "launch_to_init", "cpu", "step_ms")}
+        figures["horovod"]["rounds"] = {name: [r["wall"] for r in runs] for name, runs in hvd.items()}
+        figures["horovod"]["ratio"] = ratio
+    if ps_repeats:
+        figures["ps"] = {key: statistics.median(r[key] for r in ps) for key in ps[0]}
+    publish(report, args.output, args.json, figures)
     if ratio is not None and ratio > TARGET_RATIO:
         print(f"the wall time target (tfrun / horovodrun <= {TARGET_RATIO}) was missed", file=sys.stderr)
 

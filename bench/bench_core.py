@@ -31,23 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import cpu_model, load_average, versions
+from benchlib import cpu_model, load_average, publish, versions
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "digits" / "train.py"
 DRY_RUN_PS = "tfrun --dry-run backend=ps compute=slurm compute.nodes=2 compute.tasks_per_node=2"
 TARGETS = {"tfrun --dry-run": 0.5, DRY_RUN_PS: 0.5, "overhead ratio": 1.05}
 SECTION = "## tfrun core benchmark"
-
-
-def replace_section(text: str, section: str) -> str:
-    """RESULTS.md with this benchmark's section replaced (or added); other sections stay."""
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith(SECTION)), None)
-    if start is None:
-        return text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    return "\n".join([*lines[:start], *section.rstrip("\n").splitlines(), "", *lines[end:]]).rstrip("\n") + "\n"
 
 
 def tfrun_command() -> list[str]:
@@ -207,19 +197,12 @@ def main() -> None:
         *(f"- {k}: {v}" for k, v in info.items()), "",
         table, "", *phase_lines, "",
     ])
-    print(report)
-    if args.output != "-":
-        output = Path(args.output)
-        old = output.read_text() if output.is_file() else "# tfrun benchmarks\n"
-        output.write_text(replace_section(old, report))
-        print(f"written to {args.output}", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "startup": {name: median(xs) for name, xs in startup.items()},
-            "overhead": {"python": plain, "tfrun": wrapped, "ratio": ratio, "fastest_ratio": fastest,
-                         "cpu_ratio": cpu_wrapped / cpu_plain},
-        }, indent=1))
+    publish(report, args.output, args.json, {
+        "startup": {name: median(xs) for name, xs in startup.items()},
+        "overhead": {"python": plain, "tfrun": wrapped, "ratio": ratio, "fastest_ratio": fastest,
+                     "cpu_ratio": cpu_wrapped / cpu_plain},
+    })
     if dry >= TARGETS["tfrun --dry-run"] or ratio > TARGETS["overhead ratio"]:
         print("a target was missed", file=sys.stderr)
 

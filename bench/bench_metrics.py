@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import write_report, load_average
+from benchlib import load_average, publish
 
 CALLS = 100_000
 TARGET_US = 2.0
@@ -123,10 +123,7 @@ def main() -> None:
         "- per call: the loop as the script sees it; with the final flush of what was still in memory", "",
         "| figure | per call (loop) | per call (with flush) | former writer (rewrite per record) | target | |",
         "|---|---|---|---|---|---|", *rows, ""])
-    print(report)
-    write_report(args.output, report)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"metrics": figures, "worst_loop_us": worst_loop}, indent=1))
+    publish(report, args.output, args.json, {"metrics": figures, "worst_loop_us": worst_loop})
 
 
 if __name__ == "__main__":

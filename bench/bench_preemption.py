@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import write_report, load_average
+from benchlib import load_average, publish
 
 SCRIPT = """\
 import argparse, time
@@ -127,12 +127,9 @@ def main() -> None:
         f"| tfrun: back up, requeue at once | {tfrun_s:.1f} | {rounds['tfrun']} |",
         f"| a stop that waits out the grace time | {grace_s:.1f} | {rounds['grace']} |",
         "", f"Ratio tfrun / grace: {tfrun_s / grace_s:.2f}.", ""])
-    print(report)
-    write_report(args.output, report)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"preemption": {
-            "tfrun_s": tfrun_s, "grace_s": grace_s, "ratio": tfrun_s / grace_s, "grace_time_s": grace,
-            "rounds": {v: [r["handover_s"] for r in found[v]] for v in found}}}, indent=1))
+    publish(report, args.output, args.json, {"preemption": {
+        "tfrun_s": tfrun_s, "grace_s": grace_s, "ratio": tfrun_s / grace_s, "grace_time_s": grace,
+        "rounds": {v: [r["handover_s"] for r in found[v]] for v in found}}})
 
 
 if __name__ == "__main__":

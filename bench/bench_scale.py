@@ -13,7 +13,6 @@ it must stay flat as the sweep grows. Target (issue 21): 10,000 points in <= 30 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import load_average, write_report
+from benchlib import load_average, publish
 
 TARGET_S, TARGET_MB, FLAT = 30.0, 1024.0, 1.5
 
@@ -86,10 +85,7 @@ def main() -> None:
         "|---|---|---|---|---|", *rows, "",
         f"- cost per point from {int(figures['growth_from']):,} to {sizes[-1]:,} points: {figures['per_point_growth']:.2f}x "
         f"(target: flat, <= {FLAT}x)", ""])
-    print(report)
-    write_report(args.output, report)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"scale": figures}, indent=1))
+    publish(report, args.output, args.json, {"scale": figures})
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from benchlib import cpu_model, load_average, versions, write_report
+from benchlib import cpu_model, load_average, publish, versions
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "bench" / ".work"
@@ -474,16 +474,9 @@ def main() -> None:
         "method for both; all finished = the last array element's End in sacct.", "",
         *lines, "", *mon, "", *(prof or []), "",
     ])
-    publish(args, report, figures)
+    publish(report, args.output, args.json, figures)
     if submitted and ratio > TARGET_RATIO:
         print(f"bench: submit time ratio {ratio:.2f}x misses the target {TARGET_RATIO:.1f}x", file=sys.stderr)
-
-
-def publish(args: argparse.Namespace, report: str, figures: dict) -> None:
-    print(report)
-    write_report(args.output, report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
 
 
 def submit_table(n: int, tf: dict, hsl: dict, ratio: float) -> list[str]:
@@ -632,7 +625,6 @@ def packed_main(args: argparse.Namespace, python: Path, info: dict[str, str], n:
     jobs = math.ceil(n / k)
     bench = Bench(args)
     rounds: list[tuple[dict, dict]] = []
-    prof_lines: list[str] = []
     probe: dict[str, float] = {}
     try:
         for r in range(args.repeats):
@@ -702,7 +694,7 @@ def packed_main(args: argparse.Namespace, python: Path, info: dict[str, str], n:
         f"| **one point, end to end** | **{ph['per_point']:.2f}** |",
         f"| points one slot runs one after another (ceil(points / allocations / slots)) | {ph['points_per_slot']:.0f} |",
         f"| one allocation's busy time (first step started to last settled) | {ph['allocation_busy']:.1f} |",
-        "", f"| hydra-submitit-launcher, per job (median) | s |", "|---|---|",
+        "", "| hydra-submitit-launcher, per job (median) | s |", "|---|---|",
         f"| queued (sacct Submit to Start) | {hsl_queue:.0f} |",
         f"| running (sacct Start to End: batch script, srun, interpreter, unpickle, the app) | {hsl_job:.0f} |",
     ]
@@ -749,7 +741,7 @@ def packed_main(args: argparse.Namespace, python: Path, info: dict[str, str], n:
                           "ratio": ratio, "target": PACKED_TARGET, "tfrun_jobs": tf["counts"]["jobs"],
                           "tfrun_steps": tf["counts"]["steps"], "hsl_jobs": hsl["counts"]["jobs"],
                           "phases": ph, "probe": probe, "rounds": len(rounds)}}
-    publish(args, report, figures)
+    publish(report, args.output, args.json, figures)
     if missed:
         print(f"bench: packed ratio {ratio:.2f}x misses the target {PACKED_TARGET}x", file=sys.stderr)
 

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import write_report, load_average, versions
+from benchlib import load_average, publish, versions
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "digits" / "train.py"
@@ -166,10 +166,7 @@ def main() -> None:
         "", f"Command: `python bench/bench_tuning.py {' '.join(sys.argv[1:])}`".rstrip(), "",
         f"- {', '.join(versions('optuna', 'tensorflow'))}; load average at start {start_load}, at end {load_average()}",
         "", *sections])
-    print(report)
-    write_report(args.output, report)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"tuning": figures}, indent=1))
+    publish(report, args.output, args.json, {"tuning": figures})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import time
 import timeit
 from pathlib import Path
 
-from benchlib import write_report, load_average
+from benchlib import load_average, publish
 
 TARGET = 0.005  # at most this share of step time
 
@@ -77,10 +77,7 @@ def main() -> None:
         f"and `=600` (on: heartbeat writer + watchdog process); the loop calls `tfrun.heartbeat` every step", "",
         "| mode | off | on | throughput lost | one beat per step, share of step time | target < 0.5 % |",
         "|---|---|---|---|---|---|", *rows, ""])
-    print(report)
-    write_report(args.output, report)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"watchdog": figures}, indent=1))
+    publish(report, args.output, args.json, {"watchdog": figures})
 
 
 if __name__ == "__main__":

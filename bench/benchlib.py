@@ -4,10 +4,12 @@ The scripts run as ``python bench/NAME.py``, so this directory is first on ``sys
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 
 def cpu_model() -> str:
@@ -33,11 +35,13 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def write_report(path: str, text: str) -> None:
-    """Write a benchmark's report (a markdown section) to ``path`` (``-``: nowhere).
-
-    Only bench/run.py puts reports into bench/RESULTS.md, which it regenerates whole."""
-    if path == "-":
-        return
-    Path(path).write_text(text.lstrip("\n") + "\n")
-    print(f"report written to {path}", file=sys.stderr)
+def publish(report: str, output: str, figures_path: str | None, figures: Any) -> None:
+    """A benchmark's results: its report (markdown) printed and written to ``output`` (``-``:
+    nowhere), its figures as JSON to ``figures_path`` if given. Only bench/run.py puts reports
+    into bench/RESULTS.md, which it regenerates whole."""
+    print(report)
+    if output != "-":
+        Path(output).write_text(report.lstrip("\n") + "\n")
+        print(f"report written to {output}", file=sys.stderr)
+    if figures_path:
+        Path(figures_path).write_text(json.dumps(figures, indent=1, default=str))

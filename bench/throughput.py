@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import write_report
+from benchlib import publish
 
 TARGET = 0.99
 
@@ -220,10 +220,7 @@ def compare(args: argparse.Namespace) -> None:
         *(f"- {mode}: {', '.join(f'{x:.0f}' for x in figures[mode]['rounds']['bare'])}; "
           f"{', '.join(f'{x:.0f}' for x in figures[mode]['rounds']['tfrun'])}" for mode in found["bare"]), "",
     ])
-    print(report)
-    write_report(args.output, report)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"throughput": figures}, indent=1))
+    publish(report, args.output, args.json, {"throughput": figures})
 
 
 if __name__ == "__main__":
