@@ -72,6 +72,41 @@ def test_two_tasks_log_separately_and_prefix_output(tmp_path: Path) -> None:
     assert read_json(run_dir / "status.json")["exit_codes"] == {"0": 0, "1": 0}
 
 
+LATE_RANK_SCRIPT = """\
+import os, time
+import numpy as np
+import keras
+import tfrun
+
+ctx = tfrun.context()
+state = os.path.join(ctx.run_dir, "checkpoints", "backup", "state.json")
+if ctx.rank == 1:  # start fit only once the chief has backed up an epoch of this very attempt
+    deadline = time.time() + 240
+    while not os.path.exists(state) and time.time() < deadline:
+        time.sleep(0.1)
+    print("CHIEF BACKED UP FIRST:", os.path.exists(state), flush=True)
+x = np.random.default_rng(0).random((64, 4)).astype("float32")
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+model.compile("sgd", "mse")
+for fit in (1, 2):  # a second fit in the same attempt trains too: nothing is resumed from the first
+    history = model.fit(x, x.sum(1), epochs=3, verbose=0)
+    print(f"FIT {fit} EPOCHS {len(history.history['loss'])}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_starts_late_trains_every_epoch(tmp_path: Path) -> None:
+    # Only an earlier attempt's backup is resumed from: a rank whose fit starts after its chief
+    # backed up an epoch of this attempt must not skip that epoch (nor a script's second fit).
+    write_script(tmp_path, "late.py", LATE_RANK_SCRIPT)
+    result = run_tfrun(tmp_path, "entry.script=late.py", "compute.tasks_per_node=2", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "[rank1] CHIEF BACKED UP FIRST: True" in result.stdout
+    for rank in (0, 1):
+        assert f"[rank{rank}] FIT 1 EPOCHS 3" in result.stdout and f"[rank{rank}] FIT 2 EPOCHS 3" in result.stdout
+    assert "resumed from the backup" not in result.stderr + result.stdout
+
+
 # --- (c) what a script sees ----------------------------------------------------------------
 
 SHOW_SCRIPT = """\

@@ -2,7 +2,9 @@
 
 The chief writes ``checkpoints/backup/epoch-<n>.weights.h5`` after finished epochs
 (temp file + rename), then ``state.json`` naming it (the commit point); every rank
-restores from the chief's backup, so all resume from the same epoch. Epochs much
+restores from the chief's backup, so all resume from the same epoch; only a backup of an
+earlier attempt is restored (a rank that starts fit late must not resume from the epoch
+its chief just finished in this attempt). Epochs much
 shorter than a save are backed up less often (see BACKUP_BUDGET), the last one always
 before a requested stop and at the end of fit.
 """
@@ -16,7 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from tfrun import rundir
-from tfrun.task import heartbeat, preempt
+from tfrun.task import heartbeat, preempt, rendezvous
 from tfrun.task.context import context
 from tfrun.tracking import metrics
 
@@ -31,7 +33,7 @@ def backup_dir() -> Path:
 def restore(model: Any) -> tuple[int, dict[str, Any] | None]:
     """Load the last backup into ``model``; (finished epochs, that epoch's logs)."""
     state = rundir.read_json(backup_dir() / "state.json")
-    if not state:
+    if not state or state.get("attempt") == rendezvous.attempt_key():
         return 0, None
     if not model.built:
         print("tfrun: cannot restore the backup into an unbuilt model (build it before fit); "
@@ -145,7 +147,8 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
             tmp = folder / f"tmp-{name}"
             self.model.save_weights(str(tmp))
             os.replace(tmp, folder / name)
-            rundir.write_json(folder / "state.json", {"epoch": done, "weights": name, "logs": logs})
+            rundir.write_json(folder / "state.json", {"epoch": done, "weights": name, "logs": logs,
+                                                         "attempt": rendezvous.attempt_key()})
             for old in folder.glob("epoch-*.weights.h5"):
                 if old.name != name:
                     old.unlink(missing_ok=True)
