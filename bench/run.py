@@ -77,7 +77,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                          ["--repeats", "5"], ["--repeats", "1"], "issue 19, docs/guides/tracking.md"),
     "tuning": Benchmark("early termination and asynchronous trials", "bench_tuning.py",
                         ["--epochs", "200", "--policy", "asha", "--policy-args", "min_resource=5",
-                         "reduction_factor=3"],
+                         "reduction_factor=4"],
                         ["--trials", "4", "--epochs", "3", "--durations", "4,1,1,1"], "issue 18, docs/guides/sweeps.md"),
 }
 # A figure that needs what this machine does not have, said rather than left out.
