@@ -87,3 +87,22 @@ def test_every_entry_composes_the_same_config(project: tuple[Path, list[str]]) -
         assert read_json(run_dir / "status.json")["state"] == "COMPLETED", entry
         argv = "argv ['--from_project', '7', '--lr', '0.25', '--tag', 'a,b']"
         assert argv in (run_dir / "logs" / "rank1.log").read_text(), entry
+
+
+def test_a_sweep_writes_what_hydras_own_sweeper_writes(tmp_path: Path) -> None:
+    # tfrun's default sweeper checks a batch without composing the points it plans from resolved
+    # values, and writes their .hydra files from those values: the files of Hydra's own are kept.
+    (tmp_path / "noop.py").write_text(SCRIPT)
+    sweep = ["-m", "entry.script=noop.py", "trainer.lr=0.1,0.2", "trainer.seed=1,2", "compute.tasks_per_node=1"]
+    for name, extra in (("ours", []), ("hydras", ["hydra/sweeper=basic"])):
+        result = run_tfrun(tmp_path, *sweep, *extra, f"hydra.sweep.dir={name}", timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    theirs_files = sorted(p.relative_to(tmp_path / "hydras") for p in (tmp_path / "hydras").rglob(".hydra/*.yaml"))
+    assert len(theirs_files) == 4 * 3
+    assert sorted(p.relative_to(tmp_path / "ours") for p in (tmp_path / "ours").rglob(".hydra/*.yaml")) == theirs_files
+    for path in theirs_files:
+        theirs = (tmp_path / "hydras" / path).read_text().replace("    - hydra/sweeper=basic\n", "")
+        theirs = theirs.replace("hydras", "ours").replace("hydra/sweeper: basic", "hydra/sweeper: tfrun_basic")
+        theirs = theirs.replace("hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                                "hydra_plugins.tfrun_launcher.tfrun_basic_sweeper.BasicSweeper")
+        assert (tmp_path / "ours" / path).read_text() == theirs, path

@@ -231,17 +231,40 @@ def test_a_config_that_interpolates_the_trainer_is_composed_per_point(scratch: P
                                                           ["--lr", "0.2", "--warm", "0.2"]]
 
 
-def test_a_planned_point_writes_the_composed_points_hydra_files(scratch: Path, slow_points: Callable[[], None]) -> None:
-    """A point planned from resolved values composes its config when its run dir is written:
-    the same .hydra files as a point composed up front."""
-    sweep = [*normalize_overrides(["trainer.seed=3,4", "compute=slurm"]), f"hydra.sweep.dir={scratch / 'a'}"]
-    compose_plans(sweep, multirun=True, write=True)
+@pytest.mark.parametrize("sweep", [
+    ["trainer.seed=3,4", "compute=slurm"],
+    # every literal kind (YAML's own words among them), run dirs named without compute
+    ["trainer.v=0,-3,1e-3,.5,inf,nan,true,NULL,abc,yes,off", "compute=slurm",
+     "hydra.job.config.override_dirname.exclude_keys=[compute]"],
+    ["trainer.lr=0.1,0.2", "backend=ps", "compute.tasks_per_node=4", "++trainer.extra=x",
+     "hydra.job.config.override_dirname.kv_sep=_",
+     "hydra.output_subdir=meta"],
+    ["trainer.lr=0.1,0.2", "hydra.output_subdir=null"],
+])
+def test_a_planned_point_writes_the_composed_points_hydra_files(
+        scratch: Path, monkeypatch: pytest.MonkeyPatch, slow_points: Callable[[], None], sweep: list[str]) -> None:
+    """A point planned from resolved values writes, from those values, the same .hydra files
+    (text) as the point composed up front."""
+    from tfrun.config.points import PointComposer
+
+    made: list[object] = []
+    real = PointComposer.files
+    monkeypatch.setattr(PointComposer, "files", lambda self, *a: made.append(real(self, *a)) or made[-1])
+    sweep = normalize_overrides(sweep)
+    fast = compose_plans([*sweep, f"hydra.sweep.dir={scratch / 'a'}"], multirun=True, write=True)
+    assert len(made) == len(fast) > 1  # every point's files from its resolved values
     slow_points()
-    compose_plans([*sweep[:-1], f"hydra.sweep.dir={scratch / 'b'}"], multirun=True, write=True)
-    for point in ("0", "1"):
-        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
-            ours, theirs = (scratch / d / point / ".hydra" / name for d in ("a", "b"))
-            assert ours.read_text() == theirs.read_text().replace(str(scratch / "b"), str(scratch / "a")), name
+    compose_plans([*sweep, f"hydra.sweep.dir={scratch / 'b'}"], multirun=True, write=True)
+    written = 0
+    for point in range(len(fast)):
+        for path in sorted((scratch / "b" / str(point)).rglob("*.yaml")):
+            theirs = path.read_text().replace(str(scratch / "b"), str(scratch / "a"))
+            ours = scratch / "a" / path.relative_to(scratch / "b")
+            assert ours.read_text() == theirs, path
+            written += 1
+    assert written == (0 if "hydra.output_subdir=null" in sweep else 3 * len(fast))
+    assert sorted(p.relative_to(scratch / "a") for p in (scratch / "a").rglob("*.yaml")) == \
+        sorted(p.relative_to(scratch / "b") for p in (scratch / "b").rglob("*.yaml"))
 
 
 # --- tasks, ranks, GPUs -------------------------------------------------------------

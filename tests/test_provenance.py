@@ -105,6 +105,35 @@ def test_local_run_records_commit_diff_packages_and_host(tmp_path: Path, repo: P
     assert "commit:" not in run_tfrun(tmp_path, "status", str(run_dir)).stdout
 
 
+def _dist(site: Path, name: str, version: str) -> None:
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n\nA package.\n")
+
+
+def test_the_package_list_is_read_again_once_a_package_changes(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from tfrun.tracking import provenance
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    site = tmp_path / "site"
+    site.mkdir()
+    _dist(site, "alpha", "1.0")
+    assert provenance.packages([str(site)]) == ("alpha==1.0",)
+    [kept] = (tmp_path / "cache" / "tfrun" / "packages").iterdir()
+    assert kept.read_text() == "alpha==1.0\n"
+    assert provenance.packages([str(site)]) == ("alpha==1.0",)  # from the cache
+    _dist(site, "Beta", "2.0")  # installed
+    assert provenance.packages([str(site)]) == ("alpha==1.0", "Beta==2.0")
+    (site / "alpha-1.0.dist-info").rename(site / "alpha-1.1.dist-info")  # upgraded (its METADATA too)
+    (site / "alpha-1.1.dist-info" / "METADATA").write_text("Name: alpha\nVersion: 1.1\n\n")
+    assert provenance.packages([str(site)]) == ("alpha==1.1", "Beta==2.0")
+    other = tmp_path / "other"
+    other.mkdir()
+    _dist(other, "alpha", "9.0")  # earlier on the path: it wins, as for imports
+    assert provenance.packages([str(other), str(site)]) == ("alpha==9.0", "Beta==2.0")
+
+
 def test_a_dir_outside_git_records_no_commit(tmp_path: Path) -> None:
     from tfrun.tracking import provenance
 

@@ -24,16 +24,38 @@ import math
 import pickle
 import re
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from tfrun.config import hydra_compat
+from tfrun.config import hydra_compat, hydra_files
 
 Compose = Callable[[DictConfig, list[str]], DictConfig]
 
 _INSTALLED = "_tfrun_point_composer"
+
+
+class _Base(NamedTuple):
+    """A resolvable point's base: the composition of its overrides but its trainer values."""
+
+    run_config: dict[str, Any]  # resolved, without ``hydra``
+    sweep_dir: str
+    raw_config: dict[str, Any]  # as config.yaml holds it: unresolved, without ``hydra``
+    raw_hydra: dict[str, Any]  # the ``hydra`` node as hydra.yaml holds it
+    keys: dict[str, str]  # each base override line's key (Hydra's ``key_or_group``)
+    naming: dict[str, Any]  # hydra.job.config.override_dirname, resolved as Hydra reads it
+    typed: frozenset[str]  # trainer keys of a typed node (a structured config's): Hydra checks those
+    texts: dict[tuple[str, ...], str]  # the text of the entries every point shares, once dumped
+
+
+class PointFiles(NamedTuple):
+    """A point's ``.hydra`` files: their texts, and the overrides that made it."""
+
+    output_subdir: str | None
+    config: str
+    hydra: str
+    overrides: list[str]
 
 
 class PointComposer:
@@ -51,7 +73,7 @@ class PointComposer:
         self.bases: dict[tuple[int, tuple[str, ...]], bytes] = {}
         self.built: dict[tuple[int, tuple[str, ...]], DictConfig] = {}
         self.repos: dict[int, Any] = {}
-        self.resolved_bases: dict[tuple[int, tuple[str, ...]], tuple[dict[str, Any], str] | None] = {}
+        self.resolved_bases: dict[tuple[int, tuple[str, ...]], _Base | None] = {}
 
     def __call__(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
         """Hydra's ``load_sweep_config``, same signature, cheaper."""
@@ -63,6 +85,13 @@ class PointComposer:
         """The point's config: the one built for validation if there is one (handed out once)."""
         found = self.built.pop((id(master), tuple(overrides)), None)
         return found if found is not None else self._compose(master, list(overrides))
+
+    def check(self, master: DictConfig, overrides: list[str]) -> None:
+        """What a sweeper's check of a batch asks of each point (that it composes), without
+        composing one that :meth:`resolved` gives: its base composed, its values literals.
+        Any other point is composed (and kept for :meth:`take`); an error raises here."""
+        if self.resolved(master, overrides) is None:
+            self(master, overrides)
 
     def validated(self, master: DictConfig, overrides: list[str]) -> bool:
         """Whether the sweeper composed this point already (:meth:`take` hands it out)."""
@@ -77,6 +106,37 @@ class PointComposer:
         anything else, a value that is not a plain literal, or a config that interpolates
         the trainer or the ``hydra`` node (whose job number differs per point) gives None.
         """
+        found = self._base_and_values(master, overrides)
+        if found is None:
+            return None
+        base, values = found
+        # A shallow copy: the plan reads the config, never changes it. An existing key keeps
+        # its place and a new one comes last, as OmegaConf.update does (the script's argv order).
+        return {**base.run_config, "trainer": {**base.run_config["trainer"], **values}}, base.sweep_dir
+
+    def files(self, master: DictConfig, overrides: list[str], idx: int, output_dir: str) -> PointFiles:
+        """The ``.hydra`` files of a point :meth:`resolved` gives, as composing it would write
+        them (tests/test_plan.py compares the text): its base's, with the point's trainer
+        values and the fields Hydra and the launcher set per job (``overrides.task``,
+        ``job.override_dirname``, ``job.num``, ``job.id``, ``runtime.output_dir``)."""
+        found = self._base_and_values(master, overrides)
+        assert found is not None, "only a point resolved() gives"
+        base, values = found
+        hydra, naming = base.raw_hydra, base.naming
+        shown = sorted(line for line in overrides
+                       if base.keys.get(line, line.partition("=")[0].lstrip("+")) not in naming["exclude_keys"])
+        dirname = re.sub("[=]", naming["kv_sep"], naming["item_sep"].join(shown))
+        own = {("trainer",): {**base.raw_config["trainer"], **values},
+               ("hydra", "overrides", "task"): list(overrides),
+               ("hydra", "job", "num"): idx, ("hydra", "job", "id"): str(idx),  # a str in Hydra's schema
+               ("hydra", "job", "override_dirname"): dirname,
+               ("hydra", "runtime", "output_dir"): output_dir}
+        config = hydra_files.mapping_text(base.raw_config, own, base.texts)
+        node = hydra_files.mapping_text({"hydra": hydra}, own, base.texts)
+        subdir = hydra["output_subdir"]
+        return PointFiles(None if subdir is None else str(subdir), config, node, list(overrides))
+
+    def _base_and_values(self, master: DictConfig, overrides: list[str]) -> tuple[_Base, dict[str, Any]] | None:
         base_lines, values = [], {}
         for line in overrides:
             found = _TRAINER_VALUE.fullmatch(line)
@@ -95,15 +155,14 @@ class PointComposer:
         base = self.resolved_bases[key]
         if base is None:
             return None
-        run_config, sweep_dir = base
-        trainer = run_config["trainer"]
-        if any(isinstance(trainer.get(name), (dict, list)) for name in values):  # Hydra would merge into it
-            return None
-        # A shallow copy: the plan reads the config, never changes it. An existing key keeps
-        # its place and a new one comes last, as OmegaConf.update does (the script's argv order).
-        return {**run_config, "trainer": {**trainer, **values}}, sweep_dir
+        trainer = base.run_config["trainer"]
+        if any(isinstance(trainer.get(name), (dict, list)) or name in base.typed for name in values):
+            return None  # Hydra would merge into it, or check the value against its type
+        return base, values
 
-    def _resolved_base(self, master: DictConfig, lines: list[str]) -> tuple[dict[str, Any], str] | None:
+    def _resolved_base(self, master: DictConfig, lines: list[str]) -> _Base | None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
         if master.hydra.get("callbacks"):
             return None
         try:
@@ -113,18 +172,25 @@ class PointComposer:
         if str(OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")) != "${hydra.job.num}":
             return None  # the run dir depends on more than the job number
         sweep_dir = str(cfg.hydra.sweep.dir)
+        raw_hydra = OmegaConf.to_container(cfg.hydra, resolve=False, enum_to_str=True)
+        naming = OmegaConf.to_container(cfg.hydra.job.config.override_dirname, resolve=True)
         with open_dict(cfg):
             del cfg["hydra"]
-        raw = OmegaConf.to_container(cfg, resolve=False)
-        assert isinstance(raw, dict)
+        raw = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+        assert isinstance(raw, dict) and isinstance(raw_hydra, dict) and isinstance(naming, dict)
         for path, text in _interpolations(raw):
             if path[0] == "trainer" or "trainer" in text or "hydra" in text:
                 return None
         data = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(data, dict)
-        if not isinstance(data.get("trainer"), dict):
+        if not isinstance(data.get("trainer"), dict) or not isinstance(raw.get("trainer"), dict):
             return None
-        return data, sweep_dir
+        trainer = cfg.trainer
+        if OmegaConf.get_type(trainer) is not dict:  # a structured config: Hydra checks its keys and types
+            return None
+        typed = frozenset(str(k) for k in trainer if type(trainer._get_node(k)).__name__ != "AnyNode")
+        keys = {o.input_line: o.key_or_group for o in OverridesParser.create().parse_overrides(overrides=lines)}
+        return _Base(data, sweep_dir, raw, raw_hydra, keys, naming, typed, {})
 
     def forget_points(self) -> None:
         self.built.clear()

@@ -33,12 +33,25 @@ class Planned:
     """A plan and the composition it came from (what the run dir's ``.hydra`` files hold).
 
     A sweep point planned from its resolved values (:meth:`PointComposer.resolved`) composes
-    its config only when asked (``compose``): a dry run of 10,000 points never needs them."""
+    its config only when asked (``compose``): a dry run of 10,000 points never needs them, and
+    a launch writes its ``.hydra`` files from the same values (``files``)."""
 
     def __init__(self, plan: Plan, config: DictConfig | None = None, hydra: DictConfig | None = None,
-                 compose: Callable[[], tuple[DictConfig, DictConfig]] | None = None) -> None:
+                 compose: Callable[[], tuple[DictConfig, DictConfig]] | None = None,
+                 files: Callable[[], points.PointFiles] | None = None) -> None:
         self.plan = plan
         self._config, self._hydra, self._compose = config, hydra, compose
+        self._files, self._file_data = files, None
+
+    @property
+    def composed(self) -> bool:
+        """Whether the point's composition exists (else :attr:`config` composes it)."""
+        return self._config is not None
+
+    def _point_files(self) -> points.PointFiles | None:
+        if self._file_data is None and self._files is not None and not self.composed:
+            self._file_data = self._files()
+        return self._file_data
 
     def _parts(self) -> tuple[DictConfig, DictConfig]:
         if self._config is None or self._hydra is None:
@@ -60,11 +73,17 @@ class Planned:
     @property
     def overrides(self) -> list[str]:
         """The overrides that made this run (a sweep point's own)."""
-        return list(self.hydra.hydra.overrides.task)
+        files = self._point_files()
+        return list(files.overrides) if files is not None else list(self.hydra.hydra.overrides.task)
 
     def write(self) -> None:
         """Create the run dir with its ``.hydra`` files, as Hydra's app would."""
-        hydra_files.write(self.config, self.hydra, self.plan.run_dir)
+        files = self._point_files()
+        if files is not None:
+            hydra_files.write_texts(self.plan.run_dir, files.output_subdir, files.config, files.hydra,
+                                    hydra_files.dump(files.overrides))
+        else:
+            hydra_files.write(self.config, self.hydra, self.plan.run_dir)
 
 
 @contextlib.contextmanager
@@ -130,7 +149,8 @@ def plan_points(loader: Any, sweep: DictConfig, job_overrides: Sequence[Sequence
             run_config, point_sweep_dir = resolved
             output_dir = os.path.abspath(os.path.join(point_sweep_dir, str(idx)))
             plan = in_sweep(build_plan(run_config, output_dir), sweep_dir)
-            planned.append(Planned(plan, compose=functools.partial(_point_parts, composer, sweep, normalized, idx)))
+            planned.append(Planned(plan, compose=functools.partial(_point_parts, composer, sweep, normalized, idx),
+                                   files=functools.partial(composer.files, sweep, normalized, idx, output_dir)))
     finally:
         composer.forget_points()  # the validated compositions of this batch are used or dead
     return planned

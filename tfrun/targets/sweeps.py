@@ -134,11 +134,15 @@ def _job(planned: planner.Planned, hydra_context: Any, task_function: Any) -> An
     from omegaconf import OmegaConf
 
     planned.write()
-    ret = JobReturn(overrides=planned.overrides, cfg=planned.config, hydra_cfg=planned.hydra,
+    # A point planned from resolved values has no composition, and none is made for this:
+    # Hydra reads a JobReturn's configs only in its callbacks, and a sweep with callbacks is
+    # composed point by point (PointComposer.resolved).
+    ret = JobReturn(overrides=planned.overrides, cfg=planned.config if planned.composed else None,
+                    hydra_cfg=planned.hydra if planned.composed else None,
                     working_dir=os.getcwd(), task_name=JobRuntime.instance().get("name"), status=JobStatus.COMPLETED)
     ret.return_value = planned.plan
     callbacks = getattr(hydra_context, "callbacks", None)
-    if callbacks is not None and planned.hydra.hydra.get("callbacks"):
+    if callbacks is not None and planned.composed and planned.hydra.hydra.get("callbacks"):
         whole = OmegaConf.merge(planned.config, planned.hydra)
         callbacks.on_job_start(config=whole, task_function=task_function)
         callbacks.on_job_end(config=whole, job_return=ret)
