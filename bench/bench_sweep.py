@@ -113,8 +113,11 @@ from hydra.plugins import sweeper
 from hydra._internal import config_loader_impl
 import tfrun.config.hydra_files, tfrun.plan.planner, tfrun.targets.sweeps, tfrun.targets.slurm, tfrun.targets.pack
 wrap(sweeper.Sweeper, "validate_batch_is_legal", "validate")
+import tfrun.config.points  # tfrun_basic's check, point by point (Hydra loads the plugin's class itself)
+wrap(tfrun.config.points.PointComposer, "check", "validate")
 wrap(config_loader_impl.ConfigLoaderImpl, "load_sweep_config", "compose")
 wrap(tfrun.config.hydra_files, "save_yaml", "save_config")
+wrap(tfrun.config.hydra_files, "write_texts", "save_config")  # a point planned from resolved values
 wrap(tfrun.plan.planner, "plan_points", "plan_points")
 wrap(tfrun.plan.planner, "plan_composed", "plan_point")
 wrap(tfrun.targets.sweeps, "_job", "job")
@@ -364,14 +367,18 @@ def profile_table(path: Path, start: float, points: int) -> list[str]:
     validate, compose, plan_points = get("validate"), get("compose"), get("plan_points")
     compositions = t.get("compose", [0, 0.0])[0]
     rows = [
-        ("start-up: interpreter, imports, master config (to Hydra's validation)", ev["validate:first"] - start),
-        ("Hydra's sweeper validates every point (tfrun.config.points builds each)", validate),
-        (f"  of which Hydra composes (load_sweep_config, {compositions} call(s): one per choice of group options)",
-         compose),
-        ("  of which a copy of that composition per point, with the point's value overrides", max(0.0, validate - compose)),
+        ("start-up: interpreter, imports, master config (to the sweeper's check)",
+         ev.get("validate:first", ev.get("plan_points:first", start)) - start),
+        ("the sweeper checks every point (tfrun_basic: a point planned from resolved values is not composed)",
+         validate),
+        (f"  of which Hydra composes (load_sweep_config, {compositions} call(s): one per base)", compose),
+        ("  of which the rest (each point's values read; a point that is composed: its copy)",
+         max(0.0, validate - compose)),
         ("plan every point (tfrun.plan.planner.plan_points)", plan_points),
-        ("  of which tfrun's plan per point (plan_composed: HydraConfig, build_plan, in_sweep)", get("plan_point")),
-        ("  of which the rest (each point's composition, taken from validation)", plan_points - get("plan_point")),
+        ("  of which points planned from a composition (plan_composed: HydraConfig, build_plan, in_sweep)",
+         get("plan_point")),
+        ("  of which the rest (points planned from resolved values: build_plan, in_sweep)",
+         plan_points - get("plan_point")),
         ("run dirs: .hydra/*.yaml and a JobReturn per point (tfrun.targets.sweeps._job)", get("job")),
         ("  of which .hydra/*.yaml per point", get("save_config")),
         ("launch: plan.json, sbatch, status.json (run_points)", get("run_points")),
