@@ -132,6 +132,9 @@ def test_the_package_list_is_read_again_once_a_package_changes(tmp_path: Path,
     other.mkdir()
     _dist(other, "alpha", "9.0")  # earlier on the path: it wins, as for imports
     assert provenance.packages([str(other), str(site)]) == ("alpha==9.0", "Beta==2.0")
+    monkeypatch.setattr(provenance, "KEPT_LISTS", 2)  # the newest lists are kept
+    provenance.packages([str(other)])
+    assert len(list((tmp_path / "cache" / "tfrun" / "packages").iterdir())) == 2
 
 
 def test_a_dir_outside_git_records_no_commit(tmp_path: Path) -> None:

@@ -168,7 +168,7 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
         # Its batch hooks read no logs and need not run on the training loop's thread: Keras 3
         # then runs them on a thread of its own and legacy Keras hands them its tensors as they
         # are. A batch hook that must convert the logs makes every step wait for the previous
-        # one's results (~10 % of a small model's steps).
+        # one's results.
         async_safe = True
         _supports_tf_logs = True
 

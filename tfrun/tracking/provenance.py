@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 FOLDER = "provenance"
 GIT_TIMEOUT_S = 2.0
+KEPT_LISTS = 32  # package lists kept in the cache, the newest (~8 kB each)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,10 @@ def packages(path: Sequence[str] | None = None) -> tuple[str, ...]:
     found = _read_packages(entries)
     try:
         rundir.write_atomic(cached, "".join(f"{p}\n" for p in found))
-    except OSError:  # a read-only home: only slower
+        kept = sorted(cached.parent.glob("*.txt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[KEPT_LISTS:]:
+            old.unlink(missing_ok=True)
+    except OSError:  # a read-only home (only slower), or another task pruning meanwhile
         pass
     return found
 
