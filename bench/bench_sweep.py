@@ -719,8 +719,8 @@ def packed_main(args: argparse.Namespace, python: Path, info: dict[str, str], n:
         in_alloc = ph["last_point_settled"] - ph["first_point"]
         notes = [
             f"Target missed: {PACKED_TARGET}x of {hsl_wall:.0f} s is {budget:.0f} s. tfrun spent "
-            f"{ph['submitted']:.0f} s submitting ({1000 * ph['submitted'] / n:.0f} ms per point, see the phase table: "
-            f"Hydra composes every point) and {in_alloc:.0f} s running the points in the allocations "
+            f"{ph['submitted']:.0f} s submitting ({1000 * ph['submitted'] / n:.0f} ms per point, see the phase "
+            f"table) and {in_alloc:.0f} s running the points in the allocations "
             f"({ph['points_per_slot']:.0f} points per slot x {ph['per_point']:.2f} s per point"
             + (f"; of a point's {ph['per_point']:.2f} s, an empty srun step is {probe['srun_true']:.2f} s and "
                f"the interpreter with tfrun's bootstrap imports {probe['python_bootstrap']:.2f} s, on 2 real "
