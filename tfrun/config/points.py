@@ -24,6 +24,7 @@ import math
 import pickle
 import re
 import sys
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -123,9 +124,11 @@ class PointComposer:
         assert found is not None, "only a point resolved() gives"
         base, values = found
         hydra, naming = base.raw_hydra, base.naming
-        shown = sorted(line for line in overrides
-                       if base.keys.get(line, line.partition("=")[0].lstrip("+")) not in naming["exclude_keys"])
-        dirname = re.sub("[=]", naming["kv_sep"], naming["item_sep"].join(shown))
+        # Hydra's own naming, which reads only each override's line and key.
+        keyed = [SimpleNamespace(input_line=line, key_or_group=base.keys.get(line, line.partition("=")[0].lstrip("+")))
+                 for line in overrides]
+        dirname = hydra_compat.overrides_dirname(keyed, naming["kv_sep"], naming["item_sep"],
+                                                 list(naming["exclude_keys"]))
         own = {("trainer",): {**base.raw_config["trainer"], **values},
                ("hydra", "overrides", "task"): list(overrides),
                ("hydra", "job", "num"): idx, ("hydra", "job", "id"): str(idx),  # a str in Hydra's schema
