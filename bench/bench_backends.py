@@ -6,11 +6,17 @@
    time, CPU time of every process, and, from timestamps the script prints
    (``time.time()`` at the top of its body and after ``hvd.init()``) and the run dir
    records (status.json, ranks/<r>.json ``started``), where the time went.
-2. Parameter servers: ``tfrun backend=ps`` with a chief + 2 workers + 1 ps; time from
+2. Horovod across two nodes of the local Slurm cluster (``--nodes``; each node a host of
+   its own, ``scripts/local-slurm``): ``tfrun compute=slurm compute.nodes=2 backend=horovod``
+   vs what a Slurm user runs without tfrun: an allocation of the same two nodes
+   (``salloc -N2``) whose first node runs ``horovodrun -np 2 --gloo -H node1:1,node2:1``,
+   which starts the ranks over ssh (every node of the local cluster runs an sshd).
+   Both pay Slurm's allocation; tfrun also its batch job and its poll for the end.
+3. Parameter servers: ``tfrun backend=ps`` with a chief + 2 workers + 1 ps; time from
    the launch and from the chief task's start to the chief's strategy being created
    (the cluster is up).
 
-    python bench/bench_backends.py [--repeats 5] [--steps 100] [--output bench/RESULTS.md]
+    python bench/bench_backends.py [--repeats 5] [--steps 100] [--nodes] [--output bench/RESULTS.md]
 
 Prints markdown tables and APPENDS them, with the command, date and machine, to
 bench/RESULTS.md (``--output -`` writes nothing; ``--json PATH`` also writes the
@@ -37,11 +43,14 @@ from benchlib import cpu_model, load_average, publish, versions
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.02
+SLURM_STATE = Path(os.environ.get("TFRUN_SLURM_DIR", "/var/lib/tfrun-slurm"))
+SSH_KEY = SLURM_STATE / "ssh" / "id_ed25519"  # root's key to every node's sshd (scripts/local-slurm)
+NODES = ("node1", "node2")
 
 HOROVOD_SCRIPT = '''\
 import time
 T_START = time.time()
-import argparse, json
+import argparse, json, socket
 import numpy as np
 import tensorflow as tf
 import horovod.tensorflow as hvd
@@ -79,7 +88,7 @@ losses = [float(step(*next(data))) for _ in range(WARMUP)]
 T_WARM = time.time()
 losses += [float(step(*next(data))) for _ in range(args.steps - WARMUP)]
 T_END = time.time()
-print("BENCH " + json.dumps({"rank": hvd.rank(), "size": hvd.size(), "start": T_START, "imported": T_IMPORTED,
+print("BENCH " + json.dumps({"rank": hvd.rank(), "size": hvd.size(), "host": socket.gethostname(), "start": T_START, "imported": T_IMPORTED,
                               "init": T_INIT, "end": T_END, "loss": [losses[0], losses[-1]],
                               "step_ms": 1000 * (T_END - T_WARM) / max(1, args.steps - WARMUP)}), flush=True)
 '''
@@ -171,10 +180,17 @@ def common_phases(r: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, f
     }
 
 
+def rank_records(r: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
+    """The BENCH records from tfrun's output, else from the rank logs (on Slurm tfrun shows rank 0's)."""
+    shown = bench_lines(r["stdout"])
+    return shown if len(shown) > 1 else bench_lines(
+        "\n".join(p.read_text() for p in sorted((run_dir / "logs").glob("rank*.log"))))
+
+
 def tfrun_phases(r: dict[str, Any]) -> dict[str, float]:
-    ranks = bench_lines(r["stdout"])
-    phases = common_phases(r, ranks)
     run_dir = run_dir_of(r["stderr"])
+    ranks = rank_records(r, run_dir)
+    phases = common_phases(r, ranks)
     status = read(run_dir / "status.json")
     started = [read(run_dir / "ranks" / f"{x}.json")["started"] for x in (0, 1)]
     phases.update({
@@ -223,6 +239,42 @@ def interleave(commands: dict[str, tuple[list[str], Callable[[dict[str, Any]], d
     return out
 
 
+def nodes_ready() -> None:
+    """The local cluster is up, with an sshd on every node (``horovodrun`` starts ranks over ssh)."""
+    status = subprocess.run([str(REPO / "scripts" / "local-slurm"), "status"], capture_output=True, text=True)
+    if status.returncode != 0 or not SSH_KEY.is_file():
+        raise SystemExit("bench: --nodes needs the local Slurm cluster with its sshd: scripts/local-slurm start\n"
+                         + status.stdout[-2000:])
+
+
+def on_two_nodes(phases: Callable[[dict[str, Any]], dict[str, float]]) -> Callable[[dict[str, Any]], dict[str, float]]:
+    """The run's phases, once its ranks are seen on the two nodes (not both on one)."""
+    def checked(r: dict[str, Any]) -> dict[str, float]:
+        shown = bench_lines(r["stdout"])
+        records = shown if len(shown) > 1 else rank_records(r, run_dir_of(r["stderr"]))
+        hosts = sorted(x["host"] for x in records)
+        if hosts != list(NODES):
+            raise SystemExit(f"expected one rank on each of {NODES}, got {hosts}")
+        return phases(r)
+    return checked
+
+
+def two_node_commands(steps: int) -> dict[str, tuple[list[str], Callable[[dict[str, Any]], dict[str, float]]]]:
+    """tfrun's Slurm launch vs an allocation of the same nodes whose first node runs horovodrun."""
+    hosts = ",".join(f"{n}:1" for n in NODES)
+    horovodrun = [*horovodrun_command(), "-np", "2", "--gloo", "-H", hosts, "--ssh-identity-file", str(SSH_KEY),
+                  sys.executable, "hvd_bench.py", "--steps", str(steps)]
+    return {
+        "tfrun": ([*tfrun_command(), "compute=slurm", "compute.partition=debug", "compute.nodes=2",
+                   "compute.tasks_per_node=1", "compute.poll_s=0.5", "backend=horovod", "entry.script=hvd_bench.py",
+                   f"trainer.steps={steps}"], on_two_nodes(tfrun_phases)),
+        # salloc runs its command here; srun puts horovodrun on the allocation's first node, as a
+        # batch script would run it, and relays its output.
+        "horovodrun": (["salloc", "-Q", "-p", "debug", "-N2", "--ntasks-per-node=1", f"--nodelist={','.join(NODES)}",
+                        "srun", "-N1", "-n1", f"--nodelist={NODES[0]}", "--overlap", *horovodrun], on_two_nodes(horovodrun_phases)),
+    }
+
+
 def med(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -236,7 +288,8 @@ def machine() -> dict[str, str]:
     }
 
 
-def horovod_tables(hvd: dict[str, list[dict[str, float]]]) -> tuple[list[str], float]:
+def horovod_tables(hvd: dict[str, list[dict[str, float]]], where: str = "",
+                   phases: bool = True) -> tuple[list[str], float]:
     t, h = hvd["tfrun"], hvd["horovodrun"]
     ratio = med(t, "wall") / med(h, "wall")
     verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
@@ -249,7 +302,9 @@ def horovod_tables(hvd: dict[str, list[dict[str, float]]]) -> tuple[list[str], f
         ("steady-state step, after 10 warm-up steps, slowest rank (ms)", "step_ms"),
         ("end of training to command exit (s)", "end_to_exit"),
     ]
-    lines = ["| Horovod, 2 ranks (median of %d) | tfrun | horovodrun | tfrun / horovodrun |" % len(t),
+    if not phases:  # the ranks ran under slurmd: this machine's children are only the launchers
+        rows = [row for row in rows if row[1] != "cpu"]
+    lines = [f"| Horovod, 2 ranks{where} (median of {len(t)}) | tfrun | horovodrun | tfrun / horovodrun |",
              "|---|---|---|---|"]
     for label, key in rows:
         a, b = med(t, key), med(h, key)
@@ -265,6 +320,8 @@ def horovod_tables(hvd: dict[str, list[dict[str, float]]]) -> tuple[list[str], f
 
     lines += ["", "Every round, in the order run (wall s; step ms):", "",
               f"- tfrun: {rounds(t)}", f"- horovodrun: {rounds(h)}"]
+    if not phases:
+        return lines, ratio
     lines += ["", "| where a `tfrun` Horovod run's time goes (median) | s |", "|---|---|"]
     for label, key in [
         ("CLI: interpreter, compose, plan, run dir (launch to status RUNNING)", "cli"),
@@ -311,6 +368,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="training steps of the Horovod script")
     parser.add_argument("--ps-repeats", type=int, default=None, help="default: --repeats; 0 skips the ps part")
     parser.add_argument("--skip-horovod", action="store_true", help="only the parameter-server part")
+    parser.add_argument("--nodes", action="store_true",
+                        help="also Horovod across two nodes of the local Slurm cluster (tfrun vs salloc + horovodrun)")
     parser.add_argument("--output", default="-", help="also write the report here (bench/run.py does)")
     parser.add_argument("--json", default=None, help="also write the headline figures here (for bench/run.py)")
     args = parser.parse_args()
@@ -335,6 +394,13 @@ def main() -> None:
                             sys.executable, "hvd_bench.py", *steps], horovodrun_phases),
         }, args.repeats, work, env)
         lines, ratio = horovod_tables(hvd)
+    nodes_ratio = None
+    if args.nodes:
+        nodes_ready()
+        print("Horovod across two nodes: tfrun compute=slurm and salloc + horovodrun, interleaved", file=sys.stderr)
+        hvd_nodes = interleave(two_node_commands(args.steps), args.repeats, work, env)
+        node_lines, nodes_ratio = horovod_tables(hvd_nodes, " across two nodes (Slurm)", phases=False)
+        lines += ["", *node_lines]
     if ps_repeats:
         print("parameter servers: tfrun backend=ps", file=sys.stderr)
         ps = interleave({"ps": ([*tfrun_command(), "backend=ps", "compute.tasks_per_node=4",
@@ -349,6 +415,11 @@ def main() -> None:
         *([f"Horovod commands: `tfrun compute=local backend=horovod compute.tasks_per_node=2 "
            f"entry.script=hvd_bench.py trainer.steps={args.steps}` vs `horovodrun -np 2 --gloo -H localhost:2 "
            f"python hvd_bench.py --steps {args.steps}`.", ""] if not args.skip_horovod else []),
+        *([f"Two-node commands: `tfrun compute=slurm compute.partition=debug compute.nodes=2 "
+           f"compute.tasks_per_node=1 compute.poll_s=0.5 backend=horovod entry.script=hvd_bench.py "
+           f"trainer.steps={args.steps}` vs `salloc -N2 -p debug srun -N1 -n1 -w node1 --overlap horovodrun -np 2 "
+           f"--gloo -H node1:1,node2:1 --ssh-identity-file {SSH_KEY} python hvd_bench.py --steps {args.steps}` "
+           "(horovodrun on the allocation's first node starts both ranks over ssh).", ""] if args.nodes else []),
         *(["Parameter-server command: `tfrun backend=ps compute.tasks_per_node=4 entry.script=ps_bench.py`.", ""]
           if ps_repeats else []),
         "The scripts are in bench/bench_backends.py; every figure is a median over interleaved runs.", "",
@@ -362,6 +433,12 @@ def main() -> None:
                               for key in ("wall", "launch_to_init", "cpu", "step_ms")}
         figures["horovod"]["rounds"] = {name: [r["wall"] for r in runs] for name, runs in hvd.items()}
         figures["horovod"]["ratio"] = ratio
+    if args.nodes:
+        figures["horovod_nodes"] = {key: {"tfrun": med(hvd_nodes["tfrun"], key),
+                                          "horovodrun": med(hvd_nodes["horovodrun"], key)}
+                                    for key in ("wall", "launch_to_init", "cpu", "step_ms")}
+        figures["horovod_nodes"]["rounds"] = {name: [r["wall"] for r in runs] for name, runs in hvd_nodes.items()}
+        figures["horovod_nodes"]["ratio"] = nodes_ratio
     if ps_repeats:
         figures["ps"] = {key: statistics.median(r[key] for r in ps) for key in ps[0]}
     publish(report, args.output, args.json, figures)

@@ -128,6 +128,18 @@ def test_every_node_is_a_host_of_its_own(tmp_path: Path) -> None:
     assert node_address("node1") != node_address("node2")
 
 
+def test_every_node_answers_ssh_as_itself() -> None:
+    """Launchers that start ranks over ssh (horovodrun, mpirun) reach each node's own sshd."""
+    key = STATE / "ssh" / "id_ed25519"
+    for node in ("node1", "node2"):
+        out = subprocess.run(["ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                              "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", node,
+                              "echo $(hostname) $(ip -4 -o addr show eth0 | awk '{print $4}')"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [node, f"{node_address(node)}/24"], out.stdout
+
+
 # --- distributed paths across hosts (Horovod, ps and mwms are in test_backends/test_faults) -----
 
 def test_packed_sweep_points_span_two_hosts(tmp_path: Path) -> None:
