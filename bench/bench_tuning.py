@@ -14,7 +14,7 @@ Two figures, from one run:
    waited for, as Hydra's Optuna sweeper launches its ``n_jobs`` batches). Wall time ratio,
    target <= 0.7x.
 
-    python bench/bench_tuning.py [--trials 24] [--epochs 200] [--parallel 2] [--compute local] [--policy asha]
+    python bench/bench_tuning.py [--trials 24] [--epochs 200] [--parallel 2] [--compute local] [--policy asha] [--startup N]
                                  [--durations 40,5,5,5,40,5,5,5] [--skip-digits] [--skip-async] [--output -]
 """
 from __future__ import annotations
@@ -79,12 +79,19 @@ def startup(run_dir: Path) -> float:
     return first["time"] - started
 
 
+def startup_text(args: argparse.Namespace) -> str:
+    if args.startup is None:
+        return f"{max(1, min(10, args.trials // 3))} random trials first, tfrun's default"
+    return f"{args.startup} random trials first"
+
+
 def digits(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
     common = ["-m", "hydra/sweeper=tfrun", f"compute={args.compute}", f"entry.script={DIGITS}",
               "tfrun.objective=val_accuracy", f"hydra.sweeper.n_trials={args.trials}",
               f"hydra.sweeper.max_parallel={args.parallel}", "hydra.sweeper.seed=0", f"trainer.epochs={args.epochs}",
               f"trainer.lr=tag(log,interval({args.lr}))", "trainer.batch_size=choice(32,64,128)",
-              "trainer.hidden=choice(16,32,64,128)"]
+              "trainer.hidden=choice(16,32,64,128)",
+              *([f"hydra.sweeper.n_startup_trials={args.startup}"] if args.startup is not None else [])]
     policy = [f"hydra.sweeper.policy={args.policy}", *(f"hydra.sweeper.policy_args.{a}" for a in args.policy_args)]
     figures = {}
     for name, extra in (("none", []), (args.policy, policy)):
@@ -108,7 +115,7 @@ def digits(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
         f"median: {base['startup_s']:.1f} s; a full trial: {base['task_s'] / base['trials']:.1f} s",
     ]
     head = [f"Digits, {args.trials} trials, {args.epochs} epochs, {args.parallel} at once, compute={args.compute}, "
-            f"TPE seed 0, lr in ({args.lr}) log scale; policy {args.policy} {' '.join(args.policy_args)}", "",
+            f"TPE seed 0 ({startup_text(args)}), lr in ({args.lr}) log scale; policy {args.policy} {' '.join(args.policy_args)}", "",
             "| policy | trials | pruned | task-s | wall s | wall s to best | best val_accuracy |", "|---|---|---|---|---|---|---|"]
     return head + rows, figures
 
@@ -142,6 +149,8 @@ def main() -> None:
     # Four decades of learning rate, as a first search does: slow and diverging trials among them.
     parser.add_argument("--lr", default="1e-4,0.3", help="the learning rate's interval (log scale)")
     parser.add_argument("--policy", default="asha")
+    parser.add_argument("--startup", type=int, default=None,
+                        help="hydra.sweeper.n_startup_trials of both studies (default: tfrun's)")
     parser.add_argument("--policy-args", nargs="*", default=[])  # e.g. slack_factor=0.1 delay_evaluation=2 for bandit
     # Trials of seconds would measure the fixed cost of a trial (composition, sbatch, ~2.5 s to start), not tuning.
     parser.add_argument("--durations", default="40,5,5,5,40,5,5,5")

@@ -202,6 +202,12 @@ BAD = {
     "no objective": (["hydra.sweeper.policy=median", "trainer.q=choice(1,2)"],
                      "hydra.sweeper.policy=median stops trials from the objective's values per epoch, but no objective"),
     "empty space": (["trainer.q=1", "tfrun.objective=score"], "empty search space"),
+    "startup on random": (["hydra.sweeper.sampler=random", "hydra.sweeper.n_startup_trials=3", "trainer.q=choice(1,2)",
+                           "tfrun.objective=score"],
+                          "hydra.sweeper.n_startup_trials=3: only the samplers that model the results start with "
+                          "random trials (tpe, gp, cmaes); sampler=random does not"),
+    "startup negative": (["hydra.sweeper.n_startup_trials=-1", "trainer.q=choice(1,2)", "tfrun.objective=score"],
+                         "hydra.sweeper.n_startup_trials=-1 is not valid: a whole number, 0 or more"),
     "storage": (["hydra.sweeper.storage=/nonexistent/dir/study.journal", "trainer.q=choice(1,2)", "tfrun.objective=score"],
                 "hydra.sweeper.storage='/nonexistent/dir/study.journal' is not valid: a journal file in an existing"),
 }
@@ -225,12 +231,17 @@ def test_dry_run_shows_the_study(tmp_path: Path) -> None:
                        "trainer.batch_size=choice(32,64)")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for line in ("sampler:    tpe (multivariate", "trials:     24, at most 4 at once",
+    for line in ("sampler:    tpe (multivariate, constant liar, 8 random trial(s) first)",
+                 "trials:     24, at most 4 at once",
                  "policy:     bandit delay_evaluation=0 evaluation_interval=1 slack_factor=0.1",
                  "storage:    journal file ", "trainer.lr: float in [0.0001, 0.1], log scale",
                  "trainer.batch_size: one of 32, 64", "argv:    "):
         assert line in out, out
     assert not (tmp_path / "runs").exists()
+    fewer = run_tfrun(tmp_path, "--dry-run", *TUNE, "entry.script=synth.py", "hydra.sweeper.n_startup_trials=3",
+                      "trainer.lr=tag(log,interval(1e-4,1e-1))")
+    assert fewer.returncode == 0 and "tpe (multivariate, constant liar, 3 random trial(s) first)" in fewer.stdout, \
+        fewer.stdout + fewer.stderr
 
 
 # --- the pieces, without running anything ------------------------------------------------

@@ -26,6 +26,7 @@ SAMPLERS: dict[str, tuple[str, ...]] = {
     "random": (), "grid": (), "tpe": (), "qmc": ("scipy",), "cmaes": ("cmaes",), "gp": ("torch", "scipy"),
 }
 DIRECTIONS = ("maximize", "minimize")
+STARTUP_SAMPLERS = ("tpe", "gp", "cmaes")  # the samplers that start with random trials
 JOURNAL_FILE = "study.journal"  # Optuna's journal storage, in the sweep dir
 TUNE_FILE = "tune.json"  # how the study was asked for: what `tfrun tune resume` runs again
 _INVOCATION: dict[str, Any] = {}
@@ -49,6 +50,7 @@ class Settings:
     policy: policies.Policy
     objective: str
     sweep_dir: Path
+    n_startup_trials: int | None = None  # None: the default of make_sampler
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -95,9 +97,19 @@ def settings(sweeper: Mapping[str, Any], objective: str | None, sweep_dir: Path)
     seed = sweeper.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ConfigError.invalid("hydra.sweeper.seed", seed, "a whole number, or null for a random seed")
+    startup = sweeper.get("n_startup_trials")
+    if startup is not None:
+        if sampler not in STARTUP_SAMPLERS:
+            raise ConfigError(f"hydra.sweeper.n_startup_trials={startup!r}: only the samplers that model the results "
+                              f"start with random trials ({', '.join(STARTUP_SAMPLERS)}); sampler={sampler} does not. "
+                              f"Remove the key, or choose one of those samplers")
+        if not isinstance(startup, int) or isinstance(startup, bool) or startup < 0:
+            raise ConfigError.invalid("hydra.sweeper.n_startup_trials", startup,
+                                      "a whole number, 0 or more (null: min(10, n_trials // 3))")
     found = Settings(sampler, _positive("n_trials", sweeper.get("n_trials")),
                      _positive("max_parallel", sweeper.get("max_parallel")), direction, seed,
-                     str(sweeper["storage"]) if sweeper.get("storage") else None, policy, objective, sweep_dir)
+                     str(sweeper["storage"]) if sweeper.get("storage") else None, policy, objective, sweep_dir,
+                     startup)
     check_storage(found)
     return found
 
@@ -145,23 +157,30 @@ def open_storage(found: Settings) -> Any:
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
+def startup_trials(found: Settings) -> int:
+    """TPE's random trials before its model takes over: the user's number, else a third of
+    the study up to Optuna's 10 (which would be most of a small study)."""
+    return max(1, min(10, found.n_trials // 3)) if found.n_startup_trials is None else found.n_startup_trials
+
+
 def make_sampler(found: Settings) -> Any:
     """The Optuna sampler. A grid is every combination in the order written, enqueued once
     (:mod:`tfrun.targets.study`), so the sampler behind it only fills nothing: random."""
     import optuna
 
     seed = found.seed
+    given = {} if found.n_startup_trials is None else {"n_startup_trials": found.n_startup_trials}
     if found.sampler == "tpe":
         # constant_liar: trials still running count as bad guesses, so that trials started
         # meanwhile do not all pick the same point (the study is asynchronous).
-        startup = max(1, min(10, found.n_trials // 3))
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=startup)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                          n_startup_trials=startup_trials(found))
     if found.sampler == "qmc":
         return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
     if found.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed)
+        return optuna.samplers.CmaEsSampler(seed=seed, **given)
     if found.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
+        return optuna.samplers.GPSampler(seed=seed, **given)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -190,7 +209,10 @@ def describe(found: Settings, space: Space) -> dict[str, Any]:
     return {
         "sweep_dir": str(found.sweep_dir),
         "objective": found.objective, "direction": found.direction,
-        "sampler": found.sampler + (" (multivariate, constant liar)" if found.sampler == "tpe" else "")
+        "sampler": found.sampler + (f" (multivariate, constant liar, {startup_trials(found)} random trial(s) first)"
+                                    if found.sampler == "tpe" else "")
+        + (f" ({found.n_startup_trials} random trial(s) first)" if found.sampler in ("gp", "cmaes")
+           and found.n_startup_trials is not None else "")
         + (f" ({grid} combination(s), in the order written)" if grid is not None else ""),
         "seed": found.seed,
         "n_trials": min(found.n_trials, grid) if grid is not None else found.n_trials,

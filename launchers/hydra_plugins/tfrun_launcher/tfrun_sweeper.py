@@ -27,6 +27,7 @@ class TfrunSweeperConf:
     max_parallel: int = 2  # trials in flight
     direction: str = "maximize"
     seed: Optional[int] = None
+    n_startup_trials: Optional[int] = None  # tpe, gp, cmaes: random trials first (null: tpe min(10, n_trials // 3))
     storage: Optional[str] = None  # a journal file (default: study.journal in the sweep dir) or a database URL
     policy: str = "none"  # none, median, bandit, truncation, asha, hyperband
     policy_args: Dict[str, Any] = field(default_factory=dict)
