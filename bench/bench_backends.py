@@ -379,6 +379,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tfrun-bench-backends-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TFRUN_", "SLURM_", "HOROVOD_", "OMPI_"))}
     env.update(TFRUN_RUNS_DIR=str(work / "runs"), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    # The same Keras on both sides: tfrun's Horovod tasks run legacy Keras (Horovod's Keras API
+    # needs it on TF >= 2.16), and the script's tf.optimizers.SGD is then tf-keras's, ~6 % slower a
+    # step here than Keras 3's. A horovodrun user on this TensorFlow sets it too.
+    env["TF_USE_LEGACY_KERAS"] = "1"
     (work / "hvd_bench.py").write_text(HOROVOD_SCRIPT)
     (work / "ps_bench.py").write_text(PS_SCRIPT)
     steps = ["--steps", str(args.steps)]
@@ -422,7 +426,8 @@ def main() -> None:
            "(horovodrun on the allocation's first node starts both ranks over ssh).", ""] if args.nodes else []),
         *(["Parameter-server command: `tfrun backend=ps compute.tasks_per_node=4 entry.script=ps_bench.py`.", ""]
           if ps_repeats else []),
-        "The scripts are in bench/bench_backends.py; every figure is a median over interleaved runs.", "",
+        "The scripts are in bench/bench_backends.py; every figure is a median over interleaved runs. Both "
+        "launchers run with TF_USE_LEGACY_KERAS=1 (tfrun sets it for Horovod; Horovod's Keras API needs it).", "",
         *(f"- {k}: {v}" for k, v in info.items()), "",
         *lines, "",
     ])
