@@ -247,8 +247,9 @@ def last_submitted(submitit_dir: Path) -> tuple[float, int]:
 def sacct_counts(job_ids: list[str]) -> dict[str, int]:
     """What Slurm accounted for these arrays: allocations (array elements) and job steps."""
     out = run([REAL["sacct"], "-n", "-P", "-j", ",".join(job_ids), "-o", "JobID"], timeout=120).stdout.split()
-    return {"jobs": sum(1 for j in out if re.fullmatch(r"\d+_\d+", j)),
-            "steps": sum(1 for j in out if re.fullmatch(r"\d+_\d+\.\d+", j))}
+    # An array's elements read 123_0, 123_1; a one-element pack is a plain job, 123.
+    return {"jobs": sum(1 for j in out if re.fullmatch(r"\d+(_\d+)?", j)),
+            "steps": sum(1 for j in out if re.fullmatch(r"\d+(_\d+)?\.\d+", j))}
 
 
 def count_calls(path: Path) -> dict[str, list[list[str]]]:

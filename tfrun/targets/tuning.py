@@ -105,7 +105,7 @@ def settings(sweeper: Mapping[str, Any], objective: str | None, sweep_dir: Path)
                               f"Remove the key, or choose one of those samplers")
         if not isinstance(startup, int) or isinstance(startup, bool) or startup < 0:
             raise ConfigError.invalid("hydra.sweeper.n_startup_trials", startup,
-                                      "a whole number, 0 or more (null: min(10, n_trials // 3))")
+                                      "a whole number, 0 or more (null: the sampler's default)")
     found = Settings(sampler, _positive("n_trials", sweeper.get("n_trials")),
                      _positive("max_parallel", sweeper.get("max_parallel")), direction, seed,
                      str(sweeper["storage"]) if sweeper.get("storage") else None, policy, objective, sweep_dir,
