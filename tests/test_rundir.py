@@ -118,3 +118,19 @@ def test_time_outs_are_requeued_at_most_max_requeues_times() -> None:
     assert preempt.may_requeue("preempted", earlier_timeouts=99, max_requeues=0)
     assert preempt.may_requeue("timeout", earlier_timeouts=2, max_requeues=3)
     assert not preempt.may_requeue("timeout", earlier_timeouts=3, max_requeues=3)
+
+
+def test_a_requeued_job_shows_preempted_while_accounting_says_pending(tmp_path: Path) -> None:
+    """The follower's view of a preempted job: PREEMPTED until it runs again, even when its new
+    attempt is recorded before sacct stops saying PENDING."""
+    from tfrun.targets import slurm
+
+    rundir.update_attempt(tmp_path, "attempt-1", started=1.0, ended=2.0, reason="preempted", requeued=True)
+    assert slurm.shown_state(tmp_path, "PENDING") == "PREEMPTED"
+    rundir.update_attempt(tmp_path, "attempt-2", started=3.0, ended=None)  # started again already
+    assert slurm.shown_state(tmp_path, "PENDING") == "PREEMPTED"
+    assert slurm.shown_state(tmp_path, "RUNNING") == "RUNNING"
+    rundir.update_attempt(tmp_path, "attempt-2", ended=4.0, reason="completed")
+    assert slurm.shown_state(tmp_path, "PENDING") == "PENDING"
+    rundir.update_attempt(tmp_path, "attempt-3", started=5.0, ended=6.0, reason="preempted", requeued=False)
+    assert slurm.shown_state(tmp_path, "PENDING") == "PENDING"  # not requeued: not coming back

@@ -350,13 +350,17 @@ def cmd_serve(run: str | None, host: str = "127.0.0.1", port: int = 8080, model:
     shapes = ", ".join(f"{i['name']} {shape_text(i['shape'])}" for i in served.inputs)
     print(f"tfrun: serving {served.path} ({shapes}) at {url}", file=sys.stderr)
     print(f"tfrun: POST {url}/predict, GET {url}/health; Ctrl-C stops", file=sys.stderr, flush=True)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it like Ctrl-C
+    # SIGTERM stops it like Ctrl-C. SIGINT is set too: a server started in the background of a
+    # script inherits SIGINT ignored (the shell's rule for background jobs), and Python then
+    # leaves it ignored, so `kill -INT` would not stop it.
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         server.server_close()
     print("tfrun: serve stopped", file=sys.stderr, flush=True)
     return 0

@@ -209,10 +209,14 @@ def _last_attempt(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def shown_state(run_dir: str | os.PathLike[str], state: str) -> str:
-    """A job waiting to run again after a preemption is PREEMPTED (Slurm says PENDING)."""
+    """A job waiting to run again after a preemption is PREEMPTED (Slurm says PENDING).
+
+    The last attempt that ended decides: a requeued job can start again, and its new attempt
+    be recorded, before accounting stops saying PENDING."""
     if state != "PENDING":
         return state
-    last = _last_attempt(run_dir)
+    ended = [a for a in rundir.attempts(run_dir) if a.get("ended")]
+    last = ended[-1] if ended else {}
     return "PREEMPTED" if last.get("reason") == "preempted" and last.get("requeued") is not False else state
 
 
