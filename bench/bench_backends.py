@@ -180,16 +180,19 @@ def common_phases(r: dict[str, Any], ranks: list[dict[str, Any]]) -> dict[str, f
     }
 
 
-def rank_records(r: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
-    """The BENCH records from tfrun's output, else from the rank logs (on Slurm tfrun shows rank 0's)."""
+def rank_records(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The BENCH records from the command's output, else from a tfrun run's rank logs (on Slurm
+    tfrun shows rank 0's output only)."""
     shown = bench_lines(r["stdout"])
-    return shown if len(shown) > 1 else bench_lines(
-        "\n".join(p.read_text() for p in sorted((run_dir / "logs").glob("rank*.log"))))
+    if len(shown) > 1:
+        return shown
+    logs = sorted((run_dir_of(r["stderr"]) / "logs").glob("rank*.log"))
+    return bench_lines("\n".join(p.read_text() for p in logs))
 
 
 def tfrun_phases(r: dict[str, Any]) -> dict[str, float]:
     run_dir = run_dir_of(r["stderr"])
-    ranks = rank_records(r, run_dir)
+    ranks = rank_records(r)
     phases = common_phases(r, ranks)
     status = read(run_dir / "status.json")
     started = [read(run_dir / "ranks" / f"{x}.json")["started"] for x in (0, 1)]
@@ -250,9 +253,7 @@ def nodes_ready() -> None:
 def on_two_nodes(phases: Callable[[dict[str, Any]], dict[str, float]]) -> Callable[[dict[str, Any]], dict[str, float]]:
     """The run's phases, once its ranks are seen on the two nodes (not both on one)."""
     def checked(r: dict[str, Any]) -> dict[str, float]:
-        shown = bench_lines(r["stdout"])
-        records = shown if len(shown) > 1 else rank_records(r, run_dir_of(r["stderr"]))
-        hosts = sorted(x["host"] for x in records)
+        hosts = sorted(x["host"] for x in rank_records(r))
         if hosts != list(NODES):
             raise SystemExit(f"expected one rank on each of {NODES}, got {hosts}")
         return phases(r)

@@ -203,8 +203,9 @@ def srun_failure(run_dir: str) -> dict[str, Any] | None:
     return {"failed_rank": int(rank), "host": host, "reason": reason}
 
 
-def _last_attempt(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    tried = rundir.attempts(run_dir)
+def _last_attempt(run_dir: str | os.PathLike[str], ended: bool = False) -> dict[str, Any]:
+    """The run's latest attempt ({} if none); ``ended``: the latest that has ended."""
+    tried = [a for a in rundir.attempts(run_dir) if a.get("ended") or not ended]
     return tried[-1] if tried else {}
 
 
@@ -215,8 +216,7 @@ def shown_state(run_dir: str | os.PathLike[str], state: str) -> str:
     be recorded, before accounting stops saying PENDING."""
     if state != "PENDING":
         return state
-    ended = [a for a in rundir.attempts(run_dir) if a.get("ended")]
-    last = ended[-1] if ended else {}
+    last = _last_attempt(run_dir, ended=True)
     return "PREEMPTED" if last.get("reason") == "preempted" and last.get("requeued") is not False else state
 
 

@@ -157,10 +157,13 @@ def open_storage(found: Settings) -> Any:
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
-def startup_trials(found: Settings) -> int:
-    """TPE's random trials before its model takes over: the user's number, else a third of
-    the study up to Optuna's 10 (which would be most of a small study)."""
-    return max(1, min(10, found.n_trials // 3)) if found.n_startup_trials is None else found.n_startup_trials
+def startup_trials(found: Settings) -> int | None:
+    """Random trials before the sampler models the results: the user's number; else, for TPE,
+    a third of the study up to Optuna's 10 (which would be most of a small study); None: the
+    sampler's own default."""
+    if found.n_startup_trials is not None:
+        return found.n_startup_trials
+    return max(1, min(10, found.n_trials // 3)) if found.sampler == "tpe" else None
 
 
 def make_sampler(found: Settings) -> Any:
@@ -169,12 +172,12 @@ def make_sampler(found: Settings) -> Any:
     import optuna
 
     seed = found.seed
-    given = {} if found.n_startup_trials is None else {"n_startup_trials": found.n_startup_trials}
+    startup = startup_trials(found)
+    given = {} if startup is None else {"n_startup_trials": startup}
     if found.sampler == "tpe":
         # constant_liar: trials still running count as bad guesses, so that trials started
         # meanwhile do not all pick the same point (the study is asynchronous).
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                          n_startup_trials=startup_trials(found))
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, **given)
     if found.sampler == "qmc":
         return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
     if found.sampler == "cmaes":
@@ -206,13 +209,13 @@ def distributions(space: Space) -> dict[str, Any]:
 def describe(found: Settings, space: Space) -> dict[str, Any]:
     """What ``--dry-run -m`` shows of a study."""
     grid = len(space.grid()) if found.sampler == "grid" else None
+    startup = startup_trials(found)
+    notes = ", ".join(note for note in ("multivariate, constant liar" if found.sampler == "tpe" else "",
+                                        f"{startup} random trial(s) first" if startup is not None else "") if note)
     return {
         "sweep_dir": str(found.sweep_dir),
         "objective": found.objective, "direction": found.direction,
-        "sampler": found.sampler + (f" (multivariate, constant liar, {startup_trials(found)} random trial(s) first)"
-                                    if found.sampler == "tpe" else "")
-        + (f" ({found.n_startup_trials} random trial(s) first)" if found.sampler in ("gp", "cmaes")
-           and found.n_startup_trials is not None else "")
+        "sampler": found.sampler + (f" ({notes})" if notes else "")
         + (f" ({grid} combination(s), in the order written)" if grid is not None else ""),
         "seed": found.seed,
         "n_trials": min(found.n_trials, grid) if grid is not None else found.n_trials,
