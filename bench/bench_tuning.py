@@ -6,7 +6,8 @@ Two figures, from one run:
 1. The digits example (examples/digits) with the learning rate, batch size and width
    (``trainer.hidden``) searched, ``--trials`` trials (default 24), ``--parallel`` at once:
    the same study (TPE, same seed) with ``policy=asha`` (or ``--policy``) and with no
-   policy. Total task-seconds, wall time, wall time to the best trial, best val_accuracy.
+   policy, for each of ``--seeds``. Total task-seconds, wall time, wall time to the best
+   trial, best val_accuracy; the median over the seeds of each seed's ratio.
    Targets: <= 0.5x task-seconds, <= 0.6x wall time, best within 0.5 points.
 2. Trials of unequal length (a script that sleeps; ``--durations``) on Slurm, ``--parallel``
    slots: the tfrun sweeper (a trial starts when one ends) against lock-step batches of
@@ -14,7 +15,7 @@ Two figures, from one run:
    waited for, as Hydra's Optuna sweeper launches its ``n_jobs`` batches). Wall time ratio,
    target <= 0.7x.
 
-    python bench/bench_tuning.py [--trials 24] [--epochs 200] [--parallel 2] [--compute local] [--policy asha] [--startup N]
+    python bench/bench_tuning.py [--trials 24] [--epochs 200] [--seeds 0,1,2] [--parallel 2] [--compute local] [--policy asha] [--startup N]
                                  [--durations 40,5,5,5,40,5,5,5] [--skip-digits] [--skip-async] [--output -]
 """
 from __future__ import annotations
@@ -86,38 +87,55 @@ def startup_text(args: argparse.Namespace) -> str:
 
 
 def digits(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
+    """Both studies for each TPE seed: which trial is best, and so when it ends, is one draw
+    of the sampler's; a ratio of two such draws needs several seeds to mean anything."""
     common = ["-m", "hydra/sweeper=tfrun", f"compute={args.compute}", f"entry.script={DIGITS}",
               "tfrun.objective=val_accuracy", f"hydra.sweeper.n_trials={args.trials}",
-              f"hydra.sweeper.max_parallel={args.parallel}", "hydra.sweeper.seed=0", f"trainer.epochs={args.epochs}",
+              f"hydra.sweeper.max_parallel={args.parallel}", f"trainer.epochs={args.epochs}",
               f"trainer.lr=tag(log,interval({args.lr}))", "trainer.batch_size=choice(32,64,128)",
               "trainer.hidden=choice(16,32,64,128)",
               *([f"hydra.sweeper.n_startup_trials={args.startup}"] if args.startup is not None else [])]
     policy = [f"hydra.sweeper.policy={args.policy}", *(f"hydra.sweeper.policy_args.{a}" for a in args.policy_args)]
-    figures = {}
-    for name, extra in (("none", []), (args.policy, policy)):
-        started = time.time()
-        wall, _ = tfrun(work, *common, *extra)
-        figures[name] = study_figures(work, started, wall)
-        print(f"  digits, policy {name}: {figures[name]}", file=sys.stderr, flush=True)
-    base, pruned = figures["none"], figures[args.policy]
-    task, wall = pruned["task_s"] / base["task_s"], pruned["to_best_s"] / base["to_best_s"]
-    gap = 100 * (base["best"] - pruned["best"])
-    rows = [
-        f"| none | {base['trials']} | 0 | {base['task_s']:.0f} | {base['wall_s']:.0f} | {base['to_best_s']:.0f} | "
-        f"{base['best']:.4f} |",
-        f"| {args.policy} | {pruned['trials']} | {pruned['pruned']} | {pruned['task_s']:.0f} | {pruned['wall_s']:.0f} | "
-        f"{pruned['to_best_s']:.0f} | {pruned['best']:.4f} |",
-        "",
-        f"- task-seconds {task:.2f}x (target <= 0.5x: {'met' if task <= 0.5 else 'MISSED'}); wall time to the best "
-        f"{wall:.2f}x (target <= 0.6x: {'met' if wall <= 0.6 else 'MISSED'}); best val_accuracy "
-        f"{gap:+.2f} points below (target <= 0.5: {'met' if gap <= 0.5 else 'MISSED'})",
+    runs: dict[str, dict] = {}
+    rows = []
+    for seed in args.seeds:
+        figures = {}
+        for name, extra in (("none", []), (args.policy, policy)):
+            started = time.time()
+            wall, _ = tfrun(work, *common, f"hydra.sweeper.seed={seed}", *extra)
+            figures[name] = study_figures(work, started, wall)
+            print(f"  digits, seed {seed}, policy {name}: {figures[name]}", file=sys.stderr, flush=True)
+        base, pruned = figures["none"], figures[args.policy]
+        figures["ratios"] = {"task": pruned["task_s"] / base["task_s"], "to_best": pruned["to_best_s"] / base["to_best_s"],
+                             "gap": 100 * (base["best"] - pruned["best"])}
+        runs[str(seed)] = figures
+        for name, f in (("none", base), (args.policy, pruned)):
+            rows.append(f"| {seed} | {name} | {f['trials']} | {f['pruned']} | {f['task_s']:.0f} | {f['wall_s']:.0f} | "
+                        f"{f['to_best_s']:.0f} | {f['best']:.4f} |")
+    median = {k: statistics.median(r["ratios"][k] for r in runs.values()) for k in ("task", "to_best", "gap")}
+
+    def every(key: str, fmt: str) -> str:
+        return ", ".join(format(r["ratios"][key], fmt) for r in runs.values())
+
+    startup_s = statistics.median(r["none"]["startup_s"] for r in runs.values())
+    full_s = statistics.median(r["none"]["task_s"] / r["none"]["trials"] for r in runs.values())
+    lines = [
+        f"Digits, {args.trials} trials, {args.epochs} epochs, {args.parallel} at once, compute={args.compute}, TPE seeds "
+        f"{', '.join(map(str, args.seeds))} ({startup_text(args)}), lr in ({args.lr}) log scale; policy {args.policy} "
+        f"{' '.join(args.policy_args)}".rstrip(), "",
+        "| TPE seed | policy | trials | pruned | task-s | wall s | wall s to best | best val_accuracy |",
+        "|---|---|---|---|---|---|---|---|", *rows, "",
+        f"Medians over the {len(runs)} seed(s) of each seed's ratio (that seed's two studies, run one after the other):", "",
+        f"- task-seconds {median['task']:.2f}x ({every('task', '.2f')}; target <= 0.5x: "
+        f"{'met' if median['task'] <= 0.5 else 'MISSED'})",
+        f"- wall time to the best {median['to_best']:.2f}x ({every('to_best', '.2f')}; target <= 0.6x: "
+        f"{'met' if median['to_best'] <= 0.6 else 'MISSED'})",
+        f"- best val_accuracy {median['gap']:+.2f} points below the unpruned study's ({every('gap', '+.2f')}; target "
+        f"<= 0.5: {'met' if median['gap'] <= 0.5 else 'MISSED'})",
         f"- a trial's start to its first epoch's end (interpreter, TensorFlow's import, data; no policy saves it), "
-        f"median: {base['startup_s']:.1f} s; a full trial: {base['task_s'] / base['trials']:.1f} s",
+        f"median: {startup_s:.1f} s; a full trial: {full_s:.1f} s",
     ]
-    head = [f"Digits, {args.trials} trials, {args.epochs} epochs, {args.parallel} at once, compute={args.compute}, "
-            f"TPE seed 0 ({startup_text(args)}), lr in ({args.lr}) log scale; policy {args.policy} {' '.join(args.policy_args)}", "",
-            "| policy | trials | pruned | task-s | wall s | wall s to best | best val_accuracy |", "|---|---|---|---|---|---|---|"]
-    return head + rows, figures
+    return lines, {"policy": args.policy, "runs": runs, "median": median}
 
 
 def asynchronous(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
@@ -149,6 +167,8 @@ def main() -> None:
     # Four decades of learning rate, as a first search does: slow and diverging trials among them.
     parser.add_argument("--lr", default="1e-4,0.3", help="the learning rate's interval (log scale)")
     parser.add_argument("--policy", default="asha")
+    parser.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")], default=[0, 1, 2],
+                        help="TPE seeds: both studies run once for each (default 0,1,2)")
     parser.add_argument("--startup", type=int, default=None,
                         help="hydra.sweeper.n_startup_trials of both studies (default: tfrun's)")
     parser.add_argument("--policy-args", nargs="*", default=[])  # e.g. slack_factor=0.1 delay_evaluation=2 for bandit
