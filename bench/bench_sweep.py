@@ -747,6 +747,8 @@ def packed_main(args: argparse.Namespace, python: Path, info: dict[str, str], n:
     ])
     figures = {"packed": {"points": n, "pack_size": k, "pack_slots": slots, "tfrun_wall": tf_wall, "hsl_wall": hsl_wall,
                           "ratio": ratio, "target": PACKED_TARGET, "tfrun_jobs": tf["counts"]["jobs"],
+                          "tfrun_submitted": med([t["submitted"] for t, _ in rounds]),
+                          "hsl_submitted": med([h["submitted"] for _, h in rounds]),
                           "tfrun_steps": tf["counts"]["steps"], "hsl_jobs": hsl["counts"]["jobs"],
                           "phases": ph, "probe": probe, "rounds": len(rounds)}}
     publish(report, args.output, args.json, figures)

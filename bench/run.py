@@ -265,6 +265,9 @@ def packed_rows(f: dict) -> list[Row]:
             f"{p['ratio']:.2f}x", f"<= {p['target']}x", p["ratio"] <= p["target"]),
         Row("packed sweep: Slurm jobs (sacct)", str(p["tfrun_jobs"]), str(p["hsl_jobs"]), "",
             f"ceil(N/K) = {n_jobs}", p["tfrun_jobs"] == n_jobs),
+        *([Row(f"{p['points']} trivial points packed: s to all submitted", f"{p['tfrun_submitted']:.1f}",
+               f"{p['hsl_submitted']:.1f} (hydra-submitit-launcher)", f"{p['tfrun_submitted'] / p['hsl_submitted']:.2f}x")]
+          if "hsl_submitted" in p else []),  # (records before 2026-12-01 06:20 have it in their section only)
     ]
 
 
