@@ -305,9 +305,11 @@ def tuning_rows(f: dict) -> list[Row]:
         d = t["digits"]
         policy, runs, median = d["policy"], d["runs"], d["median"]
         seeds = f"median of {len(runs)} TPE seed(s)"
-        total = {k: sum(r[k]["task_s"] for r in runs.values()) for k in ("none", policy)}
-        to_best = {k: statistics.median(r[k]["to_best_s"] for r in runs.values()) for k in ("none", policy)}
-        best = {k: statistics.median(r[k]["best"] for r in runs.values()) for k in ("none", policy)}
+
+        def across(combine: Callable[[list[float]], float], key: str) -> dict[str, float]:
+            return {k: combine([r[k][key] for r in runs.values()]) for k in ("none", policy)}
+
+        total, to_best, best = across(sum, "task_s"), across(statistics.median, "to_best_s"), across(statistics.median, "best")
         rows += [
             Row(f"tuning digits, policy={policy} vs none: task-seconds (all seeds; ratio: {seeds})",
                 f"{total[policy]:.0f}", f"{total['none']:.0f}", f"{median['task']:.2f}x", "<= 0.5x", median["task"] <= 0.5),
