@@ -65,12 +65,12 @@ def study_figures(work: Path, started: float, wall: float) -> dict[str, float]:
     sweep = newest_sweep(work)
     index = json.loads((sweep / "sweep.json").read_text())
     scored = [p for p in index["points"] if (p.get("objective") or {}).get("value") is not None]
-    best = max(scored, key=lambda p: p["objective"]["value"])
+    best = max(p["objective"]["value"] for p in scored)
     ended = min(json.loads((Path(p["run_dir"]) / "status.json").read_text())["ended"] for p in scored
-                if p["objective"]["value"] == best["objective"]["value"])
+                if p["objective"]["value"] == best)
     study = index["study"]
     return {"task_s": study["task_seconds"], "wall_s": wall, "to_best_s": ended - started,
-            "best": best["objective"]["value"], "pruned": study["pruned"], "trials": study["trials"],
+            "best": best, "pruned": study["pruned"], "trials": study["trials"],
             "startup_s": statistics.median(startup(Path(p["run_dir"])) for p in index["points"])}
 
 
