@@ -208,6 +208,13 @@ BAD = {
                           "random trials (tpe, gp, cmaes); sampler=random does not"),
     "startup negative": (["hydra.sweeper.n_startup_trials=-1", "trainer.q=choice(1,2)", "tfrun.objective=score"],
                          "hydra.sweeper.n_startup_trials=-1 is not valid: a whole number, 0 or more"),
+    "policy argument": (["hydra.sweeper.policy=truncation", "hydra.sweeper.policy_args.truncation_percentage=half",
+                         "trainer.q=choice(1,2)", "tfrun.objective=score"],
+                        "hydra.sweeper.policy_args.truncation_percentage='half': a percentage between 1 and 99"),
+    # Optuna's Hyperband would only fail when the first trial asks it, with trials running.
+    "optuna policy argument": (["hydra.sweeper.policy=hyperband", "hydra.sweeper.policy_args.reduction_factor=1",
+                                "trainer.q=choice(1,2)", "tfrun.objective=score"],
+                               "hydra.sweeper.policy_args.reduction_factor=1 is not valid: a whole number, 2 or more"),
     "storage": (["hydra.sweeper.storage=/nonexistent/dir/study.journal", "trainer.q=choice(1,2)", "tfrun.objective=score"],
                 "hydra.sweeper.storage='/nonexistent/dir/study.journal' is not valid: a journal file in an existing"),
 }
@@ -265,9 +272,15 @@ def test_policies_decide_from_the_curves() -> None:
     assert policies.decide(cut, True, {1: 0.5}, [{1: 0.5}]) is None  # a tie is not the lowest half
     assert policies.decide(cut, True, {1: 0.4}, [{1: 0.5}, {1: 0.6}]) is not None
     for name, args in (("bandit", {}), ("median", {"evaluation_interval": 0}), ("truncation", {"x": 1}),
-                       ("none", {"slack_factor": 0.1})):
+                       ("none", {"slack_factor": 0.1}), ("bandit", {"slack_factor": "abc"}),
+                       ("bandit", {"slack_amount": -0.1}), ("truncation", {"truncation_percentage": "abc"}),
+                       ("median", {"delay_evaluation": True}), ("asha", {"min_resource": 0}),
+                       ("asha", {"reduction_factor": 1}), ("hyperband", {"min_resource": "auto"}),
+                       ("hyperband", {"min_resource": 10, "max_resource": 5}), ("hyperband", {"bootstrap_count": -1})):
         with pytest.raises(ConfigError):
             policies.make(name, args, "acc")
+    assert policies.make("asha", {"min_resource": "auto"}, "acc").args == {"min_resource": "auto"}
+    assert policies.make("hyperband", {"min_resource": 5, "max_resource": "auto"}, "acc").name == "hyperband"
 
 
 def test_the_space_reads_hydra_sweep_syntax() -> None:
