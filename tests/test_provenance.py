@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -203,9 +204,20 @@ def test_tensorboard_serves_the_sweep(tmp_path: Path, sweep: Path) -> None:
         wait_for(lambda: runs() == ["trainer.x=0.5", "trainer.x=0.5/metrics", "trainer.x=2", "trainer.x=2/metrics"],
                  90, "TensorBoard to list both runs and their logged values")
         query = urllib.parse.urlencode({"run": "trainer.x=2/metrics", "tag": "custom"})
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?{query}", timeout=10) as answer:
-            points = json.loads(answer.read())
-        assert [(step, value) for _, step, value in points] == [(0, 2.0), (1, 3.0), (2, 4.0), (3, 5.0)]
+
+        def points() -> list[tuple[int, float]]:
+            # TensorBoard lists a run when it finds its directory and reads its events later, in its
+            # reload loop: until then the tag is unknown (404).
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?{query}",
+                                            timeout=10) as answer:
+                    return [(step, value) for _, step, value in json.loads(answer.read())]
+            except urllib.error.HTTPError as error:
+                assert error.code == 404, error
+                return []
+
+        wait_for(lambda: len(points()) == 4, 60, "TensorBoard to read the run's logged values")
+        assert points() == [(0, 2.0), (1, 3.0), (2, 4.0), (3, 5.0)]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
