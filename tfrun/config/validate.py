@@ -12,9 +12,19 @@ PACK_MODES = ("off", "auto")
 BOOL_STYLES = ("flag", "value")
 
 
+def is_number(value: Any) -> bool:
+    """An int or a float, and not a bool (YAML's ``true`` is an int to Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_whole(value: Any, minimum: int) -> bool:
+    """An int >= minimum, and not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def positive_int(key: str, value: Any, minimum: int = 1) -> None:
     """``value`` must be an int >= minimum."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not is_whole(value, minimum):
         raise ConfigError.invalid(key, value, f"an integer >= {minimum}")
 
 
@@ -25,7 +35,7 @@ def check_compute(compute: Mapping[str, Any]) -> None:
     positive_int("compute.gpus_per_node", compute["gpus_per_node"], minimum=0)
     positive_int("compute.timeout_min", compute["timeout_min"])
     hang = compute.get("hang_timeout_s")
-    if hang is not None and (isinstance(hang, bool) or not isinstance(hang, (int, float)) or hang <= 0):
+    if hang is not None and not (is_number(hang) and hang > 0):
         raise ConfigError.invalid("compute.hang_timeout_s", hang, "a number of seconds > 0, or null (no watchdog)")
     if "pack" in compute:  # Slurm: sweeps and packing
         check_slurm_sweeps(compute)

@@ -18,6 +18,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from tfrun.config.validate import is_number, is_whole
 from tfrun.errors import ConfigError
 
 Curve = Mapping[int, float]  # epoch count (1-based: after n epochs) -> objective value
@@ -80,14 +81,6 @@ def make(name: str, args: Mapping[str, Any] | None, objective: str | None) -> Po
     return Policy(name, args)
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _whole(value: Any, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
 # Optuna's pruners check their arguments late or not at all (Hyperband builds its brackets when the
 # first trial asks, so a bad reduction_factor would fail mid-study): check them here, before anything runs.
 _OPTUNA_WHOLE = {"min_resource": 1, "max_resource": 1, "reduction_factor": 2, "min_early_stopping_rate": 0,
@@ -99,30 +92,30 @@ def _check_optuna(name: str, args: dict[str, Any]) -> None:
     for key, value in args.items():
         least = _OPTUNA_WHOLE.get(key)
         auto = (name, key) in _OPTUNA_AUTO
-        if least is not None and not _whole(value, least) and not (auto and value == "auto"):
+        if least is not None and not is_whole(value, least) and not (auto and value == "auto"):
             raise ConfigError.invalid(f"hydra.sweeper.policy_args.{key}", value,
                                       f"a whole number, {least} or more{' (epochs)' if 'resource' in key else ''}"
                                       f"{', or auto' if auto else ''}")
     low, high = args.get("min_resource", 1), args.get("max_resource", "auto")
-    if name == "hyperband" and _whole(low, 1) and _whole(high, 1) and high < low:
+    if name == "hyperband" and is_whole(low, 1) and is_whole(high, 1) and high < low:
         raise ConfigError(f"hydra.sweeper.policy_args.max_resource={high} is below min_resource={low}: Hyperband "
                           f"judges trials between the two (in epochs)")
 
 
 def _check_own(name: str, args: dict[str, Any]) -> None:
     for key in ("evaluation_interval", "delay_evaluation"):
-        if not _whole(args[key], 1 if key == "evaluation_interval" else 0):
+        if not is_whole(args[key], 1 if key == "evaluation_interval" else 0):
             raise ConfigError(f"hydra.sweeper.policy_args.{key}={args[key]!r}: an integer number of epochs, "
                               f"{'at least 1' if key == 'evaluation_interval' else '0 or more'}")
     for key in ("slack_factor", "slack_amount"):
-        if args.get(key) is not None and not (_number(args[key]) and args[key] >= 0):
+        if args.get(key) is not None and not (is_number(args[key]) and args[key] >= 0):
             raise ConfigError.invalid(f"hydra.sweeper.policy_args.{key}", args[key], "a number, 0 or more")
     if name == "bandit" and (args["slack_factor"] is None) == (args["slack_amount"] is None):
         raise ConfigError(f"policy bandit takes one of hydra.sweeper.policy_args.slack_factor (a ratio, e.g. 0.1) "
                           f"or slack_amount (in the metric's units), got slack_factor={args['slack_factor']} "
                           f"slack_amount={args['slack_amount']}")
     percentage = args.get("truncation_percentage")
-    if name == "truncation" and not (_number(percentage) and 1 <= percentage <= 99):
+    if name == "truncation" and not (is_number(percentage) and 1 <= percentage <= 99):
         raise ConfigError(f"hydra.sweeper.policy_args.truncation_percentage={percentage!r}: "
                           f"a percentage between 1 and 99")
 

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from tfrun import rundir
 from tfrun.config.space import Space
+from tfrun.config.validate import is_whole
 from tfrun.errors import ConfigError
 from tfrun.targets import policies
 
@@ -73,7 +74,7 @@ class Settings:
 
 
 def _positive(key: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_whole(value, 1):
         raise ConfigError.invalid(f"hydra.sweeper.{key}", value, "a whole number, 1 or more")
     return value
 
@@ -103,7 +104,7 @@ def settings(sweeper: Mapping[str, Any], objective: str | None, sweep_dir: Path)
             raise ConfigError(f"hydra.sweeper.n_startup_trials={startup!r}: only the samplers that model the results "
                               f"start with random trials ({', '.join(STARTUP_SAMPLERS)}); sampler={sampler} does not. "
                               f"Remove the key, or choose one of those samplers")
-        if not isinstance(startup, int) or isinstance(startup, bool) or startup < 0:
+        if not is_whole(startup, 0):
             raise ConfigError.invalid("hydra.sweeper.n_startup_trials", startup,
                                       "a whole number, 0 or more (null: the sampler's default)")
     found = Settings(sampler, _positive("n_trials", sweeper.get("n_trials")),
