@@ -5,6 +5,7 @@ parameters, so the right decision is known."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -137,6 +138,47 @@ def test_a_pruned_keras_trial_keeps_its_backup(tmp_path: Path) -> None:
     assert list((pruned / "checkpoints" / "backup").glob("epoch-*.weights.h5"))
     attempts = read_json(pruned / "attempts.json")
     assert all(not a.get("requeued") for a in attempts.values()), attempts
+
+
+# Four trials, one after another: a good one, two that diverge at their second epoch (NaN, +inf)
+# and a poor one that falls behind at its second epoch (where the diverged ones have no number).
+DIVERGING = '''
+import argparse, time
+from tfrun.tracking.metrics import log_epoch
+p = argparse.ArgumentParser(); p.add_argument("--case", default="good"); a = p.parse_args()
+for e in range(4):
+    time.sleep(0.4)
+    value = 0.25 * (e + 1) if e == 0 or a.case in ("good", "nan", "inf") else 0.1
+    if a.case in ("nan", "inf") and e >= 1:
+        value = float(a.case)
+    log_epoch(e, {"score": value})
+'''
+
+
+@pytest.mark.parametrize("policy", ["none", "bandit", "asha"])
+def test_a_diverged_trial_is_stopped_told_as_failed_and_never_the_best(tmp_path: Path, policy: str) -> None:
+    (tmp_path / "diverging.py").write_text(DIVERGING)
+    args = {"none": [], "bandit": ["hydra.sweeper.policy_args.slack_factor=0.1"],
+            "asha": ["hydra.sweeper.policy_args.min_resource=1", "hydra.sweeper.policy_args.reduction_factor=2"]}
+    result = run_tfrun(tmp_path, *TUNE, "entry.script=diverging.py", "hydra.sweeper.sampler=grid",
+                       "hydra.sweeper.max_parallel=1", "trainer.case=choice(good,nan,inf,poor)",
+                       f"hydra.sweeper.policy={policy}", *args[policy], timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = sweep_of(tmp_path)
+    found = trials(sweep)
+    assert study_states(sweep) == ["COMPLETE", "FAIL", "FAIL", "COMPLETE" if policy == "none" else "PRUNED"]
+    assert f"tfrun: best run: {found[0]['run_dir']} (score=1;" in result.stderr, result.stderr
+    assert read_json(sweep / "sweep.json")["study"]["best"] == {"run_dir": found[0]["run_dir"], "value": 1.0}
+    for n in (1, 2):
+        if policy == "none":  # nothing stops it: it ends, and is a failed trial
+            assert found[n]["status"]["state"] == "COMPLETED" and found[n]["objective"]["value"] is None, found[n]
+            assert f"trial {n}: COMPLETED: its score is {('nan', 'inf')[n - 1]}, not a finite number" in result.stderr
+        else:
+            assert found[n]["status"]["state"] == "PRUNED" and found[n]["status"]["pruned_epoch"] == 2, found[n]
+            assert "not a finite number" in found[n]["status"]["reason"], found[n]
+    if policy != "none":
+        assert found[3]["status"]["state"] == "PRUNED" and found[3]["status"]["pruned_epoch"] == 2, found[3]
+    assert ("2 done, 0 pruned, 2 failed" if policy == "none" else "1 done, 3 pruned, 0 failed") in result.stderr
 
 
 @pytest.fixture
@@ -301,3 +343,106 @@ def test_the_space_reads_hydra_sweep_syntax() -> None:
         space.parse(["a=interval(0,1)"]).grid()
     with pytest.raises(ConfigError, match="empty search space"):
         space.parse(["a=1"])
+
+
+# --- decisions over a table of curves, both directions -------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+DECIDING = {"median": {}, "bandit": {"slack_factor": 0.1}, "truncation": {"truncation_percentage": 50},
+            "asha": {"min_resource": 1, "reduction_factor": 2},
+            "hyperband": {"min_resource": 1, "max_resource": 4, "reduction_factor": 2}}
+
+
+def flipped(curve: dict[int, float], maximize: bool) -> dict[int, float]:
+    """The table's curves are written for maximize; minimize sees them negated (better is lower)."""
+    return curve if maximize else {e: -v for e, v in curve.items()}
+
+
+def run_curves(policy_name: str, maximize: bool, curves: list[dict[int, float]]) -> list:
+    """Each curve in turn, epoch by epoch, as the study judges it: its decision (or None), with
+    the Optuna study of asha and hyperband told what the study would tell it."""
+    import optuna
+
+    from tfrun.targets import policies
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    policy = policies.make(policy_name, DECIDING[policy_name], "score")
+    study = optuna.create_study(direction="maximize" if maximize else "minimize", study_name="tfrun",
+                                pruner=policies.optuna_pruner(policy))
+    seen: list[dict[int, float]] = []
+    decisions = []
+    for curve in (flipped(c, maximize) for c in curves):
+        trial, reported, decided = study.ask(), set(), None
+        for epoch in sorted(curve):
+            so_far = {e: v for e, v in curve.items() if e <= epoch}
+            policies.report(trial, so_far, reported)
+            decided = policies.decide(policy, maximize, so_far, seen, trial)
+            if decided:
+                break
+        seen.append(curve)
+        decisions.append(decided)
+        study.tell(trial.number, state=optuna.trial.TrialState.PRUNED if decided else None,
+                   values=None if decided else [0.0])
+    for frozen in study.get_trials():  # Optuna's pruners only ever saw numbers
+        assert all(math.isfinite(v) for v in frozen.intermediate_values.values()), frozen.intermediate_values
+        assert all(math.isfinite(v) for v in frozen.system_attrs.values() if isinstance(v, float)), frozen.system_attrs
+    return decisions
+
+
+@pytest.mark.parametrize("maximize", [True, False], ids=["maximize", "minimize"])
+@pytest.mark.parametrize("policy", list(DECIDING))
+@pytest.mark.parametrize("bad", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+def test_a_value_that_is_not_a_number_stops_the_trial_under_every_policy(policy: str, maximize: bool,
+                                                                          bad: float) -> None:
+    """A good trial, then one whose second value is not finite: stopped at that epoch by every
+    policy (before any comparison, whatever the schedule), and never shown to Optuna."""
+    decisions = run_curves(policy, maximize, [{1: 0.5, 2: 0.6, 3: 0.7}, {1: 0.9, 2: bad, 3: 0.9}])
+    assert decisions[0] is None, decisions
+    assert decisions[1] is not None and decisions[1][0] == 2 and "not a finite number" in decisions[1][1], decisions
+
+
+@pytest.mark.parametrize("maximize", [True, False], ids=["maximize", "minimize"])
+@pytest.mark.parametrize("bad", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+def test_a_trial_that_is_not_a_number_does_not_stop_the_pruning_of_others(maximize: bool, bad: float) -> None:
+    """After a diverged trial, a poor trial is still stopped and a good one still runs on."""
+    from tfrun.targets import policies
+
+    for name in ("median", "bandit", "truncation"):
+        policy = policies.make(name, DECIDING[name], "score")
+        peers = [flipped(c, maximize) for c in ({1: bad}, {1: 0.9}, {1: 0.8})]
+        poor, good = flipped({1: 0.1}, maximize), flipped({1: 0.95}, maximize)
+        assert policies.decide(policy, maximize, poor, peers) is not None, (name, peers)
+        assert policies.decide(policy, maximize, good, peers) is None, (name, peers)
+    # Optuna's successive halving: the diverged trial never reaches its rungs.
+    decisions = run_curves("asha", maximize, [{1: 0.9}, {1: bad}, {1: 0.1}, {1: 0.95}])
+    assert decisions[0] is None and decisions[1] is not None and decisions[2] is not None and decisions[3] is None, \
+        decisions
+
+
+@pytest.mark.parametrize("sign", [1, -1], ids=["positive", "negative"])
+@pytest.mark.parametrize("maximize", [True, False], ids=["maximize", "minimize"])
+def test_bandits_slack_factor_never_stops_the_best(maximize: bool, sign: int) -> None:
+    """slack_factor on a metric of either sign, in either direction: the best trial at an epoch
+    is inside its own slack; one clearly behind is outside it."""
+    from tfrun.targets import policies
+
+    bandit = policies.make("bandit", {"slack_factor": 0.1}, "score")
+    values = [sign * v for v in (0.5, 0.52, 0.53, 1.5)]
+    best = max(values) if maximize else min(values)
+    for value in values:
+        peers = [{1: v} for v in values if v != value]
+        decided = policies.decide(bandit, maximize, {1: value}, peers)
+        assert (decided is None) == (abs(value - best) < 0.2), (value, values, decided)
+    # On the other side of zero the bound keeps the same distance: maximize best -0.5 lets down to -0.5 - 0.5*0.1/1.1.
+    bound = policies.bandit_bound({"slack_factor": 0.1}, maximize, sign * 0.5)
+    assert bound == pytest.approx(sign * 0.5 + (-0.5 / 11 if maximize else 0.05)), bound
+
+
+def test_the_best_point_is_a_finite_number(tmp_path: Path) -> None:
+    from tfrun.tracking.compare import best_point
+
+    points = [{"run_dir": str(tmp_path / str(n)), "objective": {"metric": "score", "value": v}}
+              for n, v in enumerate([NAN, INF, -INF, 0.5, None, 0.25])]
+    (tmp_path / "sweep.json").write_text(json.dumps({"points": points}))  # (Python writes NaN and Infinity)
+    assert best_point(tmp_path, True)["run_dir"] == str(tmp_path / "3")
+    assert best_point(tmp_path, False)["run_dir"] == str(tmp_path / "5")

@@ -11,6 +11,7 @@ meanwhile, and asks only for the trials still missing: none is lost or run twice
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -33,12 +34,11 @@ class Live:
     """A trial in flight (or, ``draining``, pruned and not yet ended)."""
 
     number: int
-    trial_id: int
     run_dir: Path
     reported: set[int] = field(default_factory=set)
     thread: threading.Thread | None = None
     draining: bool = False
-    handle: Any = None  # its optuna.Trial, made once (making one asks the sampler)
+    handle: Any = None  # its optuna.trial.Trial: ask()'s, or made once when followed again (that asks the sampler)
 
 
 def say(text: str) -> None:
@@ -116,7 +116,7 @@ class Study:
             say(f"trial {trial.number}: not started: {exc}")
             return
         self.launched += 1
-        self.live.append(Live(trial.number, trial._trial_id, Path(plan.run_dir)))
+        self.live.append(Live(trial.number, Path(plan.run_dir), handle=trial))
         self._attach_thread(self.live[-1])
 
     def _record_point(self, plan: Plan, overrides: list[str], number: int) -> None:
@@ -155,7 +155,7 @@ class Study:
                 self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
                 continue
             status = rundir.read_status(run_dir)
-            live = Live(trial.number, trial._trial_id, Path(run_dir), reported=set(trial.intermediate_values))
+            live = Live(trial.number, Path(run_dir), reported=set(trial.intermediate_values))
             if not status.get("state"):
                 plan = Plan.load(run_dir) if (Path(run_dir) / rundir.PLAN_FILE).exists() else None
                 if plan is None:
@@ -234,40 +234,40 @@ class Study:
         return found
 
     def _trial(self, live: Live) -> Any:
+        """The trial's ``optuna.trial.Trial``, found by its number through the storage's API."""
         import optuna
 
         if live.handle is None:
-            live.handle = optuna.Trial(self.study, live.trial_id)
+            study_id = self.storage.get_study_id_from_name(self.found.study_name)
+            live.handle = optuna.trial.Trial(self.study, self.storage.get_trial_id_from_study_id_trial_number(
+                study_id, live.number))
         return live.handle
 
     def _report(self, live: Live, curve: dict[int, float]) -> None:
-        for epoch in sorted(set(curve) - live.reported):
-            self._trial(live).report(curve[epoch], epoch)
-            live.reported.add(epoch)
+        policies.report(self._trial(live), curve, live.reported)
 
     def _should_prune(self, live: Live, curves: dict[int, dict[int, float]]) -> bool:
         curve = curves.get(live.number, {})
         if not curve:
             return False
         policy = self.found.policy
-        if policy.name in policies.OPTUNA:
-            decided = (max(curve), f"Optuna's {policies.OPTUNA[policy.name]}") \
-                if self._trial(live).should_prune() else None
-        else:
-            peers = [c for n, c in curves.items() if n != live.number]
-            decided = policies.decide(policy, self.found.maximize, curve, peers)
+        peers = [c for n, c in curves.items() if n != live.number]
+        decided = policies.decide(policy, self.found.maximize, curve, peers,
+                                  self._trial(live) if policy.name in policies.OPTUNA else None)
         if decided is None:
             return False
-        self._prune(live, *decided)
+        self._prune(live, *decided, failed=policies.diverged(curve) is not None)
         return True
 
-    def _prune(self, live: Live, epoch: int, why: str) -> None:
+    def _prune(self, live: Live, epoch: int, why: str, failed: bool = False) -> None:
+        """Stop a trial for good. One whose objective is not a finite number is told as failed:
+        it has no result (the samplers model a pruned trial from its last value)."""
         from optuna.trial import TrialState
 
         rundir.write_json(live.run_dir / rundir.PRUNE_FILE, {"policy": self.found.policy.name, "epoch": epoch,
                                                             "why": why, "time": time.time(), "trial": live.number})
         stop_request(live.run_dir)
-        self.study.tell(live.number, state=TrialState.PRUNED, skip_if_finished=True)
+        self.study.tell(live.number, state=TrialState.FAIL if failed else TrialState.PRUNED, skip_if_finished=True)
         live.draining = True  # its slot is free now; it is followed until it has stopped
         _record(self.found.sweep_dir, live.run_dir, state="PRUNED", pruned_epoch=epoch)
         say(f"trial {live.number}: pruned after {epoch} epoch(s) ({self.found.policy.name}: {why})")
@@ -284,6 +284,10 @@ class Study:
         if not live.draining:  # (a pruned trial was told already: its storage record is closed)
             self._report(live, curve)  # epochs since the last poll: the policies compare later trials with them
         value = curve[max(curve)] if curve and state == "COMPLETED" else None
+        if value is not None and not math.isfinite(value):
+            why, value = f"its {metric} is {value}, not a finite number", None  # never the best, never told as one
+        else:
+            why = status.get("reason") or (f"no {metric} recorded" if state == "COMPLETED" else state)
         if state == "PRUNED" or live.draining:  # (it may have completed before the stop request came)
             self.study.tell(live.number, state=TrialState.PRUNED, skip_if_finished=True)
             _record(self.found.sweep_dir, live.run_dir, state=state, pruned_epoch=status.get("pruned_epoch"),
@@ -292,7 +296,6 @@ class Study:
         if value is None:
             self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
             SweepOutcome.failed.append(f"trial {live.number}")
-            why = status.get("reason") or (f"no {metric} recorded" if state == "COMPLETED" else state)
             say(f"trial {live.number}: {state}: {why}")
         else:
             self.study.tell(live.number, value, skip_if_finished=True)

@@ -54,15 +54,6 @@ def objective_value(plan: Plan, metric: str) -> float | None:
     return found[0] if found else None
 
 
-def best_point(sweep_dir: Path, maximize: bool) -> dict[str, Any] | None:
-    """The point with the best objective value so far."""
-    index = rundir.read_json(sweep_dir / rundir.SWEEP_FILE, {"points": []})
-    scored = [p for p in index["points"] if (p.get("objective") or {}).get("value") is not None]
-    if not scored:
-        return None
-    return (max if maximize else min)(scored, key=lambda p: p["objective"]["value"])
-
-
 def run_points(plans: Sequence[Plan], sweep_dir: Path) -> list[str]:
     """Launch planned points: locally one after another, on Slurm as job array(s)."""
     from tfrun import targets

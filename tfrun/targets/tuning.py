@@ -316,7 +316,7 @@ def summary(found: Settings) -> dict[str, Any]:
     """Trials done / pruned / failed, the best, and the compute pruning saved: each pruned
     trial's task-seconds against its estimated full length (its seconds per epoch times the
     epochs of the longest completed trial). Kept in ``sweep.json`` under ``study``."""
-    from tfrun.targets.sweeps import best_point
+    from tfrun.tracking.compare import best_point
 
     path = found.sweep_dir / rundir.SWEEP_FILE
     index = rundir.read_json(path, {"points": []})
@@ -332,8 +332,11 @@ def summary(found: Settings) -> dict[str, Any]:
             pruned_used += secs
             pruned_full += secs * max(full, epochs) / max(epochs, 1)
     best = best_point(found.sweep_dir, found.maximize)
-    data = {"trials": len(points), "completed": states.count("COMPLETED"), "pruned": states.count("PRUNED"),
-            "failed": sum(1 for s in states if s not in ("COMPLETED", "PRUNED")),
+    # Done: completed with a value for the objective (a run that completed without one, or with
+    # one that is not a finite number, is a failed trial).
+    done = sum(1 for p in points if p.get("state") == "COMPLETED" and (p.get("objective") or {}).get("value") is not None)
+    data = {"trials": len(points), "completed": done, "pruned": states.count("PRUNED"),
+            "failed": len(points) - done - states.count("PRUNED"),
             "task_seconds": round(used, 1), "pruned_task_seconds": round(pruned_used, 1),
             "pruned_full_estimate_s": round(pruned_full, 1), "saved_task_seconds": round(pruned_full - pruned_used, 1),
             "best": best and {"run_dir": best["run_dir"], "value": best["objective"]["value"]},

@@ -1,6 +1,7 @@
 """Runs side by side: the sweep table of ``tfrun runs --sweep`` and ``tfrun plot``."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +23,20 @@ def epoch_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
             step = record.get("step") or len(series.get(record["name"], []))
             series.setdefault(record["name"], []).append((int(step), float(record["value"])))
     return series
+
+
+def best_point(sweep_dir: Path, maximize: bool) -> dict[str, Any] | None:
+    """The point of a sweep with the best objective value so far (as ``sweep.json`` records
+    them); a value that is not a finite number (NaN, infinite) is never the best."""
+    index = rundir.read_json(sweep_dir / rundir.SWEEP_FILE, {"points": []})
+    scored = [p for p in index["points"] if _finite((p.get("objective") or {}).get("value"))]
+    if not scored:
+        return None
+    return (max if maximize else min)(scored, key=lambda p: p["objective"]["value"])
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def better(metric: str) -> Any:
