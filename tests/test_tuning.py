@@ -181,6 +181,31 @@ def test_a_diverged_trial_is_stopped_told_as_failed_and_never_the_best(tmp_path:
     assert ("2 done, 0 pruned, 2 failed" if policy == "none" else "1 done, 3 pruned, 0 failed") in result.stderr
 
 
+ARGV = '''
+import json, sys
+from pathlib import Path
+from tfrun.tracking.metrics import log_epoch
+with open(Path(__file__).with_name("argv.jsonl"), "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+log_epoch(0, {"score": 1.0})
+'''
+
+
+def test_a_choice_with_a_comma_reaches_the_trial_as_one_value(tmp_path: Path) -> None:
+    """Values with Hydra's syntax in them (a comma, a quote, an equals sign) are quoted for the
+    trial's overrides: each trial's script gets its value whole, as one argument."""
+    (tmp_path / "argv.py").write_text(ARGV)
+    result = run_tfrun(tmp_path, *TUNE, "entry.script=argv.py", "hydra.sweeper.sampler=grid",
+                       "hydra.sweeper.max_parallel=1", '''trainer.opt=choice("a,b",sgd,"it's",'x=(1)')''', timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [json.loads(line) for line in (tmp_path / "argv.jsonl").read_text().splitlines()]
+    values = [argv[argv.index("--opt") + 1] for argv in seen]
+    assert values == ["a,b", "sgd", "it's", "x=(1)"], seen
+    overrides = [t["overrides"][0] for _, t in sorted(trials(sweep_of(tmp_path)).items())]
+    assert overrides == ["++trainer.opt='a,b'", "++trainer.opt=sgd", "++trainer.opt='it\\'s'",
+                         "++trainer.opt='x=(1)'"], overrides
+
+
 @pytest.fixture
 def cluster() -> None:
     out = subprocess.run([str(REPO / "scripts" / "local-slurm"), "status"], capture_output=True, text=True, timeout=60)
@@ -446,3 +471,19 @@ def test_the_best_point_is_a_finite_number(tmp_path: Path) -> None:
     (tmp_path / "sweep.json").write_text(json.dumps({"points": points}))  # (Python writes NaN and Infinity)
     assert best_point(tmp_path, True)["run_dir"] == str(tmp_path / "3")
     assert best_point(tmp_path, False)["run_dir"] == str(tmp_path / "5")
+
+
+def test_every_choice_reads_back_as_itself_in_a_trials_override() -> None:
+    """The override a trial gets for a choice is parsed by Hydra into that very value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from tfrun.config import space
+
+    values = ["a,b", "it's", 'say "x"', "a b", "x=y", "(x)", "[1]", "{a:1}", "a\\", "a\\'b", "\\\\'", "", "1",
+              "true", "null", "nan", " lead", "a\\,b", "sgd", "1e-3", None, True, 3, 0.5, float("inf")]
+    found = space.Space((space.Dimension("++trainer.x", "choice", choices=tuple(values)),), ())
+    parser = OverridesParser.create()
+    for value in values:
+        override = parser.parse_override(found.overrides({"trainer.x": value})[0])
+        assert not override.is_sweep_override() and override.value() == value, (value, override.input_line)
+        assert type(override.value()) is type(value), (value, override.input_line)
