@@ -63,7 +63,8 @@ def study_states(sweep: Path) -> list[str]:
 
 
 def epochs_recorded(run_dir: str) -> int:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
     return sum(1 for line in lines if "epoch" in json.loads(line))
 
 
@@ -204,6 +205,27 @@ def test_a_choice_with_a_comma_reaches_the_trial_as_one_value(tmp_path: Path) ->
     overrides = [t["overrides"][0] for _, t in sorted(trials(sweep_of(tmp_path)).items())]
     assert overrides == ["++trainer.opt='a,b'", "++trainer.opt=sgd", "++trainer.opt='it\\'s'",
                          "++trainer.opt='x=(1)'"], overrides
+
+
+def test_an_objective_no_trial_records_stops_the_study_after_the_first_trial(tmp_path: Path) -> None:
+    """tfrun.objective with a typo: the first trial completes without it; the study stops there
+    (exit 2, the metrics the trial did record named), the long trial beside it is cancelled and
+    no other trial starts."""
+    (tmp_path / "synth.py").write_text(SYNTH)
+    result = run_tfrun(tmp_path, "-m", "hydra/sweeper=tfrun", "tfrun.objective=scroe", "entry.script=synth.py",
+                       "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=2", "trainer.q=choice(1.0,0.9)",
+                       "trainer.secs=choice(0.1,3)", timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    sweep = sweep_of(tmp_path)
+    found = trials(sweep)
+    assert last.startswith("tfrun: error: tfrun.objective=scroe: trial 0 completed without recording scroe, and no "
+                           f"trial of the study has; it recorded score ({found[0]['run_dir']}/metrics.jsonl): set "
+                           "tfrun.objective to one of them"), result.stderr
+    assert sorted(found) == [0, 1], found  # nothing started after it
+    assert found[0]["status"]["state"] == "COMPLETED" and found[1]["status"]["state"] == "CANCELLED", found
+    assert epochs_recorded(found[1]["run_dir"]) < 5, found[1]  # stopped, not run to its end
+    assert study_states(sweep) == ["FAIL", "FAIL", "WAITING", "WAITING"]  # (the grid's other points, never asked for)
 
 
 @pytest.fixture

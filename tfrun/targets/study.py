@@ -198,16 +198,22 @@ class Study:
     def _interrupted(self) -> None:
         """Ctrl-C: Slurm trials go on (``tfrun tune resume`` follows them again); local ones
         run in this process's threads, so they are cancelled, and told as failed."""
+        self._cancel([t for t in self.live if t.thread is not None and t.thread.is_alive()],
+                     "its tuning study's follower was stopped while it ran locally")
+
+    def _cancel(self, trials: list[Live], why: str) -> None:
+        """Cancel trials in flight (a Slurm trial's job, a local one's tasks in this process's
+        thread) and tell them as failed."""
         from optuna.trial import TrialState
 
-        from tfrun.targets import local
-
-        for live in self.live:
-            if live.thread is not None and live.thread.is_alive():
-                local.cancel_in_process(live.run_dir)
+        for live in trials:
+            control.cancel(live.run_dir)
+            if live.thread is not None:
                 live.thread.join(timeout=30)
-                self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
-                _record(self.found.sweep_dir, live.run_dir, state=rundir.read_status(live.run_dir).get("state"))
+            if rundir.read_status(live.run_dir).get("state") == "CANCELLED":
+                rundir.update_status(live.run_dir, reason=why)
+            self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
+            _record(self.found.sweep_dir, live.run_dir, state=rundir.read_status(live.run_dir).get("state"))
 
     def _poll(self) -> None:
         statuses = control.refresh([t.run_dir for t in self.live])
@@ -301,6 +307,31 @@ class Study:
             self.study.tell(live.number, value, skip_if_finished=True)
             say(f"trial {live.number}: {state}: {metric}={value:.6g}")
         _record(self.found.sweep_dir, live.run_dir, state=state, objective={"metric": metric, "value": value})
+        if state == "COMPLETED" and not curve and not self._objective_recorded():
+            self._objective_never_recorded(live)
+
+    def _objective_recorded(self) -> bool:
+        """Has any trial of the study recorded the objective (a finite value or not)?"""
+        index = rundir.read_json(self.found.sweep_dir / rundir.SWEEP_FILE, {"points": []})
+        return any(objective_curve(Path(p["run_dir"]), self.found.objective) for p in index["points"] if "trial" in p)
+
+    def _objective_never_recorded(self, live: Live) -> None:
+        """A trial completed without the objective, and no trial has recorded it: a name the
+        script does not record (a typo), and every trial would end the same way. The study
+        stops here: the trials in flight are cancelled, and the error names what was recorded."""
+        from tfrun.errors import ConfigError
+        from tfrun.tracking.compare import epoch_series
+        from tfrun.tracking.metrics import METRICS_FILE
+
+        recorded = sorted(epoch_series(live.run_dir))
+        self._cancel(list(self.live), f"its tuning study stopped: no trial records its objective {self.found.objective}")
+        self.live.clear()
+        metric, where = self.found.objective, live.run_dir / METRICS_FILE
+        what = (f"it recorded {', '.join(recorded)} ({where}): set tfrun.objective to one of them"
+                if recorded else f"it recorded no metric at all ({where} has none): a Keras fit records its "
+                                 f"metrics by itself, another script calls tfrun.log_metric(name, value, step)")
+        raise ConfigError(f"tfrun.objective={metric}: trial {live.number} completed without recording {metric}, and "
+                          f"no trial of the study has; {what}. The study stopped (its other trials were cancelled)")
 
 
 def _running() -> Any:
