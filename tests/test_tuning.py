@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -226,6 +227,43 @@ def test_an_objective_no_trial_records_stops_the_study_after_the_first_trial(tmp
     assert found[0]["status"]["state"] == "COMPLETED" and found[1]["status"]["state"] == "CANCELLED", found
     assert epochs_recorded(found[1]["run_dir"]) < 5, found[1]  # stopped, not run to its end
     assert study_states(sweep) == ["FAIL", "FAIL", "WAITING", "WAITING"]  # (the grid's other points, never asked for)
+
+
+def test_a_second_follower_of_a_study_is_refused(tmp_path: Path) -> None:
+    """While a study is followed, `tfrun tune resume` is refused (exit 1), naming the follower's
+    pid and host, and starts nothing; once that follower is killed, its lock is gone with it."""
+    import signal
+    import socket
+
+    (tmp_path / "synth.py").write_text(SYNTH)
+    proc, _, err = popen_tfrun(tmp_path, *TUNE, "entry.script=synth.py", "hydra.sweeper.sampler=grid",
+                               "hydra.sweeper.max_parallel=1", "trainer.q=choice(1.0,0.9)", "trainer.secs=3")
+    try:
+        deadline = time.monotonic() + 60
+        while not list((tmp_path / "runs").glob("sweep-*/0/ranks/0.json")):
+            assert time.monotonic() < deadline and proc.poll() is None, err.read_text()
+            time.sleep(0.2)
+        sweep = sweep_of(tmp_path)
+        second = run_tfrun(tmp_path, "tune", "resume", sweep.name, timeout=60)
+        assert proc.poll() is None, err.read_text()  # (the first one still follows)
+        assert second.returncode == 1, second.stderr
+        assert second.stderr.startswith(f"tfrun: error: the study in {sweep} is being followed already, by tfrun pid "
+                                        f"{proc.pid} on {socket.gethostname()} since "), second.stderr
+        assert second.stderr.strip().count("\n") == 0, second.stderr
+        assert sorted(trials(sweep)) == [0], trials(sweep)  # it started nothing
+    finally:
+        proc.kill()  # SIGKILL: the kernel drops its lock
+        proc.wait()
+        for path in (tmp_path / "runs").glob("sweep-*/*/ranks/*.json"):  # its local trial's task, orphaned
+            record = read_json(path)
+            if record.get("ended") is None:
+                try:
+                    os.kill(record["pid"], signal.SIGKILL)
+                except ProcessLookupError:  # it ended without recording it: nothing to stop
+                    pass
+    result = run_tfrun(tmp_path, "tune", "resume", sweep.name, timeout=120)
+    assert result.returncode == 0 and "resuming the study" in result.stderr, result.stderr[-3000:]
+    assert sorted(trials(sweep)) == [0, 1]
 
 
 @pytest.fixture
