@@ -266,6 +266,20 @@ def test_a_second_follower_of_a_study_is_refused(tmp_path: Path) -> None:
     assert sorted(trials(sweep)) == [0, 1]
 
 
+def test_the_sweep_table_sorts_and_marks_the_best_by_the_studys_direction(tmp_path: Path) -> None:
+    """A study that minimizes a metric whose name says nothing of it (score): `runs --sweep
+    --sort score` puts the lowest first and marks it as the best, as the study judged."""
+    (tmp_path / "synth.py").write_text(SYNTH)
+    result = run_tfrun(tmp_path, *TUNE, "entry.script=synth.py", "hydra.sweeper.sampler=grid",
+                       "hydra.sweeper.direction=minimize", "trainer.q=choice(0.8,0.5,1.0)", "trainer.secs=0.05")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = sweep_of(tmp_path)
+    table = run_tfrun(tmp_path, "runs", "--sweep", str(sweep), "--sort", "score").stdout.splitlines()
+    assert [line.split()[:2] for line in table[1:4]] == [["1*", "0.5"], ["0", "0.8"], ["2", "1.0"]], table
+    assert table[1].split()[-1] == "0.5/0.1", table  # its best score is its lowest (after one epoch of five)
+    assert table[-1] == "* the study's best: score=0.5 (minimize)", table
+
+
 @pytest.fixture
 def cluster() -> None:
     out = subprocess.run([str(REPO / "scripts" / "local-slurm"), "status"], capture_output=True, text=True, timeout=60)

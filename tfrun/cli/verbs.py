@@ -351,7 +351,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--runs-dir", help="where runs are (default: $TFRUN_RUNS_DIR or ./tfrun-runs)")
     s.add_argument("--last", type=int, default=20, help="how many to show")
     s.add_argument("--sweep", help="a sweep (dir or id): its runs with the parameters that differ and their metrics")
-    s.add_argument("--sort", help="with --sweep: order by this metric's final value, best first")
+    s.add_argument("--sort", help="with --sweep: order by this metric's final value, best first (a tuning study's "
+                                  "objective by its direction, another metric lowest first if it names a loss or error)")
     s.set_defaults(func=cmd_runs)
     s = sub.add_parser("plot", help="PNG of a metric's learning curves, one line per run")
     s.add_argument("run", nargs="?", help=run_help)

@@ -63,6 +63,8 @@ class Study:
     def __init__(self, found: Settings, space: Space, plan_trial: Callable[[int, list[str]], Plan]) -> None:
         import optuna
 
+        from tfrun.targets.sweeps import record_study
+
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.found, self.space, self.plan_trial = found, space, plan_trial
         self.storage = open_storage(found)
@@ -72,6 +74,7 @@ class Study:
                                          direction=found.direction, sampler=make_sampler(found),
                                          pruner=policies.optuna_pruner(found.policy))
         self.distributions = distributions(space)
+        record_study(found.sweep_dir, found.objective, found.direction)
         if found.sampler == "grid" and not self.resumed:
             for params in space.grid()[:found.n_trials]:
                 self.study.enqueue_trial(params)

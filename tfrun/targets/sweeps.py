@@ -37,6 +37,16 @@ def record_points(sweep_dir: Path, plans: Sequence[Plan], overrides: Sequence[Se
     rundir.write_json(sweep_dir / rundir.SWEEP_FILE, index)
 
 
+def record_study(sweep_dir: Path, metric: str, direction: str) -> None:
+    """A tuning study's objective and direction, in the sweep's index (``tfrun runs --sweep``
+    judges the objective by them)."""
+    path = sweep_dir / rundir.SWEEP_FILE
+    with rundir.locked(path):
+        index = rundir.read_json(path, {"points": []})
+        index["objective"] = {"metric": metric, "direction": direction}
+        rundir.write_json(path, index)
+
+
 def record_objective(sweep_dir: Path, plan: Plan, metric: str, value: float | None) -> None:
     """Remember a point's objective value in the sweep's index."""
     index = rundir.read_json(sweep_dir / rundir.SWEEP_FILE, {"points": []})
