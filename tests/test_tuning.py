@@ -8,12 +8,13 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import DIGITS, REPO, popen_tfrun, read_json, run_tfrun, stop
+from tests.helpers import DIGITS, REPO, popen_tfrun, read_json, run_dir_from, run_tfrun, scratch_env, stop
 
 pytestmark = pytest.mark.slow
 
@@ -110,6 +111,8 @@ def test_policy_prunes_the_bad_trials_and_lets_the_good_run_on(tmp_path: Path, p
     if policy == "bandit":
         table = run_tfrun(tmp_path, "runs", "--sweep", str(sweep)).stdout
         assert table.count("PRUNED@1") == 2 and table.count("COMPLETED") == 2, table
+        again = run_tfrun(tmp_path, "resume", pruned[0]["run_dir"])
+        assert again.returncode == 1 and "was pruned by its tuning study's policy" in again.stderr, again.stderr
 
 
 def test_a_pruned_keras_trial_keeps_its_backup(tmp_path: Path) -> None:
@@ -333,6 +336,98 @@ def test_an_asynchronous_study_on_slurm_survives_a_killed_follower(tmp_path: Pat
     long, short, third = (rank0(after[n]) for n in (0, 1, 2))
     assert short["ended"] <= third["started"] < long["ended"], (long, short, third)
     assert "study: 4 trial(s): 4 done, 0 pruned, 0 failed" in result.stderr
+
+
+# q < 0.5: one epoch, then it waits (the test requeues its job, held, meanwhile); the others
+# wait for the test's go (a file) before their first epoch, so that nothing is judged before.
+GATED = '''
+import argparse, time
+from pathlib import Path
+from tfrun.tracking.metrics import log_epoch
+p = argparse.ArgumentParser(); p.add_argument("--q", type=float); p.add_argument("--go"); a = p.parse_args()
+if a.q < 0.5:
+    log_epoch(0, {"score": a.q})
+    time.sleep(600)
+while not Path(a.go).exists():
+    time.sleep(0.1)
+for e in range(3):
+    log_epoch(e, {"score": a.q})
+    time.sleep(0.5)
+'''
+
+
+def sacct_jobs(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    out = subprocess.run(["sacct", "-X", "-P", "-n", "-o", "JobID,State,Submit,Start,End", "-j", ",".join(job_ids)],
+                         capture_output=True, text=True, timeout=60).stdout
+    rows = [line.split("|") for line in out.splitlines() if line]
+    return {r[0]: {"State": r[1], "Submit": r[2], "Start": r[3], "End": r[4]} for r in rows}
+
+
+@pytest.mark.slurm
+def test_a_trial_pruned_while_its_job_waits_is_cancelled_and_keeps_its_slot(tmp_path: Path, cluster: None) -> None:
+    """Two slots. Trial 1 records a poor first epoch, then its job is requeued and held (PENDING,
+    as a preempted trial waits to run again); only then does trial 0 record its first epoch, and
+    the median policy prunes trial 1 while its job waits. The job is cancelled (a signal cannot
+    reach a job that is not running), and trial 2 is submitted only once it has ended: never
+    more than two trials' jobs at once."""
+    (tmp_path / "gated.py").write_text(GATED)
+    go = tmp_path / "go"
+    name = f"tfrun-tuning-pending-{os.getpid()}"
+    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", "compute.poll_s=0.5", f"compute.job_name={name}",
+                               "entry.script=gated.py", "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=2",
+                               "hydra.sweeper.policy=median", "trainer.q=choice(1.0,0.2,1.1)", f"trainer.go={go}")
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "runs").glob("sweep-*/1/metrics.jsonl")):
+            assert time.monotonic() < deadline and proc.poll() is None, err.read_text()
+            time.sleep(0.2)
+        sweep = sweep_of(tmp_path)
+        job = read_json(sweep / "1" / "status.json")["job_ids"][-1]
+        held = subprocess.run(["scontrol", "requeuehold", job], capture_output=True, text=True, timeout=60)
+        assert held.returncode == 0, held.stderr
+        while subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
+                             timeout=60).stdout.strip() != "PENDING":
+            assert time.monotonic() < deadline, err.read_text()
+            time.sleep(0.2)
+        go.write_text("")
+        proc.wait(timeout=180)
+    finally:
+        stop(proc)
+        subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=60)  # (a job left held)
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    found = trials(sweep)
+    assert [found[n]["status"]["state"] for n in (0, 1, 2)] == ["COMPLETED", "PRUNED", "COMPLETED"], found
+    assert found[1]["status"]["pruned_epoch"] == 1, found[1]
+    assert "its job was waiting to run: cancelled" in err.read_text(), err.read_text()
+    jobs = sacct_jobs([found[n]["status"]["job_ids"][-1] for n in (0, 1, 2)])
+    pruned, third = jobs[job], jobs[found[2]["status"]["job_ids"][-1]]
+    assert pruned["State"].startswith("CANCELLED"), jobs  # cancelled while it waited, never run again
+    assert len(rundir_attempts(found[1]["run_dir"])) == 1, found[1]
+    assert third["Submit"] >= pruned["End"], jobs  # its slot was held until its job had ended
+    for t in (j["Submit"] for j in jobs.values()):  # never more than max_parallel jobs at once
+        assert sum(1 for j in jobs.values() if j["Submit"] <= t < j["End"]) <= 2, jobs
+
+
+def rundir_attempts(run_dir: str) -> list:
+    path = Path(run_dir) / "attempts.json"
+    return list(read_json(path).values()) if path.exists() else []
+
+
+def test_the_tasks_of_a_pruned_trial_stop_at_their_start(tmp_path: Path) -> None:
+    """A pruned trial whose job starts anyway (it started between the follower's look and its
+    cancel, or the signal found no task yet): its task finds prune.json and runs no script."""
+    from tfrun.task.preempt import EXIT_PREEMPTED
+
+    (tmp_path / "mark.py").write_text("from pathlib import Path\nPath(__file__).with_name('ran').touch()\n")
+    result = run_tfrun(tmp_path, "entry.script=mark.py")
+    assert result.returncode == 0 and (tmp_path / "ran").exists(), result.stderr
+    run_dir = run_dir_from(result.stderr)
+    (tmp_path / "ran").unlink()
+    (run_dir / "prune.json").write_text(json.dumps({"policy": "median", "epoch": 1, "why": "behind", "trial": 0}))
+    task = subprocess.run([sys.executable, "-m", "tfrun.bootstrap", str(run_dir)], cwd=tmp_path,
+                          env=scratch_env(tmp_path, TFRUN_RANK="0"), capture_output=True, text=True, timeout=120)
+    assert task.returncode == EXIT_PREEMPTED and not (tmp_path / "ran").exists(), task.stderr
+    assert "pruned by the tuning study before this attempt started: the script is not run" in task.stderr
 
 
 BAD = {

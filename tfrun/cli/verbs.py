@@ -147,6 +147,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     path = rundir.find_run(args.run)
     status = refresh([path])[0]
+    if status.get("state") == "PRUNED":  # its tasks would stop at their start (prune.json)
+        raise TfrunError(f"run {path} was pruned by its tuning study's policy ({status.get('reason')}): it is not "
+                         f"resumed; to train it on anyway, remove {path / rundir.PRUNE_FILE} and resume it")
     if status.get("state") not in rundir.FINAL_STATES or status.get("state") == "COMPLETED":
         raise TfrunError(f"run {path} is {status.get('state', 'UNKNOWN')}: only a stopped, cancelled, failed "
                          f"or timed-out run can be resumed")

@@ -187,7 +187,9 @@ class Study:
             self.launched = max(1, len(self.live))  # a resumed study has run before: a bad trial fails alone
         try:
             while True:
-                while sum(not t.draining for t in self.live) < self.found.max_parallel and self._more():
+                # A pruned trial keeps its slot until it has stopped (its job may still be
+                # running, or waiting to): max_parallel counts jobs, not judgements.
+                while len(self.live) < self.found.max_parallel and self._more():
                     self._start_next()
                 if not self.live:
                     break
@@ -275,11 +277,13 @@ class Study:
 
         rundir.write_json(live.run_dir / rundir.PRUNE_FILE, {"policy": self.found.policy.name, "epoch": epoch,
                                                             "why": why, "time": time.time(), "trial": live.number})
+        waiting = rundir.read_status(live.run_dir).get("state") in ("PENDING", "PREEMPTED")
         stop_request(live.run_dir)
         self.study.tell(live.number, state=TrialState.FAIL if failed else TrialState.PRUNED, skip_if_finished=True)
-        live.draining = True  # its slot is free now; it is followed until it has stopped
+        live.draining = True  # followed (and holding its slot) until it has stopped
         _record(self.found.sweep_dir, live.run_dir, state="PRUNED", pruned_epoch=epoch)
-        say(f"trial {live.number}: pruned after {epoch} epoch(s) ({self.found.policy.name}: {why})")
+        say(f"trial {live.number}: pruned after {epoch} epoch(s) ({self.found.policy.name}: {why})"
+            + ("; its job was waiting to run: cancelled" if waiting else ""))
 
     def _ended(self, live: Live, status: dict[str, Any]) -> None:
         from optuna.trial import TrialState
@@ -383,18 +387,38 @@ def submitted_job(sweep_dir: Path, plan: Plan) -> str | None:
 
 
 def stop_request(run_dir: Path) -> None:
-    """Ask a run's tasks to stop (their Keras fit backs up the last epoch and returns):
-    ``scancel --signal=USR2`` on Slurm, SIGUSR2 to the tasks of a local run."""
+    """Ask a pruned trial's tasks to stop (their Keras fit backs up the last epoch and returns):
+    SIGUSR2 to the tasks of a local run; on Slurm, ``scancel --signal=USR2`` if its job runs, and
+    if it waits (queued, held, or requeued) the job is cancelled: it has nothing to back up.
+    Either way a task that starts after ``prune.json`` was written stops at its start
+    (:func:`tfrun.bootstrap.run_task`), so a job that starts in between does not train."""
     import signal
-    import subprocess
 
     status = rundir.read_status(run_dir)
     if status.get("target") == "slurm" and status.get("job_ids"):
-        subprocess.run(["scancel", "--signal=USR2", status["job_ids"][-1]], capture_output=True, timeout=60)
+        job = status["job_ids"][-1]
+        # Each request is for the job's state only: Slurm refuses a signal to a job that is not
+        # running, after retrying for a minute and a half.
+        _scancel(["--state=PENDING", job])
+        _scancel(["--state=RUNNING", "--signal=USR2", job])
         return
     for record in rundir.rank_records(run_dir).values():
         if record.get("ended") is None and record.get("pid") and record.get("host") == rundir.hostname():
             try:
                 os.kill(int(record["pid"]), signal.SIGUSR2)
-            except ProcessLookupError:
+            except ProcessLookupError:  # it has just ended: there is nothing to stop
                 pass
+
+
+def _scancel(args: list[str]) -> None:
+    """``scancel ARGS``; a failure is said, not raised: the trial is pruned whatever Slurm
+    answers, and stops at its start if its job starts later."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["scancel", *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        say(f"scancel {' '.join(args)}: {exc}")
+        return
+    if done.returncode != 0 and "Invalid job id" not in done.stderr:  # (that one: it has ended, as asked)
+        say(f"scancel {' '.join(args)}: {done.stderr.strip() or f'exit code {done.returncode}'}")
