@@ -365,19 +365,11 @@ def submitted_job(sweep_dir: Path, plan: Plan) -> str | None:
     """A trial Slurm has but its status does not (the follower was killed between sbatch and
     recording the job id): found in submitit's record of what it submitted, and recorded now,
     so that it is followed rather than submitted twice."""
-    import pickle
-
-    from tfrun.plan import sbatch
+    from tfrun.plan import sbatch, submitit_compat
 
     folder = sweep_dir / sbatch.SUBMITIT_DIR
-    for path in sorted(folder.glob("*_submitted.pkl")):
-        try:
-            with open(path, "rb") as f:
-                args = getattr(pickle.load(f), "args", ())  # submitit's DelayedSubmission, written by us
-        except Exception:  # a file being written, or not submitit's: not this trial's
-            continue
+    for job, args in submitit_compat.submitted(folder):
         if args and str(args[0]) == plan.run_dir:
-            job = path.name.split("_", 1)[0]
             now = time.time()
             rundir.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm",
                                  submitit_folder=str(folder), backend=plan.backend, job_ids=[job], submitted=now,
