@@ -403,7 +403,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tune", help="tuning studies of hydra/sweeper=tfrun")
     tune_sub = s.add_subparsers(dest="action", required=True)
     t = tune_sub.add_parser("resume", help="follow a study again after its tfrun was stopped or killed: trials "
-                                           "still running are followed, ended ones told, missing ones started")
+                                           "still running are followed, ended ones told, missing ones started "
+                                           "(refused while another tfrun follows it)")
     t.add_argument("sweep", help="the study's sweep dir, its id, or a unique part of it")
     return p
 

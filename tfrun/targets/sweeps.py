@@ -89,8 +89,8 @@ def _remove_empty_sweep(sweep_dir: Path) -> None:
     """Nothing ran: leave nothing behind, the runs dir Hydra's sweeper made for it included."""
     shutil.rmtree(sweep_dir, ignore_errors=True)
     try:
-        sweep_dir.parent.rmdir()  # only if empty
-    except OSError:
+        sweep_dir.parent.rmdir()
+    except OSError:  # not empty (other runs are there) or already gone: it stays as it is
         pass
 
 
