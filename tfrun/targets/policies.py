@@ -194,6 +194,11 @@ def decide(policy: Policy, maximize: bool, curve: Curve, peers: Sequence[Curve],
         if optuna_trial is not None and optuna_trial.should_prune():
             return max(curve), f"Optuna's {OPTUNA[policy.name]}"
         return None
+    return _own(policy, maximize, curve, peers)
+
+
+def _own(policy: Policy, maximize: bool, curve: Curve, peers: Sequence[Curve]) -> tuple[int, str] | None:
+    """median, bandit and truncation, from the curves (all of them finite up to where they compare)."""
     at = evaluation_point(policy, max(curve))
     if at is None or at not in curve:
         return None

@@ -63,8 +63,6 @@ class Study:
     def __init__(self, found: Settings, space: Space, plan_trial: Callable[[int, list[str]], Plan]) -> None:
         import optuna
 
-        from tfrun.targets.sweeps import record_study
-
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.found, self.space, self.plan_trial = found, space, plan_trial
         self.storage = open_storage(found)
@@ -74,7 +72,6 @@ class Study:
                                          direction=found.direction, sampler=make_sampler(found),
                                          pruner=policies.optuna_pruner(found.policy))
         self.distributions = distributions(space)
-        record_study(found.sweep_dir, found.objective, found.direction)
         if found.sampler == "grid" and not self.resumed:
             for params in space.grid()[:found.n_trials]:
                 self.study.enqueue_trial(params)
@@ -123,8 +120,10 @@ class Study:
         self._attach_thread(self.live[-1])
 
     def _record_point(self, plan: Plan, overrides: list[str], number: int) -> None:
-        from tfrun.targets.sweeps import record_points
+        from tfrun.targets.sweeps import record_points, record_study
 
+        if not self.launched:  # (with the first point: a study that plans none leaves no sweep behind)
+            record_study(self.found.sweep_dir, self.found.objective, self.found.direction)
         record_points(self.found.sweep_dir, [plan], [overrides])
         _record(self.found.sweep_dir, Path(plan.run_dir), trial=number, state="PENDING")
 

@@ -67,8 +67,7 @@ def summary(run_dir: Path, study: Objective | None = None) -> dict[str, tuple[fl
     found = {}
     for name, values in epoch_series(run_dir).items():
         numbers = [v for _, v in values if math.isfinite(v)]
-        if values:
-            found[name] = (values[-1][1], _pick(name, study)(numbers) if numbers else values[-1][1])
+        found[name] = (values[-1][1], _pick(name, study)(numbers) if numbers else values[-1][1])
     return found
 
 
@@ -101,10 +100,10 @@ def sweep_table(sweep_dir: Path, run_dirs: Sequence[Path], statuses: Sequence[di
     names = sorted({m for s in summaries for m in s})
     rows = list(zip(run_dirs, params, statuses, summaries))
     if sort:
-        pick = _pick(sort, study)
-        present = [r for r in rows if sort in r[3] and math.isfinite(r[3][sort][0])]
-        present.sort(key=lambda r: r[3][sort][0], reverse=pick is max)
-        rows = present + [r for r in rows if r not in present]
+        numbered = [sort in r[3] and math.isfinite(r[3][sort][0]) for r in rows]
+        present = [r for r, n in zip(rows, numbered) if n]
+        present.sort(key=lambda r: r[3][sort][0], reverse=_pick(sort, study) is max)
+        rows = present + [r for r, n in zip(rows, numbered) if not n]
     best = best_point(sweep_dir, study[1]) if study else None
     header = ["run", *varying, "state", "duration", *(f"{m} final/best" for m in names)]
     table = [header]
