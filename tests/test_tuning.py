@@ -569,8 +569,7 @@ def run_curves(policy_name: str, maximize: bool, curves: list[dict[int, float]])
         trial, reported, decided = study.ask(), set(), None
         for epoch in sorted(curve):
             so_far = {e: v for e, v in curve.items() if e <= epoch}
-            policies.report(trial, so_far, reported)
-            decided = policies.decide(policy, maximize, so_far, seen, trial)
+            decided = policies.judge(policy, maximize, so_far, seen, trial, reported)
             if decided:
                 break
         seen.append(curve)
@@ -611,6 +610,27 @@ def test_a_trial_that_is_not_a_number_does_not_stop_the_pruning_of_others(maximi
     decisions = run_curves("asha", maximize, [{1: 0.9}, {1: bad}, {1: 0.1}, {1: 0.95}])
     assert decisions[0] is None and decisions[1] is not None and decisions[2] is not None and decisions[3] is None, \
         decisions
+
+
+def test_asha_judges_each_epoch_of_a_trial_seen_late() -> None:
+    """Two trials with the same curve; the follower sees the first only after three epochs (a
+    slow poll): Optuna is still told and asked epoch by epoch, so the first trial's rungs hold
+    its own epochs' values and the second, no worse, runs on (told three epochs and asked once,
+    successive halving took the third epoch's value for every rung, and stopped the second)."""
+    import optuna
+
+    from tfrun.targets import policies
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    chosen = policies.make("asha", DECIDING["asha"], "score")
+    study = optuna.create_study(direction="maximize", study_name="tfrun", pruner=policies.optuna_pruner(chosen))
+    curve = {1: 0.2, 2: 0.4, 3: 0.6}
+    late, reported = study.ask(), set()
+    assert policies.judge(chosen, True, curve, [], late, reported) is None and reported == {1, 2, 3}
+    second, told = study.ask(), set()
+    for epoch in (1, 2, 3):
+        so_far = {e: v for e, v in curve.items() if e <= epoch}
+        assert policies.judge(chosen, True, so_far, [curve], second, told) is None, epoch
 
 
 @pytest.mark.parametrize("sign", [1, -1], ids=["positive", "negative"])

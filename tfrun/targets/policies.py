@@ -171,9 +171,9 @@ def finite(curve: Curve, upto: int) -> bool:
 
 
 def report(trial: OptunaTrial, curve: Curve, reported: set[int]) -> None:
-    """Tell Optuna the values of the epochs not told yet (``reported``, updated). A trial with a
-    value that is not finite is stopped instead (:func:`decide`): Optuna is never told it, so
-    its pruners compare finite numbers only."""
+    """Tell Optuna the values of the epochs not told yet (``reported``, updated), up to the
+    first that is not a finite number: such a trial is stopped instead (:func:`decide`), and
+    Optuna never told it, so its pruners compare finite numbers only."""
     for epoch in sorted(set(curve) - reported):
         if not math.isfinite(curve[epoch]):
             return
@@ -181,19 +181,34 @@ def report(trial: OptunaTrial, curve: Curve, reported: set[int]) -> None:
         reported.add(epoch)
 
 
-def decide(policy: Policy, maximize: bool, curve: Curve, peers: Sequence[Curve],
-           optuna_trial: OptunaTrial | None = None) -> tuple[int, str] | None:
-    """(epoch count, why) if ``policy`` stops the trial whose values are ``curve``; else None.
-    ``asha`` and ``hyperband`` ask ``optuna_trial`` (told the curve by :func:`report`)."""
+def judge(policy: Policy, maximize: bool, curve: Curve, peers: Sequence[Curve], trial: OptunaTrial,
+          reported: set[int]) -> tuple[int, str] | None:
+    """The study's look at a running trial: (epoch count, why) if ``policy`` stops it, else
+    None. Its epochs not told yet (``reported``) are told to Optuna; ``asha`` and ``hyperband``
+    are asked after each one, as in Optuna's own loop: successive halving records a rung's
+    value at the step it is asked, so epochs told together would be judged by the last one
+    (a trial seen late would look better than its peers at their rungs)."""
+    stopped = decide(policy, maximize, curve, peers)
+    if policy.name not in OPTUNA or stopped is not None:
+        report(trial, curve, reported)
+        return stopped
+    for epoch in sorted(set(curve) - reported):
+        trial.report(curve[epoch], epoch)
+        reported.add(epoch)
+        if trial.should_prune():
+            return epoch, f"Optuna's {OPTUNA[policy.name]}"
+    return None
+
+
+def decide(policy: Policy, maximize: bool, curve: Curve, peers: Sequence[Curve]) -> tuple[int, str] | None:
+    """(epoch count, why) if ``policy`` stops the trial whose values are ``curve``, from the
+    curves alone; else None. For ``asha`` and ``hyperband`` only a diverged trial: Optuna
+    decides the rest (:func:`judge`)."""
     if policy.name == "none" or not curve:
         return None
     stopped = diverged(curve)
-    if stopped is not None:
+    if stopped is not None or policy.name in OPTUNA:
         return stopped
-    if policy.name in OPTUNA:
-        if optuna_trial is not None and optuna_trial.should_prune():
-            return max(curve), f"Optuna's {OPTUNA[policy.name]}"
-        return None
     return _own(policy, maximize, curve, peers)
 
 

@@ -231,8 +231,7 @@ class Study:
                 continue
             if curves is None:
                 curves = self._curves()
-            self._report(live, curves.get(live.number, {}))
-            self._should_prune(live, curves)
+            self._judge(live, curves)
 
     def _curves(self) -> dict[int, dict[int, float]]:
         """Every trial's objective per epoch: the storage's reports, and the live trials' files."""
@@ -256,18 +255,15 @@ class Study:
     def _report(self, live: Live, curve: dict[int, float]) -> None:
         policies.report(self._trial(live), curve, live.reported)
 
-    def _should_prune(self, live: Live, curves: dict[int, dict[int, float]]) -> bool:
+    def _judge(self, live: Live, curves: dict[int, dict[int, float]]) -> None:
+        """Tell the study a running trial's new epochs, and stop it if its policy says so."""
         curve = curves.get(live.number, {})
         if not curve:
-            return False
-        policy = self.found.policy
+            return
         peers = [c for n, c in curves.items() if n != live.number]
-        decided = policies.decide(policy, self.found.maximize, curve, peers,
-                                  self._trial(live) if policy.name in policies.OPTUNA else None)
-        if decided is None:
-            return False
-        self._prune(live, *decided, failed=policies.diverged(curve) is not None)
-        return True
+        decided = policies.judge(self.found.policy, self.found.maximize, curve, peers, self._trial(live), live.reported)
+        if decided is not None:
+            self._prune(live, *decided, failed=policies.diverged(curve) is not None)
 
     def _prune(self, live: Live, epoch: int, why: str, failed: bool = False) -> None:
         """Stop a trial for good. One whose objective is not a finite number is told as failed:
