@@ -66,6 +66,41 @@ def test_grid_points_come_in_the_basic_sweepers_order() -> None:
         broke(HYDRA, "BasicSweeper.split_arguments", "hydra_compat.grid_points")
 
 
+def test_tfrun_basic_is_hydras_basic_sweeper_with_its_batch_check_replaced() -> None:
+    import dataclasses
+
+    from hydra.plugins.sweeper import Sweeper
+
+    from hydra_plugins.tfrun_launcher.tfrun_basic_sweeper import BasicSweeper, TfrunBasicSweeperConf
+
+    theirs, conf = hydra_compat.basic_sweeper()
+    assert issubclass(theirs, Sweeper) and issubclass(BasicSweeper, theirs), broke(
+        HYDRA, "where its basic sweeper lives", "hydra_compat.basic_sweeper")
+    assert "validate_batch_is_legal" in inspect.getsource(theirs.sweep), broke(
+        HYDRA, "BasicSweeper.sweep (it no longer checks each batch with validate_batch_is_legal)",
+        "hydra_compat.basic_sweeper and the tfrun_basic sweeper")
+    assert list(inspect.signature(theirs.validate_batch_is_legal).parameters) == ["self", "batch"], broke(
+        HYDRA, "BasicSweeper.validate_batch_is_legal's signature", "the tfrun_basic sweeper")
+    fields = {f.name for f in dataclasses.fields(TfrunBasicSweeperConf)}
+    assert issubclass(TfrunBasicSweeperConf, conf) and {"max_batch_size", "params"} <= fields, broke(
+        HYDRA, f"BasicSweeperConf's keys ({sorted(fields)})", "hydra_compat.basic_sweeper")
+
+
+def test_private_parts_of_dependencies_are_used_in_the_compat_modules_only() -> None:
+    """hydra._internal and omegaconf._utils in hydra_compat only, submitit's records of its
+    submissions in submitit_compat only; Optuna's private attributes (a trial's or a study's
+    id, its storage) nowhere: its storage API addresses a trial."""
+    repo = Path(__file__).resolve().parents[1]
+    hydra, submitit = {"tfrun/config/hydra_compat.py"}, {"tfrun/plan/submitit_compat.py"}
+    allowed = {"hydra._internal": hydra, "omegaconf._utils": hydra, "_submitted.pkl": submitit,
+               "._trial_id": set(), "._study_id": set(), "study._storage": set()}
+    found = []
+    for path in [*(repo / "tfrun").rglob("*.py"), *(repo / "launchers").rglob("*.py")]:
+        text, name = path.read_text(), str(path.relative_to(repo))
+        found += [f"{name}: {what}" for what, where in allowed.items() if what in text and name not in where]
+    assert not found, found
+
+
 def test_value_overrides_apply_as_hydras_loader_applies_them() -> None:
     cfg = OmegaConf.create({"trainer": {"lr": 0.1}, "entry": {"args": []}})
     hydra_compat.apply_overrides(_parse(["trainer.lr=0.5", "++trainer.new=x", "entry.args=[a,b]"]), cfg)
@@ -178,6 +213,16 @@ def test_submitits_job_runner_and_memory_words() -> None:
         SUBMITIT, f"the module its jobs run ({submitit_compat.SUBMIT_MODULE})", "submitit_compat.SUBMIT_MODULE")
     assert (submitit_compat.mem(2), submitit_compat.mem(1.5)) == ("2GB", "1536MB"), broke(
         SUBMITIT, "_convert_mem", "submitit_compat.mem")
+
+
+def test_what_submitit_submitted_is_found_in_its_folder(tmp_path: Path) -> None:
+    from submitit.core.utils import DelayedSubmission, JobPaths
+
+    path = JobPaths(tmp_path, job_id="123").submitted_pickle
+    DelayedSubmission(print, "/runs/sweep/3").dump(path)
+    (tmp_path / "124_submitted.pkl").write_bytes(b"half a pickle")
+    assert list(submitit_compat.submitted(tmp_path)) == [("123", ("/runs/sweep/3",))], broke(
+        SUBMITIT, f"the record of a submission ({path.name}, DelayedSubmission.args)", "submitit_compat.submitted")
 
 
 def test_sacct_output_is_read_per_job_and_array_element() -> None:

@@ -263,8 +263,10 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     backend = backends.get(plan.backend)
     task = plan.tasks[ident.rank]
     try:
-        task = prepare(plan, ident)
-        if task.runs_script:
+        if (Path(run_dir) / rundir.PRUNE_FILE).exists():  # pruned while it waited to start (or to restart)
+            say("pruned by the tuning study before this attempt started: the script is not run")
+            code, error = preempt.EXIT_PREEMPTED, "pruned before it started"
+        elif (task := prepare(plan, ident)).runs_script:
             heartbeat.beat(phase="script running")
             code, error = run_script(task.argv)
         else:

@@ -237,8 +237,9 @@ def _hydra_main(argv: list[str]) -> int:
 
 def sweep_exit_code() -> int:
     """After a multirun: name the failed points; with an objective, the best run too."""
-    from tfrun.targets.sweeps import SweepOutcome, best_point
+    from tfrun.targets.sweeps import SweepOutcome
     from tfrun.tracking import mlflow_sync
+    from tfrun.tracking.compare import best_point
 
     if SweepOutcome.sweep_dir:
         mlflow_sync.finish_sweep(SweepOutcome.sweep_dir, failed=bool(SweepOutcome.failed))

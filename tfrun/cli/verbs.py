@@ -147,6 +147,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     path = rundir.find_run(args.run)
     status = refresh([path])[0]
+    if status.get("state") == "PRUNED":  # its tasks would stop at their start (prune.json)
+        raise TfrunError(f"run {path} was pruned by its tuning study's policy ({status.get('reason')}): it is not "
+                         f"resumed; to train it on anyway, remove {path / rundir.PRUNE_FILE} and resume it")
     if status.get("state") not in rundir.FINAL_STATES or status.get("state") == "COMPLETED":
         raise TfrunError(f"run {path} is {status.get('state', 'UNKNOWN')}: only a stopped, cancelled, failed "
                          f"or timed-out run can be resumed")
@@ -351,7 +354,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--runs-dir", help="where runs are (default: $TFRUN_RUNS_DIR or ./tfrun-runs)")
     s.add_argument("--last", type=int, default=20, help="how many to show")
     s.add_argument("--sweep", help="a sweep (dir or id): its runs with the parameters that differ and their metrics")
-    s.add_argument("--sort", help="with --sweep: order by this metric's final value, best first")
+    s.add_argument("--sort", help="with --sweep: order by this metric's final value, best first (a tuning study's "
+                                  "objective by its direction, another metric lowest first if it names a loss or error)")
     s.set_defaults(func=cmd_runs)
     s = sub.add_parser("plot", help="PNG of a metric's learning curves, one line per run")
     s.add_argument("run", nargs="?", help=run_help)
@@ -399,7 +403,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tune", help="tuning studies of hydra/sweeper=tfrun")
     tune_sub = s.add_subparsers(dest="action", required=True)
     t = tune_sub.add_parser("resume", help="follow a study again after its tfrun was stopped or killed: trials "
-                                           "still running are followed, ended ones told, missing ones started")
+                                           "still running are followed, ended ones told, missing ones started "
+                                           "(refused while another tfrun follows it)")
     t.add_argument("sweep", help="the study's sweep dir, its id, or a unique part of it")
     return p
 
