@@ -8,7 +8,7 @@ script may call inside its task (``context``, ``log_metric``, ``should_checkpoin
 from __future__ import annotations
 
 from tfrun.api import Run, launch, sweep
-from tfrun.errors import ConfigError, LaunchError, RunFailed, TfrunError
+from tfrun.errors import ConfigError, LaunchError, RunFailed, TfrunError, UsageError
 from tfrun.task.context import Context, context
 from tfrun.task.heartbeat import beat as heartbeat
 from tfrun.task.preempt import Preempted, on_preempt, should_checkpoint
@@ -16,7 +16,7 @@ from tfrun.tracking.metrics import log_metric, log_params
 
 __version__ = "0.1.0"
 __all__ = [
-    "Context", "context", "ConfigError", "LaunchError", "RunFailed", "TfrunError", "__version__",
+    "Context", "context", "ConfigError", "LaunchError", "RunFailed", "TfrunError", "UsageError", "__version__",
     "log_metric", "log_params", "heartbeat", "on_preempt", "should_checkpoint", "Preempted", "Run", "launch",
     "sweep",
 ]
