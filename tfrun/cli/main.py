@@ -21,6 +21,9 @@ from tfrun.cli import output, verbs
 # Hydra's options that take the next word as their value (``--config-dir DIR``).
 _VALUED = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--cfg", "-c", "--package", "-p",
            "--experimental-rerun")
+# Hydra's --info takes one of these as an optional value (``tfrun --info searchpath``).
+_INFO = ("--info", "-i")
+_INFO_VALUES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 _HELP = ("-h", "--help")
 _COMPLETION = ("-sc", "--shell-completion")
 
@@ -28,14 +31,11 @@ _COMPLETION = ("-sc", "--shell-completion")
 def not_an_override(argv: list[str]) -> str | None:
     """The first word that is neither an option, an option's value nor an override (``key=value``,
     ``~key``), e.g. a mistyped verb; None if there is none."""
-    takes_value = False
-    for arg in argv:
-        if takes_value:
-            takes_value = False
+    for i, arg in enumerate(argv):
+        previous = argv[i - 1] if i else ""
+        if previous in _VALUED or (previous in _INFO and arg in _INFO_VALUES):
             continue
-        if arg in _VALUED:
-            takes_value = True
-        elif not arg.startswith(("-", "~")) and "=" not in arg:
+        if not arg.startswith(("-", "~")) and "=" not in arg:
             return arg
     return None
 
