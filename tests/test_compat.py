@@ -260,3 +260,23 @@ def test_the_rendezvous_server_is_horovods_on_the_address_given() -> None:
         server._httpd.server_close()
     assert not server._listen_thread.is_alive(), broke(
         horovod_version, "RendezvousServer.stop", "horovod_compat.start_rendezvous")
+
+
+def test_a_composition_builds_only_the_schemas_it_loads(scratch: Path) -> None:
+    """tfrun's schemas reach Hydra through the ``tfrun-schema://`` config source, which builds a
+    schema only when composition loads it: a run builds the root's and one per group."""
+    from tfrun.config import store
+
+    store._built.cache_clear()
+    cfg = compose.compose_config(["compute=slurm", "backend=horovod"])
+    assert cfg.compute.partition is None and cfg.backend.name == "horovod"
+    built = store._built.cache_info().currsize
+    assert built == 1 + len(store.GROUP_SCHEMAS) < len(store.SCHEMAS), broke(
+        HYDRA, f"the config source plugin API ({built} of {len(store.SCHEMAS)} schemas built)",
+        "launchers/hydra_plugins/tfrun_launcher/tfrun_schemas.py")
+    with compose.session():
+        from hydra.core.global_hydra import GlobalHydra
+
+        path = [(e.provider, e.path) for e in GlobalHydra.instance().config_loader().get_search_path().get_path()]
+    assert ("tfrun", "tfrun-schema://tfrun.config.schema") in path, broke(
+        HYDRA, f"the search path plugin API ({path})", "tfrun_schemas.TfrunSchemaSearchPath")

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from tfrun.errors import TfrunError
+from tfrun.errors import UsageError
 
 PLAN_FILE = "plan.json"
 STATUS_FILE = "status.json"
@@ -297,7 +297,7 @@ def find_run(ref: str | None, root: Path | None = None) -> Path:
     candidates = [p for p in sorted(root.iterdir())] if root.is_dir() else []
     if not ref:
         if not candidates:
-            raise TfrunError(f"no runs under {root} (set TFRUN_RUNS_DIR or pass a run dir)")
+            raise UsageError(f"no runs under {root} (set TFRUN_RUNS_DIR or pass a run dir)")
         return max(candidates, key=lambda p: p.stat().st_mtime)
     if (root / ref).is_dir():
         return root / ref
@@ -305,5 +305,5 @@ def find_run(ref: str | None, root: Path | None = None) -> Path:
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise TfrunError(f"no run matches {ref!r} under {root}")
-    raise TfrunError(f"{ref!r} matches several runs: " + ", ".join(p.name for p in matches[:10]))
+        raise UsageError(f"no run matches {ref!r} under {root}")
+    raise UsageError(f"{ref!r} matches several runs: " + ", ".join(p.name for p in matches[:10]))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tfrun import rundir
-from tfrun.errors import TfrunError
+from tfrun.errors import UsageError
 from tfrun.targets import progress
 
 
@@ -23,7 +23,7 @@ def run_dirs_of(path: Path) -> list[Path]:
         return [Path(p["run_dir"]) for p in index["points"]]
     points = [p for p in sorted(path.iterdir(), key=lambda p: (len(p.name), p.name)) if rundir.is_run_dir(p)]
     if not points:
-        raise TfrunError(f"{path} is neither a run dir nor a sweep dir")
+        raise UsageError(f"{path} is neither a run dir nor a sweep dir")
     return points
 
 
