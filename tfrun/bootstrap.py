@@ -55,7 +55,7 @@ def apply_env(env: Mapping[str, str]) -> None:
 def redirect_output(path: str | os.PathLike[str]) -> None:
     """Send this process's stdout/stderr (file descriptors, so C++ logs too) to path."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)  # the umask decides, as for any file
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)

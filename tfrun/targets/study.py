@@ -46,16 +46,6 @@ def say(text: str) -> None:
     print(f"tfrun: {text}", file=sys.stderr, flush=True)
 
 
-def _record(sweep_dir: Path, run_dir: Path, **fields: Any) -> None:
-    path = sweep_dir / rundir.SWEEP_FILE
-    with rundir.locked(path):
-        index = rundir.read_json(path, {"points": []})
-        for point in index["points"]:
-            if point["run_dir"] == str(run_dir):
-                point.update(fields)
-        rundir.write_json(path, index)
-
-
 class Study:
     """Runs a study to ``n_trials``: :meth:`run`. ``plan_trial(number, overrides)`` composes,
     plans and writes a trial's run dir (the sweeper's Hydra composition)."""
@@ -123,7 +113,7 @@ class Study:
         from tfrun.targets.sweeps import record_points
 
         record_points(self.found.sweep_dir, [plan], [overrides])
-        _record(self.found.sweep_dir, Path(plan.run_dir), trial=number, state="PENDING")
+        rundir.update_point(self.found.sweep_dir, Path(plan.run_dir), trial=number, state="PENDING")
 
     def _launch(self, plan: Plan, number: int, shown: list[str]) -> None:
         self.target = plan.target
@@ -207,7 +197,8 @@ class Study:
                 local.cancel_in_process(live.run_dir)
                 live.thread.join(timeout=30)
                 self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
-                _record(self.found.sweep_dir, live.run_dir, state=rundir.read_status(live.run_dir).get("state"))
+                rundir.update_point(self.found.sweep_dir, live.run_dir,
+                                    state=rundir.read_status(live.run_dir).get("state"))
 
     def _poll(self) -> None:
         statuses = control.refresh([t.run_dir for t in self.live])
@@ -269,7 +260,7 @@ class Study:
         stop_request(live.run_dir)
         self.study.tell(live.number, state=TrialState.PRUNED, skip_if_finished=True)
         live.draining = True  # its slot is free now; it is followed until it has stopped
-        _record(self.found.sweep_dir, live.run_dir, state="PRUNED", pruned_epoch=epoch)
+        rundir.update_point(self.found.sweep_dir, live.run_dir, state="PRUNED", pruned_epoch=epoch)
         say(f"trial {live.number}: pruned after {epoch} epoch(s) ({self.found.policy.name}: {why})")
 
     def _ended(self, live: Live, status: dict[str, Any]) -> None:
@@ -286,8 +277,8 @@ class Study:
         value = curve[max(curve)] if curve and state == "COMPLETED" else None
         if state == "PRUNED" or live.draining:  # (it may have completed before the stop request came)
             self.study.tell(live.number, state=TrialState.PRUNED, skip_if_finished=True)
-            _record(self.found.sweep_dir, live.run_dir, state=state, pruned_epoch=status.get("pruned_epoch"),
-                    objective={"metric": metric, "value": value})
+            rundir.update_point(self.found.sweep_dir, live.run_dir, state=state,
+                                pruned_epoch=status.get("pruned_epoch"), objective={"metric": metric, "value": value})
             return
         if value is None:
             self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
@@ -297,7 +288,8 @@ class Study:
         else:
             self.study.tell(live.number, value, skip_if_finished=True)
             say(f"trial {live.number}: {state}: {metric}={value:.6g}")
-        _record(self.found.sweep_dir, live.run_dir, state=state, objective={"metric": metric, "value": value})
+        rundir.update_point(self.found.sweep_dir, live.run_dir, state=state,
+                            objective={"metric": metric, "value": value})
 
 
 def _running() -> Any:
@@ -359,5 +351,5 @@ def stop_request(run_dir: Path) -> None:
         if record.get("ended") is None and record.get("pid") and record.get("host") == rundir.hostname():
             try:
                 os.kill(int(record["pid"]), signal.SIGUSR2)
-            except ProcessLookupError:
+            except ProcessLookupError:  # it ended meanwhile: nothing left to stop
                 pass

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import threading
 import time
 from array import array
@@ -30,6 +29,7 @@ from typing import Any, Mapping
 
 import orjson
 
+from tfrun import rundir
 from tfrun.tracking import tensorboard
 
 METRICS_FILE = "metrics.jsonl"
@@ -225,13 +225,7 @@ def log_epoch(epoch: int, logs: Mapping[str, Any]) -> None:
 
 
 def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(b"".join(_line(record) for record in records))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    rundir.write_atomic(path, b"".join(_line(record) for record in records), sync=True)
 
 
 def reconcile_epochs(completed: int, last_logs: Mapping[str, Any] | None) -> None:

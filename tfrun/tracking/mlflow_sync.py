@@ -61,9 +61,21 @@ def _quick_failures() -> None:
 
 
 def client(uri: str) -> Any:
+    """MLflow's client of a store (an SQLite file is made first: see :func:`_sqlite_file`)."""
     from mlflow import MlflowClient
 
+    _sqlite_file(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _sqlite_file(uri: str) -> None:
+    """An SQLite store's file, made empty if missing (an empty file is an empty database):
+    SQLite would make it 0644 whatever the umask, and a runs dir shared with a group needs
+    the group's write permission the umask gives (its journals copy the file's mode)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if path.parent.is_dir() and not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))
 
 
 def _experiment_id(mlflow: Any, cfg: Mapping[str, Any], runs_dir: Path, name: str) -> str:
@@ -88,7 +100,7 @@ class _Lock:
         self.path = path
 
     def __enter__(self) -> None:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
 
     def __exit__(self, *exc: Any) -> None:
