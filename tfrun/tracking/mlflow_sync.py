@@ -150,7 +150,8 @@ def open_run(run_dir: Path, config: Mapping[str, Any]) -> tuple[Any, dict[str, A
         # The user's tags (tfrun.tags, Experiment.submit(tags=...)) first: tfrun's own keys are its to set.
         redactor = Redactor(config)
         run_id = rundir.read_status(run_dir).get("run_id", run_dir.name)
-        tags = {**redactor.data(config["tfrun"].get("tags") or {}), "tfrun.run_dir": str(run_dir), "tfrun.run_id": run_id}
+        tags = {**redactor.data(config["tfrun"].get("tags") or {}), "tfrun.run_dir": str(run_dir),
+                "tfrun.run_id": run_id}
         if parent:
             tags["mlflow.parentRunId"] = parent["run_id"]
         run = mlflow.create_run(experiment_id, run_name=run_dir.name if parent else run_id, tags=tags)
