@@ -280,3 +280,22 @@ def test_concurrent_syncs_register_the_model_once(tmp_path: Path) -> None:
         assert [s.returncode for s in syncs] == [0, 0, 0], outputs
         assert _model_versions(server.uri, "tiny") == ["1"]
     assert json.loads((run_dir / "mlflow.json").read_text())["registered"] == {"name": "tiny", "version": "1"}
+
+
+def test_the_redactor_masks_secrets_in_data_and_text_and_leaves_the_rest() -> None:
+    from tfrun.tracking.redact import MASK, Redactor, shown
+
+    config = {"deps": {"env": {"API_TOKEN": "tok-123456", "PASSWORD": "abc", "DEBUG": "1"}},
+              "trainer": {"lr": 0.1, "db": "mysql://u:pa55word@h/db", "secrets": {"a": "zzzz"}, "api_key": None}}
+    redactor = Redactor(config)
+    assert redactor.data(config) == {
+        "deps": {"env": {"API_TOKEN": MASK, "PASSWORD": MASK, "DEBUG": "1"}},
+        "trainer": {"lr": 0.1, "db": f"mysql://{MASK}@h/db", "secrets": {"a": MASK}, "api_key": None}}
+    # free text: known values (from 4 characters), the config's secret keys' assignments, URIs
+    assert redactor.text("- ++deps.env.PASSWORD=abc") == f"- ++deps.env.PASSWORD={MASK}"
+    assert redactor.text('  "PASSWORD": "abc",') == f'  "PASSWORD": "{MASK}",'
+    assert redactor.text("token tok-123456, password pa55word") == f"token {MASK}, password {MASK}"
+    assert redactor.text("see https://bob:x@example.org/a") == f"see https://{MASK}@example.org/a"
+    # what only looks like a secret's name in a log stays: metric names, values of other keys
+    assert redactor.text("masked_token_accuracy: 0.91 - abc_loss: 0.2") == "masked_token_accuracy: 0.91 - abc_loss: 0.2"
+    assert shown("AWS_SECRET_ACCESS_KEY", "x") == MASK and shown("HOME", "/home/u") == "/home/u"

@@ -309,10 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     source = Path(argv[1])
     try:
         if source.is_dir():
-            data, log = rundir.Plan.load(source).deps, source / "logs" / "deps.log"
+            data, log, run_dir = rundir.Plan.load(source).deps, source / "logs" / "deps.log", str(source)
         else:
-            data, log = json.loads(source.read_text()), None
-        ensure(DepsPlan.from_dict(data), log, echo=True)
+            data, log, run_dir = json.loads(source.read_text()), None, None
+        ensure(DepsPlan.from_dict(data), log, echo=True, run_dir=run_dir)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"tfrun: error: cannot read the environment's spec from {source}: {exc}", file=sys.stderr)
         return 2
