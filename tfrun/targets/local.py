@@ -264,12 +264,12 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
 
 
 def _record_launch_failure(plan: Plan, exc: BaseException) -> None:
-    if rundir.read_status(plan.run_dir).get("state") in rundir.FINAL_STATES:
-        return
-    state = "CANCELLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    reason = "interrupted (Ctrl-C) while launching" if interrupted else f"the launch failed: {type(exc).__name__}: {exc}"
     try:
-        rundir.update_status(plan.run_dir, run_id=plan.run_id, state=state, target="local", backend=plan.backend,
-                             ended=time.time(), reason=f"the launch failed: {type(exc).__name__}: {exc}")
+        if rundir.read_status(plan.run_dir).get("state") not in rundir.FINAL_STATES:
+            rundir.update_status(plan.run_dir, run_id=plan.run_id, state="CANCELLED" if interrupted else "FAILED",
+                                 target="local", backend=plan.backend, ended=time.time(), reason=reason)
     except OSError:  # the run dir itself cannot be written: the exception raised says why
         pass
 
