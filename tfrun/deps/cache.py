@@ -167,16 +167,20 @@ def prune(cache: Path, older_than_days: float | None = None, remove_all: bool = 
             candidates.append(entry)
         else:
             done["kept"].append(entry["key"])
-    judged = _judge({key: users(cache, key) for key in (e["key"] for e in candidates)}, in_use)
+    seen = {key: users(cache, key) for key in (e["key"] for e in candidates)}
+    judged = _judge(seen, in_use)
     for entry in candidates:
         key = entry["key"]
         with lock(cache, key, blocking=False) as got:
             if not got:
                 done["busy"].append(key)
                 continue
-            # Judged before the lock was taken; a use recorded since then counts as in use.
-            live = {path: record for path, record in users(cache, key).items() if judged.get(path, True)}
-            for path in set(users(cache, key)) - set(live):
+            # Judged before the lock was taken: a use recorded since (a new record, or a run
+            # resumed since, which wrote its record again) counts as in use.
+            found = users(cache, key)
+            live = {path: record for path, record in found.items()
+                    if record != seen[key].get(path) or judged.get(path, True)}
+            for path in set(found) - set(live):
                 path.unlink(missing_ok=True)
             if live:
                 done["in_use"].append(f"{key} ({', '.join(sorted(Path(r['run_dir']).name for r in live.values()))})")
