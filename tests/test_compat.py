@@ -1,7 +1,8 @@
-"""Contracts with the private parts of Hydra, submitit and Horovod that tfrun uses.
+"""Contracts with the private parts of Hydra, OmegaConf, MLflow, submitit and Horovod that tfrun uses.
 
 Each private call lives in one compat module (``tfrun/config/hydra_compat.py``,
-``tfrun/plan/submitit_compat.py``, ``tfrun/backends/horovod_compat.py``); each test here
+``tfrun/tracking/mlflow_compat.py``, ``tfrun/plan/submitit_compat.py``,
+``tfrun/backends/horovod_compat.py``); each test here
 checks one of them against the installed library and, when it fails, says which upgrade
 changed what.
 """
@@ -9,9 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any, List
 
 import pytest
 from omegaconf import OmegaConf
@@ -186,6 +192,54 @@ def test_omegaconfs_dumper_quotes_what_would_read_back_as_another_type(tmp_path:
     cfg = OmegaConf.create({"a": "1", "b": "true", "c": "text"})
     save_yaml(cfg, tmp_path / "x.yaml")
     assert OmegaConf.load(tmp_path / "x.yaml") == cfg
+
+
+@dataclass
+class _Trainer:
+    lr: float = 0.1
+    layers: List[int] = field(default_factory=lambda: [1])
+    note: Any = "x"
+    maybe: Any = None
+
+
+def test_typed_keys_are_those_of_a_declared_type() -> None:
+    """points.py composes a sweep's points from values alone unless a trainer key is typed
+    (OmegaConf checks those): the keys whose node is not an AnyNode."""
+    cfg = OmegaConf.structured(_Trainer)
+    assert hydra_compat.typed_keys(cfg) == {"lr", "layers"}, broke(
+        f"omegaconf {metadata.version('omegaconf')}", "DictConfig._get_node or its node types",
+        "hydra_compat.typed_keys")
+
+
+# --- MLflow -------------------------------------------------------------------------------
+
+SYSTEM_METRICS = """
+import json, sys
+from mlflow import MlflowClient
+from tfrun.tracking import mlflow_compat
+uri = sys.argv[1]
+client = MlflowClient(uri)
+run = client.create_run(client.create_experiment("compat"))
+monitor = mlflow_compat.start_system_metrics(run.info.run_id, uri, resume=False)
+mlflow_compat.stop_system_metrics(monitor)  # at once: only the last sample it takes on stopping
+print(json.dumps(sorted(client.get_run(run.info.run_id).data.metrics)))
+"""
+
+
+def test_mlflows_system_metrics_monitor_logs_a_last_sample_for_a_run(tmp_path: Path) -> None:
+    """tracking.system_metrics=true: SystemMetricsMonitor for a run id (the client's, not the
+    fluent API's active run), and its collect/aggregate/publish for the sample taken at the end."""
+    mlflow = f"mlflow {metadata.version('mlflow')}"
+    done = subprocess.run([sys.executable, "-c", SYSTEM_METRICS, f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, broke(mlflow, f"SystemMetricsMonitor's signature or start ({done.stderr[-2000:]})",
+                                       "mlflow_compat.start_system_metrics")
+    assert "no last system metrics sample" not in done.stderr, broke(
+        mlflow, "SystemMetricsMonitor.collect_metrics/aggregate_metrics/publish_metrics",
+        "mlflow_compat.stop_system_metrics")
+    logged = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(logged), broke(
+        mlflow, f"the metrics the monitor logs ({logged})", "mlflow_compat.stop_system_metrics")
 
 
 # --- submitit ---------------------------------------------------------------------------

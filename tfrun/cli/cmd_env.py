@@ -16,10 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing = verbs.add_subparser(actions, "list", "every environment: hash, packages, size, last used")
     listing.add_argument("--cache-dir", help=CACHE_HELP)
     prune = verbs.add_subparser(actions, "prune", "remove unfinished builds, and environments unused for DAYS "
-                                                  "(or all)")
+                                                  "(or all), except those a queued, running or requeued run uses")
     prune.add_argument("--cache-dir", help=CACHE_HELP)
     prune.add_argument("--older-than", type=float, metavar="DAYS", help="also remove environments unused for DAYS days")
-    prune.add_argument("--all", action="store_true", help="remove every environment")
+    prune.add_argument("--all", action="store_true", help="remove every environment no run still uses")
 
 
 def _human(size: float) -> str:
@@ -49,12 +49,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"{row['key']:<22} {row['kind']:<6} {_human(row['size']):>9}  {_when(row['last_used']):<28} {packages}")
         print(f"{len(rows)} environment(s), {_human(sum(r['size'] for r in rows))} in {root}")
         return 0
+    from tfrun.targets import control
+
     older_than, remove_all = getattr(args, "older_than", None), getattr(args, "all", False)
-    done = cache.prune(root, older_than, remove_all)
+    done = cache.prune(root, older_than, remove_all, in_use=control.in_use)
     for key in done["removed"]:
         print(f"tfrun: removed {key}")
     for key in done["busy"]:
         print(f"tfrun: kept {key}: another process is building or removing it")
+    for key in done["in_use"]:
+        print(f"tfrun: kept {key}: a run that uses it is queued, running or requeued")
     hint = "" if remove_all or older_than is not None else " (--older-than DAYS or --all remove environments)"
-    print(f"tfrun: removed {len(done['removed'])}, kept {len(done['kept']) + len(done['busy'])} in {root}{hint}")
+    kept = len(done["kept"]) + len(done["busy"]) + len(done["in_use"])
+    print(f"tfrun: removed {len(done['removed'])}, kept {kept} in {root}{hint}")
     return 0

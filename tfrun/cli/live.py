@@ -49,10 +49,12 @@ def render(snap: Snapshot, height: int = 40) -> RenderableType:
             table.add_column(name, justify=justify, no_wrap=name != "metrics")  # type: ignore[arg-type]
     rows, hidden = _shown(snap.runs, max(3, height - 6))
     for run in rows:
-        cells = [run.name, *([run.label] if any(r.label for r in snap.runs) else []),
-                 Text(run.state, style=_STYLES.get(run.state, "")), progress.epoch_text(run),
-                 progress.metrics_text(run.metrics), progress.clock(run.elapsed_s),
-                 "~" + progress.clock(run.left_s) if run.left_s is not None else "-"]
+        # Text, not str: rich reads a str as markup, and labels and metric names are the
+        # user's ("[/scratch/a]" is a closing tag to it, "[relu,tanh]" a style).
+        cells = [Text(run.name), *([Text(run.label)] if any(r.label for r in snap.runs) else []),
+                 Text(run.state, style=_STYLES.get(run.state, "")), Text(progress.epoch_text(run)),
+                 Text(progress.metrics_text(run.metrics)), Text(progress.clock(run.elapsed_s)),
+                 Text("~" + progress.clock(run.left_s) if run.left_s is not None else "-")]
         table.add_row(*cells)
     if hidden:
         table.caption = f"{hidden} more finished run(s) not shown"
@@ -92,8 +94,9 @@ class LiveSweep:
 def busy(message: str) -> Iterator[None]:
     """A spinner with ``message`` on stderr while a long step runs."""
     from rich.console import Console
+    from rich.text import Text
 
-    with Console(stderr=True).status(message):
+    with Console(stderr=True).status(Text(message)):  # Text: printed as it is, not read as markup
         yield
 
 

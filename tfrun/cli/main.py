@@ -92,11 +92,15 @@ def console() -> None:
     """The ``tfrun`` console script: :func:`main`, then a quick exit.
 
     Once main() is done everything is written; what is left is the interpreter tearing down
-    Hydra's and OmegaConf's modules, ~50 ms on every command. Exit handlers still run
-    (logging, anything a tracking library registered); only the teardown is skipped.
+    Hydra's and OmegaConf's modules, ~50 ms on every command. So the first exit handler
+    registered, which Python runs last, ends the process: by then Python has waited for
+    the threads and run every handler registered after it (logging, anything a tracking
+    library registered while the command ran); only the teardown is skipped.
     """
     import atexit
 
+    exit_code = [1]  # an exception main() does not turn into an exit: Python's traceback, then 1
+    atexit.register(_exit_now, exit_code)
     try:
         main()
         code: Any = 0
@@ -111,7 +115,11 @@ def console() -> None:
         if code is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
-    atexit._run_exitfuncs()
+    exit_code[0] = code
+    sys.exit(code)
+
+
+def _exit_now(exit_code: list[int]) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -119,7 +127,7 @@ def console() -> None:
             output.reader_gone()
         except (OSError, ValueError):  # a stream already closed
             pass
-    os._exit(code)
+    os._exit(exit_code[0])
 
 
 if __name__ == "__main__":

@@ -72,6 +72,16 @@ def basic_sweeper() -> tuple[type, type]:
     return BasicSweeper, BasicSweeperConf
 
 
+def typed_keys(node: Any) -> frozenset[str]:
+    """The keys of a structured config's node whose values have a declared type, not ``Any``:
+    OmegaConf checks a value set there, Hydra's override included. OmegaConf tells a value's
+    declared type only through the node that holds it (``DictConfig._get_node``, private);
+    its public ``get_type`` tells the type of the value itself."""
+    from omegaconf import AnyNode
+
+    return frozenset(str(key) for key in node if not isinstance(node._get_node(key), AnyNode))
+
+
 def grid_points(parsed_overrides: list[Any]) -> list[list[str]]:
     """Every point of a grid sweep, as Hydra's basic sweeper orders them."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper

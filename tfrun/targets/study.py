@@ -46,16 +46,6 @@ def say(text: str) -> None:
     print(f"tfrun: {text}", file=sys.stderr, flush=True)
 
 
-def _record(sweep_dir: Path, run_dir: Path, **fields: Any) -> None:
-    path = sweep_dir / rundir.SWEEP_FILE
-    with rundir.locked(path):
-        index = rundir.read_json(path, {"points": []})
-        for point in index["points"]:
-            if point["run_dir"] == str(run_dir):
-                point.update(fields)
-        rundir.write_json(path, index)
-
-
 class Study:
     """Runs a study to ``n_trials``: :meth:`run`. ``plan_trial(number, overrides)`` composes,
     plans and writes a trial's run dir (the sweeper's Hydra composition)."""
@@ -125,7 +115,7 @@ class Study:
         if not self.launched:  # (with the first point: a study that plans none leaves no sweep behind)
             record_study(self.found.sweep_dir, self.found.objective, self.found.direction)
         record_points(self.found.sweep_dir, [plan], [overrides])
-        _record(self.found.sweep_dir, Path(plan.run_dir), trial=number, state="PENDING")
+        rundir.update_point(self.found.sweep_dir, Path(plan.run_dir), trial=number, state="PENDING")
 
     def _launch(self, plan: Plan, number: int, shown: list[str]) -> None:
         self.target = plan.target
@@ -217,7 +207,7 @@ class Study:
             if rundir.read_status(live.run_dir).get("state") == "CANCELLED":
                 rundir.update_status(live.run_dir, reason=why)
             self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
-            _record(self.found.sweep_dir, live.run_dir, state=rundir.read_status(live.run_dir).get("state"))
+            rundir.update_point(self.found.sweep_dir, live.run_dir, state=rundir.read_status(live.run_dir).get("state"))
 
     def _poll(self) -> None:
         statuses = control.refresh([t.run_dir for t in self.live])
@@ -276,7 +266,7 @@ class Study:
         stop_request(live.run_dir)
         self.study.tell(live.number, state=TrialState.FAIL if failed else TrialState.PRUNED, skip_if_finished=True)
         live.draining = True  # followed (and holding its slot) until it has stopped
-        _record(self.found.sweep_dir, live.run_dir, state="PRUNED", pruned_epoch=epoch)
+        rundir.update_point(self.found.sweep_dir, live.run_dir, state="PRUNED", pruned_epoch=epoch)
         say(f"trial {live.number}: pruned after {epoch} epoch(s) ({self.found.policy.name}: {why})"
             + ("; its job was waiting to run: cancelled" if waiting else ""))
 
@@ -298,8 +288,8 @@ class Study:
             why = status.get("reason") or (f"no {metric} recorded" if state == "COMPLETED" else state)
         if state == "PRUNED" or live.draining:  # (it may have completed before the stop request came)
             self.study.tell(live.number, state=TrialState.PRUNED, skip_if_finished=True)
-            _record(self.found.sweep_dir, live.run_dir, state=state, pruned_epoch=status.get("pruned_epoch"),
-                    objective={"metric": metric, "value": value})
+            rundir.update_point(self.found.sweep_dir, live.run_dir, state=state,
+                                pruned_epoch=status.get("pruned_epoch"), objective={"metric": metric, "value": value})
             return
         if value is None:
             self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
@@ -308,7 +298,7 @@ class Study:
         else:
             self.study.tell(live.number, value, skip_if_finished=True)
             say(f"trial {live.number}: {state}: {metric}={value:.6g}")
-        _record(self.found.sweep_dir, live.run_dir, state=state, objective={"metric": metric, "value": value})
+        rundir.update_point(self.found.sweep_dir, live.run_dir, state=state, objective={"metric": metric, "value": value})
         if state == "COMPLETED" and not curve and not self._objective_recorded():
             self._objective_never_recorded(live)
 

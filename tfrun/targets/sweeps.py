@@ -30,11 +30,12 @@ class SweepOutcome:
 
 def record_points(sweep_dir: Path, plans: Sequence[Plan], overrides: Sequence[Sequence[str]]) -> None:
     """Add points to the sweep's index (a tuning sweeper launches several batches)."""
-    index = rundir.read_json(sweep_dir / rundir.SWEEP_FILE, {"points": []})
-    known = {p["run_dir"] for p in index["points"]}
-    index["points"] += [{"run_id": p.run_id, "run_dir": p.run_dir, "overrides": list(o)}
-                        for p, o in zip(plans, overrides) if p.run_dir not in known]
-    rundir.write_json(sweep_dir / rundir.SWEEP_FILE, index)
+    def add(index: dict[str, Any]) -> None:
+        known = {p["run_dir"] for p in index["points"]}
+        index["points"] += [{"run_id": p.run_id, "run_dir": p.run_dir, "overrides": list(o)}
+                            for p, o in zip(plans, overrides) if p.run_dir not in known]
+
+    rundir.update_json(sweep_dir / rundir.SWEEP_FILE, add, {"points": []})
 
 
 def record_study(sweep_dir: Path, metric: str, direction: str) -> None:
@@ -49,11 +50,7 @@ def record_study(sweep_dir: Path, metric: str, direction: str) -> None:
 
 def record_objective(sweep_dir: Path, plan: Plan, metric: str, value: float | None) -> None:
     """Remember a point's objective value in the sweep's index."""
-    index = rundir.read_json(sweep_dir / rundir.SWEEP_FILE, {"points": []})
-    for point in index["points"]:
-        if point["run_dir"] == plan.run_dir:
-            point["objective"] = {"metric": metric, "value": value}
-    rundir.write_json(sweep_dir / rundir.SWEEP_FILE, index)
+    rundir.update_point(sweep_dir, plan.run_dir, objective={"metric": metric, "value": value})
 
 
 def objective_value(plan: Plan, metric: str) -> float | None:

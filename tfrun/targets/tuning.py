@@ -381,10 +381,7 @@ def summary(found: Settings) -> dict[str, Any]:
             "pruned_full_estimate_s": round(pruned_full, 1), "saved_task_seconds": round(pruned_full - pruned_used, 1),
             "best": best and {"run_dir": best["run_dir"], "value": best["objective"]["value"]},
             "policy": found.policy.describe(), "sampler": found.sampler}
-    with rundir.locked(path):
-        index = rundir.read_json(path, {"points": []})
-        index["study"] = data
-        rundir.write_json(path, index)
+    rundir.update_json(path, lambda index: index.update(study=data), {"points": []})
     return data
 
 
