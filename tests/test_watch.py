@@ -174,7 +174,7 @@ def test_labels_and_metrics_in_brackets_are_drawn_as_they_are() -> None:
     "[relu,tanh]" a style (it vanished)."""
     from rich.console import Console
 
-    from tfrun.cli.watch import render
+    from tfrun.cli.live import render
     from tfrun.targets.progress import RunProgress, Snapshot
 
     runs = tuple(RunProgress(name=str(i), label=label, state="RUNNING", epoch=1, epochs=3,
