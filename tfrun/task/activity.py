@@ -1,0 +1,151 @@
+"""Whether a task's script is doing anything: the CPU time of the threads that run it.
+
+A script that reports no steps (a custom loop, a script that never imports tfrun) is still
+watched, by what it costs: its main thread (which runs the script), TensorFlow's own threads
+(``tf_*``: they run the script's ops and its input pipeline), the Python threads the script
+or its libraries start, and its child processes. A rank blocked in a read, a sleep, a lock, a
+collective that waits for another rank, or frozen as a whole uses none of that CPU: across
+several seconds, exactly none.
+
+Left out, because they run whether or not training advances: the threads of Horovod's
+background loop and of Gloo, gRPC and the other native libraries (C++ threads with no
+``tf_`` name; Horovod's negotiates with the other ranks every few milliseconds, stuck or
+not), tfrun's own threads (``tfrun-*``: the heartbeat that samples this, the rendezvous
+server), the health check that MultiWorkerMirroredStrategy runs every 30 s, and the
+watchdog (a child process of rank 0). Measured from ``/proc`` (Linux): elsewhere
+:meth:`Activity.sample` answers None and the rank is not watched by its activity.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+import psutil
+
+TF_THREADS = "tf_"  # TensorFlow names its thread pools' threads tf_Compute, tf_data_..., ...
+OWN_THREADS = "tfrun-"
+# Python threads of the frameworks that run on a timer, training or not: (file, function).
+TIMERS = (("collective_all_reduce_strategy.py", "_check_health"),)
+
+_TASKS = Path("/proc/self/task")
+
+
+def cpu_ns(tid: int) -> int | None:
+    """CPU time a thread of this process has used (ns; clock-tick precision where the kernel
+    has no schedstat); None if it is gone or cannot be read."""
+    try:
+        return int((_TASKS / str(tid) / "schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # utime + stime, in clock ticks, after the command name (which may hold spaces)
+        fields = (_TASKS / str(tid) / "stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _started_in(frame: FrameType | None) -> tuple[str, str]:
+    """(file, function) where a Python thread began: its outermost frame outside threading.py."""
+    outer: list[tuple[str, str]] = []
+    while frame is not None:
+        outer.append((frame.f_code.co_filename, frame.f_code.co_name))
+        frame = frame.f_back
+    for filename, function in reversed(outer):
+        if not filename.endswith("threading.py"):
+            return filename, function
+    return "", ""
+
+
+class Activity:
+    """Samples the CPU this process spends on its script; :meth:`sample` says whether any was
+    spent since the last sample."""
+
+    def __init__(self) -> None:
+        self.ignored: set[int] = set()  # child processes that are tfrun's (the watchdog)
+        self.last: dict[int | str, int] = {}
+        self.names: dict[int, str] = {}
+        self.counted: dict[int, bool] = {}  # Python thread ident -> whether its CPU counts
+        self.main = threading.main_thread().native_id
+        try:
+            self.process: psutil.Process | None = psutil.Process()
+        except psutil.Error:
+            self.process = None
+
+    def ignore(self, pid: int) -> None:
+        """Leave a child process (and its own children) out: it is tfrun's, not the script's."""
+        self.ignored.add(pid)
+
+    def sample(self) -> bool | None:
+        """True if the script used CPU since the last sample (the first sample: since the
+        process started); None if this system does not say."""
+        if not _TASKS.is_dir() or self.main is None:
+            return None
+        now = {**self._threads(), **self._children()}
+        if not now:
+            return None
+        spent = any(value > self.last.get(key, 0) for key, value in now.items())
+        self.last = now
+        return spent
+
+    def _threads(self) -> dict[int | str, int]:
+        """CPU of the script's threads, by thread id."""
+        counted: set[int] = {self.main} if self.main is not None else set()
+        frames = sys._current_frames()
+        for thread in threading.enumerate():
+            if thread.native_id is not None and thread.ident is not None and self._counts(thread, frames):
+                counted.add(thread.native_id)
+        try:
+            tids = [int(t) for t in os.listdir(_TASKS)]
+        except OSError:
+            return {}
+        for tid in tids:
+            if tid not in self.names:
+                try:
+                    self.names[tid] = (_TASKS / str(tid) / "comm").read_text().strip()
+                except OSError:
+                    self.names[tid] = ""
+            if self.names[tid].startswith(TF_THREADS):
+                counted.add(tid)
+        for gone in set(self.names) - set(tids):  # thread ids are reused
+            del self.names[gone]
+        found = {tid: cpu_ns(tid) for tid in counted}
+        return {tid: ns for tid, ns in found.items() if ns is not None}
+
+    def _counts(self, thread: threading.Thread, frames: dict[int, FrameType]) -> bool:
+        if thread is threading.main_thread():
+            return True
+        if thread.name.startswith(OWN_THREADS):
+            return False
+        ident = thread.ident
+        assert ident is not None
+        if ident not in self.counted:
+            filename, function = _started_in(frames.get(ident))
+            self.counted[ident] = not any(filename.endswith(f) and function == fn for f, fn in TIMERS)
+        return self.counted[ident]
+
+    def _children(self) -> dict[int | str, int]:
+        """CPU of the child processes (their whole trees), and of those already ended."""
+        if self.process is None:
+            return {}
+        found: dict[int | str, int] = {}
+        try:
+            own = self.process.cpu_times()
+            found["ended children"] = int((own.children_user + own.children_system) * 1e9)
+            children = [c for c in self.process.children() if c.pid not in self.ignored]
+        except psutil.Error:
+            return found
+        for child in children:
+            try:
+                tree = [child, *child.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for process in tree:
+                try:
+                    times = process.cpu_times()
+                except psutil.Error:
+                    continue
+                found[f"pid {process.pid}"] = int((times.user + times.system) * 1e9)
+        return found
