@@ -85,10 +85,12 @@ def _beat_class(module: ModuleType) -> type:
         """A beat at every batch end (training, evaluation, prediction)."""
 
         async_safe = True  # reads no logs: Keras 3 may run it on a thread of its own
-        _supports_tf_logs = True  # ParameterServerStrategy accepts only such batch callbacks
 
         def __init__(self) -> None:
             super().__init__()
+            # After the base class's __init__, which sets it False: the only batch callbacks
+            # ParameterServerStrategy accepts are those that take its logs as they come.
+            self._supports_tf_logs = True
             self.steps = 0
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:

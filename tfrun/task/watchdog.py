@@ -69,12 +69,14 @@ def progressed(beat: dict[str, Any]) -> float | None:
 
 def judged(beats: dict[int, dict[str, Any]], roles: list[str], since: float) -> dict[int, float]:
     """The ranks the watchdog judges, each with when it last made progress (a rank never
-    heard from: since ``since``). Not judged: tasks that serve or have ended, a rank whose
+    heard from: since ``since``). Not judged: tasks that serve (role ``serves``) or have ended, a rank whose
     activity is not measured, and a parameter-server evaluator while another rank still runs
     the script (it waits for the chief's checkpoints, as long as training takes)."""
     found: dict[int, float] = {}
     for rank, role in enumerate(roles):
         beat = beats.get(rank)
+        if role == "serves":
+            continue
         if beat is None:
             found[rank] = since
         elif beat.get("phase") not in NOT_JUDGED and (when := progressed(beat)) is not None:
