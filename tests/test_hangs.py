@@ -220,11 +220,22 @@ def test_keras_evaluate_and_work_after_fit_are_not_a_hang(tmp_path: Path) -> Non
 
 
 # Parameter-server training whose epochs (12 s: its chief waits 0.4 s after every batch) are far
-# longer than the hang timeout (6 s).
+# longer than the hang timeout (6 s), with an evaluator that waits for the chief's end all that
+# time without using any CPU (blocked in a read of a pipe the chief opens last).
 PS_LONG_EPOCHS = """\
-import time
+import os, time
 import numpy as np
 import tensorflow as tf
+
+pipe = os.path.join(os.environ["TFRUN_OUTPUT_DIR"], "chief-ended")
+try:
+    os.mkfifo(pipe)
+except FileExistsError:
+    pass
+if os.environ["TFRUN_ROLE"] == "evaluator":
+    open(pipe).read()
+    print("EVALUATOR DONE", flush=True)
+    raise SystemExit(0)
 
 strategy = tf.distribute.ParameterServerStrategy(tf.distribute.cluster_resolver.TFConfigClusterResolver())
 x = np.random.rand(512, 8).astype("float32")
@@ -246,18 +257,25 @@ with strategy.scope():
     model.compile(optimizer="sgd", loss="binary_crossentropy")
 model.fit(tf.keras.utils.experimental.DatasetCreator(dataset_fn), epochs=2, steps_per_epoch=30,
           callbacks=[SlowChief()], verbose=2)
+open(pipe, "w").close()
 print("PS DONE", flush=True)
 """
 
 
-def test_a_parameter_server_chief_with_long_epochs_is_not_a_hang(tmp_path: Path) -> None:
+def test_a_parameter_server_chief_with_long_epochs_and_its_evaluator_are_not_a_hang(tmp_path: Path) -> None:
     train = script(tmp_path, "ps_long.py", PS_LONG_EPOCHS)
-    result = run_tfrun(tmp_path, f"entry.script={train}", "backend=ps", "compute.tasks_per_node=4",
-                       "compute.hang_timeout_s=6", timeout=400)
+    result = run_tfrun(tmp_path, f"entry.script={train}", "backend=ps", "backend.worker_count=1",
+                       "backend.evaluator=true", "compute.tasks_per_node=4", "compute.hang_timeout_s=6", timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "PS DONE" in result.stdout
-    status = read_json(run_dir_from(result.stderr) / "status.json")
+    assert "PS DONE" in result.stdout and "EVALUATOR DONE" in result.stdout, result.stdout[-3000:]
+    run_dir = run_dir_from(result.stderr)
+    status = read_json(run_dir / "status.json")
     assert status["state"] == "COMPLETED" and not status.get("hang"), status
+    # the evaluator is the last task (chief, worker, parameter server, evaluator): said once
+    note = "rank 3: not watched for hangs, a parameter-server evaluator is not judged while training goes on"
+    assert (run_dir / "logs/rank3.log").read_text().count(note) == 1
+    shown = run_tfrun(tmp_path, "status", str(run_dir), timeout=120).stdout
+    assert f"watchdog: {note}" in shown, shown
 
 
 # --- on the local cluster's separate hosts -----------------------------------------------------

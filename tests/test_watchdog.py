@@ -74,7 +74,8 @@ def test_a_parameter_server_evaluator_is_judged_only_once_training_has_ended() -
     assert watchdog.stalled(training, roles, T, NOW, since=NOW - 4000) == []
     assert "not judged while training goes on" in watchdog.unwatched(waiting, "evaluator")
     stuck_chief = {0: beat(300, active_ago=300), 3: beat(1, active_ago=1)}
-    assert watchdog.stalled(stuck_chief, roles, T, NOW, since=NOW - 4000) == [0]  # the evaluator's work is not training's
+    # the evaluator's work is not training's
+    assert watchdog.stalled(stuck_chief, roles, T, NOW, since=NOW - 4000) == [0]
     trained = {0: beat(300, phase="ended", active_ago=300), 3: waiting}
     assert watchdog.stalled(trained, roles, T, NOW, since=NOW - 4000) == [3]
 

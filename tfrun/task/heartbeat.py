@@ -126,7 +126,10 @@ def start(run_dir: str, attempt: str, rank: int) -> None:
                 beat()
             for pid in _ignored:
                 activity.ignore(pid)
-            spent = activity.sample()
+            try:
+                spent = activity.sample()
+            except Exception:  # an unreadable /proc must not stop the heartbeat: unmeasured, said as such
+                spent = None
             if spent is None:
                 _state["active"] = None
             elif spent:

@@ -69,9 +69,10 @@ def progressed(beat: dict[str, Any]) -> float | None:
 
 def judged(beats: dict[int, dict[str, Any]], roles: list[str], since: float) -> dict[int, float]:
     """The ranks the watchdog judges, each with when it last made progress (a rank never
-    heard from: since ``since``). Not judged: tasks that serve (role ``serves``) or have ended, a rank whose
-    activity is not measured, and a parameter-server evaluator while another rank still runs
-    the script (it waits for the chief's checkpoints, as long as training takes)."""
+    heard from: since ``since``). Not judged: tasks that serve (role ``serves``) or have
+    ended, a rank whose activity is not measured, and a parameter-server evaluator while
+    another rank still runs the script (it waits for the chief's checkpoints, as long as
+    training takes)."""
     found: dict[int, float] = {}
     for rank, role in enumerate(roles):
         beat = beats.get(rank)
@@ -240,11 +241,9 @@ class Watchdog:
             self.probe.lost(now)
             lost = sorted(self.probe.silent)
         dumps = self.stacks(beats, lost)
-        # Every rank that should be progressing, not only the judged ones: a rank frozen before
-        # its heartbeat was next written still looks young.
-        suspects = [r for r in range(self.world_size)
-                    if self.roles[r] != "serves" and beats.get(r, {}).get("phase") not in NOT_JUDGED]
-        culprit = blame(suspects or late, beats, dumps, self.since)
+        # Among the judged ranks (every one of them stalled), not a task that serves or an
+        # evaluator that waits for training: their stacks are in their own code, by design.
+        culprit = blame(late, beats, dumps, self.since)
         if lost:  # a node gone from the network: its ranks are the ones that stopped
             culprit = min((r for r in range(self.world_size) if hosts.get(r) in lost), default=culprit)
         still = stalled(beats, self.roles, self.timeout_s, now, self.since)
