@@ -7,6 +7,9 @@ or its libraries start, and its child processes. A rank blocked in a read, a sle
 collective that waits for another rank, or frozen as a whole uses none of that CPU: across
 several seconds, exactly none.
 
+TensorFlow's threads count only when they work (:data:`TF_BUSY`): under MultiWorkerMirroredStrategy
+they also wake now and then for a few microseconds while every rank waits.
+
 Left out, because they run whether or not training advances: the threads of Horovod's
 background loop and of Gloo, gRPC and the other native libraries (C++ threads with no
 ``tf_`` name; Horovod's negotiates with the other ranks every few milliseconds, stuck or
@@ -20,12 +23,17 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
 import psutil
 
 TF_THREADS = "tf_"  # TensorFlow names its thread pools' threads tf_Compute, tf_data_..., ...
+# The share of one core TensorFlow's threads must use between two samples to count: their
+# bookkeeping while a collective waits (tens of microseconds every few seconds) stays far below,
+# a step or an input pipeline at work far above.
+TF_BUSY = 0.005
 OWN_THREADS = "tfrun-"
 # Python threads of the frameworks that run on a timer, training or not: (file, function).
 TIMERS = (("collective_all_reduce_strategy.py", "_check_health"),)
@@ -47,6 +55,11 @@ def cpu_ns(tid: int) -> int | None:
         return None
 
 
+def _cpu_of(tids: set[int]) -> dict[int | str, int]:
+    found = {tid: cpu_ns(tid) for tid in tids}
+    return {tid: ns for tid, ns in found.items() if ns is not None}
+
+
 def _started_in(frame: FrameType | None) -> tuple[str, str]:
     """(file, function) where a Python thread began: its outermost frame outside threading.py."""
     outer: list[tuple[str, str]] = []
@@ -66,6 +79,7 @@ class Activity:
     def __init__(self) -> None:
         self.ignored: set[int] = set()  # child processes that are tfrun's (the watchdog)
         self.last: dict[int | str, int] = {}
+        self.sampled = time.monotonic()
         self.names: dict[int, str] = {}
         self.counted: dict[int, bool] = {}  # Python thread ident -> whether its CPU counts
         self.main = threading.main_thread().native_id
@@ -83,15 +97,19 @@ class Activity:
         process started); None if this system does not say."""
         if not _TASKS.is_dir() or self.main is None:
             return None
-        now = {**self._threads(), **self._children()}
+        script, tensorflow = self._threads()
+        now = {**script, **tensorflow, **self._children()}
         if not now:
             return None
-        spent = any(value > self.last.get(key, 0) for key, value in now.items())
+        elapsed_ns = max(1.0, (time.monotonic() - self.sampled) * 1e9)
+        self.sampled = time.monotonic()
+        spent = (any(ns > self.last.get(key, 0) for key, ns in now.items() if key not in tensorflow)
+                 or sum(ns - self.last.get(key, ns) for key, ns in tensorflow.items()) >= TF_BUSY * elapsed_ns)
         self.last = now
         return spent
 
-    def _threads(self) -> dict[int | str, int]:
-        """CPU of the script's threads, by thread id."""
+    def _threads(self) -> tuple[dict[int | str, int], dict[int | str, int]]:
+        """CPU of the script's threads and of TensorFlow's, by thread id."""
         counted: set[int] = {self.main} if self.main is not None else set()
         frames = sys._current_frames()
         for thread in threading.enumerate():
@@ -100,19 +118,19 @@ class Activity:
         try:
             tids = [int(t) for t in os.listdir(_TASKS)]
         except OSError:
-            return {}
+            return {}, {}
+        tensorflow: set[int] = set()
         for tid in tids:
             if tid not in self.names:
                 try:
                     self.names[tid] = (_TASKS / str(tid) / "comm").read_text().strip()
                 except OSError:
                     self.names[tid] = ""
-            if self.names[tid].startswith(TF_THREADS):
-                counted.add(tid)
+            if self.names[tid].startswith(TF_THREADS) and tid not in counted:
+                tensorflow.add(tid)
         for gone in set(self.names) - set(tids):  # thread ids are reused
             del self.names[gone]
-        found = {tid: cpu_ns(tid) for tid in counted}
-        return {tid: ns for tid, ns in found.items() if ns is not None}
+        return _cpu_of(counted), _cpu_of(tensorflow)
 
     def _counts(self, thread: threading.Thread, frames: dict[int, FrameType]) -> bool:
         if thread is threading.main_thread():
