@@ -186,6 +186,55 @@ def test_a_script_that_reports_no_steps_is_judged_by_what_it_does(tmp_path: Path
     assert any(path.endswith("silent.py") for path, _ in stacks_in(log)), log[-3000:]
 
 
+# A MultiWorkerMirroredStrategy custom loop (strategy.run in a tf.function) that never calls
+# tfrun; at step 20 rank 1 blocks in its own code and rank 0 waits in the next step's collective.
+MWMS_TAPE = """\
+import os, time
+import numpy as np
+import tensorflow as tf
+
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+with strategy.scope():
+    w = tf.Variable(tf.random.normal([16, 2], stddev=0.1))
+    opt = tf.keras.optimizers.SGD(0.1)
+x = np.random.rand(512, 16).astype("float32")
+y = (x.sum(axis=1) > 8).astype("int64")
+batches = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(64).repeat()))
+
+@tf.function
+def train_step(batch):
+    def step(inputs):
+        xb, yb = inputs
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=xb @ w))
+        opt.apply_gradients(zip(tape.gradient(loss, [w]), [w]))
+        return loss
+    return strategy.reduce("MEAN", strategy.run(step, args=(batch,)), axis=None)
+
+for i in range(1, 1000):
+    train_step(next(batches))
+    if i == 20 and os.environ["TFRUN_RANK"] == "1":
+        with open(os.path.join(os.environ["TFRUN_OUTPUT_DIR"], "blocked-at"), "w") as f:
+            f.write(str(time.time()))
+        time.sleep(3600)  # blocked_here
+    time.sleep(0.2)
+"""
+
+
+def test_a_multiworker_loop_that_never_calls_tfrun_is_found_when_a_rank_blocks(tmp_path: Path) -> None:
+    """The waiting rank's collective and TensorFlow's own threads use no CPU to speak of: the run
+    is found within the timeout (10 s) and a little more, the blocked rank named."""
+    tape = script(tmp_path, "mwms_tape.py", MWMS_TAPE)
+    result = run_tfrun(tmp_path, f"entry.script={tape}", "backend=mwms", "compute.tasks_per_node=2",
+                       "compute.hang_timeout_s=10", timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    run_dir = run_dir_from(result.stderr)
+    status = hang_of(run_dir)
+    assert status["failed_rank"] == 1 and "since its script last used CPU" in status["reason"], status
+    blocked = float((run_dir / "outputs/blocked-at").read_text())
+    assert status["hang"]["detected"] - blocked < 10 + 10, (status["hang"], blocked)
+
+
 # Keras beyond fit's batches: a validation-less fit, a slow evaluate of its own (2 s a batch), then
 # 20 s of computing with no step at all; the hang timeout is 8 s.
 KERAS_BEYOND_FIT = """\
