@@ -83,10 +83,6 @@ class Activity:
         self.names: dict[int, str] = {}
         self.counted: dict[int, bool] = {}  # Python thread ident -> whether its CPU counts
         self.main = threading.main_thread().native_id
-        try:
-            self.process: psutil.Process | None = psutil.Process()
-        except psutil.Error:
-            self.process = None
 
     def ignore(self, pid: int) -> None:
         """Leave a child process (and its own children) out: it is tfrun's, not the script's."""
@@ -146,24 +142,44 @@ class Activity:
 
     def _children(self) -> dict[int | str, int]:
         """CPU of the child processes (their whole trees), and of those already ended."""
-        if self.process is None:
-            return {}
         found: dict[int | str, int] = {}
-        try:
-            own = self.process.cpu_times()
-            found["ended children"] = int((own.children_user + own.children_system) * 1e9)
-            children = [c for c in self.process.children() if c.pid not in self.ignored]
-        except psutil.Error:
-            return found
-        for child in children:
-            try:
-                tree = [child, *child.children(recursive=True)]
-            except psutil.Error:
-                continue
-            for process in tree:
-                try:
-                    times = process.cpu_times()
-                except psutil.Error:
-                    continue
-                found[f"pid {process.pid}"] = int((times.user + times.system) * 1e9)
+        own = process_cpu_ns(os.getpid())
+        if own is not None:
+            found["ended children"] = own[1]
+        pending = [c for c in children(os.getpid()) if c not in self.ignored]
+        while pending:
+            pid = pending.pop()
+            spent = process_cpu_ns(pid)
+            if spent is not None:
+                found[f"pid {pid}"] = sum(spent)
+                pending.extend(children(pid))
         return found
+
+
+def process_cpu_ns(pid: int) -> tuple[int, int] | None:
+    """(CPU of a process's threads, CPU of its children that ended) in ns, clock-tick precision;
+    None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        tick = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) * tick, (int(fields[13]) + int(fields[14])) * tick
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """A process's child processes: from ``/proc/PID/task/TID/children`` (cheap), else by
+    scanning every process (psutil) where the kernel does not list them."""
+    try:
+        found: list[int] = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        return found
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):
+        return []
+    try:
+        return [c.pid for c in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
