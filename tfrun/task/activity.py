@@ -7,15 +7,16 @@ or its libraries start, and its child processes. A rank blocked in a read, a sle
 collective that waits for another rank, or frozen as a whole uses none of that CPU: across
 several seconds, exactly none.
 
-TensorFlow's threads count only when they work (:data:`TF_BUSY`): under MultiWorkerMirroredStrategy
-they also wake now and then for a few microseconds while every rank waits.
+TensorFlow's threads count only when they work (:data:`TF_BUSY`): under
+MultiWorkerMirroredStrategy they also wake now and then for a few microseconds while every
+rank waits (its coordination service's heartbeats).
 
 Left out, because they run whether or not training advances: the threads of Horovod's
 background loop and of Gloo, gRPC and the other native libraries (C++ threads with no
 ``tf_`` name; Horovod's negotiates with the other ranks every few milliseconds, stuck or
 not), tfrun's own threads (``tfrun-*``: the heartbeat that samples this, the rendezvous
-server), the health check that MultiWorkerMirroredStrategy runs every 30 s, and the
-watchdog (a child process of rank 0). Measured from ``/proc`` (Linux): elsewhere
+server), the Python health check that MultiWorkerMirroredStrategy runs every 30 s where
+TensorFlow's coordination service is off, and the watchdog (a child process of rank 0). Measured from ``/proc`` (Linux): elsewhere
 :meth:`Activity.sample` answers None and the rank is not watched by its activity.
 """
 from __future__ import annotations
@@ -108,9 +109,12 @@ class Activity:
         """CPU of the script's threads and of TensorFlow's, by thread id."""
         counted: set[int] = {self.main} if self.main is not None else set()
         frames = sys._current_frames()
-        for thread in threading.enumerate():
+        threads = threading.enumerate()
+        for thread in threads:
             if thread.native_id is not None and thread.ident is not None and self._counts(thread, frames):
                 counted.add(thread.native_id)
+        alive = {t.ident for t in threads}
+        self.counted = {ident: c for ident, c in self.counted.items() if ident in alive}  # idents are reused
         try:
             tids = [int(t) for t in os.listdir(_TASKS)]
         except OSError:
@@ -136,7 +140,9 @@ class Activity:
         ident = thread.ident
         assert ident is not None
         if ident not in self.counted:
-            filename, function = _started_in(frames.get(ident))
+            if ident not in frames:  # not running yet: its start is not known
+                return True
+            filename, function = _started_in(frames[ident])
             self.counted[ident] = not any(filename.endswith(f) and function == fn for f, fn in TIMERS)
         return self.counted[ident]
 
