@@ -187,3 +187,31 @@ def test_the_probe_asks_each_slurmd_where_slurm_says_it_is() -> None:
     assert probe.unknown == {"no-such-node.invalid": "its address no-such-node.invalid does not resolve"}
     assert f"node1 ({node_addr('node1')}:{port})" in probe.describe(), probe.describe()
     assert probe.lost(time.time()) == [] and probe.lost(time.time() + 3600) == []
+
+
+def test_a_node_is_lost_only_while_another_answers() -> None:
+    """A slurmd that stays silent while another answers is lost after LOST_S; when none
+    answers (Slurm's daemons restarting, or this node cut off) no node's loss can be told."""
+    import socket
+
+    from tfrun.task import probe as probe_module
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    try:
+        answers, refuses = listening.getsockname(), closed.getsockname()
+        probe = NodeProbe([])
+        probe.targets = {"up": answers, "gone": refuses}
+        now = time.time()
+        assert probe.lost(now) == [] and probe.lost(now + probe_module.LOST_S + 1) == ["gone"]
+        probe.silent = {"gone": time.time() - probe_module.LOST_S - 1}  # silent long enough already
+        assert probe.confirm() == ["gone"]
+        probe = NodeProbe([])
+        probe.targets = {"a": refuses, "b": refuses}
+        assert probe.lost(now) == [] and probe.lost(now + 3600) == [] and probe.confirm() == []
+    finally:
+        listening.close()
+        closed.close()

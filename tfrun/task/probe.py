@@ -92,14 +92,31 @@ class NodeProbe:
         return "; ".join(part for part in (f"asking the slurmd of {probed}" if probed else "", unknown) if part)
 
     def lost(self, now: float | None = None) -> list[str]:
-        """The probed nodes whose slurmd has not answered for LOST_S."""
+        """The probed nodes whose slurmd has not answered for LOST_S while another's did. When
+        none answers (this node's own included), Slurm's daemons are restarting or this node is
+        cut off: no node's loss can be told from here."""
         now = time.time() if now is None else now
         for node, answered in self._ask(list(self.targets)).items():
             if answered:
                 self.silent.pop(node, None)
             else:
                 self.silent.setdefault(node, now)
+        if self._all_silent():
+            return []
         return sorted(n for n, since in self.silent.items() if now - since >= LOST_S)
+
+    def confirm(self) -> list[str]:
+        """The lost nodes, once a hang is found: a node that does not answer now is asked again
+        until it answers or has been silent for LOST_S (slurmds restart, on a reconfiguration or
+        an upgrade: a moment's silence is no loss)."""
+        while True:
+            lost = self.lost()
+            if self._all_silent() or set(lost) == set(self.silent):
+                return lost
+            time.sleep(1.0)
+
+    def _all_silent(self) -> bool:
+        return bool(self.targets) and len(self.silent) == len(self.targets)
 
     def _ask(self, nodes: list[str]) -> dict[str, bool]:
         """Every node at once: a silent one costs its whole timeout."""

@@ -234,12 +234,7 @@ class Watchdog:
 
     def act(self, beats: dict[int, dict[str, Any]], late: list[int], now: float) -> None:
         hosts = {r: beats.get(r, {}).get("host", "?") for r in range(self.world_size)}
-        lost: list[str] = []
-        if self.probe is not None:
-            # With a hang found, a node that does not answer now is lost (the probe asks them
-            # all at once: a silent node costs its timeout once).
-            self.probe.lost(now)
-            lost = sorted(self.probe.silent)
+        lost = self.probe.confirm() if self.probe is not None else []
         dumps = self.stacks(beats, lost)
         # Among the judged ranks (every one of them stalled), not a task that serves or an
         # evaluator that waits for training: their stacks are in their own code, by design.
