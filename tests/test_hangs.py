@@ -1,10 +1,13 @@
 """Hangs and lost nodes: a stalled rank is found, its stacks shown, named, and the run ended
-(or requeued) long before its time limit; a rank that pauses legitimately is left alone.
-Real processes, locally and as Slurm jobs on the local cluster's separate hosts."""
+(or requeued) long before its time limit; a rank that pauses legitimately, or reports no
+steps while it works, is left alone. Real processes, locally and as Slurm jobs on the local
+cluster's separate hosts."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -12,11 +15,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    alive,
+    node_address,
     popen_tfrun,
     read_json,
     run_dir_from,
     run_tfrun,
     stop,
+    text_of,
     wait_for,
 )
 
@@ -127,6 +133,200 @@ def test_a_long_validation_is_not_a_hang(tmp_path: Path) -> None:
     assert status["state"] == "COMPLETED" and not status.get("hang"), status
 
 
+# A script that never calls tfrun: it waits for a child process that computes, computes itself,
+# each for far longer than the hang timeout, then blocks in a read nobody will ever answer.
+SILENT_THEN_BLOCKED = """\
+import os, subprocess, sys, time
+
+def compute(seconds):
+    end = time.time() + seconds
+    while time.time() < end:
+        sum(i * i for i in range(10000))
+
+subprocess.run([sys.executable, "-c", "import time\\nend = time.time() + 20\\nwhile time.time() < end: pass"], check=True)
+compute(20)
+fifo = os.path.join(os.environ["TFRUN_OUTPUT_DIR"], "nobody-writes-here")
+os.mkfifo(fifo)
+with open(os.path.join(os.environ["TFRUN_OUTPUT_DIR"], "blocked-at"), "w") as f:
+    f.write(str(time.time()))
+print("reading", flush=True)
+open(fifo).read()  # blocked_here
+"""
+
+
+def kill_tasks(run_dir: Path) -> None:
+    """Whatever a run left running (a tree whose watchdog did not end it)."""
+    for record in (run_dir / "ranks").glob("*.json"):
+        pid = read_json(record).get("pid")
+        if pid and alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_script_that_reports_no_steps_is_judged_by_what_it_does(tmp_path: Path) -> None:
+    """40 s of work with no step, no output, no tfrun call (8 s timeout) is no hang; the read
+    that then blocks is one, found within the timeout and named with its stack."""
+    silent = script(tmp_path, "silent.py", SILENT_THEN_BLOCKED)
+    proc, _out, err = popen_tfrun(tmp_path, f"entry.script={silent}", "compute.hang_timeout_s=8")
+    try:
+        wait_for(lambda: list(tmp_path.glob("runs/*/outputs/blocked-at")) or proc.poll() is not None, 240,
+                 "the script to block")
+        assert proc.poll() is None, text_of(err)[-3000:]  # the work before was no hang
+        run_dir = next(tmp_path.glob("runs/*/outputs/blocked-at")).parents[1]
+        blocked = float((run_dir / "outputs/blocked-at").read_text())
+        wait_for(lambda: proc.poll() is not None, 60, "the watchdog to end the blocked run")
+    finally:
+        stop(proc)
+        for found in tmp_path.glob("runs/*/ranks"):
+            kill_tasks(found.parent)
+    status = hang_of(run_dir)
+    assert status["failed_rank"] == 0, status
+    assert "rank 0 on" in status["reason"] and "since its script last used CPU" in status["reason"], status
+    assert status["hang"]["detected"] - blocked < 8 + 15, (status["hang"], blocked)
+    log = (run_dir / "logs/rank0.log").read_text()
+    assert any(path.endswith("silent.py") for path, _ in stacks_in(log)), log[-3000:]
+
+
+# A MultiWorkerMirroredStrategy custom loop (strategy.run in a tf.function) that never calls
+# tfrun; at step 20 rank 1 blocks in its own code and rank 0 waits in the next step's collective.
+MWMS_TAPE = """\
+import os, time
+import numpy as np
+import tensorflow as tf
+
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+with strategy.scope():
+    w = tf.Variable(tf.random.normal([16, 2], stddev=0.1))
+    opt = tf.keras.optimizers.SGD(0.1)
+x = np.random.rand(512, 16).astype("float32")
+y = (x.sum(axis=1) > 8).astype("int64")
+batches = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(64).repeat()))
+
+@tf.function
+def train_step(batch):
+    def step(inputs):
+        xb, yb = inputs
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=xb @ w))
+        opt.apply_gradients(zip(tape.gradient(loss, [w]), [w]))
+        return loss
+    return strategy.reduce("MEAN", strategy.run(step, args=(batch,)), axis=None)
+
+for i in range(1, 1000):
+    train_step(next(batches))
+    if i == 20 and os.environ["TFRUN_RANK"] == "1":
+        with open(os.path.join(os.environ["TFRUN_OUTPUT_DIR"], "blocked-at"), "w") as f:
+            f.write(str(time.time()))
+        time.sleep(3600)  # blocked_here
+    time.sleep(0.2)
+"""
+
+
+def test_a_multiworker_loop_that_never_calls_tfrun_is_found_when_a_rank_blocks(tmp_path: Path) -> None:
+    """The waiting rank's collective and TensorFlow's own threads use no CPU to speak of: the run
+    is found within the timeout (10 s) and a little more, the blocked rank named."""
+    tape = script(tmp_path, "mwms_tape.py", MWMS_TAPE)
+    result = run_tfrun(tmp_path, f"entry.script={tape}", "backend=mwms", "compute.tasks_per_node=2",
+                       "compute.hang_timeout_s=10", timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    run_dir = run_dir_from(result.stderr)
+    status = hang_of(run_dir)
+    assert status["failed_rank"] == 1 and "since its script last used CPU" in status["reason"], status
+    blocked = float((run_dir / "outputs/blocked-at").read_text())
+    assert status["hang"]["detected"] - blocked < 10 + 10, (status["hang"], blocked)
+
+
+# Keras beyond fit's batches: a validation-less fit, a slow evaluate of its own (2 s a batch), then
+# 20 s of computing with no step at all; the hang timeout is 8 s.
+KERAS_BEYOND_FIT = """\
+import time
+import numpy as np
+import tensorflow as tf
+
+class SlowBatches(tf.keras.callbacks.Callback):
+    def on_test_batch_end(self, batch, logs=None):
+        time.sleep(2.0)
+
+x = np.random.rand(256, 8).astype("float32")
+y = (x.sum(axis=1) > 4).astype("float32")
+model = tf.keras.Sequential([tf.keras.Input(shape=(8,)), tf.keras.layers.Dense(1, activation="sigmoid")])
+model.compile(optimizer="sgd", loss="binary_crossentropy")
+model.fit(x, y, epochs=1, batch_size=64, verbose=2)
+model.evaluate(x[:96], y[:96], batch_size=8, callbacks=[SlowBatches()], verbose=0)
+end = time.time() + 20
+while time.time() < end:
+    np.linalg.svd(np.random.rand(200, 200))
+print("ALL DONE", flush=True)
+"""
+
+
+def test_keras_evaluate_and_work_after_fit_are_not_a_hang(tmp_path: Path) -> None:
+    beyond = script(tmp_path, "beyond.py", KERAS_BEYOND_FIT)
+    result = run_tfrun(tmp_path, f"entry.script={beyond}", "compute.hang_timeout_s=8", timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ALL DONE" in result.stdout
+    status = read_json(run_dir_from(result.stderr) / "status.json")
+    assert status["state"] == "COMPLETED" and not status.get("hang"), status
+
+
+# Parameter-server training whose epochs (12 s: its chief waits 0.4 s after every batch) are far
+# longer than the hang timeout (6 s), with an evaluator that waits for the chief's end all that
+# time without using any CPU (blocked in a read of a pipe the chief opens last).
+PS_LONG_EPOCHS = """\
+import os, time
+import numpy as np
+import tensorflow as tf
+
+pipe = os.path.join(os.environ["TFRUN_OUTPUT_DIR"], "chief-ended")
+try:
+    os.mkfifo(pipe)
+except FileExistsError:
+    pass
+if os.environ["TFRUN_ROLE"] == "evaluator":
+    open(pipe).read()
+    print("EVALUATOR DONE", flush=True)
+    raise SystemExit(0)
+
+strategy = tf.distribute.ParameterServerStrategy(tf.distribute.cluster_resolver.TFConfigClusterResolver())
+x = np.random.rand(512, 8).astype("float32")
+y = (x.sum(axis=1) > 4).astype("float32")
+
+def dataset_fn(ctx):
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat()
+
+class SlowChief(tf.keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self._supports_tf_logs = True  # what ParameterServerStrategy asks of a batch callback
+
+    def on_train_batch_end(self, batch, logs=None):
+        time.sleep(0.4)
+
+with strategy.scope():
+    model = tf.keras.Sequential([tf.keras.Input(shape=(8,)), tf.keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer="sgd", loss="binary_crossentropy")
+model.fit(tf.keras.utils.experimental.DatasetCreator(dataset_fn), epochs=2, steps_per_epoch=30,
+          callbacks=[SlowChief()], verbose=2)
+open(pipe, "w").close()
+print("PS DONE", flush=True)
+"""
+
+
+def test_a_parameter_server_chief_with_long_epochs_and_its_evaluator_are_not_a_hang(tmp_path: Path) -> None:
+    train = script(tmp_path, "ps_long.py", PS_LONG_EPOCHS)
+    result = run_tfrun(tmp_path, f"entry.script={train}", "backend=ps", "backend.worker_count=1",
+                       "backend.evaluator=true", "compute.tasks_per_node=4", "compute.hang_timeout_s=6", timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PS DONE" in result.stdout and "EVALUATOR DONE" in result.stdout, result.stdout[-3000:]
+    run_dir = run_dir_from(result.stderr)
+    status = read_json(run_dir / "status.json")
+    assert status["state"] == "COMPLETED" and not status.get("hang"), status
+    # the evaluator is the last task (chief, worker, parameter server, evaluator): said once
+    note = "rank 3: not watched for hangs, a parameter-server evaluator is not judged while training goes on"
+    assert (run_dir / "logs/rank3.log").read_text().count(note) == 1
+    shown = run_tfrun(tmp_path, "status", str(run_dir), timeout=120).stdout
+    assert f"watchdog: {note}" in shown, shown
+
+
 # --- on the local cluster's separate hosts -----------------------------------------------------
 
 @pytest.mark.slurm
@@ -224,3 +424,114 @@ def test_a_node_cut_off_mid_training_is_named_and_the_job_ends_or_resumes(tmp_pa
     assert resumed and int(resumed[-1]) == backed_up >= 1, (backed_up, log[-3000:])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r.get("epoch") is not None] == list(range(8))  # each epoch once
+
+
+# A custom loop as Horovod's TF2 examples write it (DistributedGradientTape in a tf.function) that
+# never imports tfrun: 300 steps of ~0.25 s, far past the hang timeout (20 s). With --block_rank,
+# that rank stops at step 40, blocked in its own code; the others wait in the next allreduce.
+HOROVOD_TAPE = """\
+import argparse, os, time
+import numpy as np
+import tensorflow as tf
+import horovod.tensorflow as hvd
+
+p = argparse.ArgumentParser()
+p.add_argument("--steps", type=int, default=300)
+p.add_argument("--block_rank", type=int, default=-1)
+args = p.parse_args()
+hvd.init()
+x = np.random.RandomState(hvd.rank()).rand(512, 16).astype("float32")
+y = (x.sum(axis=1) > 8).astype("int64")
+data = iter(tf.data.Dataset.from_tensor_slices((x, y)).shuffle(512).batch(32).repeat())
+w = tf.Variable(tf.random.normal([16, 2], stddev=0.1))
+opt = tf.optimizers.SGD(0.1)
+
+@tf.function
+def step(xb, yb, first):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=xb @ w))
+    tape = hvd.DistributedGradientTape(tape)
+    opt.apply_gradients(zip(tape.gradient(loss, [w]), [w]))
+    if first:
+        hvd.broadcast_variables([w], root_rank=0)
+    return loss
+
+started = time.time()
+for i in range(1, args.steps + 1):
+    loss = step(*next(data), i == 1)
+    if i == 40 and hvd.rank() == args.block_rank:
+        with open(os.path.join(os.environ["TFRUN_OUTPUT_DIR"], "blocked-at"), "w") as f:
+            f.write(str(time.time()))
+        time.sleep(3600)  # blocked_here
+    time.sleep(0.2)
+print(f"rank {hvd.rank()}: {args.steps} steps in {time.time() - started:.0f} s, loss {float(loss):.3f}", flush=True)
+"""
+TAPE_HANG_S = 20
+
+
+def slurmd_port() -> str:
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    return next(line.split("=", 1)[1].strip() for line in out.splitlines() if line.startswith("SlurmdPort "))
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("blocked", [False, True], ids=["healthy", "blocked"])
+def test_a_horovod_loop_that_never_calls_tfrun_runs_on_two_nodes_and_a_blocked_rank_is_found(
+        tmp_path: Path, blocked: bool) -> None:
+    """Healthy, it runs far past the hang timeout and completes, its nodes probed at the port
+    the cluster's slurmds listen on; with rank 1 blocked, the job ends within the timeout and a
+    little more, rank 1 on node2 named, its stack in its log."""
+    tape = script(tmp_path, "tape.py", HOROVOD_TAPE)
+    result = run_tfrun(tmp_path, "compute=slurm", "compute.nodes=2", f"entry.script={tape}", "backend=horovod",
+                       f"compute.hang_timeout_s={TAPE_HANG_S}", "compute.poll_s=1",
+                       *(["trainer.block_rank=1"] if blocked else []), timeout=600)
+    run_dir = run_dir_from(result.stderr)
+    watch_log = (run_dir / "logs/watchdog.log").read_text()
+    port = slurmd_port()
+    assert f"node1 ({node_address('node1')}:{port}), node2 ({node_address('node2')}:{port})" in watch_log, watch_log
+    if not blocked:
+        assert result.returncode == 0, result.stderr[-3000:]
+        status = read_json(run_dir / "status.json")
+        assert status["state"] == "COMPLETED" and not status.get("hang"), status
+        logs = [(run_dir / f"logs/rank{r}.log").read_text() for r in (0, 1)]
+        took = [float(t) for log in logs for t in re.findall(r"rank \d: 300 steps in (\d+) s", log)]
+        assert len(took) == 2 and min(took) > 3 * TAPE_HANG_S, took
+        return
+    assert result.returncode == 1, result.stderr[-3000:]
+    status = hang_of(run_dir)
+    assert (status["failed_rank"], status["hang"]["host"]) == (1, "node2"), status
+    assert "rank 1 on node2 made no progress since its script last used CPU" in status["reason"], status
+    assert "ranks waiting: 0 on node1" in status["reason"], status
+    blocked_at = float((run_dir / "outputs/blocked-at").read_text())
+    assert status["ended"] - blocked_at < TAPE_HANG_S + 60, (status["ended"] - blocked_at, status["hang"])
+    log = (run_dir / "logs/rank1.log").read_text()
+    assert any(path.endswith("tape.py") for path, _ in stacks_in(log)), log[-3000:]
+
+
+@pytest.mark.slurm
+def test_a_requeue_slurm_refuses_ends_the_run_as_the_hang(tmp_path: Path) -> None:
+    """The job may not be requeued (Requeue=0, set while it runs): the watchdog's requeue fails,
+    the attempt says so, and the run ends FAILED with the hang's rank and reason."""
+    stuck = script(tmp_path, "stuck.py", HOROVOD_STUCK)
+    proc, _out, err = popen_tfrun(tmp_path, "compute=slurm", "compute.nodes=2", f"entry.script={stuck}",
+                                  "backend=horovod", f"compute.hang_timeout_s={HANG_S}", "compute.requeue_on_hang=true",
+                                  "compute.poll_s=1")
+    try:
+        wait_for(lambda: "tfrun: submitted job" in text_of(err), 120, "the job to be submitted")
+        job = re.search(r"submitted job (\d+)", text_of(err)).group(1)
+        run_dir = Path(re.search(r"run dir (\S+)", text_of(err)).group(1))
+        wait_for(lambda: (read_json(run_dir / "status.json") or {}).get("state") == "RUNNING", 300, "the job to run")
+        subprocess.run(["scontrol", "update", f"JobId={job}", "Requeue=0"], check=True, timeout=30)
+        code = proc.wait(timeout=600)
+    finally:
+        stop(proc)
+    assert code == 1, text_of(err)[-3000:]
+    status = read_json(run_dir / "status.json")
+    assert status["state"] == "FAILED" and status["failed_rank"] == 1, status
+    assert status["reason"].startswith("hang: rank 1 on node2 made no progress since step 5"), status["reason"]
+    assert "not requeued: " in status["reason"] and "disabled" in status["reason"], status["reason"]
+    tried = list(read_json(run_dir / "attempts.json").values())
+    assert len(tried) == 1 and tried[0]["reason"] == "hang" and tried[0]["requeued"] is False, tried
+    assert "disabled" in tried[0]["requeue_failed"], tried
+    shown = run_tfrun(tmp_path, "status", str(run_dir), timeout=120).stdout
+    assert "not requeued:" in shown and "rank 1" in shown, shown

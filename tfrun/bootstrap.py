@@ -256,9 +256,11 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
         # The nodes this attempt runs on, as Slurm gave them (a packed point's step: its own);
         # a hang an earlier attempt reported is that attempt's.
         nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
-        rundir.update_status(run_dir, hang=None, **({"nodes": nodes} if nodes else {}))
+        rundir.update_status(run_dir, hang=None, watchdog=None, **({"nodes": nodes} if nodes else {}))
         if plan.compute.get("hang_timeout_s"):
-            watchdog.spawn(run_dir, rendezvous.attempt_key(), launcher, float(plan.compute["hang_timeout_s"]))
+            # its polling is tfrun's, not the script's activity
+            heartbeat.ignore(watchdog.spawn(run_dir, rendezvous.attempt_key(), launcher,
+                                            float(plan.compute["hang_timeout_s"])))
     # tracking=mlflow: the chief's metrics reach MLflow while it trains (a thread; never blocks).
     live = mlflow_sync.start_live(run_dir, plan.config, rendezvous.attempt_key()) if ident.rank == 0 else None
     code, error = 1, None

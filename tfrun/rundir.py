@@ -242,11 +242,18 @@ def hang_fields(run_dir: str | os.PathLike[str], state: str) -> dict[str, Any]:
     """A run's final fields when its watchdog found a hang and ended it (not requeued): FAILED,
     with the rank that stopped first as the failed rank and the watchdog's account as reason;
     else nothing."""
-    hang = read_status(run_dir).get("hang")
+    return settled_hang(read_status(run_dir).get("hang"), state)
+
+
+def settled_hang(hang: dict[str, Any] | None, state: str) -> dict[str, Any]:
+    """:func:`hang_fields` of a hang record (``status.json``'s ``hang``): a requeue Slurm
+    refused is said in the reason."""
     if not hang or hang.get("requeued") or state == "COMPLETED":
         return {}
-    return {"state": "FAILED", "failed_rank": hang["rank"], "host": hang.get("host"),
-            "reason": f"hang: {hang['reason']}"}
+    reason = f"hang: {hang['reason']}"
+    if hang.get("requeue_failed"):
+        reason += f"; not requeued: {hang['requeue_failed']}"
+    return {"state": "FAILED", "failed_rank": hang["rank"], "host": hang.get("host"), "reason": reason}
 
 
 def pruned_fields(run_dir: str | os.PathLike[str], state: str) -> dict[str, Any]:

@@ -30,5 +30,6 @@ def start_rendezvous(host: str, verbose: int = 0) -> tuple[Any, int]:
     # swallows every error, so an address that cannot be bound would end as "Unable to find
     # a port to bind to." after 64511 tries instead of the reason.
     server._httpd = RendezvousHTTPServer((host, 0), RendezvousHandler, verbose)
-    server._listen_thread = in_thread(target=server._httpd.serve_forever)
+    # Named as tfrun's: its polling is no activity of the script (tfrun.task.activity).
+    server._listen_thread = in_thread(target=server._httpd.serve_forever, name="tfrun-horovod-rendezvous")
     return server, int(server._httpd.server_address[1])

@@ -48,6 +48,8 @@ def show_run(run_dir: Path, status: dict[str, Any]) -> None:
     latest = latest_epoch(run_dir)
     if latest:
         print("  latest epoch: " + latest)
+    for note in (status.get("watchdog") or {}).get("notes", []):  # what the hang watchdog cannot watch
+        print(f"  watchdog: {note}")
     if status.get("failed_rank") is not None:
         print("  " + failure_text(str(run_dir), status).replace("\n", "\n  "))
     elif status.get("reason"):

@@ -35,7 +35,7 @@ class ComputeConfig:
     tasks_per_node: int = 1
     gpus_per_node: int = 0
     timeout_min: int = 60
-    # a rank with no progress for this long is a hang: stacks to its log, the run ended (null: off)
+    # no rank making progress (steps, or CPU) for this long is a hang: stacks to the logs, the run ended (null: off)
     hang_timeout_s: Optional[float] = None
 
 
@@ -72,7 +72,7 @@ class SlurmComputeConfig(ComputeConfig):
     pack_size: int = 1  # sweep points per Slurm job (1: one job per point)
     pack: str = "off"  # auto: pick pack_size from the sweep size and array_parallelism
     pack_slots: int = 1  # points of a pack that run side by side (the allocation is this many points wide)
-    hang_timeout_s: Optional[float] = 1800.0  # a rank with no progress for this long: the job ends (null: off)
+    hang_timeout_s: Optional[float] = 1800.0  # no rank progressing (steps, or CPU) this long: the job ends (null: off)
     requeue_on_hang: bool = False  # requeue a hung job instead (bounded by max_requeues), resuming from its backup
     wait: bool = True  # follow the job until it ends; false: print ids and return
     poll_s: float = 2.0  # seconds between batched state queries while following

@@ -1,13 +1,19 @@
 """A task's progress, where the watchdog sees it: ``heartbeats/<attempt>/<rank>.json``.
 
-Training code says it made progress with :func:`beat` (the Keras hooks do it for every
-batch of ``fit``, ``evaluate`` and ``predict`` and around backups; custom loops call
-``tfrun.heartbeat(step)``; the bootstrap marks its phases). A beat only updates a few
-fields in memory: a thread writes them to the run dir every :data:`WRITE_S` seconds when
-they changed. So a rank stuck in a collective, a read or a deadlock stops beating while
-its thread still writes (the file says *when* it last progressed), and a process frozen
-as a whole stops writing too: either way the watchdog (:mod:`tfrun.task.watchdog`) sees
-its progress grow old.
+Two signals, written by a thread of the task every :data:`WRITE_S` seconds when they changed:
+
+- steps: training code says it made progress with :func:`beat` (the Keras hooks do it for
+  every batch of ``fit``, ``evaluate`` and ``predict`` and around backups; custom loops may
+  call ``tfrun.heartbeat(step)``; the bootstrap marks its phases). While a script reports
+  steps (``stepping``: inside a Keras loop after its first batch, or once it called
+  ``tfrun.heartbeat(step)``), its steps are its progress.
+- activity: when the script last used CPU (``active``; :mod:`tfrun.task.activity`), its
+  progress while it reports no steps. None where it cannot be measured.
+
+A beat only updates a few fields in memory. So a rank stuck in a collective, a read or a
+deadlock stops beating and using CPU while the thread still writes (the file says *when* it
+last progressed), and a process frozen as a whole stops writing too: either way the
+watchdog (:mod:`tfrun.task.watchdog`) sees its progress grow old.
 """
 from __future__ import annotations
 
@@ -25,18 +31,27 @@ from tfrun import rundir
 WRITE_S = 2.0
 DIR = "heartbeats"
 
-_state: dict[str, Any] = {"step": None, "epoch": None, "phase": "started", "progressed": time.time(), "busy": None}
+_state: dict[str, Any] = {"step": None, "epoch": None, "phase": "started", "progressed": time.time(), "busy": None,
+                          "stepping": False, "active": time.time()}
 _started = threading.Event()
 _news = threading.Event()  # a new phase or the first step: written at once, not WRITE_S later
 _busy_until: list[float | None] = [None]  # when a bounded hold stops counting as progress
+_ignored: list[int] = []  # child processes that are tfrun's, not the script's
 
 
-def beat(step: int | None = None, epoch: int | None = None, phase: str | None = None) -> None:
-    """This task made progress (cheap: a few assignments)."""
+def beat(step: int | None = None, epoch: int | None = None, phase: str | None = None,
+         stepping: bool | None = None) -> None:
+    """This task made progress (cheap: a few assignments). A step also says that from now on
+    steps are this task's progress (``stepping``), unless ``stepping=False``: a step that is
+    only handed to others (a parameter-server chief's)."""
     if step is not None:
         if _state["step"] is None:
             _news.set()
         _state["step"] = step
+        stepping = True if stepping is None else stepping
+    if stepping is not None and stepping != _state["stepping"]:
+        _state["stepping"] = stepping
+        _news.set()
     if epoch is not None:
         _state["epoch"] = epoch
     if phase is not None and phase != _state["phase"]:
@@ -72,6 +87,22 @@ def release() -> None:
     beat()
 
 
+def end_steps() -> None:
+    """A loop that reported steps ended (Keras ``fit``, ``evaluate``, ``predict`` returned):
+    until the next one, the script's activity is its progress."""
+    beat(stepping=False)
+
+
+def ignore(pid: int) -> None:
+    """A child process of this task that is tfrun's (the watchdog): its CPU is not the script's."""
+    _ignored.append(pid)
+
+
+def running() -> bool:
+    """Is this task's heartbeat written (a task of a tfrun run)?"""
+    return _started.is_set()
+
+
 def path(run_dir: str | os.PathLike[str], attempt: str, rank: int) -> Path:
     """Where a rank's heartbeat is written for this attempt."""
     return Path(run_dir) / DIR / attempt / f"{rank}.json"
@@ -86,10 +117,23 @@ def start(run_dir: str, attempt: str, rank: int) -> None:
     info = {"rank": rank, "pid": os.getpid(), "host": rundir.hostname(), "hostname": socket.gethostname()}
 
     def write_forever() -> None:
+        from tfrun.task.activity import Activity  # psutil: not for `import tfrun` alone
+
+        activity = Activity()
         last: dict[str, Any] = {}
         while True:
             if _state["busy"] and (_busy_until[0] is None or time.time() < _busy_until[0]):
                 beat()
+            for pid in _ignored:
+                activity.ignore(pid)
+            try:
+                spent = activity.sample()
+            except Exception:  # an unreadable /proc must not stop the heartbeat: unmeasured, said as such
+                spent = None
+            if spent is None:
+                _state["active"] = None
+            elif spent:
+                _state["active"] = time.time()
             now = dict(_state)
             if now != last:
                 try:

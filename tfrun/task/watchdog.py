@@ -1,21 +1,28 @@
-"""The watchdog of a run's attempt: finds a rank that stopped making progress, shows where it
-is stuck, and ends the attempt (or requeues it) instead of letting it wait until the time limit.
+"""The watchdog of a run's attempt: finds a run that stopped making progress, shows where its
+ranks are stuck, and ends the attempt (or requeues it) instead of letting it wait until the
+time limit.
 
 Rank 0's bootstrap starts it as a process of its own (``python -m tfrun.task.watchdog``),
 beside the tasks: a frozen or stuck rank 0 does not freeze it. Every ``POLL_S`` it reads
-the ranks' heartbeats (:mod:`tfrun.task.heartbeat`). When a rank made no progress for
-``compute.hang_timeout_s`` (a rank that has not reached its first step yet gets
-``STARTUP_S`` at least: TensorFlow's import and a strategy's set-up are no steps), it:
+the ranks' heartbeats (:mod:`tfrun.task.heartbeat`). A rank's progress is its steps while
+it reports steps (Keras batches, ``tfrun.heartbeat(step)``), else the CPU its script uses
+(:mod:`tfrun.task.activity`): a script that reports nothing is judged by what it does, not
+by its silence. The run is hung when none of the ranks it judges made progress for
+``compute.hang_timeout_s``: a rank that waits for a slow one is not hung while that one
+works. Tasks that serve (parameter servers) are not judged, nor a parameter-server
+evaluator while training goes on (it waits for checkpoints), nor a rank whose activity
+cannot be measured (said once, in its log and in ``tfrun status``). Then it:
 
 1. asks every rank for its Python stacks, all threads (a signal the bootstrap hands to
    ``faulthandler``), and with py-spy installed also takes each rank's stacks from outside
    (native frames too, and a process frozen as a whole cannot answer a signal);
 2. names the rank that stopped first, its node, its last step and how long ago, and the
    ranks waiting, in ``status.json`` and the ranks' logs; a node that does not answer on
-   the network is named as lost;
-3. ends the attempt: kills the job step (the job fails), or with
-   ``compute.requeue_on_hang`` requeues the job (bounded by ``compute.max_requeues``),
-   which then resumes from its last backup like a preempted one. Locally: kills the tasks.
+   the network is named as lost (:mod:`tfrun.task.probe`);
+3. ends the attempt: kills the job (it fails), or with ``compute.requeue_on_hang`` requeues
+   it (bounded by ``compute.max_requeues``), which then resumes from its last backup like a
+   preempted one; a requeue Slurm refuses is recorded and the job ends as failed. Locally:
+   kills the tasks.
 """
 from __future__ import annotations
 
@@ -23,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,51 +39,83 @@ from typing import Any
 
 from tfrun import rundir
 from tfrun.task import heartbeat, identity, preempt
+from tfrun.task.probe import NodeProbe
 
 POLL_S = 1.0
-STARTUP_S = 600.0  # before a rank's first step: imports, data, a strategy's set-up
 STACKS = signal.SIGURG  # faulthandler's signal in every task (ignored by anything else)
 STACK_WAIT_S = 3.0
-SLURMD_PORT = 6818
 NODE_CHECK_S = 5.0  # across nodes: how often every node's slurmd is asked whether it is there
-NODE_LOST_S = 12.0  # a node that has not answered for this long is lost (its network or slurmd gone)
-# Frames of a rank that waits for the others (a collective, a barrier, a distributed step).
-WAITING = re.compile(r"/horovod/|collective|all_?reduce|allgather|broadcast|barrier|/distribute/|rendezvous",
-                     re.IGNORECASE)
+NOT_JUDGED = ("serving", "ended")  # phases of a task that makes no progress of its own to judge
+# Frames of a rank that waits for the others (a collective, a barrier, a distributed step, a
+# compiled TensorFlow function: the collectives of a tf.function step run inside it).
+WAITING = re.compile(r"/horovod/|collective|all_?reduce|allgather|broadcast|barrier|/distribute/|rendezvous"
+                     r"|/eager/execute\.py quick_execute", re.IGNORECASE)
 
 
 def say(message: str) -> None:
     print(f"tfrun: watchdog: {message}", file=sys.stderr, flush=True)
 
 
-def limit_for(beat: dict[str, Any], timeout_s: float) -> float:
-    """How long a rank may go without progress: a rank still starting gets STARTUP_S at least."""
-    stepping = beat.get("step") is not None or beat.get("epoch") is not None
-    return timeout_s if stepping else max(timeout_s, STARTUP_S)
+def progressed(beat: dict[str, Any]) -> float | None:
+    """When a rank last made progress: its last step (or hold) while it reports steps, else the
+    later of its last beat and the last time its script used CPU; None when that cannot be
+    known (its activity is not measured on its host)."""
+    if beat.get("stepping"):
+        return float(beat["progressed"])
+    if beat.get("active") is None:
+        return None
+    return max(float(beat["progressed"]), float(beat["active"]))
 
 
-def stalled(beats: dict[int, dict[str, Any]], world_size: int, timeout_s: float, now: float,
-            since: float) -> list[int]:
-    """The ranks whose progress is older than their limit (a rank never seen: since ``since``);
-    tasks that serve (parameter servers) or have ended do not count."""
-    found = []
-    for rank in range(world_size):
-        beat = beats.get(rank, {"progressed": since, "phase": "started"})
-        if beat.get("phase") in ("serving", "ended"):
+def judged(beats: dict[int, dict[str, Any]], roles: list[str], since: float) -> dict[int, float]:
+    """The ranks the watchdog judges, each with when it last made progress (a rank never
+    heard from: since ``since``). Not judged: tasks that serve (role ``serves``) or have
+    ended, a rank whose activity is not measured, and a parameter-server evaluator while
+    another rank still runs the script (it waits for the chief's checkpoints, as long as
+    training takes)."""
+    found: dict[int, float] = {}
+    for rank, role in enumerate(roles):
+        beat = beats.get(rank)
+        if role == "serves":
             continue
-        if now - float(beat["progressed"]) > limit_for(beat, timeout_s):
-            found.append(rank)
-    return found
+        if beat is None:
+            found[rank] = since
+        elif beat.get("phase") not in NOT_JUDGED and (when := progressed(beat)) is not None:
+            found[rank] = when
+    training = [r for r in found if roles[r] != "evaluator"]
+    return {r: t for r, t in found.items() if roles[r] != "evaluator" or not training}
+
+
+def stalled(beats: dict[int, dict[str, Any]], roles: list[str], timeout_s: float, now: float,
+            since: float) -> list[int]:
+    """The judged ranks, if none of them made progress for ``timeout_s``; else none."""
+    ranks = judged(beats, roles, since)
+    if ranks and all(now - when > timeout_s for when in ranks.values()):
+        return sorted(ranks)
+    return []
+
+
+def unwatched(beat: dict[str, Any], role: str) -> str | None:
+    """Why a rank that runs the script is not judged by the watchdog; None if it is."""
+    if role == "evaluator":
+        return ("a parameter-server evaluator is not judged while training goes on (it waits for the "
+                "chief's checkpoints); once the others have ended, by its steps or activity")
+    if beat.get("active") is None and not beat.get("stepping") and beat.get("phase") not in NOT_JUDGED:
+        return ("it reports no steps and its CPU cannot be read on this host (no /proc): call "
+                "tfrun.heartbeat(step) in its loop to have it watched")
+    return None
 
 
 def where(beat: dict[str, Any] | None) -> str:
     if not beat:
         return "before its first heartbeat"
-    if beat.get("step") is not None:
+    if beat.get("stepping") and beat.get("step") is not None:
         return f"since step {beat['step']}" + (f" (epoch {beat['epoch']})" if beat.get("epoch") is not None else "")
-    if beat.get("epoch") is not None:
-        return f"since epoch {beat['epoch']}"
-    return f"since its phase '{beat.get('phase')}'"
+    if beat.get("stepping"):
+        return f"since epoch {beat['epoch']}" if beat.get("epoch") is not None else "since its last batch"
+    if beat.get("phase") == "script running":
+        return "since its script last used CPU"
+    return f"in its phase '{beat.get('phase')}', since it last used CPU"
 
 
 def main_stack(dump: str) -> list[str] | None:
@@ -108,23 +146,18 @@ def blame(late: list[int], beats: dict[int, dict[str, Any]], dumps: dict[int, st
     return min(late, key=behind)
 
 
-def reachable(host: str, timeout_s: float = 3.0) -> bool:
-    """Does a node answer on the network (its slurmd's port, open on every Slurm node)?"""
-    try:
-        with socket.create_connection((host, SLURMD_PORT), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
 def report(beats: dict[int, dict[str, Any]], culprit: int, world_size: int, now: float, since: float,
            lost: list[str], hosts: dict[int, str], stalled_too: bool = True) -> dict[str, Any]:
     """The hang as status.json records it, with one sentence that says it all."""
     def age(rank: int) -> float:
-        return now - float(beats.get(rank, {}).get("progressed", since))
+        beat = beats.get(rank)
+        if not beat:
+            return now - since
+        when = progressed(beat)
+        return now - (float(beat["progressed"]) if when is None else when)
 
     host = hosts.get(culprit, "?")
-    waiting = [r for r in range(world_size) if r != culprit and beats.get(r, {}).get("phase") != "serving"]
+    waiting = [r for r in range(world_size) if r != culprit and beats.get(r, {}).get("phase") not in NOT_JUDGED]
     text = (f"rank {culprit} on {host} made no progress {where(beats.get(culprit))} ({age(culprit):.0f} s)"
             + ("; ranks waiting: " + ", ".join(f"{r} on {hosts.get(r, '?')} ({where(beats.get(r))}, "
                                                 f"{age(r):.0f} s)" for r in waiting) if waiting else ""))
@@ -145,12 +178,18 @@ class Watchdog:
         self.parent, self.since = parent, time.time()
         plan = rundir.Plan.load(run_dir)
         self.world_size, self.compute = len(plan.tasks), plan.compute
+        self.roles = [t.role if t.runs_script else "serves" for t in plan.tasks]
         self.job, self.step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID")
         nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
-        self.nodes = identity.expand_nodelist(nodelist) if launcher == "slurm" and nodelist else []
-        self.silent: dict[str, float] = {}  # node -> since when it has not answered
+        nodes = identity.expand_nodelist(nodelist) if launcher == "slurm" and nodelist else []
+        self.probe = NodeProbe(nodes) if len(nodes) > 1 else None
+        self.notes: dict[str, str] = {}  # what the watchdog does not watch, said once each
 
     def run(self) -> None:
+        if self.probe is not None:
+            say(f"lost-node probe: {self.probe.describe()}")
+            for node, why in self.probe.unknown.items():
+                self.note(f"node {node}", f"node {node}: not probed for loss, {why}")
         checked = 0.0
         while True:
             time.sleep(POLL_S)
@@ -158,24 +197,33 @@ class Watchdog:
                 return
             beats = heartbeat.read_all(self.run_dir, self.attempt)
             now = time.time()
-            late = stalled(beats, self.world_size, self.timeout_s, now, self.since)
-            if len(self.nodes) > 1 and now - checked >= NODE_CHECK_S:
+            self.note_unwatched(beats)
+            late = stalled(beats, self.roles, self.timeout_s, now, self.since)
+            if self.probe is not None and now - checked >= NODE_CHECK_S:
                 checked = now
-                lost = self.lost_nodes(now)
+                lost = self.probe.lost(now)
                 if lost:  # training may go on without noticing (a killed slurmd): Slurm would end it later
                     late = late or [r for r, b in beats.items() if b.get("host") in lost] or [0]
             if late:
                 self.act(beats, late, now)
                 return
 
-    def lost_nodes(self, now: float) -> list[str]:
-        """The job's nodes whose slurmd has not answered for NODE_LOST_S (every node runs one)."""
-        for node in self.nodes:
-            if reachable(node, timeout_s=2.0):
-                self.silent.pop(node, None)
-            else:
-                self.silent.setdefault(node, now)
-        return sorted(n for n, since in self.silent.items() if now - since >= NODE_LOST_S)
+    def note_unwatched(self, beats: dict[int, dict[str, Any]]) -> None:
+        """Say once, in the rank's log and in the run's status, which rank is not watched and why."""
+        for rank, beat in sorted(beats.items()):
+            why = unwatched(beat, self.roles[rank]) if self.roles[rank] != "serves" else None
+            if why:
+                self.note(f"rank {rank}", f"rank {rank}: not watched for hangs, {why}", rank)
+
+    def note(self, key: str, text: str, rank: int | None = None) -> None:
+        if key in self.notes:
+            return
+        self.notes[key] = text
+        say(text)
+        if rank is not None:
+            with open(rundir.rank_log(self.run_dir, rank), "a") as log:
+                log.write(f"tfrun: watchdog: {text}\n")
+        rundir.update_status(self.run_dir, watchdog={"attempt": self.attempt, "notes": list(self.notes.values())})
 
     def _over(self) -> bool:
         """The attempt ended (every rank recorded its end), or rank 0 is gone (run locally)."""
@@ -186,27 +234,23 @@ class Watchdog:
 
     def act(self, beats: dict[int, dict[str, Any]], late: list[int], now: float) -> None:
         hosts = {r: beats.get(r, {}).get("host", "?") for r in range(self.world_size)}
-        silent = set(self.lost_nodes(now) if self.silent else [])
-        # A node just found lost is not asked again: each probe of a silent node costs its whole
-        # timeout, and the job waits for them.
-        lost = sorted(silent | {h for h in set(hosts.values())
-                                if len(self.nodes) > 1 and h != "?" and h not in silent and not reachable(h)})
+        lost = self.probe.confirm() if self.probe is not None else []
         dumps = self.stacks(beats, lost)
-        # Every rank that should be stepping, not only the late ones: a rank frozen before its
-        # heartbeat was next written still looks young.
-        suspects = [r for r in range(self.world_size) if beats.get(r, {}).get("phase") not in ("serving", "ended")]
-        culprit = blame(suspects or late, beats, dumps, self.since)
+        # Among the judged ranks (every one of them stalled), not a task that serves or an
+        # evaluator that waits for training: their stacks are in their own code, by design.
+        culprit = blame(late, beats, dumps, self.since)
         if lost:  # a node gone from the network: its ranks are the ones that stopped
             culprit = min((r for r in range(self.world_size) if hosts.get(r) in lost), default=culprit)
-        still = stalled(beats, self.world_size, self.timeout_s, now, self.since)
+        still = stalled(beats, self.roles, self.timeout_s, now, self.since)
         record = report(beats, culprit, self.world_size, now, self.since, lost, hosts, stalled_too=bool(still))
         say(record["reason"])
         requeue = self._requeue_allowed()
+        # Recorded before the requeue: Slurm ends this process with the job's tasks once it is done.
         rundir.update_status(self.run_dir, hang={**record, "attempt": self.attempt, "requeued": requeue},
                              failed_rank=culprit, host=record["host"], reason=f"hang: {record['reason']}")
         rundir.update_attempt(self.run_dir, self.attempt, ended=time.time(), reason="hang", requeued=requeue,
                               error=record["reason"])
-        self.end(beats, requeue)
+        self.end(beats, requeue, record)
 
     def _requeue_allowed(self) -> bool:
         if self.launcher != "slurm" or not self.compute.get("requeue_on_hang"):
@@ -276,7 +320,7 @@ class Watchdog:
             return f"py-spy could not run: {exc}"
         return (out.stdout + out.stderr).strip()
 
-    def end(self, beats: dict[int, dict[str, Any]], requeue: bool) -> None:
+    def end(self, beats: dict[int, dict[str, Any]], requeue: bool, record: dict[str, Any]) -> None:
         if self.launcher != "slurm":
             for beat in beats.values():
                 try:
@@ -290,6 +334,10 @@ class Watchdog:
             if not failure:
                 return
             say(f"could not requeue job {self.job}: {failure}; ending it instead")
+            # The run then ends as a hang, with its rank and reason, not as a cancelled job.
+            rundir.update_status(self.run_dir, hang={**record, "attempt": self.attempt, "requeued": False,
+                                                     "requeue_failed": failure})
+            rundir.update_attempt(self.run_dir, self.attempt, requeued=False, requeue_failed=failure)
         say(f"ending job {self.job}")
         # The whole job: a lost node's tasks could hold its step up until Slurm marks the node down.
         subprocess.run(["scancel", str(self.job)], capture_output=True, timeout=60, check=False)
@@ -304,12 +352,12 @@ def _read_from(path: Path, offset: int) -> str:
         return ""
 
 
-def spawn(run_dir: str, attempt: str, launcher: str, timeout_s: float) -> None:
-    """Start the watchdog of this attempt beside rank 0 (from rank 0's bootstrap)."""
+def spawn(run_dir: str, attempt: str, launcher: str, timeout_s: float) -> int:
+    """Start the watchdog of this attempt beside rank 0 (from rank 0's bootstrap); its pid."""
     with open(rundir.rank_log(run_dir, 0).with_name("watchdog.log"), "ab") as log:
-        subprocess.Popen([sys.executable, "-u", "-m", "tfrun.task.watchdog", run_dir, attempt, launcher,
-                          str(timeout_s), str(os.getpid())], stdin=subprocess.DEVNULL, stdout=log,
-                         stderr=subprocess.STDOUT, start_new_session=launcher == "local")
+        return subprocess.Popen([sys.executable, "-u", "-m", "tfrun.task.watchdog", run_dir, attempt, launcher,
+                                 str(timeout_s), str(os.getpid())], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=launcher == "local").pid
 
 
 def main(argv: list[str] | None = None) -> None:

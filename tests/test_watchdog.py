@@ -1,0 +1,217 @@
+"""The watchdog's notion of progress, piece by piece: which ranks it judges and when a run is
+hung (pure logic over heartbeats), what a process's activity is (measured on real processes
+and threads), and the lost-node probe (against the local cluster's slurmds)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tfrun.task import watchdog
+from tfrun.task.probe import NodeProbe, slurmd_port
+
+T = 20.0
+NOW = 1_000_000.0
+
+
+def beat(ago: float, *, active_ago: float | None = None, stepping: bool = False, phase: str = "script running",
+         step: int | None = None) -> dict:
+    """A rank's heartbeat: its last beat ``ago`` s before NOW, its script's last CPU use
+    ``active_ago`` s before (None: not measured)."""
+    return {"progressed": NOW - ago, "active": None if active_ago is None else NOW - active_ago,
+            "stepping": stepping, "phase": phase, "step": step, "host": "n"}
+
+
+def test_a_rank_that_waits_is_not_hung_while_another_works() -> None:
+    beats = {0: beat(300, active_ago=1), 1: beat(300, active_ago=300)}
+    assert watchdog.stalled(beats, ["worker", "worker"], T, NOW, since=NOW - 400) == []
+
+
+def test_no_rank_progressing_is_a_hang() -> None:
+    beats = {0: beat(300, active_ago=30), 1: beat(300, active_ago=300)}
+    assert watchdog.stalled(beats, ["worker", "worker"], T, NOW, since=NOW - 400) == [0, 1]
+
+
+def test_a_silent_script_that_computes_is_not_hung() -> None:
+    """No beat since the script started (it never calls tfrun), but its CPU is in use."""
+    beats = {0: beat(3000, active_ago=2)}
+    assert watchdog.stalled(beats, ["worker"], T, NOW, since=NOW - 3000) == []
+
+
+def test_while_a_rank_reports_steps_its_steps_are_its_progress() -> None:
+    """A rank that reports steps and spins without one (a retry loop, a livelock) is judged by its
+    steps; once its loop ended, by its activity again."""
+    spinning = beat(60, active_ago=0, stepping=True, step=5)
+    assert watchdog.stalled({0: spinning}, ["worker"], T, NOW, since=NOW - 400) == [0]
+    assert watchdog.where(spinning) == "since step 5"
+    assert watchdog.stalled({0: {**spinning, "stepping": False}}, ["worker"], T, NOW, since=NOW - 400) == []
+
+
+def test_a_rank_never_heard_from_counts_from_the_watchdogs_start() -> None:
+    assert watchdog.stalled({0: beat(1, active_ago=1)}, ["worker", "worker"], T, NOW, since=NOW - 400) == []
+    assert watchdog.stalled({0: beat(30, active_ago=30)}, ["worker", "worker"], T, NOW, since=NOW - 400) == [0, 1]
+
+
+def test_servers_ended_ranks_and_unmeasured_ranks_are_not_judged() -> None:
+    roles = ["chief", "serves", "worker", "worker"]
+    beats = {0: beat(300, active_ago=300), 1: beat(300, active_ago=300, phase="serving"),
+             2: beat(300, active_ago=300, phase="ended"), 3: beat(300)}
+    assert watchdog.stalled(beats, roles, T, NOW, since=NOW - 400) == [0]
+    assert "cannot be read" in watchdog.unwatched(beats[3], "worker")
+    assert watchdog.unwatched(beats[0], "chief") is None
+    # nothing judged, nothing hung
+    assert watchdog.stalled({0: beat(300)}, ["worker"], T, NOW, since=NOW - 400) == []
+
+
+def test_a_parameter_server_evaluator_is_judged_only_once_training_has_ended() -> None:
+    roles = ["chief", "serves", "serves", "evaluator"]
+    waiting = beat(3000, active_ago=3000)  # between two checkpoints
+    training = {0: beat(1, active_ago=1), 3: waiting}
+    assert watchdog.stalled(training, roles, T, NOW, since=NOW - 4000) == []
+    assert "not judged while training goes on" in watchdog.unwatched(waiting, "evaluator")
+    stuck_chief = {0: beat(300, active_ago=300), 3: beat(1, active_ago=1)}
+    # the evaluator's work is not training's
+    assert watchdog.stalled(stuck_chief, roles, T, NOW, since=NOW - 4000) == [0]
+    trained = {0: beat(300, phase="ended", active_ago=300), 3: waiting}
+    assert watchdog.stalled(trained, roles, T, NOW, since=NOW - 4000) == [3]
+
+
+def test_a_refused_requeue_ends_the_run_as_the_hang() -> None:
+    from tfrun import rundir
+
+    hang = {"rank": 1, "host": "node2", "reason": "rank 1 on node2 made no progress since step 5 (12 s)",
+            "requeued": False, "requeue_failed": "Requested operation is presently disabled for job 7"}
+    fields = rundir.settled_hang(hang, "CANCELLED")
+    assert fields["state"] == "FAILED" and fields["failed_rank"] == 1, fields
+    assert fields["reason"] == ("hang: rank 1 on node2 made no progress since step 5 (12 s); not requeued: "
+                                "Requested operation is presently disabled for job 7"), fields
+    assert rundir.settled_hang({**hang, "requeued": True, "requeue_failed": None}, "CANCELLED") == {}
+
+
+# --- a process's activity, measured on real threads and processes ---------------------------------
+
+# Each case runs on the main thread for WINDOW_S, and says when its set-up is done; then a thread of
+# tfrun's samples the middle of the rest (as the heartbeat's thread does).
+ACTIVITY = textwrap.dedent("""\
+    import json, subprocess, sys, threading, time
+    from tfrun.task.activity import Activity
+
+    WINDOW_S = 1.2
+    activity = Activity()
+
+    def spin(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    def spent(case):
+        ready, found = threading.Event(), []
+        def sample():
+            ready.wait()
+            time.sleep(0.15)
+            activity.sample()
+            time.sleep(WINDOW_S - 0.5)
+            found.append(activity.sample())
+        sampler = threading.Thread(target=sample, name="tfrun-sampler")
+        sampler.start()
+        case(ready.set)
+        sampler.join()
+        return found[0]
+
+    def sleeping(ready):
+        ready()
+        time.sleep(WINDOW_S)
+
+    def computing(ready):
+        ready()
+        spin(WINDOW_S)
+
+    def in_thread(name=None):
+        def case(ready):
+            t = threading.Thread(target=spin, args=(WINDOW_S,), name=name)
+            t.start()
+            ready()
+            t.join()
+        return case
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\\nend = time.time() + 60\\nwhile time.time() < end: pass"])
+    time.sleep(0.5)
+    seen = {"a child that computes": spent(sleeping)}
+    activity.ignore(child.pid)
+    seen["an ignored child"] = spent(sleeping)
+    child.kill()
+    child.wait()
+    activity.sample()
+    seen.update({
+        "sleeping": spent(sleeping),
+        "computing": spent(computing),
+        "the script's thread": spent(in_thread()),
+        "tfrun's thread": spent(in_thread("tfrun-something")),
+    })
+    print(json.dumps(seen))
+""")
+
+
+def test_activity_is_the_cpu_of_the_script_not_of_tfrun() -> None:
+    out = subprocess.run([sys.executable, "-c", ACTIVITY], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen == {"sleeping": False, "computing": True, "tfrun's thread": False, "the script's thread": True,
+                    "a child that computes": True, "an ignored child": False}, seen
+
+
+# --- the lost-node probe, on the local cluster ----------------------------------------------------
+
+def scontrol_config(key: str) -> str:
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    return next(line.split("=", 1)[1].strip() for line in out.splitlines() if line.split("=")[0].strip() == key)
+
+
+def node_addr(node: str) -> str:
+    out = subprocess.run(["scontrol", "-o", "show", "node", node], capture_output=True, text=True, timeout=30).stdout
+    return dict(w.split("=", 1) for w in out.split() if "=" in w)["NodeAddr"]
+
+
+@pytest.mark.slurm
+def test_the_probe_asks_each_slurmd_where_slurm_says_it_is() -> None:
+    """The cluster's SlurmdPort (the local one is not Slurm's default 6818) at each NodeAddr;
+    a node whose name does not resolve is unknown, never lost."""
+    port = int(scontrol_config("SlurmdPort"))
+    assert slurmd_port() == port
+    probe = NodeProbe(["node1", "node2", "no-such-node.invalid"])
+    assert probe.targets == {"node1": (node_addr("node1"), port), "node2": (node_addr("node2"), port)}, probe.targets
+    assert probe.unknown == {"no-such-node.invalid": "its address no-such-node.invalid does not resolve"}
+    assert f"node1 ({node_addr('node1')}:{port})" in probe.describe(), probe.describe()
+    assert probe.lost(time.time()) == [] and probe.lost(time.time() + 3600) == []
+
+
+def test_a_node_is_lost_only_while_another_answers() -> None:
+    """A slurmd that stays silent while another answers is lost after LOST_S; when none
+    answers (Slurm's daemons restarting, or this node cut off) no node's loss can be told."""
+    import socket
+
+    from tfrun.task import probe as probe_module
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    try:
+        answers, refuses = listening.getsockname(), closed.getsockname()
+        probe = NodeProbe([])
+        probe.targets = {"up": answers, "gone": refuses}
+        now = time.time()
+        assert probe.lost(now) == [] and probe.lost(now + probe_module.LOST_S + 1) == ["gone"]
+        probe.silent = {"gone": time.time() - probe_module.LOST_S - 1}  # silent long enough already
+        assert probe.confirm() == ["gone"]
+        probe = NodeProbe([])
+        probe.targets = {"a": refuses, "b": refuses}
+        assert probe.lost(now) == [] and probe.lost(now + 3600) == [] and probe.confirm() == []
+    finally:
+        listening.close()
+        closed.close()
