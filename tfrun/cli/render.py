@@ -33,7 +33,11 @@ def plan_text(plan: Plan) -> str:
     for task in plan.tasks:
         lines.append(f"  task rank {task.rank}: {task.role} {task.role_index}, node {task.node_index}, "
                      f"local rank {task.local_rank}{'' if task.runs_script else ' (serves; does not run the script)'}")
-        lines.append(f"    command: {plan.request.get('srun') or shlex.join(plan.command)}")
+        if plan.request.get("pool"):
+            lines.append(f"    command: a process started from a warm slot of the pool {plan.request['pool']}, "
+                         f"running the bootstrap as: {shlex.join(plan.command)}")
+        else:
+            lines.append(f"    command: {plan.request.get('srun') or shlex.join(plan.command)}")
         lines.append(f"    argv:    {shlex.join(task.argv)}")
         if task.gpus is not None:
             lines.append(f"    CUDA_VISIBLE_DEVICES={task.gpus}")

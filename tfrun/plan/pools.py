@@ -34,6 +34,7 @@ WARM_MODES = validate.WARM_MODES
 # Modules worth importing ahead when the script imports them (seconds each); anything else
 # (the user's own modules, whose import may have effects) is imported by the item itself.
 HEAVY = ("tensorflow", "keras", "tf_keras", "numpy", "scipy", "sklearn", "pandas")
+IDLE_TIMEOUT_S = 60.0  # default: an allocation with nothing to do and no item fed ends after this
 AUTO_MIN_POINTS = 10  # compute.pack=auto: at least this many points per allocation
 # Compute keys an item may set for itself: they do not change what its slot is.
 PER_ITEM_KEYS = ("hang_timeout_s", "requeue_on_hang", "wait", "poll_s", "pack", "pack_size", "pack_slots",
@@ -124,23 +125,42 @@ def warm_env(plan: Plan) -> dict[str, str]:
     return {k: v for k, v in plan.tasks[0].env.items() if not k.startswith("TFRUN_")}
 
 
-def _shape(plan: Plan) -> dict[str, Any]:
+def _shape(compute: Mapping[str, Any], backend: str, python: list[str], setup: list[str], env: dict[str, str],
+           preload: list[str]) -> dict[str, Any]:
     """What an item's slot is made of, by the key a user sets it with."""
-    shape = {f"compute.{k}": v for k, v in plan.compute.items() if k not in PER_ITEM_KEYS}
-    if plan.target == "local":
+    shape = {f"compute.{k}": v for k, v in compute.items() if k not in PER_ITEM_KEYS}
+    if compute.get("target") == "local":
         shape.pop("compute.timeout_min", None)  # a local pool times each item itself
-    shape.update({"backend.name": plan.backend, "python": deps.python_words(plan), "deps": deps.setup_lines(plan),
-                  "warm env": warm_env(plan), "preload": preload_for(plan)})
+    shape.update({"backend.name": backend, "python": python, "deps": setup, "warm env": env, "preload": preload})
     return shape
+
+
+def plan_shape(plan: Plan) -> dict[str, Any]:
+    """The slot a plan needs."""
+    return _shape(plan.compute, plan.backend, deps.python_words(plan), deps.setup_lines(plan), warm_env(plan),
+                  preload_for(plan))
+
+
+def spec_shape(spec: PoolSpec) -> dict[str, Any]:
+    """The slots a pool has."""
+    return _shape(spec.compute, spec.backend, spec.python, spec.setup, spec.env, spec.preload)
+
+
+def _differs(have: dict[str, Any], want: dict[str, Any], who: str, than: str) -> str | None:
+    for key in sorted(set(have) | set(want)):
+        if have.get(key) != want.get(key):
+            return f"{key} is {want.get(key)!r} for {who} but {have.get(key)!r} for {than}"
+    return None
 
 
 def conflict(first: Plan, other: Plan) -> str | None:
     """Why ``other`` cannot run in a slot made for ``first`` (None if it can)."""
-    a, b = _shape(first), _shape(other)
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            return f"{key} is {b.get(key)!r} for {other.run_id} but {a.get(key)!r} for {first.run_id}"
-    return None
+    return _differs(plan_shape(first), plan_shape(other), other.run_id, first.run_id)
+
+
+def misfit(spec: PoolSpec, plan: Plan) -> str | None:
+    """Why ``plan`` cannot run in this pool's slots (None if it can)."""
+    return _differs(spec_shape(spec), plan_shape(plan), plan.run_id, "the pool's slots")
 
 
 def check_items(first: Plan, plans: Sequence[Plan], what: str) -> None:
@@ -213,7 +233,7 @@ def describe(spec: PoolSpec, pool_dir: str | os.PathLike[str]) -> list[str]:
              f"  pool dir:   {pool_dir}",
              f"  each item:  {start} (compute.warm={spec.warm}), its own run dir, status and logs",
              f"  warm:       {imports} imported ahead" + (f", with {env}" if env else ""),
-             f"  idle:       an allocation with no item for {spec.idle_timeout_s:g} s ends"]
+             f"  ends:       once its queue is closed and drained; with nothing to run for {spec.idle_timeout_s:g} s"]
     if spec.target == "slurm":
         lines.append(f"  each slot:  {shlex.join(slot_command(spec, pool_dir))}")
     else:
@@ -240,9 +260,9 @@ def sweep_pool(plans: Sequence[Plan], sweep_dir: str | os.PathLike[str]) -> Pool
     if first.target == "slurm":
         check_items(first, plans, f"compute.pack_size={first.compute.get('pack_size')}")
         allocations = pack_allocations(first.compute, len(plans))
-        return spec_for(first, allocations, int(first.compute.get("pack_slots") or 1), 0.0)
+        return spec_for(first, allocations, int(first.compute.get("pack_slots") or 1), IDLE_TIMEOUT_S)
     check_items(first, plans, "a local sweep")
-    return spec_for(first, 1, 1, 0.0)
+    return spec_for(first, 1, 1, IDLE_TIMEOUT_S)
 
 
 def pool_dir_of(sweep_dir: str | os.PathLike[str]) -> str:

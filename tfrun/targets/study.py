@@ -60,7 +60,8 @@ class Study:
     """Runs a study to ``n_trials``: :meth:`run`. ``plan_trial(number, overrides)`` composes,
     plans and writes a trial's run dir (the sweeper's Hydra composition)."""
 
-    def __init__(self, found: Settings, space: Space, plan_trial: Callable[[int, list[str]], Plan]) -> None:
+    def __init__(self, found: Settings, space: Space, plan_trial: Callable[[int, list[str]], Plan],
+                 pool: Any = None) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -80,6 +81,7 @@ class Study:
         self.launched = 0  # trials this follower started
         self.target = ""
         self.poll_s = LOCAL_POLL_S
+        self.pool = pool  # a tfrun.targets.pool.trials.TrialPool: the trials run in its slots
 
     # -- starting trials ---------------------------------------------------------------
     def _started(self) -> int:
@@ -90,6 +92,8 @@ class Study:
     def _more(self) -> bool:
         from optuna.trial import TrialState
 
+        if self.pool is not None and self.pool.stopped:  # the study was cancelled
+            return False
         if self.found.sampler == "grid":
             return bool(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         return self._started() < self.found.n_trials
@@ -127,6 +131,10 @@ class Study:
 
     def _launch(self, plan: Plan, number: int, shown: list[str]) -> None:
         self.target = plan.target
+        if self.pool is not None:  # its status is a file the pool's coordinator writes: polled often
+            self.pool.launch(plan)
+            say(f"trial {number}: {self.pool.description()}: {' '.join(shown)}")
+            return
         if plan.target == "slurm":
             from tfrun.plan import sbatch
             from tfrun.targets import slurm
@@ -171,6 +179,8 @@ class Study:
                 rundir.update_status(run_dir, state="FAILED", ended=time.time(),
                                      reason="its tuning study's follower ended while it ran locally")
             else:
+                if self.pool is not None and status.get("pool"):  # fed just before the earlier follower ended?
+                    self.pool.launch(Plan.load(run_dir))
                 say(f"trial {trial.number}: following it again ({status.get('state')})")
             live.draining = (Path(run_dir) / rundir.PRUNE_FILE).exists()
             self.live.append(live)
@@ -188,12 +198,16 @@ class Study:
                     self._start_next()
                 if not self.live:
                     break
+                if self.pool is not None:
+                    self.pool.poll()
                 self._poll()
                 if self.live:
                     time.sleep(self.poll_s)
         except KeyboardInterrupt:
             self._interrupted()
             raise
+        if self.pool is not None:
+            self.pool.close()  # every trial has ended: the pool's allocations end now
 
     def _interrupted(self) -> None:
         """Ctrl-C: Slurm trials go on (``tfrun tune resume`` follows them again); local ones
@@ -202,10 +216,14 @@ class Study:
 
         from tfrun.targets import local
 
+        if self.pool is not None:
+            self.pool.interrupted()
         for live in self.live:
-            if live.thread is not None and live.thread.is_alive():
+            in_thread = live.thread is not None and live.thread.is_alive()
+            if in_thread:
                 local.cancel_in_process(live.run_dir)
                 live.thread.join(timeout=30)
+            if in_thread or (self.pool is not None and self.target == "local"):
                 self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
                 _record(self.found.sweep_dir, live.run_dir, state=rundir.read_status(live.run_dir).get("state"))
 
@@ -352,6 +370,11 @@ def stop_request(run_dir: Path) -> None:
     import subprocess
 
     status = rundir.read_status(run_dir)
+    if status.get("pool"):  # a pool's item: its coordinator signals that item's processes only
+        from tfrun.targets.pool import Pool
+
+        Pool.open(status["pool"]).signal(run_dir, signal.SIGUSR2)
+        return
     if status.get("target") == "slurm" and status.get("job_ids"):
         subprocess.run(["scancel", "--signal=USR2", status["job_ids"][-1]], capture_output=True, timeout=60)
         return

@@ -174,9 +174,11 @@ class SlurmPool(Pool):
             for item_id in waiting:
                 self._give_up(item_id, failed, states)
             return
+        before = self.store.allocations()
         ids = self.start(min(self.spec.allocations, len(waiting)))
-        print(f"tfrun: pool: started allocation(s) {', '.join(ids)} for {len(waiting)} waiting item(s)",
-              file=sys.stderr, flush=True)
+        if before:  # (the first ones are the sweep's or the study's to announce)
+            print(f"tfrun: pool: started allocation(s) {', '.join(ids)} for {len(waiting)} waiting item(s) (the "
+                  f"earlier ones ended: {', '.join(before)})", file=sys.stderr, flush=True)
 
     def _recover(self, item: Item, state: str) -> None:
         """An item whose allocation ended (killed, not requeued) while it ran: it resumes elsewhere."""

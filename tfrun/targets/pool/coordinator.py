@@ -56,9 +56,16 @@ def describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
-def say(message: str) -> None:
-    """A line in the allocation's log."""
-    print(f"tfrun: pool: {message}", file=sys.stderr, flush=True)
+def say(message: str, log: Path | None = None) -> None:
+    """A line in the allocation's log: the batch script's output on Slurm, a file locally (where
+    stderr is the user's terminal)."""
+    line = f"tfrun: pool: {time.strftime('%H:%M:%S')} {message}\n"
+    if log is None:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        return
+    with open(log, "a") as f:
+        f.write(line)
 
 
 class Coordinator:
@@ -79,6 +86,7 @@ class Coordinator:
         self.signalled = False
         self.grace_s = float(self.spec.compute.get("stop_grace_s", 5.0))
         self.handed = 0
+        self.log = store.logs / f"{allocation}.log" if launcher == "local" else None
 
     # -- life --------------------------------------------------------------------------
     def run(self) -> str:
@@ -127,8 +135,11 @@ class Coordinator:
         # A stop that may be followed by a requeue is not an end yet (requeue_if_due says).
         self.store.write_state(self.allocation, state="stopping" if why in ("preempted", "timeout") else "ended",
                                why=why, ended=time.time(), items=self.handed)
-        say(f"allocation {self.allocation} ends: {why} ({self.handed} item(s) run)")
+        self._say(f"allocation {self.allocation} ends: {why} ({self.handed} item(s) run)")
         return why
+
+    def _say(self, message: str) -> None:
+        say(message, self.log)
 
     def request_stop(self, reason: str) -> None:
         """From the follower's thread: ``cancelled`` (items end now) or ``interrupted`` (items
@@ -143,7 +154,7 @@ class Coordinator:
             return
         limit = int(self.spec.compute.get("max_requeues", 3))
         if why == "timeout" and not preempt.may_requeue("timeout", self.restart, limit):
-            say(f"time limit reached after {self.restart} requeue(s) (compute.max_requeues): allocation "
+            self._say(f"time limit reached after {self.restart} requeue(s) (compute.max_requeues): allocation "
                 f"{self.allocation} is not requeued; its unfinished items wait in the pool's queue")
             self.store.write_state(self.allocation, state="ended")
             return
@@ -153,17 +164,17 @@ class Coordinator:
             # as for a run of its own, unless told not to or done too often.
             if found is not None and not preempt.slurm_requeues(found) and (
                     not self.spec.compute.get("requeue_on_preempt", True) or self.restart >= limit):
-                say(f"preempted: allocation {self.allocation} is not requeued (compute.requeue_on_preempt, "
+                self._say(f"preempted: allocation {self.allocation} is not requeued (compute.requeue_on_preempt, "
                     f"compute.max_requeues); its unfinished items wait in the pool's queue")
                 self.store.write_state(self.allocation, state="ended")
                 return
         failure = preempt.requeue(self.allocation)
         if failure:
-            say(f"could not requeue allocation {self.allocation}: {failure}")
+            self._say(f"could not requeue allocation {self.allocation}: {failure}")
             self.store.write_state(self.allocation, state="ended")
             return
         self.store.write_state(self.allocation, state="requeued", why=why, requeued=time.time())
-        say(f"{why}: allocation {self.allocation} requeued; its items resume from their backups")
+        self._say(f"{why}: allocation {self.allocation} requeued; its items resume from their backups")
         preempt.wait_to_be_stopped()
 
     def install_signals(self) -> None:
@@ -194,7 +205,7 @@ class Coordinator:
             slot.ready.add(int(event["rank"]))
             slot.warm_s = max(slot.warm_s, float(event.get("warm_s") or 0))
             if slot.is_ready():
-                say(f"slot {slot.index} warm in {slot.warm_s:.1f} s ({', '.join(event.get('imported') or []) or 'tfrun'})")
+                self._say(f"slot {slot.index} warm in {slot.warm_s:.1f} s ({', '.join(event.get('imported') or []) or 'tfrun'})")
         elif kind == "ended":
             run = self.running.get(str(event.get("item")))
             if run is None:
@@ -219,12 +230,12 @@ class Coordinator:
                 for rank in range(self.spec.world):
                     run.codes.setdefault(rank, -signal.SIGKILL)
                 run.outcome = run.outcome or ("release" if self.stopping else None)
-                say(f"slot {i} ended ({slot.why_ended()})")
+                self._say(f"slot {i} ended ({slot.why_ended()})")
                 self._ended(run)
             if self.restarts.get(i, 0) >= SLOT_RESTARTS:
                 continue
             self.restarts[i] = self.restarts.get(i, 0) + 1
-            say(f"slot {i}: starting it again ({slot.why_ended()})")
+            self._say(f"slot {i}: starting it again ({slot.why_ended()})")
             slot.stop(grace_s=0)
             self.slots[i] = self.make_slot(i)
             self.slots[i].start()
@@ -365,7 +376,7 @@ class Coordinator:
     def _begin_stop(self, reason: str) -> None:
         self.stopping = reason
         self.stop_deadline = time.monotonic() + (STOP_WAIT_S if reason != "cancelled" else 2 * self.grace_s + 5)
-        say(f"allocation {self.allocation} stopping: {reason}; {len(self.running)} item(s) running")
+        self._say(f"allocation {self.allocation} stopping: {reason}; {len(self.running)} item(s) running")
         for run in self.running.values():
             if reason == "cancelled":
                 run.outcome = run.outcome or "cancelled"
