@@ -139,6 +139,7 @@ def _dry_run_study(overrides: list[str], config_dir: str | None, config_name: st
     info, plan = tuning.preview(overrides, config_dir, config_name)
     pool = trials.settings(info.get("pool"), info["max_parallel"], plan.compute)
     pool_lines = trials.describe(pool, plan, info["sweep_dir"])
+    plan = trials.as_item(pool, plan, info["sweep_dir"])
     if mode == "json":
         spec = trials.spec(pool, plan).to_dict() if pool is not None else None
         print(tuning.dumps({**info, "pool": {"settings": info.get("pool"), "spec": spec, "describe": pool_lines},

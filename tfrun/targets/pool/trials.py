@@ -161,4 +161,17 @@ def describe(found: PoolSettings | None, first: Plan, sweep_dir: str) -> list[st
     if found is None:
         return ["pool: none (hydra.sweeper.pool=false): each trial is a job of its own"
                 + (" (a Slurm job)" if first.target == "slurm" else " (a local process)")]
-    return pools.describe(spec(found, first), pools.pool_dir_of(sweep_dir))
+    pool_dir = pools.pool_dir_of(sweep_dir)
+    request = pools.request(spec(found, first), pool_dir)
+    lines = list(request["describe"])
+    if "sbatch" in request:
+        lines.append("  sbatch script of each allocation (its coordinator starts the slots' steps):")
+        lines += ["    " + line for line in request["sbatch"].splitlines()]
+    return lines
+
+
+def as_item(found: PoolSettings | None, plan: Plan, sweep_dir: str) -> Plan:
+    """A trial's plan as the study runs it: in the pool (no job of its own), or as planned."""
+    from dataclasses import replace
+
+    return plan if found is None else replace(plan, request={"pool": pools.pool_dir_of(sweep_dir)})
