@@ -37,8 +37,7 @@ class ComputeConfig:
     timeout_min: int = 60
     # a rank with no progress for this long is a hang: stacks to its log, the run ended (null: off)
     hang_timeout_s: Optional[float] = None
-    # In a pool (a sweep's points, a study's trials), how a slot starts each item: fork (a fresh
-    # process from the slot's warm interpreter), spawn (a fresh interpreter started ahead), cold
+    # how a pool's slot starts each item (a sweep's point, a study's trial): fork (from the slot's warm interpreter), spawn (a fresh interpreter started ahead), cold (a new one when it comes)
     warm: str = "fork"
     preload: Any = "auto"  # what a warm interpreter imports ahead: auto (the heavy modules the script imports), or a list
 

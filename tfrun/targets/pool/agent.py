@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from tfrun import rundir
-from tfrun.plan.pools import PoolSpec
+from tfrun.plan.pools import AGENT_MODULE, PoolSpec
 
 EVENT = "tfrun-pool "  # starts every line the coordinator reads; anything else is noise
 CHILD_FLAG = "--child"
@@ -51,7 +51,7 @@ def task_rank() -> int:
     return int(os.environ.get("SLURM_PROCID") or os.environ.get("TFRUN_RANK") or 0)
 
 
-def warm_up(spec: PoolSpec) -> tuple[list[str], list[str]]:
+def warm_up(spec: PoolSpec, preload: bool = True) -> tuple[list[str], list[str]]:
     """The slot's environment, then the imports: (imported, failed). A module that cannot be
     imported is left to the item (which fails on it, with its own traceback, if it needs it)."""
     for key, value in spec.env.items():
@@ -59,7 +59,7 @@ def warm_up(spec: PoolSpec) -> tuple[list[str], list[str]]:
     import tfrun.bootstrap  # noqa: F401  (the item's first import)
 
     done, failed = [], []
-    for name in spec.preload:
+    for name in spec.preload if preload else []:
         try:
             importlib.import_module(name)
             done.append(name)
@@ -151,7 +151,7 @@ class Ahead:
             os.close(read)
             self.pid, self.pipe = pid, write
             return
-        proc = subprocess.Popen([*self.spec.python, "-u", "-m", __name__, CHILD_FLAG, self.pool_dir],
+        proc = subprocess.Popen([*self.spec.python, "-u", "-m", AGENT_MODULE, CHILD_FLAG, self.pool_dir],
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True)
         assert proc.stdin is not None
         self.pid, self.pipe = proc.pid, os.dup(proc.stdin.fileno())
@@ -161,7 +161,7 @@ class Ahead:
     def start(self, order: dict[str, Any]) -> int:
         """Hand the order to the process started ahead (or start one now): its pid."""
         if self.spec.warm == "cold":
-            proc = subprocess.Popen([*self.spec.python, "-u", "-m", __name__, CHILD_FLAG, self.pool_dir, COLD_FLAG],
+            proc = subprocess.Popen([*self.spec.python, "-u", "-m", AGENT_MODULE, CHILD_FLAG, self.pool_dir, COLD_FLAG],
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True)
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(order).encode() + b"\n")
@@ -241,7 +241,8 @@ class Agent:
         # report how they ended, until the coordinator closes its input or Slurm kills it.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         started = time.monotonic()
-        done, failed = warm_up(self.spec)
+        # Forked items share this interpreter's imports; otherwise each item's own process does them.
+        done, failed = warm_up(self.spec, preload=self.spec.warm == "fork")
         self.ahead.prepare()
         emit(ev="ready", rank=self.rank, pid=os.getpid(), host=rundir.hostname(), warm_s=time.monotonic() - started,
              imported=done, failed=failed)
