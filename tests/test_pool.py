@@ -488,3 +488,53 @@ def test_a_local_sweep_runs_its_points_warm_one_after_another(tmp_path: Path) ->
     assert "tfrun: run sweep-" in result.stderr and result.stderr.count("tfrun: sweep point ") == 4
     assert "rank 0/1 on" in result.stdout  # each point's log, shown as it ran
     assert read_json(sweep / "pool" / "pool.json")["preload"] == ["numpy"]
+
+
+# --- a busy cluster (scripts/busy-slurm) ------------------------------------------------------
+
+BUSY = Path(__file__).resolve().parents[1] / "scripts" / "busy-slurm"
+
+
+@pytest.fixture
+def busy_cpu(tmp_path: Path, name: str) -> Iterator[float]:
+    """Partition cpu made busy by another account's jobs (names of this test's own), 8 s each."""
+    env = {**__import__("os").environ, "TFRUN_SLURM_DIR": str(tmp_path / "busy-state")}
+    hold = 8.0
+    command = [str(BUSY), "start", "--partition", "cpu", "--hold-s", str(hold), "--name", f"{name}-busy-"]
+    started = subprocess.run(command, capture_output=True, text=True, timeout=200, env=env)
+    assert started.returncode == 0, started.stderr
+    try:
+        yield hold
+    finally:
+        subprocess.run([str(BUSY), "stop"], capture_output=True, timeout=120, env=env)
+        subprocess.run(["scancel", f"--name={name}-busy-node3"], capture_output=True, timeout=60)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_on_a_busy_cluster_a_study_waits_for_its_pool_once(tmp_path: Path, name: str, busy_cpu: float) -> None:
+    """Every new job waits for its turn (another account's jobs hold the node): the pool's one
+    allocation waits, then its slot takes each trial at once, without a queue wait per trial."""
+    probe = subprocess.run(["sbatch", "--parsable", "-p", "cpu", f"--job-name={name}", "--output=/dev/null",
+                            "--wrap", "true"], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    (tmp_path / "resuming.py").write_text(RESUMING)
+    result = run_tfrun(tmp_path, *TUNE, "compute=slurm", "compute.partition=cpu", f"compute.job_name={name}",
+                       "compute.poll_s=0.5", "entry.script=resuming.py", "hydra.sweeper.sampler=grid",
+                       "hydra.sweeper.max_parallel=1", "trainer.epochs=2", "trainer.q=choice(0.6,0.7,0.8)", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def waited(job: str) -> float:
+        out = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "Submit,Start", "--noconvert"],
+                             capture_output=True, text=True, timeout=60).stdout.split("|")
+        stamp = [time.mktime(time.strptime(t.strip(), "%Y-%m-%dT%H:%M:%S")) for t in out]
+        return stamp[1] - stamp[0]
+
+    accounted(probe)
+    assert waited(probe) >= busy_cpu, "the cluster was not busy"
+    sweep = sweep_dir(tmp_path)
+    job = allocations(sweep)
+    assert len(job) == 1 and waited(job[0]) >= busy_cpu  # the pool waited for its turn, once
+    runs = sorted((t["status"] for t in trials(sweep).values()), key=lambda s: s["started"])
+    assert [s["state"] for s in runs] == ["COMPLETED"] * 3
+    gaps = [later["started"] - earlier["ended"] for earlier, later in zip(runs, runs[1:])]
+    assert all(gap < 3 for gap in gaps), gaps  # each next trial at once, in the allocation already held
