@@ -61,13 +61,18 @@ log_epoch(0, {"score": float(a.i)})
 '''
 
 
-def slurm_times(job: str) -> dict[str, float]:
-    """Submit, Start, End of a job (epoch seconds) from sacct."""
-    out = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "Submit,Start,End"], capture_output=True,
-                         text=True, timeout=60).stdout.splitlines()
-    stamps = [time.mktime(time.strptime(t, "%Y-%m-%dT%H:%M:%S")) if t[:1].isdigit() else float("nan")
-              for t in out[0].split("|")] if out else [float("nan")] * 3
-    return dict(zip(("submit", "start", "end"), stamps))
+def slurm_times(job: str, timeout_s: float = 90.0) -> dict[str, float]:
+    """Submit, Start, End of a job (epoch seconds) from sacct, once accounting has its end (a
+    pool's allocation ends a moment after its study)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "Submit,Start,End"], capture_output=True,
+                             text=True, timeout=60).stdout.splitlines()
+        stamps = [time.mktime(time.strptime(t, "%Y-%m-%dT%H:%M:%S")) if t[:1].isdigit() else float("nan")
+                  for t in out[0].split("|")] if out else [float("nan")] * 3
+        if not math.isnan(stamps[2]) or time.monotonic() > deadline:
+            return dict(zip(("submit", "start", "end"), stamps))
+        time.sleep(2)
 
 
 def trial_statuses(sweep: Path) -> list[dict]:

@@ -333,7 +333,12 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == [CHILD_FLAG]:
         child_main(argv[1], COLD_FLAG in argv[2:])
         return
-    sys.exit(Agent(argv[0]).run())
+    code = Agent(argv[0]).run()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Nothing here needs the interpreter's teardown, which with TensorFlow imported takes seconds
+    # of CPU while the slot, and its allocation, are still held.
+    os._exit(code)
 
 
 if __name__ == "__main__":
