@@ -168,8 +168,11 @@ class SlurmPool(Pool):
         waiting = self.store.queued()
         if not waiting or live:
             return
+        # Allocations that ended without running anything (their slots would not start, Slurm
+        # ended them early): the pool gives up after compute.max_requeues of them. One that ran
+        # items and reached its time limit is simply followed by another.
         failed = [j for j, s in states.items() if s in rundir.FINAL_STATES
-                  and self.store.state(j).get("why") not in ("drained", "idle")]
+                  and self.store.state(j).get("why") not in ("drained", "idle") and not self.store.state(j).get("items")]
         if len(failed) > int(self.spec.compute.get("max_requeues", 3)):
             for item_id in waiting:
                 self._give_up(item_id, failed, states)
@@ -316,11 +319,13 @@ def refresh_items(items: Sequence[tuple[Path, dict[str, Any]]], info: dict[str, 
 
 
 def allocations_of(statuses: Sequence[dict[str, Any]]) -> list[str]:
-    """The allocations of the pools these items are in (for one query with the other jobs)."""
+    """The allocations of the closed pools these items are in, which :func:`refresh_items` may
+    need (for one query with the other jobs). A pool still open has a follower that asks about
+    its allocations itself, at its own pace."""
     found: list[str] = []
     for pool_dir in sorted({str(s["pool"]) for s in statuses if s.get("pool")}):
         store = PoolStore(pool_dir)
-        if store.exists():
+        if store.exists() and store.closed():
             found += store.allocations()
     return found
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from tfrun import backends, rundir
 from tfrun.model import export
+from tfrun.tracking import mlflow_sync
 from tfrun.targets.pool.slots import Slot
 from tfrun.targets.pool.store import Item, PoolStore
 from tfrun.task import preempt
@@ -80,6 +81,7 @@ class Coordinator:
         self.local_fields = dict(local_fields or {})  # local items: who runs them (for LOST detection)
         self.slots: list[Slot] = []
         self.restarts: dict[int, int] = {}
+        self.retired: set[int] = set()  # slots that kept ending
         self.running: dict[str, Running] = {}
         self.stopping: str | None = None
         self.stop_deadline = 0.0
@@ -110,6 +112,7 @@ class Coordinator:
                 if not self.stopping and (self.requested or self.store.stopped()):
                     self._begin_stop(self.requested or "cancelled")
                 if self.stopping:
+                    self._restart_slots(again=False)  # (a slot Slurm ended: its item is not coming back)
                     if not self.running or time.monotonic() > self.stop_deadline:
                         why = self.stopping
                         break
@@ -124,7 +127,7 @@ class Coordinator:
                     if time.monotonic() - idle_since > self.spec.idle_timeout_s:
                         why = "idle"
                         break
-                if not any(s.alive() for s in self.slots) and not self._restart_slots():
+                if not self._restart_slots():
                     why = "its slots could not be started"
                     break
         finally:
@@ -219,11 +222,11 @@ class Coordinator:
             if len(run.codes) == self.spec.world:
                 self._ended(run)
 
-    def _restart_slots(self) -> bool:
-        """Slots whose processes ended: their item's ranks are taken as killed; the slot starts
-        again (a few times). False when no slot is left."""
+    def _restart_slots(self, again: bool = True) -> bool:
+        """Slots whose processes ended (all they said read): their item's missing ranks are taken
+        as killed; the slot starts again (a few times). False when no slot is left."""
         for i, slot in enumerate(self.slots):
-            if slot.alive() or slot.fds():
+            if slot.alive() or slot.fds() or i in self.retired or not slot.procs:
                 continue
             run = next((r for r in self.running.values() if r.slot is slot), None)
             if run is not None:
@@ -232,14 +235,18 @@ class Coordinator:
                 run.outcome = run.outcome or ("release" if self.stopping else None)
                 self._say(f"slot {i} ended ({slot.why_ended()})")
                 self._ended(run)
+            if not again:
+                continue
             if self.restarts.get(i, 0) >= SLOT_RESTARTS:
+                self._say(f"slot {i} ended {SLOT_RESTARTS + 1} times: not started again ({slot.why_ended()})")
+                self.retired.add(i)
                 continue
             self.restarts[i] = self.restarts.get(i, 0) + 1
             self._say(f"slot {i}: starting it again ({slot.why_ended()})")
             slot.stop(grace_s=0)
             self.slots[i] = self.make_slot(i)
             self.slots[i].start()
-        return any(s.alive() or s.fds() for s in self.slots)
+        return len(self.retired) < len(self.slots)
 
     # -- items ---------------------------------------------------------------------------
     def _hand_out(self) -> None:
@@ -260,6 +267,8 @@ class Coordinator:
 
     def _start(self, slot: Slot, item: Item) -> None:
         self.handed += 1
+        if self.handed == 1:  # the allocation has run something (SlurmPool.ensure counts those that did not)
+            self.store.write_state(self.allocation, state="running", items=1)
         attempt = f"pool-{self.allocation}-{self.restart}-{item.id}"
         plan = rundir.Plan.load(item.run_dir)
         minutes = plan.compute.get("timeout_min")
@@ -351,6 +360,7 @@ class Coordinator:
     def _settle(self, item: Item, fields: dict[str, Any]) -> None:
         rundir.update_status(item.run_dir, **fields)
         self.store.finish(item)
+        mlflow_sync.sync_if_asked(item.run_dir, fields["state"])  # (a follower's job for a run of its own)
 
     def _release(self, item: Item, why: str, attempt: str | None) -> None:
         """Back in the queue: it resumes from its backup in the next slot that takes it."""
