@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tfrun import backends, rundir
-from tfrun.model import export
+from tfrun import rundir
 from tfrun.tracking import mlflow_sync
+from tfrun.targets.pool import settle
 from tfrun.targets.pool.slots import Slot
 from tfrun.targets.pool.store import Item, PoolStore
 from tfrun.task import preempt
@@ -45,16 +45,6 @@ class Running:
     codes: dict[int, int] = field(default_factory=dict)
     outcome: str | None = None  # decided before its end: cancelled, timeout, release
     kill_at: float | None = None  # SIGKILL then (after a SIGTERM)
-
-
-def describe_exit(code: int) -> str:
-    """'exit code 3' or 'killed by SIGKILL'."""
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
 def say(message: str, log: Path | None = None) -> None:
@@ -278,7 +268,7 @@ class Coordinator:
                              job_ids=[self.allocation] if self.launcher == "slurm" else [], **self.local_fields)
         env = {"TFRUN_ATTEMPT": attempt, "TFRUN_LAUNCHER": self.launcher, rundir.POOL_ENV: str(self.store.path)}
         run = Running(item, slot, attempt, now, time.monotonic() + 60 * float(minutes) if minutes else None,
-                      critical_ranks(plan))
+                      settle.critical_ranks(plan))
         self.running[item.id] = run
         slot.item = item.id
         if not slot.send({"op": "run", "item": item.id, "run_dir": item.run_dir, "env": env}):
@@ -327,35 +317,7 @@ class Coordinator:
         if run.outcome == "release" or (stopped and self.stopping in ("preempted", "timeout") and not decided):
             self._release(run.item, self.stopping or "its processes ended", attempt=run.attempt)
             return
-        self._settle(run.item, self._fields(run, stopped))
-
-    def _fields(self, run: Running, stopped: bool) -> dict[str, Any]:
-        codes, run_dir = run.codes, run.item.run_dir
-        if run.outcome == "cancelled" or (Path(run_dir) / rundir.CANCEL_FILE).exists():
-            state = "CANCELLED"
-        elif run.outcome == "timeout":
-            state = "TIMEOUT"
-        elif all(c == 0 for c in codes.values()):
-            state = "COMPLETED"
-        elif stopped and all(c in (0, preempt.EXIT_PREEMPTED) for c in codes.values()):
-            state = "STOPPED"
-        else:
-            state = "FAILED"
-        fields: dict[str, Any] = {"state": state, "ended": time.time(),
-                                  "exit_codes": {str(r): c for r, c in sorted(codes.items())}}
-        if state == "COMPLETED":
-            fields.update(export.status_fields(run_dir))
-        if state == "CANCELLED":
-            fields["reason"] = "cancelled with tfrun cancel"
-        if state == "TIMEOUT":
-            fields["reason"] = f"its time limit (compute.timeout_min) passed"
-        if state == "FAILED":
-            fields.update(_failure(run_dir, codes))
-        if state == "STOPPED":
-            fields["reason"] = "stopped on request; continue it with: tfrun resume " + run_dir
-        fields.update(rundir.hang_fields(run_dir, state))
-        fields.update(rundir.pruned_fields(run_dir, fields["state"]))
-        return fields
+        self._settle(run.item, settle.fields(run.item.run_dir, run.codes, run.outcome, stopped))
 
     def _settle(self, item: Item, fields: dict[str, Any]) -> None:
         rundir.update_status(item.run_dir, **fields)
@@ -404,22 +366,3 @@ class Coordinator:
             return
         state = preempt.scontrol_fields("job", self.allocation).get("JobState", "")
         self._begin_stop("timeout" if state == "TIMEOUT" else "cancelled")
-
-
-def critical_ranks(plan: rundir.Plan) -> set[int]:
-    """Ranks whose failure ends the item: all, unless the backend survives losing a server task."""
-    if getattr(backends.get(plan.backend), "TOLERATES_WORKER_LOSS", False):
-        return {t.rank for t in plan.tasks if t.runs_script}
-    return {t.rank for t in plan.tasks}
-
-
-def _failure(run_dir: str, codes: dict[int, int]) -> dict[str, Any]:
-    """Which rank failed first and how: its own record's account, else its exit."""
-    records = rundir.rank_records(run_dir)
-    failed = [(records.get(r, {}).get("ended") or float("inf"), r) for r, c in codes.items() if c != 0]
-    if not failed:
-        return {}
-    rank = min(failed)[1]
-    record = records.get(rank, {})
-    return {"failed_rank": rank, "host": record.get("host") or rundir.hostname(),
-            "reason": record.get("error") or describe_exit(codes[rank])}
