@@ -22,6 +22,7 @@ import argparse, os, time
 p = argparse.ArgumentParser(); p.add_argument("--i", type=int); p.add_argument("--sleep", type=float, default=0)
 a = p.parse_args()
 open(os.path.join(os.environ["TFRUN_OUTPUT_DIR"], "started"), "a").write(f"{time.time()}\\n")
+open(os.path.join(os.environ["TFRUN_OUTPUT_DIR"], "gpus"), "w").write(os.environ.get("CUDA_VISIBLE_DEVICES", "-"))
 time.sleep(a.sleep)
 if a.i == 13:
     raise SystemExit(3)
@@ -184,14 +185,17 @@ def test_dry_run_shows_the_pool(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_points_side_by_side(tmp_path: Path, name: str) -> None:
     (tmp_path / "point.py").write_text(POINT)
-    # The local nodes have 2 CPUs: 2 single-task points side by side in a 2-task allocation.
+    # The local nodes have 2 CPUs and 2 GPUs: 2 single-task points side by side in a 2-task
+    # allocation, each slot with a GPU of its own.
     result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=2", "compute.pack_slots=2",
-                       "compute.poll_s=1", f"compute.job_name={name}", "entry.script=point.py",
-                       "trainer.i=range(0,2)", "trainer.sleep=8", timeout=600)
+                       "compute.gpus_per_node=1", "compute.poll_s=1", f"compute.job_name={name}",
+                       "entry.script=point.py", "trainer.i=range(0,2)", "trainer.sleep=8", timeout=600)
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
     starts = [float((sweep / str(i) / "outputs" / "started").read_text()) for i in range(2)]
     assert abs(starts[1] - starts[0]) < 6, f"points ran one after another: {starts}"
+    gpus = sorted((sweep / str(i) / "outputs" / "gpus").read_text() for i in range(2))
+    assert gpus == ["0", "1"], gpus
     too_wide = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=4", "compute.pack_slots=4",
                          f"compute.job_name={name}", "entry.script=point.py", "trainer.i=range(0,4)")
     assert too_wide.returncode == 2 and "Slurm rejected the job" in too_wide.stderr, too_wide.stderr
@@ -268,8 +272,14 @@ def test_trials_start_fresh_in_one_warm_slot_that_survives_a_crash_and_os_exit(t
     pids, parents = [s[0] for s in seen], {s[1] for s in seen}
     assert len(set(pids)) == 4 and len(parents) == 1, seen  # four processes, one agent: the same slot
     assert seen[3][2] == "None" and seen[0][3] == "True", seen  # numpy was there, the mark was not
-    assert allocations(sweep) == [found[0]["status"]["allocation"]]  # one allocation for the study
+    job = found[0]["status"]["allocation"]
+    assert allocations(sweep) == [job]  # one allocation for the study
     assert final_tells(sweep) == {0: [1], 1: [3], 2: [3], 3: [1]}
+    # Its work done, the pool's allocation ends at once rather than holding its node.
+    accounted(job)
+    end = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "End"], capture_output=True, text=True,
+                         timeout=60).stdout.strip()
+    assert time.mktime(time.strptime(end, "%Y-%m-%dT%H:%M:%S")) - found[3]["status"]["ended"] < 10, end
 
 
 @pytest.mark.slurm
