@@ -11,6 +11,7 @@ script imports already loaded; each item then runs in a fresh process started fr
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import os
 import shlex
@@ -94,16 +95,21 @@ def is_packed(plans: Sequence[Plan]) -> bool:
 
 def script_modules(script: str | os.PathLike[str]) -> list[str]:
     """The modules of HEAVY (and their submodules) the script imports anywhere, in order."""
+    return list(_script_modules(str(script)))
+
+
+@functools.lru_cache(maxsize=64)  # every point of a sweep has the same script: read once
+def _script_modules(script: str) -> tuple[str, ...]:
     try:
         tree = ast.parse(Path(script).read_text(errors="replace"))
     except (OSError, SyntaxError, ValueError):
-        return []
+        return ()
     found: list[str] = []
     for node in ast.walk(tree):
         names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                  [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
         found += [n for n in names if n.split(".")[0] in HEAVY and n not in found]
-    return found
+    return tuple(found)
 
 
 def preload_for(plan: Plan) -> list[str]:
