@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tfrun import rundir
-from tfrun.tracking import mlflow_sync
 from tfrun.targets.pool import settle
 from tfrun.targets.pool.slots import Slot
 from tfrun.targets.pool.store import Item, PoolStore
 from tfrun.task import preempt
+from tfrun.tracking import mlflow_sync
 
 POLL_S = 0.05  # markers, time limits and the queue are looked at this often; events come at once
 STOP_WAIT_S = 90.0  # how long a stopping allocation waits for its items to back up and stop
@@ -121,8 +121,12 @@ class Coordinator:
                     why = "its slots could not be started"
                     break
         finally:
-            for run in list(self.running.values()):  # not ended in time: back in the queue
-                self._release(run.item, f"its allocation ended ({why}) while it ran", attempt=run.attempt)
+            for run in list(self.running.values()):  # not ended in time
+                if why == "cancelled":
+                    self._settle(run.item, {"state": "CANCELLED", "ended": time.time(),
+                                            "reason": "its pool was stopped while it ran"})
+                else:  # back in the queue, to resume elsewhere or in this allocation's next attempt
+                    self._release(run.item, f"its allocation ended ({why}) while it ran", attempt=run.attempt)
             for slot in self.slots:
                 slot.stop()
         # A stop that may be followed by a requeue is not an end yet (requeue_if_due says).
@@ -148,7 +152,7 @@ class Coordinator:
         limit = int(self.spec.compute.get("max_requeues", 3))
         if why == "timeout" and not preempt.may_requeue("timeout", self.restart, limit):
             self._say(f"time limit reached after {self.restart} requeue(s) (compute.max_requeues): allocation "
-                f"{self.allocation} is not requeued; its unfinished items wait in the pool's queue")
+                      f"{self.allocation} is not requeued; its unfinished items wait in the pool's queue")
             self.store.write_state(self.allocation, state="ended")
             return
         if why == "preempted":
@@ -158,7 +162,7 @@ class Coordinator:
             if found is not None and not preempt.slurm_requeues(found) and (
                     not self.spec.compute.get("requeue_on_preempt", True) or self.restart >= limit):
                 self._say(f"preempted: allocation {self.allocation} is not requeued (compute.requeue_on_preempt, "
-                    f"compute.max_requeues); its unfinished items wait in the pool's queue")
+                          f"compute.max_requeues); its unfinished items wait in the pool's queue")
                 self.store.write_state(self.allocation, state="ended")
                 return
         failure = preempt.requeue(self.allocation)
@@ -198,7 +202,8 @@ class Coordinator:
             slot.ready.add(int(event["rank"]))
             slot.warm_s = max(slot.warm_s, float(event.get("warm_s") or 0))
             if slot.is_ready():
-                self._say(f"slot {slot.index} warm in {slot.warm_s:.1f} s ({', '.join(event.get('imported') or []) or 'tfrun'})")
+                imported = ", ".join(event.get("imported") or []) or "tfrun"
+                self._say(f"slot {slot.index} warm in {slot.warm_s:.1f} s ({imported})")
         elif kind == "ended":
             run = self.running.get(str(event.get("item")))
             if run is None:
@@ -266,6 +271,7 @@ class Coordinator:
         rundir.update_status(item.run_dir, state="RUNNING", started=now, ended=None, failed_rank=None, reason=None,
                              exit_codes=None, allocation=self.allocation, slot=slot.index, attempt=attempt,
                              job_ids=[self.allocation] if self.launcher == "slurm" else [], **self.local_fields)
+        (Path(item.run_dir) / rundir.SIGNAL_FILE).unlink(missing_ok=True)  # meant for an earlier attempt
         env = {"TFRUN_ATTEMPT": attempt, "TFRUN_LAUNCHER": self.launcher, rundir.POOL_ENV: str(self.store.path)}
         run = Running(item, slot, attempt, now, time.monotonic() + 60 * float(minutes) if minutes else None,
                       settle.critical_ranks(plan))
@@ -314,7 +320,11 @@ class Coordinator:
             reason = self._why_stopping()
             if reason in ("preempted", "timeout"):
                 self._begin_stop(reason)
-        if run.outcome == "release" or (stopped and self.stopping in ("preempted", "timeout") and not decided):
+        # While the allocation stops for a preemption or its time limit, an item that did not
+        # complete runs again (one killed before its stop handler was in place included).
+        interrupted = self.stopping in ("preempted", "timeout") and not decided and \
+            any(c != 0 for c in run.codes.values())
+        if run.outcome == "release" or interrupted:
             self._release(run.item, self.stopping or "its processes ended", attempt=run.attempt)
             return
         self._settle(run.item, settle.fields(run.item.run_dir, run.codes, run.outcome, stopped))
