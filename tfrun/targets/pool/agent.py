@@ -125,6 +125,19 @@ class Ahead:
         self.spec, self.pool_dir = spec, pool_dir
         self.pid: int | None = None
         self.pipe: int | None = None  # write end: the order goes here
+        # Interpreters started with subprocess are reaped through their Popen (which may reap them
+        # itself when another is started: a bare waitpid would then find nothing).
+        self.popens: dict[int, subprocess.Popen[bytes]] = {}
+
+    def exit_code(self, pid: int, block: bool = False) -> int | None:
+        """A child's exit code once it has ended (negative: the signal), else None."""
+        proc = self.popens.get(pid)
+        if proc is None:
+            return _reap(pid, block)
+        code = proc.wait() if block else proc.poll()
+        if code is not None:
+            del self.popens[pid]
+        return code
 
     def prepare(self) -> None:
         """Start the next process now (nothing for ``cold``)."""
@@ -156,7 +169,7 @@ class Ahead:
         assert proc.stdin is not None
         self.pid, self.pipe = proc.pid, os.dup(proc.stdin.fileno())
         proc.stdin.close()
-        self._popen = proc  # kept so that Python does not warn; the agent reaps it itself
+        self.popens[proc.pid] = proc
 
     def start(self, order: dict[str, Any]) -> int:
         """Hand the order to the process started ahead (or start one now): its pid."""
@@ -166,7 +179,7 @@ class Ahead:
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(order).encode() + b"\n")
             proc.stdin.close()
-            self._popen = proc
+            self.popens[proc.pid] = proc
             return proc.pid
         for _ in range(2):
             self.prepare()
@@ -176,7 +189,7 @@ class Ahead:
                 os.write(pipe, json.dumps(order).encode() + b"\n")
                 return pid
             except BrokenPipeError:  # it died while it waited (killed from outside): another one
-                _reap(pid, block=True)
+                self.exit_code(pid, block=True)
             finally:
                 os.close(pipe)
         raise OSError("the item's process ended before it got its order, twice")
@@ -186,7 +199,7 @@ class Ahead:
         if self.pipe is not None:
             os.close(self.pipe)
         if self.pid is not None:
-            _reap(self.pid, block=True)
+            self.exit_code(self.pid, block=True)
         self.pid = self.pipe = None
 
 
@@ -296,7 +309,7 @@ class Agent:
 
     def _check_item(self) -> None:
         assert self.pid is not None
-        code = _reap(self.pid)
+        code = self.ahead.exit_code(self.pid)
         if code is None:
             return
         _kill_group(self.pid, signal.SIGKILL)  # what the item left behind in its group ends with it
