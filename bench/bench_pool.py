@@ -85,7 +85,8 @@ def trial_statuses(sweep: Path) -> list[dict]:
 
 def fixed_study(work: Path, args: argparse.Namespace, pooled: bool, name: str) -> dict:
     _, _ = tfrun(work, "-m", "hydra/sweeper=tfrun", "tfrun.objective=score", "compute=slurm",
-                 f"compute.job_name={name}", "compute.poll_s=0.5", "entry.script=item.py",
+                 f"compute.partition={args.partition}", f"compute.job_name={name}", "compute.poll_s=0.5",
+                 "entry.script=item.py",
                  "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=1", f"trainer.secs={args.secs}",
                  f"trainer.i=choice({','.join(map(str, range(args.items)))})",
                  *([] if pooled else ["hydra.sweeper.pool=false"]))
@@ -119,7 +120,7 @@ def fixed(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
 
     lines = [
         f"Fixed cost per item: {args.items} trials of {args.secs:g} s of work each, one at a time, on Slurm "
-        f"(partition debug); {args.repeats} interleaved round(s). From the hand-out (pool: its RUNNING status "
+        f"(partition {args.partition}); {args.repeats} interleaved round(s). From the hand-out (pool: its RUNNING status "
         f"written as the slot is told; job: sbatch returned) to the script's first line after `import tensorflow`.",
         "", "| | warm pool (compute.warm=fork) | a Slurm job per trial (hydra.sweeper.pool=false) |", "|---|---|---|",
         f"| **fixed cost per item, median (s)** | **{pool:.3f}** (items after each pool's first) | **{job:.2f}** |",
@@ -136,7 +137,8 @@ def fixed(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
 # --- 2. tuning: job per trial vs pool vs pool + policy ------------------------------------------
 
 def digits_common(args: argparse.Namespace, name: str) -> list[str]:
-    return ["-m", "hydra/sweeper=tfrun", "compute=slurm", f"compute.job_name={name}", "compute.poll_s=0.5",
+    return ["-m", "hydra/sweeper=tfrun", "compute=slurm", f"compute.partition={args.partition}",
+            f"compute.job_name={name}", "compute.poll_s=0.5",
             f"entry.script={DIGITS}", "tfrun.objective=val_accuracy", f"hydra.sweeper.n_trials={args.trials}",
             f"hydra.sweeper.max_parallel={args.parallel}", f"trainer.epochs={args.epochs}",
             f"trainer.lr=tag(log,interval({args.lr}))", "trainer.batch_size=choice(32,64,128)",
@@ -223,7 +225,7 @@ def busy(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
 
     found = {("pool", "idle"): run("pool", "idle"), ("job", "idle"): run("job", "idle")}
     stamp = uuid.uuid4().hex[:6]
-    subprocess.run([str(BUSY), "start", "--partition", "debug", "--hold-s", str(args.hold_s), "--name",
+    subprocess.run([str(BUSY), "start", "--partition", args.partition, "--hold-s", str(args.hold_s), "--name",
                     f"bench-busy-{stamp}-"], check=True, timeout=300)
     try:
         found[("pool", "busy")] = run("pool", "busy")
@@ -239,7 +241,8 @@ def busy(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
     met = pool_extra <= allowed
     lines = [
         f"The digits study (seed {args.seeds[0]}, {args.trials} trials of {args.epochs} epochs, {args.parallel} at once, no "
-        f"policy) on the idle cluster and on a busy one: scripts/busy-slurm keeps both debug nodes occupied by another "
+        f"policy) on the idle cluster and on a busy one: scripts/busy-slurm keeps the {args.partition} partition's nodes "
+        f"occupied by another "
         f"account's jobs of {args.hold_s:g} s, so every new job waits {args.hold_s:g}-{2 * args.hold_s:g} s for its turn.", "",
         "| study | Slurm jobs | wall s, idle | wall s, busy | busy - idle (s) | queue waits on the busy cluster (median, sum s) |",
         "|---|---|---|---|---|---|",
@@ -275,6 +278,7 @@ def main() -> None:
     parser.add_argument("--policy-args", nargs="*",
                         default=["truncation_percentage=50", "delay_evaluation=10", "evaluation_interval=10"])
     parser.add_argument("--hold-s", type=float, default=30.0, help="--busy: each occupant's hold of its node")
+    parser.add_argument("--partition", default="debug", help="where every study runs (--busy: which partition is made busy)")
     parser.add_argument("--output", default="-")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
