@@ -1,6 +1,6 @@
 """Every benchmark with one command; bench/RESULTS.md regenerated whole from what they measured.
 
-    python bench/run.py                      # every benchmark at full size (about three hours here)
+    python bench/run.py                      # every benchmark at full size (about five hours here)
     python bench/run.py --only tuning,scale  # some of them again; the others keep their last record
     python bench/run.py --quick              # small sizes (minutes): checks that the benchmarks work
     python bench/run.py --render             # RESULTS.md again from the records, measuring nothing
@@ -90,7 +90,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                              "bench_pool.py", ["--tuning"],
                              ["--tuning", "--trials", "4", "--epochs", "3", "--seeds", "0"], "issue 37, docs/guides/pools.md"),
     "pool_busy": Benchmark("warm pools: the digits study on a busy cluster, in a pool vs a job per trial", "bench_pool.py",
-                           ["--busy"], ["--busy", "--trials", "4", "--epochs", "3", "--hold-s", "10"],
+                           # (--quick makes only the cpu partition busy, for minutes: the others' jobs go on)
+                           ["--busy"], ["--busy", "--trials", "4", "--epochs", "3", "--hold-s", "10", "--partition", "cpu"],
                            "issue 37, docs/guides/pools.md"),
     "watchdog": Benchmark("what the hang watchdog costs training", "bench_watchdog.py",
                           ["--repeats", "5"], ["--repeats", "1", "--steps", "100"], "docs/guides/hangs.md"),
