@@ -228,12 +228,14 @@ def test_cancel_one_point_leaves_the_others(tmp_path: Path, name: str) -> None:
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_time_limit_reruns_only_unfinished_points(tmp_path: Path, name: str) -> None:
-    """A 1-minute allocation for 6 points of 8 s, one slot: the warning comes ~30 s in, the
-    running point stops and goes back to the queue, the allocation is requeued, and its next
-    attempt runs only the points not finished."""
+    """A 1-minute allocation for 6 points of 8 s, one slot: the warning comes ~30 s in (Slurm
+    may send it up to a minute early: max_requeues is raised so that each attempt's early
+    warning is one more requeue), the running point stops and goes back to the queue, the
+    allocation is requeued, and its next attempt runs only the points not finished."""
     (tmp_path / "point.py").write_text(POINT)
     result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=6", "compute.timeout_min=1",
-                       "compute.signal_delay_s=30", "compute.poll_s=1", f"compute.job_name={name}",
+                       "compute.signal_delay_s=30", "compute.max_requeues=10", "compute.poll_s=1",
+                       f"compute.job_name={name}",
                        "entry.script=point.py", "trainer.i=range(0,6)", "trainer.sleep=8", timeout=600)
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
@@ -247,6 +249,30 @@ def test_time_limit_reruns_only_unfinished_points(tmp_path: Path, name: str) -> 
     # One point at a time: each requeue interrupted exactly one point, which ran again; no
     # finished point ran twice.
     assert sum(runs_per_point.values()) == len(found) + requeues, (runs_per_point, requeues)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_an_allocation_out_of_requeues_is_followed_by_another(tmp_path: Path, name: str) -> None:
+    """compute.max_requeues=0: the allocation that gets the time-limit warning is not requeued;
+    the points it held go back to the queue and the follower starts another allocation for them."""
+    (tmp_path / "point.py").write_text(POINT)
+    result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=6", "compute.timeout_min=1",
+                       "compute.signal_delay_s=30", "compute.max_requeues=0", "compute.poll_s=1",
+                       f"compute.job_name={name}", "entry.script=point.py", "trainer.i=range(0,6)", "trainer.sleep=8",
+                       timeout=600)
+    assert result.returncode == 0, result.stderr
+    sweep = sweep_dir(tmp_path)
+    found = statuses(sweep)
+    assert all(s["state"] == "COMPLETED" for s in found.values()), found
+    jobs = allocations(sweep)
+    assert len(jobs) >= 2, jobs
+    first = read_json(sweep / "pool" / "allocations" / f"{jobs[0]}.json")
+    assert first["why"] == "timeout" and first["state"] == "ended", first
+    assert "pool: started allocation(s)" in result.stderr, result.stderr
+    runs = sum(len((sweep / n / "outputs" / "started").read_text().splitlines()) for n in found)
+    interrupted = sum(1 for n in found for a in read_json(sweep / n / "attempts.json").values() if a.get("requeued"))
+    assert runs == len(found) + interrupted, (runs, interrupted)  # no finished point ran again
 
 
 # --- tuning studies in a pool -----------------------------------------------------------------
