@@ -334,7 +334,7 @@ def cli_page() -> str:
              "This page is generated from tfrun's argument parsers by `docs/gen_reference.py`.", "",
              "## `tfrun [OPTIONS] [OVERRIDES]`", "",
              "Composes a run from the config groups and the overrides, plans it and runs it. "
-             "`tfrun --help` lists the groups, their options and the composed config.", "",
+             "`tfrun --help` lists the verbs, the groups and their options; `tfrun --cfg job` prints the composed config.", "",
              "| argument | meaning |", "|---|---|",
              "| `group=option` | pick a config group's option: "
              + "; ".join(f"`{g}`: {', '.join(_options(g))}" for g in GROUP_SCHEMAS) + " |",
@@ -344,7 +344,9 @@ def cli_page() -> str:
              "| `-m`, `--multirun` | a sweep: one run per combination of comma-separated values |",
              "| `--config-dir DIR`, `-cd DIR` | your project's config dir (default: `./conf` if it exists) |",
              "| `--config-name NAME`, `-cn NAME` | the root config in it (default: `config`) |",
-             "| `--cfg job`, `--info`, `--help`, `--hydra-help`, `--shell-completion` | Hydra's own flags |",
+             "| `--cfg job`, `--info`, `--hydra-help`, `--shell-completion install=bash` | Hydra's own flags |",
+             "| `--help`, `help [VERB]` | the verbs, the config groups and their options; a verb's own arguments |",
+             "| `--version` | tfrun's version |",
              "", f"Exit codes: {exit_codes}", ""]
     for name, help_text, sub in _subcommands(verbs.parser()):
         lines += [f"## `tfrun {name}`", "", help_text[:1].upper() + help_text[1:] + ".", "",
@@ -353,8 +355,10 @@ def cli_page() -> str:
         for sub_name, sub_help, subsub in _subcommands(sub):
             lines += [f"### `tfrun {name} {sub_name}`", "", sub_help[:1].upper() + sub_help[1:] + ".", "",
                       "```", _synopsis(f"tfrun {name} {sub_name}", subsub), "```", "", *_arguments(subsub), ""]
-    lines += ["A command that cannot do what it was asked prints one line, `tfrun: error: ...`, and exits 1 "
-              "(`tfrun export` also exits 1 when the export fails); a wrong argument gets the usage and exit code 2.",
+    lines += ["A command that cannot do what it was asked prints one line, `tfrun: error: ...`: it exits 2 when "
+              "the command line names something that is not there (a run id that matches no run, a path that is no "
+              "run) or a value that is not allowed, 1 when the work itself failed (`tfrun export` also exits 1 when "
+              "the export fails); a wrong argument gets the usage and exit code 2.",
               ""]
     return "\n".join(lines).rstrip() + "\n"
 

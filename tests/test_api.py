@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any, Iterator
 import pytest
 
 import tfrun
-from tests.helpers import DIGITS, REPO, alive, run_tfrun, wait_for, wait_gone
+from tests.helpers import DIGITS, REPO, alive, popen_tfrun, run_tfrun, stop, wait_for, wait_gone
 from tfrun.plan import Plan
 
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
@@ -87,6 +89,69 @@ def test_launch_without_waiting_returns_at_once(scratch: Path, quick: Path, no_e
     assert run.status() in ("PENDING", "RUNNING")
     assert run.wait(timeout_s=120, poll_s=0.5) == "COMPLETED"
     assert "quick script done" in run.logs(0)
+
+
+def _launch_in_a_thread(overrides: list[str], timeout: float = 60) -> Any:
+    """tfrun.launch(wait=False) from a thread: what it returned or raised, or a failed test if
+    it has not come back within ``timeout``."""
+    outcome: list[Any] = []
+
+    def launch() -> None:
+        try:
+            outcome.append(tfrun.launch(overrides, wait=False))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=launch, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"launch(wait=False) has not come back after {timeout} s"
+    return outcome[0]
+
+
+def test_launch_without_waiting_raises_when_the_launch_fails_before_the_run_has_a_status(
+        scratch: Path, quick: Path, no_exit: None) -> None:
+    run_dir = scratch / "runs" / "fixed"
+    run_dir.mkdir(parents=True)
+    (run_dir / "logs").write_text("a file where the run's logs dir goes")  # the launch cannot make it
+    raised = _launch_in_a_thread(["entry.script=quick.py", f"hydra.run.dir={run_dir}"])
+    assert isinstance(raised, FileExistsError), raised
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "FAILED" and "the launch failed: FileExistsError" in status["reason"], status
+    assert tfrun.Run(run_dir).wait(timeout_s=10, poll_s=0.2) == "FAILED"
+
+
+def test_launch_without_waiting_raises_and_wait_returns_when_a_task_cannot_start(
+        scratch: Path, quick: Path, no_exit: None) -> None:
+    """The run is RUNNING by then (its status written): it must not stay so with nobody to end it."""
+    raised = _launch_in_a_thread(["entry.script=quick.py", "entry.python=/nonexistent/python"])
+    assert isinstance(raised, FileNotFoundError) and "/nonexistent/python" in str(raised), raised
+    run = tfrun.Run.load(next((scratch / "runs").iterdir()).name)
+    started = time.monotonic()
+    assert run.wait(timeout_s=30, poll_s=0.2) == "FAILED"
+    assert time.monotonic() - started < 10
+    assert "the launch failed: FileNotFoundError" in run.info()["reason"]
+
+
+def test_wait_returns_lost_when_the_runs_launcher_died(scratch: Path, quick: Path) -> None:
+    """A local run whose launcher was killed (SIGKILL: it recorded no end) will not end by
+    itself: Run.wait() says LOST instead of waiting for ever."""
+    proc, _, err = popen_tfrun(scratch, "entry.script=quick.py", "trainer.sleep=300")
+    pid = None
+    try:
+        wait_for(lambda: any((scratch / "runs").glob("*/outputs/pid")) or proc.poll() is not None, 60, "the task")
+        run_dir = next((scratch / "runs").glob("*/outputs/pid")).parents[1]
+        pid = int((run_dir / "outputs/pid").read_text())
+        proc.kill()
+        proc.wait()
+        run = tfrun.Run(run_dir)
+        started = time.monotonic()
+        assert run.wait(timeout_s=30, poll_s=0.2) == "LOST", err.read_text()
+        assert time.monotonic() - started < 10 and run.status() == "LOST"
+    finally:
+        stop(proc)
+        if pid is not None and alive(pid):
+            os.kill(pid, signal.SIGKILL)  # the task, in a session of its own, outlives its launcher
 
 
 def test_cancel_a_sleeping_run(scratch: Path, quick: Path, no_exit: None) -> None:

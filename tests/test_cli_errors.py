@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,41 @@ def test_free_form_mappings_take_entries_as_typed(tmp_path: Path) -> None:
     assert "#SBATCH --nodelist=node1" in sbatch and "#SBATCH --exclusive" in sbatch, sbatch
     assert {k: v for k, v in plan["tasks"][0]["env"].items() if k in ("A", "B")} == {"A": "1", "B": "two"}
     assert plan["config"]["tfrun"]["tags"] == {"team": "vision", "stage": "dev"}
+
+
+# --- the console script's exit ---------------------------------------------------------------
+
+# tfrun's console() around a main() that, like a command using a tracking library, registers an
+# exit handler and leaves a (non-daemon) thread finishing its work, and keeps an object whose
+# __del__ only the interpreter's teardown of modules would call.
+CONSOLE = """
+import atexit, pathlib, sys, threading, time
+from tfrun.cli import main as cli
+out = pathlib.Path(sys.argv[1])
+real_main = cli.main
+
+class Teardown:
+    def __del__(self):
+        (out / "teardown").write_text("ran")
+
+def main():
+    atexit.register(lambda: (out / "handler").write_text("ran"))
+    threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").write_text("ran"))).start()
+    cli.kept_until_teardown = Teardown()
+    real_main(sys.argv[2:])
+
+cli.main = main
+cli.console()
+"""
+
+
+@pytest.mark.parametrize("argv, code", [(["runs"], 0), (["compute.nodes=abc", "--dry-run"], 2)])
+def test_the_console_exits_with_the_code_after_handlers_and_threads_but_skips_the_teardown(
+        tmp_path: Path, argv: list[str], code: int) -> None:
+    env = {**os.environ, "TFRUN_RUNS_DIR": str(tmp_path / "runs")}
+    done = subprocess.run([sys.executable, "-c", CONSOLE, str(tmp_path), *argv], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    assert (tmp_path / "handler").exists(), "an exit handler registered by the command did not run"
+    assert (tmp_path / "thread").exists(), "the process ended before a thread of the command finished"
+    assert not (tmp_path / "teardown").exists(), "the interpreter tore its modules down (~50 ms per command)"

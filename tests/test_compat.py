@@ -1,7 +1,8 @@
-"""Contracts with the private parts of Hydra, submitit and Horovod that tfrun uses.
+"""Contracts with the private parts of Hydra, OmegaConf, MLflow, submitit and Horovod that tfrun uses.
 
 Each private call lives in one compat module (``tfrun/config/hydra_compat.py``,
-``tfrun/plan/submitit_compat.py``, ``tfrun/backends/horovod_compat.py``); each test here
+``tfrun/tracking/mlflow_compat.py``, ``tfrun/plan/submitit_compat.py``,
+``tfrun/backends/horovod_compat.py``); each test here
 checks one of them against the installed library and, when it fails, says which upgrade
 changed what.
 """
@@ -9,9 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any, List
 
 import pytest
 from omegaconf import OmegaConf
@@ -64,6 +70,41 @@ def test_grid_points_come_in_the_basic_sweepers_order() -> None:
     points = hydra_compat.grid_points(_parse(["a=1,2", "b=x,y", "c=3"]))
     assert points == [["a=1", "b=x", "c=3"], ["a=1", "b=y", "c=3"], ["a=2", "b=x", "c=3"], ["a=2", "b=y", "c=3"]], \
         broke(HYDRA, "BasicSweeper.split_arguments", "hydra_compat.grid_points")
+
+
+def test_tfrun_basic_is_hydras_basic_sweeper_with_its_batch_check_replaced() -> None:
+    import dataclasses
+
+    from hydra.plugins.sweeper import Sweeper
+
+    from hydra_plugins.tfrun_launcher.tfrun_basic_sweeper import BasicSweeper, TfrunBasicSweeperConf
+
+    theirs, conf = hydra_compat.basic_sweeper()
+    assert issubclass(theirs, Sweeper) and issubclass(BasicSweeper, theirs), broke(
+        HYDRA, "where its basic sweeper lives", "hydra_compat.basic_sweeper")
+    assert "validate_batch_is_legal" in inspect.getsource(theirs.sweep), broke(
+        HYDRA, "BasicSweeper.sweep (it no longer checks each batch with validate_batch_is_legal)",
+        "hydra_compat.basic_sweeper and the tfrun_basic sweeper")
+    assert list(inspect.signature(theirs.validate_batch_is_legal).parameters) == ["self", "batch"], broke(
+        HYDRA, "BasicSweeper.validate_batch_is_legal's signature", "the tfrun_basic sweeper")
+    fields = {f.name for f in dataclasses.fields(TfrunBasicSweeperConf)}
+    assert issubclass(TfrunBasicSweeperConf, conf) and {"max_batch_size", "params"} <= fields, broke(
+        HYDRA, f"BasicSweeperConf's keys ({sorted(fields)})", "hydra_compat.basic_sweeper")
+
+
+def test_private_parts_of_dependencies_are_used_in_the_compat_modules_only() -> None:
+    """hydra._internal and omegaconf._utils in hydra_compat only, submitit's records of its
+    submissions in submitit_compat only; Optuna's private attributes (a trial's or a study's
+    id, its storage) nowhere: its storage API addresses a trial."""
+    repo = Path(__file__).resolve().parents[1]
+    hydra, submitit = {"tfrun/config/hydra_compat.py"}, {"tfrun/plan/submitit_compat.py"}
+    allowed = {"hydra._internal": hydra, "omegaconf._utils": hydra, "_submitted.pkl": submitit,
+               "._trial_id": set(), "._study_id": set(), "study._storage": set()}
+    found = []
+    for path in [*(repo / "tfrun").rglob("*.py"), *(repo / "launchers").rglob("*.py")]:
+        text, name = path.read_text(), str(path.relative_to(repo))
+        found += [f"{name}: {what}" for what, where in allowed.items() if what in text and name not in where]
+    assert not found, found
 
 
 def test_value_overrides_apply_as_hydras_loader_applies_them() -> None:
@@ -153,6 +194,54 @@ def test_omegaconfs_dumper_quotes_what_would_read_back_as_another_type(tmp_path:
     assert OmegaConf.load(tmp_path / "x.yaml") == cfg
 
 
+@dataclass
+class _Trainer:
+    lr: float = 0.1
+    layers: List[int] = field(default_factory=lambda: [1])
+    note: Any = "x"
+    maybe: Any = None
+
+
+def test_typed_keys_are_those_of_a_declared_type() -> None:
+    """points.py composes a sweep's points from values alone unless a trainer key is typed
+    (OmegaConf checks those): the keys whose node is not an AnyNode."""
+    cfg = OmegaConf.structured(_Trainer)
+    assert hydra_compat.typed_keys(cfg) == {"lr", "layers"}, broke(
+        f"omegaconf {metadata.version('omegaconf')}", "DictConfig._get_node or its node types",
+        "hydra_compat.typed_keys")
+
+
+# --- MLflow -------------------------------------------------------------------------------
+
+SYSTEM_METRICS = """
+import json, sys
+from mlflow import MlflowClient
+from tfrun.tracking import mlflow_compat
+uri = sys.argv[1]
+client = MlflowClient(uri)
+run = client.create_run(client.create_experiment("compat"))
+monitor = mlflow_compat.start_system_metrics(run.info.run_id, uri, resume=False)
+mlflow_compat.stop_system_metrics(monitor)  # at once: only the last sample it takes on stopping
+print(json.dumps(sorted(client.get_run(run.info.run_id).data.metrics)))
+"""
+
+
+def test_mlflows_system_metrics_monitor_logs_a_last_sample_for_a_run(tmp_path: Path) -> None:
+    """tracking.system_metrics=true: SystemMetricsMonitor for a run id (the client's, not the
+    fluent API's active run), and its collect/aggregate/publish for the sample taken at the end."""
+    mlflow = f"mlflow {metadata.version('mlflow')}"
+    done = subprocess.run([sys.executable, "-c", SYSTEM_METRICS, f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, broke(mlflow, f"SystemMetricsMonitor's signature or start ({done.stderr[-2000:]})",
+                                       "mlflow_compat.start_system_metrics")
+    assert "no last system metrics sample" not in done.stderr, broke(
+        mlflow, "SystemMetricsMonitor.collect_metrics/aggregate_metrics/publish_metrics",
+        "mlflow_compat.stop_system_metrics")
+    logged = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(logged), broke(
+        mlflow, f"the metrics the monitor logs ({logged})", "mlflow_compat.stop_system_metrics")
+
+
 # --- submitit ---------------------------------------------------------------------------
 
 def test_the_sbatch_script_is_the_one_submitit_writes(tmp_path: Path) -> None:
@@ -178,6 +267,16 @@ def test_submitits_job_runner_and_memory_words() -> None:
         SUBMITIT, f"the module its jobs run ({submitit_compat.SUBMIT_MODULE})", "submitit_compat.SUBMIT_MODULE")
     assert (submitit_compat.mem(2), submitit_compat.mem(1.5)) == ("2GB", "1536MB"), broke(
         SUBMITIT, "_convert_mem", "submitit_compat.mem")
+
+
+def test_what_submitit_submitted_is_found_in_its_folder(tmp_path: Path) -> None:
+    from submitit.core.utils import DelayedSubmission, JobPaths
+
+    path = JobPaths(tmp_path, job_id="123").submitted_pickle
+    DelayedSubmission(print, "/runs/sweep/3").dump(path)
+    (tmp_path / "124_submitted.pkl").write_bytes(b"half a pickle")
+    assert list(submitit_compat.submitted(tmp_path)) == [("123", ("/runs/sweep/3",))], broke(
+        SUBMITIT, f"the record of a submission ({path.name}, DelayedSubmission.args)", "submitit_compat.submitted")
 
 
 def test_sacct_output_is_read_per_job_and_array_element() -> None:
@@ -215,3 +314,23 @@ def test_the_rendezvous_server_is_horovods_on_the_address_given() -> None:
         server._httpd.server_close()
     assert not server._listen_thread.is_alive(), broke(
         horovod_version, "RendezvousServer.stop", "horovod_compat.start_rendezvous")
+
+
+def test_a_composition_builds_only_the_schemas_it_loads(scratch: Path) -> None:
+    """tfrun's schemas reach Hydra through the ``tfrun-schema://`` config source, which builds a
+    schema only when composition loads it: a run builds the root's and one per group."""
+    from tfrun.config import store
+
+    store._built.cache_clear()
+    cfg = compose.compose_config(["compute=slurm", "backend=horovod"])
+    assert cfg.compute.partition is None and cfg.backend.name == "horovod"
+    built = store._built.cache_info().currsize
+    assert built == 1 + len(store.GROUP_SCHEMAS) < len(store.SCHEMAS), broke(
+        HYDRA, f"the config source plugin API ({built} of {len(store.SCHEMAS)} schemas built)",
+        "launchers/hydra_plugins/tfrun_launcher/tfrun_schemas.py")
+    with compose.session():
+        from hydra.core.global_hydra import GlobalHydra
+
+        path = [(e.provider, e.path) for e in GlobalHydra.instance().config_loader().get_search_path().get_path()]
+    assert ("tfrun", "tfrun-schema://tfrun.config.schema") in path, broke(
+        HYDRA, f"the search path plugin API ({path})", "tfrun_schemas.TfrunSchemaSearchPath")

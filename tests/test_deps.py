@@ -19,10 +19,11 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import pytest
 
 import tfrun
-from tests.helpers import read_json, run_dir_from, run_tfrun, scratch_env, tfrun_command
+from tests.helpers import read_json, run_dir_from, run_tfrun, scratch_env, stop, tfrun_command, wait_for
 from tfrun import deps
 from tfrun.cli import render
 from tfrun.config.compose import normalize_overrides
@@ -206,8 +207,9 @@ def env_run(tmp_path: Path, cache: Path, *args: str, timeout: float = BUILD_TIME
 
 
 def cache_entries(cache: Path) -> list[str]:
-    """What is in the cache besides its lock files: finished envs and any build leftovers."""
-    return sorted(p.name for p in cache.iterdir() if p.name != ".locks") if cache.exists() else []
+    """What is in the cache besides its lock files and its records of the runs that use an
+    environment: finished envs and any build leftovers."""
+    return sorted(p.name for p in cache.iterdir() if p.name not in (".locks", ".users")) if cache.exists() else []
 
 
 @pytest.mark.slow
@@ -413,6 +415,54 @@ def test_env_list_and_prune(tmp_path: Path) -> None:
     assert cache_entries(cache) == []
 
 
+# A script that holds its environment until told to end: `go` in its run dir.
+HOLDS = f"""
+import os, pathlib, time, {PACKAGE}
+run_dir = pathlib.Path(os.environ["TFRUN_RUN_DIR"])
+(run_dir / "started").touch()
+deadline = time.time() + 240
+while not (run_dir / "go").exists() and time.time() < deadline:
+    time.sleep(0.2)
+print("IMPORTED", "{PACKAGE}", flush=True)
+"""
+
+
+def _kept_in_use(cache: Path, tmp_path: Path, env: Path, run_dir: Path) -> None:
+    pruned = env_run(tmp_path, cache, "env", "prune", "--all", timeout=120)
+    assert pruned.returncode == 0, pruned.stderr
+    assert (f"tfrun: kept {env.name} ({run_dir.name}): a run that uses it is queued, running or requeued"
+            in pruned.stdout), pruned.stdout
+    assert "removed 0, kept 1" in pruned.stdout and env_cache.is_complete(env)
+
+
+@pytest.mark.slow
+def test_prune_keeps_an_environment_a_running_local_run_uses(tmp_path: Path) -> None:
+    """--all keeps it while the run runs, and while a task of it outlives its killed
+    launcher; then it goes."""
+    cache = tmp_path / "cache"
+    (tmp_path / "holds.py").write_text(HOLDS)
+    proc = subprocess.Popen([*tfrun_command(), "entry.script=holds.py", "deps=pip", f"deps.pip_packages=[{PACKAGE}]"],
+                            cwd=tmp_path, env=scratch_env(tmp_path, TFRUN_ENV_CACHE=str(cache)),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any((tmp_path / "runs").glob("*/started")) or proc.poll() is not None, BUILD_TIMEOUT,
+                 "the run to start")
+        run_dir = next((tmp_path / "runs").glob("*/started")).parent
+        env = Path(read_json(run_dir / "plan.json")["deps"]["path"])
+        _kept_in_use(cache, tmp_path, env, run_dir)
+        proc.kill()  # the launcher dies; its task (a session of its own) goes on
+        proc.wait()
+        _kept_in_use(cache, tmp_path, env, run_dir)
+        (run_dir / "go").touch()
+        task = read_json(run_dir / "ranks" / "0.json")["pid"]
+        wait_for(lambda: not psutil.pid_exists(task), 60, "the task to end")
+    finally:
+        stop(proc)
+    pruned = env_run(tmp_path, cache, "env", "prune", "--all", timeout=120)
+    assert f"tfrun: removed {env.name}" in pruned.stdout and not env.exists(), pruned.stdout
+    assert not (cache / ".users" / env.name).exists()
+
+
 # --- Slurm ----------------------------------------------------------------------------
 
 def job_names_in_queue(name: str) -> list[str]:
@@ -478,3 +528,33 @@ def test_pip_slurm_with_a_missing_package_submits_nothing(tmp_path: Path, job_na
     assert "submitted job" not in result.stderr
     assert job_names_in_queue(job_name) == [] and jobs_ever_submitted(job_name) == []
     assert cache_entries(cache) == []
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_prune_never_removes_an_environment_a_queued_or_running_job_uses(tmp_path: Path, job_name: str) -> None:
+    """A held job (queued), then released (running): --all keeps its environment; once the
+    job has ended, --all removes it."""
+    cache = tmp_path / "cache"
+    (tmp_path / "holds.py").write_text(HOLDS)
+    submitted = env_run(tmp_path, cache, "entry.script=holds.py", "deps=pip", f"deps.pip_packages=[{PACKAGE}]",
+                        "compute=slurm", f"compute.job_name={job_name}", "compute.wait=false",
+                        "compute.additional_parameters={hold:true}")
+    assert submitted.returncode == 0, submitted.stderr
+    run_dir = run_dir_from(submitted.stderr)
+    env = Path(read_json(run_dir / "plan.json")["deps"]["path"])
+    job = read_json(run_dir / "status.json")["job_ids"][-1]
+    assert job_names_in_queue(job_name) == [job]
+    _kept_in_use(cache, tmp_path, env, run_dir)  # queued
+
+    subprocess.run(["scontrol", "release", job], check=True, capture_output=True, timeout=60)
+    wait_for(lambda: (run_dir / "started").exists(), JOB_TIMEOUT, "the job to start")
+    _kept_in_use(cache, tmp_path, env, run_dir)  # running
+
+    (run_dir / "go").touch()
+    wait_for(lambda: "COMPLETED" in run_tfrun(tmp_path, "status", str(run_dir), timeout=60).stdout, JOB_TIMEOUT,
+             "the job to complete")
+    assert f"IMPORTED {PACKAGE}" in (run_dir / "logs" / "rank0.log").read_text()
+    pruned = env_run(tmp_path, cache, "env", "prune", "--all", timeout=120)
+    assert f"tfrun: removed {env.name}" in pruned.stdout and "removed 1, kept 0" in pruned.stdout, pruned.stdout
+    assert not env.exists()

@@ -429,6 +429,18 @@ def test_serve_answers_what_http_server_refuses_in_json(tiny_servers: dict[str, 
     assert _exchange(tiny_servers["float32"], request_line + b"\r\n\r\n") == (code, {"error": error})
 
 
+def test_serve_logs_control_characters_escaped(tiny_servers: dict[str, int],
+                                                capfd: pytest.CaptureFixture[str]) -> None:
+    """A request line is the client's text: escape sequences in it must not reach the terminal
+    that shows the log (http.server's own log escapes them as \\xNN; so must tfrun serve's)."""
+    code, _ = _exchange(tiny_servers["float32"], b"GET /\x1b[2J\x1b]0;owned\x07\\x1b HTTP/1.1\r\n\r\n")
+    assert code == 404
+    log = capfd.readouterr().err
+    line = next(ln for ln in log.splitlines() if "owned" in ln)
+    assert line.startswith("tfrun serve: 127.0.0.1 ") and "\x1b" not in line and "\x07" not in line, repr(line)
+    assert '"GET /\\x1b[2J\\x1b]0;owned\\x07\\\\x1b HTTP/1.1" 404' in line, line
+
+
 @pytest.mark.parametrize("length", ["-1", "abc", "1_0", "+2", "2, 3"])
 def test_serve_refuses_a_content_length_that_is_not_a_number_of_bytes(tiny_servers: dict[str, int],
                                                                       length: str) -> None:

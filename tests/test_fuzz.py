@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import run_tfrun
+from tfrun.cli.verbs import BY_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ override = st.one_of(
     st.sampled_from(sorted(GROUPS)).flatmap(lambda g: st.sampled_from(GROUPS[g]).map(lambda o: f"{g}={o}")),
     text,
 )
-VERBS = ["status", "logs", "cancel", "runs", "resume", "plot", "export", "serve", "env"]
+VERBS = list(BY_NAME)  # every verb, from the one registry
 verb_args = st.lists(st.one_of(text, st.sampled_from(["--rank", "-1", "--follow", "--sweep", "--last", "0", "x",
                                                       "--metric", "--port", "70000", "list", "prune", "--all",
                                                       "--older-than", "-5", "--help"])), max_size=4)

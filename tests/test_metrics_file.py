@@ -41,6 +41,38 @@ def test_per_step_logging_keeps_every_value_in_order(tmp_path: Path) -> None:
     assert times == sorted(times)
 
 
+# Two threads of one script, each logging its own metric at every step; a thread switch
+# every 10 us (Python's default is 5 ms) makes them interleave thousands of times.
+TWO_THREADS = """
+import sys, threading, tfrun
+sys.setswitchinterval(1e-5)
+def work(name, sign):
+    for step in range(100_000):
+        tfrun.log_metric(name, sign * (step + 1), step)
+threads = [threading.Thread(target=work, args=args) for args in (("up", 1), ("down", -1))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
+
+def test_two_threads_logging_keep_their_values_apart(tmp_path: Path) -> None:
+    """Each value under its own name, with its own step, every one of them; the file in the
+    order of the values' times (the MLflow sync goes on from the last time it sent)."""
+    run_dir = _run_task_script(tmp_path / "run", TWO_THREADS)
+    records = metrics.read_metrics(run_dir / metrics.METRICS_FILE)
+    assert len(records) == 200_000
+    for name, sign in (("up", 1), ("down", -1)):
+        mine = [r for r in records if r["name"] == name]
+        misfiled = [r for r in mine if (r["value"] > 0) != (sign > 0)]
+        assert not misfiled, f"{len(misfiled)} values filed under {name!r} that the other thread logged"
+        assert [r["step"] for r in mine] == list(range(100_000))
+        assert [r["value"] for r in mine] == [sign * (step + 1) for step in range(100_000)]
+    times = [r["time"] for r in records]
+    assert times == sorted(times)
+
+
 def test_a_torn_last_line_is_skipped_and_the_next_record_starts_a_new_line(tmp_path: Path) -> None:
     run_dir = _run_task_script(tmp_path / "run", "import tfrun\ntfrun.log_metric('a', 1.0, 0)\n")
     path = run_dir / metrics.METRICS_FILE

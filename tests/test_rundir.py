@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import run_tfrun
+from tests.helpers import run_tfrun, scratch_env, tfrun_command
 from tfrun import rundir
 
 WRITERS, UPDATES = 8, 200
@@ -134,3 +136,88 @@ def test_a_requeued_job_shows_preempted_while_accounting_says_pending(tmp_path: 
     assert slurm.shown_state(tmp_path, "PENDING") == "PENDING"
     rundir.update_attempt(tmp_path, "attempt-3", started=5.0, ended=6.0, reason="preempted", requeued=False)
     assert slurm.shown_state(tmp_path, "PENDING") == "PENDING"  # not requeued: not coming back
+
+
+# --- the sweep's index: every writer under its lock --------------------------------------------
+
+POINTS_PER_WRITER = 40
+
+
+def _sweep_writer(sweep_dir: str, who: int) -> None:
+    """A launcher adding its points one by one and recording each one's objective, as a
+    tuning sweeper's batches and a study's trials do."""
+    from types import SimpleNamespace
+
+    from tfrun.targets.sweeps import record_objective, record_points
+
+    for i in range(POINTS_PER_WRITER):
+        plan = SimpleNamespace(run_id=f"{who}-{i}", run_dir=f"{sweep_dir}/{who}-{i}")
+        record_points(Path(sweep_dir), [plan], [[f"trainer.x={i}"]])  # type: ignore[list-item]
+        record_objective(Path(sweep_dir), plan, "score", float(who * 1000 + i))  # type: ignore[arg-type]
+
+
+def test_concurrent_writers_of_a_sweeps_index_lose_no_point(tmp_path: Path) -> None:
+    """4 processes add 40 points each to one sweep.json and record their objectives."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_sweep_writer, args=(str(tmp_path), who)) for who in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    points = rundir.read_json(tmp_path / rundir.SWEEP_FILE)["points"]
+    assert sorted(p["run_id"] for p in points) == sorted(f"{w}-{i}" for w in range(4) for i in range(POINTS_PER_WRITER))
+    for point in points:
+        who, i = map(int, point["run_id"].split("-"))
+        assert point["objective"] == {"metric": "score", "value": who * 1000 + i}, point
+
+
+# --- the umask: a run dir shared with a group ---------------------------------------------------
+
+WRITE_UNDER_UMASK = """
+import os, sys
+from pathlib import Path
+os.umask(int(sys.argv[2], 8))
+from tfrun import rundir
+from tfrun.config.hydra_files import save_yaml
+from tfrun.tracking import metrics
+folder = Path(sys.argv[1])
+rundir.write_atomic(folder / "bytes.bin", b"x")
+rundir.write_json(folder / "record.json", {"a": 1})
+rundir.update_status(folder, state="RUNNING")
+from tfrun.targets.sweeps import record_points
+record_points(folder, [], [])
+save_yaml({"a": 1}, folder / "config.yaml")
+metrics._rewrite(folder / "metrics.jsonl", [{"epoch": 0}])
+"""
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_files_written_atomically_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """Every atomically written file (plan, status, records, configs, a rewritten metrics
+    file) gets the mode any file of the user gets: 0644 under umask 022, 0664 under 002."""
+    done = subprocess.run([sys.executable, "-c", WRITE_UNDER_UMASK, str(tmp_path), oct(umask)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+    assert {"bytes.bin", "record.json", "status.json", "sweep.json", "config.yaml", "metrics.jsonl"} <= set(modes)
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_a_runs_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """A real run (with MLflow's local store, which keeps state of its own in the run dir and
+    beside it): every file it writes has the mode the umask gives, every dir too."""
+    (tmp_path / "quick.py").write_text("import tfrun\ntfrun.log_metric('m', 1.0)\n")
+    env = scratch_env(tmp_path)
+    done = subprocess.run([*tfrun_command(), "entry.script=quick.py", "tracking=mlflow"], cwd=tmp_path, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: os.umask(umask))
+    assert done.returncode == 0, done.stderr
+    runs = tmp_path / "runs"
+    files = {p: oct(p.stat().st_mode & 0o777) for p in runs.rglob("*") if p.is_file()}
+    dirs = {p: oct(p.stat().st_mode & 0o777) for p in runs.rglob("*") if p.is_dir()}
+    assert runs / "mlflow.db" in files and any(p.name == "plan.json" for p in files), sorted(files)
+    assert {p: m for p, m in files.items() if m != oct(0o666 & ~umask)} == {}
+    assert {p: m for p, m in dirs.items() if m != oct(0o777 & ~umask)} == {}

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import (MlflowServer, mlflow_runs, popen_tfrun, run_dir_from, run_tfrun,
-                           stop, wait_for)
+from tests.helpers import (MlflowServer, mlflow_runs, popen_tfrun, run_dir_from, run_tfrun, scratch_env,
+                           stop, tfrun_command, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -174,3 +176,126 @@ def test_mlflow_server_down_mid_run_then_sync(tmp_path: Path) -> None:
     assert [step for step, _ in runs[0]["history"]["loss"]] == list(range(40))
     assert [v for _, v in runs[0]["history"]["loss"]] == pytest.approx([r["loss"] for r in epochs])
     assert "logs" in runs[0]["artifacts"]
+
+
+# --- secrets: in the task, not in MLflow or the logs ---------------------------------------------
+
+TOKEN, PASSWORD, KEY = "tok-5f3a9c1e77", "pw-8d2e41", "k-77aa19"
+SECRET_SCRIPT = f"""
+import os, tfrun
+assert os.environ["API_TOKEN"] == {TOKEN!r}, "the task must get the real value"
+assert os.environ["DB_URL"] == "postgresql://bob:{PASSWORD}@db:5432/x"
+tfrun.log_metric("m", 1.0)
+print("the task has its secrets", flush=True)
+"""
+
+
+def _sqlite_text(path: Path) -> str:
+    """Every value of every table of an SQLite file, as text (and its raw bytes)."""
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        tables = [row[0] for row in db.execute("select name from sqlite_master where type='table'")]
+        rows = [str(row) for table in tables for row in db.execute(f'select * from "{table}"')]
+    return "\n".join(rows) + path.read_bytes().decode("latin-1")
+
+
+def test_secrets_stay_out_of_mlflow_and_the_logs(tmp_path: Path) -> None:
+    """Values of secret-looking keys and a URI's password: the task gets them; MLflow's
+    params, tags and artifacts and the rank's log show them masked (deps.env not as params)."""
+    (tmp_path / "secret.py").write_text(SECRET_SCRIPT)
+    result = run_tfrun(tmp_path, "entry.script=secret.py", "tracking=mlflow", f"++deps.env.API_TOKEN={TOKEN}",
+                       f"++deps.env.DB_URL=postgresql://bob:{PASSWORD}@db:5432/x", f"++trainer.api_key={KEY}",
+                       f"++tfrun.tags.db_password={PASSWORD}", timeout=300)
+    assert result.returncode == 0, result.stderr
+    run_dir = run_dir_from(result.stderr)
+    log = (run_dir / "logs/rank0.log").read_text()
+    assert "the task has its secrets" in log
+    assert "tfrun: set API_TOKEN=*** DB_URL=postgresql://***@db:5432/x" in log, log
+    plan = json.loads((run_dir / "plan.json").read_text())  # the plan keeps the real values
+    assert plan["tasks"][0]["env"]["API_TOKEN"] == TOKEN and plan["config"]["trainer"]["api_key"] == KEY
+
+    runs = tmp_path / "runs"
+    store = _sqlite_text(runs / "mlflow.db")
+    artifacts = {p.relative_to(runs / "mlartifacts"): p.read_text(errors="replace")
+                 for p in (runs / "mlartifacts").rglob("*") if p.is_file()}
+    names = {str(p).split("/artifacts/", 1)[-1] for p in artifacts}
+    assert {"plan.json", "hydra/config.yaml", "hydra/overrides.yaml", "hydra/hydra.yaml", "logs/rank0.log"} <= names
+    for secret in (TOKEN, PASSWORD, KEY):
+        assert secret not in store, f"{secret} is in MLflow's database"
+        assert [str(p) for p, text in artifacts.items() if secret in text] == [], f"{secret} is in artifacts"
+        assert secret not in log
+    overrides = next(text for p, text in artifacts.items() if str(p).endswith("hydra/overrides.yaml"))
+    assert "++deps.env.API_TOKEN=***" in overrides and "postgresql://***@db:5432/x" in overrides, overrides
+
+    found = _mlflow_runs(f"sqlite:///{runs / 'mlflow.db'}")[0]
+    assert not [k for k in found["params"] if k.startswith("deps.env")], found["params"]
+    assert found["params"]["trainer.api_key"] == "***" and found["params"]["deps.kind"] == "none"
+    assert found["tags"]["db_password"] == "***"
+
+
+# --- a model is registered once, whoever ends the MLflow run ------------------------------------
+
+REGISTERED = """
+import os, pathlib, time
+run_dir = pathlib.Path(os.environ["TFRUN_RUN_DIR"])
+(pathlib.Path(os.environ["TFRUN_OUTPUT_DIR"]) / "weights.txt").write_text("weights")
+(run_dir / "ready").touch()
+while not (run_dir / "go").exists():
+    time.sleep(0.1)
+"""
+
+
+def _model_versions(uri: str, name: str) -> list[str]:
+    code = ("import json, mlflow; c = mlflow.MlflowClient(%r, registry_uri=%r)\n"
+            "print(json.dumps([v.version for v in c.search_model_versions(\"name='%s'\")]))" % (uri, uri, name))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return sorted(str(v) for v in json.loads(done.stdout))
+
+
+def test_concurrent_syncs_register_the_model_once(tmp_path: Path) -> None:
+    """The server is down when the run ends (neither its task nor its launcher can end the
+    MLflow run); once it is back, three ``tfrun sync`` at once end it: one model version."""
+    (tmp_path / "registered.py").write_text(REGISTERED)
+    server = MlflowServer(tmp_path).start()
+    proc, _, err = popen_tfrun(tmp_path, "tracking=mlflow", f"tracking.tracking_uri={server.uri}",
+                               "tracking.register_model=tiny", "entry.script=registered.py")
+    try:
+        wait_for(lambda: any((tmp_path / "runs").glob("*/ready")) or proc.poll() is not None, 120, "the task")
+        run_dir = next((tmp_path / "runs").glob("*/ready")).parent
+        wait_for(lambda: (run_dir / "mlflow.json").exists() or proc.poll() is not None, 120, "the MLflow run")
+        server.stop()
+        (run_dir / "go").touch()
+        assert proc.wait(timeout=300) == 0, err.read_text()
+    finally:
+        stop(proc)
+        server.stop()
+    assert "registered" not in json.loads((run_dir / "mlflow.json").read_text())
+    with server.start():
+        syncs = [subprocess.Popen([*tfrun_command(), "sync", str(run_dir)], cwd=tmp_path, env=scratch_env(tmp_path),
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+        outputs = [s.communicate(timeout=300) for s in syncs]
+        assert [s.returncode for s in syncs] == [0, 0, 0], outputs
+        assert _model_versions(server.uri, "tiny") == ["1"]
+    assert json.loads((run_dir / "mlflow.json").read_text())["registered"] == {"name": "tiny", "version": "1"}
+
+
+def test_the_redactor_masks_secrets_in_data_and_text_and_leaves_the_rest() -> None:
+    from tfrun.tracking.redact import MASK, Redactor, shown
+
+    config = {"deps": {"env": {"API_TOKEN": "tok-123456", "PASSWORD": "abc", "DEBUG": "1"}},
+              "trainer": {"lr": 0.1, "db": "mysql://u:pa55word@h/db", "secrets": {"a": "zzzz"}, "api_key": None}}
+    redactor = Redactor(config)
+    assert redactor.data(config) == {
+        "deps": {"env": {"API_TOKEN": MASK, "PASSWORD": MASK, "DEBUG": "1"}},
+        "trainer": {"lr": 0.1, "db": f"mysql://{MASK}@h/db", "secrets": {"a": MASK}, "api_key": None}}
+    # free text: known values (from 4 characters), the config's secret keys' assignments, URIs
+    assert redactor.text("- ++deps.env.PASSWORD=abc") == f"- ++deps.env.PASSWORD={MASK}"
+    assert redactor.text('  "PASSWORD": "abc",') == f'  "PASSWORD": "{MASK}",'
+    assert redactor.text("token tok-123456, password pa55word") == f"token {MASK}, password {MASK}"
+    assert redactor.text("see https://bob:x@example.org/a") == f"see https://{MASK}@example.org/a"
+    # what only looks like a secret's name in a log stays: metric names, values of other keys
+    assert redactor.text("masked_token_accuracy: 0.91 - abc_loss: 0.2") == "masked_token_accuracy: 0.91 - abc_loss: 0.2"
+    assert shown("AWS_SECRET_ACCESS_KEY", "x") == MASK and shown("HOME", "/home/u") == "/home/u"

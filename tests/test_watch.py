@@ -162,3 +162,44 @@ def test_a_slurm_sweep_is_followed_in_the_same_table_on_a_terminal(tmp_path: Pat
     assert re.search(r"0/2 finished", text) and re.search(r"2/2 finished\s+1 COMPLETED\s+1 FAILED", text), text
     assert re.search(r"trainer.fail=0\s+COMPLETED\s+3/3\s+loss=0.3333", text), text
     assert "tfrun: sweep of 2:" not in text  # the plain count line is for logs, not terminals
+
+
+# --- labels and metric names are the user's text: printed as they are --------------------------
+
+BRACKETS = ("trainer.data=[/scratch/a]", "trainer.data=[relu,tanh]")
+
+
+def test_labels_and_metrics_in_brackets_are_drawn_as_they_are() -> None:
+    """rich reads a str cell as markup: "[/scratch/a]" is a closing tag to it (an error),
+    "[relu,tanh]" a style (it vanished)."""
+    from rich.console import Console
+
+    from tfrun.cli.live import render
+    from tfrun.targets.progress import RunProgress, Snapshot
+
+    runs = tuple(RunProgress(name=str(i), label=label, state="RUNNING", epoch=1, epochs=3,
+                             metrics=(("loss[main]", 0.5),), elapsed_s=3.0, left_s=6.0)
+                 for i, label in enumerate(BRACKETS))
+    console = Console(record=True, width=160, force_terminal=True)
+    console.print(render(Snapshot(path="/runs/sweep-[x]", sweep=True, runs=runs)))
+    text = console.export_text()
+    for label in BRACKETS:
+        assert label in text, text
+    assert "loss[main]=0.5" in text and "sweep /runs/sweep-[x]" in text
+
+
+@pytest.mark.slurm
+def test_a_slurm_sweep_with_brackets_in_its_labels_is_followed_on_a_terminal(tmp_path: Path) -> None:
+    (tmp_path / "any.py").write_text("import sys\nprint(sys.argv[1:])\n")
+    name = f"tfrun-watch-{uuid.uuid4().hex[:8]}"
+    proc, master = _on_a_terminal(tmp_path, "-m", "compute=slurm", "compute.poll_s=0.5", f"compute.job_name={name}",
+                                  "entry.script=any.py", "trainer.data=[/scratch/a],[relu,tanh]")
+    try:
+        text = ANSI.sub("", _read_all(proc, master, 180).decode(errors="replace"))
+        assert proc.wait(timeout=10) == 0, text
+    finally:
+        stop(proc)
+        subprocess.run(["scancel", "--name", name], capture_output=True, timeout=60)
+    assert "MarkupError" not in text and "Traceback" not in text, text
+    assert re.search(r"trainer\.data=\[/scratch/a\]\s+COMPLETED", text), text
+    assert re.search(r"trainer\.data=\[relu,tanh\]\s+COMPLETED", text), text

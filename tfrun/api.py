@@ -11,7 +11,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tfrun import rundir
 from tfrun.errors import ConfigError, TfrunError
@@ -35,19 +35,23 @@ class Run:
         return str(rundir.read_status(self.dir).get("run_id") or self.dir.name)
 
     def info(self) -> dict[str, Any]:
-        """The whole status record, refreshed from Slurm if the run is not finished."""
-        from tfrun.targets.control import refresh
+        """The whole status record, refreshed from Slurm if the run is not finished (a local
+        run whose launcher is gone without recording its end is LOST)."""
+        from tfrun.targets.control import current
 
-        return refresh([self.dir])[0]
+        return current([self.dir])[0]
 
     def status(self) -> str:
-        """PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT or STOPPED."""
+        """PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, STOPPED, PRUNED or LOST."""
         return str(self.info().get("state", "PENDING"))
 
     def wait(self, timeout_s: float | None = None, poll_s: float = 2.0) -> str:
-        """Block until the run ends (or timeout_s passes); its state."""
+        """Block until the run ends, or is LOST (its launcher died: it will not end by
+        itself), or timeout_s passes; its state."""
+        from tfrun.targets.progress import ENDED_STATES
+
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while (state := self.status()) not in rundir.FINAL_STATES:
+        while (state := self.status()) not in ENDED_STATES:
             if deadline is not None and time.monotonic() > deadline:
                 break
             time.sleep(poll_s)
@@ -122,10 +126,48 @@ def _start(plans: Sequence[Any], wait: bool, sweep_dir: Path | None = None) -> N
     if wait:
         run_all()
     else:
-        threading.Thread(target=run_all, daemon=True, name="tfrun-local").start()
-        for plan in plans:  # return once every run dir exists, so the handles are usable
-            while not rundir.read_status(plan.run_dir) and plan is plans[0]:
-                time.sleep(0.05)
+        _run_in_background(run_all, plans)
+
+
+def _run_in_background(run_all: Callable[[], None], plans: Sequence[Any]) -> None:
+    """Run ``run_all`` in a thread; return once the first run is running (its handle is then
+    usable), has ended, or its launch failed, which raises here as it would in the foreground.
+
+    A launch that fails after this returned is in the run's status (local.run records it
+    FAILED, and the points of a sweep it did not get to are recorded FAILED too), where
+    Run.wait() finds it."""
+    failed: list[BaseException] = []
+    first_run_dir = plans[0].run_dir
+
+    def guarded() -> None:
+        try:
+            run_all()
+        except BaseException as exc:  # kept for the caller; the runs' statuses say it too
+            failed.append(exc)
+            _never_started(plans, exc)
+
+    thread = threading.Thread(target=guarded, daemon=True, name="tfrun-local")
+    thread.start()
+    while thread.is_alive() and (state := rundir.read_status(first_run_dir).get("state")) != "RUNNING":
+        if state in rundir.FINAL_STATES:  # ended before it was seen running, or its launch failed:
+            thread.join(1.0)  # then the thread is raising, and ends at once
+            break
+        time.sleep(0.05)
+    if failed and not thread.is_alive():
+        raise failed[0]
+
+
+def _never_started(plans: Sequence[Any], exc: BaseException) -> None:
+    """The runs a failed launch did not get to (the later points of a sweep, or a run whose
+    launch failed before it wrote a status): FAILED, so that Run.wait() returns."""
+    for plan in plans:
+        try:
+            if not rundir.read_status(plan.run_dir).get("state"):
+                rundir.update_status(plan.run_dir, run_id=plan.run_id, state="FAILED", target=plan.target,
+                                     ended=time.time(), reason=f"not started: the launch failed ({type(exc).__name__}: "
+                                                               f"{exc})")
+        except OSError:  # its run dir cannot be written either: the exception the caller gets says why
+            continue
 
 
 def _overrides(overrides: Sequence[str]) -> list[str]:

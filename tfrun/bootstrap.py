@@ -24,7 +24,7 @@ from tfrun import backends, rundir
 from tfrun.errors import BootstrapError
 from tfrun.rundir import Plan, Task
 from tfrun.task import gpus, heartbeat, identity, keras_hooks, preempt, rendezvous, watchdog
-from tfrun.tracking import metrics, mlflow_sync, provenance
+from tfrun.tracking import metrics, mlflow_sync, provenance, redact
 
 # The model floor's export, run as a child process (the task floor never imports it).
 EXPORT_MODULE = "tfrun.model.export"
@@ -38,16 +38,18 @@ def say(message: str) -> None:
 
 
 def apply_env(env: Mapping[str, str]) -> None:
-    """Set the task's environment; never silently replace what the user set."""
+    """Set the task's environment; never silently replace what the user set. The log says
+    what was set, secrets masked (:func:`tfrun.tracking.redact.shown`)."""
     shown = []
     for key, value in env.items():
         current = os.environ.get(key)
         if current is not None and current != value and not key.startswith(_OWNED_PREFIXES):
-            say(f"kept {key}={current!r} from your environment (tfrun would set {value!r})")
+            say(f"kept {key}={redact.shown(key, current)!r} from your environment "
+                f"(tfrun would set {redact.shown(key, value)!r})")
             continue
         os.environ[key] = value
         if not key.startswith(_OWNED_PREFIXES):  # those are reported where they are chosen
-            shown.append(f"{key}={value}")
+            shown.append(f"{key}={redact.shown(key, value)}")
     if shown:
         say("set " + " ".join(shown))
 
@@ -55,7 +57,7 @@ def apply_env(env: Mapping[str, str]) -> None:
 def redirect_output(path: str | os.PathLike[str]) -> None:
     """Send this process's stdout/stderr (file descriptors, so C++ logs too) to path."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)  # the umask decides, as for any file
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)
@@ -267,8 +269,10 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     backend = backends.get(plan.backend)
     task = plan.tasks[ident.rank]
     try:
-        task = prepare(plan, ident)
-        if task.runs_script:
+        if (Path(run_dir) / rundir.PRUNE_FILE).exists():  # pruned while it waited to start (or to restart)
+            say("pruned by the tuning study before this attempt started: the script is not run")
+            code, error = preempt.EXIT_PREEMPTED, "pruned before it started"
+        elif (task := prepare(plan, ident)).runs_script:
             heartbeat.beat(phase="script running")
             code, error = run_script(task.argv)
         else:

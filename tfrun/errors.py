@@ -10,10 +10,15 @@ class TfrunError(Exception):
     exit_code = 1
 
 
-class ConfigError(TfrunError):
-    """The composed configuration cannot be run as given. Nothing was started."""
+class UsageError(TfrunError):
+    """The command line asked for something that is not there or cannot be (a run id that
+    matches no run, an unknown verb). Nothing was started or changed."""
 
     exit_code = 2
+
+
+class ConfigError(UsageError):
+    """The composed configuration cannot be run as given. Nothing was started."""
 
     @classmethod
     def invalid(cls, key: str, value: object, allowed: str | Iterable[str]) -> "ConfigError":

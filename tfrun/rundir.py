@@ -10,18 +10,19 @@ half a file.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import fcntl
 import json
 import os
+import secrets
 import socket
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
-from tfrun.errors import TfrunError
+from tfrun.errors import UsageError
 
 PLAN_FILE = "plan.json"
 STATUS_FILE = "status.json"
@@ -109,19 +110,37 @@ class Plan:
         return cls.from_dict(json.loads((Path(run_dir) / PLAN_FILE).read_text()))
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
+def _new_file(folder: Path, prefix: str) -> tuple[int, Path]:
+    """A new file of a name of its own in ``folder``, open for writing, with the permissions
+    any other file of the user's gets (mode 0666 less the umask, the folder's default ACL):
+    ``tempfile.mkstemp`` makes it 0600, which a run dir or an environment cache shared with
+    a group cannot use."""
+    while True:
+        path = folder / f"{prefix}{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str, sync: bool = False) -> None:
     """Write a file atomically: readers (on any node) see the old file or the new one, never
     a part; the temporary file has a name of its own, so concurrent writers of one path do
-    not trip over each other's, and a writer killed midway leaves the old file."""
+    not trip over each other's, and a writer killed midway leaves the old file. The file
+    follows the umask, like any file the user writes. ``sync``: on disk before it replaces
+    the old one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_file(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -151,6 +170,18 @@ def locked(path: str | os.PathLike[str]) -> Iterator[None]:
         finally:
             if held:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def update_json(path: str | os.PathLike[str], change: Callable[[Any], None], default: Any = None) -> Any:
+    """Change a JSON file that several processes write: ``change`` gets what the file holds
+    (a copy of ``default`` if there is no file) and changes it in place; read, change and
+    write happen under the file's lock (:func:`locked`), so no writer's change is lost. What
+    was written."""
+    with locked(path):
+        data = read_json(path, copy.deepcopy(default))
+        change(data)
+        write_json(path, data)
+    return data
 
 
 def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
@@ -187,11 +218,8 @@ def attempts(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def update_attempt(run_dir: str | os.PathLike[str], key: str, **fields: Any) -> None:
     """Merge fields into one attempt's record (rank 0, and a pack's runner)."""
-    path = Path(run_dir) / ATTEMPTS_FILE
-    with locked(path):
-        records = read_json(path, {})
-        records.setdefault(key, {"attempt": key}).update(fields)
-        write_json(path, records)
+    update_json(Path(run_dir) / ATTEMPTS_FILE, lambda records: records.setdefault(key, {"attempt": key}).update(fields),
+                {})
 
 
 def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -203,13 +231,17 @@ def update_status(run_dir: str | os.PathLike[str], **fields: Any) -> dict[str, A
     """Merge fields into the status file. Several processes write it (the launcher, a pack's
     runner, a follower in another shell, the verbs, MLflow's sync): each merge is one
     read-modify-write under the file's lock, so none is lost."""
-    path = Path(run_dir) / STATUS_FILE
-    with locked(path):
-        status = read_status(run_dir)
-        status.update(fields)
-        status["updated"] = time.time()
-        write_json(path, status)
-    return status
+    return dict(update_json(Path(run_dir) / STATUS_FILE, lambda status: status.update(fields, updated=time.time()), {}))
+
+
+def update_point(sweep_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], **fields: Any) -> None:
+    """Merge fields into one point's entry of a sweep's index (its state, its objective)."""
+    def merge(index: dict[str, Any]) -> None:
+        for point in index["points"]:
+            if point["run_dir"] == str(run_dir):
+                point.update(fields)
+
+    update_json(Path(sweep_dir) / SWEEP_FILE, merge, {"points": []})
 
 
 def hang_fields(run_dir: str | os.PathLike[str], state: str) -> dict[str, Any]:
@@ -303,7 +335,7 @@ def find_run(ref: str | None, root: Path | None = None) -> Path:
     candidates = [p for p in sorted(root.iterdir())] if root.is_dir() else []
     if not ref:
         if not candidates:
-            raise TfrunError(f"no runs under {root} (set TFRUN_RUNS_DIR or pass a run dir)")
+            raise UsageError(f"no runs under {root} (set TFRUN_RUNS_DIR or pass a run dir)")
         return max(candidates, key=lambda p: p.stat().st_mtime)
     if (root / ref).is_dir():
         return root / ref
@@ -311,5 +343,5 @@ def find_run(ref: str | None, root: Path | None = None) -> Path:
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise TfrunError(f"no run matches {ref!r} under {root}")
-    raise TfrunError(f"{ref!r} matches several runs: " + ", ".join(p.name for p in matches[:10]))
+        raise UsageError(f"no run matches {ref!r} under {root}")
+    raise UsageError(f"{ref!r} matches several runs: " + ", ".join(p.name for p in matches[:10]))

@@ -2,7 +2,8 @@
 
 ``tfrun [OVERRIDES]`` composes a run with Hydra, plans it and launches it;
 ``tfrun --dry-run[=json] ...`` prints the plan and runs nothing; ``tfrun status|logs|
-cancel|runs|tensorboard|...`` act on run directories. Nothing here imports TensorFlow.
+cancel|runs|tensorboard|...`` act on run directories. Nothing here imports TensorFlow, and
+``tfrun --help``, ``--version`` and a verb import only what they need.
 
 Exit codes: 0 the run completed; 1 it failed, timed out or was cancelled; 2 the
 configuration or command line was wrong and nothing was started; 3 the run completed
@@ -10,343 +11,123 @@ configuration or command line was wrong and nothing was started; 3 the run compl
 """
 from __future__ import annotations
 
+import difflib
 import os
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from tfrun import rundir
-from tfrun.errors import ConfigError, TfrunError
+from tfrun.cli import output, verbs
 
-VERBS = ("status", "logs", "cancel", "runs", "resume", "plot", "tensorboard", "sync", "export", "serve", "env", "watch")
-EXIT_CONFIG = 2
-
-
-@dataclass
-class _Invocation:
-    """What main() learned from argv before handing the rest to Hydra."""
-
-    dry_run: str | None = None  # None, "text" or "json"
-    entered_task: bool = False  # Hydra got as far as our task function
+# Hydra's options that take the next word as their value (``--config-dir DIR``).
+_VALUED = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--cfg", "-c", "--package", "-p",
+           "--experimental-rerun")
+# Hydra's --info takes one of these as an optional value (``tfrun --info searchpath``).
+_INFO = ("--info", "-i")
+_INFO_VALUES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+_HELP = ("-h", "--help")
+_COMPLETION = ("-sc", "--shell-completion")
 
 
-_INVOCATION = _Invocation()
-
-
-def error(message: str) -> None:
-    """One paragraph on stderr, the way every tfrun error looks."""
-    print(f"tfrun: error: {message}", file=sys.stderr)
-
-
-def _pop_dry_run(argv: list[str]) -> tuple[str | None, list[str]]:
-    mode, rest = None, []
-    for arg in argv:
-        if arg == "--dry-run":
-            mode = "text"
-        elif arg.startswith("--dry-run="):
-            mode = arg.split("=", 1)[1]
-            if mode not in ("text", "json"):
-                raise ConfigError.invalid("--dry-run", mode, ("text", "json"))
-        else:
-            rest.append(arg)
-    return mode, rest
-
-
-def _is_option(arg: str) -> bool:
-    return arg.startswith("-")
-
-
-def _option_value(argv: list[str], *names: str) -> str | None:
+def not_an_override(argv: list[str]) -> str | None:
+    """The first word that is neither an option, an option's value nor an override (``key=value``,
+    ``~key``), e.g. a mistyped verb; None if there is none."""
     for i, arg in enumerate(argv):
-        for name in names:
-            if arg == name and i + 1 < len(argv):
-                return argv[i + 1]
-            if arg.startswith(name + "="):
-                return arg.split("=", 1)[1]
+        previous = argv[i - 1] if i else ""
+        if previous in _VALUED or (previous in _INFO and arg in _INFO_VALUES):
+            continue
+        if not arg.startswith(("-", "~")) and "=" not in arg:
+            return arg
     return None
 
 
-def with_project_config_dir(argv: list[str]) -> list[str]:
-    """Add ./conf as the user's config dir when they did not name one."""
-    if _option_value(argv, "--config-dir", "-cd") is None and Path("conf").is_dir():
-        return ["--config-dir", str(Path("conf").resolve()), *argv]
-    return argv
+def unknown_word(word: str) -> str:
+    """The error for a word that is no verb and no override, with the closest verb."""
+    close = difflib.get_close_matches(word, [*verbs.BY_NAME, "help"], n=1)
+    hint = f"did you mean `tfrun {close[0]}`? " if close else ""
+    return (f"{word!r} is not a verb or an override (key=value, group=option); {hint}"
+            f"verbs: {', '.join(verbs.BY_NAME)}; `tfrun --help` says more")
 
 
-def _overrides_only(argv: list[str]) -> tuple[list[str], bool, str | None, str]:
-    """(overrides, multirun, config dir, config name) from argv, for --dry-run."""
-    overrides, multirun, skip = [], False, False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if arg in ("-m", "--multirun"):
-            multirun = True
-        elif arg in ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp"):
-            skip = True
-        elif not _is_option(arg):
-            overrides.append(arg)
-    name = _option_value(argv, "--config-name", "-cn") or "config"
-    return overrides, multirun, _option_value(argv, "--config-dir", "-cd"), name
+def dispatch(argv: list[str]) -> int:
+    """Run what ``argv`` asks for; its exit code."""
+    first = argv[0] if argv else ""
+    if first == "--version":
+        from tfrun import __version__
 
+        print(f"tfrun {__version__}")
+        return 0
+    if first == "help":
+        if argv[1:2] and argv[1] in verbs.BY_NAME:
+            return verbs.main([argv[1], "--help"])
+        from tfrun.cli import help as usage
 
-# Hydra's own flags that launch nothing (help, config and info views, completion): with any
-# of these, Hydra's app runs the command line as it would. Runs and sweeps compose through
-# tfrun's own path (tfrun.plan.planner), which shares the app's search path.
-_HYDRA_FLAGS = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc",
-                "--resolve", "--package", "-p", "--version", "--experimental-rerun")
-_MULTIRUN_FLAGS = ("-m", "--multirun")
+        print(usage.text(argv[2:]))
+        return 0
+    if first in verbs.BY_NAME:
+        return verbs.main(argv)
+    if any(arg in _COMPLETION or arg.split("=", 1)[0] in _COMPLETION for arg in argv):
+        from tfrun.cli import completion
 
+        return completion.main(argv)
+    if any(arg in _HELP for arg in argv):
+        from tfrun.cli import help as usage
 
-def _has_flag(argv: list[str], flags: tuple[str, ...]) -> bool:
-    return any(a in flags or a.split("=", 1)[0] in flags for a in argv)
+        print(usage.text(argv))
+        return 0
+    word = not_an_override(argv)
+    if word is not None:
+        output.error(unknown_word(word))
+        return output.EXIT_CONFIG
+    from tfrun.cli import app
 
-
-def dry_run(argv: list[str], mode: str) -> int:
-    """Print the plan(s) ``argv`` would launch."""
-    from tfrun.cli import render
-    from tfrun.plan.planner import TuningStudy, compose_plans
-
-    overrides, multirun, config_dir, config_name = _overrides_only(argv)
-    if multirun and _tuning(overrides):
-        return _dry_run_study(overrides, config_dir, config_name, mode)
-    try:
-        plans = compose_plans(overrides, multirun=multirun, config_dir=config_dir, config_name=config_name)
-    except TuningStudy:  # the user's config chose hydra/sweeper=tfrun
-        return _dry_run_study(overrides, config_dir, config_name, mode)
-    text = render.plans_json(plans, multirun) if mode == "json" else render.plans_text(plans, multirun)
-    try:
-        print(text)
-        sys.stdout.flush()
-    except BrokenPipeError:  # `tfrun --dry-run | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
-
-
-def _tuning(overrides: list[str]) -> bool:
-    return any(o.replace(" ", "") in ("hydra/sweeper=tfrun", "override hydra/sweeper=tfrun") for o in overrides)
-
-
-def _dry_run_study(overrides: list[str], config_dir: str | None, config_name: str, mode: str) -> int:
-    """``--dry-run -m hydra/sweeper=tfrun``: the study (sampler, space, policy, storage) and the
-    plan of its first trial; checked as a run would check it, nothing written."""
-    from tfrun.cli import render
-    from tfrun.targets import tuning
-
-    from tfrun.targets.pool import trials
-
-    info, plan = tuning.preview(overrides, config_dir, config_name)
-    pool = trials.settings(info.get("pool"), info["max_parallel"], plan.compute)
-    pool_lines = trials.describe(pool, plan, info["sweep_dir"])
-    plan = trials.as_item(pool, plan, info["sweep_dir"])
-    if mode == "json":
-        spec = trials.spec(pool, plan).to_dict() if pool is not None else None
-        print(tuning.dumps({**info, "pool": {"settings": info.get("pool"), "spec": spec, "describe": pool_lines},
-                            "example_trial": plan.to_dict()}))
-    else:
-        print(tuning.describe_text(info) + "\n" + "\n".join("  " + line for line in pool_lines)
-              + "\n\nthe first trial's plan (the space's first values):\n" + render.plan_text(plan))
-    return 0
-
-
-def launch_plan(plan: Any) -> str:
-    """Launch a plan where its compute target says, print the outcome, return the state."""
-    from tfrun import targets
-    from tfrun.targets.report import print_outcome
-    from tfrun.tracking import mlflow_sync
-
-    for warning in plan.warnings:
-        print(f"tfrun: warning: {warning}", file=sys.stderr)
-    state = targets.get(plan.target).run(plan)
-    print_outcome(plan, state)
-    mlflow_sync.sync_if_asked(plan.run_dir, state)
-    return state
-
-
-def run_single(argv: list[str]) -> int:
-    """One run, composed once with the same configs Hydra's app would use."""
-    from tfrun.model import export
-    from tfrun.plan.planner import plan_run
-    from tfrun.targets import local
-
-    overrides, _, config_dir, config_name = _overrides_only(argv)
-    local.prestart()  # most single runs are local: their first task starts while we compose
-    try:
-        planned = plan_run(overrides, config_dir=config_dir, config_name=config_name)
-        planned.write()
-        plan = planned.plan
-        state = launch_plan(plan)
-    finally:
-        local.dismiss_prestarted()
-    if state == "COMPLETED" and export.failed(plan.run_dir):
-        return export.EXIT_EXPORT_FAILED
-    return 0 if state in rundir.OK_STATES else 1
-
-
-def run_plan_here(cfg: Any) -> str:
-    """Hydra task function body (``--cfg``-style invocations that still run)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from tfrun.config.compose import to_run_config
-    from tfrun.plan.build import build_plan
-
-    return launch_plan(build_plan(to_run_config(cfg), HydraConfig.get().runtime.output_dir))
-
-
-def run_sweep(argv: list[str]) -> int:
-    """``tfrun -m``: Hydra's multirun; its sweeper picks the points, the launcher plugin plans
-    and launches them (tfrun.targets.sweeps)."""
-    from tfrun.cli import watch
-    from tfrun.config.compose import multirun
-
-    watch.install()  # on a terminal, a sweep on Slurm is followed in tfrun watch's live table
-    overrides, _, config_dir, config_name = _overrides_only(argv)
-    if _tuning(overrides):
-        from tfrun.targets import tuning
-
-        tuning.remember_invocation(overrides, config_dir, config_name)
-    multirun(overrides, _task, config_dir=config_dir, config_name=config_name)
-    return sweep_exit_code()
-
-
-def _task(cfg: Any) -> None:
-    _INVOCATION.entered_task = True
-    try:
-        state = run_plan_here(cfg)
-    except ConfigError as exc:
-        error(str(exc))
-        raise SystemExit(EXIT_CONFIG)
-    except TfrunError as exc:
-        error(str(exc))
-        raise SystemExit(1)
-    if state not in rundir.OK_STATES:
-        raise SystemExit(1)
-
-
-def _hydra_main(argv: list[str]) -> int:
-    import hydra
-
-    from tfrun.config.compose import CONFIG_MODULE, CONFIG_NAME, setup
-
-    setup()
-    app = hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=CONFIG_NAME)(_task)
-    sys.argv = [sys.argv[0], *argv]
-    try:
-        app()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-        # Hydra exits 1 for anything it rejects before running our task: bad overrides,
-        # unknown options or keys, wrong types. Those are configuration errors.
-        return EXIT_CONFIG if code == 1 and not _INVOCATION.entered_task else code
-    return 0
-
-
-def sweep_exit_code() -> int:
-    """After a multirun: name the failed points; with an objective, the best run too."""
-    from tfrun.targets.sweeps import SweepOutcome, best_point
-    from tfrun.tracking import mlflow_sync
-
-    if SweepOutcome.sweep_dir:
-        mlflow_sync.finish_sweep(SweepOutcome.sweep_dir, failed=bool(SweepOutcome.failed))
-    if SweepOutcome.failed:
-        error(f"{len(SweepOutcome.failed)} sweep point(s) did not complete: {', '.join(SweepOutcome.failed)}")
-    if SweepOutcome.objective and SweepOutcome.sweep_dir:
-        best = best_point(SweepOutcome.sweep_dir, SweepOutcome.maximize)
-        if best:
-            print(f"tfrun: best run: {best['run_dir']} ({SweepOutcome.objective}={best['objective']['value']:.6g}; "
-                  f"{' '.join(best['overrides'])})", file=sys.stderr)
-        # A tuning study tolerates failed trials (they are reported to the sweeper as failed).
-        return 0 if best else 1
-    return 1 if SweepOutcome.failed else 0
-
-
-def tune(argv: list[str]) -> int:
-    """``tfrun tune resume SWEEP``: follow a tuning study again (its follower was stopped or
-    killed): trials still running are followed, ended ones told, missing ones started."""
-    from tfrun.cli import verbs
-    from tfrun.targets import tuning
-
-    args = verbs.parser().parse_args(["tune", *argv])  # --help, and usage errors (exit 2)
-    try:
-        sweep = rundir.find_run(args.sweep)
-        args, cwd = tuning.resume_argv(sweep)
-    except ConfigError as exc:
-        error(str(exc))
-        return EXIT_CONFIG
-    except TfrunError as exc:
-        error(str(exc))
-        return 1
-    os.chdir(cwd)  # the study's relative paths (entry.script, ./conf) mean what they meant
-    from tfrun.config.compose import normalize_overrides
-
-    return run_sweep(with_project_config_dir(normalize_overrides(args)))
+    return app.main(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["tune"]:
-        sys.exit(tune(argv[1:]))
-    if argv and argv[0] in VERBS:
-        from tfrun.cli import verbs
-
-        sys.exit(verbs.main(argv))
-    from tfrun.config.compose import normalize_overrides
-
-    try:
-        mode, argv = _pop_dry_run(argv)
-        argv = with_project_config_dir(normalize_overrides(argv))
-        if mode:
-            sys.exit(dry_run(argv, mode))
-        if not _has_flag(argv, _HYDRA_FLAGS):
-            sys.exit(run_sweep(argv) if _has_flag(argv, _MULTIRUN_FLAGS) else run_single(argv))
-    except ConfigError as exc:
-        error(str(exc))
-        sys.exit(EXIT_CONFIG)
-    except TfrunError as exc:
-        error(str(exc))
-        sys.exit(1)
-    except Exception as exc:  # Hydra's and OmegaConf's composition errors
-        if type(exc).__module__.startswith(("hydra", "omegaconf")):
-            from tfrun.config.explain import explain
-
-            error(explain(exc, _overrides_only(argv)[0], _overrides_only(argv)[2]))
-            sys.exit(EXIT_CONFIG)
-        raise
-    try:
-        code = _hydra_main(argv)
-    except BrokenPipeError:  # `tfrun --help | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 0
-    sys.exit(code)
+    """Console entry point (raises SystemExit with the exit code)."""
+    sys.exit(dispatch(list(sys.argv[1:] if argv is None else argv)))
 
 
 def console() -> None:
     """The ``tfrun`` console script: :func:`main`, then a quick exit.
 
     Once main() is done everything is written; what is left is the interpreter tearing down
-    Hydra's and OmegaConf's modules, ~50 ms on every command. Exit handlers still run
-    (logging, anything a tracking library registered); only the teardown is skipped.
+    Hydra's and OmegaConf's modules, ~50 ms on every command. So the first exit handler
+    registered, which Python runs last, ends the process: by then Python has waited for
+    the threads and run every handler registered after it (logging, anything a tracking
+    library registered while the command ran); only the teardown is skipped.
     """
     import atexit
 
+    exit_code = [1]  # an exception main() does not turn into an exit: Python's traceback, then 1
+    atexit.register(_exit_now, exit_code)
     try:
         main()
         code: Any = 0
     except SystemExit as exc:
         code = exc.code
+    except KeyboardInterrupt:
+        code = output.EXIT_INTERRUPTED
+    except BrokenPipeError:  # `tfrun status | head -3`: the reader has what it wanted
+        output.reader_gone()
+        code = 0
     if not isinstance(code, int):
         if code is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
-    atexit._run_exitfuncs()
+    exit_code[0] = code
+    sys.exit(code)
+
+
+def _exit_now(exit_code: list[int]) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`tfrun runs | head`)
+        except BrokenPipeError:  # a closed pipe (`tfrun runs | head`)
+            output.reader_gone()
+        except (OSError, ValueError):  # a stream already closed
             pass
-    os._exit(code)
+    os._exit(exit_code[0])
 
 
 if __name__ == "__main__":

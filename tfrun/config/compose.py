@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from tfrun.config import hydra_compat, overrides, resolvers, store
+from tfrun.config import hydra_compat, overrides, resolvers
 from tfrun.errors import ConfigError
 
 CONFIG_MODULE = "tfrun.conf"
@@ -40,8 +40,8 @@ def _expose_launcher_plugin() -> None:
 
 
 def setup() -> None:
-    """Register schemas, resolvers and the launcher plugin (idempotent)."""
-    store.register()
+    """Register resolvers, and show Hydra tfrun's plugins (the launcher, the sweepers, the schemas'
+    config source) (idempotent)."""
     resolvers.register()
     _expose_launcher_plugin()
 

@@ -5,8 +5,8 @@ composing sweep points once per choice of group options needs the steps Hydra's 
 loader takes after composing; grid sweeps are split as Hydra's basic sweeper splits them.
 None of that is public API. Each function here wraps one such part, and
 ``tests/test_compat.py`` checks every one against the installed Hydra, naming the
-upgrade that changed it. Nothing else in tfrun imports ``hydra._internal`` or
-``omegaconf._utils``.
+upgrade that changed it. Nothing else in tfrun (its Hydra plugins included) imports
+``hydra._internal`` or ``omegaconf._utils``.
 """
 from __future__ import annotations
 
@@ -62,6 +62,24 @@ def hold_hydra_node(cfg: Any) -> None:
     holder = OmegaConf.create({})
     holder.__dict__["_content"]["hydra"] = cfg._get_node("hydra")  # its parent stays cfg
     HydraConfig.instance().cfg = holder
+
+
+def basic_sweeper() -> tuple[type, type]:
+    """Hydra's basic sweeper (``hydra/sweeper=basic``) and its config dataclass, which
+    ``hydra/sweeper=tfrun_basic`` extends (only its check of each batch differs)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
+
+    return BasicSweeper, BasicSweeperConf
+
+
+def typed_keys(node: Any) -> frozenset[str]:
+    """The keys of a structured config's node whose values have a declared type, not ``Any``:
+    OmegaConf checks a value set there, Hydra's override included. OmegaConf tells a value's
+    declared type only through the node that holds it (``DictConfig._get_node``, private);
+    its public ``get_type`` tells the type of the value itself."""
+    from omegaconf import AnyNode
+
+    return frozenset(str(key) for key in node if not isinstance(node._get_node(key), AnyNode))
 
 
 def grid_points(parsed_overrides: list[Any]) -> list[list[str]]:

@@ -191,7 +191,7 @@ class PointComposer:
         trainer = cfg.trainer
         if OmegaConf.get_type(trainer) is not dict:  # a structured config: Hydra checks its keys and types
             return None
-        typed = frozenset(str(k) for k in trainer if type(trainer._get_node(k)).__name__ != "AnyNode")
+        typed = hydra_compat.typed_keys(trainer)
         keys = {o.input_line: o.key_or_group for o in OverridesParser.create().parse_overrides(overrides=lines)}
         return _Base(data, sweep_dir, raw, raw_hydra, keys, naming, typed, {})
 

@@ -8,6 +8,7 @@ study runs (:mod:`tfrun.targets.tuning`), so that ``--dry-run`` needs no Optuna.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -35,7 +36,7 @@ class Dimension:
     def describe(self) -> str:
         """One line: ``trainer.lr: float in [0.0001, 0.1], log scale``."""
         if self.kind == "choice":
-            return f"{self.name}: one of {', '.join(map(str, self.choices))}"
+            return f"{self.name}: one of {', '.join(map(_text, self.choices))}"
         scale = ", log scale" if self.log else ""
         step = f", step {self.step:g}" if self.step not in (None, 1) else ""
         return f"{self.name}: {self.kind} in [{self.low:g}, {self.high:g}]{step}{scale}"
@@ -75,9 +76,55 @@ class Space:
 
 
 def _text(value: Any) -> str:
+    """A value as an override's text that Hydra reads back as that one value: a string with a
+    comma, a quote, a bracket, a space (``choice("a,b",sgd)``) or that would read as another
+    type (``'1'``, ``'null'``) is quoted; ``None`` is ``null`` (``None`` reads as a string)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float):
-        return repr(value)
+        return repr(value)  # nan, inf and -inf read back as floats too
+    if isinstance(value, str) and _read(value) != value:
+        return _quoted(value)
     return str(value)
+
+
+def _read(text: str) -> Any:
+    """What Hydra's override grammar makes of ``key=text``: its value, or None for a sweep or an
+    override it cannot parse (either way, not ``text``)."""
+    from hydra.errors import HydraException
+
+    try:
+        override = _parser().parse_override(f"key={text}")
+    except HydraException:
+        return None
+    if override.is_sweep_override():
+        return None
+    value = override.value()
+    return value if isinstance(value, str) else None
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> Any:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
+
+
+def _quoted(text: str) -> str:
+    """``text`` in Hydra's single quotes: a quote is escaped, and so are the backslashes just
+    before a quote or at the end (the only places the grammar reads a backslash as an escape)."""
+    out, pending = [], 0  # pending: backslashes seen and not yet written
+    for char in text:
+        if char == "\\":
+            pending += 1
+            continue
+        out.append("\\" * (pending * 2 if char == "'" else pending))
+        pending = 0
+        out.append("\\'" if char == "'" else char)
+    out.append("\\" * pending * 2)
+    return "'" + "".join(out) + "'"
 
 
 def _dimension(key: str, sweep: Any) -> Dimension:

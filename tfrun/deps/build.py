@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from tfrun import rundir
-from tfrun.deps.cache import BUILD_LOG, META, is_complete, lock, spec_file, touch_used
+from tfrun.deps.cache import BUILD_LOG, META, is_complete, lock, record_use, spec_file, touch_used
 from tfrun.deps.container import check_runtime
 from tfrun.deps.modules import load_modules
 from tfrun.deps.plan import BUILT, CONSTRAINTS, DepsPlan, conda_steps, find_conda, installed, say
@@ -34,7 +34,7 @@ def uv_command() -> list[str]:
         import uv  # type: ignore[import-not-found]
 
         return [uv.find_uv_bin()]
-    except (ImportError, FileNotFoundError):
+    except (ImportError, FileNotFoundError):  # no uv package (or it lacks its binary): PATH's uv, below
         pass
     found = shutil.which("uv")
     if not found:
@@ -169,28 +169,52 @@ def _progress(dp: DepsPlan) -> str:
     return f"{Path(dp.steps[0][0]).name} create {len(dp.spec['packages'])} package(s)"
 
 
-def ensure(dp: DepsPlan, log: Path | None = None, echo: bool = False) -> None:
+def ensure(dp: DepsPlan, log: Path | None = None, echo: bool = False, run_dir: str | None = None) -> None:
     """Make a planned environment exist: a cache hit does nothing but note the use; a miss builds it
-    once under the key's lock. ``log`` also gets the build's output; ``echo`` copies it to stdout."""
+    once under the key's lock. ``log`` also gets the build's output; ``echo`` copies it to stdout.
+    ``run_dir``: the run that will use it, recorded in the cache (``tfrun env prune`` keeps the
+    environment while that run may still start a task)."""
     if dp.kind not in BUILT or not dp.key or not dp.path:
         return
     env = Path(dp.path)
-    if is_complete(env):
-        touch_used(env)
-        say(f"environment {dp.key} cached: {env}")
-        return
     cache = env.parent
+    if is_complete(env) and _use_cached(dp, env, run_dir):
+        return
     try:
         cache.mkdir(parents=True, exist_ok=True)
         with lock(cache, dp.key, on_wait=lambda: say(f"environment {dp.key}: another process is building it; waiting")):
             if is_complete(env):
-                touch_used(env)
+                _note_use(cache, dp.key, env, run_dir)
                 say(f"environment {dp.key} was built by another process: {env}")
                 return
             _clean_leftovers(cache, dp.key)
             _build_locked(dp, env, log, echo)
+            _note_use(cache, dp.key, env, run_dir)
     except OSError as exc:  # a cache dir that cannot be written, a full disk
         raise ConfigError.invalid("deps.cache_dir", str(cache), f"a directory tfrun can write ({exc})") from exc
+
+
+def _use_cached(dp: DepsPlan, env: Path, run_dir: str | None) -> bool:
+    """Use a finished environment: its use is recorded under the key's lock, so a prune
+    holding the lock either sees the record or has removed the environment first; False
+    then (it is built again)."""
+    assert dp.key
+    try:
+        with lock(env.parent, dp.key):
+            if not is_complete(env):
+                return False
+            _note_use(env.parent, dp.key, env, run_dir)
+    except OSError:  # a read-only shared cache still serves (and nobody can prune it)
+        if not is_complete(env):
+            return False
+    say(f"environment {dp.key} cached: {env}")
+    return True
+
+
+def _note_use(cache: Path, key: str, env: Path, run_dir: str | None) -> None:
+    touch_used(env)
+    if run_dir is not None:
+        record_use(cache, key, run_dir)
 
 
 def _clean_leftovers(cache: Path, key: str) -> None:
@@ -237,7 +261,6 @@ def _build_locked(dp: DepsPlan, env: Path, log: Path | None, echo: bool) -> None
         for sink in sinks[1:]:
             if sink is not sys.stdout:
                 sink.close()
-    touch_used(env)
     say(f"environment {dp.key} ready in {time.monotonic() - started:.1f} s: {env}")
 
 
@@ -255,11 +278,15 @@ def prepare(plan: Any) -> dict[str, str]:
     try:
         if dp.kind in BUILT and dp.target == "slurm" and dp.build_on == "job":
             assert dp.path and dp.key
-            rundir.write_json(spec_file(Path(dp.path).parent, dp.key), dp.to_dict())
+            cache = Path(dp.path).parent
+            rundir.write_json(spec_file(cache, dp.key), dp.to_dict())
+            # Without the key's lock (a build elsewhere may hold it for minutes): a prune that
+            # removes the environment meanwhile only makes the job's setup line build it again.
+            record_use(cache, dp.key, plan.run_dir)
             say(f"environment {dp.key} {'cached' if is_complete(Path(dp.path)) else 'is built in the job (build_on=job)'}: "
                 f"{dp.path}")
         elif dp.kind in BUILT:
-            ensure(dp, Path(plan.run_dir) / "logs" / "deps.log")
+            ensure(dp, Path(plan.run_dir) / "logs" / "deps.log", run_dir=plan.run_dir)
         elif dp.kind == "modules" and dp.modules:
             changed = load_modules(dp.modules)
             say(f"loaded modules ({'; '.join(dp.modules)}) in bash -lc: set {' '.join(sorted(changed)) or 'nothing'}")
@@ -282,10 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     source = Path(argv[1])
     try:
         if source.is_dir():
-            data, log = rundir.Plan.load(source).deps, source / "logs" / "deps.log"
+            data, log, run_dir = rundir.Plan.load(source).deps, source / "logs" / "deps.log", str(source)
         else:
-            data, log = json.loads(source.read_text()), None
-        ensure(DepsPlan.from_dict(data), log, echo=True)
+            data, log, run_dir = json.loads(source.read_text()), None, None
+        ensure(DepsPlan.from_dict(data), log, echo=True, run_dir=run_dir)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"tfrun: error: cannot read the environment's spec from {source}: {exc}", file=sys.stderr)
         return 2

@@ -56,6 +56,9 @@ _TAKES: dict[str, tuple[frozenset[type], str]] = {
     "u": (frozenset({int}), "whole numbers (no decimal point)"),
     "b": (frozenset({bool}), "true or false"),
 }
+# C0 and C1 control characters (and the backslash, so an escape cannot be forged) as \xNN:
+# what http.server's own log_message does to what it logs.
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {ord("\\"): "\\\\"}
 _JSON_NAMES = {str: "strings", type(None): "null", bool: "true/false", int: "whole numbers",
                float: "numbers with a decimal point", dict: "objects"}
 
@@ -91,7 +94,7 @@ class Served:
 def _opset(path: Path) -> int | None:
     try:
         import onnx
-    except ImportError:
+    except ImportError:  # onnx is optional: /health then says the opset is unknown
         return None
     model = onnx.load(str(path), load_external_data=False)
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -294,7 +297,11 @@ class Handler(BaseHTTPRequestHandler):
         self._refuse(code, message or self.responses.get(code, (f"HTTP {code}",))[0])
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
-        print(f"tfrun serve: {self.address_string()} {format % args}", file=sys.stderr, flush=True)
+        """One line per request or error on stderr, control characters escaped as the
+        standard library's handler escapes them: a request line is the client's text, and
+        raw escape sequences from it would reach the terminal that shows the log."""
+        message = (format % args).translate(_CONTROL_ESCAPES)
+        print(f"tfrun serve: {self.address_string()} {message}", file=sys.stderr, flush=True)
 
 
 def make_server(served: Served, host: str, port: int) -> ThreadingHTTPServer:
@@ -356,7 +363,7 @@ def cmd_serve(run: str | None, host: str = "127.0.0.1", port: int = 8080, model:
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: how serving is meant to stop
         pass
     finally:
         for sig, handler in previous.items():

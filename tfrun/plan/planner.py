@@ -13,15 +13,18 @@ import contextlib
 import functools
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from omegaconf import DictConfig, open_dict, read_write
 
-from tfrun.config import compose, hydra_compat, hydra_files, points
+from tfrun.config import compose, hydra_compat
 from tfrun.errors import ConfigError
 from tfrun.plan.build import build_plan, in_sweep
 from tfrun.plan.pools import point_requests
 from tfrun.rundir import Plan
+
+if TYPE_CHECKING:  # a single run needs neither: imported where a sweep or a write uses them
+    from tfrun.config import points
 
 
 class TuningStudy(ConfigError):
@@ -78,6 +81,8 @@ class Planned:
 
     def write(self) -> None:
         """Create the run dir with its ``.hydra`` files, as Hydra's app would."""
+        from tfrun.config import hydra_files
+
         files = self._point_files()
         if files is not None:
             hydra_files.write_texts(self.plan.run_dir, files.output_subdir, files.config, files.hydra,
@@ -130,6 +135,8 @@ def plan_points(loader: Any, sweep: DictConfig, job_overrides: Sequence[Sequence
     """Plan a batch of a sweep's points (``sweep``: the multirun's config), each composed by
     the loader's :class:`tfrun.config.points.PointComposer`. Nothing is written: a bad
     point raises before any run dir exists."""
+    from tfrun.config import points
+
     composer = points.install(loader)
     sweep_dir = Path(str(sweep.hydra.sweep.dir)).resolve()
     planned = []

@@ -1,15 +1,18 @@
 """Every use tfrun makes of submitit's private parts, in one place.
 
 submitit renders its sbatch script and reads sacct's output in functions it does not
-export. tfrun needs the first to show the exact script before submitting (``--dry-run``)
-and the second to read many jobs' states from one sacct call. Each function here wraps
+export, and records what it submitted in files of its own. tfrun needs the first to show
+the exact script before submitting (``--dry-run``), the second to read many jobs' states
+from one sacct call, and the third to find a job its follower submitted just before it was
+killed. Each function here wraps
 one such part; ``tests/test_compat.py`` checks every one against the installed submitit
 and names the upgrade that changed it.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 # The module submitit's own sbatch script runs under srun; tfrun's rendering names it too.
 SUBMIT_MODULE = "submitit.core._submit"
@@ -35,3 +38,17 @@ def read_sacct(text: str) -> dict[str, dict[str, str]]:
     from submitit.slurm.slurm import SlurmInfoWatcher
 
     return dict(SlurmInfoWatcher().read_info(text))
+
+
+def submitted(folder: str | os.PathLike[str]) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """(job id, the arguments of the function it runs) of each job submitit submitted from
+    ``folder``: its ``<job id>_submitted.pkl``, a pickled ``DelayedSubmission``."""
+    import pickle
+
+    for path in sorted(Path(folder).glob("*_submitted.pkl")):
+        try:
+            with open(path, "rb") as f:
+                args = getattr(pickle.load(f), "args", ())
+        except Exception:  # a file being written, or not submitit's: no job to find there
+            continue
+        yield path.name.split("_", 1)[0], tuple(args)

@@ -7,10 +7,10 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from tfrun import rundir
-from tfrun.errors import TfrunError
+from tfrun.errors import UsageError
 from tfrun.targets import progress
 
 
@@ -23,7 +23,7 @@ def run_dirs_of(path: Path) -> list[Path]:
         return [Path(p["run_dir"]) for p in index["points"]]
     points = [p for p in sorted(path.iterdir(), key=lambda p: (len(p.name), p.name)) if rundir.is_run_dir(p)]
     if not points:
-        raise TfrunError(f"{path} is neither a run dir nor a sweep dir")
+        raise UsageError(f"{path} is neither a run dir nor a sweep dir")
     return points
 
 
@@ -71,11 +71,70 @@ def _lost(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
     return status if status.get("state") in rundir.FINAL_STATES else {**status, "state": progress.LOST}
 
 
+def current(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Each run's status now (:func:`refresh`), a local run whose launcher is gone being
+    LOST (:data:`tfrun.targets.progress.LOST`): it will not end by itself."""
+    return [_lost(d, s) for d, s in zip(run_dirs, refresh(run_dirs))]
+
+
 def snapshot(path: Path) -> progress.Snapshot:
     """The progress of a run or sweep now (``tfrun watch``): one :func:`refresh`, so at most
     one scheduler query for all its runs."""
     dirs = run_dirs_of(path)
-    return progress.snapshot(path, dirs, [_lost(d, s) for d, s in zip(dirs, refresh(dirs))])
+    return progress.snapshot(path, dirs, current(dirs))
+
+
+def in_use(launches: Sequence[Mapping[str, Any]]) -> list[bool]:
+    """For each launch (a run dir and the process that launched it: ``run_dir``,
+    ``launcher_host``, ``launcher_pid``, ``launcher_started``): may the run still start or
+    run a task? Queued, running, requeued, or still being launched: yes; ended, LOST, or its
+    run dir gone: no. Reads only, writes nothing (the runs may be other users'): unfinished
+    Slurm runs are asked about in one scheduler query."""
+    dirs = [Path(launch["run_dir"]) for launch in launches]
+    statuses = [_readable_status(d) for d in dirs]
+    waiting = [s["job_ids"][-1] for s in statuses if s and s.get("target") == "slurm"
+               and s.get("state") not in rundir.FINAL_STATES and s.get("job_ids")]
+    jobs: dict[str, dict[str, str]] = {}
+    if waiting:
+        from tfrun.targets import slurm
+
+        jobs = {job: {**info, "State": slurm.tfrun_state(info["State"])} for job, info in slurm.query(waiting).items()}
+    return [_may_run(d, s, launch, jobs) for d, s, launch in zip(dirs, statuses, launches)]
+
+
+def _readable_status(run_dir: Path) -> dict[str, Any] | None:
+    """A run's status; None if its run dir is gone; an unknown state if it cannot be read."""
+    try:
+        return rundir.read_status(run_dir) if run_dir.is_dir() else None
+    except (OSError, ValueError):  # another user's run dir: what it is doing cannot be told
+        return {"state": "UNKNOWN"}
+
+
+def _may_run(run_dir: Path, status: dict[str, Any] | None, launch: Mapping[str, Any],
+             jobs: Mapping[str, Mapping[str, str]]) -> bool:
+    if status is None:
+        return False
+    state = status.get("state")
+    if state is None:  # no status yet: being launched, if its launcher lives (here; elsewhere, assume so)
+        return launch.get("launcher_host") != rundir.hostname() or _is_the_launcher(int(launch["launcher_pid"]), launch)
+    if state in rundir.FINAL_STATES:
+        return False
+    if status.get("target") == "slurm" and status.get("job_ids"):
+        job = jobs.get(status["job_ids"][-1])
+        return job is None or job["State"] not in rundir.FINAL_STATES  # a job Slurm does not know: assume so
+    return _lost(run_dir, status).get("state") != progress.LOST or _tasks_alive(run_dir)
+
+
+def _tasks_alive(run_dir: Path) -> bool:
+    """Does a task of this local run still run here (its launcher killed, say, and not it)?
+    A rank's pid names its task only if that process started before the rank recorded its
+    start: a pid reused later belongs to a process started later."""
+    for record in rundir.rank_records(run_dir).values():
+        if record.get("ended") is None and record.get("pid") and record.get("host") == rundir.hostname():
+            started = rundir.process_started(int(record["pid"]))
+            if started is not None and started <= float(record.get("started") or 0) + 1.0:
+                return True
+    return False
 
 
 def _cancel_in_this_process(run_dir: Path) -> bool:
@@ -84,7 +143,7 @@ def _cancel_in_this_process(run_dir: Path) -> bool:
     return local.cancel_in_process(run_dir)
 
 
-def _is_the_launcher(pid: int, status: dict[str, Any]) -> bool:
+def _is_the_launcher(pid: int, status: Mapping[str, Any]) -> bool:
     """Is ``pid`` still the process that launched this run? Its start time must be the one
     recorded at launch (pids are reused: a SIGTERM must never reach another process)."""
     started = rundir.process_started(pid)

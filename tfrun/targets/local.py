@@ -17,6 +17,7 @@ import time
 from typing import IO, Any
 
 from tfrun import backends, deps, rundir
+from tfrun.errors import ConfigError
 from tfrun.model import export
 from tfrun.plan import Plan, build
 from tfrun.task import preempt
@@ -48,7 +49,7 @@ class _Pump(threading.Thread):
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
+    except ProcessLookupError:  # the group is gone already: nothing left to signal
         pass
 
 
@@ -110,7 +111,7 @@ def dismiss_prestarted() -> None:
     if proc is not None and proc.stdin is not None:
         try:
             proc.stdin.close()
-        except OSError:
+        except OSError:  # it exited already: which is what closing asks of it
             pass
 
 
@@ -138,16 +139,20 @@ def start(plan: Plan, extra_env: dict[str, str] | None = None) -> list[subproces
     """Start one process per task (the first may be the prestarted interpreter), with this
     process's environment and ``extra_env`` (loaded modules: PATH and friends, which only a
     new interpreter honours, so never the prestarted one)."""
-    procs = []
+    procs: list[subprocess.Popen[bytes]] = []
     attempt = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    for task in plan.tasks:
-        launch_env = build.task_launch_env(task.rank, attempt)
-        proc = _take_prestarted(plan, launch_env) if task.rank == 0 and not extra_env else None
-        env = {**os.environ, **(extra_env or {}), **launch_env}
-        procs.append(proc or subprocess.Popen(
-            plan.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        ))
+    try:
+        for task in plan.tasks:
+            launch_env = build.task_launch_env(task.rank, attempt)
+            proc = _take_prestarted(plan, launch_env) if task.rank == 0 and not extra_env else None
+            env = {**os.environ, **(extra_env or {}), **launch_env}
+            procs.append(proc or subprocess.Popen(
+                plan.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            ))
+    except BaseException:
+        stop_all(procs, 0)  # a task that cannot start: the ones started already must not run on alone
+        raise
     return procs
 
 
@@ -244,8 +249,32 @@ def stop_gracefully(procs: list[subprocess.Popen[bytes]], out: IO[bytes]) -> tup
 
 
 def run(plan: Plan, out: IO[bytes] | None = None) -> str:
-    """Run every task of the plan here; returns the final state (also in status.json)."""
-    out = out or sys.stdout.buffer
+    """Run every task of the plan here; returns the final state (also in status.json).
+
+    A launch that fails before it follows its tasks (the run dir cannot be written, a task
+    cannot be started) raises, and the run is recorded FAILED with why (CANCELLED on
+    Ctrl-C): never left RUNNING with nobody to end it."""
+    try:
+        return _run(plan, out or sys.stdout.buffer)
+    except ConfigError:
+        raise  # the environment could not be made ready: recorded FAILED already (deps.prepare)
+    except BaseException as exc:
+        _record_launch_failure(plan, exc)
+        raise
+
+
+def _record_launch_failure(plan: Plan, exc: BaseException) -> None:
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    reason = "interrupted (Ctrl-C) while launching" if interrupted else f"the launch failed: {type(exc).__name__}: {exc}"
+    try:
+        if rundir.read_status(plan.run_dir).get("state") not in rundir.FINAL_STATES:
+            rundir.update_status(plan.run_dir, run_id=plan.run_id, state="CANCELLED" if interrupted else "FAILED",
+                                 target="local", backend=plan.backend, ended=time.time(), reason=reason)
+    except OSError:  # the run dir itself cannot be written: the exception raised says why
+        pass
+
+
+def _run(plan: Plan, out: IO[bytes]) -> str:
     run_dir = plan.run_dir
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     plan.save()

@@ -10,13 +10,19 @@ HyperbandPruner, which the study asks through ``trial.should_prune()``.
 A trial is evaluated after ``delay_evaluation + k * evaluation_interval`` epochs (k >= 1),
 against the other trials of the study (running, finished or pruned) that recorded that
 epoch; until one has, there is nothing to compare with and it runs on.
+
+A value that is not a finite number (NaN, or infinite: a diverged trial) is no result: every
+policy stops the trial at the first such epoch, whatever its schedule (it does not come
+back), the study tells it as failed, and no comparison uses it (a NaN peer would make every
+comparison false, and stop the pruning of everyone). Optuna is told finite values only.
 """
 from __future__ import annotations
 
 import inspect
+import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from tfrun.config.validate import is_number, is_whole
 from tfrun.errors import ConfigError
@@ -141,14 +147,77 @@ def _worse(value: float, than: float, maximize: bool) -> bool:
     return value < than if maximize else value > than
 
 
+class OptunaTrial(Protocol):
+    """What the policies use of an ``optuna.trial.Trial``."""
+
+    def report(self, value: float, step: int) -> None:
+        """Record the value after ``step`` epochs."""
+
+    def should_prune(self) -> bool:
+        """Does the study's pruner stop the trial now?"""
+
+
+def diverged(curve: Curve) -> tuple[int, str] | None:
+    """(epoch count, why) of the first value that is NaN or infinite, else None."""
+    for epoch in sorted(curve):
+        if not math.isfinite(curve[epoch]):
+            return epoch, f"its value after {epoch} epoch(s) is {curve[epoch]}, not a finite number"
+    return None
+
+
+def finite(curve: Curve, upto: int) -> bool:
+    """Are the curve's values up to epoch ``upto`` finite numbers (a trial to compare with there)?"""
+    return all(math.isfinite(v) for e, v in curve.items() if e <= upto)
+
+
+def report(trial: OptunaTrial, curve: Curve, reported: set[int]) -> None:
+    """Tell Optuna the values of the epochs not told yet (``reported``, updated), up to the
+    first that is not a finite number: such a trial is stopped instead (:func:`decide`), and
+    Optuna never told it, so its pruners compare finite numbers only."""
+    for epoch in sorted(set(curve) - reported):
+        if not math.isfinite(curve[epoch]):
+            return
+        trial.report(curve[epoch], epoch)
+        reported.add(epoch)
+
+
+def judge(policy: Policy, maximize: bool, curve: Curve, peers: Sequence[Curve], trial: OptunaTrial,
+          reported: set[int]) -> tuple[int, str] | None:
+    """The study's look at a running trial: (epoch count, why) if ``policy`` stops it, else
+    None. Its epochs not told yet (``reported``) are told to Optuna; ``asha`` and ``hyperband``
+    are asked after each one, as in Optuna's own loop: successive halving records a rung's
+    value at the step it is asked, so epochs told together would be judged by the last one
+    (a trial seen late would look better than its peers at their rungs)."""
+    stopped = decide(policy, maximize, curve, peers)
+    if policy.name not in OPTUNA or stopped is not None:
+        report(trial, curve, reported)
+        return stopped
+    for epoch in sorted(set(curve) - reported):
+        trial.report(curve[epoch], epoch)
+        reported.add(epoch)
+        if trial.should_prune():
+            return epoch, f"Optuna's {OPTUNA[policy.name]}"
+    return None
+
+
 def decide(policy: Policy, maximize: bool, curve: Curve, peers: Sequence[Curve]) -> tuple[int, str] | None:
-    """(epoch count, why) if ``policy`` stops the trial whose values are ``curve``; else None."""
-    if policy.name not in OWN or not curve:
+    """(epoch count, why) if ``policy`` stops the trial whose values are ``curve``, from the
+    curves alone; else None. For ``asha`` and ``hyperband`` only a diverged trial: Optuna
+    decides the rest (:func:`judge`)."""
+    if policy.name == "none" or not curve:
         return None
+    stopped = diverged(curve)
+    if stopped is not None or policy.name in OPTUNA:
+        return stopped
+    return _own(policy, maximize, curve, peers)
+
+
+def _own(policy: Policy, maximize: bool, curve: Curve, peers: Sequence[Curve]) -> tuple[int, str] | None:
+    """median, bandit and truncation, from the curves (all of them finite up to where they compare)."""
     at = evaluation_point(policy, max(curve))
     if at is None or at not in curve:
         return None
-    others = [p for p in peers if at in p]
+    others = [p for p in peers if at in p and finite(p, at)]
     if not others:
         return None
     value = curve[at]
@@ -170,14 +239,22 @@ def decide(policy: Policy, maximize: bool, curve: Curve, peers: Sequence[Curve])
     return None
 
 
-def _bandit(args: Mapping[str, Any], maximize: bool, at: int, value: float, values: list[float]) -> tuple[int, str] | None:
-    best = max(values) if maximize else min(values)
+def bandit_bound(args: Mapping[str, Any], maximize: bool, best: float) -> float:
+    """The worst value bandit lets run on, given the best at that epoch. The slack is the
+    amount, or the factor's share of the best's size (``|best|``): best/(1+f) and best*(1+f)
+    for a positive best, the same distance on the other side of zero for a negative one,
+    always towards the worse values (so the best is never outside its own slack)."""
     if args.get("slack_amount") is not None:
-        amount = float(args["slack_amount"])
-        bound = best - amount if maximize else best + amount
+        slack = float(args["slack_amount"])
     else:
         factor = float(args["slack_factor"])
-        bound = best / (1 + factor) if maximize else best * (1 + factor)
+        slack = abs(best) * (factor / (1 + factor) if maximize else factor)
+    return best - slack if maximize else best + slack
+
+
+def _bandit(args: Mapping[str, Any], maximize: bool, at: int, value: float, values: list[float]) -> tuple[int, str] | None:
+    best = max(values) if maximize else min(values)
+    bound = bandit_bound(args, maximize, best)
     if _worse(value, bound, maximize):
         return at, f"{value:.4g} after {at} epoch(s) is outside the slack of the best {best:.4g} (bound {bound:.4g})"
     return None

@@ -11,6 +11,7 @@ meanwhile, and asks only for the trials still missing: none is lost or run twice
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -21,6 +22,7 @@ from typing import Any, Callable
 
 from tfrun import rundir
 from tfrun.config.space import Space
+from tfrun.errors import TfrunError
 from tfrun.plan import Plan
 from tfrun.targets import control, policies
 from tfrun.targets.tuning import Settings, distributions, make_sampler, objective_curve, open_storage
@@ -33,27 +35,16 @@ class Live:
     """A trial in flight (or, ``draining``, pruned and not yet ended)."""
 
     number: int
-    trial_id: int
     run_dir: Path
     reported: set[int] = field(default_factory=set)
     thread: threading.Thread | None = None
     draining: bool = False
-    handle: Any = None  # its optuna.Trial, made once (making one asks the sampler)
+    handle: Any = None  # its optuna.trial.Trial: ask()'s, or made once when followed again (that asks the sampler)
 
 
 def say(text: str) -> None:
     """A line of the study's progress on stderr."""
     print(f"tfrun: {text}", file=sys.stderr, flush=True)
-
-
-def _record(sweep_dir: Path, run_dir: Path, **fields: Any) -> None:
-    path = sweep_dir / rundir.SWEEP_FILE
-    with rundir.locked(path):
-        index = rundir.read_json(path, {"points": []})
-        for point in index["points"]:
-            if point["run_dir"] == str(run_dir):
-                point.update(fields)
-        rundir.write_json(path, index)
 
 
 class Study:
@@ -120,14 +111,16 @@ class Study:
             say(f"trial {trial.number}: not started: {exc}")
             return
         self.launched += 1
-        self.live.append(Live(trial.number, trial._trial_id, Path(plan.run_dir)))
+        self.live.append(Live(trial.number, Path(plan.run_dir), handle=trial))
         self._attach_thread(self.live[-1])
 
     def _record_point(self, plan: Plan, overrides: list[str], number: int) -> None:
-        from tfrun.targets.sweeps import record_points
+        from tfrun.targets.sweeps import record_points, record_study
 
+        if not self.launched:  # (with the first point: a study that plans none leaves no sweep behind)
+            record_study(self.found.sweep_dir, self.found.objective, self.found.direction)
         record_points(self.found.sweep_dir, [plan], [overrides])
-        _record(self.found.sweep_dir, Path(plan.run_dir), trial=number, state="PENDING")
+        rundir.update_point(self.found.sweep_dir, Path(plan.run_dir), trial=number, state="PENDING")
 
     def _launch(self, plan: Plan, number: int, shown: list[str]) -> None:
         self.target = plan.target
@@ -163,7 +156,7 @@ class Study:
                 self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
                 continue
             status = rundir.read_status(run_dir)
-            live = Live(trial.number, trial._trial_id, Path(run_dir), reported=set(trial.intermediate_values))
+            live = Live(trial.number, Path(run_dir), reported=set(trial.intermediate_values))
             if not status.get("state"):
                 plan = Plan.load(run_dir) if (Path(run_dir) / rundir.PLAN_FILE).exists() else None
                 if plan is None:
@@ -194,7 +187,9 @@ class Study:
             self.launched = max(1, len(self.live))  # a resumed study has run before: a bad trial fails alone
         try:
             while True:
-                while sum(not t.draining for t in self.live) < self.found.max_parallel and self._more():
+                # A pruned trial keeps its slot until it has stopped (its job may still be
+                # running, or waiting to): max_parallel counts jobs, not judgements.
+                while len(self.live) < self.found.max_parallel and self._more():
                     self._start_next()
                 if not self.live:
                     break
@@ -206,26 +201,35 @@ class Study:
         except KeyboardInterrupt:
             self._interrupted()
             raise
+        except TfrunError:
+            if self.pool is not None:
+                self.pool.stop()  # the study stops here: so do its pool's allocations
+            raise
         if self.pool is not None:
             self.pool.close()  # every trial has ended: the pool's allocations end now
 
     def _interrupted(self) -> None:
         """Ctrl-C: Slurm trials go on (``tfrun tune resume`` follows them again); local ones
         run in this process's threads, so they are cancelled, and told as failed."""
+        if self.pool is not None:
+            self.pool.interrupted()  # a local pool ends with its follower: its trials are cancelled
+        local_pool = self.pool is not None and self.target == "local"
+        self._cancel([t for t in self.live if local_pool or (t.thread is not None and t.thread.is_alive())],
+                     "its tuning study's follower was stopped while it ran locally")
+
+    def _cancel(self, trials: list[Live], why: str) -> None:
+        """Cancel trials in flight (a Slurm trial's job, a local one's tasks in this process's
+        thread) and tell them as failed."""
         from optuna.trial import TrialState
 
-        from tfrun.targets import local
-
-        if self.pool is not None:
-            self.pool.interrupted()
-        for live in self.live:
-            in_thread = live.thread is not None and live.thread.is_alive()
-            if in_thread:
-                local.cancel_in_process(live.run_dir)
+        for live in trials:
+            control.cancel(live.run_dir)
+            if live.thread is not None:
                 live.thread.join(timeout=30)
-            if in_thread or (self.pool is not None and self.target == "local"):
-                self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
-                _record(self.found.sweep_dir, live.run_dir, state=rundir.read_status(live.run_dir).get("state"))
+            if rundir.read_status(live.run_dir).get("state") == "CANCELLED":
+                rundir.update_status(live.run_dir, reason=why)
+            self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
+            rundir.update_point(self.found.sweep_dir, live.run_dir, state=rundir.read_status(live.run_dir).get("state"))
 
     def _poll(self) -> None:
         statuses = control.refresh([t.run_dir for t in self.live])
@@ -239,8 +243,7 @@ class Study:
                 continue
             if curves is None:
                 curves = self._curves()
-            self._report(live, curves.get(live.number, {}))
-            self._should_prune(live, curves)
+            self._judge(live, curves)
 
     def _curves(self) -> dict[int, dict[int, float]]:
         """Every trial's objective per epoch: the storage's reports, and the live trials' files."""
@@ -252,43 +255,42 @@ class Study:
         return found
 
     def _trial(self, live: Live) -> Any:
+        """The trial's ``optuna.trial.Trial``, found by its number through the storage's API."""
         import optuna
 
         if live.handle is None:
-            live.handle = optuna.Trial(self.study, live.trial_id)
+            study_id = self.storage.get_study_id_from_name(self.found.study_name)
+            live.handle = optuna.trial.Trial(self.study, self.storage.get_trial_id_from_study_id_trial_number(
+                study_id, live.number))
         return live.handle
 
     def _report(self, live: Live, curve: dict[int, float]) -> None:
-        for epoch in sorted(set(curve) - live.reported):
-            self._trial(live).report(curve[epoch], epoch)
-            live.reported.add(epoch)
+        policies.report(self._trial(live), curve, live.reported)
 
-    def _should_prune(self, live: Live, curves: dict[int, dict[int, float]]) -> bool:
+    def _judge(self, live: Live, curves: dict[int, dict[int, float]]) -> None:
+        """Tell the study a running trial's new epochs, and stop it if its policy says so."""
         curve = curves.get(live.number, {})
         if not curve:
-            return False
-        policy = self.found.policy
-        if policy.name in policies.OPTUNA:
-            decided = (max(curve), f"Optuna's {policies.OPTUNA[policy.name]}") \
-                if self._trial(live).should_prune() else None
-        else:
-            peers = [c for n, c in curves.items() if n != live.number]
-            decided = policies.decide(policy, self.found.maximize, curve, peers)
-        if decided is None:
-            return False
-        self._prune(live, *decided)
-        return True
+            return
+        peers = [c for n, c in curves.items() if n != live.number]
+        decided = policies.judge(self.found.policy, self.found.maximize, curve, peers, self._trial(live), live.reported)
+        if decided is not None:
+            self._prune(live, *decided, failed=policies.diverged(curve) is not None)
 
-    def _prune(self, live: Live, epoch: int, why: str) -> None:
+    def _prune(self, live: Live, epoch: int, why: str, failed: bool = False) -> None:
+        """Stop a trial for good. One whose objective is not a finite number is told as failed:
+        it has no result (the samplers model a pruned trial from its last value)."""
         from optuna.trial import TrialState
 
         rundir.write_json(live.run_dir / rundir.PRUNE_FILE, {"policy": self.found.policy.name, "epoch": epoch,
                                                             "why": why, "time": time.time(), "trial": live.number})
+        waiting = rundir.read_status(live.run_dir).get("state") in ("PENDING", "PREEMPTED")
         stop_request(live.run_dir)
-        self.study.tell(live.number, state=TrialState.PRUNED, skip_if_finished=True)
-        live.draining = True  # its slot is free now; it is followed until it has stopped
-        _record(self.found.sweep_dir, live.run_dir, state="PRUNED", pruned_epoch=epoch)
-        say(f"trial {live.number}: pruned after {epoch} epoch(s) ({self.found.policy.name}: {why})")
+        self.study.tell(live.number, state=TrialState.FAIL if failed else TrialState.PRUNED, skip_if_finished=True)
+        live.draining = True  # followed (and holding its slot) until it has stopped
+        rundir.update_point(self.found.sweep_dir, live.run_dir, state="PRUNED", pruned_epoch=epoch)
+        say(f"trial {live.number}: pruned after {epoch} epoch(s) ({self.found.policy.name}: {why})"
+            + ("; its job was waiting to run: cancelled" if waiting else ""))
 
     def _ended(self, live: Live, status: dict[str, Any]) -> None:
         from optuna.trial import TrialState
@@ -302,20 +304,48 @@ class Study:
         if not live.draining:  # (a pruned trial was told already: its storage record is closed)
             self._report(live, curve)  # epochs since the last poll: the policies compare later trials with them
         value = curve[max(curve)] if curve and state == "COMPLETED" else None
+        if value is not None and not math.isfinite(value):
+            why, value = f"its {metric} is {value}, not a finite number", None  # never the best, never told as one
+        else:
+            why = status.get("reason") or (f"no {metric} recorded" if state == "COMPLETED" else state)
         if state == "PRUNED" or live.draining:  # (it may have completed before the stop request came)
             self.study.tell(live.number, state=TrialState.PRUNED, skip_if_finished=True)
-            _record(self.found.sweep_dir, live.run_dir, state=state, pruned_epoch=status.get("pruned_epoch"),
-                    objective={"metric": metric, "value": value})
+            rundir.update_point(self.found.sweep_dir, live.run_dir, state=state,
+                                pruned_epoch=status.get("pruned_epoch"), objective={"metric": metric, "value": value})
             return
         if value is None:
             self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
             SweepOutcome.failed.append(f"trial {live.number}")
-            why = status.get("reason") or (f"no {metric} recorded" if state == "COMPLETED" else state)
             say(f"trial {live.number}: {state}: {why}")
         else:
             self.study.tell(live.number, value, skip_if_finished=True)
             say(f"trial {live.number}: {state}: {metric}={value:.6g}")
-        _record(self.found.sweep_dir, live.run_dir, state=state, objective={"metric": metric, "value": value})
+        rundir.update_point(self.found.sweep_dir, live.run_dir, state=state, objective={"metric": metric, "value": value})
+        if state == "COMPLETED" and not curve and not self._objective_recorded():
+            self._objective_never_recorded(live)
+
+    def _objective_recorded(self) -> bool:
+        """Has any trial of the study recorded the objective (a finite value or not)?"""
+        index = rundir.read_json(self.found.sweep_dir / rundir.SWEEP_FILE, {"points": []})
+        return any(objective_curve(Path(p["run_dir"]), self.found.objective) for p in index["points"] if "trial" in p)
+
+    def _objective_never_recorded(self, live: Live) -> None:
+        """A trial completed without the objective, and no trial has recorded it: a name the
+        script does not record (a typo), and every trial would end the same way. The study
+        stops here: the trials in flight are cancelled, and the error names what was recorded."""
+        from tfrun.errors import ConfigError
+        from tfrun.tracking.compare import epoch_series
+        from tfrun.tracking.metrics import METRICS_FILE
+
+        recorded = sorted(epoch_series(live.run_dir))
+        self._cancel(list(self.live), f"its tuning study stopped: no trial records its objective {self.found.objective}")
+        self.live.clear()
+        metric, where = self.found.objective, live.run_dir / METRICS_FILE
+        what = (f"it recorded {', '.join(recorded)} ({where}): set tfrun.objective to one of them"
+                if recorded else f"it recorded no metric at all ({where} has none): a Keras fit records its "
+                                 f"metrics by itself, another script calls tfrun.log_metric(name, value, step)")
+        raise ConfigError(f"tfrun.objective={metric}: trial {live.number} completed without recording {metric}, and "
+                          f"no trial of the study has; {what}. The study stopped (its other trials were cancelled)")
 
 
 def _running() -> Any:
@@ -342,19 +372,11 @@ def submitted_job(sweep_dir: Path, plan: Plan) -> str | None:
     """A trial Slurm has but its status does not (the follower was killed between sbatch and
     recording the job id): found in submitit's record of what it submitted, and recorded now,
     so that it is followed rather than submitted twice."""
-    import pickle
-
-    from tfrun.plan import sbatch
+    from tfrun.plan import sbatch, submitit_compat
 
     folder = sweep_dir / sbatch.SUBMITIT_DIR
-    for path in sorted(folder.glob("*_submitted.pkl")):
-        try:
-            with open(path, "rb") as f:
-                args = getattr(pickle.load(f), "args", ())  # submitit's DelayedSubmission, written by us
-        except Exception:  # a file being written, or not submitit's: not this trial's
-            continue
+    for job, args in submitit_compat.submitted(folder):
         if args and str(args[0]) == plan.run_dir:
-            job = path.name.split("_", 1)[0]
             now = time.time()
             rundir.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm",
                                  submitit_folder=str(folder), backend=plan.backend, job_ids=[job], submitted=now,
@@ -364,10 +386,12 @@ def submitted_job(sweep_dir: Path, plan: Plan) -> str | None:
 
 
 def stop_request(run_dir: Path) -> None:
-    """Ask a run's tasks to stop (their Keras fit backs up the last epoch and returns):
-    ``scancel --signal=USR2`` on Slurm, SIGUSR2 to the tasks of a local run."""
+    """Ask a pruned trial's tasks to stop (their Keras fit backs up the last epoch and returns):
+    SIGUSR2 to the tasks of a local run; on Slurm, ``scancel --signal=USR2`` if its job runs, and
+    if it waits (queued, held, or requeued) the job is cancelled: it has nothing to back up.
+    Either way a task that starts after ``prune.json`` was written stops at its start
+    (:func:`tfrun.bootstrap.run_task`), so a job that starts in between does not train."""
     import signal
-    import subprocess
 
     status = rundir.read_status(run_dir)
     if status.get("pool"):  # a pool's item: its coordinator signals that item's processes only
@@ -376,11 +400,29 @@ def stop_request(run_dir: Path) -> None:
         Pool.open(status["pool"]).signal(run_dir, signal.SIGUSR2)
         return
     if status.get("target") == "slurm" and status.get("job_ids"):
-        subprocess.run(["scancel", "--signal=USR2", status["job_ids"][-1]], capture_output=True, timeout=60)
+        job = status["job_ids"][-1]
+        # Each request is for the job's state only: Slurm refuses a signal to a job that is not
+        # running, after retrying for a minute and a half.
+        _scancel(["--state=PENDING", job])
+        _scancel(["--state=RUNNING", "--signal=USR2", job])
         return
     for record in rundir.rank_records(run_dir).values():
         if record.get("ended") is None and record.get("pid") and record.get("host") == rundir.hostname():
             try:
                 os.kill(int(record["pid"]), signal.SIGUSR2)
-            except ProcessLookupError:
+            except ProcessLookupError:  # it has just ended: there is nothing to stop
                 pass
+
+
+def _scancel(args: list[str]) -> None:
+    """``scancel ARGS``; a failure is said, not raised: the trial is pruned whatever Slurm
+    answers, and stops at its start if its job starts later."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["scancel", *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        say(f"scancel {' '.join(args)}: {exc}")
+        return
+    if done.returncode != 0 and "Invalid job id" not in done.stderr:  # (that one: it has ended, as asked)
+        say(f"scancel {' '.join(args)}: {done.stderr.strip() or f'exit code {done.returncode}'}")

@@ -30,20 +30,27 @@ class SweepOutcome:
 
 def record_points(sweep_dir: Path, plans: Sequence[Plan], overrides: Sequence[Sequence[str]]) -> None:
     """Add points to the sweep's index (a tuning sweeper launches several batches)."""
-    index = rundir.read_json(sweep_dir / rundir.SWEEP_FILE, {"points": []})
-    known = {p["run_dir"] for p in index["points"]}
-    index["points"] += [{"run_id": p.run_id, "run_dir": p.run_dir, "overrides": list(o)}
-                        for p, o in zip(plans, overrides) if p.run_dir not in known]
-    rundir.write_json(sweep_dir / rundir.SWEEP_FILE, index)
+    def add(index: dict[str, Any]) -> None:
+        known = {p["run_dir"] for p in index["points"]}
+        index["points"] += [{"run_id": p.run_id, "run_dir": p.run_dir, "overrides": list(o)}
+                            for p, o in zip(plans, overrides) if p.run_dir not in known]
+
+    rundir.update_json(sweep_dir / rundir.SWEEP_FILE, add, {"points": []})
+
+
+def record_study(sweep_dir: Path, metric: str, direction: str) -> None:
+    """A tuning study's objective and direction, in the sweep's index (``tfrun runs --sweep``
+    judges the objective by them)."""
+    path = sweep_dir / rundir.SWEEP_FILE
+    with rundir.locked(path):
+        index = rundir.read_json(path, {"points": []})
+        index["objective"] = {"metric": metric, "direction": direction}
+        rundir.write_json(path, index)
 
 
 def record_objective(sweep_dir: Path, plan: Plan, metric: str, value: float | None) -> None:
     """Remember a point's objective value in the sweep's index."""
-    index = rundir.read_json(sweep_dir / rundir.SWEEP_FILE, {"points": []})
-    for point in index["points"]:
-        if point["run_dir"] == plan.run_dir:
-            point["objective"] = {"metric": metric, "value": value}
-    rundir.write_json(sweep_dir / rundir.SWEEP_FILE, index)
+    rundir.update_point(sweep_dir, plan.run_dir, objective={"metric": metric, "value": value})
 
 
 def objective_value(plan: Plan, metric: str) -> float | None:
@@ -52,15 +59,6 @@ def objective_value(plan: Plan, metric: str) -> float | None:
 
     found = summary(Path(plan.run_dir)).get(metric)
     return found[0] if found else None
-
-
-def best_point(sweep_dir: Path, maximize: bool) -> dict[str, Any] | None:
-    """The point with the best objective value so far."""
-    index = rundir.read_json(sweep_dir / rundir.SWEEP_FILE, {"points": []})
-    scored = [p for p in index["points"] if (p.get("objective") or {}).get("value") is not None]
-    if not scored:
-        return None
-    return (max if maximize else min)(scored, key=lambda p: p["objective"]["value"])
 
 
 def run_points(plans: Sequence[Plan], sweep_dir: Path) -> list[str]:
@@ -93,8 +91,8 @@ def _remove_empty_sweep(sweep_dir: Path) -> None:
     """Nothing ran: leave nothing behind, the runs dir Hydra's sweeper made for it included."""
     shutil.rmtree(sweep_dir, ignore_errors=True)
     try:
-        sweep_dir.parent.rmdir()  # only if empty
-    except OSError:
+        sweep_dir.parent.rmdir()
+    except OSError:  # not empty (other runs are there) or already gone: it stays as it is
         pass
 
 

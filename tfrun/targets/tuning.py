@@ -8,18 +8,20 @@ Optuna is imported only inside functions: ``--dry-run`` and ``--help`` do not ne
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import importlib.util
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Mapping
 
 from tfrun import rundir
 from tfrun.config.space import Space
 from tfrun.config.validate import is_whole
-from tfrun.errors import ConfigError
+from tfrun.errors import ConfigError, TfrunError
 from tfrun.targets import policies
 
 # sampler -> the packages it needs beyond Optuna (cmaes and gp are Optuna's, with extras).
@@ -30,6 +32,7 @@ DIRECTIONS = ("maximize", "minimize")
 STARTUP_SAMPLERS = ("tpe", "gp", "cmaes")  # the samplers that start with random trials
 JOURNAL_FILE = "study.journal"  # Optuna's journal storage, in the sweep dir
 TUNE_FILE = "tune.json"  # how the study was asked for: what `tfrun tune resume` runs again
+FOLLOWER_FILE = "follower.lock"  # locked by the study's follower for its life; says who it is
 _INVOCATION: dict[str, Any] = {}
 
 
@@ -256,6 +259,43 @@ def save_invocation(found: Settings, sweep_overrides: list[str]) -> None:
     rundir.write_json(path, data)
 
 
+def follow_alone(found: Settings) -> IO[str]:
+    """Become the study's one follower: an exclusive ``flock`` on ``follower.lock`` in the sweep
+    dir, held while the returned file is open (the kernel drops it when the process ends, however
+    it ends: a killed follower leaves nothing to clean up). Two followers would each ask for the
+    trials still missing and start them twice, so a second one is refused, naming the first.
+    Where the filesystem has no locks (some NFS mounts), the study is followed unlocked."""
+    path = found.sweep_dir / FOLLOWER_FILE
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        text = handle.read()
+        handle.close()
+        raise TfrunError(f"the study in {found.sweep_dir} is being followed already, {_follower(text)}: a second "
+                         f"follower would start its trials twice. Let that one go on, or stop it (Ctrl-C: its Slurm "
+                         f"trials go on) and then run tfrun tune resume {found.sweep_dir}") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        return handle
+    handle.truncate(0)
+    handle.write(json.dumps({"pid": os.getpid(), "host": rundir.hostname(), "started": time.time()}) + "\n")
+    handle.flush()
+    return handle
+
+
+def _follower(text: str) -> str:
+    """'by tfrun pid 123 on node1 since 2026-12-05 21:30:00' from the lock file's record."""
+    try:
+        holder = json.loads(text)
+    except ValueError:  # being written this very moment
+        return "by another tfrun"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started") or 0))
+    return f"by tfrun pid {holder.get('pid')} on {holder.get('host')} since {since}"
+
+
 def resume_argv(sweep_dir: Path) -> tuple[list[str], str]:
     """The ``tfrun -m`` command line that reattaches to a study, and the directory to run it in."""
     data = rundir.read_json(sweep_dir / TUNE_FILE)
@@ -317,7 +357,7 @@ def summary(found: Settings) -> dict[str, Any]:
     """Trials done / pruned / failed, the best, and the compute pruning saved: each pruned
     trial's task-seconds against its estimated full length (its seconds per epoch times the
     epochs of the longest completed trial). Kept in ``sweep.json`` under ``study``."""
-    from tfrun.targets.sweeps import best_point
+    from tfrun.tracking.compare import best_point
 
     path = found.sweep_dir / rundir.SWEEP_FILE
     index = rundir.read_json(path, {"points": []})
@@ -333,16 +373,16 @@ def summary(found: Settings) -> dict[str, Any]:
             pruned_used += secs
             pruned_full += secs * max(full, epochs) / max(epochs, 1)
     best = best_point(found.sweep_dir, found.maximize)
-    data = {"trials": len(points), "completed": states.count("COMPLETED"), "pruned": states.count("PRUNED"),
-            "failed": sum(1 for s in states if s not in ("COMPLETED", "PRUNED")),
+    # Done: completed with a value for the objective (a run that completed without one, or with
+    # one that is not a finite number, is a failed trial).
+    done = sum(1 for p in points if p.get("state") == "COMPLETED" and (p.get("objective") or {}).get("value") is not None)
+    data = {"trials": len(points), "completed": done, "pruned": states.count("PRUNED"),
+            "failed": len(points) - done - states.count("PRUNED"),
             "task_seconds": round(used, 1), "pruned_task_seconds": round(pruned_used, 1),
             "pruned_full_estimate_s": round(pruned_full, 1), "saved_task_seconds": round(pruned_full - pruned_used, 1),
             "best": best and {"run_dir": best["run_dir"], "value": best["objective"]["value"]},
             "policy": found.policy.describe(), "sampler": found.sampler}
-    with rundir.locked(path):
-        index = rundir.read_json(path, {"points": []})
-        index["study"] = data
-        rundir.write_json(path, index)
+    rundir.update_json(path, lambda index: index.update(study=data), {"points": []})
     return data
 
 

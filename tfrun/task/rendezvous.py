@@ -83,7 +83,7 @@ def claim_port(run_dir: str | os.PathLike[str], host: str) -> int:
     for _ in range(100):
         port = free_port()
         try:
-            os.close(os.open(folder / f"{host}-{port}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            os.close(os.open(folder / f"{host}-{port}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         except FileExistsError:
             continue  # another task of this run on this node has it
         return port

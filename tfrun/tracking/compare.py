@@ -1,6 +1,7 @@
 """Runs side by side: the sweep table of ``tfrun runs --sweep`` and ``tfrun plot``."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,15 +25,50 @@ def epoch_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def best_point(sweep_dir: Path, maximize: bool) -> dict[str, Any] | None:
+    """The point of a sweep with the best objective value so far (as ``sweep.json`` records
+    them); a value that is not a finite number (NaN, infinite) is never the best."""
+    index = rundir.read_json(sweep_dir / rundir.SWEEP_FILE, {"points": []})
+    scored = [p for p in index["points"] if _finite((p.get("objective") or {}).get("value"))]
+    if not scored:
+        return None
+    return (max if maximize else min)(scored, key=lambda p: p["objective"]["value"])
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def better(metric: str) -> Any:
     """min for losses and errors, max for everything else (accuracy, auc, ...)."""
     return min if any(w in metric for w in ("loss", "error", "mse", "mae")) else max
 
 
-def summary(run_dir: Path) -> dict[str, tuple[float, float]]:
-    """metric -> (final value, best value)."""
-    return {name: (values[-1][1], better(name)(v for _, v in values))
-            for name, values in epoch_series(run_dir).items() if values}
+Objective = tuple[str, bool]  # a tuning study's objective: (metric, larger is better)
+
+
+def study_objective(sweep_dir: Path) -> Objective | None:
+    """The objective of the tuning study in ``sweep_dir`` and its direction, as the study
+    recorded them in ``sweep.json``; None for a sweep that is not a study."""
+    found = (rundir.read_json(sweep_dir / rundir.SWEEP_FILE) or {}).get("objective")
+    return (found["metric"], found["direction"] == "maximize") if found else None
+
+
+def _pick(metric: str, study: Objective | None) -> Any:
+    """max or min: by the study's direction for its objective; by the metric's name otherwise."""
+    if study and study[0] == metric:
+        return max if study[1] else min
+    return better(metric)
+
+
+def summary(run_dir: Path, study: Objective | None = None) -> dict[str, tuple[float, float]]:
+    """metric -> (final value, best value); the best of the finite values (the final one if
+    there is none), by :func:`_pick`."""
+    found = {}
+    for name, values in epoch_series(run_dir).items():
+        numbers = [v for _, v in values if math.isfinite(v)]
+        found[name] = (values[-1][1], _pick(name, study)(numbers) if numbers else values[-1][1])
+    return found
 
 
 def point_params(sweep_dir: Path, run_dirs: Sequence[Path]) -> list[dict[str, str]]:
@@ -53,17 +89,22 @@ def varying_keys(params: Sequence[dict[str, str]]) -> list[str]:
 
 def sweep_table(sweep_dir: Path, run_dirs: Sequence[Path], statuses: Sequence[dict[str, Any]],
                 sort: str | None = None) -> str:
-    """A text table: the parameters that differ, state, duration, final/best of each metric."""
+    """A text table: the parameters that differ, state, duration, final/best of each metric.
+    ``sort``: by that metric's final value, best first (a value that is not a number last).
+    In a tuning study its objective is judged by the study's direction, and its best trial
+    is marked ``*``."""
     params = point_params(sweep_dir, run_dirs)
     varying = varying_keys(params)
-    summaries = [summary(d) for d in run_dirs]
+    study = study_objective(sweep_dir)
+    summaries = [summary(d, study) for d in run_dirs]
     names = sorted({m for s in summaries for m in s})
     rows = list(zip(run_dirs, params, statuses, summaries))
     if sort:
-        pick = better(sort)
-        present = [r for r in rows if sort in r[3]]
-        present.sort(key=lambda r: r[3][sort][0], reverse=pick is max)
-        rows = present + [r for r in rows if sort not in r[3]]
+        numbered = [sort in r[3] and math.isfinite(r[3][sort][0]) for r in rows]
+        present = [r for r, n in zip(rows, numbered) if n]
+        present.sort(key=lambda r: r[3][sort][0], reverse=_pick(sort, study) is max)
+        rows = present + [r for r, n in zip(rows, numbered) if not n]
+    best = best_point(sweep_dir, study[1]) if study else None
     header = ["run", *varying, "state", "duration", *(f"{m} final/best" for m in names)]
     table = [header]
     for run_dir, p, status, summ in rows:
@@ -73,9 +114,14 @@ def sweep_table(sweep_dir: Path, run_dirs: Sequence[Path], statuses: Sequence[di
         state = status.get("state", "UNKNOWN")
         if state == "PRUNED" and status.get("pruned_epoch") is not None:  # a tuning policy stopped it there
             state = f"PRUNED@{status['pruned_epoch']}"
-        table.append([run_dir.name, *(p.get(k, "-") for k in varying), state, duration, *cells])
+        name = run_dir.name + ("*" if best and best["run_dir"] == str(run_dir) else "")
+        table.append([name, *(p.get(k, "-") for k in varying), state, duration, *cells])
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    if best and study:
+        lines.append(f"* the study's best: {study[0]}={best['objective']['value']:.6g} "
+                     f"({'maximize' if study[1] else 'minimize'})")
+    return "\n".join(lines)
 
 
 def labels(sweep_dir: Path, run_dirs: Sequence[Path]) -> list[str]:

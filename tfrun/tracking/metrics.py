@@ -8,20 +8,22 @@ Records are appended, never rewritten: an epoch (or ``log_params``) is written a
 flushed at once; ``log_metric`` values, which scripts may log at every step, are kept in
 memory and written in batches by a background thread (at least every
 :data:`FLUSH_INTERVAL_S`, and when the task ends or is asked to stop), so a call costs
-about a microsecond whatever the file's size. Epochs also become TensorBoard scalars here;
-``log_metric`` values become TensorBoard scalars outside the task, when ``tfrun tensorboard``
-shows the run (:func:`tfrun.tracking.board.convert`): a summary op per value would
-cost the script far more than the value itself. A kill can leave a torn last line: readers
-skip it, and the next writer starts on a new line.
+about a microsecond whatever the file's size. Any thread may log: each keeps its values
+apart until a batch merges them in the order of their times. Epochs also become
+TensorBoard scalars here; ``log_metric`` values become TensorBoard scalars outside the
+task, when ``tfrun tensorboard`` shows the run (:func:`tfrun.tracking.board.convert`): a
+summary op per value would cost the script far more than the value itself. A kill can
+leave a torn last line: readers skip it, and the next writer starts on a new line.
 """
 from __future__ import annotations
 
 import atexit
+import bisect
+import heapq
 import json
 import math
 import os
 import sys
-import tempfile
 import threading
 import time
 from array import array
@@ -30,6 +32,7 @@ from typing import Any, Mapping
 
 import orjson
 
+from tfrun import rundir
 from tfrun.tracking import tensorboard
 
 METRICS_FILE = "metrics.jsonl"
@@ -53,7 +56,7 @@ def parse(text: str | bytes) -> list[dict[str, Any]]:
         records = orjson.loads(b"[" + data.strip().replace(b"\n", b",") + b"]")
         if all(type(r) is dict for r in records):
             return list(records)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError:  # a torn line, NaN or Infinity: read line by line below
         pass
     records = []
     for line in data.splitlines():
@@ -106,12 +109,14 @@ def _line(record: Mapping[str, Any]) -> bytes:
     return (json.dumps(record, sort_keys=True, default=float) + "\n").encode()
 
 
-class _Appender:
-    """Appends to one task's metrics file; ``log_metric`` values wait in memory for a batch.
+class _Columns:
+    """The ``log_metric`` values one thread logged that wait for a batch.
 
-    Waiting values are kept in four columns, not as a tuple each: a tuple is an object the
-    garbage collector tracks, and 100,000 of them made its collections cost more than the
-    calls themselves.
+    Kept in four columns, not as a tuple each: a tuple is an object the garbage collector
+    tracks, and 100,000 of them made its collections cost more than the calls themselves.
+    Each thread has columns of its own: a value's four parts are four appends, and two
+    threads appending to shared columns would interleave them (a value filed under the other
+    thread's name). One writer per column needs no lock on the caller's path.
     """
 
     def __init__(self) -> None:
@@ -119,41 +124,76 @@ class _Appender:
         self.values = array("d")
         self.steps: list[int | None] = []
         self.times = array("d")  # appended last: its length counts the complete values
-        self.lock = threading.Lock()  # one writer at a time: the caller or the flusher
-        self.thread: threading.Thread | None = None
+        self.thread = threading.current_thread()
+        # What log_metric calls, bound once per thread.
+        self.appends = (self.names.append, self.values.append, self.steps.append, self.times.append, self.times)
 
-    def started(self) -> None:
-        """After the first value: the flusher runs; at every MAX_PENDING values: a write now."""
-        if self.thread is None:
-            self._start()
-        if len(self.times) >= MAX_PENDING:
-            self.flush()  # a script logging faster than the flusher writes: keep memory bounded
-
-    def record(self, record: Mapping[str, Any], path: Path | None = None) -> None:
-        """One record written now (after the values logged before it), flushed to disk."""
-        with self.lock:
-            self._write(path or metrics_path(), self._take() + _line({"time": time.time(), **record}), sync=True)
-
-    def flush(self) -> None:
-        with self.lock:
-            text = self._take()
-            if text:
-                self._write(metrics_path(), text, sync=False)
-
-    def _take(self) -> bytes:
+    def take(self, cutoff: float | None) -> tuple[list[str], array, list[int | None], array]:
+        """The complete values (logged at or before ``cutoff``), removed from the columns."""
+        # A value being appended meanwhile is past `count` in each column and stays for the
+        # next batch; so do values logged after the cutoff (times grow within a thread).
         count = len(self.times)
-        if not count:
-            return b""
-        # The columns stay the ones scripts append to; a value being appended meanwhile is
-        # past `count` in each and stays for the next batch.
+        if cutoff is not None:
+            count = bisect.bisect_right(self.times, cutoff, 0, count)
         columns = (self.names, self.values, self.steps, self.times)
         names, values, steps, times = (column[:count] for column in columns)
         for column in columns:
             del column[:count]
+        return names, values, steps, times  # type: ignore[return-value]
+
+
+class _Appender:
+    """Appends to one task's metrics file; ``log_metric`` values wait in memory for a batch."""
+
+    def __init__(self) -> None:
+        self.columns: list[_Columns] = []  # one per thread that logged a value
+        self.local = threading.local()  # this thread's columns' appends
+        self.lock = threading.Lock()  # one writer at a time: the caller or the flusher
+        self.thread: threading.Thread | None = None
+
+    def for_this_thread(self) -> _Columns:
+        """The calling thread's columns, made on its first value."""
+        columns = _Columns()
+        self.local.appends = columns.appends
+        self.columns.append(columns)
+        return columns
+
+    def started(self, pending: array) -> None:
+        """After the first value: the flusher runs; at every MAX_PENDING values: a write now."""
+        if self.thread is None:
+            self._start()
+        if len(pending) >= MAX_PENDING:
+            self.flush(everything=True)  # a script logging faster than the flusher writes: keep memory bounded
+
+    def record(self, record: Mapping[str, Any], path: Path | None = None) -> None:
+        """One record written now (after the values logged before it), flushed to disk."""
+        with self.lock:
+            now = time.time()
+            self._write(path or metrics_path(), self._take(now) + _line({"time": now, **record}), sync=True)
+
+    def flush(self, everything: bool = False) -> None:
+        """Write the values logged so far (``everything``: also any stamped later than now,
+        which only a clock set back makes)."""
+        with self.lock:
+            text = self._take(None if everything else time.time())
+            if text:
+                self._write(metrics_path(), text, sync=False)
+
+    def _take(self, cutoff: float | None) -> bytes:
+        # The values up to the cutoff, in the order of their times across threads: a later
+        # batch then holds no value older than an earlier batch did, which readers that go
+        # on from the last time they saw (the MLflow sync) rely on.
+        batches = [columns.take(cutoff) for columns in list(self.columns) if len(columns.times)]
+        for columns in [c for c in self.columns if not c.thread.is_alive() and not len(c.times)]:
+            self.columns.remove(columns)  # a thread that ended: its columns are empty for good
+        if not batches:
+            return b""
+        rows = zip(*batches[0]) if len(batches) == 1 else heapq.merge(*(zip(*b) for b in batches),
+                                                                       key=lambda row: row[3])
         dumps = orjson.dumps  # ~3x faster than formatting in Python
         return b"".join(dumps({"name": str(name), "step": step, "time": stamp, "value": value}) + b"\n"
                         if math.isfinite(value) else _line({"name": name, "step": step, "time": stamp, "value": value})
-                        for name, value, step, stamp in zip(names, values, steps, times))
+                        for name, value, step, stamp in rows)
 
     @staticmethod
     def _write(path: Path, text: bytes, sync: bool) -> None:
@@ -172,7 +212,7 @@ class _Appender:
     def _start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="tfrun-metrics", daemon=True)
         self.thread.start()
-        atexit.register(self.flush)
+        atexit.register(self.flush, everything=True)
 
     def _run(self) -> None:
         while True:
@@ -185,14 +225,13 @@ class _Appender:
 
 
 _appender = _Appender()
-_names, _values, _steps, _times = (_appender.names.append, _appender.values.append, _appender.steps.append,
-                                   _appender.times.append)
+_local = _appender.local
 _now = time.time
 
 
 def flush() -> None:
     """Write every value logged so far (tfrun calls this when a task ends or is stopped)."""
-    _appender.flush()
+    _appender.flush(everything=True)
 
 
 def append(record: Mapping[str, Any], path: Path | None = None) -> None:
@@ -201,15 +240,19 @@ def append(record: Mapping[str, Any], path: Path | None = None) -> None:
 
 
 def log_metric(name: str, value: float, step: int | None = None) -> None:
-    """Record one value of a metric (from any script, any framework); cheap enough per step."""
+    """Record one value of a metric (from any script, any framework, any thread); cheap enough per step."""
     value = float(value)  # first: a value that is no number fails here, before any column grows
     step = None if step is None else int(step)
-    _names(name)
-    _values(value)
-    _steps(step)
-    _times(_now())
-    if len(_appender.times) % 4096 == 1:  # the first value, then now and then: one branch per call
-        _appender.started()
+    try:
+        names, values, steps, times, pending = _local.appends
+    except AttributeError:  # this thread's first value
+        names, values, steps, times, pending = _appender.for_this_thread().appends
+    names(name)
+    values(value)
+    steps(step)
+    times(_now())
+    if len(pending) % 4096 == 1:  # the first value, then now and then: one branch per call
+        _appender.started(pending)
 
 
 def log_params(params: Mapping[str, Any] | None = None, **more: Any) -> None:
@@ -225,13 +268,7 @@ def log_epoch(epoch: int, logs: Mapping[str, Any]) -> None:
 
 
 def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(b"".join(_line(record) for record in records))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    rundir.write_atomic(path, b"".join(_line(record) for record in records), sync=True)
 
 
 def reconcile_epochs(completed: int, last_logs: Mapping[str, Any] | None) -> None:

@@ -13,16 +13,17 @@ is left alone.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import sys
+import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from tfrun import rundir
-from tfrun.tracking import metrics, provenance
+from tfrun.tracking import metrics, mlflow_compat, provenance
+from tfrun.tracking.redact import Redactor
 
 STATE_FILE = "mlflow.json"  # in a run dir (its MLflow run) or a sweep dir (the parent run)
 SEND_INTERVAL_S = 2.0
@@ -31,6 +32,7 @@ END_DEADLINE_S = 20.0  # how long the end of a task may wait for MLflow
 _MAX_PARAM = 500  # MLflow rejects long param values; the full config is an artifact anyway
 _BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-request limits
 _RESERVED = ("epoch", "time", "step")
+END_LOCK = "mlflow-end"  # held while a run's MLflow run is ended (rundir.locked: .mlflow-end.lock)
 
 
 def tracking_uri(cfg: Mapping[str, Any], runs_dir: Path) -> str:
@@ -61,9 +63,21 @@ def _quick_failures() -> None:
 
 
 def client(uri: str) -> Any:
+    """MLflow's client of a store (an SQLite file is made first: see :func:`_sqlite_file`)."""
     from mlflow import MlflowClient
 
+    _sqlite_file(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _sqlite_file(uri: str) -> None:
+    """An SQLite store's file, made empty if missing (an empty file is an empty database):
+    SQLite would make it 0644 whatever the umask, and a runs dir shared with a group needs
+    the group's write permission the umask gives (its journals copy the file's mode)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if path.parent.is_dir() and not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))
 
 
 def _experiment_id(mlflow: Any, cfg: Mapping[str, Any], runs_dir: Path, name: str) -> str:
@@ -81,25 +95,16 @@ def _experiment_id(mlflow: Any, cfg: Mapping[str, Any], runs_dir: Path, name: st
         return str(found.experiment_id)
 
 
-class _Lock:
-    """An exclusive lock on a file of the shared run dir: one creator of a run at a time."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> None:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: Any) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+def _update(folder: Path, change: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """Change a run's (or sweep's) ``mlflow.json`` under its lock: the chief task's sender,
+    the end of the run and ``tfrun sync`` in another shell all write it."""
+    return dict(rundir.update_json(folder / STATE_FILE, change, {}))
 
 
 def parent_run(cfg: Mapping[str, Any], runs_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     """The sweep's parent run: created once, by whichever point gets there first."""
     marker = sweep_dir / STATE_FILE
-    with _Lock(sweep_dir / ".mlflow.lock"):
+    with rundir.locked(marker):  # held while creating: one parent run, whoever comes first
         known = rundir.read_json(marker)
         if known:
             return dict(known)
@@ -130,7 +135,7 @@ def open_run(run_dir: Path, config: Mapping[str, Any]) -> tuple[Any, dict[str, A
 
     cfg = config["tracking"]
     runs_dir = Path(config["tfrun"]["runs_dir"])
-    with _Lock(run_dir / ".mlflow.lock"):
+    with rundir.locked(run_dir / STATE_FILE):  # held while creating: one MLflow run per run
         known = rundir.read_json(run_dir / STATE_FILE)
         if known:
             return client(known["tracking_uri"]), dict(known)
@@ -143,13 +148,14 @@ def open_run(run_dir: Path, config: Mapping[str, Any]) -> tuple[Any, dict[str, A
         else:
             experiment_id = _experiment_id(mlflow, cfg, runs_dir, cfg.get("experiment") or "tfrun")
         # The user's tags (tfrun.tags, Experiment.submit(tags=...)) first: tfrun's own keys are its to set.
+        redactor = Redactor(config)
         run_id = rundir.read_status(run_dir).get("run_id", run_dir.name)
-        tags = {**(config["tfrun"].get("tags") or {}), "tfrun.run_dir": str(run_dir), "tfrun.run_id": run_id}
+        tags = {**redactor.data(config["tfrun"].get("tags") or {}), "tfrun.run_dir": str(run_dir),
+                "tfrun.run_id": run_id}
         if parent:
             tags["mlflow.parentRunId"] = parent["run_id"]
         run = mlflow.create_run(experiment_id, run_name=run_dir.name if parent else run_id, tags=tags)
-        params = [Param(k, v) for k, v in flatten({k: v for k, v in config.items() if k != "hydra"})]
-        _log(mlflow, run.info.run_id, params=params)
+        _log(mlflow, run.info.run_id, params=[Param(k, v) for k, v in flatten(params(config, redactor))])
         known = {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": uri, "sent_until": 0.0}
         rundir.write_json(run_dir / STATE_FILE, known)
         return mlflow, known
@@ -194,28 +200,49 @@ class Sender:
         if not self.unsent:
             return 0
         _log(self.mlflow, self.known["run_id"], metrics=to_metrics(self.unsent))
-        self.known["sent_until"] = max(r.get("time", 0) for r in self.unsent)
-        rundir.write_json(self.run_dir / STATE_FILE, self.known)
+        until = max(r.get("time", 0) for r in self.unsent)
+        self.known["sent_until"] = until
+        # Another sender (`tfrun sync` in another shell) may have got further: keep the later time.
+        _update(self.run_dir, lambda known: known.update(sent_until=max(float(known.get("sent_until") or 0), until)))
         sent, self.unsent = len(self.unsent), []
         return sent
 
 
-def _artifacts(mlflow: Any, run_id: str, run_dir: Path) -> None:
-    for name in ("plan.json", "status.json", "attempts.json", "export.json"):
-        if (run_dir / name).exists():
-            mlflow.log_artifact(run_id, str(run_dir / name))
-    for folder in (".hydra", "logs", "provenance"):
-        if (run_dir / folder).is_dir():
-            mlflow.log_artifacts(run_id, str(run_dir / folder), artifact_path=folder.lstrip("."))
+def params(config: Mapping[str, Any], redactor: Redactor) -> dict[str, Any]:
+    """The config as the MLflow run's params: secrets masked, and without ``deps.env``
+    (variables for the task, not settings of the run: a value there is often a credential)."""
+    shown = {k: v for k, v in config.items() if k != "hydra"}
+    if isinstance(shown.get("deps"), Mapping):
+        shown["deps"] = {k: v for k, v in shown["deps"].items() if k != "env"}
+    return dict(redactor.data(shown))
+
+
+def _artifacts(mlflow: Any, run_id: str, run_dir: Path, redactor: Redactor) -> None:
+    """The run dir's records, its logs and its model as the MLflow run's artifacts; every
+    text file masked by ``redactor`` on the way (the run dir keeps the real values)."""
+    with tempfile.TemporaryDirectory(prefix="tfrun-artifacts-") as temp:
+        copies = Path(temp)
+        for name in ("plan.json", "status.json", "attempts.json", "export.json"):
+            if (run_dir / name).exists():
+                redactor.copy_file(run_dir / name, copies / name)
+        for folder in (".hydra", "logs", "provenance"):
+            if (run_dir / folder).is_dir():
+                redactor.copy_tree(run_dir / folder, copies / folder.lstrip("."))
+        if any(copies.iterdir()):
+            mlflow.log_artifacts(run_id, str(copies))
     outputs = run_dir / "outputs"
     if outputs.is_dir() and any(outputs.iterdir()):
         mlflow.log_artifacts(run_id, str(outputs), artifact_path="model")
 
 
 def register(mlflow: Any, run_id: str, name: str, run_dir: Path) -> str:
-    """A new version of registered model ``name`` from the run's ``model`` artifacts; its number."""
+    """A new version of registered model ``name`` from the run's ``model`` artifacts; its number.
+    A version this run registered already is that number: an end that registered and was
+    killed before writing ``mlflow.json`` does not make a second one when the end is tried again."""
     from mlflow.exceptions import MlflowException
 
+    for version in mlflow.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+        return str(version.version)
     try:
         mlflow.create_registered_model(name, description="Registered by tfrun from its runs' outputs/.")
     except MlflowException as exc:
@@ -238,20 +265,24 @@ def _mlflow_status(state: str) -> str:
 
 
 def finish(run_dir: Path, config: Mapping[str, Any], state: str) -> dict[str, Any]:
-    """Send what is missing, the artifacts, the registration if asked; end the MLflow run."""
-    mlflow, known = open_run(run_dir, config)
-    Sender(run_dir, mlflow, known).send()
-    _artifacts(mlflow, known["run_id"], run_dir)
-    model_name = config["tracking"].get("register_model")
-    if model_name and state == "COMPLETED" and not known.get("registered"):
-        known["registered"] = {"name": model_name, "version": register(mlflow, known["run_id"], model_name, run_dir)}
-    tried = rundir.attempts(run_dir)
-    last = provenance_tags(run_dir, str(tried[-1].get("attempt"))) if tried else {}
-    _log(mlflow, known["run_id"], tags=_run_tags({**last, "tfrun.state": state}))
-    mlflow.set_terminated(known["run_id"], status=_mlflow_status(state))
-    known["ended"] = state
-    rundir.write_json(run_dir / STATE_FILE, known)
-    return known
+    """Send what is missing, the artifacts, the registration if asked; end the MLflow run.
+
+    One end at a time (the chief task's, its launcher's, ``tfrun sync``'s in another
+    shell): each reads ``mlflow.json`` once the one before has written it, so the model is
+    registered once."""
+    with rundir.locked(run_dir / END_LOCK):
+        mlflow, known = open_run(run_dir, config)
+        Sender(run_dir, mlflow, known).send()
+        _artifacts(mlflow, known["run_id"], run_dir, Redactor(config))
+        model_name = config["tracking"].get("register_model")
+        if model_name and state == "COMPLETED" and not known.get("registered"):
+            registered = {"name": model_name, "version": register(mlflow, known["run_id"], model_name, run_dir)}
+            known = _update(run_dir, lambda found: found.update(registered=registered))
+        tried = rundir.attempts(run_dir)
+        last = provenance_tags(run_dir, str(tried[-1].get("attempt"))) if tried else {}
+        _log(mlflow, known["run_id"], tags=_run_tags({**last, "tfrun.state": state}))
+        mlflow.set_terminated(known["run_id"], status=_mlflow_status(state))
+        return _update(run_dir, lambda found: found.update(ended=state))
 
 
 def _say(message: str) -> None:
@@ -283,13 +314,10 @@ class Live:
         if known.get("ended"):  # a resumed run: its MLflow run is running again
             mlflow.update_run(known["run_id"], status="RUNNING")
             known.pop("ended")
-            rundir.write_json(self.run_dir / STATE_FILE, known)
+            _update(self.run_dir, lambda found: found.pop("ended", None))
         if self.config["tracking"].get("system_metrics"):
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self.monitor = SystemMetricsMonitor(known["run_id"], resume_logging=self.attempt_number() > 1,
-                                                tracking_uri=known["tracking_uri"])
-            self.monitor.start()
+            self.monitor = mlflow_compat.start_system_metrics(known["run_id"], known["tracking_uri"],
+                                                              resume=self.attempt_number() > 1)
         _say(f"MLflow run {known['run_id']} at {known['tracking_uri']}")
         return Sender(self.run_dir, mlflow, known)
 
@@ -329,12 +357,7 @@ class Live:
         # A stop request (state None) is in a hurry: the node may be wanted by another job.
         self.thread.join(END_DEADLINE_S if state else 5)
         if self.monitor is not None:
-            try:  # a last sample: a run shorter than one sampling interval still gets one
-                self.monitor.collect_metrics()
-                self.monitor.publish_metrics(self.monitor.aggregate_metrics())
-            except Exception:
-                pass
-            self.monitor.finish()
+            mlflow_compat.stop_system_metrics(self.monitor)
         done = threading.Event()
 
         def last() -> None:
@@ -424,8 +447,6 @@ def sync_if_asked(run_dir: str | os.PathLike[str], state: str) -> None:
 
 def registered_onnx(uri: str, tracking: str) -> Path:
     """The ONNX file of ``models:/NAME/VERSION``, downloaded to a fresh temp dir."""
-    import tempfile
-
     from mlflow.artifacts import download_artifacts
 
     name, _, version = uri[len("models:/"):].rstrip("/").partition("/")

@@ -14,9 +14,11 @@ registering them in sys.modules, and dataclasses then cannot resolve string anno
 from dataclasses import dataclass
 from typing import Sequence
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper as HydraBasicSweeper
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeperConf
 from hydra.core.config_store import ConfigStore
+
+from tfrun.config import hydra_compat
+
+HydraBasicSweeper, BasicSweeperConf = hydra_compat.basic_sweeper()
 
 
 @dataclass

@@ -58,7 +58,7 @@ class TfrunSweeper(Sweeper):
         from omegaconf import OmegaConf
 
         from tfrun.config.space import parse
-        from tfrun.errors import ConfigError
+        from tfrun.errors import ConfigError, TfrunError
         from tfrun.plan import planner
         from tfrun.targets import study, tuning
         from tfrun.targets.pool import trials
@@ -88,16 +88,20 @@ class TfrunSweeper(Sweeper):
                 trials.check_allocation(trials.spec(pool_settings, first), str(sweep_dir / "pool"))
             SweepOutcome.sweep_dir, SweepOutcome.objective, SweepOutcome.maximize = sweep_dir, found.objective, found.maximize
             sweep_dir.mkdir(parents=True, exist_ok=True)
-            running = study.Study(found, space, plan_trial,
-                                  trials.TrialPool(pool_settings, sweep_dir) if pool_settings is not None else None)
-            tuning.save_invocation(found, [*config.hydra.overrides.hydra, *arguments])
-            running.run()
+            with tuning.follow_alone(found):
+                running = study.Study(found, space, plan_trial,
+                                      trials.TrialPool(pool_settings, sweep_dir) if pool_settings is not None else None)
+                tuning.save_invocation(found, [*config.hydra.overrides.hydra, *arguments])
+                running.run()
         except ConfigError as exc:
             if not existed and not (sweep_dir / "sweep.json").exists():
                 _remove_empty_sweep(sweep_dir)
             SweepOutcome.config_error = exc
             print(f"tfrun: error: {exc}", file=sys.stderr)
             raise SystemExit(2)
+        except TfrunError as exc:  # another follower has the study, or a launch failed: one line, exit 1
+            print(f"tfrun: error: {exc}", file=sys.stderr)
+            raise SystemExit(exc.exit_code)
         except KeyboardInterrupt:
             print(f"tfrun: stopped following the study (its Slurm trials go on; local ones were cancelled); "
                   f"continue it with: tfrun tune resume {sweep_dir}", file=sys.stderr)

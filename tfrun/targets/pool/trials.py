@@ -136,6 +136,11 @@ class TrialPool:
             if isinstance(self.pool, LocalPool):
                 self.pool.join()
 
+    def stop(self) -> None:
+        """The study ends early (an error): the pool's allocations end, its waiting trials never start."""
+        if self.pool is not None:
+            self.pool.stop()
+
     def interrupted(self) -> None:
         """Ctrl-C: Slurm trials go on (``tfrun tune resume``); local ones end with the follower."""
         if isinstance(self.pool, LocalPool):

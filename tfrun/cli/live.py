@@ -1,23 +1,17 @@
-"""``tfrun watch [RUN|SWEEP]``: a live table of runs while they train, and the same view
-while ``tfrun -m`` follows a sweep on Slurm.
+"""Live views on a terminal: the table of runs ``tfrun watch`` draws, the same view while
+``tfrun -m`` follows a sweep on Slurm, and a spinner while a verb does a long step.
 
 The data is :class:`tfrun.targets.progress.Snapshot` (one scheduler query per refresh for
-all the runs, :func:`tfrun.targets.control.snapshot`); this module only draws it with
-rich, on a terminal. Anywhere else (a pipe, a log file, CI) it prints one plain line per
-change of a run's state or epoch, without escape codes. rich is imported only when
-something is drawn: the other verbs and ``--dry-run`` never pay for it.
+all the runs, :func:`tfrun.targets.control.snapshot`); this module only draws it with rich.
+rich is imported only when something is drawn: the other verbs and ``--dry-run`` never pay
+for it.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import sys
-import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Iterator
+from typing import TYPE_CHECKING, ContextManager, Iterator
 
-from tfrun import rundir
-from tfrun.targets import control, progress
+from tfrun.targets import progress
 from tfrun.targets.progress import RunProgress, Snapshot
 
 if TYPE_CHECKING:
@@ -26,7 +20,6 @@ if TYPE_CHECKING:
 _STYLES = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "PREEMPTED": "yellow",
            "FAILED": "bold red", "TIMEOUT": "red", "CANCELLED": "magenta", "STOPPED": "magenta", "PRUNED": "dim",
            progress.LOST: "red"}
-EXIT_INTERRUPTED = 130
 
 
 def _shown(runs: tuple[RunProgress, ...], room: int) -> tuple[list[RunProgress], int]:
@@ -56,10 +49,12 @@ def render(snap: Snapshot, height: int = 40) -> RenderableType:
             table.add_column(name, justify=justify, no_wrap=name != "metrics")  # type: ignore[arg-type]
     rows, hidden = _shown(snap.runs, max(3, height - 6))
     for run in rows:
-        cells = [run.name, *([run.label] if any(r.label for r in snap.runs) else []),
-                 Text(run.state, style=_STYLES.get(run.state, "")), progress.epoch_text(run),
-                 progress.metrics_text(run.metrics), progress.clock(run.elapsed_s),
-                 "~" + progress.clock(run.left_s) if run.left_s is not None else "-"]
+        # Text, not str: rich reads a str as markup, and labels and metric names are the
+        # user's ("[/scratch/a]" is a closing tag to it, "[relu,tanh]" a style).
+        cells = [Text(run.name), *([Text(run.label)] if any(r.label for r in snap.runs) else []),
+                 Text(run.state, style=_STYLES.get(run.state, "")), Text(progress.epoch_text(run)),
+                 Text(progress.metrics_text(run.metrics)), Text(progress.clock(run.elapsed_s)),
+                 Text("~" + progress.clock(run.left_s) if run.left_s is not None else "-")]
         table.add_row(*cells)
     if hidden:
         table.caption = f"{hidden} more finished run(s) not shown"
@@ -99,8 +94,9 @@ class LiveSweep:
 def busy(message: str) -> Iterator[None]:
     """A spinner with ``message`` on stderr while a long step runs."""
     from rich.console import Console
+    from rich.text import Text
 
-    with Console(stderr=True).status(message):
+    with Console(stderr=True).status(Text(message)):  # Text: printed as it is, not read as markup
         yield
 
 
@@ -114,48 +110,3 @@ def step(message: str) -> ContextManager[None]:
     """A long step of a verb: a spinner on a terminal, else one plain line (progress.busy)."""
     install()
     return progress.busy(message)
-
-
-def _live(path: Path, interval: float) -> Snapshot:
-    from rich.console import Console
-    from rich.live import Live
-
-    console = Console()
-    snap = control.snapshot(path)
-    with Live(render(snap, console.height), console=console, auto_refresh=False, transient=False) as live:
-        while not snap.ended:
-            time.sleep(interval)
-            snap = control.snapshot(path)
-            live.update(render(snap, console.height), refresh=True)
-    return snap
-
-
-def _plain(path: Path, interval: float) -> Snapshot:
-    before = None
-    while True:
-        snap = control.snapshot(path)
-        for line in progress.changes(before, snap):
-            print(line, flush=True)
-        before = snap
-        if snap.ended:
-            return snap
-        time.sleep(interval)
-
-
-def cmd_watch(args: argparse.Namespace) -> int:
-    """Refresh the view every ``--interval`` s until every run has ended; 0 if all completed."""
-    path = rundir.find_run(args.run)
-    try:
-        snap = _live(path, args.interval) if sys.stdout.isatty() else _plain(path, args.interval)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    print(f"tfrun: {progress.summary(snap)}", file=sys.stderr, flush=True)
-    return snap.exit_code
-
-
-def add_parser(sub: Any) -> None:
-    """``watch``'s arguments, under the verbs' subparsers."""
-    s = sub.add_parser("watch", help="a live table of a run or sweep: state, epoch, metrics, time left")
-    s.add_argument("run", nargs="?", help="run or sweep dir, run id, unique part of an id (default: the latest)")
-    s.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
-    s.set_defaults(func=cmd_watch)

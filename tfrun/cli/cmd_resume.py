@@ -1,0 +1,37 @@
+"""``tfrun resume [RUN]``: launch a stopped, cancelled, failed or timed-out run again in its own
+run dir; it continues from its last backup."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tfrun import rundir
+from tfrun.cli.common import add_run
+from tfrun.errors import TfrunError
+from tfrun.targets.control import refresh
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``resume``'s arguments."""
+    add_run(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Launch the run again where its plan says; 0 if it then completed."""
+    from tfrun import targets
+    from tfrun.plan import Plan
+    from tfrun.targets.report import print_outcome
+
+    path = rundir.find_run(args.run)
+    status = refresh([path])[0]
+    if status.get("state") == "PRUNED":  # its tasks would stop at their start (prune.json)
+        raise TfrunError(f"run {path} was pruned by its tuning study's policy ({status.get('reason')}): it is not "
+                         f"resumed; to train it on anyway, remove {path / rundir.PRUNE_FILE} and resume it")
+    if status.get("state") not in rundir.FINAL_STATES or status.get("state") == "COMPLETED":
+        raise TfrunError(f"run {path} is {status.get('state', 'UNKNOWN')}: only a stopped, cancelled, failed "
+                         f"or timed-out run can be resumed")
+    plan = Plan.load(path)
+    print(f"tfrun: resuming {plan.run_id} (it continues from its last backup)", file=sys.stderr)
+    state = targets.get(plan.target).run(plan)
+    print_outcome(plan, state)
+    return 0 if state in rundir.OK_STATES else 1

@@ -1,0 +1,41 @@
+"""``tfrun runs [--last N] [--sweep SWEEP [--sort METRIC]]``: recent runs, or a sweep's runs with
+the parameters that differ and their metrics."""
+from __future__ import annotations
+
+import argparse
+
+from tfrun import rundir
+from tfrun.cli.common import duration
+from tfrun.targets.control import refresh, run_dirs_of
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``runs``'s arguments."""
+    parser.add_argument("--runs-dir", help="where runs are (default: $TFRUN_RUNS_DIR or ./tfrun-runs)")
+    parser.add_argument("--last", type=int, default=20, help="how many to show")
+    parser.add_argument("--sweep", help="a sweep (dir or id): its runs with the parameters that differ and "
+                                        "their metrics")
+    parser.add_argument("--sort", help="with --sweep: order by this metric's final value, best first (a tuning "
+                                       "study's objective by its direction, another metric lowest first if it names a "
+                                       "loss or error)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the table."""
+    if args.sweep:
+        from tfrun.tracking.compare import sweep_table
+
+        sweep = rundir.find_run(args.sweep)
+        dirs = run_dirs_of(sweep)
+        print(sweep_table(sweep, dirs, refresh(dirs), sort=args.sort))
+        return 0
+    root = rundir.runs_root(args.runs_dir)
+    dirs = list(rundir.iter_runs(root))[-args.last:]
+    statuses = refresh(dirs)
+    print(f"{'RUN':<34} {'STATE':<10} {'BACKEND':<8} {'COMPUTE':<8} {'JOBS':<10} DURATION")
+    for run_dir, status in zip(dirs, statuses):
+        run_id = status.get("run_id") or run_dir.name
+        jobs = ",".join(status.get("job_ids") or []) or "-"
+        print(f"{run_id:<34} {status.get('state', 'UNKNOWN'):<10} {status.get('backend', '?'):<8} "
+              f"{status.get('target', '?'):<8} {jobs:<10} {duration(status)}")
+    return 0

@@ -1,0 +1,76 @@
+"""``tfrun tensorboard [RUN]``: TensorBoard over a sweep's (or a run's) events, each run named by
+the parameters that differ."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tfrun import rundir
+from tfrun.cli.common import add_run
+from tfrun.errors import ConfigError, TfrunError
+from tfrun.targets.control import run_dirs_of
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``tensorboard``'s arguments."""
+    add_run(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only by default)")
+    parser.add_argument("--port", type=int, default=6006, help="port to serve on")
+    parser.add_argument("--print-command", action="store_true",
+                        help="print the TensorBoard command (its dir of links is kept) and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve TensorBoard until it ends or tfrun is stopped."""
+    from tfrun.tracking import board
+
+    path = rundir.find_run(args.run)
+    if not board.is_run_or_sweep(path):
+        raise ConfigError(f"{path} is neither a run dir nor a sweep dir")
+    runs = board.board_runs(path, run_dirs_of(path))
+    if not board.available():
+        raise TfrunError("TensorBoard is not installed here: pip install tensorboard")
+    links = board.link_runs(runs, Path(tempfile.mkdtemp(prefix="tfrun-tensorboard-")))
+    cmd = board.command(links, args.host, args.port)
+    print(board.describe(runs, cmd), file=sys.stderr)
+    # tfrun.log_metric values become TensorBoard scalars here, not in the task (a child
+    # process: converting imports TensorFlow, which tfrun's CLI never does).
+    convert = [sys.executable, "-m", "tfrun.tracking.board", *(str(r.run_dir) for r in runs)]
+    if args.print_command:  # the links stay: the command is meant to be run
+        if any(board.has_values(r.run_dir) for r in runs):
+            subprocess.run(convert, stdin=subprocess.DEVNULL, check=False)
+        print(shlex.join(cmd))
+        return 0
+    return _serve(cmd, links, [convert[0], *convert[1:3], "--every", "5", *convert[3:]])
+
+
+def _serve(cmd: list[str], links: Path, convert: list[str]) -> int:
+    """Run TensorBoard (and the conversion of logged values, every few seconds) until it
+    ends or tfrun is stopped; then remove its dir of links."""
+    import shutil
+    import signal
+
+    converter = subprocess.Popen(convert, stdin=subprocess.DEVNULL)
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    # A SIGTERM to tfrun ends TensorBoard too: as an exit, the `finally` below runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        return child.wait()
+    except KeyboardInterrupt:  # Ctrl-C: TensorBoard, in the same process group, got it too
+        return 130
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        if converter.poll() is None:
+            converter.terminate()
+            converter.wait()
+        shutil.rmtree(links, ignore_errors=True)
