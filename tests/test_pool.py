@@ -506,15 +506,6 @@ def test_dry_run_shows_the_study_pool_without_tensorflow(tmp_path: Path) -> None
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_slots_agent_imports_only_what_a_task_does() -> None:
-    """Every item is forked from the agent: what it imports is in every item (no Hydra, OmegaConf,
-    submitit; TensorFlow only when the pool imports it ahead)."""
-    code = ("import sys, tfrun.targets.pool.agent\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'omegaconf', 'submitit', 'tensorflow'}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
-
-
 # --- the local machine ------------------------------------------------------------------------
 
 def test_a_local_sweep_runs_its_points_warm_one_after_another(tmp_path: Path) -> None:

@@ -258,6 +258,10 @@ class Coordinator:
             if (Path(item.run_dir) / rundir.CANCEL_FILE).exists():
                 self._settle(item, {"state": "CANCELLED", "ended": time.time(), "reason": "cancelled with tfrun cancel"})
                 continue
+            pruned = rundir.pruned_fields(item.run_dir, "STOPPED")
+            if pruned:  # its policy stopped it while it waited (back in the queue after a preemption)
+                self._settle(item, {**pruned, "ended": time.time()})
+                continue
             self._start(slot, item)
 
     def _start(self, slot: Slot, item: Item) -> None:
