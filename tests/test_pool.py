@@ -574,3 +574,19 @@ def test_on_a_busy_cluster_a_study_waits_for_its_pool_once(tmp_path: Path, name:
     assert [s["state"] for s in runs] == ["COMPLETED"] * 3
     gaps = [later["started"] - earlier["ended"] for earlier, later in zip(runs, runs[1:])]
     assert all(gap < 3 for gap in gaps), gaps  # each next trial at once, in the allocation already held
+
+
+def test_an_item_pruned_while_it_waits_never_starts(tmp_path: Path) -> None:
+    """The first point prunes the second while it waits in the queue (as a policy does to a trial
+    put back in the queue by a preemption): the second is settled PRUNED without a process."""
+    (tmp_path / "prune_next.py").write_text(
+        "import argparse, json, os\nfrom pathlib import Path\n"
+        "p = argparse.ArgumentParser(); p.add_argument('--i', type=int); a = p.parse_args()\n"
+        "if a.i == 0:\n"
+        "    nxt = Path(os.environ['TFRUN_RUN_DIR']).parent / '1'\n"
+        "    (nxt / 'prune.json').write_text(json.dumps({'policy': 'median', 'epoch': 3, 'why': 'behind', 'trial': 1}))\n")
+    result = run_tfrun(tmp_path, "-m", "entry.script=prune_next.py", "trainer.i=0,1", timeout=120)
+    sweep = sweep_dir(tmp_path)
+    found = statuses(sweep)
+    assert (found["0"]["state"], found["1"]["state"]) == ("COMPLETED", "PRUNED"), (found, result.stderr)
+    assert found["1"]["pruned_epoch"] == 3 and not (sweep / "1" / "ranks").exists(), found["1"]
