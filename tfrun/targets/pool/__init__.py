@@ -135,7 +135,8 @@ class SlurmPool(Pool):
 
     def live(self, states: dict[str, str]) -> list[str]:
         """Allocations that are queued or running and whose coordinator has not ended."""
-        return [j for j, s in states.items() if s not in rundir.FINAL_STATES and self.store.state(j).get("state") != "ended"]
+        return [j for j, s in states.items()
+                if s not in rundir.FINAL_STATES and self.store.state(j).get("state") != "ended"]
 
     def start(self, count: int | None = None) -> list[str]:
         """Submit ``count`` allocations (default: the pool's K) as one job array."""
@@ -172,7 +173,8 @@ class SlurmPool(Pool):
         # ended them early): the pool gives up after compute.max_requeues of them. One that ran
         # items and reached its time limit is simply followed by another.
         failed = [j for j, s in states.items() if s in rundir.FINAL_STATES
-                  and self.store.state(j).get("why") not in ("drained", "idle") and not self.store.state(j).get("items")]
+                  and self.store.state(j).get("why") not in ("drained", "idle")
+                  and not self.store.state(j).get("items")]
         if len(failed) > int(self.spec.compute.get("max_requeues", 3)):
             for item_id in waiting:
                 self._give_up(item_id, failed, states)
@@ -225,8 +227,10 @@ class LocalPool(Pool):
         from tfrun.targets.pool.coordinator import Coordinator
         from tfrun.targets.pool.slots import LocalSlot
 
-        self.coordinator = Coordinator(self.store, lambda i: LocalSlot(self.spec, self.store, "local", i, self.extra_env),
-                                       "local", "local", local_fields=self._owner())
+        def slot(index: int) -> LocalSlot:
+            return LocalSlot(self.spec, self.store, "local", index, self.extra_env)
+
+        self.coordinator = Coordinator(self.store, slot, "local", "local", local_fields=self._owner())
         self.thread = threading.Thread(target=self.coordinator.run, name="tfrun-pool", daemon=True)
         self.thread.start()
 
@@ -260,7 +264,8 @@ def pool_rejected(spec: PoolSpec, exc: Exception) -> ConfigError:
     from tfrun.targets import slurm
 
     c = spec.compute
-    gpus = f", {c['gpus_per_node'] * spec.slots} GPU(s) per node" if c.get("gpus_per_node") and not c.get("gpus_per_task") else ""
+    per_node = c.get("gpus_per_node") and not c.get("gpus_per_task")
+    gpus = f", {c['gpus_per_node'] * spec.slots} GPU(s) per node" if per_node else ""
     asked = (f"{spec.nodes} node(s) x {spec.tasks_per_node * spec.slots} task(s){gpus} in partition "
              f"{c.get('partition') or '(default)'}, {c['timeout_min']} min")
     return ConfigError(f"the pool's allocation ({spec.slots} slot(s) of {spec.nodes} node(s) x "

@@ -256,7 +256,8 @@ class Coordinator:
                 self.store.finish(item)
                 continue
             if (Path(item.run_dir) / rundir.CANCEL_FILE).exists():
-                self._settle(item, {"state": "CANCELLED", "ended": time.time(), "reason": "cancelled with tfrun cancel"})
+                self._settle(item, {"state": "CANCELLED", "ended": time.time(),
+                                    "reason": "cancelled with tfrun cancel"})
                 continue
             pruned = rundir.pruned_fields(item.run_dir, "STOPPED")
             if pruned:  # its policy stopped it while it waited (back in the queue after a preemption)
