@@ -28,14 +28,15 @@ On the local cluster (``scripts/local-slurm start``), in one run:
    Every command's process is sampled (``/proc/<pid>/status``: VmHWM, VmRSS) while it
    runs, and ``wait4`` gives its ``ru_maxrss``: the monitoring table shows the peak RSS of
    the tfrun parent following each sweep (issue 9: a 500-job sweep).
-4. ``--packed`` (issue 10), instead of 1-3: the same ``--points`` trivial sweep (default
+4. ``--packed`` (issues 10, 37), instead of 1-3: the same ``--points`` trivial sweep (default
    200), start to ALL FINISHED (the last allocation's ``End`` in sacct), with
    hydra-submitit-launcher (one job per point) and with tfrun
    ``compute.pack_size=K compute.pack_slots=S`` (``--pack-size``, ``--pack-slots``; default
-   100 and 2: a pack takes a whole 2-CPU node of the debug partition, so the two packs
-   run at once and fill it), in one run (``--repeats`` interleaved rounds, medians), as
-   a ratio (target tfrun <= 0.3x), with the sacct job counts of each (tfrun: ceil(N/K)
-   array elements and N job steps; hydra-submitit-launcher: N jobs). The tfrun
+   100 and 2: an allocation takes a whole 2-CPU node of the debug partition), i.e. a warm
+   pool of ceil(N/K) allocations of S slots, in one run (``--repeats`` interleaved rounds,
+   medians), as a ratio (target tfrun <= 0.2x), with the sacct job counts of each (tfrun:
+   ceil(N/K) array elements and S job steps each, one per slot; hydra-submitit-launcher: N
+   jobs). The tfrun
    submission runs under the phase timers of 3 (same code path as the console script:
    ``tfrun.cli.main.main``), and every point's run dir gives its in-allocation phases; when
    the target is missed, one more small job times, inside an allocation like a pack's,
@@ -73,7 +74,7 @@ WORK = REPO / "bench" / ".work"
 VENV = WORK / "hsl-venv"
 HSL_VERSION = "1.2.0"
 TARGET_RATIO = 1.0
-PACKED_TARGET = 0.3  # issue 10: tfrun packed / hydra-submitit-launcher, start to all finished
+PACKED_TARGET = 0.2  # issue 37 (issue 10 asked 0.3): tfrun packed / hydra-submitit-launcher, start to all finished
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 SLURM = {"partition": "debug", "nodes": 1, "tasks_per_node": 1, "timeout_min": 5}
 REAL = {name: shutil.which(name) or f"/usr/bin/{name}" for name in ("sacct", "squeue", "scancel")}
@@ -111,7 +112,7 @@ def wrap(owner, name, label):
     setattr(owner, name, timed)
 from hydra.plugins import sweeper
 from hydra._internal import config_loader_impl
-import tfrun.config.hydra_files, tfrun.plan.planner, tfrun.targets.sweeps, tfrun.targets.slurm, tfrun.targets.pack
+import tfrun.config.hydra_files, tfrun.plan.planner, tfrun.targets.sweeps, tfrun.targets.slurm, tfrun.targets.pool
 wrap(sweeper.Sweeper, "validate_batch_is_legal", "validate")
 import tfrun.config.points  # tfrun_basic's check, point by point (Hydra loads the plugin's class itself)
 wrap(tfrun.config.points.PointComposer, "check", "validate")
@@ -123,7 +124,7 @@ wrap(tfrun.plan.planner, "plan_composed", "plan_point")
 wrap(tfrun.targets.sweeps, "_job", "job")
 wrap(tfrun.targets.sweeps, "run_points", "run_points")
 wrap(tfrun.targets.slurm, "submit", "submit")
-wrap(tfrun.targets.pack, "submit", "submit")
+wrap(tfrun.targets.pool.SlurmPool, "start", "submit")
 atexit.register(lambda: open(os.environ["BENCH_SWEEP_PROFILE"], "w").write(json.dumps({"timers": T, "events": EVENTS, "exit": time.time()})))
 from tfrun.cli.main import main
 main()
@@ -321,11 +322,13 @@ class Bench:
         calls = self.dir / f"calls-{label}.txt"
         start, took, out = self.timed(argv, self.dir, calls, **extra)
         match = (re.search(r"as job\(s\) ([\d, ]+); sweep dir (.+)$", out, re.M)
-                 or re.search(r"packed into \d+ job\(s\) \(array ([\d, ]+)\); sweep dir (.+)$", out, re.M))
+                 or re.search(r"to a pool of \d+ allocation\(s\) x \d+ slot\(s\) \(job\(s\) ([\d, ]+)\); sweep dir (.+)$",
+                           out, re.M))
         if not match:
             raise SystemExit(f"bench: tfrun did not say what it submitted:\n{out[-2000:]}")
         arrays, sweep_dir = match.group(1).split(", "), Path(match.group(2))
-        submitted, pickles = last_submitted(sweep_dir / ".submitit")
+        folder = sweep_dir / ("pool" if pack else "") / ".submitit"
+        submitted, pickles = last_submitted(folder)
         return {"start": start, "returned": took, "submitted": submitted - start, "pickles": pickles,
                 "arrays": arrays, "calls": count_calls(calls), "memory": self.memory, "sweep_dir": sweep_dir}
 
@@ -677,7 +680,7 @@ def packed_main(args: argparse.Namespace, python: Path, info: dict[str, str], n:
         f"| **all finished (last End in sacct), s from start** | **{tf_wall:.0f}** | **{hsl_wall:.0f}** |",
         f"| **ratio tfrun / hydra-submitit-launcher** (target <= {PACKED_TARGET}x) | **{ratio:.2f}x: {verdict}** | |",
         f"| Slurm jobs (sacct array elements) | {tf['counts']['jobs']} (ceil({n}/{k}) = {jobs}) | {hsl['counts']['jobs']} |",
-        f"| Slurm job steps (sacct) | {tf['counts']['steps']} (one per point) | {hsl['counts']['steps']} |",
+        f"| Slurm job steps (sacct) | {tf['counts']['steps']} (one per slot) | {hsl['counts']['steps']} |",
         f"| all submitted (last `_submitted.pkl`), s from start | {med([t['submitted'] for t, _ in rounds]):.1f} | "
         f"{med([h['submitted'] for _, h in rounds]):.1f} |",
         f"| command returned, s | {med([t['returned'] for t, _ in rounds]):.1f} (`compute.wait=false`) | "
@@ -692,13 +695,13 @@ def packed_main(args: argparse.Namespace, python: Path, info: dict[str, str], n:
         f"| submission: {n} points composed, planned, run dirs written, one sbatch (last pickle renamed) | {ph['submitted']:.1f} |",
         f"| first allocation started (sacct Start, 1 s resolution) | {ph['first_start']:.0f} |",
         f"| last allocation started (sacct Start) | {ph['last_start']:.0f} |",
-        f"| first point's job step started by the runner | {ph['first_point']:.1f} |",
-        f"| last point settled by its runner | {ph['last_point_settled']:.1f} |",
+        f"| first point handed to a slot by its allocation's coordinator | {ph['first_point']:.1f} |",
+        f"| last point settled by its coordinator | {ph['last_point_settled']:.1f} |",
         f"| last allocation ended (sacct End) | {ph['all_finished']:.0f} |",
         "", "| one packed point, in its allocation (median over points) | s |", "|---|---|",
-        f"| runner starts `srun` to the bootstrap's rank record (job step + interpreter + tfrun imports + plan) | {ph['step_start']:.2f} |",
+        f"| handed to a slot to the bootstrap's rank record (the process forked ahead takes its order; plan) | {ph['step_start']:.2f} |",
         f"| the script (rank record start to end) | {ph['script']:.2f} |",
-        f"| rank end to settled by the runner (step end, the runner's poll, status.json) | {ph['step_end']:.2f} |",
+        f"| rank end to settled by the coordinator (the agent's report, status.json) | {ph['step_end']:.2f} |",
         f"| **one point, end to end** | **{ph['per_point']:.2f}** |",
         f"| points one slot runs one after another (ceil(points / allocations / slots)) | {ph['points_per_slot']:.0f} |",
         f"| one allocation's busy time (first step started to last settled) | {ph['allocation_busy']:.1f} |",
@@ -738,7 +741,8 @@ def packed_main(args: argparse.Namespace, python: Path, info: dict[str, str], n:
         f"{SLURM['nodes']} node, {SLURM['tasks_per_node']} task). hydra-submitit-launcher: one job per point "
         f"({SLURM['timeout_min']} min each); tfrun: `compute.pack_size={k} compute.pack_slots={slots} "
         f"compute.timeout_min={args.pack_timeout_min}`, i.e. {jobs} jobs of {SLURM['tasks_per_node'] * slots} "
-        f"tasks (a whole 2-CPU debug node each), every point a job step of its own. Both start to the last "
+        f"tasks (a whole 2-CPU debug node each) holding a pool of {slots} slot(s) each, every point a process "
+        f"forked from its slot's warm interpreter. Both start to the last "
         "allocation's End in sacct; tfrun ran with `compute.wait=false` under the bench's phase timers "
         "(`tfrun.cli.main.main` with wrapped functions).", "",
         *lines, "", *timeline, "", *([prof[0].replace("`tfrun -m` submitting", "packed `tfrun -m` submitting (round 1)"), *prof[1:], ""]

@@ -57,6 +57,13 @@ def test_the_bootstrap_imports_no_hydra_omegaconf_or_submitit() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_a_pool_slots_agent_imports_no_hydra_omegaconf_submitit_or_tensorflow() -> None:
+    """Every item of a pool is forked from its slot's agent: what the agent imports, every item
+    has (TensorFlow only when the pool imports it ahead, for the items' script)."""
+    result = _imports_in_fresh_interpreter(["tfrun.targets.pool.agent"], {"hydra", "omegaconf", "submitit", "tensorflow"})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def _package_modules(package: str) -> list[str]:
     module = __import__(package, fromlist=["__path__"])
     return [package, *(f"{package}.{m.name}" for m in pkgutil.iter_modules(module.__path__) if m.name != "__main__")]

@@ -373,9 +373,11 @@ def test_a_trial_pruned_while_its_job_waits_is_cancelled_and_keeps_its_slot(tmp_
     (tmp_path / "gated.py").write_text(GATED)
     go = tmp_path / "go"
     name = f"tfrun-tuning-pending-{os.getpid()}"
+    # A job per trial (hydra.sweeper.pool=false): in a pool a trial has no job of its own to wait.
     proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", "compute.poll_s=0.5", f"compute.job_name={name}",
                                "entry.script=gated.py", "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=2",
-                               "hydra.sweeper.policy=median", "trainer.q=choice(1.0,0.2,1.1)", f"trainer.go={go}")
+                               "hydra.sweeper.policy=median", "trainer.q=choice(1.0,0.2,1.1)", f"trainer.go={go}",
+                               "hydra.sweeper.pool=false")
     try:
         deadline = time.monotonic() + 240
         while not list((tmp_path / "runs").glob("sweep-*/1/metrics.jsonl")):

@@ -169,8 +169,12 @@ def record_in_background(plan: Plan, request: dict) -> None:
 def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> int:
     """On Slurm, rank 0 requeues the job (bounded where it must be); every rank then waits to be ended."""
     job = preempt.job_id()
-    if ident.launcher != "slurm" or not job:
-        if ident.rank == 0:  # local: the launcher records a resumable stop
+    if ident.launcher != "slurm" or not job or os.environ.get(rundir.POOL_ENV):
+        # Local: the launcher records a resumable stop. A pool's item: the coordinator of its
+        # allocation decides what follows (the allocation's requeue, or the item's end).
+        if ident.rank == 0:
+            for thread in _recording:
+                thread.join(timeout=30)
             rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason="stopped")
         return code
     if ident.rank == 0:

@@ -30,6 +30,12 @@ ATTEMPTS_FILE = "attempts.json"
 EXPORT_FILE = "export.json"  # the record of export=onnx (tfrun.model.export)
 SWEEP_FILE = "sweep.json"  # in a sweep dir: its points, their overrides and objective values
 PRUNE_FILE = "prune.json"  # a tuning policy asked this trial to stop for good (tfrun.targets.tuning)
+# A pool's item (tfrun.targets.pool): its cancel, and a signal asked for its processes (a
+# policy's stop, the watchdog's kill), which the coordinator of the allocation running it delivers.
+CANCEL_FILE = "cancel-requested"
+SIGNAL_FILE = "signal.json"
+# Set in an item's processes to its pool dir: what follows a stop request is its pool's to decide.
+POOL_ENV = "TFRUN_POOL"
 # STOPPED: resumable; PRUNED: a tuning trial its early-termination policy stopped (not resumed, not a failure)
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "STOPPED", "PRUNED")
 # States in which the tfrun command itself succeeded: a submitted run that tfrun did not

@@ -122,13 +122,19 @@ def _dry_run_study(overrides: list[str], config_dir: str | None, config_name: st
     plan of its first trial; checked as a run would check it, nothing written."""
     from tfrun.cli import render
     from tfrun.targets import tuning
+    from tfrun.targets.pool import trials
 
     info, plan = tuning.preview(overrides, config_dir, config_name)
+    pool = trials.settings(info.get("pool"), info["max_parallel"], plan.compute)
+    pool_lines = trials.describe(pool, plan, info["sweep_dir"])
+    plan = trials.as_item(pool, plan, info["sweep_dir"])
     if mode == "json":
-        _print(tuning.dumps({**info, "example_trial": plan.to_dict()}))
+        spec = trials.spec(pool, plan).to_dict() if pool is not None else None
+        _print(tuning.dumps({**info, "pool": {"settings": info.get("pool"), "spec": spec, "describe": pool_lines},
+                             "example_trial": plan.to_dict()}))
     else:
-        _print(tuning.describe_text(info) + "\n\nthe first trial's plan (the space's first values):\n"
-               + render.plan_text(plan))
+        _print(tuning.describe_text(info) + "\n" + "\n".join("  " + line for line in pool_lines)
+               + "\n\nthe first trial's plan (the space's first values):\n" + render.plan_text(plan))
     return 0
 
 

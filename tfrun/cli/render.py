@@ -33,7 +33,11 @@ def plan_text(plan: Plan) -> str:
     for task in plan.tasks:
         lines.append(f"  task rank {task.rank}: {task.role} {task.role_index}, node {task.node_index}, "
                      f"local rank {task.local_rank}{'' if task.runs_script else ' (serves; does not run the script)'}")
-        lines.append(f"    command: {plan.request.get('srun') or shlex.join(plan.command)}")
+        if plan.request.get("pool"):
+            lines.append(f"    command: a process started from a warm slot of the pool {plan.request['pool']}, "
+                         f"running the bootstrap as: {shlex.join(plan.command)}")
+        else:
+            lines.append(f"    command: {plan.request.get('srun') or shlex.join(plan.command)}")
         lines.append(f"    argv:    {shlex.join(task.argv)}")
         if task.gpus is not None:
             lines.append(f"    CUDA_VISIBLE_DEVICES={task.gpus}")
@@ -49,30 +53,51 @@ def plan_text(plan: Plan) -> str:
 
 
 def sweep_arrays(plans: list[Plan]) -> list[dict[str, Any]]:
-    """The job arrays a Slurm sweep submits (empty for local sweeps)."""
-    if not plans or any(p.target != "slurm" for p in plans):
-        return []
-    from tfrun.plan import packing
+    """The job arrays a Slurm sweep submits (none for local sweeps and sweeps in a pool)."""
+    from tfrun.plan import pools, sbatch
 
-    return packing.sweep_arrays(plans, os.path.dirname(plans[0].run_dir))
+    if not plans or any(p.target != "slurm" for p in plans) or pools.is_packed(plans):
+        return []
+    return sbatch.array_requests(plans, os.path.dirname(plans[0].run_dir))
+
+
+def sweep_pool(plans: list[Plan]) -> dict[str, Any] | None:
+    """The pool a sweep runs in (packed on Slurm; locally, its points share one shape), or None."""
+    from tfrun.plan import pools
+
+    if not plans or not (pools.is_packed(plans) or (all(p.target == "local" for p in plans)
+                                                   and all(pools.conflict(plans[0], p) is None for p in plans))):
+        return None
+    sweep_dir = os.path.dirname(plans[0].run_dir)
+    spec = pools.sweep_pool(plans, sweep_dir)
+    return pools.request(spec, pools.pool_dir_of(sweep_dir), [p.run_id for p in plans])
+
+
+def pool_text(pool: dict[str, Any]) -> str:
+    """A pool's description (and its allocations' sbatch script) as indented lines."""
+    lines = ["  " + line for line in pool["describe"]]
+    if "sbatch" in pool:
+        lines.append("  sbatch script of each allocation (its coordinator starts the slots' steps):")
+        lines += ["    " + line for line in pool["sbatch"].splitlines()]
+    return "\n".join(lines)
 
 
 def plans_text(plans: list[Plan], multirun: bool = False) -> str:
-    """Text for a single run or every point of a sweep (with the arrays it becomes)."""
+    """Text for a single run or every point of a sweep (with the arrays or the pool it becomes)."""
     if not multirun:
         return plan_text(plans[0])
     parts = [f"sweep of {len(plans)} run(s) in {os.path.dirname(plans[0].run_dir)}"]
+    pool = sweep_pool(plans)
+    if pool is not None:
+        parts.append(pool_text(pool))
     for array in sweep_arrays(plans):
         body = "\n".join("    " + line for line in array["sbatch"].splitlines())
-        packing = "".join(f"\n  job {job['array_index']}: {', '.join(job['runs'])}" for job in array.get("jobs", []))
-        what = (f"{len(array['jobs'])} packed job(s) for {len(array['runs'])} run(s)" if "jobs" in array
-                else f"{len(array['runs'])} run(s): {', '.join(array['runs'])}")
-        parts.append(f"  job array of {what}{packing}\n  sbatch script:\n{body}")
+        parts.append(f"  job array of {len(array['runs'])} run(s): {', '.join(array['runs'])}\n  sbatch script:\n{body}")
     return "\n\n".join([*parts, *(plan_text(p) for p in plans)])
 
 
 def plans_json(plans: list[Plan], multirun: bool) -> str:
-    """JSON: the plan itself for a single run, ``{"runs": [...], "arrays": [...]}`` for a sweep."""
-    data: Any = ({"runs": [p.to_dict() for p in plans], "arrays": sweep_arrays(plans)}
+    """JSON: the plan itself for a single run, ``{"runs": [...], "arrays": [...], "pool": ...}`` for a sweep."""
+    data: Any = ({"runs": [p.to_dict() for p in plans], "arrays": sweep_arrays(plans), "pool": sweep_pool(plans)}
                  if multirun else plans[0].to_dict())
     return json.dumps(data, indent=1, sort_keys=True)

@@ -37,6 +37,9 @@ class ComputeConfig:
     timeout_min: int = 60
     # no rank making progress (steps, or CPU) for this long is a hang: stacks to the logs, the run ended (null: off)
     hang_timeout_s: Optional[float] = None
+    # how a pool's slot starts each item (a sweep's point, a study's trial): fork (from the slot's warm interpreter), spawn (a fresh interpreter started ahead), cold (a new one when it comes)
+    warm: str = "fork"
+    preload: Any = "auto"  # what a warm interpreter imports ahead: auto (the heavy modules the script imports), or a list
 
 
 @dataclass

@@ -9,6 +9,8 @@ from tfrun.errors import ConfigError
 
 FLAG_STYLES = ("keep", "dashes")
 PACK_MODES = ("off", "auto")
+# How a pool's slot starts each item (tfrun.plan.pools).
+WARM_MODES = ("fork", "spawn", "cold")
 BOOL_STYLES = ("flag", "value")
 
 
@@ -37,6 +39,11 @@ def check_compute(compute: Mapping[str, Any]) -> None:
     hang = compute.get("hang_timeout_s")
     if hang is not None and not (is_number(hang) and hang > 0):
         raise ConfigError.invalid("compute.hang_timeout_s", hang, "a number of seconds > 0, or null (no watchdog)")
+    if compute.get("warm", "fork") not in WARM_MODES:
+        raise ConfigError.invalid("compute.warm", compute.get("warm"), WARM_MODES)
+    preload = compute.get("preload", "auto")
+    if preload != "auto" and not (isinstance(preload, (list, tuple)) and all(isinstance(m, str) for m in preload)):
+        raise ConfigError.invalid("compute.preload", preload, "auto, or a list of module names")
     if "pack" in compute:  # Slurm: sweeps and packing
         check_slurm_sweeps(compute)
     gpus, tasks = compute["gpus_per_node"], compute["tasks_per_node"]

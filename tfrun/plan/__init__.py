@@ -3,7 +3,7 @@ a run will do, before anything runs.
 
 - :mod:`tfrun.plan.build`: config -> Plan (tasks, argv, env, TF_CONFIG templates, deps).
 - :mod:`tfrun.plan.sbatch`: what Slurm is sent: submitit's parameters, the exact sbatch script.
-- :mod:`tfrun.plan.packing`: which sweep points share an allocation, and their job steps.
+- :mod:`tfrun.plan.pools`: a pool of warm slots for a sweep or a study: its allocations, slots, sbatch.
 - :mod:`tfrun.plan.planner`: overrides -> plans, the one path every entry takes.
 - :mod:`tfrun.plan.submitit_compat`: every private part of submitit that tfrun uses.
 

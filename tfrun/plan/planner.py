@@ -20,7 +20,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from tfrun.config import compose, hydra_compat
 from tfrun.errors import ConfigError
 from tfrun.plan.build import build_plan, in_sweep
-from tfrun.plan.packing import point_requests
+from tfrun.plan.pools import point_requests
 from tfrun.rundir import Plan
 
 if TYPE_CHECKING:  # a single run needs neither: imported where a sweep or a write uses them
@@ -182,7 +182,7 @@ def _point_parts(composer: points.PointComposer, sweep: DictConfig, overrides: l
 
 
 def sweep_requests(plans: Sequence[Plan]) -> list[Plan]:
-    """A sweep's plans as it will be submitted: on Slurm, packed points become job steps."""
+    """A sweep's plans as it will be submitted: on Slurm, packed points become items of a pool."""
     if plans and all(p.target == "slurm" for p in plans):
         return point_requests(plans)
     return list(plans)

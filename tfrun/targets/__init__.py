@@ -3,8 +3,8 @@ that runs a Plan there: ``run(plan)``, and for sweeps ``run_many(plans, sweep_di
 
 What each target is asked to do was rendered at plan time (:mod:`tfrun.plan`); here is the
 acting half: :mod:`~tfrun.targets.local` (processes on this machine),
-:mod:`~tfrun.targets.slurm` (submitit), :mod:`~tfrun.targets.pack` (packed sweeps, and
-their runner inside the allocation), :mod:`~tfrun.targets.sweeps` (every point of a sweep,
+:mod:`~tfrun.targets.slurm` (submitit), :mod:`~tfrun.targets.pool` (warm pools for packed
+sweeps, local sweeps and tuning studies), :mod:`~tfrun.targets.sweeps` (every point of a sweep,
 for the Hydra launcher plugin and ``tfrun.sweep``), :mod:`~tfrun.targets.control` (state
 and cancel, for the verbs and the API), :mod:`~tfrun.targets.report` (what is printed when
 a run ends).

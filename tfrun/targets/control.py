@@ -28,31 +28,35 @@ def run_dirs_of(path: Path) -> list[Path]:
 
 
 def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
-    """Current status of each run; unfinished Slurm runs are updated from one sacct call."""
+    """Current status of each run; unfinished Slurm runs (and the allocations of the pools that
+    hold unfinished items) are updated from one sacct call."""
     statuses = [rundir.read_status(d) for d in run_dirs]
-    live = [(d, s) for d, s in zip(run_dirs, statuses)
-            if s.get("target") == "slurm" and s.get("state") not in rundir.FINAL_STATES and s.get("job_ids")]
-    if live:
-        from tfrun.targets import slurm
+    unfinished = [(d, s) for d, s in zip(run_dirs, statuses) if s.get("state") not in rundir.FINAL_STATES]
+    pooled = [(d, s) for d, s in unfinished if s.get("pool")]  # their own status is their state
+    live = [(d, s) for d, s in unfinished if not s.get("pool") and s.get("target") == "slurm" and s.get("job_ids")]
+    if not live and not pooled:
+        return statuses
+    from tfrun.targets import slurm
 
-        info = slurm.query(j for _, s in live for j in s["job_ids"])
-        for run_dir, status in live:
-            job = info.get(status["job_ids"][-1])
-            if not job:
-                continue
-            state = slurm.shown_state(run_dir, slurm.tfrun_state(job["State"]))
-            if status.get("packed"):  # its allocation's state is not the point's
-                from tfrun.targets import pack
+    jobs = [j for _, s in live for j in s["job_ids"]]
+    if pooled:
+        from tfrun.targets import pool
 
-                state = pack.point_state(run_dir, state)
-                status.update(rundir.read_status(run_dir))
-                continue
-            fields = slurm.settle(str(run_dir), state) if state in rundir.FINAL_STATES else {"state": state}
-            status.update(rundir.update_status(run_dir, **slurm.allocation(job, state), **fields))
-            if state in rundir.FINAL_STATES:
-                from tfrun.tracking import mlflow_sync
+        jobs += pool.allocations_of([s for _, s in pooled])
+    info = slurm.query(jobs) if jobs else {}
+    if pooled:
+        pool.refresh_items(pooled, info)
+    for run_dir, status in live:
+        job = info.get(status["job_ids"][-1])
+        if not job:
+            continue
+        state = slurm.shown_state(run_dir, slurm.tfrun_state(job["State"]))
+        fields = slurm.settle(str(run_dir), state) if state in rundir.FINAL_STATES else {"state": state}
+        status.update(rundir.update_status(run_dir, **slurm.allocation(job, state), **fields))
+        if state in rundir.FINAL_STATES:
+            from tfrun.tracking import mlflow_sync
 
-                mlflow_sync.sync_if_asked(run_dir, fields["state"])
+            mlflow_sync.sync_if_asked(run_dir, fields["state"])
     return statuses
 
 
@@ -150,27 +154,27 @@ def _is_the_launcher(pid: int, status: Mapping[str, Any]) -> bool:
 
 
 def cancel(path: Path) -> list[str]:
-    """Cancel a run or every unfinished point of a sweep; what was cancelled."""
+    """Cancel a run or every unfinished point of a sweep; what was cancelled. A pool's item is
+    cancelled alone; a whole sweep or study in a pool ends its pool."""
     dirs = run_dirs_of(path)
     statuses = refresh(dirs)
-    packed_point = len(dirs) == 1 and statuses[0].get("packed")
-    job_ids = [] if packed_point else sorted({j.split("_")[0] if len(dirs) > 1 else j for s in statuses
-                                              if s.get("state") not in rundir.FINAL_STATES for j in s.get("job_ids", [])})
+    done = []
+    pooled = [(d, s) for d, s in zip(dirs, statuses) if s.get("pool")]
+    if pooled:
+        from tfrun.targets import pool
+
+        done += pool.cancel_items([d for d, _ in pooled], [s for _, s in pooled], whole=not rundir.is_run_dir(path))
+    rest = [(d, s) for d, s in zip(dirs, statuses) if not s.get("pool")]
+    job_ids = sorted({j.split("_")[0] if len(dirs) > 1 else j for _, s in rest
+                      if s.get("state") not in rundir.FINAL_STATES for j in s.get("job_ids", [])})
     if job_ids:
         from tfrun.targets import slurm
 
         slurm.cancel(job_ids)
-    done = []
-    for run_dir, status in zip(dirs, statuses):
+    for run_dir, status in rest:
         if status.get("state") in rundir.FINAL_STATES:
             continue
         name = status.get("run_id", run_dir.name)
-        if status.get("packed") and len(dirs) == 1:
-            from tfrun.targets import pack
-
-            pack.cancel_point(run_dir)
-            done.append(f"{name} (its pack's other points go on)")
-            continue
         pid = status.get("launcher_pid")
         if status.get("target") == "local" and _cancel_in_this_process(run_dir):
             pass  # launched by this process (tfrun.launch(wait=False)): SIGTERM would end it

@@ -282,7 +282,8 @@ def _run(plan: Plan, out: IO[bytes]) -> str:
     rundir.update_status(run_dir, run_id=plan.run_id, state="RUNNING", target="local", backend=plan.backend,
                          started=time.time(), ended=None, world_size=len(plan.tasks), job_ids=[],
                          launcher_pid=os.getpid(), launcher_started=rundir.process_started(os.getpid()),
-                         launcher_host=rundir.hostname(), failed_rank=None, reason=None)
+                         launcher_host=rundir.hostname(), failed_rank=None, reason=None,
+                         pool=None, pool_item=None)  # (an item of a pool resumed as a run of its own)
     procs = start(plan, extra_env)
     lock = threading.Lock()
     pumps = []

@@ -6,7 +6,7 @@ already has (:func:`tfrun.targets.control.snapshot` gets them with one scheduler
 all the runs). Nothing here talks to a scheduler or to a terminal: the command line draws
 snapshots (:mod:`tfrun.cli.watch`), or prints :func:`changes` as plain lines.
 
-A launcher following a sweep (:mod:`tfrun.targets.slurm`, :mod:`tfrun.targets.pack`)
+A launcher following a sweep (:mod:`tfrun.targets.slurm`, :mod:`tfrun.targets.pool`)
 asks :func:`sweep_view` for a live view, and :func:`busy` wraps a long step; both are
 what the command line registered in :data:`VIEWS`, on a terminal only, else plain lines.
 """

@@ -387,7 +387,8 @@ def launch(plans: Sequence[Plan], folder: str) -> list[str]:
         earlier = rundir.read_status(plan.run_dir).get("job_ids") or []  # a resumed run keeps its history
         rundir.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm", submitit_folder=folder,
                              backend=plan.backend, job_ids=[*earlier, job_id], submitted=now, started=now,
-                             ended=None, world_size=len(plan.tasks), failed_rank=None, reason=None)
+                             ended=None, world_size=len(plan.tasks), failed_rank=None, reason=None,
+                             pool=None, pool_item=None)  # (an item of a pool resumed as a job of its own)
     return job_ids
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from tfrun import rundir
 from tfrun.config.space import Space
+from tfrun.errors import TfrunError
 from tfrun.plan import Plan
 from tfrun.targets import control, policies
 from tfrun.targets.tuning import Settings, distributions, make_sampler, objective_curve, open_storage
@@ -50,7 +51,8 @@ class Study:
     """Runs a study to ``n_trials``: :meth:`run`. ``plan_trial(number, overrides)`` composes,
     plans and writes a trial's run dir (the sweeper's Hydra composition)."""
 
-    def __init__(self, found: Settings, space: Space, plan_trial: Callable[[int, list[str]], Plan]) -> None:
+    def __init__(self, found: Settings, space: Space, plan_trial: Callable[[int, list[str]], Plan],
+                 pool: Any = None) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -70,6 +72,7 @@ class Study:
         self.launched = 0  # trials this follower started
         self.target = ""
         self.poll_s = LOCAL_POLL_S
+        self.pool = pool  # a tfrun.targets.pool.trials.TrialPool: the trials run in its slots
 
     # -- starting trials ---------------------------------------------------------------
     def _started(self) -> int:
@@ -80,6 +83,8 @@ class Study:
     def _more(self) -> bool:
         from optuna.trial import TrialState
 
+        if self.pool is not None and self.pool.stopped:  # the study was cancelled
+            return False
         if self.found.sampler == "grid":
             return bool(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         return self._started() < self.found.n_trials
@@ -119,6 +124,10 @@ class Study:
 
     def _launch(self, plan: Plan, number: int, shown: list[str]) -> None:
         self.target = plan.target
+        if self.pool is not None:  # its status is a file the pool's coordinator writes: polled often
+            self.pool.launch(plan)
+            say(f"trial {number}: {self.pool.description()}: {' '.join(shown)}")
+            return
         if plan.target == "slurm":
             from tfrun.plan import sbatch
             from tfrun.targets import slurm
@@ -163,6 +172,8 @@ class Study:
                 rundir.update_status(run_dir, state="FAILED", ended=time.time(),
                                      reason="its tuning study's follower ended while it ran locally")
             else:
+                if self.pool is not None and status.get("pool"):  # fed just before the earlier follower ended?
+                    self.pool.launch(Plan.load(run_dir))
                 say(f"trial {trial.number}: following it again ({status.get('state')})")
             live.draining = (Path(run_dir) / rundir.PRUNE_FILE).exists()
             self.live.append(live)
@@ -182,17 +193,28 @@ class Study:
                     self._start_next()
                 if not self.live:
                     break
+                if self.pool is not None:
+                    self.pool.poll()
                 self._poll()
                 if self.live:
                     time.sleep(self.poll_s)
         except KeyboardInterrupt:
             self._interrupted()
             raise
+        except TfrunError:
+            if self.pool is not None:
+                self.pool.stop()  # the study stops here: so do its pool's allocations
+            raise
+        if self.pool is not None:
+            self.pool.close()  # every trial has ended: the pool's allocations end now
 
     def _interrupted(self) -> None:
         """Ctrl-C: Slurm trials go on (``tfrun tune resume`` follows them again); local ones
         run in this process's threads, so they are cancelled, and told as failed."""
-        self._cancel([t for t in self.live if t.thread is not None and t.thread.is_alive()],
+        if self.pool is not None:
+            self.pool.interrupted()  # a local pool ends with its follower: its trials are cancelled
+        local_pool = self.pool is not None and self.target == "local"
+        self._cancel([t for t in self.live if local_pool or (t.thread is not None and t.thread.is_alive())],
                      "its tuning study's follower was stopped while it ran locally")
 
     def _cancel(self, trials: list[Live], why: str) -> None:
@@ -372,6 +394,11 @@ def stop_request(run_dir: Path) -> None:
     import signal
 
     status = rundir.read_status(run_dir)
+    if status.get("pool"):  # a pool's item: its coordinator signals that item's processes only
+        from tfrun.targets.pool import Pool
+
+        Pool.open(status["pool"]).signal(run_dir, signal.SIGUSR2)
+        return
     if status.get("target") == "slurm" and status.get("job_ids"):
         job = status["job_ids"][-1]
         # Each request is for the job's state only: Slurm refuses a signal to a job that is not

@@ -62,18 +62,23 @@ def objective_value(plan: Plan, metric: str) -> float | None:
 
 
 def run_points(plans: Sequence[Plan], sweep_dir: Path) -> list[str]:
-    """Launch planned points: locally one after another, on Slurm as job array(s)."""
+    """Launch planned points: locally in a pool of one warm slot (one after another), on Slurm
+    as job array(s), or with ``compute.pack_size`` in a pool of allocations."""
     from tfrun import targets
+    from tfrun.plan import pools
     from tfrun.targets.report import print_outcome
 
     if {p.target for p in plans} == {"slurm"}:
-        from tfrun.plan import packing
-        from tfrun.targets import pack
+        if pools.is_packed(plans):
+            from tfrun.targets.pool.sweep import run_sweep
 
-        if packing.is_packed(plans):
-            return pack.run_packed(plans, str(sweep_dir))
+            return run_sweep(plans, sweep_dir)
         return targets.get("slurm").run_many(plans, str(sweep_dir))
-    states = []
+    if {p.target for p in plans} == {"local"} and all(pools.conflict(plans[0], p) is None for p in plans):
+        from tfrun.targets.pool.sweep import run_sweep
+
+        return run_sweep(plans, sweep_dir)
+    states = []  # points of different shapes (a sweep over nodes, backends): each a run of its own
     for num, plan in enumerate(plans):
         print(f"tfrun: sweep point {num + 1}/{len(plans)}: {plan.run_id}", file=sys.stderr, flush=True)
         state = targets.get(plan.target).run(plan)

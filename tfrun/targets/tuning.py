@@ -113,7 +113,7 @@ def settings(sweeper: Mapping[str, Any], objective: str | None, sweep_dir: Path)
     found = Settings(sampler, _positive("n_trials", sweeper.get("n_trials")),
                      _positive("max_parallel", sweeper.get("max_parallel")), direction, seed,
                      str(sweeper["storage"]) if sweeper.get("storage") else None, policy, objective, sweep_dir,
-                     startup)
+                     startup, extra={"pool": sweeper.get("pool")})  # checked with the trials' compute (targets.pool)
     check_storage(found)
     return found
 
@@ -228,6 +228,7 @@ def describe(found: Settings, space: Space) -> dict[str, Any]:
         "fixed": list(space.fixed),
         "policy": found.policy.describe(),
         "storage": found.storage_text(),
+        "pool": found.extra.get("pool"),
     }
 
 

@@ -328,6 +328,9 @@ class Watchdog:
                 except (OSError, KeyError, ValueError):
                     pass
             return
+        if os.environ.get(rundir.POOL_ENV):  # a pool's item: its coordinator ends it, not the allocation
+            rundir.write_json(Path(self.run_dir) / rundir.SIGNAL_FILE, {"signal": int(signal.SIGKILL), "requeue": requeue})
+            return
         if requeue:
             say(f"requeueing job {self.job} (compute.requeue_on_hang): it resumes from its last backup")
             failure = preempt.requeue(str(self.job))

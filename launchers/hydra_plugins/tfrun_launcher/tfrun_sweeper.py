@@ -32,6 +32,8 @@ class TfrunSweeperConf:
     policy: str = "none"  # none, median, bandit, truncation, asha, hyperband
     policy_args: Dict[str, Any] = field(default_factory=dict)
     params: Optional[Dict[str, str]] = None  # the search space, as Hydra's sweepers take it (besides the command line)
+    # The trials' warm pool: false (a job or process per trial), or allocations, slots, idle_timeout_s
+    pool: Any = field(default_factory=lambda: {"allocations": 1, "slots": None, "idle_timeout_s": 60.0})
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="tfrun", node=TfrunSweeperConf, provider="tfrun")
@@ -59,6 +61,7 @@ class TfrunSweeper(Sweeper):
         from tfrun.errors import ConfigError, TfrunError
         from tfrun.plan import planner
         from tfrun.targets import study, tuning
+        from tfrun.targets.pool import trials
         from tfrun.targets.sweeps import SweepOutcome, _remove_empty_sweep
 
         assert self.config is not None and self.hydra_context is not None
@@ -79,11 +82,15 @@ class TfrunSweeper(Sweeper):
             found = tuning.settings(sweeper, config.tfrun.get("objective"), sweep_dir)
             if found.sampler == "grid":
                 space.grid()
-            planner.plan_points(loader, config, [space.overrides(space.first())], 0)  # a bad config: nothing runs
+            first = planner.plan_points(loader, config, [space.overrides(space.first())], 0)[0].plan  # a bad config: nothing runs
+            pool_settings = trials.settings(sweeper.get("pool"), found.max_parallel, first.compute)
+            if pool_settings is not None and first.target == "slurm" and not (sweep_dir / "pool").exists():
+                trials.check_allocation(trials.spec(pool_settings, first), str(sweep_dir / "pool"))
             SweepOutcome.sweep_dir, SweepOutcome.objective, SweepOutcome.maximize = sweep_dir, found.objective, found.maximize
             sweep_dir.mkdir(parents=True, exist_ok=True)
             with tuning.follow_alone(found):
-                running = study.Study(found, space, plan_trial)
+                running = study.Study(found, space, plan_trial,
+                                      trials.TrialPool(pool_settings, sweep_dir) if pool_settings is not None else None)
                 tuning.save_invocation(found, [*config.hydra.overrides.hydra, *arguments])
                 running.run()
         except ConfigError as exc:
