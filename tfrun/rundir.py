@@ -103,25 +103,41 @@ class Plan:
         return cls.from_dict(json.loads((Path(run_dir) / PLAN_FILE).read_text()))
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
+def write_atomic(path: str | os.PathLike[str], data: bytes | str, durable: bool = False) -> None:
     """Write a file atomically: readers (on any node) see the old file or the new one, never
     a part; the temporary file has a name of its own, so concurrent writers of one path do
-    not trip over each other's, and a writer killed midway leaves the old file."""
+    not trip over each other's, and a writer killed midway leaves the old file. ``durable``:
+    on disk when this returns (the file, then its directory's entry), so that a machine that
+    crashes does not leave the new name on an empty file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        sync_dir(path.parent)
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
+def sync_dir(folder: str | os.PathLike[str]) -> None:
+    """Put a directory's entries (a file renamed into it) on disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str | os.PathLike[str], data: Any, durable: bool = False) -> None:
     """Write JSON atomically (:func:`write_atomic`)."""
-    write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", durable)
 
 
 @contextlib.contextmanager
