@@ -22,7 +22,7 @@ from tfrun import deps, rundir
 from tfrun.errors import ConfigError
 from tfrun.plan import Plan, packing, sbatch
 from tfrun.targets import progress, slurm
-from tfrun.task import preempt
+from tfrun.task import preempt, rendezvous, requeue
 
 CANCEL_MARKER = "cancel-requested"
 # How often the runner looks for finished points. A slot stays idle for half of this on
@@ -50,12 +50,16 @@ class _Runner:
         self.run_dirs = list(run_dirs)
         self.pending = [d for d in run_dirs if not _finished(d)]  # a requeued job skips finished points
         self.slots, self.running, self.stop, self.requeue_needed = slots, {}, False, False
+        self.signal: str | None = None  # what asked the runner to stop
+        self.began = time.time()  # this attempt of the allocation
+        self.killed: list[str] = []  # points killed by the stop signal before they could stop
         self.job = os.environ.get("SLURM_JOB_ID", "")
         self.array_job = (f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
                           if os.environ.get("SLURM_ARRAY_JOB_ID") else self.job)
 
     def on_signal(self, signum: int, frame: object) -> None:
         self.stop = True
+        self.signal = self.signal or signal.Signals(signum).name
 
     def start(self, run_dir: str) -> None:
         if (Path(run_dir) / CANCEL_MARKER).exists():
@@ -86,6 +90,7 @@ class _Runner:
                 # The warning came while the point was still starting (before its bootstrap
                 # could catch it), so nobody requeued the job: the runner does.
                 self.stop = self.requeue_needed = True
+                self.killed.append(run_dir)
                 continue
             else:
                 state = "FAILED"
@@ -107,18 +112,28 @@ class _Runner:
         preempt.wait_to_be_stopped()
 
     def _requeue(self) -> None:
-        """Requeue the allocation, bounded for time-outs by compute.max_requeues like a run of
-        its own (Slurm counts this job's restarts)."""
-        compute = Plan.load(self.run_dirs[0]).compute
-        reason = preempt.stop_reason(self.job, compute.get("signal_delay_s", 120))
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-        if not preempt.may_requeue(reason, restarts, compute.get("max_requeues", 3)):
-            print(f"tfrun: time limit reached after {restarts} requeue(s) (compute.max_requeues): the pack's "
-                  f"unfinished points are not run again", file=sys.stderr, flush=True)
+        """Requeue the allocation for a point killed before it could stop, by the one rule a
+        run's own requeue follows (:mod:`tfrun.task.requeue`), over that point's attempts; the
+        requeue is recorded there as an attempt of the point."""
+        run_dir = self.killed[0]
+        plan = Plan.load(run_dir)
+        key = rendezvous.attempt_key()
+        tried = rundir.attempts(run_dir)
+        started = rundir.read_status(run_dir).get("started")
+        request = {"signal": self.signal or preempt.SIGNALS[1].name}
+        cause = requeue.cause_of(request, time.time() - self.began, plan.compute)
+        decision = requeue.decide(cause, request, [a for a in tried if a.get("attempt") != key], plan.compute)
+        fields = {"started": started, "ended": time.time(), "reason": cause.value, "job_id": self.job, **request}
+        if not decision.requeue:
+            print(f"tfrun: {decision.why_not}: the pack's unfinished points are not run again", file=sys.stderr,
+                  flush=True)
+            rundir.update_attempt(run_dir, key, **fields, requeued=False, why_not_requeued=decision.why_not)
             return
+        rundir.update_attempt(run_dir, key, **fields, requeued=True, requeued_by="tfrun")
         failure = preempt.requeue(self.job)
         if failure:
             print(f"tfrun: could not requeue job {self.job}: {failure}", file=sys.stderr, flush=True)
+            rundir.update_attempt(run_dir, key, requeued=False, requeued_by=None, error=failure)
 
     def run(self) -> None:
         # SIGTERM: Slurm is ending this attempt (requeue, cancel, time limit). submitit
