@@ -133,24 +133,26 @@ def stop_decision(plan: Plan, request: dict) -> tuple[requeue.Cause, requeue.Dec
 
 def record_stop_request(plan: Plan, request: dict) -> None:
     """Rank 0, the moment a stop is requested: what asked (a preemption with its grace time is
-    recorded even if the attempt is then killed before it can say more). For a SIGTERM it asks
-    Slurm, once, whether the job is being preempted: here, in a thread, not in the signal
+    recorded even if the attempt is then killed before it can say more). For a SIGTERM it then
+    asks Slurm, once, whether the job is being preempted: here, in a thread, not in the signal
     handler of every rank."""
+    key = rendezvous.attempt_key()
+    rundir.update_attempt(plan.run_dir, key, **{k: v for k, v in request.items() if k not in ("preempted", "sigterm")})
     job = preempt.job_id()
-    if request.get("sigterm") and "preempted" not in request and job:
-        found = preempt.slurm_view(job, os.environ.get("SLURM_JOB_PARTITION"), os.environ.get("SLURM_JOB_QOS"))
-        preempt.learn(found)
-        request = {**request, **found}
-        if found.get("preempted"):
-            grace = f"; {found['grace_s']} s of grace time" if found.get("grace_s") is not None else ""
-            say(f"job {job} is being preempted (partition {found.get('partition', '?')}, "
-                f"PreemptMode={found.get('preempt_mode') or '?'}{grace})")
-        elif not found:
-            say(f"Slurm did not say whether job {job} is being preempted: saving the work as for a preemption")
-    fields = {k: v for k, v in request.items() if k not in ("preempted", "sigterm")}
-    if request.get("preempted"):
-        fields["reason"] = requeue.Cause.PREEMPTED.value
-    rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), **fields)
+    if not (request.get("sigterm") and "preempted" not in request and job):
+        return
+    found = preempt.slurm_view(job, os.environ.get("SLURM_JOB_PARTITION"), os.environ.get("SLURM_JOB_QOS"))
+    preempt.learn(found)
+    if found.get("preempted"):
+        grace = f"; {found['grace_s']} s of grace time" if found.get("grace_s") is not None else ""
+        say(f"job {job} is being preempted (partition {found.get('partition', '?')}, "
+            f"PreemptMode={found.get('preempt_mode') or '?'}{grace})")
+        rundir.update_attempt(plan.run_dir, key, reason=requeue.Cause.PREEMPTED.value,
+                              **{k: v for k, v in found.items() if k != "preempted"})
+    elif found:
+        rundir.update_attempt(plan.run_dir, key, job_state=found.get("job_state"))
+    else:
+        say(f"Slurm did not say whether job {job} is being preempted: saving the work as for a preemption")
 
 
 _recording: list[threading.Thread] = []
@@ -177,19 +179,24 @@ def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> i
             rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason="stopped")
         return code
     if ident.rank != 0:
+        preempt.deciding()
         decided = _await_decision(plan.run_dir)
         if decided.get("terminated"):
+            preempt.learn({"job_state": decided.get("job_state")})
             preempt.end_as_terminated()
         if decided.get("requeued") is not False:
             preempt.wait_to_be_stopped(DECISION_WAIT_S)
         return code
+    deadline = time.monotonic() + preempt.QUERY_BUDGET_S + 5
     for thread in _recording:  # what asked is recorded first, then what was done
-        thread.join(timeout=30)
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
     request = preempt.stop_request()
     cause, decision = stop_decision(plan, request)
     if cause is requeue.Cause.TERMINATED:
-        rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), requeued=False,
-                              terminated=True)
+        # A requeue made meanwhile (the watchdog's, for a hang) stays recorded as it was.
+        made = next((a for a in rundir.attempts(plan.run_dir) if a.get("attempt") == rendezvous.attempt_key()), {})
+        rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=made.get("ended") or time.time(),
+                              terminated=True, **({} if "requeued" in made else {"requeued": False}))
         preempt.end_as_terminated()
     if not decision.requeue:
         say(f"{decision.why_not}: not requeued" if cause is not requeue.Cause.PREEMPTED else
@@ -205,6 +212,7 @@ def _requeue(plan: Plan, job: str, cause: requeue.Cause, request: dict, code: in
     say(f"{cause.value}: requeueing job {job}; it resumes from the backup")
     key = rendezvous.attempt_key()
     rundir.update_attempt(plan.run_dir, key, ended=time.time(), reason=cause.value, requeued=True, requeued_by="tfrun")
+    preempt.await_end()  # the requeue's SIGTERM ends this task
     failure = preempt.requeue(job)
     if failure and requeue.slurm_requeues(request):
         # The grace time ran out first: Slurm has requeued it (once, and not again by tfrun).

@@ -25,7 +25,7 @@ from tfrun.task import preempt
 
 Vote = Callable[[Sequence[int]], list[int]]  # each rank's numbers, added up over all ranks
 VOTE_EVERY_S = 0.5
-MAX_BATCHES = 32  # a step that slows down suddenly delays a stop by at most this many batches
+MAX_BATCHES = 128  # a step that slows down suddenly delays a stop by at most this many batches
 _MAX_BATCH_MS = 60_000  # a mean batch time beyond this is voted as this (sums stay exact)
 
 _factory: list[Callable[[Any], Vote | None]] = []

@@ -38,7 +38,7 @@ EXIT_PREEMPTED = 75  # "temporary failure": stopped on request, resumable
 # Slurm sends a preemption's SIGTERM more than once (seen twice within a millisecond); a
 # SIGTERM later than this after the first is the end: the grace time is over, or the job is killed.
 SIGTERM_REPEAT_S = 2.0
-QUERY_TIMEOUT_S = 5.0  # each Slurm query rank 0 makes about a stop: the grace time is running
+QUERY_BUDGET_S = 5.0  # all the Slurm queries rank 0 makes about a SIGTERM: the grace time is running
 
 _requested = threading.Event()
 _request: dict[str, Any] = {}  # what asked for the stop: signal, and for a preemption, Slurm's account
@@ -48,6 +48,8 @@ _ended = False  # the script has returned: nothing is left to stop
 _listeners = 0  # stretches of code that stop by themselves (a Keras fit, the bootstrap's preparation)
 _polled = False  # the script asked should_checkpoint() at least once
 _sigterm_at: list[float] = []  # when the first SIGTERM came (monotonic)
+_ending: list[str] = []  # "deciding": rank 0 decides the stop; "decided": the task waits to be ended
+_term_while_deciding = False
 
 
 class Preempted(BaseException):
@@ -148,8 +150,17 @@ def _die_of_sigterm() -> None:
 
 def _on_sigterm(signum: int, frame: object) -> None:
     """A SIGTERM on Slurm: the first is a stop request (no Slurm command here: a signal
-    handler on every rank at once must not wait for the controller); a later one ends the task."""
+    handler on every rank at once must not wait for the controller); a later one ends the
+    task, and so does one that finds it waiting to be ended (after a requeue)."""
+    global _term_while_deciding
     now = time.monotonic()
+    if _ending == ["decided"]:
+        print("tfrun: received SIGTERM: Slurm is ending the attempt; ending now", file=sys.stderr, flush=True)
+        _die_of_sigterm()
+    if _ending == ["deciding"]:  # rank 0's requeue, or Slurm's own end: known once rank 0 has decided
+        _term_while_deciding = True
+        print("tfrun: received SIGTERM: ending once rank 0 has decided", file=sys.stderr, flush=True)
+        return
     if _sigterm_at and now - _sigterm_at[0] > SIGTERM_REPEAT_S:
         print("tfrun: received SIGTERM again: Slurm is ending the task; ending now", file=sys.stderr, flush=True)
         _die_of_sigterm()
@@ -254,14 +265,17 @@ def slurm_command(command: list[str], timeout_s: float) -> subprocess.CompletedP
     process still takes it, in a thread that does not hold it."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     try:
+        # A session of its own: a command that does not answer is killed with whatever it
+        # started (a wrapper's children would hold its output open, and the wait with them).
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, start_new_session=True)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
@@ -322,13 +336,18 @@ def slurm_view(job: str, partition: str | None = None, qos: str | None = None) -
     handler: ``{"preempted": True, ...}`` with the preemption's time, partition, mode and
     grace time; ``{"preempted": False, "job_state": ...}`` for a cancel, the time limit or a
     step ended; ``{}`` when Slurm does not answer (the caller then saves the work as for a
-    preemption). Each query is bounded by :data:`QUERY_TIMEOUT_S`.
+    preemption). All of it within :data:`QUERY_BUDGET_S`: the grace time is running.
 
     While a running job is being preempted, Slurm sets its ``PreemptTime``; a cancelled or
     timed-out job is no longer RUNNING (nor SIGNALING), and a requeue clears PreemptTime. How
     the preemption ends (``PreemptMode``: REQUEUE, CANCEL, ...) and the grace time are the job's
     QOS's under ``preempt/qos``, else its partition's (or the cluster's)."""
-    record = scontrol_fields("job", job, timeout_s=QUERY_TIMEOUT_S)
+    deadline = time.monotonic() + QUERY_BUDGET_S
+
+    def left() -> float:
+        return max(0.1, deadline - time.monotonic())
+
+    record = scontrol_fields("job", job, timeout_s=left())
     if not record:
         return {}
     # SIGNALING: a running job while Slurm signals it (seen during a preemption's SIGTERM).
@@ -337,31 +356,47 @@ def slurm_view(job: str, partition: str | None = None, qos: str | None = None) -
     partition, qos = record.get("Partition") or partition, record.get("QOS") or qos
     found: dict[str, Any] = {"preempted": True, "preempt_time": record["PreemptTime"], "partition": partition,
                              "qos": qos}
-    config = slurm_config(timeout_s=QUERY_TIMEOUT_S)
-    mode, grace = _qos_preemption(qos) if "qos" in config.get("PreemptType", "") else (None, None)
+    config = slurm_config(timeout_s=left())
+    mode, grace = _qos_preemption(qos, left()) if "qos" in config.get("PreemptType", "") else (None, None)
     if mode is None:
-        settings = scontrol_fields("partition", partition, timeout_s=QUERY_TIMEOUT_S) if partition else {}
+        settings = scontrol_fields("partition", partition, timeout_s=left()) if partition else {}
         mode, grace = settings.get("PreemptMode") or config.get("PreemptMode"), settings.get("GraceTime")
     # Slurm did not say how it ends the preemption: none assumed (the requeue then counts).
     found.update(preempt_mode=mode.upper() if mode else None, grace_s=seconds(grace))
     return found
 
 
-def _qos_preemption(qos: str | None) -> tuple[str | None, str | None]:
+def _qos_preemption(qos: str | None, timeout_s: float) -> tuple[str | None, str | None]:
     """(PreemptMode, GraceTime) of a QOS from the accounting database, (None, None) if unknown."""
     if not qos:
         return None, None
     try:
         out = slurm_command(["sacctmgr", "-nP", "show", "qos", qos, "format=PreemptMode,GraceTime"],
-                            QUERY_TIMEOUT_S).stdout.strip()
+                            timeout_s).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None, None
     mode, _, grace = out.partition("|")
     return (mode or None) if mode != "cluster" else None, grace or None
 
 
+def deciding() -> None:
+    """Rank 0 is deciding this attempt's stop: a SIGTERM meanwhile is noted, and ends the task
+    once the job is requeued (:func:`await_end`)."""
+    _ending[:] = ["deciding"]
+
+
+def await_end() -> None:
+    """The job is requeued (or about to be): a SIGTERM is Slurm ending the attempt, which a
+    requeue does, and ends the task at once (and one that came while rank 0 decided, now)."""
+    _ending[:] = ["decided"]
+    if _term_while_deciding:
+        print("tfrun: Slurm is ending the attempt; ending now", file=sys.stderr, flush=True)
+        _die_of_sigterm()
+
+
 def wait_to_be_stopped(limit_s: float = 120.0) -> None:
     """After a requeue Slurm ends every task itself; exiting first would fail the step."""
+    await_end()
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         time.sleep(1.0)
