@@ -14,14 +14,16 @@ import signal
 import subprocess
 import textwrap
 import time
+import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from tests.helpers import popen_tfrun, read_json, run_tfrun, stop, text_of, wait_for
-from tests.test_faults import (  # noqa: F401 (fixtures)
-    FAST_FIT, JOB_TIMEOUT, PROGRESS_SCRIPT, _wait_for_job, attempts, cluster, first_line_of_status, job_name,
-    metric_epochs, preempt_nodes, sacct_state, submitted, wait_final)
+from tests.test_faults import (FAST_FIT, FIT_SCRIPT, JOB_TIMEOUT, attempts, metric_epochs, preempt_nodes, sacct_state,
+                               submitted, wait_final)
+from tests.test_faults import LOCAL_SLURM
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +74,23 @@ with open(os.path.join(ctx.output_dir, f"weights-rank{ctx.rank}.json"), "w") as 
     json.dump({"sha": hashlib.sha256(weights.tobytes()).hexdigest()}, f)
 print(f"rank {ctx.rank} TRAINING DONE", flush=True)
 """
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    """The local cluster must be up; a missing cluster is a failure, never a skip."""
+    out = subprocess.run([str(LOCAL_SLURM), "status"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        pytest.fail(f"the local Slurm cluster is not up: start it with `scripts/local-slurm start`.\n{out.stdout}",
+                    pytrace=False)
+
+
+@pytest.fixture
+def job_name(cluster: None) -> Iterator[str]:
+    """A job name of this test's own; whatever still runs under it is cancelled afterwards."""
+    name = f"tfrun-stops-{uuid.uuid4().hex[:8]}"
+    yield name
+    subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=60)
+
 
 STOP_LINE = re.compile(r"^tfrun: stopping after epoch (\d+), batch (\d+): every rank stops here$", re.M)
 
@@ -284,7 +303,7 @@ def test_backend_none_ranks_resume_each_from_its_own_backup(tmp_path: Path) -> N
         # This rank's own weights come back, not the chief's.
         assert records[begins[1]]["checksum"] == pytest.approx(stopped_at["checksum"], rel=1e-6), (rank, records)
         assert [r["epoch"] for r in records[begins[1] + 1:]] == [4, 5, 6]
-        assert f"tfrun: resumed from the backup of epoch 3" in text_of(run_dir / f"logs/rank{rank}.log")
+        assert "tfrun: resumed from the backup of epoch 3" in text_of(run_dir / f"logs/rank{rank}.log")
 
 
 # --- 9: several fits in one script keep every epoch ---------------------------------------------
@@ -365,3 +384,99 @@ def test_a_resume_in_a_later_fit_skips_the_fits_before_it(tmp_path: Path) -> Non
     assert "head epochs 3" in second  # its History, from the run's records
     assert "tfrun: resumed from the backup of epoch 4" in second and "TRAINING DONE" in second
     assert epoch_records(run_dir) == [(0, 0), (1, 0), (2, 0), (3, 1), (4, 1), (5, 2), (6, 3)]
+
+
+# --- on Slurm: a stop while the job prepares; SIGTERM without Slurm's answer; a bounded warning ------
+
+def fake_commands(tmp_path: Path, **scripts: str) -> dict[str, str]:
+    """A bin dir with these commands in front of the real ones: PATH for tfrun and its jobs (a job
+    inherits the submitter's environment)."""
+    folder = tmp_path / "fakebin"
+    folder.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (folder / name).write_text("#!/bin/sh\n" + textwrap.dedent(body))
+        (folder / name).chmod(0o755)
+    return {"PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+@pytest.mark.slurm
+def test_a_stop_while_a_slurm_job_prepares_is_requeued(tmp_path: Path, job_name: str) -> None:
+    """SIGUSR2 to both ranks while the bootstrap prepares (Horovod's rendezvous, hvd.init): the
+    attempt stops before the script runs and the job is requeued, as it would be later; the
+    second attempt trains in full."""
+    write_script(tmp_path, "sync.py", SYNC_SCRIPT)
+    result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.wait=false",
+                       "backend=horovod", "compute.tasks_per_node=2", "entry.script=sync.py", "trainer.epochs=2",
+                       "trainer.batch_sleep=0", timeout=120)
+    assert result.returncode == 0, result.stderr
+    job_id, run_dir = submitted(result.stderr)
+    wait_for(lambda: all((run_dir / f"ranks/{r}.json").exists() for r in (0, 1)), JOB_TIMEOUT, "both ranks to start")
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+    assert wait_final(tmp_path, run_dir) == "COMPLETED", text_of(run_dir / "logs/rank0.log")[-3000:]
+    tried = attempts(run_dir)
+    assert [(a["reason"], a.get("requeued")) for a in tried] == [("preempted", True), ("completed", None)], tried
+    for rank in (0, 1):
+        first, second = text_of(run_dir / f"logs/rank{rank}.log").split(f"tfrun: rank {rank}/2 on ", 2)[1:]
+        assert "tfrun: stopped on request before the script ran" in first and "SCRIPT STARTED" not in first, first
+        assert f"rank {rank} TRAINING DONE" in second
+    assert sacct_state(job_id) == "COMPLETED"
+
+
+@pytest.mark.slurm
+def test_a_preemption_slurm_does_not_answer_about_still_saves_the_work(tmp_path: Path, job_name: str) -> None:
+    """`scontrol show` hangs in the job (a controller swamped by a preemption wave): the
+    SIGTERM is acted on at once (no Slurm command in the signal handler), rank 0's one query
+    gives up after a few seconds, and the work is saved and requeued as for a preemption."""
+    env = fake_commands(tmp_path, scontrol='case "$*" in *"show job"*) sleep 60;; esac\nexec /usr/bin/scontrol "$@"\n')
+    write_script(tmp_path, "fit.py", FIT_SCRIPT)
+    result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.wait=false",
+                       "compute.partition=low", "compute.nodelist=node1", "entry.script=fit.py", "trainer.epochs=8",
+                       timeout=120, **env)
+    assert result.returncode == 0, result.stderr
+    job_id, run_dir = submitted(result.stderr)
+    wait_for(lambda: len(metric_epochs(run_dir)) >= 2, JOB_TIMEOUT, "two epochs in metrics.jsonl")
+    preempt_nodes("node1", job_name)
+    assert wait_final(tmp_path, run_dir) == "COMPLETED", text_of(run_dir / "logs/rank0.log")[-3000:]
+    # Other jobs may preempt this one too, on a shared cluster: every preemption is handled alike.
+    parts = text_of(run_dir / "logs/rank0.log").split("tfrun: rank 0/1 on ")[1:]
+    tried = attempts(run_dir)
+    assert len(parts) == len(tried) >= 2 and tried[-1]["reason"] == "completed", tried
+    for part, attempt in zip(parts[:-1], tried[:-1]):
+        assert "tfrun: received SIGTERM: checkpointing and stopping" in part, part
+        assert f"tfrun: Slurm did not say whether job {job_id} is being preempted: saving the work" in part, part
+        assert f"tfrun: preempted: requeueing job {job_id}; it resumes from the backup" in part, part
+        assert (attempt["reason"], attempt["requeued_by"], attempt["signal"]) == ("preempted", "tfrun", "SIGTERM")
+    stops = [(i, int(m)) for i, part in enumerate(parts[:-1])
+             for m in re.findall(r"^tfrun: stopping after epoch (\d+), batch \d+$", part, re.M) if int(m) > 1]
+    assert stops, parts  # at least one stop came mid-training: the next attempt resumes from its epoch
+    for i, epoch in stops:
+        assert f"tfrun: resumed from the backup of epoch {epoch - 1}" in parts[i + 1], parts[i + 1]
+    assert metric_epochs(run_dir) == list(range(8))
+
+
+# Never ends by itself, and never listens: a stop request stops it where it is.
+FOREVER = """\
+import time
+print("running", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.slurm
+def test_a_time_limit_warning_is_bounded_when_squeue_fails(tmp_path: Path, job_name: str) -> None:
+    """squeue fails in the job: the warning before the time limit is still a time-out, never an
+    unbounded "preempted"; with compute.max_requeues=0 it is not requeued."""
+    env = fake_commands(tmp_path, squeue='echo "squeue: error: Slurm controller not responding" >&2\nexit 1\n')
+    write_script(tmp_path, "forever.py", FOREVER)
+    result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.wait=false",
+                       "compute.timeout_min=1", "compute.signal_delay_s=45", "compute.max_requeues=0",
+                       "entry.script=forever.py", timeout=120, **env)
+    assert result.returncode == 0, result.stderr
+    job_id, run_dir = submitted(result.stderr)
+    state = wait_final(tmp_path, run_dir, timeout=300)
+    tried = attempts(run_dir)
+    assert [(a.get("reason"), a.get("requeued")) for a in tried] == [("timeout", False)], tried
+    assert state in ("TIMEOUT", "FAILED"), state
+    log = text_of(run_dir / "logs/rank0.log")
+    assert "time limit reached after 0 requeue(s) already (compute.max_requeues=0): not requeued" in log, log
