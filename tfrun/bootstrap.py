@@ -181,8 +181,9 @@ def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> i
     if ident.rank != 0:
         preempt.deciding()
         decided = _await_decision(plan.run_dir)
-        if decided.get("terminated"):
-            preempt.learn({"job_state": decided.get("job_state")})
+        if decided.get("terminated") or decided.get("reason") == requeue.Cause.HANG.value:
+            # Slurm is ending the job (a cancel, the watchdog ending a hang): end as that SIGTERM would.
+            preempt.learn({"job_state": decided.get("job_state") or "ended by the watchdog"})
             preempt.end_as_terminated()
         if decided.get("requeued") is not False:
             preempt.wait_to_be_stopped(DECISION_WAIT_S)
@@ -194,7 +195,7 @@ def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> i
     cause, decision = stop_decision(plan, request)
     if cause is requeue.Cause.TERMINATED:
         # A requeue made meanwhile (the watchdog's, for a hang) stays recorded as it was.
-        made = next((a for a in rundir.attempts(plan.run_dir) if a.get("attempt") == rendezvous.attempt_key()), {})
+        made = this_attempt(plan.run_dir)
         rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=made.get("ended") or time.time(),
                               terminated=True, **({} if "requeued" in made else {"requeued": False}))
         preempt.end_as_terminated()
@@ -226,13 +227,18 @@ def _requeue(plan: Plan, job: str, cause: requeue.Cause, request: dict, code: in
     return code
 
 
+def this_attempt(run_dir: str) -> dict:
+    """This attempt's record so far."""
+    key = rendezvous.attempt_key()
+    return next((a for a in rundir.attempts(run_dir) if a.get("attempt") == key), {})
+
+
 def _await_decision(run_dir: str) -> dict:
     """Rank 0's record of this attempt once it has decided (requeued or not), or after
     DECISION_WAIT_S what there is."""
     deadline = time.monotonic() + DECISION_WAIT_S
-    key = rendezvous.attempt_key()
     while True:
-        record = next((a for a in rundir.attempts(run_dir) if a.get("attempt") == key), {})
+        record = this_attempt(run_dir)
         if "requeued" in record or time.monotonic() > deadline:
             return record
         time.sleep(0.5)
@@ -366,7 +372,8 @@ def end(plan: Plan, ident: identity.TaskIdentity, task: Task, live: mlflow_sync.
         live.end(None)  # now: a requeue ends this task the moment Slurm has done it
     if stopped:
         code = after_stop_request(plan, ident, code)
-    elif ident.rank == 0:
+    elif ident.rank == 0 and this_attempt(plan.run_dir).get("reason") != requeue.Cause.HANG.value:
+        # (The watchdog's account of an attempt it ended stays: the failure it caused is no other.)
         rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(),
                               reason="completed" if code == 0 else "failed")
     backend = backends.get(plan.backend)
