@@ -9,8 +9,9 @@ A stop request reaches every task of a job:
   ending a step whose other rank failed. The signal does not say which, and asking Slurm
   takes time a preemption's grace time may not have: so every SIGTERM is first a stop
   request (the work is saved), and rank 0 alone asks Slurm once, in a thread, what it was
-  (:func:`slurm_view`). A SIGTERM that comes later than :data:`SIGTERM_REPEAT_S` after the
-  first is Slurm ending the task (the grace time is over): the task ends at once.
+  (:func:`tfrun.task.preemption.account`). A SIGTERM that comes later than
+  :data:`SIGTERM_REPEAT_S` after the first is Slurm ending the task (the grace time is
+  over): the task ends at once.
 
 Every rank then sees :func:`should_checkpoint` turn true and its :func:`on_preempt`
 callbacks run; Keras ``fit`` stops at the next batch end (the last complete epoch is in
@@ -38,7 +39,6 @@ EXIT_PREEMPTED = 75  # "temporary failure": stopped on request, resumable
 # Slurm sends a preemption's SIGTERM more than once (seen twice within a millisecond); a
 # SIGTERM later than this after the first is the end: the grace time is over, or the job is killed.
 SIGTERM_REPEAT_S = 2.0
-QUERY_BUDGET_S = 5.0  # all the Slurm queries rank 0 makes about a SIGTERM: the grace time is running
 
 _requested = threading.Event()
 _request: dict[str, Any] = {}  # what asked for the stop: signal, and for a preemption, Slurm's account
@@ -291,92 +291,6 @@ def requeue(job_id: str, timeout_s: float = 60.0) -> str | None:
     except subprocess.TimeoutExpired:
         return f"scontrol requeue {job_id} did not answer within {timeout_s:.0f} s"
     return None if result.returncode == 0 else (result.stderr or result.stdout).strip() or f"exit {result.returncode}"
-
-
-def scontrol_fields(*what: str, timeout_s: float = 10.0) -> dict[str, str]:
-    """``scontrol -o show WHAT...`` as a dict (empty if it cannot be read)."""
-    try:
-        out = slurm_command(["scontrol", "-o", "show", *what], timeout_s)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    if out.returncode:
-        return {}
-    return dict(word.split("=", 1) for word in out.stdout.split() if "=" in word)
-
-
-def slurm_config(timeout_s: float = 10.0) -> dict[str, str]:
-    """``scontrol show config`` (one ``Key = value`` per line) as a dict; empty if unreadable."""
-    try:
-        out = slurm_command(["scontrol", "show", "config"], timeout_s).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    pairs = (line.split("=", 1) for line in out.splitlines() if " = " in line)
-    return {key.strip(): value.strip() for key, value in pairs}
-
-
-def seconds(text: str | None) -> int | None:
-    """A duration as Slurm prints it ([D-][HH:]MM:SS, or plain seconds); None if it is not one
-    (empty, INVALID, UNLIMITED, NOT_SET)."""
-    if not text:
-        return None
-    days, _, clock = text.rpartition("-")
-    try:
-        parts = [int(p) for p in clock.split(":")]
-    except ValueError:
-        return None
-    if len(parts) == 1 and not days:
-        return parts[0]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-
-
-def slurm_view(job: str, partition: str | None = None, qos: str | None = None) -> dict[str, Any]:
-    """Slurm's account of a SIGTERM to this job, for rank 0 to ask once, outside the signal
-    handler: ``{"preempted": True, ...}`` with the preemption's time, partition, mode and
-    grace time; ``{"preempted": False, "job_state": ...}`` for a cancel, the time limit or a
-    step ended; ``{}`` when Slurm does not answer (the caller then saves the work as for a
-    preemption). All of it within :data:`QUERY_BUDGET_S`: the grace time is running.
-
-    While a running job is being preempted, Slurm sets its ``PreemptTime``; a cancelled or
-    timed-out job is no longer RUNNING (nor SIGNALING), and a requeue clears PreemptTime. How
-    the preemption ends (``PreemptMode``: REQUEUE, CANCEL, ...) and the grace time are the job's
-    QOS's under ``preempt/qos``, else its partition's (or the cluster's)."""
-    deadline = time.monotonic() + QUERY_BUDGET_S
-
-    def left() -> float:
-        return max(0.1, deadline - time.monotonic())
-
-    record = scontrol_fields("job", job, timeout_s=left())
-    if not record:
-        return {}
-    # SIGNALING: a running job while Slurm signals it (seen during a preemption's SIGTERM).
-    if record.get("JobState") not in ("RUNNING", "SIGNALING") or record.get("PreemptTime", "None") in ("None", "Unknown", ""):
-        return {"preempted": False, "job_state": record.get("JobState")}
-    partition, qos = record.get("Partition") or partition, record.get("QOS") or qos
-    found: dict[str, Any] = {"preempted": True, "preempt_time": record["PreemptTime"], "partition": partition,
-                             "qos": qos}
-    config = slurm_config(timeout_s=left())
-    mode, grace = _qos_preemption(qos, left()) if "qos" in config.get("PreemptType", "") else (None, None)
-    if mode is None:
-        settings = scontrol_fields("partition", partition, timeout_s=left()) if partition else {}
-        mode, grace = settings.get("PreemptMode") or config.get("PreemptMode"), settings.get("GraceTime")
-    # Slurm did not say how it ends the preemption: none assumed (the requeue then counts).
-    found.update(preempt_mode=mode.upper() if mode else None, grace_s=seconds(grace))
-    return found
-
-
-def _qos_preemption(qos: str | None, timeout_s: float) -> tuple[str | None, str | None]:
-    """(PreemptMode, GraceTime) of a QOS from the accounting database, (None, None) if unknown."""
-    if not qos:
-        return None, None
-    try:
-        out = slurm_command(["sacctmgr", "-nP", "show", "qos", qos, "format=PreemptMode,GraceTime"],
-                            timeout_s).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    mode, _, grace = out.partition("|")
-    return (mode or None) if mode != "cluster" else None, grace or None
 
 
 def deciding() -> None:
