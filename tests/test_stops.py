@@ -248,7 +248,8 @@ def test_a_backup_that_does_not_load_falls_back_to_the_one_before(tmp_path: Path
 
 
 # Every rank trains a model of its own (its own seed) and records its weights at the start of
-# fit and after each epoch; a stop request after epoch 3 of the first attempt.
+# fit and after each epoch; a stop request after epoch 3 of the first attempt, once both ranks
+# are there (the launcher passes a rank's stop on to the other).
 OWN_MODELS = """\
 import json, os, signal, time
 import numpy as np
@@ -276,8 +277,10 @@ class Record(keras.callbacks.Callback):
         time.sleep(0.05)
     def on_epoch_end(self, epoch, logs=None):
         self.record(epoch=epoch + 1, checksum=checksum())
-        if first and epoch + 1 == 3:
+        if first and epoch + 1 == 3:  # both ranks stop after their third epoch
             open(os.path.join(run_dir, f"stopped-{rank}"), "w").close()
+            while not os.path.exists(os.path.join(run_dir, f"stopped-{1 - rank}")):
+                time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGUSR2)
 
 model.fit(x, y, epochs=6, batch_size=256, verbose=0, callbacks=[Record()])
@@ -429,8 +432,9 @@ def test_a_preemption_slurm_does_not_answer_about_still_saves_the_work(tmp_path:
     gives up after a few seconds, and the work is saved and requeued as for a preemption."""
     env = fake_commands(tmp_path, scontrol='case "$*" in *"show job"*) sleep 60;; esac\nexec /usr/bin/scontrol "$@"\n')
     write_script(tmp_path, "fit.py", FIT_SCRIPT)
+    # 20 epochs of ~3 s: long enough for the preempting job to get node1 on a busy shared cluster.
     result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.wait=false",
-                       "compute.partition=low", "compute.nodelist=node1", "entry.script=fit.py", "trainer.epochs=8",
+                       "compute.partition=low", "compute.nodelist=node1", "entry.script=fit.py", "trainer.epochs=20",
                        timeout=120, **env)
     assert result.returncode == 0, result.stderr
     job_id, run_dir = submitted(result.stderr)
@@ -451,7 +455,7 @@ def test_a_preemption_slurm_does_not_answer_about_still_saves_the_work(tmp_path:
     assert stops, parts  # at least one stop came mid-training: the next attempt resumes from its epoch
     for i, epoch in stops:
         assert f"tfrun: resumed from the backup of epoch {epoch - 1}" in parts[i + 1], parts[i + 1]
-    assert metric_epochs(run_dir) == list(range(8))
+    assert metric_epochs(run_dir) == list(range(20))
 
 
 # Never ends by itself, and never listens: a stop request stops it where it is.
