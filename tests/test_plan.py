@@ -412,3 +412,17 @@ def test_local_identity_from_env() -> None:
     ident = identity.detect("local", 2, 2, {"TFRUN_RANK": "3"})
     assert (ident.rank, ident.local_rank, ident.node_index, ident.world_size) == (3, 1, 1, 4)
     assert identity.detect("local", 2, 2, {}).world_size == 1  # started by hand
+
+
+# --- Slurm: jobs tfrun may requeue ask for it --------------------------------------------
+
+@pytest.mark.parametrize("overrides, line", [
+    ([], "#SBATCH --requeue"),
+    (["+compute.additional_parameters.no_requeue=true"], "#SBATCH --no-requeue"),
+])
+def test_slurm_jobs_ask_to_be_requeueable(scratch: Path, overrides: list[str], line: str) -> None:
+    """tfrun requeues jobs itself (time limits, preemptions, hangs); a cluster whose default is
+    JobRequeue=0 refuses that for a job that did not ask. A user's own choice wins."""
+    sbatch = plan_for("compute=slurm", *overrides).request["sbatch"]
+    assert line in sbatch.splitlines(), sbatch
+    assert sbatch.count("requeue") == 1, sbatch

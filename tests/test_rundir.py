@@ -114,14 +114,6 @@ def test_a_requeue_that_cannot_run_is_reported_not_raised(tmp_path: Path, monkey
     assert "did not answer within 1 s" in preempt.requeue("123", timeout_s=1)
 
 
-def test_time_outs_are_requeued_at_most_max_requeues_times() -> None:
-    from tfrun.task import preempt
-
-    assert preempt.may_requeue("preempted", earlier_timeouts=99, max_requeues=0)
-    assert preempt.may_requeue("timeout", earlier_timeouts=2, max_requeues=3)
-    assert not preempt.may_requeue("timeout", earlier_timeouts=3, max_requeues=3)
-
-
 def test_a_requeued_job_shows_preempted_while_accounting_says_pending(tmp_path: Path) -> None:
     """The follower's view of a preempted job: PREEMPTED until it runs again, even when its new
     attempt is recorded before sacct stops saying PENDING."""

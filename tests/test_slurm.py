@@ -281,8 +281,9 @@ def _first_line(text: str) -> str:
 
 @pytest.mark.slurm
 def test_no_wait_returns_at_once_and_cancel_ends_the_job(tmp_path: Path, job_name: str) -> None:
-    """In a partition whose jobs can be preempted (SIGTERM then is a stop request), a user's
-    cancel (SIGTERM too) still ends the job: CANCELLED, not stopped and requeued."""
+    """In a partition whose jobs can be preempted, a user's cancel (SIGTERM, as a preemption's)
+    still ends the job: CANCELLED, not requeued. The task saves its work first, as it would for
+    a preemption, and rank 0 asks Slurm which it was."""
     write_script(tmp_path, "sleep.py", SLEEP_SCRIPT)
     start = time.monotonic()
     result = run_tfrun(tmp_path, "compute=slurm", "compute.wait=false", f"compute.job_name={job_name}",
@@ -308,8 +309,11 @@ def test_no_wait_returns_at_once_and_cancel_ends_the_job(tmp_path: Path, job_nam
     assert _first_line(shown).endswith(": CANCELLED"), shown
     assert re.search(r"^  rank 0: node[12] pid \d+ killed before it finished$", shown, re.M), shown
     assert read_json(run_dir / "status.json")["state"] == "CANCELLED"
-    assert "checkpointing and stopping" not in text_of(run_dir / "logs/rank0.log")
-    assert "reason" not in read_json(run_dir / "attempts.json")[f"slurm-{job_id}-0"]  # no stop, no requeue
+    log = text_of(run_dir / "logs/rank0.log")
+    assert re.search(rf"^tfrun: Slurm is ending job {job_id} \((CANCELLED|COMPLETING)\), not preempting it: ending now$",
+                     log, re.M), log
+    attempt = read_json(run_dir / "attempts.json")[f"slurm-{job_id}-0"]
+    assert attempt["requeued"] is False and attempt["terminated"] is True and "reason" not in attempt, attempt
 
 
 @pytest.mark.slurm

@@ -14,7 +14,6 @@ import runpy
 import socket
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Mapping
 from tfrun import backends, rundir
 from tfrun.errors import BootstrapError
 from tfrun.rundir import Plan, Task
-from tfrun.task import gpus, heartbeat, identity, keras_hooks, preempt, rendezvous, watchdog
+from tfrun.task import (agreement, gpus, heartbeat, identity, keras_hooks, preempt, rendezvous, requeue, stopping,
+                        watchdog)
 from tfrun.tracking import metrics, mlflow_sync, provenance, redact
 
 # The model floor's export, run as a child process (the task floor never imports it).
@@ -110,99 +110,13 @@ def prepare(plan: Plan, ident: identity.TaskIdentity) -> Task:
     env.update(backend.setup(plan.config["backend"], ident, plan.run_dir, task, plan))
     apply_env(env)
     keras_hooks.install()
+    if hasattr(backend, "stop_vote") and ident.world_size > 1:  # ranks that train in step stop in step
+        agreement.use(backend.stop_vote)
     if hasattr(backend, "verify"):  # after apply_env: it may import TensorFlow
         backend.verify(plan.config["backend"], ident)
     os.makedirs(plan.output_dir, exist_ok=True)
     os.chdir(plan.source_dir)
     return task
-
-
-def stop_decision(plan: Plan, job: str) -> tuple[str, bool, str | None]:
-    """Rank 0, on Slurm, once its script stopped on request: (why this attempt stops, whether
-    tfrun requeues the job, why not when it does not)."""
-    if (Path(plan.run_dir) / rundir.PRUNE_FILE).exists():  # a tuning policy stopped it: for good
-        return "pruned", False, "pruned by the tuning study's early-termination policy"
-    request = preempt.stop_request()
-    current = rendezvous.attempt_key()
-    earlier = [a for a in rundir.attempts(plan.run_dir) if a.get("attempt") != current]
-    limit = int(plan.compute.get("max_requeues", 3))
-    if request.get("preempted"):
-        if preempt.slurm_requeues(request):
-            # Slurm would requeue it once the grace time is over; requeued now, the nodes go
-            # to the job that preempted it as soon as the backup is written.
-            return "preempted", True, None
-        where = f"partition {request.get('partition')} ends preempted jobs (PreemptMode={request.get('preempt_mode')})"
-        if not plan.compute.get("requeue_on_preempt", True):
-            return "preempted", False, f"{where} and compute.requeue_on_preempt=false"
-        done = sum(1 for a in earlier if a.get("reason") == "preempted" and a.get("requeued_by") == "tfrun"
-                   and not preempt.slurm_requeues(a))
-        if done >= limit:
-            return "preempted", False, f"{where}; requeued after {done} such preemption(s) already (compute.max_requeues)"
-        return "preempted", True, None
-    reason = preempt.stop_reason(job, plan.compute.get("signal_delay_s", 120))
-    done = sum(1 for a in earlier if a.get("reason") == "timeout")
-    if not preempt.may_requeue(reason, done, limit):
-        return reason, False, f"time limit reached after {done} requeue(s) for time-outs (compute.max_requeues)"
-    return reason, True, None
-
-
-def record_stop_request(plan: Plan, request: dict) -> None:
-    """Rank 0, the moment a stop is requested: what asked (a preemption with its grace time is
-    recorded even if the attempt is then killed before it can say more)."""
-    fields = {k: v for k, v in request.items() if k != "preempted"}
-    if request.get("preempted"):
-        fields["reason"] = "preempted"
-    rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), **fields)
-
-
-_recording: list[threading.Thread] = []
-
-
-def record_in_background(plan: Plan, request: dict) -> None:
-    """:func:`record_stop_request` in a thread: the signal handler that calls this runs in the
-    main thread, which may be holding the attempts file's lock."""
-    thread = threading.Thread(target=record_stop_request, args=(plan, request), name="tfrun-stop-record")
-    _recording.append(thread)
-    thread.start()
-
-
-def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> int:
-    """On Slurm, rank 0 requeues the job (bounded where it must be); every rank then waits to be ended."""
-    job = preempt.job_id()
-    if ident.launcher != "slurm" or not job or os.environ.get(rundir.POOL_ENV):
-        # Local: the launcher records a resumable stop. A pool's item: the coordinator of its
-        # allocation decides what follows (the allocation's requeue, or the item's end).
-        if ident.rank == 0:
-            for thread in _recording:
-                thread.join(timeout=30)
-            rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason="stopped")
-        return code
-    if ident.rank == 0:
-        for thread in _recording:  # what asked is recorded first, then what was done
-            thread.join(timeout=30)
-        reason, requeue, why_not = stop_decision(plan, job)
-        if not requeue:
-            say(f"{why_not}: not requeued" if reason in ("timeout", "pruned") else
-                f"{reason}: not requeued ({why_not}); continue it with: tfrun resume {plan.run_dir}")
-            rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason,
-                                  requeued=False, why_not_requeued=why_not)
-            return code
-        # Said and recorded first: Slurm ends this task the moment the requeue is done.
-        say(f"{reason}: requeueing job {job}; it resumes from the backup")
-        rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason,
-                              requeued=True, requeued_by="tfrun")
-        failure = preempt.requeue(job)
-        if failure and preempt.slurm_requeues(preempt.stop_request()):
-            # The grace time ran out first: Slurm has requeued it (once, and not again by tfrun).
-            say(f"{reason}: job {job} is requeued by Slurm ({failure})")
-            rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), requeued_by="slurm")
-        elif failure:
-            say(f"could not requeue job {job}: {failure}")
-            rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), requeued=False, requeued_by=None,
-                                  error=failure)
-            return code
-    preempt.wait_to_be_stopped()
-    return code
 
 
 def export_after_training(plan: Plan, ident: identity.TaskIdentity, code: int) -> None:
@@ -232,9 +146,8 @@ def export_after_training(plan: Plan, ident: identity.TaskIdentity, code: int) -
         say(f"export onnx FAILED: {error}")
 
 
-def run_task(run_dir: str, launcher: str = "local") -> int:
-    """Prepare this task and run it; returns its exit code."""
-    preempt.install(slurm=launcher == "slurm")  # first: an early stop request must not kill the task
+def begin(run_dir: str, launcher: str) -> tuple[Plan, identity.TaskIdentity, mlflow_sync.Live | None]:
+    """This task's records, logs, heartbeat, and on rank 0 the attempt's (and its watchdog)."""
     plan = Plan.load(run_dir)
     ident = identity.detect(launcher, plan.compute["nodes"], plan.compute["tasks_per_node"])
     if launcher == "slurm":
@@ -249,61 +162,108 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     say(f"rank {ident.rank}/{ident.world_size} on {rundir.hostname()} (node {ident.node_index}, "
         f"local rank {ident.local_rank}), run {plan.run_id}")
     if ident.rank == 0:
-        rundir.update_attempt(run_dir, rendezvous.attempt_key(), started=time.time(), ended=None,
-                              job_id=preempt.job_id(), host=rundir.hostname())
-        # Off the script's path: a thread (git and the packages' metadata take ~0.1 s).
-        provenance.record_in_background(run_dir, rendezvous.attempt_key(), os.path.dirname(plan.script),
-                                        ident.hostnames if launcher == "slurm" else [rundir.hostname()],
-                                        [t.node_index if launcher == "slurm" else 0 for t in plan.tasks],
-                                        preempt.job_id())
-        preempt.on_stop_request(lambda request: record_in_background(plan, request))
-        # The nodes this attempt runs on, as Slurm gave them (a packed point's step: its own);
-        # a hang an earlier attempt reported is that attempt's.
-        nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
-        rundir.update_status(run_dir, hang=None, watchdog=None, **({"nodes": nodes} if nodes else {}))
-        if plan.compute.get("hang_timeout_s"):
-            # its polling is tfrun's, not the script's activity
-            heartbeat.ignore(watchdog.spawn(run_dir, rendezvous.attempt_key(), launcher,
-                                            float(plan.compute["hang_timeout_s"])))
+        begin_attempt(plan, ident, launcher)
     # tracking=mlflow: the chief's metrics reach MLflow while it trains (a thread; never blocks).
     live = mlflow_sync.start_live(run_dir, plan.config, rendezvous.attempt_key()) if ident.rank == 0 else None
-    code, error = 1, None
-    backend = backends.get(plan.backend)
-    task = plan.tasks[ident.rank]
+    return plan, ident, live
+
+
+def begin_attempt(plan: Plan, ident: identity.TaskIdentity, launcher: str) -> None:
+    """Rank 0: the attempt's record, its provenance, what asks it to stop, its watchdog."""
+    run_dir = plan.run_dir
+    rundir.update_attempt(run_dir, rendezvous.attempt_key(), started=time.time(), ended=None,
+                          job_id=preempt.job_id(), host=rundir.hostname())
+    # Off the script's path: a thread (git and the packages' metadata take ~0.1 s).
+    provenance.record_in_background(run_dir, rendezvous.attempt_key(), os.path.dirname(plan.script),
+                                    ident.hostnames if launcher == "slurm" else [rundir.hostname()],
+                                    [t.node_index if launcher == "slurm" else 0 for t in plan.tasks],
+                                    preempt.job_id())
+    preempt.on_stop_request(lambda request: stopping.record_in_background(plan, request))
+    # The nodes this attempt runs on, as Slurm gave them (a packed point's step: its own);
+    # a hang an earlier attempt reported is that attempt's.
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+    rundir.update_status(run_dir, hang=None, watchdog=None, **({"nodes": nodes} if nodes else {}))
+    if plan.compute.get("hang_timeout_s"):
+        # its polling is tfrun's, not the script's activity
+        heartbeat.ignore(watchdog.spawn(run_dir, rendezvous.attempt_key(), launcher,
+                                        float(plan.compute["hang_timeout_s"])))
+
+
+def failure(exc: BaseException) -> str:
+    """Report a failure of tfrun's own preparation (or the serving) in the log; what went wrong."""
+    if isinstance(exc, BootstrapError):
+        say(f"error: {exc}")
+    else:
+        print_user_traceback(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+STOPPED_EARLY = "stopped on request before the script ran"
+
+
+def work(plan: Plan, task: Task) -> tuple[int, str | None]:
+    """Run the script, or serve; (exit code, what went wrong). A stop requested before (during
+    the preparation) stops the task here, as it would have stopped the script."""
     try:
-        if (Path(run_dir) / rundir.PRUNE_FILE).exists():  # pruned while it waited to start (or to restart)
+        if (Path(plan.run_dir) / rundir.PRUNE_FILE).exists():  # pruned while it waited to start (or to restart)
             say("pruned by the tuning study before this attempt started: the script is not run")
-            code, error = preempt.EXIT_PREEMPTED, "pruned before it started"
-        elif (task := prepare(plan, ident)).runs_script:
+            return preempt.EXIT_PREEMPTED, "pruned before it started"
+        if preempt.requested():
+            say(f"{STOPPED_EARLY}: it will run in full when the run continues")
+            return preempt.EXIT_PREEMPTED, STOPPED_EARLY
+        if task.runs_script:
             heartbeat.beat(phase="script running")
-            code, error = run_script(task.argv)
-        else:
-            heartbeat.beat(phase="serving")  # a server makes no steps: the watchdog leaves it be
-            code = backend.serve(plan, task)
-            error = f"exit code {code}" if code else None
-    except BaseException as exc:  # a failure of tfrun's own preparation
-        if isinstance(exc, BootstrapError):
-            say(f"error: {exc}")
-        else:
-            print_user_traceback(exc)
-        error = f"{type(exc).__name__}: {exc}"
+            return run_script(task.argv)
+        heartbeat.beat(phase="serving")  # a server makes no steps: the watchdog leaves it be
+        with preempt.listening():  # a stop request is the chief's to act on (see the backend's serve)
+            code = backends.get(plan.backend).serve(plan, task)
+        return code, {0: None, preempt.EXIT_PREEMPTED: "stopped on request"}.get(code, f"exit code {code}")
+    except preempt.Preempted:  # requested just before the script started
+        return preempt.EXIT_PREEMPTED, STOPPED_EARLY
+    except BaseException as exc:
+        return 1, failure(exc)
+
+
+def run_task(run_dir: str, launcher: str = "local") -> int:
+    """Prepare this task and run it; returns its exit code."""
+    # Until the script runs, a stop request is noted, not acted on: the preparation (a
+    # rendezvous, hvd.init) completes on every rank, and then no rank runs the script.
+    with preempt.listening():
+        preempt.install(slurm=launcher == "slurm")  # first: an early stop request must not kill the task
+        plan, ident, live = begin(run_dir, launcher)
+        code, error, task = 1, None, plan.tasks[ident.rank]
+        try:
+            task = prepare(plan, ident)
+        except BaseException as exc:  # a failure of tfrun's own preparation
+            error = failure(exc)
+    if error is None:
+        code, error = work(plan, task)
+    return end(plan, ident, task, live, code, error)
+
+
+def end(plan: Plan, ident: identity.TaskIdentity, task: Task, live: mlflow_sync.Live | None, code: int,
+        error: str | None) -> int:
+    """After the script (or the serving): the stop's decision, the backend's end, the export,
+    the records; returns the task's exit code."""
     preempt.script_ended()
     metrics.flush()  # values the script logged last: a requeue below may end this task at any moment
     stopped = code == preempt.EXIT_PREEMPTED
     if stopped and live is not None:
         live.end(None)  # now: a requeue ends this task the moment Slurm has done it
     if stopped:
-        code = after_stop_request(plan, ident, code)
-    elif ident.rank == 0:
-        rundir.update_attempt(run_dir, rendezvous.attempt_key(), ended=time.time(),
+        code = stopping.after_stop_request(plan, ident, code)
+    elif ident.rank == 0 and stopping.this_attempt(plan.run_dir).get("reason") != requeue.Cause.HANG.value:
+        # (The watchdog's account of an attempt it ended stays: the failure it caused is no other.)
+        rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(),
                               reason="completed" if code == 0 else "failed")
+    backend = backends.get(plan.backend)
     if hasattr(backend, "finish"):
         backend.finish(plan, task, code)
     heartbeat.beat(phase="ended")
     export_after_training(plan, ident, code)
     if live is not None and not stopped:  # a stopped run goes on in a later attempt, or tfrun ends it
         live.end("COMPLETED" if code == 0 else "FAILED")
-    rundir.update_rank(run_dir, ident.rank, ended=time.time(), exit_code=code, error=error)
+    rundir.update_rank(plan.run_dir, ident.rank, ended=time.time(), exit_code=code, error=error)
     sys.stdout.flush()
     sys.stderr.flush()
     preempt.exiting()

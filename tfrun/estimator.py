@@ -27,6 +27,7 @@ from tfrun.api import Run, launch
 from tfrun.config.overrides import mapping_overrides, override
 from tfrun.errors import ConfigError
 from tfrun.rundir import Plan
+from tfrun.tracking import metrics
 
 BACKENDS = {"mpi": "horovod", "horovod": "horovod", "ps": "ps", "parameter_server": "ps", "mwms": "mwms", None: "none"}
 
@@ -250,9 +251,8 @@ class EstimatorRun:
             if record.get("name") is not None:
                 series.setdefault(record["name"], []).append(record["value"])
             elif record.get("epoch") is not None:
-                for key, value in record.items():
-                    if key not in ("epoch", "time") and isinstance(value, (int, float)):
-                        series.setdefault(key, []).append(value)
+                for key, value in metrics.epoch_values(record).items():
+                    series.setdefault(key, []).append(value)
         return {k: v[0] if len(v) == 1 else v for k, v in series.items()}
 
     def cancel(self) -> None:

@@ -123,30 +123,42 @@ def _new_file(folder: Path, prefix: str) -> tuple[int, Path]:
             continue
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes | str, sync: bool = False) -> None:
+def write_atomic(path: str | os.PathLike[str], data: bytes | str, durable: bool = False) -> None:
     """Write a file atomically: readers (on any node) see the old file or the new one, never
     a part; the temporary file has a name of its own, so concurrent writers of one path do
     not trip over each other's, and a writer killed midway leaves the old file. The file
-    follows the umask, like any file the user writes. ``sync``: on disk before it replaces
-    the old one."""
+    follows the umask, like any file the user writes. ``durable``: on disk when this returns
+    (the file, then its directory's entry), so that a machine that crashes does not leave
+    the new name on an empty file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _new_file(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
-            if sync:
+            if durable:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        sync_dir(path.parent)
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
+def sync_dir(folder: str | os.PathLike[str]) -> None:
+    """Put a directory's entries (a file renamed into it) on disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str | os.PathLike[str], data: Any, durable: bool = False) -> None:
     """Write JSON atomically (:func:`write_atomic`)."""
-    write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str) + "\n", durable)
 
 
 @contextlib.contextmanager

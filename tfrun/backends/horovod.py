@@ -13,7 +13,7 @@ import importlib.util
 import shutil
 import socket
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from tfrun import rundir
 from tfrun.backends import horovod_compat
@@ -158,3 +158,19 @@ def verify(backend: Mapping[str, Any], ident: TaskIdentity) -> None:
         raise BootstrapError(f"Horovod initialised with size {hvd.size()} but the run has {ident.world_size} "
                              f"tasks; rank {ident.rank} would train alone. Check HOROVOD_GLOO_* in this log.")
     print(f"tfrun: horovod ready: rank {hvd.rank()} of {hvd.size()}", flush=True)
+
+
+def stop_vote(model: Any) -> Callable[[Sequence[int]], list[int]] | None:
+    """How this rank votes with the others on stopping (:mod:`tfrun.task.agreement`): a sum
+    over Horovod's ranks. None where Horovod is not initialised or is alone (nothing to agree on)."""
+    import horovod.tensorflow as hvd
+
+    if not hvd.is_initialized() or hvd.size() < 2:
+        return None
+    import tensorflow as tf
+
+    def vote(numbers: Sequence[int]) -> list[int]:
+        summed = hvd.allreduce(tf.constant(list(numbers), tf.int64), op=hvd.Sum, name="tfrun.stop_vote")
+        return [int(v) for v in summed.numpy()]
+
+    return vote

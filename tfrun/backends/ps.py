@@ -10,6 +10,8 @@ A lost worker does not end the run: TF's coordinator carries on with the others.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from typing import Any, Mapping
@@ -17,11 +19,13 @@ from typing import Any, Mapping
 from tfrun.backends import tfconfig
 from tfrun.backends.mwms import plan_roles
 from tfrun.errors import ConfigError
-from tfrun.task import rendezvous
+from tfrun.rundir import read_json
+from tfrun.task import preempt, rendezvous
 from tfrun.task.identity import TaskIdentity
 
 TOLERATES_WORKER_LOSS = True
 HEARTBEAT_S = 5.0
+STOP_FILE = "stop-requested"  # a server was asked to stop: the chief acts on it
 
 
 def needed_tasks(backend: Mapping[str, Any]) -> int:
@@ -69,6 +73,10 @@ def tf_config(backend: Mapping[str, Any], roles: tfconfig.Roles, rank: int) -> d
 def _heartbeat(run_dir: str) -> None:
     while True:
         rendezvous.publish(run_dir, "chief-heartbeat", {"time": time.time()})
+        if rendezvous.exists(run_dir, STOP_FILE) and not preempt.requested():
+            # A server was asked to stop, the chief was not (a signal sent to one task): the
+            # chief stops the run, which ends the servers.
+            os.kill(os.getpid(), signal.SIGUSR2)
         time.sleep(HEARTBEAT_S)
 
 
@@ -92,8 +100,6 @@ def _chief_gone(run_dir: str, limit_s: float, since: float) -> str | None:
     """Why this server should stop, or None. ``since``: when it started serving."""
     if rendezvous.exists(run_dir, "chief-done"):
         return "the chief finished"
-    from tfrun.rundir import read_json
-
     beat = read_json(rendezvous.directory(run_dir) / "chief-heartbeat.json")
     # A server serves only once every task published its address, the chief included, and
     # the chief's first heartbeat follows at once: none at all after limit_s means it died.
@@ -104,15 +110,25 @@ def _chief_gone(run_dir: str, limit_s: float, since: float) -> str | None:
 
 
 def serve(plan: Any, task: Any) -> int:
-    """Run this worker's or parameter server's tf.distribute.Server until the chief is done."""
+    """Run this worker's or parameter server's tf.distribute.Server until the chief is done.
+
+    A stop request does not end a server: the chief may still need it (to finish a batch,
+    or write the backup, whose variables live on the parameter servers). The chief acts on
+    the request (passed on to it if it reached only a server) and the servers end with it:
+    stopped, as it did, not failed."""
     import tensorflow as tf
 
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     server = tf.distribute.Server(resolver.cluster_spec(), job_name=resolver.task_type,
                                   task_index=resolver.task_id, protocol=resolver.rpc_layer or "grpc", start=True)
     print(f"tfrun: {task.role} {task.role_index} serving at {server.target}", flush=True)
-    limit, since = float(plan.config["backend"]["chief_timeout_s"]), time.time()
+    limit, since, told = float(plan.config["backend"]["chief_timeout_s"]), time.time(), False
     while (why := _chief_gone(plan.run_dir, limit, since)) is None:
+        if preempt.requested() and not told:
+            rendezvous.publish(plan.run_dir, STOP_FILE, {"task": f"{task.role} {task.role_index}", "time": time.time()})
+            told = True
         time.sleep(1.0)
     print(f"tfrun: {task.role} {task.role_index} stopping: {why}", flush=True)
-    return 0
+    done = read_json(rendezvous.directory(plan.run_dir) / "chief-done.json") or {}
+    stopped = done.get("exit_code") == preempt.EXIT_PREEMPTED or (not done and preempt.requested())
+    return preempt.EXIT_PREEMPTED if stopped else 0

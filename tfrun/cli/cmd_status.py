@@ -27,7 +27,7 @@ def latest_epoch(run_dir: Path) -> str:
     if not epochs:
         return ""
     last = epochs[-1]
-    values = " ".join(f"{k}={v:.4g}" for k, v in sorted(last.items()) if k not in ("epoch", "time"))
+    values = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.epoch_values(last).items()))
     return f"epoch {last['epoch'] + 1}: {values}"
 
 

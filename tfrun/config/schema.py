@@ -69,7 +69,7 @@ class SlurmComputeConfig(ComputeConfig):
     srun_args: List[str] = field(default_factory=list)
     additional_parameters: Dict[str, Any] = field(default_factory=dict)  # any other #SBATCH key
     signal_delay_s: int = 120  # SIGUSR2 to every task this long before the time limit
-    max_requeues: int = 3  # requeues after time-outs, and after preemptions Slurm cancels (not those it requeues)
+    max_requeues: int = 3  # requeues tfrun makes, all causes counted (not preemptions Slurm requeues itself)
     requeue_on_preempt: bool = True  # a preempted job that Slurm cancels (PreemptMode=CANCEL) is requeued by tfrun
     array_parallelism: int = 256  # most array tasks running at once in a sweep
     pack_size: int = 1  # sweep points per Slurm job (1: one job per point)

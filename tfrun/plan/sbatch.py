@@ -52,8 +52,13 @@ def parameters(compute: dict[str, Any], backend: str = "none") -> dict[str, Any]
     for key in ("partition", "cpus_per_task", "account", "qos", "constraint", "exclude", "nodelist"):
         if compute.get(key) is not None:
             params[key] = compute[key]
-    if compute["additional_parameters"]:
-        params["additional_parameters"] = dict(compute["additional_parameters"])
+    # tfrun requeues jobs itself (time limits, preemptions, hangs): a cluster whose default is
+    # JobRequeue=0 refuses that for a job that did not ask for it. A user's own requeue or
+    # no_requeue among additional_parameters wins.
+    extra = dict(compute["additional_parameters"] or {})
+    if "no_requeue" not in extra:
+        extra.setdefault("requeue", True)
+    params["additional_parameters"] = extra
     return params
 
 

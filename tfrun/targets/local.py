@@ -98,10 +98,11 @@ def prestart() -> None:
     global _prestarted, _prestarted_env
     if _prestarted is None:
         _prestarted_env = dict(os.environ)
-        _prestarted = subprocess.Popen(
-            _bootstrap_command("--await"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with preempt.blocked():  # taken by the bootstrap's handlers (see start)
+            _prestarted = subprocess.Popen(
+                _bootstrap_command("--await"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
 
 
 def dismiss_prestarted() -> None:
@@ -146,10 +147,13 @@ def start(plan: Plan, extra_env: dict[str, str] | None = None) -> list[subproces
             launch_env = build.task_launch_env(task.rank, attempt)
             proc = _take_prestarted(plan, launch_env) if task.rank == 0 and not extra_env else None
             env = {**os.environ, **(extra_env or {}), **launch_env}
-            procs.append(proc or subprocess.Popen(
-                plan.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            ))
+            if proc is None:
+                # The task starts with the stop signals held: a Ctrl-C in its first moments (before
+                # the bootstrap catches them) would otherwise kill it; held, it is a stop request.
+                with preempt.blocked():
+                    proc = subprocess.Popen(plan.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+            procs.append(proc)
     except BaseException:
         stop_all(procs, 0)  # a task that cannot start: the ones started already must not run on alone
         raise

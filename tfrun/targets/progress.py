@@ -107,8 +107,7 @@ def epoch_text(run: RunProgress) -> str:
 
 def ordered_metrics(record: Mapping[str, Any]) -> tuple[tuple[str, float], ...]:
     """The numbers of an epoch record, LEADING_METRICS first, then by name."""
-    values = {k: float(v) for k, v in record.items()
-              if k not in ("epoch", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    values = metrics_file.epoch_values(record)
     first = [k for k in LEADING_METRICS if k in values]
     return tuple((k, values[k]) for k in [*first, *sorted(set(values) - set(first))])
 

@@ -44,11 +44,15 @@ def slurm_entry(run_dir: str) -> None:
     """What every srun task runs (pickled by submitit): the bootstrap, as a Slurm task."""
     import signal
 
+    from tfrun.task import preempt
+
+    # Held from here until the bootstrap's handlers are in place (then delivered to them):
+    # submitit's own would requeue the job from rank 0 on SIGUSR2 behind tfrun's back.
+    preempt.block()
     from tfrun.bootstrap import run_task
 
     # submitit ignores SIGTERM in its tasks (so that a preempted job lives until it is
-    # requeued). Here SIGTERM is how srun's --kill-on-bad-exit stops the other ranks
-    # when one fails, and ignoring it would leave them hanging until KillWait's SIGKILL.
+    # requeued); the bootstrap takes it as a stop request, and a second one as the end.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     code = run_task(run_dir, launcher="slurm")
     if code:

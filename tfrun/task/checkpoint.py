@@ -1,52 +1,31 @@
-"""Backup and restore of Keras training across preemptions, in the run dir.
+"""Backup and restore of Keras training across preemptions (the files: :mod:`tfrun.task.backups`).
 
-The chief writes ``checkpoints/backup/epoch-<n>.weights.h5`` after finished epochs
-(temp file + rename), then ``state.json`` naming it (the commit point); every rank
-restores from the chief's backup, so all resume from the same epoch; only a backup of an
-earlier attempt is restored (a rank that starts fit late must not resume from the epoch
-its chief just finished in this attempt). Epochs much
-shorter than a save are backed up less often (see BACKUP_BUDGET), the last one always
-before a requested stop and at the end of fit.
+The chief writes a backup after finished epochs; every rank restores from it, so all resume
+from the same epoch. Epochs much shorter than a save are backed up less often (see
+BACKUP_BUDGET), the last one always before a requested stop and at the end of fit.
+
+A script may call ``fit`` more than once (a head, then fine-tuning; ``fit(epochs=1)`` in a
+loop; ``initial_epoch``). The calls are numbered in the order a task makes them, and the
+run's epochs go on across them: a later call's epochs are recorded after the earlier ones'
+(see :func:`session`). A requeued job runs the script again from the top; it restores at
+the call the backup was made in: the calls before it were finished by an earlier attempt
+and are skipped (they return the History they had; the model gets the backup's weights
+where they fit it), the ones after it start as they would.
 """
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tfrun import rundir
-from tfrun.task import heartbeat, preempt, rendezvous
+from tfrun.task import agreement, backups, heartbeat, preempt, rendezvous
+from tfrun.task.backups import Entry, say
 from tfrun.task.context import context
 from tfrun.tracking import metrics
-
-BACKUP_DIR = "checkpoints/backup"
-
-
-def backup_dir() -> Path:
-    """Where this run's backups live."""
-    return Path(context().run_dir or ".") / BACKUP_DIR
-
-
-def restore(model: Any) -> tuple[int, dict[str, Any] | None]:
-    """Load the last backup into ``model``; (finished epochs, that epoch's logs)."""
-    state = rundir.read_json(backup_dir() / "state.json")
-    if not state or state.get("attempt") == rendezvous.attempt_key():
-        return 0, None
-    if not model.built:
-        print("tfrun: cannot restore the backup into an unbuilt model (build it before fit); "
-              "training starts over", file=sys.stderr, flush=True)
-        return 0, None
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and hasattr(optimizer, "built") and not optimizer.built:
-        optimizer.build(model.trainable_variables)  # so that its saved state has somewhere to go
-    model.load_weights(str(backup_dir() / state["weights"]))
-    print(f"tfrun: resumed from the backup of epoch {state['epoch']}", file=sys.stderr, flush=True)
-    return int(state["epoch"]), state.get("logs")
-
 
 # Every finished epoch is backed up unless saving would cost more than 1/BACKUP_BUDGET of
 # the training time: on epochs much shorter than a save (small models, a few batches), a
@@ -59,6 +38,28 @@ BACKUP_BUDGET = 50
 # How long the end of fit, after its last callback, counts as progress for the watchdog.
 FIT_END_GRACE_S = 120.0
 FIRST_BATCH_GRACE_S = 120.0  # an evaluation's first batch: its function is built (traced) first
+
+
+@dataclass
+class _Attempt:
+    """This task's fits in this attempt."""
+
+    fits: int = 0  # fit calls so far
+    points: list[Entry] = field(default_factory=list)  # backups of earlier attempts, newest first
+    offset: int = 0  # the run's epochs finished so far
+    primed: set[int] = field(default_factory=set)  # models given the backup's weights while skipping
+
+
+_attempt = _Attempt()
+
+
+@dataclass(frozen=True)
+class Start:
+    """How one ``fit`` call goes: from which epoch, with which callbacks, or not at all (``history``)."""
+
+    initial_epoch: int
+    callbacks: list[Any]
+    history: Any = None  # the call was finished by an earlier attempt: what fit returns instead
 
 
 def _optimizer_variables(model: Any) -> list[Any]:
@@ -81,19 +82,121 @@ def _put_back(model: Any, snapshot: tuple[list[Any], list[Any]]) -> None:
         variable.assign(value)
 
 
+def _load(model: Any, entry: Entry) -> str | None:
+    """Load a backup into ``model``; why it could not (the model is then as it was)."""
+    if not model.built:
+        return "the model is not built (build it before fit)"
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and hasattr(optimizer, "built") and not optimizer.built:
+        optimizer.build(model.trainable_variables)  # so that its saved state has somewhere to go
+    before = _snapshot(model)
+    try:
+        model.load_weights(str(backups.folder() / entry.weights))
+    except Exception as exc:  # a damaged file, or a model the backup does not fit: the caller falls back
+        _put_back(model, before)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _restore(model: Any, fit: int) -> Entry | None:
+    """Load the newest backup of this fit call that loads, falling back to the one before it."""
+    for entry in [e for e in _attempt.points if e.fit == fit]:
+        why = _load(model, entry)
+        if why is None:
+            say(f"resumed from the backup of epoch {entry.total}")
+            return entry
+        say(f"warning: the backup of epoch {entry.total} does not load ({why.splitlines()[0]})")
+    say("no backup loads into this model: this fit starts over")
+    return None
+
+
+def _begin_attempt() -> None:
+    """At this attempt's first fit: the backups it may restore; the metrics made to match the newest."""
+    _attempt.points = backups.restore_points(rendezvous.attempt_key())
+    point = _attempt.points[0] if _attempt.points else None
+    if context().is_chief:
+        metrics.reconcile_epochs(point.total if point else 0, point.logs if point else None, point.fit if point else 0)
+
+
+def _history(module: ModuleType, model: Any, fit: int, initial_epoch: int) -> Any:
+    """What a fit call finished by an earlier attempt returns: its epochs, from the run's metrics."""
+    history = module.callbacks.History()
+    history.set_model(model)
+    records = [r for r in metrics.read_metrics(Path(context().run_dir or ".") / metrics.METRICS_FILE)
+               if r.get("epoch") is not None and int(r.get("fit") or 0) == fit]
+    history.epoch = list(range(initial_epoch, initial_epoch + len(records)))
+    history.history = {}
+    for record in records:
+        for key, value in metrics.epoch_values(record).items():
+            history.history.setdefault(key, []).append(value)
+    return history
+
+
+def _finished_earlier(model: Any, module: ModuleType, fit: int, initial_epoch: int) -> Start:
+    """A fit call an earlier attempt finished: not run again; the model gets the newest
+    backup's weights if they fit it (what the script does between its fits then sees them)."""
+    say(f"fit call {fit + 1} was finished by an earlier attempt: skipped")
+    if id(model) not in _attempt.primed and _attempt.points:
+        _attempt.primed.add(id(model))
+        why = _load(model, _attempt.points[0])
+        if why is not None:
+            say(f"its model keeps its own weights: the backup (of fit call {_attempt.points[0].fit + 1}) "
+                f"does not fit it ({why.splitlines()[0]})")
+    return Start(0, [], _history(module, model, fit, initial_epoch))
+
+
+def session(model: Any, module: ModuleType, epochs: int, initial_epoch: int = 0) -> Start:
+    """For one ``fit(epochs=..., initial_epoch=...)`` call: how it goes (see the module's doc)."""
+    if not context().under_tfrun:
+        return Start(initial_epoch, [])
+    fit = _attempt.fits
+    _attempt.fits += 1
+    if fit == 0:
+        _begin_attempt()
+    point = _attempt.points[0] if _attempt.points else None
+    if point is not None and fit < point.fit:
+        return _finished_earlier(model, module, fit, initial_epoch)
+    # The run's epoch of this call's Keras epoch e is e + shift: after the epochs recorded so
+    # far, unless the call numbers its epochs on from them itself (initial_epoch).
+    shift, initial = max(0, _attempt.offset - initial_epoch), initial_epoch
+    if point is not None and fit == point.fit:
+        restored = _restore(model, fit)
+        shift = restored.shift if restored else point.shift
+        initial = max(initial_epoch, restored.epoch) if restored else initial_epoch
+        _attempt.offset = shift + initial
+        if context().is_chief and (restored is None or restored != point):
+            # Not the backup the metrics were matched to: the epochs after this one are trained again.
+            metrics.reconcile_epochs(_attempt.offset, restored.logs if restored else None, fit)
+        if restored is not None and initial >= epochs:
+            return Start(initial, [], _history(module, model, fit, initial_epoch))
+    return Start(initial, _callbacks(module, model, fit, shift))
+
+
+def _callbacks(module: ModuleType, model: Any, fit: int, shift: int) -> list[Any]:
+    backup_class, stop_class = _callback_classes(module)
+    backend = os.environ.get("TFRUN_BACKEND")
+    backup = backup_class(fit, shift, spaced=backend not in ("mwms", "ps"))
+    if backend == "ps":
+        # tf_keras refuses batch-level callbacks under ParameterServerStrategy (ValueError
+        # in fit), so there a stop request is not acted on mid-epoch; the backup still is.
+        return [backup]
+    return [backup, stop_class(backup, agreement.vote_for(model))]
+
+
 def _callback_classes(module: ModuleType) -> tuple[type, type]:
     base = module.callbacks.Callback
 
     class Backup(base):  # type: ignore[misc, valid-type]
-        """Finished epochs: weights (atomically), then the state that commits them.
+        """Finished epochs: weights, then the state that commits them (:func:`backups.commit`).
 
         ``spaced``: back up within the time budget and keep the other epochs in memory
         (only where a stop request writes them: not under MultiWorkerMirroredStrategy,
         whose saves every worker must join at the same epoch, nor parameter servers).
         """
 
-        def __init__(self, spaced: bool = False):
+        def __init__(self, fit: int, shift: int, spaced: bool = False):
             super().__init__()
+            self.fit, self.shift = fit, shift
             self.spaced, self.cost, self.since, self.held = spaced, None, time.monotonic(), None
             self.cut = False  # a stop request ended the epoch before its last batch
 
@@ -104,13 +207,14 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
             if self.cut:  # not a finished epoch: the last finished one is what a stop keeps
                 return
             done = epoch + 1
-            heartbeat.beat(epoch=done)
+            _attempt.offset = done + self.shift
+            heartbeat.beat(epoch=_attempt.offset)
             logs = {k: float(v) for k, v in (logs or {}).items()}
-            if not context().is_chief:
+            if not backups.writes():
                 # Under MultiWorkerMirroredStrategy every worker must take part in a save;
                 # the others' copies are thrown away.
                 if os.environ.get("TFRUN_BACKEND") == "mwms":
-                    folder = backup_dir() / f".rank{context().rank}"
+                    folder = backups.folder() / f".rank{context().rank}"
                     folder.mkdir(parents=True, exist_ok=True)
                     self.model.save_weights(str(folder / f"tmp-epoch-{done}.weights.h5"))
                     (folder / f"tmp-epoch-{done}.weights.h5").unlink(missing_ok=True)
@@ -122,7 +226,8 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
                     self.spaced = False
             if self.held is None or self.held[0] != done:
                 self.write(done, logs)
-            metrics.log_epoch(epoch, logs)
+            if context().is_chief:
+                metrics.log_epoch(epoch + self.shift, logs, self.fit)
 
         def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
             self.write_held()
@@ -140,29 +245,19 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
                 _put_back(self.model, current)
 
         def write(self, done: int, logs: dict[str, Any]) -> None:
-            with heartbeat.busy("writing a backup"):
-                self._write(done, logs)
-
-        def _write(self, done: int, logs: dict[str, Any]) -> None:
             began = time.monotonic()
-            folder = backup_dir()
-            folder.mkdir(parents=True, exist_ok=True)
-            name = f"epoch-{done}.weights.h5"
-            tmp = folder / f"tmp-{name}"
-            self.model.save_weights(str(tmp))
-            os.replace(tmp, folder / name)
-            rundir.write_json(folder / "state.json", {"epoch": done, "weights": name, "logs": logs,
-                                                         "attempt": rendezvous.attempt_key()})
-            for old in folder.glob("epoch-*.weights.h5"):
-                if old.name != name:
-                    old.unlink(missing_ok=True)
+            entry = Entry(self.fit, done, self.shift, backups.weights_name(done + self.shift), logs,
+                          rendezvous.attempt_key())
+            with heartbeat.busy("writing a backup"):
+                backups.commit(self.model.save_weights, entry)
             self.held, self.since = None, time.monotonic()
             self.cost = self.since - began
 
     class StopOnRequest(base):  # type: ignore[misc, valid-type]
         """Leave fit at the next batch end once a stop was requested, the last finished
         epoch backed up; and beat for the watchdog at every batch, of training and of
-        evaluation (a long validation is progress, not a hang)."""
+        evaluation (a long validation is progress, not a hang). With a ``vote`` (ranks that
+        train together), only at a batch end all ranks agreed on (:mod:`tfrun.task.agreement`)."""
 
         stops_on_request = True
         # Its batch hooks read no logs and need not run on the training loop's thread: Keras 3
@@ -172,13 +267,19 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
         async_safe = True
         _supports_tf_logs = True
 
-        def __init__(self, backup: Any):
+        def __init__(self, backup: Any, vote: agreement.Vote | None = None):
             super().__init__()
-            self.backup, self.steps, self.first_batch = backup, 0, False
+            self.backup, self.steps, self.first_batch, self.epoch = backup, 0, False, 0
             self.loop_thread: int | None = None
+            self.agreement = agreement.Agreement(vote) if vote is not None else None
+            if self.agreement is not None:
+                self.async_safe = False  # a vote is a collective: on the loop's thread, in step order
 
         def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
             self.loop_thread = threading.get_ident()
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            self.epoch = epoch
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             self._stop_if_requested()
@@ -222,10 +323,14 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
         def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
             self.steps += 1
             heartbeat.beat(step=self.steps)
+            if self.agreement is not None:
+                if self.agreement.stop_at(self.steps):
+                    self._stop(f"epoch {self.epoch + 1}, batch {batch + 1}: every rank stops here")
+                return
             if not preempt.should_checkpoint():
                 return
             if threading.get_ident() == self.loop_thread:
-                self._stop()
+                self._stop(f"epoch {self.epoch + 1}, batch {batch + 1}")
             # On Keras's callback thread, where raising would reach fit only at the epoch's
             # end: the loop leaves the epoch after its current step, and the next hook on its
             # own thread (the evaluation's start, the epoch's end) stops.
@@ -233,29 +338,15 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
             self.model.stop_training = True
 
         def _stop_if_requested(self) -> None:
-            if self.loop_thread is not None and preempt.should_checkpoint():
-                self._stop()
+            # Ranks that vote stop only where they agreed: a rank that left here alone would
+            # leave the others waiting in the next collective.
+            if self.agreement is None and self.loop_thread is not None and preempt.should_checkpoint():
+                self._stop(f"epoch {self.epoch + 1}")
 
-        def _stop(self) -> None:
-            if context().is_chief:
+        def _stop(self, where: str) -> None:
+            say(f"stopping after {where}")
+            if backups.writes():
                 self.backup.write_held()
             raise preempt.Preempted()
 
     return Backup, StopOnRequest
-
-
-def session(model: Any, module: ModuleType) -> tuple[int, list[Any]]:
-    """For one ``fit`` call: the epoch to start from and the callbacks to add."""
-    if not context().under_tfrun:
-        return 0, []
-    done, logs = restore(model)
-    if context().is_chief:
-        metrics.reconcile_epochs(done, logs)
-    backup_class, stop_class = _callback_classes(module)
-    backend = os.environ.get("TFRUN_BACKEND")
-    if backend == "ps":
-        # tf_keras refuses batch-level callbacks under ParameterServerStrategy (ValueError
-        # in fit), so there a stop request is not acted on mid-epoch; the backup still is.
-        return done, [backup_class()]
-    backup = backup_class(spaced=backend != "mwms")
-    return done, [backup, stop_class(backup)]

@@ -3,11 +3,11 @@ without changing the script.
 
 The bootstrap installs an import hook: when ``keras`` (Keras 3) or ``tf_keras`` (legacy
 Keras) is imported, ``Model.fit`` is wrapped so that it restores the run's backup (if a
-previous attempt left one) and adds callbacks: the backup of finished epochs (written by the
-chief, read by every rank) with the metrics record, and a stop at the next batch end when
-preemption is signalled. Every batch of the three loops is a beat for the watchdog
-(:mod:`tfrun.task.heartbeat`); when the outermost loop returns, the script's activity is its
-progress again until the next.
+previous attempt left one; a call a previous attempt finished is not run again) and adds
+callbacks: the backup of finished epochs (written by the chief, read by every rank) with
+the metrics record, and a stop at the next batch end when preemption is signalled. Every
+batch of the three loops is a beat for the watchdog (:mod:`tfrun.task.heartbeat`); when the
+outermost loop returns, the script's activity is its progress again until the next.
 """
 from __future__ import annotations
 
@@ -152,12 +152,16 @@ def patch_fit(module: ModuleType) -> None:
             return original(self, *args, **kwargs)
         from tfrun.task import checkpoint, heartbeat, preempt
 
-        initial, extra = checkpoint.session(self, module)
+        epochs = int(kwargs.get("epochs", args[3] if len(args) > 3 else 1))
+        start = checkpoint.session(self, module, epochs, int(kwargs.get("initial_epoch") or 0))
+        if start.history is not None:  # finished by an earlier attempt
+            return start.history
+        extra = list(start.callbacks)
         if heartbeat.running() and not any(getattr(cb, "stops_on_request", False) for cb in extra):
-            extra = [*extra, beat_callback(module)]  # the stop's callback beats at every batch itself
+            extra.append(beat_callback(module))  # the stop's callback beats at every batch itself
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *extra]
-        if initial:
-            kwargs["initial_epoch"] = max(int(kwargs.get("initial_epoch") or 0), initial)
+        if start.initial_epoch:
+            kwargs["initial_epoch"] = start.initial_epoch
         with _stepping():
             if not any(getattr(cb, "stops_on_request", False) for cb in extra):
                 return original(self, *args, **kwargs)

@@ -4,15 +4,22 @@ A stop request reaches every task of a job:
 
 - SIGUSR2 (or SIGUSR1): Slurm's warning ``compute.signal_delay_s`` before the time limit,
   ``scancel --signal=USR2``, a site's hook; the local launcher sends it on the first Ctrl-C.
-- SIGTERM from Slurm preempting the job (a higher-priority job needs its nodes), followed
-  by SIGKILL once the partition's or QOS's ``GraceTime`` has passed. Any other SIGTERM (a
-  user's ``scancel``, the time limit itself, srun ending a step whose other rank failed)
-  still ends the task at once, as before: Slurm's record of the job tells them apart
-  (``PreemptTime`` is set while a running job is being preempted, and only then).
+- SIGTERM on Slurm: a preemption (followed by SIGKILL once the partition's or QOS's
+  ``GraceTime`` has passed), but also a user's ``scancel``, the time limit itself, or srun
+  ending a step whose other rank failed. The signal does not say which, and asking Slurm
+  takes time a preemption's grace time may not have: so every SIGTERM is first a stop
+  request (the work is saved), and rank 0 alone asks Slurm once, in a thread, what it was
+  (:func:`tfrun.task.preemption.account`). A SIGTERM that comes later than
+  :data:`SIGTERM_REPEAT_S` after the first is Slurm ending the task (the grace time is
+  over): the task ends at once.
 
 Every rank then sees :func:`should_checkpoint` turn true and its :func:`on_preempt`
 callbacks run; Keras ``fit`` stops at the next batch end (the last complete epoch is in
-the run's backup), and the run is requeued (Slurm) or left resumable (``tfrun resume``).
+the run's backup; ranks of a synchronous job agree on that batch, see
+:mod:`tfrun.task.agreement`), and the run is requeued (Slurm) or left resumable
+(``tfrun resume``). A request that comes before the script runs (the bootstrap's
+preparation, a rendezvous, ``hvd.init``) or while a task serves is noted and acted on when
+that is done (:func:`listening`): it is a stop too, never a failure.
 """
 from __future__ import annotations
 
@@ -26,15 +33,23 @@ import time
 from typing import Any, Callable, Iterator
 
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (*SIGNALS, signal.SIGTERM)
+KINDS = tuple(s.name for s in STOP_SIGNALS)  # what can ask a task to stop
 EXIT_PREEMPTED = 75  # "temporary failure": stopped on request, resumable
+# Slurm sends a preemption's SIGTERM more than once (seen twice within a millisecond); a
+# SIGTERM later than this after the first is the end: the grace time is over, or the job is killed.
+SIGTERM_REPEAT_S = 2.0
 
 _requested = threading.Event()
 _request: dict[str, Any] = {}  # what asked for the stop: signal, and for a preemption, Slurm's account
 _callbacks: list[Callable[[], None]] = []
 _recorders: list[Callable[[dict[str, Any]], None]] = []  # tfrun's own, run before the script's callbacks
 _ended = False  # the script has returned: nothing is left to stop
-_listeners = 0  # Keras fits in progress that stop by themselves at the next batch end
+_listeners = 0  # stretches of code that stop by themselves (a Keras fit, the bootstrap's preparation)
 _polled = False  # the script asked should_checkpoint() at least once
+_sigterm_at: list[float] = []  # when the first SIGTERM came (monotonic)
+_ending: list[str] = []  # "deciding": rank 0 decides the stop; "decided": the task waits to be ended
+_term_while_deciding = False
 
 
 class Preempted(BaseException):
@@ -42,40 +57,85 @@ class Preempted(BaseException):
     script's ``except Exception`` does not swallow it)."""
 
 
-def _on_signal(signum: int, frame: object) -> None:
-    if _ended:  # raising Preempted now would break the task's own ending (backend.finish, export)
-        return
+def request_stop(kind: str, via: str | None = None) -> bool:
+    """Note a stop request (``kind``: a signal's name; ``via``: who passed it on); the first
+    one runs tfrun's recorders, then the script's callbacks. True if it was the first."""
     first = not _requested.is_set()
     _requested.set()
+    if kind == "SIGTERM":
+        _request["sigterm"] = True
     if not first:
-        return
-    name = signal.Signals(signum).name
-    _request.setdefault("signal", name)
-    print(f"tfrun: received {name}: checkpointing and stopping", file=sys.stderr, flush=True)
-    for recorder in list(_recorders):
-        try:
-            recorder(dict(_request))
-        except Exception as exc:  # the record is a convenience; the stop must go on
-            print(f"tfrun: could not record the stop request: {exc!r}", file=sys.stderr, flush=True)
+        if not via:
+            print(f"tfrun: received {kind}: already stopping", file=sys.stderr, flush=True)
+        if kind == "SIGTERM" and _request.get("signal") != "SIGTERM":
+            _record()  # a SIGTERM during another stop: rank 0 asks Slurm whether it is a preemption
+        return False
+    _request.setdefault("signal", kind)
+    if via:
+        _request["via"] = via
+    source = f"{via} received {kind}" if via else f"received {kind}"
+    print(f"tfrun: {source}: checkpointing and stopping", file=sys.stderr, flush=True)
+    _record()
     for callback in list(_callbacks):
         try:
             callback()
         except Exception as exc:  # a user's callback must not stop the others
             print(f"tfrun: on_preempt callback {callback!r} failed: {exc!r}", file=sys.stderr, flush=True)
-    if not (_listeners or _callbacks or _polled):
+    return True
+
+
+def _record() -> None:
+    for recorder in list(_recorders):
+        try:
+            recorder(dict(_request))
+        except Exception as exc:  # the record is a convenience; the stop must go on
+            print(f"tfrun: could not record the stop request: {exc!r}", file=sys.stderr, flush=True)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    if _ended:  # raising Preempted now would break the task's own ending (backend.finish, export)
+        return
+    if request_stop(signal.Signals(signum).name) and not (_listeners or _callbacks or _polled):
         # Nothing in the script will act on the request: stop it here, at once.
         raise Preempted()
 
 
 @contextlib.contextmanager
 def listening() -> Iterator[None]:
-    """Marks a stretch of code that stops by itself when a stop is requested."""
+    """Marks a stretch of code that acts on a stop request by itself (a request that comes
+    meanwhile is only noted: see :func:`requested`)."""
     global _listeners
     _listeners += 1
     try:
         yield
     finally:
         _listeners -= 1
+
+
+def requested() -> bool:
+    """Was a stop requested? (Unlike :func:`should_checkpoint`, asking does not count as the
+    script listening.)"""
+    return _requested.is_set()
+
+
+def adopt(kinds: list[str]) -> None:
+    """Other ranks of a synchronous job were asked to stop (``kinds``: by what): this one
+    stops with them, at the same batch, as if it had been asked itself."""
+    if kinds and not _requested.is_set():
+        request_stop(kinds[-1], via="another rank")  # SIGTERM, the last kind, when it is among them
+    elif "SIGTERM" in kinds and not _request.get("sigterm"):
+        request_stop("SIGTERM", via="another rank")
+
+
+def kinds_requested() -> list[int]:
+    """This task's stop request as one flag per :data:`KINDS` (what a vote exchanges)."""
+    asked = {_request.get("signal")} | ({"SIGTERM"} if _request.get("sigterm") else set())
+    return [int(_requested.is_set() and kind in asked) for kind in KINDS]
+
+
+def learn(found: dict[str, Any]) -> None:
+    """Add what rank 0 learnt about the stop (Slurm's account of it) to :func:`stop_request`."""
+    _request.update(found)
 
 
 def _die_of_sigterm() -> None:
@@ -89,32 +149,62 @@ def _die_of_sigterm() -> None:
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    """A preemption's SIGTERM is a stop request; any other SIGTERM ends the task, as it always did.
-
-    Slurm is asked every time: it sends a preemption's SIGTERM more than once (seen twice
-    within a millisecond), and a later SIGTERM (after the requeue, or when the grace time is
-    over) finds the job no longer RUNNING."""
-    job = job_id()
-    found, why = preemption(job) if job else (None, "not a Slurm job")
-    if found is None:
-        print(f"tfrun: received SIGTERM ({why}): ending now", file=sys.stderr, flush=True)
+    """A SIGTERM on Slurm: the first is a stop request (no Slurm command here: a signal
+    handler on every rank at once must not wait for the controller); a later one ends the
+    task, and so does one that finds it waiting to be ended (after a requeue)."""
+    global _term_while_deciding
+    now = time.monotonic()
+    if _ending == ["decided"]:
+        print("tfrun: received SIGTERM: Slurm is ending the attempt; ending now", file=sys.stderr, flush=True)
         _die_of_sigterm()
-    if _requested.is_set() or _ended:
-        return  # the same preemption again, or the script is done: nothing is left to stop
-    _request.update(found)
-    grace = f"; {found['grace_s']} s of grace time" if found.get("grace_s") is not None else ""
-    print(f"tfrun: job {job} is being preempted (partition {found.get('partition', '?')}, "
-          f"PreemptMode={found.get('preempt_mode', '?')}{grace})", file=sys.stderr, flush=True)
+    if _ending == ["deciding"]:  # rank 0's requeue, or Slurm's own end: known once rank 0 has decided
+        _term_while_deciding = True
+        print("tfrun: received SIGTERM: ending once rank 0 has decided", file=sys.stderr, flush=True)
+        return
+    if _sigterm_at and now - _sigterm_at[0] > SIGTERM_REPEAT_S:
+        print("tfrun: received SIGTERM again: Slurm is ending the task; ending now", file=sys.stderr, flush=True)
+        _die_of_sigterm()
+    if _sigterm_at:
+        return  # the same SIGTERM, sent again at once
+    _sigterm_at.append(now)
+    if _ended:
+        print("tfrun: received SIGTERM: the script has ended, nothing is left to stop", file=sys.stderr, flush=True)
     _on_signal(signum, frame)
 
 
+def end_as_terminated() -> None:
+    """Slurm said the SIGTERM was no preemption (a cancel, the time limit, srun ending the
+    step): now that the work is saved, end as SIGTERM ends a task."""
+    print(f"tfrun: Slurm is ending job {job_id()} ({_request.get('job_state', '?')}), not preempting it: "
+          f"ending now", file=sys.stderr, flush=True)
+    _die_of_sigterm()
+
+
+def block() -> None:
+    """Hold the stop signals until :func:`install` (a task started this way cannot be killed
+    by one in its first moments; a held signal is delivered when the handlers are in place).
+    The mask is inherited by the processes this one starts, as they start."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def blocked() -> Iterator[None]:
+    """The stop signals held in this thread meanwhile: a task started here starts with them held."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def install(slurm: bool = False) -> None:
-    """Catch the stop signals in this process (replaces submitit's rank-0-only handler); in a
-    Slurm task also SIGTERM, which is a stop request only when Slurm is preempting the job."""
+    """Catch the stop signals in this process (replaces submitit's rank-0-only handler), in a
+    Slurm task SIGTERM too; then take the ones held since the task started (:func:`block`)."""
     for sig in SIGNALS:
         signal.signal(sig, _on_signal)
     if slurm:
         signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def script_ended() -> None:
@@ -138,8 +228,10 @@ def exiting() -> None:
 
 def on_stop_request(recorder: Callable[[dict[str, Any]], None]) -> None:
     """tfrun's own: ``recorder(request)`` first when a stop is requested (what asked, see
-    :func:`stop_request`); it does not count as the script listening."""
+    :func:`stop_request`), at once if one was already; it does not count as the script listening."""
     _recorders.append(recorder)
+    if _requested.is_set():
+        recorder(dict(_request))
 
 
 def stop_request() -> dict[str, Any]:
@@ -164,33 +256,26 @@ def should_checkpoint() -> bool:
     return _requested.is_set()
 
 
-def time_left_s(job_id: str) -> float | None:
-    """Seconds left before the Slurm job's time limit (None if unknown)."""
-    try:
-        out = slurm_command(["squeue", "-h", "-j", job_id, "-o", "%L"], 30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return seconds(out)
-
-
 def slurm_command(command: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
-    """Run a Slurm command from a task, safe from the job's own signals.
+    """Run a Slurm command from a task (any thread), safe from the job's own signals.
 
     Slurm signals every process of the step, children included: a preemption's SIGTERM,
     sent again while scontrol runs, killed it (and the task, told nothing, took the signal
-    for a cancel). The child starts with SIGTERM ignored (a disposition exec keeps)."""
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if in_main_thread else None
+    for a cancel). The child starts with SIGTERM held (a signal mask exec keeps); this
+    process still takes it, in a thread that does not hold it."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     try:
+        # A session of its own: a command that does not answer is killed with whatever it
+        # started (a wrapper's children would hold its output open, and the wait with them).
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, start_new_session=True)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
@@ -208,100 +293,24 @@ def requeue(job_id: str, timeout_s: float = 60.0) -> str | None:
     return None if result.returncode == 0 else (result.stderr or result.stdout).strip() or f"exit {result.returncode}"
 
 
-def scontrol_fields(*what: str, timeout_s: float = 10.0) -> dict[str, str]:
-    """``scontrol -o show WHAT...`` as a dict (empty if it cannot be read)."""
-    try:
-        out = slurm_command(["scontrol", "-o", "show", *what], timeout_s)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    if out.returncode:
-        return {}
-    return dict(word.split("=", 1) for word in out.stdout.split() if "=" in word)
+def deciding() -> None:
+    """Rank 0 is deciding this attempt's stop: a SIGTERM meanwhile is noted, and ends the task
+    once the job is requeued (:func:`await_end`)."""
+    _ending[:] = ["deciding"]
 
 
-def slurm_config(timeout_s: float = 10.0) -> dict[str, str]:
-    """``scontrol show config`` (one ``Key = value`` per line) as a dict; empty if unreadable."""
-    try:
-        out = slurm_command(["scontrol", "show", "config"], timeout_s).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    pairs = (line.split("=", 1) for line in out.splitlines() if " = " in line)
-    return {key.strip(): value.strip() for key, value in pairs}
-
-
-def seconds(text: str | None) -> int | None:
-    """A duration as Slurm prints it ([D-][HH:]MM:SS, or plain seconds); None if it is not one
-    (empty, INVALID, UNLIMITED, NOT_SET)."""
-    if not text:
-        return None
-    days, _, clock = text.rpartition("-")
-    try:
-        parts = [int(p) for p in clock.split(":")]
-    except ValueError:
-        return None
-    if len(parts) == 1 and not days:
-        return parts[0]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    return (int(days) if days else 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-
-
-def preemption(job: str) -> tuple[dict[str, Any] | None, str]:
-    """Slurm's account of this job being preempted, or (None, why not): a cancel, the time
-    limit, srun ending the step, or Slurm not answering.
-
-    While a running job is being preempted, Slurm sets its ``PreemptTime``; a cancelled or
-    timed-out job is no longer RUNNING (nor SIGNALING), and a requeue clears PreemptTime. How the preemption ends (``PreemptMode``: REQUEUE,
-    CANCEL, ...) and the grace time are the job's QOS's under ``preempt/qos``, else its
-    partition's (or the cluster's)."""
-    record = scontrol_fields("job", job)
-    if not record:
-        return None, f"scontrol show job {job} did not answer"
-    # SIGNALING: a running job while Slurm signals it (seen during a preemption's SIGTERM).
-    if record.get("JobState") not in ("RUNNING", "SIGNALING") or record.get("PreemptTime", "None") in ("None", "Unknown", ""):
-        return None, f"job {job} is {record.get('JobState')}, PreemptTime={record.get('PreemptTime')}"
-    found: dict[str, Any] = {"preempted": True, "preempt_time": record["PreemptTime"],
-                             "partition": record.get("Partition"), "qos": record.get("QOS")}
-    config = slurm_config()
-    mode, grace = _qos_preemption(record.get("QOS")) if "qos" in config.get("PreemptType", "") else (None, None)
-    if mode is None:
-        partition = scontrol_fields("partition", record.get("Partition", "")) if record.get("Partition") else {}
-        mode, grace = partition.get("PreemptMode") or config.get("PreemptMode"), partition.get("GraceTime")
-    found.update(preempt_mode=(mode or "REQUEUE").upper(), grace_s=seconds(grace))
-    return found, "preempted"
-
-
-def _qos_preemption(qos: str | None) -> tuple[str | None, str | None]:
-    """(PreemptMode, GraceTime) of a QOS from the accounting database, (None, None) if unknown."""
-    if not qos:
-        return None, None
-    try:
-        out = slurm_command(["sacctmgr", "-nP", "show", "qos", qos, "format=PreemptMode,GraceTime"], 10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    mode, _, grace = out.partition("|")
-    return (mode or None) if mode != "cluster" else None, grace or None
-
-
-def slurm_requeues(request: dict[str, Any]) -> bool:
-    """Will Slurm requeue this preempted job itself (PreemptMode REQUEUE), or cancel it?"""
-    return "REQUEUE" in str(request.get("preempt_mode", ""))
-
-
-def stop_reason(job_id: str, signal_delay_s: float) -> str:
-    """Why a Slurm job is asked to stop: "timeout" when its time limit is near (the warning
-    comes ``signal_delay_s`` before it), else "preempted"."""
-    left = time_left_s(job_id)
-    return "timeout" if left is not None and left <= signal_delay_s + 60 else "preempted"
-
-
-def may_requeue(reason: str, earlier_timeouts: int, max_requeues: int) -> bool:
-    """Preemptions are always requeued; time-outs at most ``max_requeues`` times."""
-    return reason != "timeout" or earlier_timeouts < max_requeues
+def await_end() -> None:
+    """The job is requeued (or about to be): a SIGTERM is Slurm ending the attempt, which a
+    requeue does, and ends the task at once (and one that came while rank 0 decided, now)."""
+    _ending[:] = ["decided"]
+    if _term_while_deciding:
+        print("tfrun: Slurm is ending the attempt; ending now", file=sys.stderr, flush=True)
+        _die_of_sigterm()
 
 
 def wait_to_be_stopped(limit_s: float = 120.0) -> None:
     """After a requeue Slurm ends every task itself; exiting first would fail the step."""
+    await_end()
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         time.sleep(1.0)

@@ -14,7 +14,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tfrun.task import preempt
+from tfrun.task import preempt, preemption
 
 ANSWER_S = 2.0  # a slurmd that is there answers a connection at once
 LOST_S = 12.0  # a node that has not answered for this long is lost (its network or slurmd gone)
@@ -22,7 +22,7 @@ LOST_S = 12.0  # a node that has not answered for this long is lost (its network
 
 def slurmd_port() -> int | None:
     """The cluster's ``SlurmdPort`` (``scontrol show config``); None if it cannot be read."""
-    value = preempt.slurm_config().get("SlurmdPort", "")
+    value = preemption.slurm_config().get("SlurmdPort", "")
     return int(value) if value.isdigit() else None
 
 

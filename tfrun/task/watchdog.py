@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tfrun import rundir
-from tfrun.task import heartbeat, identity, preempt
+from tfrun.task import heartbeat, identity, preempt, requeue
 from tfrun.task.probe import NodeProbe
 
 POLL_S = 1.0
@@ -253,10 +253,8 @@ class Watchdog:
         self.end(beats, requeue, record)
 
     def _requeue_allowed(self) -> bool:
-        if self.launcher != "slurm" or not self.compute.get("requeue_on_hang"):
-            return False
-        earlier = sum(1 for a in rundir.attempts(self.run_dir) if a.get("reason") == "hang")
-        return earlier < int(self.compute.get("max_requeues", 3))
+        earlier = [a for a in rundir.attempts(self.run_dir) if a.get("attempt") != self.attempt]
+        return self.launcher == "slurm" and requeue.decide(requeue.Cause.HANG, {}, earlier, self.compute).requeue
 
     def stacks(self, beats: dict[int, dict[str, Any]], lost: list[str]) -> dict[int, str]:
         """Every rank's Python stacks into its own log: faulthandler through a signal, and

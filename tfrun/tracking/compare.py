@@ -16,9 +16,8 @@ def epoch_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, list[tuple[int, float]]] = {}
     for record in metrics.read_metrics(run_dir / metrics.METRICS_FILE):
         if record.get("epoch") is not None:
-            for name, value in record.items():
-                if name not in ("epoch", "time") and isinstance(value, (int, float)):
-                    series.setdefault(name, []).append((int(record["epoch"]), float(value)))
+            for name, value in metrics.epoch_values(record).items():
+                series.setdefault(name, []).append((int(record["epoch"]), value))
         elif record.get("name") is not None:  # tfrun.log_metric
             step = record.get("step") or len(series.get(record["name"], []))
             series.setdefault(record["name"], []).append((int(step), float(record["value"])))

@@ -1,8 +1,9 @@
 """Metrics of a run: ``metrics.jsonl`` in the run dir, one JSON object per line.
 
 Keras ``fit`` epochs are recorded on the chief by the callback that
-:mod:`tfrun.task.keras_hooks` adds (``{"epoch": 3, "loss": ..., "time": ...}``); any script
-can add ``tfrun.log_metric(name, value, step)`` records.
+:mod:`tfrun.task.keras_hooks` adds (``{"epoch": 3, "loss": ..., "time": ...}``; the epochs
+of the run, which go on across a script's ``fit`` calls, with ``"fit": n`` from the second
+call on); any script can add ``tfrun.log_metric(name, value, step)`` records.
 
 Records are appended, never rewritten: an epoch (or ``log_params``) is written and
 flushed at once; ``log_metric`` values, which scripts may log at every step, are kept in
@@ -260,29 +261,42 @@ def log_params(params: Mapping[str, Any] | None = None, **more: Any) -> None:
     append({"params": {**(params or {}), **more}})
 
 
-def log_epoch(epoch: int, logs: Mapping[str, Any]) -> None:
-    """Record a finished Keras epoch (0-based) with its logs."""
+def log_epoch(epoch: int, logs: Mapping[str, Any], fit: int = 0) -> None:
+    """Record a finished Keras epoch with its logs: ``epoch`` is the run's (0-based), which goes
+    on across a script's ``fit`` calls; ``fit`` numbers the call (recorded from the second on)."""
     values = {k: float(v) for k, v in logs.items()}
-    append({"epoch": epoch, **values})
+    append({"epoch": epoch, **({"fit": fit} if fit else {}), **values})
     tensorboard.scalars(values, epoch)
 
 
+# The fields of an epoch record that are no metric: which epoch, when, and which fit call.
+EPOCH_FIELDS = ("epoch", "time", "fit")
+
+
+def epoch_values(record: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics of an epoch record (what every reader shows, plots, or sends on)."""
+    return {k: float(v) for k, v in record.items()
+            if k not in EPOCH_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
-    rundir.write_atomic(path, b"".join(_line(record) for record in records), sync=True)
+    rundir.write_atomic(path, b"".join(_line(record) for record in records), durable=True)
 
 
-def reconcile_epochs(completed: int, last_logs: Mapping[str, Any] | None) -> None:
-    """After a restore from a backup of ``completed`` epochs: exactly epochs 0..completed-1.
+def reconcile_epochs(completed: int, last_logs: Mapping[str, Any] | None, fit: int = 0) -> None:
+    """After a restore from a backup of ``completed`` epochs of the run (the last in fit call
+    ``fit``): exactly epochs 0..completed-1.
 
     Drops epoch records the backup does not cover and adds the last backed-up epoch if
-    the task stopped between writing the backup and writing its metrics. The one rewrite
-    of the file, at the start of an attempt, before the script logs anything.
+    the task stopped between writing the backup and writing its metrics. Rewrites the file
+    at the start of an attempt, before the script logs anything (and again only if a fit
+    call's backup then fails to load, from that call's first epoch on).
     """
     flush()
     path = metrics_path()
     old = read_metrics(path)
     records = [r for r in old if r.get("epoch") is None or r["epoch"] < completed]
     if completed and last_logs is not None and not any(r.get("epoch") == completed - 1 for r in records):
-        records.append({"time": time.time(), "epoch": completed - 1, **last_logs})
+        records.append({"time": time.time(), "epoch": completed - 1, **({"fit": fit} if fit else {}), **last_logs})
     if records != old:
         _rewrite(path, records)

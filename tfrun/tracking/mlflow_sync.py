@@ -31,7 +31,6 @@ RETRY_INTERVAL_S = 30.0  # after a failed send: the server is down, do not hamme
 END_DEADLINE_S = 20.0  # how long the end of a task may wait for MLflow
 _MAX_PARAM = 500  # MLflow rejects long param values; the full config is an artifact anyway
 _BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-request limits
-_RESERVED = ("epoch", "time", "step")
 END_LOCK = "mlflow-end"  # held while a run's MLflow run is ended (rundir.locked: .mlflow-end.lock)
 
 
@@ -173,9 +172,8 @@ def to_metrics(records: list[dict[str, Any]]) -> list[Any]:
             continue
         if record.get("epoch") is None:
             continue  # log_params records: the run's params come from its config
-        for key, value in record.items():
-            if key not in _RESERVED and isinstance(value, (int, float)) and not isinstance(value, bool):
-                out.append(Metric(key, float(value), stamp, int(record["epoch"])))
+        for key, value in metrics.epoch_values(record).items():
+            out.append(Metric(key, value, stamp, int(record["epoch"])))
     return out
 
 

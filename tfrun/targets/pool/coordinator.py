@@ -24,7 +24,7 @@ from tfrun import rundir
 from tfrun.targets.pool import settle
 from tfrun.targets.pool.slots import Slot
 from tfrun.targets.pool.store import Item, PoolStore
-from tfrun.task import preempt
+from tfrun.task import preempt, preemption, requeue
 from tfrun.tracking import mlflow_sync
 
 POLL_S = 0.05  # markers, time limits and the queue are looked at this often; events come at once
@@ -67,6 +67,7 @@ class Coordinator:
         self.store, self.make_slot, self.allocation, self.launcher = store, make_slot, allocation, launcher
         self.spec = store.spec()
         self.restart = restart
+        self.began = time.time()  # this attempt of the allocation (the time-limit warning is judged from it)
         self.requested: str | None = None  # a stop asked by the follower (local pools)
         self.local_fields = dict(local_fields or {})  # local items: who runs them (for LOST detection)
         self.slots: list[Slot] = []
@@ -145,32 +146,28 @@ class Coordinator:
 
     def requeue_if_due(self, why: str) -> None:
         """After a stop for a preemption or the time-limit warning: requeue this allocation, by
-        tfrun's rule for a job of its own (preemptions always; time limits at most
-        compute.max_requeues times), then wait for Slurm to end this attempt."""
+        the rule a job of tfrun's own follows (:mod:`tfrun.task.requeue`, over this allocation's
+        earlier requeues), then wait for Slurm to end this attempt."""
         if why not in ("preempted", "timeout") or self.store.stopped():
             return
-        limit = int(self.spec.compute.get("max_requeues", 3))
-        if why == "timeout" and not preempt.may_requeue("timeout", self.restart, limit):
-            self._say(f"time limit reached after {self.restart} requeue(s) (compute.max_requeues): allocation "
-                      f"{self.allocation} is not requeued; its unfinished items wait in the pool's queue")
+        cause = requeue.Cause.PREEMPTED if why == "preempted" else requeue.Cause.TIME_LIMIT
+        request = preemption.account(self.allocation) if why == "preempted" else {}
+        earlier = list(self.store.state(self.allocation).get("requeues", []))
+        decision = requeue.decide(cause, request, earlier, self.spec.compute)
+        if not decision.requeue:
+            self._say(f"{why}: allocation {self.allocation} is not requeued ({decision.why_not}); its unfinished "
+                      f"items wait in the pool's queue")
             self.store.write_state(self.allocation, state="ended")
             return
-        if why == "preempted":
-            found, _ = preempt.preemption(self.allocation)
-            # A partition that cancels its preempted jobs (PreemptMode=CANCEL): tfrun requeues,
-            # as for a run of its own, unless told not to or done too often.
-            if found is not None and not preempt.slurm_requeues(found) and (
-                    not self.spec.compute.get("requeue_on_preempt", True) or self.restart >= limit):
-                self._say(f"preempted: allocation {self.allocation} is not requeued (compute.requeue_on_preempt, "
-                          f"compute.max_requeues); its unfinished items wait in the pool's queue")
-                self.store.write_state(self.allocation, state="ended")
-                return
         failure = preempt.requeue(self.allocation)
         if failure:
             self._say(f"could not requeue allocation {self.allocation}: {failure}")
             self.store.write_state(self.allocation, state="ended")
             return
-        self.store.write_state(self.allocation, state="requeued", why=why, requeued=time.time())
+        record = {"reason": cause.value, "requeued": True, "requeued_by": "tfrun", "time": time.time(),
+                  **{k: request[k] for k in ("preempted", "preempt_mode") if k in request}}
+        self.store.write_state(self.allocation, state="requeued", why=why, requeued=time.time(),
+                               requeues=[*earlier, record])
         self._say(f"{why}: allocation {self.allocation} requeued; its items resume from their backups")
         preempt.wait_to_be_stopped()
 
@@ -352,11 +349,10 @@ class Coordinator:
     def _why_stopping(self) -> str:
         """Why an item stopped on request with no cancel or policy behind it: its allocation is
         being preempted, or its time limit is near (the warning); else it was asked alone."""
-        found, _ = preempt.preemption(self.allocation)
-        if found is not None:
+        if preemption.account(self.allocation).get("preempted"):
             return "preempted"
-        left = preempt.time_left_s(self.allocation)
-        if left is not None and left <= float(self.spec.compute.get("signal_delay_s", 120)) + 60:
+        elapsed = time.time() - self.began
+        if requeue.cause_of({"signal": preempt.SIGNALS[1].name}, elapsed, self.spec.compute) is requeue.Cause.TIME_LIMIT:
             return "timeout"
         return "item"
 
@@ -375,9 +371,8 @@ class Coordinator:
     def _on_sigterm(self) -> None:
         if self.stopping:
             return
-        found, _ = preempt.preemption(self.allocation)
-        if found is not None:
+        found = preemption.account(self.allocation)
+        if found.get("preempted") or not found:  # (Slurm did not answer: the work is saved, as for a preemption)
             self._begin_stop("preempted")
             return
-        state = preempt.scontrol_fields("job", self.allocation).get("JobState", "")
-        self._begin_stop("timeout" if state == "TIMEOUT" else "cancelled")
+        self._begin_stop("timeout" if found.get("job_state") == "TIMEOUT" else "cancelled")
