@@ -134,3 +134,51 @@ def test_a_requeued_job_shows_preempted_while_accounting_says_pending(tmp_path: 
     assert slurm.shown_state(tmp_path, "PENDING") == "PENDING"
     rundir.update_attempt(tmp_path, "attempt-3", started=5.0, ended=6.0, reason="preempted", requeued=False)
     assert slurm.shown_state(tmp_path, "PENDING") == "PENDING"  # not requeued: not coming back
+
+
+def test_a_preempted_job_is_left_to_slurm_to_requeue_where_slurm_requeues_it_as_it_ends() -> None:
+    """PreemptMode=REQUEUE: from Slurm 24.11 on (the release the cluster reported when the task
+    asked), Slurm requeues the job as its tasks end, and tfrun must not requeue it too; on 22.05
+    a job that ends within its grace time just completes, and tfrun requeues it."""
+    from tfrun.task import preempt
+
+    assert preempt.release("24.11.5") == (24, 11) and preempt.release("22.05.8") == (22, 5)
+    assert preempt.release(None) is None and preempt.release("unknown") is None
+    requeue = {"preempted": True, "preempt_mode": "REQUEUE"}
+    assert preempt.requeued_as_it_ends({**requeue, "slurm_version": "24.11.5"})
+    assert preempt.requeued_as_it_ends({**requeue, "slurm_version": "25.05.1"})
+    assert not preempt.requeued_as_it_ends({**requeue, "slurm_version": "22.05.8"})
+    assert not preempt.requeued_as_it_ends({**requeue, "slurm_version": "24.05.4"})
+    assert not preempt.requeued_as_it_ends(requeue)  # the release unknown: tfrun requeues, as it always did
+    assert not preempt.requeued_as_it_ends({"preempted": True, "preempt_mode": "CANCEL", "slurm_version": "24.11.5"})
+
+
+def test_a_job_accounting_calls_preempted_is_completed_when_its_last_attempt_completed_the_run(tmp_path: Path) -> None:
+    """Slurm 24.11 records a job it preempted, and tfrun then requeued, as PREEMPTED once its
+    next attempt completes (PreemptMode=CANCEL): the ranks' own record says the run is done."""
+    from tfrun.targets import slurm
+
+    rundir.update_attempt(tmp_path, "slurm-7-0", started=1.0, ended=2.0, reason="preempted", requeued=True)
+    assert slurm.shown_state(tmp_path, slurm.tfrun_state("PREEMPTED")) == "STOPPED"
+    rundir.update_attempt(tmp_path, "slurm-7-1", started=3.0, ended=None)
+    assert slurm.shown_state(tmp_path, "STOPPED") == "STOPPED"  # killed before it could say more
+    rundir.update_attempt(tmp_path, "slurm-7-1", ended=4.0, reason="completed")
+    assert slurm.shown_state(tmp_path, slurm.tfrun_state("PREEMPTED")) == "COMPLETED"
+
+
+def test_a_job_started_again_after_it_completed_the_run_has_nothing_left_to_do(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slurm 24.11 requeues a job it requeued during a preemption once more when its next
+    attempt ends: an attempt of that same job after one that completed the run does nothing."""
+    from tfrun import bootstrap
+
+    rundir.update_attempt(tmp_path, "slurm-7-0", started=1.0, ended=2.0, job_id="7", reason="preempted")
+    rundir.update_attempt(tmp_path, "slurm-7-1", started=3.0, ended=4.0, job_id="7", reason="completed")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert bootstrap.completed_earlier(str(tmp_path))["attempt"] == "slurm-7-1"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # that attempt itself
+    assert bootstrap.completed_earlier(str(tmp_path)) is None
+    monkeypatch.setenv("SLURM_JOB_ID", "8")  # another job of the run (tfrun resume): it runs
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert bootstrap.completed_earlier(str(tmp_path)) is None

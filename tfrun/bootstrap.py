@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from tfrun import backends, rundir
 from tfrun.errors import BootstrapError
@@ -165,12 +165,14 @@ def record_in_background(plan: Plan, request: dict) -> None:
 
 
 def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> int:
-    """On Slurm, rank 0 requeues the job (bounded where it must be); every rank then waits to be ended."""
+    """On Slurm, rank 0 requeues the job (bounded where it must be); every rank then waits to be
+    ended. Where Slurm requeues a preempted job as it ends, the tasks end instead, rank 0 last."""
     job = preempt.job_id()
     if ident.launcher != "slurm" or not job:
         if ident.rank == 0:  # local: the launcher records a resumable stop
             rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason="stopped")
         return code
+    requeued_as_it_ends = preempt.requeued_as_it_ends(preempt.stop_request())
     if ident.rank == 0:
         for thread in _recording:  # what asked is recorded first, then what was done
             thread.join(timeout=30)
@@ -180,6 +182,15 @@ def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> i
                 f"{reason}: not requeued ({why_not}); continue it with: tfrun resume {plan.run_dir}")
             rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason,
                                   requeued=False, why_not_requeued=why_not)
+            return code
+        if requeued_as_it_ends:
+            # Requeued by tfrun as well, it would be requeued once more when its next attempt
+            # ends; kept waiting, Slurm would kill it at the end of the grace time, and then
+            # requeue that one too.
+            say(f"{reason}: job {job} ends now and Slurm requeues it (PreemptMode=REQUEUE, Slurm "
+                f"{preempt.stop_request().get('slurm_version')}); it resumes from the backup")
+            rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=reason,
+                                  requeued=True, requeued_by="slurm")
             return code
         # Said and recorded first: Slurm ends this task the moment the requeue is done.
         say(f"{reason}: requeueing job {job}; it resumes from the backup")
@@ -195,8 +206,32 @@ def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> i
             rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), requeued=False, requeued_by=None,
                                   error=failure)
             return code
+    elif requeued_as_it_ends:
+        # The step ends as soon as one task exits non-zero: rank 0 may still be writing the backup.
+        await_attempt_end(plan.run_dir)
+        return code
     preempt.wait_to_be_stopped()
     return code
+
+
+def await_attempt_end(run_dir: str, limit_s: float = 120.0) -> None:
+    """Until rank 0 has recorded the end of this attempt (or limit_s has passed)."""
+    key = rendezvous.attempt_key()
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if any(a.get("attempt") == key and a.get("ended") for a in rundir.attempts(run_dir)):
+            return
+        time.sleep(0.2)
+
+
+def completed_earlier(run_dir: str) -> dict[str, Any] | None:
+    """The attempt of this same Slurm job that completed the run, if one did: Slurm starts a job
+    it requeued during a preemption once more after its next attempt ends (see
+    preempt.REQUEUES_PREEMPTED_AS_IT_ENDS), and that attempt has nothing left to do."""
+    job, current = preempt.job_id(), rendezvous.attempt_key()
+    done = [a for a in rundir.attempts(run_dir)
+            if job and a.get("job_id") == job and a.get("attempt") != current and a.get("reason") == "completed"]
+    return done[-1] if done else None
 
 
 def export_after_training(plan: Plan, ident: identity.TaskIdentity, code: int) -> None:
@@ -233,6 +268,11 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     ident = identity.detect(launcher, plan.compute["nodes"], plan.compute["tasks_per_node"])
     if launcher == "slurm":
         redirect_output(rundir.rank_log(run_dir, ident.rank))
+        done = completed_earlier(run_dir)
+        if done:
+            say(f"job {preempt.job_id()} started again after its attempt {done['attempt']} completed the run "
+                f"(Slurm requeued it when that attempt ended): nothing left to do")
+            return 0
     # The watchdog's ask for every thread's stack, answered even when the script is stuck.
     faulthandler.register(watchdog.STACKS, file=sys.stderr, all_threads=True, chain=False)
     heartbeat.start(run_dir, rendezvous.attempt_key(), ident.rank)

@@ -27,6 +27,12 @@ from typing import Any, Callable, Iterator
 
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 EXIT_PREEMPTED = 75  # "temporary failure": stopped on request, resumable
+# From this Slurm release on, a job preempted under PreemptMode=REQUEUE that ends within its
+# grace time is requeued by Slurm as it ends; and one requeued by anyone else (scontrol
+# requeue) before that is requeued once more when its next attempt ends, completed or not.
+# Slurm 22.05 records the early end as COMPLETED and requeues nothing (both seen on 22.05.8
+# and 24.11.5; the releases between are taken to behave as 22.05 does).
+REQUEUES_PREEMPTED_AS_IT_ENDS = (24, 11)
 
 _requested = threading.Event()
 _request: dict[str, Any] = {}  # what asked for the stop: signal, and for a preemption, Slurm's account
@@ -263,6 +269,8 @@ def preemption(job: str) -> tuple[dict[str, Any] | None, str]:
     found: dict[str, Any] = {"preempted": True, "preempt_time": record["PreemptTime"],
                              "partition": record.get("Partition"), "qos": record.get("QOS")}
     config = slurm_config()
+    if config.get("SLURM_VERSION"):
+        found["slurm_version"] = config["SLURM_VERSION"]
     mode, grace = _qos_preemption(record.get("QOS")) if "qos" in config.get("PreemptType", "") else (None, None)
     if mode is None:
         partition = scontrol_fields("partition", record.get("Partition", "")) if record.get("Partition") else {}
@@ -286,6 +294,22 @@ def _qos_preemption(qos: str | None) -> tuple[str | None, str | None]:
 def slurm_requeues(request: dict[str, Any]) -> bool:
     """Will Slurm requeue this preempted job itself (PreemptMode REQUEUE), or cancel it?"""
     return "REQUEUE" in str(request.get("preempt_mode", ""))
+
+
+def release(version: str | None) -> tuple[int, int] | None:
+    """(major, minor) of a Slurm version as ``scontrol show config`` gives it (``24.11.5``)."""
+    parts = (version or "").strip().split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def requeued_as_it_ends(request: dict[str, Any]) -> bool:
+    """Does Slurm requeue this preempted job when its tasks end, so that tfrun must not requeue
+    it (see REQUEUES_PREEMPTED_AS_IT_ENDS)? Asked of the release the cluster reported."""
+    found = release(request.get("slurm_version"))
+    return slurm_requeues(request) and found is not None and found >= REQUEUES_PREEMPTED_AS_IT_ENDS
 
 
 def stop_reason(job_id: str, signal_delay_s: float) -> str:
