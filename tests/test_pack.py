@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -87,6 +88,23 @@ def test_points_side_by_side(tmp_path: Path) -> None:
                          "entry.script=point.py", "trainer.i=range(0,4)")
     assert too_wide.returncode == 2 and "Slurm rejected the job" in too_wide.stderr
     assert "Traceback" not in too_wide.stderr
+
+
+def test_a_points_step_gets_its_cpus_per_task(tmp_path: Path) -> None:
+    """compute.cpus_per_task reaches each point's own job step, on every Slurm release: 22.05's
+    srun gives a step one CPU per task unless told (24.11's takes the allocation's)."""
+    (tmp_path / "point.py").write_text(POINT)
+    result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=2", "compute.cpus_per_task=2",
+                       "compute.poll_s=1", "entry.script=point.py", "trainer.i=range(0,2)", timeout=600)
+    assert result.returncode == 0, result.stderr
+    sweep = sweep_dir(tmp_path)
+    for point in ("0", "1"):
+        rank = json.loads((sweep / point / "ranks" / "0.json").read_text())
+        step = f"{rank['job']}.{rank['step']}"
+        out = subprocess.run(["sacct", "-n", "-P", "-j", step, "-o", "JobID,AllocCPUS"], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+        cpus = dict(line.split("|") for line in out.splitlines() if "|" in line)
+        assert list(cpus.values()) == ["2"], (step, out)
 
 
 def test_cancel_one_point_leaves_the_others(tmp_path: Path) -> None:

@@ -70,6 +70,10 @@ def step_command(plan: Plan) -> list[str]:
     world = c["nodes"] * c["tasks_per_node"]
     srun = ["srun", "--exact", "--unbuffered", f"--nodes={c['nodes']}", f"--ntasks={world}",
             f"--ntasks-per-node={c['tasks_per_node']}", "--kill-on-bad-exit=1", *c.get("srun_args", [])]
+    if c.get("cpus_per_task"):
+        # Said again, for every release: 24.11's srun takes the allocation's --cpus-per-task
+        # (SLURM_CPUS_PER_TASK), 22.05's gives an --exact step one CPU per task.
+        srun.append(f"--cpus-per-task={c['cpus_per_task']}")
     if c.get("gpus_per_task"):
         srun.append(f"--gpus-per-task={c['gpus_per_task']}")
     return [*srun, *deps.python_words(plan), "-u", "-m", "tfrun.bootstrap", plan.run_dir]
