@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import accounted, run_tfrun
+from tests.helpers import accounted, run_tfrun, slurm_release
+from tfrun.task import preempt
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -105,6 +108,45 @@ def test_a_points_step_gets_its_cpus_per_task(tmp_path: Path) -> None:
                              text=True, timeout=60, check=True).stdout
         cpus = dict(line.split("|") for line in out.splitlines() if "|" in line)
         assert list(cpus.values()) == ["2"], (step, out)
+
+
+def test_a_preempted_pack_is_requeued_once_and_runs_only_its_unfinished_points(tmp_path: Path) -> None:
+    """Preempted in partition "low" (PreemptMode=REQUEUE): the running point stops, the
+    allocation is requeued once (by tfrun before Slurm 24.11, by Slurm as it ends from 24.11
+    on) and its next attempt runs the points not yet finished."""
+    (tmp_path / "point.py").write_text(POINT)
+    name = f"tfrun-pack-{uuid.uuid4().hex[:8]}"
+    try:
+        result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=3", "compute.partition=low",
+                           "compute.nodelist=node1", f"compute.job_name={name}", "compute.wait=false",
+                           "entry.script=point.py", "trainer.i=range(0,3)", "trainer.sleep=10")
+        assert result.returncode == 0, result.stderr
+        sweep = sweep_dir(tmp_path)
+        deadline = time.monotonic() + 300
+        while not (sweep / "0" / "outputs" / "started").exists():
+            assert time.monotonic() < deadline, statuses(sweep)
+            time.sleep(0.5)
+        subprocess.run(["sbatch", "-p", "debug", "--exclusive", "-N1", "-w", "node1", f"--job-name={name}",
+                        "-o", "/dev/null", "--wrap", "sleep 2"], check=True, capture_output=True, timeout=60)
+        allocation = statuses(sweep)["0"]["job_ids"][-1]
+        deadline = time.monotonic() + 600
+        while any(s.get("state") not in ("COMPLETED", "FAILED", "CANCELLED") for s in statuses(sweep).values()):
+            assert time.monotonic() < deadline, statuses(sweep)
+            run_tfrun(tmp_path, "status", str(sweep))
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=60)
+    found = statuses(sweep)
+    assert all(s["state"] == "COMPLETED" for s in found.values()), found
+    runs = {n: len((sweep / n / "outputs" / "started").read_text().splitlines()) for n in found}
+    assert runs == {"0": 2, "1": 1, "2": 1}, runs  # the stopped point again; the others once
+    job = subprocess.run(["scontrol", "show", "job", allocation], capture_output=True, text=True, timeout=60).stdout
+    assert re.search(r"\bRestarts=1\b", job), job  # requeued once, and not again at its end
+    point = json.loads((sweep / "0" / "attempts.json").read_text())
+    first = min(point.values(), key=lambda a: a.get("started") or 0)
+    assert first["reason"] == "preempted" and first["preempt_mode"] == "REQUEUE", point
+    requeued_by = "slurm" if slurm_release() >= preempt.REQUEUES_PREEMPTED_AS_IT_ENDS else "tfrun"
+    assert first["requeued_by"] == requeued_by, point
 
 
 def test_cancel_one_point_leaves_the_others(tmp_path: Path) -> None:

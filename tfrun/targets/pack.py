@@ -94,7 +94,7 @@ class _Runner:
     def wind_down(self) -> None:
         """The job is being requeued (a point's rank 0 asked) or ended: let the running
         points stop on their own, record nothing as finished that did not finish, and
-        wait for Slurm to end this attempt."""
+        wait for Slurm to end this attempt (or end it, where Slurm requeues it as it ends)."""
         for proc in self.running.values():
             proc.send_signal(preempt.SIGNALS[1])  # srun forwards it to the point's tasks
         deadline = time.monotonic() + 60
@@ -104,7 +104,15 @@ class _Runner:
         if self.requeue_needed:
             self._requeue()
         print("tfrun: pack stopping; its unfinished points run again when the job restarts", file=sys.stderr, flush=True)
-        preempt.wait_to_be_stopped()
+        if not self._requeued_as_it_ends():
+            preempt.wait_to_be_stopped()
+
+    def _requeued_as_it_ends(self) -> bool:
+        """Is the allocation being preempted, and does Slurm requeue it as it ends (the points'
+        rank 0 then leave the requeue to Slurm: see preempt.requeued_as_it_ends)? Kept waiting,
+        it would be killed at the end of the grace time, and requeued once more later."""
+        found, _ = preempt.preemption(self.job) if self.job else (None, "not a Slurm job")
+        return found is not None and preempt.requeued_as_it_ends(found)
 
     def _requeue(self) -> None:
         """Requeue the allocation, bounded for time-outs by compute.max_requeues like a run of
