@@ -132,6 +132,13 @@ def wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
+def slurm_release() -> tuple[int, int]:
+    """(major, minor) of the Slurm the tests run against (``scontrol --version``: ``slurm-wlm 24.11.5``)."""
+    out = subprocess.run(["scontrol", "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
+    major, minor = out.split()[-1].split(".")[:2]
+    return int(major), int(minor)
+
+
 # --- the local cluster's nodes as separate hosts (scripts/local-slurm) --------------------------
 
 def node_address(node: str) -> str:

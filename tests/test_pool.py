@@ -5,6 +5,7 @@ own and is cancelled by that name at the end (the cluster is shared: nothing els
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -201,6 +202,60 @@ def test_points_side_by_side(tmp_path: Path, name: str) -> None:
     assert too_wide.returncode == 2 and "Slurm rejected the job" in too_wide.stderr, too_wide.stderr
     assert "compute.pack_slots" in too_wide.stderr and "Traceback" not in too_wide.stderr
     assert queued_jobs(name) == []
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_slots_step_gets_its_cpus_per_task(tmp_path: Path, name: str) -> None:
+    """compute.cpus_per_task reaches each slot's own job step, on every Slurm release: 22.05's
+    srun gives an --exact step one CPU per task unless told (24.11's takes the allocation's)."""
+    (tmp_path / "point.py").write_text(POINT)
+    result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=2", "compute.cpus_per_task=2",
+                       "compute.poll_s=1", f"compute.job_name={name}", "entry.script=point.py",
+                       "trainer.i=range(0,2)", timeout=600)
+    assert result.returncode == 0, result.stderr
+    sweep = sweep_dir(tmp_path)
+    for point in ("0", "1"):
+        rank = read_json(sweep / point / "ranks" / "0.json")
+        step = f"{rank['job']}.{rank['step']}"
+        out = subprocess.run(["sacct", "-n", "-P", "-j", step, "-o", "JobID,AllocCPUS"], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+        cpus = dict(line.split("|") for line in out.splitlines() if "|" in line)
+        assert list(cpus.values()) == ["2"], (step, out)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_preempted_pack_is_requeued_once_and_runs_only_its_unfinished_points(tmp_path: Path, name: str) -> None:
+    """Preempted in partition "low" (PreemptMode=REQUEUE): the running point stops, the
+    allocation is requeued once (by tfrun before Slurm 24.11, by Slurm as it ends from 24.11
+    on: requeued by both, it would be requeued again at its next end) and its next attempt
+    runs the points not yet finished."""
+    (tmp_path / "point.py").write_text(POINT)
+    try:
+        result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=3", "compute.partition=low",
+                           "compute.nodelist=node1", f"compute.job_name={name}", "compute.wait=false",
+                           "entry.script=point.py", "trainer.i=range(0,3)", "trainer.sleep=10")
+        assert result.returncode == 0, result.stderr
+        sweep = sweep_dir(tmp_path)
+        wait_for(lambda: (sweep / "0" / "outputs" / "started").exists(), 300, "the first point to start")
+        subprocess.run(["sbatch", "-p", "debug", "--exclusive", "-N1", "-w", "node1", f"--job-name={name}",
+                        "-o", "/dev/null", "--wrap", "sleep 2"], check=True, capture_output=True, timeout=60)
+        allocation = allocations(sweep)[0]
+
+        def ended() -> bool:
+            run_tfrun(tmp_path, "status", str(sweep))
+            return all(s.get("state") in ("COMPLETED", "FAILED", "CANCELLED") for s in statuses(sweep).values())
+
+        wait_for(ended, 600, "every point to end")
+    finally:
+        subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=60)
+    found = statuses(sweep)
+    assert all(s["state"] == "COMPLETED" for s in found.values()), found
+    runs = {n: len((sweep / n / "outputs" / "started").read_text().splitlines()) for n in found}
+    assert runs == {"0": 2, "1": 1, "2": 1}, runs  # the stopped point again; the others once
+    job = subprocess.run(["scontrol", "show", "job", allocation], capture_output=True, text=True, timeout=60).stdout
+    assert re.search(r"\bRestarts=1\b", job), job  # requeued once, and not again at its end
 
 
 @pytest.mark.slurm

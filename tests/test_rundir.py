@@ -213,3 +213,51 @@ def test_a_runs_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
     assert runs / "mlflow.db" in files and any(p.name == "plan.json" for p in files), sorted(files)
     assert {p: m for p, m in files.items() if m != oct(0o666 & ~umask)} == {}
     assert {p: m for p, m in dirs.items() if m != oct(0o777 & ~umask)} == {}
+
+
+def test_a_preempted_job_is_left_to_slurm_to_requeue_where_slurm_requeues_it_as_it_ends() -> None:
+    """PreemptMode=REQUEUE: from Slurm 24.11 on (the release the cluster reported when the task
+    asked), Slurm requeues the job as its tasks end, and tfrun must not requeue it too; on 22.05
+    a job that ends within its grace time just completes, and tfrun requeues it."""
+    from tfrun.task import requeue
+
+    assert requeue.release("24.11.5") == (24, 11) and requeue.release("22.05.8") == (22, 5)
+    assert requeue.release(None) is None and requeue.release("unknown") is None
+    preempted = {"preempted": True, "preempt_mode": "REQUEUE"}
+    assert requeue.requeued_as_it_ends({**preempted, "slurm_version": "24.11.5"})
+    assert requeue.requeued_as_it_ends({**preempted, "slurm_version": "25.05.1"})
+    assert not requeue.requeued_as_it_ends({**preempted, "slurm_version": "22.05.8"})
+    assert not requeue.requeued_as_it_ends({**preempted, "slurm_version": "24.05.4"})
+    assert not requeue.requeued_as_it_ends(preempted)  # the release unknown: tfrun requeues, as it always did
+    assert not requeue.requeued_as_it_ends({"preempted": True, "preempt_mode": "CANCEL", "slurm_version": "24.11.5"})
+
+
+def test_a_job_accounting_calls_preempted_is_completed_when_its_last_attempt_completed_the_run(tmp_path: Path) -> None:
+    """Slurm 24.11 records a job it preempted, and tfrun then requeued, as PREEMPTED once its
+    next attempt completes (PreemptMode=CANCEL): the ranks' own record says the run is done."""
+    from tfrun.targets import slurm
+
+    rundir.update_attempt(tmp_path, "slurm-7-0", started=1.0, ended=2.0, reason="preempted", requeued=True)
+    assert slurm.shown_state(tmp_path, slurm.tfrun_state("PREEMPTED")) == "STOPPED"
+    rundir.update_attempt(tmp_path, "slurm-7-1", started=3.0, ended=None)
+    assert slurm.shown_state(tmp_path, "STOPPED") == "STOPPED"  # killed before it could say more
+    rundir.update_attempt(tmp_path, "slurm-7-1", ended=4.0, reason="completed")
+    assert slurm.shown_state(tmp_path, slurm.tfrun_state("PREEMPTED")) == "COMPLETED"
+
+
+def test_a_job_started_again_after_it_completed_the_run_has_nothing_left_to_do(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slurm 24.11 requeues a job it requeued during a preemption once more when its next
+    attempt ends: an attempt of that same job after one that completed the run does nothing."""
+    from tfrun.task import stopping
+
+    rundir.update_attempt(tmp_path, "slurm-7-0", started=1.0, ended=2.0, job_id="7", reason="preempted")
+    rundir.update_attempt(tmp_path, "slurm-7-1", started=3.0, ended=4.0, job_id="7", reason="completed")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert stopping.completed_earlier(str(tmp_path))["attempt"] == "slurm-7-1"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # that attempt itself
+    assert stopping.completed_earlier(str(tmp_path)) is None
+    monkeypatch.setenv("SLURM_JOB_ID", "8")  # another job of the run (tfrun resume): it runs
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert stopping.completed_earlier(str(tmp_path)) is None

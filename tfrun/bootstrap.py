@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from tfrun import backends, rundir
 from tfrun.errors import BootstrapError
@@ -146,12 +146,19 @@ def export_after_training(plan: Plan, ident: identity.TaskIdentity, code: int) -
         say(f"export onnx FAILED: {error}")
 
 
-def begin(run_dir: str, launcher: str) -> tuple[Plan, identity.TaskIdentity, mlflow_sync.Live | None]:
-    """This task's records, logs, heartbeat, and on rank 0 the attempt's (and its watchdog)."""
+def begin(run_dir: str, launcher: str) -> tuple[Plan, identity.TaskIdentity, mlflow_sync.Live | None] | None:
+    """This task's records, logs, heartbeat, and on rank 0 the attempt's (and its watchdog);
+    None when this attempt has nothing to do (the run was completed by an earlier attempt of
+    the same Slurm job, which Slurm started once more)."""
     plan = Plan.load(run_dir)
     ident = identity.detect(launcher, plan.compute["nodes"], plan.compute["tasks_per_node"])
     if launcher == "slurm":
         redirect_output(rundir.rank_log(run_dir, ident.rank))
+        done = stopping.completed_earlier(run_dir)
+        if done:
+            say(f"job {preempt.job_id()} started again after its attempt {done['attempt']} completed the run "
+                f"(Slurm requeued it when that attempt ended): nothing left to do")
+            return None
     # The watchdog's ask for every thread's stack, answered even when the script is stuck.
     faulthandler.register(watchdog.STACKS, file=sys.stderr, all_threads=True, chain=False)
     heartbeat.start(run_dir, rendezvous.attempt_key(), ident.rank)
@@ -230,7 +237,10 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     # rendezvous, hvd.init) completes on every rank, and then no rank runs the script.
     with preempt.listening():
         preempt.install(slurm=launcher == "slurm")  # first: an early stop request must not kill the task
-        plan, ident, live = begin(run_dir, launcher)
+        begun = begin(run_dir, launcher)
+        if begun is None:
+            return 0
+        plan, ident, live = begun
         code, error, task = 1, None, plan.tasks[ident.rank]
         try:
             task = prepare(plan, ident)

@@ -217,6 +217,10 @@ def slot_command(spec: PoolSpec, pool_dir: str | os.PathLike[str]) -> list[str]:
     c = spec.compute
     step = ["srun", "--exact", f"--nodes={spec.nodes}", f"--ntasks={spec.world}",
             f"--ntasks-per-node={spec.tasks_per_node}", "--input=all", "--kill-on-bad-exit=0", *c.get("srun_args", [])]
+    if c.get("cpus_per_task"):
+        # Said again, for every release: 24.11's srun takes the allocation's --cpus-per-task
+        # (SLURM_CPUS_PER_TASK), 22.05's gives an --exact step one CPU per task.
+        step.append(f"--cpus-per-task={c['cpus_per_task']}")
     if c.get("gpus_per_task"):
         step.append(f"--gpus-per-task={c['gpus_per_task']}")
     elif c.get("gpus_per_node"):

@@ -214,12 +214,17 @@ def _last_attempt(run_dir: str | os.PathLike[str], ended: bool = False) -> dict[
 
 
 def shown_state(run_dir: str | os.PathLike[str], state: str) -> str:
-    """A job waiting to run again after a preemption is PREEMPTED (Slurm says PENDING).
+    """A job waiting to run again after a preemption is PREEMPTED (Slurm says PENDING); one that
+    accounting says was preempted (STOPPED here) is COMPLETED if its last attempt completed the run.
 
     The last attempt that ended decides: a requeued job can start again, and its new attempt
-    be recorded, before accounting stops saying PENDING."""
-    if state != "PENDING":
+    be recorded, before accounting stops saying PENDING. And from Slurm 24.11 on, a job that
+    was preempted, then requeued by tfrun (PreemptMode=CANCEL, compute.requeue_on_preempt),
+    ends PREEMPTED in accounting when its next attempt completes."""
+    if state not in ("PENDING", "STOPPED"):
         return state
+    if state == "STOPPED":
+        return "COMPLETED" if _last_attempt(run_dir).get("reason") == "completed" else state
     last = _last_attempt(run_dir, ended=True)
     return "PREEMPTED" if last.get("reason") == "preempted" and last.get("requeued") is not False else state
 

@@ -78,6 +78,8 @@ def account(job: str, partition: str | None = None, qos: str | None = None) -> d
     found: dict[str, Any] = {"preempted": True, "preempt_time": record["PreemptTime"], "partition": partition,
                              "qos": qos}
     config = slurm_config(timeout_s=left())
+    if config.get("SLURM_VERSION"):  # how the preemption ends differs between releases (tfrun.task.requeue)
+        found["slurm_version"] = config["SLURM_VERSION"]
     mode, grace = _qos_preemption(qos, left()) if "qos" in config.get("PreemptType", "") else (None, None)
     if mode is None:
         settings = scontrol_fields("partition", partition, timeout_s=left()) if partition else {}

@@ -41,6 +41,30 @@ def slurm_requeues(record: Mapping[str, Any]) -> bool:
     return bool(record.get("preempted")) and "REQUEUE" in str(record.get("preempt_mode") or "").upper()
 
 
+# From this Slurm release on, a job preempted under PreemptMode=REQUEUE that ends within its
+# grace time is requeued by Slurm as it ends; and one requeued by anyone else (scontrol
+# requeue) before that is requeued once more when its next attempt ends, completed or not.
+# Slurm 22.05 records the early end as COMPLETED and requeues nothing (both seen on 22.05.8
+# and 24.11.5; the releases between are taken to behave as 22.05 does).
+REQUEUES_PREEMPTED_AS_IT_ENDS = (24, 11)
+
+
+def release(version: str | None) -> tuple[int, int] | None:
+    """(major, minor) of a Slurm version as ``scontrol show config`` gives it (``24.11.5``)."""
+    parts = (version or "").strip().split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def requeued_as_it_ends(request: Mapping[str, Any]) -> bool:
+    """Does Slurm requeue this preempted job when its tasks end, so that tfrun must not requeue
+    it (see :data:`REQUEUES_PREEMPTED_AS_IT_ENDS`)? Asked of the release the cluster reported."""
+    found = release(request.get("slurm_version"))
+    return slurm_requeues(request) and found is not None and found >= REQUEUES_PREEMPTED_AS_IT_ENDS
+
+
 def counts(attempt: Mapping[str, Any]) -> bool:
     """Does this earlier attempt's requeue count toward ``compute.max_requeues``?"""
     if not attempt.get("requeued"):

@@ -108,6 +108,15 @@ def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> i
         rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=cause.value,
                               requeued=False, why_not_requeued=decision.why_not)
         return code
+    if requeue.requeued_as_it_ends(request):
+        # Requeued by tfrun as well, it would be requeued once more when its next attempt
+        # ends; kept waiting, Slurm would kill it at the end of the grace time, and then
+        # requeue that one too. So the tasks end (rank 0 last: the others wait for this record).
+        say(f"{cause.value}: job {job} ends now and Slurm requeues it (PreemptMode=REQUEUE, Slurm "
+            f"{request.get('slurm_version')}); it resumes from the backup")
+        rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=cause.value,
+                              requeued=True, requeued_by="slurm", requeued_as_it_ends=True)
+        return code
     return _requeue(plan, job, cause, request, code)
 
 
@@ -119,9 +128,21 @@ def _follow_rank_0(plan: Plan, code: int) -> int:
         # Slurm is ending the job (a cancel, the watchdog ending a hang): end as that SIGTERM would.
         preempt.learn({"job_state": decided.get("job_state") or "ended by the watchdog"})
         preempt.end_as_terminated()
+    if decided.get("requeued_as_it_ends"):  # Slurm requeues the job as its tasks end: rank 0 has recorded the end
+        return code
     if decided.get("requeued") is not False:
         preempt.wait_to_be_stopped(DECISION_WAIT_S)
     return code
+
+
+def completed_earlier(run_dir: str) -> dict | None:
+    """The attempt of this same Slurm job that completed the run, if one did: Slurm starts a job
+    it requeued during a preemption once more after its next attempt ends (see
+    :data:`tfrun.task.requeue.REQUEUES_PREEMPTED_AS_IT_ENDS`), and that attempt has nothing left to do."""
+    job, current = preempt.job_id(), rendezvous.attempt_key()
+    done = [a for a in rundir.attempts(run_dir)
+            if job and a.get("job_id") == job and a.get("attempt") != current and a.get("reason") == "completed"]
+    return done[-1] if done else None
 
 
 def _requeue(plan: Plan, job: str, cause: requeue.Cause, request: dict, code: int) -> int:

@@ -159,6 +159,16 @@ class Coordinator:
                       f"items wait in the pool's queue")
             self.store.write_state(self.allocation, state="ended")
             return
+        if requeue.requeued_as_it_ends(request):
+            # Slurm requeues this allocation as it ends; requeued by tfrun too, it would be
+            # requeued once more when its next attempt ends. So it ends now.
+            record = {"reason": cause.value, "requeued": True, "requeued_by": "slurm", "time": time.time(),
+                      "preempted": True, "preempt_mode": request.get("preempt_mode")}
+            self.store.write_state(self.allocation, state="requeued", why=why, requeued=time.time(),
+                                   requeues=[*earlier, record])
+            self._say(f"{why}: allocation {self.allocation} ends now and Slurm requeues it (PreemptMode=REQUEUE, "
+                      f"Slurm {request.get('slurm_version')}); its items resume from their backups")
+            return
         failure = preempt.requeue(self.allocation)
         if failure:
             self._say(f"could not requeue allocation {self.allocation}: {failure}")
