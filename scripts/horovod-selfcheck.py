@@ -134,8 +134,8 @@ def worker(args) -> int:
         os.environ["TF_USE_LEGACY_KERAS"] = "1"  # before TensorFlow is imported
     server = setup_rendezvous(args.rank, args.size, args.hosts, args.port_file)
     t0 = time.monotonic()
-    import tensorflow as tf
     import horovod.tensorflow as hvd
+    import tensorflow as tf
     hvd.init()
     out = {"rank": hvd.rank(), "size": hvd.size(), "local_rank": hvd.local_rank(),
            "local_size": hvd.local_size(), "gloo_enabled": bool(hvd.gloo_enabled()),

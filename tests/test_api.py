@@ -23,7 +23,16 @@ from typing import Any, Iterator
 import pytest
 
 import tfrun
-from tests.helpers import DIGITS, REPO, alive, popen_tfrun, run_tfrun, stop, wait_for, wait_gone
+from tests.helpers import (
+    DIGITS,
+    REPO,
+    alive,
+    popen_tfrun,
+    run_tfrun,
+    stop,
+    wait_for,
+    wait_gone,
+)
 from tfrun.plan import Plan
 
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
@@ -270,7 +279,7 @@ def test_estimator_single_node_with_script_params(scratch: Path, leftovers_cance
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     ws, compute_target, project_folder = None, "slurm", str(EXAMPLES / "digits")
     # ---- the sample ----
-    from tfrun.estimator import TensorFlow, Experiment
+    from tfrun.estimator import Experiment, TensorFlow
 
     script_params = {
         '--epochs': 3,
@@ -299,7 +308,7 @@ def test_estimator_horovod(scratch: Path, leftovers_cancelled: None, capsys: pyt
     ws, compute_target, project_folder = None, "slurm", str(EXAMPLES / "horovod_keras")
     script_params = {'--epochs': 2}
     # ---- the sample ----
-    from tfrun.estimator import TensorFlow, Experiment
+    from tfrun.estimator import Experiment, TensorFlow
 
     estimator = TensorFlow(source_directory=project_folder,
                            compute_target=compute_target,
@@ -328,7 +337,7 @@ def test_estimator_parameter_server(scratch: Path, leftovers_cancelled: None, ca
     ws, compute_target, project_folder = None, "slurm", str(EXAMPLES / "ps_keras")
     script_params = {'--epochs': 2, '--steps_per_epoch': 10}
     # ---- the sample ----
-    from tfrun.estimator import TensorFlow, Experiment
+    from tfrun.estimator import Experiment, TensorFlow
 
     tf_est = TensorFlow(source_directory=project_folder,
                         compute_target=compute_target,
@@ -357,7 +366,7 @@ def test_estimator_keras_with_pip_packages(scratch: Path, leftovers_cancelled: N
     ws, compute_target, script_folder = None, "slurm", str(EXAMPLES / "digits")
     script_params = {'--epochs': 2, '--batch_size': 50}
     # ---- the sample ----
-    from tfrun.estimator import TensorFlow, Experiment
+    from tfrun.estimator import Experiment, TensorFlow
 
     est = TensorFlow(source_directory=script_folder,
                      script_params=script_params,

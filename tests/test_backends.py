@@ -23,8 +23,18 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import (REPO, alive, assert_on_separate_hosts, node_address, read_json, run_dir_from, run_tfrun,
-                           scratch_env, tfrun_command, wait_for)
+from tests.helpers import (
+    REPO,
+    alive,
+    assert_on_separate_hosts,
+    node_address,
+    read_json,
+    run_dir_from,
+    run_tfrun,
+    scratch_env,
+    tfrun_command,
+    wait_for,
+)
 
 EXAMPLES = REPO / "examples"
 HOROVOD_KERAS = EXAMPLES / "horovod_keras" / "train.py"

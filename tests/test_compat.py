@@ -76,8 +76,10 @@ def test_tfrun_basic_is_hydras_basic_sweeper_with_its_batch_check_replaced() -> 
     import dataclasses
 
     from hydra.plugins.sweeper import Sweeper
-
-    from hydra_plugins.tfrun_launcher.tfrun_basic_sweeper import BasicSweeper, TfrunBasicSweeperConf
+    from hydra_plugins.tfrun_launcher.tfrun_basic_sweeper import (
+        BasicSweeper,
+        TfrunBasicSweeperConf,
+    )
 
     theirs, conf = hydra_compat.basic_sweeper()
     assert issubclass(theirs, Sweeper) and issubclass(BasicSweeper, theirs), broke(

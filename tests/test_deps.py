@@ -23,7 +23,15 @@ import psutil
 import pytest
 
 import tfrun
-from tests.helpers import read_json, run_dir_from, run_tfrun, scratch_env, stop, tfrun_command, wait_for
+from tests.helpers import (
+    read_json,
+    run_dir_from,
+    run_tfrun,
+    scratch_env,
+    stop,
+    tfrun_command,
+    wait_for,
+)
 from tfrun import deps
 from tfrun.cli import render
 from tfrun.config.compose import normalize_overrides

@@ -20,9 +20,16 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.helpers import REPO, read_json, run_dir_from, run_tfrun, scratch_env, tfrun_command
-from tfrun.model import export, serve
+from tests.helpers import (
+    REPO,
+    read_json,
+    run_dir_from,
+    run_tfrun,
+    scratch_env,
+    tfrun_command,
+)
 from tfrun.errors import ExportError
+from tfrun.model import export, serve
 
 TRAIN_TIMEOUT = 900  # two cores shared with other suites: training plus an export can be slow
 

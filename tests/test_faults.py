@@ -23,8 +23,22 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.helpers import (REPO, MlflowServer, accounted, alive, assert_on_separate_hosts, mlflow_runs, popen_tfrun,
-                           read_json, run_tfrun, slurm_release, stop, text_of, wait_for, wait_gone)
+from tests.helpers import (
+    REPO,
+    MlflowServer,
+    accounted,
+    alive,
+    assert_on_separate_hosts,
+    mlflow_runs,
+    popen_tfrun,
+    read_json,
+    run_tfrun,
+    slurm_release,
+    stop,
+    text_of,
+    wait_for,
+    wait_gone,
+)
 from tfrun.task import requeue
 
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"

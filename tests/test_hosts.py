@@ -20,7 +20,13 @@ from typing import Iterator
 
 import pytest
 
-from tests.helpers import assert_on_separate_hosts, node_address, read_json, run_dir_from, run_tfrun
+from tests.helpers import (
+    assert_on_separate_hosts,
+    node_address,
+    read_json,
+    run_dir_from,
+    run_tfrun,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

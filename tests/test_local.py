@@ -11,8 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (DIGITS, alive, popen_tfrun, read_json, run_dir_from, run_tfrun, scratch_env, stop,
-                           wait_for, wait_gone)
+from tests.helpers import (
+    DIGITS,
+    alive,
+    popen_tfrun,
+    read_json,
+    run_dir_from,
+    run_tfrun,
+    scratch_env,
+    stop,
+    wait_for,
+    wait_gone,
+)
 
 # Epochs of the digits example that reach >= 0.9 validation accuracy in a few seconds.
 DIGITS_EPOCHS = 5

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tfrun.paths import RunPaths
 from tfrun.tracking import metrics
 
 # A task's view of tfrun.log_metric: a real process with the run dir a task has.
@@ -30,7 +31,7 @@ def _run_task_script(run_dir: Path, code: str) -> Path:
 
 def test_per_step_logging_keeps_every_value_in_order(tmp_path: Path) -> None:
     run_dir = _run_task_script(tmp_path / "run", PER_STEP)
-    records = metrics.read_metrics(run_dir / metrics.METRICS_FILE)
+    records = metrics.read_metrics(RunPaths.of(run_dir).metrics)
     losses = [r for r in records if r.get("name") == "loss"]
     assert [r["step"] for r in losses] == list(range(100_000))
     assert losses[9]["value"] == 0.1 and losses[-1]["value"] == 1.0 / 100_000
@@ -61,7 +62,7 @@ def test_two_threads_logging_keep_their_values_apart(tmp_path: Path) -> None:
     """Each value under its own name, with its own step, every one of them; the file in the
     order of the values' times (the MLflow sync goes on from the last time it sent)."""
     run_dir = _run_task_script(tmp_path / "run", TWO_THREADS)
-    records = metrics.read_metrics(run_dir / metrics.METRICS_FILE)
+    records = metrics.read_metrics(RunPaths.of(run_dir).metrics)
     assert len(records) == 200_000
     for name, sign in (("up", 1), ("down", -1)):
         mine = [r for r in records if r["name"] == name]
@@ -75,7 +76,7 @@ def test_two_threads_logging_keep_their_values_apart(tmp_path: Path) -> None:
 
 def test_a_torn_last_line_is_skipped_and_the_next_record_starts_a_new_line(tmp_path: Path) -> None:
     run_dir = _run_task_script(tmp_path / "run", "import tfrun\ntfrun.log_metric('a', 1.0, 0)\n")
-    path = run_dir / metrics.METRICS_FILE
+    path = RunPaths.of(run_dir).metrics
     with open(path, "a") as f:
         f.write('{"name": "a", "step": 1, "ti')  # killed mid-write
     assert [r["step"] for r in metrics.read_metrics(path)] == [0]
@@ -86,7 +87,7 @@ def test_a_torn_last_line_is_skipped_and_the_next_record_starts_a_new_line(tmp_p
 
 
 def test_a_million_records_read_back(tmp_path: Path) -> None:
-    path = tmp_path / metrics.METRICS_FILE
+    path = RunPaths.of(tmp_path).metrics
     path.write_text("".join(f'{{"name": "loss", "step": {i}, "time": {i}.5, "value": {i / 7!r}}}\n'
                             for i in range(1_000_000)))
     records = metrics.read_metrics(path)

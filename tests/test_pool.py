@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,15 @@ from typing import Iterator
 
 import pytest
 
-from tests.helpers import accounted, popen_tfrun, read_json, run_tfrun, stop, text_of, wait_for
+from tests.helpers import (
+    accounted,
+    popen_tfrun,
+    read_json,
+    run_tfrun,
+    stop,
+    text_of,
+    wait_for,
+)
 
 POINT = '''
 import argparse, os, time

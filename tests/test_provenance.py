@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import read_json, run_dir_from, run_tfrun, scratch_env, stop, tfrun_command, wait_for
+from tests.helpers import (
+    read_json,
+    run_dir_from,
+    run_tfrun,
+    scratch_env,
+    stop,
+    tfrun_command,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -14,6 +14,7 @@ import yaml
 
 from tests.helpers import run_tfrun, scratch_env, tfrun_command
 from tfrun import rundir
+from tfrun.paths import SweepPaths
 
 WRITERS, UPDATES = 8, 200
 
@@ -157,7 +158,7 @@ def test_concurrent_writers_of_a_sweeps_index_lose_no_point(tmp_path: Path) -> N
     for proc in procs:
         proc.join(timeout=120)
         assert proc.exitcode == 0
-    points = rundir.read_json(tmp_path / rundir.SWEEP_FILE)["points"]
+    points = rundir.read_json(SweepPaths.of(tmp_path).index)["points"]
     assert sorted(p["run_id"] for p in points) == sorted(f"{w}-{i}" for w in range(4) for i in range(POINTS_PER_WRITER))
     for point in points:
         who, i = map(int, point["run_id"].split("-"))

@@ -20,7 +20,16 @@ from typing import Iterator
 
 import pytest
 
-from tests.helpers import REPO, accounted, popen_tfrun, read_json, run_dir_from, run_tfrun, text_of, wait_for
+from tests.helpers import (
+    REPO,
+    accounted,
+    popen_tfrun,
+    read_json,
+    run_dir_from,
+    run_tfrun,
+    text_of,
+    wait_for,
+)
 
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
 DIGITS_EPOCHS = 2

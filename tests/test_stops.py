@@ -21,9 +21,18 @@ from typing import Iterator
 import pytest
 
 from tests.helpers import popen_tfrun, read_json, run_tfrun, stop, text_of, wait_for
-from tests.test_faults import (FAST_FIT, FIT_SCRIPT, JOB_TIMEOUT, attempts, metric_epochs, preempt_nodes, sacct_state,
-                               submitted, wait_final)
-from tests.test_faults import LOCAL_SLURM
+from tests.test_faults import (
+    FAST_FIT,
+    FIT_SCRIPT,
+    JOB_TIMEOUT,
+    LOCAL_SLURM,
+    attempts,
+    metric_epochs,
+    preempt_nodes,
+    sacct_state,
+    submitted,
+    wait_final,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (MlflowServer, mlflow_runs, popen_tfrun, run_dir_from, run_tfrun, scratch_env,
-                           stop, tfrun_command, wait_for)
+from tests.helpers import (
+    MlflowServer,
+    mlflow_runs,
+    popen_tfrun,
+    run_dir_from,
+    run_tfrun,
+    scratch_env,
+    stop,
+    tfrun_command,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +47,9 @@ def test_keras_epochs_are_recorded_without_script_changes(tmp_path: Path) -> Non
     assert records[-1]["loss"] < records[0]["loss"]
     assert {"val_accuracy", "val_loss", "accuracy"} <= set(records[-1])
     # TensorBoard's own reader sees scalars (its scalars plugin), step by step, with the recorded values.
-    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.plugin_event_accumulator import (
+        EventAccumulator,
+    )
     from tensorboard.util.tensor_util import make_ndarray
 
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DIGITS, REPO, popen_tfrun, read_json, run_dir_from, run_tfrun, scratch_env, stop
+from tests.helpers import (
+    DIGITS,
+    REPO,
+    popen_tfrun,
+    read_json,
+    run_dir_from,
+    run_tfrun,
+    scratch_env,
+    stop,
+)
 
 pytestmark = pytest.mark.slow
 

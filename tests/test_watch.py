@@ -21,7 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import popen_tfrun, run_tfrun, scratch_env, stop, tfrun_command, wait_for
+from tests.helpers import (
+    popen_tfrun,
+    run_tfrun,
+    scratch_env,
+    stop,
+    tfrun_command,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 
 from tfrun import rundir
 from tfrun.errors import ConfigError, TfrunError
+from tfrun.paths import RunPaths
+from tfrun.states import FINAL, OK
 
 
 class Run:
@@ -59,14 +61,14 @@ class Run:
 
     def logs(self, rank: int = 0) -> str:
         """A rank's log so far."""
-        path = rundir.rank_log(self.dir, rank)
+        path = RunPaths.of(self.dir).rank_log(rank)
         return path.read_text(errors="replace") if path.exists() else ""
 
     def metrics(self) -> list[dict[str, Any]]:
         """The run's metric records (Keras epochs and tfrun.log_metric values)."""
         from tfrun.tracking import metrics
 
-        return metrics.read_metrics(self.dir / metrics.METRICS_FILE)
+        return metrics.read_metrics(RunPaths.of(self.dir).metrics)
 
     def cancel(self) -> None:
         """Cancel the run if it is not finished."""
@@ -121,7 +123,7 @@ def _start(plans: Sequence[Any], wait: bool, sweep_dir: Path | None = None) -> N
             # nothing else would, since only unfinished Slurm runs are refreshed later.
             mlflow_sync.sync_if_asked(plan.run_dir, states[-1])
         if sweep_dir is not None:  # and closes the sweep's parent run, if the points made one
-            mlflow_sync.finish_sweep(sweep_dir, failed=any(s not in rundir.OK_STATES for s in states))
+            mlflow_sync.finish_sweep(sweep_dir, failed=any(s not in OK for s in states))
 
     if wait:
         run_all()
@@ -149,7 +151,7 @@ def _run_in_background(run_all: Callable[[], None], plans: Sequence[Any]) -> Non
     thread = threading.Thread(target=guarded, daemon=True, name="tfrun-local")
     thread.start()
     while thread.is_alive() and (state := rundir.read_status(first_run_dir).get("state")) != "RUNNING":
-        if state in rundir.FINAL_STATES:  # ended before it was seen running, or its launch failed:
+        if state in FINAL:  # ended before it was seen running, or its launch failed:
             thread.join(1.0)  # then the thread is raising, and ends at once
             break
         time.sleep(0.05)

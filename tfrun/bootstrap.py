@@ -16,20 +16,30 @@ import subprocess
 import sys
 import time
 import traceback
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
-from tfrun import backends, rundir
+from tfrun import backends, rundir, variables
 from tfrun.errors import BootstrapError
+from tfrun.paths import RunPaths
 from tfrun.rundir import Plan, Task
-from tfrun.task import (agreement, gpus, heartbeat, identity, keras_hooks, preempt, rendezvous, requeue, stopping,
-                        watchdog)
+from tfrun.task import (
+    agreement,
+    gpus,
+    heartbeat,
+    identity,
+    keras_hooks,
+    preempt,
+    rendezvous,
+    requeue,
+    stopping,
+    watchdog,
+)
 from tfrun.tracking import metrics, mlflow_sync, provenance, redact
 
 # The model floor's export, run as a child process (the task floor never imports it).
 EXPORT_MODULE = "tfrun.model.export"
 # Variables tfrun owns outright; any other one the user already set is kept.
-_OWNED_PREFIXES = ("TFRUN_", "CUDA_VISIBLE_DEVICES")
+_OWNED_PREFIXES = (variables.PREFIX, "CUDA_VISIBLE_DEVICES")
 
 
 def say(message: str) -> None:
@@ -131,7 +141,7 @@ def export_after_training(plan: Plan, ident: identity.TaskIdentity, code: int) -
     if code != 0 or ident.rank != 0 or (plan.config.get("export") or {}).get("format", "none") == "none":
         return
     say("export onnx: converting the model the script saved")
-    record_path = Path(plan.run_dir) / rundir.EXPORT_FILE
+    record_path = RunPaths.of(plan.run_dir).export
     record_path.unlink(missing_ok=True)  # an earlier attempt's record must not pass for this one's
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     try:
@@ -153,7 +163,7 @@ def begin(run_dir: str, launcher: str) -> tuple[Plan, identity.TaskIdentity, mlf
     plan = Plan.load(run_dir)
     ident = identity.detect(launcher, plan.compute["nodes"], plan.compute["tasks_per_node"])
     if launcher == "slurm":
-        redirect_output(rundir.rank_log(run_dir, ident.rank))
+        redirect_output(RunPaths.of(run_dir).rank_log(ident.rank))
         done = stopping.completed_earlier(run_dir)
         if done:
             say(f"job {preempt.job_id()} started again after its attempt {done['attempt']} completed the run "
@@ -212,7 +222,7 @@ def work(plan: Plan, task: Task) -> tuple[int, str | None]:
     """Run the script, or serve; (exit code, what went wrong). A stop requested before (during
     the preparation) stops the task here, as it would have stopped the script."""
     try:
-        if (Path(plan.run_dir) / rundir.PRUNE_FILE).exists():  # pruned while it waited to start (or to restart)
+        if RunPaths.of(plan.run_dir).prune.exists():  # pruned while it waited to start (or to restart)
             say("pruned by the tuning study before this attempt started: the script is not run")
             return preempt.EXIT_PREEMPTED, "pruned before it started"
         if preempt.requested():
@@ -316,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) != 1:
         print("usage: python -m tfrun.bootstrap RUN_DIR", file=sys.stderr)
         sys.exit(2)
-    code = run_task(argv[0], os.environ.get("TFRUN_LAUNCHER", "local"))
+    code = run_task(argv[0], os.environ.get(variables.LAUNCHER, "local"))
     sys.exit(code)
 
 

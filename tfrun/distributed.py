@@ -7,6 +7,14 @@ they live with the rest of the code that runs inside a task): ``strategy()``,
 """
 from __future__ import annotations
 
-from tfrun.task.distributed import backend, callbacks, dataset, is_chief, num_replicas, optimizer, strategy
+from tfrun.task.distributed import (
+    backend,
+    callbacks,
+    dataset,
+    is_chief,
+    num_replicas,
+    optimizer,
+    strategy,
+)
 
 __all__ = ["backend", "callbacks", "dataset", "is_chief", "num_replicas", "optimizer", "strategy"]

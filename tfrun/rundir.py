@@ -1,11 +1,11 @@
-"""The run directory: its layout, the plan it holds, the status file, per-rank records,
+"""The run directory's records: the plan it holds, the status file, per-rank records,
 attempts, and lookup by id.
 
-The run dir is the job's shared memory, and this module the one place that knows its
-files: :class:`Plan` is what ``plan.json`` holds (written by the launcher, read by every
-task's bootstrap), so it lives here, below both. Everything is written atomically (temp
-file + rename) so that a reader on another node, or a kill at any moment, never sees
-half a file.
+The run dir is the job's shared memory; where each of its files is, is
+:class:`tfrun.paths.RunPaths`'s to say, and what they hold is this module's:
+:class:`Plan` is what ``plan.json`` holds (written by the launcher, read by every task's
+bootstrap), so it lives here, below both. Everything is written atomically (temp file +
+rename) so that a reader on another node, or a kill at any moment, never sees half a file.
 """
 from __future__ import annotations
 
@@ -22,25 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from tfrun import variables
 from tfrun.errors import UsageError
-
-PLAN_FILE = "plan.json"
-STATUS_FILE = "status.json"
-ATTEMPTS_FILE = "attempts.json"
-EXPORT_FILE = "export.json"  # the record of export=onnx (tfrun.model.export)
-SWEEP_FILE = "sweep.json"  # in a sweep dir: its points, their overrides and objective values
-PRUNE_FILE = "prune.json"  # a tuning policy asked this trial to stop for good (tfrun.targets.tuning)
-# A pool's item (tfrun.targets.pool): its cancel, and a signal asked for its processes (a
-# policy's stop, the watchdog's kill), which the coordinator of the allocation running it delivers.
-CANCEL_FILE = "cancel-requested"
-SIGNAL_FILE = "signal.json"
-# Set in an item's processes to its pool dir: what follows a stop request is its pool's to decide.
-POOL_ENV = "TFRUN_POOL"
-# STOPPED: resumable; PRUNED: a tuning trial its early-termination policy stopped (not resumed, not a failure)
-FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "STOPPED", "PRUNED")
-# States in which the tfrun command itself succeeded: a submitted run that tfrun did not
-# wait for (compute.wait=false, or Ctrl-C while following) is in Slurm's hands.
-OK_STATES = ("COMPLETED", "PENDING", "DETACHED")
+from tfrun.paths import RunPaths, SweepPaths, is_run_dir
+from tfrun.states import RunState
 
 
 @dataclass(frozen=True)
@@ -80,7 +65,7 @@ class Plan:
     @property
     def output_dir(self) -> str:
         """Where the script should write what it produces."""
-        return os.path.join(self.run_dir, "outputs")
+        return str(RunPaths.of(self.run_dir).outputs)
 
     @property
     def compute(self) -> dict[str, Any]:
@@ -93,7 +78,7 @@ class Plan:
 
     def save(self) -> Path:
         """Write plan.json into the run dir atomically."""
-        path = Path(self.run_dir) / PLAN_FILE
+        path = RunPaths.of(self.run_dir).plan
         write_json(path, self.to_dict())
         return path
 
@@ -107,7 +92,7 @@ class Plan:
     @classmethod
     def load(cls, run_dir: str | os.PathLike[str]) -> "Plan":
         """Read plan.json from a run dir."""
-        return cls.from_dict(json.loads((Path(run_dir) / PLAN_FILE).read_text()))
+        return cls.from_dict(json.loads(RunPaths.of(run_dir).plan.read_text()))
 
 
 def _new_file(folder: Path, prefix: str) -> tuple[int, Path]:
@@ -204,19 +189,9 @@ def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
         return default
 
 
-def rank_log(run_dir: str | os.PathLike[str], rank: int) -> Path:
-    """Path of a rank's log (stdout and stderr of its task)."""
-    return Path(run_dir) / "logs" / f"rank{rank}.log"
-
-
-def rank_record(run_dir: str | os.PathLike[str], rank: int) -> Path:
-    """Path of the record a task keeps about itself (host, pid, start, end, exit)."""
-    return Path(run_dir) / "ranks" / f"{rank}.json"
-
-
 def update_rank(run_dir: str | os.PathLike[str], rank: int, **fields: Any) -> None:
     """Merge fields into a rank's record. Only that rank writes it."""
-    path = rank_record(run_dir, rank)
+    path = RunPaths.of(run_dir).rank_record(rank)
     record = read_json(path, {"rank": rank})
     record.update(fields)
     write_json(path, record)
@@ -224,26 +199,26 @@ def update_rank(run_dir: str | os.PathLike[str], rank: int, **fields: Any) -> No
 
 def attempts(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every attempt of the run (start, end, reason, requeued), oldest first."""
-    records = read_json(Path(run_dir) / ATTEMPTS_FILE, {}).values()
+    records = read_json(RunPaths.of(run_dir).attempts, {}).values()
     return sorted(records, key=lambda a: a.get("started") or 0)
 
 
 def update_attempt(run_dir: str | os.PathLike[str], key: str, **fields: Any) -> None:
     """Merge fields into one attempt's record (rank 0, and a pack's runner)."""
-    update_json(Path(run_dir) / ATTEMPTS_FILE, lambda records: records.setdefault(key, {"attempt": key}).update(fields),
+    update_json(RunPaths.of(run_dir).attempts, lambda records: records.setdefault(key, {"attempt": key}).update(fields),
                 {})
 
 
 def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The run's status file, or an empty dict."""
-    return read_json(Path(run_dir) / STATUS_FILE, {})
+    return read_json(RunPaths.of(run_dir).status, {})
 
 
 def update_status(run_dir: str | os.PathLike[str], **fields: Any) -> dict[str, Any]:
     """Merge fields into the status file. Several processes write it (the launcher, a pack's
     runner, a follower in another shell, the verbs, MLflow's sync): each merge is one
     read-modify-write under the file's lock, so none is lost."""
-    return dict(update_json(Path(run_dir) / STATUS_FILE, lambda status: status.update(fields, updated=time.time()), {}))
+    return dict(update_json(RunPaths.of(run_dir).status, lambda status: status.update(fields, updated=time.time()), {}))
 
 
 def update_point(sweep_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], **fields: Any) -> None:
@@ -253,7 +228,7 @@ def update_point(sweep_dir: str | os.PathLike[str], run_dir: str | os.PathLike[s
             if point["run_dir"] == str(run_dir):
                 point.update(fields)
 
-    update_json(Path(sweep_dir) / SWEEP_FILE, merge, {"points": []})
+    update_json(SweepPaths.of(sweep_dir).index, merge, {"points": []})
 
 
 def hang_fields(run_dir: str | os.PathLike[str], state: str) -> dict[str, Any]:
@@ -266,30 +241,30 @@ def hang_fields(run_dir: str | os.PathLike[str], state: str) -> dict[str, Any]:
 def settled_hang(hang: dict[str, Any] | None, state: str) -> dict[str, Any]:
     """:func:`hang_fields` of a hang record (``status.json``'s ``hang``): a requeue Slurm
     refused is said in the reason."""
-    if not hang or hang.get("requeued") or state == "COMPLETED":
+    if not hang or hang.get("requeued") or state == RunState.COMPLETED:
         return {}
     reason = f"hang: {hang['reason']}"
     if hang.get("requeue_failed"):
         reason += f"; not requeued: {hang['requeue_failed']}"
-    return {"state": "FAILED", "failed_rank": hang["rank"], "host": hang.get("host"), "reason": reason}
+    return {"state": RunState.FAILED, "failed_rank": hang["rank"], "host": hang.get("host"), "reason": reason}
 
 
 def pruned_fields(run_dir: str | os.PathLike[str], state: str) -> dict[str, Any]:
     """A trial that stopped because its tuning policy pruned it (``prune.json`` in its run dir):
     PRUNED, at which epoch and why, whatever the scheduler called the stop; else nothing."""
-    if state not in ("FAILED", "STOPPED", "CANCELLED"):
+    if state not in (RunState.FAILED, RunState.STOPPED, RunState.CANCELLED):
         return {}
-    prune = read_json(Path(run_dir) / PRUNE_FILE)
+    prune = read_json(RunPaths.of(run_dir).prune)
     if not prune:
         return {}
-    return {"state": "PRUNED", "failed_rank": None, "pruned_epoch": prune.get("epoch"),
+    return {"state": RunState.PRUNED, "failed_rank": None, "pruned_epoch": prune.get("epoch"),
             "reason": f"pruned by policy {prune.get('policy')} at epoch {prune.get('epoch')}: {prune.get('why')}"}
 
 
 def rank_records(run_dir: str | os.PathLike[str]) -> dict[int, dict[str, Any]]:
     """Every rank's record, by rank."""
     records = {}
-    for path in sorted((Path(run_dir) / "ranks").glob("*.json")):
+    for path in sorted(RunPaths.of(run_dir).ranks.glob("*.json")):
         data = read_json(path)
         if data is not None:
             records[int(data["rank"])] = data
@@ -325,13 +300,8 @@ def hostname() -> str:
 
 
 def runs_root(runs_dir: str | None = None) -> Path:
-    """Where run dirs are looked up: $TFRUN_RUNS_DIR, else ./tfrun-runs."""
-    return Path(runs_dir or os.environ.get("TFRUN_RUNS_DIR") or "tfrun-runs")
-
-
-def is_run_dir(path: Path) -> bool:
-    """A run dir is a dir with a plan (a sweep dir holds run dirs)."""
-    return (path / "plan.json").is_file()
+    """Where run dirs are looked up: :data:`tfrun.variables.RUNS_DIR`, else ./tfrun-runs."""
+    return Path(runs_dir or os.environ.get(variables.RUNS_DIR) or "tfrun-runs")
 
 
 def iter_runs(root: Path) -> Iterator[Path]:
@@ -354,7 +324,7 @@ def find_run(ref: str | None, root: Path | None = None) -> Path:
     candidates = [p for p in sorted(root.iterdir())] if root.is_dir() else []
     if not ref:
         if not candidates:
-            raise UsageError(f"no runs under {root} (set TFRUN_RUNS_DIR or pass a run dir)")
+            raise UsageError(f"no runs under {root} (set {variables.RUNS_DIR} or pass a run dir)")
         return max(candidates, key=lambda p: p.stat().st_mtime)
     if (root / ref).is_dir():
         return root / ref

@@ -22,7 +22,6 @@ def parse_args() -> argparse.Namespace:
 
 
 def load_data(seed: int):
-    import numpy as np
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -11,9 +11,9 @@ import hashlib
 import json
 import os
 
+import horovod.tensorflow.keras as hvd
 import numpy as np
 import tensorflow as tf
-import horovod.tensorflow.keras as hvd
 from sklearn.datasets import load_digits
 
 parser = argparse.ArgumentParser()

@@ -7,9 +7,9 @@ import hashlib
 import json
 import os
 
+import horovod.tensorflow as hvd
 import numpy as np
 import tensorflow as tf
-import horovod.tensorflow as hvd
 from sklearn.datasets import load_digits
 
 parser = argparse.ArgumentParser()

@@ -22,7 +22,11 @@ def start_rendezvous(host: str, verbose: int = 0) -> tuple[Any, int]:
 
     Raises OSError when ``host`` is not an address of this node.
     """
-    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer, RendezvousServer
+    from horovod.runner.http.http_server import (
+        RendezvousHandler,
+        RendezvousHTTPServer,
+        RendezvousServer,
+    )
     from horovod.runner.util.threads import in_thread
 
     server = RendezvousServer(verbose=verbose)

@@ -2,7 +2,7 @@
 
 Tasks: one chief (the coordinator, rank 0, runs the script), ``worker_count``
 workers and ``parameter_server_count`` parameter servers (which serve), and optionally
-an evaluator (runs the script with TFRUN_ROLE=evaluator). Workers and parameter servers
+an evaluator (runs the script with the role evaluator). Workers and parameter servers
 run ``tf.distribute.Server`` until the chief is done: the chief publishes ``chief-done``
 when its script ends and a heartbeat while it runs, so they also stop if it dies.
 A lost worker does not end the run: TF's coordinator carries on with the others.

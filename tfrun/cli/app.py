@@ -17,6 +17,7 @@ from typing import Any
 from tfrun import rundir
 from tfrun.cli.output import EXIT_CONFIG, error, reader_gone
 from tfrun.errors import ConfigError, TfrunError
+from tfrun.states import OK
 
 
 @dataclass
@@ -169,7 +170,7 @@ def run_single(argv: list[str]) -> int:
         local.dismiss_prestarted()
     if state == "COMPLETED" and export.failed(plan.run_dir):
         return export.EXIT_EXPORT_FAILED
-    return 0 if state in rundir.OK_STATES else 1
+    return 0 if state in OK else 1
 
 
 def run_plan_here(cfg: Any) -> str:
@@ -205,7 +206,7 @@ def _task(cfg: Any) -> None:
     except TfrunError as exc:
         error(str(exc))
         raise SystemExit(exc.exit_code)
-    if state not in rundir.OK_STATES:
+    if state not in OK:
         raise SystemExit(1)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import time
 
+from tfrun import variables
 from tfrun.cli import verbs
 
-CACHE_HELP = "the cache (default: $TFRUN_ENV_CACHE or ~/.cache/tfrun/envs)"
+CACHE_HELP = f"the cache (default: ${variables.ENV_CACHE} or ~/.cache/tfrun/envs)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,8 @@ import time
 
 from tfrun import rundir
 from tfrun.cli.common import add_run
+from tfrun.paths import RunPaths, is_run_dir
+from tfrun.states import FINAL
 from tfrun.targets.control import refresh, run_dirs_of
 
 
@@ -20,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the log (and, with --follow, what it gains until the run ends)."""
     path = rundir.find_run(args.run)
-    run_dir = run_dirs_of(path)[0] if not rundir.is_run_dir(path) else path
-    log = rundir.rank_log(run_dir, args.rank)
+    run_dir = run_dirs_of(path)[0] if not is_run_dir(path) else path
+    log = RunPaths.of(run_dir).rank_log(args.rank)
     offset = 0
     while True:
         if log.exists():
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.buffer.flush()
         if not args.follow:
             return 0 if log.exists() else 1
-        if refresh([run_dir])[0].get("state") in rundir.FINAL_STATES:
+        if refresh([run_dir])[0].get("state") in FINAL:
             args.follow = False  # one last read for what landed before the end
             continue
         time.sleep(1.0)

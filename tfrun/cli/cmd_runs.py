@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from tfrun import rundir
+from tfrun import rundir, variables
 from tfrun.cli.common import duration
 from tfrun.targets.control import refresh, run_dirs_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``runs``'s arguments."""
-    parser.add_argument("--runs-dir", help="where runs are (default: $TFRUN_RUNS_DIR or ./tfrun-runs)")
+    parser.add_argument("--runs-dir", help=f"where runs are (default: ${variables.RUNS_DIR} or ./tfrun-runs)")
     parser.add_argument("--last", type=int, default=20, help="how many to show")
     parser.add_argument("--sweep", help="a sweep (dir or id): its runs with the parameters that differ and "
                                         "their metrics")

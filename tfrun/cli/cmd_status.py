@@ -8,6 +8,8 @@ from typing import Any
 
 from tfrun import rundir
 from tfrun.cli.common import add_run, duration
+from tfrun.paths import RunPaths, is_run_dir
+from tfrun.states import FINAL
 from tfrun.targets.control import refresh, run_dirs_of
 from tfrun.targets.report import failure_text
 
@@ -23,7 +25,7 @@ def latest_epoch(run_dir: Path) -> str:
     """'epoch 7: loss=0.12 val_accuracy=0.97' from the run's metrics, or ''."""
     from tfrun.tracking import metrics
 
-    epochs = [r for r in metrics.read_metrics(run_dir / metrics.METRICS_FILE) if r.get("epoch") is not None]
+    epochs = [r for r in metrics.read_metrics(RunPaths.of(run_dir).metrics) if r.get("epoch") is not None]
     if not epochs:
         return ""
     last = epochs[-1]
@@ -43,7 +45,7 @@ def show_run(run_dir: Path, status: dict[str, Any]) -> None:
         if rec.get("ended") is not None:
             end = f"exit {rec.get('exit_code')}"
         else:
-            end = "killed before it finished" if status.get("state") in rundir.FINAL_STATES else "running"
+            end = "killed before it finished" if status.get("state") in FINAL else "running"
         print(f"  rank {rank}: {rec.get('host', '?')} pid {rec.get('pid', '?')} {end}")
     latest = latest_epoch(run_dir)
     if latest:
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             show_run(run_dir, status)
             show_attempts(run_dir)
         return 0
-    if len(dirs) == 1 and rundir.is_run_dir(path):
+    if len(dirs) == 1 and is_run_dir(path):
         show_run(dirs[0], statuses[0])
         return 0
     print(f"sweep {path}: {len(dirs)} run(s)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, ContextManager, Iterator
 
+from tfrun.states import RunState
 from tfrun.targets import progress
 from tfrun.targets.progress import RunProgress, Snapshot
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 _STYLES = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "PREEMPTED": "yellow",
            "FAILED": "bold red", "TIMEOUT": "red", "CANCELLED": "magenta", "STOPPED": "magenta", "PRUNED": "dim",
-           progress.LOST: "red"}
+           RunState.LOST: "red"}
 
 
 def _shown(runs: tuple[RunProgress, ...], room: int) -> tuple[list[RunProgress], int]:

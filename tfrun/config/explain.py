@@ -10,7 +10,6 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-
 # Text without blanks, quotes or shell syntax: a value that only needs quoting for Hydra.
 _PLAIN = re.compile(r"[\w.,:/=+\-@%~]*")
 

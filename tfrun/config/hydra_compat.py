@@ -67,7 +67,10 @@ def hold_hydra_node(cfg: Any) -> None:
 def basic_sweeper() -> tuple[type, type]:
     """Hydra's basic sweeper (``hydra/sweeper=basic``) and its config dataclass, which
     ``hydra/sweeper=tfrun_basic`` extends (only its check of each batch differs)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
+    from hydra._internal.core_plugins.basic_sweeper import (
+        BasicSweeper,
+        BasicSweeperConf,
+    )
 
     return BasicSweeper, BasicSweeperConf
 

@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from tfrun import variables
+
 
 @dataclass
 class EntryConfig:
@@ -139,7 +141,7 @@ class BuiltDepsConfig(DepsConfig):
     """An environment tfrun builds once and keeps in a cache, named by a hash of its definition."""
 
     # On Slurm this must be on a filesystem every node sees.
-    cache_dir: str = "${oc.env:TFRUN_ENV_CACHE,'~/.cache/tfrun/envs'}"
+    cache_dir: str = f"${{oc.env:{variables.ENV_CACHE},'~/.cache/tfrun/envs'}}"
     build_on: str = "login"  # login: before submitting (a broken spec queues nothing) | job: in the job's setup
 
 
@@ -233,7 +235,7 @@ class TfrunSettings:
     """Settings of tfrun itself rather than of the run."""
 
     # where run directories are created (relative to the cwd); `tfrun runs` looks there too
-    runs_dir: str = "${oc.env:TFRUN_RUNS_DIR,tfrun-runs}"
+    runs_dir: str = f"${{oc.env:{variables.RUNS_DIR},tfrun-runs}}"
     name: Optional[str] = None  # a label shown by `tfrun runs`
     objective: Optional[str] = None  # metric whose final value a tuning sweeper (`hydra/sweeper=tfrun`) optimises
     tags: Dict[str, str] = field(default_factory=dict)  # labels kept with the run; with tracking=mlflow, its MLflow tags

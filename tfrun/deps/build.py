@@ -21,11 +21,28 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from tfrun import rundir
-from tfrun.deps.cache import BUILD_LOG, META, is_complete, lock, record_use, spec_file, touch_used
+from tfrun.deps.cache import (
+    BUILD_LOG,
+    META,
+    is_complete,
+    lock,
+    record_use,
+    spec_file,
+    touch_used,
+)
 from tfrun.deps.container import check_runtime
 from tfrun.deps.modules import load_modules
-from tfrun.deps.plan import BUILT, CONSTRAINTS, DepsPlan, conda_steps, find_conda, installed, say
+from tfrun.deps.plan import (
+    BUILT,
+    CONSTRAINTS,
+    DepsPlan,
+    conda_steps,
+    find_conda,
+    installed,
+    say,
+)
 from tfrun.errors import ConfigError
+from tfrun.paths import RunPaths
 
 
 def uv_command() -> list[str]:
@@ -286,7 +303,7 @@ def prepare(plan: Any) -> dict[str, str]:
             say(f"environment {dp.key} {'cached' if is_complete(Path(dp.path)) else 'is built in the job (build_on=job)'}: "
                 f"{dp.path}")
         elif dp.kind in BUILT:
-            ensure(dp, Path(plan.run_dir) / "logs" / "deps.log", run_dir=plan.run_dir)
+            ensure(dp, RunPaths.of(plan.run_dir).deps_log, run_dir=plan.run_dir)
         elif dp.kind == "modules" and dp.modules:
             changed = load_modules(dp.modules)
             say(f"loaded modules ({'; '.join(dp.modules)}) in bash -lc: set {' '.join(sorted(changed)) or 'nothing'}")
@@ -309,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     source = Path(argv[1])
     try:
         if source.is_dir():
-            data, log, run_dir = rundir.Plan.load(source).deps, source / "logs" / "deps.log", str(source)
+            data, log, run_dir = rundir.Plan.load(source).deps, RunPaths.of(source).deps_log, str(source)
         else:
             data, log, run_dir = json.loads(source.read_text()), None, None
         ensure(DepsPlan.from_dict(data), log, echo=True, run_dir=run_dir)

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from tfrun import rundir
+from tfrun import rundir, variables
 
 DEFAULT_CACHE = "~/.cache/tfrun/envs"
 META = "tfrun-env.json"  # written last: an environment without it is unfinished
@@ -34,8 +34,8 @@ BUILD_LOG = "tfrun-build.log"
 
 
 def cache_root(value: Any = None) -> Path:
-    """The environment cache: ``value``, else $TFRUN_ENV_CACHE, else ~/.cache/tfrun/envs."""
-    return Path(str(value or os.environ.get("TFRUN_ENV_CACHE") or DEFAULT_CACHE)).expanduser().absolute()
+    """The environment cache: ``value``, else :data:`tfrun.variables.ENV_CACHE`, else ~/.cache/tfrun/envs."""
+    return Path(str(value or os.environ.get(variables.ENV_CACHE) or DEFAULT_CACHE)).expanduser().absolute()
 
 
 def is_complete(env: Path) -> bool:

@@ -37,8 +37,9 @@ from typing import Any, Mapping
 from tfrun import rundir
 from tfrun.config.schema import OnnxExportConfig
 from tfrun.errors import ConfigError, ExportError
+from tfrun.paths import RunPaths, is_run_dir
+from tfrun.states import FINAL
 
-EXPORT_FILE = rundir.EXPORT_FILE
 NEEDED_PACKAGES = ("tf2onnx", "onnxruntime", "onnx")
 MIN_OPSET = 7  # tf2onnx's lowest
 UNKNOWN_DIM = 8  # size given to unknown non-batch dimensions of the sample inputs
@@ -66,7 +67,7 @@ def check(export: Mapping[str, Any]) -> None:
 
 def settings_for(run_dir: str | os.PathLike[str], **overrides: Any) -> OnnxExportConfig:
     """The run's ``export`` section if it asked for ONNX, else the defaults; then overrides."""
-    plan = rundir.read_json(Path(run_dir) / "plan.json", {})
+    plan = rundir.read_json(RunPaths.of(run_dir).plan, {})
     section = (plan.get("config") or {}).get("export") or {}
     fields = {f.name for f in dataclasses.fields(OnnxExportConfig)}
     base = {k: v for k, v in section.items() if k in fields} if section.get("format") == "onnx" else {}
@@ -316,13 +317,13 @@ def export_run(run_dir: str | os.PathLike[str], settings: OnnxExportConfig) -> d
                               "max_abs_diff": None, "passed": False, "error": None}
     try:
         record["versions"] = _versions()
-        export_model(Path(run_dir) / "outputs", settings, record)
+        export_model(RunPaths.of(run_dir).outputs, settings, record)
     except ExportError as exc:
         record["error"] = str(exc)
     except Exception as exc:  # the converter's or the runtime's own failures are the export's, not tfrun's
         record["error"] = f"{type(exc).__name__}: {exc}"
     record.update(seconds=round(time.time() - started, 2), finished=time.time())
-    rundir.write_json(Path(run_dir) / EXPORT_FILE, record)
+    rundir.write_json(RunPaths.of(run_dir).export, record)
     return record
 
 
@@ -336,31 +337,31 @@ def summary(record: Mapping[str, Any]) -> str:
 
 def status_fields(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``{"export": record}`` for status.json if the run exported, else nothing."""
-    record = rundir.read_json(Path(run_dir) / EXPORT_FILE)
+    record = rundir.read_json(RunPaths.of(run_dir).export)
     return {"export": record} if record else {}
 
 
 def failed(run_dir: str | os.PathLike[str]) -> bool:
     """True when the run asked for an export and it did not pass."""
-    plan = rundir.read_json(Path(run_dir) / "plan.json", {})
+    plan = rundir.read_json(RunPaths.of(run_dir).plan, {})
     if ((plan.get("config") or {}).get("export") or {}).get("format", "none") == "none":
         return False
-    record = rundir.read_json(Path(run_dir) / EXPORT_FILE)
+    record = rundir.read_json(RunPaths.of(run_dir).export)
     return not (record and record.get("passed"))
 
 
 def cmd_export(run: str | None, **overrides: Any) -> int:
     """``tfrun export RUN``: export a finished run; 0 if the export passed, else 1."""
     run_dir = rundir.find_run(run)
-    if not rundir.is_run_dir(run_dir):
+    if not is_run_dir(run_dir):
         raise ExportError(f"{run_dir} is not a run dir (for a sweep, name one of its runs)")
     state = rundir.read_status(run_dir).get("state", "UNKNOWN")
-    if state not in rundir.FINAL_STATES:
+    if state not in FINAL:
         raise ExportError(f"run {run_dir} is {state}: export it once it has finished")
     record = export_run(run_dir, settings_for(run_dir, **overrides))
     rundir.update_status(run_dir, export=record)
     print(f"tfrun: {summary(record)}", file=sys.stderr)
-    print(f"tfrun: record {Path(run_dir) / EXPORT_FILE}", file=sys.stderr)
+    print(f"tfrun: record {RunPaths.of(run_dir).export}", file=sys.stderr)
     return 0 if record["passed"] else 1
 
 
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         record = export_run(argv[0], settings_for(argv[0]))
     except ConfigError as exc:  # build_plan checked the settings: only an edited plan.json gets here
         record = {"format": "onnx", "passed": False, "onnx": None, "error": str(exc)}
-        rundir.write_json(Path(argv[0]) / EXPORT_FILE, record)
+        rundir.write_json(RunPaths.of(argv[0]).export, record)
     print(f"tfrun: {summary(record)}", file=sys.stderr, flush=True)
     sys.exit(0 if record["passed"] else 1)
 

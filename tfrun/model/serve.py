@@ -36,6 +36,7 @@ from typing import Any
 
 from tfrun import rundir
 from tfrun.errors import TfrunError
+from tfrun.paths import RunPaths
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 READ_TIMEOUT_S = 60  # a client silent this long mid-request gets its 400 and the thread is freed
@@ -319,8 +320,8 @@ def make_server(served: Served, host: str, port: int) -> ThreadingHTTPServer:
 def model_path(run: str | None, model: str | None) -> Path:
     """The .onnx file of a run: --model, else the one its last export wrote."""
     run_dir = rundir.find_run(run)
-    outputs = run_dir / "outputs"
-    record = rundir.read_json(run_dir / "export.json") or {}
+    outputs = RunPaths.of(run_dir).outputs
+    record = rundir.read_json(RunPaths.of(run_dir).export) or {}
     path = outputs / model if model else Path(record.get("onnx") or outputs / "model.onnx")
     if path.is_file():
         return path
@@ -337,7 +338,7 @@ def registered_path(uri: str, tracking_uri: str | None) -> Path:
     from tfrun.tracking import mlflow_sync
 
     tracking = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow_sync.tracking_uri(
-        {}, Path(os.environ.get("TFRUN_RUNS_DIR", "tfrun-runs")))
+        {}, rundir.runs_root())
     try:
         return mlflow_sync.registered_onnx(uri, tracking)
     except Exception as exc:

@@ -12,9 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from tfrun import backends
+from tfrun import backends, variables
 from tfrun.config import validate
 from tfrun.errors import ConfigError
+from tfrun.paths import RunPaths
 from tfrun.plan import sbatch
 from tfrun.rundir import Plan, Task
 
@@ -56,15 +57,15 @@ def base_env(run_id: str, run_dir: str, ident: Mapping[str, int], role: str, wor
              backend: str) -> dict[str, str]:
     """The TFRUN_* variables every task gets (also read by :func:`tfrun.task.context`)."""
     return {
-        "TFRUN_RUN_ID": run_id,
-        "TFRUN_RUN_DIR": run_dir,
-        "TFRUN_OUTPUT_DIR": os.path.join(run_dir, "outputs"),
-        "TFRUN_RANK": str(ident["rank"]),
-        "TFRUN_LOCAL_RANK": str(ident["local_rank"]),
-        "TFRUN_NODE_INDEX": str(ident["node_index"]),
-        "TFRUN_WORLD_SIZE": str(world_size),
-        "TFRUN_ROLE": role,
-        "TFRUN_BACKEND": backend,
+        variables.RUN_ID: run_id,
+        variables.RUN_DIR: run_dir,
+        variables.OUTPUT_DIR: str(RunPaths.of(run_dir).outputs),
+        variables.RANK: str(ident["rank"]),
+        variables.LOCAL_RANK: str(ident["local_rank"]),
+        variables.NODE_INDEX: str(ident["node_index"]),
+        variables.WORLD_SIZE: str(world_size),
+        variables.ROLE: role,
+        variables.BACKEND: backend,
     }
 
 
@@ -148,4 +149,4 @@ def target_request(plan: Plan, sweep_dir: str | None = None) -> dict[str, Any]:
 
 def task_launch_env(rank: int, attempt: str = "local-<launch time>") -> dict[str, str]:
     """The variables a local task's bootstrap needs to know which task it is, and which launch."""
-    return {"TFRUN_LAUNCHER": "local", "TFRUN_RANK": str(rank), "TFRUN_ATTEMPT": attempt}
+    return {variables.LAUNCHER: "local", variables.RANK: str(rank), variables.ATTEMPT: attempt}

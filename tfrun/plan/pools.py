@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from tfrun import deps
+from tfrun import deps, variables
 from tfrun.config import validate
 from tfrun.errors import ConfigError
+from tfrun.paths import SweepPaths
 from tfrun.plan import sbatch, submitit_compat
 from tfrun.rundir import Plan
 
-POOL_DIR = "pool"  # in a sweep dir
 AGENT_MODULE = "tfrun.targets.pool.agent"
 # How a slot starts each item (compute.warm): fork: a fresh process forked from the slot's warm
 # interpreter (the imports were paid once per slot); spawn: a fresh interpreter started while the
@@ -128,7 +128,7 @@ def preload_for(plan: Plan) -> list[str]:
 def warm_env(plan: Plan) -> dict[str, str]:
     """What a slot's interpreter must have before its imports: the task variables that are not
     tfrun's own per-run ones (the Keras flavour, ``deps.env``)."""
-    return {k: v for k, v in plan.tasks[0].env.items() if not k.startswith("TFRUN_")}
+    return {k: v for k, v in plan.tasks[0].env.items() if not k.startswith(variables.PREFIX)}
 
 
 def _shape(compute: Mapping[str, Any], backend: str, python: list[str], setup: list[str], env: dict[str, str],
@@ -256,7 +256,7 @@ def request(spec: PoolSpec, pool_dir: str | os.PathLike[str], runs: Sequence[str
     info: dict[str, Any] = {"pool": spec.to_dict(), "pool_dir": str(pool_dir), "runs": list(runs),
                             "describe": describe(spec, pool_dir)}
     if spec.target == "slurm":
-        folder = os.path.join(pool_dir, sbatch.SUBMITIT_DIR)
+        folder = str(SweepPaths.of(pool_dir).submitit)
         info["sbatch"] = sbatch.sbatch_text(allocation_parameters(spec), spec.python, folder,
                                             array_size=spec.allocations)
         info["slot_step"] = shlex.join(slot_command(spec, pool_dir))
@@ -277,7 +277,7 @@ def sweep_pool(plans: Sequence[Plan], sweep_dir: str | os.PathLike[str]) -> Pool
 
 def pool_dir_of(sweep_dir: str | os.PathLike[str]) -> str:
     """A sweep's (or study's) pool dir."""
-    return os.path.join(sweep_dir, POOL_DIR)
+    return str(SweepPaths.of(sweep_dir).pool)
 
 
 def point_requests(plans: Sequence[Plan]) -> list[Plan]:

@@ -8,10 +8,9 @@ import subprocess
 from typing import Any, Sequence
 
 from tfrun import backends, deps
+from tfrun.paths import RunPaths, SweepPaths
 from tfrun.plan import submitit_compat
 from tfrun.rundir import Plan
-
-SUBMITIT_DIR = ".submitit"
 
 # The first lines of every job's script. A stop request sent to the batch shell (with the
 # job: ``scancel --full --signal=USR2``; alone: ``scancel --batch``, ``--signal=B:USR2@N``)
@@ -87,13 +86,13 @@ def sbatch_text(params: dict[str, Any], python: str | Sequence[str], folder: str
 
 def submitit_folder(plan: Plan) -> str:
     """Where submitit keeps its pickles and logs: beside the run, or beside the sweep."""
-    return os.path.join(plan.run_dir, SUBMITIT_DIR)
+    return str(RunPaths.of(plan.run_dir).submitit)
 
 
 def request(plan: Plan, sweep_dir: str | None = None) -> dict[str, Any]:
     """What ``sbatch`` will get for this run (shown by ``--dry-run``); a sweep's runs share its folder."""
     params = plan_parameters(plan)
-    folder = os.path.join(sweep_dir, SUBMITIT_DIR) if sweep_dir else submitit_folder(plan)
+    folder = str(SweepPaths.of(sweep_dir).submitit) if sweep_dir else submitit_folder(plan)
     text = sbatch_text(params, deps.python_words(plan), folder)
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
     return {"parameters": params, "folder": folder, "sbatch": text, "srun": srun}
@@ -122,7 +121,7 @@ def parameter_groups(plans: Sequence[Plan]) -> list[list[Plan]]:
 
 def array_requests(plans: Sequence[Plan], sweep_dir: str) -> list[dict[str, Any]]:
     """What a sweep submits: per group of equal parameters, its runs and the array's sbatch."""
-    folder = os.path.join(sweep_dir, SUBMITIT_DIR)
+    folder = str(SweepPaths.of(sweep_dir).submitit)
     chunk = max_array_size()
     requests = []
     for group in parameter_groups(plans):

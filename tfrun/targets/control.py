@@ -11,17 +11,19 @@ from typing import Any, Mapping, Sequence
 
 from tfrun import rundir
 from tfrun.errors import UsageError
+from tfrun.paths import SweepPaths, is_run_dir
+from tfrun.states import FINAL, RunState
 from tfrun.targets import progress
 
 
 def run_dirs_of(path: Path) -> list[Path]:
     """The run dirs a path stands for: itself, or every point of a sweep."""
-    if rundir.is_run_dir(path):
+    if is_run_dir(path):
         return [path]
-    index = rundir.read_json(path / rundir.SWEEP_FILE)
+    index = rundir.read_json(SweepPaths.of(path).index)
     if index:
         return [Path(p["run_dir"]) for p in index["points"]]
-    points = [p for p in sorted(path.iterdir(), key=lambda p: (len(p.name), p.name)) if rundir.is_run_dir(p)]
+    points = [p for p in sorted(path.iterdir(), key=lambda p: (len(p.name), p.name)) if is_run_dir(p)]
     if not points:
         raise UsageError(f"{path} is neither a run dir nor a sweep dir")
     return points
@@ -31,7 +33,7 @@ def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     """Current status of each run; unfinished Slurm runs (and the allocations of the pools that
     hold unfinished items) are updated from one sacct call."""
     statuses = [rundir.read_status(d) for d in run_dirs]
-    unfinished = [(d, s) for d, s in zip(run_dirs, statuses) if s.get("state") not in rundir.FINAL_STATES]
+    unfinished = [(d, s) for d, s in zip(run_dirs, statuses) if s.get("state") not in FINAL]
     pooled = [(d, s) for d, s in unfinished if s.get("pool")]  # their own status is their state
     live = [(d, s) for d, s in unfinished if not s.get("pool") and s.get("target") == "slurm" and s.get("job_ids")]
     if not live and not pooled:
@@ -51,9 +53,9 @@ def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
         if not job:
             continue
         state = slurm.shown_state(run_dir, slurm.tfrun_state(job["State"]))
-        fields = slurm.settle(str(run_dir), state) if state in rundir.FINAL_STATES else {"state": state}
+        fields = slurm.settle(str(run_dir), state) if state in FINAL else {"state": state}
         status.update(rundir.update_status(run_dir, **slurm.allocation(job, state), **fields))
-        if state in rundir.FINAL_STATES:
+        if state in FINAL:
             from tfrun.tracking import mlflow_sync
 
             mlflow_sync.sync_if_asked(run_dir, fields["state"])
@@ -63,17 +65,17 @@ def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
 def _lost(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
     """A local run not ended whose launcher (on this host) is gone: LOST, for it will not end
     by itself. Read again first: the launcher records the end just before it exits."""
-    if (status.get("target") != "local" or status.get("state") in rundir.FINAL_STATES or not status.get("launcher_pid")
+    if (status.get("target") != "local" or status.get("state") in FINAL or not status.get("launcher_pid")
             or status.get("launcher_started") is None
             or status.get("launcher_host") != rundir.hostname() or _is_the_launcher(int(status["launcher_pid"]), status)):
         return status
     status = rundir.read_status(run_dir)
-    return status if status.get("state") in rundir.FINAL_STATES else {**status, "state": progress.LOST}
+    return status if status.get("state") in FINAL else {**status, "state": RunState.LOST}
 
 
 def current(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     """Each run's status now (:func:`refresh`), a local run whose launcher is gone being
-    LOST (:data:`tfrun.targets.progress.LOST`): it will not end by itself."""
+    LOST (:data:`tfrun.targets.RunState.LOST`): it will not end by itself."""
     return [_lost(d, s) for d, s in zip(run_dirs, refresh(run_dirs))]
 
 
@@ -93,7 +95,7 @@ def in_use(launches: Sequence[Mapping[str, Any]]) -> list[bool]:
     dirs = [Path(launch["run_dir"]) for launch in launches]
     statuses = [_readable_status(d) for d in dirs]
     waiting = [s["job_ids"][-1] for s in statuses if s and s.get("target") == "slurm"
-               and s.get("state") not in rundir.FINAL_STATES and s.get("job_ids")]
+               and s.get("state") not in FINAL and s.get("job_ids")]
     jobs: dict[str, dict[str, str]] = {}
     if waiting:
         from tfrun.targets import slurm
@@ -117,12 +119,12 @@ def _may_run(run_dir: Path, status: dict[str, Any] | None, launch: Mapping[str, 
     state = status.get("state")
     if state is None:  # no status yet: being launched, if its launcher lives (here; elsewhere, assume so)
         return launch.get("launcher_host") != rundir.hostname() or _is_the_launcher(int(launch["launcher_pid"]), launch)
-    if state in rundir.FINAL_STATES:
+    if state in FINAL:
         return False
     if status.get("target") == "slurm" and status.get("job_ids"):
         job = jobs.get(status["job_ids"][-1])
-        return job is None or job["State"] not in rundir.FINAL_STATES  # a job Slurm does not know: assume so
-    return _lost(run_dir, status).get("state") != progress.LOST or _tasks_alive(run_dir)
+        return job is None or job["State"] not in FINAL  # a job Slurm does not know: assume so
+    return _lost(run_dir, status).get("state") != RunState.LOST or _tasks_alive(run_dir)
 
 
 def _tasks_alive(run_dir: Path) -> bool:
@@ -163,16 +165,16 @@ def cancel(path: Path) -> list[str]:
     if pooled:
         from tfrun.targets import pool
 
-        done += pool.cancel_items([d for d, _ in pooled], [s for _, s in pooled], whole=not rundir.is_run_dir(path))
+        done += pool.cancel_items([d for d, _ in pooled], [s for _, s in pooled], whole=not is_run_dir(path))
     rest = [(d, s) for d, s in zip(dirs, statuses) if not s.get("pool")]
     job_ids = sorted({j.split("_")[0] if len(dirs) > 1 else j for _, s in rest
-                      if s.get("state") not in rundir.FINAL_STATES for j in s.get("job_ids", [])})
+                      if s.get("state") not in FINAL for j in s.get("job_ids", [])})
     if job_ids:
         from tfrun.targets import slurm
 
         slurm.cancel(job_ids)
     for run_dir, status in rest:
-        if status.get("state") in rundir.FINAL_STATES:
+        if status.get("state") in FINAL:
             continue
         name = status.get("run_id", run_dir.name)
         pid = status.get("launcher_pid")

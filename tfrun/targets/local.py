@@ -19,7 +19,9 @@ from typing import IO, Any
 from tfrun import backends, deps, rundir
 from tfrun.errors import ConfigError
 from tfrun.model import export
+from tfrun.paths import RunPaths
 from tfrun.plan import Plan, build
+from tfrun.states import FINAL
 from tfrun.task import preempt
 
 POLL_S = 0.1
@@ -271,7 +273,7 @@ def _record_launch_failure(plan: Plan, exc: BaseException) -> None:
     interrupted = isinstance(exc, KeyboardInterrupt)
     reason = "interrupted (Ctrl-C) while launching" if interrupted else f"the launch failed: {type(exc).__name__}: {exc}"
     try:
-        if rundir.read_status(plan.run_dir).get("state") not in rundir.FINAL_STATES:
+        if rundir.read_status(plan.run_dir).get("state") not in FINAL:
             rundir.update_status(plan.run_dir, run_id=plan.run_id, state="CANCELLED" if interrupted else "FAILED",
                                  target="local", backend=plan.backend, ended=time.time(), reason=reason)
     except OSError:  # the run dir itself cannot be written: the exception raised says why
@@ -280,7 +282,7 @@ def _record_launch_failure(plan: Plan, exc: BaseException) -> None:
 
 def _run(plan: Plan, out: IO[bytes]) -> str:
     run_dir = plan.run_dir
-    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+    RunPaths.of(run_dir).logs.mkdir(parents=True, exist_ok=True)
     plan.save()
     extra_env = deps.prepare(plan)  # build or reuse the environment; a ConfigError here starts nothing
     rundir.update_status(run_dir, run_id=plan.run_id, state="RUNNING", target="local", backend=plan.backend,
@@ -294,7 +296,7 @@ def _run(plan: Plan, out: IO[bytes]) -> str:
     for task, proc in zip(plan.tasks, procs):
         prefix = f"[rank{task.rank}] ".encode() if len(procs) > 1 else b""
         assert proc.stdout is not None
-        pump = _Pump(proc.stdout, str(rundir.rank_log(run_dir, task.rank)), prefix, out, lock)
+        pump = _Pump(proc.stdout, str(RunPaths.of(run_dir).rank_log(task.rank)), prefix, out, lock)
         pump.start()
         pumps.append(pump)
     grace = float(plan.compute.get("stop_grace_s", 5.0))

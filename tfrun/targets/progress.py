@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Mapping, Protocol, Sequence
 
 from tfrun import rundir
+from tfrun.paths import RunPaths, SweepPaths, is_run_dir
+from tfrun.states import FINAL
 from tfrun.tracking import metrics as metrics_file
 
 # A local run whose launcher is gone without recording an end (killed with SIGKILL, the
 # machine rebooted): it will never end by itself.
 LOST = "LOST"
-ENDED_STATES = (*rundir.FINAL_STATES, LOST)
+ENDED_STATES = (*FINAL, LOST)
 WAITING = "PENDING"  # a sweep point that has not started yet (no status of its own)
 # The metrics shown first, when a run records them; the others follow by name.
 LEADING_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -157,7 +159,7 @@ class _Files:
     def total(self, run_dir: Path) -> int | None:
         key = str(run_dir)
         if key not in self.totals:
-            plan = rundir.read_json(run_dir / rundir.PLAN_FILE)
+            plan = rundir.read_json(RunPaths.of(run_dir).plan)
             if plan is None:
                 return None  # not written yet: ask again next time
             value = ((plan.get("config") or {}).get("trainer") or {}).get("epochs")
@@ -165,7 +167,7 @@ class _Files:
         return self.totals[key]
 
     def epoch_records(self, run_dir: Path) -> list[dict[str, Any]]:
-        path = run_dir / metrics_file.METRICS_FILE
+        path = RunPaths.of(run_dir).metrics
         tail, records = self.epochs.get(str(path)) or (metrics_file.Tail(path), [])
         new = [r for r in tail.new_records() if isinstance(r.get("epoch"), int)]
         records = new if tail.restarted else [*records, *new]  # rewritten (a restore reconciles epochs)
@@ -178,7 +180,7 @@ _FILES = _Files()
 
 def labels(path: Path, run_dirs: Sequence[Path]) -> dict[str, str]:
     """Each sweep point's overrides, by run dir ("" for runs the sweep index does not list)."""
-    index = rundir.read_json(path / rundir.SWEEP_FILE) if not rundir.is_run_dir(path) else None
+    index = rundir.read_json(SweepPaths.of(path).index) if not is_run_dir(path) else None
     points = (index or {}).get("points") or []
     # Overrides every point shares (entry.script=..., trainer.epochs=3) tell them apart from nothing.
     shared = set.intersection(*(set(p.get("overrides") or []) for p in points)) if len(points) > 1 else set()
@@ -191,7 +193,7 @@ def snapshot(path: Path, run_dirs: Sequence[Path], statuses: Sequence[Mapping[st
              now: float | None = None) -> Snapshot:
     """The progress of ``run_dirs`` (the runs ``path`` stands for) given their statuses."""
     now = time.time() if now is None else now
-    sweep = not rundir.is_run_dir(path)
+    sweep = not is_run_dir(path)
     names = labels(path, run_dirs)
     runs = tuple(
         run_progress(run_dir.name if sweep else str(status.get("run_id") or run_dir.name), names[str(run_dir)],

@@ -5,6 +5,7 @@ import sys
 
 from tfrun import rundir
 from tfrun.model.export import summary as export_summary
+from tfrun.paths import RunPaths
 from tfrun.plan import Plan
 
 
@@ -16,7 +17,7 @@ def failure_text(run_dir: str, status: dict) -> str:
     record = rundir.rank_records(run_dir).get(int(rank), {})
     host = record.get("host") or status.get("host") or "?"
     reason = record.get("error") or status.get("reason") or "failed"  # the rank's own account first
-    log = rundir.rank_log(run_dir, int(rank))
+    log = RunPaths.of(run_dir).rank_log(int(rank))
     lines = [f"rank {rank} on {host} failed: {reason}", f"last lines of {log}:"]
     lines += ["  | " + line for line in rundir.tail(log, 15).splitlines()]
     return "\n".join(lines)

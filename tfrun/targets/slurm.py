@@ -18,7 +18,9 @@ from typing import Any, Iterable, Sequence
 from tfrun import deps, rundir
 from tfrun.errors import ConfigError, LaunchError
 from tfrun.model import export
+from tfrun.paths import RunPaths, SweepPaths
 from tfrun.plan import Plan, sbatch, submitit_compat
+from tfrun.states import FINAL
 from tfrun.targets import progress
 
 # sacct states -> tfrun states. Anything not listed is shown as Slurm says it.
@@ -328,7 +330,7 @@ def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list
 
     Ctrl-C detaches: the jobs keep running. Returns the final tfrun state of every plan.
     """
-    tail = _LogTail(rundir.rank_log(plans[0].run_dir, 0)) if len(plans) == 1 else None
+    tail = _LogTail(RunPaths.of(plans[0].run_dir).rank_log(0)) if len(plans) == 1 else None
     last: dict[str, str] = {}
     final: dict[str, str] = {}
     view = progress.sweep_view() if len(plans) > 1 else None
@@ -357,13 +359,13 @@ def _poll(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float, tail: _L
             # A job the scheduler did not answer for keeps its last state: never taken as gone.
             state = tfrun_state(info[job_id]["State"]) if job_id in info else last.get(job_id, "PENDING")
             state = shown_state(plan.run_dir, state)
-            fields = settle(plan.run_dir, state) if state in rundir.FINAL_STATES else {"state": state}
+            fields = settle(plan.run_dir, state) if state in FINAL else {"state": state}
             if state != last.get(job_id):
                 last[job_id] = state
                 rundir.update_status(plan.run_dir, **fields, **allocation(info.get(job_id, {}), state))
                 if len(plans) == 1:  # as settled: a hang the watchdog ended is FAILED, not Slurm's CANCELLED
                     print(f"tfrun: job {job_id} {fields['state']}", file=sys.stderr, flush=True)
-            if state in rundir.FINAL_STATES:  # recorded above: a job is first seen final only once
+            if state in FINAL:  # recorded above: a job is first seen final only once
                 final[job_id] = fields["state"]
         if tail:
             tail.pump()
@@ -374,7 +376,7 @@ def _poll(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float, tail: _L
 
 
 def _prepare(plan: Plan) -> None:
-    os.makedirs(rundir.rank_log(plan.run_dir, 0).parent, exist_ok=True)
+    os.makedirs(RunPaths.of(plan.run_dir).rank_log(0).parent, exist_ok=True)
     plan.save()
 
 
@@ -422,7 +424,7 @@ def run(plan: Plan) -> str:
 
 def run_many(plans: Sequence[Plan], sweep_dir: str) -> list[str]:
     """Submit a sweep as job array(s) and, unless ``compute.wait=false``, follow them all."""
-    folder = os.path.join(sweep_dir, sbatch.SUBMITIT_DIR)
+    folder = str(SweepPaths.of(sweep_dir).submitit)
     ordered: list[Plan] = []
     job_ids: list[str] = []
     with progress.busy(f"submitting {len(plans)} run(s) to Slurm") if len(plans) > 1 else contextlib.nullcontext():

@@ -23,9 +23,17 @@ from typing import Any, Callable
 from tfrun import rundir
 from tfrun.config.space import Space
 from tfrun.errors import TfrunError
+from tfrun.paths import RunPaths, SweepPaths
 from tfrun.plan import Plan
+from tfrun.states import FINAL
 from tfrun.targets import control, policies
-from tfrun.targets.tuning import Settings, distributions, make_sampler, objective_curve, open_storage
+from tfrun.targets.tuning import (
+    Settings,
+    distributions,
+    make_sampler,
+    objective_curve,
+    open_storage,
+)
 
 LOCAL_POLL_S = 0.25
 
@@ -129,11 +137,10 @@ class Study:
             say(f"trial {number}: {self.pool.description()}: {' '.join(shown)}")
             return
         if plan.target == "slurm":
-            from tfrun.plan import sbatch
             from tfrun.targets import slurm
 
             self.poll_s = min(float(plan.compute.get("poll_s", 2.0)), 2.0)
-            job_ids = slurm.launch([plan], os.path.join(self.found.sweep_dir, sbatch.SUBMITIT_DIR))
+            job_ids = slurm.launch([plan], str(SweepPaths.of(self.found.sweep_dir).submitit))
             say(f"trial {number}: job {job_ids[0]}: {' '.join(shown)}")
             return
         thread = threading.Thread(target=_run_local, args=(plan,), name=f"trial-{number}", daemon=True)
@@ -158,7 +165,7 @@ class Study:
             status = rundir.read_status(run_dir)
             live = Live(trial.number, Path(run_dir), reported=set(trial.intermediate_values))
             if not status.get("state"):
-                plan = Plan.load(run_dir) if (Path(run_dir) / rundir.PLAN_FILE).exists() else None
+                plan = Plan.load(run_dir) if RunPaths.of(run_dir).plan.exists() else None
                 if plan is None:
                     plan = self.plan_trial(trial.number, list(trial.user_attrs["overrides"]))
                 job = submitted_job(self.found.sweep_dir, plan) if plan.target == "slurm" else None
@@ -168,14 +175,14 @@ class Study:
                     self._launch(plan, trial.number, [])
                     self._attach_thread(live)
                     say(f"trial {trial.number}: submitted now (the earlier follower ended before it did)")
-            elif status.get("target") == "local" and status.get("state") not in rundir.FINAL_STATES:
+            elif status.get("target") == "local" and status.get("state") not in FINAL:
                 rundir.update_status(run_dir, state="FAILED", ended=time.time(),
                                      reason="its tuning study's follower ended while it ran locally")
             else:
                 if self.pool is not None and status.get("pool"):  # fed just before the earlier follower ended?
                     self.pool.launch(Plan.load(run_dir))
                 say(f"trial {trial.number}: following it again ({status.get('state')})")
-            live.draining = (Path(run_dir) / rundir.PRUNE_FILE).exists()
+            live.draining = RunPaths.of(run_dir).prune.exists()
             self.live.append(live)
 
     def run(self) -> None:
@@ -236,7 +243,7 @@ class Study:
         curves = None
         for live, status in zip(list(self.live), statuses):
             state = status.get("state")
-            if state in rundir.FINAL_STATES and (live.thread is None or not live.thread.is_alive()):
+            if state in FINAL and (live.thread is None or not live.thread.is_alive()):
                 self._ended(live, status)
                 continue
             if live.draining:
@@ -282,7 +289,7 @@ class Study:
         it has no result (the samplers model a pruned trial from its last value)."""
         from optuna.trial import TrialState
 
-        rundir.write_json(live.run_dir / rundir.PRUNE_FILE, {"policy": self.found.policy.name, "epoch": epoch,
+        rundir.write_json(RunPaths.of(live.run_dir).prune, {"policy": self.found.policy.name, "epoch": epoch,
                                                             "why": why, "time": time.time(), "trial": live.number})
         waiting = rundir.read_status(live.run_dir).get("state") in ("PENDING", "PREEMPTED")
         stop_request(live.run_dir)
@@ -326,7 +333,7 @@ class Study:
 
     def _objective_recorded(self) -> bool:
         """Has any trial of the study recorded the objective (a finite value or not)?"""
-        index = rundir.read_json(self.found.sweep_dir / rundir.SWEEP_FILE, {"points": []})
+        index = rundir.read_json(SweepPaths.of(self.found.sweep_dir).index, {"points": []})
         return any(objective_curve(Path(p["run_dir"]), self.found.objective) for p in index["points"] if "trial" in p)
 
     def _objective_never_recorded(self, live: Live) -> None:
@@ -335,12 +342,11 @@ class Study:
         stops here: the trials in flight are cancelled, and the error names what was recorded."""
         from tfrun.errors import ConfigError
         from tfrun.tracking.compare import epoch_series
-        from tfrun.tracking.metrics import METRICS_FILE
 
         recorded = sorted(epoch_series(live.run_dir))
         self._cancel(list(self.live), f"its tuning study stopped: no trial records its objective {self.found.objective}")
         self.live.clear()
-        metric, where = self.found.objective, live.run_dir / METRICS_FILE
+        metric, where = self.found.objective, RunPaths.of(live.run_dir).metrics
         what = (f"it recorded {', '.join(recorded)} ({where}): set tfrun.objective to one of them"
                 if recorded else f"it recorded no metric at all ({where} has none): a Keras fit records its "
                                  f"metrics by itself, another script calls tfrun.log_metric(name, value, step)")
@@ -372,9 +378,9 @@ def submitted_job(sweep_dir: Path, plan: Plan) -> str | None:
     """A trial Slurm has but its status does not (the follower was killed between sbatch and
     recording the job id): found in submitit's record of what it submitted, and recorded now,
     so that it is followed rather than submitted twice."""
-    from tfrun.plan import sbatch, submitit_compat
+    from tfrun.plan import submitit_compat
 
-    folder = sweep_dir / sbatch.SUBMITIT_DIR
+    folder = SweepPaths.of(sweep_dir).submitit
     for job, args in submitit_compat.submitted(folder):
         if args and str(args[0]) == plan.run_dir:
             now = time.time()

@@ -15,7 +15,9 @@ from typing import Any, Sequence
 
 from tfrun import rundir
 from tfrun.errors import ConfigError, RunFailed
+from tfrun.paths import SweepPaths
 from tfrun.plan import Plan, planner
+from tfrun.states import OK
 
 
 class SweepOutcome:
@@ -35,13 +37,13 @@ def record_points(sweep_dir: Path, plans: Sequence[Plan], overrides: Sequence[Se
         index["points"] += [{"run_id": p.run_id, "run_dir": p.run_dir, "overrides": list(o)}
                             for p, o in zip(plans, overrides) if p.run_dir not in known]
 
-    rundir.update_json(sweep_dir / rundir.SWEEP_FILE, add, {"points": []})
+    rundir.update_json(SweepPaths.of(sweep_dir).index, add, {"points": []})
 
 
 def record_study(sweep_dir: Path, metric: str, direction: str) -> None:
     """A tuning study's objective and direction, in the sweep's index (``tfrun runs --sweep``
     judges the objective by them)."""
-    path = sweep_dir / rundir.SWEEP_FILE
+    path = SweepPaths.of(sweep_dir).index
     with rundir.locked(path):
         index = rundir.read_json(path, {"points": []})
         index["objective"] = {"metric": metric, "direction": direction}
@@ -109,7 +111,7 @@ def launch_points(hydra_context: Any, config: Any, job_overrides: Sequence[Seque
     try:
         planned = planner.plan_points(hydra_context.config_loader, config, job_overrides, initial_job_idx)
     except Exception as exc:  # a point that cannot run (ConfigError), or that Hydra cannot compose
-        if not existed or not (sweep_dir / rundir.SWEEP_FILE).exists():
+        if not existed or not SweepPaths.of(sweep_dir).index.exists():
             _remove_empty_sweep(sweep_dir)
         if not isinstance(exc, ConfigError):
             raise
@@ -161,7 +163,7 @@ def _job_return(plan: Plan, ret: Any, state: str, sweep_dir: Path) -> Any:
 
     mlflow_sync.sync_if_asked(plan.run_dir, state)
     metric = plan.config["tfrun"].get("objective")
-    if state not in rundir.OK_STATES:
+    if state not in OK:
         SweepOutcome.failed.append(plan.run_id)
     if not metric:
         ret.return_value = state

@@ -22,6 +22,7 @@ from tfrun import rundir
 from tfrun.config.space import Space
 from tfrun.config.validate import is_whole
 from tfrun.errors import ConfigError, TfrunError
+from tfrun.paths import SweepPaths
 from tfrun.targets import policies
 
 # sampler -> the packages it needs beyond Optuna (cmaes and gp are Optuna's, with extras).
@@ -30,9 +31,6 @@ SAMPLERS: dict[str, tuple[str, ...]] = {
 }
 DIRECTIONS = ("maximize", "minimize")
 STARTUP_SAMPLERS = ("tpe", "gp", "cmaes")  # the samplers that start with random trials
-JOURNAL_FILE = "study.journal"  # Optuna's journal storage, in the sweep dir
-TUNE_FILE = "tune.json"  # how the study was asked for: what `tfrun tune resume` runs again
-FOLLOWER_FILE = "follower.lock"  # locked by the study's follower for its life; says who it is
 _INVOCATION: dict[str, Any] = {}
 
 
@@ -120,7 +118,7 @@ def settings(sweeper: Mapping[str, Any], objective: str | None, sweep_dir: Path)
 
 def journal_path(found: Settings) -> Path:
     """The journal file of a study kept in a file (by default in the sweep dir)."""
-    return Path(found.storage).expanduser().resolve() if found.storage else found.sweep_dir / JOURNAL_FILE
+    return Path(found.storage).expanduser().resolve() if found.storage else SweepPaths.of(found.sweep_dir).journal
 
 
 def check_storage(found: Settings) -> None:
@@ -250,7 +248,7 @@ def describe_text(info: Mapping[str, Any]) -> str:
 
 def save_invocation(found: Settings, sweep_overrides: list[str]) -> None:
     """``tune.json``: the command line that started the study, for ``tfrun tune resume``."""
-    path = found.sweep_dir / TUNE_FILE
+    path = SweepPaths.of(found.sweep_dir).tune
     if path.exists():
         return
     data = {"overrides": _INVOCATION.get("overrides") or sweep_overrides, "config_dir": _INVOCATION.get("config_dir"),
@@ -265,7 +263,7 @@ def follow_alone(found: Settings) -> IO[str]:
     it ends: a killed follower leaves nothing to clean up). Two followers would each ask for the
     trials still missing and start them twice, so a second one is refused, naming the first.
     Where the filesystem has no locks (some NFS mounts), the study is followed unlocked."""
-    path = found.sweep_dir / FOLLOWER_FILE
+    path = SweepPaths.of(found.sweep_dir).follower
     handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -298,9 +296,9 @@ def _follower(text: str) -> str:
 
 def resume_argv(sweep_dir: Path) -> tuple[list[str], str]:
     """The ``tfrun -m`` command line that reattaches to a study, and the directory to run it in."""
-    data = rundir.read_json(sweep_dir / TUNE_FILE)
+    data = rundir.read_json(SweepPaths.of(sweep_dir).tune)
     if not data:
-        raise ConfigError(f"{sweep_dir} is not a tuning study of hydra/sweeper=tfrun (no {TUNE_FILE} in it)")
+        raise ConfigError(f"{sweep_dir} is not a tuning study of hydra/sweeper=tfrun (no {SweepPaths.of(sweep_dir).tune.name} in it)")
     argv = [o for o in data["overrides"] if not o.startswith("hydra.sweep.dir=")]
     argv = ["-m", *argv, f"hydra.sweep.dir={sweep_dir.resolve()}"]
     if data.get("config_dir"):
@@ -359,7 +357,7 @@ def summary(found: Settings) -> dict[str, Any]:
     epochs of the longest completed trial). Kept in ``sweep.json`` under ``study``."""
     from tfrun.tracking.compare import best_point
 
-    path = found.sweep_dir / rundir.SWEEP_FILE
+    path = SweepPaths.of(found.sweep_dir).index
     index = rundir.read_json(path, {"points": []})
     points = [p for p in index["points"] if "trial" in p]
     states = [p.get("state") for p in points]

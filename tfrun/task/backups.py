@@ -19,11 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tfrun import rundir
+from tfrun import rundir, variables
+from tfrun.paths import BackupPaths, RunPaths
 from tfrun.task.context import context
-
-BACKUP_DIR = "checkpoints/backup"
-STATE_FILE = "state.json"
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,7 @@ def say(message: str) -> None:
 def own_backups() -> bool:
     """Does every rank keep a backup of its own? (``backend=none`` with several tasks: every
     rank trains a model of its own.)"""
-    return os.environ.get("TFRUN_BACKEND", "none") == "none" and context().world_size > 1
+    return os.environ.get(variables.BACKEND, "none") == "none" and context().world_size > 1
 
 
 def writes() -> bool:
@@ -65,15 +63,19 @@ def writes() -> bool:
     return context().is_chief or own_backups()
 
 
+def paths() -> BackupPaths:
+    """This task's backups."""
+    return RunPaths.of(context().run_dir or ".").backup(context().rank if own_backups() else 0)
+
+
 def folder() -> Path:
     """Where this task's backups live."""
-    base = Path(context().run_dir or ".") / BACKUP_DIR
-    return base / f"rank{context().rank}" if own_backups() and context().rank else base
+    return paths().folder
 
 
 def read() -> list[Entry]:
     """The committed backups, newest first (the last one and the one before it)."""
-    state = rundir.read_json(folder() / STATE_FILE)
+    state = rundir.read_json(paths().state)
     if not state:
         return []
     entries = [Entry.from_dict(state)]
@@ -85,9 +87,10 @@ def read() -> list[Entry]:
 def commit(save: Callable[[str], None], entry: Entry) -> None:
     """Write a backup: ``save(path)`` writes the weights; on disk, renamed, then committed by
     ``state.json``; the backup before it stays (a fallback); older weights go."""
-    where = folder()
+    files = paths()
+    where = files.folder
     where.mkdir(parents=True, exist_ok=True)
-    tmp = where / f"tmp-{entry.weights}"
+    tmp = files.temporary(entry.weights)
     save(str(tmp))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -96,16 +99,16 @@ def commit(save: Callable[[str], None], entry: Entry) -> None:
     before = read()
     previous = before[0] if before and before[0].weights != entry.weights else (before[1] if len(before) > 1 else None)
     state = {**asdict(entry), "previous": asdict(previous) if previous else None}
-    rundir.write_json(where / STATE_FILE, state, durable=True)
+    rundir.write_json(files.state, state, durable=True)
     keep = {entry.weights, previous.weights if previous else None}
-    for old in where.glob("epoch-*.weights.h5"):
+    for old in files.weights():
         if old.name not in keep:
             old.unlink(missing_ok=True)
 
 
 def weights_name(total: int) -> str:
     """The file of a backup after ``total`` epochs of the run."""
-    return f"epoch-{total}.weights.h5"
+    return BackupPaths.weights_name(total)
 
 
 def unreadable(entry: Entry) -> str | None:
@@ -130,7 +133,7 @@ def restore_points(attempt: str) -> list[Entry]:
     try:
         entries = [e for e in read() if e.attempt != attempt]
     except (ValueError, KeyError) as exc:  # a state.json from another tool, or damaged
-        say(f"warning: the backup's {STATE_FILE} cannot be read ({exc}); training starts over")
+        say(f"warning: the backup's {paths().state.name} cannot be read ({exc}); training starts over")
         return []
     usable = []
     for index, entry in enumerate(entries):

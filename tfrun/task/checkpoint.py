@@ -18,10 +18,11 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from tfrun import variables
+from tfrun.paths import RunPaths
 from tfrun.task import agreement, backups, heartbeat, preempt, rendezvous
 from tfrun.task.backups import Entry, say
 from tfrun.task.context import context
@@ -122,7 +123,7 @@ def _history(module: ModuleType, model: Any, fit: int, initial_epoch: int) -> An
     """What a fit call finished by an earlier attempt returns: its epochs, from the run's metrics."""
     history = module.callbacks.History()
     history.set_model(model)
-    records = [r for r in metrics.read_metrics(Path(context().run_dir or ".") / metrics.METRICS_FILE)
+    records = [r for r in metrics.read_metrics(RunPaths.of(context().run_dir or ".").metrics)
                if r.get("epoch") is not None and int(r.get("fit") or 0) == fit]
     history.epoch = list(range(initial_epoch, initial_epoch + len(records)))
     history.history = {}
@@ -174,7 +175,7 @@ def session(model: Any, module: ModuleType, epochs: int, initial_epoch: int = 0)
 
 def _callbacks(module: ModuleType, model: Any, fit: int, shift: int) -> list[Any]:
     backup_class, stop_class = _callback_classes(module)
-    backend = os.environ.get("TFRUN_BACKEND")
+    backend = os.environ.get(variables.BACKEND)
     backup = backup_class(fit, shift, spaced=backend not in ("mwms", "ps"))
     if backend == "ps":
         # tf_keras refuses batch-level callbacks under ParameterServerStrategy (ValueError
@@ -213,11 +214,12 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
             if not backups.writes():
                 # Under MultiWorkerMirroredStrategy every worker must take part in a save;
                 # the others' copies are thrown away.
-                if os.environ.get("TFRUN_BACKEND") == "mwms":
-                    folder = backups.folder() / f".rank{context().rank}"
-                    folder.mkdir(parents=True, exist_ok=True)
-                    self.model.save_weights(str(folder / f"tmp-epoch-{done}.weights.h5"))
-                    (folder / f"tmp-epoch-{done}.weights.h5").unlink(missing_ok=True)
+                if os.environ.get(variables.BACKEND) == "mwms":
+                    scratch = backups.paths().scratch(context().rank)
+                    scratch.mkdir(parents=True, exist_ok=True)
+                    thrown = scratch / backups.weights_name(done)
+                    self.model.save_weights(str(thrown))
+                    thrown.unlink(missing_ok=True)
                 return
             if self.spaced and self.cost is not None and time.monotonic() - self.since < BACKUP_BUDGET * self.cost:
                 try:

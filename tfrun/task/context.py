@@ -9,8 +9,10 @@ import functools
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from tfrun import variables
+from tfrun.paths import RunPaths
 
 
 @dataclass(frozen=True)
@@ -46,18 +48,18 @@ class Context:
 def context() -> Context:
     """The current task's context (read once from the environment and the run's plan)."""
     env = os.environ
-    run_dir = env.get("TFRUN_RUN_DIR")
+    run_dir = env.get(variables.RUN_DIR)
     if not run_dir:
         return Context(run_id=None, run_dir=None, output_dir=os.getcwd())
-    plan_path = Path(run_dir) / "plan.json"
+    plan_path = RunPaths.of(run_dir).plan
     config = json.loads(plan_path.read_text())["config"] if plan_path.is_file() else {}
     return Context(
-        run_id=env.get("TFRUN_RUN_ID"),
+        run_id=env.get(variables.RUN_ID),
         run_dir=run_dir,
-        output_dir=env.get("TFRUN_OUTPUT_DIR", os.path.join(run_dir, "outputs")),
-        rank=int(env.get("TFRUN_RANK", 0)),
-        local_rank=int(env.get("TFRUN_LOCAL_RANK", 0)),
-        world_size=int(env.get("TFRUN_WORLD_SIZE", 1)),
-        role=env.get("TFRUN_ROLE", "worker"),
+        output_dir=env.get(variables.OUTPUT_DIR, str(RunPaths.of(run_dir).outputs)),
+        rank=int(env.get(variables.RANK, 0)),
+        local_rank=int(env.get(variables.LOCAL_RANK, 0)),
+        world_size=int(env.get(variables.WORLD_SIZE, 1)),
+        role=env.get(variables.ROLE, "worker"),
         config=config,
     )

@@ -17,12 +17,13 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+from tfrun import variables
 from tfrun.task.context import context
 
 
 def backend() -> str:
     """The run's backend name (``none`` outside tfrun)."""
-    return os.environ.get("TFRUN_BACKEND", "none")
+    return os.environ.get(variables.BACKEND, "none")
 
 
 def is_chief() -> bool:
@@ -54,7 +55,7 @@ def num_replicas() -> int:
     if backend() == "horovod":
         return int(os.environ.get("HOROVOD_SIZE", "1"))
     if backend() == "mwms":
-        return int(os.environ.get("TFRUN_WORLD_SIZE", "1"))
+        return int(os.environ.get(variables.WORLD_SIZE, "1"))
     return 1
 
 

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from tfrun import rundir
+from tfrun.paths import RunPaths
 
 WRITE_S = 2.0
-DIR = "heartbeats"
 
 _state: dict[str, Any] = {"step": None, "epoch": None, "phase": "started", "progressed": time.time(), "busy": None,
                           "stepping": False, "active": time.time()}
@@ -105,7 +105,7 @@ def running() -> bool:
 
 def path(run_dir: str | os.PathLike[str], attempt: str, rank: int) -> Path:
     """Where a rank's heartbeat is written for this attempt."""
-    return Path(run_dir) / DIR / attempt / f"{rank}.json"
+    return RunPaths.of(run_dir).heartbeat(attempt, rank)
 
 
 def start(run_dir: str, attempt: str, rank: int) -> None:
@@ -150,7 +150,7 @@ def start(run_dir: str, attempt: str, rank: int) -> None:
 def read_all(run_dir: str | os.PathLike[str], attempt: str) -> dict[int, dict[str, Any]]:
     """Every rank's last heartbeat of an attempt, by rank."""
     beats = {}
-    for file in (Path(run_dir) / DIR / attempt).glob("*.json"):
+    for file in (RunPaths.of(run_dir).heartbeats / attempt).glob("*.json"):
         data = rundir.read_json(file)
         if data is not None:
             beats[int(data["rank"])] = data

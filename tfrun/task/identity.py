@@ -1,6 +1,6 @@
 """Who a task is: one place that reads the launcher's environment.
 
-Locally the launcher passes ``TFRUN_RANK``; on Slurm, srun sets ``SLURM_PROCID`` and
+Locally the launcher passes the rank (:data:`tfrun.variables.RANK`); on Slurm, srun sets ``SLURM_PROCID`` and
 friends. Every backend uses the resulting :class:`TaskIdentity` and nothing else.
 """
 from __future__ import annotations
@@ -10,6 +10,8 @@ import re
 import socket
 from dataclasses import dataclass
 from typing import Mapping
+
+from tfrun import variables
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def detect(launcher: str, nodes: int, tasks_per_node: int, env: Mapping[str, str
     env = os.environ if env is None else env
     if launcher == "slurm":
         return slurm_identity(env)
-    if "TFRUN_RANK" in env:
-        return local_identity(int(env["TFRUN_RANK"]), nodes, tasks_per_node)
+    if variables.RANK in env:
+        return local_identity(int(env[variables.RANK]), nodes, tasks_per_node)
     # Started by hand: a single task.
     return TaskIdentity(0, 0, 1, 1, 0, 1, (socket.gethostname(),), "local")

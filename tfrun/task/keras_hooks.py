@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any, Callable
 
+from tfrun import variables
+
 PATCHED_MODULES = ("keras", "tf_keras")
 
 
@@ -79,7 +81,7 @@ def _beat_class(module: ModuleType) -> type:
     # Under ParameterServerStrategy a batch ends when its step is handed to the workers, not
     # when they have run it: then it is progress, but not the rank's measure (the workers'
     # results reach the chief's coordinator threads, whose CPU the watchdog sees).
-    stepping = os.environ.get("TFRUN_BACKEND") != "ps"
+    stepping = os.environ.get(variables.BACKEND) != "ps"
 
     class BeatSteps(module.callbacks.Callback):  # type: ignore[misc, name-defined]
         """A beat at every batch end (training, evaluation, prediction)."""

@@ -14,15 +14,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tfrun import rundir
+from tfrun import rundir, variables
 from tfrun.errors import BootstrapError
+from tfrun.paths import RunPaths
 
 
 def attempt_key(env: dict[str, str] | os._Environ[str] | None = None) -> str:
     """Names this launch of the run: the Slurm job and restart count, or the local launch."""
     env = os.environ if env is None else env
-    if env.get("TFRUN_ATTEMPT"):
-        return env["TFRUN_ATTEMPT"]
+    if env.get(variables.ATTEMPT):
+        return env[variables.ATTEMPT]
     if env.get("SLURM_JOB_ID"):
         return f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_RESTART_COUNT', '0')}"
     return "manual"
@@ -30,7 +31,7 @@ def attempt_key(env: dict[str, str] | os._Environ[str] | None = None) -> str:
 
 def directory(run_dir: str | os.PathLike[str], attempt: str | None = None) -> Path:
     """This attempt's rendezvous dir."""
-    return Path(run_dir) / "rendezvous" / (attempt or attempt_key())
+    return RunPaths.of(run_dir).rendezvous(attempt or attempt_key())
 
 
 def ephemeral_ports() -> tuple[int, int]:

@@ -12,9 +12,9 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 
-from tfrun import rundir
+from tfrun import rundir, variables
+from tfrun.paths import RunPaths
 from tfrun.rundir import Plan
 from tfrun.task import identity, preempt, preemption, rendezvous, requeue
 
@@ -30,7 +30,7 @@ def stop_decision(plan: Plan, request: dict) -> tuple[requeue.Cause, requeue.Dec
     current = rendezvous.attempt_key()
     tried = rundir.attempts(plan.run_dir)
     started = next((a.get("started") for a in tried if a.get("attempt") == current), None)
-    if (Path(plan.run_dir) / rundir.PRUNE_FILE).exists():  # a tuning policy stopped it: for good
+    if RunPaths.of(plan.run_dir).prune.exists():  # a tuning policy stopped it: for good
         cause = requeue.Cause.PRUNED
     else:
         cause = requeue.cause_of(request, time.time() - started if started else None, plan.compute)
@@ -81,7 +81,7 @@ def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> i
     """On Slurm, rank 0 decides (and requeues the job); every rank then waits to be ended, or
     leaves once rank 0 has said the job is not requeued."""
     job = preempt.job_id()
-    if ident.launcher != "slurm" or not job or os.environ.get(rundir.POOL_ENV):
+    if ident.launcher != "slurm" or not job or os.environ.get(variables.POOL):
         # Local: the launcher records a resumable stop. A pool's item: the coordinator of its
         # allocation decides what follows (the allocation's requeue, or the item's end).
         if ident.rank == 0:

@@ -37,7 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tfrun import rundir
+from tfrun import rundir, variables
+from tfrun.paths import RunPaths
 from tfrun.task import heartbeat, identity, preempt, requeue
 from tfrun.task.probe import NodeProbe
 
@@ -221,7 +222,7 @@ class Watchdog:
         self.notes[key] = text
         say(text)
         if rank is not None:
-            with open(rundir.rank_log(self.run_dir, rank), "a") as log:
+            with open(RunPaths.of(self.run_dir).rank_log(rank), "a") as log:
                 log.write(f"tfrun: watchdog: {text}\n")
         rundir.update_status(self.run_dir, watchdog={"attempt": self.attempt, "notes": list(self.notes.values())})
 
@@ -259,7 +260,7 @@ class Watchdog:
     def stacks(self, beats: dict[int, dict[str, Any]], lost: list[str]) -> dict[int, str]:
         """Every rank's Python stacks into its own log: faulthandler through a signal, and
         py-spy from outside where it is installed. Returns what each rank's log gained."""
-        logs = {r: rundir.rank_log(self.run_dir, r) for r in range(self.world_size)}
+        logs = {r: RunPaths.of(self.run_dir).rank_log(r) for r in range(self.world_size)}
         sizes = {r: (log.stat().st_size if log.exists() else 0) for r, log in logs.items()}
         if self.launcher == "slurm" and self.job and self.step is not None:
             # scancel returns once every node of the step has answered: a lost node holds it up
@@ -294,7 +295,7 @@ class Watchdog:
             with ThreadPoolExecutor(max_workers=min(8, len(spied))) as pool:
                 spies = {rank: pool.submit(self._py_spy, beat) for rank, beat in spied}
                 for rank, spy in spies.items():
-                    with open(rundir.rank_log(self.run_dir, rank), "a") as log:
+                    with open(RunPaths.of(self.run_dir).rank_log(rank), "a") as log:
                         log.write(f"tfrun: watchdog: rank {rank}'s stacks from py-spy:\n{spy.result()}\n")
         return dumps
 
@@ -326,8 +327,8 @@ class Watchdog:
                 except (OSError, KeyError, ValueError):
                     pass
             return
-        if os.environ.get(rundir.POOL_ENV):  # a pool's item: its coordinator ends it, not the allocation
-            rundir.write_json(Path(self.run_dir) / rundir.SIGNAL_FILE, {"signal": int(signal.SIGKILL), "requeue": requeue})
+        if os.environ.get(variables.POOL):  # a pool's item: its coordinator ends it, not the allocation
+            rundir.write_json(RunPaths.of(self.run_dir).signal_request, {"signal": int(signal.SIGKILL), "requeue": requeue})
             return
         if requeue:
             say(f"requeueing job {self.job} (compute.requeue_on_hang): it resumes from its last backup")
@@ -355,7 +356,7 @@ def _read_from(path: Path, offset: int) -> str:
 
 def spawn(run_dir: str, attempt: str, launcher: str, timeout_s: float) -> int:
     """Start the watchdog of this attempt beside rank 0 (from rank 0's bootstrap); its pid."""
-    with open(rundir.rank_log(run_dir, 0).with_name("watchdog.log"), "ab") as log:
+    with open(RunPaths.of(run_dir).watchdog_log, "ab") as log:
         return subprocess.Popen([sys.executable, "-u", "-m", "tfrun.task.watchdog", run_dir, attempt, launcher,
                                  str(timeout_s), str(os.getpid())], stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=launcher == "local").pid

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from tfrun import rundir
+from tfrun.paths import RunPaths, SweepPaths, is_run_dir
 from tfrun.tracking import compare, metrics, tensorboard
 
-EVENTS_DIR = "tensorboard"  # in a run dir, where its events are
 _MAX_NAME = 200  # bytes; file names may have 255
 
 
@@ -36,7 +35,7 @@ class BoardRun:
     @property
     def events(self) -> Path:
         """The run's TensorBoard dir (it may not exist yet)."""
-        return self.run_dir / EVENTS_DIR
+        return RunPaths.of(self.run_dir).tensorboard
 
     @property
     def has_events(self) -> bool:
@@ -89,16 +88,16 @@ def available() -> bool:
 
 def is_run_or_sweep(path: Path) -> bool:
     """A run dir, or a dir whose sweep index or subdirs hold run dirs."""
-    if rundir.is_run_dir(path):
+    if is_run_dir(path):
         return True
-    return path.is_dir() and ((path / rundir.SWEEP_FILE).is_file()
-                              or any(rundir.is_run_dir(p) for p in path.iterdir() if p.is_dir()))
+    return path.is_dir() and (SweepPaths.of(path).index.is_file()
+                              or any(is_run_dir(p) for p in path.iterdir() if p.is_dir()))
 
 
 def has_values(run_dir: Path) -> bool:
     """Whether the run logged any ``tfrun.log_metric`` value (to be converted for TensorBoard)."""
     try:
-        with open(run_dir / "metrics.jsonl", "rb") as f:
+        with open(RunPaths.of(run_dir).metrics, "rb") as f:
             return any(b'"name": ' in line for line in f)
     except FileNotFoundError:
         return False
@@ -115,8 +114,8 @@ class Converter:
     def __init__(self, run_dir: Path):
         import shutil
 
-        self.run_dir, self.tail = run_dir, metrics.Tail(run_dir / metrics.METRICS_FILE)
-        self.folder = run_dir / "tensorboard" / METRICS_EVENTS
+        self.run_dir, self.tail = run_dir, metrics.Tail(RunPaths.of(run_dir).metrics)
+        self.folder = RunPaths.of(run_dir).tensorboard / METRICS_EVENTS
         shutil.rmtree(self.folder, ignore_errors=True)
         self.writer: Any = None  # made with the first values: a run without any shows no empty run
         self.write: Any = None

@@ -8,13 +8,14 @@ from typing import Any, Sequence
 
 from tfrun import rundir
 from tfrun.errors import TfrunError
+from tfrun.paths import RunPaths, SweepPaths
 from tfrun.tracking import metrics
 
 
 def epoch_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every metric of a run's Keras epochs: name -> [(epoch, value)]."""
     series: dict[str, list[tuple[int, float]]] = {}
-    for record in metrics.read_metrics(run_dir / metrics.METRICS_FILE):
+    for record in metrics.read_metrics(RunPaths.of(run_dir).metrics):
         if record.get("epoch") is not None:
             for name, value in metrics.epoch_values(record).items():
                 series.setdefault(name, []).append((int(record["epoch"]), value))
@@ -27,7 +28,7 @@ def epoch_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def best_point(sweep_dir: Path, maximize: bool) -> dict[str, Any] | None:
     """The point of a sweep with the best objective value so far (as ``sweep.json`` records
     them); a value that is not a finite number (NaN, infinite) is never the best."""
-    index = rundir.read_json(sweep_dir / rundir.SWEEP_FILE, {"points": []})
+    index = rundir.read_json(SweepPaths.of(sweep_dir).index, {"points": []})
     scored = [p for p in index["points"] if _finite((p.get("objective") or {}).get("value"))]
     if not scored:
         return None
@@ -49,7 +50,7 @@ Objective = tuple[str, bool]  # a tuning study's objective: (metric, larger is b
 def study_objective(sweep_dir: Path) -> Objective | None:
     """The objective of the tuning study in ``sweep_dir`` and its direction, as the study
     recorded them in ``sweep.json``; None for a sweep that is not a study."""
-    found = (rundir.read_json(sweep_dir / rundir.SWEEP_FILE) or {}).get("objective")
+    found = (rundir.read_json(SweepPaths.of(sweep_dir).index) or {}).get("objective")
     return (found["metric"], found["direction"] == "maximize") if found else None
 
 
@@ -72,7 +73,7 @@ def summary(run_dir: Path, study: Objective | None = None) -> dict[str, tuple[fl
 
 def point_params(sweep_dir: Path, run_dirs: Sequence[Path]) -> list[dict[str, str]]:
     """Each point's overrides as key -> value."""
-    index = rundir.read_json(sweep_dir / rundir.SWEEP_FILE) or {"points": []}
+    index = rundir.read_json(SweepPaths.of(sweep_dir).index) or {"points": []}
     by_dir = {p["run_dir"]: p["overrides"] for p in index["points"]}
     params = []
     for run_dir in run_dirs:

@@ -33,19 +33,18 @@ from typing import Any, Mapping
 
 import orjson
 
-from tfrun import rundir
+from tfrun import rundir, variables
+from tfrun.paths import RunPaths
 from tfrun.tracking import tensorboard
 
-METRICS_FILE = "metrics.jsonl"
 FLUSH_INTERVAL_S = 1.0
 MAX_PENDING = 250_000  # about (~7 MB); values kept in memory before the caller writes them itself
 
 
 def metrics_path(run_dir: str | os.PathLike[str] | None = None) -> Path:
     """This task's metrics file (rank 0 writes ``metrics.jsonl``; other ranks their own)."""
-    run_dir = run_dir or os.environ.get("TFRUN_RUN_DIR") or "."
-    rank = int(os.environ.get("TFRUN_RANK", "0"))
-    return Path(run_dir) / (METRICS_FILE if rank == 0 else f"metrics-rank{rank}.jsonl")
+    run_dir = run_dir or os.environ.get(variables.RUN_DIR) or "."
+    return RunPaths.of(run_dir).metrics_of(int(os.environ.get(variables.RANK, "0")))
 
 
 def parse(text: str | bytes) -> list[dict[str, Any]]:

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from tfrun import rundir
+from tfrun.paths import RunPaths, SweepPaths
+from tfrun.states import FINAL
 from tfrun.tracking import metrics, mlflow_compat, provenance
 from tfrun.tracking.redact import Redactor
 
-STATE_FILE = "mlflow.json"  # in a run dir (its MLflow run) or a sweep dir (the parent run)
 SEND_INTERVAL_S = 2.0
 RETRY_INTERVAL_S = 30.0  # after a failed send: the server is down, do not hammer it
 END_DEADLINE_S = 20.0  # how long the end of a task may wait for MLflow
@@ -97,12 +98,12 @@ def _experiment_id(mlflow: Any, cfg: Mapping[str, Any], runs_dir: Path, name: st
 def _update(folder: Path, change: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
     """Change a run's (or sweep's) ``mlflow.json`` under its lock: the chief task's sender,
     the end of the run and ``tfrun sync`` in another shell all write it."""
-    return dict(rundir.update_json(folder / STATE_FILE, change, {}))
+    return dict(rundir.update_json(RunPaths.of(folder).mlflow, change, {}))
 
 
 def parent_run(cfg: Mapping[str, Any], runs_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     """The sweep's parent run: created once, by whichever point gets there first."""
-    marker = sweep_dir / STATE_FILE
+    marker = SweepPaths.of(sweep_dir).mlflow
     with rundir.locked(marker):  # held while creating: one parent run, whoever comes first
         known = rundir.read_json(marker)
         if known:
@@ -134,13 +135,13 @@ def open_run(run_dir: Path, config: Mapping[str, Any]) -> tuple[Any, dict[str, A
 
     cfg = config["tracking"]
     runs_dir = Path(config["tfrun"]["runs_dir"])
-    with rundir.locked(run_dir / STATE_FILE):  # held while creating: one MLflow run per run
-        known = rundir.read_json(run_dir / STATE_FILE)
+    with rundir.locked(RunPaths.of(run_dir).mlflow):  # held while creating: one MLflow run per run
+        known = rundir.read_json(RunPaths.of(run_dir).mlflow)
         if known:
             return client(known["tracking_uri"]), dict(known)
         uri = tracking_uri(cfg, runs_dir)
         mlflow = client(uri)
-        sweep_dir = run_dir.parent if (run_dir.parent / rundir.SWEEP_FILE).exists() else None
+        sweep_dir = run_dir.parent if SweepPaths.of(run_dir.parent).index.exists() else None
         parent = parent_run(cfg, runs_dir, sweep_dir) if sweep_dir else None
         if parent:
             experiment_id = parent["experiment_id"]
@@ -156,7 +157,7 @@ def open_run(run_dir: Path, config: Mapping[str, Any]) -> tuple[Any, dict[str, A
         run = mlflow.create_run(experiment_id, run_name=run_dir.name if parent else run_id, tags=tags)
         _log(mlflow, run.info.run_id, params=[Param(k, v) for k, v in flatten(params(config, redactor))])
         known = {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": uri, "sent_until": 0.0}
-        rundir.write_json(run_dir / STATE_FILE, known)
+        rundir.write_json(RunPaths.of(run_dir).mlflow, known)
         return mlflow, known
 
 
@@ -187,7 +188,7 @@ class Sender:
 
     def __init__(self, run_dir: Path, mlflow: Any, known: dict[str, Any]):
         self.run_dir, self.mlflow, self.known = run_dir, mlflow, known
-        self.tail = metrics.Tail(run_dir / metrics.METRICS_FILE)
+        self.tail = metrics.Tail(RunPaths.of(run_dir).metrics)
         self.unsent: list[dict[str, Any]] = []  # read, not yet accepted by MLflow
 
     def send(self) -> int:
@@ -220,15 +221,16 @@ def _artifacts(mlflow: Any, run_id: str, run_dir: Path, redactor: Redactor) -> N
     text file masked by ``redactor`` on the way (the run dir keeps the real values)."""
     with tempfile.TemporaryDirectory(prefix="tfrun-artifacts-") as temp:
         copies = Path(temp)
-        for name in ("plan.json", "status.json", "attempts.json", "export.json"):
-            if (run_dir / name).exists():
-                redactor.copy_file(run_dir / name, copies / name)
-        for folder in (".hydra", "logs", "provenance"):
-            if (run_dir / folder).is_dir():
-                redactor.copy_tree(run_dir / folder, copies / folder.lstrip("."))
+        paths = RunPaths.of(run_dir)
+        for record in (paths.plan, paths.status, paths.attempts, paths.export):
+            if record.exists():
+                redactor.copy_file(record, copies / record.name)
+        for folder in (paths.hydra, paths.logs, paths.provenance):
+            if folder.is_dir():
+                redactor.copy_tree(folder, copies / folder.name.lstrip("."))
         if any(copies.iterdir()):
             mlflow.log_artifacts(run_id, str(copies))
-    outputs = run_dir / "outputs"
+    outputs = RunPaths.of(run_dir).outputs
     if outputs.is_dir() and any(outputs.iterdir()):
         mlflow.log_artifacts(run_id, str(outputs), artifact_path="model")
 
@@ -247,7 +249,7 @@ def register(mlflow: Any, run_id: str, name: str, run_dir: Path) -> str:
         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
             raise
     source = f"{mlflow.get_run(run_id).info.artifact_uri}/model"
-    tags = {"tfrun.run_dir": str(run_dir), "tfrun.onnx": str((run_dir / "outputs" / "model.onnx").exists()).lower()}
+    tags = {"tfrun.run_dir": str(run_dir), "tfrun.onnx": str((RunPaths.of(run_dir).outputs / "model.onnx").exists()).lower()}
     version = mlflow.create_model_version(name, source, run_id=run_id, tags=tags)
     return str(version.version)
 
@@ -412,7 +414,7 @@ def sync(run_dir: str | os.PathLike[str], state: str | None = None) -> dict[str,
                          f"{(config.get('tracking') or {}).get('kind', 'none')!r})")
     _quick_failures()
     state = state or rundir.read_status(path).get("state")
-    if state in rundir.FINAL_STATES:
+    if state in FINAL:
         return finish(path, config, state)
     mlflow, known = open_run(path, config)
     Sender(path, mlflow, known).send()
@@ -424,14 +426,14 @@ def sync_if_asked(run_dir: str | os.PathLike[str], state: str) -> None:
     from tfrun.rundir import Plan
 
     path = Path(run_dir)
-    if state not in rundir.FINAL_STATES:
+    if state not in FINAL:
         return
     if rundir.read_status(path).get("mlflow_run_id"):
         return
     config = Plan.load(path).config
     if not wanted(config):
         return
-    known = rundir.read_json(path / STATE_FILE) or {}
+    known = rundir.read_json(RunPaths.of(path).mlflow) or {}
     if known.get("ended") != state:  # else the chief task ended it already
         try:
             _quick_failures()
@@ -464,7 +466,7 @@ def registered_onnx(uri: str, tracking: str) -> Path:
 
 def finish_sweep(sweep_dir: Path, failed: bool) -> None:
     """Close a sweep's parent run, if it has one."""
-    marker = rundir.read_json(sweep_dir / STATE_FILE)
+    marker = rundir.read_json(SweepPaths.of(sweep_dir).mlflow)
     if not marker:
         return
     client(marker["tracking_uri"]).set_terminated(marker["run_id"], status="FAILED" if failed else "FINISHED")

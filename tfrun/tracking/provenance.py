@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from tfrun import rundir
+from tfrun.paths import RunPaths
 
 if TYPE_CHECKING:
     import importlib.metadata
 
-FOLDER = "provenance"
 GIT_TIMEOUT_S = 2.0
 KEPT_LISTS = 32  # package lists kept in the cache, the newest (~8 kB each)
 
@@ -168,9 +168,8 @@ def collect(attempt: str, source_dir: str, hosts: Sequence[str], job_id: str | N
 
 def paths(run_dir: str | os.PathLike[str], attempt: str) -> dict[str, Path]:
     """An attempt's provenance files: ``record``, ``diff``, ``packages``."""
-    folder = Path(run_dir) / FOLDER
-    return {"record": folder / f"{attempt}.json", "diff": folder / f"{attempt}.diff",
-            "packages": folder / f"{attempt}.packages.txt"}
+    paths = RunPaths.of(run_dir)
+    return {what: paths.provenance_of(attempt, what) for what in ("record", "diff", "packages")}
 
 
 def write(run_dir: str | os.PathLike[str], prov: Provenance) -> Path:
@@ -181,8 +180,10 @@ def write(run_dir: str | os.PathLike[str], prov: Provenance) -> Path:
         rundir.write_atomic(files["diff"], prov.git.diff)
     record = asdict(prov)
     record["git"].pop("diff")
-    record["git"]["diff_file"] = f"{FOLDER}/{files['diff'].name}" if prov.git.dirty else None
-    record["packages"] = {"count": len(prov.packages), "file": f"{FOLDER}/{files['packages'].name}"}
+    # Relative to the run dir, which may move (a copy, another mount point).
+    relative = {what: files[what].relative_to(run_dir).as_posix() for what in ("diff", "packages")}
+    record["git"]["diff_file"] = relative["diff"] if prov.git.dirty else None
+    record["packages"] = {"count": len(prov.packages), "file": relative["packages"]}
     record["python"] = {"version": record.pop("python_version"), "executable": record.pop("python_executable")}
     record["git"]["untracked"] = list(prov.git.untracked)
     record["hosts"] = list(prov.hosts)

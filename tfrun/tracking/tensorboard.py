@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any, Mapping
+
+from tfrun import variables
+from tfrun.paths import RunPaths
 
 _writer: Any = None
 
@@ -16,7 +18,7 @@ def scalars(values: Mapping[str, float], step: int) -> None:
     Recording metrics must never break training: a failure is reported once, then skipped.
     """
     global _writer
-    if _writer is False or "tensorflow" not in sys.modules or not os.environ.get("TFRUN_RUN_DIR"):
+    if _writer is False or "tensorflow" not in sys.modules or not os.environ.get(variables.RUN_DIR):
         return  # never import TensorFlow only to log
     try:
         _write_scalars(values, step)
@@ -30,8 +32,8 @@ def _file_writer() -> Any:
     import tensorflow as tf
 
     if _writer is None:
-        rank = int(os.environ.get("TFRUN_RANK", "0"))
-        folder = Path(os.environ["TFRUN_RUN_DIR"]) / "tensorboard" / ("" if rank == 0 else f"rank{rank}")
+        rank = int(os.environ.get(variables.RANK, "0"))
+        folder = RunPaths.of(os.environ[variables.RUN_DIR]).tensorboard / ("" if rank == 0 else f"rank{rank}")
         _writer = tf.summary.create_file_writer(str(folder))
     return _writer
 

@@ -19,7 +19,7 @@ from hydra.plugins.config_source import ConfigResult, ConfigSource
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 SCHEME = "tfrun-schema"
-TFRUN_CONFIGS = "pkg://tfrun.conf"
+CONFIGS = "pkg://tfrun.conf"
 
 
 class TfrunSchemaSource(ConfigSource):
@@ -67,5 +67,5 @@ class TfrunSchemaSearchPath(SearchPathPlugin):
     """Adds ``tfrun-schema://`` to tfrun's own app's search path."""
 
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        if any(entry.path == TFRUN_CONFIGS for entry in search_path.get_path()):
+        if any(entry.path == CONFIGS for entry in search_path.get_path()):
             search_path.append("tfrun", f"{SCHEME}://tfrun.config.schema")

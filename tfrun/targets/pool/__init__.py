@@ -28,8 +28,10 @@ from typing import Any, Sequence
 
 from tfrun import rundir
 from tfrun.errors import ConfigError
-from tfrun.plan import Plan, pools, sbatch
+from tfrun.paths import RunPaths, SweepPaths
+from tfrun.plan import Plan, pools
 from tfrun.plan.pools import PoolSpec
+from tfrun.states import FINAL
 from tfrun.targets.pool.store import Item, PoolStore
 
 # How often a follower asks Slurm about a pool's allocations (its items' states are files).
@@ -79,12 +81,12 @@ class Pool(ABC):
     def signal(self, run_dir: str | os.PathLike[str], sig: int = signal.SIGUSR2, requeue: bool = False) -> None:
         """Deliver ``sig`` to one item's processes (a policy's stop: SIGUSR2, the item backs up
         and stops) through the coordinator holding it."""
-        rundir.write_json(Path(run_dir) / rundir.SIGNAL_FILE, {"signal": int(sig), "requeue": requeue,
+        rundir.write_json(RunPaths.of(run_dir).signal_request, {"signal": int(sig), "requeue": requeue,
                                                                "time": time.time()})
 
     def cancel(self, run_dir: str | os.PathLike[str]) -> None:
         """Cancel one item: never started if it waits, else its processes end; the others go on."""
-        (Path(run_dir) / rundir.CANCEL_FILE).touch()
+        RunPaths.of(run_dir).cancel_request.touch()
         item = rundir.read_status(run_dir).get("pool_item")
         if item and self.store.take_back(item):
             rundir.update_status(run_dir, state="CANCELLED", ended=time.time(), reason="cancelled with tfrun cancel")
@@ -136,14 +138,14 @@ class SlurmPool(Pool):
     def live(self, states: dict[str, str]) -> list[str]:
         """Allocations that are queued or running and whose coordinator has not ended."""
         return [j for j, s in states.items()
-                if s not in rundir.FINAL_STATES and self.store.state(j).get("state") != "ended"]
+                if s not in FINAL and self.store.state(j).get("state") != "ended"]
 
     def start(self, count: int | None = None) -> list[str]:
         """Submit ``count`` allocations (default: the pool's K) as one job array."""
         from tfrun.targets import slurm
 
         count = self.spec.allocations if count is None else count
-        folder = os.path.join(self.store.path, sbatch.SUBMITIT_DIR)
+        folder = str(SweepPaths.of(self.store.path).submitit)
         executor = slurm._executor(folder, pools.allocation_parameters(self.spec), self.spec.python)
         try:
             if count == 1:
@@ -164,7 +166,7 @@ class SlurmPool(Pool):
         states = self.allocation_states()
         live = self.live(states)
         for item in self.store.held():
-            if item.holder not in live and states.get(str(item.holder)) in rundir.FINAL_STATES:
+            if item.holder not in live and states.get(str(item.holder)) in FINAL:
                 self._recover(item, states[str(item.holder)])
         waiting = self.store.queued()
         if not waiting or live:
@@ -172,7 +174,7 @@ class SlurmPool(Pool):
         # Allocations that ended without running anything (their slots would not start, Slurm
         # ended them early): the pool gives up after compute.max_requeues of them. One that ran
         # items and reached its time limit is simply followed by another.
-        failed = [j for j, s in states.items() if s in rundir.FINAL_STATES
+        failed = [j for j, s in states.items() if s in FINAL
                   and self.store.state(j).get("why") not in ("drained", "idle")
                   and not self.store.state(j).get("items")]
         if len(failed) > int(self.spec.compute.get("max_requeues", 3)):
@@ -307,7 +309,7 @@ def refresh_items(items: Sequence[tuple[Path, dict[str, Any]]], info: dict[str, 
             continue
         jobs = store.allocations()
         states = {j: slurm.tfrun_state(info[j]["State"]) if j in info else "PENDING" for j in jobs}
-        if not jobs or any(s not in rundir.FINAL_STATES and store.state(j).get("state") != "ended"
+        if not jobs or any(s not in FINAL and store.state(j).get("state") != "ended"
                            for j, s in states.items()):
             continue
         last = jobs[-1]
@@ -340,11 +342,11 @@ def cancel_items(run_dirs: Sequence[Path], statuses: Sequence[dict[str, Any]], w
     done = []
     pools_seen: dict[str, Pool] = {}
     for run_dir, status in zip(run_dirs, statuses):
-        if status.get("state") in rundir.FINAL_STATES:
+        if status.get("state") in FINAL:
             continue
         pool = pools_seen.get(status["pool"]) or pools_seen.setdefault(status["pool"], Pool.open(status["pool"]))
         if whole:
-            (Path(run_dir) / rundir.CANCEL_FILE).touch()
+            RunPaths.of(run_dir).cancel_request.touch()
         else:
             pool.cancel(run_dir)
         done.append(f"{status.get('run_id', run_dir.name)}" + ("" if whole else " (its pool's other items go on)"))
@@ -352,7 +354,7 @@ def cancel_items(run_dirs: Sequence[Path], statuses: Sequence[dict[str, Any]], w
         for pool in pools_seen.values():
             pool.stop()
             for run_dir, status in zip(run_dirs, statuses):
-                if status.get("state") not in rundir.FINAL_STATES and isinstance(pool, SlurmPool):
+                if status.get("state") not in FINAL and isinstance(pool, SlurmPool):
                     rundir.update_status(run_dir, state="CANCELLED", ended=time.time(),
                                          reason="cancelled with tfrun cancel (its pool was ended)")
     return done

@@ -22,7 +22,8 @@ import sys
 import time
 from typing import Any
 
-from tfrun import rundir
+from tfrun import rundir, variables
+from tfrun.paths import RunPaths
 from tfrun.plan.pools import AGENT_MODULE, PoolSpec
 
 EVENT = "tfrun-pool "  # starts every line the coordinator reads; anything else is noise
@@ -48,7 +49,7 @@ def say(message: str) -> None:
 
 def task_rank() -> int:
     """This task's rank in the slot (the item's rank it runs)."""
-    return int(os.environ.get("SLURM_PROCID") or os.environ.get("TFRUN_RANK") or 0)
+    return int(os.environ.get("SLURM_PROCID") or os.environ.get(variables.RANK) or 0)
 
 
 def warm_up(spec: PoolSpec, preload: bool = True) -> tuple[list[str], list[str]]:
@@ -91,11 +92,11 @@ def become_item(order: dict[str, Any]) -> None:
     from tfrun import bootstrap
 
     rank = task_rank()
-    bootstrap.redirect_output(rundir.rank_log(order["run_dir"], rank))
+    bootstrap.redirect_output(RunPaths.of(order["run_dir"]).rank_log(rank))
     _reseed()
     code = 1
     try:
-        code = bootstrap.run_task(order["run_dir"], order["env"].get("TFRUN_LAUNCHER", "slurm"))
+        code = bootstrap.run_task(order["run_dir"], order["env"].get(variables.LAUNCHER, "slurm"))
     except BaseException as exc:  # tfrun's own failure before the script: the item fails, alone
         bootstrap.print_user_traceback(exc)
     finally:

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tfrun import rundir
+from tfrun import rundir, variables
+from tfrun.paths import RunPaths
+from tfrun.states import FINAL
 from tfrun.targets.pool import settle
 from tfrun.targets.pool.slots import Slot
 from tfrun.targets.pool.store import Item, PoolStore
@@ -259,10 +261,10 @@ class Coordinator:
             if item is None:
                 return
             status = rundir.read_status(item.run_dir)
-            if status.get("state") in rundir.FINAL_STATES:  # settled already (cancelled while queued)
+            if status.get("state") in FINAL:  # settled already (cancelled while queued)
                 self.store.finish(item)
                 continue
-            if (Path(item.run_dir) / rundir.CANCEL_FILE).exists():
+            if RunPaths.of(item.run_dir).cancel_request.exists():
                 self._settle(item, {"state": "CANCELLED", "ended": time.time(),
                                     "reason": "cancelled with tfrun cancel"})
                 continue
@@ -283,8 +285,8 @@ class Coordinator:
         rundir.update_status(item.run_dir, state="RUNNING", started=now, ended=None, failed_rank=None, reason=None,
                              exit_codes=None, allocation=self.allocation, slot=slot.index, attempt=attempt,
                              job_ids=[self.allocation] if self.launcher == "slurm" else [], **self.local_fields)
-        (Path(item.run_dir) / rundir.SIGNAL_FILE).unlink(missing_ok=True)  # meant for an earlier attempt
-        env = {"TFRUN_ATTEMPT": attempt, "TFRUN_LAUNCHER": self.launcher, rundir.POOL_ENV: str(self.store.path)}
+        RunPaths.of(item.run_dir).signal_request.unlink(missing_ok=True)  # meant for an earlier attempt
+        env = {variables.ATTEMPT: attempt, variables.LAUNCHER: self.launcher, variables.POOL: str(self.store.path)}
         run = Running(item, slot, attempt, now, time.monotonic() + 60 * float(minutes) if minutes else None,
                       settle.critical_ranks(plan))
         self.running[item.id] = run
@@ -302,11 +304,11 @@ class Coordinator:
         now = time.monotonic()
         for run in list(self.running.values()):
             folder = Path(run.item.run_dir)
-            if run.outcome is None and (folder / rundir.CANCEL_FILE).exists():
+            if run.outcome is None and RunPaths.of(folder).cancel_request.exists():
                 run.outcome = "cancelled"
                 self._signal(run, signal.SIGTERM)
                 run.kill_at = now + self.grace_s
-            asked = folder / rundir.SIGNAL_FILE
+            asked = RunPaths.of(folder).signal_request
             if asked.exists():
                 request = rundir.read_json(asked) or {}
                 asked.unlink(missing_ok=True)
@@ -327,7 +329,7 @@ class Coordinator:
         run.slot.item = None
         folder = Path(run.item.run_dir)
         stopped = any(c == preempt.EXIT_PREEMPTED for c in run.codes.values())
-        decided = (folder / rundir.PRUNE_FILE).exists() or (folder / rundir.CANCEL_FILE).exists()
+        decided = RunPaths.of(folder).prune.exists() or RunPaths.of(folder).cancel_request.exists()
         if stopped and not decided and not self.stopping and self.launcher == "slurm":
             reason = self._why_stopping()
             if reason in ("preempted", "timeout"):

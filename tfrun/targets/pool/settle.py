@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 from tfrun import backends, rundir
 from tfrun.model import export
+from tfrun.paths import RunPaths
 from tfrun.task import preempt
 
 
 def fields(run_dir: str, codes: dict[int, int], outcome: str | None, stopped: bool) -> dict[str, Any]:
     """An item's final status fields from its ranks' exit codes and what was decided before its
     end (``outcome``: cancelled, timeout); ``stopped``: a rank stopped on request."""
-    if outcome == "cancelled" or (Path(run_dir) / rundir.CANCEL_FILE).exists():
+    if outcome == "cancelled" or RunPaths.of(run_dir).cancel_request.exists():
         state = "CANCELLED"
     elif outcome == "timeout":
         state = "TIMEOUT"

@@ -11,7 +11,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import IO, Any
 
-from tfrun import rundir
+from tfrun import rundir, variables
 from tfrun.plan import pools
 from tfrun.plan.pools import PoolSpec
 from tfrun.targets.pool.agent import EVENT
@@ -139,7 +139,7 @@ class LocalSlot(Slot):
     def start(self) -> None:
         devices = local_devices(self.spec, self.index)
         for rank in range(self.spec.world):
-            env = {**os.environ, **self.extra_env, "TFRUN_LAUNCHER": "local", "TFRUN_RANK": str(rank)}
+            env = {**os.environ, **self.extra_env, variables.LAUNCHER: "local", variables.RANK: str(rank)}
             if devices is not None:
                 env["CUDA_VISIBLE_DEVICES"] = devices
             self._spawn(pools.agent_command(self.spec, self.store.path), env)

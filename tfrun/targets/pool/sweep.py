@@ -5,14 +5,16 @@ points one after another, each from a warm interpreter, its output shown as it c
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
 from tfrun import deps, rundir
+from tfrun.paths import RunPaths
 from tfrun.plan import Plan, pools
+from tfrun.states import FINAL
 from tfrun.targets import progress, slurm
 from tfrun.targets.pool import LocalPool, Pool, SlurmPool, refresh_items
 from tfrun.targets.report import print_outcome
@@ -27,7 +29,7 @@ def run_sweep(plans: Sequence[Plan], sweep_dir: str | os.PathLike[str]) -> list[
     first = plans[0]
     with progress.busy(f"submitting {len(plans)} run(s) to a pool") if spec.target == "slurm" else nullcontext():
         for plan in plans:
-            os.makedirs(rundir.rank_log(plan.run_dir, 0).parent, exist_ok=True)
+            os.makedirs(RunPaths.of(plan.run_dir).rank_log(0).parent, exist_ok=True)
             plan.save()
         extra_env = deps.prepare(first)  # a broken environment fails here, before anything starts
         for plan in plans[1:]:
@@ -65,13 +67,13 @@ def follow_slurm(pool: SlurmPool, plans: Sequence[Plan], poll_s: float) -> list[
         while True:
             pool.ensure()
             statuses = [rundir.read_status(d) for d in dirs]
-            unfinished = [(d, s) for d, s in zip(dirs, statuses) if s.get("state") not in rundir.FINAL_STATES]
+            unfinished = [(d, s) for d, s in zip(dirs, statuses) if s.get("state") not in FINAL]
             if unfinished:
                 jobs = pool.store.allocations()
                 refresh_items(unfinished, slurm.query(jobs) if jobs else {})
             states = {str(d): s.get("state", "PENDING") for d, s in zip(dirs, statuses)}
             shown = slurm.show_sweep(view, plans, states, shown)
-            if all(s in rundir.FINAL_STATES for s in states.values()):
+            if all(s in FINAL for s in states.values()):
                 return [states[p.run_dir] for p in plans]
             time.sleep(poll_s)
     finally:
@@ -91,11 +93,11 @@ def follow_local(pool: LocalPool, plans: Sequence[Plan]) -> list[str]:
         while plan.run_dir not in states:
             status = rundir.read_status(plan.run_dir)
             if status.get("state") != "PENDING" and plan.run_dir not in tails:
-                tails[plan.run_dir] = [_Tail(rundir.rank_log(plan.run_dir, t.rank), len(plan.tasks) > 1, t.rank)
+                tails[plan.run_dir] = [_Tail(RunPaths.of(plan.run_dir).rank_log(t.rank), len(plan.tasks) > 1, t.rank)
                                        for t in plan.tasks]
             for tail in tails.get(plan.run_dir, []):
                 tail.pump()
-            if status.get("state") in rundir.FINAL_STATES:
+            if status.get("state") in FINAL:
                 for tail in tails.get(plan.run_dir, []):
                     tail.pump(last=True)
                 states[plan.run_dir] = status["state"]

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from tfrun import deps, rundir
+from tfrun import deps
 from tfrun.config.validate import is_number, is_whole
 from tfrun.errors import ConfigError
+from tfrun.paths import RunPaths
 from tfrun.plan import Plan, pools
 from tfrun.plan.pools import PoolSpec
 from tfrun.targets.pool import LocalPool, Pool, SlurmPool, pool_rejected
@@ -157,7 +158,7 @@ def os_makedirs(plan: Plan) -> None:
     """The trial's logs dir and plan.json (as a job of its own would have them)."""
     import os
 
-    os.makedirs(rundir.rank_log(plan.run_dir, 0).parent, exist_ok=True)
+    os.makedirs(RunPaths.of(plan.run_dir).rank_log(0).parent, exist_ok=True)
     plan.save()
 
 
