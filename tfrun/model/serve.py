@@ -318,7 +318,7 @@ def make_server(served: Served, host: str, port: int) -> ThreadingHTTPServer:
 
 def model_path(run: str | None, model: str | None) -> Path:
     """The .onnx file of a run: --model, else the one its last export wrote."""
-    run_dir = rundir.find_run(run)
+    run_dir = rundir.find_one_run(run)
     outputs = run_dir / "outputs"
     record = rundir.read_json(run_dir / "export.json") or {}
     path = outputs / model if model else Path(record.get("onnx") or outputs / "model.onnx")
