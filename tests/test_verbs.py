@@ -74,3 +74,22 @@ def test_no_runs_says_where_it_looked(tmp_path: Path) -> None:
     result = run_tfrun(tmp_path, "runs")
     assert result.returncode == 0 and result.stdout == ""
     assert result.stderr.startswith(f"tfrun: no runs under {tmp_path / 'runs'}"), result.stderr
+
+
+# --- logs ------------------------------------------------------------------------------------
+
+def test_logs_of_a_rank_the_run_does_not_have_is_refused(tmp_path: Path) -> None:
+    run = tiny_run(tmp_path)
+    result = run_tfrun(tmp_path, "logs", "--rank", "5")
+    assert result.returncode == 2, result
+    assert result.stderr == f"tfrun: error: --rank 5: run {run.name} has 1 task (rank 0)\n"
+    assert run_tfrun(tmp_path, "logs", "--rank", "0").stdout.rstrip().endswith("tiny []")
+
+
+def test_logs_of_a_sweep_says_which_point_it_shows(tmp_path: Path) -> None:
+    sweep = tiny_sweep(tmp_path)
+    result = run_tfrun(tmp_path, "logs", sweep.name)
+    assert result.returncode == 0, result.stderr
+    assert "tiny ['--a', '1']" in result.stdout and "'2'" not in result.stdout
+    assert f"{sweep} is a sweep of 2 run(s): the log of its first point, {sweep / '0'}" in result.stderr
+    assert "tiny ['--a', '2']" in run_tfrun(tmp_path, "logs", f"{sweep.name}/1").stdout
