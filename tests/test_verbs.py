@@ -3,13 +3,17 @@ which run is "the latest", what a run list shows, a rank or a path that is not t
 a traceback (bad input, a closed pipe, Ctrl-C, an optional extra that is not installed)."""
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_dir_from, run_tfrun
+from tests.helpers import (popen_tfrun, run_dir_from, run_tfrun, scratch_env, stop, text_of, tfrun_command, wait_for,
+                           without)
 
 # A script that records one metric, as a Keras fit would, in a fraction of a second.
 TINY = """import sys
@@ -93,3 +97,164 @@ def test_logs_of_a_sweep_says_which_point_it_shows(tmp_path: Path) -> None:
     assert "tiny ['--a', '1']" in result.stdout and "'2'" not in result.stdout
     assert f"{sweep} is a sweep of 2 run(s): the log of its first point, {sweep / '0'}" in result.stderr
     assert "tiny ['--a', '2']" in run_tfrun(tmp_path, "logs", f"{sweep.name}/1").stdout
+
+
+# --- never a traceback: bad input, a closed pipe, Ctrl-C, a missing extra --------------------
+
+def tiny_onnx(path: Path) -> None:
+    """A one-node ONNX model (y = x, x: float32 [N, 4]) where a run's export would put it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "tiny", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project dir with a completed run (its model in outputs/) and a completed sweep."""
+    where = tmp_path_factory.mktemp("verbs")
+    tiny_run(where, "tfrun.name=plain")
+    tiny_onnx(tiny_run(where, "tfrun.name=served") / "outputs" / "model.onnx")
+    tiny_sweep(where)
+    return where
+
+
+def named(project: Path, name: str) -> Path:
+    """The project's run of that ``tfrun.name``."""
+    return next(p.parent for p in (project / "runs").glob("*/plan.json") if f'"name": "{name}"' in p.read_text())
+
+
+# verb -> the arguments it is tried with on the project's latest run (the sweep) or its first run.
+USES = {
+    "status": ["status"], "watch": ["watch"], "logs": ["logs"], "cancel": ["cancel"], "runs": ["runs"],
+    "resume": ["resume", "PLAIN"], "plot": ["plot", "--metric", "loss", "-o", "OUT/curves.png"],
+    "tensorboard": ["tensorboard", "--print-command"], "export": ["export", "PLAIN"],
+    "serve": ["serve", "SERVED", "--port", "0"], "sync": ["sync"], "env": ["env", "list", "--cache-dir", "OUT/envs"],
+    "tune": ["tune", "resume", "nope"],
+}
+# verb -> (a package of an optional extra it needs, the extra)
+EXTRAS = {"plot": ("matplotlib", "tracking"), "serve": ("onnxruntime", "onnx"), "sync": ("mlflow", "tracking"),
+          "export": ("tf2onnx", "onnx"), "tensorboard": ("tensorboard", "tensorboard")}
+
+
+def _args(verb: str, project: Path, out: Path) -> list[str]:
+    return [a.replace("PLAIN", str(named(project, "plain"))).replace("SERVED", str(named(project, "served")))
+            .replace("OUT", str(out)) for a in USES[verb]]
+
+
+def no_traceback(result: subprocess.CompletedProcess[str] | tuple[int, str], what: str) -> None:
+    output = result[1] if isinstance(result, tuple) else result.stdout + result.stderr
+    assert "Traceback" not in output and "Error:" not in output.replace("tfrun: error:", ""), f"{what}:\n{output}"
+
+
+def test_the_table_has_every_verb() -> None:
+    from tfrun.cli.verbs import BY_NAME
+
+    assert set(USES) == set(BY_NAME)
+
+
+@pytest.mark.parametrize("verb", list(USES))
+def test_a_verb_given_what_is_not_there_says_so(project: Path, verb: str, tmp_path: Path) -> None:
+    """A run that does not exist, and an argument the verb does not take: exit 2, one line."""
+    for args in ([verb, *(["resume"] if verb == "tune" else ["list"] if verb == "env" else []), "no-such-run"],
+                 [verb, "--no-such-option"]):
+        if verb == "env" and args[-1] == "no-such-run":
+            args = ["env", "no-such-action"]
+        result = run_tfrun(project, *args, timeout=120)
+        no_traceback(result, " ".join(args))
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stdout == "" and result.stderr.strip(), args
+
+
+@pytest.mark.parametrize("verb", list(USES))
+def test_a_verb_whose_reader_is_gone_ends_quietly(project: Path, verb: str, tmp_path: Path) -> None:
+    """``tfrun VERB | head -0``: stdout's reader closed before the verb wrote anything."""
+    if verb == "serve":  # it serves until stopped: its Ctrl-C below
+        return
+    args = _args(verb, project, tmp_path)
+    proc = subprocess.Popen([*tfrun_command(), *args], cwd=project, env=scratch_env(project),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    err = proc.communicate(timeout=300)[1]
+    no_traceback((proc.returncode, err), " ".join(args))
+    assert proc.returncode in (0, 1, 2), (args, err)
+
+
+def _interrupted(project: Path, args: list[str], ready: str, tmp_path: Path) -> tuple[int, str]:
+    """Run ``tfrun ARGS``, press Ctrl-C (SIGINT to its process group) once ``ready`` shows in its
+    output; its exit code and output."""
+    log = tmp_path / "out.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*tfrun_command(), *args], cwd=project, env=scratch_env(project),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: ready in text_of(log) or proc.poll() is not None, 120, f"{ready!r} from {args}")
+        assert proc.poll() is None, text_of(log)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        stop(proc)
+    return proc.returncode, text_of(log)
+
+
+@pytest.mark.parametrize("verb, args, ready", [
+    ("serve", ["serve", "SERVED", "--port", "0"], "Ctrl-C stops"),
+    ("tensorboard", ["tensorboard", "--port", "0"], "TensorBoard over"),
+    ("watch", ["watch", "LIVE"], "RUNNING"),
+    ("logs", ["logs", "LIVE", "-f"], "sleeping"),
+])
+def test_ctrl_c_stops_a_verb_that_runs_on(project: Path, verb: str, args: list[str], ready: str,
+                                          tmp_path: Path) -> None:
+    live = None
+    if "LIVE" in args:  # a run that trains on while it is watched
+        (project / "sleepy.py").write_text("import time\nprint('sleeping', flush=True)\ntime.sleep(120)\n")
+        live, _, _ = popen_tfrun(project, "entry.script=sleepy.py", name=f"live-{verb}")
+        wait_for(lambda: any("sleeping" in text_of(p) for p in (project / "runs").glob("*/logs/rank0.log")), 120,
+                 "the live run to start")
+    try:
+        live_dir = next((p.parents[1] for p in (project / "runs").glob("*/logs/rank0.log")
+                         if "sleeping" in text_of(p)), None)
+        given = [a.replace("SERVED", str(named(project, "served"))).replace("LIVE", str(live_dir)) for a in args]
+        code, output = _interrupted(project, given, ready, tmp_path)
+        no_traceback((code, output), " ".join(given))
+        assert code in (0, 130), output
+    finally:
+        if live is not None:
+            run_tfrun(project, "cancel", str(live_dir))
+            stop(live)
+
+
+@pytest.mark.parametrize("verb", list(EXTRAS))
+def test_a_verb_without_its_optional_extra_says_what_to_install(project: Path, verb: str, tmp_path: Path) -> None:
+    module, extra = EXTRAS[verb]
+    args = _args(verb, project, tmp_path)
+    result = run_tfrun(project, *args, timeout=120, **without(tmp_path, module))
+    no_traceback(result, " ".join(args))
+    assert result.returncode == 2, result.stderr
+    install = "pip install tensorboard" if extra == "tensorboard" else f"pip install 'tfrun[{extra}]'"
+    assert result.stderr == f"tfrun: error: tfrun {verb} needs {module}, which is not installed here: {install}\n"
+
+
+@pytest.mark.parametrize("overrides, module, what", [
+    (["-m", "hydra/sweeper=tfrun", "tfrun.objective=loss", "trainer.lr=interval(0.1,1)"], "optuna",
+     "hydra/sweeper=tfrun"),
+    (["tracking=mlflow"], "mlflow", "tracking=mlflow"),
+], ids=["tuning", "mlflow"])
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_a_run_without_its_optional_extra_starts_nothing(tmp_path: Path, overrides: list[str], module: str, what: str,
+                                                         dry_run: bool) -> None:
+    (tmp_path / "tiny.py").write_text(TINY)
+    args = [*(["--dry-run"] if dry_run else []), "entry.script=tiny.py", *overrides]
+    result = run_tfrun(tmp_path, *args, timeout=120, **without(tmp_path, module))
+    no_traceback(result, " ".join(args))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"tfrun: error: {what} needs {module}, which is not installed here: pip install "
+                                    f"'tfrun["), result.stderr
+    assert not (tmp_path / "runs").exists()
