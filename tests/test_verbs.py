@@ -3,6 +3,7 @@ which run is "the latest", what a run list shows, a rank or a path that is not t
 a traceback (bad input, a closed pipe, Ctrl-C, an optional extra that is not installed)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -258,3 +259,70 @@ def test_a_run_without_its_optional_extra_starts_nothing(tmp_path: Path, overrid
     assert result.stderr.startswith(f"tfrun: error: {what} needs {module}, which is not installed here: pip install "
                                     f"'tfrun["), result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_epochs_count_from_one_wherever_they_are_shown(tmp_path: Path) -> None:
+    """Keras prints ``Epoch 1/2`` for the first epoch: so do status, watch and plot, while
+    metrics.jsonl keeps Keras's own index (0 for the first)."""
+    from tfrun.tracking.compare import curves
+
+    (tmp_path / "two.py").write_text("from tfrun.tracking.metrics import log_epoch\n"
+                                     "for epoch in range(2):\n    log_epoch(epoch, {'loss': 1.0 / (epoch + 1)})\n")
+    run = run_dir_from(run_tfrun(tmp_path, "entry.script=two.py", "trainer.epochs=2").stderr)
+    assert [r["epoch"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [0, 1]
+    assert "latest epoch: epoch 2: loss=0.5" in run_tfrun(tmp_path, "status").stdout
+    assert "epoch 2/2" in run_tfrun(tmp_path, "watch").stdout
+    assert [epochs for _, epochs, _, _ in curves([run], "loss")] == [[1, 2]]
+
+
+# --- what a verb says --------------------------------------------------------------------------
+
+def test_cancel_of_a_finished_run_says_there_is_nothing_to_cancel(tmp_path: Path) -> None:
+    run = tiny_run(tmp_path)
+    result = run_tfrun(tmp_path, "cancel")
+    assert (result.returncode, result.stdout) == (0, "")
+    assert result.stderr == f"tfrun: run {run.name} is COMPLETED: nothing to cancel\n"
+    sweep = tiny_sweep(tmp_path)
+    result = run_tfrun(tmp_path, "cancel", sweep.name)
+    assert result.stderr == f"tfrun: every run of sweep {sweep.name} has ended: nothing to cancel\n"
+
+
+def test_serve_of_a_model_file_the_run_does_not_have_names_the_ones_it_has(tmp_path: Path) -> None:
+    run = tiny_run(tmp_path)
+    tiny_onnx(run / "outputs" / "model.onnx")
+    result = run_tfrun(tmp_path, "serve", "--model", "nope.onnx", "--port", "0")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"tfrun: error: --model 'nope.onnx': no {run}/outputs/nope.onnx; "
+                             f"its .onnx files: model.onnx\n")
+
+
+def test_serve_of_a_registered_model_removes_its_download_when_it_stops(tmp_path: Path) -> None:
+    """``tfrun serve models:/NAME/VERSION`` downloads the version's ONNX file; Ctrl-C removes it."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tiny_onnx(tmp_path / "model" / "model.onnx")
+    client = mlflow.MlflowClient(uri, uri)
+    experiment = client.create_experiment("tiny", artifact_location=str(tmp_path / "artifacts"))
+    made = client.create_run(experiment)
+    client.log_artifacts(made.info.run_id, str(tmp_path / "model"), "model")
+    client.create_registered_model("tiny")
+    client.create_model_version("tiny", f"{made.info.artifact_uri}/model", made.info.run_id)
+    client.set_terminated(made.info.run_id)
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    log = tmp_path / "serve.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*tfrun_command(), "serve", "models:/tiny/1", "--tracking-uri", uri, "--port", "0"],
+                                cwd=tmp_path, env=scratch_env(tmp_path, TMPDIR=str(temp)), stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "Ctrl-C stops" in text_of(log) or proc.poll() is not None, 120, "serve to start")
+        served = re.search(r"serving (\S+\.onnx)", text_of(log))
+        assert served and Path(served.group(1)).is_file() and str(temp) in served.group(1), text_of(log)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, text_of(log)
+    finally:
+        stop(proc)
+    assert not list(temp.glob("tfrun-model-*")), "the downloaded model was left behind"

@@ -35,4 +35,6 @@ def run(args: argparse.Namespace) -> int:
             continue
         ended = f", ended {known['ended']}" if known.get("ended") else ", still running"
         print(f"{run_dir.name}: MLflow run {known['run_id']} at {known['tracking_uri']} up to date{ended}")
+        if known.get("registered"):
+            print(f"{run_dir.name}: {mlflow_sync.registered_text(known['registered'])}")
     return code
