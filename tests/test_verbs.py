@@ -326,3 +326,42 @@ def test_serve_of_a_registered_model_removes_its_download_when_it_stops(tmp_path
     finally:
         stop(proc)
     assert not list(temp.glob("tfrun-model-*")), "the downloaded model was left behind"
+
+
+def test_a_rank_shows_running_only_while_its_run_runs() -> None:
+    from tfrun.cli.cmd_status import rank_state
+
+    started = {"rank": 0, "host": "node1", "pid": 4242}  # a task that has not recorded an end
+    assert rank_state(started, "RUNNING") == "running"
+    assert rank_state(started, "PREEMPTED") == "not running (the run is PREEMPTED)"
+    assert rank_state(started, "PENDING") == "not running (the run is PENDING)"
+    assert rank_state(started, "FAILED") == "killed before it finished"
+    assert rank_state({**started, "ended": 1.0, "exit_code": 0}, "PREEMPTED") == "exit 0"
+
+
+HANGS = """import time
+
+
+def wait_for_data():
+    time.sleep(600)
+
+
+print("waiting", flush=True)
+wait_for_data()
+"""
+
+
+def test_a_hung_rank_is_shown_where_its_script_is_stuck(tmp_path: Path) -> None:
+    """Not the end of its log, which is the watchdog's dump of every thread (py-spy's of
+    tfrun's own idle heartbeat thread last)."""
+    (tmp_path / "hangs.py").write_text(HANGS)
+    result = run_tfrun(tmp_path, "entry.script=hangs.py", "compute.hang_timeout_s=3", timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    log = run_dir_from(result.stderr) / "logs" / "rank0.log"
+    stuck = [f"where its script is stuck (the watchdog's stacks in {log}):",
+             f'  | File "{tmp_path / "hangs.py"}", line 5 in wait_for_data',
+             f'  | File "{tmp_path / "hangs.py"}", line 9 in <module>']
+    lines = result.stderr.splitlines()
+    assert lines[lines.index(stuck[0]):][:3] == stuck, result.stderr[-2000:]
+    status = run_tfrun(tmp_path, "status").stdout.splitlines()
+    assert [line.strip() for line in status[status.index("  " + stuck[0]):][:3]] == [s.strip() for s in stuck]
