@@ -351,9 +351,7 @@ def failed(run_dir: str | os.PathLike[str]) -> bool:
 
 def cmd_export(run: str | None, **overrides: Any) -> int:
     """``tfrun export RUN``: export a finished run; 0 if the export passed, else 1."""
-    run_dir = rundir.find_run(run)
-    if not rundir.is_run_dir(run_dir):
-        raise ExportError(f"{run_dir} is not a run dir (for a sweep, name one of its runs)")
+    run_dir = rundir.find_one_run(run)
     state = rundir.read_status(run_dir).get("state", "UNKNOWN")
     if state not in rundir.FINAL_STATES:
         raise ExportError(f"run {run_dir} is {state}: export it once it has finished")
