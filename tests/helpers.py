@@ -46,6 +46,42 @@ def run_tfrun(tmp_path: Path, *args: str, cwd: Path | None = None, timeout: floa
     )
 
 
+# A sitecustomize that makes the modules named in TFRUN_TEST_HIDDEN look not installed, in every
+# Python process started with it on PYTHONPATH (tfrun, its tasks, their children): their finders
+# answer "not found" for those names, as they do for a package that is not there.
+_HIDING = """import os
+import sys
+
+HIDDEN = frozenset(filter(None, os.environ.get("TFRUN_TEST_HIDDEN", "").split(",")))
+
+
+class _Hiding:
+    def __init__(self, finder):
+        self._finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in HIDDEN:
+            return None
+        return self._finder.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self._finder, attr)
+
+
+sys.meta_path[:] = [_Hiding(f) if hasattr(f, "find_spec") else f for f in sys.meta_path]
+"""
+
+
+def without(tmp_path: Path, *modules: str) -> dict[str, str]:
+    """Environment variables for :func:`run_tfrun` under which ``modules`` are not installed
+    (an optional extra missing), without touching the environment itself."""
+    folder = tmp_path / "hidden-modules"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(_HIDING)
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "TFRUN_TEST_HIDDEN": ",".join(modules)}
+
+
 def popen_tfrun(tmp_path: Path, *args: str, name: str = "tfrun") -> tuple[subprocess.Popen, Path, Path]:
     """Start tfrun in the background, output to ``NAME.out``/``NAME.err``; SIGINT acts as in a
     terminal (a test runner started in the background may have it ignored)."""

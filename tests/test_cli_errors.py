@@ -51,7 +51,32 @@ CASES = {
                                           "-m", "trainer.x=1,2"], ["compute.array_parallelism", "0", ">= 1"]),
     "negative requeues": (["compute=slurm", "compute.max_requeues=-1"], ["compute.max_requeues", "-1", ">= 0"]),
     "non-trainer parse error": (["compute.nodes=$(ls)"], ["compute.nodes", "$(ls)"]),
-    "unquoted tilde": (["entry.source_dir=~/data"], ["entry.source_dir", "~/data", "quote it"]),
+    "unquoted tilde": (["entry.source_dir=~/data"], ["entry.source_dir", "~/data", "quote it",
+                                                      "\"entry.source_dir='~/data'\""]),
+    # A key of another option of the group: that option is named.
+    "key of another option": (["compute.partition=debug"], ["compute.partition", "not a key of compute=local",
+                                                           "partition is a key of compute=slurm"]),
+    "entry of a mapping of another option": (["compute.additional_parameters.gres=gpu:2"],
+                                             ["compute.additional_parameters", "not a key of compute=local",
+                                              "additional_parameters is a key of compute=slurm"]),
+    "key of a deps option": (["deps.pip_packages=[tabulate]"], ["deps.pip_packages", "deps=none", "deps=pip"]),
+    # Sweep syntax where no sweep runs: what to add.
+    "interval without the tuning sweeper": (["-m", "trainer.lr=interval(0.001,0.1)"],
+                                            ["trainer.lr=interval(0.001,0.1)", "hydra/sweeper=tfrun", "-m",
+                                             "tfrun.objective"]),
+    "interval without -m": (["trainer.lr=interval(0.001,0.1)"], ["trainer.lr=interval(0.001,0.1)", "-m",
+                                                                 "hydra/sweeper=tfrun"]),
+    "choice without -m": (["trainer.lr=choice(0.1,0.2)"], ["trainer.lr=choice(0.1,0.2)", "add -m"]),
+    "comma sweep without -m": (["compute.nodes=1,2"], ["compute.nodes=1,2", "add -m", "compute.nodes=[1,2]"]),
+    # A list item Hydra's grammar cannot read, in a key that is no list of text: how to quote one item.
+    "list item to quote": (["compute.nodes=[1,>2]"], ["compute.nodes", "[1,>2]", '"b>=4"']),
+}
+# id -> strings the message must not contain (it must not contradict itself, nor show tfrun's own rewrites).
+ABSENT = {
+    "entry of a mapping of another option": ["allowed keys: additional_parameters"],
+    "interval without -m": ["++", "BasicSweeper", "INTERVAL_SWEEP"],
+    "interval without the tuning sweeper": ["BasicSweeper", "INTERVAL_SWEEP"],
+    "choice without -m": ["++", "requires --multirun"],
 }
 
 
@@ -69,6 +94,8 @@ def test_bad_input_is_one_clear_error(tmp_path: Path, case: str, dry_run: bool) 
     assert result.stderr.count("tfrun: error:") == 1
     for text in wanted:
         assert text in result.stderr, f"{text!r} missing from:\n{result.stderr}"
+    for text in ABSENT.get(case, []):
+        assert text not in result.stderr, f"{text!r} in:\n{result.stderr}"
     # Nothing was started: no run dir, no plan, no rank log.
     assert set(tmp_path.rglob("*")) == before == set()
 
@@ -80,6 +107,18 @@ def test_good_values_pass_unchanged(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     argv = json.loads(result.stdout)["tasks"][0]["argv"][1:]
     assert argv == ["--name", "a/b:c+d", "--lr", "0.001", "--tags", "x", "y", "--path", "~/data", "--opt", "k=v@1%"]
+
+
+def test_a_list_item_with_a_version_needs_no_quoting(tmp_path: Path) -> None:
+    """The README's ``'deps.pip_packages=[tabulate,humanize>=4]'``: an item Hydra's grammar
+    cannot read (``>``) in a list of text is taken as that text; quoted, it is the same."""
+    packages = []
+    for value in ("[tabulate,humanize>=4]", '[tabulate,"humanize>=4"]', "[tabulate, humanize>=4]"):
+        result = run_tfrun(tmp_path, "--dry-run=json", "deps=pip", f"deps.pip_packages={value}")
+        assert result.returncode == 0, result.stderr
+        plan = json.loads(result.stdout)
+        packages.append((plan["config"]["deps"]["pip_packages"], plan["deps"]["key"]))
+    assert packages == [(["tabulate", "humanize>=4"], packages[0][1])] * 3
 
 
 def test_free_form_mappings_take_entries_as_typed(tmp_path: Path) -> None:

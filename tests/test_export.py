@@ -186,7 +186,7 @@ def test_export_verb_on_a_finished_run(tmp_path: Path) -> None:
     assert not (run_dir / "export.json").exists() and "export" not in read_json(run_dir / "status.json")
 
     bad = run_tfrun(tmp_path, "export", str(run_dir), "--tolerance", "-1")
-    assert bad.returncode == 1 and "export.tolerance=-1.0 is not valid" in bad.stderr
+    assert bad.returncode == 2 and "export.tolerance=-1.0 is not valid" in bad.stderr
 
     done = run_tfrun(tmp_path, "export", run_dir.name, "--opset", "13", "--samples", "64", timeout=600)
     assert done.returncode == 0, done.stderr

@@ -415,6 +415,7 @@ def test_bad_slurm_input_exits_2_and_queues_nothing(tmp_path: Path, job_name: st
     else:
         assert errors[0].startswith("tfrun: error: Slurm rejected the job: "), errors
         assert message.lower() in errors[0].lower(), errors
+        assert result.stderr == errors[0] + "\n", "sbatch's words, said twice"
         statuses = list((tmp_path / "runs").glob("*/status.json"))
         assert len(statuses) == 1
         status = read_json(statuses[0])

@@ -141,6 +141,7 @@ def test_plain_lines_in_a_pipe_until_every_run_ended(watched: Watched) -> None:
     assert point1 and "FAILED" in point1[-1]
     assert any("RUNNING" in line for line in point0 + point1)
     assert lines[-1] == "sweep of 2: 2/2 finished (1 COMPLETED, 1 FAILED)"
+    assert watched.pipe_err == "", "the last line again, on stderr"
     assert watched.pipe_code == 1
     # tfrun -m itself, in a file, keeps its plain lines.
     assert "tfrun: sweep point 2/2" in watched.sweep_err and watched.sweep_code == 1

@@ -1,6 +1,7 @@
 """The few exception types tfrun raises, so callers can tell user mistakes from failures."""
 from __future__ import annotations
 
+import importlib.util
 from typing import Iterable
 
 
@@ -42,3 +43,18 @@ class BootstrapError(TfrunError):
 
 class ExportError(TfrunError):
     """Converting or checking the trained model failed (the run itself is not affected)."""
+
+
+# How the optional extras are installed (pyproject.toml's [project.optional-dependencies]).
+ONNX = "pip install 'tfrun[onnx]'"
+TRACKING = "pip install 'tfrun[tracking]'"
+TUNE = "pip install 'tfrun[tune]'"
+
+
+def require(what: str, modules: Iterable[str], install: str) -> None:
+    """Refuse ``what`` (a verb, an option) when a package it needs is not installed: a
+    :class:`ConfigError` (exit 2, nothing started) naming the packages and how to install them."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise ConfigError(f"{what} needs {', '.join(missing)}, which {verb} not installed here: {install}")

@@ -27,6 +27,8 @@ from tfrun.errors import UsageError
 from tfrun.paths import RunPaths, SweepPaths, is_run_dir
 from tfrun.states import RunState
 
+LAUNCHED = "launched"  # status.json: when the run was first submitted or started (written once)
+
 
 @dataclass(frozen=True)
 class Task:
@@ -217,8 +219,18 @@ def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 def update_status(run_dir: str | os.PathLike[str], **fields: Any) -> dict[str, Any]:
     """Merge fields into the status file. Several processes write it (the launcher, a pack's
     runner, a follower in another shell, the verbs, MLflow's sync): each merge is one
-    read-modify-write under the file's lock, so none is lost."""
-    return dict(update_json(RunPaths.of(run_dir).status, lambda status: status.update(fields, updated=time.time()), {}))
+    read-modify-write under the file's lock, so none is lost.
+
+    The first time a run is submitted or started, that time is kept as ``launched`` and never
+    changed (a requeue or a resume starts it again, but it stays the run it was): the order
+    of runs (:func:`iter_runs`, the latest run of :func:`find_run`) is by it."""
+    def merge(status: dict[str, Any]) -> None:
+        status.update(fields, updated=time.time())
+        first = status.get("submitted") or status.get("started")
+        if first and not status.get(LAUNCHED):
+            status[LAUNCHED] = first
+
+    return dict(update_json(RunPaths.of(run_dir).status, merge, {}))
 
 
 def update_point(sweep_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], **fields: Any) -> None:
@@ -304,29 +316,77 @@ def runs_root(runs_dir: str | None = None) -> Path:
     return Path(runs_dir or os.environ.get(variables.RUNS_DIR) or "tfrun-runs")
 
 
+def sweep_points(path: Path) -> list[Path]:
+    """The run dirs of a sweep dir, in point order ([] for anything else)."""
+    try:
+        points = [p for p in path.iterdir() if p.is_dir() and is_run_dir(p)]
+    except OSError:  # not a dir, or not readable
+        return []
+    return sorted(points, key=lambda p: (len(p.name), p.name))
+
+
+def is_sweep_dir(path: Path) -> bool:
+    """A sweep dir has an index of its points, or run dirs in it."""
+    return SweepPaths.of(path).index.is_file() or bool(sweep_points(path))
+
+
+def launched(path: Path) -> float:
+    """When a run was launched (its first submission or start, :func:`update_status`); a sweep
+    when its first point was. For a run dir of an older tfrun, or one whose status was never
+    written, the best known time: its last start, else when its plan was written."""
+    if not is_run_dir(path):
+        times = [launched(p) for p in sweep_points(path)]
+        return min(times) if times else _mtime(path)
+    try:
+        status = read_status(path)
+    except (OSError, ValueError):  # unreadable: placed by its files' time
+        status = {}
+    for key in (LAUNCHED, "submitted", "started"):
+        if isinstance(status.get(key), (int, float)):
+            return float(status[key])
+    return _mtime(RunPaths.of(path).plan)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _entries(root: Path) -> list[Path]:
+    """The runs and sweeps directly under root, in the order they were launched."""
+    try:
+        found = [p for p in root.iterdir() if p.is_dir() and (is_run_dir(p) or is_sweep_dir(p))]
+    except OSError:  # no runs dir (yet)
+        return []
+    return sorted(found, key=lambda p: (launched(p), p.name))
+
+
 def iter_runs(root: Path) -> Iterator[Path]:
-    """Every run dir under root (single runs and sweep points), oldest first."""
-    if not root.is_dir():
-        return
-    for entry in sorted(root.iterdir()):
+    """Every run dir under root (single runs and sweep points), in the order they were
+    launched (a sweep's points together, where its first point is)."""
+    for entry in _entries(root):
         if is_run_dir(entry):
             yield entry
-        elif entry.is_dir():
-            points = [p for p in entry.iterdir() if p.is_dir() and is_run_dir(p)]
-            yield from sorted(points, key=lambda p: (len(p.name), p.name))
+        else:
+            yield from sweep_points(entry)
 
 
 def find_run(ref: str | None, root: Path | None = None) -> Path:
-    """A run (or sweep) dir from a path, an id, a unique id prefix/suffix, or the latest."""
+    """A run (or sweep) dir from a path, an id, a unique part of an id, or the one launched last."""
     root = root or runs_root()
     if ref and Path(ref).is_dir():
-        return Path(ref)
-    candidates = [p for p in sorted(root.iterdir())] if root.is_dir() else []
+        path = Path(ref)
+        if not (is_run_dir(path) or is_sweep_dir(path)):
+            raise UsageError(f"{path} is neither a run dir nor a sweep dir")
+        return path
+    candidates = _entries(root)
     if not ref:
         if not candidates:
             raise UsageError(f"no runs under {root} (set {variables.RUNS_DIR} or pass a run dir)")
-        return max(candidates, key=lambda p: p.stat().st_mtime)
-    if (root / ref).is_dir():
+        return candidates[-1]
+    if (root / ref).is_dir() and (is_run_dir(root / ref) or is_sweep_dir(root / ref)):
         return root / ref
     matches = [p for p in candidates if ref in p.name]
     if len(matches) == 1:
@@ -334,3 +394,13 @@ def find_run(ref: str | None, root: Path | None = None) -> Path:
     if not matches:
         raise UsageError(f"no run matches {ref!r} under {root}")
     raise UsageError(f"{ref!r} matches several runs: " + ", ".join(p.name for p in matches[:10]))
+
+
+def find_one_run(ref: str | None, root: Path | None = None) -> Path:
+    """A run dir (not a sweep): :func:`find_run`, for the verbs that act on one run."""
+    path = find_run(ref, root)
+    if not is_run_dir(path):
+        points = sweep_points(path)
+        example = f" ({points[0]}, ...)" if points else ""
+        raise UsageError(f"{path} is a sweep dir: name one of its runs{example}")
+    return path

@@ -234,7 +234,7 @@ def sweep_exit_code() -> int:
     """After a multirun: name the failed points; with an objective, the best run too."""
     from tfrun.targets.sweeps import SweepOutcome
     from tfrun.tracking import mlflow_sync
-    from tfrun.tracking.compare import best_point
+    from tfrun.tracking.compare import best_point, study_objective
 
     if SweepOutcome.sweep_dir:
         mlflow_sync.finish_sweep(SweepOutcome.sweep_dir, failed=bool(SweepOutcome.failed))
@@ -242,7 +242,7 @@ def sweep_exit_code() -> int:
         error(f"{len(SweepOutcome.failed)} sweep point(s) did not complete: {', '.join(SweepOutcome.failed)}")
     if SweepOutcome.objective and SweepOutcome.sweep_dir:
         best = best_point(SweepOutcome.sweep_dir, SweepOutcome.maximize)
-        if best:
+        if best and not study_objective(SweepOutcome.sweep_dir):  # a study has named its best trial
             print(f"tfrun: best run: {best['run_dir']} ({SweepOutcome.objective}={best['objective']['value']:.6g}; "
                   f"{' '.join(best['overrides'])})", file=sys.stderr)
         # A tuning study tolerates failed trials (they are reported to the sweeper as failed).

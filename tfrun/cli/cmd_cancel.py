@@ -5,7 +5,8 @@ import argparse
 
 from tfrun import rundir
 from tfrun.cli.common import add_run
-from tfrun.targets.control import cancel
+from tfrun.cli.output import say
+from tfrun.targets.control import cancel, refresh
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,7 +15,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Cancel it; say what was cancelled."""
-    for what in cancel(rundir.find_run(args.run)):
+    """Cancel it; say what was cancelled, or that nothing was left to cancel."""
+    path = rundir.find_run(args.run)
+    done = cancel(path)
+    for what in done:
         print(f"tfrun: cancelled {what}")
+    if not done and rundir.is_run_dir(path):
+        say(f"run {path.name} is {refresh([path])[0].get('state', 'UNKNOWN')}: nothing to cancel")
+    elif not done:
+        say(f"every run of sweep {path.name} has ended: nothing to cancel")
     return 0

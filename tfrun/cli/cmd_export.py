@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from tfrun.cli.common import add_run
+from tfrun.errors import ONNX, require
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export and check; 0 if the ONNX model matches the model."""
+    from tfrun.model.export import NEEDED_PACKAGES
+
+    require("tfrun export", NEEDED_PACKAGES, ONNX)
     from tfrun.cli.live import step
     from tfrun.model import export
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tfrun import rundir
 from tfrun.cli.common import add_run
+from tfrun.errors import TRACKING, require
 from tfrun.targets.control import run_dirs_of
 
 
@@ -18,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Draw the curves; print where the PNG went."""
+    require("tfrun plot", ["matplotlib"], TRACKING)
     from tfrun.tracking.compare import labels, plot
 
     path = rundir.find_run(args.run)

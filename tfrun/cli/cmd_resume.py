@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from tfrun.plan import Plan
     from tfrun.targets.report import print_outcome
 
-    path = rundir.find_run(args.run)
+    path = rundir.find_one_run(args.run)
     status = refresh([path])[0]
     if status.get("state") == "PRUNED":  # its tasks would stop at their start (prune.json)
         raise TfrunError(f"run {path} was pruned by its tuning study's policy ({status.get('reason')}): it is not "

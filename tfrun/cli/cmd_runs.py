@@ -1,11 +1,15 @@
-"""``tfrun runs [--last N] [--sweep SWEEP [--sort METRIC]]``: recent runs, or a sweep's runs with
-the parameters that differ and their metrics."""
+"""``tfrun runs [--last N] [--sweep SWEEP [--sort METRIC]]``: recent runs (in the order they were
+launched, the latest last), or a sweep's runs with the parameters that differ and their metrics."""
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
 
 from tfrun import rundir, variables
 from tfrun.cli.common import duration
+from tfrun.cli.output import say
+from tfrun.paths import RunPaths
 from tfrun.targets.control import refresh, run_dirs_of
 
 
@@ -30,12 +34,27 @@ def run(args: argparse.Namespace) -> int:
         print(sweep_table(sweep, dirs, refresh(dirs), sort=args.sort))
         return 0
     root = rundir.runs_root(args.runs_dir)
-    dirs = list(rundir.iter_runs(root))[-args.last:]
+    dirs = list(rundir.iter_runs(root))[-args.last:] if args.last > 0 else []
+    if not dirs:
+        say(f"no runs under {root} (runs are looked for in $TFRUN_RUNS_DIR, else ./tfrun-runs; --runs-dir DIR "
+            "names another)")
+        return 0
     statuses = refresh(dirs)
-    print(f"{'RUN':<34} {'STATE':<10} {'BACKEND':<8} {'COMPUTE':<8} {'JOBS':<10} DURATION")
+    print(f"{'RUN':<34} {'NAME':<12} {'STATE':<10} {'BACKEND':<8} {'COMPUTE':<8} {'JOBS':<10} {'LAUNCHED':<12} "
+          "DURATION")
     for run_dir, status in zip(dirs, statuses):
         run_id = status.get("run_id") or run_dir.name
         jobs = ",".join(status.get("job_ids") or []) or "-"
-        print(f"{run_id:<34} {status.get('state', 'UNKNOWN'):<10} {status.get('backend', '?'):<8} "
-              f"{status.get('target', '?'):<8} {jobs:<10} {duration(status)}")
+        print(f"{run_id:<34} {name_of(run_dir):<12} {status.get('state', 'UNKNOWN'):<10} {status.get('backend', '?'):<8} "
+              f"{status.get('target', '?'):<8} {jobs:<10} {_when(rundir.launched(run_dir)):<12} {duration(status)}")
     return 0
+
+
+def name_of(run_dir: Path) -> str:
+    """The run's ``tfrun.name`` label, or '-'."""
+    plan = rundir.read_json(RunPaths.of(run_dir).plan) or {}
+    return str(((plan.get("config") or {}).get("tfrun") or {}).get("name") or "-")
+
+
+def _when(stamp: float) -> str:
+    return time.strftime("%m-%d %H:%M", time.localtime(stamp)) if stamp else "-"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from tfrun.cli.common import RUN_HELP
+from tfrun.errors import ONNX, TRACKING, require
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until stopped."""
+    require("tfrun serve", ["onnxruntime"], ONNX)
+    if args.run and args.run.startswith("models:/"):
+        require(f"tfrun serve {args.run}", ["mlflow"], TRACKING)
     from tfrun.model import serve
 
     return serve.cmd_serve(args.run, host=args.host, port=args.port, model=args.model, tracking_uri=args.tracking_uri)

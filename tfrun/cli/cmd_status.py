@@ -33,20 +33,29 @@ def latest_epoch(run_dir: Path) -> str:
     return f"epoch {last['epoch'] + 1}: {values}"
 
 
+def rank_state(record: dict[str, Any], state: str | None) -> str:
+    """How a rank's task ended, or that it runs: only while its run is RUNNING (a preempted or
+    requeued run waits with no task running; its ranks' records are the last attempt's)."""
+    if record.get("ended") is not None:
+        return f"exit {record.get('exit_code')}"
+    if state in FINAL:
+        return "killed before it finished"
+    return "running" if state == "RUNNING" else f"not running (the run is {state or 'UNKNOWN'})"
+
+
 def show_run(run_dir: Path, status: dict[str, Any]) -> None:
     """Everything `tfrun status` says about one run."""
     print(f"run {status.get('run_id', run_dir.name)}: {status.get('state', 'UNKNOWN')}")
     print(f"  dir: {run_dir}")
+    name = (rundir.read_json(RunPaths.of(run_dir).plan) or {}).get("config", {}).get("tfrun", {}).get("name")
+    if name:
+        print(f"  name: {name}")
     print(f"  target: {status.get('target', '?')}  backend: {status.get('backend', '?')}  "
           f"tasks: {status.get('world_size', '?')}  duration: {duration(status)}")
     if status.get("job_ids"):
         print(f"  slurm job: {', '.join(status['job_ids'])}  nodes: {status.get('nodes') or '-'}")
     for rank, rec in sorted(rundir.rank_records(run_dir).items()):
-        if rec.get("ended") is not None:
-            end = f"exit {rec.get('exit_code')}"
-        else:
-            end = "killed before it finished" if status.get("state") in FINAL else "running"
-        print(f"  rank {rank}: {rec.get('host', '?')} pid {rec.get('pid', '?')} {end}")
+        print(f"  rank {rank}: {rec.get('host', '?')} pid {rec.get('pid', '?')} {rank_state(rec, status.get('state'))}")
     latest = latest_epoch(run_dir)
     if latest:
         print("  latest epoch: " + latest)

@@ -6,6 +6,7 @@ import sys
 
 from tfrun import rundir
 from tfrun.cli.common import add_run
+from tfrun.errors import TRACKING, require
 from tfrun.targets.control import refresh, run_dirs_of
 
 
@@ -16,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Sync every run; 1 if MLflow could not be reached for one of them (nothing is lost)."""
+    require("tfrun sync", ["mlflow"], TRACKING)
     from tfrun.tracking import mlflow_sync
 
     dirs = run_dirs_of(rundir.find_run(args.run))
@@ -33,4 +35,6 @@ def run(args: argparse.Namespace) -> int:
             continue
         ended = f", ended {known['ended']}" if known.get("ended") else ", still running"
         print(f"{run_dir.name}: MLflow run {known['run_id']} at {known['tracking_uri']} up to date{ended}")
+        if known.get("registered"):
+            print(f"{run_dir.name}: {mlflow_sync.registered_text(known['registered'])}")
     return code

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tfrun import rundir
 from tfrun.cli.common import add_run
-from tfrun.errors import ConfigError, TfrunError
+from tfrun.errors import ConfigError, require
 from tfrun.targets.control import run_dirs_of
 
 
@@ -32,8 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if not board.is_run_or_sweep(path):
         raise ConfigError(f"{path} is neither a run dir nor a sweep dir")
     runs = board.board_runs(path, run_dirs_of(path))
-    if not board.available():
-        raise TfrunError("TensorBoard is not installed here: pip install tensorboard")
+    require("tfrun tensorboard", ["tensorboard"], "pip install tensorboard")
     links = board.link_runs(runs, Path(tempfile.mkdtemp(prefix="tfrun-tensorboard-")))
     cmd = board.command(links, args.host, args.port)
     print(board.describe(runs, cmd), file=sys.stderr)
@@ -42,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     convert = [sys.executable, "-m", "tfrun.tracking.board", *(str(r.run_dir) for r in runs)]
     if args.print_command:  # the links stay: the command is meant to be run
         if any(board.has_values(r.run_dir) for r in runs):
-            subprocess.run(convert, stdin=subprocess.DEVNULL, check=False)
+            subprocess.run(convert, stdin=subprocess.DEVNULL, check=False, start_new_session=True)
         print(shlex.join(cmd))
         return 0
     return _serve(cmd, links, [convert[0], *convert[1:3], "--every", "5", *convert[3:]])
@@ -54,13 +53,19 @@ def _serve(cmd: list[str], links: Path, convert: list[str]) -> int:
     import shutil
     import signal
 
-    converter = subprocess.Popen(convert, stdin=subprocess.DEVNULL)
-    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-    # A SIGTERM to tfrun ends TensorBoard too: as an exit, the `finally` below runs.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # The children are tfrun's to stop, each in a session of its own: the terminal's Ctrl-C
+    # reaches tfrun only, not a child in the middle of importing TensorFlow.
+    converter = subprocess.Popen(convert, stdin=subprocess.DEVNULL, start_new_session=True)
+    # TensorBoard too: a Ctrl-C while it still imports would end it with a traceback. tfrun
+    # stops it below, whenever tfrun is stopped.
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+    # A SIGTERM to tfrun, or its terminal closing (SIGHUP), ends TensorBoard too: as an exit,
+    # the `finally` below runs.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda number, _: sys.exit(128 + number))
     try:
         return child.wait()
-    except KeyboardInterrupt:  # Ctrl-C: TensorBoard, in the same process group, got it too
+    except KeyboardInterrupt:  # Ctrl-C
         return 130
     finally:
         if child.poll() is None:

@@ -51,9 +51,11 @@ def _plain(path: Path, interval: float) -> Snapshot:
 def run(args: argparse.Namespace) -> int:
     """Refresh the view every ``--interval`` s until every run has ended; 0 if all completed."""
     path = rundir.find_run(args.run)
+    live = sys.stdout.isatty()
     try:
-        snap = _live(path, args.interval) if sys.stdout.isatty() else _plain(path, args.interval)
+        snap = _live(path, args.interval) if live else _plain(path, args.interval)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    print(f"tfrun: {progress.summary(snap)}", file=sys.stderr, flush=True)
+    if live:  # under the table; plain lines already end with the last state (or the sweep's counts)
+        print(f"tfrun: {progress.summary(snap)}", file=sys.stderr, flush=True)
     return snap.exit_code

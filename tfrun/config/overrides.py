@@ -155,16 +155,62 @@ def free_mapping(line: str) -> list[str]:
     return [f"{match.group(1)}={{}}", "++" + line]
 
 
+@lru_cache(maxsize=1)
+def text_list_keys() -> frozenset[str]:
+    """Every key the schema types as a list of text (``deps.pip_packages``, ``compute.setup``, ...)."""
+    import dataclasses
+
+    from tfrun.config import schema, store
+
+    sections = [("entry", schema.EntryConfig)] + [(group, node) for group, options in store.GROUP_SCHEMAS.items()
+                                                 for node in options.values()]
+    return frozenset(f"{section}.{f.name}" for section, node in sections for f in dataclasses.fields(node)
+                     if str(f.type).replace("typing.", "") == "List[str]")
+
+
+def _top_level_items(body: str) -> list[str]:
+    """The comma-separated items of a list's body, commas inside quotes or brackets kept."""
+    items, depth, quoted, start = [], 0, "", 0
+    for i, char in enumerate(body):
+        if quoted:
+            quoted = "" if char == quoted and body[i - 1] != "\\" else quoted
+        elif char in "'\"":
+            quoted = char
+        elif char in "[({":
+            depth += 1
+        elif char in "])}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(body[start:i])
+            start = i + 1
+    return [*items, body[start:]]
+
+
+def text_list_literal(line: str) -> str:
+    """A list of text (:func:`text_list_keys`) whose items Hydra's grammar cannot all read
+    (``deps.pip_packages=[tabulate,humanize>=4]``: ``>`` is no character of its grammar),
+    with each such item quoted as literal text; any other line as it is."""
+    key, sep, value = line.partition("=")
+    bare = key.lstrip("+")
+    if not sep or bare not in text_list_keys() or not (value.startswith("[") and value.endswith("]")) \
+            or _parses(line):
+        return line
+    items = [item.strip() for item in _top_level_items(value[1:-1])]
+    fixed = f"{key}=[{','.join(item if _parses(f'k={item}') else quote(item) for item in items)}]"
+    return fixed if _parses(fixed) else line
+
+
 def normalize(argv: list[str]) -> list[str]:
     """``trainer.x=v`` -> ``++trainer.x=v``: trainer keys are free-form, so add-or-set, and a
     value the grammar cannot read is literal text; the same add-or-set for the schema's
-    other free-form mappings (:data:`FREE_MAPPINGS`).
+    other free-form mappings (:data:`FREE_MAPPINGS`); a list of text whose items the grammar
+    cannot all read gets those items quoted (:func:`text_list_literal`).
 
     With the Optuna sweeper, failed trials are told to the study as failed and the study
     goes on, unless the user set ``hydra.sweeper.max_failure_rate`` themselves.
     """
     argv = [trainer_literal(re.sub(r"^trainer\.", "++trainer.", a)) if not a.startswith("-") else a for a in argv]
-    argv = [line for a in argv for line in free_mapping(a)]
+    argv = [line for a in argv for line in free_mapping(text_list_literal(a))]
     if "hydra/sweeper=optuna" in argv and not any(a.startswith("hydra.sweeper.max_failure_rate=") for a in argv):
         argv.append("hydra.sweeper.max_failure_rate=1.0")
     return argv

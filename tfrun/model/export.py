@@ -37,7 +37,7 @@ from typing import Any, Mapping
 from tfrun import rundir
 from tfrun.config.schema import OnnxExportConfig
 from tfrun.errors import ConfigError, ExportError
-from tfrun.paths import RunPaths, is_run_dir
+from tfrun.paths import RunPaths
 from tfrun.states import FINAL
 
 NEEDED_PACKAGES = ("tf2onnx", "onnxruntime", "onnx")
@@ -352,9 +352,7 @@ def failed(run_dir: str | os.PathLike[str]) -> bool:
 
 def cmd_export(run: str | None, **overrides: Any) -> int:
     """``tfrun export RUN``: export a finished run; 0 if the export passed, else 1."""
-    run_dir = rundir.find_run(run)
-    if not is_run_dir(run_dir):
-        raise ExportError(f"{run_dir} is not a run dir (for a sweep, name one of its runs)")
+    run_dir = rundir.find_one_run(run)
     state = rundir.read_status(run_dir).get("state", "UNKNOWN")
     if state not in FINAL:
         raise ExportError(f"run {run_dir} is {state}: export it once it has finished")

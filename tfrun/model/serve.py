@@ -27,6 +27,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from email.message import Message
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tfrun import rundir
-from tfrun.errors import TfrunError
+from tfrun.errors import TfrunError, UsageError
 from tfrun.paths import RunPaths
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -319,10 +320,17 @@ def make_server(served: Served, host: str, port: int) -> ThreadingHTTPServer:
 
 def model_path(run: str | None, model: str | None) -> Path:
     """The .onnx file of a run: --model, else the one its last export wrote."""
-    run_dir = rundir.find_run(run)
+    run_dir = rundir.find_one_run(run)
     outputs = RunPaths.of(run_dir).outputs
+    if model:
+        path = outputs / model
+        if path.is_file():
+            return path
+        found = sorted(str(p.relative_to(outputs)) for p in outputs.rglob("*.onnx")) if outputs.is_dir() else []
+        there = f"its .onnx files: {', '.join(found)}" if found else f"it has none (export it: tfrun export {run_dir})"
+        raise UsageError(f"--model {model!r}: no {path}; {there}")
     record = rundir.read_json(RunPaths.of(run_dir).export) or {}
-    path = outputs / model if model else Path(record.get("onnx") or outputs / "model.onnx")
+    path = Path(record.get("onnx") or outputs / "model.onnx")
     if path.is_file():
         return path
     hint = f" (its last export failed: {record['error']})" if record.get("error") else ""
@@ -333,14 +341,14 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def registered_path(uri: str, tracking_uri: str | None) -> Path:
-    """The .onnx file of a registered model version (``models:/NAME/VERSION``), downloaded."""
+def registered_path(uri: str, tracking_uri: str | None, dst: Path) -> Path:
+    """The .onnx file of a registered model version (``models:/NAME/VERSION``), downloaded into ``dst``."""
     from tfrun.tracking import mlflow_sync
 
     tracking = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow_sync.tracking_uri(
         {}, rundir.runs_root())
     try:
-        return mlflow_sync.registered_onnx(uri, tracking)
+        return mlflow_sync.registered_onnx(uri, tracking, dst)
     except Exception as exc:
         raise TfrunError(f"cannot serve {uri} from MLflow at {tracking}: {type(exc).__name__}: {exc}") from exc
 
@@ -348,8 +356,13 @@ def registered_path(uri: str, tracking_uri: str | None) -> Path:
 def cmd_serve(run: str | None, host: str = "127.0.0.1", port: int = 8080, model: str | None = None,
               tracking_uri: str | None = None) -> int:
     """``tfrun serve RUN``: serve until Ctrl-C (or SIGTERM); 0 once stopped."""
-    registered = bool(run and run.startswith("models:/"))
-    served = load(registered_path(run, tracking_uri) if registered else model_path(run, model))  # type: ignore[arg-type]
+    if run and run.startswith("models:/"):
+        with tempfile.TemporaryDirectory(prefix="tfrun-model-") as download:  # removed once serving ends
+            return _serve(load(registered_path(run, tracking_uri, Path(download))), host, port)
+    return _serve(load(model_path(run, model)), host, port)
+
+
+def _serve(served: Served, host: str, port: int) -> int:
     server = make_server(served, host, port)
     url = _url(host, server.server_address[1])
     if host not in LOOPBACK:

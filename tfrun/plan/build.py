@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from tfrun import backends, variables
 from tfrun.config import validate
-from tfrun.errors import ConfigError
+from tfrun.errors import TRACKING, ConfigError, require
 from tfrun.paths import RunPaths
 from tfrun.plan import sbatch
 from tfrun.rundir import Plan, Task
@@ -93,6 +93,8 @@ def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Pat
     validate.check_compute(compute)
     validate.check_trainer(cfg["trainer"])
     export.check(cfg["export"])
+    if cfg["tracking"].get("kind") == "mlflow":  # the chief task logs to MLflow from its start
+        require("tracking=mlflow", ["mlflow"], f"{TRACKING} in the environment the tasks run in")
     if compute["target"] not in TARGETS:
         raise ConfigError.invalid("compute.target", compute["target"], TARGETS)
     backend = backends.get(backend_cfg["name"])

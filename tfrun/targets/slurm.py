@@ -7,6 +7,7 @@ query per poll for all of a launch's jobs, never one query per job.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import subprocess
@@ -87,16 +88,21 @@ def submit(plans: Sequence[Plan], folder: str) -> list[str]:
     chunk = max(1, sbatch.max_array_size())
     for start in range(0, len(plans), chunk):
         part = plans[start:start + chunk]
+        said = io.StringIO()
         try:
-            if len(part) == 1:
-                jobs = [executor.submit(slurm_entry, part[0].run_dir)]
-            else:
-                with executor.batch():
-                    jobs = [executor.submit(slurm_entry, p.run_dir) for p in part]
+            # submitit prints sbatch's stderr when sbatch fails, and raises with the same text
+            # in it: tfrun says it once, in its error.
+            with contextlib.redirect_stderr(said):
+                if len(part) == 1:
+                    jobs = [executor.submit(slurm_entry, part[0].run_dir)]
+                else:
+                    with executor.batch():
+                        jobs = [executor.submit(slurm_entry, p.run_dir) for p in part]
         except Exception as exc:  # submitit raises its own types with sbatch's stderr inside
             if ids:
                 cancel(ids)
             raise _rejected(exc) from exc
+        sys.stderr.write(said.getvalue())  # anything else written meanwhile
         ids += [str(job.job_id) for job in jobs]
     return ids
 

@@ -21,7 +21,7 @@ from typing import IO, Any, Mapping
 from tfrun import rundir
 from tfrun.config.space import Space
 from tfrun.config.validate import is_whole
-from tfrun.errors import ConfigError, TfrunError
+from tfrun.errors import TUNE, ConfigError, TfrunError, require
 from tfrun.paths import SweepPaths
 from tfrun.targets import policies
 
@@ -82,6 +82,7 @@ def _positive(key: str, value: Any) -> int:
 
 def settings(sweeper: Mapping[str, Any], objective: str | None, sweep_dir: Path) -> Settings:
     """Check ``hydra.sweeper`` (as plain data) and the objective."""
+    require("hydra/sweeper=tfrun", ["optuna"], TUNE)
     sampler = str(sweeper.get("sampler"))
     if sampler not in SAMPLERS:
         raise ConfigError.invalid("hydra.sweeper.sampler", sampler, SAMPLERS)

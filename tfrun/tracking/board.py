@@ -79,13 +79,6 @@ def describe(runs: Sequence[BoardRun], cmd: Sequence[str]) -> str:
     return "\n".join([f"tfrun: TensorBoard over {len(runs)} run(s):", *lines, "  " + shlex.join(cmd)])
 
 
-def available() -> bool:
-    """Whether the ``tensorboard`` package is installed (without importing it)."""
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
-
-
 def is_run_or_sweep(path: Path) -> bool:
     """A run dir, or a dir whose sweep index or subdirs hold run dirs."""
     if is_run_dir(path):

@@ -132,32 +132,41 @@ def labels(sweep_dir: Path, run_dirs: Sequence[Path]) -> list[str]:
             for d, p in zip(run_dirs, params)]
 
 
+def curves(run_dirs: Sequence[Path], metric: str, names: Sequence[str] | None = None
+           ) -> list[tuple[str, list[int], list[float], bool]]:
+    """(label, epochs, values, pruned) of each run that recorded ``metric``. Epochs count from
+    1, as Keras prints them (``Epoch 1/3``) and ``tfrun status`` and ``watch`` show them;
+    ``metrics.jsonl`` keeps Keras's own index, from 0."""
+    found = []
+    for run_dir, name in zip(run_dirs, names or [d.name for d in run_dirs]):
+        values = epoch_series(run_dir).get(metric)
+        if values:
+            pruned = rundir.read_status(run_dir).get("state") == "PRUNED"  # a tuning policy stopped it
+            found.append((f"{name} (pruned)" if pruned else name, [e + 1 for e, _ in values], [v for _, v in values],
+                          pruned))
+    return found
+
+
 def plot(run_dirs: Sequence[Path], metric: str, out: Path, names: Sequence[str] | None = None) -> Path:
     """A PNG of one metric's learning curves, one line per run."""
+    drawn = curves(run_dirs, metric, names)
+    if not drawn:
+        raise TfrunError(f"no run under {out.parent} recorded the metric {metric!r}")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = 0
-    for run_dir, name in zip(run_dirs, names or [d.name for d in run_dirs]):
-        values = epoch_series(run_dir).get(metric)
-        if values:
-            pruned = rundir.read_status(run_dir).get("state") == "PRUNED"  # a tuning policy stopped it
-            ax.plot([e for e, _ in values], [v for _, v in values], marker="o", markersize=3,
-                    label=f"{name} (pruned)" if pruned else name)
-            if pruned:
-                ax.plot([values[-1][0]], [values[-1][1]], marker="x", color="black", markersize=9, linestyle="")
-            drawn += 1
-    if not drawn:
-        plt.close(fig)
-        raise TfrunError(f"no run under {out.parent} recorded the metric {metric!r}")
+    for label, epochs, values, pruned in drawn:
+        ax.plot(epochs, values, marker="o", markersize=3, label=label)
+        if pruned:
+            ax.plot([epochs[-1]], [values[-1]], marker="x", color="black", markersize=9, linestyle="")
     ax.set_xlabel("epoch")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    if drawn <= 20:
+    if len(drawn) <= 20:
         ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out, dpi=100)

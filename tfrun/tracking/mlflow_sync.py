@@ -443,10 +443,18 @@ def sync_if_asked(run_dir: str | os.PathLike[str], state: str) -> None:
             return
     rundir.update_status(path, mlflow_run_id=known["run_id"])
     print(f"tfrun: logged to MLflow ({known['tracking_uri']}) as run {known['run_id']}", file=sys.stderr)
+    if known.get("registered"):
+        print(f"tfrun: {registered_text(known['registered'])}", file=sys.stderr)
 
 
-def registered_onnx(uri: str, tracking: str) -> Path:
-    """The ONNX file of ``models:/NAME/VERSION``, downloaded to a fresh temp dir."""
+def registered_text(registered: Mapping[str, Any]) -> str:
+    """'registered model digits version 3 (serve it: tfrun serve models:/digits/3)'."""
+    name, version = registered["name"], registered["version"]
+    return f"registered model {name} version {version} (serve it: tfrun serve models:/{name}/{version})"
+
+
+def registered_onnx(uri: str, tracking: str, dst: Path) -> Path:
+    """The ONNX file of ``models:/NAME/VERSION``, downloaded into ``dst``."""
     from mlflow.artifacts import download_artifacts
 
     name, _, version = uri[len("models:/"):].rstrip("/").partition("/")
@@ -456,8 +464,7 @@ def registered_onnx(uri: str, tracking: str) -> Path:
     if version == "latest":
         version = str(max(int(v.version) for v in registry.search_model_versions(f"name='{name}'")))
     source = registry.get_model_version_download_uri(name, version)
-    local = Path(download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="tfrun-model-"),
-                                    tracking_uri=tracking))
+    local = Path(download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking))
     found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local] if local.suffix == ".onnx" else []
     if not found:
         raise FileNotFoundError(f"{uri} has no .onnx file (register a run made with export=onnx)")
