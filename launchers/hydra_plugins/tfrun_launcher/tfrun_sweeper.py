@@ -59,6 +59,7 @@ class TfrunSweeper(Sweeper):
 
         from tfrun.config.space import parse
         from tfrun.errors import ConfigError, TfrunError
+        from tfrun.paths import SweepPaths
         from tfrun.plan import planner
         from tfrun.targets import study, tuning
         from tfrun.targets.pool import trials
@@ -84,8 +85,8 @@ class TfrunSweeper(Sweeper):
                 space.grid()
             first = planner.plan_points(loader, config, [space.overrides(space.first())], 0)[0].plan  # a bad config: nothing runs
             pool_settings = trials.settings(sweeper.get("pool"), found.max_parallel, first.compute)
-            if pool_settings is not None and first.target == "slurm" and not (sweep_dir / "pool").exists():
-                trials.check_allocation(trials.spec(pool_settings, first), str(sweep_dir / "pool"))
+            if pool_settings is not None and first.target == "slurm" and not SweepPaths.of(sweep_dir).pool.exists():
+                trials.check_allocation(trials.spec(pool_settings, first), str(SweepPaths.of(sweep_dir).pool))
             SweepOutcome.sweep_dir, SweepOutcome.objective, SweepOutcome.maximize = sweep_dir, found.objective, found.maximize
             sweep_dir.mkdir(parents=True, exist_ok=True)
             with tuning.follow_alone(found):
@@ -94,7 +95,7 @@ class TfrunSweeper(Sweeper):
                 tuning.save_invocation(found, [*config.hydra.overrides.hydra, *arguments])
                 running.run()
         except ConfigError as exc:
-            if not existed and not (sweep_dir / "sweep.json").exists():
+            if not existed and not SweepPaths.of(sweep_dir).index.exists():
                 _remove_empty_sweep(sweep_dir)
             SweepOutcome.config_error = exc
             print(f"tfrun: error: {exc}", file=sys.stderr)
