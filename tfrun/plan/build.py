@@ -93,7 +93,8 @@ def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Pat
     validate.check_compute(compute)
     validate.check_trainer(cfg["trainer"])
     export.check(cfg["export"])
-    if cfg["tracking"].get("kind") == "mlflow":  # the chief task logs to MLflow from its start
+    tracking = cfg.get("tracking")  # a config without the tracking group has none (a plain value)
+    if isinstance(tracking, Mapping) and tracking.get("kind") == "mlflow":  # the chief logs to MLflow from its start
         require("tracking=mlflow", ["mlflow"], f"{TRACKING} in the environment the tasks run in")
     if compute["target"] not in TARGETS:
         raise ConfigError.invalid("compute.target", compute["target"], TARGETS)
