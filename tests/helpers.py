@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "digits" / "train.py"
+LOCAL_SLURM = REPO / "scripts" / "local-slurm"
 
 
 def tfrun_command() -> list[str]:
@@ -35,6 +37,26 @@ def scratch_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env.update(TFRUN_RUNS_DIR=str(tmp_path / "runs"), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
+
+
+def private_venv(folder: Path) -> Path:
+    """A virtual environment of its own over the one running the tests (its packages visible, its
+    own site-packages first): what a test installs there (``pip install -e .``) is not reinstalled
+    under the other tests running meanwhile. Its bin dir."""
+    import site
+    import sysconfig
+
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(folder)], check=True,
+                   capture_output=True, timeout=300)
+    # --system-site-packages reaches the base interpreter's packages only, not those of a venv
+    # running the tests: those are added as site dirs (their .pth files, editable installs, work).
+    python = folder / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    outer = [*site.getsitepackages(), sysconfig.get_paths()["purelib"]]
+    lines = [f"import site; site.addsitedir({d!r})" for d in dict.fromkeys(outer) if Path(d).is_dir()]
+    Path(purelib, "_outer_site.pth").write_text("\n".join(lines) + "\n")
+    return folder / "bin"
 
 
 def run_tfrun(tmp_path: Path, *args: str, cwd: Path | None = None, timeout: float = 120,
@@ -175,7 +197,44 @@ def slurm_release() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-# --- the local cluster's nodes as separate hosts (scripts/local-slurm) --------------------------
+# --- the local cluster (scripts/local-slurm) ----------------------------------------------------
+
+@dataclass(frozen=True)
+class NodePair:
+    """Two of the local cluster's nodes that a group of tests has to itself (tests/conftest.py):
+    ``partition``'s jobs are never preempted; ``low``'s are preempted and requeued by Slurm,
+    ``scavenge``'s preempted and cancelled, each by a job of ``partition`` that needs their node."""
+
+    first: str
+    second: str
+    partition: str
+    low: str = ""
+    scavenge: str = ""
+
+    @property
+    def nodes(self) -> list[str]:
+        return [self.first, self.second]
+
+    def preempt(self, *nodes: str, job_name: str) -> str:
+        """Submit a short job to ``partition`` that needs these nodes whole: Slurm preempts what
+        runs there in ``low`` and ``scavenge``. Its job id."""
+        out = subprocess.run(["sbatch", "--parsable", "-p", self.partition, "--exclusive", f"--nodes={len(nodes)}",
+                              "-w", ",".join(nodes), f"--job-name={job_name}", "-o", "/dev/null", "--wrap", "sleep 2"],
+                             capture_output=True, text=True, timeout=60, check=True)
+        return out.stdout.strip()
+
+
+PREEMPT_NODES = NodePair("node4", "node5", "preempt", "preempt-low", "preempt-scavenge")
+NETWORK_NODES = NodePair("node6", "node7", "network")
+
+
+def cancel_jobs_named(name: str) -> None:
+    """Cancel the jobs named ``name``, or ``name-...`` (names a test made from its own)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True, timeout=60).stdout
+    for found in sorted({line.strip() for line in out.splitlines()}):
+        if found == name or found.startswith(name + "-"):
+            subprocess.run(["scancel", f"--name={found}"], capture_output=True, timeout=60)
+
 
 def node_address(node: str) -> str:
     """A node's own address, as the cluster resolves its name (never loopback on it)."""
@@ -199,10 +258,18 @@ def assert_on_separate_hosts(run_dir: Path, nodes: list[str]) -> None:
 
 # --- a real MLflow tracking server ------------------------------------------------------------
 
+# Where free_port claims ports: one folder for the whole test session (tests/conftest.py).
+PORTS_DIR: Path | None = None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port for a server a test starts (seconds later), claimed as tfrun's tasks claim theirs:
+    outside the kernel's ephemeral range (the outgoing connections of other tests' processes
+    take ports there) and by a file no other test of the session can create too."""
+    from tfrun.task import rendezvous
+
+    assert PORTS_DIR is not None, "tests/conftest.py sets helpers.PORTS_DIR"
+    return rendezvous.claim_port(PORTS_DIR, host)
 
 
 class MlflowServer:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -205,21 +204,6 @@ def test_sweep_returns_a_run_per_point(scratch: Path, no_exit: None) -> None:
 
 
 # --- Slurm through the API -----------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def cluster() -> None:
-    out = subprocess.run([str(LOCAL_SLURM), "status"], capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        pytest.fail("the local Slurm cluster is not up: start it with `scripts/local-slurm start`.\n"
-                    f"{out.stdout}{out.stderr}", pytrace=False)
-
-
-@pytest.fixture
-def job_name(cluster: None) -> Iterator[str]:
-    name = f"tfrun-api-{uuid.uuid4().hex[:8]}"
-    yield name
-    subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=60)
-
 
 @pytest.fixture
 def leftovers_cancelled(cluster: None, scratch: Path) -> Iterator[None]:

@@ -238,17 +238,19 @@ def lone_rank(tmp_path: Path, rank: int, timeout_s: int, stale_rendezvous: bool 
     run_dir = Path(plan["run_dir"])
     run_dir.mkdir(parents=True)
     (run_dir / "plan.json").write_text(shown.stdout)
-    if stale_rendezvous:
-        with socket.socket() as s:  # a port nothing listens on any more
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        folder = run_dir / "rendezvous" / "lone"
-        folder.mkdir(parents=True)
-        (folder / "horovod.json").write_text(json.dumps({"addr": "127.0.0.1", "port": port, "host": "localhost"}))
-    env = scratch_env(tmp_path, TFRUN_LAUNCHER="local", TFRUN_RANK=str(rank), TFRUN_ATTEMPT="lone")
-    start = time.monotonic()
-    result = subprocess.run(plan["command"], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=timeout_s + 60)
+    # A port nothing listens on any more: bound, never listening, while the rank runs (closed, it
+    # could be taken meanwhile by another test's process).
+    with socket.socket() as stale:
+        if stale_rendezvous:
+            stale.bind(("127.0.0.1", 0))
+            folder = run_dir / "rendezvous" / "lone"
+            folder.mkdir(parents=True)
+            (folder / "horovod.json").write_text(json.dumps({"addr": "127.0.0.1", "port": stale.getsockname()[1],
+                                                             "host": "localhost"}))
+        env = scratch_env(tmp_path, TFRUN_LAUNCHER="local", TFRUN_RANK=str(rank), TFRUN_ATTEMPT="lone")
+        start = time.monotonic()
+        result = subprocess.run(plan["command"], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=timeout_s + 60)
     return result, time.monotonic() - start, run_dir
 
 

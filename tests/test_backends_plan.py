@@ -61,10 +61,13 @@ def listener() -> Iterator[int]:
         yield server.getsockname()[1]
 
 
-def closed_port() -> int:
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections: bound but never listening, for the whole test
+    (a port closed again could be taken meanwhile by another test's process)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 # --- ps: roles and TF_CONFIG of every task --------------------------------------------
@@ -390,8 +393,8 @@ def test_horovod_rank_without_rendezvous_fails_clearly(scratch: Path, attempt: s
         horovod.setup({**BACKEND, "rendezvous_timeout_s": 0.3}, slurm_identity(1, 2, 1), str(scratch), None, None)
 
 
-def test_horovod_unreachable_rendezvous_fails_clearly(scratch: Path, attempt: str) -> None:
-    port = closed_port()
+def test_horovod_unreachable_rendezvous_fails_clearly(scratch: Path, attempt: str, closed_port: int) -> None:
+    port = closed_port
     rendezvous.publish(str(scratch), "horovod", {"addr": "127.0.0.1", "port": port, "host": "node1"})
     with pytest.raises(BootstrapError, match=rf"rank 1 on node2 cannot reach Horovod's rendezvous server \(rank 0, on "
                                              rf"node1\) at 127.0.0.1:{port}"):

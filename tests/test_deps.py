@@ -15,9 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import pytest
@@ -483,13 +481,6 @@ def jobs_ever_submitted(name: str) -> list[str]:
     out = subprocess.run(["sacct", "-n", "-X", "-P", "-S", "now-1hours", f"--name={name}", "-o", "JobID"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     return out.split()
-
-
-@pytest.fixture
-def job_name() -> Iterator[str]:
-    name = f"tfrun-deps-{uuid.uuid4().hex[:8]}"
-    yield name
-    subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=60)
 
 
 @pytest.mark.slurm

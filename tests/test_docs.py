@@ -12,16 +12,21 @@ set. An HTML comment right before a block tags it (it does not show in the site)
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from tests.helpers import REPO, scratch_env, tfrun_command
+from tests.helpers import REPO, private_venv, scratch_env, tfrun_command
 
 QUICKSTART = REPO / "docs" / "quickstart.md"
 _TAG = re.compile(r"^<!--\s*test:\s*([\w\s]+?)\s*-->$")
@@ -58,15 +63,26 @@ def quickstart_script(kind: str) -> str:
     return "\n".join(parts) + "\n"
 
 
+@contextlib.contextmanager
+def checkout_lock() -> Iterator[None]:
+    """`pip install -e .` writes build files into the checkout: one test at a time does it."""
+    path = Path(tempfile.gettempdir()) / f"tfrun-docs-checkout-{hashlib.sha256(bytes(REPO)).hexdigest()[:8]}.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def run_quickstart(tmp_path: Path, kind: str, timeout: float) -> subprocess.CompletedProcess[str]:
     script = tmp_path / f"quickstart-{kind}.sh"
     script.write_text(quickstart_script(kind))
     env = scratch_env(tmp_path)
-    # `tfrun` and `pip` are those of the interpreter running the tests.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # `tfrun` and `pip` are those of a venv of the test's own over the one running the tests: the
+    # Quickstart's `pip install -e .` goes there, not under the other tests running meanwhile.
+    env["PATH"] = os.pathsep.join([str(private_venv(tmp_path / "venv")), env.get("PATH", "")])
     try:
-        return subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=timeout)
+        with checkout_lock():
+            return subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=timeout)
     finally:
         runs = tmp_path / "runs"
         if runs.is_dir():  # nothing may be left queued or running when a command failed
@@ -115,6 +131,7 @@ def test_quickstart_local(tmp_path: Path) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.slow
+@pytest.mark.alone  # `scripts/local-slurm start` restarts the cluster where its configuration has changed
 @pytest.mark.timeout(1200)
 def test_quickstart_slurm(tmp_path: Path) -> None:
     result = run_quickstart(tmp_path, "slurm", timeout=1100)

@@ -534,15 +534,9 @@ def test_serve_refuses_values_of_the_wrong_dtype(tiny_servers: dict[str, int], m
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_slurm_run_exports_inside_the_job(tmp_path: Path) -> None:
-    import uuid
-
-    name = f"tfrun-test-{uuid.uuid4().hex[:8]}"
-    try:
-        result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={name}", "export=onnx",
-                           "trainer.epochs=1", timeout=TRAIN_TIMEOUT)
-    finally:
-        subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=60)
+def test_slurm_run_exports_inside_the_job(tmp_path: Path, job_name: str) -> None:
+    result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "export=onnx",
+                       "trainer.epochs=1", timeout=TRAIN_TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     run_dir = run_dir_from(result.stderr)
     status = read_json(run_dir / "status.json")

@@ -17,15 +17,15 @@ import subprocess
 import textwrap
 import threading
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from tests.helpers import (
-    REPO,
+    LOCAL_SLURM,
     MlflowServer,
+    NodePair,
     accounted,
     alive,
     assert_on_separate_hosts,
@@ -41,7 +41,6 @@ from tests.helpers import (
 )
 from tfrun.task import requeue
 
-LOCAL_SLURM = REPO / "scripts" / "local-slurm"
 JOB_TIMEOUT = 600  # generous: the machine is small and other suites share the cluster
 EPOCHS = 8
 
@@ -166,24 +165,7 @@ print(f"point x={args.x} done", flush=True)
 """
 
 
-# --- the cluster, jobs, processes ---------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def cluster() -> None:
-    """The local cluster must be up; a missing cluster is a failure, never a skip."""
-    out = subprocess.run([str(LOCAL_SLURM), "status"], capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        pytest.fail("the local Slurm cluster is not up: start it with `scripts/local-slurm start`.\n"
-                    f"{out.stdout}{out.stderr}", pytrace=False)
-
-
-@pytest.fixture
-def job_name(cluster: None) -> Iterator[str]:
-    """A job name of this test's own; whatever still runs under it is cancelled afterwards."""
-    name = f"tfrun-faults-{uuid.uuid4().hex[:8]}"
-    yield name
-    subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=60)
-
+# --- jobs, processes -----------------------------------------------------------------------
 
 def write_script(tmp_path: Path, name: str, body: str) -> Path:
     path = tmp_path / name
@@ -355,16 +337,6 @@ def test_preempted_keras_job_is_requeued_and_completes(tmp_path: Path, job_name:
 
 # --- 2: Horovod on 2 nodes, preempted by a higher-priority job (issue 22) -------------------------
 
-def preempt_nodes(nodes: str, job_name: str) -> str:
-    """Submit a short job to the high-priority partition that needs these nodes whole: Slurm
-    preempts what runs there in the low-priority partitions (scripts/local-slurm)."""
-    count = len(nodes.split(","))
-    out = subprocess.run(["sbatch", "--parsable", "-p", "debug", "--exclusive", f"--nodes={count}", "-w", nodes,
-                          f"--job-name={job_name}", "-o", "/dev/null", "--wrap", "sleep 2"],
-                         capture_output=True, text=True, timeout=60, check=True)
-    return out.stdout.strip()
-
-
 def _mlflow_epochs(uri: str, experiment: str) -> list[int]:
     runs = [r for r in mlflow_runs(uri) if r["experiment"] == experiment]
     return [step for step, _ in runs[0]["history"].get("loss", [])] if runs else []
@@ -383,14 +355,14 @@ def epoch_records(run_dir: Path) -> list[list[dict[str, Any]]]:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_preempted_horovod_job_is_requeued_and_every_rank_resumes_from_the_last_epoch(tmp_path: Path,
-                                                                                       job_name: str) -> None:
+def test_preempted_horovod_job_is_requeued_and_every_rank_resumes_from_the_last_epoch(
+        tmp_path: Path, job_name: str, preempt_nodes: NodePair) -> None:
     epochs = 40  # short epochs (~0.5 s): the backup budget keeps some of them in memory only
     write_script(tmp_path, "hvd_fit.py", HOROVOD_SCRIPT)
     # tracking=mlflow with a real server, on the bridge's address so that the nodes reach it.
     server = MlflowServer(tmp_path, host=socket.gethostbyname("tfctl")).start()
     proc, out, err = popen_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1",
-                                  "compute.partition=low", "backend=horovod", "compute.nodes=2",
+                                  f"compute.partition={preempt_nodes.low}", "backend=horovod", "compute.nodes=2",
                                   "entry.script=hvd_fit.py", f"trainer.epochs={epochs}", "trainer.batch_sleep=0.02",
                                   "tracking=mlflow", f"tracking.tracking_uri={server.uri}", "tracking.experiment=hvd")
     try:
@@ -400,7 +372,7 @@ def test_preempted_horovod_job_is_requeued_and_every_rank_resumes_from_the_last_
             # Already in MLflow while the job trains: sent from inside the job, not at its end.
             wait_for(lambda: _mlflow_epochs(server.uri, "hvd"), 60, "epochs in MLflow while the job runs")
             assert proc.poll() is None and not metric_epochs(run_dir)[-1] == epochs - 1
-            preempt_nodes("node1", job_name)
+            preempt_nodes.preempt(preempt_nodes.first, job_name=job_name)
             wait_for(lambda: proc.poll() is not None or first_line_of_status(tmp_path, run_dir).endswith(": PREEMPTED"),
                      120, "tfrun status to say PREEMPTED")
             code = proc.wait(timeout=JOB_TIMEOUT)
@@ -417,10 +389,11 @@ def test_preempted_horovod_job_is_requeued_and_every_rank_resumes_from_the_last_
     assert [step for step, _ in runs[0]["history"]["loss"]] == list(range(epochs))
     assert runs[0]["tags"]["tfrun.slurm_job_id"] == job_id and runs[0]["tags"]["tfrun.attempt"] == f"slurm-{job_id}-1"
     log = (run_dir / "logs/rank0.log").read_text()
-    assert f"tfrun: job {job_id} is being preempted (partition low, PreemptMode=REQUEUE; 20 s of grace time)" in log
+    assert (f"tfrun: job {job_id} is being preempted (partition {preempt_nodes.low}, PreemptMode=REQUEUE; "
+            "20 s of grace time)") in log
     assert "tfrun: received SIGTERM: checkpointing and stopping" in log
     for rank in (0, 1):
-        # Slurm signals node2 a little later than node1: rank 1's SIGTERM may find the job
+        # Slurm signals the second node a little later than the first: rank 1's SIGTERM may find the job
         # requeued already (rank 0 needs a batch end to stop), and then it just ends.
         log = (run_dir / f"logs/rank{rank}.log").read_text()
         assert "tfrun: received SIGTERM" in log, f"rank {rank}:\n{log}"
@@ -446,13 +419,14 @@ def test_preempted_horovod_job_is_requeued_and_every_rank_resumes_from_the_last_
     assert shas[0] == shas[1], f"the ranks ended with different weights: {shas}"
     assert metric_epochs(run_dir) == list(range(epochs))
     assert [a["reason"] for a in tried] == ["preempted", "completed"], tried
-    assert tried[0]["signal"] == "SIGTERM" and tried[0]["grace_s"] == 20 and tried[0]["partition"] == "low", tried
+    assert tried[0]["signal"] == "SIGTERM" and tried[0]["grace_s"] == 20, tried
+    assert tried[0]["partition"] == preempt_nodes.low, tried
     assert tried[0]["requeued"] is True and requeue.release(tried[0]["slurm_version"]) == slurm_release(), tried
     assert read_json(run_dir / "status.json")["job_ids"] == [job_id]
     assert accounted(job_id).get(job_id) == "COMPLETED"
-    # Both attempts met across the two hosts: rank 0's rendezvous at node1's own address each time.
+    # Both attempts met across the two hosts: rank 0's rendezvous at the first node's own address each time.
     assert len(list((run_dir / "rendezvous").glob("*/horovod.json"))) == 2
-    assert_on_separate_hosts(run_dir, ["node1", "node2"])
+    assert_on_separate_hosts(run_dir, preempt_nodes.nodes)
     watch.check()
 
 
@@ -480,7 +454,8 @@ for epoch in range(done, 25):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_preemption_where_slurm_cancels_and_past_the_grace_time(tmp_path: Path, job_name: str) -> None:
+def test_preemption_where_slurm_cancels_and_past_the_grace_time(tmp_path: Path, job_name: str,
+                                                                preempt_nodes: NodePair) -> None:
     """Three jobs preempted by one job that needs both nodes. In "scavenge" (Slurm cancels
     preempted jobs): a Keras fit with epochs shorter than its backup budget is requeued by
     tfrun and resumes from its last finished epoch, held in memory until the SIGTERM; with
@@ -490,15 +465,18 @@ def test_preemption_where_slurm_cancels_and_past_the_grace_time(tmp_path: Path, 
     save, losing only the epoch in progress."""
     write_script(tmp_path, "progress.py", PROGRESS_SCRIPT)
     write_script(tmp_path, "fast.py", FAST_FIT)
+    nodes = preempt_nodes
     common = ["compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1"]
-    keras_proc, _, keras_err = popen_tfrun(tmp_path, *common, "compute.partition=scavenge", "compute.nodelist=node2",
-                                           "entry.script=fast.py", "trainer.epochs=120", "trainer.stop_after=0",
-                                           "trainer.batch_sleep=0.025", name="keras")
-    cancelled_proc, _, cancelled_err = popen_tfrun(tmp_path, *common, "compute.partition=scavenge",
-                                                   "compute.nodelist=node1", "compute.requeue_on_preempt=false",
+    keras_proc, _, keras_err = popen_tfrun(tmp_path, *common, f"compute.partition={nodes.scavenge}",
+                                           f"compute.nodelist={nodes.second}", "entry.script=fast.py",
+                                           "trainer.epochs=120", "trainer.stop_after=0", "trainer.batch_sleep=0.025",
+                                           name="keras")
+    cancelled_proc, _, cancelled_err = popen_tfrun(tmp_path, *common, f"compute.partition={nodes.scavenge}",
+                                                   f"compute.nodelist={nodes.first}", "compute.requeue_on_preempt=false",
                                                    "entry.script=progress.py", name="scavenge")
-    slow_proc, _, slow_err = popen_tfrun(tmp_path, *common, "compute.partition=low", "compute.nodelist=node1",
-                                         "entry.script=progress.py", "trainer.slow_backup=1", name="low")
+    slow_proc, _, slow_err = popen_tfrun(tmp_path, *common, f"compute.partition={nodes.low}",
+                                         f"compute.nodelist={nodes.first}", "entry.script=progress.py",
+                                         "trainer.slow_backup=1", name="low")
     procs = (keras_proc, cancelled_proc, slow_proc)
     try:
         keras_job, keras_dir = _wait_for_job(keras_err)
@@ -507,7 +485,7 @@ def test_preemption_where_slurm_cancels_and_past_the_grace_time(tmp_path: Path, 
         for run_dir in (cancelled_dir, slow_dir):
             wait_for(lambda: "epoch 3 saved" in text_of(run_dir / "logs/rank0.log"), JOB_TIMEOUT, "three epochs")
         wait_for(lambda: len(metric_epochs(keras_dir)) >= 10, JOB_TIMEOUT, "ten epochs of the Keras fit")
-        preempt_nodes("node1,node2", job_name)
+        nodes.preempt(nodes.first, nodes.second, job_name=job_name)
         assert cancelled_proc.wait(timeout=JOB_TIMEOUT) != 0  # not completed
         assert slow_proc.wait(timeout=JOB_TIMEOUT) == 0, slow_err.read_text()
         assert keras_proc.wait(timeout=JOB_TIMEOUT) == 0, keras_err.read_text()
@@ -524,7 +502,7 @@ def test_preemption_where_slurm_cancels_and_past_the_grace_time(tmp_path: Path, 
     assert len({r["backed_up"] for r in first}) < len(first) // 2, "epochs this short should not all be saved"
     last = first[-1]["epoch"]
     log = (keras_dir / "logs/rank0.log").read_text()
-    assert f"tfrun: job {keras_job} is being preempted (partition scavenge, PreemptMode=CANCEL" in log
+    assert f"tfrun: job {keras_job} is being preempted (partition {nodes.scavenge}, PreemptMode=CANCEL" in log
     assert f"tfrun: resumed from the backup of epoch {last}" in log and "TRAINING DONE" in log
     assert records[begins[1]]["checksum"] == pytest.approx(first[-1]["checksum"], rel=1e-6)
     assert [r["epoch"] for r in records[begins[1]:] if "epoch" in r] == list(range(last + 1, 121))
@@ -537,7 +515,7 @@ def test_preemption_where_slurm_cancels_and_past_the_grace_time(tmp_path: Path, 
     # Cancelled by Slurm, not requeued: STOPPED, saying why and how to continue.
     stderr = cancelled_err.read_text()
     assert "tfrun: run " in stderr and " STOPPED in " in stderr, stderr
-    why = "partition scavenge ends preempted jobs (PreemptMode=CANCEL) and compute.requeue_on_preempt=false"
+    why = f"partition {nodes.scavenge} ends preempted jobs (PreemptMode=CANCEL) and compute.requeue_on_preempt=false"
     assert f"tfrun: preempted; not requeued ({why})" in stderr
     assert f"tfrun: continue it with: tfrun resume {cancelled_dir}" in stderr
     log = (cancelled_dir / "logs/rank0.log").read_text()
@@ -666,8 +644,14 @@ def _sweep_rows(tmp_path: Path, sweep_dir: Path) -> list[list[str]]:
     return [line.split() for line in result.stdout.splitlines()[1:]]
 
 
+def _queue_states(array: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-j", array, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    return out.stdout.split() if out.returncode == 0 else []
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
+@pytest.mark.alone
 def test_sweep_status_survives_reconfigure_and_controller_restart(tmp_path: Path, job_name: str) -> None:
     write_script(tmp_path, "point.py", POINT_SCRIPT)
     result = run_tfrun(tmp_path, "-m", "compute=slurm", f"compute.job_name={job_name}", "compute.wait=false",
@@ -689,7 +673,8 @@ def test_sweep_status_survives_reconfigure_and_controller_restart(tmp_path: Path
 
     reconfigured = subprocess.run(["scontrol", "reconfigure"], capture_output=True, text=True, timeout=120)
     assert reconfigured.returncode == 0, reconfigured.stderr
-    time.sleep(2)
+    # The controller has read its configuration again once it answers for the jobs, still running.
+    wait_for(lambda: _queue_states(array) == ["RUNNING"] * 3, 60, "the controller to answer after the reconfigure")
     assert [row[:4] for row in _sweep_rows(tmp_path, sweep_dir)] == [
         [str(i), "RUNNING", "job", jobs[i]] for i in range(3)]
 

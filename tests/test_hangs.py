@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    NodePair,
     alive,
     node_address,
     popen_tfrun,
@@ -330,11 +331,12 @@ def test_a_parameter_server_chief_with_long_epochs_and_its_evaluator_are_not_a_h
 # --- on the local cluster's separate hosts -----------------------------------------------------
 
 @pytest.mark.slurm
-def test_a_stuck_rank_on_another_node_ends_the_job_and_a_requeue_is_bounded(tmp_path: Path) -> None:
+def test_a_stuck_rank_on_another_node_ends_the_job_and_a_requeue_is_bounded(tmp_path: Path, job_name: str) -> None:
     """Rank 1 on node2 blocks: the job ends within 60 s of it, named; with requeue_on_hang the
     job is requeued once (max_requeues=1) and, stuck again, ends FAILED."""
     stuck = script(tmp_path, "stuck.py", HOROVOD_STUCK)
-    result = run_tfrun(tmp_path, "compute=slurm", "compute.nodes=2", f"entry.script={stuck}", "backend=horovod",
+    result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.nodes=2",
+                       f"entry.script={stuck}", "backend=horovod",
                        f"compute.hang_timeout_s={HANG_S}", "compute.requeue_on_hang=true", "compute.max_requeues=1",
                        "compute.poll_s=1", timeout=900)
     assert result.returncode == 1, result.stderr[-3000:]
@@ -383,9 +385,14 @@ def epochs_done(run_dir: Path) -> int:
 
 @pytest.mark.slurm
 @pytest.mark.parametrize("requeue", [False, True], ids=["ends", "requeues"])
-def test_a_node_cut_off_mid_training_is_named_and_the_job_ends_or_resumes(tmp_path: Path, requeue: bool) -> None:
+def test_a_node_cut_off_mid_training_is_named_and_the_job_ends_or_resumes(tmp_path: Path, requeue: bool, job_name: str,
+                                                                          network_nodes: NodePair) -> None:
+    """On nodes of the network tests' own: the second one's link is cut (every job there would lose it)."""
     train = script(tmp_path, "train.py", KERAS_TRAINING)
-    proc, _out, err = popen_tfrun(tmp_path, "compute=slurm", "compute.nodes=2", f"entry.script={train}",
+    lost = network_nodes.second
+    link = ["ip", "-n", f"tfrun-{lost}", "link", "set", "eth0"]
+    proc, _out, err = popen_tfrun(tmp_path, "compute=slurm", f"compute.partition={network_nodes.partition}",
+                                  f"compute.job_name={job_name}", "compute.nodes=2", f"entry.script={train}",
                                   "backend=horovod", f"compute.hang_timeout_s={HANG_S}", "compute.poll_s=1",
                                   f"compute.requeue_on_hang={str(requeue).lower()}")
     cut = None
@@ -393,29 +400,29 @@ def test_a_node_cut_off_mid_training_is_named_and_the_job_ends_or_resumes(tmp_pa
         wait_for(lambda: "tfrun: submitted job" in err.read_text(), 120, "the job to be submitted")
         run_dir = Path(re.search(r"run dir (\S+)", err.read_text()).group(1))
         wait_for(lambda: epochs_done(run_dir) >= 2, 300, "two epochs trained")
-        subprocess.run(["ip", "-n", "tfrun-node2", "link", "set", "eth0", "down"], check=True, timeout=30)
+        subprocess.run([*link, "down"], check=True, timeout=30)
         cut = time.time()
         wait_for(lambda: (read_json(run_dir / "status.json") or {}).get("hang"), HANG_S + 30,
                  "the watchdog to report the lost node")
         named = time.time() - cut
         hang = read_json(run_dir / "status.json")["hang"]
-        assert hang["lost_nodes"] == ["node2"] and "node node2 lost" in hang["reason"], hang
+        assert hang["lost_nodes"] == [lost] and f"node {lost} lost" in hang["reason"], hang
         assert "ranks 1 on it" in hang["reason"], hang
         # the last backup on disk: finished epochs held only in memory (spaced backups) are lost
         # with a hang, as with a crash; the first epoch is always written
         backed_up = read_json(run_dir / "checkpoints/backup/state.json")["epoch"]
-        subprocess.run(["ip", "-n", "tfrun-node2", "link", "set", "eth0", "up"], check=True, timeout=30)
+        subprocess.run([*link, "up"], check=True, timeout=30)
         cut = None
         code = proc.wait(timeout=600)
     finally:
         if cut is not None:
-            subprocess.run(["ip", "-n", "tfrun-node2", "link", "set", "eth0", "up"], timeout=30, check=False)
+            subprocess.run([*link, "up"], timeout=30, check=False)
         stop(proc)
     stderr = err.read_text()
     assert named <= HANG_S + 30, named
     status = read_json(run_dir / "status.json")
     if not requeue:
-        assert code == 1 and status["state"] == "FAILED" and "node node2 lost" in status["reason"], status
+        assert code == 1 and status["state"] == "FAILED" and f"node {lost} lost" in status["reason"], status
         return
     assert code == 0, stderr[-3000:]
     assert status["state"] == "COMPLETED", status
@@ -477,12 +484,13 @@ def slurmd_port() -> str:
 @pytest.mark.slurm
 @pytest.mark.parametrize("blocked", [False, True], ids=["healthy", "blocked"])
 def test_a_horovod_loop_that_never_calls_tfrun_runs_on_two_nodes_and_a_blocked_rank_is_found(
-        tmp_path: Path, blocked: bool) -> None:
+        tmp_path: Path, blocked: bool, job_name: str) -> None:
     """Healthy, it runs far past the hang timeout and completes, its nodes probed at the port
     the cluster's slurmds listen on; with rank 1 blocked, the job ends within the timeout and a
     little more, rank 1 on node2 named, its stack in its log."""
     tape = script(tmp_path, "tape.py", HOROVOD_TAPE)
-    result = run_tfrun(tmp_path, "compute=slurm", "compute.nodes=2", f"entry.script={tape}", "backend=horovod",
+    result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.nodes=2",
+                       f"entry.script={tape}", "backend=horovod",
                        f"compute.hang_timeout_s={TAPE_HANG_S}", "compute.poll_s=1",
                        *(["trainer.block_rank=1"] if blocked else []), timeout=600)
     run_dir = run_dir_from(result.stderr)
@@ -509,11 +517,12 @@ def test_a_horovod_loop_that_never_calls_tfrun_runs_on_two_nodes_and_a_blocked_r
 
 
 @pytest.mark.slurm
-def test_a_requeue_slurm_refuses_ends_the_run_as_the_hang(tmp_path: Path) -> None:
+def test_a_requeue_slurm_refuses_ends_the_run_as_the_hang(tmp_path: Path, job_name: str) -> None:
     """The job may not be requeued (Requeue=0, set while it runs): the watchdog's requeue fails,
     the attempt says so, and the run ends FAILED with the hang's rank and reason."""
     stuck = script(tmp_path, "stuck.py", HOROVOD_STUCK)
-    proc, _out, err = popen_tfrun(tmp_path, "compute=slurm", "compute.nodes=2", f"entry.script={stuck}",
+    proc, _out, err = popen_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.nodes=2",
+                                  f"entry.script={stuck}",
                                   "backend=horovod", f"compute.hang_timeout_s={HANG_S}", "compute.requeue_on_hang=true",
                                   "compute.poll_s=1")
     try:

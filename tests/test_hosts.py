@@ -6,7 +6,8 @@ cluster is that, then break one node's network the ways real clusters are broken
 name resolving to loopback there (Debian's 127.0.1.1), its name not resolving while it
 has several addresses, and a firewall that drops the ports the tasks use between two
 nodes. tfrun either works (publishing the node's real address) or fails before training
-with an error naming the nodes, the address and the port.
+with an error naming the nodes, the address and the port. Those tests break the network of
+nodes of their own (``network_nodes``: no other test's jobs run there).
 """
 from __future__ import annotations
 
@@ -20,13 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.helpers import (
-    assert_on_separate_hosts,
-    node_address,
-    read_json,
-    run_dir_from,
-    run_tfrun,
-)
+from tests.helpers import NodePair, assert_on_separate_hosts, node_address, read_json, run_dir_from, run_tfrun
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -167,50 +162,58 @@ def test_packed_sweep_points_span_two_hosts(tmp_path: Path) -> None:
 # --- a cluster's network, broken ------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend, text", [("horovod", HOROVOD_SUM), ("mwms", MWMS_SUM)])
-def test_a_node_whose_name_means_loopback_there_still_publishes_its_address(tmp_path: Path, backend: str,
-                                                                            text: str) -> None:
-    """Debian maps a machine's own name to 127.0.1.1: node1 is then loopback on node1 only.
-    Publishing what the name resolves to there would send node2 to its own loopback."""
+def test_a_node_whose_name_means_loopback_there_still_publishes_its_address(tmp_path: Path, backend: str, text: str,
+                                                                            network_nodes: NodePair) -> None:
+    """Debian maps a machine's own name to 127.0.1.1: the first node's name is then loopback on
+    that node only. Publishing what the name resolves to there would send the second node to its
+    own loopback."""
+    first = network_nodes.first
     train = script(tmp_path, "reduce.py", text)
-    loopback = lambda text: re.sub(r"^\S+\s+node1\b", "127.0.1.1 node1", text, flags=re.M)  # noqa: E731
-    with node_hosts("node1", loopback):
-        result = run_tfrun(tmp_path, "compute=slurm", "compute.nodes=2", f"backend={backend}",
-                           f"entry.script={train}", "backend.rendezvous_timeout_s=60", timeout=RUN_TIMEOUT)
+    loopback = lambda text: re.sub(rf"^\S+\s+{first}\b", f"127.0.1.1 {first}", text, flags=re.M)  # noqa: E731
+    with node_hosts(first, loopback):
+        result = run_tfrun(tmp_path, "compute=slurm", f"compute.partition={network_nodes.partition}",
+                           "compute.nodes=2", f"backend={backend}", f"entry.script={train}",
+                           "backend.rendezvous_timeout_s=60", timeout=RUN_TIMEOUT)
     assert result.returncode == 0, result.stderr[-4000:]
     run_dir = run_dir_from(result.stderr)
-    assert_on_separate_hosts(run_dir, ["node1", "node2"])
+    assert_on_separate_hosts(run_dir, network_nodes.nodes)
     why = read_json(run_dir / "ranks/0.json")["address_why"]
-    assert "node1 resolves to 127.0.1.1" in why and node_address("node1") in why, why
+    assert f"{first} resolves to 127.0.1.1" in why and node_address(first) in why, why
     assert [(run_dir / f"outputs/sum-rank{r}").read_text() for r in (0, 1)] == ["3.0", "3.0"]
 
 
-def test_a_name_that_does_not_resolve_on_a_node_with_two_addresses_is_named(tmp_path: Path) -> None:
+def test_a_name_that_does_not_resolve_on_a_node_with_two_addresses_is_named(tmp_path: Path,
+                                                                            network_nodes: NodePair) -> None:
+    first = network_nodes.first
     started = script(tmp_path, "started.py", STARTED)
     unknown = lambda text: "".join(line for line in text.splitlines(keepends=True)  # noqa: E731
-                                   if not re.match(r"^\S+\s+node1\b", line))
-    with node_hosts("node1", unknown), extra_address("node1", "10.88.0.111"):
-        result = run_tfrun(tmp_path, "compute=slurm", "compute.nodes=2", "backend=mwms", f"entry.script={started}",
+                                   if not re.match(rf"^\S+\s+{first}\b", line))
+    with node_hosts(first, unknown), extra_address(first, "10.88.0.111"):
+        result = run_tfrun(tmp_path, "compute=slurm", f"compute.partition={network_nodes.partition}",
+                           "compute.nodes=2", "backend=mwms", f"entry.script={started}",
                            "backend.rendezvous_timeout_s=30", timeout=RUN_TIMEOUT)
     assert result.returncode == 1, result.stderr[-3000:]
     run_dir = run_dir_from(result.stderr)
     error = read_json(run_dir / "ranks/0.json")["error"]
-    for words in ("cannot tell which address of node1 the other nodes reach", "node1 does not resolve here",
-                  node_address("node1"), "10.88.0.111", "backend.iface"):
+    for words in (f"cannot tell which address of {first} the other nodes reach", f"{first} does not resolve here",
+                  node_address(first), "10.88.0.111", "backend.iface"):
         assert words in error, error
-    assert "rank 0 on node1 failed" in result.stderr and "cannot tell which address of node1" in result.stderr
+    assert f"rank 0 on {first} failed" in result.stderr and f"cannot tell which address of {first}" in result.stderr
     assert not list((run_dir / "outputs").glob("script-ran-*")), "the script ran although the network was wrong"
 
 
-def test_a_port_the_firewall_drops_between_two_nodes_is_named(tmp_path: Path) -> None:
+def test_a_port_the_firewall_drops_between_two_nodes_is_named(tmp_path: Path, network_nodes: NodePair) -> None:
+    first, second = network_nodes.nodes
     started = script(tmp_path, "started.py", STARTED)
-    with firewall("node2", "node1"):
-        result = run_tfrun(tmp_path, "compute=slurm", "compute.nodes=2", "backend=mwms", f"entry.script={started}",
+    with firewall(second, first):
+        result = run_tfrun(tmp_path, "compute=slurm", f"compute.partition={network_nodes.partition}",
+                           "compute.nodes=2", "backend=mwms", f"entry.script={started}",
                            "backend.rendezvous_timeout_s=15", timeout=RUN_TIMEOUT)
     assert result.returncode == 1, result.stderr[-3000:]
     run_dir = run_dir_from(result.stderr)
     task0 = read_json(next((run_dir / "rendezvous").glob("*/task-0.json")))
     error = read_json(run_dir / "ranks/1.json")["error"]
-    assert (f"worker 1 (task 1) on node2 cannot reach worker 0 (task 0) on node1 at "
-            f"{node_address('node1')}:{task0['port']}") in error, error
+    assert (f"worker 1 (task 1) on {second} cannot reach worker 0 (task 0) on {first} at "
+            f"{node_address(first)}:{task0['port']}") in error, error
     assert read_json(run_dir / "status.json")["failed_rank"] == 1
     assert not list((run_dir / "outputs").glob("script-ran-*")), "the script ran although the network was wrong"

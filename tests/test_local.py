@@ -191,7 +191,10 @@ if rank == 0:
     os.rename(os.path.join(pids, "rank0.tmp"), os.path.join(pids, "rank0"))
     time.sleep(300)
 else:
+    deadline = time.time() + 120
     while not os.path.exists(os.path.join(pids, "rank0")):
+        if time.time() > deadline:
+            raise SystemExit("rank 0 did not start in 120 s")
         time.sleep(0.05)
     print("rank 1 about to fail", flush=True)
     {failure}

@@ -9,21 +9,12 @@ import re
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from tests.helpers import (
-    accounted,
-    popen_tfrun,
-    read_json,
-    run_tfrun,
-    stop,
-    text_of,
-    wait_for,
-)
+from tests.helpers import NodePair, accounted, popen_tfrun, read_json, run_tfrun, stop, text_of, wait_for
 
 POINT = '''
 import argparse, os, time
@@ -87,15 +78,6 @@ with open(os.path.join(os.environ["TFRUN_OUTPUT_DIR"], "sum-rank" + os.environ["
 TUNE = ("-m", "hydra/sweeper=tfrun", "tfrun.objective=score")
 
 
-@pytest.fixture
-def name() -> Iterator[str]:
-    """A job name of this test's own; its jobs are cancelled by that name at the end."""
-    job_name = f"tfrun-pooltest-{uuid.uuid4().hex[:8]}"
-    yield job_name
-    subprocess.run(["scancel", f"--name={job_name}"], capture_output=True, timeout=60)
-    subprocess.run(["scancel", f"--name={job_name}-preemptor"], capture_output=True, timeout=60)
-
-
 def sweep_dir(tmp_path: Path) -> Path:
     found = sorted((tmp_path / "runs").glob("sweep-*"))
     assert len(found) == 1, found
@@ -143,10 +125,10 @@ def queued_jobs(name: str) -> list[str]:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_forty_points_in_four_allocations_one_failing(tmp_path: Path, name: str) -> None:
+def test_forty_points_in_four_allocations_one_failing(tmp_path: Path, job_name: str) -> None:
     (tmp_path / "point.py").write_text(POINT)
     result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=10", "compute.poll_s=1",
-                       f"compute.job_name={name}", "entry.script=point.py", "trainer.i=range(0,40)", timeout=600)
+                       f"compute.job_name={job_name}", "entry.script=point.py", "trainer.i=range(0,40)", timeout=600)
     assert result.returncode == 1, result.stderr  # one point failed on purpose
     assert "1 sweep point(s) did not complete" in result.stderr and "/13" in result.stderr
     sweep = sweep_dir(tmp_path)
@@ -191,12 +173,12 @@ def test_dry_run_shows_the_pool(tmp_path: Path) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_points_side_by_side(tmp_path: Path, name: str) -> None:
+def test_points_side_by_side(tmp_path: Path, job_name: str) -> None:
     (tmp_path / "point.py").write_text(POINT)
     # The local nodes have 2 CPUs and 2 GPUs: 2 single-task points side by side in a 2-task
     # allocation, each slot with a GPU of its own.
     result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=2", "compute.pack_slots=2",
-                       "compute.gpus_per_node=1", "compute.poll_s=1", f"compute.job_name={name}",
+                       "compute.gpus_per_node=1", "compute.poll_s=1", f"compute.job_name={job_name}",
                        "entry.script=point.py", "trainer.i=range(0,2)", "trainer.sleep=8", timeout=600)
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
@@ -205,20 +187,20 @@ def test_points_side_by_side(tmp_path: Path, name: str) -> None:
     gpus = sorted((sweep / str(i) / "outputs" / "gpus").read_text() for i in range(2))
     assert gpus == ["0", "1"], gpus
     too_wide = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=4", "compute.pack_slots=4",
-                         f"compute.job_name={name}", "entry.script=point.py", "trainer.i=range(0,4)")
+                         f"compute.job_name={job_name}", "entry.script=point.py", "trainer.i=range(0,4)")
     assert too_wide.returncode == 2 and "Slurm rejected the job" in too_wide.stderr, too_wide.stderr
     assert "compute.pack_slots" in too_wide.stderr and "Traceback" not in too_wide.stderr
-    assert queued_jobs(name) == []
+    assert queued_jobs(job_name) == []
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_a_slots_step_gets_its_cpus_per_task(tmp_path: Path, name: str) -> None:
+def test_a_slots_step_gets_its_cpus_per_task(tmp_path: Path, job_name: str) -> None:
     """compute.cpus_per_task reaches each slot's own job step, on every Slurm release: 22.05's
     srun gives an --exact step one CPU per task unless told (24.11's takes the allocation's)."""
     (tmp_path / "point.py").write_text(POINT)
     result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=2", "compute.cpus_per_task=2",
-                       "compute.poll_s=1", f"compute.job_name={name}", "entry.script=point.py",
+                       "compute.poll_s=1", f"compute.job_name={job_name}", "entry.script=point.py",
                        "trainer.i=range(0,2)", timeout=600)
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
@@ -233,21 +215,22 @@ def test_a_slots_step_gets_its_cpus_per_task(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_a_preempted_pack_is_requeued_once_and_runs_only_its_unfinished_points(tmp_path: Path, name: str) -> None:
-    """Preempted in partition "low" (PreemptMode=REQUEUE): the running point stops, the
+def test_a_preempted_pack_is_requeued_once_and_runs_only_its_unfinished_points(tmp_path: Path, job_name: str,
+                                                                              preempt_nodes: NodePair) -> None:
+    """Preempted in a partition like "low" (PreemptMode=REQUEUE): the running point stops, the
     allocation is requeued once (by tfrun before Slurm 24.11, by Slurm as it ends from 24.11
     on: requeued by both, it would be requeued again at its next end) and its next attempt
     runs the points not yet finished."""
     (tmp_path / "point.py").write_text(POINT)
     try:
-        result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=3", "compute.partition=low",
-                           "compute.nodelist=node1", f"compute.job_name={name}", "compute.wait=false",
-                           "entry.script=point.py", "trainer.i=range(0,3)", "trainer.sleep=10")
+        result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=3",
+                           f"compute.partition={preempt_nodes.low}", f"compute.nodelist={preempt_nodes.first}",
+                           f"compute.job_name={job_name}", "compute.wait=false", "entry.script=point.py",
+                           "trainer.i=range(0,3)", "trainer.sleep=10")
         assert result.returncode == 0, result.stderr
         sweep = sweep_dir(tmp_path)
         wait_for(lambda: (sweep / "0" / "outputs" / "started").exists(), 300, "the first point to start")
-        subprocess.run(["sbatch", "-p", "debug", "--exclusive", "-N1", "-w", "node1", f"--job-name={name}",
-                        "-o", "/dev/null", "--wrap", "sleep 2"], check=True, capture_output=True, timeout=60)
+        preempt_nodes.preempt(preempt_nodes.first, job_name=job_name)
         allocation = allocations(sweep)[0]
 
         def ended() -> bool:
@@ -256,7 +239,7 @@ def test_a_preempted_pack_is_requeued_once_and_runs_only_its_unfinished_points(t
 
         wait_for(ended, 600, "every point to end")
     finally:
-        subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=60)
+        subprocess.run(["scancel", f"--name={job_name}"], capture_output=True, timeout=60)
     found = statuses(sweep)
     assert all(s["state"] == "COMPLETED" for s in found.values()), found
     runs = {n: len((sweep / n / "outputs" / "started").read_text().splitlines()) for n in found}
@@ -267,16 +250,15 @@ def test_a_preempted_pack_is_requeued_once_and_runs_only_its_unfinished_points(t
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_cancel_one_point_leaves_the_others(tmp_path: Path, name: str) -> None:
+def test_cancel_one_point_leaves_the_others(tmp_path: Path, job_name: str) -> None:
     (tmp_path / "point.py").write_text(POINT)
     result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=3", "compute.wait=false",
-                       f"compute.job_name={name}", "entry.script=point.py", "trainer.i=range(0,3)", "trainer.sleep=8")
+                       f"compute.job_name={job_name}", "entry.script=point.py", "trainer.i=range(0,3)", "trainer.sleep=8")
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
     wait_for(lambda: statuses(sweep).get("0", {}).get("state") == "RUNNING", 120, "the first point to run")
     assert run_tfrun(tmp_path, "cancel", str(sweep / "2")).returncode == 0  # not started yet
-    wait_for(lambda: (sweep / "0" / "ranks" / "0.json").exists(), 60, "the first point's bootstrap")
-    time.sleep(1)
+    wait_for(lambda: (sweep / "0" / "outputs" / "started").exists(), 60, "the first point's script to start")
     assert run_tfrun(tmp_path, "cancel", str(sweep / "0")).returncode == 0  # running
     wait_for(lambda: all(s["state"] in ("COMPLETED", "FAILED", "CANCELLED") for s in statuses(sweep).values()),
              180, "every point to end")
@@ -289,7 +271,7 @@ def test_cancel_one_point_leaves_the_others(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_time_limit_reruns_only_unfinished_points(tmp_path: Path, name: str) -> None:
+def test_time_limit_reruns_only_unfinished_points(tmp_path: Path, job_name: str) -> None:
     """A 1-minute allocation for 6 points of 8 s, one slot: the warning comes ~30 s in (Slurm
     may send it up to a minute early: max_requeues is raised so that each attempt's early
     warning is one more requeue), the running point stops and goes back to the queue, the
@@ -297,7 +279,7 @@ def test_time_limit_reruns_only_unfinished_points(tmp_path: Path, name: str) -> 
     (tmp_path / "point.py").write_text(POINT)
     result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=6", "compute.timeout_min=1",
                        "compute.signal_delay_s=30", "compute.max_requeues=10", "compute.poll_s=1",
-                       f"compute.job_name={name}",
+                       f"compute.job_name={job_name}",
                        "entry.script=point.py", "trainer.i=range(0,6)", "trainer.sleep=8", timeout=600)
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
@@ -315,13 +297,13 @@ def test_time_limit_reruns_only_unfinished_points(tmp_path: Path, name: str) -> 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_an_allocation_out_of_requeues_is_followed_by_another(tmp_path: Path, name: str) -> None:
+def test_an_allocation_out_of_requeues_is_followed_by_another(tmp_path: Path, job_name: str) -> None:
     """compute.max_requeues=0: the allocation that gets the time-limit warning is not requeued;
     the points it held go back to the queue and the follower starts another allocation for them."""
     (tmp_path / "point.py").write_text(POINT)
     result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=6", "compute.timeout_min=1",
                        "compute.signal_delay_s=30", "compute.max_requeues=0", "compute.poll_s=1",
-                       f"compute.job_name={name}", "entry.script=point.py", "trainer.i=range(0,6)", "trainer.sleep=8",
+                       f"compute.job_name={job_name}", "entry.script=point.py", "trainer.i=range(0,6)", "trainer.sleep=8",
                        timeout=600)
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
@@ -341,12 +323,12 @@ def test_an_allocation_out_of_requeues_is_followed_by_another(tmp_path: Path, na
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_trials_start_fresh_in_one_warm_slot_that_survives_a_crash_and_os_exit(tmp_path: Path, name: str) -> None:
+def test_trials_start_fresh_in_one_warm_slot_that_survives_a_crash_and_os_exit(tmp_path: Path, job_name: str) -> None:
     """One slot, four trials in the order written: the first marks a module its slot imported
     ahead, the next segfaults, the next calls os._exit, the last looks for the mark. Each ran in
     its own process forked by the same agent, so the mark is not seen and the slot lives on."""
     (tmp_path / "modes.py").write_text(MODES)
-    result = run_tfrun(tmp_path, *TUNE, "compute=slurm", f"compute.job_name={name}", "entry.script=modes.py",
+    result = run_tfrun(tmp_path, *TUNE, "compute=slurm", f"compute.job_name={job_name}", "entry.script=modes.py",
                        "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=1",
                        "trainer.mode=choice(mark,crash,exit,check)", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -372,13 +354,15 @@ def test_trials_start_fresh_in_one_warm_slot_that_survives_a_crash_and_os_exit(t
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_a_preempted_pool_resumes_its_trials_none_lost_none_told_twice(tmp_path: Path, name: str) -> None:
-    """A study of four 12-epoch trials in partition low, two at a time. Mid-way, a debug job
-    takes the pool's node: the running trials stop, go back to the queue, the allocation is
-    requeued, and when it runs again they resume where they stopped. Every trial completes
-    and is told to the study once."""
+def test_a_preempted_pool_resumes_its_trials_none_lost_none_told_twice(tmp_path: Path, job_name: str,
+                                                                       preempt_nodes: NodePair) -> None:
+    """A study of four 12-epoch trials in a partition like low, two at a time. Mid-way, a job of
+    a higher tier takes the pool's node: the running trials stop, go back to the queue, the
+    allocation is requeued, and when it runs again they resume where they stopped. Every trial
+    completes and is told to the study once."""
     (tmp_path / "resuming.py").write_text(RESUMING)
-    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", "compute.partition=low", f"compute.job_name={name}",
+    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", f"compute.partition={preempt_nodes.low}",
+                               f"compute.job_name={job_name}",
                                "compute.poll_s=0.5", "entry.script=resuming.py", "hydra.sweeper.sampler=grid",
                                "hydra.sweeper.max_parallel=2", "trainer.q=choice(0.6,0.7,0.8,0.9)")
     try:
@@ -391,8 +375,9 @@ def test_a_preempted_pool_resumes_its_trials_none_lost_none_told_twice(tmp_path:
         node = subprocess.run(["squeue", "-h", "-j", job, "-o", "%N"], capture_output=True, text=True,
                               timeout=60).stdout.strip()
         assert node, f"the pool's allocation {job} is not running"
-        subprocess.run(["sbatch", "-p", "debug", "-w", node, "-n", "2", f"--job-name={name}-preemptor",
-                        "--wrap", "sleep 2"], check=True, capture_output=True, timeout=60)
+        subprocess.run(["sbatch", "-p", preempt_nodes.partition, "-w", node, "-n", "2",
+                        f"--job-name={job_name}-preemptor", "-o", "/dev/null", "--wrap", "sleep 2"],
+                       check=True, capture_output=True, timeout=60)
         proc.wait(timeout=300)
     finally:
         stop(proc)
@@ -415,11 +400,11 @@ def test_a_preempted_pool_resumes_its_trials_none_lost_none_told_twice(tmp_path:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_tune_resume_reattaches_to_the_running_pool(tmp_path: Path, name: str) -> None:
+def test_tune_resume_reattaches_to_the_running_pool(tmp_path: Path, job_name: str) -> None:
     """The follower is killed while the pool runs two trials; `tfrun tune resume` follows them
     in the same allocation and feeds it the rest: nothing runs twice, no new allocation."""
     (tmp_path / "resuming.py").write_text(RESUMING)
-    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", f"compute.job_name={name}", "compute.poll_s=0.5",
+    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=0.5",
                                "entry.script=resuming.py", "hydra.sweeper.sampler=grid", "trainer.epochs=6",
                                "trainer.q=choice(0.6,0.7,0.8,0.9)")
     try:
@@ -442,11 +427,11 @@ def test_tune_resume_reattaches_to_the_running_pool(tmp_path: Path, name: str) -
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_cancel_one_trial_then_the_study(tmp_path: Path, name: str) -> None:
+def test_cancel_one_trial_then_the_study(tmp_path: Path, job_name: str) -> None:
     """`tfrun cancel` of one trial ends that trial's processes only (its slot takes the next
     trial); `tfrun cancel` of the study ends its pool's allocation and every trial left."""
     (tmp_path / "resuming.py").write_text(RESUMING)
-    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", f"compute.job_name={name}", "compute.poll_s=0.5",
+    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=0.5",
                                "entry.script=resuming.py", "hydra.sweeper.sampler=grid", "trainer.epochs=60",
                                "trainer.q=choice(0.6,0.7,0.8,0.9)")
     try:
@@ -469,16 +454,16 @@ def test_cancel_one_trial_then_the_study(tmp_path: Path, name: str) -> None:
     found = trials(sweep)
     assert {found[n]["status"]["state"] for n in (1, 2)} == {"CANCELLED"}, found
     assert allocations(sweep) == [job] and 3 not in found  # nothing was started after the study was cancelled
-    wait_for(lambda: queued_jobs(name) == [], 60, "the pool's allocation to leave the queue")
+    wait_for(lambda: queued_jobs(job_name) == [], 60, "the pool's allocation to leave the queue")
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_an_idle_pool_ends_itself(tmp_path: Path, name: str) -> None:
+def test_an_idle_pool_ends_itself(tmp_path: Path, job_name: str) -> None:
     """The follower is killed: the pool finishes its trials, then, with nothing fed for
     hydra.sweeper.pool.idle_timeout_s, ends its allocation instead of holding it."""
     (tmp_path / "resuming.py").write_text(RESUMING)
-    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", f"compute.job_name={name}",
+    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", f"compute.job_name={job_name}",
                                "hydra.sweeper.pool.idle_timeout_s=5", "entry.script=resuming.py",
                                "hydra.sweeper.sampler=grid", "trainer.epochs=4", "trainer.q=choice(0.6,0.7,0.8,0.9)")
     try:
@@ -500,12 +485,12 @@ def test_an_idle_pool_ends_itself(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_two_rank_horovod_items_take_a_slot_of_their_shape(tmp_path: Path, name: str) -> None:
+def test_two_rank_horovod_items_take_a_slot_of_their_shape(tmp_path: Path, job_name: str) -> None:
     """Items of 2 Horovod ranks: the slot is a 2-task job step whose agents both imported
     TensorFlow ahead; each item's ranks meet (size 2, sum 3) in processes of those agents."""
     (tmp_path / "hsum.py").write_text(HOROVOD_SUM)
     result = run_tfrun(tmp_path, "-m", "compute=slurm", "backend=horovod", "compute.tasks_per_node=2",
-                       "compute.pack_size=2", "compute.poll_s=1", f"compute.job_name={name}", "entry.script=hsum.py",
+                       "compute.pack_size=2", "compute.poll_s=1", f"compute.job_name={job_name}", "entry.script=hsum.py",
                        "trainer.i=range(0,2)", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = sweep_dir(tmp_path)
@@ -533,20 +518,20 @@ BAD = {
 
 
 @pytest.mark.slurm
-def test_bad_pool_input_is_one_paragraph_exit_2_and_nothing_submitted(tmp_path: Path, name: str) -> None:
+def test_bad_pool_input_is_one_paragraph_exit_2_and_nothing_submitted(tmp_path: Path, job_name: str) -> None:
     (tmp_path / "point.py").write_text(POINT)
     for what, (args, expected) in BAD.items():
-        owned = [f"compute.job_name={name}"] if "compute=slurm" in args else []
+        owned = [f"compute.job_name={job_name}"] if "compute=slurm" in args else []
         result = run_tfrun(tmp_path, *TUNE, "entry.script=point.py", "trainer.i=choice(1,2)", *args, *owned)
         assert result.returncode == 2, (what, result.stderr)
         assert result.stderr.startswith("tfrun: error: ") and expected in result.stderr, (what, result.stderr)
         assert result.stderr.strip().count("\n") == 0, (what, result.stderr)
         assert not list((tmp_path / "runs").glob("*")), what
-    varied = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=2", f"compute.job_name={name}",
+    varied = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=2", f"compute.job_name={job_name}",
                        "entry.script=point.py", "trainer.i=1", "compute.tasks_per_node=1,2")
     assert varied.returncode == 2 and "compute.tasks_per_node is 2" in varied.stderr, varied.stderr
     assert varied.stderr.strip().count("\n") == 0, varied.stderr
-    assert queued_jobs(name) == [] and job_state(name) == ""
+    assert queued_jobs(job_name) == [] and job_state(job_name) == ""
 
 
 def test_dry_run_shows_the_study_pool_without_tensorflow(tmp_path: Path) -> None:
@@ -594,29 +579,29 @@ BUSY = Path(__file__).resolve().parents[1] / "scripts" / "busy-slurm"
 
 
 @pytest.fixture
-def busy_cpu(tmp_path: Path, name: str) -> Iterator[float]:
+def busy_cpu(tmp_path: Path, job_name: str) -> Iterator[float]:
     """Partition cpu made busy by another account's jobs (names of this test's own), 8 s each."""
     env = {**__import__("os").environ, "TFRUN_SLURM_DIR": str(tmp_path / "busy-state")}
     hold = 8.0
-    command = [str(BUSY), "start", "--partition", "cpu", "--hold-s", str(hold), "--name", f"{name}-busy-"]
+    command = [str(BUSY), "start", "--partition", "cpu", "--hold-s", str(hold), "--name", f"{job_name}-busy-"]
     started = subprocess.run(command, capture_output=True, text=True, timeout=200, env=env)
     assert started.returncode == 0, started.stderr
     try:
         yield hold
     finally:
         subprocess.run([str(BUSY), "stop"], capture_output=True, timeout=120, env=env)
-        subprocess.run(["scancel", f"--name={name}-busy-node3"], capture_output=True, timeout=60)
+        subprocess.run(["scancel", f"--name={job_name}-busy-node3"], capture_output=True, timeout=60)
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_on_a_busy_cluster_a_study_waits_for_its_pool_once(tmp_path: Path, name: str, busy_cpu: float) -> None:
+def test_on_a_busy_cluster_a_study_waits_for_its_pool_once(tmp_path: Path, job_name: str, busy_cpu: float) -> None:
     """Every new job waits for its turn (another account's jobs hold the node): the pool's one
     allocation waits, then its slot takes each trial at once, without a queue wait per trial."""
-    probe = subprocess.run(["sbatch", "--parsable", "-p", "cpu", f"--job-name={name}", "--output=/dev/null",
+    probe = subprocess.run(["sbatch", "--parsable", "-p", "cpu", f"--job-name={job_name}", "--output=/dev/null",
                             "--wrap", "true"], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
     (tmp_path / "resuming.py").write_text(RESUMING)
-    result = run_tfrun(tmp_path, *TUNE, "compute=slurm", "compute.partition=cpu", f"compute.job_name={name}",
+    result = run_tfrun(tmp_path, *TUNE, "compute=slurm", "compute.partition=cpu", f"compute.job_name={job_name}",
                        "compute.poll_s=0.5", "entry.script=resuming.py", "hydra.sweeper.sampler=grid",
                        "hydra.sweeper.max_parallel=1", "trainer.epochs=2", "trainer.q=choice(0.6,0.7,0.8)", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

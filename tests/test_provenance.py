@@ -16,15 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
-    read_json,
-    run_dir_from,
-    run_tfrun,
-    scratch_env,
-    stop,
-    tfrun_command,
-    wait_for,
-)
+from tests.helpers import free_port, read_json, run_dir_from, run_tfrun, scratch_env, stop, tfrun_command, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -90,6 +82,7 @@ def provenance_of(run_dir: Path) -> dict:
     return read_json(run_dir / "provenance" / f"{attempt['attempt']}.json")
 
 
+@pytest.mark.slow
 def test_local_run_records_commit_diff_packages_and_host(tmp_path: Path, repo: Path) -> None:
     # The runs dir in the repo, as ./tfrun-runs is by default: the run's own dir is no change.
     result = run_tfrun(tmp_path, "entry.script=train.py", cwd=repo, TFRUN_RUNS_DIR=str(repo / "tfrun-runs"))
@@ -157,6 +150,7 @@ def test_a_dir_outside_git_records_no_commit(tmp_path: Path) -> None:
     assert not (tmp_path / "provenance" / "a1.diff").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_slurm_run_on_two_nodes_records_both_hosts_and_the_job(tmp_path: Path, repo: Path) -> None:
     result = run_tfrun(tmp_path, "compute=slurm", "compute.nodes=2", "compute.poll_s=1", "entry.script=train.py",
@@ -179,6 +173,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> Path:
     return next((tmp_path / "runs").glob("sweep-*"))
 
 
+@pytest.mark.slow
 def test_tensorboard_command_names_each_run_by_its_parameter(tmp_path: Path, sweep: Path) -> None:
     result = run_tfrun(tmp_path, "tensorboard", str(sweep), "--port", "6123", "--print-command", TMPDIR=str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -190,10 +185,9 @@ def test_tensorboard_command_names_each_run_by_its_parameter(tmp_path: Path, swe
                                                             "trainer.x=2": sweep / "1" / "tensorboard"}
 
 
+@pytest.mark.slow
 def test_tensorboard_serves_the_sweep(tmp_path: Path, sweep: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     err = tmp_path / "tensorboard.err"
     with open(err, "w") as ferr:
         proc = subprocess.Popen([*tfrun_command(), "tensorboard", str(sweep), "--port", str(port)], cwd=tmp_path,

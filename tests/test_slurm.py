@@ -1,8 +1,8 @@
 """Real Slurm jobs on the local cluster (``scripts/local-slurm``): no mocks.
 
 Every job gets a job name of its own (``compute.job_name``), so that the queue checks
-look only at this test's jobs while other suites use the same cluster, and so that a
-failed test can cancel what it left behind. A cluster that is not up fails the module:
+look only at this test's jobs while other tests use the same cluster, and so that a
+failed test can cancel what it left behind. A cluster that is not up fails the tests:
 CI starts it before the tests (``scripts/test``).
 """
 from __future__ import annotations
@@ -21,8 +21,10 @@ from typing import Iterator
 import pytest
 
 from tests.helpers import (
-    REPO,
+    LOCAL_SLURM,
+    NodePair,
     accounted,
+    cancel_jobs_named,
     popen_tfrun,
     read_json,
     run_dir_from,
@@ -31,42 +33,11 @@ from tests.helpers import (
     wait_for,
 )
 
-LOCAL_SLURM = REPO / "scripts" / "local-slurm"
 DIGITS_EPOCHS = 2
 JOB_TIMEOUT = 300  # generous: other suites may hold the nodes for a while
 
 
-# --- the cluster, job names, Slurm's own view -----------------------------------------
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster() -> None:
-    """The local cluster must be up; a missing cluster is a failure, never a skip."""
-    try:
-        out = subprocess.run([str(LOCAL_SLURM), "status"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.fail(f"cannot ask whether the local Slurm cluster is up ({exc}); "
-                    f"start it with `scripts/local-slurm start`", pytrace=False)
-    if out.returncode != 0:
-        pytest.fail("the local Slurm cluster is not up: start it with `scripts/local-slurm start` "
-                    f"(scripts/test does). `scripts/local-slurm status` said:\n{out.stdout}{out.stderr}",
-                    pytrace=False)
-
-
-def _new_job_name() -> str:
-    return f"tfrun-test-{uuid.uuid4().hex[:8]}"
-
-
-def _cancel_named(name: str) -> None:
-    subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=60)
-
-
-@pytest.fixture
-def job_name() -> Iterator[str]:
-    """A job name no other test uses; whatever still runs under it is cancelled afterwards."""
-    name = _new_job_name()
-    yield name
-    _cancel_named(name)
-
+# --- Slurm's own view ---------------------------------------------------------------------
 
 def sacct(job: str, fields: str = "JobID,State") -> dict[str, list[str]]:
     """Allocation lines of a job (or of an array: one per element), by JobID."""
@@ -125,7 +96,7 @@ def tfrun_status(tmp_path: Path, run: Path | str) -> str:
 def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[int, tuple]]]:
     """The digits example as a 1-node and a 2-node job: (tmp dir, {nodes: (result, run dir, job id)})."""
     tmp = tmp_path_factory.mktemp("digits")
-    name = _new_job_name()
+    name = f"tfrun-slurm-{uuid.uuid4().hex[:8]}"
     done = {}
     try:
         for nodes in (1, 2):
@@ -135,7 +106,7 @@ def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
             done[nodes] = (result, run_dir_from(result.stderr), submitted_job(result.stderr))
         yield tmp, done
     finally:
-        _cancel_named(name)
+        cancel_jobs_named(name)
 
 
 @pytest.mark.slurm
@@ -289,14 +260,16 @@ def _first_line(text: str) -> str:
 
 
 @pytest.mark.slurm
-def test_no_wait_returns_at_once_and_cancel_ends_the_job(tmp_path: Path, job_name: str) -> None:
+def test_no_wait_returns_at_once_and_cancel_ends_the_job(tmp_path: Path, job_name: str,
+                                                        preempt_nodes: NodePair) -> None:
     """In a partition whose jobs can be preempted, a user's cancel (SIGTERM, as a preemption's)
     still ends the job: CANCELLED, not requeued. The task saves its work first, as it would for
-    a preemption, and rank 0 asks Slurm which it was."""
+    a preemption, and rank 0 asks Slurm which it was. (On nodes of the preemption tests' own:
+    elsewhere another test's job could preempt it.)"""
     write_script(tmp_path, "sleep.py", SLEEP_SCRIPT)
     start = time.monotonic()
     result = run_tfrun(tmp_path, "compute=slurm", "compute.wait=false", f"compute.job_name={job_name}",
-                       "compute.partition=low", "entry.script=sleep.py", timeout=60)
+                       f"compute.partition={preempt_nodes.low}", "entry.script=sleep.py", timeout=60)
     took = time.monotonic() - start
     assert result.returncode == 0, result.stderr
     assert took < 15, f"compute.wait=false took {took:.1f} s"
@@ -316,7 +289,8 @@ def test_no_wait_returns_at_once_and_cancel_ends_the_job(tmp_path: Path, job_nam
     wait_for(lambda: not queued(job_name), 60, "the job to leave the queue")
     shown = tfrun_status(tmp_path, run_dir)
     assert _first_line(shown).endswith(": CANCELLED"), shown
-    assert re.search(r"^  rank 0: node[12] pid \d+ killed before it finished$", shown, re.M), shown
+    assert re.search(rf"^  rank 0: ({'|'.join(preempt_nodes.nodes)}) pid \d+ killed before it finished$", shown,
+                     re.M), shown
     assert read_json(run_dir / "status.json")["state"] == "CANCELLED"
     log = text_of(run_dir / "logs/rank0.log")
     assert re.search(rf"^tfrun: Slurm is ending job {job_id} \((CANCELLED|COMPLETING)\), not preempting it: ending now$",
@@ -523,7 +497,9 @@ def _stop_slurmdbd() -> None:
     assert subprocess.run(["sacct", "-n", "-j", "1"], capture_output=True, timeout=60).returncode != 0
 
 
+@pytest.mark.slurm
 @pytest.mark.slow
+@pytest.mark.alone
 def test_states_stay_right_without_accounting(tmp_path: Path, job_name: str) -> None:
     """slurmdbd stops while a sweep runs: sacct fails, and tfrun follows the jobs through
     squeue and scontrol until they complete; no live job is taken for gone."""

@@ -3,7 +3,7 @@ script runs or while a server serves is a stop; backups fall back and are each r
 where each rank trains its own model; several fits in one script keep every epoch.
 
 Local runs of real processes (Horovod over Gloo, MultiWorkerMirroredStrategy, parameter
-servers); the Slurm tests use the local cluster (see tests/test_faults.py for its fixtures).
+servers); the Slurm tests use the local cluster (fixtures in tests/conftest.py).
 """
 from __future__ import annotations
 
@@ -14,21 +14,17 @@ import signal
 import subprocess
 import textwrap
 import time
-import uuid
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from tests.helpers import popen_tfrun, read_json, run_tfrun, stop, text_of, wait_for
+from tests.helpers import NodePair, popen_tfrun, read_json, run_tfrun, stop, text_of, wait_for
 from tests.test_faults import (
     FAST_FIT,
     FIT_SCRIPT,
     JOB_TIMEOUT,
-    LOCAL_SLURM,
     attempts,
     metric_epochs,
-    preempt_nodes,
     sacct_state,
     submitted,
     wait_final,
@@ -83,23 +79,6 @@ with open(os.path.join(ctx.output_dir, f"weights-rank{ctx.rank}.json"), "w") as 
     json.dump({"sha": hashlib.sha256(weights.tobytes()).hexdigest()}, f)
 print(f"rank {ctx.rank} TRAINING DONE", flush=True)
 """
-
-@pytest.fixture(scope="module")
-def cluster() -> None:
-    """The local cluster must be up; a missing cluster is a failure, never a skip."""
-    out = subprocess.run([str(LOCAL_SLURM), "status"], capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        pytest.fail(f"the local Slurm cluster is not up: start it with `scripts/local-slurm start`.\n{out.stdout}",
-                    pytrace=False)
-
-
-@pytest.fixture
-def job_name(cluster: None) -> Iterator[str]:
-    """A job name of this test's own; whatever still runs under it is cancelled afterwards."""
-    name = f"tfrun-stops-{uuid.uuid4().hex[:8]}"
-    yield name
-    subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=60)
-
 
 STOP_LINE = re.compile(r"^tfrun: stopping after epoch (\d+), batch (\d+): every rank stops here$", re.M)
 
@@ -288,7 +267,10 @@ class Record(keras.callbacks.Callback):
         self.record(epoch=epoch + 1, checksum=checksum())
         if first and epoch + 1 == 3:  # both ranks stop after their third epoch
             open(os.path.join(run_dir, f"stopped-{rank}"), "w").close()
+            deadline = time.time() + 300
             while not os.path.exists(os.path.join(run_dir, f"stopped-{1 - rank}")):
+                if time.time() > deadline:
+                    raise SystemExit("the other rank did not reach its third epoch in 300 s")
                 time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGUSR2)
 
@@ -435,20 +417,21 @@ def test_a_stop_while_a_slurm_job_prepares_is_requeued(tmp_path: Path, job_name:
 
 
 @pytest.mark.slurm
-def test_a_preemption_slurm_does_not_answer_about_still_saves_the_work(tmp_path: Path, job_name: str) -> None:
+def test_a_preemption_slurm_does_not_answer_about_still_saves_the_work(tmp_path: Path, job_name: str,
+                                                                      preempt_nodes: NodePair) -> None:
     """`scontrol show` hangs in the job (a controller swamped by a preemption wave): the
     SIGTERM is acted on at once (no Slurm command in the signal handler), rank 0's one query
     gives up after a few seconds, and the work is saved and requeued as for a preemption."""
     env = fake_commands(tmp_path, scontrol='case "$*" in *"show job"*) sleep 60;; esac\nexec /usr/bin/scontrol "$@"\n')
     write_script(tmp_path, "fit.py", FIT_SCRIPT)
-    # 20 epochs of ~3 s: long enough for the preempting job to get node1 on a busy shared cluster.
+    # 20 epochs of ~3 s: long enough for the preempting job to get its node on a busy shared cluster.
     result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.wait=false",
-                       "compute.partition=low", "compute.nodelist=node1", "entry.script=fit.py", "trainer.epochs=20",
-                       timeout=120, **env)
+                       f"compute.partition={preempt_nodes.low}", f"compute.nodelist={preempt_nodes.first}",
+                       "entry.script=fit.py", "trainer.epochs=20", timeout=120, **env)
     assert result.returncode == 0, result.stderr
     job_id, run_dir = submitted(result.stderr)
     wait_for(lambda: len(metric_epochs(run_dir)) >= 2, JOB_TIMEOUT, "two epochs in metrics.jsonl")
-    preempt_nodes("node1", job_name)
+    preempt_nodes.preempt(preempt_nodes.first, job_name=job_name)
     assert wait_final(tmp_path, run_dir) == "COMPLETED", text_of(run_dir / "logs/rank0.log")[-3000:]
     # Other jobs may preempt this one too, on a shared cluster: every preemption is handled alike.
     parts = text_of(run_dir / "logs/rank0.log").split("tfrun: rank 0/1 on ")[1:]

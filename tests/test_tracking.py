@@ -21,8 +21,6 @@ from tests.helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.slow
-
 CUSTOM = '''
 import argparse, tfrun
 p = argparse.ArgumentParser(); p.add_argument("--x", type=float, default=0.5); a = p.parse_args()
@@ -38,6 +36,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_keras_epochs_are_recorded_without_script_changes(tmp_path: Path) -> None:
     result = run_tfrun(tmp_path, "trainer.epochs=3", timeout=300)
     assert result.returncode == 0, result.stderr
@@ -61,6 +60,7 @@ def test_keras_epochs_are_recorded_without_script_changes(tmp_path: Path) -> Non
     assert "latest epoch: epoch 3:" in status.stdout and "val_accuracy=" in status.stdout
 
 
+@pytest.mark.slow
 def test_log_metric_from_any_script(tmp_path: Path) -> None:
     (tmp_path / "custom.py").write_text(CUSTOM)
     result = run_tfrun(tmp_path, "entry.script=custom.py", "trainer.x=0.4")
@@ -71,6 +71,7 @@ def test_log_metric_from_any_script(tmp_path: Path) -> None:
     assert abs(records[1]["value"] + 0.01) < 1e-9
 
 
+@pytest.mark.slow
 def test_sweep_table_and_plot(tmp_path: Path) -> None:
     result = run_tfrun(tmp_path, "-m", "trainer.lr=0.001,0.02", "trainer.epochs=3", timeout=400)
     assert result.returncode == 0, result.stderr
@@ -99,6 +100,7 @@ def _mlflow_runs(uri: str) -> list:
     return found
 
 
+@pytest.mark.slow
 def test_mlflow_local_store_single_run_and_sweep(tmp_path: Path) -> None:
     # MLflow's system metrics too (a run shorter than their sampling interval gets a last sample).
     result = run_tfrun(tmp_path, "tracking=mlflow", "trainer.epochs=2", "tracking.system_metrics=true", timeout=300)
@@ -143,6 +145,7 @@ model.fit(x, y, batch_size=32, epochs=40, callbacks=[Slow()], verbose=0)
 """
 
 
+@pytest.mark.slow
 def test_mlflow_server_down_mid_run_then_sync(tmp_path: Path) -> None:
     """The server goes away while the run trains: training keeps its pace, the run
     completes, and ``tfrun sync`` later brings the server up to date."""
@@ -211,6 +214,7 @@ def _sqlite_text(path: Path) -> str:
     return "\n".join(rows) + path.read_bytes().decode("latin-1")
 
 
+@pytest.mark.slow
 def test_secrets_stay_out_of_mlflow_and_the_logs(tmp_path: Path) -> None:
     """Values of secret-looking keys and a URI's password: the task gets them; MLflow's
     params, tags and artifacts and the rank's log show them masked (deps.env not as params)."""
@@ -252,7 +256,10 @@ import os, pathlib, time
 run_dir = pathlib.Path(os.environ["TFRUN_RUN_DIR"])
 (pathlib.Path(os.environ["TFRUN_OUTPUT_DIR"]) / "weights.txt").write_text("weights")
 (run_dir / "ready").touch()
+deadline = time.time() + 300
 while not (run_dir / "go").exists():
+    if time.time() > deadline:
+        raise SystemExit("no go from the test in 300 s")
     time.sleep(0.1)
 """
 
@@ -265,6 +272,7 @@ def _model_versions(uri: str, name: str) -> list[str]:
     return sorted(str(v) for v in json.loads(done.stdout))
 
 
+@pytest.mark.slow
 def test_concurrent_syncs_register_the_model_once(tmp_path: Path) -> None:
     """The server is down when the run ends (neither its task nor its launcher can end the
     MLflow run); once it is back, three ``tfrun sync`` at once end it: one model version."""

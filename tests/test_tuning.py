@@ -14,16 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
-    DIGITS,
-    REPO,
-    popen_tfrun,
-    read_json,
-    run_dir_from,
-    run_tfrun,
-    scratch_env,
-    stop,
-)
+from tests.helpers import DIGITS, popen_tfrun, read_json, run_dir_from, run_tfrun, scratch_env, stop
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +79,7 @@ POLICIES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", list(POLICIES))
 def test_policy_prunes_the_bad_trials_and_lets_the_good_run_on(tmp_path: Path, policy: str) -> None:
     """A grid in the order written: the two good trials (q=1) run first, side by side, then the
@@ -124,6 +116,7 @@ def test_policy_prunes_the_bad_trials_and_lets_the_good_run_on(tmp_path: Path, p
         assert again.returncode == 1 and "was pruned by its tuning study's policy" in again.stderr, again.stderr
 
 
+@pytest.mark.slow
 def test_a_pruned_keras_trial_keeps_its_backup(tmp_path: Path) -> None:
     """One trial at a time: a good one (a stand-in that records val_accuracy 0.9 per epoch
     without TensorFlow, to keep the test short), then the digits example with a learning rate
@@ -169,6 +162,7 @@ for e in range(4):
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "bandit", "asha"])
 def test_a_diverged_trial_is_stopped_told_as_failed_and_never_the_best(tmp_path: Path, policy: str) -> None:
     (tmp_path / "diverging.py").write_text(DIVERGING)
@@ -205,6 +199,7 @@ log_epoch(0, {"score": 1.0})
 '''
 
 
+@pytest.mark.slow
 def test_a_choice_with_a_comma_reaches_the_trial_as_one_value(tmp_path: Path) -> None:
     """Values with Hydra's syntax in them (a comma, a quote, an equals sign) are quoted for the
     trial's overrides: each trial's script gets its value whole, as one argument."""
@@ -220,6 +215,7 @@ def test_a_choice_with_a_comma_reaches_the_trial_as_one_value(tmp_path: Path) ->
                          "++trainer.opt='x=(1)'"], overrides
 
 
+@pytest.mark.slow
 def test_an_objective_no_trial_records_stops_the_study_after_the_first_trial(tmp_path: Path) -> None:
     """tfrun.objective with a typo: the first trial completes without it; the study stops there
     (exit 2, the metrics the trial did record named), the long trial beside it is cancelled and
@@ -241,6 +237,7 @@ def test_an_objective_no_trial_records_stops_the_study_after_the_first_trial(tmp
     assert study_states(sweep) == ["FAIL", "FAIL", "WAITING", "WAITING"]  # (the grid's other points, never asked for)
 
 
+@pytest.mark.slow
 def test_a_second_follower_of_a_study_is_refused(tmp_path: Path) -> None:
     """While a study is followed, `tfrun tune resume` is refused (exit 1), naming the follower's
     pid and host, and starts nothing; once that follower is killed, its lock is gone with it."""
@@ -278,6 +275,7 @@ def test_a_second_follower_of_a_study_is_refused(tmp_path: Path) -> None:
     assert sorted(trials(sweep)) == [0, 1]
 
 
+@pytest.mark.slow
 def test_the_sweep_table_sorts_and_marks_the_best_by_the_studys_direction(tmp_path: Path) -> None:
     """A study that minimizes a metric whose name says nothing of it (score): `runs --sweep
     --sort score` puts the lowest first and marks it as the best, as the study judged."""
@@ -292,28 +290,21 @@ def test_the_sweep_table_sorts_and_marks_the_best_by_the_studys_direction(tmp_pa
     assert table[-1] == "* the study's best: score=0.5 (minimize)", table
 
 
-@pytest.fixture
-def cluster() -> None:
-    out = subprocess.run([str(REPO / "scripts" / "local-slurm"), "status"], capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        pytest.fail(f"the local Slurm cluster is not up: start it with `scripts/local-slurm start`\n{out.stdout}",
-                    pytrace=False)
-
-
 def rank0(trial: dict) -> dict:
     return read_json(Path(trial["run_dir"]) / "ranks" / "0.json")
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
-def test_an_asynchronous_study_on_slurm_survives_a_killed_follower(tmp_path: Path, cluster: None) -> None:
+def test_an_asynchronous_study_on_slurm_survives_a_killed_follower(tmp_path: Path, job_name: str) -> None:
     """Two slots, trials of 8 s, 1 s, 2 s and 3 s, each its own Slurm job. The third starts as
     soon as the short one ends, while the long one still runs (in lock-step batches it would
     wait for the long one). The follower is then killed (SIGKILL) and `tfrun tune resume`
     reattaches: the running trials are followed, not resubmitted, the missing one is started,
     and every trial ran once."""
     (tmp_path / "uneven.py").write_text(UNEVEN)
-    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", "compute.poll_s=0.5", "entry.script=uneven.py",
-                               "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=2",
+    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", "compute.poll_s=0.5", f"compute.job_name={job_name}",
+                               "entry.script=uneven.py", "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=2",
                                "trainer.secs=choice(8,1,2,3)")
     try:
         deadline = time.monotonic() + 120
@@ -357,7 +348,10 @@ p = argparse.ArgumentParser(); p.add_argument("--q", type=float); p.add_argument
 if a.q < 0.5:
     log_epoch(0, {"score": a.q})
     time.sleep(600)
+deadline = time.time() + 600
 while not Path(a.go).exists():
+    if time.time() > deadline:
+        raise SystemExit("no go from the test in 600 s")
     time.sleep(0.1)
 for e in range(3):
     log_epoch(e, {"score": a.q})
@@ -372,8 +366,9 @@ def sacct_jobs(job_ids: list[str]) -> dict[str, dict[str, str]]:
     return {r[0]: {"State": r[1], "Submit": r[2], "Start": r[3], "End": r[4]} for r in rows}
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
-def test_a_trial_pruned_while_its_job_waits_is_cancelled_and_keeps_its_slot(tmp_path: Path, cluster: None) -> None:
+def test_a_trial_pruned_while_its_job_waits_is_cancelled_and_keeps_its_slot(tmp_path: Path, job_name: str) -> None:
     """Two slots. Trial 1 records a poor first epoch, then its job is requeued and held (PENDING,
     as a preempted trial waits to run again); only then does trial 0 record its first epoch, and
     the median policy prunes trial 1 while its job waits. The job is cancelled (a signal cannot
@@ -381,7 +376,7 @@ def test_a_trial_pruned_while_its_job_waits_is_cancelled_and_keeps_its_slot(tmp_
     more than two trials' jobs at once."""
     (tmp_path / "gated.py").write_text(GATED)
     go = tmp_path / "go"
-    name = f"tfrun-tuning-pending-{os.getpid()}"
+    name = job_name
     # A job per trial (hydra.sweeper.pool=false): in a pool a trial has no job of its own to wait.
     proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", "compute.poll_s=0.5", f"compute.job_name={name}",
                                "entry.script=gated.py", "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=2",
@@ -424,6 +419,7 @@ def rundir_attempts(run_dir: str) -> list:
     return list(read_json(path).values()) if path.exists() else []
 
 
+@pytest.mark.slow
 def test_the_tasks_of_a_pruned_trial_stop_at_their_start(tmp_path: Path) -> None:
     """A pruned trial whose job starts anyway (it started between the follower's look and its
     cancel, or the signal found no task yet): its task finds prune.json and runs no script."""

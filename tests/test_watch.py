@@ -15,7 +15,6 @@ import struct
 import subprocess
 import termios
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +28,6 @@ from tests.helpers import (
     tfrun_command,
     wait_for,
 )
-
-pytestmark = pytest.mark.slow
 
 EPOCHS = '''
 import argparse, time
@@ -112,6 +109,7 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Watched:
         stop(sweep_proc)
 
 
+@pytest.mark.slow
 def test_live_table_on_a_terminal_changes_between_refreshes(watched: Watched) -> None:
     assert "\x1b[" in watched.tty_out  # drawn by rich, in place
     text = ANSI.sub("", watched.tty_out)
@@ -127,6 +125,7 @@ def test_live_table_on_a_terminal_changes_between_refreshes(watched: Watched) ->
     assert watched.tty_code == 1  # like tfrun: not every run completed
 
 
+@pytest.mark.slow
 def test_plain_lines_in_a_pipe_until_every_run_ended(watched: Watched) -> None:
     out = watched.pipe_out
     assert "\x1b" not in out and "\x1b" not in watched.pipe_err
@@ -147,17 +146,18 @@ def test_plain_lines_in_a_pipe_until_every_run_ended(watched: Watched) -> None:
     assert "tfrun: sweep point 2/2" in watched.sweep_err and watched.sweep_code == 1
 
 
+@pytest.mark.slow
 def test_watch_of_a_completed_run_exits_at_once_with_0(watched: Watched, tmp_path: Path) -> None:
     result = run_tfrun(tmp_path, "watch", str(watched.sweep / "0"), timeout=60)
     assert result.returncode == 0, result.stderr
     assert "COMPLETED" in result.stdout and "epoch 3/3" in result.stdout and "\x1b" not in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
-def test_a_slurm_sweep_is_followed_in_the_same_table_on_a_terminal(tmp_path: Path) -> None:
+def test_a_slurm_sweep_is_followed_in_the_same_table_on_a_terminal(tmp_path: Path, job_name: str) -> None:
     (tmp_path / "epochs.py").write_text(EPOCHS)
-    name = f"tfrun-watch-{uuid.uuid4().hex[:8]}"
-    proc, master = _on_a_terminal(tmp_path, "-m", "compute=slurm", "compute.poll_s=0.5", f"compute.job_name={name}",
+    proc, master = _on_a_terminal(tmp_path, "-m", "compute=slurm", "compute.poll_s=0.5", f"compute.job_name={job_name}",
                                   "entry.script=epochs.py", "trainer.epochs=3", "trainer.sleep=0.7",
                                   "trainer.fail=0,1")
     try:
@@ -165,7 +165,6 @@ def test_a_slurm_sweep_is_followed_in_the_same_table_on_a_terminal(tmp_path: Pat
         assert proc.wait(timeout=10) == 1, text
     finally:
         stop(proc)
-        subprocess.run(["scancel", "--name", name], capture_output=True, timeout=60)
     assert "submitting 2 run(s) to Slurm" in text  # the spinner's message
     assert re.search(r"0/2 finished", text) and re.search(r"2/2 finished\s+1 COMPLETED\s+1 FAILED", text), text
     assert re.search(r"trainer.fail=0\s+COMPLETED\s+3/3\s+loss=0.3333", text), text
@@ -196,18 +195,17 @@ def test_labels_and_metrics_in_brackets_are_drawn_as_they_are() -> None:
     assert "loss[main]=0.5" in text and "sweep /runs/sweep-[x]" in text
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
-def test_a_slurm_sweep_with_brackets_in_its_labels_is_followed_on_a_terminal(tmp_path: Path) -> None:
+def test_a_slurm_sweep_with_brackets_in_its_labels_is_followed_on_a_terminal(tmp_path: Path, job_name: str) -> None:
     (tmp_path / "any.py").write_text("import sys\nprint(sys.argv[1:])\n")
-    name = f"tfrun-watch-{uuid.uuid4().hex[:8]}"
-    proc, master = _on_a_terminal(tmp_path, "-m", "compute=slurm", "compute.poll_s=0.5", f"compute.job_name={name}",
+    proc, master = _on_a_terminal(tmp_path, "-m", "compute=slurm", "compute.poll_s=0.5", f"compute.job_name={job_name}",
                                   "entry.script=any.py", "trainer.data=[/scratch/a],[relu,tanh]")
     try:
         text = ANSI.sub("", _read_all(proc, master, 180).decode(errors="replace"))
         assert proc.wait(timeout=10) == 0, text
     finally:
         stop(proc)
-        subprocess.run(["scancel", "--name", name], capture_output=True, timeout=60)
     assert "MarkupError" not in text and "Traceback" not in text, text
     assert re.search(r"trainer\.data=\[/scratch/a\]\s+COMPLETED", text), text
     assert re.search(r"trainer\.data=\[relu,tanh\]\s+COMPLETED", text), text
