@@ -270,6 +270,91 @@ def test_ctrl_c_once_stops_a_script_that_does_not_listen(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+def test_sigterm_while_stopping_gracefully_still_stops_every_task(tmp_path: Path) -> None:
+    """A SIGTERM (a cancel, a shell's kill) while the first Ctrl-C waits for a checkpoint that
+    never comes: the run is CANCELLED and its tasks are stopped, not left running."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    write_script(tmp_path, "sleep.py", DEAF_SLEEP_SCRIPT.format(pids=pids))
+    proc, out_path, _ = popen_tfrun(tmp_path, "entry.script=sleep.py", "compute.tasks_per_node=2")
+    try:
+        wait_for(lambda: (pids / "0").exists() and (pids / "1").exists(), 60, "both ranks to start")
+        task_pids = [int((pids / r).read_text()) for r in ("0", "1")]
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: b"tfrun: stopping" in out_path.read_bytes(), 10, "tfrun to ask the tasks to stop")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        stop(proc)
+    err_text = (tmp_path / "tfrun.err").read_text()
+    assert wait_gone(task_pids, timeout=10) == [], "tasks survived a SIGTERM to their launcher"
+    assert read_json(run_dir_from(err_text) / "status.json")["state"] == "CANCELLED", err_text
+
+
+COUNTS_EPOCHS = """\
+import os
+from pathlib import Path
+done = Path(os.environ["TFRUN_OUTPUT_DIR"]) / "epochs"
+for epoch in range(len(done.read_text()) if done.exists() else 0, 3):
+    done.write_text("x" * (epoch + 1))
+print("trained epochs:", done.read_text().count("x"), flush=True)
+"""
+
+
+def test_a_new_run_is_never_started_over_an_existing_run_dir(tmp_path: Path) -> None:
+    """The same run twice with one hydra.run.dir (and a sweep with one hydra.sweep.dir): the
+    second is refused (exit 2, nothing started), the first run is left as it was."""
+    write_script(tmp_path, "count.py", COUNTS_EPOCHS)
+    first = run_tfrun(tmp_path, "entry.script=count.py", "hydra.run.dir=fixed")
+    assert first.returncode == 0 and "trained epochs: 3" in first.stdout, first.stderr
+    before = (tmp_path / "fixed" / "status.json").read_text()
+    again = run_tfrun(tmp_path, "entry.script=count.py", "hydra.run.dir=fixed")
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert "holds a run already (COMPLETED)" in again.stderr and "hydra.run.dir" in again.stderr
+    assert "trained epochs" not in again.stdout and "Traceback" not in again.stderr
+    assert (tmp_path / "fixed" / "status.json").read_text() == before
+
+    sweep = ["-m", "entry.script=count.py", "trainer.lr=0.1,0.2", "hydra.sweep.dir=swept"]
+    assert run_tfrun(tmp_path, *sweep).returncode == 0
+    points = sorted(p.name for p in (tmp_path / "swept").iterdir())
+    again = run_tfrun(tmp_path, *sweep[:2], "trainer.lr=0.1,0.2,0.3", sweep[3])
+    assert again.returncode == 2 and "holds a run already" in again.stderr, again.stderr
+    assert sorted(p.name for p in (tmp_path / "swept").iterdir()) == points, "a refused sweep wrote a point"
+
+
+LAUNCHES_AND_WAITS = """import sys, tfrun
+run = tfrun.launch(["entry.script=sleep.py", "compute.tasks_per_node=2"], wait=False)
+print(run.dir, flush=True)
+print("after the run:", run.wait(timeout_s=120, poll_s=0.2), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_cancel_from_a_shell_spares_the_process_that_launched_the_run(tmp_path: Path) -> None:
+    """`tfrun cancel RUN` of a run that a process (a notebook, a study) launched with
+    tfrun.launch(wait=False): the run is CANCELLED, its tasks end, the process goes on."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    write_script(tmp_path, "sleep.py", SLEEP_SCRIPT.format(pids=pids))
+    write_script(tmp_path, "notebook.py", LAUNCHES_AND_WAITS)
+    notebook = subprocess.Popen([sys.executable, "notebook.py"], cwd=tmp_path, env=scratch_env(tmp_path),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (pids / "0").exists() and (pids / "1").exists(), 60, "both ranks to start")
+        task_pids = [int((pids / r).read_text()) for r in ("0", "1")]
+        cancelled = run_tfrun(tmp_path, "cancel")
+        assert cancelled.returncode == 0, cancelled.stderr
+        out, err = notebook.communicate(timeout=60)
+    finally:
+        stop(notebook)
+    assert notebook.returncode == 0, (notebook.returncode, err)
+    assert "after the run: CANCELLED" in out, out + err
+    assert wait_gone(task_pids, timeout=10) == [], "tasks survived the cancel"
+    run_dir = Path(out.splitlines()[0])
+    assert read_json(run_dir / "status.json")["state"] == "CANCELLED"
+
+
+@pytest.mark.slow
 def test_ctrl_c_twice_cancels_every_task(tmp_path: Path) -> None:
     """The first Ctrl-C asks every task to checkpoint and stop; this script promises to
     and never does, so the second Ctrl-C kills them all."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DIGITS, popen_tfrun, read_json, run_dir_from, run_tfrun, scratch_env, stop
+from tests.helpers import DIGITS, popen_tfrun, read_json, run_dir_from, run_tfrun, scratch_env, stop, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -683,3 +683,30 @@ def test_every_choice_reads_back_as_itself_in_a_trials_override() -> None:
         override = parser.parse_override(found.overrides({"trainer.x": value})[0])
         assert not override.is_sweep_override() and override.value() == value, (value, override.input_line)
         assert type(override.value()) is type(value), (value, override.input_line)
+
+
+@pytest.mark.slurm
+def test_cancel_of_a_study_on_slurm_submits_no_replacement_trials(tmp_path: Path, job_name: str) -> None:
+    """`tfrun cancel SWEEP` while a study on Slurm runs two of its four trials: those are
+    cancelled, its follower starts no other trial in their place and ends."""
+    (tmp_path / "uneven.py").write_text(UNEVEN)
+    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", "compute.poll_s=0.5", f"compute.job_name={job_name}",
+                               "entry.script=uneven.py", "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=2",
+                               "trainer.secs=choice(60,61,62,63)")
+    try:
+        def two_submitted() -> bool:
+            index = list((tmp_path / "runs").glob("sweep-*/sweep.json"))
+            points = read_json(index[0]).get("points", []) if index else []
+            return len(points) == 2 and all((read_json(Path(p["run_dir"]) / "status.json") if
+                                             (Path(p["run_dir"]) / "status.json").exists() else {}).get("job_ids")
+                                            for p in points)
+        wait_for(two_submitted, 120, "the study's first two trials to be submitted")
+        sweep = sweep_of(tmp_path)
+        cancelled = run_tfrun(tmp_path, "cancel", sweep.name)
+        assert cancelled.returncode == 0, cancelled.stderr
+        proc.wait(timeout=90)
+    finally:
+        stop(proc)
+    after = trials(sweep)
+    assert sorted(after) == [0, 1], (after, err.read_text()[-3000:])
+    assert all(t["status"]["state"] == "CANCELLED" for t in after.values()), after

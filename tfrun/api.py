@@ -219,7 +219,7 @@ def launch(overrides: Sequence[str] = (), config_dir: str | None = None, wait: b
 def sweep(overrides: Sequence[str] = (), config_dir: str | None = None, wait: bool = True) -> list[Run]:
     """Like ``tfrun -m OVERRIDES`` (grid sweeps): the runs of every point."""
     from tfrun.config import resolvers
-    from tfrun.plan.planner import plan_sweep, sweep_requests
+    from tfrun.plan.planner import plan_sweep, refuse_existing, sweep_requests
     from tfrun.targets.sweeps import record_points
 
     resolvers.reset_run_id()
@@ -231,6 +231,7 @@ def sweep(overrides: Sequence[str] = (), config_dir: str | None = None, wait: bo
         raise
     if not planned:
         raise TfrunError("the sweep has no points")
+    refuse_existing(planned)
     for one in planned:  # once every point is planned: a bad point leaves no run dirs behind
         one.write()
     plans = sweep_requests([one.plan for one in planned])

@@ -17,6 +17,7 @@ from typing import Any
 from tfrun import rundir
 from tfrun.cli.output import EXIT_CONFIG, error, reader_gone
 from tfrun.errors import ConfigError, TfrunError
+from tfrun.paths import SweepPaths
 from tfrun.states import OK
 
 
@@ -256,7 +257,9 @@ def resume_study(sweep: str) -> int:
     from tfrun.config.compose import normalize_overrides
     from tfrun.targets import tuning
 
-    argv, cwd = tuning.resume_argv(rundir.find_run(sweep))
+    sweep_dir = rundir.find_run(sweep)
+    argv, cwd = tuning.resume_argv(sweep_dir)
+    SweepPaths.of(sweep_dir).cancel_request.unlink(missing_ok=True)  # resuming is asking for its trials again
     os.chdir(cwd)  # the study's relative paths (entry.script, ./conf) mean what they meant
     return run_sweep(with_project_config_dir(normalize_overrides(argv)))
 

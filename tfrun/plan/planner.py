@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from omegaconf import DictConfig, open_dict, read_write
 
+from tfrun import rundir
 from tfrun.config import compose, hydra_compat
 from tfrun.errors import ConfigError
+from tfrun.paths import RunPaths
 from tfrun.plan.build import build_plan, in_sweep
 from tfrun.plan.pools import point_requests
 from tfrun.rundir import Plan
@@ -83,12 +85,27 @@ class Planned:
         """Create the run dir with its ``.hydra`` files, as Hydra's app would."""
         from tfrun.config import hydra_files
 
+        refuse_existing([self])
         files = self._point_files()
         if files is not None:
             hydra_files.write_texts(self.plan.run_dir, files.output_subdir, files.config, files.hydra,
                                     hydra_files.dump(files.overrides))
         else:
             hydra_files.write(self.config, self.hydra, self.plan.run_dir)
+
+
+def refuse_existing(planned: Sequence[Planned]) -> None:
+    """A new run never starts in a run dir that holds one: its tasks would take the old run's
+    backups for their own and carry on from them (a fixed ``hydra.run.dir``, a reused
+    ``hydra.sweep.dir``). Going on with a run is asked for: ``tfrun resume``."""
+    for one in planned:
+        paths = RunPaths.of(one.plan.run_dir)
+        if paths.plan.exists():
+            state = rundir.read_status(paths.root).get("state") or "never started"
+            on = "" if state == "COMPLETED" else f"to go on with that run: tfrun resume {paths.root}; "
+            raise ConfigError(f"{paths.root} holds a run already ({state}): a new run is not started over it; "
+                              f"{on}for a new one, choose another hydra.run.dir (hydra.sweep.dir for a sweep) "
+                              f"or remove that dir")
 
 
 @contextlib.contextmanager
@@ -217,6 +234,7 @@ def compose_plans(overrides: Sequence[str], multirun: bool = False, config_dir: 
     else:
         planned = [plan_run(overrides, config_dir, config_name)]
     if write:
+        refuse_existing(planned)  # before any is written: a refused sweep leaves no run dir behind
         for one in planned:
             one.write()
     plans = [one.plan for one in planned]

@@ -3,15 +3,13 @@ share. They read the run dir and, for Slurm runs not yet finished, ask Slurm abo
 jobs concerned in one ``sacct`` call."""
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from tfrun import rundir
 from tfrun.errors import UsageError
-from tfrun.paths import SweepPaths, is_run_dir
+from tfrun.paths import RunPaths, SweepPaths, is_run_dir
 from tfrun.states import FINAL, RunState
 from tfrun.targets import progress
 
@@ -159,6 +157,9 @@ def cancel(path: Path) -> list[str]:
     """Cancel a run or every unfinished point of a sweep; what was cancelled. A pool's item is
     cancelled alone; a whole sweep or study in a pool ends its pool."""
     dirs = run_dirs_of(path)
+    if not is_run_dir(path):
+        # First, so that a study's follower sees it before it sees its trials end: it starts no more.
+        SweepPaths.of(path).cancel_request.touch()
     statuses = refresh(dirs)
     done = []
     pooled = [(d, s) for d, s in zip(dirs, statuses) if s.get("pool")]
@@ -179,10 +180,12 @@ def cancel(path: Path) -> list[str]:
         name = status.get("run_id", run_dir.name)
         pid = status.get("launcher_pid")
         if status.get("target") == "local" and _cancel_in_this_process(run_dir):
-            pass  # launched by this process (tfrun.launch(wait=False)): SIGTERM would end it
+            pass  # launched by this process (tfrun.launch(wait=False))
         elif status.get("target") == "local" and pid and status.get("launcher_host") == rundir.hostname():
             if _is_the_launcher(int(pid), status):
-                os.kill(int(pid), signal.SIGTERM)  # the local launcher stops its tasks and records CANCELLED
+                # Asked, never signalled: the launcher may be a notebook or a study follower
+                # running other things; it stops its tasks and records CANCELLED.
+                RunPaths.of(run_dir).cancel_request.touch()
             else:  # gone; its pid may belong to another process by now
                 rundir.update_status(run_dir, state="CANCELLED", ended=time.time(),
                                      reason=f"cancelled with tfrun cancel (its launcher, pid {pid}, had ended)")

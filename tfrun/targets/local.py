@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import IO, Any
 
 from tfrun import backends, deps, rundir
@@ -170,13 +171,16 @@ def critical_ranks(plan: Plan) -> set[int]:
 
 
 def _wait(procs: list[subprocess.Popen[bytes]], critical: set[int], timeout_s: float,
-          out: IO[bytes], cancelled: threading.Event | None = None) -> tuple[str, int | None]:
-    """Block until all tasks end, a critical one fails, or the time limit; (state, failed rank)."""
+          out: IO[bytes], cancelled: threading.Event | None = None,
+          cancel_request: Path | None = None) -> tuple[str, int | None]:
+    """Block until all tasks end, a critical one fails, or the time limit; (state, failed rank).
+    A cancel is asked for by the event (this process) or by the request file (`tfrun cancel`
+    from anywhere: a signal to this process would reach whatever else runs in it)."""
     deadline = time.monotonic() + timeout_s
     lost: set[int] = set()
     stopping = False
     while True:
-        if cancelled is not None and cancelled.is_set():
+        if (cancelled is not None and cancelled.is_set()) or (cancel_request is not None and cancel_request.exists()):
             raise _Cancelled()
         codes = [p.poll() for p in procs]
         for rank, code in enumerate(codes):
@@ -204,7 +208,7 @@ def _wait(procs: list[subprocess.Popen[bytes]], critical: set[int], timeout_s: f
 
 
 class _Cancelled(Exception):
-    """SIGTERM to the launcher (``tfrun cancel``): stop every task now."""
+    """A cancel request (``tfrun cancel``) or SIGTERM to the launcher: stop every task now."""
 
 
 def _raise_cancelled(signum: int, frame: object) -> None:
@@ -212,8 +216,7 @@ def _raise_cancelled(signum: int, frame: object) -> None:
 
 
 # Runs launched by a thread of this process (tfrun.launch(wait=False)), by run dir: their
-# cancel flags. SIGTERM to the launcher's pid, how `tfrun cancel` stops a local run, would
-# end the whole calling process (a notebook) and leave the tasks running.
+# cancel flags, set without a look at the file system.
 _IN_PROCESS: dict[str, threading.Event] = {}
 
 
@@ -282,7 +285,9 @@ def _record_launch_failure(plan: Plan, exc: BaseException) -> None:
 
 def _run(plan: Plan, out: IO[bytes]) -> str:
     run_dir = plan.run_dir
-    RunPaths.of(run_dir).logs.mkdir(parents=True, exist_ok=True)
+    paths = RunPaths.of(run_dir)
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    paths.cancel_request.unlink(missing_ok=True)  # a cancel of an earlier attempt is not this one's
     plan.save()
     extra_env = deps.prepare(plan)  # build or reuse the environment; a ConfigError here starts nothing
     rundir.update_status(run_dir, run_id=plan.run_id, state="RUNNING", target="local", backend=plan.backend,
@@ -304,10 +309,12 @@ def _run(plan: Plan, out: IO[bytes]) -> str:
     previous = _cancel_on_sigterm()
     cancelled = _IN_PROCESS.setdefault(os.path.realpath(run_dir), threading.Event())
     try:
-        state, failed = _wait(procs, critical, plan.compute["timeout_min"] * 60, out, cancelled)
-    except KeyboardInterrupt:
-        state, failed = stop_gracefully(procs, out)
-    except _Cancelled:
+        try:
+            state, failed = _wait(procs, critical, plan.compute["timeout_min"] * 60, out, cancelled,
+                                  paths.cancel_request)
+        except KeyboardInterrupt:
+            state, failed = stop_gracefully(procs, out)
+    except _Cancelled:  # also while stopping gracefully: the tasks are stopped below all the same
         state, failed = "CANCELLED", None
     finally:
         _IN_PROCESS.pop(os.path.realpath(run_dir), None)

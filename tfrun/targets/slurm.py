@@ -123,10 +123,15 @@ def query(job_ids: Iterable[str]) -> dict[str, dict[str, str]]:
     # sacct says PREEMPTED of a job Slurm is about to requeue, too: the queue knows which.
     preempted = [j for j in wanted if j in info and info[j]["State"].startswith("PREEMPTED")]
     if preempted:
-        info.update(_squeue(preempted))
+        queued = _squeue(preempted)
+        if queued is None:  # the queue did not answer: whether it is requeued is not known yet
+            for job in preempted:
+                del info[job]
+        else:
+            info.update(queued)
     missing = [j for j in wanted if j not in info]
     if missing:
-        info.update(_squeue(missing))
+        info.update(_squeue(missing) or {})
         for job in (j for j in missing if j not in info):
             found = _scontrol(job)
             if found:
@@ -156,13 +161,16 @@ def _sacct(job_ids: list[str]) -> dict[str, dict[str, str]]:
     return submitit_compat.read_sacct(out.stdout)
 
 
-def _squeue(job_ids: list[str]) -> dict[str, dict[str, str]]:
-    """Queued and running jobs (array elements one by one) from one squeue call."""
+def _squeue(job_ids: list[str]) -> dict[str, dict[str, str]] | None:
+    """Queued and running jobs (array elements one by one) from one squeue call; None if the
+    queue did not answer (a job it no longer knows is an answer: left out)."""
     command = ["squeue", "-h", "-r", "-o", "%i|%T|%N", "-j", ",".join(sorted({j.split("_")[0] for j in job_ids}))]
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
-        return {}
+        return None
+    if out.returncode and "Invalid job id" not in out.stderr:
+        return None
     found = {}
     for line in out.stdout.splitlines():
         job, state, nodes = (line.split("|") + ["", ""])[:3]

@@ -93,6 +93,8 @@ class Study:
 
         if self.pool is not None and self.pool.stopped:  # the study was cancelled
             return False
+        if SweepPaths.of(self.found.sweep_dir).cancel_request.exists():  # tfrun cancel SWEEP: no replacements
+            return False
         if self.found.sampler == "grid":
             return bool(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         return self._started() < self.found.n_trials

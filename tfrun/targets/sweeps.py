@@ -110,6 +110,7 @@ def launch_points(hydra_context: Any, config: Any, job_overrides: Sequence[Seque
     sweep_dir.mkdir(parents=True, exist_ok=True)
     try:
         planned = planner.plan_points(hydra_context.config_loader, config, job_overrides, initial_job_idx)
+        planner.refuse_existing(planned)  # a reused sweep dir: before any point is written
     except Exception as exc:  # a point that cannot run (ConfigError), or that Hydra cannot compose
         if not existed or not SweepPaths.of(sweep_dir).index.exists():
             _remove_empty_sweep(sweep_dir)
