@@ -1,108 +1,57 @@
 """The documentation stays true: it builds with ``mkdocs build --strict``, its generated
-reference matches the code, and every command of the Quickstart runs as written.
+reference matches the code, every command of README.md, the Quickstart and the guides runs as
+written and does what the page says (``tests/doc_pages.py``: how a page marks what its commands
+need and print), and troubleshooting.md's errors are the ones tfrun gives.
 
-The Quickstart's fenced ``bash`` blocks run in order in one bash session (so ``cd`` and
-files written by one block carry to the next), in a scratch dir with TFRUN_RUNS_DIR
-set. An HTML comment right before a block tags it (it does not show in the site):
-
-- no tag: run by the local test;
-- ``<!-- test: both -->``: run by the local and the Slurm test (setup both need);
-- ``<!-- test: slurm -->``: run by the Slurm test only, against the local cluster;
-- ``checkout``: run in the tfrun checkout these tests belong to, not the scratch dir.
+Each page is a test of its own (``local``, and ``slurm`` for its commands that need a cluster),
+in a project dir of its own, so pages can run side by side.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import os
-import re
-import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from tests.helpers import REPO, private_venv, scratch_env, tfrun_command
+from tests import doc_pages
+from tests.helpers import REPO
 
-QUICKSTART = REPO / "docs" / "quickstart.md"
-_TAG = re.compile(r"^<!--\s*test:\s*([\w\s]+?)\s*-->$")
-
-
-def bash_blocks(markdown: str) -> list[tuple[set[str], str]]:
-    """(tags, code) of every fenced bash block, in page order."""
-    blocks, lines, i = [], markdown.splitlines(), 0
-    previous = ""
-    while i < len(lines):
-        line = lines[i]
-        if line.strip() == "```bash":
-            match = _TAG.match(previous.strip())
-            end = lines.index("```", i + 1)
-            blocks.append((set(match.group(1).split()) if match else set(), "\n".join(lines[i + 1:end])))
-            i, previous = end + 1, ""
-            continue
-        if line.strip():
-            previous = line
-        i += 1
-    return blocks
+PARTS = doc_pages.page_parts()
 
 
-def quickstart_script(kind: str) -> str:
-    """The Quickstart's commands for the ``local`` or the ``slurm`` test, as one bash script."""
-    parts = ["set -euo pipefail", "set -x"]
-    for tags, code in bash_blocks(QUICKSTART.read_text()):
-        wanted = ("both" in tags or "slurm" in tags) if kind == "slurm" else "slurm" not in tags
-        if not wanted:
-            continue
-        if "checkout" in tags:
-            code = f"(\ncd {shlex.quote(str(REPO))}\n{code}\n)"
-        parts.append(code)
-    return "\n".join(parts) + "\n"
+def _id(part: tuple[Path, str]) -> str:
+    return f"{part[0].relative_to(REPO)}-{part[1]}"
 
 
-@contextlib.contextmanager
-def checkout_lock() -> Iterator[None]:
-    """`pip install -e .` writes build files into the checkout: one test at a time does it."""
-    path = Path(tempfile.gettempdir()) / f"tfrun-docs-checkout-{hashlib.sha256(bytes(REPO)).hexdigest()[:8]}.lock"
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+def test_every_page_marks_its_commands_sensibly() -> None:
+    """Markers parse (an unknown directive, a skip without a reason, an ``exit for`` that names
+    no command fail here), every command that is not run says why, and placeholders are few."""
+    for page in doc_pages.PAGES:
+        for block in doc_pages.blocks(page):
+            assert block.commands, f"{block.where}: a bash block without a command"
+            for command in block.commands:
+                assert command.text.strip()
+    assert {k for _, k in PARTS} == {"local", "slurm"}
+    assert doc_pages.matches(["tfrun: serving .../model.onnx at http://127.0.0.1:8080", "...", "end"],
+                             ["tfrun: serving /x/model.onnx at http://127.0.0.1:8080", "a", "b", "end", "more"])
+    assert not doc_pages.matches(["tfrun: run ... COMPLETED"], ["noise", "tfrun: run x COMPLETED"])
 
 
-def run_quickstart(tmp_path: Path, kind: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    script = tmp_path / f"quickstart-{kind}.sh"
-    script.write_text(quickstart_script(kind))
-    env = scratch_env(tmp_path)
-    # `tfrun` and `pip` are those of a venv of the test's own over the one running the tests: the
-    # Quickstart's `pip install -e .` goes there, not under the other tests running meanwhile.
-    env["PATH"] = os.pathsep.join([str(private_venv(tmp_path / "venv")), env.get("PATH", "")])
-    try:
-        with checkout_lock():
-            return subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
-                                  capture_output=True, text=True, timeout=timeout)
-    finally:
-        runs = tmp_path / "runs"
-        if runs.is_dir():  # nothing may be left queued or running when a command failed
-            for entry in runs.iterdir():
-                if entry.is_dir():
-                    subprocess.run([*tfrun_command(), "cancel", str(entry)], env=env, capture_output=True,
-                                   timeout=120)
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("part", [p for p in PARTS if p[1] == "local"], ids=_id)
+def test_page_commands_run_as_written(part: tuple[Path, str], tmp_path: Path) -> None:
+    doc_pages.run_page(part[0], "local", tmp_path / "project")
 
 
-def _explain(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\n--- stdout (tail)\n{result.stdout[-4000:]}\n--- stderr (tail)\n{result.stderr[-6000:]}"
-
-
-def test_quickstart_blocks_are_tagged_sensibly() -> None:
-    blocks = bash_blocks(QUICKSTART.read_text())
-    assert blocks, "the Quickstart has no bash blocks"
-    known = {"both", "slurm", "checkout"}
-    for tags, code in blocks:
-        assert tags <= known, f"unknown test tag(s) {tags - known} before:\n{code}"
-    assert any("slurm" in t for t, _ in blocks) and any(not t for t, _ in blocks)
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("part", [p for p in PARTS if p[1] == "slurm"], ids=_id)
+def test_page_commands_run_as_written_on_slurm(part: tuple[Path, str], tmp_path: Path) -> None:
+    doc_pages.run_page(part[0], "slurm", tmp_path / "project")
 
 
 def test_reference_is_up_to_date() -> None:
@@ -119,21 +68,3 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     assert (tmp_path / "site" / "quickstart" / "index.html").is_file()
     api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
     assert "tfrun.api.launch" in api, "mkdocstrings rendered no API"
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_quickstart_local(tmp_path: Path) -> None:
-    result = run_quickstart(tmp_path, "local", timeout=1100)
-    assert result.returncode == 0, _explain(result)
-    assert "COMPLETED" in result.stderr
-
-
-@pytest.mark.slurm
-@pytest.mark.slow
-@pytest.mark.alone  # `scripts/local-slurm start` restarts the cluster where its configuration has changed
-@pytest.mark.timeout(1200)
-def test_quickstart_slurm(tmp_path: Path) -> None:
-    result = run_quickstart(tmp_path, "slurm", timeout=1100)
-    assert result.returncode == 0, _explain(result)
-    assert re.search(r"tfrun: submitted job \d+", result.stderr), _explain(result)

@@ -250,6 +250,39 @@ def test_a_preempted_pack_is_requeued_once_and_runs_only_its_unfinished_points(t
 
 @pytest.mark.slurm
 @pytest.mark.slow
+def test_cancel_of_a_point_after_its_allocation_was_requeued_ends_that_point(tmp_path: Path, job_name: str,
+                                                                            preempt_nodes: NodePair) -> None:
+    """Point 1 runs when the allocation is preempted and requeued; in the next attempt it runs
+    again (as another job step than before) and is cancelled: it ends CANCELLED and the point
+    after it runs all the same. A cancel names the point, never a job step of another attempt."""
+    (tmp_path / "point.py").write_text(POINT)
+    try:
+        result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=3",
+                           f"compute.partition={preempt_nodes.low}", f"compute.nodelist={preempt_nodes.first}",
+                           f"compute.job_name={job_name}", "compute.wait=false", "entry.script=point.py",
+                           "trainer.i=range(0,3)", "trainer.sleep=12")
+        assert result.returncode == 0, result.stderr
+        sweep = sweep_dir(tmp_path)
+        wait_for(lambda: (sweep / "1" / "outputs" / "started").exists(), 300, "the second point to start")
+        preempt_nodes.preempt(preempt_nodes.first, job_name=job_name)
+
+        def again() -> bool:
+            started = sweep / "1" / "outputs" / "started"
+            return len(started.read_text().splitlines()) >= 2 and statuses(sweep)["1"].get("state") == "RUNNING"
+
+        wait_for(again, 300, "the second point to run again in the requeued allocation")
+        assert run_tfrun(tmp_path, "cancel", str(sweep / "1")).returncode == 0
+        wait_for(lambda: all(s.get("state") in ("COMPLETED", "FAILED", "CANCELLED") for s in statuses(sweep).values()),
+                 300, "every point to end")
+    finally:
+        subprocess.run(["scancel", f"--name={job_name}"], capture_output=True, timeout=60)
+    found = statuses(sweep)
+    assert [found[n]["state"] for n in ("0", "1", "2")] == ["COMPLETED", "CANCELLED", "COMPLETED"], found
+    assert found["1"]["ended"] < found["2"]["ended"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_cancel_one_point_leaves_the_others(tmp_path: Path, job_name: str) -> None:
     (tmp_path / "point.py").write_text(POINT)
     result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=3", "compute.wait=false",

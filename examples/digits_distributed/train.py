@@ -59,11 +59,12 @@ def main() -> None:
     weights = np.concatenate([np.asarray(w).ravel() for w in model.get_weights()])
     digest = hashlib.sha256(np.round(weights, 5).tobytes()).hexdigest()[:16]
     record = {"rank": ctx.rank, "role": ctx.role, "loss": [float(v) for v in history.history["loss"]],
-              "weights_sha": digest}
+              "weights_sha": digest, "replicas_in_sync": strategy.num_replicas_in_sync}
     os.makedirs(ctx.output_dir, exist_ok=True)
     with open(os.path.join(ctx.output_dir, f"history-rank{ctx.rank}.json"), "w") as f:
         json.dump(record, f)
-    print(f"rank {ctx.rank}: loss {record['loss'][0]:.3f} -> {record['loss'][-1]:.3f}, weights {digest}")
+    print(f"rank {ctx.rank}: loss {record['loss'][0]:.3f} -> {record['loss'][-1]:.3f}, weights {digest}, "
+          f"{strategy.num_replicas_in_sync} replica(s) in sync")
 
 
 if __name__ == "__main__":

@@ -81,8 +81,9 @@ def _rejected(exc: Exception) -> ConfigError:
 
 
 def submit(plans: Sequence[Plan], folder: str) -> list[str]:
-    """Submit plans that share compute parameters: one job, or job arrays split at MaxArraySize."""
-    params = sbatch.plan_parameters(plans[0])
+    """Submit plans that share compute parameters: one job, or job arrays split at MaxArraySize.
+    What is sent is the request the plan rendered (what ``--dry-run`` shows), not derived again."""
+    params = dict(plans[0].request.get("parameters") or sbatch.plan_parameters(plans[0]))
     executor = _executor(folder, params, deps.python_words(plans[0]))
     ids: list[str] = []
     chunk = max(1, sbatch.max_array_size())
