@@ -550,3 +550,28 @@ def test_local_sweep_from_python_is_logged_to_mlflow(scratch: Path, quick: Path,
     assert len(parents) == 1 and parents[0].info.status == "FINISHED", [r.info for r in logged]
     assert sorted(r.data.params["trainer.sleep"] for r in children) == ["0", "0.1"]
     assert {r.info.run_id for r in children} == {r.info()["mlflow_run_id"] for r in runs}
+
+
+def test_estimator_local_run_shows_each_line_once(scratch: Path, quick: Path, no_exit: None,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """wait_for_completion(show_output=True) of a local run this process started: its output,
+    streamed as it ran, is not shown a second time from its log."""
+    from tfrun.estimator import Experiment, TensorFlow
+
+    estimator = TensorFlow(source_directory=str(scratch), entry_script="quick.py", compute_target="local",
+                           script_params={"--sleep": 0})
+    run = Experiment(None, "once").submit(estimator)
+    run.wait_for_completion(show_output=True)
+    shown = capsys.readouterr().out
+    assert run.get_status() == "Completed", run.run.logs(0)
+    assert shown.count("quick script done") == 1, shown
+
+
+def test_estimator_command_line_names_one_compute_option() -> None:
+    """use_gpu on Slurm is the slurm_gpu option itself, not a second compute option after slurm."""
+    from tfrun.estimator import TensorFlow
+
+    line = TensorFlow(source_directory=".", entry_script="train.py", compute_target="slurm", use_gpu=True).command_line()
+    assert re.findall(r"\bcompute=\S+", line) == ["compute=slurm_gpu"], line
+    local = TensorFlow(source_directory=".", entry_script="train.py", compute_target="local", use_gpu=True).command_line()
+    assert re.findall(r"\bcompute=\S+", local) == ["compute=local"] and "compute.gpus_per_node=1" in local, local

@@ -184,13 +184,16 @@ class TensorFlow:
         """The tfrun overrides this estimator stands for."""
         backend = BACKENDS[self.distributed_backend]
         layout = self._task_layout(backend)
-        overrides = [override("entry.source_dir", self.source_directory), override("entry.script", self.entry_script),
-                     *_compute_overrides(self.compute_target), f"backend={backend}", *layout]
+        compute = _compute_overrides(self.compute_target)
         if self.use_gpu:
-            slurm = self.compute_target in ("slurm", "slurm_gpu")
             # One GPU per task: under ps there are more tasks per node than process_count_per_node.
             per_node = next(o.split("=", 1)[1] for o in layout if o.startswith("compute.tasks_per_node="))
-            overrides += ["compute=slurm_gpu"] if slurm else [f"compute.gpus_per_node={per_node}"]
+            if compute[0] in ("compute=slurm", "compute=slurm_gpu"):
+                compute[0] = "compute=slurm_gpu"  # the option itself, not a second one after it
+            else:
+                compute.append(f"compute.gpus_per_node={per_node}")
+        overrides = [override("entry.source_dir", self.source_directory), override("entry.script", self.entry_script),
+                     *compute, f"backend={backend}", *layout]
         if self.pip_packages:  # a specifier may hold a comma: numpy>=1.26,<2
             overrides += ["deps=pip", override("deps.pip_packages", self.pip_packages)]
         if self.conda_packages:
@@ -211,8 +214,10 @@ class EstimatorRun:
     _STATUS = {"PENDING": "Queued", "RUNNING": "Running", "COMPLETED": "Completed", "FAILED": "Failed",
                "CANCELLED": "Canceled", "TIMEOUT": "Failed", "STOPPED": "Canceled", "PRUNED": "Canceled"}
 
-    def __init__(self, run: Run):
-        self.run, self.id = run, run.id
+    def __init__(self, run: Run, streamed: bool = False):
+        # streamed: its ranks' output goes to this process's stdout as it runs (a local run
+        # this process launched), so wait_for_completion need not show it again.
+        self.run, self.id, self._streamed = run, run.id, streamed
 
     def get_status(self) -> str:
         """Queued, Running, Completed, Failed or Canceled."""
@@ -223,7 +228,7 @@ class EstimatorRun:
         offset = 0
         while True:
             state = self.run.status()
-            if show_output:
+            if show_output and not self._streamed:
                 text = self.run.logs(0)
                 sys.stdout.write(text[offset:])
                 sys.stdout.flush()
@@ -275,4 +280,5 @@ class Experiment:
 
     def submit(self, config: TensorFlow, tags: Mapping[str, str] | None = None) -> EstimatorRun:
         """Start the estimator's run (returns at once; wait with ``wait_for_completion``)."""
-        return EstimatorRun(launch(self.to_overrides(config, tags), wait=False))
+        run = launch(self.to_overrides(config, tags), wait=False)
+        return EstimatorRun(run, streamed=Plan.load(run.dir).target == "local")
