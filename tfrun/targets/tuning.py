@@ -13,16 +13,17 @@ import fcntl
 import importlib.util
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Mapping
+from typing import IO, Any, Mapping, Sequence
 
 from tfrun import rundir
 from tfrun.config.space import Space
 from tfrun.config.validate import is_whole
 from tfrun.errors import TUNE, ConfigError, TfrunError, require
-from tfrun.paths import SweepPaths
+from tfrun.paths import RunPaths, SweepPaths
 from tfrun.targets import policies
 
 # sampler -> the packages it needs beyond Optuna (cmaes and gp are Optuna's, with extras).
@@ -352,10 +353,36 @@ def task_seconds(run_dir: Path) -> float:
     return total
 
 
+def objective_times(run_dir: Path, metric: str) -> list[float]:
+    """When each value of the objective was recorded, in order."""
+    from tfrun.tracking import metrics
+
+    return [float(r["time"]) for r in metrics.read_metrics(RunPaths.of(run_dir).metrics)
+            if r.get("time") is not None and (metric in r if r.get("epoch") is not None else r.get("name") == metric)]
+
+
+def epoch_times(run_dirs: Sequence[Path], metric: str) -> dict[Path, float]:
+    """Each trial's seconds per epoch, from the times its objective was recorded: the median
+    gap between them; for a trial with one epoch only, the time to it less the start-up the
+    other trials took (start to first epoch, less an epoch). Start-up is paid once, not per
+    epoch, so it is never counted as part of one."""
+    times = {d: objective_times(d, metric) for d in run_dirs}
+    started = {d: min((float(r["started"]) for r in rundir.rank_records(d).values() if r.get("started")), default=None)
+               for d in run_dirs}
+    per_epoch = {d: statistics.median([b - a for a, b in zip(ts, ts[1:])]) for d, ts in times.items() if len(ts) > 1}
+    startups = [times[d][0] - started[d] - s for d, s in per_epoch.items() if started[d] is not None]
+    startup = max(0.0, statistics.median(startups)) if startups else None
+    for d, ts in times.items():
+        if len(ts) == 1 and started[d] is not None and startup is not None:
+            per_epoch[d] = max(0.0, ts[0] - started[d] - startup)
+    return per_epoch
+
+
 def summary(found: Settings) -> dict[str, Any]:
     """Trials done / pruned / failed, the best, and the compute pruning saved: each pruned
-    trial's task-seconds against its estimated full length (its seconds per epoch times the
-    epochs of the longest completed trial). Kept in ``sweep.json`` under ``study``."""
+    trial's epochs not run (up to the longest completed trial's) times its time per epoch
+    (:func:`epoch_times`; else the study's usual one) times its tasks. Kept in
+    ``sweep.json`` under ``study``."""
     from tfrun.tracking.compare import best_point
 
     path = SweepPaths.of(found.sweep_dir).index
@@ -365,12 +392,16 @@ def summary(found: Settings) -> dict[str, Any]:
     curves = {p["run_dir"]: objective_curve(Path(p["run_dir"]), found.objective) for p in points}
     full = max((len(curves[p["run_dir"]]) for p in points if p.get("state") == "COMPLETED"), default=0)
     used = sum(task_seconds(Path(p["run_dir"])) for p in points)
+    per_epoch = epoch_times([Path(p["run_dir"]) for p in points], found.objective)
+    usual = statistics.median(per_epoch.values()) if per_epoch else 0.0
     pruned_used = pruned_full = 0.0
     for p in points:
         if p.get("state") == "PRUNED":
             secs, epochs = task_seconds(Path(p["run_dir"])), len(curves[p["run_dir"]])
+            tasks = max(1, len(rundir.rank_records(Path(p["run_dir"]))))
+            epoch_s = per_epoch.get(Path(p["run_dir"]), usual)
             pruned_used += secs
-            pruned_full += secs * max(full, epochs) / max(epochs, 1)
+            pruned_full += secs + max(full - epochs, 0) * epoch_s * tasks
     best = best_point(found.sweep_dir, found.maximize)
     # Done: completed with a value for the objective (a run that completed without one, or with
     # one that is not a finite number, is a failed trial).
