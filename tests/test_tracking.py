@@ -12,6 +12,7 @@ import pytest
 from tests.helpers import (
     MlflowServer,
     mlflow_runs,
+    read_json,
     popen_tfrun,
     run_dir_from,
     run_tfrun,
@@ -318,3 +319,26 @@ def test_the_redactor_masks_secrets_in_data_and_text_and_leaves_the_rest() -> No
     # what only looks like a secret's name in a log stays: metric names, values of other keys
     assert redactor.text("masked_token_accuracy: 0.91 - abc_loss: 0.2") == "masked_token_accuracy: 0.91 - abc_loss: 0.2"
     assert shown("AWS_SECRET_ACCESS_KEY", "x") == MASK and shown("HOME", "/home/u") == "/home/u"
+
+
+@pytest.mark.slurm
+def test_a_sweep_that_was_not_waited_for_has_its_mlflow_parent_closed(tmp_path: Path, job_name: str) -> None:
+    """compute.wait=false: the launcher is gone before the points end; `tfrun status SWEEP`
+    that sees the last one end closes the sweep's parent run (it stayed RUNNING)."""
+    (tmp_path / "quick.py").write_text("import sys\nprint('point', sys.argv[1:])\n")
+    launched = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.wait=false", f"compute.job_name={job_name}",
+                         "tracking=mlflow", "entry.script=quick.py", "trainer.x=1,2", timeout=300)
+    assert launched.returncode == 0, launched.stderr
+    sweep = next((tmp_path / "runs").glob("sweep-*"))
+
+    def ended() -> bool:
+        shown = run_tfrun(tmp_path, "status", str(sweep))
+        assert shown.returncode in (0, 1), shown.stderr
+        return all(read_json(p / "status.json").get("state") == "COMPLETED" for p in sweep.iterdir() if p.is_dir()
+                   and (p / "plan.json").exists())
+
+    wait_for(ended, 300, "the sweep's points to complete")
+    found = _mlflow_runs(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    parents = [r for r in found if r["parent"] is None]
+    assert len(parents) == 1 and parents[0]["status"] == "FINISHED", found
+    assert sorted(r["status"] for r in found if r["parent"] is not None) == ["FINISHED", "FINISHED"]

@@ -237,8 +237,8 @@ def sweep_exit_code() -> int:
     from tfrun.tracking import mlflow_sync
     from tfrun.tracking.compare import best_point, study_objective
 
-    if SweepOutcome.sweep_dir:
-        mlflow_sync.finish_sweep(SweepOutcome.sweep_dir, failed=bool(SweepOutcome.failed))
+    if SweepOutcome.sweep_dir:  # once its points have ended (with compute.wait=false, tfrun status does it later)
+        mlflow_sync.finish_sweep_if_ended(SweepOutcome.sweep_dir)
     if SweepOutcome.failed:
         error(f"{len(SweepOutcome.failed)} sweep point(s) did not complete: {', '.join(SweepOutcome.failed)}")
     if SweepOutcome.objective and SweepOutcome.sweep_dir:

@@ -3,6 +3,7 @@ share. They read the run dir and, for Slurm runs not yet finished, ask Slurm abo
 jobs concerned in one ``sacct`` call."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -29,7 +30,20 @@ def run_dirs_of(path: Path) -> list[Path]:
 
 def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     """Current status of each run; unfinished Slurm runs (and the allocations of the pools that
-    hold unfinished items) are updated from one sacct call."""
+    hold unfinished items) are updated from one sacct call. A sweep whose last point is seen
+    ending has its MLflow parent run closed."""
+    statuses = _refreshed(run_dirs)
+    for sweep_dir in {Path(d).parent for d in run_dirs if SweepPaths.of(Path(d).parent).mlflow.exists()}:
+        from tfrun.tracking import mlflow_sync
+
+        try:
+            mlflow_sync.finish_sweep_if_ended(sweep_dir)
+        except Exception as exc:  # a run's state must not depend on the tracking server
+            print(f"tfrun: warning: could not close sweep {sweep_dir.name}'s MLflow run: {exc}", file=sys.stderr)
+    return statuses
+
+
+def _refreshed(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     statuses = [rundir.read_status(d) for d in run_dirs]
     unfinished = [(d, s) for d, s in zip(run_dirs, statuses) if s.get("state") not in FINAL]
     pooled = [(d, s) for d, s in unfinished if s.get("pool")]  # their own status is their state

@@ -472,8 +472,22 @@ def registered_onnx(uri: str, tracking: str, dst: Path) -> Path:
 
 
 def finish_sweep(sweep_dir: Path, failed: bool) -> None:
-    """Close a sweep's parent run, if it has one."""
-    marker = rundir.read_json(SweepPaths.of(sweep_dir).mlflow)
-    if not marker:
+    """Close a sweep's parent run, if it has one (recorded in its marker: closed once)."""
+    path = SweepPaths.of(sweep_dir).mlflow
+    marker = rundir.read_json(path)
+    if not marker or marker.get("ended"):
         return
-    client(marker["tracking_uri"]).set_terminated(marker["run_id"], status="FAILED" if failed else "FINISHED")
+    status = "FAILED" if failed else "FINISHED"
+    client(marker["tracking_uri"]).set_terminated(marker["run_id"], status=status)
+    rundir.update_json(path, lambda known: known.update(ended=status), {})
+
+
+def finish_sweep_if_ended(sweep_dir: Path) -> None:
+    """Close a sweep's parent run once every point has ended. A sweep launched with
+    ``compute.wait=false`` has no launcher left to do it: whoever sees its last point end
+    does (``tfrun status``, ``watch``, ``sync``, ``runs``)."""
+    if not SweepPaths.of(sweep_dir).mlflow.exists():
+        return
+    states = [rundir.read_status(p).get("state") for p in rundir.sweep_points(sweep_dir)]
+    if states and all(s in FINAL for s in states):
+        finish_sweep(sweep_dir, failed=any(s not in ("COMPLETED", "PRUNED") for s in states))
