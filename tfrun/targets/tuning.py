@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Mapping
+from typing import IO, Any, Literal, Mapping, cast
 
 from tfrun import rundir
 from tfrun.config.space import Space
@@ -29,7 +29,8 @@ from tfrun.targets import policies
 SAMPLERS: dict[str, tuple[str, ...]] = {
     "random": (), "grid": (), "tpe": (), "qmc": ("scipy",), "cmaes": ("cmaes",), "gp": ("torch", "scipy"),
 }
-DIRECTIONS = ("maximize", "minimize")
+Direction = Literal["maximize", "minimize"]  # as Optuna spells a study's direction
+DIRECTIONS: tuple[Direction, ...] = ("maximize", "minimize")
 STARTUP_SAMPLERS = ("tpe", "gp", "cmaes")  # the samplers that start with random trials
 _INVOCATION: dict[str, Any] = {}
 
@@ -46,7 +47,7 @@ class Settings:
     sampler: str
     n_trials: int
     max_parallel: int
-    direction: str
+    direction: Direction
     seed: int | None
     storage: str | None
     policy: policies.Policy
@@ -90,9 +91,10 @@ def settings(sweeper: Mapping[str, Any], objective: str | None, sweep_dir: Path)
     if missing:
         raise ConfigError(f"hydra.sweeper.sampler={sampler} needs the package(s) {', '.join(missing)}, which are not "
                           f"installed: pip install {' '.join(missing)}, or choose one of random, grid, tpe, qmc")
-    direction = str(sweeper.get("direction"))
-    if direction not in DIRECTIONS:
-        raise ConfigError.invalid("hydra.sweeper.direction", direction, DIRECTIONS)
+    given = str(sweeper.get("direction"))
+    if given not in DIRECTIONS:
+        raise ConfigError.invalid("hydra.sweeper.direction", given, DIRECTIONS)
+    direction = cast(Direction, given)  # one of DIRECTIONS, as checked
     policy = policies.make(str(sweeper.get("policy")), sweeper.get("policy_args") or {}, objective)
     if not objective:
         raise ConfigError("hydra/sweeper=tfrun optimises a metric the trials record: add tfrun.objective=METRIC "
@@ -176,7 +178,7 @@ def make_sampler(found: Settings) -> Any:
 
     seed = found.seed
     startup = startup_trials(found)
-    given = {} if startup is None else {"n_startup_trials": startup}
+    given: dict[str, Any] = {} if startup is None else {"n_startup_trials": startup}
     if found.sampler == "tpe":
         # constant_liar: trials still running count as bad guesses, so that trials started
         # meanwhile do not all pick the same point (the study is asynchronous).
@@ -327,7 +329,8 @@ def preview(overrides: list[str], config_dir: str | None, config_name: str) -> t
         sweep = compose.compose_sweep(list(overrides), config_name)
         sweep_dir = Path(str(sweep.hydra.sweep.dir)).resolve()
         found_space = space.parse(list(sweep.hydra.overrides.task), OmegaConf.select(sweep, "hydra.sweeper.params"))
-        sweeper = OmegaConf.to_container(sweep.hydra.sweeper, resolve=True)
+        # A config node's keys are strs, which the type of to_container (any container, any key) cannot say.
+        sweeper = cast(dict[str, Any], OmegaConf.to_container(sweep.hydra.sweeper, resolve=True))
         assert isinstance(sweeper, dict)
         found = settings(sweeper, sweep.tfrun.get("objective"), sweep_dir)
         loader = GlobalHydra.instance().config_loader()
