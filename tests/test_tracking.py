@@ -12,8 +12,8 @@ import pytest
 from tests.helpers import (
     MlflowServer,
     mlflow_runs,
-    read_json,
     popen_tfrun,
+    read_json,
     run_dir_from,
     run_tfrun,
     scratch_env,

@@ -80,7 +80,8 @@ def _compute_overrides(target: Any) -> list[str]:
     """A compute option name, or a compute config object (dataclass or mapping) -> overrides."""
     if isinstance(target, str):
         return [f"compute={target}"]
-    fields = dataclasses.asdict(target) if dataclasses.is_dataclass(target) else dict(target)
+    fields = (dataclasses.asdict(target) if dataclasses.is_dataclass(target) and not isinstance(target, type)
+              else dict(target))
     option = fields.pop("option", None) or fields.get("target", "local")
     overrides = [f"compute={option}"]
     for key, value in fields.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -53,7 +53,8 @@ def normalize_overrides(argv: list[str]) -> list[str]:
 
 def to_run_config(cfg: DictConfig) -> dict[str, Any]:
     """The run's config as plain, resolved data (no ``hydra`` node)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
+    # A config's keys are strs, which the type of to_container (any container, any key) cannot say.
+    data = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     assert isinstance(data, dict)
     data.pop("hydra", None)
     return data

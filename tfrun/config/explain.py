@@ -78,7 +78,8 @@ def _explain_unknown_key(full_key: str, overrides: list[str], config_dir: str | 
 
     try:
         cfg = compose_config(rest, config_dir)
-        node = OmegaConf.select(cfg, parent) if parent else cfg
+        # Any: a config's keys are strs, which OmegaConf's types (any key) cannot say.
+        node: Any = OmegaConf.select(cfg, parent) if parent else cfg
         keys = sorted(k for k in node.keys() if k != "hydra")
         chosen = OmegaConf.select(cfg, f"hydra.runtime.choices.{parent}") if parent else None
     except Exception:  # the explanation must not hide the original error

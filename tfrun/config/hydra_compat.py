@@ -11,7 +11,10 @@ upgrade that changed it. Nothing else in tfrun (its Hydra plugins included) impo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def search_path(config_module: str, config_dir: str | None) -> Any:
@@ -47,8 +50,9 @@ def restore_global_hydra(backup: Any) -> None:
     restore_gh_from_backup(backup)
 
 
-def hold_hydra_node(cfg: Any) -> None:
-    """``HydraConfig.instance().set_config(cfg)`` without its copy of the ``hydra`` node.
+def hold_hydra_node(cfg: Any) -> DictConfig:
+    """``HydraConfig.instance().set_config(cfg)`` without its copy of the ``hydra`` node; returns
+    what ``HydraConfig`` now holds (the config its ``hydra`` node is read from).
 
     Hydra's ``set_config`` makes ``OmegaConf.masked_copy(cfg, "hydra")`` (a deep copy of the
     largest node, ~10 ms) and re-parents the copy's ``hydra`` node on ``cfg``, so that
@@ -61,7 +65,10 @@ def hold_hydra_node(cfg: Any) -> None:
     OmegaConf.set_readonly(cfg.hydra, True)
     holder = OmegaConf.create({})
     holder.__dict__["_content"]["hydra"] = cfg._get_node("hydra")  # its parent stays cfg
-    HydraConfig.instance().cfg = holder
+    # HydraConfig.cfg is typed HydraConf, but what Hydra's own set_config stores there is a
+    # DictConfig with a ``hydra`` node (it silences the checker the same way).
+    HydraConfig.instance().cfg = holder  # type: ignore[assignment]
+    return holder
 
 
 def basic_sweeper() -> tuple[type, type]:

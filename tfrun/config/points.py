@@ -25,7 +25,7 @@ import pickle
 import re
 import sys
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, cast
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -57,6 +57,12 @@ class PointFiles(NamedTuple):
     config: str
     hydra: str
     overrides: list[str]
+
+
+def _mapping(node: DictConfig, resolve: bool, enum_to_str: bool = False) -> dict[str, Any]:
+    """A mapping node as a dict. Its keys are strs (a composed config's are), which the type
+    of ``OmegaConf.to_container`` (any container, any key) cannot say."""
+    return cast(dict[str, Any], OmegaConf.to_container(node, resolve=resolve, enum_to_str=enum_to_str))
 
 
 class PointComposer:
@@ -172,19 +178,19 @@ class PointComposer:
             cfg = self._compose(master, lines)
         except Exception:  # noqa: BLE001 -- composing the point itself reports it, the slow way
             return None
-        if str(OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")) != "${hydra.job.num}":
+        if str(_mapping(cfg.hydra.sweep, resolve=False).get("subdir")) != "${hydra.job.num}":
             return None  # the run dir depends on more than the job number
         sweep_dir = str(cfg.hydra.sweep.dir)
-        raw_hydra = OmegaConf.to_container(cfg.hydra, resolve=False, enum_to_str=True)
-        naming = OmegaConf.to_container(cfg.hydra.job.config.override_dirname, resolve=True)
+        raw_hydra = _mapping(cfg.hydra, resolve=False, enum_to_str=True)
+        naming = _mapping(cfg.hydra.job.config.override_dirname, resolve=True)
         with open_dict(cfg):
             del cfg["hydra"]
-        raw = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+        raw = _mapping(cfg, resolve=False, enum_to_str=True)
         assert isinstance(raw, dict) and isinstance(raw_hydra, dict) and isinstance(naming, dict)
         for path, text in _interpolations(raw):
             if path[0] == "trainer" or "trainer" in text or "hydra" in text:
                 return None
-        data = OmegaConf.to_container(cfg, resolve=True)
+        data = _mapping(cfg, resolve=True)
         assert isinstance(data, dict)
         if not isinstance(data.get("trainer"), dict) or not isinstance(raw.get("trainer"), dict):
             return None
@@ -192,7 +198,8 @@ class PointComposer:
         if OmegaConf.get_type(trainer) is not dict:  # a structured config: Hydra checks its keys and types
             return None
         typed = hydra_compat.typed_keys(trainer)
-        keys = {o.input_line: o.key_or_group for o in OverridesParser.create().parse_overrides(overrides=lines)}
+        parsed = OverridesParser.create().parse_overrides(overrides=lines)  # one per line, in order
+        keys = {line: o.key_or_group for line, o in zip(lines, parsed)}
         return _Base(data, sweep_dir, raw, raw_hydra, keys, naming, typed, {})
 
     def forget_points(self) -> None:
@@ -227,11 +234,11 @@ class PointComposer:
         if repo is None:
             return None
         groups, values = [], []
-        for override in parsed:
+        for line, override in zip(overrides, parsed):  # one per line, in order
             # Hydra's own test (defaults_list._create_overrides_from_overrides_list): a key
             # that names a config group, with a non-dict value, selects an option.
             if repo.group_exists(override.key_or_group) and not isinstance(override.value(), dict):
-                groups.append(override.input_line)
+                groups.append(line)
             else:
                 values.append(override)
         return groups, values, parsed

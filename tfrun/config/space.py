@@ -52,6 +52,13 @@ class Dimension:
                           f"{self.describe()} is a continuous interval: use choice(...) or range(...) for it, "
                           f"or another sampler (random, tpe, qmc)")
 
+    def first(self) -> Any:
+        """The first value: the first choice, or the lower bound."""
+        if self.kind == "choice":
+            return self.choices[0]
+        assert self.low is not None  # an int or float dimension is made with its bounds
+        return int(self.low) if self.kind == "int" else self.low
+
 
 @dataclass(frozen=True)
 class Space:
@@ -71,8 +78,7 @@ class Space:
 
     def first(self) -> dict[str, Any]:
         """The first value of every dimension (the example trial ``--dry-run`` plans)."""
-        return {d.name: d.choices[0] if d.kind == "choice" else (int(d.low) if d.kind == "int" else d.low)
-                for d in self.dimensions}
+        return {d.name: d.first() for d in self.dimensions}
 
 
 def _text(value: Any) -> str:
@@ -132,6 +138,7 @@ def _dimension(key: str, sweep: Any) -> Dimension:
 
     tags = set(getattr(sweep, "tags", set()) or set())
     if isinstance(sweep, IntervalSweep):
+        assert sweep.start is not None and sweep.end is not None  # the grammar's interval(a,b) has both
         low, high = float(sweep.start), float(sweep.end)
         if not low < high:
             raise ConfigError(f"{key}=interval({sweep.start}, {sweep.end}) is empty: the first bound must be below "
@@ -173,11 +180,11 @@ def parse(arguments: Sequence[str], params: dict[str, str] | None = None) -> Spa
 
     lines = [f"{k}={v}" for k, v in (params or {}).items()] + list(arguments)
     dimensions, fixed = [], []
-    for override in OverridesParser.create().parse_overrides(lines):
+    for line, override in zip(lines, OverridesParser.create().parse_overrides(lines)):  # one per line, in order
         if override.is_sweep_override():
             dimensions.append(_dimension(override.get_key_element(), override.value()))
         else:
-            fixed.append(override.input_line)
+            fixed.append(line)
     if not dimensions:
         raise ConfigError("hydra/sweeper=tfrun has an empty search space: give at least one key to search, e.g. "
                           "'trainer.lr=tag(log,interval(1e-4,1e-1))', 'trainer.batch_size=choice(32,64)' or "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeGuard
 
 from tfrun.errors import ConfigError
 
@@ -14,7 +14,7 @@ WARM_MODES = ("fork", "spawn", "cold")
 BOOL_STYLES = ("flag", "value")
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[int | float]:
     """An int or a float, and not a bool (YAML's ``true`` is an int to Python)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -86,9 +86,10 @@ def record_use(cache: Path, key: str, run_dir: str) -> None:
     """Record that the run in ``run_dir`` uses environment ``key``, with the process launching
     it (it has no status yet). The caller holds the key's lock, so a prune deciding meanwhile
     sees the record or removed the environment before it was used."""
-    record = {"run_dir": str(Path(run_dir).resolve()), "recorded": time.time(), "launcher_host": rundir.hostname(),
+    resolved = str(Path(run_dir).resolve())
+    record = {"run_dir": resolved, "recorded": time.time(), "launcher_host": rundir.hostname(),
               "launcher_pid": os.getpid(), "launcher_started": rundir.process_started(os.getpid())}
-    name = hashlib.sha256(record["run_dir"].encode()).hexdigest()[:16]
+    name = hashlib.sha256(resolved.encode()).hexdigest()[:16]
     try:
         rundir.write_json(users_dir(cache, key) / f"{name}.json", record)
     except OSError:  # a read-only shared cache: nobody can prune it either

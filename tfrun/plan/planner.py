@@ -46,7 +46,8 @@ class Planned:
                  files: Callable[[], points.PointFiles] | None = None) -> None:
         self.plan = plan
         self._config, self._hydra, self._compose = config, hydra, compose
-        self._files, self._file_data = files, None
+        self._files = files
+        self._file_data: points.PointFiles | None = None
 
     @property
     def composed(self) -> bool:
@@ -118,8 +119,7 @@ def _hydra_node_held(cfg: DictConfig, output_dir: str) -> Iterator[DictConfig]:
         cfg.hydra.runtime.output_dir = output_dir
     holder = HydraConfig.instance()
     before = holder.cfg
-    hydra_compat.hold_hydra_node(cfg)
-    hydra = holder.cfg
+    hydra = hydra_compat.hold_hydra_node(cfg)
     try:
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]

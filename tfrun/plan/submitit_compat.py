@@ -22,7 +22,8 @@ def sbatch_script(command: str, folder: str | os.PathLike[str], **parameters: An
     """The sbatch script ``SlurmExecutor`` writes for these parameters (``_make_sbatch_string``)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    return _make_sbatch_string(command=command, folder=folder, **parameters)
+    # It reads the folder through Path(folder), and types it str | Path: any path-like is that Path.
+    return _make_sbatch_string(command=command, folder=Path(folder), **parameters)
 
 
 def mem(mem_gb: float) -> str:

@@ -148,10 +148,9 @@ def _sacct(job_ids: list[str]) -> dict[str, dict[str, str]]:
     command = ["sacct", "-o", "JobID,State,NodeList,ExitCode", "--parsable2", "-j", ",".join(ids)]
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        error = (out.stderr or "").strip() if out.returncode else ""
     except (OSError, subprocess.SubprocessError) as exc:
         out, error = None, str(exc)
-    else:
-        error = (out.stderr or "").strip() if out.returncode else ""
     if out is None or error:
         if not _told_no_accounting:
             _told_no_accounting = True

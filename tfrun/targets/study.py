@@ -313,6 +313,7 @@ class Study:
         if not live.draining:  # (a pruned trial was told already: its storage record is closed)
             self._report(live, curve)  # epochs since the last poll: the policies compare later trials with them
         value = curve[max(curve)] if curve and state == "COMPLETED" else None
+        why: str | None  # None: a status with no state
         if value is not None and not math.isfinite(value):
             why, value = f"its {metric} is {value}, not a finite number", None  # never the best, never told as one
         else:

@@ -17,7 +17,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Mapping, Sequence
+from typing import IO, Any, Literal, Mapping, Sequence, cast
 
 from tfrun import rundir
 from tfrun.config.space import Space
@@ -30,7 +30,8 @@ from tfrun.targets import policies
 SAMPLERS: dict[str, tuple[str, ...]] = {
     "random": (), "grid": (), "tpe": (), "qmc": ("scipy",), "cmaes": ("cmaes",), "gp": ("torch", "scipy"),
 }
-DIRECTIONS = ("maximize", "minimize")
+Direction = Literal["maximize", "minimize"]  # as Optuna spells a study's direction
+DIRECTIONS: tuple[Direction, ...] = ("maximize", "minimize")
 STARTUP_SAMPLERS = ("tpe", "gp", "cmaes")  # the samplers that start with random trials
 _INVOCATION: dict[str, Any] = {}
 
@@ -47,7 +48,7 @@ class Settings:
     sampler: str
     n_trials: int
     max_parallel: int
-    direction: str
+    direction: Direction
     seed: int | None
     storage: str | None
     policy: policies.Policy
@@ -91,9 +92,10 @@ def settings(sweeper: Mapping[str, Any], objective: str | None, sweep_dir: Path)
     if missing:
         raise ConfigError(f"hydra.sweeper.sampler={sampler} needs the package(s) {', '.join(missing)}, which are not "
                           f"installed: pip install {' '.join(missing)}, or choose one of random, grid, tpe, qmc")
-    direction = str(sweeper.get("direction"))
-    if direction not in DIRECTIONS:
-        raise ConfigError.invalid("hydra.sweeper.direction", direction, DIRECTIONS)
+    given = str(sweeper.get("direction"))
+    if given not in DIRECTIONS:
+        raise ConfigError.invalid("hydra.sweeper.direction", given, DIRECTIONS)
+    direction = cast(Direction, given)  # one of DIRECTIONS, as checked
     policy = policies.make(str(sweeper.get("policy")), sweeper.get("policy_args") or {}, objective)
     if not objective:
         raise ConfigError("hydra/sweeper=tfrun optimises a metric the trials record: add tfrun.objective=METRIC "
@@ -177,7 +179,7 @@ def make_sampler(found: Settings) -> Any:
 
     seed = found.seed
     startup = startup_trials(found)
-    given = {} if startup is None else {"n_startup_trials": startup}
+    given: dict[str, Any] = {} if startup is None else {"n_startup_trials": startup}
     if found.sampler == "tpe":
         # constant_liar: trials still running count as bad guesses, so that trials started
         # meanwhile do not all pick the same point (the study is asynchronous).
@@ -328,7 +330,8 @@ def preview(overrides: list[str], config_dir: str | None, config_name: str) -> t
         sweep = compose.compose_sweep(list(overrides), config_name)
         sweep_dir = Path(str(sweep.hydra.sweep.dir)).resolve()
         found_space = space.parse(list(sweep.hydra.overrides.task), OmegaConf.select(sweep, "hydra.sweeper.params"))
-        sweeper = OmegaConf.to_container(sweep.hydra.sweeper, resolve=True)
+        # A config node's keys are strs, which the type of to_container (any container, any key) cannot say.
+        sweeper = cast(dict[str, Any], OmegaConf.to_container(sweep.hydra.sweeper, resolve=True))
         assert isinstance(sweeper, dict)
         found = settings(sweeper, sweep.tfrun.get("objective"), sweep_dir)
         loader = GlobalHydra.instance().config_loader()
@@ -367,14 +370,18 @@ def epoch_times(run_dirs: Sequence[Path], metric: str) -> dict[Path, float]:
     other trials took (start to first epoch, less an epoch). Start-up is paid once, not per
     epoch, so it is never counted as part of one."""
     times = {d: objective_times(d, metric) for d in run_dirs}
-    started = {d: min((float(r["started"]) for r in rundir.rank_records(d).values() if r.get("started")), default=None)
-               for d in run_dirs}
+    started: dict[Path, float] = {}
+    for d in run_dirs:
+        starts = [float(r["started"]) for r in rundir.rank_records(d).values() if r.get("started")]
+        if starts:
+            started[d] = min(starts)
     per_epoch = {d: statistics.median([b - a for a, b in zip(ts, ts[1:])]) for d, ts in times.items() if len(ts) > 1}
-    startups = [times[d][0] - started[d] - s for d, s in per_epoch.items() if started[d] is not None]
-    startup = max(0.0, statistics.median(startups)) if startups else None
-    for d, ts in times.items():
-        if len(ts) == 1 and started[d] is not None and startup is not None:
-            per_epoch[d] = max(0.0, ts[0] - started[d] - startup)
+    startups = [times[d][0] - started[d] - s for d, s in per_epoch.items() if d in started]
+    if startups:
+        startup = max(0.0, statistics.median(startups))
+        for d, ts in times.items():
+            if len(ts) == 1 and d in started:
+                per_epoch[d] = max(0.0, ts[0] - started[d] - startup)
     return per_epoch
 
 

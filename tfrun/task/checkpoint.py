@@ -198,7 +198,9 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
         def __init__(self, fit: int, shift: int, spaced: bool = False):
             super().__init__()
             self.fit, self.shift = fit, shift
-            self.spaced, self.cost, self.since, self.held = spaced, None, time.monotonic(), None
+            self.spaced, self.since = spaced, time.monotonic()
+            self.cost: float | None = None  # seconds the last backup took
+            self.held: tuple[int, dict[str, Any], tuple[list[Any], list[Any]]] | None = None  # (epoch, logs, snapshot)
             self.cut = False  # a stop request ended the epoch before its last batch
 
         def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 from tfrun.task import preempt, preemption
 
@@ -47,7 +48,9 @@ def resolve(address: str, port: int) -> tuple[str, int] | None:
         infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         return None
-    return infos[0][4][:2] if infos else None
+    # An AF_INET or AF_INET6 address (host, port, ...): typeshed also allows the address forms
+    # of other families, which a host name and a port never resolve to.
+    return cast(tuple[str, int], infos[0][4][:2]) if infos else None
 
 
 def answers(target: tuple[str, int], timeout_s: float = ANSWER_S) -> bool:

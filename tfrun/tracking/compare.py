@@ -156,6 +156,7 @@ def plot(run_dirs: Sequence[Path], metric: str, out: Path, names: Sequence[str] 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, epochs, values, pruned in drawn:
@@ -163,7 +164,9 @@ def plot(run_dirs: Sequence[Path], metric: str, out: Path, names: Sequence[str] 
         if pruned:
             ax.plot([epochs[-1]], [values[-1]], marker="x", color="black", markersize=9, linestyle="")
     ax.set_xlabel("epoch")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    locator = ax.xaxis.get_major_locator()
+    if isinstance(locator, MaxNLocator):  # the default (AutoLocator); other locators take no integer=
+        locator.set_params(integer=True)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     if len(drawn) <= 20:

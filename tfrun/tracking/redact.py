@@ -59,7 +59,8 @@ class Redactor:
     """Masks what a run's config holds as secret, in data and in text made from it."""
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
-        names, values = set(), set()
+        names: set[str] = set()
+        values: set[str] = set()
         for path, value in _leaves(config or {}):
             if isinstance(value, str):  # a URI's password, wherever the URI is
                 values.update(m.group(0)[:-1].partition(":")[2] for m in _URI_CREDENTIALS.finditer(value))
