@@ -144,11 +144,11 @@ def test_runs_lists_jobs_and_logs_prints_a_rank(digits_runs: tuple) -> None:
     result = run_tfrun(tmp, "runs", timeout=60)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split()[:5] == ["RUN", "STATE", "BACKEND", "COMPUTE", "JOBS"]
+    assert lines[0].split()[:6] == ["RUN", "NAME", "STATE", "BACKEND", "COMPUTE", "JOBS"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     for _, run_dir, job_id in done.values():
         row = rows[run_dir.name]
-        assert row[1:5] == ["COMPLETED", "none", "slurm", job_id], row
+        assert row[2:6] == ["COMPLETED", "none", "slurm", job_id], row
     assert len(rows) == 2
 
     _, run_dir, _ = done[2]
@@ -159,7 +159,7 @@ def test_runs_lists_jobs_and_logs_prints_a_rank(digits_runs: tuple) -> None:
     by_id = run_tfrun(tmp, "logs", run_dir.name, "--rank", "0", timeout=60)
     assert by_id.returncode == 0 and by_id.stdout == (run_dir / "logs/rank0.log").read_text()
     missing = run_tfrun(tmp, "logs", str(run_dir), "--rank", "5", timeout=60)
-    assert missing.returncode == 1 and missing.stdout == ""
+    assert missing.returncode == 2 and missing.stdout == "", missing.stderr  # a rank the run does not have
 
 
 # --- 2: a sweep is one job array ---------------------------------------------------------
