@@ -1,7 +1,7 @@
 """The documentation stays true: it builds with ``mkdocs build --strict``, its generated
 reference matches the code, every command of README.md, the Quickstart and the guides runs as
 written and does what the page says (``tests/doc_pages.py``: how a page marks what its commands
-need and print), and troubleshooting.md's errors are the ones tfrun gives.
+need and print).
 
 Each page is a test of its own (``local``, and ``slurm`` for its commands that need a cluster),
 in a project dir of its own, so pages can run side by side.
