@@ -91,6 +91,8 @@ def plan_for(deps: Mapping[str, Any], base_python: str, compute: Mapping[str, An
     base = (shutil.which(base_python) or base_python) if os.sep not in base_python else os.path.abspath(base_python)
     ctx = _Ctx(deps, base, compute, run_dir, script, source_dir, cwd)
     if kind == "none":
+        if compute["target"] == "local" and os.path.abspath(base) != os.path.abspath(sys.executable):
+            interpreter(base)  # it runs here: else a clear error now, not a traceback at launch
         return DepsPlan(kind="none", target=compute["target"], python=base_python, base_python=ctx.base_python)
     return {"pip": _plan_pip, "conda": _plan_conda, "modules": _plan_modules, "container": _plan_container}[kind](ctx)
 
