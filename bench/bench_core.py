@@ -36,7 +36,24 @@ from benchlib import cpu_model, load_average, publish, versions
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "digits" / "train.py"
 DRY_RUN_PS = "tfrun --dry-run backend=ps compute=slurm compute.nodes=2 compute.tasks_per_node=2"
-TARGETS = {"tfrun --dry-run": 0.5, DRY_RUN_PS: 0.5, "overhead ratio": 1.05}
+TARGETS = {"tfrun --dry-run": 0.5, DRY_RUN_PS: 0.5, "tfrun --help": 0.5, "overhead ratio": 1.05}
+# The least a Hydra app pays: one with a single @hydra.main function and no config, as a user
+# would write it. tfrun's --dry-run and --help are held to 1.2x its run and --help, measured
+# in the same interleaved run.
+BARE_APP = """\
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base=None, config_path=None, config_name=None)
+def main(cfg: DictConfig) -> None:
+    pass
+
+
+if __name__ == "__main__":
+    main()
+"""
+BARE_RATIO = 1.2
 SECTION = "## tfrun core benchmark"
 
 
@@ -134,7 +151,10 @@ def main() -> None:
     tfrun = tfrun_command()
 
     (work / "hello.py").write_text("print('hello')\n")
+    (work / "bare_app.py").write_text(BARE_APP)
     startup = interleaved({
+        "bare @hydra.main app": [sys.executable, "bare_app.py"],
+        "bare @hydra.main app --help": [sys.executable, "bare_app.py", "--help"],
         "tfrun --dry-run": [*tfrun, "--dry-run"],
         DRY_RUN_PS: [*tfrun, *DRY_RUN_PS.split()[1:]],
         "tfrun --help": [*tfrun, "--help"],
@@ -164,6 +184,10 @@ def main() -> None:
     for name, xs in startup.items():
         target = f"< {TARGETS[name]} s: {'met' if median(xs) < TARGETS[name] else 'MISSED'}" if name in TARGETS else ""
         lines.append(f"| `{name}` | {median(xs):.3f} | {min(xs):.3f} | {max(xs):.3f} | {len(xs)} | {target} |")
+    for ours, bare in (("tfrun --dry-run", "bare @hydra.main app"), ("tfrun --help", "bare @hydra.main app --help")):
+        ratio_bare = median(startup[ours]) / median(startup[bare])
+        verdict_bare = "met" if ratio_bare <= BARE_RATIO else "MISSED"
+        lines.append(f"| `{ours}` / `{bare}` (medians) | {ratio_bare:.2f}x | | | | <= {BARE_RATIO}x: {verdict_bare} |")
     for name, xs in runs.items():
         lines.append(f"| `{name}` (digits, {args.epochs} epochs) | {median(xs):.3f} | {min(xs):.3f} | "
                      f"{max(xs):.3f} | {len(xs)} | |")
