@@ -503,7 +503,7 @@ def test_dry_run_shows_the_study(tmp_path: Path) -> None:
 
 def test_policies_decide_from_the_curves() -> None:
     from tfrun.errors import ConfigError
-    from tfrun.targets import policies
+    from tfrun.tune import policies
 
     bandit = policies.make("bandit", {"slack_factor": 0.1}, "acc")
     assert policies.decide(bandit, True, {1: 0.5}, [{1: 0.6}]) is not None  # 0.5 < 0.6 / 1.1
@@ -569,7 +569,7 @@ def run_curves(policy_name: str, maximize: bool, curves: list[dict[int, float]])
     the Optuna study of asha and hyperband told what the study would tell it."""
     import optuna
 
-    from tfrun.targets import policies
+    from tfrun.tune import policies
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     policy = policies.make(policy_name, DECIDING[policy_name], "score")
@@ -610,7 +610,7 @@ def test_a_value_that_is_not_a_number_stops_the_trial_under_every_policy(policy:
 @pytest.mark.parametrize("bad", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
 def test_a_trial_that_is_not_a_number_does_not_stop_the_pruning_of_others(maximize: bool, bad: float) -> None:
     """After a diverged trial, a poor trial is still stopped and a good one still runs on."""
-    from tfrun.targets import policies
+    from tfrun.tune import policies
 
     for name in ("median", "bandit", "truncation"):
         policy = policies.make(name, DECIDING[name], "score")
@@ -631,7 +631,7 @@ def test_asha_judges_each_epoch_of_a_trial_seen_late() -> None:
     successive halving took the third epoch's value for every rung, and stopped the second)."""
     import optuna
 
-    from tfrun.targets import policies
+    from tfrun.tune import policies
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     chosen = policies.make("asha", DECIDING["asha"], "score")
@@ -650,7 +650,7 @@ def test_asha_judges_each_epoch_of_a_trial_seen_late() -> None:
 def test_bandits_slack_factor_never_stops_the_best(maximize: bool, sign: int) -> None:
     """slack_factor on a metric of either sign, in either direction: the best trial at an epoch
     is inside its own slack; one clearly behind is outside it."""
-    from tfrun.targets import policies
+    from tfrun.tune import policies
 
     bandit = policies.make("bandit", {"slack_factor": 0.1}, "score")
     values = [sign * v for v in (0.5, 0.52, 0.53, 1.5)]

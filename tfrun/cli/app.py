@@ -123,8 +123,8 @@ def _dry_run_study(overrides: list[str], config_dir: str | None, config_name: st
     """``--dry-run -m hydra/sweeper=tfrun``: the study (sampler, space, policy, storage) and the
     plan of its first trial; checked as a run would check it, nothing written."""
     from tfrun.cli import render
-    from tfrun.targets import tuning
     from tfrun.targets.pool import trials
+    from tfrun.tune import tuning
 
     info, plan = tuning.preview(overrides, config_dir, config_name)
     pool = trials.settings(info.get("pool"), info["max_parallel"], plan.compute)
@@ -193,7 +193,7 @@ def run_sweep(argv: list[str]) -> int:
     live.install()  # on a terminal, a sweep on Slurm is followed in tfrun watch's live table
     overrides, _, config_dir, config_name = overrides_only(argv)
     if _tuning(overrides):
-        from tfrun.targets import tuning
+        from tfrun.tune import tuning
 
         tuning.remember_invocation(overrides, config_dir, config_name)
     multirun(overrides, _task, config_dir=config_dir, config_name=config_name)
@@ -255,7 +255,7 @@ def resume_study(sweep: str) -> int:
     """``tfrun tune resume SWEEP``: follow a tuning study again (its follower was stopped or
     killed): trials still running are followed, ended ones told, missing ones started."""
     from tfrun.config.compose import normalize_overrides
-    from tfrun.targets import tuning
+    from tfrun.tune import tuning
 
     sweep_dir = rundir.find_run(sweep)
     argv, cwd = tuning.resume_argv(sweep_dir)

@@ -4,7 +4,7 @@
 integer), ``choice(x,y,...)`` and ``x,y,...`` (one of), ``range(a,b[,step])`` (an integer or
 a value of the range): the sweeps of the command line become the space, every other
 override is the same in every trial. Pure data: the Optuna distributions are made where the
-study runs (:mod:`tfrun.targets.tuning`), so that ``--dry-run`` needs no Optuna.
+study runs (:mod:`tfrun.tune.tuning`), so that ``--dry-run`` needs no Optuna.
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # a single run needs neither: imported where a sweep or a wri
 
 class TuningStudy(ConfigError):
     """A sweep whose points a tuning study chooses while it runs (``hydra/sweeper=tfrun``):
-    ``--dry-run -m`` shows the study instead (:func:`tfrun.targets.tuning.preview`)."""
+    ``--dry-run -m`` shows the study instead (:func:`tfrun.tune.tuning.preview`)."""
 
 
 class Planned:

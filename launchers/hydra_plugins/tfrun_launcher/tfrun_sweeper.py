@@ -1,6 +1,6 @@
 """Hydra sweeper ``hydra/sweeper=tfrun``: an asynchronous Optuna study (ask and tell) whose
 trials are tfrun runs, with early-termination policies. A thin adapter: the study is
-:mod:`tfrun.targets.study`, its settings :mod:`tfrun.targets.tuning`, the space
+:mod:`tfrun.tune.study`, its settings :mod:`tfrun.tune.tuning`, the space
 :mod:`tfrun.config.space`.
 
 No ``from __future__ import annotations`` here: Hydra imports plugin modules without
@@ -61,9 +61,9 @@ class TfrunSweeper(Sweeper):
         from tfrun.errors import ConfigError, TfrunError
         from tfrun.paths import SweepPaths
         from tfrun.plan import planner
-        from tfrun.targets import study, tuning
         from tfrun.targets.pool import trials
         from tfrun.targets.sweeps import SweepOutcome, _remove_empty_sweep
+        from tfrun.tune import study, tuning
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()

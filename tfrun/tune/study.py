@@ -26,8 +26,9 @@ from tfrun.errors import TfrunError
 from tfrun.paths import RunPaths, SweepPaths
 from tfrun.plan import Plan
 from tfrun.states import FINAL
-from tfrun.targets import control, policies
-from tfrun.targets.tuning import (
+from tfrun.targets import control
+from tfrun.tune import policies
+from tfrun.tune.tuning import (
     Settings,
     distributions,
     make_sampler,

@@ -1,6 +1,6 @@
 """A tuning study's settings (``hydra/sweeper=tfrun``): checked, described, and turned into
 Optuna's sampler and storage; its account at the end (:func:`summary`). The study itself runs
-in :mod:`tfrun.targets.study`.
+in :mod:`tfrun.tune.study`.
 
 Every check here runs before anything is submitted or any run dir is made: a bad sampler,
 policy, storage or space is a :class:`~tfrun.errors.ConfigError` (exit 2).
@@ -24,7 +24,7 @@ from tfrun.config.space import Space
 from tfrun.config.validate import is_whole
 from tfrun.errors import TUNE, ConfigError, TfrunError, require
 from tfrun.paths import RunPaths, SweepPaths
-from tfrun.targets import policies
+from tfrun.tune import policies
 
 # sampler -> the packages it needs beyond Optuna (cmaes and gp are Optuna's, with extras).
 SAMPLERS: dict[str, tuple[str, ...]] = {
@@ -174,7 +174,7 @@ def startup_trials(found: Settings) -> int | None:
 
 def make_sampler(found: Settings) -> Any:
     """The Optuna sampler. A grid is every combination in the order written, enqueued once
-    (:mod:`tfrun.targets.study`), so the sampler behind it only fills nothing: random."""
+    (:mod:`tfrun.tune.study`), so the sampler behind it only fills nothing: random."""
     import optuna
 
     seed = found.seed
