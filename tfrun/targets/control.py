@@ -87,7 +87,7 @@ def _lost(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
 
 def current(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     """Each run's status now (:func:`refresh`), a local run whose launcher is gone being
-    LOST (:data:`tfrun.targets.RunState.LOST`): it will not end by itself."""
+    LOST (:data:`tfrun.states.RunState.LOST`): it will not end by itself."""
     return [_lost(d, s) for d, s in zip(run_dirs, refresh(run_dirs))]
 
 

@@ -486,7 +486,8 @@ def finish_sweep_if_ended(sweep_dir: Path) -> None:
     """Close a sweep's parent run once every point has ended. A sweep launched with
     ``compute.wait=false`` has no launcher left to do it: whoever sees its last point end
     does (``tfrun status``, ``watch``, ``sync``, ``runs``)."""
-    if not SweepPaths.of(sweep_dir).mlflow.exists():
+    marker = rundir.read_json(SweepPaths.of(sweep_dir).mlflow)
+    if not marker or marker.get("ended"):  # no parent run, or closed already: no point to read
         return
     states = [rundir.read_status(p).get("state") for p in rundir.sweep_points(sweep_dir)]
     if states and all(s in FINAL for s in states):
