@@ -116,17 +116,19 @@ def script(tmp_path: Path, name: str, text: str) -> Path:
 
 # --- the cluster --------------------------------------------------------------------------------
 
-def test_every_node_is_a_host_of_its_own(tmp_path: Path) -> None:
-    out = subprocess.run(["srun", "-N2", "--ntasks-per-node=1", "sh", "-c",
+def test_every_node_is_a_host_of_its_own(tmp_path: Path, network_nodes: NodePair) -> None:
+    """A pair of nodes (the network tests' own: other tests' jobs do not hold them) each says it
+    is itself: hostname, Slurm's node name, its address on eth0, no other host's interfaces."""
+    out = subprocess.run(["srun", f"--partition={network_nodes.partition}", "-N2", "--ntasks-per-node=1", "sh", "-c",
                           "echo $(hostname) $SLURMD_NODENAME $(ip -4 -o addr show eth0 | awk '{print $4}') "
                           "$(ls /sys/class/net | xargs | tr ' ' ,) $(getent hosts $(hostname) | awk '{print $1}')"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     rows = sorted(line.split() for line in out.splitlines())
-    assert [r[:2] for r in rows] == [["node1", "node1"], ["node2", "node2"]], out
+    assert [r[:2] for r in rows] == [[node, node] for node in network_nodes.nodes], out
     for name, _, cidr, links, resolved in rows:
         assert cidr == f"{node_address(name)}/24" and resolved == node_address(name), out
         assert links == "eth0,lo", f"{name} sees another host's interfaces: {links}"
-    assert node_address("node1") != node_address("node2")
+    assert node_address(network_nodes.first) != node_address(network_nodes.second)
 
 
 def test_every_node_answers_ssh_as_itself() -> None:
