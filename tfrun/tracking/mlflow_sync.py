@@ -62,12 +62,24 @@ def _quick_failures() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
+_READY: set[str] = set()  # SQLite stores this process has seen made (their tables created)
+
+
 def client(uri: str) -> Any:
-    """MLflow's client of a store (an SQLite file is made first: see :func:`_sqlite_file`)."""
+    """MLflow's client of a store. An SQLite store is made first (:func:`_sqlite_file`), and
+    its tables by one process at a time: MLflow creates them on first use, and two processes
+    doing it at once (the chiefs of a sweep's points) make one of them fail ("duplicate
+    column name"), which would leave its run out of MLflow."""
     from mlflow import MlflowClient
 
-    _sqlite_file(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    made = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if uri.startswith("sqlite:///") and uri not in _READY:
+        path = Path(uri[len("sqlite:///"):])
+        with rundir.locked(path):
+            _sqlite_file(uri)
+            made.search_experiments(max_results=1)  # its first use: the tables, if missing, are made here
+        _READY.add(uri)
+    return made
 
 
 def _sqlite_file(uri: str) -> None:
