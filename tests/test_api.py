@@ -131,9 +131,14 @@ def test_launch_without_waiting_raises_when_the_launch_fails_before_the_run_has_
 
 def test_launch_without_waiting_raises_and_wait_returns_when_a_task_cannot_start(
         scratch: Path, quick: Path, no_exit: None) -> None:
-    """The run is RUNNING by then (its status written): it must not stay so with nobody to end it."""
-    raised = _launch_in_a_thread(["entry.script=quick.py", "entry.python=/nonexistent/python"])
-    assert isinstance(raised, FileNotFoundError) and "/nonexistent/python" in str(raised), raised
+    """The run is RUNNING by then (its status written): it must not stay so with nobody to end it.
+    Its interpreter is there when the run is planned (tfrun checks that it runs) and gone when
+    the task starts, as a removed venv's would be."""
+    vanishing = scratch / "vanishing-python"
+    vanishing.write_text(f'#!/bin/sh\nrm -f "$0"\nexec {sys.executable} "$@"\n')
+    vanishing.chmod(0o755)
+    raised = _launch_in_a_thread(["entry.script=quick.py", f"entry.python={vanishing}"])
+    assert isinstance(raised, FileNotFoundError) and str(vanishing) in str(raised), raised
     run = tfrun.Run.load(next((scratch / "runs").iterdir()).name)
     started = time.monotonic()
     assert run.wait(timeout_s=30, poll_s=0.2) == "FAILED"

@@ -72,13 +72,13 @@ def client(uri: str) -> Any:
     column name"), which would leave its run out of MLflow."""
     from mlflow import MlflowClient
 
-    made = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    if uri.startswith("sqlite:///") and uri not in _READY:
-        path = Path(uri[len("sqlite:///"):])
-        with rundir.locked(path):
-            _sqlite_file(uri)
-            made.search_experiments(max_results=1)  # its first use: the tables, if missing, are made here
-        _READY.add(uri)
+    if not uri.startswith("sqlite:///") or uri in _READY:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with rundir.locked(Path(uri[len("sqlite:///"):])):
+        _sqlite_file(uri)  # before MLflow opens it: made by SQLite, its mode would ignore the umask
+        made = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        made.search_experiments(max_results=1)  # its first use: the tables, if missing, are made here
+    _READY.add(uri)
     return made
 
 
