@@ -228,6 +228,46 @@ def test_failing_rank_stops_the_run(tmp_path: Path, failure: str, code: int, rea
     assert wait_gone(task_pids, timeout=5) == [], "processes of the run were left running"
 
 
+# A sitecustomize that notes every import made by a daemon thread (one the interpreter does not
+# wait for at its exit), in every Python process started with it on PYTHONPATH: one line per
+# import, in a file per process.
+_THREAD_IMPORTS = """import os, sys, threading
+
+_DIR = os.environ["TEST_THREAD_IMPORTS"]
+
+
+class _Noting:
+    def find_spec(self, name, path=None, target=None):
+        if threading.current_thread().daemon:
+            fd = os.open(os.path.join(_DIR, str(os.getpid())), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            os.write(fd, f"{threading.current_thread().name} {name} {' '.join(sys.orig_argv)}\\n".encode())
+            os.close(fd)
+        return None
+
+
+sys.meta_path.insert(0, _Noting())
+"""
+
+
+@pytest.mark.slow
+def test_no_daemon_thread_of_a_task_imports_anything(tmp_path: Path) -> None:
+    """tfrun's daemon threads in a task never import: a script that ends while one is
+    still importing crashes the interpreter at its exit (SIGSEGV in CPython's import lock), and a
+    task that did its work, or exited with its own code, was reported killed by SIGSEGV."""
+    hook, noted = tmp_path / "hook", tmp_path / "noted"
+    hook.mkdir()
+    noted.mkdir()
+    (hook / "sitecustomize.py").write_text(_THREAD_IMPORTS)
+    # long enough for tfrun's threads to have started and done a round of their work
+    write_script(tmp_path, "short.py", "import time\ntime.sleep(1.5)\n")
+    result = run_tfrun(tmp_path, "entry.script=short.py", "compute.tasks_per_node=2", timeout=120,
+                       PYTHONPATH=str(hook), TEST_THREAD_IMPORTS=str(noted))
+    assert result.returncode == 0, result.stderr
+    lines = [line for f in noted.iterdir() for line in f.read_text().splitlines()]
+    in_tasks = [line for line in lines if "tfrun.bootstrap" in line]
+    assert in_tasks == [], "\n".join(in_tasks)
+
+
 # --- (e) Ctrl-C cancels every task ------------------------------------------------------------
 
 SLEEP_SCRIPT = """\

@@ -115,11 +115,14 @@ def start(run_dir: str, attempt: str, rank: int) -> None:
     _started.set()
     target = path(run_dir, attempt, rank)
     info = {"rank": rank, "pid": os.getpid(), "host": rundir.hostname(), "hostname": socket.gethostname()}
+    # Imported here, on the task's own thread, never in the daemon thread below: a script that
+    # ends while a daemon thread is still importing crashes the interpreter at exit (SIGSEGV
+    # in CPython's import lock), and a task that did its work would be reported as killed.
+    from tfrun.task.activity import Activity  # psutil: not for `import tfrun` alone
+
+    activity = Activity()
 
     def write_forever() -> None:
-        from tfrun.task.activity import Activity  # psutil: not for `import tfrun` alone
-
-        activity = Activity()
         last: dict[str, Any] = {}
         while True:
             if _state["busy"] and (_busy_until[0] is None or time.time() < _busy_until[0]):
