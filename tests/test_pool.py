@@ -352,6 +352,47 @@ def test_an_allocation_out_of_requeues_is_followed_by_another(tmp_path: Path, jo
     assert runs == len(found) + interrupted, (runs, interrupted)  # no finished point ran again
 
 
+def test_an_item_put_back_at_a_time_limit_waits_for_the_follower_not_failed(tmp_path: Path) -> None:
+    """The moment between an allocation's coordinator ending at its time limit (its unfinished
+    item back in the queue, itself "ended") and Slurm ending the job: the pool's follower starts
+    another allocation for the item, so a refresh meanwhile (the follower's own, or ``tfrun
+    status``) must leave it waiting. Once the follower is gone (a detached sweep), the refresh
+    settles it as its allocation ended."""
+    from tfrun import rundir
+    from tfrun.plan.pools import PoolSpec
+    from tfrun.targets.pool import refresh_items
+    from tfrun.targets.pool.store import PoolStore
+
+    store = PoolStore(tmp_path / "pool")
+    store.create(PoolSpec(target="slurm", allocations=1, slots=1, nodes=1, tasks_per_node=1, backend="none",
+                          python=[sys.executable], warm="fork", preload=[], env={}, idle_timeout_s=60.0, compute={}))
+    run_dir = tmp_path / "point"
+    run_dir.mkdir()
+    rundir.update_status(run_dir, state="PENDING", target="slurm")
+    store.feed([str(run_dir)])
+    store.close()
+    store.add_allocations(["901"])
+    item = store.claim("901")
+    assert item is not None
+    store.release(item)  # what the coordinator does at the time-limit warning, before it ends
+    store.write_state("901", state="ended", why="timeout")
+    sacct = {"901": {"State": "RUNNING"}}
+
+    def refreshed() -> dict:
+        status = rundir.read_status(run_dir)
+        refresh_items([(run_dir, status)], sacct)
+        return rundir.read_status(run_dir)
+
+    store.follow()  # this process follows the pool, as a sweep's tfrun does
+    assert refreshed()["state"] == "PENDING" and store.queued() == [item.id]
+    # a follower that has exited (on this host: its process is gone) starts nothing more
+    subprocess.run([sys.executable, "-c", "import sys; from tfrun.targets.pool.store import PoolStore; "
+                    "PoolStore(sys.argv[1]).follow()", str(store.path)], check=True, timeout=60)
+    after = refreshed()
+    assert after["state"] == "FAILED" and "901 ended (RUNNING) before it ran" in after["reason"], after
+    assert store.queued() == []
+
+
 # --- tuning studies in a pool -----------------------------------------------------------------
 
 @pytest.mark.slurm

@@ -163,6 +163,7 @@ class SlurmPool(Pool):
     def ensure(self) -> None:
         if self.store.stopped():
             return
+        self.store.follow()
         states = self.allocation_states()
         live = self.live(states)
         for item in self.store.held():
@@ -295,9 +296,11 @@ def run_allocation(pool_dir: str) -> None:
 
 def refresh_items(items: Sequence[tuple[Path, dict[str, Any]]], info: dict[str, dict[str, str]]) -> None:
     """Pool items not finished (with their statuses, updated in place) whose pool can no longer
-    run them: its queue is closed and none of its allocations is alive (``info``: the
-    allocations' sacct records). They end as their allocation did. A pool still open is left to
-    its follower, which starts allocations again."""
+    run them: its queue is closed, none of its allocations is alive (``info``: the allocations'
+    sacct records), and no follower will start another (it was stopped, or its follower is
+    gone: a detached sweep). They end as their allocation did. A pool still open, or one whose
+    follower lives, is left to that follower: an allocation that ended at its time limit put
+    its unfinished items back in the queue, and the follower starts another for them."""
     from tfrun.targets import slurm
 
     by_pool: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
@@ -306,6 +309,8 @@ def refresh_items(items: Sequence[tuple[Path, dict[str, Any]]], info: dict[str, 
     for pool_dir, members in by_pool.items():
         store = PoolStore(pool_dir)
         if not store.exists() or store.spec().target != "slurm" or not store.closed():
+            continue
+        if store.followed() and not store.stopped():
             continue
         jobs = store.allocations()
         states = {j: slurm.tfrun_state(info[j]["State"]) if j in info else "PENDING" for j in jobs}

@@ -22,6 +22,10 @@ SPEC_FILE = "pool.json"
 ALLOCATIONS_FILE = "allocations.json"  # every allocation submitted for the pool, oldest first
 CLOSED_FILE = "closed"  # no more items will be fed: an allocation ends once the queue is drained
 STOP_FILE = "stop"  # end now (a cancelled sweep or study)
+FOLLOWER_FILE = "follower.json"  # the process that starts allocations as the queue needs them
+# A follower stamps the pool at each of its polls (every few seconds); one not seen for this
+# long is gone, and nothing will start another allocation for the pool's waiting items.
+FOLLOWER_GONE_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class PoolStore:
         self.path = Path(path)
         self.queue, self.running, self.done = self.path / "queue", self.path / "running", self.path / "done"
         self.states, self.logs = self.path / "allocations", self.path / "logs"
+        self._started: float | None = None  # this process's start time, once it follows the pool
 
     # -- the pool as a whole -----------------------------------------------------------
     def create(self, spec: PoolSpec) -> None:
@@ -80,6 +85,26 @@ class PoolStore:
     def stopped(self) -> bool:
         """Was the pool told to end now?"""
         return (self.path / STOP_FILE).exists()
+
+    def follow(self) -> None:
+        """Said by the follower (a sweep's or a study's) at each poll: allocations are started
+        for this pool's waiting items as they need them."""
+        me = os.getpid()
+        if self._started is None:
+            self._started = rundir.process_started(me)
+        rundir.write_json(self.path / FOLLOWER_FILE, {"pid": me, "started": self._started,
+                                                      "host": rundir.hostname(), "seen": time.time()})
+
+    def followed(self) -> bool:
+        """Does a follower still start allocations for this pool? Not once it has not been seen
+        for FOLLOWER_GONE_S, nor, on this host, once its process is gone."""
+        record = _read(self.path / FOLLOWER_FILE)
+        if not record or time.time() - float(record.get("seen", 0.0)) > FOLLOWER_GONE_S:
+            return False
+        if record.get("host") != rundir.hostname():
+            return True  # (another login node's process: its stamps say it lives)
+        started = rundir.process_started(int(record["pid"]))
+        return started is not None and record.get("started") is not None and abs(started - record["started"]) < 1.0
 
     def allocations(self) -> list[str]:
         """The job ids of every allocation submitted for the pool (or ``local``)."""
