@@ -282,4 +282,7 @@ class Experiment:
     def submit(self, config: TensorFlow, tags: Mapping[str, str] | None = None) -> EstimatorRun:
         """Start the estimator's run (returns at once; wait with ``wait_for_completion``)."""
         run = launch(self.to_overrides(config, tags), wait=False)
-        return EstimatorRun(run, streamed=Plan.load(run.dir).target == "local")
+        from tfrun import targets
+
+        # A run this process follows streams its tasks' output here; a submitted one is read from its logs.
+        return EstimatorRun(run, streamed=targets.followed_here(Plan.load(run.dir).target))

@@ -6,7 +6,7 @@ import argparse
 from tfrun import rundir
 from tfrun.cli.common import add_run
 from tfrun.cli.output import say
-from tfrun.targets.control import cancel, refresh
+from tfrun.runner.control import cancel, refresh
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,8 +11,8 @@ from tfrun.cli.common import add_run
 from tfrun.cli.output import say
 from tfrun.errors import TfrunError, UsageError
 from tfrun.paths import RunPaths
+from tfrun.runner.control import refresh, run_dirs_of
 from tfrun.states import FINAL
-from tfrun.targets.control import refresh, run_dirs_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,8 +9,8 @@ from tfrun import rundir
 from tfrun.cli.common import add_run
 from tfrun.errors import UsageError
 from tfrun.paths import RunPaths
+from tfrun.runner.control import refresh
 from tfrun.states import FINAL, OK
-from tfrun.targets.control import refresh
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Launch the run again where its plan says; 0 if it then completed."""
-    from tfrun import targets
+    from tfrun import runner
     from tfrun.plan import Plan
-    from tfrun.targets.report import print_outcome
 
     path = rundir.find_one_run(args.run)
     status = refresh([path])[0]
@@ -34,6 +33,5 @@ def run(args: argparse.Namespace) -> int:
                          f"or timed-out run can be resumed")
     plan = Plan.load(path)
     print(f"tfrun: resuming {plan.run_id} (it continues from its last backup)", file=sys.stderr)
-    state = targets.get(plan.target).run(plan)
-    print_outcome(plan, state)
+    state = runner.launch(plan, warn=None)  # (its warnings were told when it was launched first)
     return 0 if state in OK else 1

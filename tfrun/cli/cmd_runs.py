@@ -10,7 +10,7 @@ from tfrun import rundir, variables
 from tfrun.cli.common import duration
 from tfrun.cli.output import say
 from tfrun.paths import RunPaths
-from tfrun.targets.control import refresh, run_dirs_of
+from tfrun.runner.control import refresh, run_dirs_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

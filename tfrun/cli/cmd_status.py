@@ -9,8 +9,8 @@ from typing import Any
 from tfrun import rundir
 from tfrun.cli.common import add_run, duration
 from tfrun.paths import RunPaths, is_run_dir
+from tfrun.runner.control import refresh, run_dirs_of
 from tfrun.states import FINAL
-from tfrun.targets.control import refresh, run_dirs_of
 from tfrun.targets.report import failure_text
 
 

@@ -2,7 +2,7 @@
 ``tfrun -m`` follows a sweep on Slurm, and a spinner while a verb does a long step.
 
 The data is :class:`tfrun.targets.progress.Snapshot` (one scheduler query per refresh for
-all the runs, :func:`tfrun.targets.control.snapshot`); this module only draws it with rich.
+all the runs, :func:`tfrun.runner.control.snapshot`); this module only draws it with rich.
 rich is imported only when something is drawn: the other verbs and ``--dry-run`` never pay
 for it.
 """

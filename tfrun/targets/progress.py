@@ -2,7 +2,7 @@
 
 A :class:`Snapshot` is built from what the run dirs hold (``status.json``, the epochs in
 ``metrics.jsonl``, the epochs asked for in ``plan.json``) and the statuses the caller
-already has (:func:`tfrun.targets.control.snapshot` gets them with one scheduler query for
+already has (:func:`tfrun.runner.control.snapshot` gets them with one scheduler query for
 all the runs). Nothing here talks to a scheduler or to a terminal: the command line draws
 snapshots (:mod:`tfrun.cli.watch`), or prints :func:`changes` as plain lines.
 

@@ -198,6 +198,19 @@ def cancel(job_ids: Iterable[str]) -> None:
         subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
 
 
+def scancel(args: list[str]) -> None:
+    """``scancel ARGS`` whose failure is said, not raised (a stop request: the run is asked to
+    stop whatever Slurm answers; a job that has ended already is what was asked for)."""
+    try:
+        done = subprocess.run(["scancel", *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"tfrun: scancel {' '.join(args)}: {exc}", file=sys.stderr, flush=True)
+        return
+    if done.returncode != 0 and "Invalid job id" not in done.stderr:
+        print(f"tfrun: scancel {' '.join(args)}: {done.stderr.strip() or f'exit code {done.returncode}'}",
+              file=sys.stderr, flush=True)
+
+
 _SRUN_TASK_ERROR = re.compile(r"^srun: error: (\S+): tasks? (\d+)(?:-\d+)?: (.+)$", re.M)
 
 

@@ -64,28 +64,20 @@ def objective_value(plan: Plan, metric: str) -> float | None:
 
 
 def run_points(plans: Sequence[Plan], sweep_dir: Path) -> list[str]:
-    """Launch planned points: locally in a pool of one warm slot (one after another), on Slurm
-    as job array(s), or with ``compute.pack_size`` in a pool of allocations."""
-    from tfrun import targets
+    """Launch planned points: as the items of a pool (a packed Slurm sweep, a local sweep whose
+    points fit one slot), as one submission where their target has one (Slurm's job arrays),
+    else one run after another."""
+    from tfrun import runner, targets
     from tfrun.plan import pools
-    from tfrun.targets.report import print_outcome
 
-    if {p.target for p in plans} == {"slurm"}:
-        if pools.is_packed(plans):
-            from tfrun.targets.pool.sweep import run_sweep
-
-            return run_sweep(plans, sweep_dir)
-        return targets.get("slurm").run_many(plans, str(sweep_dir))
-    if {p.target for p in plans} == {"local"} and all(pools.conflict(plans[0], p) is None for p in plans):
-        from tfrun.targets.pool.sweep import run_sweep
-
-        return run_sweep(plans, sweep_dir)
+    if pools.in_pool(plans):
+        return targets.POOL.run_many(plans, sweep_dir)
+    if len({p.target for p in plans}) == 1 and targets.get(plans[0].target).batches:
+        return targets.get(plans[0].target).run_many(plans, sweep_dir)
     states = []  # points of different shapes (a sweep over nodes, backends): each a run of its own
     for num, plan in enumerate(plans):
         print(f"tfrun: sweep point {num + 1}/{len(plans)}: {plan.run_id}", file=sys.stderr, flush=True)
-        state = targets.get(plan.target).run(plan)
-        print_outcome(plan, state)
-        states.append(state)
+        states.append(runner.launch(plan, warn=None))
     return states
 
 
