@@ -121,7 +121,7 @@ def _readable_status(run_dir: Path) -> dict[str, Any] | None:
     try:
         return rundir.read_status(run_dir) if run_dir.is_dir() else None
     except (OSError, ValueError):  # another user's run dir: what it is doing cannot be told
-        return {"state": "UNKNOWN"}
+        return {"state": RunState.UNKNOWN}
 
 
 def _may_run(run_dir: Path, status: dict[str, Any] | None, launch: Mapping[str, Any],
@@ -201,9 +201,10 @@ def cancel(path: Path) -> list[str]:
                 # running other things; it stops its tasks and records CANCELLED.
                 RunPaths.of(run_dir).cancel_request.touch()
             else:  # gone; its pid may belong to another process by now
-                rundir.update_status(run_dir, state="CANCELLED", ended=time.time(),
+                rundir.update_status(run_dir, state=RunState.CANCELLED, ended=time.time(),
                                      reason=f"cancelled with tfrun cancel (its launcher, pid {pid}, had ended)")
         else:
-            rundir.update_status(run_dir, state="CANCELLED", ended=time.time(), reason="cancelled with tfrun cancel")
+            rundir.update_status(run_dir, state=RunState.CANCELLED, ended=time.time(),
+                                 reason="cancelled with tfrun cancel")
         done.append(name + (f" (job {', '.join(status.get('job_ids', []))})" if status.get("job_ids") else ""))
     return done
