@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 from tfrun import rundir
 from tfrun.errors import ConfigError, TfrunError
 from tfrun.paths import RunPaths
-from tfrun.states import FINAL, OK
+from tfrun.states import FINAL, OK, RunState
 
 
 class Run:
@@ -45,7 +45,7 @@ class Run:
 
     def status(self) -> str:
         """PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, STOPPED, PRUNED or LOST."""
-        return str(self.info().get("state", "PENDING"))
+        return str(self.info().get("state", RunState.PENDING))
 
     def wait(self, timeout_s: float | None = None, poll_s: float = 2.0) -> str:
         """Block until the run ends, or is LOST (its launcher died: it will not end by
@@ -146,7 +146,7 @@ def _run_in_background(run_all: Callable[[], None], plans: Sequence[Any]) -> Non
 
     thread = threading.Thread(target=guarded, daemon=True, name="tfrun-local")
     thread.start()
-    while thread.is_alive() and (state := rundir.read_status(first_run_dir).get("state")) != "RUNNING":
+    while thread.is_alive() and (state := rundir.read_status(first_run_dir).get("state")) != RunState.RUNNING:
         if state in FINAL:  # ended before it was seen running, or its launch failed:
             thread.join(1.0)  # then the thread is raising, and ends at once
             break
@@ -161,7 +161,7 @@ def _never_started(plans: Sequence[Any], exc: BaseException) -> None:
     for plan in plans:
         try:
             if not rundir.read_status(plan.run_dir).get("state"):
-                rundir.update_status(plan.run_dir, run_id=plan.run_id, state="FAILED", target=plan.target,
+                rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.FAILED, target=plan.target,
                                      ended=time.time(), reason=f"not started: the launch failed ({type(exc).__name__}: "
                                                                f"{exc})")
         except OSError:  # its run dir cannot be written either: the exception the caller gets says why

@@ -18,7 +18,7 @@ from tfrun import rundir
 from tfrun.cli.output import EXIT_CONFIG, error, reader_gone
 from tfrun.errors import ConfigError, TfrunError
 from tfrun.paths import SweepPaths
-from tfrun.states import OK
+from tfrun.states import OK, RunState
 
 
 @dataclass
@@ -162,7 +162,7 @@ def run_single(argv: list[str]) -> int:
         state = launch_plan(plan)
     finally:
         local.dismiss_prestarted()
-    if state == "COMPLETED" and export.failed(plan.run_dir):
+    if state == RunState.COMPLETED and export.failed(plan.run_dir):
         return export.EXIT_EXPORT_FAILED
     return 0 if state in OK else 1
 

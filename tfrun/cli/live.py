@@ -18,9 +18,11 @@ from tfrun.targets.progress import RunProgress, Snapshot
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
-_STYLES = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "PREEMPTED": "yellow",
-           "FAILED": "bold red", "TIMEOUT": "red", "CANCELLED": "magenta", "STOPPED": "magenta", "PRUNED": "dim",
-           RunState.LOST: "red"}
+# By a state's word: a state read from status.json is a plain str, equal to its member.
+_STYLES: dict[str, str] = {
+    RunState.COMPLETED: "green", RunState.RUNNING: "cyan", RunState.PENDING: "yellow", RunState.PREEMPTED: "yellow",
+    RunState.FAILED: "bold red", RunState.TIMEOUT: "red", RunState.CANCELLED: "magenta", RunState.STOPPED: "magenta",
+    RunState.PRUNED: "dim", RunState.LOST: "red"}
 
 
 def _shown(runs: tuple[RunProgress, ...], room: int) -> tuple[list[RunProgress], int]:

@@ -38,7 +38,7 @@ from tfrun.config import validate
 from tfrun.config.schema import OnnxExportConfig
 from tfrun.errors import ConfigError, ExportError
 from tfrun.paths import RunPaths
-from tfrun.states import FINAL
+from tfrun.states import FINAL, RunState
 
 MIN_OPSET = validate.MIN_OPSET
 UNKNOWN_DIM = 8  # size given to unknown non-batch dimensions of the sample inputs
@@ -333,7 +333,7 @@ def failed(run_dir: str | os.PathLike[str]) -> bool:
 def cmd_export(run: str | None, **overrides: Any) -> int:
     """``tfrun export RUN``: export a finished run; 0 if the export passed, else 1."""
     run_dir = rundir.find_one_run(run)
-    state = rundir.read_status(run_dir).get("state", "UNKNOWN")
+    state = rundir.read_status(run_dir).get("state", RunState.UNKNOWN)
     if state not in FINAL:
         raise ExportError(f"run {run_dir} is {state}: export it once it has finished")
     record = export_run(run_dir, settings_for(run_dir, **overrides))

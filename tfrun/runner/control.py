@@ -112,7 +112,7 @@ def _readable_status(run_dir: Path) -> dict[str, Any] | None:
     try:
         return rundir.read_status(run_dir) if run_dir.is_dir() else None
     except (OSError, ValueError):  # another user's run dir: what it is doing cannot be told
-        return {"state": "UNKNOWN"}
+        return {"state": RunState.UNKNOWN}
 
 
 def _may_run(run_dir: Path, status: dict[str, Any] | None, launch: Mapping[str, Any],

@@ -17,7 +17,7 @@ from tfrun import rundir
 from tfrun.errors import ConfigError, RunFailed
 from tfrun.paths import SweepPaths
 from tfrun.plan import Plan, planner
-from tfrun.states import OK
+from tfrun.states import OK, RunState
 
 
 class SweepOutcome:
@@ -159,13 +159,13 @@ def _job_return(plan: Plan, ret: Any, state: str, sweep_dir: Path) -> Any:
     if state not in OK:
         SweepOutcome.failed.append(plan.run_id)
     if not metric:
-        ret.return_value = state
+        ret.return_value = str(state)  # the word, not the enum: a Hydra callback may write it out (YAML refuses an enum)
         return ret
-    value = objective_value(plan, metric) if state == "COMPLETED" else None
+    value = objective_value(plan, metric) if state == RunState.COMPLETED else None
     record_objective(sweep_dir, plan, metric, value)
     if value is None:
         ret.status = JobStatus.FAILED
-        ret.return_value = RunFailed(f"run {plan.run_id} {state}" + ("" if state != "COMPLETED" else
+        ret.return_value = RunFailed(f"run {plan.run_id} {state}" + ("" if state != RunState.COMPLETED else
                                      f" without recording the objective metric {metric!r}"))
     else:
         ret.return_value = value

@@ -26,7 +26,7 @@ from tfrun.errors import TfrunError
 from tfrun.paths import RunPaths, SweepPaths
 from tfrun.plan import Plan
 from tfrun.runner import control
-from tfrun.states import FINAL
+from tfrun.states import FINAL, RunState
 from tfrun.tune import policies
 from tfrun.tune.tuning import (
     Settings,
@@ -131,7 +131,7 @@ class Study:
         if not self.launched:  # (with the first point: a study that plans none leaves no sweep behind)
             record_study(self.found.sweep_dir, self.found.objective, self.found.direction)
         record_points(self.found.sweep_dir, [plan], [overrides])
-        rundir.update_point(self.found.sweep_dir, Path(plan.run_dir), trial=number, state="PENDING")
+        rundir.update_point(self.found.sweep_dir, Path(plan.run_dir), trial=number, state=RunState.PENDING)
 
     def _launch(self, plan: Plan, number: int, shown: list[str]) -> None:
         self.target = plan.target
@@ -178,7 +178,7 @@ class Study:
                     self._attach_thread(live)
                     say(f"trial {trial.number}: submitted now (the earlier follower ended before it did)")
             elif targets.followed_here(status.get("target")) and status.get("state") not in FINAL:
-                rundir.update_status(run_dir, state="FAILED", ended=time.time(),
+                rundir.update_status(run_dir, state=RunState.FAILED, ended=time.time(),
                                      reason="its tuning study's follower ended while it ran locally")
             else:
                 if self.pool is not None and status.get("pool"):  # fed just before the earlier follower ended?
@@ -235,7 +235,7 @@ class Study:
             control.cancel(live.run_dir)
             if live.thread is not None:
                 live.thread.join(timeout=30)
-            if rundir.read_status(live.run_dir).get("state") == "CANCELLED":
+            if rundir.read_status(live.run_dir).get("state") == RunState.CANCELLED:
                 rundir.update_status(live.run_dir, reason=why)
             self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
             rundir.update_point(self.found.sweep_dir, live.run_dir, state=rundir.read_status(live.run_dir).get("state"))
@@ -293,11 +293,11 @@ class Study:
 
         rundir.write_json(RunPaths.of(live.run_dir).prune, {"policy": self.found.policy.name, "epoch": epoch,
                                                             "why": why, "time": time.time(), "trial": live.number})
-        waiting = rundir.read_status(live.run_dir).get("state") in ("PENDING", "PREEMPTED")
+        waiting = rundir.read_status(live.run_dir).get("state") in (RunState.PENDING, RunState.PREEMPTED)
         stop_request(live.run_dir)
         self.study.tell(live.number, state=TrialState.FAIL if failed else TrialState.PRUNED, skip_if_finished=True)
         live.draining = True  # followed (and holding its slot) until it has stopped
-        rundir.update_point(self.found.sweep_dir, live.run_dir, state="PRUNED", pruned_epoch=epoch)
+        rundir.update_point(self.found.sweep_dir, live.run_dir, state=RunState.PRUNED, pruned_epoch=epoch)
         say(f"trial {live.number}: pruned after {epoch} epoch(s) ({self.found.policy.name}: {why})"
             + ("; its job was waiting to run: cancelled" if waiting else ""))
 
@@ -312,13 +312,13 @@ class Study:
         curve = objective_curve(live.run_dir, metric)
         if not live.draining:  # (a pruned trial was told already: its storage record is closed)
             self._report(live, curve)  # epochs since the last poll: the policies compare later trials with them
-        value = curve[max(curve)] if curve and state == "COMPLETED" else None
+        value = curve[max(curve)] if curve and state == RunState.COMPLETED else None
         why: str | None  # None: a status with no state
         if value is not None and not math.isfinite(value):
             why, value = f"its {metric} is {value}, not a finite number", None  # never the best, never told as one
         else:
-            why = status.get("reason") or (f"no {metric} recorded" if state == "COMPLETED" else state)
-        if state == "PRUNED" or live.draining:  # (it may have completed before the stop request came)
+            why = status.get("reason") or (f"no {metric} recorded" if state == RunState.COMPLETED else state)
+        if state == RunState.PRUNED or live.draining:  # (it may have completed before the stop request came)
             self.study.tell(live.number, state=TrialState.PRUNED, skip_if_finished=True)
             rundir.update_point(self.found.sweep_dir, live.run_dir, state=state,
                                 pruned_epoch=status.get("pruned_epoch"), objective={"metric": metric, "value": value})
@@ -331,7 +331,7 @@ class Study:
             self.study.tell(live.number, value, skip_if_finished=True)
             say(f"trial {live.number}: {state}: {metric}={value:.6g}")
         rundir.update_point(self.found.sweep_dir, live.run_dir, state=state, objective={"metric": metric, "value": value})
-        if state == "COMPLETED" and not curve and not self._objective_recorded():
+        if state == RunState.COMPLETED and not curve and not self._objective_recorded():
             self._objective_never_recorded(live)
 
     def _objective_recorded(self) -> bool:
@@ -371,7 +371,7 @@ def _run_local(plan: Plan) -> None:
         with open(os.devnull, "wb") as sink:
             runner.launch(plan, out=sink, report=False, warn=None)
     except Exception as exc:  # the study goes on; the trial is a failed one
-        rundir.update_status(plan.run_dir, run_id=plan.run_id, state="FAILED", target="local", ended=time.time(),
+        rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.FAILED, target="local", ended=time.time(),
                              reason=f"could not run: {exc}")
 
 
@@ -385,7 +385,7 @@ def submitted_job(sweep_dir: Path, plan: Plan) -> str | None:
     for job, args in submitit_compat.submitted(folder):
         if args and str(args[0]) == plan.run_dir:
             now = time.time()
-            rundir.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm",
+            rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.PENDING, target="slurm",
                                  submitit_folder=str(folder), backend=plan.backend, job_ids=[job], submitted=now,
                                  started=now, ended=None, world_size=len(plan.tasks), failed_rank=None, reason=None)
             return job
