@@ -4,6 +4,10 @@ date (``poll``), ``cancel``, and ``signal`` (a stop request). Three implement it
 processes (:class:`LocalTarget`), one Slurm job per run or one array per sweep
 (:class:`SlurmTarget`), and the items of a warm pool, on Slurm or here (:class:`PoolTarget`).
 
+Requeues and logs are no target's methods: a requeue is decided inside the job, the only place
+that sees its signals and its time limit (:mod:`tfrun.task.requeue`, one rule for every target),
+and every target's ranks write their logs into the run dir (:class:`tfrun.paths.RunPaths`).
+
 The runner (:mod:`tfrun.runner`) asks a target for these and never looks at which one it has;
 :func:`tfrun.targets.get` and :func:`tfrun.targets.of` are the one place a name or a status
 becomes a target.
