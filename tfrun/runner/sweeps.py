@@ -30,11 +30,15 @@ class SweepOutcome:
     maximize: bool = True
 
 
-def record_points(sweep_dir: Path, plans: Sequence[Plan], overrides: Sequence[Sequence[str]]) -> None:
-    """Add points to the sweep's index (a tuning sweeper launches several batches)."""
+def record_points(sweep_dir: Path, plans: Sequence[Plan], overrides: Sequence[Sequence[str]], **fields: Any) -> None:
+    """Add points to the sweep's index (a tuning sweeper launches several batches), each with
+    ``fields`` (a trial's number), in one write: a reader never sees a point without them."""
     def add(index: dict[str, Any]) -> None:
         known = {p["run_dir"] for p in index["points"]}
-        index["points"] += [{"run_id": p.run_id, "run_dir": p.run_dir, "overrides": list(o)}
+        for point in index["points"]:  # (one recorded before: its fields are these now)
+            if point["run_dir"] in {p.run_dir for p in plans}:
+                point.update(fields)
+        index["points"] += [{"run_id": p.run_id, "run_dir": p.run_dir, "overrides": list(o), **fields}
                             for p, o in zip(plans, overrides) if p.run_dir not in known]
 
     rundir.update_json(SweepPaths.of(sweep_dir).index, add, {"points": []})

@@ -130,8 +130,7 @@ class Study:
 
         if not self.launched:  # (with the first point: a study that plans none leaves no sweep behind)
             record_study(self.found.sweep_dir, self.found.objective, self.found.direction)
-        record_points(self.found.sweep_dir, [plan], [overrides])
-        rundir.update_point(self.found.sweep_dir, Path(plan.run_dir), trial=number, state=RunState.PENDING)
+        record_points(self.found.sweep_dir, [plan], [overrides], trial=number, state=RunState.PENDING)
 
     def _launch(self, plan: Plan, number: int, shown: list[str]) -> None:
         self.target = plan.target
