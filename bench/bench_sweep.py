@@ -112,7 +112,7 @@ def wrap(owner, name, label):
     setattr(owner, name, timed)
 from hydra.plugins import sweeper
 from hydra._internal import config_loader_impl
-import tfrun.config.hydra_files, tfrun.plan.planner, tfrun.targets.sweeps, tfrun.targets.slurm, tfrun.targets.pool
+import tfrun.config.hydra_files, tfrun.plan.planner, tfrun.runner.sweeps, tfrun.targets.slurm, tfrun.targets.pool
 wrap(sweeper.Sweeper, "validate_batch_is_legal", "validate")
 import tfrun.config.points  # tfrun_basic's check, point by point (Hydra loads the plugin's class itself)
 wrap(tfrun.config.points.PointComposer, "check", "validate")
@@ -121,8 +121,8 @@ wrap(tfrun.config.hydra_files, "save_yaml", "save_config")
 wrap(tfrun.config.hydra_files, "write_texts", "save_config")  # a point planned from resolved values
 wrap(tfrun.plan.planner, "plan_points", "plan_points")
 wrap(tfrun.plan.planner, "plan_composed", "plan_point")
-wrap(tfrun.targets.sweeps, "_job", "job")
-wrap(tfrun.targets.sweeps, "run_points", "run_points")
+wrap(tfrun.runner.sweeps, "_job", "job")
+wrap(tfrun.runner.sweeps, "run_points", "run_points")
 wrap(tfrun.targets.slurm, "submit", "submit")
 wrap(tfrun.targets.pool.SlurmPool, "start", "submit")
 atexit.register(lambda: open(os.environ["BENCH_SWEEP_PROFILE"], "w").write(json.dumps({"timers": T, "events": EVENTS, "exit": time.time()})))
@@ -383,7 +383,7 @@ def profile_table(path: Path, start: float, points: int) -> list[str]:
          get("plan_point")),
         ("  of which the rest (points planned from resolved values: build_plan, in_sweep)",
          plan_points - get("plan_point")),
-        ("run dirs: .hydra/*.yaml and a JobReturn per point (tfrun.targets.sweeps._job)", get("job")),
+        ("run dirs: .hydra/*.yaml and a JobReturn per point (tfrun.runner.sweeps._job)", get("job")),
         ("  of which .hydra/*.yaml per point", get("save_config")),
         ("launch: plan.json, sbatch, status.json (run_points)", get("run_points")),
         ("  of which submit (pickles + one sbatch per array)", get("submit")),

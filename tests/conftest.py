@@ -274,3 +274,25 @@ def _ports_claimed_in_the_session(tmp_path_factory: pytest.TempPathFactory) -> N
     if helpers.PORTS_DIR is None:
         base = tmp_path_factory.getbasetemp()
         helpers.PORTS_DIR = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "ports"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
+    """With TEST_FILE_TIMES=1 (scripts/test sets it): each test file's time, its tests'
+    set-up, call and tear-down summed over every worker, longest first; what to look at when
+    the suite grows slow."""
+    if not os.environ.get("TEST_FILE_TIMES"):
+        return
+    seconds: dict[str, float] = {}
+    tests: dict[str, set[str]] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if isinstance(report, pytest.TestReport):
+                name = report.nodeid.split("::")[0]
+                seconds[name] = seconds.get(name, 0.0) + report.duration
+                tests.setdefault(name, set()).add(report.nodeid)
+    if not seconds:
+        return
+    terminalreporter.section("time per test file (s, summed over the workers)")
+    for name, spent in sorted(seconds.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{spent:8.0f}  {len(tests[name]):4d} tests  {name}")
+    terminalreporter.write_line(f"{sum(seconds.values()):8.0f}  {sum(map(len, tests.values())):4d} tests  in all")

@@ -355,8 +355,11 @@ class Session:
         log = self.project / f".out-{len(self.ran)}"
         self.ran.append(f"{block.page.relative_to(REPO)}:{command.line}: {text}")
         with open(log, "w") as out:
+            # SIGINT as in a terminal (a test runner started in the background has it ignored, and
+            # its children would inherit that): a command that serves is stopped with Ctrl-C.
             proc = subprocess.Popen(["bash", "-c", script], cwd=where, env=self.env(checkout), stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         what = f"{block.where} (line {command.line}): {text}"
         if "serves" in block.flags:
             _await(proc, log, lambda: bool(_URL.search(log.read_text(errors="replace"))), 600, what)

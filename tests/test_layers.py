@@ -3,7 +3,9 @@ of tfrun is on a floor, and what runs inside a task imports no Hydra, OmegaConf 
 submitit (nor TensorFlow until a script asks for it)."""
 from __future__ import annotations
 
+import ast
 import pkgutil
+import re
 import shutil
 import subprocess
 import sys
@@ -76,3 +78,26 @@ def test_what_runs_in_a_task_imports_no_hydra_nor_tensorflow(package: str) -> No
     forbidden = {"hydra", "omegaconf", "submitit", "tensorflow", "keras", "tf_keras", "horovod"}
     result = _imports_in_fresh_interpreter(_package_modules(package), forbidden)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# A run's life (start, follow, settle, report, sync, cancel, signal) is the runner's: these are
+# the calls that do one of those, made anywhere else only by the targets that implement them.
+LIFE = re.compile(r"(^|\.)(print_outcome|sync_if_asked|settle|refresh_items|cancel_items)$"
+                  r"|^(local|slurm)\.(run|run_many|launch|cancel|scancel)$"
+                  r"|^targets\.(get|of)\(.*\)\.(run|run_many|submit|poll|cancel|signal)$"
+                  r"|^targets\.POOL\.")
+LIFE_HOMES = ("tfrun/runner/", "tfrun/targets/")
+
+
+def test_nothing_outside_the_runner_starts_follows_or_settles_a_run() -> None:
+    """The command line, the API, the estimator, the Hydra plugins and the tuning study call
+    the runner (tfrun.runner: launch, control.refresh/cancel, sweeps) for a run's life."""
+    found = []
+    for path in sorted([*(REPO / "tfrun").rglob("*.py"), *(REPO / "launchers").rglob("*.py")]):
+        where = path.relative_to(REPO).as_posix()
+        if where.startswith(LIFE_HOMES):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and LIFE.search(ast.unparse(node.func)):
+                found.append(f"{where}:{node.lineno}: {ast.unparse(node.func)}")
+    assert found == [], "\n".join(found)

@@ -426,3 +426,27 @@ def test_slurm_jobs_ask_to_be_requeueable(scratch: Path, overrides: list[str], l
     sbatch = plan_for("compute=slurm", *overrides).request["sbatch"]
     assert line in sbatch.splitlines(), sbatch
     assert sbatch.count("requeue") == 1, sbatch
+
+
+# --- the sbatch script, byte for byte -----------------------------------------------------------
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("horovod-2x2", ["compute=slurm", "compute.nodes=2", "compute.tasks_per_node=2", "compute.gpus_per_node=2",
+                     "backend=horovod", "compute.setup=[module load cuda]"]),
+    ("ps-partition-account", ["compute=slurm", "compute.nodes=2", "compute.tasks_per_node=2", "backend=ps", "compute.partition=gpu",
+                              "compute.account=proj42", "compute.timeout_min=90", "compute.max_requeues=1"]),
+])
+def test_the_sbatch_script_is_the_golden_one(scratch: Path, name: str, overrides: list[str]) -> None:
+    """The exact script a Slurm run submits (plan.json's request, which --dry-run prints and the
+    submission writes unchanged: tests/test_slurm.py checks that half). A change to it is a
+    change every user's jobs see: regenerate with UPDATE_GOLDEN=1 and read the diff."""
+    (scratch / "train.py").write_text("print('hello')\n")
+    plan = plan_for("entry.script=train.py", f"hydra.run.dir=runs/{name}", *overrides)
+    text = plan.request["sbatch"].replace(str(scratch), "{PROJECT}").replace(plan.python, "{PYTHON}")
+    golden = GOLDEN / f"{name}.sbatch"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()

@@ -141,7 +141,7 @@ def _sweep_writer(sweep_dir: str, who: int) -> None:
     tuning sweeper's batches and a study's trials do."""
     from types import SimpleNamespace
 
-    from tfrun.targets.sweeps import record_objective, record_points
+    from tfrun.runner.sweeps import record_objective, record_points
 
     for i in range(POINTS_PER_WRITER):
         plan = SimpleNamespace(run_id=f"{who}-{i}", run_dir=f"{sweep_dir}/{who}-{i}")
@@ -178,7 +178,7 @@ folder = Path(sys.argv[1])
 rundir.write_atomic(folder / "bytes.bin", b"x")
 rundir.write_json(folder / "record.json", {"a": 1})
 rundir.update_status(folder, state="RUNNING")
-from tfrun.targets.sweeps import record_points
+from tfrun.runner.sweeps import record_points
 record_points(folder, [], [])
 save_yaml({"a": 1}, folder / "config.yaml")
 metrics._rewrite(folder / "metrics.jsonl", [{"epoch": 0}])

@@ -134,11 +134,17 @@ def test_mlflow_local_store_single_run_and_sweep(tmp_path: Path) -> None:
 
 
 # Epochs of a known length (a sleep per batch), so that a slowed epoch shows.
+# Half its epochs with the server up; then it waits (at most 5 min) until the test has stopped
+# the server, so that the other half trains without it however slowly the test saw the first.
 TIMED_EPOCHS = """
-import time, numpy as np, tf_keras as keras
+import os, time, numpy as np, tf_keras as keras
 class Slow(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         time.sleep(0.05)
+    def on_epoch_begin(self, epoch, logs=None):
+        deadline = time.time() + 300
+        while epoch == 20 and not os.path.exists("server-stopped") and time.time() < deadline:
+            time.sleep(0.1)
 x = np.random.RandomState(0).rand(256, 8).astype("float32"); y = (x.sum(1) > 4).astype("float32")
 model = keras.Sequential([keras.layers.Dense(8, activation="relu", input_shape=(8,)), keras.layers.Dense(1, activation="sigmoid")])
 model.compile("adam", "binary_crossentropy", metrics=["accuracy"])
@@ -163,6 +169,7 @@ def test_mlflow_server_down_mid_run_then_sync(tmp_path: Path) -> None:
         assert proc.poll() is None, err.read_text()  # seen in MLflow while still training
         server.stop()
         stopped_at = time.time()
+        (tmp_path / "server-stopped").touch()
         code = proc.wait(timeout=300)
     finally:
         stop(proc)
@@ -173,8 +180,8 @@ def test_mlflow_server_down_mid_run_then_sync(tmp_path: Path) -> None:
     epochs = [r for r in metrics(run_dir) if r.get("epoch") is not None]
     assert [r["epoch"] for r in epochs] == list(range(40))
     lengths = [b["time"] - a["time"] for a, b in zip(epochs, epochs[1:])]
-    before = [d for d, r in zip(lengths, epochs[1:]) if r["time"] < stopped_at]
-    after = [d for d, r in zip(lengths, epochs[1:]) if r["time"] > stopped_at + 1]
+    before = [d for d, a, b in zip(lengths, epochs, epochs[1:]) if b["time"] < stopped_at]
+    after = [d for d, a, b in zip(lengths, epochs, epochs[1:]) if a["time"] > stopped_at + 1]
     assert before and after, (before, after)
     assert max(after) < 2 * max(before) + 1, f"epochs slowed down with MLflow gone: {before} -> {after}"
     log = (run_dir / "logs/rank0.log").read_text()

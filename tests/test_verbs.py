@@ -202,8 +202,11 @@ def _interrupted(project: Path, args: list[str], ready: str, tmp_path: Path) -> 
     output; its exit code and output."""
     log = tmp_path / "out.txt"
     with open(log, "w") as out:
+        # SIGINT as in a terminal: a test runner started in the background has it ignored, and
+        # its children would inherit that.
         proc = subprocess.Popen([*tfrun_command(), *args], cwd=project, env=scratch_env(project),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: ready in text_of(log) or proc.poll() is not None, 120, f"{ready!r} from {args}")
         assert proc.poll() is None, text_of(log)

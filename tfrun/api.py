@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 from tfrun import rundir
 from tfrun.errors import ConfigError, TfrunError
 from tfrun.paths import RunPaths
-from tfrun.states import FINAL, OK
+from tfrun.states import FINAL, OK, RunState
 
 
 class Run:
@@ -39,13 +39,13 @@ class Run:
     def info(self) -> dict[str, Any]:
         """The whole status record, refreshed from Slurm if the run is not finished (a local
         run whose launcher is gone without recording its end is LOST)."""
-        from tfrun.targets.control import current
+        from tfrun.runner.control import current
 
         return current([self.dir])[0]
 
     def status(self) -> str:
         """PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, STOPPED, PRUNED or LOST."""
-        return str(self.info().get("state", "PENDING"))
+        return str(self.info().get("state", RunState.PENDING))
 
     def wait(self, timeout_s: float | None = None, poll_s: float = 2.0) -> str:
         """Block until the run ends, or is LOST (its launcher died: it will not end by
@@ -72,7 +72,7 @@ class Run:
 
     def cancel(self) -> None:
         """Cancel the run if it is not finished."""
-        from tfrun.targets.control import cancel
+        from tfrun.runner.control import cancel
 
         cancel(self.dir)
 
@@ -95,33 +95,29 @@ def _out() -> Any:
 
 
 def _start(plans: Sequence[Any], wait: bool, sweep_dir: Path | None = None) -> None:
-    """Launch planned runs: Slurm runs are submitted (followed by Run.wait), local ones run here."""
-    from tfrun import targets
+    """Launch planned runs: those a scheduler runs are submitted (followed by Run.wait), those
+    this process runs run here, in the foreground or in a thread."""
+    from tfrun import runner, targets
 
     for plan in plans:
         for warning in plan.warnings:
             warnings.warn(warning, stacklevel=3)
-    if plans[0].target == "slurm":
+    if not targets.get(plans[0].target).follows_here:
         for plan in plans:
             plan.compute["wait"] = False  # the API follows through Run.wait, never a terminal
         if sweep_dir is None:
-            targets.get("slurm").run(plans[0])
+            runner.launch(plans[0], report=False, warn=None)
         else:
-            from tfrun.targets.sweeps import run_points
+            from tfrun.runner.sweeps import run_points
 
             run_points(plans, sweep_dir)
         return
     from tfrun.tracking import mlflow_sync
 
-    local = targets.get("local")
-
     def run_all() -> None:
         states = []
         for plan in plans:
-            states.append(local.run(plan, out=_out()))
-            # As the CLI does: the process that saw a local run end logs it (tracking=mlflow);
-            # nothing else would, since only unfinished Slurm runs are refreshed later.
-            mlflow_sync.sync_if_asked(plan.run_dir, states[-1])
+            states.append(runner.launch(plan, out=_out(), report=False, warn=None))
         if sweep_dir is not None:  # and closes the sweep's parent run, if the points made one
             mlflow_sync.finish_sweep(sweep_dir, failed=any(s not in OK for s in states))
 
@@ -150,7 +146,7 @@ def _run_in_background(run_all: Callable[[], None], plans: Sequence[Any]) -> Non
 
     thread = threading.Thread(target=guarded, daemon=True, name="tfrun-local")
     thread.start()
-    while thread.is_alive() and (state := rundir.read_status(first_run_dir).get("state")) != "RUNNING":
+    while thread.is_alive() and (state := rundir.read_status(first_run_dir).get("state")) != RunState.RUNNING:
         if state in FINAL:  # ended before it was seen running, or its launch failed:
             thread.join(1.0)  # then the thread is raising, and ends at once
             break
@@ -165,7 +161,7 @@ def _never_started(plans: Sequence[Any], exc: BaseException) -> None:
     for plan in plans:
         try:
             if not rundir.read_status(plan.run_dir).get("state"):
-                rundir.update_status(plan.run_dir, run_id=plan.run_id, state="FAILED", target=plan.target,
+                rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.FAILED, target=plan.target,
                                      ended=time.time(), reason=f"not started: the launch failed ({type(exc).__name__}: "
                                                                f"{exc})")
         except OSError:  # its run dir cannot be written either: the exception the caller gets says why
@@ -220,7 +216,7 @@ def sweep(overrides: Sequence[str] = (), config_dir: str | None = None, wait: bo
     """Like ``tfrun -m OVERRIDES`` (grid sweeps): the runs of every point."""
     from tfrun.config import resolvers
     from tfrun.plan.planner import plan_sweep, refuse_existing, sweep_requests
-    from tfrun.targets.sweeps import record_points
+    from tfrun.runner.sweeps import record_points
 
     resolvers.reset_run_id()
     overrides, config_dir = _overrides(overrides), _config_dir(config_dir)

@@ -22,6 +22,7 @@ from tfrun import backends, rundir, variables
 from tfrun.errors import BootstrapError
 from tfrun.paths import RunPaths
 from tfrun.rundir import Plan, Task
+from tfrun.states import RunState
 from tfrun.task import (
     agreement,
     gpus,
@@ -282,7 +283,7 @@ def end(plan: Plan, ident: identity.TaskIdentity, task: Task, live: mlflow_sync.
     heartbeat.beat(phase="ended")
     export_after_training(plan, ident, code)
     if live is not None and not stopped:  # a stopped run goes on in a later attempt, or tfrun ends it
-        live.end("COMPLETED" if code == 0 else "FAILED")
+        live.end(RunState.COMPLETED if code == 0 else RunState.FAILED)
     rundir.update_rank(plan.run_dir, ident.rank, ended=time.time(), exit_code=code, error=error)
     sys.stdout.flush()
     sys.stderr.flush()

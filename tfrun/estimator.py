@@ -27,6 +27,7 @@ from tfrun.api import Run, launch
 from tfrun.config.overrides import mapping_overrides, override
 from tfrun.errors import ConfigError
 from tfrun.rundir import Plan
+from tfrun.states import FINAL, RunState
 from tfrun.tracking import metrics
 
 BACKENDS = {"mpi": "horovod", "horovod": "horovod", "ps": "ps", "parameter_server": "ps", "mwms": "mwms", None: "none"}
@@ -212,8 +213,11 @@ class TensorFlow:
 class EstimatorRun:
     """The cloud SDK's run object, over a :class:`tfrun.Run`."""
 
-    _STATUS = {"PENDING": "Queued", "RUNNING": "Running", "COMPLETED": "Completed", "FAILED": "Failed",
-               "CANCELLED": "Canceled", "TIMEOUT": "Failed", "STOPPED": "Canceled", "PRUNED": "Canceled"}
+    # By a state's word: Run.status() reads it from status.json, a plain str equal to its member.
+    _STATUS: dict[str, str] = {
+        RunState.PENDING: "Queued", RunState.RUNNING: "Running", RunState.COMPLETED: "Completed",
+        RunState.FAILED: "Failed", RunState.CANCELLED: "Canceled", RunState.TIMEOUT: "Failed",
+        RunState.STOPPED: "Canceled", RunState.PRUNED: "Canceled"}
 
     def __init__(self, run: Run, streamed: bool = False):
         # streamed: its ranks' output goes to this process's stdout as it runs (a local run
@@ -234,7 +238,7 @@ class EstimatorRun:
                 sys.stdout.write(text[offset:])
                 sys.stdout.flush()
                 offset = len(text)
-            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "STOPPED", "PRUNED"):
+            if state in FINAL:
                 break
             import time
 
@@ -282,4 +286,7 @@ class Experiment:
     def submit(self, config: TensorFlow, tags: Mapping[str, str] | None = None) -> EstimatorRun:
         """Start the estimator's run (returns at once; wait with ``wait_for_completion``)."""
         run = launch(self.to_overrides(config, tags), wait=False)
-        return EstimatorRun(run, streamed=Plan.load(run.dir).target == "local")
+        from tfrun import targets
+
+        # A run this process follows streams its tasks' output here; a submitted one is read from its logs.
+        return EstimatorRun(run, streamed=targets.followed_here(Plan.load(run.dir).target))

@@ -18,7 +18,7 @@ from tfrun import rundir
 from tfrun.cli.output import EXIT_CONFIG, error, reader_gone
 from tfrun.errors import ConfigError, TfrunError
 from tfrun.paths import SweepPaths
-from tfrun.states import OK
+from tfrun.states import OK, RunState
 
 
 @dataclass
@@ -142,16 +142,9 @@ def _dry_run_study(overrides: list[str], config_dir: str | None, config_name: st
 
 def launch_plan(plan: Any) -> str:
     """Launch a plan where its compute target says, print the outcome, return the state."""
-    from tfrun import targets
-    from tfrun.targets.report import print_outcome
-    from tfrun.tracking import mlflow_sync
+    from tfrun import runner
 
-    for warning in plan.warnings:
-        print(f"tfrun: warning: {warning}", file=sys.stderr)
-    state = targets.get(plan.target).run(plan)
-    print_outcome(plan, state)
-    mlflow_sync.sync_if_asked(plan.run_dir, state)
-    return state
+    return runner.launch(plan)
 
 
 def run_single(argv: list[str]) -> int:
@@ -169,7 +162,7 @@ def run_single(argv: list[str]) -> int:
         state = launch_plan(plan)
     finally:
         local.dismiss_prestarted()
-    if state == "COMPLETED" and export.failed(plan.run_dir):
+    if state == RunState.COMPLETED and export.failed(plan.run_dir):
         return export.EXIT_EXPORT_FAILED
     return 0 if state in OK else 1
 
@@ -186,7 +179,7 @@ def run_plan_here(cfg: Any) -> str:
 
 def run_sweep(argv: list[str]) -> int:
     """``tfrun -m``: Hydra's multirun; its sweeper picks the points, the launcher plugin plans
-    and launches them (tfrun.targets.sweeps)."""
+    and launches them (tfrun.runner.sweeps)."""
     from tfrun.cli import live
     from tfrun.config.compose import multirun
 
@@ -233,7 +226,7 @@ def _hydra_main(argv: list[str]) -> int:
 
 def sweep_exit_code() -> int:
     """After a multirun: name the failed points; with an objective, the best run too."""
-    from tfrun.targets.sweeps import SweepOutcome
+    from tfrun.runner.sweeps import SweepOutcome
     from tfrun.tracking import mlflow_sync
     from tfrun.tracking.compare import best_point, study_objective
 

@@ -6,7 +6,8 @@ import argparse
 from tfrun import rundir
 from tfrun.cli.common import add_run
 from tfrun.cli.output import say
-from tfrun.targets.control import cancel, refresh
+from tfrun.runner.control import cancel, refresh
+from tfrun.states import RunState
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     for what in done:
         print(f"tfrun: cancelled {what}")
     if not done and rundir.is_run_dir(path):
-        say(f"run {path.name} is {refresh([path])[0].get('state', 'UNKNOWN')}: nothing to cancel")
+        say(f"run {path.name} is {refresh([path])[0].get('state', RunState.UNKNOWN)}: nothing to cancel")
     elif not done:
         say(f"every run of sweep {path.name} has ended: nothing to cancel")
     return 0

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{row['key']:<22} {row['kind']:<6} {_human(row['size']):>9}  {_when(row['last_used']):<28} {packages}")
         print(f"{len(rows)} environment(s), {_human(sum(r['size'] for r in rows))} in {root}")
         return 0
-    from tfrun.targets import control
+    from tfrun.runner import control
 
     older_than, remove_all = getattr(args, "older_than", None), getattr(args, "all", False)
     done = cache.prune(root, older_than, remove_all, in_use=control.in_use)

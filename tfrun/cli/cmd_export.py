@@ -19,9 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export and check; 0 if the ONNX model matches the model."""
-    from tfrun.model.export import NEEDED_PACKAGES
+    from tfrun.config.validate import ONNX_PACKAGES
 
-    require("tfrun export", NEEDED_PACKAGES, ONNX)
+    require("tfrun export", ONNX_PACKAGES, ONNX)
     from tfrun.cli.live import step
     from tfrun.model import export
 

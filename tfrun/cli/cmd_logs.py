@@ -11,8 +11,8 @@ from tfrun.cli.common import add_run
 from tfrun.cli.output import say
 from tfrun.errors import TfrunError, UsageError
 from tfrun.paths import RunPaths
-from tfrun.states import FINAL
-from tfrun.targets.control import refresh, run_dirs_of
+from tfrun.runner.control import refresh, run_dirs_of
+from tfrun.states import FINAL, RunState
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +61,6 @@ def run(args: argparse.Namespace) -> int:
             continue
         time.sleep(1.0)
     if not log.exists():
-        state = refresh([run_dir])[0].get("state", "UNKNOWN")
+        state = refresh([run_dir])[0].get("state", RunState.UNKNOWN)
         raise TfrunError(f"rank {args.rank} of run {run_dir.name} has no log yet ({log}); the run is {state}")
     return 0

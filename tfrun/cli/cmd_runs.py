@@ -10,7 +10,8 @@ from tfrun import rundir, variables
 from tfrun.cli.common import duration
 from tfrun.cli.output import say
 from tfrun.paths import RunPaths
-from tfrun.targets.control import refresh, run_dirs_of
+from tfrun.runner.control import refresh, run_dirs_of
+from tfrun.states import RunState
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     for run_dir, status in zip(dirs, statuses):
         run_id = status.get("run_id") or run_dir.name
         jobs = ",".join(status.get("job_ids") or []) or "-"
-        print(f"{run_id:<34} {name_of(run_dir):<12} {status.get('state', 'UNKNOWN'):<10} {status.get('backend', '?'):<8} "
+        state = status.get("state", RunState.UNKNOWN)
+        print(f"{run_id:<34} {name_of(run_dir):<12} {state:<10} {status.get('backend', '?'):<8} "
               f"{status.get('target', '?'):<8} {jobs:<10} {_when(rundir.launched(run_dir)):<12} {duration(status)}")
     return 0
 

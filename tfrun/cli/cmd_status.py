@@ -9,8 +9,8 @@ from typing import Any
 from tfrun import rundir
 from tfrun.cli.common import add_run, duration
 from tfrun.paths import RunPaths, is_run_dir
-from tfrun.states import FINAL
-from tfrun.targets.control import refresh, run_dirs_of
+from tfrun.runner.control import refresh, run_dirs_of
+from tfrun.states import FINAL, RunState
 from tfrun.targets.report import failure_text
 
 
@@ -40,12 +40,12 @@ def rank_state(record: dict[str, Any], state: str | None) -> str:
         return f"exit {record.get('exit_code')}"
     if state in FINAL:
         return "killed before it finished"
-    return "running" if state == "RUNNING" else f"not running (the run is {state or 'UNKNOWN'})"
+    return "running" if state == RunState.RUNNING else f"not running (the run is {state or RunState.UNKNOWN})"
 
 
 def show_run(run_dir: Path, status: dict[str, Any]) -> None:
     """Everything `tfrun status` says about one run."""
-    print(f"run {status.get('run_id', run_dir.name)}: {status.get('state', 'UNKNOWN')}")
+    print(f"run {status.get('run_id', run_dir.name)}: {status.get('state', RunState.UNKNOWN)}")
     print(f"  dir: {run_dir}")
     name = (rundir.read_json(RunPaths.of(run_dir).plan) or {}).get("config", {}).get("tfrun", {}).get("name")
     if name:
@@ -114,5 +114,6 @@ def run(args: argparse.Namespace) -> int:
     for run_dir, status in zip(dirs, statuses):
         jobs = ",".join(status.get("job_ids") or []) or "-"
         extra = f"  rank {status['failed_rank']}: {status.get('reason')}" if status.get("failed_rank") is not None else ""
-        print(f"  {run_dir.name:>4}  {status.get('state', 'UNKNOWN'):<10} job {jobs:<10} {duration(status):>6}{extra}")
+        state = status.get("state", RunState.UNKNOWN)
+        print(f"  {run_dir.name:>4}  {state:<10} job {jobs:<10} {duration(status):>6}{extra}")
     return 0

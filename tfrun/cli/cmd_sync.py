@@ -7,7 +7,7 @@ import sys
 from tfrun import rundir
 from tfrun.cli.common import add_run
 from tfrun.errors import TRACKING, require
-from tfrun.targets.control import refresh, run_dirs_of
+from tfrun.runner.control import refresh, run_dirs_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

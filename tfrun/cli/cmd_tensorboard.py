@@ -12,7 +12,7 @@ from pathlib import Path
 from tfrun import rundir
 from tfrun.cli.common import add_run
 from tfrun.errors import ConfigError, require
-from tfrun.targets.control import run_dirs_of
+from tfrun.runner.control import run_dirs_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,8 @@ from tfrun import rundir
 from tfrun.cli.common import add_run
 from tfrun.cli.live import render
 from tfrun.cli.output import EXIT_INTERRUPTED
-from tfrun.targets import control, progress
+from tfrun.runner import control
+from tfrun.targets import progress
 from tfrun.targets.progress import Snapshot
 
 

@@ -2,7 +2,7 @@
 ``tfrun -m`` follows a sweep on Slurm, and a spinner while a verb does a long step.
 
 The data is :class:`tfrun.targets.progress.Snapshot` (one scheduler query per refresh for
-all the runs, :func:`tfrun.targets.control.snapshot`); this module only draws it with rich.
+all the runs, :func:`tfrun.runner.control.snapshot`); this module only draws it with rich.
 rich is imported only when something is drawn: the other verbs and ``--dry-run`` never pay
 for it.
 """
@@ -18,9 +18,11 @@ from tfrun.targets.progress import RunProgress, Snapshot
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
-_STYLES = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "PREEMPTED": "yellow",
-           "FAILED": "bold red", "TIMEOUT": "red", "CANCELLED": "magenta", "STOPPED": "magenta", "PRUNED": "dim",
-           RunState.LOST: "red"}
+# By a state's word: a state read from status.json is a plain str, equal to its member.
+_STYLES: dict[str, str] = {
+    RunState.COMPLETED: "green", RunState.RUNNING: "cyan", RunState.PENDING: "yellow", RunState.PREEMPTED: "yellow",
+    RunState.FAILED: "bold red", RunState.TIMEOUT: "red", RunState.CANCELLED: "magenta", RunState.STOPPED: "magenta",
+    RunState.PRUNED: "dim", RunState.LOST: "red"}
 
 
 def _shown(runs: tuple[RunProgress, ...], room: int) -> tuple[list[RunProgress], int]:

@@ -65,8 +65,7 @@ def sweep_pool(plans: list[Plan]) -> dict[str, Any] | None:
     """The pool a sweep runs in (packed on Slurm; locally, its points share one shape), or None."""
     from tfrun.plan import pools
 
-    if not plans or not (pools.is_packed(plans) or (all(p.target == "local" for p in plans)
-                                                   and all(pools.conflict(plans[0], p) is None for p in plans))):
+    if not pools.in_pool(plans):
         return None
     sweep_dir = os.path.dirname(plans[0].run_dir)
     spec = pools.sweep_pool(plans, sweep_dir)

@@ -1,17 +1,54 @@
 """Checks Hydra cannot express in a schema. Each error names key, value and what is allowed."""
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any, Mapping, TypeGuard
 
-from tfrun.errors import ConfigError
+from tfrun.errors import TRACKING, ConfigError, require
 
+TARGETS = ("local", "slurm")  # where a run can go (tfrun.targets has the code that starts it there)
+ONNX_PACKAGES = ("tf2onnx", "onnxruntime", "onnx")  # what export=onnx needs where the tasks run
+MIN_OPSET = 7  # tf2onnx's lowest
 FLAG_STYLES = ("keep", "dashes")
 PACK_MODES = ("off", "auto")
 # How a pool's slot starts each item (tfrun.plan.pools).
 WARM_MODES = ("fork", "spawn", "cold")
 BOOL_STYLES = ("flag", "value")
+
+
+def check_run(cfg: Mapping[str, Any]) -> None:
+    """Every check of a composed, resolved run config that needs no file of the project: one
+    pass, before a plan is built from it (:func:`tfrun.plan.build.build_plan`)."""
+    check_entry(cfg["entry"])
+    check_compute(cfg["compute"])
+    check_trainer(cfg["trainer"])
+    check_export(cfg["export"])
+    tracking = cfg.get("tracking")  # a config without the tracking group has none (a plain value)
+    if isinstance(tracking, Mapping) and tracking.get("kind") == "mlflow":  # the chief logs to MLflow from its start
+        require("tracking=mlflow", ["mlflow"], f"{TRACKING} in the environment the tasks run in")
+    if cfg["compute"]["target"] not in TARGETS:
+        raise ConfigError.invalid("compute.target", cfg["compute"]["target"], TARGETS)
+
+
+def check_export(export: Mapping[str, Any]) -> None:
+    """An ``export=onnx`` section: its packages installed, its values in range (no heavy imports)."""
+    if export.get("format") != "onnx":
+        return
+    missing = [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ConfigError(f"export=onnx needs {', '.join(missing)}: pip install 'tfrun[onnx]' "
+                          f"(tf2onnx, onnxruntime) in the environment the tasks run in.")
+    if not isinstance(export["opset"], int) or export["opset"] < MIN_OPSET:
+        raise ConfigError.invalid("export.opset", export["opset"], f"an integer >= {MIN_OPSET}")
+    if not isinstance(export["samples"], int) or export["samples"] < 1:
+        raise ConfigError.invalid("export.samples", export["samples"], "an integer >= 1")
+    if export["tolerance"] < 0:
+        raise ConfigError.invalid("export.tolerance", export["tolerance"], "a number >= 0")
+    output = str(export["output"])
+    if not output.endswith(".onnx") or "/" in output or output.startswith("."):
+        raise ConfigError.invalid("export.output", output, "a file name ending in .onnx (written in outputs/)")
 
 
 def is_number(value: Any) -> TypeGuard[int | float]:

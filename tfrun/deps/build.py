@@ -43,6 +43,7 @@ from tfrun.deps.plan import (
 )
 from tfrun.errors import ConfigError
 from tfrun.paths import RunPaths
+from tfrun.states import RunState
 
 
 def uv_command() -> list[str]:
@@ -311,8 +312,8 @@ def prepare(plan: Any) -> dict[str, str]:
         elif dp.kind == "container" and dp.target == "local":
             check_runtime(dp.command_prefix[0], str(dp.spec.get("image")))
     except ConfigError as exc:
-        rundir.update_status(plan.run_dir, run_id=plan.run_id, state="FAILED", target=plan.target, backend=plan.backend,
-                             reason=str(exc), ended=time.time())
+        rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.FAILED, target=plan.target,
+                             backend=plan.backend, reason=str(exc), ended=time.time())
         raise
     return {}
 

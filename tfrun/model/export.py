@@ -25,7 +25,6 @@ TensorFlow, tf2onnx and onnxruntime are imported only inside functions.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import os
 import re
@@ -35,34 +34,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from tfrun import rundir
+from tfrun.config import validate
 from tfrun.config.schema import OnnxExportConfig
 from tfrun.errors import ConfigError, ExportError
 from tfrun.paths import RunPaths
-from tfrun.states import FINAL
+from tfrun.states import FINAL, RunState
 
-NEEDED_PACKAGES = ("tf2onnx", "onnxruntime", "onnx")
-MIN_OPSET = 7  # tf2onnx's lowest
+MIN_OPSET = validate.MIN_OPSET
 UNKNOWN_DIM = 8  # size given to unknown non-batch dimensions of the sample inputs
 EXIT_EXPORT_FAILED = 3  # tfrun's exit code when the run completed but its export failed
-
-
-def check(export: Mapping[str, Any]) -> None:
-    """Plan-time checks of an ``export=onnx`` section (no heavy imports)."""
-    if export.get("format") != "onnx":
-        return
-    missing = [p for p in NEEDED_PACKAGES if importlib.util.find_spec(p) is None]
-    if missing:
-        raise ConfigError(f"export=onnx needs {', '.join(missing)}: pip install 'tfrun[onnx]' "
-                          f"(tf2onnx, onnxruntime) in the environment the tasks run in.")
-    if not isinstance(export["opset"], int) or export["opset"] < MIN_OPSET:
-        raise ConfigError.invalid("export.opset", export["opset"], f"an integer >= {MIN_OPSET}")
-    if not isinstance(export["samples"], int) or export["samples"] < 1:
-        raise ConfigError.invalid("export.samples", export["samples"], "an integer >= 1")
-    if export["tolerance"] < 0:
-        raise ConfigError.invalid("export.tolerance", export["tolerance"], "a number >= 0")
-    output = str(export["output"])
-    if not output.endswith(".onnx") or "/" in output or output.startswith("."):
-        raise ConfigError.invalid("export.output", output, "a file name ending in .onnx (written in outputs/)")
 
 
 def settings_for(run_dir: str | os.PathLike[str], **overrides: Any) -> OnnxExportConfig:
@@ -72,7 +52,7 @@ def settings_for(run_dir: str | os.PathLike[str], **overrides: Any) -> OnnxExpor
     fields = {f.name for f in dataclasses.fields(OnnxExportConfig)}
     base = {k: v for k, v in section.items() if k in fields} if section.get("format") == "onnx" else {}
     settings = OnnxExportConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
-    check(dataclasses.asdict(settings))
+    validate.check_export(dataclasses.asdict(settings))
     return settings
 
 
@@ -353,7 +333,7 @@ def failed(run_dir: str | os.PathLike[str]) -> bool:
 def cmd_export(run: str | None, **overrides: Any) -> int:
     """``tfrun export RUN``: export a finished run; 0 if the export passed, else 1."""
     run_dir = rundir.find_one_run(run)
-    state = rundir.read_status(run_dir).get("state", "UNKNOWN")
+    state = rundir.read_status(run_dir).get("state", RunState.UNKNOWN)
     if state not in FINAL:
         raise ExportError(f"run {run_dir} is {state}: export it once it has finished")
     record = export_run(run_dir, settings_for(run_dir, **overrides))

@@ -14,13 +14,9 @@ from typing import Any, Mapping
 
 from tfrun import backends, variables
 from tfrun.config import validate
-from tfrun.errors import TRACKING, ConfigError, require
 from tfrun.paths import RunPaths
 from tfrun.plan import sbatch
 from tfrun.rundir import Plan, Task
-
-# Where a run can go; :mod:`tfrun.targets` has the code that starts it there.
-TARGETS = ("local", "slurm")
 
 
 def script_args(trainer: Mapping[str, Any], prefix: str, style: str, bools: str = "flag") -> list[str]:
@@ -82,22 +78,13 @@ def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Pat
 
     Raises :class:`tfrun.errors.ConfigError` for anything that cannot run.
     """
-    # Imported here: export's settings are a schema (omegaconf), and the runner of a packed
-    # allocation, which imports this package for its points' job steps, needs neither.
+    # Imported here: the runner of a packed allocation, which imports this package for its
+    # points' job steps, does not need deps.
     from tfrun import deps
-    from tfrun.model import export
 
     cwd = cwd or Path.cwd()
     compute, backend_cfg, entry = cfg["compute"], cfg["backend"], cfg["entry"]
-    validate.check_entry(entry)
-    validate.check_compute(compute)
-    validate.check_trainer(cfg["trainer"])
-    export.check(cfg["export"])
-    tracking = cfg.get("tracking")  # a config without the tracking group has none (a plain value)
-    if isinstance(tracking, Mapping) and tracking.get("kind") == "mlflow":  # the chief logs to MLflow from its start
-        require("tracking=mlflow", ["mlflow"], f"{TRACKING} in the environment the tasks run in")
-    if compute["target"] not in TARGETS:
-        raise ConfigError.invalid("compute.target", compute["target"], TARGETS)
+    validate.check_run(cfg)
     backend = backends.get(backend_cfg["name"])
     script, source_dir = validate.resolve_script(entry, cwd)
 

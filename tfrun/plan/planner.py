@@ -24,6 +24,7 @@ from tfrun.paths import RunPaths
 from tfrun.plan.build import build_plan, in_sweep
 from tfrun.plan.pools import point_requests
 from tfrun.rundir import Plan
+from tfrun.states import RunState
 
 if TYPE_CHECKING:  # a single run needs neither: imported where a sweep or a write uses them
     from tfrun.config import points
@@ -103,7 +104,7 @@ def refuse_existing(planned: Sequence[Planned]) -> None:
         paths = RunPaths.of(one.plan.run_dir)
         if paths.plan.exists():
             state = rundir.read_status(paths.root).get("state") or "never started"
-            on = "" if state == "COMPLETED" else f"to go on with that run: tfrun resume {paths.root}; "
+            on = "" if state == RunState.COMPLETED else f"to go on with that run: tfrun resume {paths.root}; "
             raise ConfigError(f"{paths.root} holds a run already ({state}): a new run is not started over it; "
                               f"{on}for a new one, choose another hydra.run.dir (hydra.sweep.dir for a sweep) "
                               f"or remove that dir")

@@ -93,6 +93,15 @@ def is_packed(plans: Sequence[Plan]) -> bool:
     return c.get("pack") == "auto" or int(c.get("pack_size") or 1) > 1
 
 
+def in_pool(plans: Sequence[Plan]) -> bool:
+    """Do a sweep's points run as the items of a pool? A packed Slurm sweep's do, and a local
+    sweep's whose points all fit one slot (one after another, each started warm); points of
+    different shapes here are runs of their own."""
+    if is_packed(plans):
+        return True
+    return bool(plans) and {p.target for p in plans} == {"local"} and all(conflict(plans[0], p) is None for p in plans)
+
+
 def script_modules(script: str | os.PathLike[str]) -> list[str]:
     """The modules of HEAVY (and their submodules) the script imports anywhere, in order."""
     return list(_script_modules(str(script)))

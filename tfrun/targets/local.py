@@ -22,7 +22,7 @@ from tfrun.errors import ConfigError
 from tfrun.model import export
 from tfrun.paths import RunPaths
 from tfrun.plan import Plan, build
-from tfrun.states import FINAL
+from tfrun.states import FINAL, RunState
 from tfrun.task import preempt
 
 POLL_S = 0.1
@@ -196,14 +196,14 @@ def _wait(procs: list[subprocess.Popen[bytes]], critical: set[int], timeout_s: f
                             proc.send_signal(preempt.SIGNALS[1])
                 continue
             if rank in critical:
-                return "FAILED", rank
+                return RunState.FAILED, rank
             lost.add(rank)
             out.write(f"tfrun: rank {rank} ended ({describe_exit(code)}); the run goes on without it\n".encode())
             out.flush()
         if all(c is not None for c in codes):
-            return ("STOPPED" if stopping else "COMPLETED"), None
+            return (RunState.STOPPED if stopping else RunState.COMPLETED), None
         if time.monotonic() > deadline:
-            return "TIMEOUT", None
+            return RunState.TIMEOUT, None
         time.sleep(WAIT_POLL_S)
 
 
@@ -248,13 +248,13 @@ def stop_gracefully(procs: list[subprocess.Popen[bytes]], out: IO[bytes]) -> tup
         while time.monotonic() < deadline and any(p.poll() is None for p in procs):
             time.sleep(POLL_S)
     except KeyboardInterrupt:
-        return "CANCELLED", None
+        return RunState.CANCELLED, None
     codes = [p.poll() for p in procs]
     if any(c is None for c in codes):
-        return "CANCELLED", None
+        return RunState.CANCELLED, None
     if any(c == preempt.EXIT_PREEMPTED for c in codes) and all(c in (0, preempt.EXIT_PREEMPTED) for c in codes):
-        return "STOPPED", None
-    return ("COMPLETED", None) if all(c == 0 for c in codes) else ("CANCELLED", None)
+        return RunState.STOPPED, None
+    return (RunState.COMPLETED, None) if all(c == 0 for c in codes) else (RunState.CANCELLED, None)
 
 
 def run(plan: Plan, out: IO[bytes] | None = None) -> str:
@@ -277,8 +277,9 @@ def _record_launch_failure(plan: Plan, exc: BaseException) -> None:
     reason = "interrupted (Ctrl-C) while launching" if interrupted else f"the launch failed: {type(exc).__name__}: {exc}"
     try:
         if rundir.read_status(plan.run_dir).get("state") not in FINAL:
-            rundir.update_status(plan.run_dir, run_id=plan.run_id, state="CANCELLED" if interrupted else "FAILED",
-                                 target="local", backend=plan.backend, ended=time.time(), reason=reason)
+            state = RunState.CANCELLED if interrupted else RunState.FAILED
+            rundir.update_status(plan.run_dir, run_id=plan.run_id, state=state, target="local", backend=plan.backend,
+                                 ended=time.time(), reason=reason)
     except OSError:  # the run dir itself cannot be written: the exception raised says why
         pass
 
@@ -290,7 +291,7 @@ def _run(plan: Plan, out: IO[bytes]) -> str:
     paths.cancel_request.unlink(missing_ok=True)  # a cancel of an earlier attempt is not this one's
     plan.save()
     extra_env = deps.prepare(plan)  # build or reuse the environment; a ConfigError here starts nothing
-    rundir.update_status(run_dir, run_id=plan.run_id, state="RUNNING", target="local", backend=plan.backend,
+    rundir.update_status(run_dir, run_id=plan.run_id, state=RunState.RUNNING, target="local", backend=plan.backend,
                          started=time.time(), ended=None, world_size=len(plan.tasks), job_ids=[],
                          launcher_pid=os.getpid(), launcher_started=rundir.process_started(os.getpid()),
                          launcher_host=rundir.hostname(), failed_rank=None, reason=None,
@@ -315,7 +316,7 @@ def _run(plan: Plan, out: IO[bytes]) -> str:
         except KeyboardInterrupt:
             state, failed = stop_gracefully(procs, out)
     except _Cancelled:  # also while stopping gracefully: the tasks are stopped below all the same
-        state, failed = "CANCELLED", None
+        state, failed = RunState.CANCELLED, None
     finally:
         _IN_PROCESS.pop(os.path.realpath(run_dir), None)
         if previous is not None:
@@ -325,7 +326,7 @@ def _run(plan: Plan, out: IO[bytes]) -> str:
         pump.join(timeout=5)
     codes = {str(t.rank): p.returncode for t, p in zip(plan.tasks, procs)}
     fields: dict[str, Any] = {"state": state, "ended": time.time(), "exit_codes": codes}
-    if state == "COMPLETED":
+    if state == RunState.COMPLETED:
         fields.update(export.status_fields(run_dir))  # rank 0 recorded it in export.json
     if failed is not None:
         fields.update(failed_rank=failed, host=rundir.hostname(),

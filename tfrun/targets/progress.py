@@ -2,7 +2,7 @@
 
 A :class:`Snapshot` is built from what the run dirs hold (``status.json``, the epochs in
 ``metrics.jsonl``, the epochs asked for in ``plan.json``) and the statuses the caller
-already has (:func:`tfrun.targets.control.snapshot` gets them with one scheduler query for
+already has (:func:`tfrun.runner.control.snapshot` gets them with one scheduler query for
 all the runs). Nothing here talks to a scheduler or to a terminal: the command line draws
 snapshots (:mod:`tfrun.cli.watch`), or prints :func:`changes` as plain lines.
 
@@ -21,14 +21,14 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping, Protocol, S
 
 from tfrun import rundir
 from tfrun.paths import RunPaths, SweepPaths, is_run_dir
-from tfrun.states import FINAL
+from tfrun.states import FINAL, RunState
 from tfrun.tracking import metrics as metrics_file
 
 # A local run whose launcher is gone without recording an end (killed with SIGKILL, the
 # machine rebooted): it will never end by itself.
-LOST = "LOST"
+LOST = RunState.LOST
 ENDED_STATES = (*FINAL, LOST)
-WAITING = "PENDING"  # a sweep point that has not started yet (no status of its own)
+WAITING = RunState.PENDING  # a sweep point that has not started yet (no status of its own)
 # The metrics shown first, when a run records them; the others follow by name.
 LEADING_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -83,7 +83,7 @@ class Snapshot:
     def exit_code(self) -> int:
         """0 if every run completed (or was pruned by its tuning policy: no failure), else 1
         (the codes of ``tfrun`` itself)."""
-        return 0 if all(run.state in ("COMPLETED", "PRUNED") for run in self.runs) else 1
+        return 0 if all(run.state in (RunState.COMPLETED, RunState.PRUNED) for run in self.runs) else 1
 
 
 def clock(seconds: float | None) -> str:

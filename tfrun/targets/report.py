@@ -8,6 +8,7 @@ from tfrun import rundir
 from tfrun.model.export import summary as export_summary
 from tfrun.paths import RunPaths
 from tfrun.plan import Plan
+from tfrun.states import RunState
 
 
 def failure_text(run_dir: str, status: dict) -> str:
@@ -59,9 +60,9 @@ def print_outcome(plan: Plan, state: str) -> None:
     if status.get("started") and status.get("ended"):
         took = f" in {status['ended'] - status['started']:.1f} s"
     print(f"tfrun: run {plan.run_id} {state}{took}", file=sys.stderr)
-    if state == "FAILED":
+    if state == RunState.FAILED:
         print("tfrun: " + failure_text(plan.run_dir, status), file=sys.stderr)
-    if state == "STOPPED":
+    if state == RunState.STOPPED:
         if status.get("reason"):
             print(f"tfrun: {status['reason']}", file=sys.stderr)
         print(f"tfrun: continue it with: tfrun resume {plan.run_dir}", file=sys.stderr)

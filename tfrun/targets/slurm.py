@@ -21,26 +21,34 @@ from tfrun.errors import ConfigError, LaunchError
 from tfrun.model import export
 from tfrun.paths import RunPaths, SweepPaths
 from tfrun.plan import Plan, sbatch, submitit_compat
-from tfrun.states import FINAL
+from tfrun.states import FINAL, RunState
 from tfrun.targets import progress
 
-# sacct states -> tfrun states. Anything not listed is shown as Slurm says it.
-_STATES = {
-    "PENDING": "PENDING", "REQUEUED": "PENDING", "REQUEUE_HOLD": "PENDING", "REQUEUE_FED": "PENDING",
-    "RESIZING": "RUNNING", "RUNNING": "RUNNING", "COMPLETING": "RUNNING", "SUSPENDED": "RUNNING",
-    "COMPLETED": "COMPLETED", "CANCELLED": "CANCELLED", "TIMEOUT": "TIMEOUT",
+# Slurm's job states (sacct's, squeue's and scontrol's words) -> tfrun's. Anything not listed is
+# shown as Slurm says it.
+SLURM_TO_RUN_STATE: dict[str, RunState] = {
+    "PENDING": RunState.PENDING, "REQUEUED": RunState.PENDING, "REQUEUE_HOLD": RunState.PENDING,
+    "REQUEUE_FED": RunState.PENDING,
+    "RESIZING": RunState.RUNNING, "RUNNING": RunState.RUNNING, "COMPLETING": RunState.RUNNING,
+    "SUSPENDED": RunState.RUNNING,
+    "COMPLETED": RunState.COMPLETED, "CANCELLED": RunState.CANCELLED, "TIMEOUT": RunState.TIMEOUT,
     # Preempted and not requeued (PreemptMode=CANCEL): it can go on with tfrun resume. A job
     # Slurm requeues shows PENDING again (see query).
-    "PREEMPTED": "STOPPED",
-    "FAILED": "FAILED", "NODE_FAIL": "FAILED", "OUT_OF_MEMORY": "FAILED", "BOOT_FAIL": "FAILED",
-    "DEADLINE": "TIMEOUT",
+    "PREEMPTED": RunState.STOPPED,
+    "FAILED": RunState.FAILED, "NODE_FAIL": RunState.FAILED, "OUT_OF_MEMORY": RunState.FAILED,
+    "BOOT_FAIL": RunState.FAILED,
+    "DEADLINE": RunState.TIMEOUT,
 }
+SLURM_PREEMPTED = "PREEMPTED"  # sacct's word for a preempted job, requeued or not
 
 
-def tfrun_state(slurm_state: str) -> str:
-    """Map a sacct state (``CANCELLED by 0`` included) to tfrun's vocabulary."""
-    word = slurm_state.split()[0] if slurm_state else "UNKNOWN"
-    return _STATES.get(word, word)
+def tfrun_state(slurm_state: str) -> RunState | str:
+    """Map a sacct state (``CANCELLED by 0`` included) to tfrun's vocabulary; a word it does not
+    map is kept as Slurm says it, no state at all is UNKNOWN."""
+    if not slurm_state:
+        return RunState.UNKNOWN
+    word = slurm_state.split()[0]
+    return SLURM_TO_RUN_STATE.get(word, word)
 
 
 def slurm_entry(run_dir: str) -> None:
@@ -122,7 +130,7 @@ def query(job_ids: Iterable[str]) -> dict[str, dict[str, str]]:
     wanted = sorted(set(job_ids))
     info = _sacct(wanted)
     # sacct says PREEMPTED of a job Slurm is about to requeue, too: the queue knows which.
-    preempted = [j for j in wanted if j in info and info[j]["State"].startswith("PREEMPTED")]
+    preempted = [j for j in wanted if j in info and info[j]["State"].startswith(SLURM_PREEMPTED)]
     if preempted:
         queued = _squeue(preempted)
         if queued is None:  # the queue did not answer: whether it is requeued is not known yet
@@ -198,6 +206,19 @@ def cancel(job_ids: Iterable[str]) -> None:
         subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
 
 
+def scancel(args: list[str]) -> None:
+    """``scancel ARGS`` whose failure is said, not raised (a stop request: the run is asked to
+    stop whatever Slurm answers; a job that has ended already is what was asked for)."""
+    try:
+        done = subprocess.run(["scancel", *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"tfrun: scancel {' '.join(args)}: {exc}", file=sys.stderr, flush=True)
+        return
+    if done.returncode != 0 and "Invalid job id" not in done.stderr:
+        print(f"tfrun: scancel {' '.join(args)}: {done.stderr.strip() or f'exit code {done.returncode}'}",
+              file=sys.stderr, flush=True)
+
+
 _SRUN_TASK_ERROR = re.compile(r"^srun: error: (\S+): tasks? (\d+)(?:-\d+)?: (.+)$", re.M)
 
 
@@ -237,23 +258,24 @@ def shown_state(run_dir: str | os.PathLike[str], state: str) -> str:
     be recorded, before accounting stops saying PENDING. And from Slurm 24.11 on, a job that
     was preempted, then requeued by tfrun (PreemptMode=CANCEL, compute.requeue_on_preempt),
     ends PREEMPTED in accounting when its next attempt completes."""
-    if state not in ("PENDING", "STOPPED"):
+    if state not in (RunState.PENDING, RunState.STOPPED):
         return state
-    if state == "STOPPED":
-        return "COMPLETED" if _last_attempt(run_dir).get("reason") == "completed" else state
+    if state == RunState.STOPPED:
+        return RunState.COMPLETED if _last_attempt(run_dir).get("reason") == "completed" else state
     last = _last_attempt(run_dir, ended=True)
-    return "PREEMPTED" if last.get("reason") == "preempted" and last.get("requeued") is not False else state
+    return RunState.PREEMPTED if last.get("reason") == "preempted" and last.get("requeued") is not False else state
 
 
 def preempted_fields(run_dir: str | os.PathLike[str], state: str) -> dict[str, Any] | None:
     """A job that ended after a preemption it was not requeued for: STOPPED (resumable), and why."""
-    if state not in ("FAILED", "STOPPED"):
+    if state not in (RunState.FAILED, RunState.STOPPED):
         return None
     last = _last_attempt(run_dir)
     if last.get("reason") != "preempted" or last.get("requeued"):
         return None
     why = last.get("why_not_requeued") or "Slurm ended it"
-    return {"state": "STOPPED", "ended": time.time(), "failed_rank": None, "reason": f"preempted; not requeued ({why})"}
+    return {"state": RunState.STOPPED, "ended": time.time(), "failed_rank": None,
+            "reason": f"preempted; not requeued ({why})"}
 
 
 def settle(run_dir: str, state: str) -> dict[str, Any]:
@@ -265,12 +287,12 @@ def settle(run_dir: str, state: str) -> dict[str, Any]:
     if pruned:
         return {**pruned, "ended": time.time()}
     fields: dict[str, Any] = {"state": state, "ended": time.time()}
-    if state == "COMPLETED":
+    if state == RunState.COMPLETED:
         fields.update(export.status_fields(run_dir))  # rank 0 recorded it in export.json, in the job
     records = rundir.rank_records(run_dir)
     fields["exit_codes"] = {str(r): rec.get("exit_code") for r, rec in records.items()}
     failed = [rec for rec in records.values() if rec.get("exit_code") not in (None, 0)]
-    first = srun_failure(run_dir) if state != "COMPLETED" else None
+    first = srun_failure(run_dir) if state != RunState.COMPLETED else None
     if first:
         record = records.get(first["failed_rank"], {})
         if record.get("error"):  # the rank's own account (exit code, exception) is more precise
@@ -279,7 +301,7 @@ def settle(run_dir: str, state: str) -> dict[str, Any]:
     elif failed:
         first = min(failed, key=lambda rec: rec.get("ended") or 0)
         fields.update(failed_rank=first["rank"], host=first.get("host"), reason=first.get("error"))
-    elif state in ("FAILED", "TIMEOUT"):
+    elif state in (RunState.FAILED, RunState.TIMEOUT):
         unfinished = [rec for rec in records.values() if rec.get("ended") is None]
         if unfinished:
             rec = unfinished[0]
@@ -336,7 +358,7 @@ def allocation(job: dict[str, str], state: str) -> dict[str, str]:
     """``{"nodes": ...}`` from a job's sacct record while it runs. Before it runs there are
     none, and just after it ends sacct briefly shows only the batch host: the running job's
     list is the allocation (rank 0 also records it from inside the job)."""
-    return {"nodes": job["NodeList"]} if state == "RUNNING" and job.get("NodeList") else {}
+    return {"nodes": job["NodeList"]} if state == RunState.RUNNING and job.get("NodeList") else {}
 
 
 def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list[str]:
@@ -371,7 +393,7 @@ def _poll(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float, tail: _L
             if job_id in final:
                 continue
             # A job the scheduler did not answer for keeps its last state: never taken as gone.
-            state = tfrun_state(info[job_id]["State"]) if job_id in info else last.get(job_id, "PENDING")
+            state = tfrun_state(info[job_id]["State"]) if job_id in info else last.get(job_id, RunState.PENDING)
             state = shown_state(plan.run_dir, state)
             fields = settle(plan.run_dir, state) if state in FINAL else {"state": state}
             if state != last.get(job_id):
@@ -404,15 +426,15 @@ def launch(plans: Sequence[Plan], folder: str) -> list[str]:
         job_ids = submit(plans, folder)
     except ConfigError as exc:
         for plan in plans:
-            rundir.update_status(plan.run_dir, run_id=plan.run_id, state="FAILED", target="slurm",
+            rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.FAILED, target="slurm",
                                  reason=str(exc), ended=time.time())
         raise
     now = time.time()
     for plan, job_id in zip(plans, job_ids):
         earlier = rundir.read_status(plan.run_dir).get("job_ids") or []  # a resumed run keeps its history
-        rundir.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm", submitit_folder=folder,
-                             backend=plan.backend, job_ids=[*earlier, job_id], submitted=now, started=now,
-                             ended=None, world_size=len(plan.tasks), failed_rank=None, reason=None,
+        rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.PENDING, target="slurm",
+                             submitit_folder=folder, backend=plan.backend, job_ids=[*earlier, job_id], submitted=now,
+                             started=now, ended=None, world_size=len(plan.tasks), failed_rank=None, reason=None,
                              pool=None, pool_item=None)  # (an item of a pool resumed as a job of its own)
     return job_ids
 
@@ -428,12 +450,12 @@ def run(plan: Plan) -> str:
     print(f"tfrun: submitted job {job_ids[0]}; run dir {plan.run_dir}", file=sys.stderr, flush=True)
     if not plan.compute["wait"]:
         _detached(job_ids, plan.run_dir)
-        return "PENDING"
+        return RunState.PENDING
     try:
         return follow([plan], job_ids, plan.compute["poll_s"])[0]
     except KeyboardInterrupt:
         _detached(job_ids, plan.run_dir)
-        return "DETACHED"
+        return RunState.DETACHED
 
 
 def run_many(plans: Sequence[Plan], sweep_dir: str) -> list[str]:
@@ -449,11 +471,11 @@ def run_many(plans: Sequence[Plan], sweep_dir: str) -> list[str]:
           f"sweep dir {sweep_dir}", file=sys.stderr, flush=True)
     if not plans[0].compute["wait"]:
         _detached(sorted({j.split("_")[0] for j in job_ids}), sweep_dir)
-        return ["PENDING"] * len(plans)
+        return [RunState.PENDING] * len(plans)
     try:
         states = follow(ordered, job_ids, plans[0].compute["poll_s"])
     except KeyboardInterrupt:
         _detached(job_ids, sweep_dir)
-        return ["DETACHED"] * len(plans)
+        return [RunState.DETACHED] * len(plans)
     by_dir = {p.run_dir: s for p, s in zip(ordered, states)}
     return [by_dir[p.run_dir] for p in plans]

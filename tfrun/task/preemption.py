@@ -12,6 +12,10 @@ from typing import Any
 from tfrun.task.preempt import slurm_command
 
 QUERY_BUDGET_S = 5.0  # all the Slurm queries rank 0 makes about a SIGTERM: the grace time is running
+# scontrol's JobState of a job still running while Slurm signals it (SIGNALING: seen during a
+# preemption's SIGTERM), and of one its time limit ended.
+SLURM_STILL_RUNNING = frozenset({"RUNNING", "SIGNALING"})
+SLURM_TIMEOUT = "TIMEOUT"
 
 
 def scontrol_fields(*what: str, timeout_s: float = 10.0) -> dict[str, str]:
@@ -71,8 +75,8 @@ def account(job: str, partition: str | None = None, qos: str | None = None) -> d
     record = scontrol_fields("job", job, timeout_s=left())
     if not record:
         return {}
-    # SIGNALING: a running job while Slurm signals it (seen during a preemption's SIGTERM).
-    if record.get("JobState") not in ("RUNNING", "SIGNALING") or record.get("PreemptTime", "None") in ("None", "Unknown", ""):
+    if (record.get("JobState") not in SLURM_STILL_RUNNING
+            or record.get("PreemptTime", "None") in ("None", "Unknown", "")):
         return {"preempted": False, "job_state": record.get("JobState")}
     partition, qos = record.get("Partition") or partition, record.get("QOS") or qos
     found: dict[str, Any] = {"preempted": True, "preempt_time": record["PreemptTime"], "partition": partition,

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 from tfrun import rundir
 from tfrun.errors import TfrunError
 from tfrun.paths import RunPaths, SweepPaths
+from tfrun.states import RunState
 from tfrun.tracking import metrics
 
 
@@ -111,9 +112,9 @@ def sweep_table(sweep_dir: Path, run_dirs: Sequence[Path], statuses: Sequence[di
         start, end = status.get("started"), status.get("ended") or time.time()
         duration = f"{end - start:.0f}s" if start else "-"
         cells = [f"{summ[m][0]:.4g}/{summ[m][1]:.4g}" if m in summ else "-" for m in names]
-        state = status.get("state", "UNKNOWN")
-        if state == "PRUNED" and status.get("pruned_epoch") is not None:  # a tuning policy stopped it there
-            state = f"PRUNED@{status['pruned_epoch']}"
+        state = status.get("state", RunState.UNKNOWN)
+        if state == RunState.PRUNED and status.get("pruned_epoch") is not None:  # a tuning policy stopped it there
+            state = f"{RunState.PRUNED}@{status['pruned_epoch']}"
         name = run_dir.name + ("*" if best and best["run_dir"] == str(run_dir) else "")
         table.append([name, *(p.get(k, "-") for k in varying), state, duration, *cells])
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
@@ -141,7 +142,7 @@ def curves(run_dirs: Sequence[Path], metric: str, names: Sequence[str] | None = 
     for run_dir, name in zip(run_dirs, names or [d.name for d in run_dirs]):
         values = epoch_series(run_dir).get(metric)
         if values:
-            pruned = rundir.read_status(run_dir).get("state") == "PRUNED"  # a tuning policy stopped it
+            pruned = rundir.read_status(run_dir).get("state") == RunState.PRUNED  # a tuning policy stopped it
             found.append((f"{name} (pruned)" if pruned else name, [e + 1 for e, _ in values], [v for _, v in values],
                           pruned))
     return found

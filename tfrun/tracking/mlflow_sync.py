@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from tfrun import rundir
 from tfrun.paths import RunPaths, SweepPaths
-from tfrun.states import FINAL
+from tfrun.states import FINAL, RunState
 from tfrun.tracking import metrics, mlflow_compat, provenance
 from tfrun.tracking.redact import Redactor
 
@@ -33,6 +33,12 @@ END_DEADLINE_S = 20.0  # how long the end of a task may wait for MLflow
 _MAX_PARAM = 500  # MLflow rejects long param values; the full config is an artifact anyway
 _BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-request limits
 END_LOCK = "mlflow-end"  # held while a run's MLflow run is ended (rundir.locked: .mlflow-end.lock)
+# MLflow's own run statuses (its RunStatus names): another vocabulary than tfrun's RunState,
+# though two of its words are spelled alike.
+MLFLOW_RUNNING = "RUNNING"
+MLFLOW_FINISHED = "FINISHED"
+MLFLOW_FAILED = "FAILED"
+MLFLOW_KILLED = "KILLED"
 
 
 def tracking_uri(cfg: Mapping[str, Any], runs_dir: Path) -> str:
@@ -269,11 +275,16 @@ def register(mlflow: Any, run_id: str, name: str, run_dir: Path) -> str:
 def _run_tags(tags: Mapping[str, str]) -> list[Any]:
     from mlflow.entities import RunTag
 
-    return [RunTag(key, value) for key, value in tags.items()]
+    # str(): a RunState goes out as its word, a plain str as MLflow's stores expect.
+    return [RunTag(key, str(value)) for key, value in tags.items()]
 
 
 def _mlflow_status(state: str) -> str:
-    return "FINISHED" if state == "COMPLETED" else "FAILED" if state in ("FAILED", "TIMEOUT") else "KILLED"
+    """How a run's end is said in MLflow: completed is finished, a failure or the time limit
+    failed, any other end killed."""
+    if state == RunState.COMPLETED:
+        return MLFLOW_FINISHED
+    return MLFLOW_FAILED if state in (RunState.FAILED, RunState.TIMEOUT) else MLFLOW_KILLED
 
 
 def finish(run_dir: Path, config: Mapping[str, Any], state: str) -> dict[str, Any]:
@@ -287,7 +298,7 @@ def finish(run_dir: Path, config: Mapping[str, Any], state: str) -> dict[str, An
         Sender(run_dir, mlflow, known).send()
         _artifacts(mlflow, known["run_id"], run_dir, Redactor(config))
         model_name = config["tracking"].get("register_model")
-        if model_name and state == "COMPLETED" and not known.get("registered"):
+        if model_name and state == RunState.COMPLETED and not known.get("registered"):
             registered = {"name": model_name, "version": register(mlflow, known["run_id"], model_name, run_dir)}
             known = _update(run_dir, lambda found: found.update(registered=registered))
         tried = rundir.attempts(run_dir)
@@ -319,12 +330,12 @@ class Live:
 
     def _connect(self) -> Sender:
         mlflow, known = open_run(self.run_dir, self.config)
-        tags = {"tfrun.attempt": self.attempt, "tfrun.state": "RUNNING", "tfrun.host": socket.gethostname()}
+        tags = {"tfrun.attempt": self.attempt, "tfrun.state": RunState.RUNNING, "tfrun.host": socket.gethostname()}
         if os.environ.get("SLURM_JOB_ID"):
             tags["tfrun.slurm_job_id"] = os.environ["SLURM_JOB_ID"]
         _log(mlflow, known["run_id"], tags=_run_tags(tags))
         if known.get("ended"):  # a resumed run: its MLflow run is running again
-            mlflow.update_run(known["run_id"], status="RUNNING")
+            mlflow.update_run(known["run_id"], status=MLFLOW_RUNNING)
             known.pop("ended")
             _update(self.run_dir, lambda found: found.pop("ended", None))
         if self.config["tracking"].get("system_metrics"):
@@ -489,7 +500,7 @@ def finish_sweep(sweep_dir: Path, failed: bool) -> None:
     marker = rundir.read_json(path)
     if not marker or marker.get("ended"):
         return
-    status = "FAILED" if failed else "FINISHED"
+    status = MLFLOW_FAILED if failed else MLFLOW_FINISHED
     client(marker["tracking_uri"]).set_terminated(marker["run_id"], status=status)
     rundir.update_json(path, lambda known: known.update(ended=status), {})
 
@@ -503,4 +514,4 @@ def finish_sweep_if_ended(sweep_dir: Path) -> None:
         return
     states = [rundir.read_status(p).get("state") for p in rundir.sweep_points(sweep_dir)]
     if states and all(s in FINAL for s in states):
-        finish_sweep(sweep_dir, failed=any(s not in ("COMPLETED", "PRUNED") for s in states))
+        finish_sweep(sweep_dir, failed=any(s not in (RunState.COMPLETED, RunState.PRUNED) for s in states))

@@ -1,6 +1,6 @@
 """An asynchronous tuning study: ask Optuna for a trial, run it as its own run (its own Slurm
 job, or a local process), follow every trial in flight with one status refresh per poll
-(:func:`tfrun.targets.control.refresh`: one ``sacct`` for all), report each new epoch's
+(:func:`tfrun.runner.control.refresh`: one ``sacct`` for all), report each new epoch's
 objective to the study, stop the trials the policy prunes, and tell the study how each one
 ended. A new trial starts as soon as a slot frees: never in lock-step batches.
 
@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tfrun import rundir
+from tfrun import rundir, targets
 from tfrun.config.space import Space
 from tfrun.errors import TfrunError
 from tfrun.paths import RunPaths, SweepPaths
 from tfrun.plan import Plan
-from tfrun.states import FINAL
-from tfrun.targets import control
+from tfrun.runner import control
+from tfrun.states import FINAL, RunState
 from tfrun.tune import policies
 from tfrun.tune.tuning import (
     Settings,
@@ -104,7 +104,7 @@ class Study:
         from optuna.trial import TrialState
 
         from tfrun.errors import ConfigError
-        from tfrun.targets.sweeps import SweepOutcome
+        from tfrun.runner.sweeps import SweepOutcome
 
         trial = self.study.ask(self.distributions)
         overrides = self.space.overrides(trial.params)
@@ -126,12 +126,11 @@ class Study:
         self._attach_thread(self.live[-1])
 
     def _record_point(self, plan: Plan, overrides: list[str], number: int) -> None:
-        from tfrun.targets.sweeps import record_points, record_study
+        from tfrun.runner.sweeps import record_points, record_study
 
         if not self.launched:  # (with the first point: a study that plans none leaves no sweep behind)
             record_study(self.found.sweep_dir, self.found.objective, self.found.direction)
-        record_points(self.found.sweep_dir, [plan], [overrides])
-        rundir.update_point(self.found.sweep_dir, Path(plan.run_dir), trial=number, state="PENDING")
+        record_points(self.found.sweep_dir, [plan], [overrides], trial=number, state=RunState.PENDING)
 
     def _launch(self, plan: Plan, number: int, shown: list[str]) -> None:
         self.target = plan.target
@@ -139,12 +138,11 @@ class Study:
             self.pool.launch(plan)
             say(f"trial {number}: {self.pool.description()}: {' '.join(shown)}")
             return
-        if plan.target == "slurm":
-            from tfrun.targets import slurm
-
+        target = targets.get(plan.target)
+        if not target.follows_here:  # submitted; followed by this study's polls
             self.poll_s = min(float(plan.compute.get("poll_s", 2.0)), 2.0)
-            job_ids = slurm.launch([plan], str(SweepPaths.of(self.found.sweep_dir).submitit))
-            say(f"trial {number}: job {job_ids[0]}: {' '.join(shown)}")
+            job = target.submit(plan, SweepPaths.of(self.found.sweep_dir).submitit)
+            say(f"trial {number}: job {job}: {' '.join(shown)}")
             return
         thread = threading.Thread(target=_run_local, args=(plan,), name=f"trial-{number}", daemon=True)
         self._threads[number] = thread
@@ -171,15 +169,15 @@ class Study:
                 plan = Plan.load(run_dir) if RunPaths.of(run_dir).plan.exists() else None
                 if plan is None:
                     plan = self.plan_trial(trial.number, list(trial.user_attrs["overrides"]))
-                job = submitted_job(self.found.sweep_dir, plan) if plan.target == "slurm" else None
+                job = None if targets.followed_here(plan.target) else submitted_job(self.found.sweep_dir, plan)
                 if job:
                     say(f"trial {trial.number}: following job {job} (submitted just before the earlier follower ended)")
                 else:
                     self._launch(plan, trial.number, [])
                     self._attach_thread(live)
                     say(f"trial {trial.number}: submitted now (the earlier follower ended before it did)")
-            elif status.get("target") == "local" and status.get("state") not in FINAL:
-                rundir.update_status(run_dir, state="FAILED", ended=time.time(),
+            elif targets.followed_here(status.get("target")) and status.get("state") not in FINAL:
+                rundir.update_status(run_dir, state=RunState.FAILED, ended=time.time(),
                                      reason="its tuning study's follower ended while it ran locally")
             else:
                 if self.pool is not None and status.get("pool"):  # fed just before the earlier follower ended?
@@ -223,7 +221,7 @@ class Study:
         run in this process's threads, so they are cancelled, and told as failed."""
         if self.pool is not None:
             self.pool.interrupted()  # a local pool ends with its follower: its trials are cancelled
-        local_pool = self.pool is not None and self.target == "local"
+        local_pool = self.pool is not None and targets.followed_here(self.target)
         self._cancel([t for t in self.live if local_pool or (t.thread is not None and t.thread.is_alive())],
                      "its tuning study's follower was stopped while it ran locally")
 
@@ -236,7 +234,7 @@ class Study:
             control.cancel(live.run_dir)
             if live.thread is not None:
                 live.thread.join(timeout=30)
-            if rundir.read_status(live.run_dir).get("state") == "CANCELLED":
+            if rundir.read_status(live.run_dir).get("state") == RunState.CANCELLED:
                 rundir.update_status(live.run_dir, reason=why)
             self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
             rundir.update_point(self.found.sweep_dir, live.run_dir, state=rundir.read_status(live.run_dir).get("state"))
@@ -294,18 +292,18 @@ class Study:
 
         rundir.write_json(RunPaths.of(live.run_dir).prune, {"policy": self.found.policy.name, "epoch": epoch,
                                                             "why": why, "time": time.time(), "trial": live.number})
-        waiting = rundir.read_status(live.run_dir).get("state") in ("PENDING", "PREEMPTED")
+        waiting = rundir.read_status(live.run_dir).get("state") in (RunState.PENDING, RunState.PREEMPTED)
         stop_request(live.run_dir)
         self.study.tell(live.number, state=TrialState.FAIL if failed else TrialState.PRUNED, skip_if_finished=True)
         live.draining = True  # followed (and holding its slot) until it has stopped
-        rundir.update_point(self.found.sweep_dir, live.run_dir, state="PRUNED", pruned_epoch=epoch)
+        rundir.update_point(self.found.sweep_dir, live.run_dir, state=RunState.PRUNED, pruned_epoch=epoch)
         say(f"trial {live.number}: pruned after {epoch} epoch(s) ({self.found.policy.name}: {why})"
             + ("; its job was waiting to run: cancelled" if waiting else ""))
 
     def _ended(self, live: Live, status: dict[str, Any]) -> None:
         from optuna.trial import TrialState
 
-        from tfrun.targets.sweeps import SweepOutcome
+        from tfrun.runner.sweeps import SweepOutcome
 
         self.live.remove(live)
         state = status.get("state")
@@ -313,13 +311,13 @@ class Study:
         curve = objective_curve(live.run_dir, metric)
         if not live.draining:  # (a pruned trial was told already: its storage record is closed)
             self._report(live, curve)  # epochs since the last poll: the policies compare later trials with them
-        value = curve[max(curve)] if curve and state == "COMPLETED" else None
+        value = curve[max(curve)] if curve and state == RunState.COMPLETED else None
         why: str | None  # None: a status with no state
         if value is not None and not math.isfinite(value):
             why, value = f"its {metric} is {value}, not a finite number", None  # never the best, never told as one
         else:
-            why = status.get("reason") or (f"no {metric} recorded" if state == "COMPLETED" else state)
-        if state == "PRUNED" or live.draining:  # (it may have completed before the stop request came)
+            why = status.get("reason") or (f"no {metric} recorded" if state == RunState.COMPLETED else state)
+        if state == RunState.PRUNED or live.draining:  # (it may have completed before the stop request came)
             self.study.tell(live.number, state=TrialState.PRUNED, skip_if_finished=True)
             rundir.update_point(self.found.sweep_dir, live.run_dir, state=state,
                                 pruned_epoch=status.get("pruned_epoch"), objective={"metric": metric, "value": value})
@@ -332,7 +330,7 @@ class Study:
             self.study.tell(live.number, value, skip_if_finished=True)
             say(f"trial {live.number}: {state}: {metric}={value:.6g}")
         rundir.update_point(self.found.sweep_dir, live.run_dir, state=state, objective={"metric": metric, "value": value})
-        if state == "COMPLETED" and not curve and not self._objective_recorded():
+        if state == RunState.COMPLETED and not curve and not self._objective_recorded():
             self._objective_never_recorded(live)
 
     def _objective_recorded(self) -> bool:
@@ -366,15 +364,13 @@ def _running() -> Any:
 
 def _run_local(plan: Plan) -> None:
     """A local trial, in a thread of the follower: its tasks' output goes to their logs only."""
-    from tfrun.targets import local
-    from tfrun.tracking import mlflow_sync
+    from tfrun import runner
 
     try:
         with open(os.devnull, "wb") as sink:
-            state = local.run(plan, out=sink)
-        mlflow_sync.sync_if_asked(plan.run_dir, state)  # (control.refresh does it for Slurm trials)
+            runner.launch(plan, out=sink, report=False, warn=None)
     except Exception as exc:  # the study goes on; the trial is a failed one
-        rundir.update_status(plan.run_dir, run_id=plan.run_id, state="FAILED", target="local", ended=time.time(),
+        rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.FAILED, target="local", ended=time.time(),
                              reason=f"could not run: {exc}")
 
 
@@ -388,7 +384,7 @@ def submitted_job(sweep_dir: Path, plan: Plan) -> str | None:
     for job, args in submitit_compat.submitted(folder):
         if args and str(args[0]) == plan.run_dir:
             now = time.time()
-            rundir.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target="slurm",
+            rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.PENDING, target="slurm",
                                  submitit_folder=str(folder), backend=plan.backend, job_ids=[job], submitted=now,
                                  started=now, ended=None, world_size=len(plan.tasks), failed_rank=None, reason=None)
             return job
@@ -396,43 +392,11 @@ def submitted_job(sweep_dir: Path, plan: Plan) -> str | None:
 
 
 def stop_request(run_dir: Path) -> None:
-    """Ask a pruned trial's tasks to stop (their Keras fit backs up the last epoch and returns):
-    SIGUSR2 to the tasks of a local run; on Slurm, ``scancel --signal=USR2`` if its job runs, and
-    if it waits (queued, held, or requeued) the job is cancelled: it has nothing to back up.
-    Either way a task that starts after ``prune.json`` was written stops at its start
-    (:func:`tfrun.bootstrap.run_task`), so a job that starts in between does not train."""
+    """Ask a pruned trial's tasks to stop (their Keras fit backs up the last epoch and returns),
+    with SIGUSR2 through its target (a job that waits in Slurm's queue is cancelled: it has
+    nothing to back up). Either way a task that starts after ``prune.json`` was written stops
+    at its start (:func:`tfrun.bootstrap.run_task`), so a job that starts in between does not train."""
     import signal
 
-    status = rundir.read_status(run_dir)
-    if status.get("pool"):  # a pool's item: its coordinator signals that item's processes only
-        from tfrun.targets.pool import Pool
+    control.signal(run_dir, signal.SIGUSR2)
 
-        Pool.open(status["pool"]).signal(run_dir, signal.SIGUSR2)
-        return
-    if status.get("target") == "slurm" and status.get("job_ids"):
-        job = status["job_ids"][-1]
-        # Each request is for the job's state only: Slurm refuses a signal to a job that is not
-        # running, after retrying for a minute and a half.
-        _scancel(["--state=PENDING", job])
-        _scancel(["--state=RUNNING", "--signal=USR2", job])
-        return
-    for record in rundir.rank_records(run_dir).values():
-        if record.get("ended") is None and record.get("pid") and record.get("host") == rundir.hostname():
-            try:
-                os.kill(int(record["pid"]), signal.SIGUSR2)
-            except ProcessLookupError:  # it has just ended: there is nothing to stop
-                pass
-
-
-def _scancel(args: list[str]) -> None:
-    """``scancel ARGS``; a failure is said, not raised: the trial is pruned whatever Slurm
-    answers, and stops at its start if its job starts later."""
-    import subprocess
-
-    try:
-        done = subprocess.run(["scancel", *args], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        say(f"scancel {' '.join(args)}: {exc}")
-        return
-    if done.returncode != 0 and "Invalid job id" not in done.stderr:  # (that one: it has ended, as asked)
-        say(f"scancel {' '.join(args)}: {done.stderr.strip() or f'exit code {done.returncode}'}")

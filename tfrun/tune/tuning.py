@@ -24,6 +24,7 @@ from tfrun.config.space import Space
 from tfrun.config.validate import is_whole
 from tfrun.errors import TUNE, ConfigError, TfrunError, require
 from tfrun.paths import RunPaths, SweepPaths
+from tfrun.states import RunState
 from tfrun.tune import policies
 
 # sampler -> the packages it needs beyond Optuna (cmaes and gp are Optuna's, with extras).
@@ -397,13 +398,13 @@ def summary(found: Settings) -> dict[str, Any]:
     points = [p for p in index["points"] if "trial" in p]
     states = [p.get("state") for p in points]
     curves = {p["run_dir"]: objective_curve(Path(p["run_dir"]), found.objective) for p in points}
-    full = max((len(curves[p["run_dir"]]) for p in points if p.get("state") == "COMPLETED"), default=0)
+    full = max((len(curves[p["run_dir"]]) for p in points if p.get("state") == RunState.COMPLETED), default=0)
     used = sum(task_seconds(Path(p["run_dir"])) for p in points)
     per_epoch = epoch_times([Path(p["run_dir"]) for p in points], found.objective)
     usual = statistics.median(per_epoch.values()) if per_epoch else 0.0
     pruned_used = pruned_full = 0.0
     for p in points:
-        if p.get("state") == "PRUNED":
+        if p.get("state") == RunState.PRUNED:
             secs, epochs = task_seconds(Path(p["run_dir"])), len(curves[p["run_dir"]])
             tasks = max(1, len(rundir.rank_records(Path(p["run_dir"]))))
             epoch_s = per_epoch.get(Path(p["run_dir"]), usual)
@@ -412,9 +413,10 @@ def summary(found: Settings) -> dict[str, Any]:
     best = best_point(found.sweep_dir, found.maximize)
     # Done: completed with a value for the objective (a run that completed without one, or with
     # one that is not a finite number, is a failed trial).
-    done = sum(1 for p in points if p.get("state") == "COMPLETED" and (p.get("objective") or {}).get("value") is not None)
-    data = {"trials": len(points), "completed": done, "pruned": states.count("PRUNED"),
-            "failed": len(points) - done - states.count("PRUNED"),
+    done = sum(1 for p in points
+               if p.get("state") == RunState.COMPLETED and (p.get("objective") or {}).get("value") is not None)
+    data = {"trials": len(points), "completed": done, "pruned": states.count(RunState.PRUNED),
+            "failed": len(points) - done - states.count(RunState.PRUNED),
             "task_seconds": round(used, 1), "pruned_task_seconds": round(pruned_used, 1),
             "pruned_full_estimate_s": round(pruned_full, 1), "saved_task_seconds": round(pruned_full - pruned_used, 1),
             "best": best and {"run_dir": best["run_dir"], "value": best["objective"]["value"]},

@@ -1,6 +1,6 @@
 """Hydra launcher that runs sweep points the tfrun way: planned first, then launched
 locally one after another or as Slurm job array(s). A thin adapter: the work is in
-:mod:`tfrun.targets.sweeps`.
+:mod:`tfrun.runner.sweeps`.
 
 No ``from __future__ import annotations`` here: Hydra imports plugin modules without
 registering them in sys.modules, and dataclasses then cannot resolve string annotations."""
@@ -42,7 +42,7 @@ class TfrunLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hydra.core.utils import configure_log, setup_globals
 
-        from tfrun.targets.sweeps import launch_points
+        from tfrun.runner.sweeps import launch_points
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()

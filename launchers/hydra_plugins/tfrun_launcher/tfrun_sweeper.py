@@ -61,8 +61,8 @@ class TfrunSweeper(Sweeper):
         from tfrun.errors import ConfigError, TfrunError
         from tfrun.paths import SweepPaths
         from tfrun.plan import planner
+        from tfrun.runner.sweeps import SweepOutcome, _remove_empty_sweep
         from tfrun.targets.pool import trials
-        from tfrun.targets.sweeps import SweepOutcome, _remove_empty_sweep
         from tfrun.tune import study, tuning
 
         assert self.config is not None and self.hydra_context is not None

@@ -31,7 +31,7 @@ from tfrun.errors import ConfigError
 from tfrun.paths import RunPaths, SweepPaths
 from tfrun.plan import Plan, pools
 from tfrun.plan.pools import PoolSpec
-from tfrun.states import FINAL
+from tfrun.states import FINAL, RunState
 from tfrun.targets.pool.store import Item, PoolStore
 
 # How often a follower asks Slurm about a pool's allocations (its items' states are files).
@@ -68,7 +68,7 @@ class Pool(ABC):
         for plan in plans:
             if rundir.read_status(plan.run_dir).get("pool_item"):
                 continue
-            rundir.update_status(plan.run_dir, run_id=plan.run_id, state="PENDING", target=plan.target,
+            rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.PENDING, target=plan.target,
                                  backend=plan.backend, world_size=len(plan.tasks), submitted=now, started=None,
                                  ended=None, job_ids=[], failed_rank=None, reason=None, **self._owner())
         items = self.store.feed([p.run_dir for p in plans])
@@ -89,7 +89,8 @@ class Pool(ABC):
         RunPaths.of(run_dir).cancel_request.touch()
         item = rundir.read_status(run_dir).get("pool_item")
         if item and self.store.take_back(item):
-            rundir.update_status(run_dir, state="CANCELLED", ended=time.time(), reason="cancelled with tfrun cancel")
+            rundir.update_status(run_dir, state=RunState.CANCELLED, ended=time.time(),
+                                 reason="cancelled with tfrun cancel")
 
     def close(self) -> None:
         """No more items: each allocation ends as soon as the queue is drained."""
@@ -105,7 +106,7 @@ class Pool(ABC):
     def _cancel_waiting(self, item_id: str) -> None:
         data = rundir.read_json(self.store.queue / f"{item_id}.json") or {}
         if self.store.take_back(item_id) and data.get("run_dir"):
-            rundir.update_status(data["run_dir"], state="CANCELLED", ended=time.time(),
+            rundir.update_status(data["run_dir"], state=RunState.CANCELLED, ended=time.time(),
                                  reason="its pool was stopped before it ran")
 
     @abstractmethod
@@ -133,7 +134,7 @@ class SlurmPool(Pool):
         jobs = self.store.allocations()
         if jobs and (fresh or time.monotonic() - self._asked > QUERY_EVERY_S):
             self._info, self._asked = slurm.query(jobs), time.monotonic()
-        return {j: slurm.tfrun_state(self._info[j]["State"]) if j in self._info else "PENDING" for j in jobs}
+        return {j: slurm.tfrun_state(self._info[j]["State"]) if j in self._info else RunState.PENDING for j in jobs}
 
     def live(self, states: dict[str, str]) -> list[str]:
         """Allocations that are queued or running and whose coordinator has not ended."""
@@ -190,7 +191,7 @@ class SlurmPool(Pool):
 
     def _recover(self, item: Item, state: str) -> None:
         """An item whose allocation ended (killed, not requeued) while it ran: it resumes elsewhere."""
-        rundir.update_status(item.run_dir, state="PENDING",
+        rundir.update_status(item.run_dir, state=RunState.PENDING,
                              reason=f"its allocation {item.holder} ended ({state}) while it ran: back in the queue")
         self.store.release(item)
 
@@ -259,7 +260,7 @@ class LocalPool(Pool):
 
 def ended_state(allocation_state: str) -> str:
     """An item's state when its pool ended without running it: as its allocation's end."""
-    return allocation_state if allocation_state in ("CANCELLED", "TIMEOUT") else "FAILED"
+    return allocation_state if allocation_state in (RunState.CANCELLED, RunState.TIMEOUT) else RunState.FAILED
 
 
 def pool_rejected(spec: PoolSpec, exc: Exception) -> ConfigError:
@@ -313,7 +314,7 @@ def refresh_items(items: Sequence[tuple[Path, dict[str, Any]]], info: dict[str, 
         if store.followed() and not store.stopped():
             continue
         jobs = store.allocations()
-        states = {j: slurm.tfrun_state(info[j]["State"]) if j in info else "PENDING" for j in jobs}
+        states = {j: slurm.tfrun_state(info[j]["State"]) if j in info else RunState.PENDING for j in jobs}
         if not jobs or any(s not in FINAL and store.state(j).get("state") != "ended"
                            for j, s in states.items()):
             continue
@@ -322,7 +323,7 @@ def refresh_items(items: Sequence[tuple[Path, dict[str, Any]]], info: dict[str, 
             where, holder = store.where(str(status.get("pool_item")))
             if where not in ("queue", "running"):
                 continue
-            state = ended_state(states.get(str(holder or last), "FAILED"))
+            state = ended_state(states.get(str(holder or last), RunState.FAILED))
             fields = {"state": state, "ended": time.time(),
                       "reason": f"its pool's allocation {holder or last} ended ({states.get(str(holder or last))}) "
                                 f"before it {'finished' if where == 'running' else 'ran'}"}
@@ -360,6 +361,6 @@ def cancel_items(run_dirs: Sequence[Path], statuses: Sequence[dict[str, Any]], w
             pool.stop()
             for run_dir, status in zip(run_dirs, statuses):
                 if status.get("state") not in FINAL and isinstance(pool, SlurmPool):
-                    rundir.update_status(run_dir, state="CANCELLED", ended=time.time(),
+                    rundir.update_status(run_dir, state=RunState.CANCELLED, ended=time.time(),
                                          reason="cancelled with tfrun cancel (its pool was ended)")
     return done

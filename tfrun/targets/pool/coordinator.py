@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from tfrun import rundir, variables
 from tfrun.paths import RunPaths
-from tfrun.states import FINAL
+from tfrun.states import FINAL, RunState
 from tfrun.targets.pool import settle
 from tfrun.targets.pool.slots import Slot
 from tfrun.targets.pool.store import Item, PoolStore
@@ -126,7 +126,7 @@ class Coordinator:
         finally:
             for run in list(self.running.values()):  # not ended in time
                 if why == "cancelled":
-                    self._settle(run.item, {"state": "CANCELLED", "ended": time.time(),
+                    self._settle(run.item, {"state": RunState.CANCELLED, "ended": time.time(),
                                             "reason": "its pool was stopped while it ran"})
                 else:  # back in the queue, to resume elsewhere or in this allocation's next attempt
                     self._release(run.item, f"its allocation ended ({why}) while it ran", attempt=run.attempt)
@@ -265,10 +265,10 @@ class Coordinator:
                 self.store.finish(item)
                 continue
             if RunPaths.of(item.run_dir).cancel_request.exists():
-                self._settle(item, {"state": "CANCELLED", "ended": time.time(),
+                self._settle(item, {"state": RunState.CANCELLED, "ended": time.time(),
                                     "reason": "cancelled with tfrun cancel"})
                 continue
-            pruned = rundir.pruned_fields(item.run_dir, "STOPPED")
+            pruned = rundir.pruned_fields(item.run_dir, RunState.STOPPED)
             if pruned:  # its policy stopped it while it waited (back in the queue after a preemption)
                 self._settle(item, {**pruned, "ended": time.time()})
                 continue
@@ -282,8 +282,8 @@ class Coordinator:
         plan = rundir.Plan.load(item.run_dir)
         minutes = plan.compute.get("timeout_min")
         now = time.time()
-        rundir.update_status(item.run_dir, state="RUNNING", started=now, ended=None, failed_rank=None, reason=None,
-                             exit_codes=None, allocation=self.allocation, slot=slot.index, attempt=attempt,
+        rundir.update_status(item.run_dir, state=RunState.RUNNING, started=now, ended=None, failed_rank=None,
+                             reason=None, exit_codes=None, allocation=self.allocation, slot=slot.index, attempt=attempt,
                              job_ids=[self.allocation] if self.launcher == "slurm" else [], **self.local_fields)
         RunPaths.of(item.run_dir).signal_request.unlink(missing_ok=True)  # meant for an earlier attempt
         env = {variables.ATTEMPT: attempt, variables.LAUNCHER: self.launcher, variables.POOL: str(self.store.path)}
@@ -353,7 +353,7 @@ class Coordinator:
         if attempt is not None:
             rundir.update_attempt(item.run_dir, attempt, ended=time.time(), reason=why, requeued=True,
                                   requeued_by="tfrun")
-        rundir.update_status(item.run_dir, state="PENDING", reason=f"{why}: back in its pool's queue, to resume "
+        rundir.update_status(item.run_dir, state=RunState.PENDING, reason=f"{why}: back in its pool's queue, to resume "
                                                                      f"from its backup")
         self.store.release(item)
 
@@ -387,4 +387,4 @@ class Coordinator:
         if found.get("preempted") or not found:  # (Slurm did not answer: the work is saved, as for a preemption)
             self._begin_stop("preempted")
             return
-        self._begin_stop("timeout" if found.get("job_state") == "TIMEOUT" else "cancelled")
+        self._begin_stop("timeout" if found.get("job_state") == preemption.SLURM_TIMEOUT else "cancelled")

@@ -10,6 +10,7 @@ from typing import Any
 from tfrun import backends, rundir
 from tfrun.model import export
 from tfrun.paths import RunPaths
+from tfrun.states import RunState
 from tfrun.task import preempt
 
 
@@ -17,26 +18,26 @@ def fields(run_dir: str, codes: dict[int, int], outcome: str | None, stopped: bo
     """An item's final status fields from its ranks' exit codes and what was decided before its
     end (``outcome``: cancelled, timeout); ``stopped``: a rank stopped on request."""
     if outcome == "cancelled" or RunPaths.of(run_dir).cancel_request.exists():
-        state = "CANCELLED"
+        state = RunState.CANCELLED
     elif outcome == "timeout":
-        state = "TIMEOUT"
+        state = RunState.TIMEOUT
     elif all(c == 0 for c in codes.values()):
-        state = "COMPLETED"
+        state = RunState.COMPLETED
     elif stopped and all(c in (0, preempt.EXIT_PREEMPTED) for c in codes.values()):
-        state = "STOPPED"
+        state = RunState.STOPPED
     else:
-        state = "FAILED"
+        state = RunState.FAILED
     found: dict[str, Any] = {"state": state, "ended": time.time(),
                              "exit_codes": {str(r): c for r, c in sorted(codes.items())}}
-    if state == "COMPLETED":
+    if state == RunState.COMPLETED:
         found.update(export.status_fields(run_dir))
-    if state == "CANCELLED":
+    if state == RunState.CANCELLED:
         found["reason"] = "cancelled with tfrun cancel"
-    if state == "TIMEOUT":
+    if state == RunState.TIMEOUT:
         found["reason"] = "its time limit (compute.timeout_min) passed"
-    if state == "FAILED":
+    if state == RunState.FAILED:
         found.update(failure(run_dir, codes))
-    if state == "STOPPED":
+    if state == RunState.STOPPED:
         found["reason"] = "stopped on request; continue it with: tfrun resume " + run_dir
     found.update(rundir.hang_fields(run_dir, state))
     found.update(rundir.pruned_fields(run_dir, found["state"]))

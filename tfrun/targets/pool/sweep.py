@@ -14,7 +14,7 @@ from typing import Sequence
 from tfrun import deps, rundir
 from tfrun.paths import RunPaths
 from tfrun.plan import Plan, pools
-from tfrun.states import FINAL
+from tfrun.states import FINAL, RunState
 from tfrun.targets import progress, slurm
 from tfrun.targets.pool import LocalPool, Pool, SlurmPool, refresh_items
 from tfrun.targets.report import print_outcome
@@ -44,19 +44,19 @@ def run_sweep(plans: Sequence[Plan], sweep_dir: str | os.PathLike[str]) -> list[
               file=sys.stderr, flush=True)
         if not first.compute["wait"]:
             slurm._detached(sorted({j.split("_")[0] for j in jobs}), str(sweep_dir))
-            return ["PENDING"] * len(plans)
+            return [RunState.PENDING] * len(plans)
         try:
             return follow_slurm(pool, plans, float(first.compute["poll_s"]))
         except KeyboardInterrupt:
             slurm._detached(sorted({j.split("_")[0] for j in jobs}), str(sweep_dir))
-            return ["DETACHED"] * len(plans)
+            return [RunState.DETACHED] * len(plans)
     assert isinstance(pool, LocalPool)
     try:
         return follow_local(pool, plans)
     except KeyboardInterrupt:
         print("\ntfrun: stopping: the running point backs up and stops; the others do not start", file=sys.stderr)
         pool.interrupt()
-        return [rundir.read_status(p.run_dir).get("state", "CANCELLED") for p in plans]
+        return [rundir.read_status(p.run_dir).get("state", RunState.CANCELLED) for p in plans]
 
 
 def follow_slurm(pool: SlurmPool, plans: Sequence[Plan], poll_s: float) -> list[str]:
@@ -71,7 +71,7 @@ def follow_slurm(pool: SlurmPool, plans: Sequence[Plan], poll_s: float) -> list[
             if unfinished:
                 jobs = pool.store.allocations()
                 refresh_items(unfinished, slurm.query(jobs) if jobs else {})
-            states = {str(d): s.get("state", "PENDING") for d, s in zip(dirs, statuses)}
+            states = {str(d): s.get("state", RunState.PENDING) for d, s in zip(dirs, statuses)}
             shown = slurm.show_sweep(view, plans, states, shown)
             if all(s in FINAL for s in states.values()):
                 return [states[p.run_dir] for p in plans]
@@ -92,7 +92,7 @@ def follow_local(pool: LocalPool, plans: Sequence[Plan]) -> list[str]:
         print(f"tfrun: sweep point {num + 1}/{len(plans)}: {plan.run_id}", file=sys.stderr, flush=True)
         while plan.run_dir not in states:
             status = rundir.read_status(plan.run_dir)
-            if status.get("state") != "PENDING" and plan.run_dir not in tails:
+            if status.get("state") != RunState.PENDING and plan.run_dir not in tails:
                 tails[plan.run_dir] = [_Tail(RunPaths.of(plan.run_dir).rank_log(t.rank), len(plan.tasks) > 1, t.rank)
                                        for t in plan.tasks]
             for tail in tails.get(plan.run_dir, []):
@@ -103,7 +103,7 @@ def follow_local(pool: LocalPool, plans: Sequence[Plan]) -> list[str]:
                 states[plan.run_dir] = status["state"]
                 print_outcome(plan, status["state"])
                 break
-            if pool.thread is not None and not pool.thread.is_alive() and status.get("state") == "PENDING":
+            if pool.thread is not None and not pool.thread.is_alive() and status.get("state") == RunState.PENDING:
                 pool.ensure()  # (it ended idle, or its slots could not start: tried again, then given up)
                 if pool.thread is None or not pool.thread.is_alive():
                     states[plan.run_dir] = _not_run(plan)
@@ -114,10 +114,10 @@ def follow_local(pool: LocalPool, plans: Sequence[Plan]) -> list[str]:
 
 
 def _not_run(plan: Plan) -> str:
-    rundir.update_status(plan.run_dir, state="FAILED", ended=time.time(),
+    rundir.update_status(plan.run_dir, state=RunState.FAILED, ended=time.time(),
                          reason="its pool's slot could not be started (see the pool's logs)")
-    print_outcome(plan, "FAILED")
-    return "FAILED"
+    print_outcome(plan, RunState.FAILED)
+    return RunState.FAILED
 
 
 class _Tail:

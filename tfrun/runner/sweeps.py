@@ -17,7 +17,7 @@ from tfrun import rundir
 from tfrun.errors import ConfigError, RunFailed
 from tfrun.paths import SweepPaths
 from tfrun.plan import Plan, planner
-from tfrun.states import OK
+from tfrun.states import OK, RunState
 
 
 class SweepOutcome:
@@ -30,11 +30,15 @@ class SweepOutcome:
     maximize: bool = True
 
 
-def record_points(sweep_dir: Path, plans: Sequence[Plan], overrides: Sequence[Sequence[str]]) -> None:
-    """Add points to the sweep's index (a tuning sweeper launches several batches)."""
+def record_points(sweep_dir: Path, plans: Sequence[Plan], overrides: Sequence[Sequence[str]], **fields: Any) -> None:
+    """Add points to the sweep's index (a tuning sweeper launches several batches), each with
+    ``fields`` (a trial's number), in one write: a reader never sees a point without them."""
     def add(index: dict[str, Any]) -> None:
         known = {p["run_dir"] for p in index["points"]}
-        index["points"] += [{"run_id": p.run_id, "run_dir": p.run_dir, "overrides": list(o)}
+        for point in index["points"]:  # (one recorded before: its fields are these now)
+            if point["run_dir"] in {p.run_dir for p in plans}:
+                point.update(fields)
+        index["points"] += [{"run_id": p.run_id, "run_dir": p.run_dir, "overrides": list(o), **fields}
                             for p, o in zip(plans, overrides) if p.run_dir not in known]
 
     rundir.update_json(SweepPaths.of(sweep_dir).index, add, {"points": []})
@@ -64,28 +68,20 @@ def objective_value(plan: Plan, metric: str) -> float | None:
 
 
 def run_points(plans: Sequence[Plan], sweep_dir: Path) -> list[str]:
-    """Launch planned points: locally in a pool of one warm slot (one after another), on Slurm
-    as job array(s), or with ``compute.pack_size`` in a pool of allocations."""
-    from tfrun import targets
+    """Launch planned points: as the items of a pool (a packed Slurm sweep, a local sweep whose
+    points fit one slot), as one submission where their target has one (Slurm's job arrays),
+    else one run after another."""
+    from tfrun import runner, targets
     from tfrun.plan import pools
-    from tfrun.targets.report import print_outcome
 
-    if {p.target for p in plans} == {"slurm"}:
-        if pools.is_packed(plans):
-            from tfrun.targets.pool.sweep import run_sweep
-
-            return run_sweep(plans, sweep_dir)
-        return targets.get("slurm").run_many(plans, str(sweep_dir))
-    if {p.target for p in plans} == {"local"} and all(pools.conflict(plans[0], p) is None for p in plans):
-        from tfrun.targets.pool.sweep import run_sweep
-
-        return run_sweep(plans, sweep_dir)
+    if pools.in_pool(plans):
+        return targets.POOL.run_many(plans, sweep_dir)
+    if len({p.target for p in plans}) == 1 and targets.get(plans[0].target).batches:
+        return targets.get(plans[0].target).run_many(plans, sweep_dir)
     states = []  # points of different shapes (a sweep over nodes, backends): each a run of its own
     for num, plan in enumerate(plans):
         print(f"tfrun: sweep point {num + 1}/{len(plans)}: {plan.run_id}", file=sys.stderr, flush=True)
-        state = targets.get(plan.target).run(plan)
-        print_outcome(plan, state)
-        states.append(state)
+        states.append(runner.launch(plan, warn=None))
     return states
 
 
@@ -167,13 +163,13 @@ def _job_return(plan: Plan, ret: Any, state: str, sweep_dir: Path) -> Any:
     if state not in OK:
         SweepOutcome.failed.append(plan.run_id)
     if not metric:
-        ret.return_value = state
+        ret.return_value = str(state)  # the word, not the enum: a Hydra callback may write it out (YAML refuses an enum)
         return ret
-    value = objective_value(plan, metric) if state == "COMPLETED" else None
+    value = objective_value(plan, metric) if state == RunState.COMPLETED else None
     record_objective(sweep_dir, plan, metric, value)
     if value is None:
         ret.status = JobStatus.FAILED
-        ret.return_value = RunFailed(f"run {plan.run_id} {state}" + ("" if state != "COMPLETED" else
+        ret.return_value = RunFailed(f"run {plan.run_id} {state}" + ("" if state != RunState.COMPLETED else
                                      f" without recording the objective metric {metric!r}"))
     else:
         ret.return_value = value
