@@ -22,6 +22,7 @@ from tests.helpers import (
     text_of,
     tfrun_command,
     wait_for,
+    wait_gone,
     without,
 )
 
@@ -242,6 +243,26 @@ def test_ctrl_c_stops_a_verb_that_runs_on(project: Path, verb: str, args: list[s
         if live is not None:
             run_tfrun(project, "cancel", str(live_dir))
             stop(live)
+
+
+def test_tensorboard_ends_with_tfrun_even_when_tfrun_is_killed(project: Path, tmp_path: Path) -> None:
+    """SIGKILL skips tfrun's own clean-up: its TensorBoard and converter end all the same (a
+    TensorBoard left behind kept its port, and the next ``tfrun tensorboard`` could not bind it)."""
+    import psutil
+
+    log = tmp_path / "out.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*tfrun_command(), "tensorboard", "--port", "0"], cwd=project, env=scratch_env(project),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "TensorBoard over" in text_of(log) or proc.poll() is not None, 120, "tfrun tensorboard")
+        children = [c.pid for c in psutil.Process(proc.pid).children()]
+        assert len(children) == 2, text_of(log)  # TensorBoard and the converter
+        proc.kill()
+        proc.wait()
+        assert wait_gone(children, timeout=20) == [], "TensorBoard outlived tfrun"
+    finally:
+        stop(proc)
 
 
 @pytest.mark.parametrize("verb", list(EXTRAS))

@@ -55,10 +55,11 @@ def _serve(cmd: list[str], links: Path, convert: list[str]) -> int:
 
     # The children are tfrun's to stop, each in a session of its own: the terminal's Ctrl-C
     # reaches tfrun only, not a child in the middle of importing TensorFlow.
-    converter = subprocess.Popen(convert, stdin=subprocess.DEVNULL, start_new_session=True)
+    converter = subprocess.Popen(convert, stdin=subprocess.DEVNULL, start_new_session=True,
+                                 preexec_fn=_end_with_parent)
     # TensorBoard too: a Ctrl-C while it still imports would end it with a traceback. tfrun
     # stops it below, whenever tfrun is stopped.
-    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_end_with_parent)
     # A SIGTERM to tfrun, or its terminal closing (SIGHUP), ends TensorBoard too: as an exit,
     # the `finally` below runs.
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -79,3 +80,17 @@ def _serve(cmd: list[str], links: Path, convert: list[str]) -> int:
             converter.terminate()
             converter.wait()
         shutil.rmtree(links, ignore_errors=True)
+
+
+def _end_with_parent() -> None:
+    """In a child, before it starts: it gets SIGTERM when tfrun's process ends, however that
+    ends. A SIGKILL skips tfrun's own clean-up, and a TensorBoard left behind keeps its port
+    (a later ``tfrun tensorboard`` on 6006 then cannot bind it). Linux's prctl; elsewhere the
+    clean-up above is all there is."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl here (not Linux): nothing more to do
+        pass
