@@ -290,6 +290,7 @@ class Session:
     served: list[Served] = field(default_factory=list)
     serving_lock: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     ran: list[str] = field(default_factory=list)
+    venv_bin: Path | None = None  # the page's own environment, for what it installs from the checkout
 
     def __post_init__(self) -> None:
         self.cwd = self.project
@@ -310,8 +311,18 @@ class Session:
 
     def env(self, checkout: bool) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TFRUN_", "SLURM_"))}
-        # `tfrun`, `pip` and `python` are those of the interpreter running the tests.
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # `tfrun`, `pip` and `python` are those of the interpreter running the tests, except in
+        # the checkout: there `pip install -e .` goes into an environment of the page's own over
+        # it. Reinstalled in the tests' own, tfrun is missing for a moment under every other test
+        # running meanwhile.
+        bins = [str(Path(sys.executable).parent)]
+        if checkout:
+            if self.venv_bin is None:
+                from tests.helpers import private_venv
+
+                self.venv_bin = private_venv(self.project / ".venv")
+            bins.insert(0, str(self.venv_bin))
+        env["PATH"] = os.pathsep.join([*bins, env.get("PATH", "")])
         env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", TFRUN_ENV_CACHE=str(self.project / ".envs"))
         if checkout:  # runs made in the checkout land in the page's own runs dir
             env["TFRUN_RUNS_DIR"] = str(self.project / "tfrun-runs")

@@ -428,7 +428,10 @@ def test_a_node_cut_off_mid_training_is_named_and_the_job_ends_or_resumes(tmp_pa
     assert status["state"] == "COMPLETED", status
     log = (run_dir / "logs/rank0.log").read_text()
     resumed = re.findall(r"tfrun: resumed from the backup of epoch (\d+)", log)
-    assert resumed and int(resumed[-1]) == backed_up >= 1, (backed_up, log[-3000:])
+    # The backup on disk when the hang was named, or a later one: the link is up again before
+    # the requeue's SIGTERM may come, and then the ranks agree on a batch to stop at and save it.
+    # Either way nothing on disk is lost, and each epoch is recorded once (below).
+    assert resumed and int(resumed[-1]) >= backed_up >= 1, (backed_up, log[-3000:])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r.get("epoch") is not None] == list(range(8))  # each epoch once
 
