@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Mapping, Sequence
 
 from tfrun import rundir
+from tfrun.errors import TfrunError
 from tfrun.paths import RunPaths
 from tfrun.states import FINAL, RunState
 
@@ -48,7 +49,7 @@ class Target(ABC):
     def submit(self, plan: Plan, folder: Path) -> str:
         """Hand the run to the scheduler without following it (a tuning study follows its
         trials itself); its job id. Only for a target that does not follow its runs here."""
-        raise NotImplementedError(f"a {self.name} run is followed by the process that starts it")
+        raise TfrunError(f"a {self.name} run is not handed to a scheduler: the process that starts it follows it")
 
     def run_many(self, plans: Sequence[Plan], sweep_dir: Path) -> list[str]:
         """The points of a sweep, each one's state; by default one run after another."""
