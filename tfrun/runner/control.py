@@ -44,23 +44,28 @@ def refresh(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
 
 
 def _refreshed(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
-    from tfrun import targets
-
     statuses = [rundir.read_status(d) for d in run_dirs]
-    by_target: dict[str, tuple[targets.Target, list[tuple[Path, dict[str, Any]]]]] = {}
-    for run_dir, status in zip(run_dirs, statuses):
-        if status.get("state") not in FINAL:
-            target = targets.of(status)
-            by_target.setdefault(target.name, (target, []))[1].append((run_dir, status))
-    jobs = [job for target, unfinished in by_target.values() for job in target.jobs(unfinished)]
+    by_target = _by_target([(d, s) for d, s in zip(run_dirs, statuses) if s.get("state") not in FINAL])
+    jobs = [job for target, unfinished in by_target for job in target.jobs(unfinished)]
     info: dict[str, dict[str, str]] = {}
     if jobs:
         from tfrun.targets import slurm
 
         info = slurm.query(jobs)  # one scheduler query for every target's runs
-    for target, unfinished in by_target.values():
+    for target, unfinished in by_target:
         target.poll(unfinished, info)
     return statuses
+
+
+def _by_target(runs: Sequence[tuple[Path, dict[str, Any]]]) -> list[tuple[Any, list[tuple[Path, dict[str, Any]]]]]:
+    """Runs (dir, status) grouped by the target that runs them (:func:`tfrun.targets.of`)."""
+    from tfrun import targets
+
+    groups: dict[str, tuple[targets.Target, list[tuple[Path, dict[str, Any]]]]] = {}
+    for run_dir, status in runs:
+        target = targets.of(status)
+        groups.setdefault(target.name, (target, []))[1].append((run_dir, status))
+    return list(groups.values())
 
 
 def _lost(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
@@ -132,18 +137,12 @@ def _may_run(run_dir: Path, status: dict[str, Any] | None, launch: Mapping[str, 
 def cancel(path: Path) -> list[str]:
     """Cancel a run or every unfinished point of a sweep; what was cancelled. A pool's item is
     cancelled alone; a whole sweep or study in a pool ends its pool."""
-    from tfrun import targets
-
     dirs = run_dirs_of(path)
     whole = not is_run_dir(path)
     if whole:
         # First, so that a study's follower sees it before it sees its trials end: it starts no more.
         SweepPaths.of(path).cancel_request.touch()
-    by_target: dict[str, tuple[targets.Target, list[tuple[Path, dict[str, Any]]]]] = {}
-    for run_dir, status in zip(dirs, refresh(dirs)):
-        target = targets.of(status)
-        by_target.setdefault(target.name, (target, []))[1].append((run_dir, status))
-    return [name for target, runs in by_target.values() for name in target.cancel(runs, whole)]
+    return [name for target, runs in _by_target(list(zip(dirs, refresh(dirs)))) for name in target.cancel(runs, whole)]
 
 
 def signal(run_dir: Path, signum: int) -> None:
