@@ -27,15 +27,24 @@ def _frozen(value: Any) -> Any:
     """A section's value as a frozen dataclass holds it: lists as tuples, mappings read-only."""
     if isinstance(value, list):
         return tuple(_frozen(v) for v in value)
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         return MappingProxyType(dict(value))
     return value
+
+
+_FIELDS: dict[type, frozenset[str]] = {}  # a section's field names, read once per class
+
+
+def _field_names(cls: type) -> frozenset[str]:
+    if cls not in _FIELDS:
+        _FIELDS[cls] = frozenset(f.name for f in dataclasses.fields(cls))
+    return _FIELDS[cls]
 
 
 def _section(cls: type[_Section], data: Mapping[str, Any], **given: Any) -> _Section:
     """``cls`` from a section's keys that name its fields (others stay in the plain data); a
     field the section lacks keeps the dataclass's default (a key another option of the group has)."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = _field_names(cls)
     values = {k: _frozen(v) for k, v in data.items() if k in names and k not in given}
     return cls(**values, **given)
 
@@ -156,7 +165,7 @@ class Tracking:
 class Settings:
     """tfrun's own settings (the ``tfrun`` section)."""
 
-    runs_dir: Path  # absolute
+    runs_dir: Path  # from the cwd the run was asked from (not resolved: a plan resolves it)
     name: str | None = None
     objective: str | None = None
     tags: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
@@ -200,7 +209,7 @@ def from_data(data: Mapping[str, Any], cwd: Path | None = None) -> RunConfig:
         export=_section(Export, data["export"]),
         tracking=_section(Tracking, tracking, options=MappingProxyType(tracking))
         if isinstance(tracking, Mapping) else Tracking(),
-        tfrun=_section(Settings, data["tfrun"], runs_dir=(cwd / str(data["tfrun"]["runs_dir"])).resolve()),
+        tfrun=_section(Settings, data["tfrun"], runs_dir=cwd / str(data["tfrun"]["runs_dir"])),
         trainer=MappingProxyType(data["trainer"]),
         cwd=cwd,
         data=MappingProxyType(dict(data)),
