@@ -6,7 +6,7 @@ made into a :class:`RunConfig` by :func:`from_data`. The plan floor reads its se
 attributes; :attr:`RunConfig.data` is the same run as plain data, which the plan stores as
 it is (``plan.json``'s ``config``, read back by every task).
 
-:class:`tfrun.config.schema.RunConfig` is the Hydra-side schema a composition is checked
+:class:`tfrun.config.schema.RootConfig` is the Hydra-side schema a composition is checked
 against; this is what that composition becomes once resolved and checked.
 """
 from __future__ import annotations
