@@ -112,7 +112,7 @@ def wrap(owner, name, label):
     setattr(owner, name, timed)
 from hydra.plugins import sweeper
 from hydra._internal import config_loader_impl
-import tfrun.config.hydra_files, tfrun.plan.planner, tfrun.runner.sweeps, tfrun.targets.slurm, tfrun.targets.pool
+import tfrun.config.composition, tfrun.config.hydra_files, tfrun.plan.planner, tfrun.runner.sweeps, tfrun.targets.slurm, tfrun.targets.pool
 wrap(sweeper.Sweeper, "validate_batch_is_legal", "validate")
 import tfrun.config.points  # tfrun_basic's check, point by point (Hydra loads the plugin's class itself)
 wrap(tfrun.config.points.PointComposer, "check", "validate")
@@ -120,7 +120,7 @@ wrap(config_loader_impl.ConfigLoaderImpl, "load_sweep_config", "compose")
 wrap(tfrun.config.hydra_files, "save_yaml", "save_config")
 wrap(tfrun.config.hydra_files, "write_texts", "save_config")  # a point planned from resolved values
 wrap(tfrun.plan.planner, "plan_points", "plan_points")
-wrap(tfrun.plan.planner, "plan_composed", "plan_point")
+wrap(tfrun.config.composition, "points", "config_points")
 wrap(tfrun.runner.sweeps, "_job", "job")
 wrap(tfrun.runner.sweeps, "run_points", "run_points")
 wrap(tfrun.targets.slurm, "submit", "submit")
@@ -379,10 +379,10 @@ def profile_table(path: Path, start: float, points: int) -> list[str]:
         ("  of which the rest (each point's values read; a point that is composed: its copy)",
          max(0.0, validate - compose)),
         ("plan every point (tfrun.plan.planner.plan_points)", plan_points),
-        ("  of which points planned from a composition (plan_composed: HydraConfig, build_plan, in_sweep)",
-         get("plan_point")),
-        ("  of which the rest (points planned from resolved values: build_plan, in_sweep)",
-         plan_points - get("plan_point")),
+        ("  of which each point's run config: composed or resolved, checked (tfrun.config.composition.points)",
+         get("config_points")),
+        ("  of which the rest (the plans built from them: build_plan, the sbatch request)",
+         plan_points - get("config_points")),
         ("run dirs: .hydra/*.yaml and a JobReturn per point (tfrun.runner.sweeps._job)", get("job")),
         ("  of which .hydra/*.yaml per point", get("save_config")),
         ("launch: plan.json, sbatch, status.json (run_points)", get("run_points")),

@@ -57,7 +57,7 @@ FALLBACK_HELP: dict[tuple[str, str], str] = {
     ("ExportConfig", "format"): "the export format (set by the option; not changed by hand)",
     ("OnnxExportConfig", "opset"): "ONNX opset to convert to",
     ("TrackingConfig", "kind"): "the tracking service (set by the option; not changed by hand)",
-    ("RunConfig", "trainer"): "the script's parameters, free-form: `trainer.lr=0.01` reaches it as `--lr 0.01`",
+    ("RootConfig", "trainer"): "the script's parameters, free-form: `trainer.lr=0.01` reaches it as `--lr 0.01`",
 }
 
 
@@ -232,7 +232,7 @@ def config_page() -> str:
              "## Top level", "",
              "| section | what it is |", "|---|---|",
              "| `entry` | the script and how its parameters reach it (below) |",
-             f"| `trainer` | {help_for(schema.RunConfig, 'trainer')} |",
+             f"| `trainer` | {help_for(schema.RootConfig, 'trainer')} |",
              *[f"| `{g}` | a config group: options {', '.join(f'`{o}`' for o in _options(g))} |" for g in GROUP_SCHEMAS],
              "| `tfrun` | settings of tfrun itself (below) |", ""]
     for section, cls in (("entry", schema.EntryConfig), ("tfrun", schema.TfrunSettings)):

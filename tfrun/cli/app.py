@@ -171,10 +171,11 @@ def run_plan_here(cfg: Any) -> str:
     """Hydra task function body (``--cfg``-style invocations that still run)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from tfrun.config.compose import to_run_config
+    from tfrun.config import compose, run_config
     from tfrun.plan.build import build_plan
 
-    return launch_plan(build_plan(to_run_config(cfg), HydraConfig.get().runtime.output_dir))
+    run = run_config.from_data(compose.to_run_config(cfg))
+    return launch_plan(build_plan(run, HydraConfig.get().runtime.output_dir))
 
 
 def run_sweep(argv: list[str]) -> int:

@@ -242,7 +242,7 @@ class TfrunSettings:
 
 
 @dataclass
-class RunConfig:
+class RootConfig:
     """The root of a composed run."""
 
     entry: EntryConfig = field(default_factory=EntryConfig)

@@ -35,7 +35,7 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
 }
 ROOT_SCHEMA = "tfrun_schema"  # the root config's schema (conf/config.yaml names it first)
 # config path -> dataclass, as Hydra names them.
-SCHEMAS: dict[str, type] = {ROOT_SCHEMA: schema.RunConfig, **{
+SCHEMAS: dict[str, type] = {ROOT_SCHEMA: schema.RootConfig, **{
     f"schema/{group}/{name}": node for group, options in GROUP_SCHEMAS.items() for name, node in options.items()}}
 
 

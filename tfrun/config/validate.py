@@ -13,14 +13,18 @@ ONNX_PACKAGES = ("tf2onnx", "onnxruntime", "onnx")  # what export=onnx needs whe
 MIN_OPSET = 7  # tf2onnx's lowest
 FLAG_STYLES = ("keep", "dashes")
 PACK_MODES = ("off", "auto")
-# How a pool's slot starts each item (tfrun.plan.pools).
+# How a pool's slot (tfrun.plan.pools) starts each item (compute.warm): fork: a fresh process
+# forked from the slot's warm interpreter (the imports were paid once per slot); spawn: a fresh
+# interpreter started while the previous item runs, with the same imports done before its item
+# comes (for libraries that must not be forked); cold: a new interpreter when the item comes,
+# importing everything itself.
 WARM_MODES = ("fork", "spawn", "cold")
 BOOL_STYLES = ("flag", "value")
 
 
 def check_run(cfg: Mapping[str, Any]) -> None:
     """Every check of a composed, resolved run config that needs no file of the project: one
-    pass, before a plan is built from it (:func:`tfrun.plan.build.build_plan`)."""
+    pass, as the run config a plan is built from is made (:func:`tfrun.config.run_config.from_data`)."""
     check_entry(cfg["entry"])
     check_compute(cfg["compute"])
     check_trainer(cfg["trainer"])

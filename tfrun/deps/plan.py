@@ -69,7 +69,8 @@ class DepsPlan:
 class _Ctx(NamedTuple):
     deps: Mapping[str, Any]
     base_python: str
-    compute: Mapping[str, Any]
+    target: str  # local or slurm
+    gpus: bool  # the run asks for GPUs
     run_dir: str
     script: str
     source_dir: str
@@ -81,19 +82,20 @@ def say(message: str) -> None:
     print(f"tfrun: {message}", file=sys.stderr, flush=True)
 
 
-def plan_for(deps: Mapping[str, Any], base_python: str, compute: Mapping[str, Any], run_dir: str,
+def plan_for(deps: Mapping[str, Any], base_python: str, target: str, gpus: bool, run_dir: str,
              script: str, source_dir: str, cwd: Path) -> DepsPlan:
-    """The :class:`DepsPlan` of a composed ``deps`` section. Raises ConfigError for what cannot work."""
+    """The :class:`DepsPlan` of a composed ``deps`` section, for a run on ``target`` (local or
+    slurm) that asks for GPUs or not. Raises ConfigError for what cannot work."""
     kind = deps.get("kind", "none")
     if kind not in KINDS:
         raise ConfigError.invalid("deps.kind", kind, KINDS)
     # entry.python may be a name on PATH (python3.11) or a path
     base = (shutil.which(base_python) or base_python) if os.sep not in base_python else os.path.abspath(base_python)
-    ctx = _Ctx(deps, base, compute, run_dir, script, source_dir, cwd)
+    ctx = _Ctx(deps, base, target, gpus, run_dir, script, source_dir, cwd)
     if kind == "none":
-        if compute["target"] == "local" and os.path.abspath(base) != os.path.abspath(sys.executable):
+        if target == "local" and os.path.abspath(base) != os.path.abspath(sys.executable):
             interpreter(base)  # it runs here: else a clear error now, not a traceback at launch
-        return DepsPlan(kind="none", target=compute["target"], python=base_python, base_python=ctx.base_python)
+        return DepsPlan(kind="none", target=target, python=base_python, base_python=ctx.base_python)
     return {"pip": _plan_pip, "conda": _plan_conda, "modules": _plan_modules, "container": _plan_container}[kind](ctx)
 
 
@@ -196,10 +198,10 @@ def _built(ctx: _Ctx, kind: str, spec: dict[str, Any], packages: list[str], step
     key = _key(kind, spec)
     env = cache / key
     setup = []
-    if ctx.compute["target"] == "slurm" and build_on == "job":
+    if ctx.target == "slurm" and build_on == "job":
         setup = [f"{shlex.quote(ctx.base_python)} -u -m tfrun.deps build "
                  f"{shlex.quote(str(spec_file(cache, key)))} || exit 1"]
-    return DepsPlan(kind=kind, target=ctx.compute["target"], python=str(env / python_in_env),
+    return DepsPlan(kind=kind, target=ctx.target, python=str(env / python_in_env),
                     base_python=ctx.base_python, key=key, path=str(env), cached=is_complete(env),
                     build_on=build_on, packages=packages, spec=spec, steps=steps, setup=setup)
 
@@ -294,8 +296,8 @@ def _plan_modules(ctx: _Ctx) -> DepsPlan:
     if not modules and not d.get("purge"):
         raise ConfigError.invalid("deps.modules", modules, "at least one module name, e.g. deps.modules=[cuda/12.4]")
     lines = load_lines(modules, bool(d.get("purge")))
-    slurm = ctx.compute["target"] == "slurm"
-    return DepsPlan(kind="modules", target=ctx.compute["target"], python=ctx.base_python, base_python=ctx.base_python,
+    slurm = ctx.target == "slurm"
+    return DepsPlan(kind="modules", target=ctx.target, python=ctx.base_python, base_python=ctx.base_python,
                     packages=modules, setup=lines if slurm else [], modules=[] if slurm else lines)
 
 
@@ -307,12 +309,11 @@ def _plan_container(ctx: _Ctx) -> DepsPlan:
     if "://" not in str(image):
         image = str(_input_file("deps.image", image, ctx.cwd))
     runtime = _choice("deps.runtime", d.get("runtime", "apptainer"), container.RUNTIMES)
-    gpus = bool(ctx.compute.get("gpus_per_node") or ctx.compute.get("gpus_per_task"))
-    nv = gpus if d.get("nv") is None else bool(d.get("nv"))
+    nv = ctx.gpus if d.get("nv") is None else bool(d.get("nv"))
     bound = container.binds([str(b) for b in d.get("binds") or []], ctx.run_dir, ctx.source_dir, ctx.script,
                             runtime_sources())
     prefix = container.command_prefix(runtime, str(image), nv, list(d.get("exec_args") or []), bound)
-    return DepsPlan(kind="container", target=ctx.compute["target"], python=str(d.get("python") or "python3"),
+    return DepsPlan(kind="container", target=ctx.target, python=str(d.get("python") or "python3"),
                     base_python=ctx.base_python, packages=[str(image)], spec={"image": str(image), "runtime": runtime},
                     command_prefix=prefix)
 

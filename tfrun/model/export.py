@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         record = export_run(argv[0], settings_for(argv[0]))
-    except ConfigError as exc:  # build_plan checked the settings: only an edited plan.json gets here
+    except ConfigError as exc:  # the run config was checked before its plan: only an edited plan.json gets here
         record = {"format": "onnx", "passed": False, "onnx": None, "error": str(exc)}
         rundir.write_json(RunPaths.of(argv[0]).export, record)
     print(f"tfrun: {summary(record)}", file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""RunConfig -> Plan: a frozen, plain-data description of everything a run will do.
+"""RunConfig (:mod:`tfrun.config.run_config`) -> Plan: a frozen, plain-data description of everything a run will do.
 
 Building a plan has no side effects. ``--dry-run`` prints it, tests assert on it, the
 launchers write it to the run dir as ``plan.json``, and the bootstrap in every task
@@ -10,13 +10,15 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from tfrun import backends, variables
-from tfrun.config import validate
 from tfrun.paths import RunPaths
 from tfrun.plan import sbatch
 from tfrun.rundir import Plan, Task
+
+if TYPE_CHECKING:  # what a plan is built from: made and checked in config/ (tfrun.config.composition)
+    from tfrun.config.run_config import Compute, RunConfig
 
 
 def script_args(trainer: Mapping[str, Any], prefix: str, style: str, bools: str = "flag") -> list[str]:
@@ -73,67 +75,57 @@ def run_id_for(run_dir: Path, runs_dir: Path) -> str:
         return run_dir.name
 
 
-def build_plan(cfg: Mapping[str, Any], run_dir: str | os.PathLike[str], cwd: Path | None = None) -> Plan:
-    """Validate a composed, resolved config and describe the run it asks for.
+def build_plan(run: RunConfig, run_dir: str | os.PathLike[str], sweep_dir: str | None = None) -> Plan:
+    """Describe the run a checked config asks for (``sweep_dir``: the sweep it is a point of).
 
-    Raises :class:`tfrun.errors.ConfigError` for anything that cannot run.
+    Raises :class:`tfrun.errors.ConfigError` for an environment (``deps``) that cannot work.
     """
     # Imported here: the runner of a packed allocation, which imports this package for its
     # points' job steps, does not need deps.
     from tfrun import deps
 
-    cwd = cwd or Path.cwd()
-    compute, backend_cfg, entry = cfg["compute"], cfg["backend"], cfg["entry"]
-    validate.check_run(cfg)
-    backend = backends.get(backend_cfg["name"])
-    script, source_dir = validate.resolve_script(entry, cwd)
+    compute, entry = run.compute, run.entry
+    backend = backends.get(run.backend.name)
+    world_size = compute.world_size
+    run_path = (run.cwd / run_dir).resolve()
+    run_id = run_id_for(run_path, run.tfrun.runs_dir)
+    flags = script_args(run.trainer, entry.flag_prefix, entry.flag_style, entry.bool_style)
+    argv = [str(entry.script), *flags, *entry.args]
 
-    world_size = compute["nodes"] * compute["tasks_per_node"]
-    backend.check(backend_cfg, world_size)
-    run_path = (cwd / run_dir).resolve()
-    run_id = run_id_for(run_path, cwd / cfg["tfrun"]["runs_dir"])
-    flags = script_args(cfg["trainer"], entry["flag_prefix"], entry["flag_style"], entry.get("bool_style", "flag"))
-    argv = [str(script), *flags, *entry["args"]]
-    gpus_per_task = compute.get("gpus_per_task") or compute["gpus_per_node"] // compute["tasks_per_node"]
-
-    extra_env = {str(k): str(v) for k, v in cfg["deps"].get("env", {}).items()}
-    if backend_cfg.get("legacy_keras"):
+    extra_env = {str(k): str(v) for k, v in run.deps.env.items()}
+    if run.backend.legacy_keras:
         extra_env["TF_USE_LEGACY_KERAS"] = "1"
 
     tasks = []
-    roles = backend.roles(backend_cfg, world_size)
+    roles = backend.roles(run.backend.options, world_size)
     for rank, (role, role_index, runs_script) in enumerate(roles):
-        ident = {"rank": rank, "local_rank": rank % compute["tasks_per_node"], "node_index": rank // compute["tasks_per_node"]}
-        env = {**base_env(run_id, str(run_path), ident, role, world_size, backend_cfg["name"]), **extra_env}
+        ident = {"rank": rank, "local_rank": rank % compute.tasks_per_node, "node_index": rank // compute.tasks_per_node}
+        env = {**base_env(run_id, str(run_path), ident, role, world_size, run.backend.name), **extra_env}
         tasks.append(Task(
             **ident, role=role, role_index=role_index, runs_script=runs_script, argv=argv, env=env,
-            gpus=local_gpus(ident["local_rank"], gpus_per_task) if compute["target"] == "local" else None,
-            tf_config=backend.tf_config(backend_cfg, roles, rank),
+            gpus=local_gpus(ident["local_rank"], compute.gpus_per_rank) if compute.target == "local" else None,
+            tf_config=backend.tf_config(run.backend.options, roles, rank),
         ))
 
-    deps_plan = deps.plan_for(cfg["deps"], entry.get("python") or sys.executable, compute, str(run_path),
-                              str(script), str(source_dir), cwd)
+    gpus = bool(compute.gpus_per_node or compute.gpus_per_task)
+    deps_plan = deps.plan_for(run.deps.options, entry.python or sys.executable, compute.target, gpus, str(run_path),
+                              str(entry.script), str(entry.source_dir), run.cwd)
     python = deps_plan.python  # the environment's interpreter (or the container's)
     plan = Plan(
-        run_id=run_id, run_dir=str(run_path), target=compute["target"], backend=backend_cfg["name"],
-        script=str(script), source_dir=str(source_dir), python=python,
+        run_id=run_id, run_dir=str(run_path), target=compute.target, backend=run.backend.name,
+        script=str(entry.script), source_dir=str(entry.source_dir), python=python,
         command=[*deps_plan.command_prefix, python, "-u", "-m", "tfrun.bootstrap", str(run_path)], tasks=tasks,
-        config=dict(cfg), deps=deps_plan.to_dict(),
-        warnings=[w for w in [validate.keras3_warning(script, backend_cfg)] if w],
+        config=dict(run.data), deps=deps_plan.to_dict(), warnings=list(run.warnings),
     )
-    return replace(plan, request=target_request(plan))
+    return replace(plan, request=target_request(plan, sweep_dir, compute))
 
 
-def in_sweep(plan: Plan, sweep_dir: str | os.PathLike[str]) -> Plan:
-    """The plan of a sweep point: the launcher's request as the sweep will submit it."""
-    return replace(plan, request=target_request(plan, sweep_dir=str(sweep_dir)))
-
-
-def target_request(plan: Plan, sweep_dir: str | None = None) -> dict[str, Any]:
+def target_request(plan: Plan, sweep_dir: str | None = None, compute: Compute | None = None) -> dict[str, Any]:
     """What the compute target is asked to do (``--dry-run`` shows it): on Slurm the exact
-    sbatch script; here, one process per task with the variables that say which."""
+    sbatch script (``compute``: the plan's, typed, when the caller has it); here, one process
+    per task with the variables that say which."""
     if plan.target == "slurm":
-        return sbatch.request(plan, sweep_dir)
+        return sbatch.request(plan, sweep_dir, compute)
     return {"processes": [{"rank": t.rank, "argv": plan.command, "env": task_launch_env(t.rank)} for t in plan.tasks]}
 
 

@@ -20,18 +20,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from tfrun import deps, variables
-from tfrun.config import validate
+from tfrun.config.run_config import Compute
 from tfrun.errors import ConfigError
 from tfrun.paths import SweepPaths
 from tfrun.plan import sbatch, submitit_compat
 from tfrun.rundir import Plan
 
 AGENT_MODULE = "tfrun.targets.pool.agent"
-# How a slot starts each item (compute.warm): fork: a fresh process forked from the slot's warm
-# interpreter (the imports were paid once per slot); spawn: a fresh interpreter started while the
-# previous item runs, with the same imports done before its item comes (for libraries that must
-# not be forked); cold: a new interpreter when the item comes, importing everything itself.
-WARM_MODES = validate.WARM_MODES
 # Modules worth importing ahead when the script imports them (seconds each); anything else
 # (the user's own modules, whose import may have effects) is imported by the item itself.
 HEAVY = ("tensorflow", "keras", "tf_keras", "numpy", "scipy", "sklearn", "pandas")
@@ -53,7 +48,7 @@ class PoolSpec:
     tasks_per_node: int
     backend: str
     python: list[str]  # the slots' interpreter: the deps environment's, or the container's command
-    warm: str  # one of WARM_MODES
+    warm: str  # one of tfrun.config.validate.WARM_MODES
     preload: list[str]  # imported before an item comes
     env: dict[str, str]  # set before those imports: the Keras flavour, deps.env
     idle_timeout_s: float  # an allocation with nothing to do and no item fed ends after this
@@ -75,22 +70,19 @@ class PoolSpec:
         return cls(**dict(data))
 
 
-def pack_allocations(compute: Mapping[str, Any], points: int) -> int:
+def pack_allocations(compute: Compute, points: int) -> int:
     """How many allocations a packed sweep of ``points`` holds: ceil(points / compute.pack_size),
     or with pack=auto at most array_parallelism, each for at least AUTO_MIN_POINTS points."""
-    if compute.get("pack") == "auto":
-        per = max(math.ceil(points / compute["array_parallelism"]), min(AUTO_MIN_POINTS, points))
+    if compute.pack == "auto":
+        per = max(math.ceil(points / compute.array_parallelism), min(AUTO_MIN_POINTS, points))
     else:
-        per = max(1, int(compute.get("pack_size") or 1))
+        per = max(1, int(compute.pack_size or 1))
     return math.ceil(points / per)
 
 
 def is_packed(plans: Sequence[Plan]) -> bool:
     """Does this Slurm sweep ask for packing (its points then run in a pool)?"""
-    if not plans or plans[0].target != "slurm":
-        return False
-    c = plans[0].compute
-    return c.get("pack") == "auto" or int(c.get("pack_size") or 1) > 1
+    return bool(plans) and plans[0].target == "slurm" and Compute.of(plans[0].compute).packed
 
 
 def in_pool(plans: Sequence[Plan]) -> bool:
@@ -124,7 +116,7 @@ def _script_modules(script: str) -> tuple[str, ...]:
 def preload_for(plan: Plan) -> list[str]:
     """``compute.preload``: a list as given, or ``auto``: what the script imports of HEAVY, with
     TensorFlow and the run's Keras first when it uses either or its backend does."""
-    setting = plan.compute.get("preload", "auto")
+    setting = Compute.of(plan.compute).preload
     if setting != "auto":
         return [str(m) for m in setting or []]
     found = script_modules(plan.script)
@@ -190,25 +182,25 @@ def check_items(first: Plan, plans: Sequence[Plan], what: str) -> None:
 
 def spec_for(first: Plan, allocations: int, slots: int, idle_timeout_s: float) -> PoolSpec:
     """The pool whose slots are shaped like ``first``'s tasks (checked: see :func:`check_settings`)."""
-    c = first.compute
-    warm = str(c.get("warm", "fork"))
-    return PoolSpec(target=first.target, allocations=allocations, slots=slots, nodes=int(c["nodes"]),
-                    tasks_per_node=int(c["tasks_per_node"]), backend=first.backend, python=deps.python_words(first),
-                    warm=warm, preload=preload_for(first), env=warm_env(first), idle_timeout_s=float(idle_timeout_s),
-                    compute=dict(c), setup=deps.setup_lines(first))
+    c = Compute.of(first.compute)
+    return PoolSpec(target=first.target, allocations=allocations, slots=slots, nodes=int(c.nodes),
+                    tasks_per_node=int(c.tasks_per_node), backend=first.backend, python=deps.python_words(first),
+                    warm=str(c.warm), preload=preload_for(first), env=warm_env(first),
+                    idle_timeout_s=float(idle_timeout_s), compute=dict(first.compute), setup=deps.setup_lines(first))
 
 
 def allocation_parameters(spec: PoolSpec) -> dict[str, Any]:
     """One item's Slurm parameters, widened to ``slots`` items side by side. The coordinator
     runs in the batch script itself (no srun); the time-limit warning goes to the job steps,
     i.e. to the slots' agents and their items."""
-    params = sbatch.parameters(spec.compute, spec.backend)
+    compute = Compute.of(spec.compute)
+    params = sbatch.parameters(compute, spec.backend)
     params["setup"] = [*params["setup"], *spec.setup]
     params["ntasks_per_node"] = spec.tasks_per_node * spec.slots
     if params.get("gpus_per_node"):
         params["gpus_per_node"] = params["gpus_per_node"] * spec.slots
-    if spec.compute.get("mem_gb"):
-        params["mem"] = submitit_compat.mem(spec.compute["mem_gb"] * spec.slots)
+    if compute.mem_gb:
+        params["mem"] = submitit_compat.mem(compute.mem_gb * spec.slots)
     params["use_srun"] = False
     params.pop("srun_args", None)
     return params
@@ -223,19 +215,19 @@ def slot_command(spec: PoolSpec, pool_dir: str | os.PathLike[str]) -> list[str]:
     """The job step that is one slot, for as long as the allocation lives: an item's task layout,
     its own share of the GPUs and memory, its stdin given to every task (the coordinator's
     orders reach each agent), a failing task not ending the others."""
-    c = spec.compute
+    c = Compute.of(spec.compute)
     step = ["srun", "--exact", f"--nodes={spec.nodes}", f"--ntasks={spec.world}",
-            f"--ntasks-per-node={spec.tasks_per_node}", "--input=all", "--kill-on-bad-exit=0", *c.get("srun_args", [])]
-    if c.get("cpus_per_task"):
+            f"--ntasks-per-node={spec.tasks_per_node}", "--input=all", "--kill-on-bad-exit=0", *c.srun_args]
+    if c.cpus_per_task:
         # Said again, for every release: 24.11's srun takes the allocation's --cpus-per-task
         # (SLURM_CPUS_PER_TASK), 22.05's gives an --exact step one CPU per task.
-        step.append(f"--cpus-per-task={c['cpus_per_task']}")
-    if c.get("gpus_per_task"):
-        step.append(f"--gpus-per-task={c['gpus_per_task']}")
-    elif c.get("gpus_per_node"):
-        step.append(f"--gpus-per-node={c['gpus_per_node']}")
-    if c.get("mem_gb"):
-        step.append(f"--mem={submitit_compat.mem(c['mem_gb'])}")
+        step.append(f"--cpus-per-task={c.cpus_per_task}")
+    if c.gpus_per_task:
+        step.append(f"--gpus-per-task={c.gpus_per_task}")
+    elif c.gpus_per_node:
+        step.append(f"--gpus-per-node={c.gpus_per_node}")
+    if c.mem_gb:
+        step.append(f"--mem={submitit_compat.mem(c.mem_gb)}")
     return [*step, *agent_command(spec, pool_dir)]
 
 
@@ -277,9 +269,10 @@ def sweep_pool(plans: Sequence[Plan], sweep_dir: str | os.PathLike[str]) -> Pool
     ``pack_slots``), locally one slot (points run one after another, as they always did)."""
     first = plans[0]
     if first.target == "slurm":
-        check_items(first, plans, f"compute.pack_size={first.compute.get('pack_size')}")
-        allocations = pack_allocations(first.compute, len(plans))
-        return spec_for(first, allocations, int(first.compute.get("pack_slots") or 1), IDLE_TIMEOUT_S)
+        compute = Compute.of(first.compute)
+        check_items(first, plans, f"compute.pack_size={compute.pack_size}")
+        allocations = pack_allocations(compute, len(plans))
+        return spec_for(first, allocations, int(compute.pack_slots or 1), IDLE_TIMEOUT_S)
     check_items(first, plans, "a local sweep")
     return spec_for(first, 1, 1, IDLE_TIMEOUT_S)
 

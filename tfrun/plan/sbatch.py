@@ -8,6 +8,7 @@ import subprocess
 from typing import Any, Sequence
 
 from tfrun import backends, deps
+from tfrun.config.run_config import Compute
 from tfrun.paths import RunPaths, SweepPaths
 from tfrun.plan import submitit_compat
 from tfrun.rundir import Plan
@@ -25,45 +26,46 @@ BATCH_SHELL_LINES = [
 ]
 
 
-def parameters(compute: dict[str, Any], backend: str = "none") -> dict[str, Any]:
+def parameters(compute: Compute, backend: str = "none") -> dict[str, Any]:
     """submitit/sbatch parameters for a run (names as ``_make_sbatch_string`` takes them)."""
     # A rank that exits non-zero ends the whole step at once: no rank is left waiting
     # forever in a collective for a peer that is gone. Backends that survive losing a
     # server task (ps) stop their servers themselves when the chief ends.
     tolerant = getattr(backends.get(backend), "TOLERATES_WORKER_LOSS", False)
     params: dict[str, Any] = {
-        "job_name": compute["job_name"],
-        "time": compute["timeout_min"],
-        "nodes": compute["nodes"],
-        "ntasks_per_node": compute["tasks_per_node"],
-        "signal_delay_s": compute["signal_delay_s"],
+        "job_name": compute.job_name,
+        "time": compute.timeout_min,
+        "nodes": compute.nodes,
+        "ntasks_per_node": compute.tasks_per_node,
+        "signal_delay_s": compute.signal_delay_s,
         "stderr_to_stdout": True,
-        "srun_args": [f"--kill-on-bad-exit={0 if tolerant else 1}", *compute["srun_args"]],
-        "setup": [*BATCH_SHELL_LINES, *compute["setup"]],
-        "array_parallelism": compute["array_parallelism"],
+        "srun_args": [f"--kill-on-bad-exit={0 if tolerant else 1}", *compute.srun_args],
+        "setup": [*BATCH_SHELL_LINES, *compute.setup],
+        "array_parallelism": compute.array_parallelism,
     }
-    if compute.get("gpus_per_task"):
-        params["gpus_per_task"] = compute["gpus_per_task"]
-    elif compute["gpus_per_node"]:
-        params["gpus_per_node"] = compute["gpus_per_node"]
-    if compute.get("mem_gb"):
-        params["mem"] = submitit_compat.mem(compute["mem_gb"])
+    if compute.gpus_per_task:
+        params["gpus_per_task"] = compute.gpus_per_task
+    elif compute.gpus_per_node:
+        params["gpus_per_node"] = compute.gpus_per_node
+    if compute.mem_gb:
+        params["mem"] = submitit_compat.mem(compute.mem_gb)
     for key in ("partition", "cpus_per_task", "account", "qos", "constraint", "exclude", "nodelist"):
-        if compute.get(key) is not None:
-            params[key] = compute[key]
+        if getattr(compute, key) is not None:
+            params[key] = getattr(compute, key)
     # tfrun requeues jobs itself (time limits, preemptions, hangs): a cluster whose default is
     # JobRequeue=0 refuses that for a job that did not ask for it. A user's own requeue or
     # no_requeue among additional_parameters wins.
-    extra = dict(compute["additional_parameters"] or {})
+    extra = dict(compute.additional_parameters or {})
     if "no_requeue" not in extra:
         extra.setdefault("requeue", True)
     params["additional_parameters"] = extra
     return params
 
 
-def plan_parameters(plan: Plan) -> dict[str, Any]:
-    """:func:`parameters` of a plan, with the setup lines its deps add (module loads, an in-job build)."""
-    params = parameters(plan.compute, plan.backend)
+def plan_parameters(plan: Plan, compute: Compute | None = None) -> dict[str, Any]:
+    """:func:`parameters` of a plan (``compute``: its section, typed, when the caller has it),
+    with the setup lines its deps add (module loads, an in-job build)."""
+    params = parameters(compute or Compute.of(plan.compute), plan.backend)
     params["setup"] = [*params["setup"], *deps.setup_lines(plan)]
     return params
 
@@ -89,9 +91,9 @@ def submitit_folder(plan: Plan) -> str:
     return str(RunPaths.of(plan.run_dir).submitit)
 
 
-def request(plan: Plan, sweep_dir: str | None = None) -> dict[str, Any]:
+def request(plan: Plan, sweep_dir: str | None = None, compute: Compute | None = None) -> dict[str, Any]:
     """What ``sbatch`` will get for this run (shown by ``--dry-run``); a sweep's runs share its folder."""
-    params = plan_parameters(plan)
+    params = plan_parameters(plan, compute)
     folder = str(SweepPaths.of(sweep_dir).submitit) if sweep_dir else submitit_folder(plan)
     text = sbatch_text(params, deps.python_words(plan), folder)
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
