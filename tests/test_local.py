@@ -251,6 +251,21 @@ sys.meta_path.insert(0, _Noting())
 
 
 @pytest.mark.slow
+def test_a_run_past_its_time_limit_ends_timeout_and_says_why(tmp_path: Path) -> None:
+    """compute.timeout_min passed: TIMEOUT, with that as its reason (as a pool's item says it),
+    and no rank named as failed: the limit ended every one of them."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    write_script(tmp_path, "sleep.py", SLEEP_SCRIPT.format(pids=pids))
+    result = run_tfrun(tmp_path, "entry.script=sleep.py", "compute.tasks_per_node=2", "compute.timeout_min=1",
+                       timeout=240)
+    assert result.returncode == 1, result.stderr
+    status = read_json(run_dir_from(result.stderr) / "status.json")
+    assert status["state"] == "TIMEOUT" and status["reason"] == "its time limit (compute.timeout_min) passed", status
+    assert status.get("failed_rank") is None, status
+
+
+@pytest.mark.slow
 def test_no_daemon_thread_of_a_task_imports_anything(tmp_path: Path) -> None:
     """tfrun's daemon threads in a task never import: a script that ends while one is
     still importing crashes the interpreter at its exit (SIGSEGV in CPython's import lock), and a
