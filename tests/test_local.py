@@ -411,6 +411,32 @@ def test_cancel_from_a_shell_spares_the_process_that_launched_the_run(tmp_path: 
 
 
 @pytest.mark.slow
+def test_a_cancel_ends_a_run_cancelled_whatever_else_its_run_dir_says(tmp_path: Path) -> None:
+    """`tfrun cancel` of a run that its tuning policy had also asked to stop (prune.json) and
+    whose watchdog had named a hang: CANCELLED, as on every target (the cancel decides first)."""
+    from tfrun import rundir
+    from tfrun.paths import RunPaths
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    write_script(tmp_path, "sleep.py", SLEEP_SCRIPT.format(pids=pids))
+    proc, _, err_path = popen_tfrun(tmp_path, "entry.script=sleep.py", "compute.tasks_per_node=2")
+    try:
+        wait_for(lambda: (pids / "0").exists() and (pids / "1").exists(), 60, "both ranks to start")
+        run_dir = next(tmp_path.rglob("plan.json")).parent
+        rundir.write_json(RunPaths.of(run_dir).prune, {"policy": "asha", "epoch": 1, "why": "below the median"})
+        rundir.update_status(run_dir, hang={"rank": 1, "host": "here", "reason": "rank 1 made no progress",
+                                            "requeued": False})
+        cancelled = run_tfrun(tmp_path, "cancel", str(run_dir))
+        assert cancelled.returncode == 0, cancelled.stderr
+        proc.wait(timeout=60)
+    finally:
+        stop(proc)
+    status = read_json(run_dir / "status.json")
+    assert status["state"] == "CANCELLED" and status.get("failed_rank") is None, (status, err_path.read_text())
+
+
+@pytest.mark.slow
 def test_ctrl_c_twice_cancels_every_task(tmp_path: Path) -> None:
     """The first Ctrl-C asks every task to checkpoint and stop; this script promises to
     and never does, so the second Ctrl-C kills them all."""
