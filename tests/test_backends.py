@@ -409,7 +409,8 @@ def test_ps_chief_failure_fails_the_run_and_stops_the_servers(tmp_path: Path) ->
     run_dir = run_dir_from(result.stderr)
     assert "[rank0] CLUSTER UP: variable on /job:ps/" in result.stdout
     status = read_json(run_dir / "status.json")
-    assert status["state"] == "FAILED" and status["failed_rank"] == 0 and status["reason"] == "exit code 1"
+    assert status["state"] == "FAILED" and status["failed_rank"] == 0, status
+    assert status["reason"] == "RuntimeError: the chief broke on purpose", status  # the rank's own account
     assert f"tfrun: run {status['run_id']} FAILED" in result.stderr
     assert re.search(r"^tfrun: rank 0 on \S+ failed: .*", result.stderr, re.M), result.stderr
     assert "  | RuntimeError: the chief broke on purpose" in result.stderr  # the traceback's tail

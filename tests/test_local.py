@@ -221,7 +221,8 @@ def test_failing_rank_stops_the_run(tmp_path: Path, failure: str, code: int, rea
     run_dir = run_dir_from(result.stderr)
     status = read_json(run_dir / "status.json")
     assert status["state"] == "FAILED" and status["failed_rank"] == 1
-    assert status["reason"] == f"exit code {code}" and status["exit_codes"]["1"] == code
+    # the rank's own account, as on every target (not only its exit code)
+    assert status["reason"] == reason and status["exit_codes"]["1"] == code
     assert read_json(run_dir / "ranks/1.json")["exit_code"] == code
 
     task_pids = [int((pids / name).read_text()) for name in ("rank0", "child")]
@@ -247,6 +248,21 @@ class _Noting:
 
 sys.meta_path.insert(0, _Noting())
 """
+
+
+@pytest.mark.slow
+def test_a_run_past_its_time_limit_ends_timeout_and_says_why(tmp_path: Path) -> None:
+    """compute.timeout_min passed: TIMEOUT, with that as its reason (as a pool's item says it),
+    and no rank named as failed: the limit ended every one of them."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    write_script(tmp_path, "sleep.py", SLEEP_SCRIPT.format(pids=pids))
+    result = run_tfrun(tmp_path, "entry.script=sleep.py", "compute.tasks_per_node=2", "compute.timeout_min=1",
+                       timeout=240)
+    assert result.returncode == 1, result.stderr
+    status = read_json(run_dir_from(result.stderr) / "status.json")
+    assert status["state"] == "TIMEOUT" and status["reason"] == "its time limit (compute.timeout_min) passed", status
+    assert status.get("failed_rank") is None, status
 
 
 @pytest.mark.slow
@@ -392,6 +408,32 @@ def test_cancel_from_a_shell_spares_the_process_that_launched_the_run(tmp_path: 
     assert wait_gone(task_pids, timeout=10) == [], "tasks survived the cancel"
     run_dir = Path(out.splitlines()[0])
     assert read_json(run_dir / "status.json")["state"] == "CANCELLED"
+
+
+@pytest.mark.slow
+def test_a_cancel_ends_a_run_cancelled_whatever_else_its_run_dir_says(tmp_path: Path) -> None:
+    """`tfrun cancel` of a run that its tuning policy had also asked to stop (prune.json) and
+    whose watchdog had named a hang: CANCELLED, as on every target (the cancel decides first)."""
+    from tfrun import rundir
+    from tfrun.paths import RunPaths
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    write_script(tmp_path, "sleep.py", SLEEP_SCRIPT.format(pids=pids))
+    proc, _, err_path = popen_tfrun(tmp_path, "entry.script=sleep.py", "compute.tasks_per_node=2")
+    try:
+        wait_for(lambda: (pids / "0").exists() and (pids / "1").exists(), 60, "both ranks to start")
+        run_dir = next(tmp_path.rglob("plan.json")).parent
+        rundir.write_json(RunPaths.of(run_dir).prune, {"policy": "asha", "epoch": 1, "why": "below the median"})
+        rundir.update_status(run_dir, hang={"rank": 1, "host": "here", "reason": "rank 1 made no progress",
+                                            "requeued": False})
+        cancelled = run_tfrun(tmp_path, "cancel", str(run_dir))
+        assert cancelled.returncode == 0, cancelled.stderr
+        proc.wait(timeout=60)
+    finally:
+        stop(proc)
+    status = read_json(run_dir / "status.json")
+    assert status["state"] == "CANCELLED" and status.get("failed_rank") is None, (status, err_path.read_text())
 
 
 @pytest.mark.slow

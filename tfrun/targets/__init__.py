@@ -6,8 +6,9 @@ places that look at a target's name.
 What each target is asked to do was rendered at plan time (:mod:`tfrun.plan`); here is the
 acting half: :mod:`~tfrun.targets.local` (processes on this machine),
 :mod:`~tfrun.targets.slurm` (submitit), :mod:`~tfrun.targets.pool` (warm pools for packed
-sweeps, local sweeps and tuning studies), :mod:`~tfrun.targets.report` (what is printed when
-a run ends). A run's life across them is the runner's (:mod:`tfrun.runner`).
+sweeps, local sweeps and tuning studies), :mod:`~tfrun.targets.settle` (how a run ended, by one
+set of rules for every target), :mod:`~tfrun.targets.report` (what is printed when a run ends).
+A run's life across them is the runner's (:mod:`tfrun.runner`).
 """
 from __future__ import annotations
 

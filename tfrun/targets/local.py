@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from tfrun import backends, deps, rundir
+from tfrun import deps, rundir
 from tfrun.errors import ConfigError
-from tfrun.model import export
 from tfrun.paths import RunPaths
 from tfrun.plan import Plan, build
 from tfrun.states import FINAL, RunState
+from tfrun.targets.settle import Ending, critical_ranks, describe_exit, settle
 from tfrun.task import preempt
 
 POLL_S = 0.1
@@ -68,16 +68,6 @@ def stop_all(procs: list[subprocess.Popen[bytes]], grace_s: float) -> None:
         # Kill the group even if the leader is gone: it may have left children behind.
         _signal_group(proc, signal.SIGKILL)
         proc.wait()
-
-
-def describe_exit(code: int) -> str:
-    """'exit code 3' or 'killed by SIGKILL' from a Popen return code."""
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
 # A task interpreter started before the run was composed (see prestart), and the
@@ -161,13 +151,6 @@ def start(plan: Plan, extra_env: dict[str, str] | None = None) -> list[subproces
         stop_all(procs, 0)  # a task that cannot start: the ones started already must not run on alone
         raise
     return procs
-
-
-def critical_ranks(plan: Plan) -> set[int]:
-    """Ranks whose failure ends the run: all, unless the backend survives losing a server task."""
-    if getattr(backends.get(plan.backend), "TOLERATES_WORKER_LOSS", False):
-        return {t.rank for t in plan.tasks if t.runs_script}
-    return {t.rank for t in plan.tasks}
 
 
 def _wait(procs: list[subprocess.Popen[bytes]], critical: set[int], timeout_s: float,
@@ -324,14 +307,11 @@ def _run(plan: Plan, out: IO[bytes]) -> str:
     stop_all(procs, grace)
     for pump in pumps:
         pump.join(timeout=5)
-    codes = {str(t.rank): p.returncode for t, p in zip(plan.tasks, procs)}
-    fields: dict[str, Any] = {"state": state, "ended": time.time(), "exit_codes": codes}
-    if state == RunState.COMPLETED:
-        fields.update(export.status_fields(run_dir))  # rank 0 recorded it in export.json
-    if failed is not None:
-        fields.update(failed_rank=failed, host=rundir.hostname(),
-                      reason=describe_exit(procs[failed].returncode))
-    fields.update(rundir.hang_fields(run_dir, state))  # the watchdog ended it: its account wins
-    fields.update(rundir.pruned_fields(run_dir, fields["state"]))  # its tuning policy stopped it
+    codes = {t.rank: p.returncode for t, p in zip(plan.tasks, procs)}
+    first = None
+    if failed is not None:  # the critical rank seen ending first
+        first = {"failed_rank": failed, "host": rundir.hostname(), "reason": describe_exit(procs[failed].returncode)}
+    fields = settle(run_dir, Ending(state=state, exit_codes=codes, first_failure=first,
+                                    cancelled=state == RunState.CANCELLED, host=rundir.hostname()))
     rundir.update_status(run_dir, **fields)
     return fields["state"]

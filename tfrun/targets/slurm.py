@@ -18,11 +18,11 @@ from typing import Any, Iterable, Sequence
 
 from tfrun import deps, rundir
 from tfrun.errors import ConfigError, LaunchError
-from tfrun.model import export
 from tfrun.paths import RunPaths, SweepPaths
 from tfrun.plan import Plan, sbatch, submitit_compat
 from tfrun.states import FINAL, RunState
 from tfrun.targets import progress
+from tfrun.targets.settle import Ending, last_attempt, settle
 
 # Slurm's job states (sacct's, squeue's and scontrol's words) -> tfrun's. Anything not listed is
 # shown as Slurm says it.
@@ -244,12 +244,6 @@ def srun_failure(run_dir: str) -> dict[str, Any] | None:
     return {"failed_rank": int(rank), "host": host, "reason": reason}
 
 
-def _last_attempt(run_dir: str | os.PathLike[str], ended: bool = False) -> dict[str, Any]:
-    """The run's latest attempt ({} if none); ``ended``: the latest that has ended."""
-    tried = [a for a in rundir.attempts(run_dir) if a.get("ended") or not ended]
-    return tried[-1] if tried else {}
-
-
 def shown_state(run_dir: str | os.PathLike[str], state: str) -> str:
     """A job waiting to run again after a preemption is PREEMPTED (Slurm says PENDING); one that
     accounting says was preempted (STOPPED here) is COMPLETED if its last attempt completed the run.
@@ -261,54 +255,16 @@ def shown_state(run_dir: str | os.PathLike[str], state: str) -> str:
     if state not in (RunState.PENDING, RunState.STOPPED):
         return state
     if state == RunState.STOPPED:
-        return RunState.COMPLETED if _last_attempt(run_dir).get("reason") == "completed" else state
-    last = _last_attempt(run_dir, ended=True)
+        return RunState.COMPLETED if last_attempt(run_dir).get("reason") == "completed" else state
+    last = last_attempt(run_dir, ended=True)
     return RunState.PREEMPTED if last.get("reason") == "preempted" and last.get("requeued") is not False else state
 
 
-def preempted_fields(run_dir: str | os.PathLike[str], state: str) -> dict[str, Any] | None:
-    """A job that ended after a preemption it was not requeued for: STOPPED (resumable), and why."""
-    if state not in (RunState.FAILED, RunState.STOPPED):
-        return None
-    last = _last_attempt(run_dir)
-    if last.get("reason") != "preempted" or last.get("requeued"):
-        return None
-    why = last.get("why_not_requeued") or "Slurm ended it"
-    return {"state": RunState.STOPPED, "ended": time.time(), "failed_rank": None,
-            "reason": f"preempted; not requeued ({why})"}
-
-
-def settle(run_dir: str, state: str) -> dict[str, Any]:
-    """Final status fields: which rank failed, where, and how (from srun and the ranks' records)."""
-    stopped = preempted_fields(run_dir, state)
-    if stopped:
-        return stopped
-    pruned = rundir.pruned_fields(run_dir, state)
-    if pruned:
-        return {**pruned, "ended": time.time()}
-    fields: dict[str, Any] = {"state": state, "ended": time.time()}
-    if state == RunState.COMPLETED:
-        fields.update(export.status_fields(run_dir))  # rank 0 recorded it in export.json, in the job
-    records = rundir.rank_records(run_dir)
-    fields["exit_codes"] = {str(r): rec.get("exit_code") for r, rec in records.items()}
-    failed = [rec for rec in records.values() if rec.get("exit_code") not in (None, 0)]
-    first = srun_failure(run_dir) if state != RunState.COMPLETED else None
-    if first:
-        record = records.get(first["failed_rank"], {})
-        if record.get("error"):  # the rank's own account (exit code, exception) is more precise
-            first["reason"] = record["error"]
-        fields.update(first)
-    elif failed:
-        first = min(failed, key=lambda rec: rec.get("ended") or 0)
-        fields.update(failed_rank=first["rank"], host=first.get("host"), reason=first.get("error"))
-    elif state in (RunState.FAILED, RunState.TIMEOUT):
-        unfinished = [rec for rec in records.values() if rec.get("ended") is None]
-        if unfinished:
-            rec = unfinished[0]
-            fields.update(failed_rank=rec["rank"], host=rec.get("host"),
-                          reason=f"killed before it finished (Slurm state {state})")
-    fields.update(rundir.hang_fields(run_dir, state))  # the watchdog ended it: its account wins
-    return fields
+def ending(run_dir: str, state: str) -> Ending:
+    """What Slurm saw of a job's end: its state (as :func:`shown_state` says it) and, for a
+    failure or a time limit, the task srun reported first; the ranks' records say the rest."""
+    first = srun_failure(run_dir) if state in (RunState.FAILED, RunState.TIMEOUT) else None
+    return Ending(state=state, first_failure=first, scheduler="Slurm")
 
 
 class _LogTail:
@@ -395,7 +351,7 @@ def _poll(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float, tail: _L
             # A job the scheduler did not answer for keeps its last state: never taken as gone.
             state = tfrun_state(info[job_id]["State"]) if job_id in info else last.get(job_id, RunState.PENDING)
             state = shown_state(plan.run_dir, state)
-            fields = settle(plan.run_dir, state) if state in FINAL else {"state": state}
+            fields = settle(plan.run_dir, ending(plan.run_dir, state)) if state in FINAL else {"state": state}
             if state != last.get(job_id):
                 last[job_id] = state
                 rundir.update_status(plan.run_dir, **fields, **allocation(info.get(job_id, {}), state))

@@ -162,6 +162,7 @@ class SlurmTarget(Target):
 
     def poll(self, statuses: Statuses, info: dict[str, dict[str, str]]) -> None:
         from tfrun.targets import slurm
+        from tfrun.targets.settle import settle
         from tfrun.tracking import mlflow_sync
 
         for run_dir, status in statuses:
@@ -169,7 +170,7 @@ class SlurmTarget(Target):
             if not job:
                 continue
             state = slurm.shown_state(run_dir, slurm.tfrun_state(job["State"]))
-            fields = slurm.settle(str(run_dir), state) if state in FINAL else {"state": state}
+            fields = settle(str(run_dir), slurm.ending(str(run_dir), state)) if state in FINAL else {"state": state}
             status.update(rundir.update_status(run_dir, **slurm.allocation(job, state), **fields))
             if state in FINAL:
                 mlflow_sync.sync_if_asked(run_dir, fields["state"])

@@ -23,9 +23,9 @@ from typing import Any, Callable
 from tfrun import rundir, variables
 from tfrun.paths import RunPaths
 from tfrun.states import FINAL, RunState
-from tfrun.targets.pool import settle
 from tfrun.targets.pool.slots import Slot
 from tfrun.targets.pool.store import Item, PoolStore
+from tfrun.targets.settle import Ending, critical_ranks, settle
 from tfrun.task import preempt, preemption, requeue
 from tfrun.tracking import mlflow_sync
 
@@ -59,6 +59,26 @@ def say(message: str, log: Path | None = None) -> None:
         return
     with open(log, "a") as f:
         f.write(line)
+
+
+CANCELLED = "cancelled with tfrun cancel"
+
+
+def item_ending(run_dir: str, codes: dict[int, int], outcome: str | None, stopped: bool) -> Ending:
+    """What the coordinator saw of an item's end: its ranks' exit codes and what was decided
+    before it (``outcome``: cancelled, timeout); ``stopped``: a rank stopped on request."""
+    cancelled = outcome == "cancelled" or RunPaths.of(run_dir).cancel_request.exists()
+    if cancelled:
+        state, reason = RunState.CANCELLED, CANCELLED
+    elif outcome == "timeout":
+        state, reason = RunState.TIMEOUT, None
+    elif all(c == 0 for c in codes.values()):
+        state, reason = RunState.COMPLETED, None
+    elif stopped and all(c in (0, preempt.EXIT_PREEMPTED) for c in codes.values()):
+        state, reason = RunState.STOPPED, "stopped on request; continue it with: tfrun resume " + run_dir
+    else:
+        state, reason = RunState.FAILED, None
+    return Ending(state, codes, cancelled=cancelled, reason=reason, host=rundir.hostname())
 
 
 class Coordinator:
@@ -126,8 +146,8 @@ class Coordinator:
         finally:
             for run in list(self.running.values()):  # not ended in time
                 if why == "cancelled":
-                    self._settle(run.item, {"state": RunState.CANCELLED, "ended": time.time(),
-                                            "reason": "its pool was stopped while it ran"})
+                    self._settle(run.item, Ending(RunState.CANCELLED, run.codes, cancelled=True,
+                                                  reason="its pool was stopped while it ran"))
                 else:  # back in the queue, to resume elsewhere or in this allocation's next attempt
                     self._release(run.item, f"its allocation ended ({why}) while it ran", attempt=run.attempt)
             for slot in self.slots:
@@ -265,12 +285,10 @@ class Coordinator:
                 self.store.finish(item)
                 continue
             if RunPaths.of(item.run_dir).cancel_request.exists():
-                self._settle(item, {"state": RunState.CANCELLED, "ended": time.time(),
-                                    "reason": "cancelled with tfrun cancel"})
+                self._settle(item, Ending(RunState.CANCELLED, {}, cancelled=True, reason=CANCELLED))
                 continue
-            pruned = rundir.pruned_fields(item.run_dir, RunState.STOPPED)
-            if pruned:  # its policy stopped it while it waited (back in the queue after a preemption)
-                self._settle(item, {**pruned, "ended": time.time()})
+            if RunPaths.of(item.run_dir).prune.exists():  # its policy stopped it while it waited (back in
+                self._settle(item, Ending(RunState.STOPPED, {}))  # the queue after a preemption): PRUNED
                 continue
             self._start(slot, item)
 
@@ -288,7 +306,7 @@ class Coordinator:
         RunPaths.of(item.run_dir).signal_request.unlink(missing_ok=True)  # meant for an earlier attempt
         env = {variables.ATTEMPT: attempt, variables.LAUNCHER: self.launcher, variables.POOL: str(self.store.path)}
         run = Running(item, slot, attempt, now, time.monotonic() + 60 * float(minutes) if minutes else None,
-                      settle.critical_ranks(plan))
+                      critical_ranks(plan))
         self.running[item.id] = run
         slot.item = item.id
         if not slot.send({"op": "run", "item": item.id, "run_dir": item.run_dir, "env": env}):
@@ -341,9 +359,10 @@ class Coordinator:
         if run.outcome == "release" or interrupted:
             self._release(run.item, self.stopping or "its processes ended", attempt=run.attempt)
             return
-        self._settle(run.item, settle.fields(run.item.run_dir, run.codes, run.outcome, stopped))
+        self._settle(run.item, item_ending(run.item.run_dir, run.codes, run.outcome, stopped))
 
-    def _settle(self, item: Item, fields: dict[str, Any]) -> None:
+    def _settle(self, item: Item, ending: Ending) -> None:
+        fields = settle(item.run_dir, ending)
         rundir.update_status(item.run_dir, **fields)
         self.store.finish(item)
         mlflow_sync.sync_if_asked(item.run_dir, fields["state"])  # (a follower's job for a run of its own)
