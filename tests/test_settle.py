@@ -167,3 +167,13 @@ def test_every_rule_gives_way_to_the_one_above_it(tmp_path: Path) -> None:
     rundir.update_status(run_dir, hang=None)
     seen.append(settle(run_dir, ending)["reason"])
     assert seen == ["CANCELLED", "preempted", "PRUNED", "hang", "ValueError: boom from rank 1"]
+
+
+def test_a_run_that_completes_after_a_requeued_hang_names_no_failure(tmp_path: Path) -> None:
+    """The watchdog recorded the hang's rank and account in the status, then the job was requeued
+    and completed: the status a user reads says nothing failed."""
+    rundir.update_status(tmp_path, hang={**HANG, "requeued": True}, failed_rank=1, host="node2",
+                         reason=f"hang: {HANG['reason']}")
+    rundir.update_status(tmp_path, **settle(tmp_path, Ending("COMPLETED", {0: 0, 1: 0})))
+    status = rundir.read_status(tmp_path)
+    assert (status["state"], status.get("failed_rank"), status.get("reason")) == ("COMPLETED", None, None), status

@@ -54,7 +54,9 @@ def settle(run_dir: str | os.PathLike[str], ending: Ending) -> dict[str, Any]:
     records = rundir.rank_records(run_dir)
     codes = dict(ending.exit_codes) if ending.exit_codes is not None else \
         {rank: record.get("exit_code") for rank, record in records.items()}
-    fields: dict[str, Any] = {"state": ending.state, "ended": time.time(),
+    # No failed rank and no reason unless a rule gives them: a hang an earlier attempt recorded
+    # (and was requeued for) is no account of how this one ended.
+    fields: dict[str, Any] = {"state": ending.state, "ended": time.time(), "failed_rank": None, "reason": None,
                               "exit_codes": {str(rank): code for rank, code in sorted(codes.items())}}
     decided = _decided(run_dir, ending, records, codes)
     if decided is None and ending.reason:
