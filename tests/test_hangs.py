@@ -547,3 +547,107 @@ def test_a_requeue_slurm_refuses_ends_the_run_as_the_hang(tmp_path: Path, job_na
     assert "disabled" in tried[0]["requeue_failed"], tried
     shown = run_tfrun(tmp_path, "status", str(run_dir), timeout=120).stdout
     assert "not requeued:" in shown and "rank 1" in shown, shown
+
+
+# Rank 0 finds the watchdog its bootstrap started (a child of its own), writes down its pid and
+# the job step it runs in, then kills itself with SIGKILL: it records no end, and the watchdog
+# loses its parent. In a pool (``--i``), item 1 meanwhile, in the same allocation, waits for
+# item 0's watchdog to end, and writes down after how long (or that it did not).
+RANK0_KILLED = """\
+import argparse, os, signal, time
+from pathlib import Path
+
+p = argparse.ArgumentParser(); p.add_argument("--i", type=int, default=0); a = p.parse_args()
+out = Path(os.environ["TFRUN_OUTPUT_DIR"])
+
+def watchdog(pid):
+    try:
+        return b"tfrun.task.watchdog" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\\0")
+    except OSError:
+        return False
+
+def parent(pid):
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+def until(predicate, seconds):
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return predicate()
+
+if a.i == 0:
+    mine = lambda: [e.name for e in Path("/proc").iterdir() if watchdog(e.name) and parent(e.name) == os.getpid()]
+    found = until(mine, 120)
+    (out / "step").write_text(os.environ.get("SLURM_STEP_ID", "-"))
+    (out / "watchdog.pid").write_text(found[0] if found else "")
+    os.kill(os.getpid(), signal.SIGKILL)
+else:
+    other = out.parents[1] / "0" / "outputs" / "watchdog.pid"
+    if until(lambda: other.exists() and other.read_text(), 120):
+        began = time.monotonic()
+        gone = until(lambda: not watchdog(other.read_text()), 30)
+        (out / "watched").write_text(f"gone after {time.monotonic() - began:.1f} s" if gone else "still running")
+"""
+
+
+def watchdogs_of(run_dir: Path) -> list[int]:
+    """The live watchdog processes of a run dir (this machine's: every node of the local cluster's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "tfrun.task.watchdog" in args and str(run_dir) in args and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slurm
+def test_the_watchdog_of_a_job_whose_rank_0_is_killed_ends_with_the_job(tmp_path: Path, job_name: str) -> None:
+    """Rank 0 dies by SIGKILL, recording no end: its job ends, and so does its watchdog (its
+    hang timeout far away), soon after, though no rank said it ended and Slurm does not kill it."""
+    killed = script(tmp_path, "killed.py", RANK0_KILLED)
+    result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", f"entry.script={killed}",
+                       "compute.hang_timeout_s=3600", "compute.poll_s=1", timeout=600)
+    run_dir = run_dir_from(result.stderr)
+    try:
+        assert result.returncode == 1, result.stderr[-3000:]
+        status = read_json(run_dir / "status.json")
+        assert status["state"] == "FAILED" and "SIGKILL" in status["reason"], status
+        pid = (run_dir / "outputs/watchdog.pid").read_text()
+        assert pid, "rank 0 found no watchdog of its own"
+        deadline = time.monotonic() + 30
+        while watchdogs_of(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not watchdogs_of(run_dir), (f"the watchdog (pid {pid}) still runs 30 s after its job ended:\n"
+                                           + text_of(run_dir / "logs/watchdog.log")[-2000:])
+    finally:
+        for left in watchdogs_of(run_dir):
+            os.kill(left, signal.SIGKILL)
+
+
+@pytest.mark.slurm
+def test_a_pool_items_watchdog_ends_with_its_item_not_with_its_allocation(tmp_path: Path, job_name: str) -> None:
+    """Two items side by side in one allocation, each in a slot (a job step that lives as long as
+    the allocation): item 0's rank 0 dies by SIGKILL; its watchdog ends while item 1 still runs."""
+    killed = script(tmp_path, "killed.py", RANK0_KILLED)
+    result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=2", "compute.pack_slots=2",
+                       "compute.gpus_per_node=1", "compute.poll_s=1", f"compute.job_name={job_name}",
+                       f"entry.script={killed}", "compute.hang_timeout_s=3600", "trainer.i=range(0,2)", timeout=600)
+    sweep = next((tmp_path / "runs").glob("sweep-*"))
+    try:
+        assert result.returncode == 1, result.stderr[-3000:]
+        status = read_json(sweep / "0" / "status.json")
+        assert status["state"] == "FAILED" and "SIGKILL" in status["reason"], status
+        assert (sweep / "0" / "outputs" / "watchdog.pid").read_text(), "item 0 found no watchdog of its own"
+        assert (sweep / "0" / "outputs" / "step").read_text().isdigit()  # its slot's step, not a step of its own
+        watched = text_of(sweep / "1" / "outputs" / "watched")
+        assert watched.startswith("gone after"), watched or read_json(sweep / "1" / "status.json")
+        assert read_json(sweep / "1" / "status.json")["state"] == "COMPLETED"
+    finally:
+        for left in watchdogs_of(sweep / "0") + watchdogs_of(sweep / "1"):
+            os.kill(left, signal.SIGKILL)

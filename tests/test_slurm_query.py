@@ -1,14 +1,17 @@
-"""What tfrun makes of Slurm's answers about its jobs (tfrun.targets.slurm.query), with the
-answers of the commands it asks fixed: sacct and squeue on PATH are small scripts here."""
+"""What tfrun makes of Slurm's answers about its jobs (tfrun.targets.slurm.query) and, inside a
+job, about a job step (tfrun.task.preemption.step), with the answers of the commands it asks
+fixed: sacct, squeue and scontrol on PATH are small scripts here."""
 from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from tfrun.targets import slurm
+from tfrun.task import preemption
 
 # sacct says PREEMPTED of a job that Slurm is about to requeue, as it does for a moment.
 SACCT = """#!/bin/sh
@@ -46,3 +49,33 @@ def _with_timeout(run, seconds: float):  # type: ignore[no-untyped-def]
         kwargs["timeout"] = min(kwargs.get("timeout", seconds), seconds)
         return run(*args, **kwargs)
     return short
+
+
+STEP = "StepId=41.0 UserId=0 StartTime=2026-12-06T08:33:57 TimeLimit=UNLIMITED State=RUNNING NodeList=node1"
+
+
+@pytest.mark.parametrize("scontrol, found", [
+    (f"#!/bin/sh\necho '{STEP}'\n", preemption.Step(ended=False, start="2026-12-06T08:33:57")),
+    ("#!/bin/sh\necho 'Job step 41.0 not found'\nexit 1\n", preemption.Step(ended=True)),  # the step ended
+    ("#!/bin/sh\necho 'slurm_get_job_steps error: Invalid job id specified' >&2\nexit 1\n",
+     preemption.Step(ended=True)),  # its job ended and was forgotten
+    ("#!/bin/sh\necho 'slurm_get_job_steps error: Unable to contact slurm controller (connect failure)' >&2\n"
+     "exit 1\n", None),
+    ("#!/bin/sh\nsleep 120\n", None),
+], ids=["running", "step-ended", "job-forgotten", "controller-down", "controller-hangs"])
+def test_a_step_is_over_only_when_slurm_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scontrol: str,
+                                                found: preemption.Step | None) -> None:
+    """The watchdog ends once its job step has ended: a controller that does not answer is no end."""
+    path = tmp_path / "scontrol"
+    path.write_text(scontrol)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert preemption.step("41", "0", timeout_s=3) == found
+
+
+def test_a_step_of_the_same_id_started_later_is_another_one() -> None:
+    """A requeued job runs its step again under the same id: its StartTime tells them apart."""
+    started = preemption.Step(ended=False, start="2026-12-06T08:33:57")
+    at = time.mktime(time.strptime("2026-12-06T08:33:57", "%Y-%m-%dT%H:%M:%S"))
+    assert started.started_after(at - 5) and not started.started_after(at + 0.5)
+    assert not preemption.Step(ended=False, start="Unknown").started_after(0)

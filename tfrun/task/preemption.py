@@ -1,12 +1,16 @@
-"""Slurm's account of a SIGTERM to a job: is it being preempted, and how will it end?
+"""Slurm's account of a job from inside it: is a SIGTERM to it a preemption, and how will it
+end? Is a job step still running?
 
-Asked once, by rank 0, in a thread (never in a signal handler, never by every rank): see
-:mod:`tfrun.task.preempt`. Every query goes through :func:`tfrun.task.preempt.slurm_command`.
+The SIGTERM's account is asked once, by rank 0, in a thread (never in a signal handler, never
+by every rank): see :mod:`tfrun.task.preempt`; a step's, by the watchdog
+(:mod:`tfrun.task.watchdog`). Every query goes through :func:`tfrun.task.preempt.slurm_command`.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from tfrun.task.preempt import slurm_command
@@ -16,6 +20,9 @@ QUERY_BUDGET_S = 5.0  # all the Slurm queries rank 0 makes about a SIGTERM: the 
 # preemption's SIGTERM), and of one its time limit ended.
 SLURM_STILL_RUNNING = frozenset({"RUNNING", "SIGNALING"})
 SLURM_TIMEOUT = "TIMEOUT"
+# scontrol's answer about a step the controller does not have: the step ended ("Job step 7.0 not
+# found"), or its whole job did and was forgotten ("Invalid job id specified").
+SLURM_NO_SUCH_STEP = re.compile(r"Job step \S+ not found|Invalid job id specified")
 
 
 def scontrol_fields(*what: str, timeout_s: float = 10.0) -> dict[str, str]:
@@ -27,6 +34,36 @@ def scontrol_fields(*what: str, timeout_s: float = 10.0) -> dict[str, str]:
     if out.returncode:
         return {}
     return dict(word.split("=", 1) for word in out.stdout.split() if "=" in word)
+
+
+@dataclass(frozen=True)
+class Step:
+    """A job step as Slurm has it: ``ended`` once Slurm has no such step any more; while it runs,
+    when it started (``StartTime``, to tell it from the step of the same id a requeued job runs)."""
+
+    ended: bool
+    start: str = ""
+
+    def started_after(self, when: float) -> bool:
+        """Whether it started after ``when`` (``StartTime`` is local time, whole seconds); False
+        if that is not known."""
+        try:
+            return time.mktime(time.strptime(self.start, "%Y-%m-%dT%H:%M:%S")) > when
+        except (ValueError, OverflowError):
+            return False
+
+
+def step(job: str, step_id: str, timeout_s: float = 10.0) -> Step | None:
+    """``scontrol -o show step JOB.STEP``; None when Slurm does not answer (the controller is
+    down or slow, scontrol missing): not knowing is never taken for an end."""
+    try:
+        out = slurm_command(["scontrol", "-o", "show", "step", f"{job}.{step_id}"], timeout_s)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode:
+        return Step(ended=True) if SLURM_NO_SUCH_STEP.search(out.stdout + out.stderr) else None
+    fields = dict(word.split("=", 1) for word in out.stdout.split() if "=" in word)
+    return Step(ended=False, start=fields.get("StartTime", "")) if "StepId" in fields else None
 
 
 def slurm_config(timeout_s: float = 10.0) -> dict[str, str]:

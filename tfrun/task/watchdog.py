@@ -23,6 +23,14 @@ cannot be measured (said once, in its log and in ``tfrun status``). Then it:
    it (bounded by ``compute.max_requeues``), which then resumes from its last backup like a
    preempted one; a requeue Slurm refuses is recorded and the job ends as failed. Locally:
    kills the tasks.
+
+It ends with its attempt: once every rank recorded its end; for ranks that end without it
+(killed, never started), locally once rank 0 is gone, on Slurm once its job step has ended
+(rank 0's end is not enough: another rank may still hang). A pool's item runs in its slot's
+step, as long as the allocation: its slot ends the watchdog with rank 0's process, else it
+ends once the pool settled the item. Slurm would not end it where it tracks a step's
+processes by parent or group (proctrack/linuxproc, pgid): without rank 0 it is no child of
+the step's.
 """
 from __future__ import annotations
 
@@ -39,13 +47,19 @@ from typing import Any
 
 from tfrun import rundir, variables
 from tfrun.paths import RunPaths
-from tfrun.task import heartbeat, identity, preempt, requeue
+from tfrun.states import RunState
+from tfrun.task import heartbeat, identity, preempt, preemption, requeue
 from tfrun.task.probe import NodeProbe
 
 POLL_S = 1.0
 STACKS = signal.SIGURG  # faulthandler's signal in every task (ignored by anything else)
 STACK_WAIT_S = 3.0
 NODE_CHECK_S = 5.0  # across nodes: how often every node's slurmd is asked whether it is there
+# On Slurm, how often the controller is asked whether the watchdog's job step still runs: while
+# rank 0 (its parent) lives, seldom (Slurm ends rank 0 with its step); once rank 0 is gone, more
+# often (the other ranks may still run and be watched, or the step may have ended with it).
+STEP_CHECK_S = 60.0
+ORPHAN_STEP_CHECK_S = 5.0
 NOT_JUDGED = ("serving", "ended")  # phases of a task that makes no progress of its own to judge
 # Frames of a rank that waits for the others (a collective, a barrier, a distributed step, a
 # compiled TensorFlow function: the collectives of a tf.function step run inside it).
@@ -180,7 +194,9 @@ class Watchdog:
         plan = rundir.Plan.load(run_dir)
         self.world_size, self.compute = len(plan.tasks), plan.compute
         self.roles = [t.role if t.runs_script else "serves" for t in plan.tasks]
+        # On a pool's item, the step is its slot's: it outlives the item (see _item_over).
         self.job, self.step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID")
+        self.step_asked = time.monotonic()
         nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
         nodes = identity.expand_nodelist(nodelist) if launcher == "slurm" and nodelist else []
         self.probe = NodeProbe(nodes) if len(nodes) > 1 else None
@@ -227,11 +243,34 @@ class Watchdog:
         rundir.update_status(self.run_dir, watchdog={"attempt": self.attempt, "notes": list(self.notes.values())})
 
     def _over(self) -> bool:
-        """The attempt ended (every rank recorded its end), or rank 0 is gone (run locally)."""
+        """The attempt ended: every rank recorded its end; run locally, rank 0 is gone; on Slurm,
+        a pool settled the item, or the job step has ended."""
         records = rundir.rank_records(self.run_dir)
         if len(records) == self.world_size and all(r.get("ended") for r in records.values()):
             return True
-        return self.launcher == "local" and os.getppid() != self.parent
+        if self.launcher == "local":
+            return os.getppid() != self.parent
+        return self._item_over() or self._step_over()
+
+    def _item_over(self) -> bool:
+        """A pool's item: its coordinator settled it, or put it back in the queue, once every
+        rank's process of it ended (the attempt it runs then is no longer this one)."""
+        if not os.environ.get(variables.POOL):
+            return False
+        status = rundir.read_status(self.run_dir)
+        return bool(status) and (status.get("attempt") != self.attempt or status.get("state") != RunState.RUNNING)
+
+    def _step_over(self) -> bool:
+        """The job step has ended, as Slurm says, or runs again in a requeued job (started after
+        this watchdog); Slurm not answering is no end."""
+        if not self.job or self.step is None:
+            return False
+        every = ORPHAN_STEP_CHECK_S if os.getppid() != self.parent else STEP_CHECK_S
+        if time.monotonic() - self.step_asked < every:
+            return False
+        self.step_asked = time.monotonic()
+        found = preemption.step(self.job, self.step)
+        return found is not None and (found.ended or found.started_after(self.since))
 
     def act(self, beats: dict[int, dict[str, Any]], late: list[int], now: float) -> None:
         hosts = {r: beats.get(r, {}).get("host", "?") for r in range(self.world_size)}
