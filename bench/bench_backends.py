@@ -22,6 +22,7 @@ Prints markdown tables and APPENDS them, with the command, date and machine, to
 bench/RESULTS.md (``--output -`` writes nothing; ``--json PATH`` also writes the
 headline figures, for bench/run.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,7 @@ SLURM_STATE = Path(os.environ.get("TFRUN_SLURM_DIR", "/var/lib/tfrun-slurm"))
 SSH_KEY = SLURM_STATE / "ssh" / "id_ed25519"  # root's key to every node's sshd (scripts/local-slurm)
 NODES = ("node1", "node2")
 
-HOROVOD_SCRIPT = '''\
+HOROVOD_SCRIPT = """\
 import time
 T_START = time.time()
 import argparse, json, socket
@@ -91,9 +92,9 @@ T_END = time.time()
 print("BENCH " + json.dumps({"rank": hvd.rank(), "size": hvd.size(), "host": socket.gethostname(), "start": T_START, "imported": T_IMPORTED,
                               "init": T_INIT, "end": T_END, "loss": [losses[0], losses[-1]],
                               "step_ms": 1000 * (T_END - T_WARM) / max(1, args.steps - WARMUP)}), flush=True)
-'''
+"""
 
-PS_SCRIPT = '''\
+PS_SCRIPT = """\
 import time
 T_START = time.time()
 import json
@@ -104,7 +105,7 @@ T_IMPORTED = time.time()
 strategy = tf.distribute.ParameterServerStrategy(resolver)
 T_READY = time.time()
 print("BENCH " + json.dumps({"start": T_START, "imported": T_IMPORTED, "ready": T_READY}), flush=True)
-'''
+"""
 
 
 def tfrun_command() -> list[str]:
@@ -141,10 +142,16 @@ def run(argv: list[str], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
     result = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if result.returncode != 0:
-        raise SystemExit(f"benchmark command failed ({result.returncode}): {argv}\n"
-                         f"{result.stderr[-3000:]}\n{result.stdout[-3000:]}")
-    return {"wall": wall, "launch": launch, "cpu": children_cpu() - cpu, "stdout": result.stdout,
-            "stderr": result.stderr}
+        raise SystemExit(
+            f"benchmark command failed ({result.returncode}): {argv}\n{result.stderr[-3000:]}\n{result.stdout[-3000:]}"
+        )
+    return {
+        "wall": wall,
+        "launch": launch,
+        "cpu": children_cpu() - cpu,
+        "stdout": result.stdout,
+        "stderr": result.stderr,
+    }
 
 
 def bench_lines(stdout: str) -> list[dict[str, Any]]:
@@ -196,13 +203,15 @@ def tfrun_phases(r: dict[str, Any]) -> dict[str, float]:
     phases = common_phases(r, ranks)
     status = read(run_dir / "status.json")
     started = [read(run_dir / "ranks" / f"{x}.json")["started"] for x in (0, 1)]
-    phases.update({
-        "cli": status["started"] - r["launch"],  # interpreter, compose, plan, run dir
-        "spawn": max(started) - status["started"],  # Popen, interpreter, bootstrap imports
-        "prepare": max(x["start"] for x in ranks) - max(started),  # rendezvous, TF import, hvd.init, size check
-        "wind_down": status["ended"] - max(x["end"] for x in ranks),  # interpreter exit, log pumps
-        "report": r["launch"] + r["wall"] - status["ended"],
-    })
+    phases.update(
+        {
+            "cli": status["started"] - r["launch"],  # interpreter, compose, plan, run dir
+            "spawn": max(started) - status["started"],  # Popen, interpreter, bootstrap imports
+            "prepare": max(x["start"] for x in ranks) - max(started),  # rendezvous, TF import, hvd.init, size check
+            "wind_down": status["ended"] - max(x["end"] for x in ranks),  # interpreter exit, log pumps
+            "report": r["launch"] + r["wall"] - status["ended"],
+        }
+    )
     return phases
 
 
@@ -229,13 +238,17 @@ def ps_phases(r: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def interleave(commands: dict[str, tuple[list[str], Callable[[dict[str, Any]], dict[str, float]]]],
-               repeats: int, cwd: Path, env: dict[str, str]) -> dict[str, list[dict[str, float]]]:
+def interleave(
+    commands: dict[str, tuple[list[str], Callable[[dict[str, Any]], dict[str, float]]]],
+    repeats: int,
+    cwd: Path,
+    env: dict[str, str],
+) -> dict[str, list[dict[str, float]]]:
     """Every command once per round; the order flips each round so neither always goes first."""
     out: dict[str, list[dict[str, float]]] = {name: [] for name in commands}
     names = list(commands)
     for round_ in range(repeats):
-        for name in (names if round_ % 2 == 0 else names[::-1]):
+        for name in names if round_ % 2 == 0 else names[::-1]:
             argv, phases = commands[name]
             out[name].append(phases(run(argv, cwd, env)))
             print(f"  round {round_ + 1}/{repeats} {name}: {out[name][-1]['wall']:.2f} s", file=sys.stderr, flush=True)
@@ -246,33 +259,76 @@ def nodes_ready() -> None:
     """The local cluster is up, with an sshd on every node (``horovodrun`` starts ranks over ssh)."""
     status = subprocess.run([str(REPO / "scripts" / "local-slurm"), "status"], capture_output=True, text=True)
     if status.returncode != 0 or not SSH_KEY.is_file():
-        raise SystemExit("bench: --nodes needs the local Slurm cluster with its sshd: scripts/local-slurm start\n"
-                         + status.stdout[-2000:])
+        raise SystemExit(
+            "bench: --nodes needs the local Slurm cluster with its sshd: scripts/local-slurm start\n"
+            + status.stdout[-2000:]
+        )
 
 
 def on_two_nodes(phases: Callable[[dict[str, Any]], dict[str, float]]) -> Callable[[dict[str, Any]], dict[str, float]]:
     """The run's phases, once its ranks are seen on the two nodes (not both on one)."""
+
     def checked(r: dict[str, Any]) -> dict[str, float]:
         hosts = sorted(x["host"] for x in rank_records(r))
         if hosts != list(NODES):
             raise SystemExit(f"expected one rank on each of {NODES}, got {hosts}")
         return phases(r)
+
     return checked
 
 
 def two_node_commands(steps: int) -> dict[str, tuple[list[str], Callable[[dict[str, Any]], dict[str, float]]]]:
     """tfrun's Slurm launch vs an allocation of the same nodes whose first node runs horovodrun."""
     hosts = ",".join(f"{n}:1" for n in NODES)
-    horovodrun = [*horovodrun_command(), "-np", "2", "--gloo", "-H", hosts, "--ssh-identity-file", str(SSH_KEY),
-                  sys.executable, "hvd_bench.py", "--steps", str(steps)]
+    horovodrun = [
+        *horovodrun_command(),
+        "-np",
+        "2",
+        "--gloo",
+        "-H",
+        hosts,
+        "--ssh-identity-file",
+        str(SSH_KEY),
+        sys.executable,
+        "hvd_bench.py",
+        "--steps",
+        str(steps),
+    ]
     return {
-        "tfrun": ([*tfrun_command(), "compute=slurm", "compute.partition=debug", "compute.nodes=2",
-                   "compute.tasks_per_node=1", "compute.poll_s=0.5", "backend=horovod", "entry.script=hvd_bench.py",
-                   f"trainer.steps={steps}"], on_two_nodes(tfrun_phases)),
+        "tfrun": (
+            [
+                *tfrun_command(),
+                "compute=slurm",
+                "compute.partition=debug",
+                "compute.nodes=2",
+                "compute.tasks_per_node=1",
+                "compute.poll_s=0.5",
+                "backend=horovod",
+                "entry.script=hvd_bench.py",
+                f"trainer.steps={steps}",
+            ],
+            on_two_nodes(tfrun_phases),
+        ),
         # salloc runs its command here; srun puts horovodrun on the allocation's first node, as a
         # batch script would run it, and relays its output.
-        "horovodrun": (["salloc", "-Q", "-p", "debug", "-N2", "--ntasks-per-node=1", f"--nodelist={','.join(NODES)}",
-                        "srun", "-N1", "-n1", f"--nodelist={NODES[0]}", "--overlap", *horovodrun], on_two_nodes(horovodrun_phases)),
+        "horovodrun": (
+            [
+                "salloc",
+                "-Q",
+                "-p",
+                "debug",
+                "-N2",
+                "--ntasks-per-node=1",
+                f"--nodelist={','.join(NODES)}",
+                "srun",
+                "-N1",
+                "-n1",
+                f"--nodelist={NODES[0]}",
+                "--overlap",
+                *horovodrun,
+            ],
+            on_two_nodes(horovodrun_phases),
+        ),
     }
 
 
@@ -289,13 +345,15 @@ def machine() -> dict[str, str]:
     }
 
 
-def horovod_tables(hvd: dict[str, list[dict[str, float]]], where: str = "",
-                   phases: bool = True) -> tuple[list[str], float]:
+def horovod_tables(
+    hvd: dict[str, list[dict[str, float]]], where: str = "", phases: bool = True
+) -> tuple[list[str], float]:
     t, h = hvd["tfrun"], hvd["horovodrun"]
     ratio = med(t, "wall") / med(h, "wall")
     verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
     rows = [
-        ("wall time (s)", "wall"), ("CPU time, all processes (s)", "cpu"),
+        ("wall time (s)", "wall"),
+        ("CPU time, all processes (s)", "cpu"),
         ("launch to hvd.init() returned, slowest rank (s)", "launch_to_init"),
         ("launch to script body start (s)", "launch_to_script"),
         ("script body start to hvd.init() returned (s)", "script_to_init"),
@@ -305,22 +363,34 @@ def horovod_tables(hvd: dict[str, list[dict[str, float]]], where: str = "",
     ]
     if not phases:  # the ranks ran under slurmd: this machine's children are only the launchers
         rows = [row for row in rows if row[1] != "cpu"]
-    lines = [f"| Horovod, 2 ranks{where} (median of {len(t)}) | tfrun | horovodrun | tfrun / horovodrun |",
-             "|---|---|---|---|"]
+    lines = [
+        f"| Horovod, 2 ranks{where} (median of {len(t)}) | tfrun | horovodrun | tfrun / horovodrun |",
+        "|---|---|---|---|",
+    ]
     for label, key in rows:
         a, b = med(t, key), med(h, key)
-        lines.append(f"| {label} | {a:.2f} | {b:.2f} | {a / b:.3f} |" if b > 0.005 else f"| {label} | {a:.2f} | {b:.2f} | |")
+        lines.append(
+            f"| {label} | {a:.2f} | {b:.2f} | {a / b:.3f} |" if b > 0.005 else f"| {label} | {a:.2f} | {b:.2f} | |"
+        )
     lines.append(f"| **wall time ratio** (target <= {TARGET_RATIO}) | | | **{ratio:.3f}: {verdict}** |")
     step = med(t, "step_ms") / med(h, "step_ms")
-    lines.append(f"| **steady-state step ratio** (target <= {TARGET_RATIO}) | | | "
-                 f"**{step:.3f}: {'met' if step <= TARGET_RATIO else 'MISSED'}** |")
+    lines.append(
+        f"| **steady-state step ratio** (target <= {TARGET_RATIO}) | | | "
+        f"**{step:.3f}: {'met' if step <= TARGET_RATIO else 'MISSED'}** |"
+    )
     fastest = min(r["wall"] for r in t) / min(r["wall"] for r in h)
     lines.append(f"| wall time ratio of the fastest runs (less sensitive to load) | | | {fastest:.3f} |")
+
     def rounds(runs: list[dict[str, float]]) -> str:
         return ", ".join(f"{r['wall']:.2f}" for r in runs) + "; " + ", ".join(f"{r['step_ms']:.1f}" for r in runs)
 
-    lines += ["", "Every round, in the order run (wall s; step ms):", "",
-              f"- tfrun: {rounds(t)}", f"- horovodrun: {rounds(h)}"]
+    lines += [
+        "",
+        "Every round, in the order run (wall s; step ms):",
+        "",
+        f"- tfrun: {rounds(t)}",
+        f"- horovodrun: {rounds(h)}",
+    ]
     if not phases:
         return lines, ratio
     lines += ["", "| where a `tfrun` Horovod run's time goes (median) | s |", "|---|---|"]
@@ -347,8 +417,10 @@ def horovod_tables(hvd: dict[str, list[dict[str, float]]], where: str = "",
 
 
 def ps_table(ps: list[dict[str, float]]) -> list[str]:
-    lines = [f"| tfrun backend=ps, chief + 2 workers + 1 ps (median of {len(ps)}) | s | min | max |",
-             "|---|---|---|---|"]
+    lines = [
+        f"| tfrun backend=ps, chief + 2 workers + 1 ps (median of {len(ps)}) | s | min | max |",
+        "|---|---|---|---|",
+    ]
     for label, key in [
         ("wall time", "wall"),
         ("launch to the chief's ParameterServerStrategy created (cluster ready)", "launch_to_ready"),
@@ -369,8 +441,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="training steps of the Horovod script")
     parser.add_argument("--ps-repeats", type=int, default=None, help="default: --repeats; 0 skips the ps part")
     parser.add_argument("--skip-horovod", action="store_true", help="only the parameter-server part")
-    parser.add_argument("--nodes", action="store_true",
-                        help="also Horovod across two nodes of the local Slurm cluster (tfrun vs salloc + horovodrun)")
+    parser.add_argument(
+        "--nodes",
+        action="store_true",
+        help="also Horovod across two nodes of the local Slurm cluster (tfrun vs salloc + horovodrun)",
+    )
     parser.add_argument("--output", default="-", help="also write the report here (bench/run.py does)")
     parser.add_argument("--json", default=None, help="also write the headline figures here (for bench/run.py)")
     args = parser.parse_args()
@@ -392,12 +467,38 @@ def main() -> None:
     ratio = None
     if not args.skip_horovod:
         print("Horovod: tfrun and horovodrun, interleaved", file=sys.stderr)
-        hvd = interleave({
-            "tfrun": ([*tfrun_command(), "compute=local", "backend=horovod", "compute.tasks_per_node=2",
-                       "entry.script=hvd_bench.py", f"trainer.steps={args.steps}"], tfrun_phases),
-            "horovodrun": ([*horovodrun_command(), "-np", "2", "--gloo", "-H", "localhost:2",
-                            sys.executable, "hvd_bench.py", *steps], horovodrun_phases),
-        }, args.repeats, work, env)
+        hvd = interleave(
+            {
+                "tfrun": (
+                    [
+                        *tfrun_command(),
+                        "compute=local",
+                        "backend=horovod",
+                        "compute.tasks_per_node=2",
+                        "entry.script=hvd_bench.py",
+                        f"trainer.steps={args.steps}",
+                    ],
+                    tfrun_phases,
+                ),
+                "horovodrun": (
+                    [
+                        *horovodrun_command(),
+                        "-np",
+                        "2",
+                        "--gloo",
+                        "-H",
+                        "localhost:2",
+                        sys.executable,
+                        "hvd_bench.py",
+                        *steps,
+                    ],
+                    horovodrun_phases,
+                ),
+            },
+            args.repeats,
+            work,
+            env,
+        )
         lines, ratio = horovod_tables(hvd)
     nodes_ratio = None
     if args.nodes:
@@ -408,41 +509,77 @@ def main() -> None:
         lines += ["", *node_lines]
     if ps_repeats:
         print("parameter servers: tfrun backend=ps", file=sys.stderr)
-        ps = interleave({"ps": ([*tfrun_command(), "backend=ps", "compute.tasks_per_node=4",
-                                 "entry.script=ps_bench.py"], ps_phases)}, ps_repeats, work, env)["ps"]
+        ps = interleave(
+            {
+                "ps": (
+                    [*tfrun_command(), "backend=ps", "compute.tasks_per_node=4", "entry.script=ps_bench.py"],
+                    ps_phases,
+                )
+            },
+            ps_repeats,
+            work,
+            env,
+        )["ps"]
         lines += ["", *ps_table(ps)] if lines else ps_table(ps)
     info["load average (1, 5, 15 min) at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     command = "python bench/bench_backends.py " + " ".join(sys.argv[1:])
-    report = "\n".join([
-        f"## tfrun backends benchmark ({info['date']})", "",
-        f"Command: `{command.strip()}`", "",
-        *([f"Horovod commands: `tfrun compute=local backend=horovod compute.tasks_per_node=2 "
-           f"entry.script=hvd_bench.py trainer.steps={args.steps}` vs `horovodrun -np 2 --gloo -H localhost:2 "
-           f"python hvd_bench.py --steps {args.steps}`.", ""] if not args.skip_horovod else []),
-        *([f"Two-node commands: `tfrun compute=slurm compute.partition=debug compute.nodes=2 "
-           f"compute.tasks_per_node=1 compute.poll_s=0.5 backend=horovod entry.script=hvd_bench.py "
-           f"trainer.steps={args.steps}` vs `salloc -N2 -p debug srun -N1 -n1 -w node1 --overlap horovodrun -np 2 "
-           f"--gloo -H node1:1,node2:1 --ssh-identity-file {SSH_KEY} python hvd_bench.py --steps {args.steps}` "
-           "(horovodrun on the allocation's first node starts both ranks over ssh).", ""] if args.nodes else []),
-        *(["Parameter-server command: `tfrun backend=ps compute.tasks_per_node=4 entry.script=ps_bench.py`.", ""]
-          if ps_repeats else []),
-        "The scripts are in bench/bench_backends.py; every figure is a median over interleaved runs. Both "
-        "launchers run with TF_USE_LEGACY_KERAS=1 (tfrun sets it for Horovod; Horovod's Keras API needs it).", "",
-        *(f"- {k}: {v}" for k, v in info.items()), "",
-        *lines, "",
-    ])
+    report = "\n".join(
+        [
+            f"## tfrun backends benchmark ({info['date']})",
+            "",
+            f"Command: `{command.strip()}`",
+            "",
+            *(
+                [
+                    f"Horovod commands: `tfrun compute=local backend=horovod compute.tasks_per_node=2 "
+                    f"entry.script=hvd_bench.py trainer.steps={args.steps}` vs `horovodrun -np 2 --gloo -H localhost:2 "
+                    f"python hvd_bench.py --steps {args.steps}`.",
+                    "",
+                ]
+                if not args.skip_horovod
+                else []
+            ),
+            *(
+                [
+                    f"Two-node commands: `tfrun compute=slurm compute.partition=debug compute.nodes=2 "
+                    f"compute.tasks_per_node=1 compute.poll_s=0.5 backend=horovod entry.script=hvd_bench.py "
+                    f"trainer.steps={args.steps}` vs `salloc -N2 -p debug srun -N1 -n1 -w node1 --overlap horovodrun -np 2 "
+                    f"--gloo -H node1:1,node2:1 --ssh-identity-file {SSH_KEY} python hvd_bench.py --steps {args.steps}` "
+                    "(horovodrun on the allocation's first node starts both ranks over ssh).",
+                    "",
+                ]
+                if args.nodes
+                else []
+            ),
+            *(
+                ["Parameter-server command: `tfrun backend=ps compute.tasks_per_node=4 entry.script=ps_bench.py`.", ""]
+                if ps_repeats
+                else []
+            ),
+            "The scripts are in bench/bench_backends.py; every figure is a median over interleaved runs. Both "
+            "launchers run with TF_USE_LEGACY_KERAS=1 (tfrun sets it for Horovod; Horovod's Keras API needs it).",
+            "",
+            *(f"- {k}: {v}" for k, v in info.items()),
+            "",
+            *lines,
+            "",
+        ]
+    )
     shutil.rmtree(work, ignore_errors=True)
     figures: dict[str, Any] = {}
     if not args.skip_horovod:
-        figures["horovod"] = {key: {"tfrun": med(hvd["tfrun"], key), "horovodrun": med(hvd["horovodrun"], key)}
-                              for key in ("wall", "launch_to_init", "cpu", "step_ms")}
+        figures["horovod"] = {
+            key: {"tfrun": med(hvd["tfrun"], key), "horovodrun": med(hvd["horovodrun"], key)}
+            for key in ("wall", "launch_to_init", "cpu", "step_ms")
+        }
         figures["horovod"]["rounds"] = {name: [r["wall"] for r in runs] for name, runs in hvd.items()}
         figures["horovod"]["ratio"] = ratio
     if args.nodes:
-        figures["horovod_nodes"] = {key: {"tfrun": med(hvd_nodes["tfrun"], key),
-                                          "horovodrun": med(hvd_nodes["horovodrun"], key)}
-                                    for key in ("wall", "launch_to_init", "cpu", "step_ms")}
+        figures["horovod_nodes"] = {
+            key: {"tfrun": med(hvd_nodes["tfrun"], key), "horovodrun": med(hvd_nodes["horovodrun"], key)}
+            for key in ("wall", "launch_to_init", "cpu", "step_ms")
+        }
         figures["horovod_nodes"]["rounds"] = {name: [r["wall"] for r in runs] for name, runs in hvd_nodes.items()}
         figures["horovod_nodes"]["ratio"] = nodes_ratio
     if ps_repeats:

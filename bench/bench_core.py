@@ -15,6 +15,7 @@ Prints a markdown table and writes it, with the command, date and machine, to
 bench/RESULTS.md (``--output``; ``--output -`` writes nothing; ``--json PATH`` also
 writes the headline figures, for bench/run.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,8 +88,9 @@ def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float
     return took, wall_start, result
 
 
-def interleaved(commands: dict[str, list[str]], repeats: int, cwd: Path, env: dict[str, str],
-                after: dict | None = None) -> dict[str, list[float]]:
+def interleaved(
+    commands: dict[str, list[str]], repeats: int, cwd: Path, env: dict[str, str], after: dict | None = None
+) -> dict[str, list[float]]:
     """Run each command ``repeats`` times, round-robin; wall times by name."""
     times: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(repeats):
@@ -108,14 +110,16 @@ def phases_of(stderr: str, took: float, wall_start: float, phases: list[dict[str
     run_dir = Path(match.group(1))
     status = json.loads((run_dir / "status.json").read_text())
     rank = json.loads((run_dir / "ranks" / "0.json").read_text())
-    phases.append({
-        "cli": status["started"] - wall_start,          # interpreter, imports, compose, plan, run dir
-        "spawn": rank["started"] - status["started"],    # Popen + python + bootstrap imports
-        "script": rank["ended"] - rank["started"],       # prepare + the user's script
-        "wind_down": status["ended"] - rank["ended"],    # process exit, pumps, status.json
-        "exit": wall_start + took - status["ended"],     # report, interpreter exit
-        "total": took,
-    })
+    phases.append(
+        {
+            "cli": status["started"] - wall_start,  # interpreter, imports, compose, plan, run dir
+            "spawn": rank["started"] - status["started"],  # Popen + python + bootstrap imports
+            "script": rank["ended"] - rank["started"],  # prepare + the user's script
+            "wind_down": status["ended"] - rank["ended"],  # process exit, pumps, status.json
+            "exit": wall_start + took - status["ended"],  # report, interpreter exit
+            "total": took,
+        }
+    )
 
 
 def median(xs: list[float]) -> float:
@@ -152,18 +156,23 @@ def main() -> None:
 
     (work / "hello.py").write_text("print('hello')\n")
     (work / "bare_app.py").write_text(BARE_APP)
-    startup = interleaved({
-        "bare @hydra.main app": [sys.executable, "bare_app.py"],
-        "bare @hydra.main app --help": [sys.executable, "bare_app.py", "--help"],
-        "tfrun --dry-run": [*tfrun, "--dry-run"],
-        DRY_RUN_PS: [*tfrun, *DRY_RUN_PS.split()[1:]],
-        "tfrun --help": [*tfrun, "--help"],
-        'python -c "import tensorflow"': [sys.executable, "-c", "import tensorflow"],
-        'python -c "pass"': [sys.executable, "-c", "pass"],
-        # tfrun's fixed cost of a whole run: a script that does nothing, with and without tfrun.
-        "tfrun entry.script=hello.py": [*tfrun, "entry.script=hello.py"],
-        "python hello.py": [sys.executable, "hello.py"],
-    }, args.repeats_startup, work, env)
+    startup = interleaved(
+        {
+            "bare @hydra.main app": [sys.executable, "bare_app.py"],
+            "bare @hydra.main app --help": [sys.executable, "bare_app.py", "--help"],
+            "tfrun --dry-run": [*tfrun, "--dry-run"],
+            DRY_RUN_PS: [*tfrun, *DRY_RUN_PS.split()[1:]],
+            "tfrun --help": [*tfrun, "--help"],
+            'python -c "import tensorflow"': [sys.executable, "-c", "import tensorflow"],
+            'python -c "pass"': [sys.executable, "-c", "pass"],
+            # tfrun's fixed cost of a whole run: a script that does nothing, with and without tfrun.
+            "tfrun entry.script=hello.py": [*tfrun, "entry.script=hello.py"],
+            "python hello.py": [sys.executable, "hello.py"],
+        },
+        args.repeats_startup,
+        work,
+        env,
+    )
 
     flags = ["--epochs", str(args.epochs)]
     phases: list[dict[str, float]] = []
@@ -171,8 +180,9 @@ def main() -> None:
         "python train.py": [sys.executable, str(DIGITS), *flags, "--output_dir", str(work / "plain-out")],
         "tfrun": [*tfrun, "compute=local", "backend=none", f"trainer.epochs={args.epochs}"],
     }
-    runs = interleaved(run_commands, args.repeats_run, work, env,
-                       after={"tfrun": lambda r, t, w: phases_of(r.stderr, t, w, phases)})
+    runs = interleaved(
+        run_commands, args.repeats_run, work, env, after={"tfrun": lambda r, t, w: phases_of(r.stderr, t, w, phases)}
+    )
 
     plain, wrapped = median(runs["python train.py"]), median(runs["tfrun"])
     ratio = wrapped / plain
@@ -189,16 +199,20 @@ def main() -> None:
         verdict_bare = "met" if ratio_bare <= BARE_RATIO else "MISSED"
         lines.append(f"| `{ours}` / `{bare}` (medians) | {ratio_bare:.2f}x | | | | <= {BARE_RATIO}x: {verdict_bare} |")
     for name, xs in runs.items():
-        lines.append(f"| `{name}` (digits, {args.epochs} epochs) | {median(xs):.3f} | {min(xs):.3f} | "
-                     f"{max(xs):.3f} | {len(xs)} | |")
+        lines.append(
+            f"| `{name}` (digits, {args.epochs} epochs) | {median(xs):.3f} | {min(xs):.3f} | "
+            f"{max(xs):.3f} | {len(xs)} | |"
+        )
     verdict = "met" if ratio <= TARGETS["overhead ratio"] else "MISSED"
     lines.append(f"| overhead ratio tfrun / python (medians) | {ratio:.3f} | | | | <= 1.05: {verdict} |")
     lines.append(f"| overhead tfrun - python (medians) | {wrapped - plain:.3f} | | | | |")
     fastest = min(runs["tfrun"]) / min(runs["python train.py"])
     lines.append(f"| overhead ratio of the fastest runs (less sensitive to load) | {fastest:.3f} | | | | |")
     cpu_plain, cpu_wrapped = (median(CPU[" ".join(run_commands[name])]) for name in ("python train.py", "tfrun"))
-    lines.append(f"| CPU seconds (user+sys, all processes) python / tfrun (medians) | {cpu_plain:.2f} / "
-                 f"{cpu_wrapped:.2f} = ratio {cpu_wrapped / cpu_plain:.3f} | | | | |")
+    lines.append(
+        f"| CPU seconds (user+sys, all processes) python / tfrun (medians) | {cpu_plain:.2f} / "
+        f"{cpu_wrapped:.2f} = ratio {cpu_wrapped / cpu_plain:.3f} | | | | |"
+    )
     table = "\n".join(lines)
 
     phase_lines = []
@@ -215,18 +229,36 @@ def main() -> None:
         phase_lines += [f"| {label} | {median([p[key] for p in phases]):.3f} |" for key, label in names.items()]
     info["load average (1, 5, 15 min) at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     command = "python bench/bench_core.py " + " ".join(sys.argv[1:])
-    report = "\n".join([
-        SECTION, "",
-        f"Command: `{command.strip()}`", "",
-        *(f"- {k}: {v}" for k, v in info.items()), "",
-        table, "", *phase_lines, "",
-    ])
+    report = "\n".join(
+        [
+            SECTION,
+            "",
+            f"Command: `{command.strip()}`",
+            "",
+            *(f"- {k}: {v}" for k, v in info.items()),
+            "",
+            table,
+            "",
+            *phase_lines,
+            "",
+        ]
+    )
     shutil.rmtree(work, ignore_errors=True)
-    publish(report, args.output, args.json, {
-        "startup": {name: median(xs) for name, xs in startup.items()},
-        "overhead": {"python": plain, "tfrun": wrapped, "ratio": ratio, "fastest_ratio": fastest,
-                     "cpu_ratio": cpu_wrapped / cpu_plain},
-    })
+    publish(
+        report,
+        args.output,
+        args.json,
+        {
+            "startup": {name: median(xs) for name, xs in startup.items()},
+            "overhead": {
+                "python": plain,
+                "tfrun": wrapped,
+                "ratio": ratio,
+                "fastest_ratio": fastest,
+                "cpu_ratio": cpu_wrapped / cpu_plain,
+            },
+        },
+    )
     if dry >= TARGETS["tfrun --dry-run"] or ratio > TARGETS["overhead ratio"]:
         print("a target was missed", file=sys.stderr)
 

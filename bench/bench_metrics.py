@@ -13,6 +13,7 @@ environment: ``TFRUN_RUN_DIR``, rank 0):
 
     python bench/bench_metrics.py [--repeats 5] [--output -]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,8 +99,12 @@ def main() -> None:
             found[name].append(_child(code, run_dir))
             print(f"  round {r + 1}/{args.repeats} {name}: {found[name][-1]}", file=sys.stderr, flush=True)
     big = work / "million.jsonl"
-    big.write_text("".join(f'{{"name": "loss", "step": {i}, "time": {time.time()!r}, "value": {1 / (i + 1)!r}}}\n'
-                           for i in range(1_000_000)))
+    big.write_text(
+        "".join(
+            f'{{"name": "loss", "step": {i}, "time": {time.time()!r}, "value": {1 / (i + 1)!r}}}\n'
+            for i in range(1_000_000)
+        )
+    )
     reads = [_child(READ.format(path=str(big)), work)["read_s"] for _ in range(args.repeats)]
     med = statistics.median
     figures = {name: {k: med(run[k] for run in runs) for k in runs[0]} for name, runs in found.items()}
@@ -115,14 +120,23 @@ def main() -> None:
         f"| read 1,000,000 records | {med(reads):.2f} s | | | < {TARGET_READ_S} s | "
         f"{'met' if med(reads) < TARGET_READ_S else 'MISSED'} |",
     ]
-    report = "\n".join([
-        "", f"## Metrics: what recording costs a script ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})", "",
-        f"Command: `python bench/bench_metrics.py {' '.join(sys.argv[1:])}`".rstrip(), "",
-        f"- {CALLS:,} `tfrun.log_metric` calls per process, median of {args.repeats} interleaved repeats; "
-        f"load average at start {start_load}, at end {load_average()}",
-        "- per call: the loop as the script sees it; with the final flush of what was still in memory", "",
-        "| figure | per call (loop) | per call (with flush) | former writer (rewrite per record) | target | |",
-        "|---|---|---|---|---|---|", *rows, ""])
+    report = "\n".join(
+        [
+            "",
+            f"## Metrics: what recording costs a script ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})",
+            "",
+            f"Command: `python bench/bench_metrics.py {' '.join(sys.argv[1:])}`".rstrip(),
+            "",
+            f"- {CALLS:,} `tfrun.log_metric` calls per process, median of {args.repeats} interleaved repeats; "
+            f"load average at start {start_load}, at end {load_average()}",
+            "- per call: the loop as the script sees it; with the final flush of what was still in memory",
+            "",
+            "| figure | per call (loop) | per call (with flush) | former writer (rewrite per record) | target | |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
     publish(report, args.output, args.json, {"metrics": figures, "worst_loop_us": worst_loop})
 
 

@@ -27,6 +27,7 @@ On the local Slurm (``scripts/local-slurm start``), one part per flag:
     python bench/bench_pool.py --tuning [--seeds 0,1,2] [--trials 24] [--epochs 200] [--policy truncation ...]
     python bench/bench_pool.py --busy [--trials 24] [--epochs 200] [--hold-s 30]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,7 @@ BUSY = REPO / "scripts" / "busy-slurm"
 FIXED_TARGET_S, FIXED_TARGET_RATIO = 0.3, 0.06
 TASK_TARGET, TO_BEST_TARGET = 0.3, 0.5
 VALIDATION = 360  # digits' validation split (20 % of 1,797 images): one image is 1/360 of accuracy
-ITEM = '''import time
+ITEM = """import time
 import tensorflow as tf
 READY = time.time()  # the script's first line once TensorFlow is imported
 import argparse, json, os
@@ -58,7 +59,7 @@ with open(os.path.join(os.environ["TFRUN_OUTPUT_DIR"], "ready.json"), "w") as f:
     json.dump({"ready": READY}, f)
 time.sleep(a.secs)  # the item's own work
 log_epoch(0, {"score": float(a.i)})
-'''
+"""
 
 
 def slurm_times(job: str, timeout_s: float = 90.0) -> dict[str, float]:
@@ -66,10 +67,17 @@ def slurm_times(job: str, timeout_s: float = 90.0) -> dict[str, float]:
     pool's allocation ends a moment after its study)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        out = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "Submit,Start,End"], capture_output=True,
-                             text=True, timeout=60).stdout.splitlines()
-        stamps = [time.mktime(time.strptime(t, "%Y-%m-%dT%H:%M:%S")) if t[:1].isdigit() else float("nan")
-                  for t in out[0].split("|")] if out else [float("nan")] * 3
+        out = subprocess.run(
+            ["sacct", "-j", job, "-X", "-n", "-P", "-o", "Submit,Start,End"], capture_output=True, text=True, timeout=60
+        ).stdout.splitlines()
+        stamps = (
+            [
+                time.mktime(time.strptime(t, "%Y-%m-%dT%H:%M:%S")) if t[:1].isdigit() else float("nan")
+                for t in out[0].split("|")
+            ]
+            if out
+            else [float("nan")] * 3
+        )
         if not math.isnan(stamps[2]) or time.monotonic() > deadline:
             return dict(zip(("submit", "start", "end"), stamps))
         time.sleep(2)
@@ -77,19 +85,36 @@ def slurm_times(job: str, timeout_s: float = 90.0) -> dict[str, float]:
 
 def trial_statuses(sweep: Path) -> list[dict]:
     points = json.loads((sweep / "sweep.json").read_text())["points"]
-    return [{**json.loads((Path(p["run_dir"]) / "status.json").read_text()), "run_dir": p["run_dir"],
-             "trial": p.get("trial")} for p in sorted(points, key=lambda p: p.get("trial", 0))]
+    return [
+        {
+            **json.loads((Path(p["run_dir"]) / "status.json").read_text()),
+            "run_dir": p["run_dir"],
+            "trial": p.get("trial"),
+        }
+        for p in sorted(points, key=lambda p: p.get("trial", 0))
+    ]
 
 
 # --- 1. the fixed cost per item ------------------------------------------------------------------
 
+
 def fixed_study(work: Path, args: argparse.Namespace, pooled: bool, name: str) -> dict:
-    _, _ = tfrun(work, "-m", "hydra/sweeper=tfrun", "tfrun.objective=score", "compute=slurm",
-                 f"compute.partition={args.partition}", f"compute.job_name={name}", "compute.poll_s=0.5",
-                 "entry.script=item.py",
-                 "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=1", f"trainer.secs={args.secs}",
-                 f"trainer.i=choice({','.join(map(str, range(args.items)))})",
-                 *([] if pooled else ["hydra.sweeper.pool=false"]))
+    _, _ = tfrun(
+        work,
+        "-m",
+        "hydra/sweeper=tfrun",
+        "tfrun.objective=score",
+        "compute=slurm",
+        f"compute.partition={args.partition}",
+        f"compute.job_name={name}",
+        "compute.poll_s=0.5",
+        "entry.script=item.py",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.max_parallel=1",
+        f"trainer.secs={args.secs}",
+        f"trainer.i=choice({','.join(map(str, range(args.items)))})",
+        *([] if pooled else ["hydra.sweeper.pool=false"]),
+    )
     costs = []
     for status in trial_statuses(newest_sweep(work)):
         ready = json.loads((Path(status["run_dir"]) / "outputs" / "ready.json").read_text())["ready"]
@@ -122,7 +147,9 @@ def fixed(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
         f"Fixed cost per item: {args.items} trials of {args.secs:g} s of work each, one at a time, on Slurm "
         f"(partition {args.partition}); {args.repeats} interleaved round(s). From the hand-out (pool: its RUNNING status "
         f"written as the slot is told; job: sbatch returned) to the script's first line after `import tensorflow`.",
-        "", "| | warm pool (compute.warm=fork) | a Slurm job per trial (hydra.sweeper.pool=false) |", "|---|---|---|",
+        "",
+        "| | warm pool (compute.warm=fork) | a Slurm job per trial (hydra.sweeper.pool=false) |",
+        "|---|---|---|",
         f"| **fixed cost per item, median (s)** | **{pool:.3f}** (items after each pool's first) | **{job:.2f}** |",
         f"| ratio pool / job | **{ratio:.3f}x** (target <= {FIXED_TARGET_RATIO}x and <= {FIXED_TARGET_S} s: "
         f"{'met' if met else 'MISSED'}) | |",
@@ -130,19 +157,39 @@ def fixed(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
         f"warm-up) | {firsts} | |",
         f"| every item, each round (s) | {each('pool')} | {each('job')} |",
     ]
-    return lines, {"pool_s": pool, "job_s": job, "ratio": ratio, "target_s": FIXED_TARGET_S,
-                   "target_ratio": FIXED_TARGET_RATIO, "rounds": rounds, "items": args.items, "secs": args.secs}
+    return lines, {
+        "pool_s": pool,
+        "job_s": job,
+        "ratio": ratio,
+        "target_s": FIXED_TARGET_S,
+        "target_ratio": FIXED_TARGET_RATIO,
+        "rounds": rounds,
+        "items": args.items,
+        "secs": args.secs,
+    }
 
 
 # --- 2. tuning: job per trial vs pool vs pool + policy ------------------------------------------
 
+
 def digits_common(args: argparse.Namespace, name: str) -> list[str]:
-    return ["-m", "hydra/sweeper=tfrun", "compute=slurm", f"compute.partition={args.partition}",
-            f"compute.job_name={name}", "compute.poll_s=0.5",
-            f"entry.script={DIGITS}", "tfrun.objective=val_accuracy", f"hydra.sweeper.n_trials={args.trials}",
-            f"hydra.sweeper.max_parallel={args.parallel}", f"trainer.epochs={args.epochs}",
-            f"trainer.lr=tag(log,interval({args.lr}))", "trainer.batch_size=choice(32,64,128)",
-            "trainer.hidden=choice(16,32,64,128)", f"hydra.sweeper.sampler={args.sampler}"]
+    return [
+        "-m",
+        "hydra/sweeper=tfrun",
+        "compute=slurm",
+        f"compute.partition={args.partition}",
+        f"compute.job_name={name}",
+        "compute.poll_s=0.5",
+        f"entry.script={DIGITS}",
+        "tfrun.objective=val_accuracy",
+        f"hydra.sweeper.n_trials={args.trials}",
+        f"hydra.sweeper.max_parallel={args.parallel}",
+        f"trainer.epochs={args.epochs}",
+        f"trainer.lr=tag(log,interval({args.lr}))",
+        "trainer.batch_size=choice(32,64,128)",
+        "trainer.hidden=choice(16,32,64,128)",
+        f"hydra.sweeper.sampler={args.sampler}",
+    ]
 
 
 def held_seconds(work: Path, pooled: bool) -> float:
@@ -153,14 +200,23 @@ def held_seconds(work: Path, pooled: bool) -> float:
         spec = json.loads((sweep / "pool" / "pool.json").read_text())
         jobs = json.loads((sweep / "pool" / "allocations.json").read_text())
         return sum(spec["slots"] * (t["end"] - t["start"]) for t in map(slurm_times, jobs))
-    return sum((lambda t: t["end"] - t["start"])(slurm_times(s["job_ids"][-1])) for s in trial_statuses(sweep)
-               if s.get("job_ids"))
+    return sum(
+        (lambda t: t["end"] - t["start"])(slurm_times(s["job_ids"][-1]))
+        for s in trial_statuses(sweep)
+        if s.get("job_ids")
+    )
 
 
 def study(work: Path, args: argparse.Namespace, seed: int, mode: str) -> dict:
     name = f"bench-pool-{uuid.uuid4().hex[:6]}"
-    extra = {"job": ["hydra.sweeper.pool=false"], "pool": [],
-             "policy": [f"hydra.sweeper.policy={args.policy}", *(f"hydra.sweeper.policy_args.{a}" for a in args.policy_args)]}
+    extra = {
+        "job": ["hydra.sweeper.pool=false"],
+        "pool": [],
+        "policy": [
+            f"hydra.sweeper.policy={args.policy}",
+            *(f"hydra.sweeper.policy_args.{a}" for a in args.policy_args),
+        ],
+    }
     started = time.time()
     wall, _ = tfrun(work, *digits_common(args, name), f"hydra.sweeper.seed={seed}", *extra[mode])
     figures = study_figures(work, started, wall)
@@ -175,29 +231,53 @@ def tuning(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
     for seed in args.seeds:
         f = {mode: study(work, args, seed, mode) for mode in ("job", "pool", "policy")}
         base = f["job"]
-        f["ratios"] = {mode: {"task": f[mode]["task_s"] / base["task_s"], "to_best": f[mode]["to_best_s"] / base["to_best_s"],
-                              "gap": VALIDATION * (base["best"] - f[mode]["best"]), "held": f[mode]["held_s"] / base["held_s"]}
-                       for mode in ("pool", "policy")}
+        f["ratios"] = {
+            mode: {
+                "task": f[mode]["task_s"] / base["task_s"],
+                "to_best": f[mode]["to_best_s"] / base["to_best_s"],
+                "gap": VALIDATION * (base["best"] - f[mode]["best"]),
+                "held": f[mode]["held_s"] / base["held_s"],
+            }
+            for mode in ("pool", "policy")
+        }
         runs[str(seed)] = f
-        for mode, label in (("job", "job per trial, no policy"), ("pool", "pool, no policy"),
-                            ("policy", f"pool, {args.policy}")):
+        for mode, label in (
+            ("job", "job per trial, no policy"),
+            ("pool", "pool, no policy"),
+            ("policy", f"pool, {args.policy}"),
+        ):
             x = f[mode]
-            rows.append(f"| {seed} | {label} | {x['pruned']} | {x['task_s']:.0f} | {x['held_s']:.0f} | {x['wall_s']:.0f} | "
-                        f"{x['to_best_s']:.0f} | {x['best']:.4f} | {x['startup_s']:.1f} |")
-    median = {mode: {k: statistics.median(r["ratios"][mode][k] for r in runs.values()) for k in ("task", "to_best", "gap", "held")}
-              for mode in ("pool", "policy")}
+            rows.append(
+                f"| {seed} | {label} | {x['pruned']} | {x['task_s']:.0f} | {x['held_s']:.0f} | {x['wall_s']:.0f} | "
+                f"{x['to_best_s']:.0f} | {x['best']:.4f} | {x['startup_s']:.1f} |"
+            )
+    median = {
+        mode: {
+            k: statistics.median(r["ratios"][mode][k] for r in runs.values())
+            for k in ("task", "to_best", "gap", "held")
+        }
+        for mode in ("pool", "policy")
+    }
     p = median["policy"]
     met = {"task": p["task"] <= TASK_TARGET, "to_best": p["to_best"] <= TO_BEST_TARGET, "gap": p["gap"] <= 1}
     lines = [
         f"Digits on Slurm, {args.trials} trials of {args.epochs} epochs, {args.parallel} at once, sampler {args.sampler} "
         f"(seeds {', '.join(map(str, args.seeds))}), lr in ({args.lr}) log scale; policy {args.policy} "
-        f"{' '.join(args.policy_args)}".rstrip(), "",
+        f"{' '.join(args.policy_args)}".rstrip(),
+        "",
         "| seed | study | pruned | task-s | slot-s held | wall s | wall s to best | best val_accuracy | trial start to its first epoch (median s) |",
-        "|---|---|---|---|---|---|---|---|---|", *rows, "",
-        "Medians over the seeds of each seed's ratio to its job-per-trial study (the gap in validation images):", "",
-        "| | task-seconds | wall time to the best | best val_accuracy below | slot-seconds held |", "|---|---|---|---|---|",
-        *(f"| {label} | {median[m]['task']:.2f}x | {median[m]['to_best']:.2f}x | {median[m]['gap']:+.1f} image(s) | "
-          f"{median[m]['held']:.2f}x |" for m, label in (("pool", "pool, no policy"), ("policy", f"pool + {args.policy}"))),
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Medians over the seeds of each seed's ratio to its job-per-trial study (the gap in validation images):",
+        "",
+        "| | task-seconds | wall time to the best | best val_accuracy below | slot-seconds held |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {label} | {median[m]['task']:.2f}x | {median[m]['to_best']:.2f}x | {median[m]['gap']:+.1f} image(s) | "
+            f"{median[m]['held']:.2f}x |"
+            for m, label in (("pool", "pool, no policy"), ("policy", f"pool + {args.policy}"))
+        ),
         "",
         f"- pool + {args.policy}: task-seconds {p['task']:.2f}x (target <= {TASK_TARGET}x: {'met' if met['task'] else 'MISSED'}), "
         f"wall time to the best {p['to_best']:.2f}x (target <= {TO_BEST_TARGET}x: {'met' if met['to_best'] else 'MISSED'}), "
@@ -208,25 +288,50 @@ def tuning(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
 
 # --- 3. a busy cluster ---------------------------------------------------------------------------
 
+
 def busy(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
     def run(mode: str, where: str) -> dict:
         name = f"bench-pool-{uuid.uuid4().hex[:6]}"
         started = time.time()
-        wall, _ = tfrun(work, *digits_common(args, name), f"hydra.sweeper.seed={args.seeds[0]}",
-                        *(["hydra.sweeper.pool=false"] if mode == "job" else []))
+        wall, _ = tfrun(
+            work,
+            *digits_common(args, name),
+            f"hydra.sweeper.seed={args.seeds[0]}",
+            *(["hydra.sweeper.pool=false"] if mode == "job" else []),
+        )
         sweep = newest_sweep(work)
-        jobs = (json.loads((sweep / "pool" / "allocations.json").read_text()) if mode == "pool"
-                else [s["job_ids"][-1] for s in trial_statuses(sweep) if s.get("job_ids")])
+        jobs = (
+            json.loads((sweep / "pool" / "allocations.json").read_text())
+            if mode == "pool"
+            else [s["job_ids"][-1] for s in trial_statuses(sweep) if s.get("job_ids")]
+        )
         waits = [t["start"] - t["submit"] for t in map(slurm_times, jobs)]
-        found = {"wall_s": wall, "jobs": len(jobs), "waits": waits, "wait_sum": sum(waits),
-                 "to_best_s": study_figures(work, started, wall)["to_best_s"]}
+        found = {
+            "wall_s": wall,
+            "jobs": len(jobs),
+            "waits": waits,
+            "wait_sum": sum(waits),
+            "to_best_s": study_figures(work, started, wall)["to_best_s"],
+        }
         print(f"  busy bench, {mode} on the {where} cluster: {found}", file=sys.stderr, flush=True)
         return found
 
     found = {("pool", "idle"): run("pool", "idle"), ("job", "idle"): run("job", "idle")}
     stamp = uuid.uuid4().hex[:6]
-    subprocess.run([str(BUSY), "start", "--partition", args.partition, "--hold-s", str(args.hold_s), "--name",
-                    f"bench-busy-{stamp}-"], check=True, timeout=300)
+    subprocess.run(
+        [
+            str(BUSY),
+            "start",
+            "--partition",
+            args.partition,
+            "--hold-s",
+            str(args.hold_s),
+            "--name",
+            f"bench-busy-{stamp}-",
+        ],
+        check=True,
+        timeout=300,
+    )
     try:
         found[("pool", "busy")] = run("pool", "busy")
         found[("job", "busy")] = run("job", "busy")
@@ -243,12 +348,16 @@ def busy(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
         f"The digits study (seed {args.seeds[0]}, {args.trials} trials of {args.epochs} epochs, {args.parallel} at once, no "
         f"policy) on the idle cluster and on a busy one: scripts/busy-slurm keeps the {args.partition} partition's nodes "
         f"occupied by another "
-        f"account's jobs of {args.hold_s:g} s, so every new job waits {args.hold_s:g}-{2 * args.hold_s:g} s for its turn.", "",
+        f"account's jobs of {args.hold_s:g} s, so every new job waits {args.hold_s:g}-{2 * args.hold_s:g} s for its turn.",
+        "",
         "| study | Slurm jobs | wall s, idle | wall s, busy | busy - idle (s) | queue waits on the busy cluster (median, sum s) |",
         "|---|---|---|---|---|---|",
-        *(f"| {label} | {found[(m, 'busy')]['jobs']} | {found[(m, 'idle')]['wall_s']:.0f} | {found[(m, 'busy')]['wall_s']:.0f} | "
-          f"{found[(m, 'busy')]['wall_s'] - found[(m, 'idle')]['wall_s']:+.0f} | {statistics.median(found[(m, 'busy')]['waits']):.0f}, "
-          f"{found[(m, 'busy')]['wait_sum']:.0f} |" for m, label in (("pool", "in a pool"), ("job", "a job per trial"))),
+        *(
+            f"| {label} | {found[(m, 'busy')]['jobs']} | {found[(m, 'idle')]['wall_s']:.0f} | {found[(m, 'busy')]['wall_s']:.0f} | "
+            f"{found[(m, 'busy')]['wall_s'] - found[(m, 'idle')]['wall_s']:+.0f} | {statistics.median(found[(m, 'busy')]['waits']):.0f}, "
+            f"{found[(m, 'busy')]['wait_sum']:.0f} |"
+            for m, label in (("pool", "in a pool"), ("job", "a job per trial"))
+        ),
         "",
         f"- in a pool the busy cluster added {pool_extra:.0f} s: one wait ({one_wait:.0f} s) + 10 % of the idle wall "
         f"is {allowed:.0f} s (target: at most that: {'met' if met else 'MISSED'})",
@@ -256,8 +365,16 @@ def busy(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
         f"wait(s) of {job_wait:.0f} s, for {rounds} round(s) of {args.parallel} trials",
     ]
     data = {f"{m}_{w}": v for (m, w), v in found.items()}
-    return lines, {**data, "pool_extra_s": pool_extra, "job_extra_s": job_extra, "one_wait_s": one_wait,
-                   "allowed_s": allowed, "met": met, "rounds": rounds, "job_wait_s": job_wait}
+    return lines, {
+        **data,
+        "pool_extra_s": pool_extra,
+        "job_extra_s": job_extra,
+        "one_wait_s": one_wait,
+        "allowed_s": allowed,
+        "met": met,
+        "rounds": rounds,
+        "job_wait_s": job_wait,
+    }
 
 
 def main() -> None:
@@ -275,10 +392,15 @@ def main() -> None:
     parser.add_argument("--sampler", default="random")
     parser.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")], default=[0, 1, 2])
     parser.add_argument("--policy", default="truncation")
-    parser.add_argument("--policy-args", nargs="*",
-                        default=["truncation_percentage=50", "delay_evaluation=10", "evaluation_interval=10"])
+    parser.add_argument(
+        "--policy-args",
+        nargs="*",
+        default=["truncation_percentage=50", "delay_evaluation=10", "evaluation_interval=10"],
+    )
     parser.add_argument("--hold-s", type=float, default=30.0, help="--busy: each occupant's hold of its node")
-    parser.add_argument("--partition", default="debug", help="where every study runs (--busy: which partition is made busy)")
+    parser.add_argument(
+        "--partition", default="debug", help="where every study runs (--busy: which partition is made busy)"
+    )
     parser.add_argument("--output", default="-")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -289,11 +411,18 @@ def main() -> None:
     for part in parts:
         lines, figures[part] = {"fixed": fixed, "tuning": tuning, "busy": busy}[part](args, work)
         sections += [*lines, ""]
-    report = "\n".join([
-        "", f"## Warm pools ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})", "",
-        f"Command: `python bench/bench_pool.py {' '.join(sys.argv[1:])}`".rstrip(), "",
-        f"- {', '.join(versions('tensorflow', 'optuna'))}; load average at start {start_load}, at end {load_average()}",
-        "", *sections])
+    report = "\n".join(
+        [
+            "",
+            f"## Warm pools ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})",
+            "",
+            f"Command: `python bench/bench_pool.py {' '.join(sys.argv[1:])}`".rstrip(),
+            "",
+            f"- {', '.join(versions('tensorflow', 'optuna'))}; load average at start {start_load}, at end {load_average()}",
+            "",
+            *sections,
+        ]
+    )
     publish(report, args.output, args.json, {"pool": figures})
 
 

@@ -16,6 +16,7 @@ variants, interleaved:
 
 Needs the local cluster up (``scripts/local-slurm start``) and nothing else running on node1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,20 +74,49 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.2) -> float
 
 def one_round(variant: str, work: Path, env: dict[str, str], name: str) -> dict[str, float]:
     """Start a run in ``low`` on node1, preempt it once it trains, time the handover."""
-    launched = run(["tfrun", "compute=slurm", "compute.partition=low", "compute.nodelist=node1", "compute.wait=false",
-                    f"compute.job_name={name}", f"entry.script={work / 'fit.py'}",
-                    f"trainer.slow_stop={1 if variant == 'grace' else 0}"], cwd=work, env=env)
+    launched = run(
+        [
+            "tfrun",
+            "compute=slurm",
+            "compute.partition=low",
+            "compute.nodelist=node1",
+            "compute.wait=false",
+            f"compute.job_name={name}",
+            f"entry.script={work / 'fit.py'}",
+            f"trainer.slow_stop={1 if variant == 'grace' else 0}",
+        ],
+        cwd=work,
+        env=env,
+    )
     match = re.search(r"submitted job (\d+); run dir (.+)$", launched.stderr, re.M)
     if not match:
         raise SystemExit(f"tfrun did not submit:\n{launched.stderr}")
     job, run_dir = match.group(1), Path(match.group(2))
     metrics = run_dir / "metrics.jsonl"
     wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, 300, "two epochs")
-    preemptor = run(["sbatch", "--parsable", "-p", "debug", "--exclusive", "-w", "node1", f"--job-name={name}",
-                     "-o", "/dev/null", "--wrap", "sleep 1"], check=True).stdout.strip()
+    preemptor = run(
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            "debug",
+            "--exclusive",
+            "-w",
+            "node1",
+            f"--job-name={name}",
+            "-o",
+            "/dev/null",
+            "--wrap",
+            "sleep 1",
+        ],
+        check=True,
+    ).stdout.strip()
     started = ("RUNNING", "COMPLETING", "")  # "": it already ran (a second) and left the queue
-    handover = wait_until(lambda: run(["squeue", "-h", "-j", preemptor, "-o", "%T"]).stdout.strip() in started,
-                          300, "the preempting job to start")
+    handover = wait_until(
+        lambda: run(["squeue", "-h", "-j", preemptor, "-o", "%T"]).stdout.strip() in started,
+        300,
+        "the preempting job to start",
+    )
     attempts = json.loads((run_dir / "attempts.json").read_text()) if (run_dir / "attempts.json").exists() else {}
     first = attempts.get(f"slurm-{job}-0", {})
     run(["scancel", f"--name={name}"])  # the measurement is done; the resume is tested elsewhere
@@ -108,28 +138,53 @@ def main() -> None:
     found: dict[str, list[dict[str, float]]] = {"tfrun": [], "grace": []}
     start_load = load_average()
     for r in range(args.repeats):
-        for variant in (["tfrun", "grace"] if r % 2 == 0 else ["grace", "tfrun"]):
+        for variant in ["tfrun", "grace"] if r % 2 == 0 else ["grace", "tfrun"]:
             found[variant].append(one_round(variant, work, env, name))
-            print(f"  round {r + 1}/{args.repeats} {variant}: node handed over in "
-                  f"{found[variant][-1]['handover_s']:.1f} s", file=sys.stderr, flush=True)
+            print(
+                f"  round {r + 1}/{args.repeats} {variant}: node handed over in "
+                f"{found[variant][-1]['handover_s']:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             wait_until(lambda: not run(["squeue", "-h", f"--name={name}"]).stdout.strip(), 120, "the jobs to leave")
     med = statistics.median
     tfrun_s, grace_s = (med(r["handover_s"] for r in found[v]) for v in ("tfrun", "grace"))
     grace = found["grace"][0].get("grace_s")
     rounds = {v: ", ".join(f"{r['handover_s']:.1f}" for r in found[v]) for v in found}
-    report = "\n".join([
-        "", f"## Preemption: how fast the node is handed over ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})",
-        "", f"Command: `python bench/bench_preemption.py {' '.join(sys.argv[1:])}`".rstrip(), "",
-        f"- A Keras fit in partition `low` (GraceTime {grace} s) preempted by a `debug` job that needs its node; "
-        f"seconds from submitting that job to its start, median of {args.repeats} interleaved rounds; "
-        f"load average at start {start_load}, at end {load_average()}",
-        "", "| variant | handover (s) | rounds |", "|---|---|---|",
-        f"| tfrun: back up, requeue at once | {tfrun_s:.1f} | {rounds['tfrun']} |",
-        f"| a stop that waits out the grace time | {grace_s:.1f} | {rounds['grace']} |",
-        "", f"Ratio tfrun / grace: {tfrun_s / grace_s:.2f}.", ""])
-    publish(report, args.output, args.json, {"preemption": {
-        "tfrun_s": tfrun_s, "grace_s": grace_s, "ratio": tfrun_s / grace_s, "grace_time_s": grace,
-        "rounds": {v: [r["handover_s"] for r in found[v]] for v in found}}})
+    report = "\n".join(
+        [
+            "",
+            f"## Preemption: how fast the node is handed over ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})",
+            "",
+            f"Command: `python bench/bench_preemption.py {' '.join(sys.argv[1:])}`".rstrip(),
+            "",
+            f"- A Keras fit in partition `low` (GraceTime {grace} s) preempted by a `debug` job that needs its node; "
+            f"seconds from submitting that job to its start, median of {args.repeats} interleaved rounds; "
+            f"load average at start {start_load}, at end {load_average()}",
+            "",
+            "| variant | handover (s) | rounds |",
+            "|---|---|---|",
+            f"| tfrun: back up, requeue at once | {tfrun_s:.1f} | {rounds['tfrun']} |",
+            f"| a stop that waits out the grace time | {grace_s:.1f} | {rounds['grace']} |",
+            "",
+            f"Ratio tfrun / grace: {tfrun_s / grace_s:.2f}.",
+            "",
+        ]
+    )
+    publish(
+        report,
+        args.output,
+        args.json,
+        {
+            "preemption": {
+                "tfrun_s": tfrun_s,
+                "grace_s": grace_s,
+                "ratio": tfrun_s / grace_s,
+                "grace_time_s": grace,
+                "rounds": {v: [r["handover_s"] for r in found[v]] for v in found},
+            }
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ it must stay flat as the sweep grows. Target (issue 21): 10,000 points in <= 30 
 
     python bench/bench_scale.py [--sizes 100,1000,10000] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,18 +55,21 @@ def main() -> None:
     start_load = load_average()
     found: dict[int, list[dict[str, float]]] = {n: [] for n in [1, *sizes]}
     for r in range(args.repeats):
-        for n in (list(found) if r % 2 == 0 else list(reversed(found))):
+        for n in list(found) if r % 2 == 0 else list(reversed(found)):
             found[n].append(dry_run(n, work, env))
-            print(f"  round {r + 1}/{args.repeats}: {n} points {found[n][-1]['seconds']:.1f} s, "
-                  f"{found[n][-1]['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+            print(
+                f"  round {r + 1}/{args.repeats}: {n} points {found[n][-1]['seconds']:.1f} s, "
+                f"{found[n][-1]['peak_mb']:.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
     med = statistics.median
     figures: dict = {"sizes": {}, "fixed_s": med(x["seconds"] for x in found[1])}
     rows = []
     for n in sizes:
         secs, mb = med(x["seconds"] for x in found[n]), med(x["peak_mb"] for x in found[n])
         per_ms = 1000 * (secs - figures["fixed_s"]) / (n - 1)
-        figures["sizes"][str(n)] = {"seconds": secs, "peak_mb": mb, "per_point_ms": per_ms,
-                                    "rounds": found[n]}
+        figures["sizes"][str(n)] = {"seconds": secs, "peak_mb": mb, "per_point_ms": per_ms, "rounds": found[n]}
         verdict = ""
         if n >= 10_000:
             verdict = "met" if secs <= TARGET_S and mb <= TARGET_MB else "**MISSED**"
@@ -73,18 +77,29 @@ def main() -> None:
     # Flat: the largest sweep's cost per point against the next size's (a 100-point sweep's is
     # within the noise of the fixed cost, so it is reported, not compared).
     figures["growth_from"] = str(sizes[-2] if len(sizes) > 2 else sizes[0])
-    figures["per_point_growth"] = (figures["sizes"][str(sizes[-1])]["per_point_ms"]
-                                   / figures["sizes"][figures["growth_from"]]["per_point_ms"]) if len(sizes) > 1 else 1.0
-    report = "\n".join([
-        f"## Planning at scale: `tfrun --dry-run -m` ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})", "",
-        f"- `tfrun --dry-run -m compute=slurm trainer.seed=range(0,N)`, timed from outside, peak RSS from "
-        f"`wait4`; median of {args.repeats} interleaved round(s); load average at start {start_load}, at end "
-        f"{load_average()}",
-        f"- fixed cost (a 1-point sweep): {figures['fixed_s']:.2f} s; cost per point = (time - fixed) / (N - 1)", "",
-        f"| points | s | peak MB | ms per point | target: 10,000 in <= {TARGET_S:.0f} s and <= {TARGET_MB:.0f} MB |",
-        "|---|---|---|---|---|", *rows, "",
-        f"- cost per point from {int(figures['growth_from']):,} to {sizes[-1]:,} points: {figures['per_point_growth']:.2f}x "
-        f"(target: flat, <= {FLAT}x)", ""])
+    figures["per_point_growth"] = (
+        (figures["sizes"][str(sizes[-1])]["per_point_ms"] / figures["sizes"][figures["growth_from"]]["per_point_ms"])
+        if len(sizes) > 1
+        else 1.0
+    )
+    report = "\n".join(
+        [
+            f"## Planning at scale: `tfrun --dry-run -m` ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})",
+            "",
+            f"- `tfrun --dry-run -m compute=slurm trainer.seed=range(0,N)`, timed from outside, peak RSS from "
+            f"`wait4`; median of {args.repeats} interleaved round(s); load average at start {start_load}, at end "
+            f"{load_average()}",
+            f"- fixed cost (a 1-point sweep): {figures['fixed_s']:.2f} s; cost per point = (time - fixed) / (N - 1)",
+            "",
+            f"| points | s | peak MB | ms per point | target: 10,000 in <= {TARGET_S:.0f} s and <= {TARGET_MB:.0f} MB |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            f"- cost per point from {int(figures['growth_from']):,} to {sizes[-1]:,} points: {figures['per_point_growth']:.2f}x "
+            f"(target: flat, <= {FLAT}x)",
+            "",
+        ]
+    )
     publish(report, args.output, args.json, {"scale": figures})
 
 

@@ -50,6 +50,7 @@ command, date and machine, to bench/RESULTS.md (``--output -`` writes nothing;
     python bench/bench_sweep.py [--points 200] [--monitor-sizes 10,100] [--profile-points 50]
     python bench/bench_sweep.py --packed [--points 200] [--pack-size 100] [--pack-slots 2] [--repeats 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,7 +81,7 @@ SLURM = {"partition": "debug", "nodes": 1, "tasks_per_node": 1, "timeout_min": 5
 REAL = {name: shutil.which(name) or f"/usr/bin/{name}" for name in ("sacct", "squeue", "scancel")}
 
 TASK = 'import argparse\np = argparse.ArgumentParser()\np.add_argument("--x", type=int)\nprint(p.parse_args().x)\n'
-HSL_APP = '''import hydra
+HSL_APP = """import hydra
 
 
 @hydra.main(version_base="1.3", config_path=".", config_name="config")
@@ -91,12 +92,12 @@ def main(cfg) -> int:
 
 if __name__ == "__main__":
     main()
-'''
+"""
 HSL_CONFIG = "defaults:\n  - override hydra/launcher: submitit_slurm\n  - _self_\nx: 0\n"
 WRAPPER = '#!/bin/sh\n[ -n "$BENCH_SWEEP_CALLS" ] && echo "$(date +%s.%N) {name} $*" >> "$BENCH_SWEEP_CALLS"\nexec {real} "$@"\n'
 
 # Timers around tfrun's sweep phases (wrapping only: behaviour is unchanged).
-PROFILER = '''import atexit, functools, json, os, sys, time
+PROFILER = """import atexit, functools, json, os, sys, time
 T, EVENTS = {}, {}
 def wrap(owner, name, label):
     real = getattr(owner, name)
@@ -128,7 +129,7 @@ wrap(tfrun.targets.pool.SlurmPool, "start", "submit")
 atexit.register(lambda: open(os.environ["BENCH_SWEEP_PROFILE"], "w").write(json.dumps({"timers": T, "events": EVENTS, "exit": time.time()})))
 from tfrun.cli.main import main
 main()
-'''
+"""
 
 
 def tfrun_command() -> list[str]:
@@ -188,8 +189,9 @@ def run_sampled(argv: list[str], cwd: Path, env: dict[str, str], timeout: float)
     /proc status is sampled every 0.2 s (the last VmHWM seen is its peak RSS up to then),
     and ``wait4`` reports its ``ru_maxrss`` (the process or its largest waited-for child)."""
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, text=True
+        )
         deadline, hwm, rss, samples, timeline = time.time() + timeout, 0, 0, 0, []
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -208,8 +210,17 @@ def run_sampled(argv: list[str], cwd: Path, env: dict[str, str], timeout: float)
             time.sleep(0.2)
         out.seek(0)
         text = out.read()
-    return proc.returncode, text, {"vmhwm_mb": hwm / 1024, "vmrss_max_mb": rss / 1024,
-                                   "ru_maxrss_mb": usage.ru_maxrss / 1024, "samples": samples, "timeline": timeline}
+    return (
+        proc.returncode,
+        text,
+        {
+            "vmhwm_mb": hwm / 1024,
+            "vmrss_max_mb": rss / 1024,
+            "ru_maxrss_mb": usage.ru_maxrss / 1024,
+            "samples": samples,
+            "timeline": timeline,
+        },
+    )
 
 
 def rss_after(memory: dict, since: float) -> tuple[float, float]:
@@ -220,8 +231,11 @@ def rss_after(memory: dict, since: float) -> tuple[float, float]:
 
 def sacct_rows(job_ids: list[str]) -> list[dict[str, str]]:
     """Allocation rows of jobs/arrays, times as epoch seconds (SLURM_TIME_FORMAT=%s)."""
-    out = run([REAL["sacct"], "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", "JobID,State,Submit,Start,End"],
-              env={**os.environ, "SLURM_TIME_FORMAT": "%s"}, timeout=120).stdout
+    out = run(
+        [REAL["sacct"], "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", "JobID,State,Submit,Start,End"],
+        env={**os.environ, "SLURM_TIME_FORMAT": "%s"},
+        timeout=120,
+    ).stdout
     keys = ("JobID", "State", "Submit", "Start", "End")
     return [dict(zip(keys, line.split("|"))) for line in out.splitlines() if line.strip()]
 
@@ -249,8 +263,10 @@ def sacct_counts(job_ids: list[str]) -> dict[str, int]:
     """What Slurm accounted for these arrays: allocations (array elements) and job steps."""
     out = run([REAL["sacct"], "-n", "-P", "-j", ",".join(job_ids), "-o", "JobID"], timeout=120).stdout.split()
     # An array's elements read 123_0, 123_1; a one-element pack is a plain job, 123.
-    return {"jobs": sum(1 for j in out if re.fullmatch(r"\d+(_\d+)?", j)),
-            "steps": sum(1 for j in out if re.fullmatch(r"\d+(_\d+)?\.\d+", j))}
+    return {
+        "jobs": sum(1 for j in out if re.fullmatch(r"\d+(_\d+)?", j)),
+        "steps": sum(1 for j in out if re.fullmatch(r"\d+(_\d+)?\.\d+", j)),
+    }
 
 
 def count_calls(path: Path) -> dict[str, list[list[str]]]:
@@ -297,63 +313,107 @@ class Bench:
     def timed(self, argv: list[str], cwd: Path, calls: Path, **extra: str) -> tuple[float, float, str]:
         """(start epoch, seconds, stderr+stdout) of a command that must succeed; its memory in self.memory."""
         start = time.time()
-        code, out, self.memory = run_sampled(argv, cwd, {**self.env, "BENCH_SWEEP_CALLS": str(calls), **extra},
-                                             self.args.timeout)
+        code, out, self.memory = run_sampled(
+            argv, cwd, {**self.env, "BENCH_SWEEP_CALLS": str(calls), **extra}, self.args.timeout
+        )
         took = time.time() - start
         if code != 0:
             raise SystemExit(f"bench: command failed ({code}): {argv}\n{out[-3000:]}")
         return start, took, out
 
-    def tfrun_sweep(self, points: int, wait: bool, label: str, profile: Path | None = None,
-                    pack: tuple[int, int, int] | None = None) -> dict:
+    def tfrun_sweep(
+        self, points: int, wait: bool, label: str, profile: Path | None = None, pack: tuple[int, int, int] | None = None
+    ) -> dict:
         """``pack``: (pack_size, pack_slots, the allocation's timeout_min)."""
         timeout_min = pack[2] if pack else SLURM["timeout_min"]
-        argv = [*tfrun_command(), "-m", "compute=slurm", f"compute.wait={str(wait).lower()}",
-                f"compute.partition={SLURM['partition']}", f"compute.nodes={SLURM['nodes']}",
-                f"compute.tasks_per_node={SLURM['tasks_per_node']}", f"compute.timeout_min={timeout_min}",
-                f"compute.poll_s={self.args.poll_s}", f"compute.job_name={self.name(label)}",
-                *([f"compute.pack_size={pack[0]}", f"compute.pack_slots={pack[1]}"] if pack else []),
-                "entry.script=num.py", f"trainer.x=range({points})"]
+        argv = [
+            *tfrun_command(),
+            "-m",
+            "compute=slurm",
+            f"compute.wait={str(wait).lower()}",
+            f"compute.partition={SLURM['partition']}",
+            f"compute.nodes={SLURM['nodes']}",
+            f"compute.tasks_per_node={SLURM['tasks_per_node']}",
+            f"compute.timeout_min={timeout_min}",
+            f"compute.poll_s={self.args.poll_s}",
+            f"compute.job_name={self.name(label)}",
+            *([f"compute.pack_size={pack[0]}", f"compute.pack_slots={pack[1]}"] if pack else []),
+            "entry.script=num.py",
+            f"trainer.x=range({points})",
+        ]
         extra = {}
         if profile:
             (self.dir / "profiler.py").write_text(PROFILER)
-            argv = [sys.executable, str(self.dir / "profiler.py"), *argv[len(tfrun_command()):]]
+            argv = [sys.executable, str(self.dir / "profiler.py"), *argv[len(tfrun_command()) :]]
             extra = {"BENCH_SWEEP_PROFILE": str(profile)}
         calls = self.dir / f"calls-{label}.txt"
         start, took, out = self.timed(argv, self.dir, calls, **extra)
-        match = (re.search(r"as job\(s\) ([\d, ]+); sweep dir (.+)$", out, re.M)
-                 or re.search(r"to a pool of \d+ allocation\(s\) x \d+ slot\(s\) \(job\(s\) ([\d, ]+)\); sweep dir (.+)$",
-                           out, re.M))
+        match = re.search(r"as job\(s\) ([\d, ]+); sweep dir (.+)$", out, re.M) or re.search(
+            r"to a pool of \d+ allocation\(s\) x \d+ slot\(s\) \(job\(s\) ([\d, ]+)\); sweep dir (.+)$", out, re.M
+        )
         if not match:
             raise SystemExit(f"bench: tfrun did not say what it submitted:\n{out[-2000:]}")
         arrays, sweep_dir = match.group(1).split(", "), Path(match.group(2))
         folder = sweep_dir / ("pool" if pack else "") / ".submitit"
         submitted, pickles = last_submitted(folder)
-        return {"start": start, "returned": took, "submitted": submitted - start, "pickles": pickles,
-                "arrays": arrays, "calls": count_calls(calls), "memory": self.memory, "sweep_dir": sweep_dir}
+        return {
+            "start": start,
+            "returned": took,
+            "submitted": submitted - start,
+            "pickles": pickles,
+            "arrays": arrays,
+            "calls": count_calls(calls),
+            "memory": self.memory,
+            "sweep_dir": sweep_dir,
+        }
 
     def hsl_sweep(self, points: int, python: Path, label: str = "") -> dict:
         sweep_dir = self.dir / f"hsl-sweep-{points}{label}"
-        argv = [str(python), "app.py", "-m", f"hydra.sweep.dir={sweep_dir}",
-                f"hydra.launcher.partition={SLURM['partition']}", f"hydra.launcher.nodes={SLURM['nodes']}",
-                f"hydra.launcher.tasks_per_node={SLURM['tasks_per_node']}",
-                f"hydra.launcher.timeout_min={SLURM['timeout_min']}", f"hydra.launcher.name={self.name('hsl')}",
-                f"x=range({points})"]
+        argv = [
+            str(python),
+            "app.py",
+            "-m",
+            f"hydra.sweep.dir={sweep_dir}",
+            f"hydra.launcher.partition={SLURM['partition']}",
+            f"hydra.launcher.nodes={SLURM['nodes']}",
+            f"hydra.launcher.tasks_per_node={SLURM['tasks_per_node']}",
+            f"hydra.launcher.timeout_min={SLURM['timeout_min']}",
+            f"hydra.launcher.name={self.name('hsl')}",
+            f"x=range({points})",
+        ]
         calls = self.dir / f"calls-hsl{label}.txt"
         start, took, out = self.timed(argv, self.dir / "hsl", calls)
         submitted, pickles = last_submitted(sweep_dir / ".submitit")
-        arrays = sorted({m.group(1) for p in (sweep_dir / ".submitit").iterdir()
-                         if (m := re.fullmatch(r"(\d+)_\d+", p.name))})
+        arrays = sorted(
+            {m.group(1) for p in (sweep_dir / ".submitit").iterdir() if (m := re.fullmatch(r"(\d+)_\d+", p.name))}
+        )
         stamps = re.findall(r"^\[([\d\- :,]+)\]\[HYDRA\] \t#\d+ :", out, re.M)
-        launcher = (time.mktime(time.strptime(stamps[0].split(",")[0], "%Y-%m-%d %H:%M:%S"))
-                    + int(stamps[0].split(",")[1]) / 1000 - start) if stamps else float("nan")
-        return {"start": start, "returned": took, "submitted": submitted - start, "pickles": pickles,
-                "arrays": arrays, "calls": count_calls(calls), "launcher_started": launcher, "memory": self.memory}
+        launcher = (
+            (
+                time.mktime(time.strptime(stamps[0].split(",")[0], "%Y-%m-%d %H:%M:%S"))
+                + int(stamps[0].split(",")[1]) / 1000
+                - start
+            )
+            if stamps
+            else float("nan")
+        )
+        return {
+            "start": start,
+            "returned": took,
+            "submitted": submitted - start,
+            "pickles": pickles,
+            "arrays": arrays,
+            "calls": count_calls(calls),
+            "launcher_started": launcher,
+            "memory": self.memory,
+        }
 
     def finish(self, result: dict, points: int) -> dict:
         rows = wait_finished(result["arrays"], points, self.args.timeout)
-        result["slurm_submit"] = (min(float(r["Submit"]) for r in rows) - result["start"],
-                                  max(float(r["Submit"]) for r in rows) - result["start"])
+        result["slurm_submit"] = (
+            min(float(r["Submit"]) for r in rows) - result["start"],
+            max(float(r["Submit"]) for r in rows) - result["start"],
+        )
         result["all_finished"] = max(float(r["End"]) for r in rows) - result["start"]
         result["states"] = sorted({r["State"] for r in rows})
         result["rows"] = rows
@@ -371,18 +431,28 @@ def profile_table(path: Path, start: float, points: int) -> list[str]:
     validate, compose, plan_points = get("validate"), get("compose"), get("plan_points")
     compositions = t.get("compose", [0, 0.0])[0]
     rows = [
-        ("start-up: interpreter, imports, master config (to the sweeper's check)",
-         ev.get("validate:first", ev.get("plan_points:first", start)) - start),
-        ("the sweeper checks every point (tfrun_basic: a point planned from resolved values is not composed)",
-         validate),
+        (
+            "start-up: interpreter, imports, master config (to the sweeper's check)",
+            ev.get("validate:first", ev.get("plan_points:first", start)) - start,
+        ),
+        (
+            "the sweeper checks every point (tfrun_basic: a point planned from resolved values is not composed)",
+            validate,
+        ),
         (f"  of which Hydra composes (load_sweep_config, {compositions} call(s): one per base)", compose),
-        ("  of which the rest (each point's values read; a point that is composed: its copy)",
-         max(0.0, validate - compose)),
+        (
+            "  of which the rest (each point's values read; a point that is composed: its copy)",
+            max(0.0, validate - compose),
+        ),
         ("plan every point (tfrun.plan.planner.plan_points)", plan_points),
-        ("  of which each point's run config: composed or resolved, checked (tfrun.config.composition.points)",
-         get("config_points")),
-        ("  of which the rest (the plans built from them: build_plan, the sbatch request)",
-         plan_points - get("config_points")),
+        (
+            "  of which each point's run config: composed or resolved, checked (tfrun.config.composition.points)",
+            get("config_points"),
+        ),
+        (
+            "  of which the rest (the plans built from them: build_plan, the sbatch request)",
+            plan_points - get("config_points"),
+        ),
         ("run dirs: .hydra/*.yaml and a JobReturn per point (tfrun.runner.sweeps._job)", get("job")),
         ("  of which .hydra/*.yaml per point", get("save_config")),
         ("launch: plan.json, sbatch, status.json (run_points)", get("run_points")),
@@ -390,7 +460,10 @@ def profile_table(path: Path, start: float, points: int) -> list[str]:
         ("exit", data["exit"] - ev["run_points:last"]),
     ]
     total = data["exit"] - start
-    lines = [f"| phase of `tfrun -m` submitting {points} points | seconds | ms per point | share |", "|---|---|---|---|"]
+    lines = [
+        f"| phase of `tfrun -m` submitting {points} points | seconds | ms per point | share |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {name} | {sec:.2f} | {1000 * sec / points:.0f} | {100 * sec / total:.0f}% |" for name, sec in rows]
     lines.append(f"| total | {total:.2f} | {1000 * total / points:.0f} | |")
     return lines
@@ -409,20 +482,31 @@ def main() -> None:
     packed.add_argument("--packed", action="store_true", help="only the packed comparison, start to all finished")
     packed.add_argument("--pack-size", type=int, default=100, help="compute.pack_size K")
     packed.add_argument("--pack-slots", type=int, default=2, help="compute.pack_slots S (a debug node has 2 CPUs)")
-    packed.add_argument("--pack-timeout-min", type=int, default=20,
-                        help="compute.timeout_min of a pack (the allocation runs K points)")
+    packed.add_argument(
+        "--pack-timeout-min", type=int, default=20, help="compute.timeout_min of a pack (the allocation runs K points)"
+    )
     packed.add_argument("--repeats", type=int, default=1, help="interleaved rounds (medians)")
-    packed.add_argument("--breakdown", choices=("missed", "always", "never"), default="missed",
-                        help="time an empty srun step, the interpreter and tfrun's bootstrap in an allocation")
+    packed.add_argument(
+        "--breakdown",
+        choices=("missed", "always", "never"),
+        default="missed",
+        help="time an empty srun step, the interpreter and tfrun's bootstrap in an allocation",
+    )
     args = parser.parse_args()
     sizes = [int(x) for x in str(args.points).split(",") if x.strip()]
 
     if run([str(REPO / "scripts" / "local-slurm"), "status"], timeout=60).returncode != 0:
         raise SystemExit("bench: the local Slurm cluster is not up: scripts/local-slurm start")
     python = ensure_venv()
-    hsl_versions = run([str(python), "-c", "from importlib.metadata import version as v; "
-                        "print(*(f'{n} {v(n)}' for n in ('hydra-submitit-launcher', 'hydra-core', 'submitit')), sep=', ')"],
-                       timeout=60).stdout.strip()
+    hsl_versions = run(
+        [
+            str(python),
+            "-c",
+            "from importlib.metadata import version as v; "
+            "print(*(f'{n} {v(n)}' for n in ('hydra-submitit-launcher', 'hydra-core', 'submitit')), sep=', ')",
+        ],
+        timeout=60,
+    ).stdout.strip()
     info = machine()
     info["other jobs in the queue at start"] = str(len(run([REAL["squeue"], "-h"], timeout=60).stdout.splitlines()))
     info["hydra-submitit-launcher venv"] = hsl_versions
@@ -451,19 +535,27 @@ def main() -> None:
     figures: dict = {"submit": {}, "monitor": {}}
     lines: list[str] = []
     if len(submitted) > 1:
-        lines += [f"| points | tfrun submitted, s | hydra-submitit-launcher {HSL_VERSION} submitted, s | "
-                  "**ratio** (target <= 1.0x) | tfrun all finished, s | hydra-submitit-launcher all finished, s |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"| points | tfrun submitted, s | hydra-submitit-launcher {HSL_VERSION} submitted, s | "
+            "**ratio** (target <= 1.0x) | tfrun all finished, s | hydra-submitit-launcher all finished, s |",
+            "|---|---|---|---|---|---|",
+        ]
         for size, (tf, hsl) in submitted.items():
             r = tf["submitted"] / hsl["submitted"]
-            lines.append(f"| {size} | {tf['submitted']:.1f} | {hsl['submitted']:.1f} | **{r:.2f}x**: "
-                         f"{'met' if r <= TARGET_RATIO else 'MISSED'} | {tf['all_finished']:.0f} | {hsl['all_finished']:.0f} |")
+            lines.append(
+                f"| {size} | {tf['submitted']:.1f} | {hsl['submitted']:.1f} | **{r:.2f}x**: "
+                f"{'met' if r <= TARGET_RATIO else 'MISSED'} | {tf['all_finished']:.0f} | {hsl['all_finished']:.0f} |"
+            )
         lines.append("")
     for size, (tf, hsl) in submitted.items():
-        figures["submit"][size] = {"tfrun": tf["submitted"], "hsl": hsl["submitted"],
-                                   "ratio": tf["submitted"] / hsl["submitted"],
-                                   "tfrun_finished": tf["all_finished"], "hsl_finished": hsl["all_finished"],
-                                   "hsl_vmhwm_mb": hsl["memory"]["vmhwm_mb"]}
+        figures["submit"][size] = {
+            "tfrun": tf["submitted"],
+            "hsl": hsl["submitted"],
+            "ratio": tf["submitted"] / hsl["submitted"],
+            "tfrun_finished": tf["all_finished"],
+            "hsl_finished": hsl["all_finished"],
+            "hsl_vmhwm_mb": hsl["memory"]["vmhwm_mb"],
+        }
     ratio = 0.0
     if submitted:
         n = max(submitted)
@@ -473,18 +565,33 @@ def main() -> None:
     mon = monitor_table(args, monitor, figures) if monitor else []
 
     command = "python bench/bench_sweep.py " + " ".join(sys.argv[1:])
-    report = "\n".join([
-        "", (f"## Sweep submission on the local Slurm: tfrun vs hydra-submitit-launcher {HSL_VERSION}" if submitted
-             else "## Following a sweep on the local Slurm: tfrun's scheduler queries and memory"), "",
-        f"Command: `{command.strip()}`", "",
-        *(f"- {k}: {v}" for k, v in info.items()), "",
-        "Same task (a script / Hydra app printing a number), same Slurm parameters "
-        f"(partition {SLURM['partition']}, {SLURM['nodes']} node, {SLURM['tasks_per_node']} task, "
-        f"{SLURM['timeout_min']} min). Submitted = the command's start to the ctime of the last "
-        "`<id>_submitted.pkl` (submitit renames the pickles into place after sbatch answered), the same "
-        "method for both; all finished = the last array element's End in sacct.", "",
-        *lines, "", *mon, "", *(prof or []), "",
-    ])
+    report = "\n".join(
+        [
+            "",
+            (
+                f"## Sweep submission on the local Slurm: tfrun vs hydra-submitit-launcher {HSL_VERSION}"
+                if submitted
+                else "## Following a sweep on the local Slurm: tfrun's scheduler queries and memory"
+            ),
+            "",
+            f"Command: `{command.strip()}`",
+            "",
+            *(f"- {k}: {v}" for k, v in info.items()),
+            "",
+            "Same task (a script / Hydra app printing a number), same Slurm parameters "
+            f"(partition {SLURM['partition']}, {SLURM['nodes']} node, {SLURM['tasks_per_node']} task, "
+            f"{SLURM['timeout_min']} min). Submitted = the command's start to the ctime of the last "
+            "`<id>_submitted.pkl` (submitit renames the pickles into place after sbatch answered), the same "
+            "method for both; all finished = the last array element's End in sacct.",
+            "",
+            *lines,
+            "",
+            *mon,
+            "",
+            *(prof or []),
+            "",
+        ]
+    )
     publish(report, args.output, args.json, figures)
     if submitted and ratio > TARGET_RATIO:
         print(f"bench: submit time ratio {ratio:.2f}x misses the target {TARGET_RATIO:.1f}x", file=sys.stderr)
@@ -508,14 +615,20 @@ def submit_table(n: int, tf: dict, hsl: dict, ratio: float) -> list[str]:
         f"{hsl['memory']['vmhwm_mb']:.0f} (follows every job to the end) |",
     ]
     if hsl["launcher_started"] == hsl["launcher_started"]:
-        lines.append(f"| hydra-submitit-launcher: start-up + Hydra's validation of every point (to its first `#0` log "
-                     f"line) | | {hsl['launcher_started']:.1f} s |")
+        lines.append(
+            f"| hydra-submitit-launcher: start-up + Hydra's validation of every point (to its first `#0` log "
+            f"line) | | {hsl['launcher_started']:.1f} s |"
+        )
     return lines
 
 
 def monitor_table(args: argparse.Namespace, monitor: dict[int, dict], figures: dict) -> list[str]:
-    mon = [f"| `tfrun -m ... compute.wait=true compute.poll_s={args.poll_s}` | "
-           + " | ".join(f"{s} points" for s in monitor) + " |", "|---|" + "---|" * len(monitor)]
+    mon = [
+        f"| `tfrun -m ... compute.wait=true compute.poll_s={args.poll_s}` | "
+        + " | ".join(f"{s} points" for s in monitor)
+        + " |",
+        "|---|" + "---|" * len(monitor),
+    ]
     follow = {s: m["returned"] - m["submitted"] for s, m in monitor.items()}
 
     def polls(size: int) -> float:  # the first poll comes at once, then one every poll_s or more
@@ -530,19 +643,26 @@ def monitor_table(args: argparse.Namespace, monitor: dict[int, dict], figures: d
         "squeue calls": lambda s, m: str(len(m["calls"]["squeue"])),
         "polls at most (1 + following / poll_s)": lambda s, m: f"{polls(s):.1f}",
         "scheduler queries per poll": lambda s, m: f"{per_poll(s, m):.2f}",
-        "job ids named per sacct call (max)": lambda s, m: str(max((ids_per_query(a) for a in m["calls"]["sacct"]), default=0)),
+        "job ids named per sacct call (max)": lambda s, m: str(
+            max((ids_per_query(a) for a in m["calls"]["sacct"]), default=0)
+        ),
         "all finished (last End), s from start": lambda s, m: f"{m['all_finished']:.0f}",
         "tfrun parent: peak RSS (VmHWM, last sample), MB": lambda s, m: f"{m['memory']['vmhwm_mb']:.0f}",
         "tfrun parent: ru_maxrss (wait4; itself or a child), MB": lambda s, m: f"{m['memory']['ru_maxrss_mb']:.0f}",
-        "tfrun parent: RSS while following (largest / last sample), MB":
-            lambda s, m: "{:.0f} / {:.0f}".format(*rss_after(m["memory"], m["start"] + m["submitted"])),
+        "tfrun parent: RSS while following (largest / last sample), MB": lambda s, m: "{:.0f} / {:.0f}".format(
+            *rss_after(m["memory"], m["start"] + m["submitted"])
+        ),
     }
     mon += [f"| {name} | " + " | ".join(fn(s, m) for s, m in monitor.items()) + " |" for name, fn in rows.items()]
     for s, m in monitor.items():
-        figures["monitor"][s] = {"queries_per_poll": per_poll(s, m), "vmhwm_mb": m["memory"]["vmhwm_mb"],
-                                 "ru_maxrss_mb": m["memory"]["ru_maxrss_mb"], "samples": m["memory"]["samples"],
-                                 "following_s": follow[s],
-                                 "following_rss_mb": rss_after(m["memory"], m["start"] + m["submitted"])[0]}
+        figures["monitor"][s] = {
+            "queries_per_poll": per_poll(s, m),
+            "vmhwm_mb": m["memory"]["vmhwm_mb"],
+            "ru_maxrss_mb": m["memory"]["ru_maxrss_mb"],
+            "samples": m["memory"]["samples"],
+            "following_s": follow[s],
+            "following_rss_mb": rss_after(m["memory"], m["start"] + m["submitted"])[0],
+        }
     return mon
 
 
@@ -550,7 +670,7 @@ def monitor_table(args: argparse.Namespace, monitor: dict[int, dict], figures: d
 
 # Run inside an allocation shaped like a pack's (``--breakdown``): what one point's job step
 # costs apart from the script, each part timed separately (medians of ``repeats``).
-ALLOCATION_PROBE = '''import json, statistics, subprocess, sys, time
+ALLOCATION_PROBE = """import json, statistics, subprocess, sys, time
 out, python, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
 srun = ["srun", "--exact", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
 commands = {
@@ -566,7 +686,7 @@ for _ in range(repeats):
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
         times[name].append(time.perf_counter() - t)
 json.dump({name: statistics.median(xs) for name, xs in times.items()}, open(out, "w"))
-'''
+"""
 
 
 def point_records(sweep_dir: Path) -> list[dict]:
@@ -580,16 +700,26 @@ def point_records(sweep_dir: Path) -> list[dict]:
             rank = json.loads((point / "ranks" / "0.json").read_text())
         except (OSError, ValueError):
             continue
-        found.append({"state": status.get("state"), "allocation": status.get("allocation"),
-                      "runner_started": status.get("started"), "rank_started": rank.get("started"),
-                      "rank_ended": rank.get("ended"), "settled": status.get("ended")})
+        found.append(
+            {
+                "state": status.get("state"),
+                "allocation": status.get("allocation"),
+                "runner_started": status.get("started"),
+                "rank_started": rank.get("started"),
+                "rank_ended": rank.get("ended"),
+                "settled": status.get("ended"),
+            }
+        )
     return found
 
 
 def packed_phases(tf: dict, points: int) -> dict[str, float]:
     """Where a packed sweep's time went, from sacct and the points' run dirs."""
-    recs = [r for r in point_records(tf["sweep_dir"]) if None not in (r["runner_started"], r["rank_started"],
-                                                                         r["rank_ended"], r["settled"])]
+    recs = [
+        r
+        for r in point_records(tf["sweep_dir"])
+        if None not in (r["runner_started"], r["rank_started"], r["rank_ended"], r["settled"])
+    ]
     rows, start = tf["rows"], tf["start"]
     med = statistics.median
     by_alloc: dict[str, list[dict]] = {}
@@ -618,15 +748,26 @@ def probe_allocation(bench: "Bench", slots: int, repeats: int) -> dict[str, floa
     """Time the parts of a point's job step inside one allocation shaped like a pack's."""
     script, out = bench.dir / "allocation_probe.py", bench.dir / "allocation_probe.json"
     script.write_text(ALLOCATION_PROBE)
-    argv = [shutil.which("sbatch") or "sbatch", "--wait", "--parsable", f"--partition={SLURM['partition']}",
-            "--nodes=1", f"--ntasks-per-node={SLURM['tasks_per_node'] * slots}", "--time=10",
-            f"--job-name={bench.name('probe')}", f"--output={bench.dir / 'allocation_probe.log'}",
-            f"--wrap={shlex.join([sys.executable, str(script), str(out), sys.executable, str(repeats)])}"]
+    argv = [
+        shutil.which("sbatch") or "sbatch",
+        "--wait",
+        "--parsable",
+        f"--partition={SLURM['partition']}",
+        "--nodes=1",
+        f"--ntasks-per-node={SLURM['tasks_per_node'] * slots}",
+        "--time=10",
+        f"--job-name={bench.name('probe')}",
+        f"--output={bench.dir / 'allocation_probe.log'}",
+        f"--wrap={shlex.join([sys.executable, str(script), str(out), sys.executable, str(repeats)])}",
+    ]
     result = run(argv, cwd=bench.dir, env=bench.env, timeout=bench.args.timeout)
     if result.returncode != 0 or not out.exists():
         log = bench.dir / "allocation_probe.log"
-        print(f"bench: the allocation probe failed: {result.stderr[-1000:]} "
-              f"{log.read_text()[-1000:] if log.exists() else ''}", file=sys.stderr)
+        print(
+            f"bench: the allocation probe failed: {result.stderr[-1000:]} "
+            f"{log.read_text()[-1000:] if log.exists() else ''}",
+            file=sys.stderr,
+        )
         return {}
     return json.loads(out.read_text())
 
@@ -639,13 +780,15 @@ def packed_main(args: argparse.Namespace, python: Path, info: dict[str, str], n:
     probe: dict[str, float] = {}
     try:
         for r in range(args.repeats):
+
             def hsl_run() -> dict:
                 return bench.finish(bench.hsl_sweep(n, python, label=f"-r{r}"), n)
 
             def tfrun_run() -> dict:
                 prof_path = bench.dir / f"profile-packed-r{r}.json"
-                res = bench.tfrun_sweep(n, wait=False, label=f"packed-r{r}", profile=prof_path,
-                                        pack=(k, slots, args.pack_timeout_min))
+                res = bench.tfrun_sweep(
+                    n, wait=False, label=f"packed-r{r}", profile=prof_path, pack=(k, slots, args.pack_timeout_min)
+                )
                 res["pack"] = (k, slots)
                 res["profile"] = profile_table(prof_path, res["start"], n)
                 return bench.finish(res, jobs)
@@ -656,8 +799,12 @@ def packed_main(args: argparse.Namespace, python: Path, info: dict[str, str], n:
             hsl["counts"], tf["counts"] = sacct_counts(hsl["arrays"]), sacct_counts(tf["arrays"])
             tf["phases"] = packed_phases(tf, n)
             rounds.append((tf, hsl))
-            print(f"  round {r + 1}/{args.repeats}: tfrun packed {tf['all_finished']:.0f} s, "
-                  f"hydra-submitit-launcher {hsl['all_finished']:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"  round {r + 1}/{args.repeats}: tfrun packed {tf['all_finished']:.0f} s, "
+                f"hydra-submitit-launcher {hsl['all_finished']:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
         med = statistics.median
         tf_wall, hsl_wall = med([t["all_finished"] for t, _ in rounds]), med([h["all_finished"] for _, h in rounds])
         ratio = tf_wall / hsl_wall
@@ -691,32 +838,39 @@ def packed_main(args: argparse.Namespace, python: Path, info: dict[str, str], n:
         f"{', '.join(str(round(h['all_finished'])) for _, h in rounds)} |",
     ]
     timeline = [
-        "| where the packed tfrun sweep's time goes (s from the command's start, medians) | s |", "|---|---|",
+        "| where the packed tfrun sweep's time goes (s from the command's start, medians) | s |",
+        "|---|---|",
         f"| submission: {n} points composed, planned, run dirs written, one sbatch (last pickle renamed) | {ph['submitted']:.1f} |",
         f"| first allocation started (sacct Start, 1 s resolution) | {ph['first_start']:.0f} |",
         f"| last allocation started (sacct Start) | {ph['last_start']:.0f} |",
         f"| first point handed to a slot by its allocation's coordinator | {ph['first_point']:.1f} |",
         f"| last point settled by its coordinator | {ph['last_point_settled']:.1f} |",
         f"| last allocation ended (sacct End) | {ph['all_finished']:.0f} |",
-        "", "| one packed point, in its allocation (median over points) | s |", "|---|---|",
+        "",
+        "| one packed point, in its allocation (median over points) | s |",
+        "|---|---|",
         f"| handed to a slot to the bootstrap's rank record (the process forked ahead takes its order; plan) | {ph['step_start']:.2f} |",
         f"| the script (rank record start to end) | {ph['script']:.2f} |",
         f"| rank end to settled by the coordinator (the agent's report, status.json) | {ph['step_end']:.2f} |",
         f"| **one point, end to end** | **{ph['per_point']:.2f}** |",
         f"| points one slot runs one after another (ceil(points / allocations / slots)) | {ph['points_per_slot']:.0f} |",
         f"| one allocation's busy time (first step started to last settled) | {ph['allocation_busy']:.1f} |",
-        "", "| hydra-submitit-launcher, per job (median) | s |", "|---|---|",
+        "",
+        "| hydra-submitit-launcher, per job (median) | s |",
+        "|---|---|",
         f"| queued (sacct Submit to Start) | {hsl_queue:.0f} |",
         f"| running (sacct Start to End: batch script, srun, interpreter, unpickle, the app) | {hsl_job:.0f} |",
     ]
     notes: list[str] = []
     if probe:
         timeline += [
-            "", f"| in one allocation like a pack's (1 node, {slots} tasks), median of 5 | s |", "|---|---|",
+            "",
+            f"| in one allocation like a pack's (1 node, {slots} tasks), median of 5 | s |",
+            "|---|---|",
             f"| `srun --exact -n1 true`: an empty job step (create, launch, end) | {probe['srun_true']:.2f} |",
             f"| `python -c pass`: the interpreter | {probe['python_pass']:.2f} |",
-            f"| `python -c \"import tfrun.bootstrap\"`: interpreter + tfrun's bootstrap imports | {probe['python_bootstrap']:.2f} |",
-            f"| `srun ... python -c \"import tfrun.bootstrap\"` | {probe['srun_python_bootstrap']:.2f} |",
+            f'| `python -c "import tfrun.bootstrap"`: interpreter + tfrun\'s bootstrap imports | {probe["python_bootstrap"]:.2f} |',
+            f'| `srun ... python -c "import tfrun.bootstrap"` | {probe["srun_python_bootstrap"]:.2f} |',
         ]
     if missed:
         budget = PACKED_TARGET * hsl_wall
@@ -726,38 +880,72 @@ def packed_main(args: argparse.Namespace, python: Path, info: dict[str, str], n:
             f"{ph['submitted']:.0f} s submitting ({1000 * ph['submitted'] / n:.0f} ms per point, see the phase "
             f"table) and {in_alloc:.0f} s running the points in the allocations "
             f"({ph['points_per_slot']:.0f} points per slot x {ph['per_point']:.2f} s per point"
-            + (f"; of a point's {ph['per_point']:.2f} s, an empty srun step is {probe['srun_true']:.2f} s and "
-               f"the interpreter with tfrun's bootstrap imports {probe['python_bootstrap']:.2f} s, on 2 real "
-               f"cores shared by all {slots * jobs} slots" if probe else "") + ").",
+            + (
+                f"; of a point's {ph['per_point']:.2f} s, an empty srun step is {probe['srun_true']:.2f} s and "
+                f"the interpreter with tfrun's bootstrap imports {probe['python_bootstrap']:.2f} s, on 2 real "
+                f"cores shared by all {slots * jobs} slots"
+                if probe
+                else ""
+            )
+            + ").",
         ]
     prof = tf.get("profile") or []
     command = "python bench/bench_sweep.py " + " ".join(sys.argv[1:])
-    report = "\n".join([
-        "", f"## Packed sweep on the local Slurm: tfrun pack_size={k} pack_slots={slots} vs hydra-submitit-launcher "
-        f"{HSL_VERSION} ({info['date']})", "",
-        f"Command: `{command.strip()}`", "",
-        *(f"- {key}: {v}" for key, v in info.items()), "",
-        f"Same trivial task (print a number), same per-point Slurm request (partition {SLURM['partition']}, "
-        f"{SLURM['nodes']} node, {SLURM['tasks_per_node']} task). hydra-submitit-launcher: one job per point "
-        f"({SLURM['timeout_min']} min each); tfrun: `compute.pack_size={k} compute.pack_slots={slots} "
-        f"compute.timeout_min={args.pack_timeout_min}`, i.e. {jobs} jobs of {SLURM['tasks_per_node'] * slots} "
-        f"tasks (a whole 2-CPU debug node each) holding a pool of {slots} slot(s) each, every point a process "
-        f"forked from its slot's warm interpreter. Both start to the last "
-        "allocation's End in sacct; tfrun ran with `compute.wait=false` under the bench's phase timers "
-        "(`tfrun.cli.main.main` with wrapped functions).", "",
-        *lines, "", *timeline, "", *([prof[0].replace("`tfrun -m` submitting", "packed `tfrun -m` submitting (round 1)"), *prof[1:], ""]
-          if prof else []),
-        *notes, "",
-    ])
-    figures = {"packed": {"points": n, "pack_size": k, "pack_slots": slots, "tfrun_wall": tf_wall, "hsl_wall": hsl_wall,
-                          "ratio": ratio, "target": PACKED_TARGET, "tfrun_jobs": tf["counts"]["jobs"],
-                          "tfrun_submitted": med([t["submitted"] for t, _ in rounds]),
-                          "hsl_submitted": med([h["submitted"] for _, h in rounds]),
-                          "tfrun_steps": tf["counts"]["steps"], "hsl_jobs": hsl["counts"]["jobs"],
-                          "phases": ph, "probe": probe, "rounds": len(rounds)}}
+    report = "\n".join(
+        [
+            "",
+            f"## Packed sweep on the local Slurm: tfrun pack_size={k} pack_slots={slots} vs hydra-submitit-launcher "
+            f"{HSL_VERSION} ({info['date']})",
+            "",
+            f"Command: `{command.strip()}`",
+            "",
+            *(f"- {key}: {v}" for key, v in info.items()),
+            "",
+            f"Same trivial task (print a number), same per-point Slurm request (partition {SLURM['partition']}, "
+            f"{SLURM['nodes']} node, {SLURM['tasks_per_node']} task). hydra-submitit-launcher: one job per point "
+            f"({SLURM['timeout_min']} min each); tfrun: `compute.pack_size={k} compute.pack_slots={slots} "
+            f"compute.timeout_min={args.pack_timeout_min}`, i.e. {jobs} jobs of {SLURM['tasks_per_node'] * slots} "
+            f"tasks (a whole 2-CPU debug node each) holding a pool of {slots} slot(s) each, every point a process "
+            f"forked from its slot's warm interpreter. Both start to the last "
+            "allocation's End in sacct; tfrun ran with `compute.wait=false` under the bench's phase timers "
+            "(`tfrun.cli.main.main` with wrapped functions).",
+            "",
+            *lines,
+            "",
+            *timeline,
+            "",
+            *(
+                [prof[0].replace("`tfrun -m` submitting", "packed `tfrun -m` submitting (round 1)"), *prof[1:], ""]
+                if prof
+                else []
+            ),
+            *notes,
+            "",
+        ]
+    )
+    figures = {
+        "packed": {
+            "points": n,
+            "pack_size": k,
+            "pack_slots": slots,
+            "tfrun_wall": tf_wall,
+            "hsl_wall": hsl_wall,
+            "ratio": ratio,
+            "target": PACKED_TARGET,
+            "tfrun_jobs": tf["counts"]["jobs"],
+            "tfrun_submitted": med([t["submitted"] for t, _ in rounds]),
+            "hsl_submitted": med([h["submitted"] for _, h in rounds]),
+            "tfrun_steps": tf["counts"]["steps"],
+            "hsl_jobs": hsl["counts"]["jobs"],
+            "phases": ph,
+            "probe": probe,
+            "rounds": len(rounds),
+        }
+    }
     publish(report, args.output, args.json, figures)
     if missed:
         print(f"bench: packed ratio {ratio:.2f}x misses the target {PACKED_TARGET}x", file=sys.stderr)
+
 
 if __name__ == "__main__":
     main()

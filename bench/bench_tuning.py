@@ -18,6 +18,7 @@ Two figures, from one run:
     python bench/bench_tuning.py [--trials 24] [--epochs 200] [--sampler random] [--seeds 0,1,2] [--parallel 2] [--compute local] [--policy asha] [--startup N]
                                  [--durations 40,5,5,5,40,5,5,5] [--skip-digits] [--skip-async] [--output -]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,14 +35,14 @@ from benchlib import load_average, publish, versions
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "digits" / "train.py"
-UNEVEN = '''
+UNEVEN = """
 import argparse, time
 from tfrun.tracking.metrics import log_epoch
 p = argparse.ArgumentParser(); p.add_argument("--i", type=int); p.add_argument("--durations"); a = p.parse_args()
 secs = float(a.durations.split(",")[a.i])
 time.sleep(secs)
 log_epoch(0, {"score": secs})
-'''
+"""
 
 
 def tfrun(work: Path, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
@@ -70,11 +71,18 @@ def study_figures(work: Path, started: float, wall: float) -> dict[str, float]:
     first = min((p for p in scored if p["objective"]["value"] == best), key=lambda p: status[p["trial"]]["ended"])
     study = index["study"]
     own = status[first["trial"]]
-    return {"task_s": study["task_seconds"], "wall_s": wall, "to_best_s": own["ended"] - started,
-            "best": best, "pruned": study["pruned"], "trials": study["trials"],
-            # Which trial had it first, and its own run: the part of the time to the best no policy shortens.
-            "best_trial": first["trial"], "best_own_s": own["ended"] - own["started"],
-            "startup_s": statistics.median(startup(Path(p["run_dir"])) for p in index["points"])}
+    return {
+        "task_s": study["task_seconds"],
+        "wall_s": wall,
+        "to_best_s": own["ended"] - started,
+        "best": best,
+        "pruned": study["pruned"],
+        "trials": study["trials"],
+        # Which trial had it first, and its own run: the part of the time to the best no policy shortens.
+        "best_trial": first["trial"],
+        "best_own_s": own["ended"] - own["started"],
+        "startup_s": statistics.median(startup(Path(p["run_dir"])) for p in index["points"]),
+    }
 
 
 def startup(run_dir: Path) -> float:
@@ -101,12 +109,21 @@ def sampler_text(args: argparse.Namespace) -> str:
 def digits(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
     """Both studies for each seed: which trial is best, and so when it ends, is one draw
     of the sampler's; a ratio of two such draws needs several seeds to mean anything."""
-    common = ["-m", "hydra/sweeper=tfrun", f"compute={args.compute}", f"entry.script={DIGITS}",
-              "tfrun.objective=val_accuracy", f"hydra.sweeper.n_trials={args.trials}",
-              f"hydra.sweeper.max_parallel={args.parallel}", f"trainer.epochs={args.epochs}",
-              f"trainer.lr=tag(log,interval({args.lr}))", "trainer.batch_size=choice(32,64,128)",
-              "trainer.hidden=choice(16,32,64,128)", f"hydra.sweeper.sampler={args.sampler}",
-              *([f"hydra.sweeper.n_startup_trials={args.startup}"] if args.startup is not None else [])]
+    common = [
+        "-m",
+        "hydra/sweeper=tfrun",
+        f"compute={args.compute}",
+        f"entry.script={DIGITS}",
+        "tfrun.objective=val_accuracy",
+        f"hydra.sweeper.n_trials={args.trials}",
+        f"hydra.sweeper.max_parallel={args.parallel}",
+        f"trainer.epochs={args.epochs}",
+        f"trainer.lr=tag(log,interval({args.lr}))",
+        "trainer.batch_size=choice(32,64,128)",
+        "trainer.hidden=choice(16,32,64,128)",
+        f"hydra.sweeper.sampler={args.sampler}",
+        *([f"hydra.sweeper.n_startup_trials={args.startup}"] if args.startup is not None else []),
+    ]
     policy = [f"hydra.sweeper.policy={args.policy}", *(f"hydra.sweeper.policy_args.{a}" for a in args.policy_args)]
     runs: dict[str, dict] = {}
     rows = []
@@ -118,14 +135,19 @@ def digits(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
             figures[name] = study_figures(work, started, wall)
             print(f"  digits, seed {seed}, policy {name}: {figures[name]}", file=sys.stderr, flush=True)
         base, pruned = figures["none"], figures[args.policy]
-        figures["ratios"] = {"task": pruned["task_s"] / base["task_s"], "to_best": pruned["to_best_s"] / base["to_best_s"],
-                             "gap": 100 * (base["best"] - pruned["best"]),
-                             # With the same settings drawn, a policy that keeps the best trial still waits for its run.
-                             "own_share": base["best_own_s"] / base["to_best_s"]}
+        figures["ratios"] = {
+            "task": pruned["task_s"] / base["task_s"],
+            "to_best": pruned["to_best_s"] / base["to_best_s"],
+            "gap": 100 * (base["best"] - pruned["best"]),
+            # With the same settings drawn, a policy that keeps the best trial still waits for its run.
+            "own_share": base["best_own_s"] / base["to_best_s"],
+        }
         runs[str(seed)] = figures
         for name, f in (("none", base), (args.policy, pruned)):
-            rows.append(f"| {seed} | {name} | {f['trials']} | {f['pruned']} | {f['task_s']:.0f} | {f['wall_s']:.0f} | "
-                        f"{f['to_best_s']:.0f} | {f['best']:.4f} | {f['best_trial']} ({f['best_own_s']:.0f} s) |")
+            rows.append(
+                f"| {seed} | {name} | {f['trials']} | {f['pruned']} | {f['task_s']:.0f} | {f['wall_s']:.0f} | "
+                f"{f['to_best_s']:.0f} | {f['best']:.4f} | {f['best_trial']} ({f['best_own_s']:.0f} s) |"
+            )
     median = {k: statistics.median(r["ratios"][k] for r in runs.values()) for k in ("task", "to_best", "gap")}
 
     def every(key: str, fmt: str) -> str:
@@ -136,20 +158,29 @@ def digits(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
     lines = [
         f"Digits, {args.trials} trials, {args.epochs} epochs, {args.parallel} at once, compute={args.compute}, "
         f"{sampler_text(args)} seeds {', '.join(map(str, args.seeds))}, lr in ({args.lr}) log scale; policy {args.policy} "
-        f"{' '.join(args.policy_args)}".rstrip(), "",
+        f"{' '.join(args.policy_args)}".rstrip(),
+        "",
         f"| {sampler_text(args)} seed | policy | trials | pruned | task-s | wall s | wall s to best | best val_accuracy "
         f"| trial that had it first (its own run) |",
-        "|---|---|---|---|---|---|---|---|---|", *rows, "",
-        f"Medians over the {len(runs)} seed(s) of each seed's ratio (that seed's two studies, run one after the other):", "",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Medians over the {len(runs)} seed(s) of each seed's ratio (that seed's two studies, run one after the other):",
+        "",
         f"- task-seconds {median['task']:.2f}x ({every('task', '.2f')}; target <= 0.5x: "
         f"{'met' if median['task'] <= 0.5 else 'MISSED'})",
         f"- wall time to the best {median['to_best']:.2f}x ({every('to_best', '.2f')}; target <= 0.6x: "
         f"{'met' if median['to_best'] <= 0.6 else 'MISSED'})",
         f"- best val_accuracy {median['gap']:+.2f} points below the unpruned study's ({every('gap', '+.2f')}; target "
         f"<= 0.5: {'met' if median['gap'] <= 0.5 else 'MISSED'})",
-        *([f"- the share of the unpruned study's time to the best that is its best trial's own run (both studies draw "
-           f"the same settings; a policy that keeps that trial does not save its run): {every('own_share', '.2f')}"]
-          if args.sampler in SAME_DRAWS else []),
+        *(
+            [
+                f"- the share of the unpruned study's time to the best that is its best trial's own run (both studies draw "
+                f"the same settings; a policy that keeps that trial does not save its run): {every('own_share', '.2f')}"
+            ]
+            if args.sampler in SAME_DRAWS
+            else []
+        ),
         f"- a trial's start to its first epoch's end (interpreter, TensorFlow's import, data; no policy saves it), "
         f"median: {startup_s:.1f} s; a full trial: {full_s:.1f} s",
     ]
@@ -159,18 +190,41 @@ def digits(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
 def asynchronous(args: argparse.Namespace, work: Path) -> tuple[list[str], dict]:
     (work / "uneven.py").write_text(UNEVEN)
     n = len(args.durations.split(","))
-    common = [f"compute={args.async_compute}", "compute.poll_s=0.5", "entry.script=uneven.py",
-              f"trainer.durations='{args.durations}'"]
-    wall_async, _ = tfrun(work, "-m", "hydra/sweeper=tfrun", "tfrun.objective=score", "hydra.sweeper.sampler=grid",
-                          f"hydra.sweeper.max_parallel={args.parallel}", f"trainer.i=range(0,{n})", *common)
+    common = [
+        f"compute={args.async_compute}",
+        "compute.poll_s=0.5",
+        "entry.script=uneven.py",
+        f"trainer.durations='{args.durations}'",
+    ]
+    wall_async, _ = tfrun(
+        work,
+        "-m",
+        "hydra/sweeper=tfrun",
+        "tfrun.objective=score",
+        "hydra.sweeper.sampler=grid",
+        f"hydra.sweeper.max_parallel={args.parallel}",
+        f"trainer.i=range(0,{n})",
+        *common,
+    )
     # Lock-step: every batch of `parallel` points is one job array, waited for before the next.
-    wall_batch, _ = tfrun(work, "-m", f"hydra.sweeper.max_batch_size={args.parallel}",
-                          f"trainer.i={','.join(map(str, range(n)))}", *common)
+    wall_batch, _ = tfrun(
+        work,
+        "-m",
+        f"hydra.sweeper.max_batch_size={args.parallel}",
+        f"trainer.i={','.join(map(str, range(n)))}",
+        *common,
+    )
     ratio = wall_async / wall_batch
-    lines = [f"Trials of unequal length ({args.durations} s), {args.parallel} slots, compute={args.async_compute}", "",
-             "| sweeper | wall s |", "|---|---|",
-             f"| tfrun (asynchronous) | {wall_async:.1f} |", f"| lock-step batches of {args.parallel} | {wall_batch:.1f} |",
-             "", f"- wall time {ratio:.2f}x (target <= 0.7x: {'met' if ratio <= 0.7 else 'MISSED'})"]
+    lines = [
+        f"Trials of unequal length ({args.durations} s), {args.parallel} slots, compute={args.async_compute}",
+        "",
+        "| sweeper | wall s |",
+        "|---|---|",
+        f"| tfrun (asynchronous) | {wall_async:.1f} |",
+        f"| lock-step batches of {args.parallel} | {wall_batch:.1f} |",
+        "",
+        f"- wall time {ratio:.2f}x (target <= 0.7x: {'met' if ratio <= 0.7 else 'MISSED'})",
+    ]
     return lines, {"async_s": wall_async, "batches_s": wall_batch, "ratio": ratio}
 
 
@@ -188,10 +242,15 @@ def main() -> None:
     # Random sampling draws the same configurations with and without the policy (its draws do not depend on
     # the results), so the comparison is the policy's alone; the cloud tuners' policies pair with it too.
     parser.add_argument("--sampler", default="random", help="hydra.sweeper.sampler of both studies (random, tpe)")
-    parser.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")], default=[0, 1, 2],
-                        help="the sampler's seeds: both studies run once for each (default 0,1,2)")
-    parser.add_argument("--startup", type=int, default=None,
-                        help="hydra.sweeper.n_startup_trials of both studies (default: tfrun's)")
+    parser.add_argument(
+        "--seeds",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[0, 1, 2],
+        help="the sampler's seeds: both studies run once for each (default 0,1,2)",
+    )
+    parser.add_argument(
+        "--startup", type=int, default=None, help="hydra.sweeper.n_startup_trials of both studies (default: tfrun's)"
+    )
     parser.add_argument("--policy-args", nargs="*", default=[])  # e.g. slack_factor=0.1 delay_evaluation=2 for bandit
     # Trials of seconds would measure the fixed cost of a trial (composition, sbatch, ~2.5 s to start), not tuning.
     parser.add_argument("--durations", default="40,5,5,5,40,5,5,5")
@@ -211,11 +270,18 @@ def main() -> None:
     if not args.skip_async:
         lines, figures["async"] = asynchronous(args, work)
         sections += [*lines, ""]
-    report = "\n".join([
-        "", f"## Tuning: early termination and asynchronous trials ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})",
-        "", f"Command: `python bench/bench_tuning.py {' '.join(sys.argv[1:])}`".rstrip(), "",
-        f"- {', '.join(versions('optuna', 'tensorflow'))}; load average at start {start_load}, at end {load_average()}",
-        "", *sections])
+    report = "\n".join(
+        [
+            "",
+            f"## Tuning: early termination and asynchronous trials ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})",
+            "",
+            f"Command: `python bench/bench_tuning.py {' '.join(sys.argv[1:])}`".rstrip(),
+            "",
+            f"- {', '.join(versions('optuna', 'tensorflow'))}; load average at start {start_load}, at end {load_average()}",
+            "",
+            *sections,
+        ]
+    )
     publish(report, args.output, args.json, {"tuning": figures})
 
 

@@ -12,6 +12,7 @@ Two figures, from one run:
 
     python bench/bench_watchdog.py [--repeats 5] [--steps 1000] [--output -]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from tfrun.task import heartbeat
+
     calls = 1_000_000
     beat_ns = timeit.timeit(lambda: heartbeat.beat(step=1), number=calls) / calls * 1e9
 
@@ -47,36 +49,57 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tfrun-bench-watchdog-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TFRUN_", "SLURM_"))}
     env.update(TFRUN_RUNS_DIR=str(work / "runs"), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    base = ["tfrun", "compute=local", f"entry.script={here / 'throughput.py'}", f"trainer.steps={args.steps}",
-            "trainer.beat=true", "trainer.mode=both"]
+    base = [
+        "tfrun",
+        "compute=local",
+        f"entry.script={here / 'throughput.py'}",
+        f"trainer.steps={args.steps}",
+        "trainer.beat=true",
+        "trainer.mode=both",
+    ]
     variants = {"off": [*base, "compute.hang_timeout_s=null"], "on": [*base, "compute.hang_timeout_s=600"]}
     found: dict[str, dict[str, list[float]]] = {"off": {}, "on": {}}
     start_load = load_average()
     for r in range(args.repeats):
-        for name in (["off", "on"] if r % 2 == 0 else ["on", "off"]):
+        for name in ["off", "on"] if r % 2 == 0 else ["on", "off"]:
             out = subprocess.run(variants[name], cwd=work, env=env, capture_output=True, text=True, check=True)
             for rec in (json.loads(m) for m in re.findall(r"THROUGHPUT (\{.*\})", out.stdout)):
                 found[name].setdefault(rec["mode"], []).append(rec["samples_per_s"])
-            print(f"  round {r + 1}/{args.repeats} watchdog {name}: "
-                  + ", ".join(f"{m} {v[-1]:.0f}/s" for m, v in found[name].items()), file=sys.stderr, flush=True)
+            print(
+                f"  round {r + 1}/{args.repeats} watchdog {name}: "
+                + ", ".join(f"{m} {v[-1]:.0f}/s" for m, v in found[name].items()),
+                file=sys.stderr,
+                flush=True,
+            )
     med = statistics.median
     rows, figures = [], {"beat_ns": beat_ns}
     for mode in found["off"]:
         off, on = med(found["off"][mode]), med(found["on"][mode])
         cost = 1 - on / off
         step_ms = 128 / off * 1000  # batch 128 (throughput.py's default)
-        rows.append(f"| {mode} | {off:.0f} | {on:.0f} | {100 * cost:+.2f} % | {100 * beat_ns / 1e6 / step_ms:.4f} % | "
-                    f"{'met' if cost <= TARGET else 'MISSED'} |")
+        rows.append(
+            f"| {mode} | {off:.0f} | {on:.0f} | {100 * cost:+.2f} % | {100 * beat_ns / 1e6 / step_ms:.4f} % | "
+            f"{'met' if cost <= TARGET else 'MISSED'} |"
+        )
         figures[mode] = {"off": off, "on": on, "cost": cost}
-    report = "\n".join([
-        "", f"## Hang watchdog: its cost to training ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})", "",
-        f"Command: `python bench/bench_watchdog.py {' '.join(sys.argv[1:])}`".rstrip(), "",
-        f"- `tfrun.heartbeat()`: {beat_ns:.0f} ns per call ({calls} calls); load average at start {start_load}, "
-        f"at end {load_average()}",
-        f"- samples/s, median of {args.repeats} interleaved rounds, tfrun with `compute.hang_timeout_s=null` (off) "
-        f"and `=600` (on: heartbeat writer + watchdog process); the loop calls `tfrun.heartbeat` every step", "",
-        "| mode | off | on | throughput lost | one beat per step, share of step time | target < 0.5 % |",
-        "|---|---|---|---|---|---|", *rows, ""])
+    report = "\n".join(
+        [
+            "",
+            f"## Hang watchdog: its cost to training ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})",
+            "",
+            f"Command: `python bench/bench_watchdog.py {' '.join(sys.argv[1:])}`".rstrip(),
+            "",
+            f"- `tfrun.heartbeat()`: {beat_ns:.0f} ns per call ({calls} calls); load average at start {start_load}, "
+            f"at end {load_average()}",
+            f"- samples/s, median of {args.repeats} interleaved rounds, tfrun with `compute.hang_timeout_s=null` (off) "
+            f"and `=600` (on: heartbeat writer + watchdog process); the loop calls `tfrun.heartbeat` every step",
+            "",
+            "| mode | off | on | throughput lost | one beat per step, share of step time | target < 0.5 % |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
     publish(report, args.output, args.json, {"watchdog": figures})
 
 

@@ -2,6 +2,7 @@
 
 The scripts run as ``python bench/NAME.py``, so this directory is first on ``sys.path``.
 """
+
 from __future__ import annotations
 
 import json

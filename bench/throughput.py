@@ -21,6 +21,7 @@ bench/RESULTS.md (``--output -`` writes nothing; ``--json PATH`` for bench/run.p
 
     python bench/throughput.py --compare [--repeats 5] [--steps 1000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,20 +68,27 @@ def dataset(batch_size: int):
     digits = load_digits()
     x = (digits.data / 16.0).astype("float32")
     y = digits.target.astype("int64")
-    return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=0).repeat().batch(
-        batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(x), seed=0)
+        .repeat()
+        .batch(batch_size, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
 
 
 def model_for(hidden: int):
     import keras
 
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input(shape=(64,)),
-        keras.layers.Dense(hidden, activation="relu"),
-        keras.layers.Dense(hidden, activation="relu"),
-        keras.layers.Dense(10),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(64,)),
+            keras.layers.Dense(hidden, activation="relu"),
+            keras.layers.Dense(hidden, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
     return model
 
 
@@ -119,24 +127,33 @@ def measure_fit(args: argparse.Namespace) -> dict:
     import keras
 
     model = model_for(args.hidden)
-    model.compile(optimizer=keras.optimizers.SGD(0.01),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     per_epoch = max(1, args.steps // args.epochs)
     data = dataset(args.batch_size)
     # Timed from outside: the call's start to its return, every callback (tfrun's too) inside.
     wall, cpu = time.perf_counter(), time.process_time()
     model.fit(data, epochs=args.epochs, steps_per_epoch=per_epoch, verbose=0)
-    return timing("fit", per_epoch * args.epochs, args.batch_size, time.perf_counter() - wall,
-                  time.process_time() - cpu)
+    return timing(
+        "fit", per_epoch * args.epochs, args.batch_size, time.perf_counter() - wall, time.process_time() - cpu
+    )
 
 
 def timing(mode: str, steps: int, batch: int, wall: float, cpu: float) -> dict:
     import tensorflow as tf
 
-    return {"mode": mode, "steps": steps, "batch_size": batch, "seconds": wall, "cpu_seconds": cpu,
-            "samples_per_s": steps * batch / wall, "samples_per_cpu_s": steps * batch / cpu,
-            "devices": [d.device_type for d in tf.config.list_logical_devices()],
-            "under_tfrun": "TFRUN_RUN_ID" in os.environ}
+    return {
+        "mode": mode,
+        "steps": steps,
+        "batch_size": batch,
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "samples_per_s": steps * batch / wall,
+        "samples_per_cpu_s": steps * batch / cpu,
+        "devices": [d.device_type for d in tf.config.list_logical_devices()],
+        "under_tfrun": "TFRUN_RUN_ID" in os.environ,
+    }
 
 
 def script(args: argparse.Namespace) -> None:
@@ -160,20 +177,32 @@ def compare(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="tfrun-bench-throughput-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TFRUN_", "SLURM_"))}
     env.update(TFRUN_RUNS_DIR=str(work / "runs"), TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    flags = {"steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size, "hidden": args.hidden,
-             "epochs": args.epochs, "mode": args.mode}
+    flags = {
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "batch_size": args.batch_size,
+        "hidden": args.hidden,
+        "epochs": args.epochs,
+        "mode": args.mode,
+    }
     commands = {
         "bare": [sys.executable, str(here), *(w for k, v in flags.items() for w in (f"--{k}", str(v)))],
-        "tfrun": [*tfrun_command(), "compute=local", "backend=none", f"entry.script={here}",
-                  *(f"trainer.{k}={v}" for k, v in flags.items())],
+        "tfrun": [
+            *tfrun_command(),
+            "compute=local",
+            "backend=none",
+            f"entry.script={here}",
+            *(f"trainer.{k}={v}" for k, v in flags.items()),
+        ],
     }
     load_start = os.getloadavg()
     found: dict[str, dict[str, list[dict]]] = {name: {} for name in commands}
     names = list(commands)
     for r in range(args.repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            result = subprocess.run(commands[name], cwd=work, env=env, stdin=subprocess.DEVNULL,
-                                    capture_output=True, text=True)
+        for name in names if r % 2 == 0 else names[::-1]:
+            result = subprocess.run(
+                commands[name], cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True
+            )
             if result.returncode != 0:
                 raise SystemExit(f"bench: {name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
             records = [json.loads(m) for m in re.findall(r"THROUGHPUT (\{.*\})", result.stdout)]
@@ -187,9 +216,11 @@ def compare(args: argparse.Namespace) -> None:
 
     med = statistics.median
     figures: dict = {"target": TARGET}
-    lines = [f"| samples/s, median of {args.repeats} interleaved runs | bare | under tfrun | **tfrun / bare** "
-             f"(target >= {TARGET}) | per CPU-second: tfrun / bare | spread of tfrun / bare (min-max of rounds) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| samples/s, median of {args.repeats} interleaved runs | bare | under tfrun | **tfrun / bare** "
+        f"(target >= {TARGET}) | per CPU-second: tfrun / bare | spread of tfrun / bare (min-max of rounds) |",
+        "|---|---|---|---|---|---|",
+    ]
     for mode in found["bare"]:
         bare, wrapped = found["bare"][mode], found["tfrun"][mode]
         b, t = med(x["samples_per_s"] for x in bare), med(x["samples_per_s"] for x in wrapped)
@@ -197,29 +228,48 @@ def compare(args: argparse.Namespace) -> None:
         pairs = [w["samples_per_s"] / x["samples_per_s"] for w, x in zip(wrapped, bare)]
         ratio = t / b
         what = {"loop": "`tf.function` step loop", "fit": "`model.fit`, timed around the call"}[mode]
-        lines.append(f"| {what}, {bare[0]['steps']} steps x {args.batch_size} | {b:.0f} | {t:.0f} | "
-                     f"**{ratio:.3f}: {'met' if ratio >= TARGET else 'MISSED'}** | {ct / cb:.3f} | "
-                     f"{min(pairs):.2f}-{max(pairs):.2f} |")
-        figures[mode] = {"bare": b, "tfrun": t, "ratio": ratio, "cpu_ratio": ct / cb,
-                         "spread": f"{min(pairs):.3f}-{max(pairs):.3f}",
-                         "rounds": {"bare": [x["samples_per_s"] for x in bare],
-                                    "tfrun": [x["samples_per_s"] for x in wrapped]}}
+        lines.append(
+            f"| {what}, {bare[0]['steps']} steps x {args.batch_size} | {b:.0f} | {t:.0f} | "
+            f"**{ratio:.3f}: {'met' if ratio >= TARGET else 'MISSED'}** | {ct / cb:.3f} | "
+            f"{min(pairs):.2f}-{max(pairs):.2f} |"
+        )
+        figures[mode] = {
+            "bare": b,
+            "tfrun": t,
+            "ratio": ratio,
+            "cpu_ratio": ct / cb,
+            "spread": f"{min(pairs):.3f}-{max(pairs):.3f}",
+            "rounds": {"bare": [x["samples_per_s"] for x in bare], "tfrun": [x["samples_per_s"] for x in wrapped]},
+        }
     devices = sorted({d for runs in found["bare"].values() for x in runs for d in x["devices"]})
     command = "python bench/throughput.py " + " ".join(sys.argv[1:])
-    report = "\n".join([
-        "", f"## Training throughput: under tfrun vs bare ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})", "",
-        f"Command: `{command.strip()}`", "",
-        f"- machine: {platform.node()}, {os.cpu_count()} CPU(s); TensorFlow devices: {', '.join(devices)}",
-        f"- load average (1, 5, 15 min) at start: {' '.join(f'{x:.2f}' for x in load_start)}; at end: "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}",
-        f"- bare: `python bench/throughput.py --steps {args.steps} ...`; tfrun: `tfrun compute=local backend=none "
-        f"entry.script=bench/throughput.py trainer.steps={args.steps} ...`; model 64-{args.hidden}-{args.hidden}-10, "
-        f"SGD, digits, batch {args.batch_size}; each timed from outside, first batch to return (the loop's "
-        f"tracing and every callback of fit inside the span).", "",
-        *lines, "", "Samples/s of every round (bare; tfrun), in the order run:", "",
-        *(f"- {mode}: {', '.join(f'{x:.0f}' for x in figures[mode]['rounds']['bare'])}; "
-          f"{', '.join(f'{x:.0f}' for x in figures[mode]['rounds']['tfrun'])}" for mode in found["bare"]), "",
-    ])
+    report = "\n".join(
+        [
+            "",
+            f"## Training throughput: under tfrun vs bare ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())})",
+            "",
+            f"Command: `{command.strip()}`",
+            "",
+            f"- machine: {platform.node()}, {os.cpu_count()} CPU(s); TensorFlow devices: {', '.join(devices)}",
+            f"- load average (1, 5, 15 min) at start: {' '.join(f'{x:.2f}' for x in load_start)}; at end: "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+            f"- bare: `python bench/throughput.py --steps {args.steps} ...`; tfrun: `tfrun compute=local backend=none "
+            f"entry.script=bench/throughput.py trainer.steps={args.steps} ...`; model 64-{args.hidden}-{args.hidden}-10, "
+            f"SGD, digits, batch {args.batch_size}; each timed from outside, first batch to return (the loop's "
+            f"tracing and every callback of fit inside the span).",
+            "",
+            *lines,
+            "",
+            "Samples/s of every round (bare; tfrun), in the order run:",
+            "",
+            *(
+                f"- {mode}: {', '.join(f'{x:.0f}' for x in figures[mode]['rounds']['bare'])}; "
+                f"{', '.join(f'{x:.0f}' for x in figures[mode]['rounds']['tfrun'])}"
+                for mode in found["bare"]
+            ),
+            "",
+        ]
+    )
     publish(report, args.output, args.json, {"throughput": figures})
 
 

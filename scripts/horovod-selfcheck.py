@@ -56,55 +56,70 @@ def setup_rendezvous(rank: int, size: int, hosts: str, port_file: str):
         from horovod.runner.http.http_server import RendezvousServer
 
         server = RendezvousServer()
-        port = server.start()          # binds ('', random free port) and serves in a thread
-        server.init(plan)              # the full plan (list of SlotInfo), not one slot
+        port = server.start()  # binds ('', random free port) and serves in a thread
+        server.init(plan)  # the full plan (list of SlotInfo), not one slot
         publish(port_file, json.dumps({"addr": "127.0.0.1", "port": port}))
     info = json.loads(wait_for(port_file, 60))
     slot = plan[rank]
-    os.environ.update({
-        # Must be the hostname used in the plan: the local scope is "local_<hostname>".
-        "HOROVOD_HOSTNAME": slot.hostname,
-        "HOROVOD_RANK": str(slot.rank),
-        "HOROVOD_SIZE": str(slot.size),
-        "HOROVOD_LOCAL_RANK": str(slot.local_rank),
-        "HOROVOD_LOCAL_SIZE": str(slot.local_size),
-        "HOROVOD_CROSS_RANK": str(slot.cross_rank),
-        "HOROVOD_CROSS_SIZE": str(slot.cross_size),
-        "HOROVOD_GLOO_RENDEZVOUS_ADDR": info["addr"],
-        "HOROVOD_GLOO_RENDEZVOUS_PORT": str(info["port"]),
-        "HOROVOD_CONTROLLER": "gloo",
-        "HOROVOD_CPU_OPERATIONS": "gloo",
-        "HOROVOD_GLOO_IFACE": "lo",
-    })
+    os.environ.update(
+        {
+            # Must be the hostname used in the plan: the local scope is "local_<hostname>".
+            "HOROVOD_HOSTNAME": slot.hostname,
+            "HOROVOD_RANK": str(slot.rank),
+            "HOROVOD_SIZE": str(slot.size),
+            "HOROVOD_LOCAL_RANK": str(slot.local_rank),
+            "HOROVOD_LOCAL_SIZE": str(slot.local_size),
+            "HOROVOD_CROSS_RANK": str(slot.cross_rank),
+            "HOROVOD_CROSS_SIZE": str(slot.cross_size),
+            "HOROVOD_GLOO_RENDEZVOUS_ADDR": info["addr"],
+            "HOROVOD_GLOO_RENDEZVOUS_PORT": str(info["port"]),
+            "HOROVOD_CONTROLLER": "gloo",
+            "HOROVOD_CPU_OPERATIONS": "gloo",
+            "HOROVOD_GLOO_IFACE": "lo",
+        }
+    )
     return server
 
 
 def weights_digest(weights) -> list[float]:
     import numpy as np
+
     return [float(np.asarray(w, dtype=np.float64).sum()) for w in weights]
 
 
 def keras_fit(hvd, tf) -> dict:
     import numpy as np
-    rng = np.random.default_rng(100 + hvd.rank())          # different data per rank
+
+    rng = np.random.default_rng(100 + hvd.rank())  # different data per rank
     x = rng.normal(size=(256, 8)).astype("float32")
     y = (x @ np.arange(1, 9, dtype="float32") / 10.0)[:, None]
-    tf.random.set_seed(hvd.rank())                           # different init per rank
-    model = tf.keras.Sequential([tf.keras.layers.Input((8,)),
-                                 tf.keras.layers.Dense(16, activation="relu"),
-                                 tf.keras.layers.Dense(1)])
+    tf.random.set_seed(hvd.rank())  # different init per rank
+    model = tf.keras.Sequential(
+        [tf.keras.layers.Input((8,)), tf.keras.layers.Dense(16, activation="relu"), tf.keras.layers.Dense(1)]
+    )
     opt = hvd.DistributedOptimizer(tf.keras.optimizers.SGD(0.01 * hvd.size()))
     model.compile(loss="mse", optimizer=opt, metrics=["mae"])
-    hist = model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[
-        hvd.callbacks.BroadcastGlobalVariablesCallback(0),
-        hvd.callbacks.MetricAverageCallback(),
-    ])
-    return {"optimizer": type(opt).__name__, "loss": [round(float(v), 6) for v in hist.history["loss"]],
-            "weights": weights_digest(model.get_weights())}
+    hist = model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=3,
+        verbose=0,
+        callbacks=[
+            hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+            hvd.callbacks.MetricAverageCallback(),
+        ],
+    )
+    return {
+        "optimizer": type(opt).__name__,
+        "loss": [round(float(v), 6) for v in hist.history["loss"]],
+        "weights": weights_digest(model.get_weights()),
+    }
 
 
 def tape_loop(hvd_tf, tf) -> dict:
     import numpy as np
+
     rng = np.random.default_rng(200 + hvd_tf.rank())
     x = tf.constant(rng.normal(size=(128, 8)).astype("float32"))
     y = tf.reduce_sum(x, axis=1, keepdims=True)
@@ -125,8 +140,10 @@ def tape_loop(hvd_tf, tf) -> dict:
         return loss
 
     losses = [float(step(i == 0)) for i in range(20)]
-    return {"loss_first_last": [round(losses[0], 6), round(losses[-1], 6)],
-            "weights": weights_digest(model.get_weights())}
+    return {
+        "loss_first_last": [round(losses[0], 6), round(losses[-1], 6)],
+        "weights": weights_digest(model.get_weights()),
+    }
 
 
 def worker(args) -> int:
@@ -136,13 +153,20 @@ def worker(args) -> int:
     t0 = time.monotonic()
     import horovod.tensorflow as hvd
     import tensorflow as tf
+
     hvd.init()
-    out = {"rank": hvd.rank(), "size": hvd.size(), "local_rank": hvd.local_rank(),
-           "local_size": hvd.local_size(), "gloo_enabled": bool(hvd.gloo_enabled()),
-           "init_s": round(time.monotonic() - t0, 2)}
+    out = {
+        "rank": hvd.rank(),
+        "size": hvd.size(),
+        "local_rank": hvd.local_rank(),
+        "local_size": hvd.local_size(),
+        "gloo_enabled": bool(hvd.gloo_enabled()),
+        "init_s": round(time.monotonic() - t0, 2),
+    }
     out["allreduce_sum"] = float(hvd.allreduce(tf.constant(float(hvd.rank() + 1)), op=hvd.Sum))
     if args.keras:
         import horovod.tensorflow.keras as hvdk
+
         out["keras_fit"] = keras_fit(hvdk, tf)
         out["tape"] = tape_loop(hvd, tf)
     hvd.allreduce(tf.constant(0.0), name="final_barrier")  # rank 0 keeps the server up till here
@@ -159,12 +183,25 @@ def parent(args) -> int:
         # Drop stale rank variables from the caller; keep tuning knobs.
         keep = {"HOROVOD_GLOO_TIMEOUT_SECONDS", "HOROVOD_LOG_LEVEL"}
         env = {k: v for k, v in os.environ.items() if not k.startswith("HOROVOD_") or k in keep}
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--size", str(SIZE),
-               "--hosts", f"localhost:{SIZE}", "--port-file", port_file]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            "--size",
+            str(SIZE),
+            "--hosts",
+            f"localhost:{SIZE}",
+            "--port-file",
+            port_file,
+        ]
         if args.keras:
             cmd.append("--keras")
-        procs = [subprocess.Popen(cmd + ["--rank", str(r)], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for r in range(SIZE)]
+        procs = [
+            subprocess.Popen(
+                cmd + ["--rank", str(r)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for r in range(SIZE)
+        ]
         results, ok = [], True
         for r, p in enumerate(procs):
             try:
@@ -179,22 +216,23 @@ def parent(args) -> int:
                 ok = False
                 print(f"rank {r}: exit {p.returncode}\n{so[-3000:]}\n{se[-5000:]}", file=sys.stderr)
                 continue
-            results.append(json.loads(lines[-1][len("RESULT "):]))
+            results.append(json.loads(lines[-1][len("RESULT ") :]))
     for res in results:
         print(json.dumps(res))
     if not ok or len(results) != SIZE:
         print("horovod-selfcheck: FAILED")
         return 1
     expected = SIZE * (SIZE + 1) / 2
-    checks = [all(r["size"] == SIZE for r in results),
-              all(r["allreduce_sum"] == expected for r in results)]
+    checks = [all(r["size"] == SIZE for r in results), all(r["allreduce_sum"] == expected for r in results)]
     if args.keras:
         for part in ("keras_fit", "tape"):
             w = [r[part]["weights"] for r in results]
             checks.append(all(x == w[0] for x in w))
     if all(checks):
-        print(f"horovod-selfcheck: OK (size {SIZE}, allreduce sum {expected}"
-              f"{', keras fit + tape weights identical' if args.keras else ''})")
+        print(
+            f"horovod-selfcheck: OK (size {SIZE}, allreduce sum {expected}"
+            f"{', keras fit + tape weights identical' if args.keras else ''})"
+        )
         return 0
     print(f"horovod-selfcheck: FAILED checks {checks}")
     return 1
@@ -202,8 +240,9 @@ def parent(args) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--keras", action="store_true",
-                    help="also train with tf_keras (TF_USE_LEGACY_KERAS=1) and a custom loop")
+    ap.add_argument(
+        "--keras", action="store_true", help="also train with tf_keras (TF_USE_LEGACY_KERAS=1) and a custom loop"
+    )
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)

@@ -23,6 +23,7 @@ what the tests took in an earlier whole run (``scripts/test --store-durations`` 
 A parallel run ends with its longest chain: a long test handed out last runs on alone. A test
 not in the file counts as a typical one.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -48,8 +49,11 @@ PAIRS = {"preempt_nodes": PREEMPT_NODES, "network_nodes": NETWORK_NODES}
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "alone: changes the whole Slurm cluster (restarts or reconfigures a daemon): "
-                                       "runs while no other test uses the cluster")
+    config.addinivalue_line(
+        "markers",
+        "alone: changes the whole Slurm cluster (restarts or reconfigures a daemon): "
+        "runs while no other test uses the cluster",
+    )
     # In parallel, however started (-n N): the groups below go to a worker whole, in the order
     # pytest_collection_modifyitems gives them (pytest-xdist's loadgroup, not reordered).
     if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") in ("load", "no"):
@@ -59,14 +63,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # --- which tests share what ------------------------------------------------------------------
 
+
 def _module_fixtures(item: pytest.Item) -> list[str]:
     """The module-scoped fixtures of the item's own module that it uses."""
     info = getattr(item, "_fixtureinfo", None)
     found = []
-    for name, defs in (info.name2fixturedefs.items() if info else ()):
+    for name, defs in info.name2fixturedefs.items() if info else ():
         fixture = defs[-1]
-        if fixture.scope in ("module", "class") and fixture.baseid and fixture.baseid.split("::")[0] == \
-                item.nodeid.split("::")[0]:
+        if (
+            fixture.scope in ("module", "class")
+            and fixture.baseid
+            and fixture.baseid.split("::")[0] == item.nodeid.split("::")[0]
+        ):
             found.append(name)
     return sorted(found)
 
@@ -88,9 +96,12 @@ DURATIONS = Path(__file__).with_name("durations.json")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--store-durations", action="store_true",
-                     help="write the times of the tests that passed into tests/durations.json (the order the "
-                          "longest tests are handed out in)")
+    parser.addoption(
+        "--store-durations",
+        action="store_true",
+        help="write the times of the tests that passed into tests/durations.json (the order the "
+        "longest tests are handed out in)",
+    )
 
 
 def _expected_s() -> tuple[dict[str, float], float]:
@@ -118,8 +129,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         key = groups[item.nodeid] or item.nodeid
         cost[key] = cost.get(key, 0.0) + known.get(item.nodeid, typical)
-    items.sort(key=lambda item: (groups[item.nodeid] != "alone", -cost[groups[item.nodeid] or item.nodeid],
-                                 groups[item.nodeid] or item.nodeid))
+    items.sort(
+        key=lambda item: (
+            groups[item.nodeid] != "alone",
+            -cost[groups[item.nodeid] or item.nodeid],
+            groups[item.nodeid] or item.nodeid,
+        )
+    )
     if not config.getoption("collectonly") and any(item.get_closest_marker("slurm") for item in items):
         config.stash[_CLUSTER] = _cluster_problem()
 
@@ -137,16 +153,23 @@ def _cluster_problem() -> str | None:
         try:
             out = subprocess.run([str(LOCAL_SLURM), "status"], capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"cannot ask whether the local Slurm cluster is up ({exc}); start it with `scripts/local-slurm start`"
+            return (
+                f"cannot ask whether the local Slurm cluster is up ({exc}); start it with `scripts/local-slurm start`"
+            )
         if out.returncode == 0:
             return None
         # Every daemon up but a node not usable: another session may have cut its link for a moment.
-        if ("nodes: not all usable" in out.stdout and not re.search(r"^\S+\s+down$", out.stdout, re.M)
-                and time.monotonic() < deadline):
+        if (
+            "nodes: not all usable" in out.stdout
+            and not re.search(r"^\S+\s+down$", out.stdout, re.M)
+            and time.monotonic() < deadline
+        ):
             time.sleep(2)
             continue
-        return ("the local Slurm cluster is not up: start it with `scripts/local-slurm start` (scripts/test does). "
-                f"`scripts/local-slurm status` said:\n{out.stdout}{out.stderr}")
+        return (
+            "the local Slurm cluster is not up: start it with `scripts/local-slurm start` (scripts/test does). "
+            f"`scripts/local-slurm status` said:\n{out.stdout}{out.stderr}"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -181,6 +204,7 @@ def network_nodes(cluster: None) -> NodePair:
 
 
 # --- locks: a test that changes the whole cluster runs alone -----------------------------------
+
 
 class ClusterLocks:
     """flock(2) locks in the cluster's state dir, shared by every test session on the cluster.
@@ -239,8 +263,10 @@ def _locks_for(item: pytest.Item | None) -> tuple[str, ...]:
         return ("alone",)
     if not item.get_closest_marker("slurm"):
         return ()
-    return ("shared", *(f"nodes-{pair.partition}" for fixture, pair in PAIRS.items()
-                        if fixture in getattr(item, "fixturenames", ())))
+    return (
+        "shared",
+        *(f"nodes-{pair.partition}" for fixture, pair in PAIRS.items() if fixture in getattr(item, "fixturenames", ())),
+    )
 
 
 _LOCKS = pytest.StashKey[ClusterLocks]()
@@ -264,6 +290,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 # --- in-process tests --------------------------------------------------------------------------
+
 
 @pytest.fixture
 def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

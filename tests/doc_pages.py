@@ -28,6 +28,7 @@ block's last command prints first (stdout and stderr as a terminal shows them): 
 match the output's first lines, ``...`` in a line matching any text and a line ``...`` any
 number of lines.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -126,8 +127,9 @@ def _directives(marker: str, block: Block) -> None:
             break
     for part in filter(None, parts):
         qualified = _FOR.match(part)
-        head, prefix, rest = (qualified.group(1), qualified.group(2), qualified.group(3)) if qualified else \
-            (part, None, None)
+        head, prefix, rest = (
+            (qualified.group(1), qualified.group(2), qualified.group(3)) if qualified else (part, None, None)
+        )
         if head.startswith("skip"):
             reason = rest if prefix else head.partition(":")[2].strip()
             assert reason, f"{block.where}: a skip needs its reason: {part!r}"
@@ -172,7 +174,7 @@ def blocks(page: Path) -> list[Block]:
         if stripped.startswith("```"):
             language = stripped[3:].strip()
             end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
-            body = [line[len(lines[i]) - len(lines[i].lstrip()):] for line in lines[i + 1:end]]  # its indent
+            body = [line[len(lines[i]) - len(lines[i].lstrip()) :] for line in lines[i + 1 : end]]  # its indent
             if language == "bash":
                 block = Block(page, i + 1, split_commands(body, i + 2))
                 marker = _MARKER.match(previous)
@@ -192,7 +194,7 @@ def blocks(page: Path) -> list[Block]:
 def _follows(lines: list[str], block: Block, at: int) -> bool:
     """Is the fence at line index ``at`` the next thing after the block (blank lines aside)?"""
     end = next(j for j in range(block.line, len(lines)) if lines[j].strip() == "```")
-    return all(not line.strip() for line in lines[end + 1:at])
+    return all(not line.strip() for line in lines[end + 1 : at])
 
 
 def page_parts() -> list[tuple[Path, str]]:
@@ -220,6 +222,7 @@ def matches(pattern: list[str], output: list[str]) -> bool:
 
 
 # --- running a page --------------------------------------------------------------------------
+
 
 def quickstart_script() -> str:
     """The Quickstart's training script (its ``cat > train.py`` block): "your script" of every page."""
@@ -333,9 +336,11 @@ class Session:
             text = re.sub(rf"\b{re.escape(name)}\b", value, text)
         if not any(p in text for p in PLACEHOLDERS):
             return text
-        values = {"[RUN]": self.made_runs[-1] if self.made_runs else None,
-                  "RUN": self.made_runs[-1] if self.made_runs else None,
-                  "SWEEP": self.made_sweeps[-1] if self.made_sweeps else None}
+        values = {
+            "[RUN]": self.made_runs[-1] if self.made_runs else None,
+            "RUN": self.made_runs[-1] if self.made_runs else None,
+            "SWEEP": self.made_sweeps[-1] if self.made_sweeps else None,
+        }
         job = _last_job(self.made_runs[-1]) if self.made_runs else None
         values["JOBID"] = job
         for name in PLACEHOLDERS:
@@ -353,8 +358,11 @@ class Session:
                 continue
             text = self.substitute(with_overrides(command.text, block.overrides), block)
             output = [block.output] if block.output is not None and command is block.commands[-1] else []
-            with _locked(f"checkout-{hashlib.sha1(str(REPO).encode()).hexdigest()[:8]}") \
-                    if "checkout" in block.flags else contextlib.nullcontext():
+            with (
+                _locked(f"checkout-{hashlib.sha1(str(REPO).encode()).hexdigest()[:8]}")
+                if "checkout" in block.flags
+                else contextlib.nullcontext()
+            ):
                 self.run(text, command, block, output[0] if output else None)
 
     def run(self, text: str, command: Command, block: Block, output: list[str] | None) -> None:
@@ -368,9 +376,16 @@ class Session:
         with open(log, "w") as out:
             # SIGINT as in a terminal (a test runner started in the background has it ignored, and
             # its children would inherit that): a command that serves is stopped with Ctrl-C.
-            proc = subprocess.Popen(["bash", "-c", script], cwd=where, env=self.env(checkout), stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            proc = subprocess.Popen(
+                ["bash", "-c", script],
+                cwd=where,
+                env=self.env(checkout),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            )
         what = f"{block.where} (line {command.line}): {text}"
         if "serves" in block.flags:
             _await(proc, log, lambda: bool(_URL.search(log.read_text(errors="replace"))), 600, what)
@@ -384,8 +399,9 @@ class Session:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 raise AssertionError(f"{what}: did not end\n{_tail(log)}")
-        assert proc.returncode == command.exit_code, \
+        assert proc.returncode == command.exit_code, (
             f"{what}: exit {proc.returncode}, the page says {command.exit_code}\n{_tail(log)}"
+        )
         if command.exit_code in (0, 2):
             assert "Traceback (most recent call last)" not in log.read_text(errors="replace"), f"{what}\n{_tail(log)}"
         self._check_output(log, output, what)
@@ -398,14 +414,17 @@ class Session:
             for run in runs - before[0]:
                 cooperated(run, what)
 
-
     @staticmethod
     def _check_output(log: Path, output: list[str] | None, what: str) -> None:
         if output is None:
             return
         shown = log.read_text(errors="replace").splitlines()
-        assert matches(output, shown), (f"{what}: its output does not begin as the page shows\n--- the page\n"
-                                        + "\n".join(output) + "\n--- the output\n" + "\n".join(shown[:40]))
+        assert matches(output, shown), (
+            f"{what}: its output does not begin as the page shows\n--- the page\n"
+            + "\n".join(output)
+            + "\n--- the output\n"
+            + "\n".join(shown[:40])
+        )
 
     def stop_serving(self) -> None:
         """Ctrl-C to every command still serving: each ends (0 or 130) without a traceback."""
@@ -418,7 +437,9 @@ class Session:
                 os.killpg(served.proc.pid, signal.SIGKILL)
                 raise AssertionError(f"{served.command}: Ctrl-C did not stop it\n{_tail(served.log)}")
             text = served.log.read_text(errors="replace")
-            assert served.proc.returncode in (0, 130), f"{served.command}: exit {served.proc.returncode}\n{text[-3000:]}"
+            assert served.proc.returncode in (0, 130), (
+                f"{served.command}: exit {served.proc.returncode}\n{text[-3000:]}"
+            )
             assert "Traceback (most recent call last)" not in text, f"{served.command}:\n{text[-3000:]}"
         self.served = []
         self.serving_lock.close()
@@ -431,8 +452,9 @@ class Session:
         self.serving_lock.close()
         runs, sweeps = self._all_runs()
         for path in [*runs, *sweeps]:
-            subprocess.run(["tfrun", "cancel", str(path)], env=self.env(False), cwd=self.project,
-                           capture_output=True, timeout=120)
+            subprocess.run(
+                ["tfrun", "cancel", str(path)], env=self.env(False), cwd=self.project, capture_output=True, timeout=120
+            )
 
 
 def _await(proc: subprocess.Popen, log: Path, ready, timeout: float, what: str) -> None:
@@ -489,4 +511,6 @@ def cooperated(run: Path, what: str) -> None:
         assert {r["replicas_in_sync"] for r in records} == {tasks}, f"{what}: not {tasks} replicas in sync: {records}"
         assert len({r["weights_sha"] for r in records}) == 1, f"{what}: the workers ended apart: {records}"
     if script == REPO / "examples" / "ps_keras" / "train.py" and backend == "ps":
-        assert json.loads((run / "outputs" / "history-rank0.json").read_text())["loss"], f"{what}: the chief trained nothing"
+        assert json.loads((run / "outputs" / "history-rank0.json").read_text())["loss"], (
+            f"{what}: the chief trained nothing"
+        )

@@ -1,4 +1,5 @@
 """Helpers shared by the tests: run the real ``tfrun`` command in a scratch dir, watch processes."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -46,25 +47,40 @@ def private_venv(folder: Path) -> Path:
     import site
     import sysconfig
 
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(folder)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", str(folder)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     # --system-site-packages reaches the base interpreter's packages only, not those of a venv
     # running the tests: those are added as site dirs (their .pth files, editable installs, work).
     python = folder / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
     outer = [*site.getsitepackages(), sysconfig.get_paths()["purelib"]]
     lines = [f"import site; site.addsitedir({d!r})" for d in dict.fromkeys(outer) if Path(d).is_dir()]
     Path(purelib, "_outer_site.pth").write_text("\n".join(lines) + "\n")
     return folder / "bin"
 
 
-def run_tfrun(tmp_path: Path, *args: str, cwd: Path | None = None, timeout: float = 120,
-              **env: str) -> subprocess.CompletedProcess[str]:
+def run_tfrun(
+    tmp_path: Path, *args: str, cwd: Path | None = None, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess[str]:
     """``tfrun ARGS`` as a user runs it, from ``cwd`` (default tmp_path)."""
     return subprocess.run(
-        [*tfrun_command(), *args], cwd=cwd or tmp_path, env=scratch_env(tmp_path, **env),
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+        [*tfrun_command(), *args],
+        cwd=cwd or tmp_path,
+        env=scratch_env(tmp_path, **env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -109,9 +125,15 @@ def popen_tfrun(tmp_path: Path, *args: str, name: str = "tfrun") -> tuple[subpro
     terminal (a test runner started in the background may have it ignored)."""
     out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
     with open(out, "w") as fout, open(err, "w") as ferr:
-        proc = subprocess.Popen([*tfrun_command(), *args], cwd=tmp_path, env=scratch_env(tmp_path),
-                                stdin=subprocess.DEVNULL, stdout=fout, stderr=ferr,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.Popen(
+            [*tfrun_command(), *args],
+            cwd=tmp_path,
+            env=scratch_env(tmp_path),
+            stdin=subprocess.DEVNULL,
+            stdout=fout,
+            stderr=ferr,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     return proc, out, err
 
 
@@ -163,14 +185,24 @@ def accounted(job: str, count: int = 1, timeout: float = 60) -> dict[str, str]:
     """{JobID: State} of a job (or of an array: one per element) once accounting lists `count`
     allocations and every one has ended. The controller hands records to slurmdbd asynchronously,
     so sacct may list an element that has ended as RUNNING, or not list it, for a moment."""
+
     def rows() -> dict[str, str]:
-        out = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State"],
-                             capture_output=True, text=True, timeout=60, check=True).stdout
+        out = subprocess.run(
+            ["sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
         return dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
 
-    wait_for(lambda: len(found := rows()) >= count
-             and not any(state.startswith(UNSETTLED_STATES) for state in found.values()),
-             timeout, f"accounting to list {count} ended allocation(s) of job {job}")
+    wait_for(
+        lambda: (
+            len(found := rows()) >= count and not any(state.startswith(UNSETTLED_STATES) for state in found.values())
+        ),
+        timeout,
+        f"accounting to list {count} ended allocation(s) of job {job}",
+    )
     return rows()
 
 
@@ -199,6 +231,7 @@ def slurm_release() -> tuple[int, int]:
 
 # --- the local cluster (scripts/local-slurm) ----------------------------------------------------
 
+
 @dataclass(frozen=True)
 class NodePair:
     """Two of the local cluster's nodes that a group of tests has to itself (tests/conftest.py):
@@ -218,9 +251,27 @@ class NodePair:
     def preempt(self, *nodes: str, job_name: str) -> str:
         """Submit a short job to ``partition`` that needs these nodes whole: Slurm preempts what
         runs there in ``low`` and ``scavenge``. Its job id."""
-        out = subprocess.run(["sbatch", "--parsable", "-p", self.partition, "--exclusive", f"--nodes={len(nodes)}",
-                              "-w", ",".join(nodes), f"--job-name={job_name}", "-o", "/dev/null", "--wrap", "sleep 2"],
-                             capture_output=True, text=True, timeout=60, check=True)
+        out = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "-p",
+                self.partition,
+                "--exclusive",
+                f"--nodes={len(nodes)}",
+                "-w",
+                ",".join(nodes),
+                f"--job-name={job_name}",
+                "-o",
+                "/dev/null",
+                "--wrap",
+                "sleep 2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         return out.stdout.strip()
 
 
@@ -251,8 +302,11 @@ def assert_on_separate_hosts(run_dir: Path, nodes: list[str]) -> None:
         record = read_json(run_dir / f"ranks/{rank}.json")
         assert (record["host"], record["hostname"]) == (node, node), record
         assert record["address"] == node_address(node), record
-    published = [read_json(p) for p in sorted((run_dir / "rendezvous").glob("*/*.json"))
-                 if p.name.startswith(("task-", "horovod"))]
+    published = [
+        read_json(p)
+        for p in sorted((run_dir / "rendezvous").glob("*/*.json"))
+        if p.name.startswith(("task-", "horovod"))
+    ]
     assert published and all(p["addr"] == node_address(p["host"]) for p in published), published
 
 
@@ -283,11 +337,27 @@ class MlflowServer:
 
     def start(self, timeout: float = 120) -> "MlflowServer":
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", self.host, "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
-             "--artifacts-destination", str(self.folder / "server-artifacts"), "--workers", "1",
-             "--allowed-hosts", f"{self.host}:{self.port},{self.host}"],
-            cwd=self.folder, stdout=subprocess.DEVNULL, stderr=open(self.folder / "server.log", "a"),
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                self.host,
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.folder / 'server.db'}",
+                "--artifacts-destination",
+                str(self.folder / "server-artifacts"),
+                "--workers",
+                "1",
+                "--allowed-hosts",
+                f"{self.host}:{self.port},{self.host}",
+            ],
+            cwd=self.folder,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.folder / "server.log", "a"),
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
@@ -296,8 +366,9 @@ class MlflowServer:
                 with socket.create_connection((self.host, self.port), timeout=1):
                     return self
             except OSError:
-                assert time.monotonic() < deadline and self.proc.poll() is None, \
+                assert time.monotonic() < deadline and self.proc.poll() is None, (
                     f"mlflow server did not start:\n{text_of(self.folder / 'server.log')}"
+                )
                 time.sleep(0.5)
 
     def stop(self) -> None:

@@ -5,6 +5,7 @@ The estimator tests are that SDK's documented code samples with only the import 
 changed, submitted to the local Slurm against the bundled examples; and the estimator's
 values (commas, ``=``, quotes, ``"true"``, dicts) composed by tfrun itself, which runs nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,6 +61,7 @@ def quick(scratch: Path) -> Path:
 @pytest.fixture
 def no_exit(monkeypatch: pytest.MonkeyPatch) -> None:
     """Anything that tries to end the (notebook's) process fails the test instead."""
+
     def refuse(*args: Any) -> None:
         raise AssertionError(f"the API tried to exit the process: {args}")
 
@@ -72,6 +74,7 @@ def epochs(run: tfrun.Run) -> list[int]:
 
 
 # --- tfrun.launch / Run, locally -----------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_launch_trains_and_returns_a_completed_run(scratch: Path, no_exit: None) -> None:
@@ -118,7 +121,8 @@ def _launch_in_a_thread(overrides: list[str], timeout: float = 60) -> Any:
 
 
 def test_launch_without_waiting_raises_when_the_launch_fails_before_the_run_has_a_status(
-        scratch: Path, quick: Path, no_exit: None) -> None:
+    scratch: Path, quick: Path, no_exit: None
+) -> None:
     run_dir = scratch / "runs" / "fixed"
     run_dir.mkdir(parents=True)
     (run_dir / "logs").write_text("a file where the run's logs dir goes")  # the launch cannot make it
@@ -130,7 +134,8 @@ def test_launch_without_waiting_raises_when_the_launch_fails_before_the_run_has_
 
 
 def test_launch_without_waiting_raises_and_wait_returns_when_a_task_cannot_start(
-        scratch: Path, quick: Path, no_exit: None) -> None:
+    scratch: Path, quick: Path, no_exit: None
+) -> None:
     """The run is RUNNING by then (its status written): it must not stay so with nobody to end it.
     Its interpreter is there when the run is planned (tfrun checks that it runs) and gone when
     the task starts, as a removed venv's would be."""
@@ -182,16 +187,20 @@ def test_cancel_a_sleeping_run(scratch: Path, quick: Path, no_exit: None) -> Non
     assert tfrun.Run.load(run.id).status() == "CANCELLED"
 
 
-@pytest.mark.parametrize("override, named", [
-    ("compute.nodes=abc", "compute.nodes"),
-    ("compute=nope", "compute=nope"),
-    ("nokey=1", "nokey"),
-    ("compute.nodes=0", "compute.nodes"),
-    ("entry.script=missing.py", "entry.script"),
-    ("trainer.lr={a: 1}", "trainer.lr"),  # a mapping: not a value a script can be given
-])
-def test_bad_override_raises_config_error_and_creates_nothing(scratch: Path, no_exit: None, override: str,
-                                                             named: str) -> None:
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("compute.nodes=abc", "compute.nodes"),
+        ("compute=nope", "compute=nope"),
+        ("nokey=1", "nokey"),
+        ("compute.nodes=0", "compute.nodes"),
+        ("entry.script=missing.py", "entry.script"),
+        ("trainer.lr={a: 1}", "trainer.lr"),  # a mapping: not a value a script can be given
+    ],
+)
+def test_bad_override_raises_config_error_and_creates_nothing(
+    scratch: Path, no_exit: None, override: str, named: str
+) -> None:
     with pytest.raises(tfrun.ConfigError) as error:
         tfrun.launch([override])
     assert named in str(error.value)
@@ -209,6 +218,7 @@ def test_sweep_returns_a_run_per_point(scratch: Path, no_exit: None) -> None:
 
 
 # --- Slurm through the API -----------------------------------------------------------------------
+
 
 @pytest.fixture
 def leftovers_cancelled(cluster: None, scratch: Path) -> Iterator[None]:
@@ -233,13 +243,15 @@ def test_launch_on_slurm(scratch: Path, quick: Path, job_name: str, no_exit: Non
     job = info["job_ids"][0]
 
     def accounted() -> list[str]:  # a job that ran for a second is named "allocation" at first
-        return subprocess.run(["sacct", "-j", job, "-X", "-n", "-o", "JobName%40,State"], capture_output=True,
-                              text=True, timeout=60).stdout.split()
+        return subprocess.run(
+            ["sacct", "-j", job, "-X", "-n", "-o", "JobName%40,State"], capture_output=True, text=True, timeout=60
+        ).stdout.split()
 
     wait_for(lambda: accounted() == [job_name, "COMPLETED"], 60, f"sacct to show {job_name} COMPLETED")
 
 
 # --- the estimator drop-in: the documented samples, only the import changed ---------------------------
+
 
 def _compare_with_cli(tmp_path: Path, est: Any, run: Any) -> None:
     """command_line() is the same run: the CLI's --dry-run=json plans the same tasks."""
@@ -258,28 +270,32 @@ def _compare_with_cli(tmp_path: Path, est: Any, run: Any) -> None:
     assert tasks(cli_plan) == tasks(submitted)
     assert cli_plan["backend"] == submitted["backend"] and cli_plan["script"] == submitted["script"]
     # The API follows a Slurm job itself (Run.wait), so it submits with compute.wait=false.
-    assert {k: v for k, v in cli_plan["config"]["compute"].items() if k != "wait"} == \
-        {k: v for k, v in submitted["config"]["compute"].items() if k != "wait"}
+    assert {k: v for k, v in cli_plan["config"]["compute"].items() if k != "wait"} == {
+        k: v for k, v in submitted["config"]["compute"].items() if k != "wait"
+    }
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_estimator_single_node_with_script_params(scratch: Path, leftovers_cancelled: None,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_estimator_single_node_with_script_params(
+    scratch: Path, leftovers_cancelled: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     ws, compute_target, project_folder = None, "slurm", str(EXAMPLES / "digits")
     # ---- the sample ----
     from tfrun.estimator import Experiment, TensorFlow
 
     script_params = {
-        '--epochs': 3,
-        '--lr': 0.01,
+        "--epochs": 3,
+        "--lr": 0.01,
     }
-    tf_est = TensorFlow(source_directory=project_folder,
-                        script_params=script_params,
-                        compute_target=compute_target,
-                        entry_script='train.py',
-                        use_gpu=True)
-    run = Experiment(ws, 'digits').submit(tf_est)
+    tf_est = TensorFlow(
+        source_directory=project_folder,
+        script_params=script_params,
+        compute_target=compute_target,
+        entry_script="train.py",
+        use_gpu=True,
+    )
+    run = Experiment(ws, "digits").submit(tf_est)
     run.wait_for_completion(show_output=True)
     # ---- checks ----
     shown = capsys.readouterr().out
@@ -295,19 +311,21 @@ def test_estimator_single_node_with_script_params(scratch: Path, leftovers_cance
 @pytest.mark.slow
 def test_estimator_horovod(scratch: Path, leftovers_cancelled: None, capsys: pytest.CaptureFixture[str]) -> None:
     ws, compute_target, project_folder = None, "slurm", str(EXAMPLES / "horovod_keras")
-    script_params = {'--epochs': 2}
+    script_params = {"--epochs": 2}
     # ---- the sample ----
     from tfrun.estimator import Experiment, TensorFlow
 
-    estimator = TensorFlow(source_directory=project_folder,
-                           compute_target=compute_target,
-                           script_params=script_params,
-                           entry_script='train.py',
-                           node_count=2,
-                           process_count_per_node=1,
-                           distributed_backend='mpi',
-                           use_gpu=True)
-    run = Experiment(ws, 'horovod').submit(estimator)
+    estimator = TensorFlow(
+        source_directory=project_folder,
+        compute_target=compute_target,
+        script_params=script_params,
+        entry_script="train.py",
+        node_count=2,
+        process_count_per_node=1,
+        distributed_backend="mpi",
+        use_gpu=True,
+    )
+    run = Experiment(ws, "horovod").submit(estimator)
     run.wait_for_completion(show_output=True)
     # ---- checks ----
     shown = capsys.readouterr().out
@@ -322,22 +340,26 @@ def test_estimator_horovod(scratch: Path, leftovers_cancelled: None, capsys: pyt
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_estimator_parameter_server(scratch: Path, leftovers_cancelled: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_estimator_parameter_server(
+    scratch: Path, leftovers_cancelled: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     ws, compute_target, project_folder = None, "slurm", str(EXAMPLES / "ps_keras")
-    script_params = {'--epochs': 2, '--steps_per_epoch': 10}
+    script_params = {"--epochs": 2, "--steps_per_epoch": 10}
     # ---- the sample ----
     from tfrun.estimator import Experiment, TensorFlow
 
-    tf_est = TensorFlow(source_directory=project_folder,
-                        compute_target=compute_target,
-                        script_params=script_params,
-                        entry_script='train.py',
-                        node_count=2,
-                        worker_count=2,
-                        parameter_server_count=1,
-                        distributed_backend='ps',
-                        use_gpu=True)
-    run = Experiment(ws, 'ps').submit(tf_est)
+    tf_est = TensorFlow(
+        source_directory=project_folder,
+        compute_target=compute_target,
+        script_params=script_params,
+        entry_script="train.py",
+        node_count=2,
+        worker_count=2,
+        parameter_server_count=1,
+        distributed_backend="ps",
+        use_gpu=True,
+    )
+    run = Experiment(ws, "ps").submit(tf_est)
     run.wait_for_completion(show_output=True)
     # ---- checks ----
     shown = capsys.readouterr().out
@@ -351,19 +373,23 @@ def test_estimator_parameter_server(scratch: Path, leftovers_cancelled: None, ca
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_estimator_keras_with_pip_packages(scratch: Path, leftovers_cancelled: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_estimator_keras_with_pip_packages(
+    scratch: Path, leftovers_cancelled: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     ws, compute_target, script_folder = None, "slurm", str(EXAMPLES / "digits")
-    script_params = {'--epochs': 2, '--batch_size': 50}
+    script_params = {"--epochs": 2, "--batch_size": 50}
     # ---- the sample ----
     from tfrun.estimator import Experiment, TensorFlow
 
-    est = TensorFlow(source_directory=script_folder,
-                     script_params=script_params,
-                     compute_target=compute_target,
-                     pip_packages=['keras'],
-                     entry_script='train.py',
-                     use_gpu=True)
-    run = Experiment(ws, 'keras').submit(est)
+    est = TensorFlow(
+        source_directory=script_folder,
+        script_params=script_params,
+        compute_target=compute_target,
+        pip_packages=["keras"],
+        entry_script="train.py",
+        use_gpu=True,
+    )
+    run = Experiment(ws, "keras").submit(est)
     run.wait_for_completion(show_output=True)
     # ---- checks ----
     shown = capsys.readouterr().out
@@ -379,8 +405,12 @@ def test_estimator_rejects_what_has_no_meaning_on_a_cluster(scratch: Path) -> No
     from tfrun.estimator import TensorFlow
 
     with pytest.raises(tfrun.ConfigError) as error:
-        TensorFlow(source_directory=str(EXAMPLES / "digits"), entry_script="train.py", compute_target="slurm",
-                   vm_size="STANDARD_NC6")
+        TensorFlow(
+            source_directory=str(EXAMPLES / "digits"),
+            entry_script="train.py",
+            compute_target="slurm",
+            vm_size="STANDARD_NC6",
+        )
     assert "vm_size" in str(error.value) and "compute.partition" in str(error.value)
     with pytest.raises(tfrun.ConfigError) as error:
         TensorFlow(source_directory=".", entry_script="train.py", distributed_backend="gloo")
@@ -389,6 +419,7 @@ def test_estimator_rejects_what_has_no_meaning_on_a_cluster(scratch: Path) -> No
 
 
 # --- the estimator's values, composed by tfrun itself (nothing runs) --------------------------------
+
 
 def estimator_plan(overrides: list[str]) -> Plan:
     """The plan ``tfrun.launch(overrides)`` would run, composed and planned the way it does."""
@@ -408,7 +439,7 @@ AWKWARD_TEXT = {
     "NUMBER_AS_TEXT": "1e3",
     "NULL_AS_TEXT": "null",
     "EMPTY": "",
-    "BOTH_QUOTES": "it's \"quoted\"",
+    "BOTH_QUOTES": 'it\'s "quoted"',
     "ESCAPED_QUOTE": "a\\'b\\\"c",
     "TRAILING_BACKSLASH": "C:\\dir\\",
     "LOOKS_INTERPOLATED": "${HOME} and \\${x}",
@@ -420,8 +451,12 @@ AWKWARD_TEXT = {
 def test_estimator_environment_variables_reach_every_task_as_given(scratch: Path) -> None:
     from tfrun.estimator import TensorFlow
 
-    est = TensorFlow(source_directory=str(EXAMPLES / "digits"), entry_script="train.py",
-                     node_count=2, environment_variables=AWKWARD_TEXT)
+    est = TensorFlow(
+        source_directory=str(EXAMPLES / "digits"),
+        entry_script="train.py",
+        node_count=2,
+        environment_variables=AWKWARD_TEXT,
+    )
     plan = estimator_plan(est.to_overrides())
     assert plan.config["deps"]["env"] == AWKWARD_TEXT
     for task in plan.tasks:
@@ -432,20 +467,30 @@ def test_estimator_environment_variables_reach_every_task_as_given(scratch: Path
 def test_estimator_script_params_keep_their_values_and_types(scratch: Path) -> None:
     from tfrun.estimator import TensorFlow
 
-    params = {"--names": "a,b", "--opt": "key=value", "--flag": "true", "--scale": "1e3", "--lr": 0.01,
-              "--small": 1e-05, "--epochs": 3, "--verbose": True, "--layers": [64, 32], "--resume": None,
-              "-m": "it's \"x\", y=1"}
+    params = {
+        "--names": "a,b",
+        "--opt": "key=value",
+        "--flag": "true",
+        "--scale": "1e3",
+        "--lr": 0.01,
+        "--small": 1e-05,
+        "--epochs": 3,
+        "--verbose": True,
+        "--layers": [64, 32],
+        "--resume": None,
+        "-m": 'it\'s "x", y=1',
+    }
     est = TensorFlow(source_directory=str(EXAMPLES / "digits"), entry_script="train.py", script_params=params)
     plan = estimator_plan(est.to_overrides())
     trainer = plan.config["trainer"]
     wanted = {k[2:]: v for k, v in params.items() if k.startswith("--")}
     assert trainer == wanted
     assert {k: type(v) for k, v in trainer.items()} == {k: type(v) for k, v in wanted.items()}
-    assert plan.config["entry"]["args"] == ["-m", "it's \"x\", y=1"]
+    assert plan.config["entry"]["args"] == ["-m", 'it\'s "x", y=1']
     argv = plan.tasks[0].argv
     for flag, value in [("--names", "a,b"), ("--opt", "key=value"), ("--flag", "true"), ("--scale", "1e3")]:
         assert argv[argv.index(flag) + 1] == value, argv
-    assert argv[-2:] == ["-m", "it's \"x\", y=1"]
+    assert argv[-2:] == ["-m", 'it\'s "x", y=1']
 
 
 def test_estimator_compute_object_with_a_dict_field(scratch: Path) -> None:
@@ -469,8 +514,7 @@ def test_estimator_paths_name_and_tags_as_given(scratch: Path) -> None:
     source = scratch / "data,v=1 'x'"
     source.mkdir()
     (source / "train.py").write_text("print('hi')\n")
-    tags = {"team": "vision", "note": "lr=0.01, batch 32", "mlflow.note.content": "it's \"the\" baseline",
-            "count": "3"}
+    tags = {"team": "vision", "note": "lr=0.01, batch 32", "mlflow.note.content": 'it\'s "the" baseline', "count": "3"}
     est = TensorFlow(source_directory=str(source), entry_script="train.py")
     plan = estimator_plan(Experiment(None, "digits, v2 = true").to_overrides(est, tags=tags))
     assert plan.source_dir == str(source) and plan.script == str(source / "train.py")
@@ -485,8 +529,11 @@ def test_estimator_refuses_names_hydra_cannot_write(scratch: Path) -> None:
         TensorFlow(source_directory=".", entry_script="train.py", environment_variables={"A.B": "x"}).to_overrides()
     assert "environment_variables" in str(error.value) and "A.B" in str(error.value)
     with pytest.raises(tfrun.ConfigError) as error:
-        TensorFlow(source_directory=".", entry_script="train.py",
-                   compute_target={"option": "slurm", "additional_parameters": {"it's": "x"}}).to_overrides()
+        TensorFlow(
+            source_directory=".",
+            entry_script="train.py",
+            compute_target={"option": "slurm", "additional_parameters": {"it's": "x"}},
+        ).to_overrides()
     assert "compute.additional_parameters" in str(error.value) and "it's" in str(error.value)
 
 
@@ -526,8 +573,9 @@ def test_experiment_submit_keeps_tags(scratch: Path, quick: Path, no_exit: None)
 
     (scratch / "conf" / "project").mkdir(parents=True)
     (scratch / "conf" / "project" / "default.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /tracking: mlflow\n")
-    tags = {"team": "vision", "note": "lr=0.01, batch 32", "mlflow.note.content": "it's \"the\" baseline"}
+        "# @package _global_\ndefaults:\n  - override /tracking: mlflow\n"
+    )
+    tags = {"team": "vision", "note": "lr=0.01, batch 32", "mlflow.note.content": 'it\'s "the" baseline'}
     est = TensorFlow(source_directory=str(scratch), entry_script="quick.py")
     run = Experiment(None, "tagged").submit(est, tags=tags)
     assert run.wait_for_completion()["status"] == "Completed", run.run.logs(0)
@@ -557,14 +605,16 @@ def test_local_sweep_from_python_is_logged_to_mlflow(scratch: Path, quick: Path,
     assert {r.info.run_id for r in children} == {r.info()["mlflow_run_id"] for r in runs}
 
 
-def test_estimator_local_run_shows_each_line_once(scratch: Path, quick: Path, no_exit: None,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_estimator_local_run_shows_each_line_once(
+    scratch: Path, quick: Path, no_exit: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     """wait_for_completion(show_output=True) of a local run this process started: its output,
     streamed as it ran, is not shown a second time from its log."""
     from tfrun.estimator import Experiment, TensorFlow
 
-    estimator = TensorFlow(source_directory=str(scratch), entry_script="quick.py", compute_target="local",
-                           script_params={"--sleep": 0})
+    estimator = TensorFlow(
+        source_directory=str(scratch), entry_script="quick.py", compute_target="local", script_params={"--sleep": 0}
+    )
     run = Experiment(None, "once").submit(estimator)
     run.wait_for_completion(show_output=True)
     shown = capsys.readouterr().out
@@ -576,7 +626,11 @@ def test_estimator_command_line_names_one_compute_option() -> None:
     """use_gpu on Slurm is the slurm_gpu option itself, not a second compute option after slurm."""
     from tfrun.estimator import TensorFlow
 
-    line = TensorFlow(source_directory=".", entry_script="train.py", compute_target="slurm", use_gpu=True).command_line()
+    line = TensorFlow(
+        source_directory=".", entry_script="train.py", compute_target="slurm", use_gpu=True
+    ).command_line()
     assert re.findall(r"\bcompute=\S+", line) == ["compute=slurm_gpu"], line
-    local = TensorFlow(source_directory=".", entry_script="train.py", compute_target="local", use_gpu=True).command_line()
+    local = TensorFlow(
+        source_directory=".", entry_script="train.py", compute_target="local", use_gpu=True
+    ).command_line()
     assert re.findall(r"\bcompute=\S+", local) == ["compute=local"] and "compute.gpus_per_node=1" in local, local

@@ -5,6 +5,7 @@ test checks what training really did: the ranks' recorded histories and weight d
 the checkpoints, the servers' own log lines, the run's status and that no process is
 left behind.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -58,10 +59,13 @@ def require_horovod() -> None:
 def require_slurm() -> None:
     if shutil.which("sinfo") is None:
         pytest.fail("Slurm is not installed: run scripts/local-slurm install && scripts/local-slurm start")
+
+
 RUN_TIMEOUT = 300
 
 
 # --- helpers ------------------------------------------------------------------------------
+
 
 def task_alive(pid: int, run_dir: Path) -> bool:
     """Is ``pid`` still a task of this run? Its command line names the run dir (locally
@@ -128,15 +132,19 @@ def per_rank_outputs(tmp_path: Path, script: Path) -> Path:
     checkpoint from rank 1 would be indistinguishable from rank 0's; per-rank dirs show
     which rank wrote what.
     """
-    return write(tmp_path / f"per_rank_{script.parent.name}.py", f"""\
+    return write(
+        tmp_path / f"per_rank_{script.parent.name}.py",
+        f"""\
         import os, runpy, sys
         out = os.path.join(os.environ["TFRUN_OUTPUT_DIR"], "rank" + os.environ["TFRUN_RANK"])
         sys.argv = [{str(script)!r}, *sys.argv[1:], "--output_dir", out]
         runpy.run_path({str(script)!r}, run_name="__main__")
-        """)
+        """,
+    )
 
 
 # --- 1, 2. Horovod: classic Keras script and DistributedGradientTape -----------------------------
+
 
 def check_horovod_keras(run_dir: Path, epochs: int) -> None:
     histories = [read_json(run_dir / f"outputs/rank{r}/history-rank{r}.json") for r in (0, 1)]
@@ -144,7 +152,8 @@ def check_horovod_keras(run_dir: Path, epochs: int) -> None:
     assert_same_training(histories, size=2)
     assert len(histories[0]["loss"]) == epochs
     assert sorted(p.name for p in (run_dir / "outputs/rank0").glob("checkpoint-*.h5")) == [
-        f"checkpoint-{e}.h5" for e in range(1, epochs + 1)]
+        f"checkpoint-{e}.h5" for e in range(1, epochs + 1)
+    ]
     assert list((run_dir / "outputs/rank1").glob("checkpoint-*")) == []
     for rank in (0, 1):
         assert f"tfrun: horovod ready: rank {rank} of 2" in (run_dir / f"logs/rank{rank}.log").read_text()
@@ -155,8 +164,9 @@ def check_horovod_keras(run_dir: Path, epochs: int) -> None:
 @needs_horovod
 def test_horovod_keras_two_local_tasks(tmp_path: Path) -> None:
     script = per_rank_outputs(tmp_path, HOROVOD_KERAS)
-    run_dir = completed(tmp_path, f"entry.script={script}", "backend=horovod", "compute.tasks_per_node=2",
-                        "trainer.epochs=3")
+    run_dir = completed(
+        tmp_path, f"entry.script={script}", "backend=horovod", "compute.tasks_per_node=2", "trainer.epochs=3"
+    )
     check_horovod_keras(run_dir, epochs=3)
 
 
@@ -166,8 +176,9 @@ def test_horovod_keras_two_local_tasks(tmp_path: Path) -> None:
 @needs_horovod
 def test_horovod_keras_slurm_two_nodes(tmp_path: Path) -> None:
     script = per_rank_outputs(tmp_path, HOROVOD_KERAS)
-    run_dir = completed(tmp_path, "compute=slurm", "compute.nodes=2", f"entry.script={script}", "backend=horovod",
-                        "trainer.epochs=3")
+    run_dir = completed(
+        tmp_path, "compute=slurm", "compute.nodes=2", f"entry.script={script}", "backend=horovod", "trainer.epochs=3"
+    )
     check_horovod_keras(run_dir, epochs=3)
     assert_horovod_across(run_dir, ["node1", "node2"])
 
@@ -180,7 +191,10 @@ def assert_horovod_across(run_dir: Path, nodes: list[str]) -> None:
         assert env["HOROVOD_GLOO_RENDEZVOUS_ADDR"] == node_address(nodes[0]), env
         assert env["HOROVOD_GLOO_IFACE"] not in ("lo", ""), env
         assert (env["HOROVOD_HOSTNAME"], env["HOROVOD_CROSS_RANK"], env["HOROVOD_CROSS_SIZE"]) == (
-            node, str(sorted(set(nodes)).index(node)), str(len(set(nodes)))), env
+            node,
+            str(sorted(set(nodes)).index(node)),
+            str(len(set(nodes))),
+        ), env
 
 
 def check_horovod_tape(run_dir: Path, steps: int) -> None:
@@ -195,8 +209,9 @@ def check_horovod_tape(run_dir: Path, steps: int) -> None:
 @pytest.mark.slow
 @needs_horovod
 def test_horovod_gradient_tape_two_local_tasks(tmp_path: Path) -> None:
-    run_dir = completed(tmp_path, f"entry.script={HOROVOD_TAPE}", "backend=horovod", "compute.tasks_per_node=2",
-                        "trainer.steps=30")
+    run_dir = completed(
+        tmp_path, f"entry.script={HOROVOD_TAPE}", "backend=horovod", "compute.tasks_per_node=2", "trainer.steps=30"
+    )
     check_horovod_tape(run_dir, steps=30)
 
 
@@ -205,8 +220,14 @@ def test_horovod_gradient_tape_two_local_tasks(tmp_path: Path) -> None:
 @needs_slurm
 @needs_horovod
 def test_horovod_gradient_tape_slurm_two_nodes(tmp_path: Path) -> None:
-    run_dir = completed(tmp_path, "compute=slurm", "compute.nodes=2", f"entry.script={HOROVOD_TAPE}",
-                        "backend=horovod", "trainer.steps=30")
+    run_dir = completed(
+        tmp_path,
+        "compute=slurm",
+        "compute.nodes=2",
+        f"entry.script={HOROVOD_TAPE}",
+        "backend=horovod",
+        "trainer.steps=30",
+    )
     check_horovod_tape(run_dir, steps=30)
     assert_horovod_across(run_dir, ["node1", "node2"])
 
@@ -222,8 +243,9 @@ print("TRAINED ALONE with size", hvd.size())
 """
 
 
-def lone_rank(tmp_path: Path, rank: int, timeout_s: int, stale_rendezvous: bool = False) -> tuple[
-        subprocess.CompletedProcess[str], float, Path]:
+def lone_rank(
+    tmp_path: Path, rank: int, timeout_s: int, stale_rendezvous: bool = False
+) -> tuple[subprocess.CompletedProcess[str], float, Path]:
     """Start only ``rank`` of a 2-task Horovod plan, exactly as the local launcher would.
 
     The plan is the one ``tfrun --dry-run=json`` prints, written into its run dir; the
@@ -231,8 +253,15 @@ def lone_rank(tmp_path: Path, rank: int, timeout_s: int, stale_rendezvous: bool 
     address and died).
     """
     write(tmp_path / "alone.py", TRAINS_ALONE)
-    shown = run_tfrun(tmp_path, "--dry-run=json", "entry.script=alone.py", "backend=horovod",
-                      "compute.tasks_per_node=2", f"backend.rendezvous_timeout_s={timeout_s}", timeout=60)
+    shown = run_tfrun(
+        tmp_path,
+        "--dry-run=json",
+        "entry.script=alone.py",
+        "backend=horovod",
+        "compute.tasks_per_node=2",
+        f"backend.rendezvous_timeout_s={timeout_s}",
+        timeout=60,
+    )
     assert shown.returncode == 0, shown.stderr
     plan = json.loads(shown.stdout)
     run_dir = Path(plan["run_dir"])
@@ -245,12 +274,20 @@ def lone_rank(tmp_path: Path, rank: int, timeout_s: int, stale_rendezvous: bool 
             stale.bind(("127.0.0.1", 0))
             folder = run_dir / "rendezvous" / "lone"
             folder.mkdir(parents=True)
-            (folder / "horovod.json").write_text(json.dumps({"addr": "127.0.0.1", "port": stale.getsockname()[1],
-                                                             "host": "localhost"}))
+            (folder / "horovod.json").write_text(
+                json.dumps({"addr": "127.0.0.1", "port": stale.getsockname()[1], "host": "localhost"})
+            )
         env = scratch_env(tmp_path, TFRUN_LAUNCHER="local", TFRUN_RANK=str(rank), TFRUN_ATTEMPT="lone")
         start = time.monotonic()
-        result = subprocess.run(plan["command"], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
-                                capture_output=True, text=True, timeout=timeout_s + 60)
+        result = subprocess.run(
+            plan["command"],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s + 60,
+        )
     return result, time.monotonic() - start, run_dir
 
 
@@ -260,8 +297,10 @@ def test_horovod_rank_fails_when_rank0_never_publishes(tmp_path: Path) -> None:
     result, took, run_dir = lone_rank(tmp_path, rank=1, timeout_s=5)
     assert result.returncode == 1, result.stderr
     assert took < 5 + 10, took
-    assert ("tfrun: error: timed out after 5 s waiting for Horovod's rendezvous server (rank 0): "
-            "horovod never published an address in") in result.stderr
+    assert (
+        "tfrun: error: timed out after 5 s waiting for Horovod's rendezvous server (rank 0): "
+        "horovod never published an address in"
+    ) in result.stderr
     assert not (run_dir / "script-ran-rank1").exists() and "TRAINED ALONE" not in result.stdout
     record = read_json(run_dir / "ranks/1.json")
     assert record["exit_code"] == 1 and "Horovod's rendezvous server (rank 0)" in record["error"]
@@ -273,8 +312,10 @@ def test_horovod_rank_fails_when_rendezvous_is_unreachable(tmp_path: Path) -> No
     result, took, run_dir = lone_rank(tmp_path, rank=1, timeout_s=5, stale_rendezvous=True)
     assert result.returncode == 1, result.stderr
     assert 4 < took < 5 + 10, took
-    assert ("tfrun: error: rank 1 on localhost cannot reach Horovod's rendezvous server (rank 0, on localhost) "
-            "at 127.0.0.1:") in result.stderr
+    assert (
+        "tfrun: error: rank 1 on localhost cannot reach Horovod's rendezvous server (rank 0, on localhost) "
+        "at 127.0.0.1:"
+    ) in result.stderr
     assert not (run_dir / "script-ran-rank1").exists() and "TRAINED ALONE" not in result.stdout
     assert read_json(run_dir / "ranks/1.json")["exit_code"] == 1
 
@@ -313,8 +354,14 @@ def check_ps_run(run_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_ps_keras_four_local_tasks(tmp_path: Path) -> None:
-    run_dir = completed(tmp_path, f"entry.script={PS_KERAS}", "backend=ps", "compute.tasks_per_node=4",
-                        "trainer.epochs=3", "trainer.steps_per_epoch=10")
+    run_dir = completed(
+        tmp_path,
+        f"entry.script={PS_KERAS}",
+        "backend=ps",
+        "compute.tasks_per_node=4",
+        "trainer.epochs=3",
+        "trainer.steps_per_epoch=10",
+    )
     check_ps_run(run_dir)
     assert read_json(run_dir / "status.json")["exit_codes"] == {"0": 0, "1": 0, "2": 0, "3": 0}
 
@@ -323,8 +370,16 @@ def test_ps_keras_four_local_tasks(tmp_path: Path) -> None:
 @pytest.mark.slurm
 @needs_slurm
 def test_ps_keras_slurm_two_nodes_two_tasks(tmp_path: Path) -> None:
-    run_dir = completed(tmp_path, "compute=slurm", "compute.nodes=2", "compute.tasks_per_node=2",
-                        f"entry.script={PS_KERAS}", "backend=ps", "trainer.epochs=3", "trainer.steps_per_epoch=10")
+    run_dir = completed(
+        tmp_path,
+        "compute=slurm",
+        "compute.nodes=2",
+        "compute.tasks_per_node=2",
+        f"entry.script={PS_KERAS}",
+        "backend=ps",
+        "trainer.epochs=3",
+        "trainer.steps_per_epoch=10",
+    )
     check_ps_run(run_dir)
     assert_on_separate_hosts(run_dir, ["node1", "node1", "node2", "node2"])
     shown = re.search(r"TF_CONFIG=(\{.*\}) GRPC_FAIL_FAST", (run_dir / "logs/rank0.log").read_text())
@@ -332,7 +387,11 @@ def test_ps_keras_slurm_two_nodes_two_tasks(tmp_path: Path) -> None:
     cluster = json.loads(shown.group(1))["cluster"]
     # chief and worker 0 on node1; worker 1 and the parameter server on node2: by address, never loopback
     assert [a.split(":")[0] for a in cluster["chief"] + cluster["worker"] + cluster["ps"]] == [
-        node_address("node1"), node_address("node1"), node_address("node2"), node_address("node2")]
+        node_address("node1"),
+        node_address("node1"),
+        node_address("node2"),
+        node_address("node2"),
+    ]
 
 
 class _Lines(threading.Thread):
@@ -353,11 +412,24 @@ class _Lines(threading.Thread):
 @pytest.mark.slow
 def test_ps_run_survives_a_killed_worker(tmp_path: Path) -> None:
     """SIGKILL worker 0 mid-training: TF's coordinator carries on with worker 1."""
-    argv = [*tfrun_command(), f"entry.script={PS_KERAS}", "backend=ps", "compute.tasks_per_node=4",
-            "trainer.epochs=12", "trainer.steps_per_epoch=50"]
+    argv = [
+        *tfrun_command(),
+        f"entry.script={PS_KERAS}",
+        "backend=ps",
+        "compute.tasks_per_node=4",
+        "trainer.epochs=12",
+        "trainer.steps_per_epoch=50",
+    ]
     with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(argv, cwd=tmp_path, env=scratch_env(tmp_path), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(
+            argv,
+            cwd=tmp_path,
+            env=scratch_env(tmp_path),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
         out = _Lines(proc.stdout)
         out.start()
         try:
@@ -403,8 +475,9 @@ raise RuntimeError("the chief broke on purpose")
 @pytest.mark.slow
 def test_ps_chief_failure_fails_the_run_and_stops_the_servers(tmp_path: Path) -> None:
     write(tmp_path / "chief_fails.py", CHIEF_FAILS)
-    result = run_tfrun(tmp_path, "entry.script=chief_fails.py", "backend=ps", "compute.tasks_per_node=4",
-                       timeout=RUN_TIMEOUT)
+    result = run_tfrun(
+        tmp_path, "entry.script=chief_fails.py", "backend=ps", "compute.tasks_per_node=4", timeout=RUN_TIMEOUT
+    )
     assert result.returncode == 1, result.stderr
     run_dir = run_dir_from(result.stderr)
     assert "[rank0] CLUSTER UP: variable on /job:ps/" in result.stdout
@@ -434,11 +507,18 @@ def test_digits_distributed_under_every_backend(tmp_path: Path, backend: str) ->
     if backend == "horovod" and importlib.util.find_spec("horovod") is None:
         pytest.fail("Horovod is not installed: run scripts/build-horovod (scripts/test does)")
     tasks, trained = EVERY_BACKEND[backend]
-    run_dir = completed(tmp_path, f"entry.script={DIGITS_DISTRIBUTED}", f"backend={backend}",
-                        f"compute.tasks_per_node={tasks}", "trainer.epochs=3", "trainer.steps_per_epoch=10")
+    run_dir = completed(
+        tmp_path,
+        f"entry.script={DIGITS_DISTRIBUTED}",
+        f"backend={backend}",
+        f"compute.tasks_per_node={tasks}",
+        "trainer.epochs=3",
+        "trainer.steps_per_epoch=10",
+    )
     histories = [read_json(run_dir / f"outputs/history-rank{r}.json") for r in trained]
     assert sorted(p.name for p in (run_dir / "outputs").glob("history-rank*.json")) == [
-        f"history-rank{r}.json" for r in trained]
+        f"history-rank{r}.json" for r in trained
+    ]
     for record in histories:
         assert len(record["loss"]) == 3
         assert_falls(record["loss"], f"{backend} rank {record['rank']}")
@@ -454,8 +534,15 @@ def test_digits_distributed_under_every_backend(tmp_path: Path, backend: str) ->
 @pytest.mark.slurm
 @needs_slurm
 def test_mwms_slurm_two_nodes(tmp_path: Path) -> None:
-    run_dir = completed(tmp_path, "compute=slurm", "compute.nodes=2", f"entry.script={DIGITS_DISTRIBUTED}",
-                        "backend=mwms", "trainer.epochs=3", "trainer.steps_per_epoch=10")
+    run_dir = completed(
+        tmp_path,
+        "compute=slurm",
+        "compute.nodes=2",
+        f"entry.script={DIGITS_DISTRIBUTED}",
+        "backend=mwms",
+        "trainer.epochs=3",
+        "trainer.steps_per_epoch=10",
+    )
     histories = [read_json(run_dir / f"outputs/history-rank{r}.json") for r in (0, 1)]
     assert_same_training(histories, size=2)
     assert_on_separate_hosts(run_dir, ["node1", "node2"])
@@ -481,9 +568,16 @@ def test_ps_slurm_servers_stop_when_the_chief_dies_hard(tmp_path: Path) -> None:
     """On Slurm a lost ps task must not end the step, so a SIGKILLed chief leaves its servers up:
     they stop on their own once its heartbeat is older than backend.chief_timeout_s."""
     write(tmp_path / "chief_killed.py", CHIEF_KILLED)
-    result = run_tfrun(tmp_path, "compute=slurm", "compute.nodes=2", "compute.tasks_per_node=2",
-                       "entry.script=chief_killed.py", "backend=ps", "backend.chief_timeout_s=12",
-                       timeout=RUN_TIMEOUT)
+    result = run_tfrun(
+        tmp_path,
+        "compute=slurm",
+        "compute.nodes=2",
+        "compute.tasks_per_node=2",
+        "entry.script=chief_killed.py",
+        "backend=ps",
+        "backend.chief_timeout_s=12",
+        timeout=RUN_TIMEOUT,
+    )
     assert result.returncode == 1, result.stderr
     run_dir = run_dir_from(result.stderr)
     status = read_json(run_dir / "status.json")

@@ -4,6 +4,7 @@ No training process is started: plans come from the same composition ``tfrun`` u
 errors from ``tfrun --dry-run`` as a user types it, and the in-task ``setup`` of the
 TF_CONFIG and Horovod backends is driven in this process with a fake task identity.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -40,9 +41,16 @@ def placeholders(*ranks: int) -> list[str]:
 
 def slurm_identity(rank: int, nodes: int, tasks_per_node: int) -> TaskIdentity:
     """What srun would give rank ``rank`` of nodes x tasks_per_node on node1..nodeN."""
-    return TaskIdentity(rank=rank, local_rank=rank % tasks_per_node, world_size=nodes * tasks_per_node,
-                        local_world_size=tasks_per_node, node_index=rank // tasks_per_node, num_nodes=nodes,
-                        hostnames=tuple(f"node{i + 1}" for i in range(nodes)), launcher="slurm")
+    return TaskIdentity(
+        rank=rank,
+        local_rank=rank % tasks_per_node,
+        world_size=nodes * tasks_per_node,
+        local_world_size=tasks_per_node,
+        node_index=rank // tasks_per_node,
+        num_nodes=nodes,
+        hostnames=tuple(f"node{i + 1}" for i in range(nodes)),
+        launcher="slurm",
+    )
 
 
 @pytest.fixture
@@ -78,7 +86,11 @@ PS_CLUSTER = {"chief": placeholders(0), "worker": placeholders(1, 2), "ps": plac
 def test_ps_roles_chief_workers_ps(scratch: Path) -> None:
     plan = plan_for("backend=ps", "compute.tasks_per_node=4")
     assert [(t.rank, t.role, t.role_index, t.runs_script) for t in plan.tasks] == [
-        (0, "chief", 0, True), (1, "worker", 0, False), (2, "worker", 1, False), (3, "ps", 0, False)]
+        (0, "chief", 0, True),
+        (1, "worker", 0, False),
+        (2, "worker", 1, False),
+        (3, "ps", 0, False),
+    ]
     assert [t.env["TFRUN_ROLE"] for t in plan.tasks] == ["chief", "worker", "worker", "ps"]
 
 
@@ -93,26 +105,46 @@ def test_ps_tf_config_of_every_task(scratch: Path) -> None:
 
 
 def test_ps_with_evaluator_and_more_servers(scratch: Path) -> None:
-    plan = plan_for("backend=ps", "backend.worker_count=3", "backend.parameter_server_count=2",
-                    "backend.evaluator=true", "compute.nodes=7")
+    plan = plan_for(
+        "backend=ps",
+        "backend.worker_count=3",
+        "backend.parameter_server_count=2",
+        "backend.evaluator=true",
+        "compute.nodes=7",
+    )
     assert [(t.role, t.role_index, t.runs_script) for t in plan.tasks] == [
-        ("chief", 0, True), ("worker", 0, False), ("worker", 1, False), ("worker", 2, False),
-        ("ps", 0, False), ("ps", 1, False), ("evaluator", 0, True)]
+        ("chief", 0, True),
+        ("worker", 0, False),
+        ("worker", 1, False),
+        ("worker", 2, False),
+        ("ps", 0, False),
+        ("ps", 1, False),
+        ("evaluator", 0, True),
+    ]
     # The evaluator is not part of the training cluster; it learns the cluster from TF_CONFIG.
     cluster = {"chief": placeholders(0), "worker": placeholders(1, 2, 3), "ps": placeholders(4, 5)}
-    assert plan.tasks[6].tf_config == {"cluster": cluster, "task": {"type": "evaluator", "index": 0},
-                                       "environment": "cloud"}
-    assert plan.tasks[5].tf_config == {"cluster": cluster, "task": {"type": "ps", "index": 1},
-                                       "environment": "cloud"}
+    assert plan.tasks[6].tf_config == {
+        "cluster": cluster,
+        "task": {"type": "evaluator", "index": 0},
+        "environment": "cloud",
+    }
+    assert plan.tasks[5].tf_config == {"cluster": cluster, "task": {"type": "ps", "index": 1}, "environment": "cloud"}
     assert [t.node_index for t in plan.tasks] == list(range(7))
 
 
 def test_ps_on_slurm_two_nodes_keeps_going_without_a_worker(scratch: Path) -> None:
     plan = plan_for("backend=ps", "compute=slurm", "compute.nodes=2", "compute.tasks_per_node=2")
     assert [(t.role, t.node_index, t.local_rank) for t in plan.tasks] == [
-        ("chief", 0, 0), ("worker", 0, 1), ("worker", 1, 0), ("ps", 1, 1)]
-    assert plan.tasks[3].tf_config == {"cluster": PS_CLUSTER, "task": {"type": "ps", "index": 0},
-                                       "environment": "cloud"}
+        ("chief", 0, 0),
+        ("worker", 0, 1),
+        ("worker", 1, 0),
+        ("ps", 1, 1),
+    ]
+    assert plan.tasks[3].tf_config == {
+        "cluster": PS_CLUSTER,
+        "task": {"type": "ps", "index": 0},
+        "environment": "cloud",
+    }
     # A lost worker must not end the Slurm step; other backends stop every rank at once.
     assert "--kill-on-bad-exit=0" in plan.request["srun"]
     assert "--kill-on-bad-exit=1" in plan_for("backend=mwms", "compute=slurm", "compute.nodes=2").request["srun"]
@@ -120,26 +152,36 @@ def test_ps_on_slurm_two_nodes_keeps_going_without_a_worker(scratch: Path) -> No
 
 # --- mwms and horovod -------------------------------------------------------------------
 
+
 def test_mwms_every_task_is_a_worker(scratch: Path) -> None:
     plan = plan_for("backend=mwms", "compute.nodes=2", "compute.tasks_per_node=2")
     cluster = {"worker": placeholders(0, 1, 2, 3)}
     assert [(t.role, t.role_index, t.runs_script) for t in plan.tasks] == [("worker", i, True) for i in range(4)]
     assert [t.tf_config for t in plan.tasks] == [
-        {"cluster": cluster, "task": {"type": "worker", "index": i}, "environment": "cloud"} for i in range(4)]
+        {"cluster": cluster, "task": {"type": "worker", "index": i}, "environment": "cloud"} for i in range(4)
+    ]
     assert all(t.env["TF_USE_LEGACY_KERAS"] == "1" and t.env["TFRUN_BACKEND"] == "mwms" for t in plan.tasks)
 
 
 def test_horovod_tasks_have_no_tf_config_and_use_legacy_keras(scratch: Path) -> None:
     plan = plan_for("backend=horovod", "compute.tasks_per_node=2")
     assert [(t.role, t.role_index, t.runs_script, t.tf_config) for t in plan.tasks] == [
-        ("worker", 0, True, None), ("worker", 1, True, None)]
+        ("worker", 0, True, None),
+        ("worker", 1, True, None),
+    ]
     for task in plan.tasks:
         assert task.env["TF_USE_LEGACY_KERAS"] == "1"
         assert task.env["TFRUN_BACKEND"] == "horovod"
         # Horovod's variables depend on where the task lands: the bootstrap sets them.
         assert not [k for k in task.env if k.startswith("HOROVOD_")]
-    assert plan.config["backend"] == {"name": "horovod", "legacy_keras": True, "rendezvous_timeout_s": 300.0,
-                                      "controller": "gloo", "iface": None, "check_size": True}
+    assert plan.config["backend"] == {
+        "name": "horovod",
+        "legacy_keras": True,
+        "rendezvous_timeout_s": 300.0,
+        "controller": "gloo",
+        "iface": None,
+        "check_size": True,
+    }
 
 
 @pytest.mark.parametrize("backend", ["none", "ps", "mwms", "horovod"])
@@ -157,17 +199,22 @@ def test_legacy_keras_can_be_turned_off(scratch: Path) -> None:
 
 # --- TF_CONFIG with real addresses ------------------------------------------------------
 
+
 def test_tf_config_with_an_address_map() -> None:
-    roles = [("chief", 0, True), ("worker", 0, False), ("worker", 1, False), ("ps", 0, False),
-             ("evaluator", 0, True)]
+    roles = [("chief", 0, True), ("worker", 0, False), ("worker", 1, False), ("ps", 0, False), ("evaluator", 0, True)]
     address = {0: "node1:2001", 1: "node1:2002", 2: "node2:3001", 3: "node2:3002", 4: "node3:1"}
     cluster = {"chief": ["node1:2001"], "worker": ["node1:2002", "node2:3001"], "ps": ["node2:3002"]}
     assert tfconfig.tf_config(roles, 2, address) == {
-        "cluster": cluster, "task": {"type": "worker", "index": 1}, "environment": "cloud"}
+        "cluster": cluster,
+        "task": {"type": "worker", "index": 1},
+        "environment": "cloud",
+    }
     assert tfconfig.tf_config(roles, 4, address) == {
-        "cluster": cluster, "task": {"type": "evaluator", "index": 0}, "environment": "cloud"}
-    assert tfconfig.cluster(roles) == {"chief": placeholders(0), "worker": placeholders(1, 2),
-                                       "ps": placeholders(3)}
+        "cluster": cluster,
+        "task": {"type": "evaluator", "index": 0},
+        "environment": "cloud",
+    }
+    assert tfconfig.cluster(roles) == {"chief": placeholders(0), "worker": placeholders(1, 2), "ps": placeholders(3)}
 
 
 def test_resolve_builds_tf_config_from_what_tasks_published(scratch: Path, attempt: str) -> None:
@@ -182,9 +229,14 @@ def test_resolve_builds_tf_config_from_what_tasks_published(scratch: Path, attem
     mine = json.loads((rendezvous.directory(plan.run_dir, attempt) / "task-2.json").read_text())
     assert mine["host"] == "node1" and mine["addr"] == "127.0.0.1"  # one host: the tasks meet on loopback
     assert json.loads(env["TF_CONFIG"]) == {
-        "cluster": {"chief": ["127.0.0.1:5000"], "worker": ["127.0.0.1:5001", f"127.0.0.1:{mine['port']}"],
-                    "ps": ["127.0.0.1:5003"]},
-        "task": {"type": "worker", "index": 1}, "environment": "cloud"}
+        "cluster": {
+            "chief": ["127.0.0.1:5000"],
+            "worker": ["127.0.0.1:5001", f"127.0.0.1:{mine['port']}"],
+            "ps": ["127.0.0.1:5003"],
+        },
+        "task": {"type": "worker", "index": 1},
+        "environment": "cloud",
+    }
     assert env["GRPC_FAIL_FAST"] == "use_caller"
 
 
@@ -198,21 +250,34 @@ def test_resolve_names_the_tasks_that_never_published(scratch: Path, attempt: st
 # --- compose-time errors, through the command line ------------------------------------
 
 ERRORS = {
-    "ps with too few tasks": (["backend=ps"], ["backend=ps", "needs 4 tasks", "1 chief + 2 worker(s) + 1 ps",
-                                               "nodes x tasks_per_node = 1"]),
-    "ps evaluator needs one more": (["backend=ps", "backend.evaluator=true", "compute.tasks_per_node=4"],
-                                    ["needs 5 tasks", "+ 1 evaluator", "= 4"]),
-    "ps with no workers": (["backend=ps", "backend.worker_count=0", "compute.tasks_per_node=2"],
-                           ["backend.worker_count", "0", ">= 1"]),
-    "ps chief timeout shorter than its heartbeat": (["backend=ps", "compute.tasks_per_node=4",
-                                                     "backend.chief_timeout_s=4"],
-                                                    ["backend.chief_timeout_s=4.0", "more than 10 s", "every 5 s"]),
-    "unknown horovod controller": (["backend=horovod", "backend.controller=bogus"],
-                                   ["backend.controller", "'bogus'", "gloo", "mpi"]),
-    "mpi without mpirun": (["backend=horovod", "backend.controller=mpi"],
-                           ["backend.controller", "'mpi'", "mpirun is not on PATH", "backend.controller=gloo"]),
-    "gpus not divisible by tasks": (["compute.gpus_per_node=3", "compute.tasks_per_node=2"],
-                                    ["compute.gpus_per_node=3", "compute.tasks_per_node=2"]),
+    "ps with too few tasks": (
+        ["backend=ps"],
+        ["backend=ps", "needs 4 tasks", "1 chief + 2 worker(s) + 1 ps", "nodes x tasks_per_node = 1"],
+    ),
+    "ps evaluator needs one more": (
+        ["backend=ps", "backend.evaluator=true", "compute.tasks_per_node=4"],
+        ["needs 5 tasks", "+ 1 evaluator", "= 4"],
+    ),
+    "ps with no workers": (
+        ["backend=ps", "backend.worker_count=0", "compute.tasks_per_node=2"],
+        ["backend.worker_count", "0", ">= 1"],
+    ),
+    "ps chief timeout shorter than its heartbeat": (
+        ["backend=ps", "compute.tasks_per_node=4", "backend.chief_timeout_s=4"],
+        ["backend.chief_timeout_s=4.0", "more than 10 s", "every 5 s"],
+    ),
+    "unknown horovod controller": (
+        ["backend=horovod", "backend.controller=bogus"],
+        ["backend.controller", "'bogus'", "gloo", "mpi"],
+    ),
+    "mpi without mpirun": (
+        ["backend=horovod", "backend.controller=mpi"],
+        ["backend.controller", "'mpi'", "mpirun is not on PATH", "backend.controller=gloo"],
+    ),
+    "gpus not divisible by tasks": (
+        ["compute.gpus_per_node=3", "compute.tasks_per_node=2"],
+        ["compute.gpus_per_node=3", "compute.tasks_per_node=2"],
+    ),
 }
 
 
@@ -236,16 +301,24 @@ def test_compose_time_errors_exit_2(tmp_path: Path, case: str) -> None:
 def test_dry_run_shows_tf_config_of_every_ps_task(tmp_path: Path) -> None:
     result = run_tfrun(tmp_path, "--dry-run", "backend=ps", "compute.tasks_per_node=4", timeout=60)
     assert result.returncode == 0, result.stderr
-    shown = [json.loads(line.split("TF_CONFIG=", 1)[1]) for line in result.stdout.splitlines()
-             if line.strip().startswith("TF_CONFIG=")]
-    assert [c["task"] for c in shown] == [{"type": "chief", "index": 0}, {"type": "worker", "index": 0},
-                                          {"type": "worker", "index": 1}, {"type": "ps", "index": 0}]
+    shown = [
+        json.loads(line.split("TF_CONFIG=", 1)[1])
+        for line in result.stdout.splitlines()
+        if line.strip().startswith("TF_CONFIG=")
+    ]
+    assert [c["task"] for c in shown] == [
+        {"type": "chief", "index": 0},
+        {"type": "worker", "index": 0},
+        {"type": "worker", "index": 1},
+        {"type": "ps", "index": 0},
+    ]
     assert all(c["cluster"] == PS_CLUSTER for c in shown)
     assert result.stdout.count("(serves; does not run the script)") == 3
     assert "tensorflow" not in result.stderr.lower()
 
 
 # --- horovod: slots and variables for a task --------------------------------------------
+
 
 def test_host_slots_local_and_slurm() -> None:
     assert horovod.host_slots(local_identity(3, nodes=2, tasks_per_node=2)) == [("localhost", 4)]
@@ -260,22 +333,47 @@ def test_interface_for_loopback() -> None:
 BACKEND = {"name": "horovod", "controller": "gloo", "iface": None, "rendezvous_timeout_s": 5.0, "check_size": True}
 
 
-@pytest.mark.parametrize("rank, expected", [
-    (3, {"HOROVOD_HOSTNAME": "node2", "HOROVOD_RANK": "3", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "2",
-         "HOROVOD_CROSS_RANK": "1"}),
-    (1, {"HOROVOD_HOSTNAME": "node1", "HOROVOD_RANK": "1", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "2",
-         "HOROVOD_CROSS_RANK": "0"}),
-])
-def test_horovod_env_for_a_slurm_task(scratch: Path, attempt: str, listener: int, rank: int,
-                                      expected: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "rank, expected",
+    [
+        (
+            3,
+            {
+                "HOROVOD_HOSTNAME": "node2",
+                "HOROVOD_RANK": "3",
+                "HOROVOD_LOCAL_RANK": "1",
+                "HOROVOD_LOCAL_SIZE": "2",
+                "HOROVOD_CROSS_RANK": "1",
+            },
+        ),
+        (
+            1,
+            {
+                "HOROVOD_HOSTNAME": "node1",
+                "HOROVOD_RANK": "1",
+                "HOROVOD_LOCAL_RANK": "1",
+                "HOROVOD_LOCAL_SIZE": "2",
+                "HOROVOD_CROSS_RANK": "0",
+            },
+        ),
+    ],
+)
+def test_horovod_env_for_a_slurm_task(
+    scratch: Path, attempt: str, listener: int, rank: int, expected: dict[str, str]
+) -> None:
     run_dir = str(scratch / "run")
     rendezvous.publish(run_dir, "horovod", {"addr": "127.0.0.1", "port": listener})
     env = horovod.setup(BACKEND, slurm_identity(rank, nodes=2, tasks_per_node=2), run_dir, None, None)
     assert env == {
-        "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo",
-        "HOROVOD_GLOO_RENDEZVOUS_ADDR": "127.0.0.1", "HOROVOD_GLOO_RENDEZVOUS_PORT": str(listener),
-        "HOROVOD_GLOO_IFACE": "lo", "HOROVOD_GLOO_TIMEOUT_SECONDS": "5",
-        "HOROVOD_SIZE": "4", "HOROVOD_CROSS_SIZE": "2", **expected,
+        "HOROVOD_CONTROLLER": "gloo",
+        "HOROVOD_CPU_OPERATIONS": "gloo",
+        "HOROVOD_GLOO_RENDEZVOUS_ADDR": "127.0.0.1",
+        "HOROVOD_GLOO_RENDEZVOUS_PORT": str(listener),
+        "HOROVOD_GLOO_IFACE": "lo",
+        "HOROVOD_GLOO_TIMEOUT_SECONDS": "5",
+        "HOROVOD_SIZE": "4",
+        "HOROVOD_CROSS_SIZE": "2",
+        **expected,
     }
 
 
@@ -310,8 +408,9 @@ def test_horovod_rank0_serves_the_rendezvous(scratch: Path, attempt: str) -> Non
 
 def other_local_addresses() -> list[tuple[str, str]]:
     """(interface, address) of this machine's IPv4 addresses besides loopback."""
-    return [(name, a) for name, addrs in sorted(network.interfaces().items()) for a in addrs
-            if not network.is_loopback(a)]
+    return [
+        (name, a) for name, addrs in sorted(network.interfaces().items()) for a in addrs if not network.is_loopback(a)
+    ]
 
 
 def refuses(address: str, port: int) -> bool:
@@ -353,8 +452,9 @@ def stops_rendezvous() -> Iterator[None]:
         horovod._SERVER = None
 
 
-def test_horovod_rendezvous_of_a_local_run_listens_on_loopback_only(scratch: Path, attempt: str,
-                                                                     stops_rendezvous: None) -> None:
+def test_horovod_rendezvous_of_a_local_run_listens_on_loopback_only(
+    scratch: Path, attempt: str, stops_rendezvous: None
+) -> None:
     """Horovod's own start() binds every interface: anyone reaching the node could read and
     change the store through which the ranks find each other."""
     published, port = serve_as_rank0(BACKEND, local_identity(0, 1, 2), str(scratch / "run"), attempt)
@@ -365,24 +465,28 @@ def test_horovod_rendezvous_of_a_local_run_listens_on_loopback_only(scratch: Pat
         assert refuses(address, port), f"the rendezvous server answers on {address}"
 
 
-def test_horovod_rendezvous_of_a_one_node_slurm_job_listens_on_loopback_only(scratch: Path, attempt: str,
-                                                                              stops_rendezvous: None) -> None:
-    published, port = serve_as_rank0(BACKEND, slurm_identity(0, nodes=1, tasks_per_node=2),
-                                     str(scratch / "run"), attempt)
+def test_horovod_rendezvous_of_a_one_node_slurm_job_listens_on_loopback_only(
+    scratch: Path, attempt: str, stops_rendezvous: None
+) -> None:
+    published, port = serve_as_rank0(
+        BACKEND, slurm_identity(0, nodes=1, tasks_per_node=2), str(scratch / "run"), attempt
+    )
     assert published == {"addr": "127.0.0.1", "port": port, "host": "node1"}
     assert store_round_trip("127.0.0.1", port) == b"10.0.0.1:5000"
     assert refuses("127.0.0.2", port)
 
 
-def test_horovod_rendezvous_across_nodes_listens_on_the_published_address_only(scratch: Path, attempt: str,
-                                                                                stops_rendezvous: None) -> None:
+def test_horovod_rendezvous_across_nodes_listens_on_the_published_address_only(
+    scratch: Path, attempt: str, stops_rendezvous: None
+) -> None:
     """Across nodes: the node's own address (here backend.iface's), which the others reach."""
     found = other_local_addresses()
     if not found:
         pytest.skip("this machine has no address but loopback")
     iface, address = found[0]
-    published, port = serve_as_rank0({**BACKEND, "iface": iface}, slurm_identity(0, nodes=2, tasks_per_node=1),
-                                     str(scratch / "run"), attempt)
+    published, port = serve_as_rank0(
+        {**BACKEND, "iface": iface}, slurm_identity(0, nodes=2, tasks_per_node=1), str(scratch / "run"), attempt
+    )
     assert published == {"addr": address, "port": port, "host": "node1"}
     assert store_round_trip(address, port) == b"10.0.0.1:5000"
     assert refuses("127.0.0.1", port)
@@ -396,12 +500,16 @@ def test_horovod_rank_without_rendezvous_fails_clearly(scratch: Path, attempt: s
 def test_horovod_unreachable_rendezvous_fails_clearly(scratch: Path, attempt: str, closed_port: int) -> None:
     port = closed_port
     rendezvous.publish(str(scratch), "horovod", {"addr": "127.0.0.1", "port": port, "host": "node1"})
-    with pytest.raises(BootstrapError, match=rf"rank 1 on node2 cannot reach Horovod's rendezvous server \(rank 0, on "
-                                             rf"node1\) at 127.0.0.1:{port}"):
+    with pytest.raises(
+        BootstrapError,
+        match=rf"rank 1 on node2 cannot reach Horovod's rendezvous server \(rank 0, on "
+        rf"node1\) at 127.0.0.1:{port}",
+    ):
         horovod.setup({**BACKEND, "rendezvous_timeout_s": 0.5}, slurm_identity(1, 2, 1), str(scratch), None, None)
 
 
 # --- ps: when a server stops ----------------------------------------------------------------
+
 
 def test_servers_stop_when_the_chief_finished(scratch: Path, attempt: str) -> None:
     run_dir = str(scratch)
@@ -422,6 +530,7 @@ def test_servers_stop_when_the_chief_never_beat(scratch: Path, attempt: str) -> 
 
 # --- ports -------------------------------------------------------------------------------------
 
+
 def test_free_ports_avoid_the_ephemeral_range() -> None:
     """A task binds its port seconds after choosing it; outgoing connections must not take it meanwhile."""
     low, high = rendezvous.ephemeral_ports()
@@ -432,8 +541,9 @@ def test_free_ports_avoid_the_ephemeral_range() -> None:
         s.bind(("", ports.pop()))
 
 
-def test_tasks_on_one_node_never_claim_the_same_port(scratch: Path, attempt: str,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tasks_on_one_node_never_claim_the_same_port(
+    scratch: Path, attempt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two tasks that share a node and draw the same free port: the second gets another one."""
     draws = iter([31000, 31000, 31001, 31000])
     monkeypatch.setattr(rendezvous, "free_port", lambda: next(draws))

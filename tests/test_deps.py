@@ -5,6 +5,7 @@ The package is ``tabulate`` (``humanize`` where a second one is needed): small, 
 Python, and not installed in the environment running the tests (checked below). Every
 test has its own cache under tmp_path (TFRUN_ENV_CACHE) unless sharing is the point.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -69,15 +70,18 @@ def cache(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def write_importer(where: Path, name: str, module: str) -> Path:
     path = where / name
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         import sys
         import {module}
         print("IMPORTED", "{module}", {module}.__version__, sys.executable, flush=True)
-    """))
+    """)
+    )
     return path
 
 
 # --- plans: pure --------------------------------------------------------------------
+
 
 def test_pip_plan_runs_every_task_with_the_environments_python(cache: Path) -> None:
     plan = plan_for("entry.script=train.py", "deps=pip", f"deps.pip_packages=[{PACKAGE}]")
@@ -110,17 +114,23 @@ def test_the_key_covers_packages_versions_and_requirements_content(cache: Path) 
     assert key("deps.requirements=req.txt") != with_file
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["deps=pip"], ["deps.pip_packages=[]", "at least one package"]),
-    (["deps=pip", "deps.pip_packages=[x]", "deps.base=venv"], ["deps.base='venv'", "inherit, isolated"]),
-    (["deps=pip", "deps.pip_packages=[x]", "deps.build_on=node"], ["deps.build_on='node'", "login, job"]),
-    (["deps=pip", "deps.requirements=nope.txt"], ["deps.requirements='nope.txt'", "an existing file"]),
-    (["deps=conda"], ["deps.conda_packages=[]", "at least one package"]),
-    (["deps=modules"], ["deps.modules=[]", "at least one module name"]),
-    (["deps=container"], ["deps.image='???'", "a .sif image file or a URI"]),
-    (["deps=container", "deps.image=missing.sif"], ["deps.image='missing.sif'", "an existing file"]),
-    (["deps=container", "deps.image=docker://x", "deps.runtime=docker"], ["deps.runtime='docker'", "apptainer, singularity"]),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["deps=pip"], ["deps.pip_packages=[]", "at least one package"]),
+        (["deps=pip", "deps.pip_packages=[x]", "deps.base=venv"], ["deps.base='venv'", "inherit, isolated"]),
+        (["deps=pip", "deps.pip_packages=[x]", "deps.build_on=node"], ["deps.build_on='node'", "login, job"]),
+        (["deps=pip", "deps.requirements=nope.txt"], ["deps.requirements='nope.txt'", "an existing file"]),
+        (["deps=conda"], ["deps.conda_packages=[]", "at least one package"]),
+        (["deps=modules"], ["deps.modules=[]", "at least one module name"]),
+        (["deps=container"], ["deps.image='???'", "a .sif image file or a URI"]),
+        (["deps=container", "deps.image=missing.sif"], ["deps.image='missing.sif'", "an existing file"]),
+        (
+            ["deps=container", "deps.image=docker://x", "deps.runtime=docker"],
+            ["deps.runtime='docker'", "apptainer, singularity"],
+        ),
+    ],
+)
 def test_bad_deps_are_config_errors_naming_key_and_value(cache: Path, overrides: list[str], words: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
         plan_for("entry.script=train.py", *overrides)
@@ -129,14 +139,30 @@ def test_bad_deps_are_config_errors_naming_key_and_value(cache: Path, overrides:
 
 
 def test_conda_spec_and_commands(cache: Path) -> None:
-    plan = plan_for("entry.script=train.py", "deps=conda", "deps.conda_exe=micromamba",
-                    "deps.conda_packages=[numpy,tabulate]", "deps.channels=[conda-forge]", "deps.pip_packages=[humanize]")
+    plan = plan_for(
+        "entry.script=train.py",
+        "deps=conda",
+        "deps.conda_exe=micromamba",
+        "deps.conda_packages=[numpy,tabulate]",
+        "deps.channels=[conda-forge]",
+        "deps.pip_packages=[humanize]",
+    )
     dp = deps.DepsPlan.from_dict(plan.deps)
     version = ".".join(deps_plan.interpreter(sys.executable)["version"].split(".")[:2])
     assert dp.spec["packages"] == ["numpy", "tabulate", f"python={version}"]  # tfrun's Python version added
     assert dp.steps == [
-        ["micromamba", "create", "--yes", "--prefix", "{env}", "--channel", "conda-forge", "numpy", "tabulate",
-         f"python={version}"],
+        [
+            "micromamba",
+            "create",
+            "--yes",
+            "--prefix",
+            "{env}",
+            "--channel",
+            "conda-forge",
+            "numpy",
+            "tabulate",
+            f"python={version}",
+        ],
         ["uv", "pip", "install", "--python", "{env}/bin/python", "humanize"],
     ]
     assert plan.python == f"{dp.path}/bin/python" and dp.key and dp.key.startswith("conda-")
@@ -157,13 +183,19 @@ def test_conda_spec_and_commands(cache: Path) -> None:
 
 
 def test_modules_become_setup_lines_of_the_job_before_srun(cache: Path) -> None:
-    plan = plan_for("entry.script=train.py", "compute=slurm", "deps=modules", "deps.purge=true",
-                    "deps.modules=[cuda/12.4,cudnn]", "compute.setup=[echo site]")
+    plan = plan_for(
+        "entry.script=train.py",
+        "compute=slurm",
+        "deps=modules",
+        "deps.purge=true",
+        "deps.modules=[cuda/12.4,cudnn]",
+        "compute.setup=[echo site]",
+    )
     sbatch = plan.request["sbatch"]
     lines = sbatch.splitlines()
     expected = ["echo site", "module purge", "module load cuda/12.4", "module load cudnn"]
     start = lines.index("echo site")
-    assert lines[start:start + 4] == expected
+    assert lines[start : start + 4] == expected
     assert start < next(i for i, ln in enumerate(lines) if ln.startswith("srun "))
     local = plan_for("entry.script=train.py", "deps=modules", "deps.modules=[cuda/12.4]")
     assert local.deps["modules"] == ["module load cuda/12.4"] and local.deps["setup"] == []
@@ -182,7 +214,7 @@ def test_container_command_line_locally_and_on_slurm(cache: Path) -> None:
     image = str(Path("tf.sif").resolve())
     assert plan.command[:2] == ["apptainer", "exec"] and "--nv" not in plan.command
     at = plan.command.index(image)
-    assert plan.command[at + 1:] == ["python3", "-u", "-m", "tfrun.bootstrap", plan.run_dir]
+    assert plan.command[at + 1 :] == ["python3", "-u", "-m", "tfrun.bootstrap", plan.run_dir]
     binds = plan.command[plan.command.index("--bind") + 1].split(",")
     assert binds[0] == "/data:/data:ro"
     assert os.path.dirname(plan.run_dir) in binds and plan.source_dir in binds
@@ -190,16 +222,22 @@ def test_container_command_line_locally_and_on_slurm(cache: Path) -> None:
     assert f"{tfrun_dir}:{container.CONTAINER_LIB}/tfrun:ro" in binds
     assert plan.command[plan.command.index("--env") + 1] == f"PYTHONPATH={container.CONTAINER_LIB}"
 
-    gpu = plan_for("entry.script=train.py", "compute=slurm_gpu", "deps=container", "deps.image=docker://tf/tf:2.21",
-                   "deps.runtime=singularity")
+    gpu = plan_for(
+        "entry.script=train.py",
+        "compute=slurm_gpu",
+        "deps=container",
+        "deps.image=docker://tf/tf:2.21",
+        "deps.runtime=singularity",
+    )
     srun = gpu.request["srun"]
     assert " singularity exec --nv --bind " in srun
     assert srun.endswith(f"docker://tf/tf:2.21 python3 -u -m submitit.core._submit {gpu.run_dir}/.submitit")
 
 
 def test_build_on_job_puts_the_build_in_the_jobs_setup(cache: Path) -> None:
-    plan = plan_for("entry.script=train.py", "compute=slurm", "deps=pip", f"deps.pip_packages=[{PACKAGE}]",
-                    "deps.build_on=job")
+    plan = plan_for(
+        "entry.script=train.py", "compute=slurm", "deps=pip", f"deps.pip_packages=[{PACKAGE}]", "deps.build_on=job"
+    )
     key = plan.deps["key"]
     line = f"-m tfrun.deps build {cache}/.specs/{key}.json || exit 1"
     assert any(ln.endswith(line) for ln in plan.request["sbatch"].splitlines())
@@ -208,7 +246,10 @@ def test_build_on_job_puts_the_build_in_the_jobs_setup(cache: Path) -> None:
 
 # --- real builds and runs: local ------------------------------------------------------
 
-def env_run(tmp_path: Path, cache: Path, *args: str, timeout: float = BUILD_TIMEOUT) -> subprocess.CompletedProcess[str]:
+
+def env_run(
+    tmp_path: Path, cache: Path, *args: str, timeout: float = BUILD_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
     return run_tfrun(tmp_path, *args, timeout=timeout, TFRUN_ENV_CACHE=str(cache))
 
 
@@ -226,8 +267,9 @@ def test_pip_run_builds_once_then_hits_the_cache_without_installing(tmp_path: Pa
 
     first = env_run(tmp_path, cache, *args)
     assert first.returncode == 0, first.stderr
-    key = re.search(r"^tfrun: building environment (pip-[0-9a-f]{16}) \(uv pip install 1 package\) \.\.\.$",
-                    first.stderr, re.M)
+    key = re.search(
+        r"^tfrun: building environment (pip-[0-9a-f]{16}) \(uv pip install 1 package\) \.\.\.$", first.stderr, re.M
+    )
     assert key, first.stderr
     env = cache / key.group(1)
     assert f"tfrun: environment {env.name} ready in" in first.stderr
@@ -250,7 +292,7 @@ def test_pip_run_builds_once_then_hits_the_cache_without_installing(tmp_path: Pa
     assert re.search(rf"^IMPORTED {PACKAGE} \S+ {env}/bin/python$", second.stdout, re.M)
     # no install step ran: the build's own log and record are untouched, the run's log holds no command
     assert build_log.stat().st_mtime_ns == stamp and read_json(env / env_cache.META) == meta
-    second_log = (run_dir_from(second.stderr) / "logs" / "deps.log")
+    second_log = run_dir_from(second.stderr) / "logs" / "deps.log"
     assert not second_log.exists() or "$ " not in second_log.read_text()
     assert cache_entries(cache) == [env.name]
 
@@ -261,8 +303,18 @@ def test_two_concurrent_runs_build_the_new_environment_once(tmp_path: Path) -> N
     write_importer(tmp_path, "train.py", OTHER)
     command = [*tfrun_command(), "entry.script=train.py", "deps=pip", f"deps.pip_packages=[{OTHER}]"]
     env = scratch_env(tmp_path, TFRUN_ENV_CACHE=str(cache))
-    procs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=BUILD_TIMEOUT) for p in procs]
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err
@@ -294,7 +346,9 @@ def test_conda_without_a_conda_tool_says_so_and_how_to_fix(tmp_path: Path) -> No
     if deps_plan.find_conda():
         pytest.skip("a conda tool is installed here: test_conda_builds_for_real runs instead")
     write_importer(tmp_path, "train.py", PACKAGE)
-    result = env_run(tmp_path, tmp_path / "cache", "entry.script=train.py", "deps=conda", "deps.conda_packages=[tabulate]")
+    result = env_run(
+        tmp_path, tmp_path / "cache", "entry.script=train.py", "deps=conda", "deps.conda_packages=[tabulate]"
+    )
     assert result.returncode == 2, result.stderr
     assert "deps=conda needs micromamba, mamba or conda, and none of them is on PATH" in result.stderr
     assert "deps.conda_exe=" in result.stderr and "building environment" not in result.stderr
@@ -307,11 +361,20 @@ def test_conda_builds_for_real(tmp_path: Path) -> None:
     if not tool:
         # Holds on CI too: no conda tool is packaged for Debian 12 or on PyPI, and conda
         # channels (conda-forge) are not reachable from these machines' network.
-        pytest.skip("no micromamba, mamba or conda here (which micromamba mamba conda: none), and no conda "
-                    "channel reachable; test_conda_without_a_conda_tool_says_so_and_how_to_fix runs instead")
+        pytest.skip(
+            "no micromamba, mamba or conda here (which micromamba mamba conda: none), and no conda "
+            "channel reachable; test_conda_without_a_conda_tool_says_so_and_how_to_fix runs instead"
+        )
     write_importer(tmp_path, "train.py", PACKAGE)
-    result = env_run(tmp_path, tmp_path / "cache", "entry.script=train.py", "deps=conda",
-                     "deps.conda_packages=[tabulate]", "deps.channels=[conda-forge]", timeout=900)
+    result = env_run(
+        tmp_path,
+        tmp_path / "cache",
+        "entry.script=train.py",
+        "deps=conda",
+        "deps.conda_packages=[tabulate]",
+        "deps.channels=[conda-forge]",
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr
     assert f"IMPORTED {PACKAGE}" in result.stdout
 
@@ -332,12 +395,20 @@ def test_container_runs_for_real(tmp_path: Path) -> None:
     if not (shutil.which("apptainer") or shutil.which("singularity")) or not image:
         # Holds on CI too: Debian 12 packages neither runtime, and an image with Python would
         # have to come from a registry these machines cannot reach.
-        pytest.skip("needs apptainer/singularity (not packaged for Debian 12) and an image with Python in "
-                    "TFRUN_TEST_IMAGE; test_container_without_a_runtime_says_so runs instead")
+        pytest.skip(
+            "needs apptainer/singularity (not packaged for Debian 12) and an image with Python in "
+            "TFRUN_TEST_IMAGE; test_container_without_a_runtime_says_so runs instead"
+        )
     runtime = "apptainer" if shutil.which("apptainer") else "singularity"
     (tmp_path / "train.py").write_text("import sys\nprint('IN', sys.executable)\n")
-    result = env_run(tmp_path, tmp_path / "cache", "entry.script=train.py", "deps=container", f"deps.image={image}",
-                     f"deps.runtime={runtime}")
+    result = env_run(
+        tmp_path,
+        tmp_path / "cache",
+        "entry.script=train.py",
+        "deps=container",
+        f"deps.image={image}",
+        f"deps.runtime={runtime}",
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -356,17 +427,22 @@ def test_modules_locally_are_loaded_in_a_login_shell_before_the_tasks(tmp_path: 
     """A stand-in for Lmod: a `module` shell function defined in the login profile, as sites do."""
     home = tmp_path / "home"
     home.mkdir()
-    (home / ".bash_profile").write_text(textwrap.dedent("""\
+    (home / ".bash_profile").write_text(
+        textwrap.dedent("""\
         export PATH=/usr/bin:/bin   # profiles reset PATH: the tasks must keep the launcher's
         module() {
           [ "$1" = load ] || return 0
           case "$2" in nosuch*) echo "Lmod has detected the following error: unknown module $2" >&2; return 1;; esac
           export LOADEDMODULES="${LOADEDMODULES:+$LOADEDMODULES:}$2" PATH="/opt/$2/bin:$PATH"
         }
-    """))
-    (tmp_path / "train.py").write_text("import os\nprint('MODS', os.environ.get('LOADEDMODULES'), os.environ['PATH'])\n")
-    result = run_tfrun(tmp_path, "entry.script=train.py", "deps=modules", "deps.modules=[gcc/12,cuda/12.4]",
-                       HOME=str(home))
+    """)
+    )
+    (tmp_path / "train.py").write_text(
+        "import os\nprint('MODS', os.environ.get('LOADEDMODULES'), os.environ['PATH'])\n"
+    )
+    result = run_tfrun(
+        tmp_path, "entry.script=train.py", "deps=modules", "deps.modules=[gcc/12,cuda/12.4]", HOME=str(home)
+    )
     assert result.returncode == 0, result.stderr
     mods, path = re.search(r"^MODS (\S+) (\S+)$", result.stdout, re.M).groups()
     assert mods == "gcc/12:cuda/12.4"
@@ -375,16 +451,25 @@ def test_modules_locally_are_loaded_in_a_login_shell_before_the_tasks(tmp_path: 
     assert bad.returncode == 2 and "unknown module nosuch/1" in bad.stderr, bad.stderr
 
     # From Python (a notebook): the run's tasks get the modules, the notebook's own process does not.
-    notebook = ("import os, tfrun\n"
-                "run = tfrun.launch(['entry.script=train.py', 'deps=modules', 'deps.modules=[gcc/12]'])\n"
-                "print('STATE', run.status(), 'NOTEBOOK', os.environ.get('LOADEDMODULES'))\n")
-    result = subprocess.run([sys.executable, "-c", notebook], cwd=tmp_path, env=scratch_env(tmp_path, HOME=str(home)),
-                            capture_output=True, text=True, timeout=120)
+    notebook = (
+        "import os, tfrun\n"
+        "run = tfrun.launch(['entry.script=train.py', 'deps=modules', 'deps.modules=[gcc/12]'])\n"
+        "print('STATE', run.status(), 'NOTEBOOK', os.environ.get('LOADEDMODULES'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", notebook],
+        cwd=tmp_path,
+        env=scratch_env(tmp_path, HOME=str(home)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "STATE COMPLETED NOTEBOOK None" in result.stdout, result.stdout + result.stderr
     assert re.search(r"^MODS gcc/12 ", result.stdout, re.M), result.stdout
 
 
 # --- tfrun env list / prune -------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_env_list_and_prune(tmp_path: Path) -> None:
@@ -399,8 +484,9 @@ def test_env_list_and_prune(tmp_path: Path) -> None:
     listed = env_run(tmp_path, cache, "env", "list", timeout=60)
     assert listed.returncode == 0, listed.stderr
     for key in keys:
-        assert re.search(rf"^{key}\s+pip\s+[\d.]+ [kM]B\s+\d{{4}}-\d\d-\d\d \d\d:\d\d \(just now\)\s+\S+$",
-                         listed.stdout, re.M), listed.stdout
+        assert re.search(
+            rf"^{key}\s+pip\s+[\d.]+ [kM]B\s+\d{{4}}-\d\d-\d\d \d\d:\d\d \(just now\)\s+\S+$", listed.stdout, re.M
+        ), listed.stdout
     assert re.search(rf"\(just now\)\s+{PACKAGE}$", listed.stdout, re.M)
     assert "2 environment(s)" in listed.stdout and str(cache) in listed.stdout
 
@@ -436,8 +522,9 @@ print("IMPORTED", "{PACKAGE}", flush=True)
 def _kept_in_use(cache: Path, tmp_path: Path, env: Path, run_dir: Path) -> None:
     pruned = env_run(tmp_path, cache, "env", "prune", "--all", timeout=120)
     assert pruned.returncode == 0, pruned.stderr
-    assert (f"tfrun: kept {env.name} ({run_dir.name}): a run that uses it is queued, running or requeued"
-            in pruned.stdout), pruned.stdout
+    assert (
+        f"tfrun: kept {env.name} ({run_dir.name}): a run that uses it is queued, running or requeued" in pruned.stdout
+    ), pruned.stdout
     assert "removed 0, kept 1" in pruned.stdout and env_cache.is_complete(env)
 
 
@@ -447,12 +534,20 @@ def test_prune_keeps_an_environment_a_running_local_run_uses(tmp_path: Path) -> 
     launcher; then it goes."""
     cache = tmp_path / "cache"
     (tmp_path / "holds.py").write_text(HOLDS)
-    proc = subprocess.Popen([*tfrun_command(), "entry.script=holds.py", "deps=pip", f"deps.pip_packages=[{PACKAGE}]"],
-                            cwd=tmp_path, env=scratch_env(tmp_path, TFRUN_ENV_CACHE=str(cache)),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*tfrun_command(), "entry.script=holds.py", "deps=pip", f"deps.pip_packages=[{PACKAGE}]"],
+        cwd=tmp_path,
+        env=scratch_env(tmp_path, TFRUN_ENV_CACHE=str(cache)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_for(lambda: any((tmp_path / "runs").glob("*/started")) or proc.poll() is not None, BUILD_TIMEOUT,
-                 "the run to start")
+        wait_for(
+            lambda: any((tmp_path / "runs").glob("*/started")) or proc.poll() is not None,
+            BUILD_TIMEOUT,
+            "the run to start",
+        )
         run_dir = next((tmp_path / "runs").glob("*/started")).parent
         env = Path(read_json(run_dir / "plan.json")["deps"]["path"])
         _kept_in_use(cache, tmp_path, env, run_dir)
@@ -471,15 +566,22 @@ def test_prune_keeps_an_environment_a_running_local_run_uses(tmp_path: Path) -> 
 
 # --- Slurm ----------------------------------------------------------------------------
 
+
 def job_names_in_queue(name: str) -> list[str]:
-    out = subprocess.run(["squeue", "-h", f"--name={name}", "-o", "%i"], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+    out = subprocess.run(
+        ["squeue", "-h", f"--name={name}", "-o", "%i"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     return out.split()
 
 
 def jobs_ever_submitted(name: str) -> list[str]:
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-S", "now-1hours", f"--name={name}", "-o", "JobID"],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-S", "now-1hours", f"--name={name}", "-o", "JobID"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     return out.split()
 
 
@@ -495,12 +597,25 @@ def test_pip_slurm_job_imports_the_package(tmp_path: Path, job_name: str, build_
         # The local cluster's nodes, like many clusters' compute nodes, reach no package index:
         # the job builds from a wheelhouse on the shared filesystem, filled from the login side.
         wheels = tmp_path / "wheels"
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), module],
-                       check=True, capture_output=True, timeout=BUILD_TIMEOUT)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), module],
+            check=True,
+            capture_output=True,
+            timeout=BUILD_TIMEOUT,
+        )
         extra = [f"deps.install_args=[--offline,--find-links,{wheels}]"]
-    result = env_run(tmp_path, cache, "entry.script=train.py", "compute=slurm", f"compute.job_name={job_name}",
-                     "deps=pip", f"deps.pip_packages=[{module}]", f"deps.build_on={build_on}", *extra,
-                     timeout=BUILD_TIMEOUT + JOB_TIMEOUT)
+    result = env_run(
+        tmp_path,
+        cache,
+        "entry.script=train.py",
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "deps=pip",
+        f"deps.pip_packages=[{module}]",
+        f"deps.build_on={build_on}",
+        *extra,
+        timeout=BUILD_TIMEOUT + JOB_TIMEOUT,
+    )
     assert result.returncode == 0, result.stderr
     run_dir = run_dir_from(result.stderr)
     env = Path(read_json(run_dir / "plan.json")["deps"]["path"])
@@ -520,8 +635,15 @@ def test_pip_slurm_job_imports_the_package(tmp_path: Path, job_name: str, build_
 def test_pip_slurm_with_a_missing_package_submits_nothing(tmp_path: Path, job_name: str) -> None:
     cache = tmp_path / "cache"
     write_importer(tmp_path, "train.py", PACKAGE)
-    result = env_run(tmp_path, cache, "entry.script=train.py", "compute=slurm", f"compute.job_name={job_name}",
-                     "deps=pip", f"deps.pip_packages=[{MISSING}]")
+    result = env_run(
+        tmp_path,
+        cache,
+        "entry.script=train.py",
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "deps=pip",
+        f"deps.pip_packages=[{MISSING}]",
+    )
     assert result.returncode == 2, result.stderr
     assert f"{MISSING} was not found in the package registry" in result.stderr
     assert "submitted job" not in result.stderr
@@ -536,9 +658,17 @@ def test_prune_never_removes_an_environment_a_queued_or_running_job_uses(tmp_pat
     job has ended, --all removes it."""
     cache = tmp_path / "cache"
     (tmp_path / "holds.py").write_text(HOLDS)
-    submitted = env_run(tmp_path, cache, "entry.script=holds.py", "deps=pip", f"deps.pip_packages=[{PACKAGE}]",
-                        "compute=slurm", f"compute.job_name={job_name}", "compute.wait=false",
-                        "compute.additional_parameters={hold:true}")
+    submitted = env_run(
+        tmp_path,
+        cache,
+        "entry.script=holds.py",
+        "deps=pip",
+        f"deps.pip_packages=[{PACKAGE}]",
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.wait=false",
+        "compute.additional_parameters={hold:true}",
+    )
     assert submitted.returncode == 0, submitted.stderr
     run_dir = run_dir_from(submitted.stderr)
     env = Path(read_json(run_dir / "plan.json")["deps"]["path"])
@@ -551,8 +681,11 @@ def test_prune_never_removes_an_environment_a_queued_or_running_job_uses(tmp_pat
     _kept_in_use(cache, tmp_path, env, run_dir)  # running
 
     (run_dir / "go").touch()
-    wait_for(lambda: "COMPLETED" in run_tfrun(tmp_path, "status", str(run_dir), timeout=60).stdout, JOB_TIMEOUT,
-             "the job to complete")
+    wait_for(
+        lambda: "COMPLETED" in run_tfrun(tmp_path, "status", str(run_dir), timeout=60).stdout,
+        JOB_TIMEOUT,
+        "the job to complete",
+    )
     assert f"IMPORTED {PACKAGE}" in (run_dir / "logs" / "rank0.log").read_text()
     pruned = env_run(tmp_path, cache, "env", "prune", "--all", timeout=120)
     assert f"tfrun: removed {env.name}" in pruned.stdout and "removed 1, kept 0" in pruned.stdout, pruned.stdout

@@ -6,6 +6,7 @@ need and print).
 Each page is a test of its own (``local``, and ``slurm`` for its commands that need a cluster),
 in a project dir of its own, so pages can run side by side.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,10 @@ def test_every_page_marks_its_commands_sensibly() -> None:
             for command in block.commands:
                 assert command.text.strip()
     assert {k for _, k in PARTS} == {"local", "slurm"}
-    assert doc_pages.matches(["tfrun: serving .../model.onnx at http://127.0.0.1:8080", "...", "end"],
-                             ["tfrun: serving /x/model.onnx at http://127.0.0.1:8080", "a", "b", "end", "more"])
+    assert doc_pages.matches(
+        ["tfrun: serving .../model.onnx at http://127.0.0.1:8080", "...", "end"],
+        ["tfrun: serving /x/model.onnx at http://127.0.0.1:8080", "a", "b", "end", "more"],
+    )
     assert not doc_pages.matches(["tfrun: run ... COMPLETED"], ["noise", "tfrun: run x COMPLETED"])
 
 
@@ -55,15 +58,25 @@ def test_page_commands_run_as_written_on_slurm(part: tuple[Path, str], tmp_path:
 
 
 def test_reference_is_up_to_date() -> None:
-    result = subprocess.run([sys.executable, str(REPO / "docs" / "gen_reference.py"), "--check"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "docs" / "gen_reference.py"), "--check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, f"{result.stderr}\nrun: python docs/gen_reference.py"
 
 
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                            cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "quickstart" / "index.html").is_file()
     api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()

@@ -3,6 +3,7 @@
 The trained runs are real ``tfrun`` invocations; the parity checks compare onnxruntime
 with the Keras model itself on the digits data.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,18 +48,27 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Com
     """The digits example trained with export=onnx (shared by the export and serve tests)."""
     tmp = tmp_path_factory.mktemp("digits-onnx")
     # Also registered in MLflow's model registry (a local store beside the runs).
-    result = run_tfrun(tmp, "export=onnx", "trainer.epochs=2", "tracking=mlflow", "tracking.register_model=digits",
-                       timeout=TRAIN_TIMEOUT)
+    result = run_tfrun(
+        tmp,
+        "export=onnx",
+        "trainer.epochs=2",
+        "tracking=mlflow",
+        "tracking.register_model=digits",
+        timeout=TRAIN_TIMEOUT,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     return result, run_dir_from(result.stderr)
 
 
 # --- fast: checks that need no training ------------------------------------------------
 
+
 def test_cli_modules_do_not_import_tensorflow_or_onnxruntime() -> None:
-    code = ("import sys, tfrun.cli.main, tfrun.plan.build, tfrun.model.export, tfrun.model.serve, tfrun.cli.verbs; "
-            "bad = [m for m in ('tensorflow', 'keras', 'tf2onnx', 'onnxruntime') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, tfrun.cli.main, tfrun.plan.build, tfrun.model.export, tfrun.model.serve, tfrun.cli.verbs; "
+        "bad = [m for m in ('tensorflow', 'keras', 'tf2onnx', 'onnxruntime') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -115,6 +125,7 @@ def test_check_shape_message() -> None:
 
 # --- export=onnx at the end of a real run ------------------------------------------------
 
+
 @pytest.mark.slow
 def test_digits_run_exports_a_checked_onnx_model(digits_run: tuple[Any, Path]) -> None:
     result, run_dir = digits_run
@@ -128,8 +139,10 @@ def test_digits_run_exports_a_checked_onnx_model(digits_run: tuple[Any, Path]) -
     status = read_json(run_dir / "status.json")
     assert status["state"] == "COMPLETED" and status["export"]["passed"] is True
     shown = result.stdout + result.stderr  # what the terminal shows: rank 0's line, once
-    assert len([line for line in shown.splitlines() if line.startswith("tfrun: export onnx: ") and
-                "max abs diff" in line]) == 1, shown
+    assert (
+        len([line for line in shown.splitlines() if line.startswith("tfrun: export onnx: ") and "max abs diff" in line])
+        == 1
+    ), shown
     assert "export onnx: converting" in (run_dir / "logs/rank0.log").read_text()  # it ran in the task
 
     import keras
@@ -205,8 +218,15 @@ def test_export_verb_on_a_finished_run(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ps_tf_keras_saved_model_exports(tmp_path: Path) -> None:
-    result = run_tfrun(tmp_path, f"entry.script={REPO / 'examples/ps_keras/train.py'}", "backend=ps",
-                       "compute.tasks_per_node=4", "export=onnx", "trainer.epochs=2", timeout=TRAIN_TIMEOUT)
+    result = run_tfrun(
+        tmp_path,
+        f"entry.script={REPO / 'examples/ps_keras/train.py'}",
+        "backend=ps",
+        "compute.tasks_per_node=4",
+        "export=onnx",
+        "trainer.epochs=2",
+        timeout=TRAIN_TIMEOUT,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     run_dir = run_dir_from(result.stderr)
     record = read_json(run_dir / "export.json")
@@ -227,6 +247,7 @@ def test_ps_tf_keras_saved_model_exports(tmp_path: Path) -> None:
 
 
 # --- tfrun serve ----------------------------------------------------------------------------
+
 
 def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> str:
     """stderr of proc up to the first line containing pattern."""
@@ -249,9 +270,15 @@ def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> st
 def server(digits_run: tuple[Any, Path], tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
     """``tfrun serve RUN --port 0`` as a subprocess, and its URL."""
     run_dir = digits_run[1]
-    proc = subprocess.Popen([*tfrun_command(), "serve", str(run_dir), "--port", "0"], cwd=tmp_path,
-                            env=scratch_env(tmp_path), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*tfrun_command(), "serve", str(run_dir), "--port", "0"],
+        cwd=tmp_path,
+        env=scratch_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         seen = _read_until(proc, "tfrun: serving", timeout=120)
         url = seen.rsplit(" at ", 1)[1].strip()
@@ -265,8 +292,9 @@ def server(digits_run: tuple[Any, Path], tmp_path: Path) -> Iterator[tuple[subpr
 
 def _request(url: str, body: Any = None, raw: bytes | None = None) -> tuple[int, dict[str, Any]]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method="POST" if data is not None else "GET", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -322,16 +350,29 @@ def test_the_registered_model_version_serves(digits_run: tuple[Any, Path], tmp_p
 
     run_dir = digits_run[1]
     store = f"sqlite:///{run_dir.parent / 'mlflow.db'}"
-    code = ("import json, mlflow; c = mlflow.MlflowClient(%r); v = c.get_model_version('digits', '1');"
-            "print(json.dumps({'run_id': v.run_id, 'tags': v.tags, 'source': v.source}))" % store)
-    version = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                        check=True).stdout)
+    code = (
+        "import json, mlflow; c = mlflow.MlflowClient(%r); v = c.get_model_version('digits', '1');"
+        "print(json.dumps({'run_id': v.run_id, 'tags': v.tags, 'source': v.source}))" % store
+    )
+    version = json.loads(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
     assert version["tags"]["tfrun.run_dir"] == str(run_dir) and version["tags"]["tfrun.onnx"] == "true"
-    assert version["run_id"] == read_json(run_dir / "mlflow.json")["run_id"] == read_json(run_dir / "status.json")["mlflow_run_id"]
+    assert (
+        version["run_id"]
+        == read_json(run_dir / "mlflow.json")["run_id"]
+        == read_json(run_dir / "status.json")["mlflow_run_id"]
+    )
     assert read_json(run_dir / "mlflow.json")["registered"] == {"name": "digits", "version": "1"}
-    proc = subprocess.Popen([*tfrun_command(), "serve", "models:/digits/1", "--tracking-uri", store, "--port", "0"],
-                            cwd=tmp_path, env=scratch_env(tmp_path), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*tfrun_command(), "serve", "models:/digits/1", "--tracking-uri", store, "--port", "0"],
+        cwd=tmp_path,
+        env=scratch_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = _read_until(proc, "tfrun: serving", timeout=120).rsplit(" at ", 1)[1].strip()
         code, health = _request(f"{url}/health")
@@ -364,6 +405,7 @@ def test_serve_without_an_onnx_model_says_what_to_do(tmp_path: Path) -> None:
 
 # --- tfrun serve: what it answers to bad requests (a tiny model, no training) -----------------
 
+
 def tiny_model(path: Path, elem_type: int) -> Path:
     """An ONNX model ``y = x`` for an [N, 3] input of ``elem_type`` (onnx.TensorProto)."""
     import onnx
@@ -385,8 +427,10 @@ def tiny_servers(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> Iterator[
     from onnx import TensorProto
 
     models = {"float32": TensorProto.FLOAT, "int8": TensorProto.INT8}
-    servers = {name: serve.make_server(serve.load(tiny_model(tmp_path / f"{name}.onnx", kind)), "127.0.0.1", 0)
-               for name, kind in models.items()}
+    servers = {
+        name: serve.make_server(serve.load(tiny_model(tmp_path / f"{name}.onnx", kind)), "127.0.0.1", 0)
+        for name, kind in models.items()
+    }
     for server in servers.values():
         # a short poll: shutdown() waits for one, and every test starts and stops two servers
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
@@ -430,17 +474,20 @@ def test_serve_answers_good_requests_of_each_dtype(tiny_servers: dict[str, int])
     assert _post(tiny_servers["int8"], b'{"inputs": [[1, -128, 127]]}') == (200, {"outputs": [[1, -128, 127]]})
 
 
-@pytest.mark.parametrize("request_line, code, error", [
-    (b"PUT /predict HTTP/1.1", 501, "Unsupported method ('PUT')"),
-    (b"GET /health HTTP/1.1\r\nX-Long: " + b"x" * 70_000, 431, "Line too long"),
-])
-def test_serve_answers_what_http_server_refuses_in_json(tiny_servers: dict[str, int], request_line: bytes,
-                                                         code: int, error: str) -> None:
+@pytest.mark.parametrize(
+    "request_line, code, error",
+    [
+        (b"PUT /predict HTTP/1.1", 501, "Unsupported method ('PUT')"),
+        (b"GET /health HTTP/1.1\r\nX-Long: " + b"x" * 70_000, 431, "Line too long"),
+    ],
+)
+def test_serve_answers_what_http_server_refuses_in_json(
+    tiny_servers: dict[str, int], request_line: bytes, code: int, error: str
+) -> None:
     assert _exchange(tiny_servers["float32"], request_line + b"\r\n\r\n") == (code, {"error": error})
 
 
-def test_serve_logs_control_characters_escaped(tiny_servers: dict[str, int],
-                                                capfd: pytest.CaptureFixture[str]) -> None:
+def test_serve_logs_control_characters_escaped(tiny_servers: dict[str, int], capfd: pytest.CaptureFixture[str]) -> None:
     """A request line is the client's text: escape sequences in it must not reach the terminal
     that shows the log (http.server's own log escapes them as \\xNN; so must tfrun serve's)."""
     code, _ = _exchange(tiny_servers["float32"], b"GET /\x1b[2J\x1b]0;owned\x07\\x1b HTTP/1.1\r\n\r\n")
@@ -452,8 +499,9 @@ def test_serve_logs_control_characters_escaped(tiny_servers: dict[str, int],
 
 
 @pytest.mark.parametrize("length", ["-1", "abc", "1_0", "+2", "2, 3"])
-def test_serve_refuses_a_content_length_that_is_not_a_number_of_bytes(tiny_servers: dict[str, int],
-                                                                      length: str) -> None:
+def test_serve_refuses_a_content_length_that_is_not_a_number_of_bytes(
+    tiny_servers: dict[str, int], length: str
+) -> None:
     """-1 used to read until the client closed (a hung request), "abc" to drop the connection."""
     code, answer = _post(tiny_servers["float32"], b"{}", length)
     assert code == 400
@@ -461,8 +509,9 @@ def test_serve_refuses_a_content_length_that_is_not_a_number_of_bytes(tiny_serve
 
 
 def test_serve_refuses_two_different_content_lengths(tiny_servers: dict[str, int]) -> None:
-    code, answer = _exchange(tiny_servers["float32"], b"POST /predict HTTP/1.1\r\nContent-Length: 2\r\n"
-                                                      b"Content-Length: 40\r\n\r\n{}")
+    code, answer = _exchange(
+        tiny_servers["float32"], b"POST /predict HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 40\r\n\r\n{}"
+    )
     assert code == 400 and "Content-Length given several times with different values: ['2', '40']" in answer["error"]
 
 
@@ -474,11 +523,13 @@ def test_serve_refuses_a_body_over_the_limit_and_the_client_reads_why(tiny_serve
         urllib.request.urlopen(request, timeout=60)
     assert raised.value.code == 413
     assert json.loads(raised.value.read()) == {
-        "error": f"body of {serve.MAX_BODY_BYTES + 1} bytes; at most {serve.MAX_BODY_BYTES}"}
+        "error": f"body of {serve.MAX_BODY_BYTES + 1} bytes; at most {serve.MAX_BODY_BYTES}"
+    }
 
 
-def test_serve_answers_a_body_shorter_than_its_content_length(tiny_servers: dict[str, int],
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_answers_a_body_shorter_than_its_content_length(
+    tiny_servers: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(serve.Handler, "timeout", 1)
     code, answer = _post(tiny_servers["float32"], b'{"inputs"', "100", half_close=True)
     assert code == 400 and answer["error"] == "the body ended after 9 bytes; its Content-Length announced 100"
@@ -486,47 +537,62 @@ def test_serve_answers_a_body_shorter_than_its_content_length(tiny_servers: dict
     assert code == 400 and answer["error"] == "the body did not arrive within 1 s (Content-Length announced 100 bytes)"
 
 
-@pytest.mark.parametrize("body, error", [
-    (b"{not json", "the body is not JSON: Expecting property name enclosed in double quotes: line 1 column 2"),
-    (b'{"inputs": [[1, 2, 3]]', "the body is not JSON: Expecting ',' delimiter"),
-    (b'{"inputs": "\xff"}', "the body is not UTF-8 text (JSON must be)"),
-    (b"[" * 100_000, "the body is not JSON this server reads: it nests too deeply"),
-])
+@pytest.mark.parametrize(
+    "body, error",
+    [
+        (b"{not json", "the body is not JSON: Expecting property name enclosed in double quotes: line 1 column 2"),
+        (b'{"inputs": [[1, 2, 3]]', "the body is not JSON: Expecting ',' delimiter"),
+        (b'{"inputs": "\xff"}', "the body is not UTF-8 text (JSON must be)"),
+        (b"[" * 100_000, "the body is not JSON this server reads: it nests too deeply"),
+    ],
+)
 def test_serve_refuses_what_is_not_json(tiny_servers: dict[str, int], body: bytes, error: str) -> None:
     code, answer = _post(tiny_servers["float32"], body)
     assert code == 400 and answer["error"].startswith(error), answer
 
 
-@pytest.mark.parametrize("payload, error", [
-    (None, 'the body must be a JSON object {"inputs": [[...], ...]}'),
-    ([[1, 2, 3]], 'the body must be a JSON object {"inputs": [[...], ...]}'),
-    ({"input": [[1, 2, 3]]}, 'the body must be a JSON object {"inputs": [[...], ...]}'),
-    ({"inputs": {"y": [[1, 2, 3]]}}, "inputs ['y'] given; the model's inputs are ['x']"),
-    ({"inputs": [[1, 2], [3]]}, "input 'x' is not a rectangular array: its rows differ in length or depth"),
-    ({"inputs": [[1, 2, [3]]]}, "input 'x' is not a rectangular array: its rows differ in length or depth"),
-    ({"inputs": [1, 2, 3]}, "input 'x' has shape [3]; the model expects [N, 3]"),
-    ({"inputs": []}, "input 'x' has shape [0]; the model expects [N, 3]"),
-    ({"inputs": 7}, "input 'x' has shape []; the model expects [N, 3]"),
-])
-def test_serve_refuses_a_payload_of_the_wrong_structure(tiny_servers: dict[str, int], payload: Any,
-                                                        error: str) -> None:
+@pytest.mark.parametrize(
+    "payload, error",
+    [
+        (None, 'the body must be a JSON object {"inputs": [[...], ...]}'),
+        ([[1, 2, 3]], 'the body must be a JSON object {"inputs": [[...], ...]}'),
+        ({"input": [[1, 2, 3]]}, 'the body must be a JSON object {"inputs": [[...], ...]}'),
+        ({"inputs": {"y": [[1, 2, 3]]}}, "inputs ['y'] given; the model's inputs are ['x']"),
+        ({"inputs": [[1, 2], [3]]}, "input 'x' is not a rectangular array: its rows differ in length or depth"),
+        ({"inputs": [[1, 2, [3]]]}, "input 'x' is not a rectangular array: its rows differ in length or depth"),
+        ({"inputs": [1, 2, 3]}, "input 'x' has shape [3]; the model expects [N, 3]"),
+        ({"inputs": []}, "input 'x' has shape [0]; the model expects [N, 3]"),
+        ({"inputs": 7}, "input 'x' has shape []; the model expects [N, 3]"),
+    ],
+)
+def test_serve_refuses_a_payload_of_the_wrong_structure(tiny_servers: dict[str, int], payload: Any, error: str) -> None:
     code, answer = _post(tiny_servers["float32"], json.dumps(payload).encode())
     assert code == 400 and answer["error"].startswith(error), answer
 
 
-@pytest.mark.parametrize("model, rows, error", [
-    ("float32", [["1.5", "2", "3"]], "input 'x' holds strings: the model takes float32, so only numbers"),
-    ("float32", [[None, 2, 3]], "input 'x' holds null: the model takes float32, so only numbers"),
-    ("float32", [[True, 2, 3]], "input 'x' holds true/false: the model takes float32, so only numbers"),
-    ("float32", [[{"v": 1}, "a", 3]], "input 'x' holds objects, strings: the model takes float32, so only numbers"),
-    ("float32", [[1e300, 2, 3]], "input 'x' has a value out of the range of float32"),
-    ("float32", [[10 ** 400, 2, 3]], "input 'x' has a value out of the range of float32"),
-    ("int8", [[1.5, 2, 3]], ("input 'x' holds numbers with a decimal point: the model takes int8, "
-                             "so only whole numbers (no decimal point)")),
-    ("int8", [[300, 2, 3]], "input 'x' has a value out of the range of int8"),
-])
-def test_serve_refuses_values_of_the_wrong_dtype(tiny_servers: dict[str, int], model: str, rows: Any,
-                                                 error: str) -> None:
+@pytest.mark.parametrize(
+    "model, rows, error",
+    [
+        ("float32", [["1.5", "2", "3"]], "input 'x' holds strings: the model takes float32, so only numbers"),
+        ("float32", [[None, 2, 3]], "input 'x' holds null: the model takes float32, so only numbers"),
+        ("float32", [[True, 2, 3]], "input 'x' holds true/false: the model takes float32, so only numbers"),
+        ("float32", [[{"v": 1}, "a", 3]], "input 'x' holds objects, strings: the model takes float32, so only numbers"),
+        ("float32", [[1e300, 2, 3]], "input 'x' has a value out of the range of float32"),
+        ("float32", [[10**400, 2, 3]], "input 'x' has a value out of the range of float32"),
+        (
+            "int8",
+            [[1.5, 2, 3]],
+            (
+                "input 'x' holds numbers with a decimal point: the model takes int8, "
+                "so only whole numbers (no decimal point)"
+            ),
+        ),
+        ("int8", [[300, 2, 3]], "input 'x' has a value out of the range of int8"),
+    ],
+)
+def test_serve_refuses_values_of_the_wrong_dtype(
+    tiny_servers: dict[str, int], model: str, rows: Any, error: str
+) -> None:
     """Numeric strings, null and true used to be read as numbers; 300 for int8 and 10**400
     for float32 used to drop the connection."""
     code, answer = _post(tiny_servers[model], json.dumps({"inputs": rows}).encode())
@@ -535,11 +601,18 @@ def test_serve_refuses_values_of_the_wrong_dtype(tiny_servers: dict[str, int], m
 
 # --- on Slurm: the export runs inside the job --------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_slurm_run_exports_inside_the_job(tmp_path: Path, job_name: str) -> None:
-    result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "export=onnx",
-                       "trainer.epochs=1", timeout=TRAIN_TIMEOUT)
+    result = run_tfrun(
+        tmp_path,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "export=onnx",
+        "trainer.epochs=1",
+        timeout=TRAIN_TIMEOUT,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     run_dir = run_dir_from(result.stderr)
     status = read_json(run_dir / "status.json")

@@ -7,6 +7,7 @@ own, cancelled afterwards. Training is a small Keras model on scikit-learn's dig
 slowed down by a sleep per batch so that it can be interrupted mid-run. A requeued job
 restarts about 12 s after it was requeued here (``AuthInfo=cred_expire=10``).
 """
+
 from __future__ import annotations
 
 import json
@@ -167,6 +168,7 @@ print(f"point x={args.x} done", flush=True)
 
 # --- jobs, processes -----------------------------------------------------------------------
 
+
 def write_script(tmp_path: Path, name: str, body: str) -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(body))
@@ -223,6 +225,7 @@ def attempts(run_dir: Path) -> list[dict[str, Any]]:
 
 
 # --- 7: atomic writes: checked during every run and after it -----------------------------------
+
 
 def metric_epochs(run_dir: Path) -> list[int]:
     """The epochs of metrics.jsonl, in file order; every line must be complete JSON."""
@@ -302,12 +305,19 @@ def _wait_for_job(err: Path) -> tuple[str, Path]:
 
 # --- 1: a stopped Keras job is requeued and trains every epoch exactly once ---------------------
 
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_preempted_keras_job_is_requeued_and_completes(tmp_path: Path, job_name: str) -> None:
     write_script(tmp_path, "fit.py", FIT_SCRIPT)
-    proc, out, err = popen_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1",
-                                  "entry.script=fit.py", f"trainer.epochs={EPOCHS}")
+    proc, out, err = popen_tfrun(
+        tmp_path,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.poll_s=1",
+        "entry.script=fit.py",
+        f"trainer.epochs={EPOCHS}",
+    )
     try:
         job_id, run_dir = _wait_for_job(err)
         with FileWatch(run_dir) as watch:
@@ -325,7 +335,10 @@ def test_preempted_keras_job_is_requeued_and_completes(tmp_path: Path, job_name:
     assert [a["reason"] for a in tried] == ["preempted", "completed"], tried
     assert tried[0]["requeued"] is True and tried[0]["job_id"] == tried[1]["job_id"] == job_id, tried
     log = (run_dir / "logs/rank0.log").read_text()
-    assert "tfrun: received SIGUSR2" in log and f"tfrun: preempted: requeueing job {job_id}; it resumes from the backup" in log
+    assert (
+        "tfrun: received SIGUSR2" in log
+        and f"tfrun: preempted: requeueing job {job_id}; it resumes from the backup" in log
+    )
     resumed = re.findall(r"tfrun: resumed from the backup of epoch (\d+)", log)
     assert len(resumed) == 1 and 2 <= int(resumed[0]) < EPOCHS, log
     assert f"Epoch {int(resumed[0]) + 1}/{EPOCHS}" in log.split("resumed from the backup")[1]
@@ -336,6 +349,7 @@ def test_preempted_keras_job_is_requeued_and_completes(tmp_path: Path, job_name:
 
 
 # --- 2: Horovod on 2 nodes, preempted by a higher-priority job (issue 22) -------------------------
+
 
 def _mlflow_epochs(uri: str, experiment: str) -> list[int]:
     runs = [r for r in mlflow_runs(uri) if r["experiment"] == experiment]
@@ -356,15 +370,27 @@ def epoch_records(run_dir: Path) -> list[list[dict[str, Any]]]:
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_preempted_horovod_job_is_requeued_and_every_rank_resumes_from_the_last_epoch(
-        tmp_path: Path, job_name: str, preempt_nodes: NodePair) -> None:
+    tmp_path: Path, job_name: str, preempt_nodes: NodePair
+) -> None:
     epochs = 40  # short epochs (~0.5 s): the backup budget keeps some of them in memory only
     write_script(tmp_path, "hvd_fit.py", HOROVOD_SCRIPT)
     # tracking=mlflow with a real server, on the bridge's address so that the nodes reach it.
     server = MlflowServer(tmp_path, host=socket.gethostbyname("tfctl")).start()
-    proc, out, err = popen_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1",
-                                  f"compute.partition={preempt_nodes.low}", "backend=horovod", "compute.nodes=2",
-                                  "entry.script=hvd_fit.py", f"trainer.epochs={epochs}", "trainer.batch_sleep=0.02",
-                                  "tracking=mlflow", f"tracking.tracking_uri={server.uri}", "tracking.experiment=hvd")
+    proc, out, err = popen_tfrun(
+        tmp_path,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.poll_s=1",
+        f"compute.partition={preempt_nodes.low}",
+        "backend=horovod",
+        "compute.nodes=2",
+        "entry.script=hvd_fit.py",
+        f"trainer.epochs={epochs}",
+        "trainer.batch_sleep=0.02",
+        "tracking=mlflow",
+        f"tracking.tracking_uri={server.uri}",
+        "tracking.experiment=hvd",
+    )
     try:
         job_id, run_dir = _wait_for_job(err)
         with FileWatch(run_dir) as watch:
@@ -373,8 +399,11 @@ def test_preempted_horovod_job_is_requeued_and_every_rank_resumes_from_the_last_
             wait_for(lambda: _mlflow_epochs(server.uri, "hvd"), 60, "epochs in MLflow while the job runs")
             assert proc.poll() is None and not metric_epochs(run_dir)[-1] == epochs - 1
             preempt_nodes.preempt(preempt_nodes.first, job_name=job_name)
-            wait_for(lambda: proc.poll() is not None or first_line_of_status(tmp_path, run_dir).endswith(": PREEMPTED"),
-                     120, "tfrun status to say PREEMPTED")
+            wait_for(
+                lambda: proc.poll() is not None or first_line_of_status(tmp_path, run_dir).endswith(": PREEMPTED"),
+                120,
+                "tfrun status to say PREEMPTED",
+            )
             code = proc.wait(timeout=JOB_TIMEOUT)
         runs = [r for r in mlflow_runs(server.uri) if r["experiment"] == "hvd"]
     finally:
@@ -389,8 +418,10 @@ def test_preempted_horovod_job_is_requeued_and_every_rank_resumes_from_the_last_
     assert [step for step, _ in runs[0]["history"]["loss"]] == list(range(epochs))
     assert runs[0]["tags"]["tfrun.slurm_job_id"] == job_id and runs[0]["tags"]["tfrun.attempt"] == f"slurm-{job_id}-1"
     log = (run_dir / "logs/rank0.log").read_text()
-    assert (f"tfrun: job {job_id} is being preempted (partition {preempt_nodes.low}, PreemptMode=REQUEUE; "
-            "20 s of grace time)") in log
+    assert (
+        f"tfrun: job {job_id} is being preempted (partition {preempt_nodes.low}, PreemptMode=REQUEUE; "
+        "20 s of grace time)"
+    ) in log
     assert "tfrun: received SIGTERM: checkpointing and stopping" in log
     for rank in (0, 1):
         # Slurm signals the second node a little later than the first: rank 1's SIGTERM may find the job
@@ -454,8 +485,9 @@ for epoch in range(done, 25):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_preemption_where_slurm_cancels_and_past_the_grace_time(tmp_path: Path, job_name: str,
-                                                                preempt_nodes: NodePair) -> None:
+def test_preemption_where_slurm_cancels_and_past_the_grace_time(
+    tmp_path: Path, job_name: str, preempt_nodes: NodePair
+) -> None:
     """Three jobs preempted by one job that needs both nodes. In "scavenge" (Slurm cancels
     preempted jobs): a Keras fit with epochs shorter than its backup budget is requeued by
     tfrun and resumes from its last finished epoch, held in memory until the SIGTERM; with
@@ -467,16 +499,35 @@ def test_preemption_where_slurm_cancels_and_past_the_grace_time(tmp_path: Path, 
     write_script(tmp_path, "fast.py", FAST_FIT)
     nodes = preempt_nodes
     common = ["compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1"]
-    keras_proc, _, keras_err = popen_tfrun(tmp_path, *common, f"compute.partition={nodes.scavenge}",
-                                           f"compute.nodelist={nodes.second}", "entry.script=fast.py",
-                                           "trainer.epochs=120", "trainer.stop_after=0", "trainer.batch_sleep=0.025",
-                                           name="keras")
-    cancelled_proc, _, cancelled_err = popen_tfrun(tmp_path, *common, f"compute.partition={nodes.scavenge}",
-                                                   f"compute.nodelist={nodes.first}", "compute.requeue_on_preempt=false",
-                                                   "entry.script=progress.py", name="scavenge")
-    slow_proc, _, slow_err = popen_tfrun(tmp_path, *common, f"compute.partition={nodes.low}",
-                                         f"compute.nodelist={nodes.first}", "entry.script=progress.py",
-                                         "trainer.slow_backup=1", name="low")
+    keras_proc, _, keras_err = popen_tfrun(
+        tmp_path,
+        *common,
+        f"compute.partition={nodes.scavenge}",
+        f"compute.nodelist={nodes.second}",
+        "entry.script=fast.py",
+        "trainer.epochs=120",
+        "trainer.stop_after=0",
+        "trainer.batch_sleep=0.025",
+        name="keras",
+    )
+    cancelled_proc, _, cancelled_err = popen_tfrun(
+        tmp_path,
+        *common,
+        f"compute.partition={nodes.scavenge}",
+        f"compute.nodelist={nodes.first}",
+        "compute.requeue_on_preempt=false",
+        "entry.script=progress.py",
+        name="scavenge",
+    )
+    slow_proc, _, slow_err = popen_tfrun(
+        tmp_path,
+        *common,
+        f"compute.partition={nodes.low}",
+        f"compute.nodelist={nodes.first}",
+        "entry.script=progress.py",
+        "trainer.slow_backup=1",
+        name="low",
+    )
     procs = (keras_proc, cancelled_proc, slow_proc)
     try:
         keras_job, keras_dir = _wait_for_job(keras_err)
@@ -498,14 +549,14 @@ def test_preemption_where_slurm_cancels_and_past_the_grace_time(tmp_path: Path, 
     records = [json.loads(line) for line in (keras_dir / "epochs.jsonl").read_text().splitlines()]
     begins = [i for i, r in enumerate(records) if r.get("begin")]
     assert len(begins) == 2, records[:3]
-    first = [r for r in records[:begins[1]] if "epoch" in r]
+    first = [r for r in records[: begins[1]] if "epoch" in r]
     assert len({r["backed_up"] for r in first}) < len(first) // 2, "epochs this short should not all be saved"
     last = first[-1]["epoch"]
     log = (keras_dir / "logs/rank0.log").read_text()
     assert f"tfrun: job {keras_job} is being preempted (partition {nodes.scavenge}, PreemptMode=CANCEL" in log
     assert f"tfrun: resumed from the backup of epoch {last}" in log and "TRAINING DONE" in log
     assert records[begins[1]]["checksum"] == pytest.approx(first[-1]["checksum"], rel=1e-6)
-    assert [r["epoch"] for r in records[begins[1]:] if "epoch" in r] == list(range(last + 1, 121))
+    assert [r["epoch"] for r in records[begins[1] :] if "epoch" in r] == list(range(last + 1, 121))
     assert metric_epochs(keras_dir) == list(range(120))
     tried = attempts(keras_dir)
     assert [a["reason"] for a in tried] == ["preempted", "completed"], tried
@@ -533,8 +584,11 @@ def test_preemption_where_slurm_cancels_and_past_the_grace_time(tmp_path: Path, 
     # Slurm's second SIGTERM, when the grace time is over: the task ends at once.
     assert "tfrun: received SIGTERM again: Slurm is ending the task; ending now" in first_part
     assert "requeueing" not in first_part  # tfrun never got to requeue it: Slurm did
-    restarts = re.findall(r"^Restarts=(\d+)$", subprocess.run(["scontrol", "show", "job", slow_job], capture_output=True,
-                                                             text=True).stdout.replace(" ", "\n"), re.M)
+    restarts = re.findall(
+        r"^Restarts=(\d+)$",
+        subprocess.run(["scontrol", "show", "job", slow_job], capture_output=True, text=True).stdout.replace(" ", "\n"),
+        re.M,
+    )
     if slurm_release() >= requeue.REQUEUES_PREEMPTED_AS_IT_ENDS:
         # Slurm requeued it at the end of the grace time, then once more when that attempt
         # completed: that third start ends at once.
@@ -549,15 +603,26 @@ def test_preemption_where_slurm_cancels_and_past_the_grace_time(tmp_path: Path, 
 
 # --- 3: a rank killed with SIGKILL ends the job within 30 s, named, and nothing is left --------------
 
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_rank_killed_by_sigkill_fails_the_job_quickly_and_leaves_nothing(tmp_path: Path, job_name: str) -> None:
     write_script(tmp_path, "fit.py", FIT_SCRIPT)
     pids = tmp_path / "pids"
     pids.mkdir()
-    result = run_tfrun(tmp_path, "compute=slurm", "compute.nodes=2", f"compute.job_name={job_name}",
-                       "compute.poll_s=1", "entry.script=fit.py", "trainer.epochs=100", f"trainer.pid_dir={pids}",
-                       "trainer.kill_rank=1", "trainer.kill_after=5", timeout=JOB_TIMEOUT)
+    result = run_tfrun(
+        tmp_path,
+        "compute=slurm",
+        "compute.nodes=2",
+        f"compute.job_name={job_name}",
+        "compute.poll_s=1",
+        "entry.script=fit.py",
+        "trainer.epochs=100",
+        f"trainer.pid_dir={pids}",
+        "trainer.kill_rank=1",
+        "trainer.kill_after=5",
+        timeout=JOB_TIMEOUT,
+    )
     returned = time.time()
     assert result.returncode == 1, result.stderr
     job_id, run_dir = submitted(result.stderr)
@@ -582,6 +647,7 @@ def test_rank_killed_by_sigkill_fails_the_job_quickly_and_leaves_nothing(tmp_pat
 
 # --- 4: time limits: requeued as a time-out; bounded by compute.max_requeues ----------------------
 
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_time_limit_requeues_and_max_requeues_bounds_it(tmp_path: Path, job_name: str) -> None:
@@ -598,12 +664,27 @@ def test_time_limit_requeues_and_max_requeues_bounds_it(tmp_path: Path, job_name
     the second is not.
     """
     write_script(tmp_path, "fit.py", FIT_SCRIPT)
-    common = ["compute=slurm", f"compute.job_name={job_name}", "compute.wait=false", "compute.timeout_min=1",
-              "compute.signal_delay_s=45", "entry.script=fit.py"]
+    common = [
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.wait=false",
+        "compute.timeout_min=1",
+        "compute.signal_delay_s=45",
+        "entry.script=fit.py",
+    ]
     runs = {}
-    for name, extra in (("finishes", [f"trainer.epochs={EPOCHS}", "compute.max_requeues=10", "trainer.batch_sleep=0.05",
-                                      "trainer.stall_after=2"]),
-                        ("bounded", ["trainer.epochs=200", "compute.max_requeues=1", "trainer.batch_sleep=0.3"])):
+    for name, extra in (
+        (
+            "finishes",
+            [
+                f"trainer.epochs={EPOCHS}",
+                "compute.max_requeues=10",
+                "trainer.batch_sleep=0.05",
+                "trainer.stall_after=2",
+            ],
+        ),
+        ("bounded", ["trainer.epochs=200", "compute.max_requeues=1", "trainer.batch_sleep=0.3"]),
+    ):
         result = run_tfrun(tmp_path, *common, *extra, timeout=120)
         assert result.returncode == 0, result.stderr
         runs[name] = submitted(result.stderr)
@@ -637,6 +718,7 @@ def test_time_limit_requeues_and_max_requeues_bounds_it(tmp_path: Path, job_name
 
 # --- 5: the controller reconfigured and restarted under a running sweep ------------------------------
 
+
 def _sweep_rows(tmp_path: Path, sweep_dir: Path) -> list[list[str]]:
     result = run_tfrun(tmp_path, "status", str(sweep_dir), timeout=120)
     assert result.returncode == 0, result.stderr
@@ -654,8 +736,17 @@ def _queue_states(array: str) -> list[str]:
 @pytest.mark.alone
 def test_sweep_status_survives_reconfigure_and_controller_restart(tmp_path: Path, job_name: str) -> None:
     write_script(tmp_path, "point.py", POINT_SCRIPT)
-    result = run_tfrun(tmp_path, "-m", "compute=slurm", f"compute.job_name={job_name}", "compute.wait=false",
-                       "entry.script=point.py", "trainer.sleep=40", "trainer.x=1,2,3", timeout=120)
+    result = run_tfrun(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.wait=false",
+        "entry.script=point.py",
+        "trainer.sleep=40",
+        "trainer.x=1,2,3",
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     match = re.search(r"^tfrun: submitted 3 run\(s\) as job\(s\) (\d+); sweep dir (.+)$", result.stderr, re.M)
     assert match, result.stderr
@@ -663,25 +754,35 @@ def test_sweep_status_survives_reconfigure_and_controller_restart(tmp_path: Path
     jobs = [f"{array}_{i}" for i in range(3)]
 
     def running() -> bool:
-        return all("point x=" in (sweep_dir / str(i) / "logs/rank0.log").read_text()
-                   if (sweep_dir / str(i) / "logs/rank0.log").exists() else False for i in range(3))
+        return all(
+            "point x=" in (sweep_dir / str(i) / "logs/rank0.log").read_text()
+            if (sweep_dir / str(i) / "logs/rank0.log").exists()
+            else False
+            for i in range(3)
+        )
 
     wait_for(running, JOB_TIMEOUT, "every point to start")
     # sacct learns of a start from slurmdbd a moment after the script printed its line.
-    wait_for(lambda: [row[:4] for row in _sweep_rows(tmp_path, sweep_dir)] == [
-        [str(i), "RUNNING", "job", jobs[i]] for i in range(3)], 30, "tfrun status to say RUNNING for every point")
+    wait_for(
+        lambda: (
+            [row[:4] for row in _sweep_rows(tmp_path, sweep_dir)]
+            == [[str(i), "RUNNING", "job", jobs[i]] for i in range(3)]
+        ),
+        30,
+        "tfrun status to say RUNNING for every point",
+    )
 
     reconfigured = subprocess.run(["scontrol", "reconfigure"], capture_output=True, text=True, timeout=120)
     assert reconfigured.returncode == 0, reconfigured.stderr
     # The controller has read its configuration again once it answers for the jobs, still running.
     wait_for(lambda: _queue_states(array) == ["RUNNING"] * 3, 60, "the controller to answer after the reconfigure")
     assert [row[:4] for row in _sweep_rows(tmp_path, sweep_dir)] == [
-        [str(i), "RUNNING", "job", jobs[i]] for i in range(3)]
+        [str(i), "RUNNING", "job", jobs[i]] for i in range(3)
+    ]
 
     pid_file = Path("/var/lib/tfrun-slurm/run/slurmctld.pid")
     before = pid_file.read_text().strip()
-    restarted = subprocess.run([str(LOCAL_SLURM), "restart-controller"], capture_output=True, text=True,
-                               timeout=180)
+    restarted = subprocess.run([str(LOCAL_SLURM), "restart-controller"], capture_output=True, text=True, timeout=180)
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     assert pid_file.read_text().strip() != before, "slurmctld was not restarted"
     rows = _sweep_rows(tmp_path, sweep_dir)
@@ -691,7 +792,8 @@ def test_sweep_status_survives_reconfigure_and_controller_restart(tmp_path: Path
     for i in range(3):
         assert wait_final(tmp_path, sweep_dir / str(i)) == "COMPLETED"
     assert [row[:4] for row in _sweep_rows(tmp_path, sweep_dir)] == [
-        [str(i), "COMPLETED", "job", jobs[i]] for i in range(3)]
+        [str(i), "COMPLETED", "job", jobs[i]] for i in range(3)
+    ]
     for i, x in enumerate((1, 2, 3)):
         status = read_json(sweep_dir / str(i) / "status.json")
         assert status["job_ids"] == [jobs[i]], status  # not resubmitted, not renumbered
@@ -701,8 +803,11 @@ def test_sweep_status_survives_reconfigure_and_controller_restart(tmp_path: Path
 
 # --- 6: Ctrl-C locally: a clean, resumable stop; twice: cancelled -------------------------------------
 
+
 def _local_run_dir(tmp_path: Path) -> Path:
-    found = [p for p in (tmp_path / "runs").iterdir() if (p / "plan.json").exists()] if (tmp_path / "runs").exists() else []
+    found = (
+        [p for p in (tmp_path / "runs").iterdir() if (p / "plan.json").exists()] if (tmp_path / "runs").exists() else []
+    )
     return found[0] if len(found) == 1 else Path("/nonexistent")
 
 
@@ -827,8 +932,9 @@ print("TRAINING DONE", flush=True)
 @pytest.mark.slow
 def test_short_epochs_are_backed_up_within_budget_and_resume_exactly(tmp_path: Path) -> None:
     write_script(tmp_path, "fast.py", FAST_FIT)
-    stopped = run_tfrun(tmp_path, "entry.script=fast.py", "trainer.epochs=60", "trainer.stop_after=25",
-                        timeout=JOB_TIMEOUT)
+    stopped = run_tfrun(
+        tmp_path, "entry.script=fast.py", "trainer.epochs=60", "trainer.stop_after=25", timeout=JOB_TIMEOUT
+    )
     assert stopped.returncode != 0, stopped.stderr
     run_dir = _local_run_dir(tmp_path)
     assert read_json(run_dir / "status.json")["state"] == "STOPPED"
@@ -853,6 +959,6 @@ def test_short_epochs_are_backed_up_within_budget_and_resume_exactly(tmp_path: P
     assert len(begins) == 2
     # The resumed weights are exactly those of the last finished epoch (held in memory, then written).
     assert records[begins[1]]["checksum"] == pytest.approx(epochs[-1]["checksum"], rel=1e-6)
-    assert [r["epoch"] for r in records[begins[1]:] if "epoch" in r] == list(range(last + 1, 61))
+    assert [r["epoch"] for r in records[begins[1] :] if "epoch" in r] == list(range(last + 1, 61))
     assert metric_epochs(run_dir) == list(range(60))
     assert read_json(run_dir / "checkpoints/backup/state.json")["epoch"] == 60  # written when fit ended

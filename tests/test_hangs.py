@@ -2,6 +2,7 @@
 (or requeued) long before its time limit; a rank that pauses legitimately, or reports no
 steps while it works, is left alone. Real processes, locally and as Slurm jobs on the local
 cluster's separate hosts."""
+
 from __future__ import annotations
 
 import json
@@ -104,8 +105,15 @@ def stacks_in(log: str) -> list[str]:
 @pytest.mark.parametrize("how", ["blocks", "freezes"])
 def test_a_local_horovod_rank_that_stops_is_found_named_and_ended(tmp_path: Path, how: str) -> None:
     stuck = script(tmp_path, "stuck.py", HOROVOD_STUCK)
-    result = run_tfrun(tmp_path, f"entry.script={stuck}", f"trainer.how={how}", "backend=horovod",
-                       "compute.tasks_per_node=2", f"compute.hang_timeout_s={HANG_S}", timeout=300)
+    result = run_tfrun(
+        tmp_path,
+        f"entry.script={stuck}",
+        f"trainer.how={how}",
+        "backend=horovod",
+        "compute.tasks_per_node=2",
+        f"compute.hang_timeout_s={HANG_S}",
+        timeout=300,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     run_dir = run_dir_from(result.stderr)
     status = hang_of(run_dir)
@@ -169,8 +177,11 @@ def test_a_script_that_reports_no_steps_is_judged_by_what_it_does(tmp_path: Path
     silent = script(tmp_path, "silent.py", SILENT_THEN_BLOCKED)
     proc, _out, err = popen_tfrun(tmp_path, f"entry.script={silent}", "compute.hang_timeout_s=8")
     try:
-        wait_for(lambda: list(tmp_path.glob("runs/*/outputs/blocked-at")) or proc.poll() is not None, 240,
-                 "the script to block")
+        wait_for(
+            lambda: list(tmp_path.glob("runs/*/outputs/blocked-at")) or proc.poll() is not None,
+            240,
+            "the script to block",
+        )
         assert proc.poll() is None, text_of(err)[-3000:]  # the work before was no hang
         run_dir = next(tmp_path.glob("runs/*/outputs/blocked-at")).parents[1]
         blocked = float((run_dir / "outputs/blocked-at").read_text())
@@ -226,8 +237,14 @@ def test_a_multiworker_loop_that_never_calls_tfrun_is_found_when_a_rank_blocks(t
     """The waiting rank's collective and TensorFlow's own threads use no CPU to speak of: the run
     is found within the timeout (10 s) and a little more, the blocked rank named."""
     tape = script(tmp_path, "mwms_tape.py", MWMS_TAPE)
-    result = run_tfrun(tmp_path, f"entry.script={tape}", "backend=mwms", "compute.tasks_per_node=2",
-                       "compute.hang_timeout_s=10", timeout=300)
+    result = run_tfrun(
+        tmp_path,
+        f"entry.script={tape}",
+        "backend=mwms",
+        "compute.tasks_per_node=2",
+        "compute.hang_timeout_s=10",
+        timeout=300,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     run_dir = run_dir_from(result.stderr)
     status = hang_of(run_dir)
@@ -314,8 +331,16 @@ print("PS DONE", flush=True)
 
 def test_a_parameter_server_chief_with_long_epochs_and_its_evaluator_are_not_a_hang(tmp_path: Path) -> None:
     train = script(tmp_path, "ps_long.py", PS_LONG_EPOCHS)
-    result = run_tfrun(tmp_path, f"entry.script={train}", "backend=ps", "backend.worker_count=1",
-                       "backend.evaluator=true", "compute.tasks_per_node=4", "compute.hang_timeout_s=6", timeout=400)
+    result = run_tfrun(
+        tmp_path,
+        f"entry.script={train}",
+        "backend=ps",
+        "backend.worker_count=1",
+        "backend.evaluator=true",
+        "compute.tasks_per_node=4",
+        "compute.hang_timeout_s=6",
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "PS DONE" in result.stdout and "EVALUATOR DONE" in result.stdout, result.stdout[-3000:]
     run_dir = run_dir_from(result.stderr)
@@ -330,15 +355,25 @@ def test_a_parameter_server_chief_with_long_epochs_and_its_evaluator_are_not_a_h
 
 # --- on the local cluster's separate hosts -----------------------------------------------------
 
+
 @pytest.mark.slurm
 def test_a_stuck_rank_on_another_node_ends_the_job_and_a_requeue_is_bounded(tmp_path: Path, job_name: str) -> None:
     """Rank 1 on node2 blocks: the job ends within 60 s of it, named; with requeue_on_hang the
     job is requeued once (max_requeues=1) and, stuck again, ends FAILED."""
     stuck = script(tmp_path, "stuck.py", HOROVOD_STUCK)
-    result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.nodes=2",
-                       f"entry.script={stuck}", "backend=horovod",
-                       f"compute.hang_timeout_s={HANG_S}", "compute.requeue_on_hang=true", "compute.max_requeues=1",
-                       "compute.poll_s=1", timeout=900)
+    result = run_tfrun(
+        tmp_path,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.nodes=2",
+        f"entry.script={stuck}",
+        "backend=horovod",
+        f"compute.hang_timeout_s={HANG_S}",
+        "compute.requeue_on_hang=true",
+        "compute.max_requeues=1",
+        "compute.poll_s=1",
+        timeout=900,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     run_dir = run_dir_from(result.stderr)
     status = hang_of(run_dir)
@@ -385,16 +420,25 @@ def epochs_done(run_dir: Path) -> int:
 
 @pytest.mark.slurm
 @pytest.mark.parametrize("requeue", [False, True], ids=["ends", "requeues"])
-def test_a_node_cut_off_mid_training_is_named_and_the_job_ends_or_resumes(tmp_path: Path, requeue: bool, job_name: str,
-                                                                          network_nodes: NodePair) -> None:
+def test_a_node_cut_off_mid_training_is_named_and_the_job_ends_or_resumes(
+    tmp_path: Path, requeue: bool, job_name: str, network_nodes: NodePair
+) -> None:
     """On nodes of the network tests' own: the second one's link is cut (every job there would lose it)."""
     train = script(tmp_path, "train.py", KERAS_TRAINING)
     lost = network_nodes.second
     link = ["ip", "-n", f"tfrun-{lost}", "link", "set", "eth0"]
-    proc, _out, err = popen_tfrun(tmp_path, "compute=slurm", f"compute.partition={network_nodes.partition}",
-                                  f"compute.job_name={job_name}", "compute.nodes=2", f"entry.script={train}",
-                                  "backend=horovod", f"compute.hang_timeout_s={HANG_S}", "compute.poll_s=1",
-                                  f"compute.requeue_on_hang={str(requeue).lower()}")
+    proc, _out, err = popen_tfrun(
+        tmp_path,
+        "compute=slurm",
+        f"compute.partition={network_nodes.partition}",
+        f"compute.job_name={job_name}",
+        "compute.nodes=2",
+        f"entry.script={train}",
+        "backend=horovod",
+        f"compute.hang_timeout_s={HANG_S}",
+        "compute.poll_s=1",
+        f"compute.requeue_on_hang={str(requeue).lower()}",
+    )
     cut = None
     try:
         wait_for(lambda: "tfrun: submitted job" in err.read_text(), 120, "the job to be submitted")
@@ -402,8 +446,11 @@ def test_a_node_cut_off_mid_training_is_named_and_the_job_ends_or_resumes(tmp_pa
         wait_for(lambda: epochs_done(run_dir) >= 2, 300, "two epochs trained")
         subprocess.run([*link, "down"], check=True, timeout=30)
         cut = time.time()
-        wait_for(lambda: (read_json(run_dir / "status.json") or {}).get("hang"), HANG_S + 30,
-                 "the watchdog to report the lost node")
+        wait_for(
+            lambda: (read_json(run_dir / "status.json") or {}).get("hang"),
+            HANG_S + 30,
+            "the watchdog to report the lost node",
+        )
         named = time.time() - cut
         hang = read_json(run_dir / "status.json")["hang"]
         assert hang["lost_nodes"] == [lost] and f"node {lost} lost" in hang["reason"], hang
@@ -487,15 +534,24 @@ def slurmd_port() -> str:
 @pytest.mark.slurm
 @pytest.mark.parametrize("blocked", [False, True], ids=["healthy", "blocked"])
 def test_a_horovod_loop_that_never_calls_tfrun_runs_on_two_nodes_and_a_blocked_rank_is_found(
-        tmp_path: Path, blocked: bool, job_name: str) -> None:
+    tmp_path: Path, blocked: bool, job_name: str
+) -> None:
     """Healthy, it runs far past the hang timeout and completes, its nodes probed at the port
     the cluster's slurmds listen on; with rank 1 blocked, the job ends within the timeout and a
     little more, rank 1 on node2 named, its stack in its log."""
     tape = script(tmp_path, "tape.py", HOROVOD_TAPE)
-    result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.nodes=2",
-                       f"entry.script={tape}", "backend=horovod",
-                       f"compute.hang_timeout_s={TAPE_HANG_S}", "compute.poll_s=1",
-                       *(["trainer.block_rank=1"] if blocked else []), timeout=600)
+    result = run_tfrun(
+        tmp_path,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.nodes=2",
+        f"entry.script={tape}",
+        "backend=horovod",
+        f"compute.hang_timeout_s={TAPE_HANG_S}",
+        "compute.poll_s=1",
+        *(["trainer.block_rank=1"] if blocked else []),
+        timeout=600,
+    )
     run_dir = run_dir_from(result.stderr)
     watch_log = (run_dir / "logs/watchdog.log").read_text()
     port = slurmd_port()
@@ -524,10 +580,17 @@ def test_a_requeue_slurm_refuses_ends_the_run_as_the_hang(tmp_path: Path, job_na
     """The job may not be requeued (Requeue=0, set while it runs): the watchdog's requeue fails,
     the attempt says so, and the run ends FAILED with the hang's rank and reason."""
     stuck = script(tmp_path, "stuck.py", HOROVOD_STUCK)
-    proc, _out, err = popen_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.nodes=2",
-                                  f"entry.script={stuck}",
-                                  "backend=horovod", f"compute.hang_timeout_s={HANG_S}", "compute.requeue_on_hang=true",
-                                  "compute.poll_s=1")
+    proc, _out, err = popen_tfrun(
+        tmp_path,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.nodes=2",
+        f"entry.script={stuck}",
+        "backend=horovod",
+        f"compute.hang_timeout_s={HANG_S}",
+        "compute.requeue_on_hang=true",
+        "compute.poll_s=1",
+    )
     try:
         wait_for(lambda: "tfrun: submitted job" in text_of(err), 120, "the job to be submitted")
         job = re.search(r"submitted job (\d+)", text_of(err)).group(1)
@@ -611,8 +674,15 @@ def test_the_watchdog_of_a_job_whose_rank_0_is_killed_ends_with_the_job(tmp_path
     """Rank 0 dies by SIGKILL, recording no end: its job ends, and so does its watchdog (its
     hang timeout far away), soon after, though no rank said it ended and Slurm does not kill it."""
     killed = script(tmp_path, "killed.py", RANK0_KILLED)
-    result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", f"entry.script={killed}",
-                       "compute.hang_timeout_s=3600", "compute.poll_s=1", timeout=600)
+    result = run_tfrun(
+        tmp_path,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        f"entry.script={killed}",
+        "compute.hang_timeout_s=3600",
+        "compute.poll_s=1",
+        timeout=600,
+    )
     run_dir = run_dir_from(result.stderr)
     try:
         assert result.returncode == 1, result.stderr[-3000:]
@@ -623,8 +693,10 @@ def test_the_watchdog_of_a_job_whose_rank_0_is_killed_ends_with_the_job(tmp_path
         deadline = time.monotonic() + 30
         while watchdogs_of(run_dir) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not watchdogs_of(run_dir), (f"the watchdog (pid {pid}) still runs 30 s after its job ended:\n"
-                                           + text_of(run_dir / "logs/watchdog.log")[-2000:])
+        assert not watchdogs_of(run_dir), (
+            f"the watchdog (pid {pid}) still runs 30 s after its job ended:\n"
+            + text_of(run_dir / "logs/watchdog.log")[-2000:]
+        )
     finally:
         for left in watchdogs_of(run_dir):
             os.kill(left, signal.SIGKILL)
@@ -635,9 +707,20 @@ def test_a_pool_items_watchdog_ends_with_its_item_not_with_its_allocation(tmp_pa
     """Two items side by side in one allocation, each in a slot (a job step that lives as long as
     the allocation): item 0's rank 0 dies by SIGKILL; its watchdog ends while item 1 still runs."""
     killed = script(tmp_path, "killed.py", RANK0_KILLED)
-    result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=2", "compute.pack_slots=2",
-                       "compute.gpus_per_node=1", "compute.poll_s=1", f"compute.job_name={job_name}",
-                       f"entry.script={killed}", "compute.hang_timeout_s=3600", "trainer.i=range(0,2)", timeout=600)
+    result = run_tfrun(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        "compute.pack_size=2",
+        "compute.pack_slots=2",
+        "compute.gpus_per_node=1",
+        "compute.poll_s=1",
+        f"compute.job_name={job_name}",
+        f"entry.script={killed}",
+        "compute.hang_timeout_s=3600",
+        "trainer.i=range(0,2)",
+        timeout=600,
+    )
     sweep = next((tmp_path / "runs").glob("sweep-*"))
     try:
         assert result.returncode == 1, result.stderr[-3000:]

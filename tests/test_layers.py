@@ -1,6 +1,7 @@
 """The package's floors hold: import-linter's contracts (pyproject.toml) pass, every module
 of tfrun is on a floor, and what runs inside a task imports no Hydra, OmegaConf or
 submitit (nor TensorFlow until a script asks for it)."""
+
 from __future__ import annotations
 
 import ast
@@ -62,7 +63,9 @@ def test_the_bootstrap_imports_no_hydra_omegaconf_or_submitit() -> None:
 def test_a_pool_slots_agent_imports_no_hydra_omegaconf_submitit_or_tensorflow() -> None:
     """Every item of a pool is forked from its slot's agent: what the agent imports, every item
     has (TensorFlow only when the pool imports it ahead, for the items' script)."""
-    result = _imports_in_fresh_interpreter(["tfrun.targets.pool.agent"], {"hydra", "omegaconf", "submitit", "tensorflow"})
+    result = _imports_in_fresh_interpreter(
+        ["tfrun.targets.pool.agent"], {"hydra", "omegaconf", "submitit", "tensorflow"}
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -82,10 +85,12 @@ def test_what_runs_in_a_task_imports_no_hydra_nor_tensorflow(package: str) -> No
 
 # A run's life (start, follow, settle, report, sync, cancel, signal) is the runner's: these are
 # the calls that do one of those, made anywhere else only by the targets that implement them.
-LIFE = re.compile(r"(^|\.)(print_outcome|sync_if_asked|settle|refresh_items|cancel_items)$"
-                  r"|^(local|slurm)\.(run|run_many|launch|cancel|scancel)$"
-                  r"|^targets\.(get|of)\(.*\)\.(run|run_many|submit|poll|cancel|signal)$"
-                  r"|^targets\.POOL\.")
+LIFE = re.compile(
+    r"(^|\.)(print_outcome|sync_if_asked|settle|refresh_items|cancel_items)$"
+    r"|^(local|slurm)\.(run|run_many|launch|cancel|scancel)$"
+    r"|^targets\.(get|of)\(.*\)\.(run|run_many|submit|poll|cancel|signal)$"
+    r"|^targets\.POOL\."
+)
 LIFE_HOMES = ("tfrun/runner/", "tfrun/targets/")
 
 

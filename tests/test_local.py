@@ -1,4 +1,5 @@
 """Real local runs through the ``tfrun`` command: real processes, real files, no mocks."""
+
 from __future__ import annotations
 
 import json
@@ -36,6 +37,7 @@ def write_script(tmp_path: Path, name: str, body: str) -> Path:
 
 # --- (a) the digits example, one task -------------------------------------------------
 
+
 @pytest.mark.slow
 def test_digits_single_task_trains_and_records_the_run(tmp_path: Path) -> None:
     result = run_tfrun(tmp_path, f"trainer.epochs={DIGITS_EPOCHS}", timeout=300)
@@ -45,8 +47,16 @@ def test_digits_single_task_trains_and_records_the_run(tmp_path: Path) -> None:
     assert f"tfrun: outputs {run_dir / 'outputs'}" in result.stderr
     assert "COMPLETED" in result.stderr
 
-    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "plan.json", "status.json",
-                 "logs/rank0.log", "ranks/0.json", "outputs/model.keras", "outputs/final_metrics.json"):
+    for name in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "plan.json",
+        "status.json",
+        "logs/rank0.log",
+        "ranks/0.json",
+        "outputs/model.keras",
+        "outputs/final_metrics.json",
+    ):
         assert (run_dir / name).is_file(), name
     status = read_json(run_dir / "status.json")
     assert status["state"] == "COMPLETED" and status["exit_codes"] == {"0": 0}
@@ -62,10 +72,11 @@ def test_digits_single_task_trains_and_records_the_run(tmp_path: Path) -> None:
     log = (run_dir / "logs/rank0.log").read_text()
     assert f"Epoch {DIGITS_EPOCHS}/{DIGITS_EPOCHS}" in log and "val_accuracy=" in log
     assert "val_accuracy=" in result.stdout  # streamed to the terminal too
-    assert "[rank0]" not in result.stdout    # one task: no prefixes
+    assert "[rank0]" not in result.stdout  # one task: no prefixes
 
 
 # --- (b) two tasks -----------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_two_tasks_log_separately_and_prefix_output(tmp_path: Path) -> None:
@@ -138,8 +149,15 @@ def test_script_sees_flags_cwd_and_context(tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()
     write_script(source, "show.py", SHOW_SCRIPT)
-    result = run_tfrun(tmp_path, f"entry.source_dir={source}", "entry.script=show.py", "trainer.lr=0.01",
-                       "trainer.batch_size=50", "trainer.name=a/b:c+d", "+deps.env.MY_VAR=hello")
+    result = run_tfrun(
+        tmp_path,
+        f"entry.source_dir={source}",
+        "entry.script=show.py",
+        "trainer.lr=0.01",
+        "trainer.batch_size=50",
+        "trainer.name=a/b:c+d",
+        "+deps.env.MY_VAR=hello",
+    )
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.split("TFRUN-SEES ", 1)[1].splitlines()[0])
     run_dir = run_dir_from(result.stderr)
@@ -168,8 +186,14 @@ def test_script_run_from_cwd_by_default(tmp_path: Path) -> None:
 def test_context_outside_tfrun(tmp_path: Path) -> None:
     """A script that uses tfrun.context() still runs as plain python."""
     write_script(tmp_path, "show.py", SHOW_SCRIPT.replace('os.environ["TFRUN_OUTPUT_DIR"]', "None"))
-    result = subprocess.run([sys.executable, "show.py", "--x", "1"], cwd=tmp_path, env=scratch_env(tmp_path),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "show.py", "--x", "1"],
+        cwd=tmp_path,
+        env=scratch_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.split("TFRUN-SEES ", 1)[1])
     assert (seen["under_tfrun"], seen["rank"], seen["world_size"]) == (False, 0, 1)
@@ -202,10 +226,19 @@ else:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("failure, code, reason, in_log", [
-    ("sys.exit(3)", 3, "exit code 3", "rank 1 about to fail"),
-    ("raise ValueError('boom from rank 1')", 1, "ValueError: boom from rank 1", "Traceback (most recent call last)"),
-], ids=["exit-3", "exception"])
+@pytest.mark.parametrize(
+    "failure, code, reason, in_log",
+    [
+        ("sys.exit(3)", 3, "exit code 3", "rank 1 about to fail"),
+        (
+            "raise ValueError('boom from rank 1')",
+            1,
+            "ValueError: boom from rank 1",
+            "Traceback (most recent call last)",
+        ),
+    ],
+    ids=["exit-3", "exception"],
+)
 def test_failing_rank_stops_the_run(tmp_path: Path, failure: str, code: int, reason: str, in_log: str) -> None:
     pids = tmp_path / "pids"
     pids.mkdir()
@@ -257,8 +290,9 @@ def test_a_run_past_its_time_limit_ends_timeout_and_says_why(tmp_path: Path) -> 
     pids = tmp_path / "pids"
     pids.mkdir()
     write_script(tmp_path, "sleep.py", SLEEP_SCRIPT.format(pids=pids))
-    result = run_tfrun(tmp_path, "entry.script=sleep.py", "compute.tasks_per_node=2", "compute.timeout_min=1",
-                       timeout=240)
+    result = run_tfrun(
+        tmp_path, "entry.script=sleep.py", "compute.tasks_per_node=2", "compute.timeout_min=1", timeout=240
+    )
     assert result.returncode == 1, result.stderr
     status = read_json(run_dir_from(result.stderr) / "status.json")
     assert status["state"] == "TIMEOUT" and status["reason"] == "its time limit (compute.timeout_min) passed", status
@@ -276,8 +310,14 @@ def test_no_daemon_thread_of_a_task_imports_anything(tmp_path: Path) -> None:
     (hook / "sitecustomize.py").write_text(_THREAD_IMPORTS)
     # long enough for tfrun's threads to have started and done a round of their work
     write_script(tmp_path, "short.py", "import time\ntime.sleep(1.5)\n")
-    result = run_tfrun(tmp_path, "entry.script=short.py", "compute.tasks_per_node=2", timeout=120,
-                       PYTHONPATH=str(hook), TEST_THREAD_IMPORTS=str(noted))
+    result = run_tfrun(
+        tmp_path,
+        "entry.script=short.py",
+        "compute.tasks_per_node=2",
+        timeout=120,
+        PYTHONPATH=str(hook),
+        TEST_THREAD_IMPORTS=str(noted),
+    )
     assert result.returncode == 0, result.stderr
     lines = [line for f in noted.iterdir() for line in f.read_text().splitlines()]
     in_tasks = [line for line in lines if "tfrun.bootstrap" in line]
@@ -393,8 +433,15 @@ def test_cancel_from_a_shell_spares_the_process_that_launched_the_run(tmp_path: 
     pids.mkdir()
     write_script(tmp_path, "sleep.py", SLEEP_SCRIPT.format(pids=pids))
     write_script(tmp_path, "notebook.py", LAUNCHES_AND_WAITS)
-    notebook = subprocess.Popen([sys.executable, "notebook.py"], cwd=tmp_path, env=scratch_env(tmp_path),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    notebook = subprocess.Popen(
+        [sys.executable, "notebook.py"],
+        cwd=tmp_path,
+        env=scratch_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: (pids / "0").exists() and (pids / "1").exists(), 60, "both ranks to start")
         task_pids = [int((pids / r).read_text()) for r in ("0", "1")]
@@ -425,8 +472,9 @@ def test_a_cancel_ends_a_run_cancelled_whatever_else_its_run_dir_says(tmp_path: 
         wait_for(lambda: (pids / "0").exists() and (pids / "1").exists(), 60, "both ranks to start")
         run_dir = next(tmp_path.rglob("plan.json")).parent
         rundir.write_json(RunPaths.of(run_dir).prune, {"policy": "asha", "epoch": 1, "why": "below the median"})
-        rundir.update_status(run_dir, hang={"rank": 1, "host": "here", "reason": "rank 1 made no progress",
-                                            "requeued": False})
+        rundir.update_status(
+            run_dir, hang={"rank": 1, "host": "here", "reason": "rank 1 made no progress", "requeued": False}
+        )
         cancelled = run_tfrun(tmp_path, "cancel", str(run_dir))
         assert cancelled.returncode == 0, cancelled.stderr
         proc.wait(timeout=60)
@@ -503,10 +551,14 @@ def test_user_config_dir_adds_an_option(tmp_path: Path) -> None:
     assert result.returncode == 2 and "compute=mybox" in result.stderr
 
 
-@pytest.mark.parametrize("project_default, tasks, argv", [
-    ("# @package _global_\ndefaults:\n  - override /compute: mybox\n", 2, []),
-    ("# @package _global_\ncompute:\n  tasks_per_node: 3\ntrainer:\n  epochs: 2\n", 3, ["--epochs", "2"]),
-], ids=["override-group", "set-values"])
+@pytest.mark.parametrize(
+    "project_default, tasks, argv",
+    [
+        ("# @package _global_\ndefaults:\n  - override /compute: mybox\n", 2, []),
+        ("# @package _global_\ncompute:\n  tasks_per_node: 3\ntrainer:\n  epochs: 2\n", 3, ["--epochs", "2"]),
+    ],
+    ids=["override-group", "set-values"],
+)
 def test_project_default_changes_defaults(tmp_path: Path, project_default: str, tasks: int, argv: list) -> None:
     conf = make_user_conf(tmp_path)
     (conf / "project").mkdir()
@@ -561,15 +613,23 @@ print("NO-TF-OK", file=sys.stderr)
 """
 
 
-@pytest.mark.parametrize("args", [["--dry-run"], ["--dry-run=json", "compute.tasks_per_node=2"], ["--help"],
-                                  ["--cfg", "job"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "args", [["--dry-run"], ["--dry-run=json", "compute.tasks_per_node=2"], ["--help"], ["--cfg", "job"]], ids=" ".join
+)
 def test_cli_does_not_import_tensorflow(tmp_path: Path, args: list[str]) -> None:
-    result = subprocess.run([sys.executable, "-c", NO_TF.format(args=args)], cwd=tmp_path,
-                            env=scratch_env(tmp_path), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TF.format(args=args)],
+        cwd=tmp_path,
+        env=scratch_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0 and "NO-TF-OK" in result.stderr, result.stderr
 
 
 # --- (h) Hydra's own flags ------------------------------------------------------------------------
+
 
 def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
     result = run_tfrun(tmp_path, "--cfg", "job", "compute.tasks_per_node=3", "trainer.lr=0.5")

@@ -1,5 +1,6 @@
 """``metrics.jsonl`` written by appends: per-step logging keeps every value, in order; a
 torn last line (a kill mid-write) is skipped and the next writer starts a fresh line."""
+
 from __future__ import annotations
 
 import json
@@ -88,7 +89,8 @@ def test_a_torn_last_line_is_skipped_and_the_next_record_starts_a_new_line(tmp_p
 
 def test_a_million_records_read_back(tmp_path: Path) -> None:
     path = RunPaths.of(tmp_path).metrics
-    path.write_text("".join(f'{{"name": "loss", "step": {i}, "time": {i}.5, "value": {i / 7!r}}}\n'
-                            for i in range(1_000_000)))
+    path.write_text(
+        "".join(f'{{"name": "loss", "step": {i}, "time": {i}.5, "value": {i / 7!r}}}\n' for i in range(1_000_000))
+    )
     records = metrics.read_metrics(path)
     assert len(records) == 1_000_000 and records[-1]["step"] == 999_999 and records[7]["value"] == 1.0

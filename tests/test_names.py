@@ -2,6 +2,7 @@
 environment variables only in tfrun/variables.py, a run's states only in tfrun/states.py. Every
 other module asks them, so a file, a variable or a state is renamed in one place and no reader
 is left behind."""
+
 from __future__ import annotations
 
 import ast
@@ -20,28 +21,46 @@ OTHER_VOCABULARY = re.compile(r"_?(SLURM|MLFLOW|OPTUNA)_[A-Z0-9_]+")
 def _file_names() -> set[str]:
     """The file names tfrun/paths.py spells (the literals it joins to a run or sweep dir)."""
     tree = ast.parse((REPO / "tfrun" / "paths.py").read_text())
-    names = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
-             and re.fullmatch(r"[\w.\-]+\.(json|jsonl|lock|log|db|journal)|cancel-requested", node.value)}
+    names = {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and re.fullmatch(r"[\w.\-]+\.(json|jsonl|lock|log|db|journal)|cancel-requested", node.value)
+    }
     assert {"plan.json", "status.json", "sweep.json", "metrics.jsonl", "cancel-requested"} <= names, names
     return names
 
 
 def _literals(path: Path) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text())
-    return [(node.lineno, node.value) for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    ]
 
 
 def test_a_run_dirs_files_are_named_only_in_paths() -> None:
     names = _file_names()
-    found = [f"{path.relative_to(REPO)}:{line}: {value!r}" for path in SOURCES if path.name != "paths.py"
-             for line, value in _literals(path) if value in names]
+    found = [
+        f"{path.relative_to(REPO)}:{line}: {value!r}"
+        for path in SOURCES
+        if path.name != "paths.py"
+        for line, value in _literals(path)
+        if value in names
+    ]
     assert not found, "spell these through tfrun.paths (RunPaths, SweepPaths):\n" + "\n".join(found)
 
 
 def test_tfrun_variables_are_named_only_in_variables() -> None:
-    found = [f"{path.relative_to(REPO)}:{line}: {value!r}" for path in SOURCES if path.name != "variables.py"
-             for line, value in _literals(path) if re.fullmatch(r"TFRUN_[A-Z0-9_]+", value)]
+    found = [
+        f"{path.relative_to(REPO)}:{line}: {value!r}"
+        for path in SOURCES
+        if path.name != "variables.py"
+        for line, value in _literals(path)
+        if re.fullmatch(r"TFRUN_[A-Z0-9_]+", value)
+    ]
     assert not found, "name these through tfrun.variables:\n" + "\n".join(found)
 
 
@@ -74,9 +93,14 @@ def test_run_states_are_spelled_only_in_states() -> None:
         tree = ast.parse(path.read_text())
         names, allowed = _other_vocabulary(tree)
         vocabulary |= names
-        found += [f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
-                  if isinstance(node, ast.Constant) and node.value in words and id(node) not in allowed]
+        found += [
+            f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and node.value in words and id(node) not in allowed
+        ]
     # Slurm's and MLflow's words that are spelled like a run state are found as their own.
     assert {"SLURM_TO_RUN_STATE", "SLURM_PREEMPTED", "MLFLOW_RUNNING", "MLFLOW_FAILED"} <= vocabulary, vocabulary
-    assert not found, ("name a run's state through tfrun.states.RunState, or another tool's word in a module-level "
-                       "name of its vocabulary (SLURM_..., MLFLOW_..., OPTUNA_...):\n" + "\n".join(found))
+    assert not found, (
+        "name a run's state through tfrun.states.RunState, or another tool's word in a module-level "
+        "name of its vocabulary (SLURM_..., MLFLOW_..., OPTUNA_...):\n" + "\n".join(found)
+    )

@@ -5,6 +5,7 @@
 a project's config dir, its project defaults and the command line's overrides mean the same
 everywhere. Each entry really runs here (a script that prints its argv, two tasks each).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,13 +39,24 @@ def project(tmp_path: Path) -> tuple[Path, list[str]]:
     (tmp_path / "conf" / "project" / "default.yaml").write_text(PROJECT)
     (tmp_path / "noop.py").write_text(SCRIPT)
     # a value with a comma needs quoting; a free-form trainer key and an added deps.env one
-    return tmp_path, ["compute=mine", "entry.script=noop.py", "trainer.lr=0.25", "trainer.tag='a,b'",
-                      "+deps.env.FOO=bar"]
+    return tmp_path, [
+        "compute=mine",
+        "entry.script=noop.py",
+        "trainer.lr=0.25",
+        "trainer.tag='a,b'",
+        "+deps.env.FOO=bar",
+    ]
 
 
 def _api(tmp_path: Path, verb: str, overrides: list[str]) -> Path:
-    result = subprocess.run([sys.executable, "-c", API, verb, json.dumps(overrides)], cwd=tmp_path,
-                            env=scratch_env(tmp_path), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", API, verb, json.dumps(overrides)],
+        cwd=tmp_path,
+        env=scratch_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return Path(next(line.split(" ", 1)[1] for line in result.stdout.splitlines() if line.startswith("RUN-DIR ")))
 
@@ -82,8 +94,9 @@ def test_every_entry_composes_the_same_config(project: tuple[Path, list[str]]) -
         assert config == first, f"{entry} composed another config than tfrun did"
     for entry, run_dir in launched.items():
         for name in ("config.yaml", "overrides.yaml"):
-            assert (run_dir / ".hydra" / name).read_text() == (launched["tfrun"] / ".hydra" / name).read_text(), \
+            assert (run_dir / ".hydra" / name).read_text() == (launched["tfrun"] / ".hydra" / name).read_text(), (
                 f"{entry} wrote another .hydra/{name}"
+            )
         assert read_json(run_dir / "status.json")["state"] == "COMPLETED", entry
         argv = "argv ['--from_project', '7', '--lr', '0.25', '--tag', 'a,b']"
         assert argv in (run_dir / "logs" / "rank1.log").read_text(), entry
@@ -103,6 +116,8 @@ def test_a_sweep_writes_what_hydras_own_sweeper_writes(tmp_path: Path) -> None:
     for path in theirs_files:
         theirs = (tmp_path / "hydras" / path).read_text().replace("    - hydra/sweeper=basic\n", "")
         theirs = theirs.replace("hydras", "ours").replace("hydra/sweeper: basic", "hydra/sweeper: tfrun_basic")
-        theirs = theirs.replace("hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
-                                "hydra_plugins.tfrun_launcher.tfrun_basic_sweeper.BasicSweeper")
+        theirs = theirs.replace(
+            "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+            "hydra_plugins.tfrun_launcher.tfrun_basic_sweeper.BasicSweeper",
+        )
         assert (tmp_path / "ours" / path).read_text() == theirs, path

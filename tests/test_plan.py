@@ -1,4 +1,5 @@
 """Pure tests: composing a run and planning it start no process and touch no run dir."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,16 @@ from tfrun.plan.build import script_args
 from tfrun.plan.planner import compose_plans
 from tfrun.task import gpus, identity
 
-TFRUN_VARS = {"TFRUN_RUN_ID", "TFRUN_RUN_DIR", "TFRUN_OUTPUT_DIR", "TFRUN_RANK", "TFRUN_LOCAL_RANK",
-              "TFRUN_NODE_INDEX", "TFRUN_WORLD_SIZE", "TFRUN_ROLE"}
+TFRUN_VARS = {
+    "TFRUN_RUN_ID",
+    "TFRUN_RUN_DIR",
+    "TFRUN_OUTPUT_DIR",
+    "TFRUN_RANK",
+    "TFRUN_LOCAL_RANK",
+    "TFRUN_NODE_INDEX",
+    "TFRUN_WORLD_SIZE",
+    "TFRUN_ROLE",
+}
 
 
 def plan_for(*overrides: str) -> Plan:
@@ -32,6 +41,7 @@ def plan_for(*overrides: str) -> Plan:
 
 
 # --- trainer keys become flags ------------------------------------------------------
+
 
 def test_default_run_is_the_digits_example(scratch: Path) -> None:
     plan = plan_for()
@@ -75,6 +85,7 @@ def test_compose_config_keeps_trainer_and_hydra_node(scratch: Path) -> None:
 
 # --- sweep points: one composition per choice of group options ---------------------
 
+
 def _sweep_loader(sweep_dir: Path, *hydra_overrides: str):
     """Hydra's config loader and a multirun master config for tfrun's configs."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -85,18 +96,22 @@ def _sweep_loader(sweep_dir: Path, *hydra_overrides: str):
 
     setup()
     loader = ConfigLoaderImpl(config_search_path=create_config_search_path("pkg://tfrun.conf"))
-    master = loader.load_configuration("config", [f"hydra.sweep.dir={sweep_dir}", *hydra_overrides],
-                                       run_mode=RunMode.MULTIRUN)
+    master = loader.load_configuration(
+        "config", [f"hydra.sweep.dir={sweep_dir}", *hydra_overrides], run_mode=RunMode.MULTIRUN
+    )
     return loader, master
 
 
-@pytest.mark.parametrize("point", [
-    ["+trainer.x=3"],
-    ["backend=ps", "+trainer.lr=0.1", "compute.tasks_per_node=4"],
-    ["compute=slurm", "compute.partition=debug", "++trainer.name=a b"],
-    ["++trainer.x=1", "compute=slurm_gpu", "backend=horovod", "deps=pip", "compute.nodes=2"],
-    ["compute={nodes: 2}", "+trainer.a=1", "~trainer.a"],
-])
+@pytest.mark.parametrize(
+    "point",
+    [
+        ["+trainer.x=3"],
+        ["backend=ps", "+trainer.lr=0.1", "compute.tasks_per_node=4"],
+        ["compute=slurm", "compute.partition=debug", "++trainer.name=a b"],
+        ["++trainer.x=1", "compute=slurm_gpu", "backend=horovod", "deps=pip", "compute.nodes=2"],
+        ["compute={nodes: 2}", "+trainer.a=1", "~trainer.a"],
+    ],
+)
 def test_sweep_point_composition_is_hydras(scratch: Path, point: list[str]) -> None:
     from omegaconf import OmegaConf
 
@@ -124,7 +139,8 @@ def test_sweep_point_composition_with_a_user_config_dir(scratch: Path) -> None:
 
     (scratch / "conf" / "compute").mkdir(parents=True)
     (scratch / "conf" / "compute" / "mybox.yaml").write_text(
-        "defaults:\n  - /schema/compute/local@_here_\n  - _self_\ntasks_per_node: 2\n")
+        "defaults:\n  - /schema/compute/local@_here_\n  - _self_\ntasks_per_node: 2\n"
+    )
     loader, master = _sweep_loader(scratch / "sweep", f"hydra.searchpath=[file://{scratch / 'conf'}]")
     composer = PointComposer(loader)
     for point in (["compute=mybox", "+trainer.x=1"], ["compute=mybox", "+trainer.x=2"]):
@@ -139,8 +155,9 @@ def test_save_yaml_writes_what_omegaconf_writes(scratch: Path) -> None:
     from tfrun.config.hydra_files import save_yaml
 
     loader, master = _sweep_loader(scratch / "sweep")
-    config = loader.load_sweep_config(master, ["compute=slurm", "++trainer.name=a b", "++trainer.v='1e-3'",
-                                               "++trainer.flag='true'", "+trainer.n=3"])
+    config = loader.load_sweep_config(
+        master, ["compute=slurm", "++trainer.name=a b", "++trainer.v='1e-3'", "++trainer.flag='true'", "+trainer.n=3"]
+    )
     for cfg in (config, config.hydra, config.hydra.overrides.task, OmegaConf.create({"s": "ünï", "x": [1, "2"]})):
         save_yaml(cfg, scratch / "ours.yaml")
         OmegaConf.save(cfg, scratch / "omegaconf.yaml")
@@ -176,9 +193,32 @@ def _sweep_plans(sweep_dir: Path, overrides: list[str]) -> str:
 
 
 LITERALS = st.one_of(
-    st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.sampled_from(["true", "False", "NULL", "inf", "-inf", "nan", "1e-3", ".5", "1.", "007", "1_000", "a-b",
-                     "'quoted'", "[1,2]", "x y", "0x10", "+3", "-0", "${trainer.lr}", "???"]),
+    st.integers(-(10**6), 10**6).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(
+        [
+            "true",
+            "False",
+            "NULL",
+            "inf",
+            "-inf",
+            "nan",
+            "1e-3",
+            ".5",
+            "1.",
+            "007",
+            "1_000",
+            "a-b",
+            "'quoted'",
+            "[1,2]",
+            "x y",
+            "0x10",
+            "+3",
+            "-0",
+            "${trainer.lr}",
+            "???",
+        ]
+    ),
     st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True),
 )
 
@@ -197,18 +237,21 @@ def test_a_literal_reads_as_hydras_parser_reads_it(text: str) -> None:
     assert type(ours) is type(theirs) and repr(ours) == repr(theirs)
 
 
-@pytest.mark.parametrize("sweep, resolved", [
-    # every literal kind a grid or a sampler writes, and words Hydra reads otherwise (composed)
-    # (Hydra writes the grid's 1_000 as 1000; 007 and a-b are composed)
-    (["trainer.seed=1,2", "trainer.v=0,-3,1e-3,.5,inf,nan,true,NULL,abc,007,1_000,a-b", "compute=slurm"], 24 - 4),
-    (["trainer.lr=0.1,0.2", "backend=ps", "compute.tasks_per_node=4", "++trainer.extra=x"], 2),
-    # a point adds to the trainer the strict way, or run dirs are named by the overrides: composed
-    (["trainer.lr=0.1,0.2", "+trainer.n=3"], 0),
-    (["trainer.lr=0.1,0.2", "hydra.sweep.subdir=${hydra.job.override_dirname}"], 0),
-])
+@pytest.mark.parametrize(
+    "sweep, resolved",
+    [
+        # every literal kind a grid or a sampler writes, and words Hydra reads otherwise (composed)
+        # (Hydra writes the grid's 1_000 as 1000; 007 and a-b are composed)
+        (["trainer.seed=1,2", "trainer.v=0,-3,1e-3,.5,inf,nan,true,NULL,abc,007,1_000,a-b", "compute=slurm"], 24 - 4),
+        (["trainer.lr=0.1,0.2", "backend=ps", "compute.tasks_per_node=4", "++trainer.extra=x"], 2),
+        # a point adds to the trainer the strict way, or run dirs are named by the overrides: composed
+        (["trainer.lr=0.1,0.2", "+trainer.n=3"], 0),
+        (["trainer.lr=0.1,0.2", "hydra.sweep.subdir=${hydra.job.override_dirname}"], 0),
+    ],
+)
 def test_a_sweep_planned_from_resolved_values_is_the_composed_one(
-        scratch: Path, monkeypatch: pytest.MonkeyPatch, slow_points: Callable[[], None], sweep: list[str],
-        resolved: int) -> None:
+    scratch: Path, monkeypatch: pytest.MonkeyPatch, slow_points: Callable[[], None], sweep: list[str], resolved: int
+) -> None:
     """Points planned from resolved values get exactly the plans that composing each one gives."""
     from tfrun.config.points import PointComposer
 
@@ -224,25 +267,44 @@ def test_a_sweep_planned_from_resolved_values_is_the_composed_one(
 def test_a_config_that_interpolates_the_trainer_is_composed_per_point(scratch: Path) -> None:
     (scratch / "conf").mkdir()
     (scratch / "conf" / "mine.yaml").write_text(
-        "defaults:\n  - config\n  - _self_\ntrainer:\n  lr: 0.1\n  warm: ${trainer.lr}\n")
-    plans = compose_plans(normalize_overrides(["trainer.lr=0.3,0.2", f"hydra.sweep.dir={scratch / 'sweep'}"]),
-                          multirun=True, config_dir=str(scratch / "conf"), config_name="mine")
-    assert [plan.tasks[0].argv[1:] for plan in plans] == [["--lr", "0.3", "--warm", "0.3"],
-                                                          ["--lr", "0.2", "--warm", "0.2"]]
+        "defaults:\n  - config\n  - _self_\ntrainer:\n  lr: 0.1\n  warm: ${trainer.lr}\n"
+    )
+    plans = compose_plans(
+        normalize_overrides(["trainer.lr=0.3,0.2", f"hydra.sweep.dir={scratch / 'sweep'}"]),
+        multirun=True,
+        config_dir=str(scratch / "conf"),
+        config_name="mine",
+    )
+    assert [plan.tasks[0].argv[1:] for plan in plans] == [
+        ["--lr", "0.3", "--warm", "0.3"],
+        ["--lr", "0.2", "--warm", "0.2"],
+    ]
 
 
-@pytest.mark.parametrize("sweep", [
-    ["trainer.seed=3,4", "compute=slurm"],
-    # every literal kind (YAML's own words among them), run dirs named without compute
-    ["trainer.v=0,-3,1e-3,.5,inf,nan,true,NULL,abc,yes,off", "compute=slurm",
-     "hydra.job.config.override_dirname.exclude_keys=[compute]"],
-    ["trainer.lr=0.1,0.2", "backend=ps", "compute.tasks_per_node=4", "++trainer.extra=x",
-     "hydra.job.config.override_dirname.kv_sep=_",
-     "hydra.output_subdir=meta"],
-    ["trainer.lr=0.1,0.2", "hydra.output_subdir=null"],
-])
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        ["trainer.seed=3,4", "compute=slurm"],
+        # every literal kind (YAML's own words among them), run dirs named without compute
+        [
+            "trainer.v=0,-3,1e-3,.5,inf,nan,true,NULL,abc,yes,off",
+            "compute=slurm",
+            "hydra.job.config.override_dirname.exclude_keys=[compute]",
+        ],
+        [
+            "trainer.lr=0.1,0.2",
+            "backend=ps",
+            "compute.tasks_per_node=4",
+            "++trainer.extra=x",
+            "hydra.job.config.override_dirname.kv_sep=_",
+            "hydra.output_subdir=meta",
+        ],
+        ["trainer.lr=0.1,0.2", "hydra.output_subdir=null"],
+    ],
+)
 def test_a_planned_point_writes_the_composed_points_hydra_files(
-        scratch: Path, monkeypatch: pytest.MonkeyPatch, slow_points: Callable[[], None], sweep: list[str]) -> None:
+    scratch: Path, monkeypatch: pytest.MonkeyPatch, slow_points: Callable[[], None], sweep: list[str]
+) -> None:
     """A point planned from resolved values writes, from those values, the same .hydra files
     (text) as the point composed up front."""
     from tfrun.config.points import PointComposer
@@ -263,11 +325,13 @@ def test_a_planned_point_writes_the_composed_points_hydra_files(
             assert ours.read_text() == theirs, path
             written += 1
     assert written == (0 if "hydra.output_subdir=null" in sweep else 3 * len(fast))
-    assert sorted(p.relative_to(scratch / "a") for p in (scratch / "a").rglob("*.yaml")) == \
-        sorted(p.relative_to(scratch / "b") for p in (scratch / "b").rglob("*.yaml"))
+    assert sorted(p.relative_to(scratch / "a") for p in (scratch / "a").rglob("*.yaml")) == sorted(
+        p.relative_to(scratch / "b") for p in (scratch / "b").rglob("*.yaml")
+    )
 
 
 # --- tasks, ranks, GPUs -------------------------------------------------------------
+
 
 def test_nodes_times_tasks_per_node(scratch: Path) -> None:
     plan = plan_for("compute.nodes=2", "compute.tasks_per_node=3")
@@ -282,12 +346,15 @@ def test_nodes_times_tasks_per_node(scratch: Path) -> None:
     assert [p["rank"] for p in plan.request["processes"]] == list(range(6))
 
 
-@pytest.mark.parametrize("gpus_per_node, tasks, expected", [
-    (0, 2, [None, None]),
-    (2, 2, ["0", "1"]),
-    (4, 2, ["0,1", "2,3"]),
-    (4, 1, ["0,1,2,3"]),
-])
+@pytest.mark.parametrize(
+    "gpus_per_node, tasks, expected",
+    [
+        (0, 2, [None, None]),
+        (2, 2, ["0", "1"]),
+        (4, 2, ["0,1", "2,3"]),
+        (4, 1, ["0,1,2,3"]),
+    ],
+)
 def test_gpus_per_node_split_per_local_task(scratch: Path, gpus_per_node: int, tasks: int, expected: list) -> None:
     plan = plan_for(f"compute.gpus_per_node={gpus_per_node}", f"compute.tasks_per_node={tasks}")
     assert [t.gpus for t in plan.tasks] == expected
@@ -299,6 +366,7 @@ def test_gpus_per_node_must_divide_among_tasks(scratch: Path) -> None:
 
 
 # --- the environment of every task ---------------------------------------------------
+
 
 def test_every_task_gets_the_tfrun_variables(scratch: Path) -> None:
     plan = plan_for("compute.tasks_per_node=2")
@@ -319,8 +387,9 @@ def test_runs_dir_override_wins_over_environment(scratch: Path) -> None:
 
 
 def test_deps_env_and_legacy_keras_reach_every_task(scratch: Path) -> None:
-    plan = plan_for("+deps.env.MY_FLAG=on", "+deps.env.OMP_NUM_THREADS=2", "backend.legacy_keras=true",
-                    "compute.tasks_per_node=2")
+    plan = plan_for(
+        "+deps.env.MY_FLAG=on", "+deps.env.OMP_NUM_THREADS=2", "backend.legacy_keras=true", "compute.tasks_per_node=2"
+    )
     for task in plan.tasks:
         assert task.env["MY_FLAG"] == "on" and task.env["OMP_NUM_THREADS"] == "2"
         assert task.env["TF_USE_LEGACY_KERAS"] == "1"
@@ -337,6 +406,7 @@ def test_composing_writes_nothing(scratch: Path) -> None:
 
 
 # --- --dry-run=json ------------------------------------------------------------------
+
 
 def test_dry_run_json_parses_and_holds_the_tasks(scratch: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
@@ -357,19 +427,23 @@ def test_render_text_names_every_task(scratch: Path) -> None:
 
 # --- tfrun.gpus.pin ------------------------------------------------------------------
 
-@pytest.mark.parametrize("existing, local_rank, per_task, expected", [
-    (None, 0, 0, None),            # no GPUs asked: leave CUDA_VISIBLE_DEVICES alone
-    ("0,1", 1, 0, None),
-    (None, 0, 1, "0"),             # nothing bound: slice by local rank
-    (None, 1, 2, "2,3"),
-    ("", 1, 1, "1"),
-    ("3", 0, 1, "3"),              # the scheduler bound exactly this task's share
-    ("2,5", 1, 2, "2,5"),
-    ("0,1,2,3", 0, 2, "0,1"),      # whole node visible to every task: take the local slice
-    ("0,1,2,3", 1, 2, "2,3"),
-    ("4,5,6,7", 3, 1, "7"),
-    ("0,1", 2, 1, "0,1"),          # too few devices for this rank: left as is
-])
+
+@pytest.mark.parametrize(
+    "existing, local_rank, per_task, expected",
+    [
+        (None, 0, 0, None),  # no GPUs asked: leave CUDA_VISIBLE_DEVICES alone
+        ("0,1", 1, 0, None),
+        (None, 0, 1, "0"),  # nothing bound: slice by local rank
+        (None, 1, 2, "2,3"),
+        ("", 1, 1, "1"),
+        ("3", 0, 1, "3"),  # the scheduler bound exactly this task's share
+        ("2,5", 1, 2, "2,5"),
+        ("0,1,2,3", 0, 2, "0,1"),  # whole node visible to every task: take the local slice
+        ("0,1,2,3", 1, 2, "2,3"),
+        ("4,5,6,7", 3, 1, "7"),
+        ("0,1", 2, 1, "0,1"),  # too few devices for this rank: left as is
+    ],
+)
 def test_gpu_pinning(existing: str | None, local_rank: int, per_task: int, expected: str | None) -> None:
     devices, why = gpus.pin(existing, local_rank, per_task)
     assert devices == expected
@@ -378,23 +452,33 @@ def test_gpu_pinning(existing: str | None, local_rank: int, per_task: int, expec
 
 # --- tfrun.identity ------------------------------------------------------------------
 
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("node1", ["node1"]),
-    ("a,b", ["a", "b"]),
-    ("node[1-3,7],gpu01", ["node1", "node2", "node3", "node7", "gpu01"]),
-    ("n[01-03]", ["n01", "n02", "n03"]),
-    ("x[8-11]", ["x8", "x9", "x10", "x11"]),
-    ("a[09-10],b[1,3]", ["a09", "a10", "b1", "b3"]),
-    ("gpu[1-2]-ib", ["gpu1-ib", "gpu2-ib"]),
-    ("rack[1-2]n[1,3]", ["rack1n1", "rack1n3", "rack2n1", "rack2n3"]),  # as `scontrol show hostnames`
-])
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node1", ["node1"]),
+        ("a,b", ["a", "b"]),
+        ("node[1-3,7],gpu01", ["node1", "node2", "node3", "node7", "gpu01"]),
+        ("n[01-03]", ["n01", "n02", "n03"]),
+        ("x[8-11]", ["x8", "x9", "x10", "x11"]),
+        ("a[09-10],b[1,3]", ["a09", "a10", "b1", "b3"]),
+        ("gpu[1-2]-ib", ["gpu1-ib", "gpu2-ib"]),
+        ("rack[1-2]n[1,3]", ["rack1n1", "rack1n3", "rack2n1", "rack2n3"]),  # as `scontrol show hostnames`
+    ],
+)
 def test_expand_nodelist(nodelist: str, hosts: list[str]) -> None:
     assert identity.expand_nodelist(nodelist) == hosts
 
 
 def test_slurm_identity_from_env() -> None:
-    env = {"SLURM_JOB_NODELIST": "big[1-9]", "SLURM_STEP_NODELIST": "node[3-4]", "SLURM_NTASKS": "4",
-           "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}
+    env = {
+        "SLURM_JOB_NODELIST": "big[1-9]",
+        "SLURM_STEP_NODELIST": "node[3-4]",
+        "SLURM_NTASKS": "4",
+        "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1",
+    }
     ident = identity.slurm_identity(env)
     assert (ident.rank, ident.local_rank, ident.world_size, ident.local_world_size) == (3, 1, 4, 2)
     assert (ident.node_index, ident.num_nodes, ident.hostnames) == (1, 2, ("node3", "node4"))
@@ -402,8 +486,13 @@ def test_slurm_identity_from_env() -> None:
 
 
 def test_slurm_identity_falls_back_to_job_nodelist() -> None:
-    env = {"SLURM_JOB_NODELIST": "c1", "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-           "SLURM_NODEID": "0"}
+    env = {
+        "SLURM_JOB_NODELIST": "c1",
+        "SLURM_NTASKS": "2",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
     assert identity.slurm_identity(env).hostnames == ("c1",)
     assert identity.detect("slurm", 1, 2, env).world_size == 2
 
@@ -416,10 +505,14 @@ def test_local_identity_from_env() -> None:
 
 # --- Slurm: jobs tfrun may requeue ask for it --------------------------------------------
 
-@pytest.mark.parametrize("overrides, line", [
-    ([], "#SBATCH --requeue"),
-    (["+compute.additional_parameters.no_requeue=true"], "#SBATCH --no-requeue"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        ([], "#SBATCH --requeue"),
+        (["+compute.additional_parameters.no_requeue=true"], "#SBATCH --no-requeue"),
+    ],
+)
 def test_slurm_jobs_ask_to_be_requeueable(scratch: Path, overrides: list[str], line: str) -> None:
     """tfrun requeues jobs itself (time limits, preemptions, hangs); a cluster whose default is
     JobRequeue=0 refuses that for a job that did not ask. A user's own choice wins."""
@@ -433,12 +526,35 @@ def test_slurm_jobs_ask_to_be_requeueable(scratch: Path, overrides: list[str], l
 GOLDEN = Path(__file__).parent / "golden"
 
 
-@pytest.mark.parametrize("name, overrides", [
-    ("horovod-2x2", ["compute=slurm", "compute.nodes=2", "compute.tasks_per_node=2", "compute.gpus_per_node=2",
-                     "backend=horovod", "compute.setup=[module load cuda]"]),
-    ("ps-partition-account", ["compute=slurm", "compute.nodes=2", "compute.tasks_per_node=2", "backend=ps", "compute.partition=gpu",
-                              "compute.account=proj42", "compute.timeout_min=90", "compute.max_requeues=1"]),
-])
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        (
+            "horovod-2x2",
+            [
+                "compute=slurm",
+                "compute.nodes=2",
+                "compute.tasks_per_node=2",
+                "compute.gpus_per_node=2",
+                "backend=horovod",
+                "compute.setup=[module load cuda]",
+            ],
+        ),
+        (
+            "ps-partition-account",
+            [
+                "compute=slurm",
+                "compute.nodes=2",
+                "compute.tasks_per_node=2",
+                "backend=ps",
+                "compute.partition=gpu",
+                "compute.account=proj42",
+                "compute.timeout_min=90",
+                "compute.max_requeues=1",
+            ],
+        ),
+    ],
+)
 def test_the_sbatch_script_is_the_golden_one(scratch: Path, name: str, overrides: list[str]) -> None:
     """The exact script a Slurm run submits (plan.json's request, which --dry-run prints and the
     submission writes unchanged: tests/test_slurm.py checks that half). A change to it is a

@@ -2,6 +2,7 @@
 allocations (or on this machine), each item in a fresh process started from a warm interpreter.
 Real Slurm jobs on the local cluster, real processes; every job a test submits has a name of its
 own and is cancelled by that name at the end (the cluster is shared: nothing else is touched)."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ import pytest
 
 from tests.helpers import NodePair, accounted, popen_tfrun, read_json, run_tfrun, stop, text_of, wait_for
 
-POINT = '''
+POINT = """
 import argparse, os, time
 p = argparse.ArgumentParser(); p.add_argument("--i", type=int); p.add_argument("--sleep", type=float, default=0)
 a = p.parse_args()
@@ -26,10 +27,10 @@ time.sleep(a.sleep)
 if a.i == 13:
     raise SystemExit(3)
 print("point", a.i, "done")
-'''
+"""
 # One trial per mode, one slot: numpy is imported ahead by the slot's warm interpreter, so a
 # trial that marks it would leave the mark for the next one if they shared a process.
-MODES = '''
+MODES = """
 import argparse, ctypes, os, signal, time
 import numpy
 from tfrun.tracking.metrics import log_epoch
@@ -45,10 +46,10 @@ if a.mode == "crash":
 if a.mode == "exit":
     os._exit(7)
 log_epoch(0, {"score": 1.0 if a.mode == "check" else 0.5})
-'''
+"""
 # Epochs of `secs`; the progress so far is kept in the run's outputs, so an attempt that comes
 # back after a preemption resumes where the last one stopped.
-RESUMING = '''
+RESUMING = """
 import argparse, json, os, time
 from tfrun.tracking.metrics import log_epoch
 p = argparse.ArgumentParser(); p.add_argument("--q", type=float); p.add_argument("--epochs", type=int, default=12)
@@ -64,8 +65,8 @@ for e in range(done, a.epochs):
     with open(state + ".tmp", "w") as f:
         json.dump({"epochs": e + 1}, f)
     os.replace(state + ".tmp", state)
-'''
-HOROVOD_SUM = '''
+"""
+HOROVOD_SUM = """
 import argparse, os
 p = argparse.ArgumentParser(); p.add_argument("--i", type=int); a = p.parse_args()
 import horovod.tensorflow as hvd
@@ -74,7 +75,7 @@ hvd.init()
 total = float(hvd.allreduce(tf.constant(float(hvd.rank() + 1)), op=hvd.Sum))
 with open(os.path.join(os.environ["TFRUN_OUTPUT_DIR"], "sum-rank" + os.environ["TFRUN_RANK"]), "w") as f:
     f.write(f"{total} {hvd.size()} {os.getppid()}")
-'''
+"""
 TUNE = ("-m", "hydra/sweeper=tfrun", "tfrun.objective=score")
 
 
@@ -85,8 +86,11 @@ def sweep_dir(tmp_path: Path) -> Path:
 
 
 def statuses(sweep: Path) -> dict[str, dict]:
-    return {p.name: json.loads((p / "status.json").read_text()) for p in sweep.iterdir()
-            if (p / "plan.json").exists() and (p / "status.json").exists()}
+    return {
+        p.name: json.loads((p / "status.json").read_text())
+        for p in sweep.iterdir()
+        if (p / "plan.json").exists() and (p / "status.json").exists()
+    }
 
 
 def allocations(sweep: Path) -> list[str]:
@@ -95,8 +99,10 @@ def allocations(sweep: Path) -> list[str]:
 
 def trials(sweep: Path) -> dict[int, dict]:
     """Trial number -> its point in sweep.json, with its status."""
-    return {p["trial"]: {**p, "status": read_json(Path(p["run_dir"]) / "status.json")}
-            for p in read_json(sweep / "sweep.json")["points"]}
+    return {
+        p["trial"]: {**p, "status": read_json(Path(p["run_dir"]) / "status.json")}
+        for p in read_json(sweep / "sweep.json")["points"]
+    }
 
 
 def final_tells(sweep: Path) -> dict[int, list[int]]:
@@ -111,24 +117,36 @@ def final_tells(sweep: Path) -> dict[int, list[int]]:
 
 
 def job_state(job: str) -> str:
-    out = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True,
-                         timeout=60).stdout.split()
+    out = subprocess.run(
+        ["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True, timeout=60
+    ).stdout.split()
     return out[0] if out else ""
 
 
 def queued_jobs(name: str) -> list[str]:
-    return subprocess.run(["squeue", "-h", f"--name={name}", "-o", "%i"], capture_output=True, text=True,
-                          timeout=60).stdout.split()
+    return subprocess.run(
+        ["squeue", "-h", f"--name={name}", "-o", "%i"], capture_output=True, text=True, timeout=60
+    ).stdout.split()
 
 
 # --- packed sweeps: a pool of compute.pack_size points per allocation ------------------------
+
 
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_forty_points_in_four_allocations_one_failing(tmp_path: Path, job_name: str) -> None:
     (tmp_path / "point.py").write_text(POINT)
-    result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=10", "compute.poll_s=1",
-                       f"compute.job_name={job_name}", "entry.script=point.py", "trainer.i=range(0,40)", timeout=600)
+    result = run_tfrun(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        "compute.pack_size=10",
+        "compute.poll_s=1",
+        f"compute.job_name={job_name}",
+        "entry.script=point.py",
+        "trainer.i=range(0,40)",
+        timeout=600,
+    )
     assert result.returncode == 1, result.stderr  # one point failed on purpose
     assert "1 sweep point(s) did not complete" in result.stderr and "/13" in result.stderr
     sweep = sweep_dir(tmp_path)
@@ -142,8 +160,9 @@ def test_forty_points_in_four_allocations_one_failing(tmp_path: Path, job_name: 
     array = jobs[0].split("_")[0]
     assert set(accounted(array, 4).values()) == {"COMPLETED"}
     # A slot is one job step for the allocation's life, not one per point.
-    steps = subprocess.run(["sacct", "-j", array, "-n", "-P", "-o", "JobID"], capture_output=True, text=True,
-                           timeout=60).stdout.split()
+    steps = subprocess.run(
+        ["sacct", "-j", array, "-n", "-P", "-o", "JobID"], capture_output=True, text=True, timeout=60
+    ).stdout.split()
     assert len([s for s in steps if s.split(".")[-1].isdigit()]) <= 4, steps
     for point_name, status in found.items():
         point = sweep / point_name
@@ -156,17 +175,35 @@ def test_forty_points_in_four_allocations_one_failing(tmp_path: Path, job_name: 
 
 def test_dry_run_shows_the_pool(tmp_path: Path) -> None:
     (tmp_path / "point.py").write_text(POINT)
-    result = run_tfrun(tmp_path, "--dry-run=json", "-m", "compute=slurm", "compute.pack_size=4",
-                       "compute.pack_slots=2", "entry.script=point.py", "trainer.i=range(0,10)")
+    result = run_tfrun(
+        tmp_path,
+        "--dry-run=json",
+        "-m",
+        "compute=slurm",
+        "compute.pack_size=4",
+        "compute.pack_slots=2",
+        "entry.script=point.py",
+        "trainer.i=range(0,10)",
+    )
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
     assert found["arrays"] == [] and found["pool"]["pool"]["allocations"] == 3 and found["pool"]["pool"]["slots"] == 2
-    assert "#SBATCH --array=0-2%3" in found["pool"]["sbatch"] and "#SBATCH --ntasks-per-node=2" in found["pool"]["sbatch"]
+    assert (
+        "#SBATCH --array=0-2%3" in found["pool"]["sbatch"] and "#SBATCH --ntasks-per-node=2" in found["pool"]["sbatch"]
+    )
     assert "\nsrun " not in found["pool"]["sbatch"] and "#SBATCH --signal=USR2@" in found["pool"]["sbatch"]
     assert found["pool"]["slot_step"].startswith("srun --exact --nodes=1 --ntasks=1 ")
     assert "-m tfrun.targets.pool.agent" in found["pool"]["slot_step"]
-    text = run_tfrun(tmp_path, "--dry-run", "-m", "compute=slurm", "compute.pack_size=4", "compute.pack_slots=2",
-                     "entry.script=point.py", "trainer.i=range(0,10)").stdout
+    text = run_tfrun(
+        tmp_path,
+        "--dry-run",
+        "-m",
+        "compute=slurm",
+        "compute.pack_size=4",
+        "compute.pack_slots=2",
+        "entry.script=point.py",
+        "trainer.i=range(0,10)",
+    ).stdout
     assert "pool: 3 Slurm allocation(s) of 2 slot(s)" in text and "each slot:  srun --exact" in text
     assert not (tmp_path / "runs").exists()
 
@@ -177,17 +214,36 @@ def test_points_side_by_side(tmp_path: Path, job_name: str) -> None:
     (tmp_path / "point.py").write_text(POINT)
     # The local nodes have 2 CPUs and 2 GPUs: 2 single-task points side by side in a 2-task
     # allocation, each slot with a GPU of its own.
-    result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=2", "compute.pack_slots=2",
-                       "compute.gpus_per_node=1", "compute.poll_s=1", f"compute.job_name={job_name}",
-                       "entry.script=point.py", "trainer.i=range(0,2)", "trainer.sleep=8", timeout=600)
+    result = run_tfrun(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        "compute.pack_size=2",
+        "compute.pack_slots=2",
+        "compute.gpus_per_node=1",
+        "compute.poll_s=1",
+        f"compute.job_name={job_name}",
+        "entry.script=point.py",
+        "trainer.i=range(0,2)",
+        "trainer.sleep=8",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
     starts = [float((sweep / str(i) / "outputs" / "started").read_text()) for i in range(2)]
     assert abs(starts[1] - starts[0]) < 6, f"points ran one after another: {starts}"
     gpus = sorted((sweep / str(i) / "outputs" / "gpus").read_text() for i in range(2))
     assert gpus == ["0", "1"], gpus
-    too_wide = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=4", "compute.pack_slots=4",
-                         f"compute.job_name={job_name}", "entry.script=point.py", "trainer.i=range(0,4)")
+    too_wide = run_tfrun(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        "compute.pack_size=4",
+        "compute.pack_slots=4",
+        f"compute.job_name={job_name}",
+        "entry.script=point.py",
+        "trainer.i=range(0,4)",
+    )
     assert too_wide.returncode == 2 and "Slurm rejected the job" in too_wide.stderr, too_wide.stderr
     assert "compute.pack_slots" in too_wide.stderr and "Traceback" not in too_wide.stderr
     assert queued_jobs(job_name) == []
@@ -199,34 +255,58 @@ def test_a_slots_step_gets_its_cpus_per_task(tmp_path: Path, job_name: str) -> N
     """compute.cpus_per_task reaches each slot's own job step, on every Slurm release: 22.05's
     srun gives an --exact step one CPU per task unless told (24.11's takes the allocation's)."""
     (tmp_path / "point.py").write_text(POINT)
-    result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=2", "compute.cpus_per_task=2",
-                       "compute.poll_s=1", f"compute.job_name={job_name}", "entry.script=point.py",
-                       "trainer.i=range(0,2)", timeout=600)
+    result = run_tfrun(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        "compute.pack_size=2",
+        "compute.cpus_per_task=2",
+        "compute.poll_s=1",
+        f"compute.job_name={job_name}",
+        "entry.script=point.py",
+        "trainer.i=range(0,2)",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
     for point in ("0", "1"):
         rank = read_json(sweep / point / "ranks" / "0.json")
         step = f"{rank['job']}.{rank['step']}"
-        out = subprocess.run(["sacct", "-n", "-P", "-j", step, "-o", "JobID,AllocCPUS"], capture_output=True,
-                             text=True, timeout=60, check=True).stdout
+        out = subprocess.run(
+            ["sacct", "-n", "-P", "-j", step, "-o", "JobID,AllocCPUS"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
         cpus = dict(line.split("|") for line in out.splitlines() if "|" in line)
         assert list(cpus.values()) == ["2"], (step, out)
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_a_preempted_pack_is_requeued_once_and_runs_only_its_unfinished_points(tmp_path: Path, job_name: str,
-                                                                              preempt_nodes: NodePair) -> None:
+def test_a_preempted_pack_is_requeued_once_and_runs_only_its_unfinished_points(
+    tmp_path: Path, job_name: str, preempt_nodes: NodePair
+) -> None:
     """Preempted in a partition like "low" (PreemptMode=REQUEUE): the running point stops, the
     allocation is requeued once (by tfrun before Slurm 24.11, by Slurm as it ends from 24.11
     on: requeued by both, it would be requeued again at its next end) and its next attempt
     runs the points not yet finished."""
     (tmp_path / "point.py").write_text(POINT)
     try:
-        result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=3",
-                           f"compute.partition={preempt_nodes.low}", f"compute.nodelist={preempt_nodes.first}",
-                           f"compute.job_name={job_name}", "compute.wait=false", "entry.script=point.py",
-                           "trainer.i=range(0,3)", "trainer.sleep=10")
+        result = run_tfrun(
+            tmp_path,
+            "-m",
+            "compute=slurm",
+            "compute.pack_size=3",
+            f"compute.partition={preempt_nodes.low}",
+            f"compute.nodelist={preempt_nodes.first}",
+            f"compute.job_name={job_name}",
+            "compute.wait=false",
+            "entry.script=point.py",
+            "trainer.i=range(0,3)",
+            "trainer.sleep=10",
+        )
         assert result.returncode == 0, result.stderr
         sweep = sweep_dir(tmp_path)
         wait_for(lambda: (sweep / "0" / "outputs" / "started").exists(), 300, "the first point to start")
@@ -250,17 +330,27 @@ def test_a_preempted_pack_is_requeued_once_and_runs_only_its_unfinished_points(t
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_cancel_of_a_point_after_its_allocation_was_requeued_ends_that_point(tmp_path: Path, job_name: str,
-                                                                            preempt_nodes: NodePair) -> None:
+def test_cancel_of_a_point_after_its_allocation_was_requeued_ends_that_point(
+    tmp_path: Path, job_name: str, preempt_nodes: NodePair
+) -> None:
     """Point 1 runs when the allocation is preempted and requeued; in the next attempt it runs
     again (as another job step than before) and is cancelled: it ends CANCELLED and the point
     after it runs all the same. A cancel names the point, never a job step of another attempt."""
     (tmp_path / "point.py").write_text(POINT)
     try:
-        result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=3",
-                           f"compute.partition={preempt_nodes.low}", f"compute.nodelist={preempt_nodes.first}",
-                           f"compute.job_name={job_name}", "compute.wait=false", "entry.script=point.py",
-                           "trainer.i=range(0,3)", "trainer.sleep=12")
+        result = run_tfrun(
+            tmp_path,
+            "-m",
+            "compute=slurm",
+            "compute.pack_size=3",
+            f"compute.partition={preempt_nodes.low}",
+            f"compute.nodelist={preempt_nodes.first}",
+            f"compute.job_name={job_name}",
+            "compute.wait=false",
+            "entry.script=point.py",
+            "trainer.i=range(0,3)",
+            "trainer.sleep=12",
+        )
         assert result.returncode == 0, result.stderr
         sweep = sweep_dir(tmp_path)
         wait_for(lambda: (sweep / "1" / "outputs" / "started").exists(), 300, "the second point to start")
@@ -272,8 +362,11 @@ def test_cancel_of_a_point_after_its_allocation_was_requeued_ends_that_point(tmp
 
         wait_for(again, 300, "the second point to run again in the requeued allocation")
         assert run_tfrun(tmp_path, "cancel", str(sweep / "1")).returncode == 0
-        wait_for(lambda: all(s.get("state") in ("COMPLETED", "FAILED", "CANCELLED") for s in statuses(sweep).values()),
-                 300, "every point to end")
+        wait_for(
+            lambda: all(s.get("state") in ("COMPLETED", "FAILED", "CANCELLED") for s in statuses(sweep).values()),
+            300,
+            "every point to end",
+        )
     finally:
         subprocess.run(["scancel", f"--name={job_name}"], capture_output=True, timeout=60)
     found = statuses(sweep)
@@ -285,16 +378,28 @@ def test_cancel_of_a_point_after_its_allocation_was_requeued_ends_that_point(tmp
 @pytest.mark.slow
 def test_cancel_one_point_leaves_the_others(tmp_path: Path, job_name: str) -> None:
     (tmp_path / "point.py").write_text(POINT)
-    result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=3", "compute.wait=false",
-                       f"compute.job_name={job_name}", "entry.script=point.py", "trainer.i=range(0,3)", "trainer.sleep=8")
+    result = run_tfrun(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        "compute.pack_size=3",
+        "compute.wait=false",
+        f"compute.job_name={job_name}",
+        "entry.script=point.py",
+        "trainer.i=range(0,3)",
+        "trainer.sleep=8",
+    )
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
     wait_for(lambda: statuses(sweep).get("0", {}).get("state") == "RUNNING", 120, "the first point to run")
     assert run_tfrun(tmp_path, "cancel", str(sweep / "2")).returncode == 0  # not started yet
     wait_for(lambda: (sweep / "0" / "outputs" / "started").exists(), 60, "the first point's script to start")
     assert run_tfrun(tmp_path, "cancel", str(sweep / "0")).returncode == 0  # running
-    wait_for(lambda: all(s["state"] in ("COMPLETED", "FAILED", "CANCELLED") for s in statuses(sweep).values()),
-             180, "every point to end")
+    wait_for(
+        lambda: all(s["state"] in ("COMPLETED", "FAILED", "CANCELLED") for s in statuses(sweep).values()),
+        180,
+        "every point to end",
+    )
     found = statuses(sweep)
     assert (found["0"]["state"], found["1"]["state"], found["2"]["state"]) == ("CANCELLED", "COMPLETED", "CANCELLED")
     assert not (sweep / "2" / "logs" / "rank0.log").exists()
@@ -310,17 +415,29 @@ def test_time_limit_reruns_only_unfinished_points(tmp_path: Path, job_name: str)
     warning is one more requeue), the running point stops and goes back to the queue, the
     allocation is requeued, and its next attempt runs only the points not finished."""
     (tmp_path / "point.py").write_text(POINT)
-    result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=6", "compute.timeout_min=1",
-                       "compute.signal_delay_s=30", "compute.max_requeues=10", "compute.poll_s=1",
-                       f"compute.job_name={job_name}",
-                       "entry.script=point.py", "trainer.i=range(0,6)", "trainer.sleep=8", timeout=600)
+    result = run_tfrun(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        "compute.pack_size=6",
+        "compute.timeout_min=1",
+        "compute.signal_delay_s=30",
+        "compute.max_requeues=10",
+        "compute.poll_s=1",
+        f"compute.job_name={job_name}",
+        "entry.script=point.py",
+        "trainer.i=range(0,6)",
+        "trainer.sleep=8",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
     found = statuses(sweep)
     assert all(s["state"] == "COMPLETED" for s in found.values()), found
     runs_per_point = {n: len((sweep / n / "outputs" / "started").read_text().splitlines()) for n in found}
-    requeues = sum(1 for n in found for a in json.loads((sweep / n / "attempts.json").read_text()).values()
-                   if a.get("requeued"))
+    requeues = sum(
+        1 for n in found for a in json.loads((sweep / n / "attempts.json").read_text()).values() if a.get("requeued")
+    )
     assert requeues >= 1, "the time limit never came"
     assert len(allocations(sweep)) == 1  # the same allocation, requeued
     # One point at a time: each requeue interrupted exactly one point, which ran again; no
@@ -334,10 +451,21 @@ def test_an_allocation_out_of_requeues_is_followed_by_another(tmp_path: Path, jo
     """compute.max_requeues=0: the allocation that gets the time-limit warning is not requeued;
     the points it held go back to the queue and the follower starts another allocation for them."""
     (tmp_path / "point.py").write_text(POINT)
-    result = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=6", "compute.timeout_min=1",
-                       "compute.signal_delay_s=30", "compute.max_requeues=0", "compute.poll_s=1",
-                       f"compute.job_name={job_name}", "entry.script=point.py", "trainer.i=range(0,6)", "trainer.sleep=8",
-                       timeout=600)
+    result = run_tfrun(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        "compute.pack_size=6",
+        "compute.timeout_min=1",
+        "compute.signal_delay_s=30",
+        "compute.max_requeues=0",
+        "compute.poll_s=1",
+        f"compute.job_name={job_name}",
+        "entry.script=point.py",
+        "trainer.i=range(0,6)",
+        "trainer.sleep=8",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     sweep = sweep_dir(tmp_path)
     found = statuses(sweep)
@@ -364,8 +492,22 @@ def test_an_item_put_back_at_a_time_limit_waits_for_the_follower_not_failed(tmp_
     from tfrun.targets.pool.store import PoolStore
 
     store = PoolStore(tmp_path / "pool")
-    store.create(PoolSpec(target="slurm", allocations=1, slots=1, nodes=1, tasks_per_node=1, backend="none",
-                          python=[sys.executable], warm="fork", preload=[], env={}, idle_timeout_s=60.0, compute={}))
+    store.create(
+        PoolSpec(
+            target="slurm",
+            allocations=1,
+            slots=1,
+            nodes=1,
+            tasks_per_node=1,
+            backend="none",
+            python=[sys.executable],
+            warm="fork",
+            preload=[],
+            env={},
+            idle_timeout_s=60.0,
+            compute={},
+        )
+    )
     run_dir = tmp_path / "point"
     run_dir.mkdir()
     rundir.update_status(run_dir, state="PENDING", target="slurm")
@@ -386,14 +528,23 @@ def test_an_item_put_back_at_a_time_limit_waits_for_the_follower_not_failed(tmp_
     store.follow()  # this process follows the pool, as a sweep's tfrun does
     assert refreshed()["state"] == "PENDING" and store.queued() == [item.id]
     # a follower that has exited (on this host: its process is gone) starts nothing more
-    subprocess.run([sys.executable, "-c", "import sys; from tfrun.targets.pool.store import PoolStore; "
-                    "PoolStore(sys.argv[1]).follow()", str(store.path)], check=True, timeout=60)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from tfrun.targets.pool.store import PoolStore; PoolStore(sys.argv[1]).follow()",
+            str(store.path),
+        ],
+        check=True,
+        timeout=60,
+    )
     after = refreshed()
     assert after["state"] == "FAILED" and "901 ended (RUNNING) before it ran" in after["reason"], after
     assert store.queued() == []
 
 
 # --- tuning studies in a pool -----------------------------------------------------------------
+
 
 @pytest.mark.slurm
 @pytest.mark.slow
@@ -402,9 +553,17 @@ def test_trials_start_fresh_in_one_warm_slot_that_survives_a_crash_and_os_exit(t
     ahead, the next segfaults, the next calls os._exit, the last looks for the mark. Each ran in
     its own process forked by the same agent, so the mark is not seen and the slot lives on."""
     (tmp_path / "modes.py").write_text(MODES)
-    result = run_tfrun(tmp_path, *TUNE, "compute=slurm", f"compute.job_name={job_name}", "entry.script=modes.py",
-                       "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=1",
-                       "trainer.mode=choice(mark,crash,exit,check)", timeout=300)
+    result = run_tfrun(
+        tmp_path,
+        *TUNE,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "entry.script=modes.py",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.max_parallel=1",
+        "trainer.mode=choice(mark,crash,exit,check)",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = sweep_dir(tmp_path)
     found = trials(sweep)
@@ -421,37 +580,66 @@ def test_trials_start_fresh_in_one_warm_slot_that_survives_a_crash_and_os_exit(t
     assert final_tells(sweep) == {0: [1], 1: [3], 2: [3], 3: [1]}
     # Its work done, the pool's allocation ends at once rather than holding its node.
     accounted(job)
-    end = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "End"], capture_output=True, text=True,
-                         timeout=60).stdout.strip()
+    end = subprocess.run(
+        ["sacct", "-j", job, "-X", "-n", "-P", "-o", "End"], capture_output=True, text=True, timeout=60
+    ).stdout.strip()
     assert time.mktime(time.strptime(end, "%Y-%m-%dT%H:%M:%S")) - found[3]["status"]["ended"] < 10, end
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_a_preempted_pool_resumes_its_trials_none_lost_none_told_twice(tmp_path: Path, job_name: str,
-                                                                       preempt_nodes: NodePair) -> None:
+def test_a_preempted_pool_resumes_its_trials_none_lost_none_told_twice(
+    tmp_path: Path, job_name: str, preempt_nodes: NodePair
+) -> None:
     """A study of four 12-epoch trials in a partition like low, two at a time. Mid-way, a job of
     a higher tier takes the pool's node: the running trials stop, go back to the queue, the
     allocation is requeued, and when it runs again they resume where they stopped. Every trial
     completes and is told to the study once."""
     (tmp_path / "resuming.py").write_text(RESUMING)
-    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", f"compute.partition={preempt_nodes.low}",
-                               f"compute.job_name={job_name}",
-                               "compute.poll_s=0.5", "entry.script=resuming.py", "hydra.sweeper.sampler=grid",
-                               "hydra.sweeper.max_parallel=2", "trainer.q=choice(0.6,0.7,0.8,0.9)")
+    proc, _, err = popen_tfrun(
+        tmp_path,
+        *TUNE,
+        "compute=slurm",
+        f"compute.partition={preempt_nodes.low}",
+        f"compute.job_name={job_name}",
+        "compute.poll_s=0.5",
+        "entry.script=resuming.py",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.max_parallel=2",
+        "trainer.q=choice(0.6,0.7,0.8,0.9)",
+    )
     try:
+
         def two_mid_way() -> bool:
             runs = list((tmp_path / "runs").glob("sweep-*/[0-9]/outputs/progress.json"))
             return len([p for p in runs if read_json(p)["epochs"] >= 3]) >= 2
+
         wait_for(two_mid_way, 180, f"two trials mid-way:\n{text_of(err)}")
         sweep = sweep_dir(tmp_path)
         job = allocations(sweep)[0]
-        node = subprocess.run(["squeue", "-h", "-j", job, "-o", "%N"], capture_output=True, text=True,
-                              timeout=60).stdout.strip()
+        node = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%N"], capture_output=True, text=True, timeout=60
+        ).stdout.strip()
         assert node, f"the pool's allocation {job} is not running"
-        subprocess.run(["sbatch", "-p", preempt_nodes.partition, "-w", node, "-n", "2",
-                        f"--job-name={job_name}-preemptor", "-o", "/dev/null", "--wrap", "sleep 2"],
-                       check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [
+                "sbatch",
+                "-p",
+                preempt_nodes.partition,
+                "-w",
+                node,
+                "-n",
+                "2",
+                f"--job-name={job_name}-preemptor",
+                "-o",
+                "/dev/null",
+                "--wrap",
+                "sleep 2",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         proc.wait(timeout=300)
     finally:
         stop(proc)
@@ -466,8 +654,11 @@ def test_a_preempted_pool_resumes_its_trials_none_lost_none_told_twice(tmp_path:
         assert starts[0] == 0 and starts[-1] > 0, starts  # it went on from its progress, not from the start
         attempts = read_json(Path(trial["run_dir"]) / "attempts.json").values()
         assert any(a.get("reason") == "preempted" and a.get("requeued") for a in attempts), attempts
-        epochs = [json.loads(line)["epoch"] for line in (Path(trial["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-                  if "epoch" in json.loads(line)]
+        epochs = [
+            json.loads(line)["epoch"]
+            for line in (Path(trial["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+            if "epoch" in json.loads(line)
+        ]
         assert sorted(set(epochs)) == list(range(12)), epochs
     assert allocations(sweep) == [job]  # requeued, not replaced
 
@@ -478,12 +669,23 @@ def test_tune_resume_reattaches_to_the_running_pool(tmp_path: Path, job_name: st
     """The follower is killed while the pool runs two trials; `tfrun tune resume` follows them
     in the same allocation and feeds it the rest: nothing runs twice, no new allocation."""
     (tmp_path / "resuming.py").write_text(RESUMING)
-    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=0.5",
-                               "entry.script=resuming.py", "hydra.sweeper.sampler=grid", "trainer.epochs=6",
-                               "trainer.q=choice(0.6,0.7,0.8,0.9)")
+    proc, _, err = popen_tfrun(
+        tmp_path,
+        *TUNE,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.poll_s=0.5",
+        "entry.script=resuming.py",
+        "hydra.sweeper.sampler=grid",
+        "trainer.epochs=6",
+        "trainer.q=choice(0.6,0.7,0.8,0.9)",
+    )
     try:
-        wait_for(lambda: len(list((tmp_path / "runs").glob("sweep-*/[0-9]/outputs/progress.json"))) >= 2, 180,
-                 f"two trials running:\n{text_of(err)}")
+        wait_for(
+            lambda: len(list((tmp_path / "runs").glob("sweep-*/[0-9]/outputs/progress.json"))) >= 2,
+            180,
+            f"two trials running:\n{text_of(err)}",
+        )
     finally:
         proc.kill()  # SIGKILL: no chance to tidy up
         proc.wait()
@@ -505,17 +707,31 @@ def test_cancel_one_trial_then_the_study(tmp_path: Path, job_name: str) -> None:
     """`tfrun cancel` of one trial ends that trial's processes only (its slot takes the next
     trial); `tfrun cancel` of the study ends its pool's allocation and every trial left."""
     (tmp_path / "resuming.py").write_text(RESUMING)
-    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=0.5",
-                               "entry.script=resuming.py", "hydra.sweeper.sampler=grid", "trainer.epochs=60",
-                               "trainer.q=choice(0.6,0.7,0.8,0.9)")
+    proc, _, err = popen_tfrun(
+        tmp_path,
+        *TUNE,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.poll_s=0.5",
+        "entry.script=resuming.py",
+        "hydra.sweeper.sampler=grid",
+        "trainer.epochs=60",
+        "trainer.q=choice(0.6,0.7,0.8,0.9)",
+    )
     try:
-        wait_for(lambda: len(list((tmp_path / "runs").glob("sweep-*/[0-9]/outputs/progress.json"))) >= 2, 180,
-                 f"two trials running:\n{text_of(err)}")
+        wait_for(
+            lambda: len(list((tmp_path / "runs").glob("sweep-*/[0-9]/outputs/progress.json"))) >= 2,
+            180,
+            f"two trials running:\n{text_of(err)}",
+        )
         sweep = sweep_dir(tmp_path)
         job = allocations(sweep)[0]
         assert run_tfrun(tmp_path, "cancel", str(sweep / "0")).returncode == 0
-        wait_for(lambda: trials(sweep).get(2, {}).get("status", {}).get("state") == "RUNNING", 60,
-                 f"the next trial in the freed slot:\n{text_of(err)}")
+        wait_for(
+            lambda: trials(sweep).get(2, {}).get("status", {}).get("state") == "RUNNING",
+            60,
+            f"the next trial in the freed slot:\n{text_of(err)}",
+        )
         found = trials(sweep)
         assert found[0]["status"]["state"] == "CANCELLED" and found[1]["status"]["state"] == "RUNNING", found
         assert found[2]["status"]["slot"] == found[0]["status"]["slot"] and found[2]["status"]["allocation"] == job
@@ -537,12 +753,23 @@ def test_an_idle_pool_ends_itself(tmp_path: Path, job_name: str) -> None:
     """The follower is killed: the pool finishes its trials, then, with nothing fed for
     hydra.sweeper.pool.idle_timeout_s, ends its allocation instead of holding it."""
     (tmp_path / "resuming.py").write_text(RESUMING)
-    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", f"compute.job_name={job_name}",
-                               "hydra.sweeper.pool.idle_timeout_s=5", "entry.script=resuming.py",
-                               "hydra.sweeper.sampler=grid", "trainer.epochs=4", "trainer.q=choice(0.6,0.7,0.8,0.9)")
+    proc, _, err = popen_tfrun(
+        tmp_path,
+        *TUNE,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "hydra.sweeper.pool.idle_timeout_s=5",
+        "entry.script=resuming.py",
+        "hydra.sweeper.sampler=grid",
+        "trainer.epochs=4",
+        "trainer.q=choice(0.6,0.7,0.8,0.9)",
+    )
     try:
-        wait_for(lambda: len(list((tmp_path / "runs").glob("sweep-*/[0-9]/outputs/starts"))) >= 2, 180,
-                 f"two trials running:\n{text_of(err)}")
+        wait_for(
+            lambda: len(list((tmp_path / "runs").glob("sweep-*/[0-9]/outputs/starts"))) >= 2,
+            180,
+            f"two trials running:\n{text_of(err)}",
+        )
     finally:
         proc.kill()
         proc.wait()
@@ -552,8 +779,11 @@ def test_an_idle_pool_ends_itself(tmp_path: Path, job_name: str) -> None:
     assert state == "COMPLETED", state
     record = read_json(sweep / "pool" / "allocations" / f"{job}.json")
     assert record["why"] == "idle", record
-    last = max(read_json(Path(t["run_dir"]) / "status.json")["ended"] for t in trials(sweep).values()
-               if read_json(Path(t["run_dir"]) / "status.json").get("ended"))
+    last = max(
+        read_json(Path(t["run_dir"]) / "status.json")["ended"]
+        for t in trials(sweep).values()
+        if read_json(Path(t["run_dir"]) / "status.json").get("ended")
+    )
     assert 5 <= record["ended"] - last < 15, (record, last)
 
 
@@ -563,9 +793,19 @@ def test_two_rank_horovod_items_take_a_slot_of_their_shape(tmp_path: Path, job_n
     """Items of 2 Horovod ranks: the slot is a 2-task job step whose agents both imported
     TensorFlow ahead; each item's ranks meet (size 2, sum 3) in processes of those agents."""
     (tmp_path / "hsum.py").write_text(HOROVOD_SUM)
-    result = run_tfrun(tmp_path, "-m", "compute=slurm", "backend=horovod", "compute.tasks_per_node=2",
-                       "compute.pack_size=2", "compute.poll_s=1", f"compute.job_name={job_name}", "entry.script=hsum.py",
-                       "trainer.i=range(0,2)", timeout=600)
+    result = run_tfrun(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        "backend=horovod",
+        "compute.tasks_per_node=2",
+        "compute.pack_size=2",
+        "compute.poll_s=1",
+        f"compute.job_name={job_name}",
+        "entry.script=hsum.py",
+        "trainer.i=range(0,2)",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = sweep_dir(tmp_path)
     sums = [(sweep / str(i) / "outputs" / f"sum-rank{r}").read_text().split() for i in range(2) for r in range(2)]
@@ -576,18 +816,30 @@ def test_two_rank_horovod_items_take_a_slot_of_their_shape(tmp_path: Path, job_n
 
 
 BAD = {
-    "too big for the partition": (["compute=slurm", "hydra.sweeper.max_parallel=8"],
-                                  "the pool's allocation (8 slot(s) of 1 node(s) x 1 task(s)"),
-    "slots that do not divide": (["compute=slurm", "hydra.sweeper.max_parallel=4", "hydra.sweeper.pool.allocations=3"],
-                                 "hydra.sweeper.pool.allocations=3 does not divide hydra.sweeper.max_parallel=4"),
-    "slots that do not add up": (["compute=slurm", "hydra.sweeper.max_parallel=4", "hydra.sweeper.pool.slots=3"],
-                                 "the pool must have exactly max_parallel slots"),
-    "pack settings in a study": (["compute=slurm", "compute.pack_size=4"],
-                                 "compute.pack_size=4 packs the points of a grid sweep"),
-    "an unknown pool key": (["compute=slurm", "+hydra.sweeper.pool.size=4"],
-                            "hydra.sweeper.pool.size=4 is not valid: a key of hydra.sweeper.pool"),
-    "several local allocations": (["hydra.sweeper.pool.allocations=2"],
-                                  "hydra.sweeper.pool.allocations=2 is not valid: 1 with compute=local"),
+    "too big for the partition": (
+        ["compute=slurm", "hydra.sweeper.max_parallel=8"],
+        "the pool's allocation (8 slot(s) of 1 node(s) x 1 task(s)",
+    ),
+    "slots that do not divide": (
+        ["compute=slurm", "hydra.sweeper.max_parallel=4", "hydra.sweeper.pool.allocations=3"],
+        "hydra.sweeper.pool.allocations=3 does not divide hydra.sweeper.max_parallel=4",
+    ),
+    "slots that do not add up": (
+        ["compute=slurm", "hydra.sweeper.max_parallel=4", "hydra.sweeper.pool.slots=3"],
+        "the pool must have exactly max_parallel slots",
+    ),
+    "pack settings in a study": (
+        ["compute=slurm", "compute.pack_size=4"],
+        "compute.pack_size=4 packs the points of a grid sweep",
+    ),
+    "an unknown pool key": (
+        ["compute=slurm", "+hydra.sweeper.pool.size=4"],
+        "hydra.sweeper.pool.size=4 is not valid: a key of hydra.sweeper.pool",
+    ),
+    "several local allocations": (
+        ["hydra.sweeper.pool.allocations=2"],
+        "hydra.sweeper.pool.allocations=2 is not valid: 1 with compute=local",
+    ),
 }
 
 
@@ -601,8 +853,16 @@ def test_bad_pool_input_is_one_paragraph_exit_2_and_nothing_submitted(tmp_path: 
         assert result.stderr.startswith("tfrun: error: ") and expected in result.stderr, (what, result.stderr)
         assert result.stderr.strip().count("\n") == 0, (what, result.stderr)
         assert not list((tmp_path / "runs").glob("*")), what
-    varied = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.pack_size=2", f"compute.job_name={job_name}",
-                       "entry.script=point.py", "trainer.i=1", "compute.tasks_per_node=1,2")
+    varied = run_tfrun(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        "compute.pack_size=2",
+        f"compute.job_name={job_name}",
+        "entry.script=point.py",
+        "trainer.i=1",
+        "compute.tasks_per_node=1,2",
+    )
     assert varied.returncode == 2 and "compute.tasks_per_node is 2" in varied.stderr, varied.stderr
     assert varied.stderr.strip().count("\n") == 0, varied.stderr
     assert queued_jobs(job_name) == [] and job_state(job_name) == ""
@@ -610,24 +870,37 @@ def test_bad_pool_input_is_one_paragraph_exit_2_and_nothing_submitted(tmp_path: 
 
 def test_dry_run_shows_the_study_pool_without_tensorflow(tmp_path: Path) -> None:
     (tmp_path / "tfscript.py").write_text("import tensorflow as tf\nfrom tfrun.tracking.metrics import log_epoch\n")
-    code = ("import sys\nfrom tfrun.cli.main import main\n"
-            "try:\n    main(['--dry-run', '-m', 'hydra/sweeper=tfrun', 'tfrun.objective=score', 'compute=slurm',"
-            " 'hydra.sweeper.max_parallel=4', 'hydra.sweeper.pool.allocations=2', 'entry.script=tfscript.py',"
-            " 'trainer.lr=choice(0.1,0.2)'])\nexcept SystemExit as exc:\n"
-            "    assert not exc.code, exc.code\nprint('TENSORFLOW', 'tensorflow' in sys.modules)\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={**__import__("os").environ, "TFRUN_RUNS_DIR": str(tmp_path / "runs")})
+    code = (
+        "import sys\nfrom tfrun.cli.main import main\n"
+        "try:\n    main(['--dry-run', '-m', 'hydra/sweeper=tfrun', 'tfrun.objective=score', 'compute=slurm',"
+        " 'hydra.sweeper.max_parallel=4', 'hydra.sweeper.pool.allocations=2', 'entry.script=tfscript.py',"
+        " 'trainer.lr=choice(0.1,0.2)'])\nexcept SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\nprint('TENSORFLOW', 'tensorflow' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "TFRUN_RUNS_DIR": str(tmp_path / "runs")},
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "TENSORFLOW False" in out
-    for line in ("pool: 2 Slurm allocation(s) of 2 slot(s); a slot is 1 node(s) x 1 task(s)",
-                 "warm:       tensorflow, keras imported ahead", "each slot:  srun --exact", "#SBATCH --ntasks-per-node=2",
-                 "#SBATCH --array=0-1%2"):
+    for line in (
+        "pool: 2 Slurm allocation(s) of 2 slot(s); a slot is 1 node(s) x 1 task(s)",
+        "warm:       tensorflow, keras imported ahead",
+        "each slot:  srun --exact",
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --array=0-1%2",
+    ):
         assert line in out, out
     assert not (tmp_path / "runs").exists()
 
 
 # --- the local machine ------------------------------------------------------------------------
+
 
 def test_a_local_sweep_runs_its_points_warm_one_after_another(tmp_path: Path) -> None:
     """A local sweep is a pool of one slot: every point a fresh process of the same warm agent
@@ -672,17 +945,37 @@ def busy_cpu(tmp_path: Path, job_name: str) -> Iterator[float]:
 def test_on_a_busy_cluster_a_study_waits_for_its_pool_once(tmp_path: Path, job_name: str, busy_cpu: float) -> None:
     """Every new job waits for its turn (another account's jobs hold the node): the pool's one
     allocation waits, then its slot takes each trial at once, without a queue wait per trial."""
-    probe = subprocess.run(["sbatch", "--parsable", "-p", "cpu", f"--job-name={job_name}", "--output=/dev/null",
-                            "--wrap", "true"], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    probe = subprocess.run(
+        ["sbatch", "--parsable", "-p", "cpu", f"--job-name={job_name}", "--output=/dev/null", "--wrap", "true"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
     (tmp_path / "resuming.py").write_text(RESUMING)
-    result = run_tfrun(tmp_path, *TUNE, "compute=slurm", "compute.partition=cpu", f"compute.job_name={job_name}",
-                       "compute.poll_s=0.5", "entry.script=resuming.py", "hydra.sweeper.sampler=grid",
-                       "hydra.sweeper.max_parallel=1", "trainer.epochs=2", "trainer.q=choice(0.6,0.7,0.8)", timeout=300)
+    result = run_tfrun(
+        tmp_path,
+        *TUNE,
+        "compute=slurm",
+        "compute.partition=cpu",
+        f"compute.job_name={job_name}",
+        "compute.poll_s=0.5",
+        "entry.script=resuming.py",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.max_parallel=1",
+        "trainer.epochs=2",
+        "trainer.q=choice(0.6,0.7,0.8)",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     def waited(job: str) -> float:
-        out = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "Submit,Start", "--noconvert"],
-                             capture_output=True, text=True, timeout=60).stdout.split("|")
+        out = subprocess.run(
+            ["sacct", "-j", job, "-X", "-n", "-P", "-o", "Submit,Start", "--noconvert"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split("|")
         stamp = [time.mktime(time.strptime(t.strip(), "%Y-%m-%dT%H:%M:%S")) for t in out]
         return stamp[1] - stamp[0]
 
@@ -705,7 +998,8 @@ def test_an_item_pruned_while_it_waits_never_starts(tmp_path: Path) -> None:
         "p = argparse.ArgumentParser(); p.add_argument('--i', type=int); a = p.parse_args()\n"
         "if a.i == 0:\n"
         "    nxt = Path(os.environ['TFRUN_RUN_DIR']).parent / '1'\n"
-        "    (nxt / 'prune.json').write_text(json.dumps({'policy': 'median', 'epoch': 3, 'why': 'behind', 'trial': 1}))\n")
+        "    (nxt / 'prune.json').write_text(json.dumps({'policy': 'median', 'epoch': 3, 'why': 'behind', 'trial': 1}))\n"
+    )
     result = run_tfrun(tmp_path, "-m", "entry.script=prune_next.py", "trainer.i=0,1", timeout=120)
     sweep = sweep_dir(tmp_path)
     found = statuses(sweep)

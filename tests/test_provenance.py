@@ -1,6 +1,7 @@
 """Where each attempt came from (tfrun/tracking/provenance.py, ``tfrun status --full``) and
 ``tfrun tensorboard SWEEP`` (tfrun/tracking/board.py): real runs of tiny scripts, no TensorFlow
 import in them (they write TensorBoard events with TensorBoard's protobufs)."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -21,7 +22,7 @@ from tests.helpers import free_port, read_json, run_dir_from, run_tfrun, scratch
 pytestmark = pytest.mark.slow
 
 # TensorBoard's event file format by hand: TensorBoard's own writers import TensorFlow (~10 s).
-EVENTS = '''
+EVENTS = """
 import argparse, os, struct, time
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -54,7 +55,7 @@ with open(os.path.join(folder, "events.out.tfevents.%d.test" % time.time()), "wb
 import tfrun
 for s in range(4):  # values of a custom loop: tfrun tensorboard converts them
     tfrun.log_metric("custom", a.x + s, s)
-'''
+"""
 
 
 def git(repo: Path, *args: str) -> str:
@@ -113,8 +114,7 @@ def _dist(site: Path, name: str, version: str) -> None:
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n\nA package.\n")
 
 
-def test_the_package_list_is_read_again_once_a_package_changes(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_package_list_is_read_again_once_a_package_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tfrun.tracking import provenance
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -153,8 +153,9 @@ def test_a_dir_outside_git_records_no_commit(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_slurm_run_on_two_nodes_records_both_hosts_and_the_job(tmp_path: Path, repo: Path) -> None:
-    result = run_tfrun(tmp_path, "compute=slurm", "compute.nodes=2", "compute.poll_s=1", "entry.script=train.py",
-                       cwd=repo, timeout=300)
+    result = run_tfrun(
+        tmp_path, "compute=slurm", "compute.nodes=2", "compute.poll_s=1", "entry.script=train.py", cwd=repo, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = run_dir_from(result.stderr)
     prov = provenance_of(run_dir)
@@ -181,8 +182,10 @@ def test_tensorboard_command_names_each_run_by_its_parameter(tmp_path: Path, swe
     assert command[1:3] == ["-m", "tensorboard.main"] and command[-4:] == ["--host", "127.0.0.1", "--port", "6123"]
     links = Path(command[command.index("--logdir") + 1])
     assert links.parent == tmp_path
-    assert {p.name: p.resolve() for p in links.iterdir()} == {"trainer.x=0.5": sweep / "0" / "tensorboard",
-                                                            "trainer.x=2": sweep / "1" / "tensorboard"}
+    assert {p.name: p.resolve() for p in links.iterdir()} == {
+        "trainer.x=0.5": sweep / "0" / "tensorboard",
+        "trainer.x=2": sweep / "1" / "tensorboard",
+    }
 
 
 @pytest.mark.slow
@@ -190,10 +193,16 @@ def test_tensorboard_serves_the_sweep(tmp_path: Path, sweep: Path) -> None:
     port = free_port()
     err = tmp_path / "tensorboard.err"
     with open(err, "w") as ferr:
-        proc = subprocess.Popen([*tfrun_command(), "tensorboard", str(sweep), "--port", str(port)], cwd=tmp_path,
-                                env=scratch_env(tmp_path, TMPDIR=str(tmp_path)), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=ferr)
+        proc = subprocess.Popen(
+            [*tfrun_command(), "tensorboard", str(sweep), "--port", str(port)],
+            cwd=tmp_path,
+            env=scratch_env(tmp_path, TMPDIR=str(tmp_path)),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=ferr,
+        )
     try:
+
         def runs() -> list[str]:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=2) as answer:
@@ -203,16 +212,20 @@ def test_tensorboard_serves_the_sweep(tmp_path: Path, sweep: Path) -> None:
                 return []
 
         # Each run's own events, and its tfrun.log_metric values converted (TensorFlow's import: ~10 s).
-        wait_for(lambda: runs() == ["trainer.x=0.5", "trainer.x=0.5/metrics", "trainer.x=2", "trainer.x=2/metrics"],
-                 90, "TensorBoard to list both runs and their logged values")
+        wait_for(
+            lambda: runs() == ["trainer.x=0.5", "trainer.x=0.5/metrics", "trainer.x=2", "trainer.x=2/metrics"],
+            90,
+            "TensorBoard to list both runs and their logged values",
+        )
         query = urllib.parse.urlencode({"run": "trainer.x=2/metrics", "tag": "custom"})
 
         def points() -> list[tuple[int, float]]:
             # TensorBoard lists a run when it finds its directory and reads its events later, in its
             # reload loop: until then the tag is unknown (404).
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?{query}",
-                                            timeout=10) as answer:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?{query}", timeout=10
+                ) as answer:
                     return [(step, value) for _, step, value in json.loads(answer.read())]
             except urllib.error.HTTPError as error:
                 assert error.code == 404, error

@@ -1,5 +1,6 @@
 """config/ hands plan/ one typed, checked run config per run, once: the plan floor reads its
 attributes, and calls nothing of config/ while it builds a plan but that one hand-over."""
+
 from __future__ import annotations
 
 import ast
@@ -54,9 +55,18 @@ def _is_run_config(value: Any) -> bool:
 
 
 def test_a_single_run_crosses_from_plan_into_config_once(tmp_path: Path) -> None:
-    planned, crossed, built = _crossings(lambda: planner.plan_run(
-        [f"entry.script={SCRIPT}", "backend=ps", "compute=slurm", "compute.nodes=2", "compute.tasks_per_node=2",
-         f"hydra.run.dir={tmp_path / 'run'}"]))
+    planned, crossed, built = _crossings(
+        lambda: planner.plan_run(
+            [
+                f"entry.script={SCRIPT}",
+                "backend=ps",
+                "compute=slurm",
+                "compute.nodes=2",
+                "compute.tasks_per_node=2",
+                f"hydra.run.dir={tmp_path / 'run'}",
+            ]
+        )
+    )
     assert crossed == ["tfrun.config.composition.single"]
     assert len(built) == 1 and _is_run_config(built[0]), [type(b) for b in built]
     run = built[0]
@@ -69,8 +79,16 @@ def test_a_single_run_crosses_from_plan_into_config_once(tmp_path: Path) -> None
 def test_a_grid_sweep_crosses_from_plan_into_config_once(tmp_path: Path) -> None:
     """Every point is composed (or resolved from its base) and checked in config/; the batch
     crosses into plan/ in one hand-over, its points typed."""
-    planned, crossed, built = _crossings(lambda: planner.plan_sweep(
-        [f"entry.script={SCRIPT}", "trainer.lr=0.1,0.2", "compute.nodes=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"]))
+    planned, crossed, built = _crossings(
+        lambda: planner.plan_sweep(
+            [
+                f"entry.script={SCRIPT}",
+                "trainer.lr=0.1,0.2",
+                "compute.nodes=1,2",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            ]
+        )
+    )
     assert crossed == ["tfrun.config.composition.grid"]
     assert len(built) == len(planned) == 4 and all(_is_run_config(run) for run in built)
     assert [(run.compute.nodes, run.trainer["lr"]) for run in built] == [(1, 0.1), (2, 0.1), (1, 0.2), (2, 0.2)]
@@ -91,12 +109,20 @@ def _config_keys(function: ast.FunctionDef) -> list[str]:
         values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
         targets = node.targets[0].elts if isinstance(node.targets[0], ast.Tuple) else node.targets
         for target, value in zip(targets, values):
-            if isinstance(target, ast.Name) and isinstance(value, (ast.Subscript, ast.Attribute)) \
-                    and _root(value) in config:
+            if (
+                isinstance(target, ast.Name)
+                and isinstance(value, (ast.Subscript, ast.Attribute))
+                and _root(value) in config
+            ):
                 config.add(target.id)
-    return [ast.unparse(node) for node in ast.walk(function)
-            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
-            and isinstance(node.slice.value, str) and _root(node) in config]
+    return [
+        ast.unparse(node)
+        for node in ast.walk(function)
+        if isinstance(node, ast.Subscript)
+        and isinstance(node.slice, ast.Constant)
+        and isinstance(node.slice.value, str)
+        and _root(node) in config
+    ]
 
 
 def test_the_plan_builder_reads_attributes_and_imports_no_composition() -> None:
@@ -110,7 +136,9 @@ def test_the_plan_builder_reads_attributes_and_imports_no_composition() -> None:
     for path in (REPO / "tfrun" / "plan").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tfrun.config"):
-                imported |= {node.module} if node.module != "tfrun.config" else {f"tfrun.config.{a.name}" for a in node.names}
+                imported |= (
+                    {node.module} if node.module != "tfrun.config" else {f"tfrun.config.{a.name}" for a in node.names}
+                )
     assert imported <= {"tfrun.config.composition", "tfrun.config.run_config"}, sorted(imported)
 
 

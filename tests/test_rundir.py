@@ -1,4 +1,5 @@
 """The run directory's files under concurrent writers: no update lost, no half-written file."""
+
 from __future__ import annotations
 
 import json
@@ -90,9 +91,14 @@ def test_cancel_never_signals_a_process_that_reused_the_launchers_pid(tmp_path: 
     rundir.write_atomic(run_dir / "plan.json", shown.stdout)
     other = subprocess.Popen(["sleep", "60"])
     try:
-        rundir.update_status(run_dir, state="RUNNING", target="local", launcher_pid=other.pid,
-                             launcher_host=rundir.hostname(),
-                             launcher_started=rundir.process_started(other.pid) - 3600)  # the launcher was older
+        rundir.update_status(
+            run_dir,
+            state="RUNNING",
+            target="local",
+            launcher_pid=other.pid,
+            launcher_host=rundir.hostname(),
+            launcher_started=rundir.process_started(other.pid) - 3600,
+        )  # the launcher was older
         result = run_tfrun(tmp_path, "cancel", str(run_dir))
         assert result.returncode == 0, result.stderr
         time.sleep(0.5)
@@ -189,8 +195,9 @@ metrics._rewrite(folder / "metrics.jsonl", [{"epoch": 0}])
 def test_files_written_atomically_follow_the_umask(tmp_path: Path, umask: int) -> None:
     """Every atomically written file (plan, status, records, configs, a rewritten metrics
     file) gets the mode any file of the user gets: 0644 under umask 022, 0664 under 002."""
-    done = subprocess.run([sys.executable, "-c", WRITE_UNDER_UMASK, str(tmp_path), oct(umask)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", WRITE_UNDER_UMASK, str(tmp_path), oct(umask)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
     assert {"bytes.bin", "record.json", "status.json", "sweep.json", "config.yaml", "metrics.jsonl"} <= set(modes)
@@ -204,9 +211,16 @@ def test_a_runs_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
     beside it): every file it writes has the mode the umask gives, every dir too."""
     (tmp_path / "quick.py").write_text("import tfrun\ntfrun.log_metric('m', 1.0)\n")
     env = scratch_env(tmp_path)
-    done = subprocess.run([*tfrun_command(), "entry.script=quick.py", "tracking=mlflow"], cwd=tmp_path, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-                          preexec_fn=lambda: os.umask(umask))
+    done = subprocess.run(
+        [*tfrun_command(), "entry.script=quick.py", "tracking=mlflow"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.umask(umask),
+    )
     assert done.returncode == 0, done.stderr
     runs = tmp_path / "runs"
     files = {p: oct(p.stat().st_mode & 0o777) for p in runs.rglob("*") if p.is_file()}
@@ -247,7 +261,8 @@ def test_a_job_accounting_calls_preempted_is_completed_when_its_last_attempt_com
 
 
 def test_a_job_started_again_after_it_completed_the_run_has_nothing_left_to_do(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Slurm 24.11 requeues a job it requeued during a preemption once more when its next
     attempt ends: an attempt of that same job after one that completed the run does nothing."""
     from tfrun.task import stopping

@@ -5,6 +5,7 @@ look only at this test's jobs while other tests use the same cluster, and so tha
 failed test can cancel what it left behind. A cluster that is not up fails the tests:
 CI starts it before the tests (``scripts/test``).
 """
+
 from __future__ import annotations
 
 import os
@@ -39,10 +40,12 @@ JOB_TIMEOUT = 300  # generous: other suites may hold the nodes for a while
 
 # --- Slurm's own view ---------------------------------------------------------------------
 
+
 def sacct(job: str, fields: str = "JobID,State") -> dict[str, list[str]]:
     """Allocation lines of a job (or of an array: one per element), by JobID."""
-    out = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", fields],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        ["sacct", "-j", job, "-X", "-n", "-P", "-o", fields], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     rows = [line.split("|") for line in out.splitlines() if line.strip()]
     return {row[0]: row[1:] for row in rows}
 
@@ -61,8 +64,9 @@ def sacct_state(job_id: str) -> str:
 
 def queued(name: str) -> list[str]:
     """Ids and states of the jobs with this name still in squeue."""
-    out = subprocess.run(["squeue", "-h", f"--name={name}", "-o", "%i %T"],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        ["squeue", "-h", f"--name={name}", "-o", "%i %T"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     return out.splitlines()
 
 
@@ -92,6 +96,7 @@ def tfrun_status(tmp_path: Path, run: Path | str) -> str:
 
 # --- 1 + 8: the digits example on one and on two nodes; runs and logs ----------------
 
+
 @pytest.fixture(scope="module")
 def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[int, tuple]]]:
     """The digits example as a 1-node and a 2-node job: (tmp dir, {nodes: (result, run dir, job id)})."""
@@ -100,8 +105,14 @@ def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
     done = {}
     try:
         for nodes in (1, 2):
-            result = run_tfrun(tmp, "compute=slurm", f"compute.nodes={nodes}", f"compute.job_name={name}",
-                               f"trainer.epochs={DIGITS_EPOCHS}", timeout=JOB_TIMEOUT)
+            result = run_tfrun(
+                tmp,
+                "compute=slurm",
+                f"compute.nodes={nodes}",
+                f"compute.job_name={name}",
+                f"trainer.epochs={DIGITS_EPOCHS}",
+                timeout=JOB_TIMEOUT,
+            )
             assert result.returncode == 0, result.stderr
             done[nodes] = (result, run_dir_from(result.stderr), submitted_job(result.stderr))
         yield tmp, done
@@ -178,8 +189,15 @@ print(f"point x={args.x} job={os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLU
 @pytest.mark.slurm
 def test_sweep_is_one_job_array_with_a_run_dir_per_point(tmp_path: Path, job_name: str) -> None:
     write_script(tmp_path, "point.py", POINT_SCRIPT)
-    result = run_tfrun(tmp_path, "-m", "compute=slurm", f"compute.job_name={job_name}", "entry.script=point.py",
-                       "trainer.x=10,20,30", timeout=JOB_TIMEOUT)
+    result = run_tfrun(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "entry.script=point.py",
+        "trainer.x=10,20,30",
+        timeout=JOB_TIMEOUT,
+    )
     assert result.returncode == 0, result.stderr
     arrays, sweep_dir = submitted_sweep(result.stderr)
     assert len(arrays) == 1, f"a 3-point sweep must be one job array: {arrays}"
@@ -219,8 +237,14 @@ time.sleep(300)
 def test_failing_rank_fails_the_job_quickly_and_is_reported(tmp_path: Path, job_name: str) -> None:
     write_script(tmp_path, "fail.py", FAILING_SCRIPT)
     start = time.time()
-    result = run_tfrun(tmp_path, "compute=slurm", "compute.nodes=2", f"compute.job_name={job_name}",
-                       "entry.script=fail.py", timeout=JOB_TIMEOUT)
+    result = run_tfrun(
+        tmp_path,
+        "compute=slurm",
+        "compute.nodes=2",
+        f"compute.job_name={job_name}",
+        "entry.script=fail.py",
+        timeout=JOB_TIMEOUT,
+    )
     ended = time.time()
     assert result.returncode == 1, result.stderr
     run_dir = run_dir_from(result.stderr)
@@ -260,16 +284,24 @@ def _first_line(text: str) -> str:
 
 
 @pytest.mark.slurm
-def test_no_wait_returns_at_once_and_cancel_ends_the_job(tmp_path: Path, job_name: str,
-                                                        preempt_nodes: NodePair) -> None:
+def test_no_wait_returns_at_once_and_cancel_ends_the_job(
+    tmp_path: Path, job_name: str, preempt_nodes: NodePair
+) -> None:
     """In a partition whose jobs can be preempted, a user's cancel (SIGTERM, as a preemption's)
     still ends the job: CANCELLED, not requeued. The task saves its work first, as it would for
     a preemption, and rank 0 asks Slurm which it was. (On nodes of the preemption tests' own:
     elsewhere another test's job could preempt it.)"""
     write_script(tmp_path, "sleep.py", SLEEP_SCRIPT)
     start = time.monotonic()
-    result = run_tfrun(tmp_path, "compute=slurm", "compute.wait=false", f"compute.job_name={job_name}",
-                       f"compute.partition={preempt_nodes.low}", "entry.script=sleep.py", timeout=60)
+    result = run_tfrun(
+        tmp_path,
+        "compute=slurm",
+        "compute.wait=false",
+        f"compute.job_name={job_name}",
+        f"compute.partition={preempt_nodes.low}",
+        "entry.script=sleep.py",
+        timeout=60,
+    )
     took = time.monotonic() - start
     assert result.returncode == 0, result.stderr
     assert took < 15, f"compute.wait=false took {took:.1f} s"
@@ -278,8 +310,11 @@ def test_no_wait_returns_at_once_and_cancel_ends_the_job(tmp_path: Path, job_nam
     run_dir = run_dir_from(result.stderr)
     assert queued(job_name) and queued(job_name)[0].split()[0] == job_id
 
-    wait_for(lambda: _first_line(tfrun_status(tmp_path, run_dir)).endswith(": RUNNING"), JOB_TIMEOUT,
-             "tfrun status to say RUNNING")
+    wait_for(
+        lambda: _first_line(tfrun_status(tmp_path, run_dir)).endswith(": RUNNING"),
+        JOB_TIMEOUT,
+        "tfrun status to say RUNNING",
+    )
     wait_for(lambda: "sleeping" in text_of(run_dir / "logs/rank0.log"), 60, "the script to start")
 
     cancelled = run_tfrun(tmp_path, "cancel", str(run_dir), timeout=60)
@@ -289,12 +324,14 @@ def test_no_wait_returns_at_once_and_cancel_ends_the_job(tmp_path: Path, job_nam
     wait_for(lambda: not queued(job_name), 60, "the job to leave the queue")
     shown = tfrun_status(tmp_path, run_dir)
     assert _first_line(shown).endswith(": CANCELLED"), shown
-    assert re.search(rf"^  rank 0: ({'|'.join(preempt_nodes.nodes)}) pid \d+ killed before it finished$", shown,
-                     re.M), shown
+    assert re.search(
+        rf"^  rank 0: ({'|'.join(preempt_nodes.nodes)}) pid \d+ killed before it finished$", shown, re.M
+    ), shown
     assert read_json(run_dir / "status.json")["state"] == "CANCELLED"
     log = text_of(run_dir / "logs/rank0.log")
-    assert re.search(rf"^tfrun: Slurm is ending job {job_id} \((CANCELLED|COMPLETING)\), not preempting it: ending now$",
-                     log, re.M), log
+    assert re.search(
+        rf"^tfrun: Slurm is ending job {job_id} \((CANCELLED|COMPLETING)\), not preempting it: ending now$", log, re.M
+    ), log
     attempt = read_json(run_dir / "attempts.json")[f"slurm-{job_id}-0"]
     assert attempt["requeued"] is False and attempt["terminated"] is True and "reason" not in attempt, attempt
 
@@ -302,11 +339,20 @@ def test_no_wait_returns_at_once_and_cancel_ends_the_job(tmp_path: Path, job_nam
 @pytest.mark.slurm
 def test_ctrl_c_while_following_detaches_and_the_job_keeps_running(tmp_path: Path, job_name: str) -> None:
     write_script(tmp_path, "sleep.py", SLEEP_SCRIPT)
-    proc, out, err = popen_tfrun(tmp_path, "compute=slurm", "compute.wait=true", "compute.poll_s=0.5",
-                                 f"compute.job_name={job_name}", "entry.script=sleep.py")
+    proc, out, err = popen_tfrun(
+        tmp_path,
+        "compute=slurm",
+        "compute.wait=true",
+        "compute.poll_s=0.5",
+        f"compute.job_name={job_name}",
+        "entry.script=sleep.py",
+    )
     try:
-        wait_for(lambda: re.search(r"job \d+ RUNNING", err.read_text()) and "sleeping" in out.read_text(),
-                 JOB_TIMEOUT, "tfrun to follow the running job")
+        wait_for(
+            lambda: re.search(r"job \d+ RUNNING", err.read_text()) and "sleeping" in out.read_text(),
+            JOB_TIMEOUT,
+            "tfrun to follow the running job",
+        )
         job_id = submitted_job(err.read_text())
         proc.send_signal(signal.SIGINT)
         start = time.monotonic()
@@ -340,16 +386,25 @@ print("GPUS rank={} local={} cvd={} step_gpus={}".format(
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("overrides, sbatch_line, why", [
-    (["compute=slurm_gpu", "compute.tasks_per_node=2"], "#SBATCH --gpus-per-task=1", "bound by the scheduler"),
-    (["compute=slurm", "compute.gpus_per_node=2", "compute.tasks_per_node=2"], "#SBATCH --gpus-per-node=2",
-     "slice of 0,1 for local rank {rank}"),
-], ids=["gpus_per_task", "gpus_per_node"])
-def test_each_rank_gets_its_own_gpu(tmp_path: Path, job_name: str, overrides: list[str], sbatch_line: str,
-                                    why: str) -> None:
+@pytest.mark.parametrize(
+    "overrides, sbatch_line, why",
+    [
+        (["compute=slurm_gpu", "compute.tasks_per_node=2"], "#SBATCH --gpus-per-task=1", "bound by the scheduler"),
+        (
+            ["compute=slurm", "compute.gpus_per_node=2", "compute.tasks_per_node=2"],
+            "#SBATCH --gpus-per-node=2",
+            "slice of 0,1 for local rank {rank}",
+        ),
+    ],
+    ids=["gpus_per_task", "gpus_per_node"],
+)
+def test_each_rank_gets_its_own_gpu(
+    tmp_path: Path, job_name: str, overrides: list[str], sbatch_line: str, why: str
+) -> None:
     write_script(tmp_path, "gpus.py", GPU_SCRIPT)
-    result = run_tfrun(tmp_path, *overrides, f"compute.job_name={job_name}", "entry.script=gpus.py",
-                       timeout=JOB_TIMEOUT)
+    result = run_tfrun(
+        tmp_path, *overrides, f"compute.job_name={job_name}", "entry.script=gpus.py", timeout=JOB_TIMEOUT
+    )
     assert result.returncode == 0, result.stderr
     run_dir = run_dir_from(result.stderr)
     job_id = submitted_job(result.stderr)
@@ -366,19 +421,26 @@ def test_each_rank_gets_its_own_gpu(tmp_path: Path, job_name: str, overrides: li
 
 # --- 6: what Slurm rejects ------------------------------------------------------------------
 
+
 @pytest.mark.slurm
-@pytest.mark.parametrize("overrides, message", [
-    (["compute.partition=nope"], "invalid partition"),
-    (["compute.timeout_min=120"], "Requested time limit is invalid"),
-    (["compute.partition=cpu", "compute.gpus_per_node=1"], "Requested node configuration is not available"),
-    (["compute.nodes=0"], None),
-    (["compute.nodes=3"], "Node count specification invalid"),
-], ids=["partition", "timeout", "gpus_on_cpu_partition", "zero_nodes", "three_nodes"])
-def test_bad_slurm_input_exits_2_and_queues_nothing(tmp_path: Path, job_name: str, overrides: list[str],
-                                                    message: str | None) -> None:
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["compute.partition=nope"], "invalid partition"),
+        (["compute.timeout_min=120"], "Requested time limit is invalid"),
+        (["compute.partition=cpu", "compute.gpus_per_node=1"], "Requested node configuration is not available"),
+        (["compute.nodes=0"], None),
+        (["compute.nodes=3"], "Node count specification invalid"),
+    ],
+    ids=["partition", "timeout", "gpus_on_cpu_partition", "zero_nodes", "three_nodes"],
+)
+def test_bad_slurm_input_exits_2_and_queues_nothing(
+    tmp_path: Path, job_name: str, overrides: list[str], message: str | None
+) -> None:
     write_script(tmp_path, "hello.py", "print('hello')\n")
-    result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "entry.script=hello.py",
-                       *overrides, timeout=120)
+    result = run_tfrun(
+        tmp_path, "compute=slurm", f"compute.job_name={job_name}", "entry.script=hello.py", *overrides, timeout=120
+    )
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("tfrun: error: ")]
     assert len(errors) == 1, result.stderr
@@ -397,19 +459,32 @@ def test_bad_slurm_input_exits_2_and_queues_nothing(tmp_path: Path, job_name: st
     assert queued(job_name) == []
     # Slurm 24.11 records some submissions it rejects (one that can never run in its partition)
     # in accounting, as FAILED jobs that never started; none may have run.
-    recorded = subprocess.run(["sacct", "-n", "-X", "-P", "-S", "now-3600", f"--name={job_name}", "-o",
-                               "JobID,State,Start"], capture_output=True, text=True, timeout=60, check=True).stdout
+    recorded = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-S", "now-3600", f"--name={job_name}", "-o", "JobID,State,Start"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     ran = [row for row in recorded.splitlines() if row.split("|")[1:] != ["FAILED", "None"]]
     assert ran == [], f"Slurm accepted a job: {recorded}"
 
 
 # --- 7: the planned sbatch script is the one submitted ----------------------------------------
 
+
 @pytest.mark.slurm
 def test_dry_run_sbatch_is_the_script_submitit_submits(tmp_path: Path, job_name: str) -> None:
     write_script(tmp_path, "hello.py", "print('hello')\n")
-    overrides = ["compute=slurm", "compute.nodes=2", "compute.timeout_min=7", f"compute.job_name={job_name}",
-                 "compute.setup=[hostname]", "entry.script=hello.py", "trainer.lr=0.5"]
+    overrides = [
+        "compute=slurm",
+        "compute.nodes=2",
+        "compute.timeout_min=7",
+        f"compute.job_name={job_name}",
+        "compute.setup=[hostname]",
+        "entry.script=hello.py",
+        "trainer.lr=0.5",
+    ]
     dry = run_tfrun(tmp_path, "--dry-run", *overrides, timeout=60)
     assert dry.returncode == 0, dry.stderr
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())  # nothing written
@@ -453,9 +528,18 @@ def test_state_comes_from_one_batched_query_per_poll(tmp_path: Path, job_name: s
     write_script(tmp_path, "point.py", POINT_SCRIPT)
     poll_s = 1.0
     start = time.monotonic()
-    result = run_tfrun(tmp_path, "-m", "compute=slurm", f"compute.poll_s={poll_s}", f"compute.job_name={job_name}",
-                       "entry.script=point.py", "trainer.sleep=3", "trainer.x=1,2,3,4,5,6", timeout=JOB_TIMEOUT,
-                       PATH=f"{wrappers}{os.pathsep}{os.environ['PATH']}")
+    result = run_tfrun(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        f"compute.poll_s={poll_s}",
+        f"compute.job_name={job_name}",
+        "entry.script=point.py",
+        "trainer.sleep=3",
+        "trainer.x=1,2,3,4,5,6",
+        timeout=JOB_TIMEOUT,
+        PATH=f"{wrappers}{os.pathsep}{os.environ['PATH']}",
+    )
     wall = time.monotonic() - start
     assert result.returncode == 0, result.stderr
     arrays, sweep_dir = submitted_sweep(result.stderr)
@@ -492,8 +576,11 @@ def _stop_slurmdbd() -> None:
     state = Path(os.environ.get("TFRUN_SLURM_DIR", "/var/lib/tfrun-slurm"))
     pid = int((state / "run" / "slurmdbd.pid").read_text().split()[0])
     os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
-             30, "slurmdbd to stop")
+    wait_for(
+        lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+        30,
+        "slurmdbd to stop",
+    )
     assert subprocess.run(["sacct", "-n", "-j", "1"], capture_output=True, timeout=60).returncode != 0
 
 
@@ -504,8 +591,15 @@ def test_states_stay_right_without_accounting(tmp_path: Path, job_name: str) -> 
     """slurmdbd stops while a sweep runs: sacct fails, and tfrun follows the jobs through
     squeue and scontrol until they complete; no live job is taken for gone."""
     (tmp_path / "sleeper.py").write_text(SLEEPER)
-    proc, out, err = popen_tfrun(tmp_path, "-m", "compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1",
-                                 "entry.script=sleeper.py", "trainer.x=1,2")
+    proc, out, err = popen_tfrun(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.poll_s=1",
+        "entry.script=sleeper.py",
+        "trainer.x=1,2",
+    )
     try:
         wait_for(lambda: "submitted 2 run(s)" in err.read_text(), 120, "tfrun to submit the sweep")
         _stop_slurmdbd()

@@ -5,6 +5,7 @@ where each rank trains its own model; several fits in one script keep every epoc
 Local runs of real processes (Horovod over Gloo, MultiWorkerMirroredStrategy, parameter
 servers); the Slurm tests use the local cluster (fixtures in tests/conftest.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -90,7 +91,9 @@ def write_script(tmp_path: Path, name: str, body: str) -> Path:
 
 
 def run_dir_of(tmp_path: Path) -> Path:
-    found = [p for p in (tmp_path / "runs").iterdir() if (p / "plan.json").exists()] if (tmp_path / "runs").exists() else []
+    found = (
+        [p for p in (tmp_path / "runs").iterdir() if (p / "plan.json").exists()] if (tmp_path / "runs").exists() else []
+    )
     return found[0] if len(found) == 1 else Path("/nonexistent")
 
 
@@ -99,6 +102,7 @@ def pid_of(run_dir: Path, rank: int) -> int:
 
 
 # --- 5: ranks of a synchronous job agree on the batch at which they stop -------------------------
+
 
 @pytest.mark.parametrize("backend", ["horovod", "mwms"])
 def test_a_stop_that_reaches_one_rank_stops_every_rank_at_the_same_batch(tmp_path: Path, backend: str) -> None:
@@ -142,19 +146,29 @@ def test_a_stop_that_reaches_one_rank_stops_every_rank_at_the_same_batch(tmp_pat
 
 # --- 4: a stop before the script runs, or while a server serves, is a stop --------------------------
 
+
 @pytest.mark.parametrize("when", ["as the tasks start", "while they prepare"])
 def test_a_stop_before_the_script_runs_is_a_stop(tmp_path: Path, when: str) -> None:
     """Ctrl-C (SIGUSR2 to every task) while the tasks' interpreters start, or while the
     bootstrap prepares (Horovod's rendezvous and hvd.init): STOPPED, resumable, not killed or
     failed; the script never started, and `tfrun resume` runs it in full."""
     write_script(tmp_path, "sync.py", SYNC_SCRIPT)
-    proc, out, err = popen_tfrun(tmp_path, "entry.script=sync.py", "backend=horovod", "compute.tasks_per_node=2",
-                                 "trainer.epochs=2", "trainer.batch_sleep=0")
+    proc, out, err = popen_tfrun(
+        tmp_path,
+        "entry.script=sync.py",
+        "backend=horovod",
+        "compute.tasks_per_node=2",
+        "trainer.epochs=2",
+        "trainer.batch_sleep=0",
+    )
     try:
         wait_for(lambda: (run_dir_of(tmp_path) / "plan.json").exists(), 120, "the run dir")
         run_dir = run_dir_of(tmp_path)
-        ready = ((lambda: (run_dir / "logs/rank1.log").exists()) if when == "as the tasks start" else
-                 (lambda: all((run_dir / f"ranks/{r}.json").exists() for r in (0, 1))))
+        ready = (
+            (lambda: (run_dir / "logs/rank1.log").exists())
+            if when == "as the tasks start"
+            else (lambda: all((run_dir / f"ranks/{r}.json").exists() for r in (0, 1)))
+        )
         wait_for(ready, 120, f"the tasks {when}")
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=180)
@@ -180,8 +194,14 @@ def test_a_stop_that_reaches_a_parameter_server_stops_the_run(tmp_path: Path) ->
     still need it) and passes the request to the chief, which stops; every task ends
     stopped, none failed."""
     examples = Path(__file__).resolve().parents[1] / "examples"
-    proc, out, err = popen_tfrun(tmp_path, f"entry.script={examples / 'ps_keras' / 'train.py'}", "backend=ps",
-                                 "compute.tasks_per_node=4", "trainer.epochs=500", "trainer.steps_per_epoch=5")
+    proc, out, err = popen_tfrun(
+        tmp_path,
+        f"entry.script={examples / 'ps_keras' / 'train.py'}",
+        "backend=ps",
+        "compute.tasks_per_node=4",
+        "trainer.epochs=500",
+        "trainer.steps_per_epoch=5",
+    )
     try:
         wait_for(lambda: (run_dir_of(tmp_path) / "plan.json").exists(), 120, "the run dir")
         run_dir = run_dir_of(tmp_path)
@@ -203,6 +223,7 @@ def test_a_stop_that_reaches_a_parameter_server_stops_the_run(tmp_path: Path) ->
 
 # --- 7: a backup that does not load falls back; under backend=none every rank has its own --------
 
+
 @pytest.mark.parametrize("damage", ["truncated", "not these weights"])
 def test_a_backup_that_does_not_load_falls_back_to_the_one_before(tmp_path: Path, damage: str) -> None:
     """The newest backup's weights are damaged after the run stopped (a file cut short; a
@@ -211,8 +232,9 @@ def test_a_backup_that_does_not_load_falls_back_to_the_one_before(tmp_path: Path
     import h5py
 
     write_script(tmp_path, "fast.py", FAST_FIT)
-    stopped = run_tfrun(tmp_path, "entry.script=fast.py", "trainer.epochs=40", "trainer.stop_after=25",
-                        timeout=JOB_TIMEOUT)
+    stopped = run_tfrun(
+        tmp_path, "entry.script=fast.py", "trainer.epochs=40", "trainer.stop_after=25", timeout=JOB_TIMEOUT
+    )
     assert stopped.returncode != 0, stopped.stderr
     run_dir = run_dir_of(tmp_path)
     state = read_json(run_dir / "checkpoints/backup/state.json")
@@ -295,7 +317,7 @@ def test_backend_none_ranks_resume_each_from_its_own_backup(tmp_path: Path) -> N
         assert stopped_at["epoch"] == 3, records
         # This rank's own weights come back, not the chief's.
         assert records[begins[1]]["checksum"] == pytest.approx(stopped_at["checksum"], rel=1e-6), (rank, records)
-        assert [r["epoch"] for r in records[begins[1] + 1:]] == [4, 5, 6]
+        assert [r["epoch"] for r in records[begins[1] + 1 :]] == [4, 5, 6]
         assert "tfrun: resumed from the backup of epoch 3" in text_of(run_dir / f"logs/rank{rank}.log")
     assert read_json(run_dir / "checkpoints/backup/rank1/state.json")["epoch"] == 6  # rank 1's own
 
@@ -382,6 +404,7 @@ def test_a_resume_in_a_later_fit_skips_the_fits_before_it(tmp_path: Path) -> Non
 
 # --- on Slurm: a stop while the job prepares; SIGTERM without Slurm's answer; a bounded warning ------
 
+
 def fake_commands(tmp_path: Path, **scripts: str) -> dict[str, str]:
     """A bin dir with these commands in front of the real ones: PATH for tfrun and its jobs (a job
     inherits the submitter's environment)."""
@@ -399,9 +422,18 @@ def test_a_stop_while_a_slurm_job_prepares_is_requeued(tmp_path: Path, job_name:
     attempt stops before the script runs and the job is requeued, as it would be later; the
     second attempt trains in full."""
     write_script(tmp_path, "sync.py", SYNC_SCRIPT)
-    result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.wait=false",
-                       "backend=horovod", "compute.tasks_per_node=2", "entry.script=sync.py", "trainer.epochs=2",
-                       "trainer.batch_sleep=0", timeout=120)
+    result = run_tfrun(
+        tmp_path,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.wait=false",
+        "backend=horovod",
+        "compute.tasks_per_node=2",
+        "entry.script=sync.py",
+        "trainer.epochs=2",
+        "trainer.batch_sleep=0",
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     job_id, run_dir = submitted(result.stderr)
     wait_for(lambda: all((run_dir / f"ranks/{r}.json").exists() for r in (0, 1)), JOB_TIMEOUT, "both ranks to start")
@@ -417,17 +449,27 @@ def test_a_stop_while_a_slurm_job_prepares_is_requeued(tmp_path: Path, job_name:
 
 
 @pytest.mark.slurm
-def test_a_preemption_slurm_does_not_answer_about_still_saves_the_work(tmp_path: Path, job_name: str,
-                                                                      preempt_nodes: NodePair) -> None:
+def test_a_preemption_slurm_does_not_answer_about_still_saves_the_work(
+    tmp_path: Path, job_name: str, preempt_nodes: NodePair
+) -> None:
     """`scontrol show` hangs in the job (a controller swamped by a preemption wave): the
     SIGTERM is acted on at once (no Slurm command in the signal handler), rank 0's one query
     gives up after a few seconds, and the work is saved and requeued as for a preemption."""
     env = fake_commands(tmp_path, scontrol='case "$*" in *"show job"*) sleep 60;; esac\nexec /usr/bin/scontrol "$@"\n')
     write_script(tmp_path, "fit.py", FIT_SCRIPT)
     # 20 epochs of ~3 s: long enough for the preempting job to get its node on a busy shared cluster.
-    result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.wait=false",
-                       f"compute.partition={preempt_nodes.low}", f"compute.nodelist={preempt_nodes.first}",
-                       "entry.script=fit.py", "trainer.epochs=20", timeout=120, **env)
+    result = run_tfrun(
+        tmp_path,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.wait=false",
+        f"compute.partition={preempt_nodes.low}",
+        f"compute.nodelist={preempt_nodes.first}",
+        "entry.script=fit.py",
+        "trainer.epochs=20",
+        timeout=120,
+        **env,
+    )
     assert result.returncode == 0, result.stderr
     job_id, run_dir = submitted(result.stderr)
     wait_for(lambda: len(metric_epochs(run_dir)) >= 2, JOB_TIMEOUT, "two epochs in metrics.jsonl")
@@ -442,8 +484,12 @@ def test_a_preemption_slurm_does_not_answer_about_still_saves_the_work(tmp_path:
         assert f"tfrun: Slurm did not say whether job {job_id} is being preempted: saving the work" in part, part
         assert f"tfrun: preempted: requeueing job {job_id}; it resumes from the backup" in part, part
         assert (attempt["reason"], attempt["requeued_by"], attempt["signal"]) == ("preempted", "tfrun", "SIGTERM")
-    stops = [(i, int(m)) for i, part in enumerate(parts[:-1])
-             for m in re.findall(r"^tfrun: stopping after epoch (\d+), batch \d+$", part, re.M) if int(m) > 1]
+    stops = [
+        (i, int(m))
+        for i, part in enumerate(parts[:-1])
+        for m in re.findall(r"^tfrun: stopping after epoch (\d+), batch \d+$", part, re.M)
+        if int(m) > 1
+    ]
     assert stops, parts  # at least one stop came mid-training: the next attempt resumes from its epoch
     for i, epoch in stops:
         assert f"tfrun: resumed from the backup of epoch {epoch - 1}" in parts[i + 1], parts[i + 1]
@@ -465,9 +511,18 @@ def test_a_time_limit_warning_is_bounded_when_squeue_fails(tmp_path: Path, job_n
     unbounded "preempted"; with compute.max_requeues=0 it is not requeued."""
     env = fake_commands(tmp_path, squeue='echo "squeue: error: Slurm controller not responding" >&2\nexit 1\n')
     write_script(tmp_path, "forever.py", FOREVER)
-    result = run_tfrun(tmp_path, "compute=slurm", f"compute.job_name={job_name}", "compute.wait=false",
-                       "compute.timeout_min=1", "compute.signal_delay_s=45", "compute.max_requeues=0",
-                       "entry.script=forever.py", timeout=120, **env)
+    result = run_tfrun(
+        tmp_path,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.wait=false",
+        "compute.timeout_min=1",
+        "compute.signal_delay_s=45",
+        "compute.max_requeues=0",
+        "entry.script=forever.py",
+        timeout=120,
+        **env,
+    )
     assert result.returncode == 0, result.stderr
     job_id, run_dir = submitted(result.stderr)
     state = wait_final(tmp_path, run_dir, timeout=300)

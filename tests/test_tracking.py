@@ -1,4 +1,5 @@
 """Metrics, run comparison, plots and MLflow (issue 5's tracking side; tuning: tests/test_tuning.py)."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ from tests.helpers import (
     wait_for,
 )
 
-CUSTOM = '''
+CUSTOM = """
 import argparse, tfrun
 p = argparse.ArgumentParser(); p.add_argument("--x", type=float, default=0.5); a = p.parse_args()
 if a.x > 0.9:
@@ -30,7 +31,7 @@ if a.x > 0.9:
 tfrun.log_params(x=a.x)
 for step in range(3):
     tfrun.log_metric("score", -(a.x - 0.3) ** 2 + step * 0.001, step=step)
-'''
+"""
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -158,9 +159,15 @@ def test_mlflow_server_down_mid_run_then_sync(tmp_path: Path) -> None:
     completes, and ``tfrun sync`` later brings the server up to date."""
     (tmp_path / "timed.py").write_text(TIMED_EPOCHS)
     server = MlflowServer(tmp_path).start()
-    proc, _, err = popen_tfrun(tmp_path, "tracking=mlflow", f"tracking.tracking_uri={server.uri}",
-                               "tracking.experiment=timed", "entry.script=timed.py")
+    proc, _, err = popen_tfrun(
+        tmp_path,
+        "tracking=mlflow",
+        f"tracking.tracking_uri={server.uri}",
+        "tracking.experiment=timed",
+        "entry.script=timed.py",
+    )
     try:
+
         def live_epochs() -> list[int]:
             runs = [r for r in mlflow_runs(server.uri) if r["experiment"] == "timed"]
             return [step for step, _ in runs[0]["history"].get("loss", [])] if runs else []
@@ -227,9 +234,16 @@ def test_secrets_stay_out_of_mlflow_and_the_logs(tmp_path: Path) -> None:
     """Values of secret-looking keys and a URI's password: the task gets them; MLflow's
     params, tags and artifacts and the rank's log show them masked (deps.env not as params)."""
     (tmp_path / "secret.py").write_text(SECRET_SCRIPT)
-    result = run_tfrun(tmp_path, "entry.script=secret.py", "tracking=mlflow", f"++deps.env.API_TOKEN={TOKEN}",
-                       f"++deps.env.DB_URL=postgresql://bob:{PASSWORD}@db:5432/x", f"++trainer.api_key={KEY}",
-                       f"++tfrun.tags.db_password={PASSWORD}", timeout=300)
+    result = run_tfrun(
+        tmp_path,
+        "entry.script=secret.py",
+        "tracking=mlflow",
+        f"++deps.env.API_TOKEN={TOKEN}",
+        f"++deps.env.DB_URL=postgresql://bob:{PASSWORD}@db:5432/x",
+        f"++trainer.api_key={KEY}",
+        f"++tfrun.tags.db_password={PASSWORD}",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     run_dir = run_dir_from(result.stderr)
     log = (run_dir / "logs/rank0.log").read_text()
@@ -240,8 +254,11 @@ def test_secrets_stay_out_of_mlflow_and_the_logs(tmp_path: Path) -> None:
 
     runs = tmp_path / "runs"
     store = _sqlite_text(runs / "mlflow.db")
-    artifacts = {p.relative_to(runs / "mlartifacts"): p.read_text(errors="replace")
-                 for p in (runs / "mlartifacts").rglob("*") if p.is_file()}
+    artifacts = {
+        p.relative_to(runs / "mlartifacts"): p.read_text(errors="replace")
+        for p in (runs / "mlartifacts").rglob("*")
+        if p.is_file()
+    }
     names = {str(p).split("/artifacts/", 1)[-1] for p in artifacts}
     assert {"plan.json", "hydra/config.yaml", "hydra/overrides.yaml", "hydra/hydra.yaml", "logs/rank0.log"} <= names
     for secret in (TOKEN, PASSWORD, KEY):
@@ -273,8 +290,10 @@ while not (run_dir / "go").exists():
 
 
 def _model_versions(uri: str, name: str) -> list[str]:
-    code = ("import json, mlflow; c = mlflow.MlflowClient(%r, registry_uri=%r)\n"
-            "print(json.dumps([v.version for v in c.search_model_versions(\"name='%s'\")]))" % (uri, uri, name))
+    code = (
+        "import json, mlflow; c = mlflow.MlflowClient(%r, registry_uri=%r)\n"
+        "print(json.dumps([v.version for v in c.search_model_versions(\"name='%s'\")]))" % (uri, uri, name)
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return sorted(str(v) for v in json.loads(done.stdout))
@@ -286,8 +305,13 @@ def test_concurrent_syncs_register_the_model_once(tmp_path: Path) -> None:
     MLflow run); once it is back, three ``tfrun sync`` at once end it: one model version."""
     (tmp_path / "registered.py").write_text(REGISTERED)
     server = MlflowServer(tmp_path).start()
-    proc, _, err = popen_tfrun(tmp_path, "tracking=mlflow", f"tracking.tracking_uri={server.uri}",
-                               "tracking.register_model=tiny", "entry.script=registered.py")
+    proc, _, err = popen_tfrun(
+        tmp_path,
+        "tracking=mlflow",
+        f"tracking.tracking_uri={server.uri}",
+        "tracking.register_model=tiny",
+        "entry.script=registered.py",
+    )
     try:
         wait_for(lambda: any((tmp_path / "runs").glob("*/ready")) or proc.poll() is not None, 120, "the task")
         run_dir = next((tmp_path / "runs").glob("*/ready")).parent
@@ -300,9 +324,18 @@ def test_concurrent_syncs_register_the_model_once(tmp_path: Path) -> None:
         server.stop()
     assert "registered" not in json.loads((run_dir / "mlflow.json").read_text())
     with server.start():
-        syncs = [subprocess.Popen([*tfrun_command(), "sync", str(run_dir)], cwd=tmp_path, env=scratch_env(tmp_path),
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(3)]
+        syncs = [
+            subprocess.Popen(
+                [*tfrun_command(), "sync", str(run_dir)],
+                cwd=tmp_path,
+                env=scratch_env(tmp_path),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(3)
+        ]
         outputs = [s.communicate(timeout=300) for s in syncs]
         assert [s.returncode for s in syncs] == [0, 0, 0], outputs
         assert _model_versions(server.uri, "tiny") == ["1"]
@@ -312,12 +345,15 @@ def test_concurrent_syncs_register_the_model_once(tmp_path: Path) -> None:
 def test_the_redactor_masks_secrets_in_data_and_text_and_leaves_the_rest() -> None:
     from tfrun.tracking.redact import MASK, Redactor, shown
 
-    config = {"deps": {"env": {"API_TOKEN": "tok-123456", "PASSWORD": "abc", "DEBUG": "1"}},
-              "trainer": {"lr": 0.1, "db": "mysql://u:pa55word@h/db", "secrets": {"a": "zzzz"}, "api_key": None}}
+    config = {
+        "deps": {"env": {"API_TOKEN": "tok-123456", "PASSWORD": "abc", "DEBUG": "1"}},
+        "trainer": {"lr": 0.1, "db": "mysql://u:pa55word@h/db", "secrets": {"a": "zzzz"}, "api_key": None},
+    }
     redactor = Redactor(config)
     assert redactor.data(config) == {
         "deps": {"env": {"API_TOKEN": MASK, "PASSWORD": MASK, "DEBUG": "1"}},
-        "trainer": {"lr": 0.1, "db": f"mysql://{MASK}@h/db", "secrets": {"a": MASK}, "api_key": None}}
+        "trainer": {"lr": 0.1, "db": f"mysql://{MASK}@h/db", "secrets": {"a": MASK}, "api_key": None},
+    }
     # free text: known values (from 4 characters), the config's secret keys' assignments, URIs
     assert redactor.text("- ++deps.env.PASSWORD=abc") == f"- ++deps.env.PASSWORD={MASK}"
     assert redactor.text('  "PASSWORD": "abc",') == f'  "PASSWORD": "{MASK}",'
@@ -333,16 +369,28 @@ def test_a_sweep_that_was_not_waited_for_has_its_mlflow_parent_closed(tmp_path: 
     """compute.wait=false: the launcher is gone before the points end; `tfrun status SWEEP`
     that sees the last one end closes the sweep's parent run (it stayed RUNNING)."""
     (tmp_path / "quick.py").write_text("import sys\nprint('point', sys.argv[1:])\n")
-    launched = run_tfrun(tmp_path, "-m", "compute=slurm", "compute.wait=false", f"compute.job_name={job_name}",
-                         "tracking=mlflow", "entry.script=quick.py", "trainer.x=1,2", timeout=300)
+    launched = run_tfrun(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        "compute.wait=false",
+        f"compute.job_name={job_name}",
+        "tracking=mlflow",
+        "entry.script=quick.py",
+        "trainer.x=1,2",
+        timeout=300,
+    )
     assert launched.returncode == 0, launched.stderr
     sweep = next((tmp_path / "runs").glob("sweep-*"))
 
     def ended() -> bool:
         shown = run_tfrun(tmp_path, "status", str(sweep))
         assert shown.returncode in (0, 1), shown.stderr
-        return all(read_json(p / "status.json").get("state") == "COMPLETED" for p in sweep.iterdir() if p.is_dir()
-                   and (p / "plan.json").exists())
+        return all(
+            read_json(p / "status.json").get("state") == "COMPLETED"
+            for p in sweep.iterdir()
+            if p.is_dir() and (p / "plan.json").exists()
+        )
 
     wait_for(ended, 300, "the sweep's points to complete")
     found = _mlflow_runs(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")

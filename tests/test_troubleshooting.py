@@ -1,6 +1,7 @@
 """docs/troubleshooting.md's errors are the ones tfrun gives: each row of "Before anything
 starts" is made to happen here, as a user would meet it, and its message must match the row's
 (``...`` in a row stands for any text). A row added without a way to make it happen fails here."""
+
 from __future__ import annotations
 
 import re
@@ -65,8 +66,10 @@ def test_every_row_is_made_here_or_says_why_not() -> None:
 
 def _params() -> list:
     made = [m for m in rows() if _case(m) in MADE]
-    return [pytest.param(m, id=m[:40], marks=[pytest.mark.slurm] if "compute=slurm" in MADE[_case(m) or ""] else [])
-            for m in made]
+    return [
+        pytest.param(m, id=m[:40], marks=[pytest.mark.slurm] if "compute=slurm" in MADE[_case(m) or ""] else [])
+        for m in made
+    ]
 
 
 @pytest.mark.parametrize("message", _params())

@@ -2,6 +2,7 @@
 policies, reattaching to a study whose follower was killed, bad input. Real runs, no mocks;
 the trials are a synthetic script (no TensorFlow) whose curve is a function of its
 parameters, so the right decision is known."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 # After epoch e of E: q * (e+1) / E; the bad trials (q < 0.5) are a bit worse when s=1, and
 # have slower epochs (so that a follower on a loaded machine still sees them mid-way).
-SYNTH = '''
+SYNTH = """
 import argparse, time
 from tfrun.tracking.metrics import log_epoch
 p = argparse.ArgumentParser()
@@ -30,16 +31,16 @@ a = p.parse_args()
 for e in range(a.epochs):
     time.sleep(a.secs if a.q >= 0.5 else 4 * a.secs)
     log_epoch(e, {"score": a.q * (e + 1) / a.epochs - (0.01 * a.s if a.q < 0.5 else 0.0)})
-'''
+"""
 # Two epochs of secs/2 each: trials as long as their parameter says.
-UNEVEN = '''
+UNEVEN = """
 import argparse, time
 from tfrun.tracking.metrics import log_epoch
 p = argparse.ArgumentParser(); p.add_argument("--secs", type=float, default=1.0); a = p.parse_args()
 for e in range(2):
     time.sleep(a.secs / 2)
     log_epoch(e, {"score": a.secs})
-'''
+"""
 TUNE = ("-m", "hydra/sweeper=tfrun", "tfrun.objective=score")
 
 
@@ -85,15 +86,25 @@ def test_policy_prunes_the_bad_trials_and_lets_the_good_run_on(tmp_path: Path, p
     """A grid in the order written: the two good trials (q=1) run first, side by side, then the
     two bad ones (q=0.2), which every policy should stop at its first evaluation."""
     (tmp_path / "synth.py").write_text(SYNTH)
-    result = run_tfrun(tmp_path, *TUNE, "entry.script=synth.py", "hydra.sweeper.sampler=grid",
-                       "trainer.q=choice(1.0,0.2)", "trainer.s=choice(0,1)", f"hydra.sweeper.policy={policy}",
-                       *POLICIES[policy], timeout=120)
+    result = run_tfrun(
+        tmp_path,
+        *TUNE,
+        "entry.script=synth.py",
+        "hydra.sweeper.sampler=grid",
+        "trainer.q=choice(1.0,0.2)",
+        "trainer.s=choice(0,1)",
+        f"hydra.sweeper.policy={policy}",
+        *POLICIES[policy],
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = sweep_of(tmp_path)
     found = trials(sweep)
     assert sorted(found) == [0, 1, 2, 3]
     good, bad = [found[0], found[1]], [found[2], found[3]]
-    assert all(t["status"]["state"] == "COMPLETED" and t["objective"]["value"] == pytest.approx(1.0) for t in good), found
+    assert all(t["status"]["state"] == "COMPLETED" and t["objective"]["value"] == pytest.approx(1.0) for t in good), (
+        found
+    )
     pruned = [t for t in found.values() if t["status"]["state"] == "PRUNED"]
     assert all(t in bad for t in pruned), found
     if policy == "hyperband":  # its brackets split 4 trials: a bad one may have no better one to lose to
@@ -134,11 +145,21 @@ def test_a_pruned_keras_trial_keeps_its_backup(tmp_path: Path) -> None:
         "        log_epoch(e, {'val_accuracy': 0.9})\n"
         "else:\n"
         f"    sys.argv[0] = {str(DIGITS)!r}\n"
-        f"    runpy.run_path({str(DIGITS)!r}, run_name='__main__')\n")
-    result = run_tfrun(tmp_path, *TUNE[:2], "tfrun.objective=val_accuracy", "entry.script=digits_or_good.py",
-                       "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=1", "trainer.epochs=40",
-                       "trainer.lr=choice(0.05,0.00001)", "hydra.sweeper.policy=bandit",
-                       "hydra.sweeper.policy_args.slack_factor=0.1", timeout=300)
+        f"    runpy.run_path({str(DIGITS)!r}, run_name='__main__')\n"
+    )
+    result = run_tfrun(
+        tmp_path,
+        *TUNE[:2],
+        "tfrun.objective=val_accuracy",
+        "entry.script=digits_or_good.py",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.max_parallel=1",
+        "trainer.epochs=40",
+        "trainer.lr=choice(0.05,0.00001)",
+        "hydra.sweeper.policy=bandit",
+        "hydra.sweeper.policy_args.slack_factor=0.1",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     found = trials(sweep_of(tmp_path))
     assert found[0]["status"]["state"] == "COMPLETED" and found[1]["status"]["state"] == "PRUNED", found
@@ -154,7 +175,7 @@ def test_a_pruned_keras_trial_keeps_its_backup(tmp_path: Path) -> None:
 
 # Four trials, one after another: a good one, two that diverge at their second epoch (NaN, +inf)
 # and a poor one that falls behind at its second epoch (where the diverged ones have no number).
-DIVERGING = '''
+DIVERGING = """
 import argparse, time
 from tfrun.tracking.metrics import log_epoch
 p = argparse.ArgumentParser(); p.add_argument("--case", default="good"); a = p.parse_args()
@@ -164,18 +185,29 @@ for e in range(4):
     if a.case in ("nan", "inf") and e >= 1:
         value = float(a.case)
     log_epoch(e, {"score": value})
-'''
+"""
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "bandit", "asha"])
 def test_a_diverged_trial_is_stopped_told_as_failed_and_never_the_best(tmp_path: Path, policy: str) -> None:
     (tmp_path / "diverging.py").write_text(DIVERGING)
-    args = {"none": [], "bandit": ["hydra.sweeper.policy_args.slack_factor=0.1"],
-            "asha": ["hydra.sweeper.policy_args.min_resource=1", "hydra.sweeper.policy_args.reduction_factor=2"]}
-    result = run_tfrun(tmp_path, *TUNE, "entry.script=diverging.py", "hydra.sweeper.sampler=grid",
-                       "hydra.sweeper.max_parallel=1", "trainer.case=choice(good,nan,inf,poor)",
-                       f"hydra.sweeper.policy={policy}", *args[policy], timeout=180)
+    args = {
+        "none": [],
+        "bandit": ["hydra.sweeper.policy_args.slack_factor=0.1"],
+        "asha": ["hydra.sweeper.policy_args.min_resource=1", "hydra.sweeper.policy_args.reduction_factor=2"],
+    }
+    result = run_tfrun(
+        tmp_path,
+        *TUNE,
+        "entry.script=diverging.py",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.max_parallel=1",
+        "trainer.case=choice(good,nan,inf,poor)",
+        f"hydra.sweeper.policy={policy}",
+        *args[policy],
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = sweep_of(tmp_path)
     found = trials(sweep)
@@ -194,14 +226,14 @@ def test_a_diverged_trial_is_stopped_told_as_failed_and_never_the_best(tmp_path:
     assert ("2 done, 0 pruned, 2 failed" if policy == "none" else "1 done, 3 pruned, 0 failed") in result.stderr
 
 
-ARGV = '''
+ARGV = """
 import json, sys
 from pathlib import Path
 from tfrun.tracking.metrics import log_epoch
 with open(Path(__file__).with_name("argv.jsonl"), "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
 log_epoch(0, {"score": 1.0})
-'''
+"""
 
 
 @pytest.mark.slow
@@ -209,15 +241,26 @@ def test_a_choice_with_a_comma_reaches_the_trial_as_one_value(tmp_path: Path) ->
     """Values with Hydra's syntax in them (a comma, a quote, an equals sign) are quoted for the
     trial's overrides: each trial's script gets its value whole, as one argument."""
     (tmp_path / "argv.py").write_text(ARGV)
-    result = run_tfrun(tmp_path, *TUNE, "entry.script=argv.py", "hydra.sweeper.sampler=grid",
-                       "hydra.sweeper.max_parallel=1", '''trainer.opt=choice("a,b",sgd,"it's",'x=(1)')''', timeout=120)
+    result = run_tfrun(
+        tmp_path,
+        *TUNE,
+        "entry.script=argv.py",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.max_parallel=1",
+        """trainer.opt=choice("a,b",sgd,"it's",'x=(1)')""",
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     seen = [json.loads(line) for line in (tmp_path / "argv.jsonl").read_text().splitlines()]
     values = [argv[argv.index("--opt") + 1] for argv in seen]
     assert values == ["a,b", "sgd", "it's", "x=(1)"], seen
     overrides = [t["overrides"][0] for _, t in sorted(trials(sweep_of(tmp_path)).items())]
-    assert overrides == ["++trainer.opt='a,b'", "++trainer.opt=sgd", "++trainer.opt='it\\'s'",
-                         "++trainer.opt='x=(1)'"], overrides
+    assert overrides == [
+        "++trainer.opt='a,b'",
+        "++trainer.opt=sgd",
+        "++trainer.opt='it\\'s'",
+        "++trainer.opt='x=(1)'",
+    ], overrides
 
 
 @pytest.mark.slow
@@ -226,16 +269,27 @@ def test_an_objective_no_trial_records_stops_the_study_after_the_first_trial(tmp
     (exit 2, the metrics the trial did record named), the long trial beside it is cancelled and
     no other trial starts."""
     (tmp_path / "synth.py").write_text(SYNTH)
-    result = run_tfrun(tmp_path, "-m", "hydra/sweeper=tfrun", "tfrun.objective=scroe", "entry.script=synth.py",
-                       "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=2", "trainer.q=choice(1.0,0.9)",
-                       "trainer.secs=choice(0.1,3)", timeout=120)
+    result = run_tfrun(
+        tmp_path,
+        "-m",
+        "hydra/sweeper=tfrun",
+        "tfrun.objective=scroe",
+        "entry.script=synth.py",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.max_parallel=2",
+        "trainer.q=choice(1.0,0.9)",
+        "trainer.secs=choice(0.1,3)",
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     sweep = sweep_of(tmp_path)
     found = trials(sweep)
-    assert last.startswith("tfrun: error: tfrun.objective=scroe: trial 0 completed without recording scroe, and no "
-                           f"trial of the study has; it recorded score ({found[0]['run_dir']}/metrics.jsonl): set "
-                           "tfrun.objective to one of them"), result.stderr
+    assert last.startswith(
+        "tfrun: error: tfrun.objective=scroe: trial 0 completed without recording scroe, and no "
+        f"trial of the study has; it recorded score ({found[0]['run_dir']}/metrics.jsonl): set "
+        "tfrun.objective to one of them"
+    ), result.stderr
     assert sorted(found) == [0, 1], found  # nothing started after it
     assert found[0]["status"]["state"] == "COMPLETED" and found[1]["status"]["state"] == "CANCELLED", found
     assert epochs_recorded(found[1]["run_dir"]) < 5, found[1]  # stopped, not run to its end
@@ -250,8 +304,15 @@ def test_a_second_follower_of_a_study_is_refused(tmp_path: Path) -> None:
     import socket
 
     (tmp_path / "synth.py").write_text(SYNTH)
-    proc, _, err = popen_tfrun(tmp_path, *TUNE, "entry.script=synth.py", "hydra.sweeper.sampler=grid",
-                               "hydra.sweeper.max_parallel=1", "trainer.q=choice(1.0,0.9)", "trainer.secs=3")
+    proc, _, err = popen_tfrun(
+        tmp_path,
+        *TUNE,
+        "entry.script=synth.py",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.max_parallel=1",
+        "trainer.q=choice(1.0,0.9)",
+        "trainer.secs=3",
+    )
     try:
         deadline = time.monotonic() + 60
         while not list((tmp_path / "runs").glob("sweep-*/0/ranks/0.json")):
@@ -261,8 +322,10 @@ def test_a_second_follower_of_a_study_is_refused(tmp_path: Path) -> None:
         second = run_tfrun(tmp_path, "tune", "resume", sweep.name, timeout=60)
         assert proc.poll() is None, err.read_text()  # (the first one still follows)
         assert second.returncode == 1, second.stderr
-        assert second.stderr.startswith(f"tfrun: error: the study in {sweep} is being followed already, by tfrun pid "
-                                        f"{proc.pid} on {socket.gethostname()} since "), second.stderr
+        assert second.stderr.startswith(
+            f"tfrun: error: the study in {sweep} is being followed already, by tfrun pid "
+            f"{proc.pid} on {socket.gethostname()} since "
+        ), second.stderr
         assert second.stderr.strip().count("\n") == 0, second.stderr
         assert sorted(trials(sweep)) == [0], trials(sweep)  # it started nothing
     finally:
@@ -285,8 +348,15 @@ def test_the_sweep_table_sorts_and_marks_the_best_by_the_studys_direction(tmp_pa
     """A study that minimizes a metric whose name says nothing of it (score): `runs --sweep
     --sort score` puts the lowest first and marks it as the best, as the study judged."""
     (tmp_path / "synth.py").write_text(SYNTH)
-    result = run_tfrun(tmp_path, *TUNE, "entry.script=synth.py", "hydra.sweeper.sampler=grid",
-                       "hydra.sweeper.direction=minimize", "trainer.q=choice(0.8,0.5,1.0)", "trainer.secs=0.05")
+    result = run_tfrun(
+        tmp_path,
+        *TUNE,
+        "entry.script=synth.py",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.direction=minimize",
+        "trainer.q=choice(0.8,0.5,1.0)",
+        "trainer.secs=0.05",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = sweep_of(tmp_path)
     table = run_tfrun(tmp_path, "runs", "--sweep", str(sweep), "--sort", "score").stdout.splitlines()
@@ -308,17 +378,28 @@ def test_an_asynchronous_study_on_slurm_survives_a_killed_follower(tmp_path: Pat
     reattaches: the running trials are followed, not resubmitted, the missing one is started,
     and every trial ran once."""
     (tmp_path / "uneven.py").write_text(UNEVEN)
-    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", "compute.poll_s=0.5", f"compute.job_name={job_name}",
-                               "entry.script=uneven.py", "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=2",
-                               "trainer.secs=choice(8,1,2,3)")
+    proc, _, err = popen_tfrun(
+        tmp_path,
+        *TUNE,
+        "compute=slurm",
+        "compute.poll_s=0.5",
+        f"compute.job_name={job_name}",
+        "entry.script=uneven.py",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.max_parallel=2",
+        "trainer.secs=choice(8,1,2,3)",
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             index = tmp_path / "runs"
             sweeps = list(index.glob("sweep-*/sweep.json")) if index.exists() else []
             points = read_json(sweeps[0])["points"] if sweeps else []
-            if len(points) >= 3 and (read_json(Path(points[2]["run_dir"]) / "status.json") if
-                                     (Path(points[2]["run_dir"]) / "status.json").exists() else {}).get("job_ids"):
+            if len(points) >= 3 and (
+                read_json(Path(points[2]["run_dir"]) / "status.json")
+                if (Path(points[2]["run_dir"]) / "status.json").exists()
+                else {}
+            ).get("job_ids"):
                 break  # the third trial is submitted (and trial 0 still runs)
             time.sleep(0.2)
         else:
@@ -345,7 +426,7 @@ def test_an_asynchronous_study_on_slurm_survives_a_killed_follower(tmp_path: Pat
 
 # q < 0.5: one epoch, then it waits (the test requeues its job, held, meanwhile); the others
 # wait for the test's go (a file) before their first epoch, so that nothing is judged before.
-GATED = '''
+GATED = """
 import argparse, time
 from pathlib import Path
 from tfrun.tracking.metrics import log_epoch
@@ -361,12 +442,16 @@ while not Path(a.go).exists():
 for e in range(3):
     log_epoch(e, {"score": a.q})
     time.sleep(0.5)
-'''
+"""
 
 
 def sacct_jobs(job_ids: list[str]) -> dict[str, dict[str, str]]:
-    out = subprocess.run(["sacct", "-X", "-P", "-n", "-o", "JobID,State,Submit,Start,End", "-j", ",".join(job_ids)],
-                         capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        ["sacct", "-X", "-P", "-n", "-o", "JobID,State,Submit,Start,End", "-j", ",".join(job_ids)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     rows = [line.split("|") for line in out.splitlines() if line]
     return {r[0]: {"State": r[1], "Submit": r[2], "Start": r[3], "End": r[4]} for r in rows}
 
@@ -383,10 +468,20 @@ def test_a_trial_pruned_while_its_job_waits_is_cancelled_and_keeps_its_slot(tmp_
     go = tmp_path / "go"
     name = job_name
     # A job per trial (hydra.sweeper.pool=false): in a pool a trial has no job of its own to wait.
-    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", "compute.poll_s=0.5", f"compute.job_name={name}",
-                               "entry.script=gated.py", "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=2",
-                               "hydra.sweeper.policy=median", "trainer.q=choice(1.0,0.2,1.1)", f"trainer.go={go}",
-                               "hydra.sweeper.pool=false")
+    proc, _, err = popen_tfrun(
+        tmp_path,
+        *TUNE,
+        "compute=slurm",
+        "compute.poll_s=0.5",
+        f"compute.job_name={name}",
+        "entry.script=gated.py",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.max_parallel=2",
+        "hydra.sweeper.policy=median",
+        "trainer.q=choice(1.0,0.2,1.1)",
+        f"trainer.go={go}",
+        "hydra.sweeper.pool=false",
+    )
     try:
         deadline = time.monotonic() + 240
         while not list((tmp_path / "runs").glob("sweep-*/1/metrics.jsonl")):
@@ -396,8 +491,12 @@ def test_a_trial_pruned_while_its_job_waits_is_cancelled_and_keeps_its_slot(tmp_
         job = read_json(sweep / "1" / "status.json")["job_ids"][-1]
         held = subprocess.run(["scontrol", "requeuehold", job], capture_output=True, text=True, timeout=60)
         assert held.returncode == 0, held.stderr
-        while subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
-                             timeout=60).stdout.strip() != "PENDING":
+        while (
+            subprocess.run(
+                ["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=60
+            ).stdout.strip()
+            != "PENDING"
+        ):
             assert time.monotonic() < deadline, err.read_text()
             time.sleep(0.2)
         go.write_text("")
@@ -436,35 +535,69 @@ def test_the_tasks_of_a_pruned_trial_stop_at_their_start(tmp_path: Path) -> None
     run_dir = run_dir_from(result.stderr)
     (tmp_path / "ran").unlink()
     (run_dir / "prune.json").write_text(json.dumps({"policy": "median", "epoch": 1, "why": "behind", "trial": 0}))
-    task = subprocess.run([sys.executable, "-m", "tfrun.bootstrap", str(run_dir)], cwd=tmp_path,
-                          env=scratch_env(tmp_path, TFRUN_RANK="0"), capture_output=True, text=True, timeout=120)
+    task = subprocess.run(
+        [sys.executable, "-m", "tfrun.bootstrap", str(run_dir)],
+        cwd=tmp_path,
+        env=scratch_env(tmp_path, TFRUN_RANK="0"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert task.returncode == EXIT_PREEMPTED and not (tmp_path / "ran").exists(), task.stderr
     assert "pruned by the tuning study before this attempt started: the script is not run" in task.stderr
 
 
 BAD = {
-    "sampler": (["hydra.sweeper.sampler=annealing", "trainer.q=choice(1,2)", "tfrun.objective=score"],
-                "hydra.sweeper.sampler='annealing' is not valid: one of: random, grid, tpe"),
-    "policy": (["hydra.sweeper.policy=early", "trainer.q=choice(1,2)", "tfrun.objective=score"],
-               "hydra.sweeper.policy='early' is not valid: one of: none, median, bandit, truncation, asha, hyperband"),
-    "no objective": (["hydra.sweeper.policy=median", "trainer.q=choice(1,2)"],
-                     "hydra.sweeper.policy=median stops trials from the objective's values per epoch, but no objective"),
+    "sampler": (
+        ["hydra.sweeper.sampler=annealing", "trainer.q=choice(1,2)", "tfrun.objective=score"],
+        "hydra.sweeper.sampler='annealing' is not valid: one of: random, grid, tpe",
+    ),
+    "policy": (
+        ["hydra.sweeper.policy=early", "trainer.q=choice(1,2)", "tfrun.objective=score"],
+        "hydra.sweeper.policy='early' is not valid: one of: none, median, bandit, truncation, asha, hyperband",
+    ),
+    "no objective": (
+        ["hydra.sweeper.policy=median", "trainer.q=choice(1,2)"],
+        "hydra.sweeper.policy=median stops trials from the objective's values per epoch, but no objective",
+    ),
     "empty space": (["trainer.q=1", "tfrun.objective=score"], "empty search space"),
-    "startup on random": (["hydra.sweeper.sampler=random", "hydra.sweeper.n_startup_trials=3", "trainer.q=choice(1,2)",
-                           "tfrun.objective=score"],
-                          "hydra.sweeper.n_startup_trials=3: only the samplers that model the results start with "
-                          "random trials (tpe, gp, cmaes); sampler=random does not"),
-    "startup negative": (["hydra.sweeper.n_startup_trials=-1", "trainer.q=choice(1,2)", "tfrun.objective=score"],
-                         "hydra.sweeper.n_startup_trials=-1 is not valid: a whole number, 0 or more"),
-    "policy argument": (["hydra.sweeper.policy=truncation", "hydra.sweeper.policy_args.truncation_percentage=half",
-                         "trainer.q=choice(1,2)", "tfrun.objective=score"],
-                        "hydra.sweeper.policy_args.truncation_percentage='half': a percentage between 1 and 99"),
+    "startup on random": (
+        [
+            "hydra.sweeper.sampler=random",
+            "hydra.sweeper.n_startup_trials=3",
+            "trainer.q=choice(1,2)",
+            "tfrun.objective=score",
+        ],
+        "hydra.sweeper.n_startup_trials=3: only the samplers that model the results start with "
+        "random trials (tpe, gp, cmaes); sampler=random does not",
+    ),
+    "startup negative": (
+        ["hydra.sweeper.n_startup_trials=-1", "trainer.q=choice(1,2)", "tfrun.objective=score"],
+        "hydra.sweeper.n_startup_trials=-1 is not valid: a whole number, 0 or more",
+    ),
+    "policy argument": (
+        [
+            "hydra.sweeper.policy=truncation",
+            "hydra.sweeper.policy_args.truncation_percentage=half",
+            "trainer.q=choice(1,2)",
+            "tfrun.objective=score",
+        ],
+        "hydra.sweeper.policy_args.truncation_percentage='half': a percentage between 1 and 99",
+    ),
     # Optuna's Hyperband would only fail when the first trial asks it, with trials running.
-    "optuna policy argument": (["hydra.sweeper.policy=hyperband", "hydra.sweeper.policy_args.reduction_factor=1",
-                                "trainer.q=choice(1,2)", "tfrun.objective=score"],
-                               "hydra.sweeper.policy_args.reduction_factor=1 is not valid: a whole number, 2 or more"),
-    "storage": (["hydra.sweeper.storage=/nonexistent/dir/study.journal", "trainer.q=choice(1,2)", "tfrun.objective=score"],
-                "hydra.sweeper.storage='/nonexistent/dir/study.journal' is not valid: a journal file in an existing"),
+    "optuna policy argument": (
+        [
+            "hydra.sweeper.policy=hyperband",
+            "hydra.sweeper.policy_args.reduction_factor=1",
+            "trainer.q=choice(1,2)",
+            "tfrun.objective=score",
+        ],
+        "hydra.sweeper.policy_args.reduction_factor=1 is not valid: a whole number, 2 or more",
+    ),
+    "storage": (
+        ["hydra.sweeper.storage=/nonexistent/dir/study.journal", "trainer.q=choice(1,2)", "tfrun.objective=score"],
+        "hydra.sweeper.storage='/nonexistent/dir/study.journal' is not valid: a journal file in an existing",
+    ),
 }
 
 
@@ -480,26 +613,46 @@ def test_bad_input_is_one_paragraph_exit_2_and_nothing_runs(tmp_path: Path) -> N
 
 def test_dry_run_shows_the_study(tmp_path: Path) -> None:
     (tmp_path / "synth.py").write_text(SYNTH)
-    result = run_tfrun(tmp_path, "--dry-run", *TUNE, "entry.script=synth.py", "hydra.sweeper.n_trials=24",
-                       "hydra.sweeper.max_parallel=4", "hydra.sweeper.policy=bandit",
-                       "hydra.sweeper.policy_args.slack_factor=0.1", "trainer.lr=tag(log,interval(1e-4,1e-1))",
-                       "trainer.batch_size=choice(32,64)")
+    result = run_tfrun(
+        tmp_path,
+        "--dry-run",
+        *TUNE,
+        "entry.script=synth.py",
+        "hydra.sweeper.n_trials=24",
+        "hydra.sweeper.max_parallel=4",
+        "hydra.sweeper.policy=bandit",
+        "hydra.sweeper.policy_args.slack_factor=0.1",
+        "trainer.lr=tag(log,interval(1e-4,1e-1))",
+        "trainer.batch_size=choice(32,64)",
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for line in ("sampler:    tpe (multivariate, constant liar, 8 random trial(s) first)",
-                 "trials:     24, at most 4 at once",
-                 "policy:     bandit delay_evaluation=0 evaluation_interval=1 slack_factor=0.1",
-                 "storage:    journal file ", "trainer.lr: float in [0.0001, 0.1], log scale",
-                 "trainer.batch_size: one of 32, 64", "argv:    "):
+    for line in (
+        "sampler:    tpe (multivariate, constant liar, 8 random trial(s) first)",
+        "trials:     24, at most 4 at once",
+        "policy:     bandit delay_evaluation=0 evaluation_interval=1 slack_factor=0.1",
+        "storage:    journal file ",
+        "trainer.lr: float in [0.0001, 0.1], log scale",
+        "trainer.batch_size: one of 32, 64",
+        "argv:    ",
+    ):
         assert line in out, out
     assert not (tmp_path / "runs").exists()
-    fewer = run_tfrun(tmp_path, "--dry-run", *TUNE, "entry.script=synth.py", "hydra.sweeper.n_startup_trials=3",
-                      "trainer.lr=tag(log,interval(1e-4,1e-1))")
-    assert fewer.returncode == 0 and "tpe (multivariate, constant liar, 3 random trial(s) first)" in fewer.stdout, \
+    fewer = run_tfrun(
+        tmp_path,
+        "--dry-run",
+        *TUNE,
+        "entry.script=synth.py",
+        "hydra.sweeper.n_startup_trials=3",
+        "trainer.lr=tag(log,interval(1e-4,1e-1))",
+    )
+    assert fewer.returncode == 0 and "tpe (multivariate, constant liar, 3 random trial(s) first)" in fewer.stdout, (
         fewer.stdout + fewer.stderr
+    )
 
 
 # --- the pieces, without running anything ------------------------------------------------
+
 
 def test_policies_decide_from_the_curves() -> None:
     from tfrun.errors import ConfigError
@@ -519,12 +672,21 @@ def test_policies_decide_from_the_curves() -> None:
     cut = policies.make("truncation", {"truncation_percentage": 50}, "acc")
     assert policies.decide(cut, True, {1: 0.5}, [{1: 0.5}]) is None  # a tie is not the lowest half
     assert policies.decide(cut, True, {1: 0.4}, [{1: 0.5}, {1: 0.6}]) is not None
-    for name, args in (("bandit", {}), ("median", {"evaluation_interval": 0}), ("truncation", {"x": 1}),
-                       ("none", {"slack_factor": 0.1}), ("bandit", {"slack_factor": "abc"}),
-                       ("bandit", {"slack_amount": -0.1}), ("truncation", {"truncation_percentage": "abc"}),
-                       ("median", {"delay_evaluation": True}), ("asha", {"min_resource": 0}),
-                       ("asha", {"reduction_factor": 1}), ("hyperband", {"min_resource": "auto"}),
-                       ("hyperband", {"min_resource": 10, "max_resource": 5}), ("hyperband", {"bootstrap_count": -1})):
+    for name, args in (
+        ("bandit", {}),
+        ("median", {"evaluation_interval": 0}),
+        ("truncation", {"x": 1}),
+        ("none", {"slack_factor": 0.1}),
+        ("bandit", {"slack_factor": "abc"}),
+        ("bandit", {"slack_amount": -0.1}),
+        ("truncation", {"truncation_percentage": "abc"}),
+        ("median", {"delay_evaluation": True}),
+        ("asha", {"min_resource": 0}),
+        ("asha", {"reduction_factor": 1}),
+        ("hyperband", {"min_resource": "auto"}),
+        ("hyperband", {"min_resource": 10, "max_resource": 5}),
+        ("hyperband", {"bootstrap_count": -1}),
+    ):
         with pytest.raises(ConfigError):
             policies.make(name, args, "acc")
     assert policies.make("asha", {"min_resource": "auto"}, "acc").args == {"min_resource": "auto"}
@@ -535,14 +697,28 @@ def test_the_space_reads_hydra_sweep_syntax() -> None:
     from tfrun.config import space
     from tfrun.errors import ConfigError
 
-    found = space.parse(["++trainer.lr=tag(log,interval(1e-4,1e-1))", "++trainer.bs=choice(32,64)", "x=1,2",
-                         "++trainer.n=range(2,10,4)", "++trainer.f=range(0.5,1.0,0.25)", "compute=local"])
+    found = space.parse(
+        [
+            "++trainer.lr=tag(log,interval(1e-4,1e-1))",
+            "++trainer.bs=choice(32,64)",
+            "x=1,2",
+            "++trainer.n=range(2,10,4)",
+            "++trainer.f=range(0.5,1.0,0.25)",
+            "compute=local",
+        ]
+    )
     assert [d.describe() for d in found.dimensions] == [
-        "trainer.lr: float in [0.0001, 0.1], log scale", "trainer.bs: one of 32, 64", "x: one of 1, 2",
-        "trainer.n: int in [2, 6], step 4", "trainer.f: one of 0.5, 0.75"]
+        "trainer.lr: float in [0.0001, 0.1], log scale",
+        "trainer.bs: one of 32, 64",
+        "x: one of 1, 2",
+        "trainer.n: int in [2, 6], step 4",
+        "trainer.f: one of 0.5, 0.75",
+    ]
     assert found.fixed == ("compute=local",)
     assert found.overrides({"trainer.lr": 0.01, "trainer.bs": 32, "x": 2, "trainer.n": 6, "trainer.f": 0.5})[:2] == [
-        "++trainer.lr=0.01", "++trainer.bs=32"]
+        "++trainer.lr=0.01",
+        "++trainer.bs=32",
+    ]
     grid = space.parse(["a=choice(1,2)", "b=range(0,3)"]).grid()
     assert grid[:4] == [{"a": 1, "b": 0}, {"a": 1, "b": 1}, {"a": 1, "b": 2}, {"a": 2, "b": 0}] and len(grid) == 6
     with pytest.raises(ConfigError, match="continuous interval"):
@@ -554,9 +730,13 @@ def test_the_space_reads_hydra_sweep_syntax() -> None:
 # --- decisions over a table of curves, both directions -------------------------------------
 
 NAN, INF = float("nan"), float("inf")
-DECIDING = {"median": {}, "bandit": {"slack_factor": 0.1}, "truncation": {"truncation_percentage": 50},
-            "asha": {"min_resource": 1, "reduction_factor": 2},
-            "hyperband": {"min_resource": 1, "max_resource": 4, "reduction_factor": 2}}
+DECIDING = {
+    "median": {},
+    "bandit": {"slack_factor": 0.1},
+    "truncation": {"truncation_percentage": 50},
+    "asha": {"min_resource": 1, "reduction_factor": 2},
+    "hyperband": {"min_resource": 1, "max_resource": 4, "reduction_factor": 2},
+}
 
 
 def flipped(curve: dict[int, float], maximize: bool) -> dict[int, float]:
@@ -573,8 +753,9 @@ def run_curves(policy_name: str, maximize: bool, curves: list[dict[int, float]])
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     policy = policies.make(policy_name, DECIDING[policy_name], "score")
-    study = optuna.create_study(direction="maximize" if maximize else "minimize", study_name="tfrun",
-                                pruner=policies.optuna_pruner(policy))
+    study = optuna.create_study(
+        direction="maximize" if maximize else "minimize", study_name="tfrun", pruner=policies.optuna_pruner(policy)
+    )
     seen: list[dict[int, float]] = []
     decisions = []
     for curve in (flipped(c, maximize) for c in curves):
@@ -586,8 +767,9 @@ def run_curves(policy_name: str, maximize: bool, curves: list[dict[int, float]])
                 break
         seen.append(curve)
         decisions.append(decided)
-        study.tell(trial.number, state=optuna.trial.TrialState.PRUNED if decided else None,
-                   values=None if decided else [0.0])
+        study.tell(
+            trial.number, state=optuna.trial.TrialState.PRUNED if decided else None, values=None if decided else [0.0]
+        )
     for frozen in study.get_trials():  # Optuna's pruners only ever saw numbers
         assert all(math.isfinite(v) for v in frozen.intermediate_values.values()), frozen.intermediate_values
         assert all(math.isfinite(v) for v in frozen.system_attrs.values() if isinstance(v, float)), frozen.system_attrs
@@ -597,8 +779,9 @@ def run_curves(policy_name: str, maximize: bool, curves: list[dict[int, float]])
 @pytest.mark.parametrize("maximize", [True, False], ids=["maximize", "minimize"])
 @pytest.mark.parametrize("policy", list(DECIDING))
 @pytest.mark.parametrize("bad", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
-def test_a_value_that_is_not_a_number_stops_the_trial_under_every_policy(policy: str, maximize: bool,
-                                                                          bad: float) -> None:
+def test_a_value_that_is_not_a_number_stops_the_trial_under_every_policy(
+    policy: str, maximize: bool, bad: float
+) -> None:
     """A good trial, then one whose second value is not finite: stopped at that epoch by every
     policy (before any comparison, whatever the schedule), and never shown to Optuna."""
     decisions = run_curves(policy, maximize, [{1: 0.5, 2: 0.6, 3: 0.7}, {1: 0.9, 2: bad, 3: 0.9}])
@@ -620,8 +803,9 @@ def test_a_trial_that_is_not_a_number_does_not_stop_the_pruning_of_others(maximi
         assert policies.decide(policy, maximize, good, peers) is None, (name, peers)
     # Optuna's successive halving: the diverged trial never reaches its rungs.
     decisions = run_curves("asha", maximize, [{1: 0.9}, {1: bad}, {1: 0.1}, {1: 0.95}])
-    assert decisions[0] is None and decisions[1] is not None and decisions[2] is not None and decisions[3] is None, \
+    assert decisions[0] is None and decisions[1] is not None and decisions[2] is not None and decisions[3] is None, (
         decisions
+    )
 
 
 def test_asha_judges_each_epoch_of_a_trial_seen_late() -> None:
@@ -667,8 +851,10 @@ def test_bandits_slack_factor_never_stops_the_best(maximize: bool, sign: int) ->
 def test_the_best_point_is_a_finite_number(tmp_path: Path) -> None:
     from tfrun.tracking.compare import best_point
 
-    points = [{"run_dir": str(tmp_path / str(n)), "objective": {"metric": "score", "value": v}}
-              for n, v in enumerate([NAN, INF, -INF, 0.5, None, 0.25])]
+    points = [
+        {"run_dir": str(tmp_path / str(n)), "objective": {"metric": "score", "value": v}}
+        for n, v in enumerate([NAN, INF, -INF, 0.5, None, 0.25])
+    ]
     (tmp_path / "sweep.json").write_text(json.dumps({"points": points}))  # (Python writes NaN and Infinity)
     assert best_point(tmp_path, True)["run_dir"] == str(tmp_path / "3")
     assert best_point(tmp_path, False)["run_dir"] == str(tmp_path / "5")
@@ -680,8 +866,33 @@ def test_every_choice_reads_back_as_itself_in_a_trials_override() -> None:
 
     from tfrun.config import space
 
-    values = ["a,b", "it's", 'say "x"', "a b", "x=y", "(x)", "[1]", "{a:1}", "a\\", "a\\'b", "\\\\'", "", "1",
-              "true", "null", "nan", " lead", "a\\,b", "sgd", "1e-3", None, True, 3, 0.5, float("inf")]
+    values = [
+        "a,b",
+        "it's",
+        'say "x"',
+        "a b",
+        "x=y",
+        "(x)",
+        "[1]",
+        "{a:1}",
+        "a\\",
+        "a\\'b",
+        "\\\\'",
+        "",
+        "1",
+        "true",
+        "null",
+        "nan",
+        " lead",
+        "a\\,b",
+        "sgd",
+        "1e-3",
+        None,
+        True,
+        3,
+        0.5,
+        float("inf"),
+    ]
     found = space.Space((space.Dimension("++trainer.x", "choice", choices=tuple(values)),), ())
     parser = OverridesParser.create()
     for value in values:
@@ -695,16 +906,31 @@ def test_cancel_of_a_study_on_slurm_submits_no_replacement_trials(tmp_path: Path
     """`tfrun cancel SWEEP` while a study on Slurm runs two of its four trials: those are
     cancelled, its follower starts no other trial in their place and ends."""
     (tmp_path / "uneven.py").write_text(UNEVEN)
-    proc, _, err = popen_tfrun(tmp_path, *TUNE, "compute=slurm", "compute.poll_s=0.5", f"compute.job_name={job_name}",
-                               "entry.script=uneven.py", "hydra.sweeper.sampler=grid", "hydra.sweeper.max_parallel=2",
-                               "trainer.secs=choice(60,61,62,63)")
+    proc, _, err = popen_tfrun(
+        tmp_path,
+        *TUNE,
+        "compute=slurm",
+        "compute.poll_s=0.5",
+        f"compute.job_name={job_name}",
+        "entry.script=uneven.py",
+        "hydra.sweeper.sampler=grid",
+        "hydra.sweeper.max_parallel=2",
+        "trainer.secs=choice(60,61,62,63)",
+    )
     try:
+
         def two_submitted() -> bool:
             index = list((tmp_path / "runs").glob("sweep-*/sweep.json"))
             points = read_json(index[0]).get("points", []) if index else []
-            return len(points) == 2 and all((read_json(Path(p["run_dir"]) / "status.json") if
-                                             (Path(p["run_dir"]) / "status.json").exists() else {}).get("job_ids")
-                                            for p in points)
+            return len(points) == 2 and all(
+                (
+                    read_json(Path(p["run_dir"]) / "status.json")
+                    if (Path(p["run_dir"]) / "status.json").exists()
+                    else {}
+                ).get("job_ids")
+                for p in points
+            )
+
         wait_for(two_submitted, 120, "the study's first two trials to be submitted")
         sweep = sweep_of(tmp_path)
         cancelled = run_tfrun(tmp_path, "cancel", sweep.name)

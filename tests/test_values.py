@@ -1,6 +1,7 @@
 """Script parameters reach the script as they were given: every ``trainer`` value is one argv
 entry, byte for byte, whatever it holds (blanks, quotes, ``$(...)``, ``;``, a newline,
 non-ASCII); never through a shell. Booleans are switches. Locally and on Slurm."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from tfrun.config.compose import compose_config, normalize_overrides
 VALUES = {
     "note": "baseline run",
     "path": "/data/my runs/x",
-    "quotes": "it's \"quoted\"",
+    "quotes": 'it\'s "quoted"',
     "subst": "$(touch PWNED)",
     "backticks": "`touch PWNED2`",
     "semi": "a;b && touch PWNED3",
@@ -46,8 +47,7 @@ def expected_argv() -> list[str]:
 
 def check_run(tmp_path: Path, *extra: str) -> Path:
     (tmp_path / "dump.py").write_text(ARGV_DUMP)
-    result = run_tfrun(tmp_path, *extra, "entry.script=dump.py", *(typed(k, v) for k, v in VALUES.items()),
-                       timeout=300)
+    result = run_tfrun(tmp_path, *extra, "entry.script=dump.py", *(typed(k, v) for k, v in VALUES.items()), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = run_dir_from(result.stderr)
     for rank_file in sorted((run_dir / "outputs").glob("argv-rank*.json")):
@@ -79,8 +79,9 @@ def test_dry_run_shows_the_command_shell_quoted(tmp_path: Path) -> None:
 
 def test_booleans_are_switches_unless_asked_for_values(tmp_path: Path) -> None:
     def argv(*extra: str) -> list[str]:
-        result = run_tfrun(tmp_path, "--dry-run=json", "trainer.verbose=true", "trainer.shuffle=false",
-                           "trainer.text='true'", *extra)
+        result = run_tfrun(
+            tmp_path, "--dry-run=json", "trainer.verbose=true", "trainer.shuffle=false", "trainer.text='true'", *extra
+        )
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)["tasks"][0]["argv"][1:]
 
@@ -100,8 +101,10 @@ def test_a_nul_character_is_refused(scratch: Path) -> None:
 # 100 examples (~0.23 s each: a full Hydra compose): both alphabets, empty and 40-char texts,
 # quotes, backslashes, `${`, Unicode are all drawn many times over (was 150: suite time).
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=40)
-       | st.text(alphabet=string.printable + "\\'\"${}", max_size=40))
+@given(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=40)
+    | st.text(alphabet=string.printable + "\\'\"${}", max_size=40)
+)
 def test_quote_reads_back_as_the_same_text_through_hydra(text: str) -> None:
     """Any text, quoted for Hydra's grammar, composes to exactly that text."""
     cfg = compose_config(normalize_overrides([f"trainer.v={overrides.quote(text)}"]))

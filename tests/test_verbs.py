@@ -1,6 +1,7 @@
 """The verbs that act on runs (``tfrun runs|status|logs|cancel|...``) as a new user meets them:
 which run is "the latest", what a run list shows, a rank or a path that is not there, and never
 a traceback (bad input, a closed pipe, Ctrl-C, an optional extra that is not installed)."""
+
 from __future__ import annotations
 
 import json
@@ -59,6 +60,7 @@ def listed(tmp_path: Path, *args: str) -> list[str]:
 
 # --- which run is the latest ------------------------------------------------------------------
 
+
 def test_runs_are_listed_and_found_in_the_order_they_were_launched(tmp_path: Path) -> None:
     """A sweep's points are listed where the sweep was launched, not after every single run
     (names sort a sweep last); the latest run is the one launched last, whatever verb wrote
@@ -93,6 +95,7 @@ def test_no_runs_says_where_it_looked(tmp_path: Path) -> None:
 
 # --- logs ------------------------------------------------------------------------------------
 
+
 def test_logs_of_a_rank_the_run_does_not_have_is_refused(tmp_path: Path) -> None:
     run = tiny_run(tmp_path)
     result = run_tfrun(tmp_path, "logs", "--rank", "5")
@@ -111,6 +114,7 @@ def test_logs_of_a_sweep_says_which_point_it_shows(tmp_path: Path) -> None:
 
 
 # --- never a traceback: bad input, a closed pipe, Ctrl-C, a missing extra --------------------
+
 
 def tiny_onnx(path: Path) -> None:
     """A one-node ONNX model (y = x, x: float32 [N, 4]) where a run's export would put it."""
@@ -143,20 +147,37 @@ def named(project: Path, name: str) -> Path:
 
 # verb -> the arguments it is tried with on the project's latest run (the sweep) or its first run.
 USES = {
-    "status": ["status"], "watch": ["watch"], "logs": ["logs"], "cancel": ["cancel"], "runs": ["runs"],
-    "resume": ["resume", "PLAIN"], "plot": ["plot", "--metric", "loss", "-o", "OUT/curves.png"],
-    "tensorboard": ["tensorboard", "--print-command"], "export": ["export", "PLAIN"],
-    "serve": ["serve", "SERVED", "--port", "0"], "sync": ["sync"], "env": ["env", "list", "--cache-dir", "OUT/envs"],
+    "status": ["status"],
+    "watch": ["watch"],
+    "logs": ["logs"],
+    "cancel": ["cancel"],
+    "runs": ["runs"],
+    "resume": ["resume", "PLAIN"],
+    "plot": ["plot", "--metric", "loss", "-o", "OUT/curves.png"],
+    "tensorboard": ["tensorboard", "--print-command"],
+    "export": ["export", "PLAIN"],
+    "serve": ["serve", "SERVED", "--port", "0"],
+    "sync": ["sync"],
+    "env": ["env", "list", "--cache-dir", "OUT/envs"],
     "tune": ["tune", "resume", "nope"],
 }
 # verb -> (a package of an optional extra it needs, the extra)
-EXTRAS = {"plot": ("matplotlib", "tracking"), "serve": ("onnxruntime", "onnx"), "sync": ("mlflow", "tracking"),
-          "export": ("tf2onnx", "onnx"), "tensorboard": ("tensorboard", "tensorboard")}
+EXTRAS = {
+    "plot": ("matplotlib", "tracking"),
+    "serve": ("onnxruntime", "onnx"),
+    "sync": ("mlflow", "tracking"),
+    "export": ("tf2onnx", "onnx"),
+    "tensorboard": ("tensorboard", "tensorboard"),
+}
 
 
 def _args(verb: str, project: Path, out: Path) -> list[str]:
-    return [a.replace("PLAIN", str(named(project, "plain"))).replace("SERVED", str(named(project, "served")))
-            .replace("OUT", str(out)) for a in USES[verb]]
+    return [
+        a.replace("PLAIN", str(named(project, "plain")))
+        .replace("SERVED", str(named(project, "served")))
+        .replace("OUT", str(out))
+        for a in USES[verb]
+    ]
 
 
 def no_traceback(result: subprocess.CompletedProcess[str] | tuple[int, str], what: str) -> None:
@@ -173,8 +194,10 @@ def test_the_table_has_every_verb() -> None:
 @pytest.mark.parametrize("verb", list(USES))
 def test_a_verb_given_what_is_not_there_says_so(project: Path, verb: str, tmp_path: Path) -> None:
     """A run that does not exist, and an argument the verb does not take: exit 2, one line."""
-    for args in ([verb, *(["resume"] if verb == "tune" else ["list"] if verb == "env" else []), "no-such-run"],
-                 [verb, "--no-such-option"]):
+    for args in (
+        [verb, *(["resume"] if verb == "tune" else ["list"] if verb == "env" else []), "no-such-run"],
+        [verb, "--no-such-option"],
+    ):
         if verb == "env" and args[-1] == "no-such-run":
             args = ["env", "no-such-action"]
         result = run_tfrun(project, *args, timeout=120)
@@ -189,8 +212,15 @@ def test_a_verb_whose_reader_is_gone_ends_quietly(project: Path, verb: str, tmp_
     if verb == "serve":  # it serves until stopped: its Ctrl-C below
         return
     args = _args(verb, project, tmp_path)
-    proc = subprocess.Popen([*tfrun_command(), *args], cwd=project, env=scratch_env(project),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*tfrun_command(), *args],
+        cwd=project,
+        env=scratch_env(project),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     proc.stdout.close()
     err = proc.communicate(timeout=300)[1]
@@ -205,9 +235,16 @@ def _interrupted(project: Path, args: list[str], ready: str, tmp_path: Path) -> 
     with open(log, "w") as out:
         # SIGINT as in a terminal: a test runner started in the background has it ignored, and
         # its children would inherit that.
-        proc = subprocess.Popen([*tfrun_command(), *args], cwd=project, env=scratch_env(project),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.Popen(
+            [*tfrun_command(), *args],
+            cwd=project,
+            env=scratch_env(project),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     try:
         wait_for(lambda: ready in text_of(log) or proc.poll() is not None, 120, f"{ready!r} from {args}")
         assert proc.poll() is None, text_of(log)
@@ -218,23 +255,31 @@ def _interrupted(project: Path, args: list[str], ready: str, tmp_path: Path) -> 
     return proc.returncode, text_of(log)
 
 
-@pytest.mark.parametrize("verb, args, ready", [
-    ("serve", ["serve", "SERVED", "--port", "0"], "Ctrl-C stops"),
-    ("tensorboard", ["tensorboard", "--port", "0"], "TensorBoard over"),
-    ("watch", ["watch", "LIVE"], "RUNNING"),
-    ("logs", ["logs", "LIVE", "-f"], "sleeping"),
-])
-def test_ctrl_c_stops_a_verb_that_runs_on(project: Path, verb: str, args: list[str], ready: str,
-                                          tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "verb, args, ready",
+    [
+        ("serve", ["serve", "SERVED", "--port", "0"], "Ctrl-C stops"),
+        ("tensorboard", ["tensorboard", "--port", "0"], "TensorBoard over"),
+        ("watch", ["watch", "LIVE"], "RUNNING"),
+        ("logs", ["logs", "LIVE", "-f"], "sleeping"),
+    ],
+)
+def test_ctrl_c_stops_a_verb_that_runs_on(
+    project: Path, verb: str, args: list[str], ready: str, tmp_path: Path
+) -> None:
     live = None
     if "LIVE" in args:  # a run that trains on while it is watched
         (project / "sleepy.py").write_text("import time\nprint('sleeping', flush=True)\ntime.sleep(120)\n")
         live, _, _ = popen_tfrun(project, "entry.script=sleepy.py", name=f"live-{verb}")
-        wait_for(lambda: any("sleeping" in text_of(p) for p in (project / "runs").glob("*/logs/rank0.log")), 120,
-                 "the live run to start")
+        wait_for(
+            lambda: any("sleeping" in text_of(p) for p in (project / "runs").glob("*/logs/rank0.log")),
+            120,
+            "the live run to start",
+        )
     try:
-        live_dir = next((p.parents[1] for p in (project / "runs").glob("*/logs/rank0.log")
-                         if "sleeping" in text_of(p)), None)
+        live_dir = next(
+            (p.parents[1] for p in (project / "runs").glob("*/logs/rank0.log") if "sleeping" in text_of(p)), None
+        )
         given = [a.replace("SERVED", str(named(project, "served"))).replace("LIVE", str(live_dir)) for a in args]
         code, output = _interrupted(project, given, ready, tmp_path)
         no_traceback((code, output), " ".join(given))
@@ -252,8 +297,15 @@ def test_tensorboard_ends_with_tfrun_even_when_tfrun_is_killed(project: Path, tm
 
     log = tmp_path / "out.txt"
     with open(log, "w") as out:
-        proc = subprocess.Popen([*tfrun_command(), "tensorboard", "--port", "0"], cwd=project, env=scratch_env(project),
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [*tfrun_command(), "tensorboard", "--port", "0"],
+            cwd=project,
+            env=scratch_env(project),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_for(lambda: "TensorBoard over" in text_of(log) or proc.poll() is not None, 120, "tfrun tensorboard")
         children = [c.pid for c in psutil.Process(proc.pid).children()]
@@ -276,21 +328,30 @@ def test_a_verb_without_its_optional_extra_says_what_to_install(project: Path, v
     assert result.stderr == f"tfrun: error: tfrun {verb} needs {module}, which is not installed here: {install}\n"
 
 
-@pytest.mark.parametrize("overrides, module, what", [
-    (["-m", "hydra/sweeper=tfrun", "tfrun.objective=loss", "trainer.lr=interval(0.1,1)"], "optuna",
-     "hydra/sweeper=tfrun"),
-    (["tracking=mlflow"], "mlflow", "tracking=mlflow"),
-], ids=["tuning", "mlflow"])
+@pytest.mark.parametrize(
+    "overrides, module, what",
+    [
+        (
+            ["-m", "hydra/sweeper=tfrun", "tfrun.objective=loss", "trainer.lr=interval(0.1,1)"],
+            "optuna",
+            "hydra/sweeper=tfrun",
+        ),
+        (["tracking=mlflow"], "mlflow", "tracking=mlflow"),
+    ],
+    ids=["tuning", "mlflow"],
+)
 @pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
-def test_a_run_without_its_optional_extra_starts_nothing(tmp_path: Path, overrides: list[str], module: str, what: str,
-                                                         dry_run: bool) -> None:
+def test_a_run_without_its_optional_extra_starts_nothing(
+    tmp_path: Path, overrides: list[str], module: str, what: str, dry_run: bool
+) -> None:
     (tmp_path / "tiny.py").write_text(TINY)
     args = [*(["--dry-run"] if dry_run else []), "entry.script=tiny.py", *overrides]
     result = run_tfrun(tmp_path, *args, timeout=120, **without(tmp_path, module))
     no_traceback(result, " ".join(args))
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(f"tfrun: error: {what} needs {module}, which is not installed here: pip install "
-                                    f"'tfrun["), result.stderr
+    assert result.stderr.startswith(
+        f"tfrun: error: {what} needs {module}, which is not installed here: pip install 'tfrun["
+    ), result.stderr
     assert not (tmp_path / "runs").exists()
 
 
@@ -299,8 +360,10 @@ def test_epochs_count_from_one_wherever_they_are_shown(tmp_path: Path) -> None:
     metrics.jsonl keeps Keras's own index (0 for the first)."""
     from tfrun.tracking.compare import curves
 
-    (tmp_path / "two.py").write_text("from tfrun.tracking.metrics import log_epoch\n"
-                                     "for epoch in range(2):\n    log_epoch(epoch, {'loss': 1.0 / (epoch + 1)})\n")
+    (tmp_path / "two.py").write_text(
+        "from tfrun.tracking.metrics import log_epoch\n"
+        "for epoch in range(2):\n    log_epoch(epoch, {'loss': 1.0 / (epoch + 1)})\n"
+    )
     run = run_dir_from(run_tfrun(tmp_path, "entry.script=two.py", "trainer.epochs=2").stderr)
     assert [r["epoch"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [0, 1]
     assert "latest epoch: epoch 2: loss=0.5" in run_tfrun(tmp_path, "status").stdout
@@ -309,6 +372,7 @@ def test_epochs_count_from_one_wherever_they_are_shown(tmp_path: Path) -> None:
 
 
 # --- what a verb says --------------------------------------------------------------------------
+
 
 def test_cancel_of_a_finished_run_says_there_is_nothing_to_cancel(tmp_path: Path) -> None:
     run = tiny_run(tmp_path)
@@ -325,8 +389,9 @@ def test_serve_of_a_model_file_the_run_does_not_have_names_the_ones_it_has(tmp_p
     tiny_onnx(run / "outputs" / "model.onnx")
     result = run_tfrun(tmp_path, "serve", "--model", "nope.onnx", "--port", "0")
     assert result.returncode == 2, result.stderr
-    assert result.stderr == (f"tfrun: error: --model 'nope.onnx': no {run}/outputs/nope.onnx; "
-                             f"its .onnx files: model.onnx\n")
+    assert result.stderr == (
+        f"tfrun: error: --model 'nope.onnx': no {run}/outputs/nope.onnx; its .onnx files: model.onnx\n"
+    )
 
 
 def test_serve_of_a_registered_model_removes_its_download_when_it_stops(tmp_path: Path) -> None:
@@ -347,9 +412,15 @@ def test_serve_of_a_registered_model_removes_its_download_when_it_stops(tmp_path
     temp.mkdir()
     log = tmp_path / "serve.txt"
     with open(log, "w") as out:
-        proc = subprocess.Popen([*tfrun_command(), "serve", "models:/tiny/1", "--tracking-uri", uri, "--port", "0"],
-                                cwd=tmp_path, env=scratch_env(tmp_path, TMPDIR=str(temp)), stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [*tfrun_command(), "serve", "models:/tiny/1", "--tracking-uri", uri, "--port", "0"],
+            cwd=tmp_path,
+            env=scratch_env(tmp_path, TMPDIR=str(temp)),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_for(lambda: "Ctrl-C stops" in text_of(log) or proc.poll() is not None, 120, "serve to start")
         served = re.search(r"serving (\S+\.onnx)", text_of(log))
@@ -391,10 +462,12 @@ def test_a_hung_rank_is_shown_where_its_script_is_stuck(tmp_path: Path) -> None:
     result = run_tfrun(tmp_path, "entry.script=hangs.py", "compute.hang_timeout_s=3", timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
     log = run_dir_from(result.stderr) / "logs" / "rank0.log"
-    stuck = [f"where its script is stuck (the watchdog's stacks in {log}):",
-             f'  | File "{tmp_path / "hangs.py"}", line 5 in wait_for_data',
-             f'  | File "{tmp_path / "hangs.py"}", line 9 in <module>']
+    stuck = [
+        f"where its script is stuck (the watchdog's stacks in {log}):",
+        f'  | File "{tmp_path / "hangs.py"}", line 5 in wait_for_data',
+        f'  | File "{tmp_path / "hangs.py"}", line 9 in <module>',
+    ]
     lines = result.stderr.splitlines()
-    assert lines[lines.index(stuck[0]):][:3] == stuck, result.stderr[-2000:]
+    assert lines[lines.index(stuck[0]) :][:3] == stuck, result.stderr[-2000:]
     status = run_tfrun(tmp_path, "status").stdout.splitlines()
-    assert [line.strip() for line in status[status.index("  " + stuck[0]):][:3]] == [s.strip() for s in stuck]
+    assert [line.strip() for line in status[status.index("  " + stuck[0]) :][:3]] == [s.strip() for s in stuck]

@@ -4,6 +4,7 @@ One small local sweep (two points, three epochs of a script that sleeps instead 
 the second point failing) is watched twice while it runs: from a pseudo-terminal and through
 a pipe. The script records its epochs the way tfrun's Keras hook does (metrics.log_epoch).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -29,7 +30,7 @@ from tests.helpers import (
     wait_for,
 )
 
-EPOCHS = '''
+EPOCHS = """
 import argparse, time
 from tfrun.tracking.metrics import log_epoch
 p = argparse.ArgumentParser()
@@ -40,7 +41,7 @@ for epoch in range(a.epochs):
     log_epoch(epoch, {"loss": 1.0 / (epoch + 1), "val_accuracy": 0.5 + 0.1 * epoch})
 if a.fail:
     raise SystemExit("asked to fail")
-'''
+"""
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 COLUMNS, LINES = 120, 30
 
@@ -62,8 +63,9 @@ def _on_a_terminal(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", LINES, COLUMNS, 0, 0))
     env = scratch_env(tmp_path, COLUMNS=str(COLUMNS), LINES=str(LINES), TERM="xterm-256color")
-    proc = subprocess.Popen([*tfrun_command(), *args], cwd=tmp_path, env=env,
-                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    proc = subprocess.Popen(
+        [*tfrun_command(), *args], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave
+    )
     os.close(slave)
     return proc, master
 
@@ -90,21 +92,42 @@ def _read_all(proc: subprocess.Popen, master: int, timeout: float) -> bytes:
 def watched(tmp_path_factory: pytest.TempPathFactory) -> Watched:
     tmp_path = tmp_path_factory.mktemp("watch")
     (tmp_path / "epochs.py").write_text(EPOCHS)
-    sweep_proc, _, err = popen_tfrun(tmp_path, "-m", "entry.script=epochs.py", "trainer.epochs=3",
-                                     "trainer.sleep=0.7", "trainer.fail=0,1", name="sweep")
+    sweep_proc, _, err = popen_tfrun(
+        tmp_path,
+        "-m",
+        "entry.script=epochs.py",
+        "trainer.epochs=3",
+        "trainer.sleep=0.7",
+        "trainer.fail=0,1",
+        name="sweep",
+    )
     try:
         runs = tmp_path / "runs"
         wait_for(lambda: any(runs.glob("sweep-*/sweep.json")), 30, "the sweep to start")
         sweep = next(runs.glob("sweep-*"))
         tty_proc, master = _on_a_terminal(tmp_path, "watch", "--interval", "0.3")  # no argument: the latest
-        pipe_proc = subprocess.Popen([*tfrun_command(), "watch", str(sweep), "--interval", "0.3"], cwd=tmp_path,
-                                     env=scratch_env(tmp_path), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        pipe_proc = subprocess.Popen(
+            [*tfrun_command(), "watch", str(sweep), "--interval", "0.3"],
+            cwd=tmp_path,
+            env=scratch_env(tmp_path),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         tty_out = _read_all(tty_proc, master, 60).decode(errors="replace")
         pipe_out, pipe_err = pipe_proc.communicate(timeout=60)
         sweep_code = sweep_proc.wait(timeout=60)
-        return Watched(sweep, tty_out, tty_proc.wait(timeout=10), pipe_out, pipe_err, pipe_proc.returncode,
-                       err.read_text(), sweep_code)
+        return Watched(
+            sweep,
+            tty_out,
+            tty_proc.wait(timeout=10),
+            pipe_out,
+            pipe_err,
+            pipe_proc.returncode,
+            err.read_text(),
+            sweep_code,
+        )
     finally:
         stop(sweep_proc)
 
@@ -157,9 +180,17 @@ def test_watch_of_a_completed_run_exits_at_once_with_0(watched: Watched, tmp_pat
 @pytest.mark.slurm
 def test_a_slurm_sweep_is_followed_in_the_same_table_on_a_terminal(tmp_path: Path, job_name: str) -> None:
     (tmp_path / "epochs.py").write_text(EPOCHS)
-    proc, master = _on_a_terminal(tmp_path, "-m", "compute=slurm", "compute.poll_s=0.5", f"compute.job_name={job_name}",
-                                  "entry.script=epochs.py", "trainer.epochs=3", "trainer.sleep=0.7",
-                                  "trainer.fail=0,1")
+    proc, master = _on_a_terminal(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        "compute.poll_s=0.5",
+        f"compute.job_name={job_name}",
+        "entry.script=epochs.py",
+        "trainer.epochs=3",
+        "trainer.sleep=0.7",
+        "trainer.fail=0,1",
+    )
     try:
         text = ANSI.sub("", _read_all(proc, master, 120).decode(errors="replace"))
         assert proc.wait(timeout=10) == 1, text
@@ -184,9 +215,19 @@ def test_labels_and_metrics_in_brackets_are_drawn_as_they_are() -> None:
     from tfrun.cli.live import render
     from tfrun.targets.progress import RunProgress, Snapshot
 
-    runs = tuple(RunProgress(name=str(i), label=label, state="RUNNING", epoch=1, epochs=3,
-                             metrics=(("loss[main]", 0.5),), elapsed_s=3.0, left_s=6.0)
-                 for i, label in enumerate(BRACKETS))
+    runs = tuple(
+        RunProgress(
+            name=str(i),
+            label=label,
+            state="RUNNING",
+            epoch=1,
+            epochs=3,
+            metrics=(("loss[main]", 0.5),),
+            elapsed_s=3.0,
+            left_s=6.0,
+        )
+        for i, label in enumerate(BRACKETS)
+    )
     console = Console(record=True, width=160, force_terminal=True)
     console.print(render(Snapshot(path="/runs/sweep-[x]", sweep=True, runs=runs)))
     text = console.export_text()
@@ -199,8 +240,15 @@ def test_labels_and_metrics_in_brackets_are_drawn_as_they_are() -> None:
 @pytest.mark.slurm
 def test_a_slurm_sweep_with_brackets_in_its_labels_is_followed_on_a_terminal(tmp_path: Path, job_name: str) -> None:
     (tmp_path / "any.py").write_text("import sys\nprint(sys.argv[1:])\n")
-    proc, master = _on_a_terminal(tmp_path, "-m", "compute=slurm", "compute.poll_s=0.5", f"compute.job_name={job_name}",
-                                  "entry.script=any.py", "trainer.data=[/scratch/a],[relu,tanh]")
+    proc, master = _on_a_terminal(
+        tmp_path,
+        "-m",
+        "compute=slurm",
+        "compute.poll_s=0.5",
+        f"compute.job_name={job_name}",
+        "entry.script=any.py",
+        "trainer.data=[/scratch/a],[relu,tanh]",
+    )
     try:
         text = ANSI.sub("", _read_all(proc, master, 180).decode(errors="replace"))
         assert proc.wait(timeout=10) == 0, text

@@ -1,6 +1,7 @@
 """The watchdog's notion of progress, piece by piece: which ranks it judges and when a run is
 hung (pure logic over heartbeats), what a process's activity is (measured on real processes
 and threads), and the lost-node probe (against the local cluster's slurmds)."""
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,24 @@ T = 20.0
 NOW = 1_000_000.0
 
 
-def beat(ago: float, *, active_ago: float | None = None, stepping: bool = False, phase: str = "script running",
-         step: int | None = None) -> dict:
+def beat(
+    ago: float,
+    *,
+    active_ago: float | None = None,
+    stepping: bool = False,
+    phase: str = "script running",
+    step: int | None = None,
+) -> dict:
     """A rank's heartbeat: its last beat ``ago`` s before NOW, its script's last CPU use
     ``active_ago`` s before (None: not measured)."""
-    return {"progressed": NOW - ago, "active": None if active_ago is None else NOW - active_ago,
-            "stepping": stepping, "phase": phase, "step": step, "host": "n"}
+    return {
+        "progressed": NOW - ago,
+        "active": None if active_ago is None else NOW - active_ago,
+        "stepping": stepping,
+        "phase": phase,
+        "step": step,
+        "host": "n",
+    }
 
 
 def test_a_rank_that_waits_is_not_hung_while_another_works() -> None:
@@ -58,8 +71,12 @@ def test_a_rank_never_heard_from_counts_from_the_watchdogs_start() -> None:
 
 def test_servers_ended_ranks_and_unmeasured_ranks_are_not_judged() -> None:
     roles = ["chief", "serves", "worker", "worker"]
-    beats = {0: beat(300, active_ago=300), 1: beat(300, active_ago=300, phase="serving"),
-             2: beat(300, active_ago=300, phase="ended"), 3: beat(300)}
+    beats = {
+        0: beat(300, active_ago=300),
+        1: beat(300, active_ago=300, phase="serving"),
+        2: beat(300, active_ago=300, phase="ended"),
+        3: beat(300),
+    }
     assert watchdog.stalled(beats, roles, T, NOW, since=NOW - 400) == [0]
     assert "cannot be read" in watchdog.unwatched(beats[3], "worker")
     assert watchdog.unwatched(beats[0], "chief") is None
@@ -83,12 +100,19 @@ def test_a_parameter_server_evaluator_is_judged_only_once_training_has_ended() -
 def test_a_refused_requeue_ends_the_run_as_the_hang() -> None:
     from tfrun import rundir
 
-    hang = {"rank": 1, "host": "node2", "reason": "rank 1 on node2 made no progress since step 5 (12 s)",
-            "requeued": False, "requeue_failed": "Requested operation is presently disabled for job 7"}
+    hang = {
+        "rank": 1,
+        "host": "node2",
+        "reason": "rank 1 on node2 made no progress since step 5 (12 s)",
+        "requeued": False,
+        "requeue_failed": "Requested operation is presently disabled for job 7",
+    }
     fields = rundir.settled_hang(hang, "CANCELLED")
     assert fields["state"] == "FAILED" and fields["failed_rank"] == 1, fields
-    assert fields["reason"] == ("hang: rank 1 on node2 made no progress since step 5 (12 s); not requeued: "
-                                "Requested operation is presently disabled for job 7"), fields
+    assert fields["reason"] == (
+        "hang: rank 1 on node2 made no progress since step 5 (12 s); not requeued: "
+        "Requested operation is presently disabled for job 7"
+    ), fields
     assert rundir.settled_hang({**hang, "requeued": True, "requeue_failed": None}, "CANCELLED") == {}
 
 
@@ -160,11 +184,18 @@ def test_activity_is_the_cpu_of_the_script_not_of_tfrun() -> None:
     out = subprocess.run([sys.executable, "-c", ACTIVITY], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout)
-    assert seen == {"sleeping": False, "computing": True, "tfrun's thread": False, "the script's thread": True,
-                    "a child that computes": True, "an ignored child": False}, seen
+    assert seen == {
+        "sleeping": False,
+        "computing": True,
+        "tfrun's thread": False,
+        "the script's thread": True,
+        "a child that computes": True,
+        "an ignored child": False,
+    }, seen
 
 
 # --- the lost-node probe, on the local cluster ----------------------------------------------------
+
 
 def scontrol_config(key: str) -> str:
     out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout

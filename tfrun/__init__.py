@@ -7,6 +7,7 @@ training script may call inside its task (``context``, ``log_metric``,
 ``should_checkpoint``, ...); ``tfrun.distributed`` and ``tfrun.estimator`` are the two
 public modules besides.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,15 +17,22 @@ __version__ = "0.1.0"
 
 # name -> (module, attribute): the public API, each imported on first use.
 _PUBLIC = {
-    "Run": ("tfrun.api", "Run"), "launch": ("tfrun.api", "launch"), "sweep": ("tfrun.api", "sweep"),
-    "ConfigError": ("tfrun.errors", "ConfigError"), "LaunchError": ("tfrun.errors", "LaunchError"),
-    "RunFailed": ("tfrun.errors", "RunFailed"), "TfrunError": ("tfrun.errors", "TfrunError"),
+    "Run": ("tfrun.api", "Run"),
+    "launch": ("tfrun.api", "launch"),
+    "sweep": ("tfrun.api", "sweep"),
+    "ConfigError": ("tfrun.errors", "ConfigError"),
+    "LaunchError": ("tfrun.errors", "LaunchError"),
+    "RunFailed": ("tfrun.errors", "RunFailed"),
+    "TfrunError": ("tfrun.errors", "TfrunError"),
     "UsageError": ("tfrun.errors", "UsageError"),
-    "Context": ("tfrun.task.context", "Context"), "context": ("tfrun.task.context", "context"),
+    "Context": ("tfrun.task.context", "Context"),
+    "context": ("tfrun.task.context", "context"),
     "heartbeat": ("tfrun.task.heartbeat", "beat"),
-    "Preempted": ("tfrun.task.preempt", "Preempted"), "on_preempt": ("tfrun.task.preempt", "on_preempt"),
+    "Preempted": ("tfrun.task.preempt", "Preempted"),
+    "on_preempt": ("tfrun.task.preempt", "on_preempt"),
     "should_checkpoint": ("tfrun.task.preempt", "should_checkpoint"),
-    "log_metric": ("tfrun.tracking.metrics", "log_metric"), "log_params": ("tfrun.tracking.metrics", "log_params"),
+    "log_metric": ("tfrun.tracking.metrics", "log_metric"),
+    "log_params": ("tfrun.tracking.metrics", "log_params"),
 }
 __all__ = ["__version__", *_PUBLIC]
 

@@ -4,6 +4,7 @@ Composes exactly like the command line (same configs, same overrides) and never 
 ``sys.exit`` or needs a terminal, so it works from a notebook. Errors are exceptions
 (:class:`tfrun.ConfigError` for bad input, nothing started).
 """
+
 from __future__ import annotations
 
 import sys
@@ -161,9 +162,14 @@ def _never_started(plans: Sequence[Any], exc: BaseException) -> None:
     for plan in plans:
         try:
             if not rundir.read_status(plan.run_dir).get("state"):
-                rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.FAILED, target=plan.target,
-                                     ended=time.time(), reason=f"not started: the launch failed ({type(exc).__name__}: "
-                                                               f"{exc})")
+                rundir.update_status(
+                    plan.run_dir,
+                    run_id=plan.run_id,
+                    state=RunState.FAILED,
+                    target=plan.target,
+                    ended=time.time(),
+                    reason=f"not started: the launch failed ({type(exc).__name__}: {exc})",
+                )
         except OSError:  # its run dir cannot be written either: the exception the caller gets says why
             continue
 

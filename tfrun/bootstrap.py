@@ -5,6 +5,7 @@ inside ``srun`` (Slurm). It reads the plan, works out which task it is, prepares
 environment the backend wants, pins GPUs, changes to the source dir and runs the
 script as ``__main__`` with the planned ``sys.argv``.
 """
+
 from __future__ import annotations
 
 import faulthandler
@@ -55,8 +56,10 @@ def apply_env(env: Mapping[str, str]) -> None:
     for key, value in env.items():
         current = os.environ.get(key)
         if current is not None and current != value and not key.startswith(_OWNED_PREFIXES):
-            say(f"kept {key}={redact.shown(key, current)!r} from your environment "
-                f"(tfrun would set {redact.shown(key, value)!r})")
+            say(
+                f"kept {key}={redact.shown(key, current)!r} from your environment "
+                f"(tfrun would set {redact.shown(key, value)!r})"
+            )
             continue
         os.environ[key] = value
         if not key.startswith(_OWNED_PREFIXES):  # those are reported where they are chosen
@@ -99,8 +102,10 @@ def run_script(argv: list[str]) -> tuple[int, str | None]:
 def print_user_traceback(exc: BaseException) -> None:
     """The traceback from the user's script down, without tfrun's and runpy's frames."""
     tb = exc.__traceback__
-    while tb is not None and (tb.tb_frame.f_code.co_filename in (__file__, "<frozen runpy>")
-                              or tb.tb_frame.f_code.co_filename.endswith("runpy.py")):
+    while tb is not None and (
+        tb.tb_frame.f_code.co_filename in (__file__, "<frozen runpy>")
+        or tb.tb_frame.f_code.co_filename.endswith("runpy.py")
+    ):
         tb = tb.tb_next
     traceback.print_exception(type(exc), exc, tb or exc.__traceback__, file=sys.stderr)
     sys.stderr.flush()
@@ -146,8 +151,9 @@ def export_after_training(plan: Plan, ident: identity.TaskIdentity, code: int) -
     record_path.unlink(missing_ok=True)  # an earlier attempt's record must not pass for this one's
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     try:
-        child = subprocess.run([plan.python, "-u", "-m", EXPORT_MODULE, plan.run_dir], env=env,
-                               stdin=subprocess.DEVNULL)
+        child = subprocess.run(
+            [plan.python, "-u", "-m", EXPORT_MODULE, plan.run_dir], env=env, stdin=subprocess.DEVNULL
+        )
         why = f"exit code {child.returncode}" if child.returncode >= 0 else f"killed by signal {-child.returncode}"
     except OSError as exc:
         why = str(exc)
@@ -167,18 +173,31 @@ def begin(run_dir: str, launcher: str) -> tuple[Plan, identity.TaskIdentity, mlf
         redirect_output(RunPaths.of(run_dir).rank_log(ident.rank))
         done = stopping.completed_earlier(run_dir)
         if done:
-            say(f"job {preempt.job_id()} started again after its attempt {done['attempt']} completed the run "
-                f"(Slurm requeued it when that attempt ended): nothing left to do")
+            say(
+                f"job {preempt.job_id()} started again after its attempt {done['attempt']} completed the run "
+                f"(Slurm requeued it when that attempt ended): nothing left to do"
+            )
             return None
     # The watchdog's ask for every thread's stack, answered even when the script is stuck.
     faulthandler.register(watchdog.STACKS, file=sys.stderr, all_threads=True, chain=False)
     heartbeat.start(run_dir, rendezvous.attempt_key(), ident.rank)
-    rundir.update_rank(run_dir, ident.rank, host=rundir.hostname(), hostname=socket.gethostname(), pid=os.getpid(),
-                       started=time.time(),
-                       ended=None, exit_code=None, error=None,
-                       job=os.environ.get("SLURM_JOB_ID"), step=os.environ.get("SLURM_STEP_ID"))
-    say(f"rank {ident.rank}/{ident.world_size} on {rundir.hostname()} (node {ident.node_index}, "
-        f"local rank {ident.local_rank}), run {plan.run_id}")
+    rundir.update_rank(
+        run_dir,
+        ident.rank,
+        host=rundir.hostname(),
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+        started=time.time(),
+        ended=None,
+        exit_code=None,
+        error=None,
+        job=os.environ.get("SLURM_JOB_ID"),
+        step=os.environ.get("SLURM_STEP_ID"),
+    )
+    say(
+        f"rank {ident.rank}/{ident.world_size} on {rundir.hostname()} (node {ident.node_index}, "
+        f"local rank {ident.local_rank}), run {plan.run_id}"
+    )
     if ident.rank == 0:
         begin_attempt(plan, ident, launcher)
     # tracking=mlflow: the chief's metrics reach MLflow while it trains (a thread; never blocks).
@@ -189,13 +208,23 @@ def begin(run_dir: str, launcher: str) -> tuple[Plan, identity.TaskIdentity, mlf
 def begin_attempt(plan: Plan, ident: identity.TaskIdentity, launcher: str) -> None:
     """Rank 0: the attempt's record, its provenance, what asks it to stop, its watchdog."""
     run_dir = plan.run_dir
-    rundir.update_attempt(run_dir, rendezvous.attempt_key(), started=time.time(), ended=None,
-                          job_id=preempt.job_id(), host=rundir.hostname())
+    rundir.update_attempt(
+        run_dir,
+        rendezvous.attempt_key(),
+        started=time.time(),
+        ended=None,
+        job_id=preempt.job_id(),
+        host=rundir.hostname(),
+    )
     # Off the script's path: a thread (git and the packages' metadata take ~0.1 s).
-    provenance.record_in_background(run_dir, rendezvous.attempt_key(), os.path.dirname(plan.script),
-                                    ident.hostnames if launcher == "slurm" else [rundir.hostname()],
-                                    [t.node_index if launcher == "slurm" else 0 for t in plan.tasks],
-                                    preempt.job_id())
+    provenance.record_in_background(
+        run_dir,
+        rendezvous.attempt_key(),
+        os.path.dirname(plan.script),
+        ident.hostnames if launcher == "slurm" else [rundir.hostname()],
+        [t.node_index if launcher == "slurm" else 0 for t in plan.tasks],
+        preempt.job_id(),
+    )
     preempt.on_stop_request(lambda request: stopping.record_in_background(plan, request))
     # The nodes this attempt runs on, as Slurm gave them (a packed point's step: its own);
     # a hang an earlier attempt reported is that attempt's.
@@ -203,8 +232,9 @@ def begin_attempt(plan: Plan, ident: identity.TaskIdentity, launcher: str) -> No
     rundir.update_status(run_dir, hang=None, watchdog=None, **({"nodes": nodes} if nodes else {}))
     if plan.compute.get("hang_timeout_s"):
         # its polling is tfrun's, not the script's activity
-        heartbeat.ignore(watchdog.spawn(run_dir, rendezvous.attempt_key(), launcher,
-                                        float(plan.compute["hang_timeout_s"])))
+        heartbeat.ignore(
+            watchdog.spawn(run_dir, rendezvous.attempt_key(), launcher, float(plan.compute["hang_timeout_s"]))
+        )
 
 
 def failure(exc: BaseException) -> str:
@@ -262,8 +292,9 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
     return end(plan, ident, task, live, code, error)
 
 
-def end(plan: Plan, ident: identity.TaskIdentity, task: Task, live: mlflow_sync.Live | None, code: int,
-        error: str | None) -> int:
+def end(
+    plan: Plan, ident: identity.TaskIdentity, task: Task, live: mlflow_sync.Live | None, code: int, error: str | None
+) -> int:
     """After the script (or the serving): the stop's decision, the backend's end, the export,
     the records; returns the task's exit code."""
     preempt.script_ended()
@@ -275,8 +306,9 @@ def end(plan: Plan, ident: identity.TaskIdentity, task: Task, live: mlflow_sync.
         code = stopping.after_stop_request(plan, ident, code)
     elif ident.rank == 0 and stopping.this_attempt(plan.run_dir).get("reason") != requeue.Cause.HANG.value:
         # (The watchdog's account of an attempt it ended stays: the failure it caused is no other.)
-        rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(),
-                              reason="completed" if code == 0 else "failed")
+        rundir.update_attempt(
+            plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason="completed" if code == 0 else "failed"
+        )
     backend = backends.get(plan.backend)
     if hasattr(backend, "finish"):
         backend.finish(plan, task, code)

@@ -5,6 +5,7 @@ they live with the rest of the code that runs inside a task): ``strategy()``,
 ``optimizer()``, ``callbacks()``, ``dataset()``, ``num_replicas()``, ``is_chief()``,
 ``backend()``.
 """
+
 from __future__ import annotations
 
 from tfrun.task.distributed import (

@@ -1,4 +1,5 @@
 """The few exception types tfrun raises, so callers can tell user mistakes from failures."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -14,6 +14,7 @@ Every accepted argument maps to tfrun config (``to_overrides()`` shows the equiv
 arguments that mean nothing on a cluster raise an error that names the tfrun equivalent
 instead of being ignored.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +47,7 @@ UNSUPPORTED = {
     "conda_dependencies_file_path": "deps=conda deps.environment_file=FILE",
     "pip_requirements_file_path": "deps=pip deps.requirements=FILE",
     "distributed_training": "distributed_backend='mpi' / 'ps' with node_count, process_count_per_node, "
-                            "worker_count, parameter_server_count (backend=horovod / backend=ps)",
+    "worker_count, parameter_server_count (backend=horovod / backend=ps)",
     "environment_definition": "the deps group (deps=pip / deps=conda / deps=container)",
     "inputs": "paths on the cluster's shared filesystem, passed through script_params",
     "source_directory_data_store": "a source_directory on the cluster's shared filesystem",
@@ -81,15 +82,21 @@ def _compute_overrides(target: Any) -> list[str]:
     """A compute option name, or a compute config object (dataclass or mapping) -> overrides."""
     if isinstance(target, str):
         return [f"compute={target}"]
-    fields = (dataclasses.asdict(target) if dataclasses.is_dataclass(target) and not isinstance(target, type)
-              else dict(target))
+    fields = (
+        dataclasses.asdict(target)
+        if dataclasses.is_dataclass(target) and not isinstance(target, type)
+        else dict(target)
+    )
     option = fields.pop("option", None) or fields.get("target", "local")
     overrides = [f"compute={option}"]
     for key, value in fields.items():
         if key == "target" or value is None or value == [] or value == {}:
             continue  # unset: the option's own value stays
-        overrides += (mapping_overrides(f"compute.{key}", value) if isinstance(value, Mapping)
-                      else [override(f"compute.{key}", value)])
+        overrides += (
+            mapping_overrides(f"compute.{key}", value)
+            if isinstance(value, Mapping)
+            else [override(f"compute.{key}", value)]
+        )
     return overrides
 
 
@@ -97,8 +104,9 @@ def _env_overrides(variables: Mapping[str, Any]) -> list[str]:
     """``{"K": "v"}`` -> ``++deps.env.K='v'``; a name is part of the key, so it must be a plain one."""
     for name in variables:
         if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
-            raise ConfigError.invalid("environment_variables", name,
-                                      "variable names made of letters, digits and _, not starting with a digit")
+            raise ConfigError.invalid(
+                "environment_variables", name, "variable names made of letters, digits and _, not starting with a digit"
+            )
     # deps.env is free-form (any name may be added), hence ++; its values are strings.
     return [override(f"deps.env.{name}", str(value), prefix="++") for name, value in variables.items()]
 
@@ -109,7 +117,7 @@ def framework_matches(wanted: str, installed: str) -> bool:
     want = tuple(int(part) for part in wanted.split("."))
     found = re.match(r"\d+(\.\d+)*", installed)
     have = tuple(int(part) for part in found.group().split(".")) if found else ()
-    return have[:len(want)] == want
+    return have[: len(want)] == want
 
 
 def _installed_tensorflow(wanted: Any) -> str:
@@ -118,33 +126,55 @@ def _installed_tensorflow(wanted: Any) -> str:
     try:
         return version("tensorflow")
     except PackageNotFoundError:
-        raise ConfigError.invalid("framework_version", wanted, "none here: TensorFlow is not installed in this "
-                                  "environment (install it, or drop framework_version)") from None
+        raise ConfigError.invalid(
+            "framework_version",
+            wanted,
+            "none here: TensorFlow is not installed in this environment (install it, or drop framework_version)",
+        ) from None
 
 
 class TensorFlow:
     """The cloud ``TensorFlow`` estimator's arguments, mapped onto a tfrun run."""
 
-    def __init__(self, source_directory: str, entry_script: str, script_params: Mapping[str, Any] | None = None,
-                 compute_target: Any = "local", node_count: int = 1, process_count_per_node: int = 1,
-                 worker_count: int | None = None, parameter_server_count: int | None = None,
-                 distributed_backend: str | None = None, use_gpu: bool = False,
-                 pip_packages: Sequence[str] | None = None, conda_packages: Sequence[str] | None = None,
-                 environment_variables: Mapping[str, str] | None = None,
-                 max_run_duration_seconds: int | None = None, framework_version: str | None = None,
-                 **unsupported: Any):
+    def __init__(
+        self,
+        source_directory: str,
+        entry_script: str,
+        script_params: Mapping[str, Any] | None = None,
+        compute_target: Any = "local",
+        node_count: int = 1,
+        process_count_per_node: int = 1,
+        worker_count: int | None = None,
+        parameter_server_count: int | None = None,
+        distributed_backend: str | None = None,
+        use_gpu: bool = False,
+        pip_packages: Sequence[str] | None = None,
+        conda_packages: Sequence[str] | None = None,
+        environment_variables: Mapping[str, str] | None = None,
+        max_run_duration_seconds: int | None = None,
+        framework_version: str | None = None,
+        **unsupported: Any,
+    ):
         for name in unsupported:
             if name in UNSUPPORTED:
-                raise ConfigError(f"TensorFlow({name}=...) has no meaning on a cluster you own; use {UNSUPPORTED[name]}.")
+                raise ConfigError(
+                    f"TensorFlow({name}=...) has no meaning on a cluster you own; use {UNSUPPORTED[name]}."
+                )
             raise ConfigError(f"TensorFlow() got an unknown argument {name!r}.")
         if distributed_backend not in BACKENDS:
             raise ConfigError.invalid("distributed_backend", distributed_backend, [str(k) for k in BACKENDS])
         if pip_packages and conda_packages:
-            raise ConfigError("give pip_packages or conda_packages, not both (tfrun builds one environment: "
-                              "deps=pip or deps=conda; conda's environment can list pip packages).")
+            raise ConfigError(
+                "give pip_packages or conda_packages, not both (tfrun builds one environment: "
+                "deps=pip or deps=conda; conda's environment can list pip packages)."
+            )
         self.source_directory, self.entry_script = source_directory, entry_script
         self.script_params = dict(script_params or {})
-        self.compute_target, self.node_count, self.process_count_per_node = compute_target, node_count, process_count_per_node
+        self.compute_target, self.node_count, self.process_count_per_node = (
+            compute_target,
+            node_count,
+            process_count_per_node,
+        )
         self.worker_count, self.parameter_server_count = worker_count, parameter_server_count
         self.distributed_backend, self.use_gpu = distributed_backend, use_gpu
         self.pip_packages, self.conda_packages = list(pip_packages or []), list(conda_packages or [])
@@ -160,14 +190,20 @@ class TensorFlow:
         installed = _installed_tensorflow(self.framework_version)
         major_minor = ".".join(installed.split(".")[:2])
         if not _RELEASE_NUMBER.fullmatch(wanted):
-            raise ConfigError.invalid("framework_version", self.framework_version,
-                                      f"a TensorFlow release number such as {major_minor!r} or {installed!r} "
-                                      f"(the installed TensorFlow is {installed})")
+            raise ConfigError.invalid(
+                "framework_version",
+                self.framework_version,
+                f"a TensorFlow release number such as {major_minor!r} or {installed!r} "
+                f"(the installed TensorFlow is {installed})",
+            )
         if not framework_matches(wanted, installed):
-            raise ConfigError.invalid("framework_version", self.framework_version,
-                                      f"the installed TensorFlow {installed}, so {major_minor!r} or {installed!r} "
-                                      f"(tfrun runs the environment's TensorFlow; install tensorflow=={wanted}.* "
-                                      f"there, or drop framework_version)")
+            raise ConfigError.invalid(
+                "framework_version",
+                self.framework_version,
+                f"the installed TensorFlow {installed}, so {major_minor!r} or {installed!r} "
+                f"(tfrun runs the environment's TensorFlow; install tensorflow=={wanted}.* "
+                f"there, or drop framework_version)",
+            )
 
     def _task_layout(self, backend: str) -> list[str]:
         nodes, per_node = self.node_count, self.process_count_per_node
@@ -176,11 +212,17 @@ class TensorFlow:
         workers, servers = self.worker_count or 1, self.parameter_server_count or 1
         tasks = 1 + workers + servers  # tfrun runs the coordinator (chief) as its own task
         if tasks % nodes:
-            raise ConfigError(f"distributed_backend='ps' with worker_count={workers} and parameter_server_count="
-                              f"{servers} needs {tasks} tasks (1 chief + workers + parameter servers), which "
-                              f"node_count={nodes} does not divide evenly; choose node_count among the divisors of {tasks}.")
-        return [f"compute.nodes={nodes}", f"compute.tasks_per_node={tasks // nodes}",
-                f"backend.worker_count={workers}", f"backend.parameter_server_count={servers}"]
+            raise ConfigError(
+                f"distributed_backend='ps' with worker_count={workers} and parameter_server_count="
+                f"{servers} needs {tasks} tasks (1 chief + workers + parameter servers), which "
+                f"node_count={nodes} does not divide evenly; choose node_count among the divisors of {tasks}."
+            )
+        return [
+            f"compute.nodes={nodes}",
+            f"compute.tasks_per_node={tasks // nodes}",
+            f"backend.worker_count={workers}",
+            f"backend.parameter_server_count={servers}",
+        ]
 
     def to_overrides(self) -> list[str]:
         """The tfrun overrides this estimator stands for."""
@@ -194,8 +236,13 @@ class TensorFlow:
                 compute[0] = "compute=slurm_gpu"  # the option itself, not a second one after it
             else:
                 compute.append(f"compute.gpus_per_node={per_node}")
-        overrides = [override("entry.source_dir", self.source_directory), override("entry.script", self.entry_script),
-                     *compute, f"backend={backend}", *layout]
+        overrides = [
+            override("entry.source_dir", self.source_directory),
+            override("entry.script", self.entry_script),
+            *compute,
+            f"backend={backend}",
+            *layout,
+        ]
         if self.pip_packages:  # a specifier may hold a comma: numpy>=1.26,<2
             overrides += ["deps=pip", override("deps.pip_packages", self.pip_packages)]
         if self.conda_packages:
@@ -215,9 +262,15 @@ class EstimatorRun:
 
     # By a state's word: Run.status() reads it from status.json, a plain str equal to its member.
     _STATUS: dict[str, str] = {
-        RunState.PENDING: "Queued", RunState.RUNNING: "Running", RunState.COMPLETED: "Completed",
-        RunState.FAILED: "Failed", RunState.CANCELLED: "Canceled", RunState.TIMEOUT: "Failed",
-        RunState.STOPPED: "Canceled", RunState.PRUNED: "Canceled"}
+        RunState.PENDING: "Queued",
+        RunState.RUNNING: "Running",
+        RunState.COMPLETED: "Completed",
+        RunState.FAILED: "Failed",
+        RunState.CANCELLED: "Canceled",
+        RunState.TIMEOUT: "Failed",
+        RunState.STOPPED: "Canceled",
+        RunState.PRUNED: "Canceled",
+    }
 
     def __init__(self, run: Run, streamed: bool = False):
         # streamed: its ranks' output goes to this process's stdout as it runs (a local run
@@ -247,8 +300,13 @@ class EstimatorRun:
 
     def get_details(self) -> dict[str, Any]:
         """Status, run dir, tags and tfrun's status record."""
-        return {"runId": self.id, "status": self.get_status(), "runDir": str(self.run.dir), "tags": self.get_tags(),
-                "tfrun": self.run.info()}
+        return {
+            "runId": self.id,
+            "status": self.get_status(),
+            "runDir": str(self.run.dir),
+            "tags": self.get_tags(),
+            "tfrun": self.run.info(),
+        }
 
     def get_tags(self) -> dict[str, str]:
         """The tags the run was submitted with (its config's ``tfrun.tags``)."""

@@ -5,6 +5,7 @@ records and logs, metrics, backups, rendezvous files. A sweep dir (``SweepPaths`
 its points' run dirs, its index, a tuning study's journal and a pool's dir. Every other
 module asks these values for a path; none spells a file name of its own (a test holds that).
 """
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@ The run dir is the job's shared memory; where each of its files is, is
 bootstrap), so it lives here, below both. Everything is written atomically (temp file +
 rename) so that a reader on another node, or a kill at any moment, never sees half a file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -207,8 +208,9 @@ def attempts(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def update_attempt(run_dir: str | os.PathLike[str], key: str, **fields: Any) -> None:
     """Merge fields into one attempt's record (rank 0, and a pack's runner)."""
-    update_json(RunPaths.of(run_dir).attempts, lambda records: records.setdefault(key, {"attempt": key}).update(fields),
-                {})
+    update_json(
+        RunPaths.of(run_dir).attempts, lambda records: records.setdefault(key, {"attempt": key}).update(fields), {}
+    )
 
 
 def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -224,6 +226,7 @@ def update_status(run_dir: str | os.PathLike[str], **fields: Any) -> dict[str, A
     The first time a run is submitted or started, that time is kept as ``launched`` and never
     changed (a requeue or a resume starts it again, but it stays the run it was): the order
     of runs (:func:`iter_runs`, the latest run of :func:`find_run`) is by it."""
+
     def merge(status: dict[str, Any]) -> None:
         status.update(fields, updated=time.time())
         first = status.get("submitted") or status.get("started")
@@ -235,6 +238,7 @@ def update_status(run_dir: str | os.PathLike[str], **fields: Any) -> dict[str, A
 
 def update_point(sweep_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], **fields: Any) -> None:
     """Merge fields into one point's entry of a sweep's index (its state, its objective)."""
+
     def merge(index: dict[str, Any]) -> None:
         for point in index["points"]:
             if point["run_dir"] == str(run_dir):
@@ -269,8 +273,12 @@ def pruned_fields(run_dir: str | os.PathLike[str], state: str) -> dict[str, Any]
     prune = read_json(RunPaths.of(run_dir).prune)
     if not prune:
         return {}
-    return {"state": RunState.PRUNED, "failed_rank": None, "pruned_epoch": prune.get("epoch"),
-            "reason": f"pruned by policy {prune.get('policy')} at epoch {prune.get('epoch')}: {prune.get('why')}"}
+    return {
+        "state": RunState.PRUNED,
+        "failed_rank": None,
+        "pruned_epoch": prune.get("epoch"),
+        "reason": f"pruned by policy {prune.get('policy')} at epoch {prune.get('epoch')}: {prune.get('why')}",
+    }
 
 
 def rank_records(run_dir: str | os.PathLike[str]) -> dict[int, dict[str, Any]]:

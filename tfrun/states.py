@@ -5,6 +5,7 @@
 Slurm's own job states are another vocabulary (``sacct``'s); :mod:`tfrun.targets.slurm`
 maps them to these.
 """
+
 from __future__ import annotations
 
 import enum
@@ -51,8 +52,9 @@ class RunState(str, enum.Enum):
             return cls.UNKNOWN
 
 
-FINAL = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED, RunState.TIMEOUT, RunState.STOPPED,
-                   RunState.PRUNED})
+FINAL = frozenset(
+    {RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED, RunState.TIMEOUT, RunState.STOPPED, RunState.PRUNED}
+)
 # States in which the tfrun command itself succeeded: a submitted run that tfrun did not wait
 # for (compute.wait=false, or Ctrl-C while following) is in Slurm's hands.
 OK = frozenset({RunState.COMPLETED, RunState.PENDING, RunState.DETACHED})

@@ -4,6 +4,7 @@ Each name is a constant here; code that sets or reads one uses the constant, so 
 is the one list of them (``docs/reference`` and a test check that no other module spells
 one). The values are strings, as environment variables are.
 """
+
 from __future__ import annotations
 
 # -- set by the plan in every task's environment (tfrun.plan.build), read in the task ------

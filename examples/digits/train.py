@@ -3,6 +3,7 @@
 Runs as plain ``python train.py`` and, unchanged, under tfrun:
 ``tfrun trainer.lr=0.005 trainer.epochs=20``. Parameters arrive as flags.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,15 +38,19 @@ def main() -> None:
 
     keras.utils.set_random_seed(args.seed)
     x_train, x_val, y_train, y_val = load_data(args.seed)
-    model = keras.Sequential([
-        keras.Input(shape=(64,)),
-        keras.layers.Dense(args.hidden, activation="relu"),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
-    model.compile(optimizer=keras.optimizers.Adam(args.lr), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    history = model.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=args.epochs,
-                        batch_size=args.batch_size, verbose=2)
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(64,)),
+            keras.layers.Dense(args.hidden, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(args.lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    history = model.fit(
+        x_train, y_train, validation_data=(x_val, y_val), epochs=args.epochs, batch_size=args.batch_size, verbose=2
+    )
     os.makedirs(args.output_dir, exist_ok=True)
     if int(os.environ.get("TFRUN_RANK", "0")) == 0:  # one writer per run
         model.save(os.path.join(args.output_dir, "model.keras"))

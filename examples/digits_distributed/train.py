@@ -7,6 +7,7 @@ that identical weights across ranks can be checked.
 
     tfrun entry.script=examples/digits_distributed/train.py backend=mwms compute.tasks_per_node=2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,28 +44,42 @@ def main() -> None:
 
     strategy = dist.strategy()
     with strategy.scope():
-        model = tf.keras.Sequential([
-            tf.keras.Input(shape=(64,)),
-            tf.keras.layers.Dense(64, activation="relu"),
-            tf.keras.layers.Dense(10),
-        ])
+        model = tf.keras.Sequential(
+            [
+                tf.keras.Input(shape=(64,)),
+                tf.keras.layers.Dense(64, activation="relu"),
+                tf.keras.layers.Dense(10),
+            ]
+        )
         model.compile(
             optimizer=dist.optimizer(tf.keras.optimizers.SGD(args.lr * dist.num_replicas())),
             loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
-    history = model.fit(dist.dataset(make_dataset), epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                        callbacks=dist.callbacks(), verbose=2 if dist.is_chief() else 0)
+    history = model.fit(
+        dist.dataset(make_dataset),
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        callbacks=dist.callbacks(),
+        verbose=2 if dist.is_chief() else 0,
+    )
 
     ctx = tfrun.context()
     weights = np.concatenate([np.asarray(w).ravel() for w in model.get_weights()])
     digest = hashlib.sha256(np.round(weights, 5).tobytes()).hexdigest()[:16]
-    record = {"rank": ctx.rank, "role": ctx.role, "loss": [float(v) for v in history.history["loss"]],
-              "weights_sha": digest, "replicas_in_sync": strategy.num_replicas_in_sync}
+    record = {
+        "rank": ctx.rank,
+        "role": ctx.role,
+        "loss": [float(v) for v in history.history["loss"]],
+        "weights_sha": digest,
+        "replicas_in_sync": strategy.num_replicas_in_sync,
+    }
     os.makedirs(ctx.output_dir, exist_ok=True)
     with open(os.path.join(ctx.output_dir, f"history-rank{ctx.rank}.json"), "w") as f:
         json.dump(record, f)
-    print(f"rank {ctx.rank}: loss {record['loss'][0]:.3f} -> {record['loss'][-1]:.3f}, weights {digest}, "
-          f"{strategy.num_replicas_in_sync} replica(s) in sync")
+    print(
+        f"rank {ctx.rank}: loss {record['loss'][0]:.3f} -> {record['loss'][-1]:.3f}, weights {digest}, "
+        f"{strategy.num_replicas_in_sync} replica(s) in sync"
+    )
 
 
 if __name__ == "__main__":

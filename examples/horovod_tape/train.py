@@ -1,7 +1,8 @@
 """A custom training loop with ``hvd.DistributedGradientTape`` (no Keras fit).
 
-    tfrun entry.script=examples/horovod_tape/train.py backend=horovod compute.tasks_per_node=2
+tfrun entry.script=examples/horovod_tape/train.py backend=horovod compute.tasks_per_node=2
 """
+
 import argparse
 import hashlib
 import json
@@ -21,8 +22,8 @@ args = parser.parse_args()
 
 hvd.init()
 digits = load_digits()
-x = (digits.data / 16.0).astype("float32")[hvd.rank()::hvd.size()]
-y = digits.target[hvd.rank()::hvd.size()]
+x = (digits.data / 16.0).astype("float32")[hvd.rank() :: hvd.size()]
+y = digits.target[hvd.rank() :: hvd.size()]
 data = iter(tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=hvd.rank()).batch(args.batch_size).repeat())
 
 tf.random.set_seed(hvd.rank())
@@ -50,8 +51,12 @@ def step(xb, yb, first):
 losses = [float(step(*next(data), i == 0)) for i in range(args.steps)]
 weights = np.concatenate([v.numpy().ravel() for v in variables])
 os.makedirs(args.output_dir, exist_ok=True)
-record = {"rank": hvd.rank(), "size": hvd.size(), "loss": losses,
-          "weights_sha": hashlib.sha256(np.round(weights, 5).tobytes()).hexdigest()[:16]}
+record = {
+    "rank": hvd.rank(),
+    "size": hvd.size(),
+    "loss": losses,
+    "weights_sha": hashlib.sha256(np.round(weights, 5).tobytes()).hexdigest()[:16],
+}
 with open(os.path.join(args.output_dir, f"history-rank{hvd.rank()}.json"), "w") as f:
     json.dump(record, f)
 print(f"rank {hvd.rank()} of {hvd.size()}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")

@@ -5,6 +5,7 @@ and parameter servers and stops them when this script ends.
 
     tfrun entry.script=examples/ps_keras/train.py backend=ps compute.tasks_per_node=4
 """
+
 import argparse
 import json
 import os
@@ -31,16 +32,23 @@ def dataset_fn(ctx):
 
 
 with strategy.scope():
-    model = tf.keras.Sequential([
-        tf.keras.Input(shape=(64,)),
-        tf.keras.layers.Dense(64, activation="relu"),
-        tf.keras.layers.Dense(10),
-    ])
-    model.compile(optimizer=tf.keras.optimizers.SGD(args.lr),
-                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input(shape=(64,)),
+            tf.keras.layers.Dense(64, activation="relu"),
+            tf.keras.layers.Dense(10),
+        ]
+    )
+    model.compile(
+        optimizer=tf.keras.optimizers.SGD(args.lr), loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
 
-history = model.fit(tf.keras.utils.experimental.DatasetCreator(dataset_fn), epochs=args.epochs,
-                    steps_per_epoch=args.steps_per_epoch, verbose=2)
+history = model.fit(
+    tf.keras.utils.experimental.DatasetCreator(dataset_fn),
+    epochs=args.epochs,
+    steps_per_epoch=args.steps_per_epoch,
+    verbose=2,
+)
 os.makedirs(args.output_dir, exist_ok=True)
 with open(os.path.join(args.output_dir, "history-rank0.json"), "w") as f:
     json.dump({"loss": [float(v) for v in history.history["loss"]]}, f)

@@ -7,6 +7,7 @@ script) runs inside the task and may import TensorFlow or Horovod, inside the
 function only. ``TOLERATES_WORKER_LOSS``: a task that does not run the script may die
 without ending the run.
 """
+
 from __future__ import annotations
 
 import importlib

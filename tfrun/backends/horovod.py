@@ -7,6 +7,7 @@ that horovodrun would have set, so a script's own ``hvd.init()`` joins the group
 ``check_size`` the bootstrap initialises Horovod first and fails, naming the ranks,
 unless the group has every task: a script never silently trains alone.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,12 +32,17 @@ def check(backend: Mapping[str, Any], world_size: int) -> None:
     if backend["controller"] not in CONTROLLERS:
         raise ConfigError.invalid("backend.controller", backend["controller"], CONTROLLERS)
     if importlib.util.find_spec("horovod") is None:
-        raise ConfigError("backend=horovod needs Horovod, which is not installed in this environment: "
-                          "run scripts/build-horovod (builds Horovod 0.28.1 for the installed TensorFlow).")
+        raise ConfigError(
+            "backend=horovod needs Horovod, which is not installed in this environment: "
+            "run scripts/build-horovod (builds Horovod 0.28.1 for the installed TensorFlow)."
+        )
     if backend["controller"] == "mpi" and shutil.which("mpirun") is None:
-        raise ConfigError.invalid("backend.controller", "mpi",
-                                  "gloo here: no MPI is installed (mpirun is not on PATH); install one and "
-                                  "rebuild with scripts/build-horovod --force, or use backend.controller=gloo")
+        raise ConfigError.invalid(
+            "backend.controller",
+            "mpi",
+            "gloo here: no MPI is installed (mpirun is not on PATH); install one and "
+            "rebuild with scripts/build-horovod --force, or use backend.controller=gloo",
+        )
 
 
 def roles(backend: Mapping[str, Any], world_size: int) -> list[tuple[str, int, bool]]:
@@ -73,8 +79,9 @@ def interface_for(address: str) -> str:
     return route_to(address)[0]
 
 
-def rendezvous_address(ident: TaskIdentity, slots: list[tuple[str, int]],
-                       backend: Mapping[str, Any]) -> tuple[str, str]:
+def rendezvous_address(
+    ident: TaskIdentity, slots: list[tuple[str, int]], backend: Mapping[str, Any]
+) -> tuple[str, str]:
     """(address, why) rank 0's rendezvous server listens on, and publishes: loopback when
     every rank is on this host (a local run, a job on one node), so nothing off the node can
     reach the server; across nodes the node's own address the others reach (and no other)."""
@@ -110,7 +117,8 @@ def reach(found: Mapping[str, Any], ident: TaskIdentity, deadline: float) -> Non
             f"rank {ident.rank} on {ident.hostname} cannot reach Horovod's rendezvous server (rank 0, on "
             f"{found.get('host', '?')}) at {addr}:{port}: {exc}. Rank 0 may have died after publishing it, or "
             f"this node cannot route to that address or a firewall drops the port (backend.iface picks the "
-            f"interface)") from exc
+            f"interface)"
+        ) from exc
 
 
 def setup(backend: Mapping[str, Any], ident: TaskIdentity, run_dir: str, task: Any, plan: Any) -> dict[str, str]:
@@ -155,8 +163,10 @@ def verify(backend: Mapping[str, Any], ident: TaskIdentity) -> None:
 
     hvd.init()
     if hvd.size() != ident.world_size:
-        raise BootstrapError(f"Horovod initialised with size {hvd.size()} but the run has {ident.world_size} "
-                             f"tasks; rank {ident.rank} would train alone. Check HOROVOD_GLOO_* in this log.")
+        raise BootstrapError(
+            f"Horovod initialised with size {hvd.size()} but the run has {ident.world_size} "
+            f"tasks; rank {ident.rank} would train alone. Check HOROVOD_GLOO_* in this log."
+        )
     print(f"tfrun: horovod ready: rank {hvd.rank()} of {hvd.size()}", flush=True)
 
 

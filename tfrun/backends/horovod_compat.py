@@ -11,6 +11,7 @@ which this module sets; tests/test_compat.py checks them against the installed H
 
 Horovod is imported inside the function: importing a backend module loads no Horovod.
 """
+
 from __future__ import annotations
 
 from typing import Any

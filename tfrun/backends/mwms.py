@@ -4,6 +4,7 @@ Every task is a worker (worker 0 acts as chief) and runs the script; TF_CONFIG n
 them all. Keras ``model.fit`` under this strategy needs legacy Keras (tf_keras) on
 TF >= 2.16, so TF_USE_LEGACY_KERAS=1 is set.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,9 @@ def tf_config(backend: Mapping[str, Any], roles: tfconfig.Roles, rank: int) -> d
 
 def setup(backend: Mapping[str, Any], ident: TaskIdentity, run_dir: str, task: Any, plan: Any) -> dict[str, str]:
     """The real TF_CONFIG, once every worker has published its address."""
-    config = tfconfig.resolve(run_dir, ident, plan_roles(plan), float(backend["rendezvous_timeout_s"]),
-                              backend.get("iface"))
+    config = tfconfig.resolve(
+        run_dir, ident, plan_roles(plan), float(backend["rendezvous_timeout_s"]), backend.get("iface")
+    )
     return {"TF_CONFIG": json.dumps(config)}
 
 
@@ -54,7 +56,8 @@ def stop_vote(model: Any) -> Callable[[Sequence[int]], list[int]] | None:
     def vote(numbers: Sequence[int]) -> list[int]:
         # float64: whole numbers stay exact, and every collective implementation reduces it.
         values = strategy.experimental_distribute_values_from_function(
-            lambda context: tf.constant(list(numbers), tf.float64))
+            lambda context: tf.constant(list(numbers), tf.float64)
+        )
         summed = strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None)
         return [int(round(v)) for v in summed.numpy()]
 

@@ -1,4 +1,5 @@
 """``backend=none``: every task runs the script on its own, with nothing shared."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping

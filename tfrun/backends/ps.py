@@ -7,6 +7,7 @@ run ``tf.distribute.Server`` until the chief is done: the chief publishes ``chie
 when its script ends and a heartbeat while it runs, so they also stop if it dies.
 A lost worker does not end the run: TF's coordinator carries on with the others.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,11 @@ def check(backend: Mapping[str, Any], world_size: int) -> None:
             raise ConfigError.invalid(f"backend.{key}", backend[key], "an integer >= 1")
     if backend["chief_timeout_s"] <= 2 * HEARTBEAT_S:
         # Servers would give up on a chief that is alive and beating every HEARTBEAT_S.
-        raise ConfigError.invalid("backend.chief_timeout_s", backend["chief_timeout_s"],
-                                  f"more than {2 * HEARTBEAT_S:.0f} s (the chief's heartbeat comes every "
-                                  f"{HEARTBEAT_S:.0f} s)")
+        raise ConfigError.invalid(
+            "backend.chief_timeout_s",
+            backend["chief_timeout_s"],
+            f"more than {2 * HEARTBEAT_S:.0f} s (the chief's heartbeat comes every {HEARTBEAT_S:.0f} s)",
+        )
     need = needed_tasks(backend)
     if need != world_size:
         evaluator = " + 1 evaluator" if backend["evaluator"] else ""
@@ -82,8 +85,9 @@ def _heartbeat(run_dir: str) -> None:
 
 def setup(backend: Mapping[str, Any], ident: TaskIdentity, run_dir: str, task: Any, plan: Any) -> dict[str, str]:
     """The real TF_CONFIG; the chief starts its heartbeat."""
-    config = tfconfig.resolve(run_dir, ident, plan_roles(plan), float(backend["rendezvous_timeout_s"]),
-                              backend.get("iface"))
+    config = tfconfig.resolve(
+        run_dir, ident, plan_roles(plan), float(backend["rendezvous_timeout_s"]), backend.get("iface")
+    )
     if task.role == "chief":
         threading.Thread(target=_heartbeat, args=(run_dir,), daemon=True, name="tfrun-heartbeat").start()
     # The coordinator should see a lost worker as an error it can recover from, not a hang.
@@ -119,8 +123,13 @@ def serve(plan: Any, task: Any) -> int:
     import tensorflow as tf
 
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    server = tf.distribute.Server(resolver.cluster_spec(), job_name=resolver.task_type,
-                                  task_index=resolver.task_id, protocol=resolver.rpc_layer or "grpc", start=True)
+    server = tf.distribute.Server(
+        resolver.cluster_spec(),
+        job_name=resolver.task_type,
+        task_index=resolver.task_id,
+        protocol=resolver.rpc_layer or "grpc",
+        start=True,
+    )
     print(f"tfrun: {task.role} {task.role_index} serving at {server.target}", flush=True)
     limit, since, told = float(plan.config["backend"]["chief_timeout_s"]), time.time(), False
     while (why := _chief_gone(plan.run_dir, limit, since)) is None:

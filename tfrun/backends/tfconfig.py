@@ -7,6 +7,7 @@ addresses, so that no node depends on resolving the others' names. In a job acro
 nodes, every task checks that it reaches the tasks on other nodes before TensorFlow
 starts, and fails naming them otherwise.
 """
+
 from __future__ import annotations
 
 import time
@@ -37,8 +38,9 @@ def tf_config(roles: Roles, rank: int, address: Mapping[int, str] | None = None)
     return {"cluster": cluster(roles, address), "task": {"type": role, "index": index}, "environment": "cloud"}
 
 
-def resolve(run_dir: str, ident: TaskIdentity, roles: Roles, timeout_s: float,
-            iface: str | None = None) -> dict[str, Any]:
+def resolve(
+    run_dir: str, ident: TaskIdentity, roles: Roles, timeout_s: float, iface: str | None = None
+) -> dict[str, Any]:
     """Publish this task's address, wait for every other task's, check that the ones on
     other nodes are reachable from here, and build this task's TF_CONFIG."""
     deadline = time.monotonic() + timeout_s
@@ -71,8 +73,9 @@ def _claim(run_dir: str, host: str, hold: bool) -> tuple[int, network.Hold | Non
     raise BootstrapError(f"could not hold a free port on {host} (each one was taken as soon as it was found)")
 
 
-def _check_reachable(run_dir: str, ident: TaskIdentity, roles: Roles, tasks: dict[int, dict[str, Any]],
-                     deadline: float) -> None:
+def _check_reachable(
+    run_dir: str, ident: TaskIdentity, roles: Roles, tasks: dict[int, dict[str, Any]], deadline: float
+) -> None:
     """Before TensorFlow starts: connect to every task on another node (each one holds its
     port open meanwhile), then wait until every task has done the same."""
     me = f"{roles[ident.rank][0]} {roles[ident.rank][1]} (task {ident.rank}) on {ident.hostname}"
@@ -86,9 +89,15 @@ def _check_reachable(run_dir: str, ident: TaskIdentity, roles: Roles, tasks: dic
                 f"{me} cannot reach {roles[rank][0]} {roles[rank][1]} (task {rank}) on {task['host']} at "
                 f"{task['addr']}:{task['port']}: {exc}. TensorFlow's tasks connect to each other on these "
                 f"ports: a firewall between the nodes must let them through, and the address must be one the "
-                f"other nodes route to (backend.iface picks the interface)") from exc
+                f"other nodes route to (backend.iface picks the interface)"
+            ) from exc
     rendezvous.publish(run_dir, f"reached-{ident.rank}", {"time": time.time()})
     # Longer than the others' own checks: a task that cannot reach its peers fails with the
     # error that names them, and that is the one the run reports, not this wait.
-    rendezvous.wait_for(run_dir, [f"reached-{r}" for r in tasks], max(1.0, deadline - time.monotonic()) + REPORT_S,
-                        "the other tasks to check that they reach theirs", "said it reached its peers")
+    rendezvous.wait_for(
+        run_dir,
+        [f"reached-{r}" for r in tasks],
+        max(1.0, deadline - time.monotonic()) + REPORT_S,
+        "the other tasks to check that they reach theirs",
+        "said it reached its peers",
+    )

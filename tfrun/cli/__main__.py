@@ -1,4 +1,5 @@
 """``python -m tfrun.cli``: the ``tfrun`` command."""
+
 from tfrun.cli.main import console
 
 if __name__ == "__main__":

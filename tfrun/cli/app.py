@@ -6,6 +6,7 @@ the points and whose launcher plugin plans and launches them; ``--dry-run`` prin
 plan(s); Hydra's own flags that launch nothing (``--cfg``, ``--info``, ``--hydra-help``)
 go to Hydra's app as they would.
 """
+
 from __future__ import annotations
 
 import os
@@ -82,8 +83,19 @@ def overrides_only(argv: list[str]) -> tuple[list[str], bool, str | None, str]:
 # Hydra's own flags that launch nothing (config and info views, completion, rerun): with any of these,
 # Hydra's app runs the command line as it would. Runs and sweeps compose through tfrun's
 # own path (tfrun.plan.planner), which shares the app's search path.
-_HYDRA_FLAGS = ("--cfg", "-c", "--info", "-i", "--hydra-help", "--resolve", "--package", "-p",
-                "--experimental-rerun", "--shell-completion", "-sc")
+_HYDRA_FLAGS = (
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--hydra-help",
+    "--resolve",
+    "--package",
+    "-p",
+    "--experimental-rerun",
+    "--shell-completion",
+    "-sc",
+)
 _MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
@@ -132,11 +144,23 @@ def _dry_run_study(overrides: list[str], config_dir: str | None, config_name: st
     plan = trials.as_item(pool, plan, info["sweep_dir"])
     if mode == "json":
         spec = trials.spec(pool, plan).to_dict() if pool is not None else None
-        _print(tuning.dumps({**info, "pool": {"settings": info.get("pool"), "spec": spec, "describe": pool_lines},
-                             "example_trial": plan.to_dict()}))
+        _print(
+            tuning.dumps(
+                {
+                    **info,
+                    "pool": {"settings": info.get("pool"), "spec": spec, "describe": pool_lines},
+                    "example_trial": plan.to_dict(),
+                }
+            )
+        )
     else:
-        _print(tuning.describe_text(info) + "\n" + "\n".join("  " + line for line in pool_lines)
-               + "\n\nthe first trial's plan (the space's first values):\n" + render.plan_text(plan))
+        _print(
+            tuning.describe_text(info)
+            + "\n"
+            + "\n".join("  " + line for line in pool_lines)
+            + "\n\nthe first trial's plan (the space's first values):\n"
+            + render.plan_text(plan)
+        )
     return 0
 
 
@@ -238,8 +262,11 @@ def sweep_exit_code() -> int:
     if SweepOutcome.objective and SweepOutcome.sweep_dir:
         best = best_point(SweepOutcome.sweep_dir, SweepOutcome.maximize)
         if best and not study_objective(SweepOutcome.sweep_dir):  # a study has named its best trial
-            print(f"tfrun: best run: {best['run_dir']} ({SweepOutcome.objective}={best['objective']['value']:.6g}; "
-                  f"{' '.join(best['overrides'])})", file=sys.stderr)
+            print(
+                f"tfrun: best run: {best['run_dir']} ({SweepOutcome.objective}={best['objective']['value']:.6g}; "
+                f"{' '.join(best['overrides'])})",
+                file=sys.stderr,
+            )
         # A tuning study tolerates failed trials (they are reported to the sweeper as failed).
         return 0 if best else 1
     return 1 if SweepOutcome.failed else 0

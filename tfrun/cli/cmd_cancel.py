@@ -1,4 +1,5 @@
 """``tfrun cancel [RUN]``: cancel a run, or every unfinished point of a sweep."""
+
 from __future__ import annotations
 
 import argparse

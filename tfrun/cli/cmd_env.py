@@ -1,5 +1,6 @@
 """``tfrun env list`` / ``tfrun env prune [--older-than DAYS] [--all]``: the environment cache of
 deps=pip|conda (tfrun/deps/cache.py)."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = verbs.add_subparser(actions, "list", "every environment: hash, packages, size, last used")
     listing.add_argument("--cache-dir", help=CACHE_HELP)
-    prune = verbs.add_subparser(actions, "prune", "remove unfinished builds, and environments unused for DAYS "
-                                                  "(or all), except those a queued, running or requeued run uses")
+    prune = verbs.add_subparser(
+        actions,
+        "prune",
+        "remove unfinished builds, and environments unused for DAYS "
+        "(or all), except those a queued, running or requeued run uses",
+    )
     prune.add_argument("--cache-dir", help=CACHE_HELP)
     prune.add_argument("--older-than", type=float, metavar="DAYS", help="also remove environments unused for DAYS days")
     prune.add_argument("--all", action="store_true", help="remove every environment no run still uses")
@@ -47,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'KEY':<22} {'KIND':<6} {'SIZE':>9}  {'LAST USED':<28} PACKAGES")
         for row in rows:
             packages = " ".join(row["packages"]) if row["complete"] else "(unfinished build)"
-            print(f"{row['key']:<22} {row['kind']:<6} {_human(row['size']):>9}  {_when(row['last_used']):<28} {packages}")
+            print(
+                f"{row['key']:<22} {row['kind']:<6} {_human(row['size']):>9}  {_when(row['last_used']):<28} {packages}"
+            )
         print(f"{len(rows)} environment(s), {_human(sum(r['size'] for r in rows))} in {root}")
         return 0
     from tfrun.runner import control

@@ -1,4 +1,5 @@
 """``tfrun export [RUN]``: convert a finished run's model to ONNX and check it (tfrun/model/export.py)."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,5 +27,11 @@ def run(args: argparse.Namespace) -> int:
     from tfrun.model import export
 
     with step("exporting the model to ONNX and checking it against the model"):
-        return export.cmd_export(args.run, opset=args.opset, tolerance=args.tolerance, samples=args.samples,
-                                 model=args.model, output=args.output)
+        return export.cmd_export(
+            args.run,
+            opset=args.opset,
+            tolerance=args.tolerance,
+            samples=args.samples,
+            model=args.model,
+            output=args.output,
+        )

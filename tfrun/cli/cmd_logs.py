@@ -1,4 +1,5 @@
 """``tfrun logs [RUN] [--rank N] [-f]``: a rank's log, followed until the run ends."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,11 @@ from tfrun.states import FINAL, RunState
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``logs``'s arguments."""
-    add_run(parser, help="run dir, run id, unique part of an id (default: the latest run); of a sweep, "
-                         "its first point (SWEEP/N for another)")
+    add_run(
+        parser,
+        help="run dir, run id, unique part of an id (default: the latest run); of a sweep, "
+        "its first point (SWEEP/N for another)",
+    )
     parser.add_argument("--rank", type=int, default=0, help="which rank's log")
     parser.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
 
@@ -28,8 +32,10 @@ def _the_run(path: Path) -> Path:
     if rundir.is_run_dir(path):
         return path
     points = run_dirs_of(path)
-    say(f"{path} is a sweep of {len(points)} run(s): the log of its first point, {points[0]} "
-        f"(tfrun logs {points[0].parent}/N for point N)")
+    say(
+        f"{path} is a sweep of {len(points)} run(s): the log of its first point, {points[0]} "
+        f"(tfrun logs {points[0].parent}/N for point N)"
+    )
     return points[0]
 
 

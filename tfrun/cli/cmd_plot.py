@@ -1,4 +1,5 @@
 """``tfrun plot [RUN] [--metric M] [-o PNG]``: a PNG of a metric's learning curves, one line per run."""
+
 from __future__ import annotations
 
 import argparse

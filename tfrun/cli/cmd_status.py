@@ -1,4 +1,5 @@
 """``tfrun status [RUN] [--full]``: the state of a run or sweep, per rank, and why it failed."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,9 @@ from tfrun.targets.report import failure_text
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``status``'s arguments."""
     add_run(parser)
-    parser.add_argument("--full", action="store_true",
-                        help="also each attempt: git commit (dirty?), hosts, Slurm job, Python, packages")
+    parser.add_argument(
+        "--full", action="store_true", help="also each attempt: git commit (dirty?), hosts, Slurm job, Python, packages"
+    )
 
 
 def latest_epoch(run_dir: Path) -> str:
@@ -50,8 +52,10 @@ def show_run(run_dir: Path, status: dict[str, Any]) -> None:
     name = (rundir.read_json(RunPaths.of(run_dir).plan) or {}).get("config", {}).get("tfrun", {}).get("name")
     if name:
         print(f"  name: {name}")
-    print(f"  target: {status.get('target', '?')}  backend: {status.get('backend', '?')}  "
-          f"tasks: {status.get('world_size', '?')}  duration: {duration(status)}")
+    print(
+        f"  target: {status.get('target', '?')}  backend: {status.get('backend', '?')}  "
+        f"tasks: {status.get('world_size', '?')}  duration: {duration(status)}"
+    )
     if status.get("job_ids"):
         print(f"  slurm job: {', '.join(status['job_ids'])}  nodes: {status.get('nodes') or '-'}")
     for rank, rec in sorted(rundir.rank_records(run_dir).items()):
@@ -79,7 +83,9 @@ def show_attempts(run_dir: Path) -> None:
     print(f"  attempts: {len(tried)}")
     for attempt in tried:
         key = str(attempt.get("attempt"))
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(attempt["started"])) if attempt.get("started") else "-"
+        started = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(attempt["started"])) if attempt.get("started") else "-"
+        )
         print(f"  attempt {key}: started {started}, {attempt.get('reason') or 'running'}")
         prov = provenance.read(run_dir, key)
         if not prov:
@@ -113,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"sweep {path}: {len(dirs)} run(s)")
     for run_dir, status in zip(dirs, statuses):
         jobs = ",".join(status.get("job_ids") or []) or "-"
-        extra = f"  rank {status['failed_rank']}: {status.get('reason')}" if status.get("failed_rank") is not None else ""
+        extra = (
+            f"  rank {status['failed_rank']}: {status.get('reason')}" if status.get("failed_rank") is not None else ""
+        )
         state = status.get("state", RunState.UNKNOWN)
         print(f"  {run_dir.name:>4}  {state:<10} job {jobs:<10} {duration(status):>6}{extra}")
     return 0

@@ -1,4 +1,5 @@
 """``tfrun sync [RUN]``: send MLflow what a run (or each point of a sweep) recorded and it lacks."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"tfrun: error: {exc}", file=sys.stderr)
             return 2
         except Exception as exc:  # MLflow's and its store's own errors: reported, the next run is tried
-            print(f"tfrun: {run_dir.name}: MLflow unreachable ({type(exc).__name__}: {str(exc)[:300]}); "
-                  "nothing lost: the run dir keeps everything, run tfrun sync again later", file=sys.stderr)
+            print(
+                f"tfrun: {run_dir.name}: MLflow unreachable ({type(exc).__name__}: {str(exc)[:300]}); "
+                "nothing lost: the run dir keeps everything, run tfrun sync again later",
+                file=sys.stderr,
+            )
             code = 1
             continue
         ended = f", ended {known['ended']}" if known.get("ended") else ", still running"

@@ -1,5 +1,6 @@
 """``tfrun tensorboard [RUN]``: TensorBoard over a sweep's (or a run's) events, each run named by
 the parameters that differ."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only by default)")
     parser.add_argument("--port", type=int, default=6006, help="port to serve on")
-    parser.add_argument("--print-command", action="store_true",
-                        help="print the TensorBoard command (its dir of links is kept) and exit")
+    parser.add_argument(
+        "--print-command", action="store_true", help="print the TensorBoard command (its dir of links is kept) and exit"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,8 +57,7 @@ def _serve(cmd: list[str], links: Path, convert: list[str]) -> int:
 
     # The children are tfrun's to stop, each in a session of its own: the terminal's Ctrl-C
     # reaches tfrun only, not a child in the middle of importing TensorFlow.
-    converter = subprocess.Popen(convert, stdin=subprocess.DEVNULL, start_new_session=True,
-                                 preexec_fn=_end_with_parent)
+    converter = subprocess.Popen(convert, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_end_with_parent)
     # TensorBoard too: a Ctrl-C while it still imports would end it with a traceback. tfrun
     # stops it below, whenever tfrun is stopped.
     child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_end_with_parent)

@@ -1,6 +1,7 @@
 """``tfrun watch [RUN|SWEEP]``: a live table of runs while they train (:mod:`tfrun.cli.live`),
 refreshed until every run has ended. Anywhere but a terminal (a pipe, a log file, CI) it
 prints one plain line per change of a run's state or epoch, without escape codes."""
+
 from __future__ import annotations
 
 import argparse

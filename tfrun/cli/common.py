@@ -1,4 +1,5 @@
 """Pieces several verbs share: the RUN argument and how a run's duration reads."""
+
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,7 @@ queries (``tfrun -sc query=bash`` with ``COMP_LINE`` set) come here: the first w
 completes to a verb as well as an override, a verb's argument to a run id, anything else
 to what Hydra offers.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,10 @@ import sys
 
 from tfrun.cli import output, verbs
 
-USAGE = ("tfrun --shell-completion (-sc) takes one of install=SHELL, uninstall=SHELL, query=SHELL (SHELL: bash, "
-         "zsh, fish); to complete tfrun's verbs and overrides in bash: eval \"$(tfrun -sc install=bash)\"")
+USAGE = (
+    "tfrun --shell-completion (-sc) takes one of install=SHELL, uninstall=SHELL, query=SHELL (SHELL: bash, "
+    'zsh, fish); to complete tfrun\'s verbs and overrides in bash: eval "$(tfrun -sc install=bash)"'
+)
 
 
 def _run_ids(prefix: str) -> list[str]:

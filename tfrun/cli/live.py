@@ -6,6 +6,7 @@ all the runs, :func:`tfrun.runner.control.snapshot`); this module only draws it 
 rich is imported only when something is drawn: the other verbs and ``--dry-run`` never pay
 for it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,9 +21,17 @@ if TYPE_CHECKING:
 
 # By a state's word: a state read from status.json is a plain str, equal to its member.
 _STYLES: dict[str, str] = {
-    RunState.COMPLETED: "green", RunState.RUNNING: "cyan", RunState.PENDING: "yellow", RunState.PREEMPTED: "yellow",
-    RunState.FAILED: "bold red", RunState.TIMEOUT: "red", RunState.CANCELLED: "magenta", RunState.STOPPED: "magenta",
-    RunState.PRUNED: "dim", RunState.LOST: "red"}
+    RunState.COMPLETED: "green",
+    RunState.RUNNING: "cyan",
+    RunState.PENDING: "yellow",
+    RunState.PREEMPTED: "yellow",
+    RunState.FAILED: "bold red",
+    RunState.TIMEOUT: "red",
+    RunState.CANCELLED: "magenta",
+    RunState.STOPPED: "magenta",
+    RunState.PRUNED: "dim",
+    RunState.LOST: "red",
+}
 
 
 def _shown(runs: tuple[RunProgress, ...], room: int) -> tuple[list[RunProgress], int]:
@@ -32,7 +41,7 @@ def _shown(runs: tuple[RunProgress, ...], room: int) -> tuple[list[RunProgress],
         return list(runs), 0
     keep = [r for r in runs if not r.ended][:room]
     ended = [r for r in runs if r.ended]
-    keep += ended[len(ended) - (room - len(keep)):] if room > len(keep) else []
+    keep += ended[len(ended) - (room - len(keep)) :] if room > len(keep) else []
     chosen = {id(r) for r in keep}
     return [r for r in runs if id(r) in chosen], len(runs) - len(keep)
 
@@ -46,18 +55,30 @@ def render(snap: Snapshot, height: int = 40) -> RenderableType:
     from rich.text import Text
 
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for name, justify in (("run", "right"), ("params", "left"), ("state", "left"), ("epoch", "right"),
-                          ("metrics", "left"), ("elapsed", "right"), ("left", "right")):
+    for name, justify in (
+        ("run", "right"),
+        ("params", "left"),
+        ("state", "left"),
+        ("epoch", "right"),
+        ("metrics", "left"),
+        ("elapsed", "right"),
+        ("left", "right"),
+    ):
         if name != "params" or any(r.label for r in snap.runs):
             table.add_column(name, justify=justify, no_wrap=name != "metrics")  # type: ignore[arg-type]
     rows, hidden = _shown(snap.runs, max(3, height - 6))
     for run in rows:
         # Text, not str: rich reads a str as markup, and labels and metric names are the
         # user's ("[/scratch/a]" is a closing tag to it, "[relu,tanh]" a style).
-        cells = [Text(run.name), *([Text(run.label)] if any(r.label for r in snap.runs) else []),
-                 Text(run.state, style=_STYLES.get(run.state, "")), Text(progress.epoch_text(run)),
-                 Text(progress.metrics_text(run.metrics)), Text(progress.clock(run.elapsed_s)),
-                 Text("~" + progress.clock(run.left_s) if run.left_s is not None else "-")]
+        cells = [
+            Text(run.name),
+            *([Text(run.label)] if any(r.label for r in snap.runs) else []),
+            Text(run.state, style=_STYLES.get(run.state, "")),
+            Text(progress.epoch_text(run)),
+            Text(progress.metrics_text(run.metrics)),
+            Text(progress.clock(run.elapsed_s)),
+            Text("~" + progress.clock(run.left_s) if run.left_s is not None else "-"),
+        ]
         table.add_row(*cells)
     if hidden:
         table.caption = f"{hidden} more finished run(s) not shown"
@@ -67,8 +88,11 @@ def render(snap: Snapshot, height: int = 40) -> RenderableType:
     for state, n in snap.counts.items():
         counts.append(f"{n} {state}  ", style=_STYLES.get(state, ""))
     bar = Table.grid(padding=(0, 2))  # a grid row ends its line, a bare ProgressBar does not
-    bar.add_row(ProgressBar(total=max(1, len(snap.runs)), completed=snap.finished, width=40),
-                Text(f"{snap.finished}/{len(snap.runs)} finished", style="bold"), counts)
+    bar.add_row(
+        ProgressBar(total=max(1, len(snap.runs)), completed=snap.finished, width=40),
+        Text(f"{snap.finished}/{len(snap.runs)} finished", style="bold"),
+        counts,
+    )
     return Group(Text(f"sweep {snap.path}", style="bold"), bar, table)
 
 
@@ -80,8 +104,9 @@ class LiveSweep:
         from rich.live import Live
 
         self.console = console or Console(stderr=True)
-        self.live = Live(console=self.console, auto_refresh=False, transient=False, redirect_stdout=False,
-                         redirect_stderr=False)
+        self.live = Live(
+            console=self.console, auto_refresh=False, transient=False, redirect_stdout=False, redirect_stderr=False
+        )
         self.live.start()
 
     def show(self, snap: Snapshot) -> None:

@@ -9,6 +9,7 @@ Exit codes: 0 the run completed; 1 it failed, timed out or was cancelled; 2 the
 configuration or command line was wrong and nothing was started; 3 the run completed
 (state COMPLETED, files kept) but the export it asked for (``export=onnx``) failed.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -19,8 +20,19 @@ from typing import Any
 from tfrun.cli import output, verbs
 
 # Hydra's options that take the next word as their value (``--config-dir DIR``).
-_VALUED = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--cfg", "-c", "--package", "-p",
-           "--experimental-rerun")
+_VALUED = (
+    "--config-dir",
+    "-cd",
+    "--config-name",
+    "-cn",
+    "--config-path",
+    "-cp",
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--experimental-rerun",
+)
 # Hydra's --info takes one of these as an optional value (``tfrun --info searchpath``).
 _INFO = ("--info", "-i")
 _INFO_VALUES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
@@ -44,8 +56,10 @@ def unknown_word(word: str) -> str:
     """The error for a word that is no verb and no override, with the closest verb."""
     close = difflib.get_close_matches(word, [*verbs.BY_NAME, "help"], n=1)
     hint = f"did you mean `tfrun {close[0]}`? " if close else ""
-    return (f"{word!r} is not a verb or an override (key=value, group=option); {hint}"
-            f"verbs: {', '.join(verbs.BY_NAME)}; `tfrun --help` says more")
+    return (
+        f"{word!r} is not a verb or an override (key=value, group=option); {hint}"
+        f"verbs: {', '.join(verbs.BY_NAME)}; `tfrun --help` says more"
+    )
 
 
 def dispatch(argv: list[str]) -> int:

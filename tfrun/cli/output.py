@@ -1,5 +1,6 @@
 """What the command line prints besides a verb's own output: errors, notes, and what happens
 when the reader of that output goes away (``tfrun runs | head``)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Plans as text a person reads (``--dry-run``) or JSON a program reads (``--dry-run=json``)."""
+
 from __future__ import annotations
 
 import json
@@ -28,14 +29,20 @@ def plan_text(plan: Plan) -> str:
     lines += ["  " + line for line in deps.describe(plan.deps)]
     export = plan.config.get("export") or {}
     if export.get("format", "none") != "none":
-        lines.append(f"  export:     rank 0 converts the saved model to {export['format']} after the script "
-                     f"succeeds: " + " ".join(f"{k}={v}" for k, v in sorted(export.items()) if k != "format"))
+        lines.append(
+            f"  export:     rank 0 converts the saved model to {export['format']} after the script "
+            f"succeeds: " + " ".join(f"{k}={v}" for k, v in sorted(export.items()) if k != "format")
+        )
     for task in plan.tasks:
-        lines.append(f"  task rank {task.rank}: {task.role} {task.role_index}, node {task.node_index}, "
-                     f"local rank {task.local_rank}{'' if task.runs_script else ' (serves; does not run the script)'}")
+        lines.append(
+            f"  task rank {task.rank}: {task.role} {task.role_index}, node {task.node_index}, "
+            f"local rank {task.local_rank}{'' if task.runs_script else ' (serves; does not run the script)'}"
+        )
         if plan.request.get("pool"):
-            lines.append(f"    command: a process started from a warm slot of the pool {plan.request['pool']}, "
-                         f"running the bootstrap as: {shlex.join(plan.command)}")
+            lines.append(
+                f"    command: a process started from a warm slot of the pool {plan.request['pool']}, "
+                f"running the bootstrap as: {shlex.join(plan.command)}"
+            )
         else:
             lines.append(f"    command: {plan.request.get('srun') or shlex.join(plan.command)}")
         lines.append(f"    argv:    {shlex.join(task.argv)}")
@@ -91,12 +98,17 @@ def plans_text(plans: list[Plan], multirun: bool = False) -> str:
         parts.append(pool_text(pool))
     for array in sweep_arrays(plans):
         body = "\n".join("    " + line for line in array["sbatch"].splitlines())
-        parts.append(f"  job array of {len(array['runs'])} run(s): {', '.join(array['runs'])}\n  sbatch script:\n{body}")
+        parts.append(
+            f"  job array of {len(array['runs'])} run(s): {', '.join(array['runs'])}\n  sbatch script:\n{body}"
+        )
     return "\n\n".join([*parts, *(plan_text(p) for p in plans)])
 
 
 def plans_json(plans: list[Plan], multirun: bool) -> str:
     """JSON: the plan itself for a single run, ``{"runs": [...], "arrays": [...], "pool": ...}`` for a sweep."""
-    data: Any = ({"runs": [p.to_dict() for p in plans], "arrays": sweep_arrays(plans), "pool": sweep_pool(plans)}
-                 if multirun else plans[0].to_dict())
+    data: Any = (
+        {"runs": [p.to_dict() for p in plans], "arrays": sweep_arrays(plans), "pool": sweep_pool(plans)}
+        if multirun
+        else plans[0].to_dict()
+    )
     return json.dumps(data, indent=1, sort_keys=True)

@@ -5,6 +5,7 @@ and ``run(args) -> exit code``. ``tfrun --help``, the docs (``docs/gen_reference
 shell completion read :data:`VERBS`; a verb's module is imported only when that verb runs
 (or its parser is built), so ``tfrun --help`` imports none of them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,7 @@ VERBS: tuple[Verb, ...] = (
     Verb("plot", "PNG of a metric's learning curves, one line per run"),
     Verb("tensorboard", "TensorBoard over a sweep's runs, named by the parameters that differ"),
     Verb("export", "convert a finished run's model to ONNX and check it against the model"),
-    Verb("serve", "serve a run's outputs/model.onnx (or a registered models:/NAME/VERSION) over HTTP "
-                  "with onnxruntime"),
+    Verb("serve", "serve a run's outputs/model.onnx (or a registered models:/NAME/VERSION) over HTTP with onnxruntime"),
     Verb("sync", "send MLflow what a run (tracking=mlflow) recorded and it lacks"),
     Verb("env", "the cached environments of deps=pip|conda: list, prune"),
     Verb("tune", "tuning studies of hydra/sweeper=tfrun: resume one"),
@@ -58,8 +58,13 @@ class Formatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
-        if (default is None or default is False or default == argparse.SUPPRESS or "%(default)" in text
-                or not action.option_strings):
+        if (
+            default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or "%(default)" in text
+            or not action.option_strings
+        ):
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
@@ -76,8 +81,9 @@ def add_subparser(sub: argparse._SubParsersAction, name: str, summary: str) -> a
 
 def parser(only: str | None = None) -> argparse.ArgumentParser:
     """The verbs' command line: every verb (the docs), or ``only`` one (what a verb's run needs)."""
-    top = argparse.ArgumentParser(prog="tfrun", description="Inspect and control tfrun runs.",
-                                  formatter_class=Formatter)
+    top = argparse.ArgumentParser(
+        prog="tfrun", description="Inspect and control tfrun runs.", formatter_class=Formatter
+    )
     sub = top.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb in VERBS:
         if only is None or verb.name == only:

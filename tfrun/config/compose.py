@@ -7,6 +7,7 @@ composes (:func:`compose_sweep`), its points composed one by one by the composer
 launcher plugin installs (:mod:`tfrun.config.points`). ``tfrun -m`` runs Hydra's multirun
 itself (:func:`multirun`), so that its sweeper plugins drive the points.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -110,8 +111,12 @@ def grid_points(sweep: DictConfig) -> list[list[str]]:
     return hydra_compat.grid_points(OverridesParser.create().parse_overrides(lines))
 
 
-def multirun(overrides: list[str], task_function: Callable[[Any], Any], config_dir: str | None = None,
-             config_name: str = CONFIG_NAME) -> Any:
+def multirun(
+    overrides: list[str],
+    task_function: Callable[[Any], Any],
+    config_dir: str | None = None,
+    config_name: str = CONFIG_NAME,
+) -> Any:
     """``tfrun -m``: Hydra's multirun over :func:`session`'s search path; its sweeper plugin
     (basic, Optuna, ...) calls the tfrun launcher plugin with batches of points."""
     with session(config_dir) as hydra:

@@ -11,6 +11,7 @@ A sweep point's composition stays here: :class:`tfrun.config.points.PointCompose
 for Hydra's config loader, which the sweeper calls too, and keeps the compositions it made
 for the launcher (and the bases of the points it resolves without composing them).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,10 +46,16 @@ class Composition:
     its config only when asked (``compose``): a dry run of 10,000 points never needs them, and
     its ``.hydra`` files are written from the same values (``files``)."""
 
-    def __init__(self, run: RunConfig, output_dir: str, sweep_dir: str | None = None,
-                 config: DictConfig | None = None, hydra: DictConfig | None = None,
-                 compose: Callable[[], tuple[DictConfig, DictConfig]] | None = None,
-                 files: Callable[[], points_module.PointFiles] | None = None) -> None:
+    def __init__(
+        self,
+        run: RunConfig,
+        output_dir: str,
+        sweep_dir: str | None = None,
+        config: DictConfig | None = None,
+        hydra: DictConfig | None = None,
+        compose: Callable[[], tuple[DictConfig, DictConfig]] | None = None,
+        files: Callable[[], points_module.PointFiles] | None = None,
+    ) -> None:
         self.run, self.output_dir, self.sweep_dir = run, output_dir, sweep_dir
         self._config, self._hydra, self._compose = config, hydra, compose
         self._files = files
@@ -93,8 +100,9 @@ class Composition:
 
         files = self._point_files()
         if files is not None:
-            hydra_files.write_texts(run_dir, files.output_subdir, files.config, files.hydra,
-                                    hydra_files.dump(files.overrides))
+            hydra_files.write_texts(
+                run_dir, files.output_subdir, files.config, files.hydra, hydra_files.dump(files.overrides)
+            )
         else:
             hydra_files.write(self.config, self.hydra, run_dir)
 
@@ -126,8 +134,9 @@ def checked(cfg: DictConfig, output_dir: str, sweep_dir: str | None = None) -> C
     return Composition(run_config.from_data(data), output_dir, sweep_dir, cfg, hydra)
 
 
-def single(overrides: Sequence[str], config_dir: str | None = None,
-           config_name: str = compose.CONFIG_NAME) -> Composition:
+def single(
+    overrides: Sequence[str], config_dir: str | None = None, config_name: str = compose.CONFIG_NAME
+) -> Composition:
     """A single run, as ``tfrun OVERRIDES`` composes it: composed, resolved, checked."""
     with compose.session(config_dir):
         cfg = compose.compose_run(list(overrides), config_name)
@@ -136,8 +145,9 @@ def single(overrides: Sequence[str], config_dir: str | None = None,
         return checked(cfg, str(Path(cfg.hydra.run.dir).resolve()))
 
 
-def points(loader: Any, sweep: DictConfig, job_overrides: Sequence[Sequence[str]],
-           initial_job_idx: int = 0) -> list[Composition]:
+def points(
+    loader: Any, sweep: DictConfig, job_overrides: Sequence[Sequence[str]], initial_job_idx: int = 0
+) -> list[Composition]:
     """A batch of a sweep's points (``sweep``: the multirun's config), each composed by the
     loader's :class:`tfrun.config.points.PointComposer` and checked: a bad point raises before
     any is planned."""
@@ -161,17 +171,23 @@ def points(loader: Any, sweep: DictConfig, job_overrides: Sequence[Sequence[str]
             # the plans), without composing it: its config is composed only if asked for.
             data, point_sweep_dir = resolved
             output_dir = os.path.abspath(os.path.join(point_sweep_dir, str(idx)))
-            found.append(Composition(
-                run_config.from_data(data), output_dir, sweep_dir,
-                compose=functools.partial(_point_parts, composer, sweep, normalized, idx),
-                files=functools.partial(composer.files, sweep, normalized, idx, output_dir)))
+            found.append(
+                Composition(
+                    run_config.from_data(data),
+                    output_dir,
+                    sweep_dir,
+                    compose=functools.partial(_point_parts, composer, sweep, normalized, idx),
+                    files=functools.partial(composer.files, sweep, normalized, idx, output_dir),
+                )
+            )
     finally:
         composer.forget_points()  # the validated compositions of this batch are used or dead
     return found
 
 
-def _point(composer: points_module.PointComposer, sweep: DictConfig, overrides: list[str],
-           idx: int) -> tuple[DictConfig, str]:
+def _point(
+    composer: points_module.PointComposer, sweep: DictConfig, overrides: list[str], idx: int
+) -> tuple[DictConfig, str]:
     """A point's composed config (hydra node included) and its run dir."""
     cfg = composer.take(sweep, overrides)
     with open_dict(cfg):
@@ -180,16 +196,18 @@ def _point(composer: points_module.PointComposer, sweep: DictConfig, overrides: 
     return cfg, os.path.abspath(os.path.join(str(cfg.hydra.sweep.dir), str(cfg.hydra.sweep.subdir)))
 
 
-def _point_parts(composer: points_module.PointComposer, sweep: DictConfig, overrides: list[str],
-                 idx: int) -> tuple[DictConfig, DictConfig]:
+def _point_parts(
+    composer: points_module.PointComposer, sweep: DictConfig, overrides: list[str], idx: int
+) -> tuple[DictConfig, DictConfig]:
     """(config, hydra node) of a point resolved from its base's values, composed now."""
     cfg, output_dir = _point(composer, sweep, overrides, idx)
     with _hydra_node_held(cfg, output_dir) as hydra:
         return cfg, hydra
 
 
-def grid(overrides: Sequence[str], config_dir: str | None = None,
-         config_name: str = compose.CONFIG_NAME) -> list[Composition]:
+def grid(
+    overrides: Sequence[str], config_dir: str | None = None, config_name: str = compose.CONFIG_NAME
+) -> list[Composition]:
     """Every point of a grid sweep, as ``tfrun -m`` with Hydra's basic sweeper makes them."""
     from hydra.core.global_hydra import GlobalHydra
 
@@ -197,12 +215,16 @@ def grid(overrides: Sequence[str], config_dir: str | None = None,
         sweep = compose.compose_sweep(list(overrides), config_name)
         sweeper = str(sweep.hydra.sweeper.get("_target_", ""))
         if sweeper.endswith(".TfrunSweeper"):
-            raise TuningStudy("hydra/sweeper=tfrun chooses its trials while it runs, so they cannot be planned "
-                              "ahead (tfrun.sweep): run `tfrun -m ...` to tune; `tfrun --dry-run -m ...` shows "
-                              "the study and its first trial's plan")
+            raise TuningStudy(
+                "hydra/sweeper=tfrun chooses its trials while it runs, so they cannot be planned "
+                "ahead (tfrun.sweep): run `tfrun -m ...` to tune; `tfrun --dry-run -m ...` shows "
+                "the study and its first trial's plan"
+            )
         if not sweeper.endswith(".BasicSweeper"):
-            raise ConfigError(f"hydra/sweeper={sweeper.rsplit('.', 1)[-1]} chooses its points while it runs, so "
-                              f"only a grid sweep can be planned ahead (--dry-run -m, tfrun.sweep): run `tfrun -m "
-                              f"...` to tune, or --dry-run without -m to see one run's plan")
+            raise ConfigError(
+                f"hydra/sweeper={sweeper.rsplit('.', 1)[-1]} chooses its points while it runs, so "
+                f"only a grid sweep can be planned ahead (--dry-run -m, tfrun.sweep): run `tfrun -m "
+                f"...` to tune, or --dry-run without -m to see one run's plan"
+            )
         loader = GlobalHydra.instance().config_loader()
         return points(loader, sweep, compose.grid_points(sweep))

@@ -3,6 +3,7 @@
 Hydra and OmegaConf say what went wrong in their own terms (a grammar error, a merge
 failure, a search path dump); these turn such an error into what a user can act on.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,8 +28,10 @@ def _explain_parse(exc: Any) -> str:
     reason = (str(cause) if cause else exc.message).strip().splitlines()[0].rstrip(".")
     shown = f"{key}={value!r}" if sep else repr(override)
     if value.startswith("[") and value.endswith("]"):  # a list: each item is quoted on its own
-        hint = ("quote each item with blanks or special characters in double quotes, the whole override in "
-                f"the shell's single quotes: '{key}=[a,\"b>=4\"]'")
+        hint = (
+            "quote each item with blanks or special characters in double quotes, the whole override in "
+            f"the shell's single quotes: '{key}=[a,\"b>=4\"]'"
+        )
     elif _PLAIN.fullmatch(value):  # e.g. ~/data: fine as a value, but Hydra wants it quoted
         hint = f"quote it for Hydra, inside the shell's quotes: \"{key}='{value}'\""
     else:
@@ -65,8 +68,11 @@ def options_with(group: str, key: str) -> list[str]:
 
     from tfrun.config.store import GROUP_SCHEMAS
 
-    return [option for option, node in GROUP_SCHEMAS.get(group, {}).items()
-            if key in {f.name for f in dataclasses.fields(node)}]
+    return [
+        option
+        for option, node in GROUP_SCHEMAS.get(group, {}).items()
+        if key in {f.name for f in dataclasses.fields(node)}
+    ]
 
 
 def _explain_unknown_key(full_key: str, overrides: list[str], config_dir: str | None) -> str | None:
@@ -91,7 +97,9 @@ def _explain_unknown_key(full_key: str, overrides: list[str], config_dir: str | 
     message = f"{full_key} is not a key of {where}; allowed keys: {', '.join(keys)}"
     owners = [o for o in options_with(parent, key) if o != chosen]
     if owners:
-        message += f". {key} is a key of {' and '.join(f'{parent}={o}' for o in owners)}: pick it with {parent}={owners[0]}"
+        message += (
+            f". {key} is a key of {' and '.join(f'{parent}={o}' for o in owners)}: pick it with {parent}={owners[0]}"
+        )
     return message
 
 
@@ -122,15 +130,19 @@ def _explain_sweep(message: str, overrides: list[str]) -> str | None:
     ambiguous = re.match(r"Ambiguous value for argument '(?:\+\+(?=trainer\.))?(([^=']+)=([^']*))'", message)
     if ambiguous:
         line, key, value = ambiguous.groups()
-        return (f"{line} is a sweep (one run per value): add -m to run it; for a list write {key}=[{value}], "
-                f"for text \"{key}='{value}'\"")
+        return (
+            f"{line} is a sweep (one run per value): add -m to run it; for a list write {key}=[{value}], "
+            f"for text \"{key}='{value}'\""
+        )
     if not (message.startswith("Sweep parameters") or "does not support sweep type" in message):
         return None
     sweeps = _sweep_overrides(overrides)
     intervals = [line for line, interval in sweeps if interval]
     if intervals:
-        return (f"{intervals[0]} is a search space (interval) for tuning: add {TUNING}, e.g. "
-                f"tfrun {TUNING.replace('METRIC', 'val_accuracy')} '{intervals[0]}'")
+        return (
+            f"{intervals[0]} is a search space (interval) for tuning: add {TUNING}, e.g. "
+            f"tfrun {TUNING.replace('METRIC', 'val_accuracy')} '{intervals[0]}'"
+        )
     if sweeps and "requires --multirun" in message:
         return f"{sweeps[0][0]} is a sweep (one run per value): add -m to run it, e.g. tfrun -m '{sweeps[0][0]}'"
     return None
@@ -145,8 +157,9 @@ def explain(exc: Exception, overrides: list[str], config_dir: str | None = None)
     if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
         if group:
-            return (f"{group}={name} is not an option of {group}; "
-                    f"available options: {', '.join(exc.options) or '(none)'}")
+            return (
+                f"{group}={name} is not an option of {group}; available options: {', '.join(exc.options) or '(none)'}"
+            )
     message = str(exc).strip()
     explained = _explain_sweep(message, overrides)
     if explained:

@@ -8,6 +8,7 @@ None of that is public API. Each function here wraps one such part, and
 upgrade that changed it. Nothing else in tfrun (its Hydra plugins included) imports
 ``hydra._internal`` or ``omegaconf._utils``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -110,8 +111,9 @@ def overrides_dirname(parsed_overrides: list[Any], kv_sep: str, item_sep: str, e
     """``hydra.job.override_dirname`` of these overrides, as Hydra computes it."""
     from hydra._internal.config_loader_impl import get_overrides_dirname
 
-    return str(get_overrides_dirname(overrides=parsed_overrides, kv_sep=kv_sep, item_sep=item_sep,
-                                     exclude_keys=exclude_keys))
+    return str(
+        get_overrides_dirname(overrides=parsed_overrides, kv_sep=kv_sep, item_sep=item_sep, exclude_keys=exclude_keys)
+    )
 
 
 def caching_repo(loader: Any, config_name: str, hydra_overrides: list[str]) -> Any:
@@ -151,11 +153,15 @@ def compose_multirun_config(hydra: Any, config_name: str, overrides: list[str]) 
     holds the command line's overrides, ``hydra.overrides.hydra`` the ``hydra.*`` ones)."""
     from hydra.types import RunMode
 
-    return hydra.compose_config(config_name=config_name, overrides=_multirun_overrides(hydra, config_name, overrides),
-                                run_mode=RunMode.MULTIRUN)
+    return hydra.compose_config(
+        config_name=config_name, overrides=_multirun_overrides(hydra, config_name, overrides), run_mode=RunMode.MULTIRUN
+    )
 
 
 def multirun(hydra: Any, config_name: str, task_function: Callable[[Any], Any], overrides: list[str]) -> Any:
     """What Hydra's app does for ``--multirun``: ``Hydra.multirun`` (the sweeper, then the launcher)."""
-    return hydra.multirun(config_name=config_name, task_function=task_function,
-                          overrides=_multirun_overrides(hydra, config_name, overrides))
+    return hydra.multirun(
+        config_name=config_name,
+        task_function=task_function,
+        overrides=_multirun_overrides(hydra, config_name, overrides),
+    )

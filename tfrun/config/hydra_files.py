@@ -1,5 +1,6 @@
 """The ``.hydra/`` files of a run dir (``config.yaml``, ``hydra.yaml``, ``overrides.yaml``),
 the same text Hydra's app writes, so a run dir looks the same whichever entry made it."""
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,12 @@ def entry(path: tuple[str, ...], value: Any) -> str:
     return dump(nested).split("\n", len(path) - 1)[-1]
 
 
-def mapping_text(data: dict[str, Any], own: dict[tuple[str, ...], Any], shared: dict[tuple[str, ...], str],
-                 path: tuple[str, ...] = ()) -> str:
+def mapping_text(
+    data: dict[str, Any],
+    own: dict[tuple[str, ...], Any],
+    shared: dict[tuple[str, ...], str],
+    path: tuple[str, ...] = (),
+) -> str:
     """:func:`dump` of ``data`` with the entries at the paths of ``own`` replaced by its values,
     the text of every other entry taken from ``shared`` (filled on first use). The mappings on
     the way to an own entry have plain keys."""
@@ -56,7 +61,7 @@ def mapping_text(data: dict[str, Any], own: dict[tuple[str, ...], Any], shared: 
         here = (*path, key)
         if here in own:
             parts.append(entry(here, own[here]))
-        elif any(p[:len(here)] == here for p in own):
+        elif any(p[: len(here)] == here for p in own):
             parts.append("  " * len(path) + f"{key}:\n" + mapping_text(value, own, shared, here))
         else:
             if here not in shared:
@@ -77,8 +82,9 @@ def write(task_config: DictConfig, hydra_config: DictConfig, run_dir: str | os.P
     save_yaml(hydra_config.hydra.overrides.task, out / "overrides.yaml")
 
 
-def write_texts(run_dir: str | os.PathLike[str], output_subdir: str | None, config: str, hydra: str,
-                overrides: str) -> None:
+def write_texts(
+    run_dir: str | os.PathLike[str], output_subdir: str | None, config: str, hydra: str, overrides: str
+) -> None:
     """:func:`write`, from the files' texts (a sweep point's, :meth:`tfrun.config.points.PointComposer.files`)."""
     if output_subdir is None:
         return

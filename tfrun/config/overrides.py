@@ -16,6 +16,7 @@ escaped, and numbers, bools, None, lists and dicts as Hydra's literals, so that 
 that str and an int that int. :func:`mapping_overrides` adds a mapping's entries to a
 mapping the config has.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -27,8 +28,10 @@ from typing import Any, Mapping
 from tfrun.errors import ConfigError
 
 VALUE_TYPES = "a str, int, float, bool, None, or a list or dict of them"
-DICT_KEY_HELP = ("a str that Hydra's override grammar can write as a dict key: letters, digits, blanks and "
-                 "_ - . / \\ + $ % * @ ? | ( ) [ ] { } : = , (no quotes), not read as a number, bool or null")
+DICT_KEY_HELP = (
+    "a str that Hydra's override grammar can write as a dict key: letters, digits, blanks and "
+    "_ - . / \\ + $ % * @ ? | ( ) [ ] { } : = , (no quotes), not read as a number, bool or null"
+)
 
 # OmegaConf reads "${" in a string as an interpolation, and a run of backslashes right
 # before it as escapes of each other: "\${" is a literal "${", "\\${" a backslash and one.
@@ -162,10 +165,15 @@ def text_list_keys() -> frozenset[str]:
 
     from tfrun.config import schema, store
 
-    sections = [("entry", schema.EntryConfig)] + [(group, node) for group, options in store.GROUP_SCHEMAS.items()
-                                                 for node in options.values()]
-    return frozenset(f"{section}.{f.name}" for section, node in sections for f in dataclasses.fields(node)
-                     if str(f.type).replace("typing.", "") == "List[str]")
+    sections = [("entry", schema.EntryConfig)] + [
+        (group, node) for group, options in store.GROUP_SCHEMAS.items() for node in options.values()
+    ]
+    return frozenset(
+        f"{section}.{f.name}"
+        for section, node in sections
+        for f in dataclasses.fields(node)
+        if str(f.type).replace("typing.", "") == "List[str]"
+    )
 
 
 def _top_level_items(body: str) -> list[str]:
@@ -192,8 +200,7 @@ def text_list_literal(line: str) -> str:
     with each such item quoted as literal text; any other line as it is."""
     key, sep, value = line.partition("=")
     bare = key.lstrip("+")
-    if not sep or bare not in text_list_keys() or not (value.startswith("[") and value.endswith("]")) \
-            or _parses(line):
+    if not sep or bare not in text_list_keys() or not (value.startswith("[") and value.endswith("]")) or _parses(line):
         return line
     items = [item.strip() for item in _top_level_items(value[1:-1])]
     fixed = f"{key}=[{','.join(item if _parses(f'k={item}') else quote(item) for item in items)}]"

@@ -18,6 +18,7 @@ place, when nothing in the config interpolates the trainer or the ``hydra`` node
 (:meth:`PointComposer.resolved`). A 10,000-point dry run then composes one config, not
 10,000; the point's own config is composed only if its run dir is written.
 """
+
 from __future__ import annotations
 
 import math
@@ -131,15 +132,21 @@ class PointComposer:
         base, values = found
         hydra, naming = base.raw_hydra, base.naming
         # Hydra's own naming, which reads only each override's line and key.
-        keyed = [SimpleNamespace(input_line=line, key_or_group=base.keys.get(line, line.partition("=")[0].lstrip("+")))
-                 for line in overrides]
-        dirname = hydra_compat.overrides_dirname(keyed, naming["kv_sep"], naming["item_sep"],
-                                                 list(naming["exclude_keys"]))
-        own = {("trainer",): {**base.raw_config["trainer"], **values},
-               ("hydra", "overrides", "task"): list(overrides),
-               ("hydra", "job", "num"): idx, ("hydra", "job", "id"): str(idx),  # a str in Hydra's schema
-               ("hydra", "job", "override_dirname"): dirname,
-               ("hydra", "runtime", "output_dir"): output_dir}
+        keyed = [
+            SimpleNamespace(input_line=line, key_or_group=base.keys.get(line, line.partition("=")[0].lstrip("+")))
+            for line in overrides
+        ]
+        dirname = hydra_compat.overrides_dirname(
+            keyed, naming["kv_sep"], naming["item_sep"], list(naming["exclude_keys"])
+        )
+        own = {
+            ("trainer",): {**base.raw_config["trainer"], **values},
+            ("hydra", "overrides", "task"): list(overrides),
+            ("hydra", "job", "num"): idx,
+            ("hydra", "job", "id"): str(idx),  # a str in Hydra's schema
+            ("hydra", "job", "override_dirname"): dirname,
+            ("hydra", "runtime", "output_dir"): output_dir,
+        }
         config = hydra_files.mapping_text(base.raw_config, own, base.texts)
         node = hydra_files.mapping_text({"hydra": hydra}, own, base.texts)
         subdir = hydra["output_subdir"]
@@ -268,7 +275,8 @@ class PointComposer:
         with open_dict(config.hydra):
             config.hydra.overrides.task = [o.input_line for o in parsed]
             config.hydra.job.override_dirname = hydra_compat.overrides_dirname(
-                parsed, naming.kv_sep, naming.item_sep, list(naming.exclude_keys))
+                parsed, naming.kv_sep, naming.item_sep, list(naming.exclude_keys)
+            )
 
 
 _TRAINER_VALUE = re.compile(r"\+\+trainer\.([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
@@ -279,8 +287,14 @@ _INT = re.compile(r"[+-]?(?:0|[1-9][0-9]*)")
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?[0-9]+[eE][+-]?[0-9]+")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEYWORDS = {"true": True, "false": False, "null": None}
-_FLOAT_WORDS = {"inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "nan": math.nan, "+nan": math.nan,
-                "-nan": math.nan}
+_FLOAT_WORDS = {
+    "inf": math.inf,
+    "+inf": math.inf,
+    "-inf": -math.inf,
+    "nan": math.nan,
+    "+nan": math.nan,
+    "-nan": math.nan,
+}
 
 
 def literal(text: str) -> Any:

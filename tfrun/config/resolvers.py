@@ -1,4 +1,5 @@
 """OmegaConf resolvers used by tfrun's configs."""
+
 from __future__ import annotations
 
 import importlib.util

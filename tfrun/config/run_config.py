@@ -9,6 +9,7 @@ it is (``plan.json``'s ``config``, read back by every task).
 :class:`tfrun.config.schema.RootConfig` is the Hydra-side schema a composition is checked
 against; this is what that composition becomes once resolved and checked.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -208,7 +209,8 @@ def from_data(data: Mapping[str, Any], cwd: Path | None = None) -> RunConfig:
         deps=_section(Deps, data["deps"], options=MappingProxyType(data["deps"])),
         export=_section(Export, data["export"]),
         tracking=_section(Tracking, tracking, options=MappingProxyType(tracking))
-        if isinstance(tracking, Mapping) else Tracking(),
+        if isinstance(tracking, Mapping)
+        else Tracking(),
         tfrun=_section(Settings, data["tfrun"], runs_dir=cwd / str(data["tfrun"]["runs_dir"])),
         trainer=MappingProxyType(data["trainer"]),
         cwd=cwd,

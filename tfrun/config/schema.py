@@ -5,6 +5,7 @@ Each config group option under ``conf/`` picks one of these dataclasses (through
 values, so Hydra checks keys and types at composition time. Field names reuse
 submitit's words and carry units (``timeout_min``, ``mem_gb``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -41,7 +42,8 @@ class ComputeConfig:
     hang_timeout_s: Optional[float] = None
     # how a pool's slot starts each item (a sweep's point, a study's trial): fork (from the slot's warm interpreter), spawn (a fresh interpreter started ahead), cold (a new one when it comes)
     warm: str = "fork"
-    preload: Any = "auto"  # what a warm interpreter imports ahead: auto (the heavy modules the script imports), or a list
+    # what a warm interpreter imports ahead: auto (the heavy modules the script imports), or a list
+    preload: Any = "auto"
 
 
 @dataclass
@@ -238,7 +240,8 @@ class TfrunSettings:
     runs_dir: str = f"${{oc.env:{variables.RUNS_DIR},tfrun-runs}}"
     name: Optional[str] = None  # a label shown by `tfrun runs`
     objective: Optional[str] = None  # metric whose final value a tuning sweeper (`hydra/sweeper=tfrun`) optimises
-    tags: Dict[str, str] = field(default_factory=dict)  # labels kept with the run; with tracking=mlflow, its MLflow tags
+    # labels kept with the run; with tracking=mlflow, its MLflow tags
+    tags: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -6,6 +6,7 @@ a value of the range): the sweeps of the command line become the space, every ot
 override is the same in every trial. Pure data: the Optuna distributions are made where the
 study runs (:mod:`tfrun.tune.tuning`), so that ``--dry-run`` needs no Optuna.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,9 +49,11 @@ class Dimension:
         if self.kind == "int":
             assert self.low is not None and self.high is not None
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
-        raise ConfigError(f"hydra.sweeper.sampler=grid needs a finite list of values for {self.name}, but "
-                          f"{self.describe()} is a continuous interval: use choice(...) or range(...) for it, "
-                          f"or another sampler (random, tpe, qmc)")
+        raise ConfigError(
+            f"hydra.sweeper.sampler=grid needs a finite list of values for {self.name}, but "
+            f"{self.describe()} is a continuous interval: use choice(...) or range(...) for it, "
+            f"or another sampler (random, tpe, qmc)"
+        )
 
     def first(self) -> Any:
         """The first value: the first choice, or the lower bound."""
@@ -141,8 +144,9 @@ def _dimension(key: str, sweep: Any) -> Dimension:
         assert sweep.start is not None and sweep.end is not None  # the grammar's interval(a,b) has both
         low, high = float(sweep.start), float(sweep.end)
         if not low < high:
-            raise ConfigError(f"{key}=interval({sweep.start}, {sweep.end}) is empty: the first bound must be below "
-                              f"the second")
+            raise ConfigError(
+                f"{key}=interval({sweep.start}, {sweep.end}) is empty: the first bound must be below the second"
+            )
         if "log" in tags and low <= 0:
             raise ConfigError(f"{key}: a log-scale interval needs a positive lower bound, got {sweep.start}")
         kind = "int" if "int" in tags else "float"
@@ -159,8 +163,10 @@ def _dimension(key: str, sweep: Any) -> Dimension:
         if not sweep.list:
             raise ConfigError(f"{key}=choice() has no values")
         return Dimension(key, "choice", choices=tuple(sweep.list))
-    raise ConfigError(f"{key}: the tfrun sweeper searches interval(...), choice(...), range(...) and a,b,... "
-                      f"(optionally tag(log, ...) or tag(int, ...)), not {sweep!r}")
+    raise ConfigError(
+        f"{key}: the tfrun sweeper searches interval(...), choice(...), range(...) and a,b,... "
+        f"(optionally tag(log, ...) or tag(int, ...)), not {sweep!r}"
+    )
 
 
 def _frange(start: Any, stop: Any, step: Any) -> Any:
@@ -186,10 +192,14 @@ def parse(arguments: Sequence[str], params: dict[str, str] | None = None) -> Spa
         else:
             fixed.append(line)
     if not dimensions:
-        raise ConfigError("hydra/sweeper=tfrun has an empty search space: give at least one key to search, e.g. "
-                          "'trainer.lr=tag(log,interval(1e-4,1e-1))', 'trainer.batch_size=choice(32,64)' or "
-                          "'trainer.epochs=range(5,20,5)'")
+        raise ConfigError(
+            "hydra/sweeper=tfrun has an empty search space: give at least one key to search, e.g. "
+            "'trainer.lr=tag(log,interval(1e-4,1e-1))', 'trainer.batch_size=choice(32,64)' or "
+            "'trainer.epochs=range(5,20,5)'"
+        )
     names = [d.name for d in dimensions]
     if len(set(names)) != len(names):
-        raise ConfigError(f"the search space names a key twice: {', '.join(sorted(n for n in names if names.count(n) > 1))}")
+        raise ConfigError(
+            f"the search space names a key twice: {', '.join(sorted(n for n in names if names.count(n) > 1))}"
+        )
     return Space(tuple(dimensions), tuple(fixed))

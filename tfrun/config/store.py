@@ -6,6 +6,7 @@ its defaults list. Hydra reads them through the ``tfrun-schema://`` config sourc
 (``launchers/hydra_plugins/tfrun_launcher/tfrun_schemas.py``), which builds a schema only
 when a composition loads it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,8 +36,10 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
 }
 ROOT_SCHEMA = "tfrun_schema"  # the root config's schema (conf/config.yaml names it first)
 # config path -> dataclass, as Hydra names them.
-SCHEMAS: dict[str, type] = {ROOT_SCHEMA: schema.RootConfig, **{
-    f"schema/{group}/{name}": node for group, options in GROUP_SCHEMAS.items() for name, node in options.items()}}
+SCHEMAS: dict[str, type] = {
+    ROOT_SCHEMA: schema.RootConfig,
+    **{f"schema/{group}/{name}": node for group, options in GROUP_SCHEMAS.items() for name, node in options.items()},
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,5 +68,5 @@ def schema_groups() -> frozenset[str]:
 def schema_children(group: str) -> list[str]:
     """What a group holds, as Hydra lists it: sub-groups by name, schemas by name."""
     prefix = f"{group}/" if group else ""
-    names = {path[len(prefix):].split("/")[0] for path in SCHEMAS if path.startswith(prefix)}
+    names = {path[len(prefix) :].split("/")[0] for path in SCHEMAS if path.startswith(prefix)}
     return sorted(names)

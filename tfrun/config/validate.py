@@ -1,4 +1,5 @@
 """Checks Hydra cannot express in a schema. Each error names key, value and what is allowed."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,8 +43,10 @@ def check_export(export: Mapping[str, Any]) -> None:
         return
     missing = [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
     if missing:
-        raise ConfigError(f"export=onnx needs {', '.join(missing)}: pip install 'tfrun[onnx]' "
-                          f"(tf2onnx, onnxruntime) in the environment the tasks run in.")
+        raise ConfigError(
+            f"export=onnx needs {', '.join(missing)}: pip install 'tfrun[onnx]' "
+            f"(tf2onnx, onnxruntime) in the environment the tasks run in."
+        )
     if not isinstance(export["opset"], int) or export["opset"] < MIN_OPSET:
         raise ConfigError.invalid("export.opset", export["opset"], f"an integer >= {MIN_OPSET}")
     if not isinstance(export["samples"], int) or export["samples"] < 1:
@@ -90,7 +93,8 @@ def check_compute(compute: Mapping[str, Any]) -> None:
     gpus, tasks = compute["gpus_per_node"], compute["tasks_per_node"]
     if gpus and gpus % tasks and not compute.get("gpus_per_task"):
         raise ConfigError.invalid(
-            "compute.gpus_per_node", gpus,
+            "compute.gpus_per_node",
+            gpus,
             f"a multiple of compute.tasks_per_node={tasks}, so that every task gets the same GPUs",
         )
 
@@ -98,8 +102,9 @@ def check_compute(compute: Mapping[str, Any]) -> None:
 def check_slurm_sweeps(compute: Mapping[str, Any]) -> None:
     """How a sweep is submitted: array throttling, packing, requeues."""
     if compute["pack"] not in PACK_MODES:
-        raise ConfigError.invalid("compute.pack", compute["pack"],
-                                  "off (one job per point, or compute.pack_size points a job) or auto")
+        raise ConfigError.invalid(
+            "compute.pack", compute["pack"], "off (one job per point, or compute.pack_size points a job) or auto"
+        )
     positive_int("compute.pack_size", compute["pack_size"])
     positive_int("compute.pack_slots", compute["pack_slots"])
     positive_int("compute.array_parallelism", compute["array_parallelism"])
@@ -134,8 +139,9 @@ def resolve_script(entry: Mapping[str, Any], cwd: Path) -> tuple[Path, Path]:
     if not source_dir.is_dir():
         raise ConfigError.invalid("entry.source_dir", entry["source_dir"], "an existing directory")
     if entry.get("script") in (None, "", "???"):  # "???": a config that never set it
-        raise ConfigError.invalid("entry.script", entry.get("script"),
-                                  "the path of your training script, e.g. entry.script=train.py")
+        raise ConfigError.invalid(
+            "entry.script", entry.get("script"), "the path of your training script, e.g. entry.script=train.py"
+        )
     script = Path(str(entry["script"])).expanduser()
     candidates = [script] if script.is_absolute() else list(dict.fromkeys([source_dir / script, cwd / script]))
     for candidate in candidates:
@@ -166,6 +172,8 @@ def keras3_warning(script: Path, backend: Mapping[str, Any]) -> str | None:
         return None
     if not _KERAS3_IMPORT.search(source):
         return None
-    return (f"{script.name} imports keras (Keras 3), but backend={backend['name']} needs legacy Keras for "
-            f"model.fit on TF >= 2.16. tfrun sets TF_USE_LEGACY_KERAS=1, which makes tf.keras the legacy "
-            f"Keras: use `import tensorflow as tf` and tf.keras (or `import tf_keras as keras`).")
+    return (
+        f"{script.name} imports keras (Keras 3), but backend={backend['name']} needs legacy Keras for "
+        f"model.fit on TF >= 2.16. tfrun sets TF_USE_LEGACY_KERAS=1, which makes tf.keras the legacy "
+        f"Keras: use `import tensorflow as tf` and tf.keras (or `import tf_keras as keras`)."
+    )

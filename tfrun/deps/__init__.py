@@ -9,6 +9,7 @@ container runtime is there (:mod:`tfrun.deps.container`). Environments are kept 
 :mod:`tfrun.deps.cache`, built under a file lock in a temporary dir renamed into place on
 success: concurrent runs build one once, and no run sees a half-built one.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any

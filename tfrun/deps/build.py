@@ -8,6 +8,7 @@ everything succeeded (conda: in place, complete once its ``tfrun-env.json`` is w
 a concurrent run waits and then uses it, and a failed or killed build leaves nothing a run
 would use.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,10 @@ def uv_command() -> list[str]:
         pass
     found = shutil.which("uv")
     if not found:
-        raise ConfigError("deps=pip builds its environment with uv, which is not installed here: "
-                          "`pip install uv` (into the environment that runs tfrun) and run again.")
+        raise ConfigError(
+            "deps=pip builds its environment with uv, which is not installed here: "
+            "`pip install uv` (into the environment that runs tfrun) and run again."
+        )
     return [found]
 
 
@@ -79,8 +82,15 @@ class _Build:
         self.log("$ " + shlex.join(words))
         try:
             # cwd: the cache, so that no project file where tfrun was started changes the build
-            out = subprocess.run(words, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True, cwd=self.work.parent, env={**os.environ, "UV_PYTHON_DOWNLOADS": "never"})
+            out = subprocess.run(
+                words,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd=self.work.parent,
+                env={**os.environ, "UV_PYTHON_DOWNLOADS": "never"},
+            )
         except OSError as exc:
             raise self.failed(command, str(exc)) from exc
         self.log(out.stdout)
@@ -89,18 +99,29 @@ class _Build:
 
     def failed(self, command: list[str], output: str) -> ConfigError:
         lines = [ln for ln in output.strip().splitlines() if ln.strip()]
-        first = next((i for i, ln in enumerate(lines) if ln.lstrip().lower().startswith(("error", "×", "critical"))), None)
-        quoted = lines[first:first + 20] if first is not None else lines[-15:]
-        tool = ("uv pip install" if command[1] == "pip" else "uv " + command[1]) if command[0] == "uv" \
+        first = next(
+            (i for i, ln in enumerate(lines) if ln.lstrip().lower().startswith(("error", "×", "critical"))), None
+        )
+        quoted = lines[first : first + 20] if first is not None else lines[-15:]
+        tool = (
+            ("uv pip install" if command[1] == "pip" else "uv " + command[1])
+            if command[0] == "uv"
             else Path(command[0]).name
+        )
         hint = ""
         if self.dp.spec.get("pin_base") and "unsatisfiable" in output:
-            hint = ("\n(packages the base environment has are pinned at its versions so that TensorFlow keeps "
-                    "working: deps.pin_base=false lifts that)")
+            hint = (
+                "\n(packages the base environment has are pinned at its versions so that TensorFlow keeps "
+                "working: deps.pin_base=false lifts that)"
+            )
         what = " ".join(self.dp.packages)
-        return ConfigError(f"deps={self.dp.kind} ({what}): building environment {self.dp.key} failed; "
-                           f"`{tool}` said:\n" + "\n".join("  | " + ln for ln in quoted) + hint
-                           + "\nNothing was started, and the failed build was removed from the cache.")
+        return ConfigError(
+            f"deps={self.dp.kind} ({what}): building environment {self.dp.key} failed; "
+            f"`{tool}` said:\n"
+            + "\n".join("  | " + ln for ln in quoted)
+            + hint
+            + "\nNothing was started, and the failed build was removed from the cache."
+        )
 
     def python(self) -> str:
         return str(self.work / "bin" / "python")
@@ -128,8 +149,12 @@ def _write_constraints(work: Path, site_dirs: list[str]) -> None:
 
 
 def _purelib(build: _Build) -> str:
-    out = subprocess.run([build.python(), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         capture_output=True, text=True, cwd=build.work.parent)
+    out = subprocess.run(
+        [build.python(), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        cwd=build.work.parent,
+    )
     if out.returncode != 0:
         raise build.failed([build.python()], out.stderr)
     return out.stdout.strip()
@@ -164,7 +189,8 @@ def conda_tool(spec: Mapping[str, Any]) -> str:
             f"deps=conda needs micromamba, mamba or conda, and "
             f"{'deps.conda_exe=' + repr(spec['conda_exe']) + ' was not found' if spec.get('conda_exe') else 'none of them is on PATH (nor $MAMBA_EXE / $CONDA_EXE)'}. "
             f"Install one (micromamba is a single binary; Miniforge brings mamba and conda), or `module load` your "
-            f"site's conda, or name it with deps.conda_exe=/path/to/conda; deps=pip needs only uv.")
+            f"site's conda, or name it with deps.conda_exe=/path/to/conda; deps=pip needs only uv."
+        )
     return tool
 
 
@@ -264,8 +290,15 @@ def _build_locked(dp: DepsPlan, env: Path, log: Path | None, echo: bool) -> None
     try:
         (_build_pip if dp.kind == "pip" else _build_conda)(build)
         build.run([build.python(), "-c", "import tfrun.bootstrap"])  # the tasks' first import
-        meta = {"key": dp.key, "kind": dp.kind, "packages": dp.packages, "spec": dp.spec, "created": time.time(),
-                "built_by": {"host": os.uname().nodename, "pid": os.getpid()}, "seconds": time.monotonic() - started}
+        meta = {
+            "key": dp.key,
+            "kind": dp.kind,
+            "packages": dp.packages,
+            "spec": dp.spec,
+            "created": time.time(),
+            "built_by": {"host": os.uname().nodename, "pid": os.getpid()},
+            "seconds": time.monotonic() - started,
+        }
         rundir.write_json(work / META, meta)  # whole or not at all: its presence marks the environment done
         sinks[0].close()
         os.replace(temp_log, work / BUILD_LOG)
@@ -301,8 +334,10 @@ def prepare(plan: Any) -> dict[str, str]:
             # Without the key's lock (a build elsewhere may hold it for minutes): a prune that
             # removes the environment meanwhile only makes the job's setup line build it again.
             record_use(cache, dp.key, plan.run_dir)
-            say(f"environment {dp.key} {'cached' if is_complete(Path(dp.path)) else 'is built in the job (build_on=job)'}: "
-                f"{dp.path}")
+            say(
+                f"environment {dp.key} {'cached' if is_complete(Path(dp.path)) else 'is built in the job (build_on=job)'}: "
+                f"{dp.path}"
+            )
         elif dp.kind in BUILT:
             ensure(dp, RunPaths.of(plan.run_dir).deps_log, run_dir=plan.run_dir)
         elif dp.kind == "modules" and dp.modules:
@@ -312,8 +347,15 @@ def prepare(plan: Any) -> dict[str, str]:
         elif dp.kind == "container" and dp.target == "local":
             check_runtime(dp.command_prefix[0], str(dp.spec.get("image")))
     except ConfigError as exc:
-        rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.FAILED, target=plan.target,
-                             backend=plan.backend, reason=str(exc), ended=time.time())
+        rundir.update_status(
+            plan.run_dir,
+            run_id=plan.run_id,
+            state=RunState.FAILED,
+            target=plan.target,
+            backend=plan.backend,
+            reason=str(exc),
+            ended=time.time(),
+        )
         raise
     return {}
 

@@ -13,6 +13,7 @@ Layout::
 may still start a task: the caller judges them (:func:`prune`'s ``in_use``), from their
 status and the scheduler's.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -49,8 +50,7 @@ def spec_file(cache: Path, key: str) -> Path:
 
 
 @contextmanager
-def lock(cache: Path, key: str, blocking: bool = True,
-          on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+def lock(cache: Path, key: str, blocking: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
     """Hold ``.locks/<key>.lock`` (flock: released by the kernel if the holder dies); yields False if
     not ``blocking`` and another process holds it."""
     (cache / ".locks").mkdir(parents=True, exist_ok=True)
@@ -87,8 +87,13 @@ def record_use(cache: Path, key: str, run_dir: str) -> None:
     it (it has no status yet). The caller holds the key's lock, so a prune deciding meanwhile
     sees the record or removed the environment before it was used."""
     resolved = str(Path(run_dir).resolve())
-    record = {"run_dir": resolved, "recorded": time.time(), "launcher_host": rundir.hostname(),
-              "launcher_pid": os.getpid(), "launcher_started": rundir.process_started(os.getpid())}
+    record = {
+        "run_dir": resolved,
+        "recorded": time.time(),
+        "launcher_host": rundir.hostname(),
+        "launcher_pid": os.getpid(),
+        "launcher_started": rundir.process_started(os.getpid()),
+    }
     name = hashlib.sha256(resolved.encode()).hexdigest()[:16]
     try:
         rundir.write_json(users_dir(cache, key) / f"{name}.json", record)
@@ -143,15 +148,26 @@ def entries(cache: Path) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             meta = None
         stamp = next((p for p in (path / LAST_USED, path / META, path) if p.exists()), path)
-        rows.append({"key": path.name, "path": str(path), "complete": meta is not None,
-                     "kind": (meta or {}).get("kind") or path.name.split("-")[0],
-                     "packages": (meta or {}).get("packages", []), "size": _size(path),
-                     "last_used": stamp.stat().st_mtime})
+        rows.append(
+            {
+                "key": path.name,
+                "path": str(path),
+                "complete": meta is not None,
+                "kind": (meta or {}).get("kind") or path.name.split("-")[0],
+                "packages": (meta or {}).get("packages", []),
+                "size": _size(path),
+                "last_used": stamp.stat().st_mtime,
+            }
+        )
     return rows
 
 
-def prune(cache: Path, older_than_days: float | None = None, remove_all: bool = False,
-          in_use: Callable[[Sequence[dict[str, Any]]], list[bool]] | None = None) -> dict[str, list[str]]:
+def prune(
+    cache: Path,
+    older_than_days: float | None = None,
+    remove_all: bool = False,
+    in_use: Callable[[Sequence[dict[str, Any]]], list[bool]] | None = None,
+) -> dict[str, list[str]]:
     """Remove environments (all, or unused for longer than the days given) and unfinished builds.
 
     An environment being built or removed by another process (its lock is held) is left
@@ -179,8 +195,11 @@ def prune(cache: Path, older_than_days: float | None = None, remove_all: bool = 
             # Judged before the lock was taken: a use recorded since (a new record, or a run
             # resumed since, which wrote its record again) counts as in use.
             found = users(cache, key)
-            live = {path: record for path, record in found.items()
-                    if record != seen[key].get(path) or judged.get(path, True)}
+            live = {
+                path: record
+                for path, record in found.items()
+                if record != seen[key].get(path) or judged.get(path, True)
+            }
             for path in set(found) - set(live):
                 path.unlink(missing_ok=True)
             if live:
@@ -194,8 +213,9 @@ def prune(cache: Path, older_than_days: float | None = None, remove_all: bool = 
     return done
 
 
-def _judge(records: dict[str, dict[Path, dict[str, Any]]],
-           in_use: Callable[[Sequence[dict[str, Any]]], list[bool]] | None) -> dict[Path, bool]:
+def _judge(
+    records: dict[str, dict[Path, dict[str, Any]]], in_use: Callable[[Sequence[dict[str, Any]]], list[bool]] | None
+) -> dict[Path, bool]:
     """For every record file of every key: may its run still use the environment? (one call of
     ``in_use`` for them all: one scheduler query)."""
     files = [path for found in records.values() for path in found]

@@ -1,5 +1,6 @@
 """``deps=modules``: environment modules (Lmod, Environment Modules), loaded in the job on
 Slurm, or here in ``bash -lc`` before local tasks start."""
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,7 @@ _SNAPSHOT = "\necho; echo __tfrun_env__; env -0\n"
 
 
 def _env_of(text: str) -> dict[str, str]:
-    text = text[:text.rfind("\0")]  # what the module lines printed after `env -0` is not the environment
+    text = text[: text.rfind("\0")]  # what the module lines printed after `env -0` is not the environment
     return dict(item.split("=", 1) for item in text.split("\0") if "=" in item)
 
 
@@ -34,9 +35,9 @@ def module_changes(before: Mapping[str, str], after: Mapping[str, str], current:
             continue
         mine = current.get(key)
         if old and mine is not None and value.endswith(old):
-            value = value[:-len(old)] + mine
+            value = value[: -len(old)] + mine
         elif old and mine is not None and value.startswith(old):
-            value = mine + value[len(old):]
+            value = mine + value[len(old) :]
         changed[key] = value
     return changed
 
@@ -46,20 +47,28 @@ def load_modules(lines: list[str]) -> dict[str, str]:
     they change, applied to this process's environment: what the local tasks are to get.
     This process's own environment stays as it is (a notebook that launches a run must not
     keep the run's modules loaded)."""
-    script = ("type module >/dev/null 2>&1 || exit 97" + _SNAPSHOT
-              + "\n".join(f"{line} || exit 98" for line in lines) + _SNAPSHOT)
+    script = (
+        "type module >/dev/null 2>&1 || exit 97"
+        + _SNAPSHOT
+        + "\n".join(f"{line} || exit 98" for line in lines)
+        + _SNAPSHOT
+    )
     try:
         out = subprocess.run(["bash", "-lc", script], stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
     except (OSError, subprocess.SubprocessError) as exc:
         raise ConfigError(f"deps=modules: could not run bash to load modules: {exc}") from exc
     errors = out.stderr.decode(errors="replace").strip()
     if out.returncode == 97:
-        raise ConfigError("deps=modules: there is no `module` command on this machine (`bash -lc 'type module'` "
-                          "finds none): environment modules (Lmod, Environment Modules) are a cluster's. Run with "
-                          "compute=slurm, where the modules are loaded in the job, or load what you need yourself "
-                          "and use deps=none (deps.env sets variables).")
+        raise ConfigError(
+            "deps=modules: there is no `module` command on this machine (`bash -lc 'type module'` "
+            "finds none): environment modules (Lmod, Environment Modules) are a cluster's. Run with "
+            "compute=slurm, where the modules are loaded in the job, or load what you need yourself "
+            "and use deps=none (deps.env sets variables)."
+        )
     if out.returncode != 0:
-        raise ConfigError(f"deps.modules: `{' && '.join(lines)}` failed (exit {out.returncode}):\n"
-                          + "\n".join("  | " + ln for ln in errors.splitlines()[-15:]))
+        raise ConfigError(
+            f"deps.modules: `{' && '.join(lines)}` failed (exit {out.returncode}):\n"
+            + "\n".join("  | " + ln for ln in errors.splitlines()[-15:])
+        )
     snapshots = out.stdout.decode(errors="replace").split("\n__tfrun_env__\n")
     return module_changes(_env_of(snapshots[1]), _env_of(snapshots[2]), os.environ)

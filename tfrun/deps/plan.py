@@ -7,6 +7,7 @@ A built environment (pip, conda) is named ``<kind>-<hash>`` in the cache
 (:mod:`tfrun.deps.cache`), the hash covering everything that defines it: the packages, a
 requirements file's content, the base interpreter, its packages and the platform.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -82,8 +83,16 @@ def say(message: str) -> None:
     print(f"tfrun: {message}", file=sys.stderr, flush=True)
 
 
-def plan_for(deps: Mapping[str, Any], base_python: str, target: str, gpus: bool, run_dir: str,
-             script: str, source_dir: str, cwd: Path) -> DepsPlan:
+def plan_for(
+    deps: Mapping[str, Any],
+    base_python: str,
+    target: str,
+    gpus: bool,
+    run_dir: str,
+    script: str,
+    source_dir: str,
+    cwd: Path,
+) -> DepsPlan:
     """The :class:`DepsPlan` of a composed ``deps`` section, for a run on ``target`` (local or
     slurm) that asks for GPUs or not. Raises ConfigError for what cannot work."""
     kind = deps.get("kind", "none")
@@ -138,8 +147,9 @@ def interpreter(python: str) -> dict[str, Any]:
         exec(_DESCRIBE, namespace)
         return namespace["info"]
     try:
-        out = subprocess.run([python, "-c", _DESCRIBE + "print(json.dumps(info))"], capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(
+            [python, "-c", _DESCRIBE + "print(json.dumps(info))"], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         raise ConfigError.invalid("entry.python", python, f"an interpreter that runs ({exc})") from exc
     if out.returncode != 0:
@@ -169,7 +179,7 @@ def tfrun_requirement() -> list[str]:
     direct = json.loads(dist.read_text("direct_url.json") or "{}")
     url = direct.get("url", "")
     if url.startswith("file://"):
-        path = url[len("file://"):]
+        path = url[len("file://") :]
         return ["-e", path] if direct.get("dir_info", {}).get("editable") else [path]
     return [f"tfrun=={dist.version}"]
 
@@ -190,8 +200,14 @@ def _key(kind: str, spec: Mapping[str, Any]) -> str:
     return f"{kind}-{_sha256(json.dumps(spec, sort_keys=True).encode())[:16]}"
 
 
-def _built(ctx: _Ctx, kind: str, spec: dict[str, Any], packages: list[str], steps: list[list[str]],
-           python_in_env: str = "bin/python") -> DepsPlan:
+def _built(
+    ctx: _Ctx,
+    kind: str,
+    spec: dict[str, Any],
+    packages: list[str],
+    steps: list[list[str]],
+    python_in_env: str = "bin/python",
+) -> DepsPlan:
     """The plan of an environment tfrun builds, wherever the kind."""
     build_on = _choice("deps.build_on", ctx.deps.get("build_on", "login"), BUILD_ON)
     cache = cache_root(ctx.deps.get("cache_dir"))
@@ -199,11 +215,23 @@ def _built(ctx: _Ctx, kind: str, spec: dict[str, Any], packages: list[str], step
     env = cache / key
     setup = []
     if ctx.target == "slurm" and build_on == "job":
-        setup = [f"{shlex.quote(ctx.base_python)} -u -m tfrun.deps build "
-                 f"{shlex.quote(str(spec_file(cache, key)))} || exit 1"]
-    return DepsPlan(kind=kind, target=ctx.target, python=str(env / python_in_env),
-                    base_python=ctx.base_python, key=key, path=str(env), cached=is_complete(env),
-                    build_on=build_on, packages=packages, spec=spec, steps=steps, setup=setup)
+        setup = [
+            f"{shlex.quote(ctx.base_python)} -u -m tfrun.deps build {shlex.quote(str(spec_file(cache, key)))} || exit 1"
+        ]
+    return DepsPlan(
+        kind=kind,
+        target=ctx.target,
+        python=str(env / python_in_env),
+        base_python=ctx.base_python,
+        key=key,
+        path=str(env),
+        cached=is_complete(env),
+        build_on=build_on,
+        packages=packages,
+        spec=spec,
+        steps=steps,
+        setup=setup,
+    )
 
 
 def _plan_pip(ctx: _Ctx) -> DepsPlan:
@@ -212,30 +240,58 @@ def _plan_pip(ctx: _Ctx) -> DepsPlan:
     packages = [str(p) for p in d.get("pip_packages") or []]
     requirements = _input_file("deps.requirements", d.get("requirements"), ctx.cwd)
     if not packages and requirements is None:
-        raise ConfigError.invalid("deps.pip_packages", packages,
-                                  "at least one package (or deps.requirements=FILE), e.g. deps.pip_packages=[tabulate]")
+        raise ConfigError.invalid(
+            "deps.pip_packages",
+            packages,
+            "at least one package (or deps.requirements=FILE), e.g. deps.pip_packages=[tabulate]",
+        )
     info = interpreter(ctx.base_python)
     pin = bool(d.get("pin_base", True))
     extra = tfrun_requirement() if base == "isolated" else []
     spec = {
-        "kind": "pip", "base": base, "python": ctx.base_python, "python_version": info["version"],
-        "prefix": info["prefix"], "platform": info["platform"], "libc": info["libc"],
-        "packages": packages, "install_args": [str(a) for a in d.get("install_args") or []],
+        "kind": "pip",
+        "base": base,
+        "python": ctx.base_python,
+        "python_version": info["version"],
+        "prefix": info["prefix"],
+        "platform": info["platform"],
+        "libc": info["libc"],
+        "packages": packages,
+        "install_args": [str(a) for a in d.get("install_args") or []],
         # the file's content, not its path (files it includes with -r are not read)
         "requirements": _sha256(requirements.read_bytes()) if requirements else None,
-        "pin_base": pin, "tfrun": extra,
+        "pin_base": pin,
+        "tfrun": extra,
         # The base's packages: visible through the env (inherit) or pinned in it; a change rebuilds.
         "base_packages": _sha256("\n".join(installed(info["site"])).encode()) if pin or base == "inherit" else None,
         # A base that is itself a virtualenv: --system-site-packages reaches only its interpreter's.
         "base_site": [s for s in info["site"] if s.startswith(info["prefix"] + os.sep)]
-        if base == "inherit" and info["prefix"] != info["base_prefix"] else [],
+        if base == "inherit" and info["prefix"] != info["base_prefix"]
+        else [],
         "site": info["site"],
     }
     steps = [
-        ["uv", "venv", "--relocatable", "--python", ctx.base_python,
-         *(["--system-site-packages"] if base == "inherit" else []), "{env}"],
-        ["uv", "pip", "install", "--python", "{env}/bin/python", *(["--constraint", "{env}/" + CONSTRAINTS] if pin else []),
-         *(["-r", str(requirements)] if requirements else []), *spec["install_args"], *packages, *extra],
+        [
+            "uv",
+            "venv",
+            "--relocatable",
+            "--python",
+            ctx.base_python,
+            *(["--system-site-packages"] if base == "inherit" else []),
+            "{env}",
+        ],
+        [
+            "uv",
+            "pip",
+            "install",
+            "--python",
+            "{env}/bin/python",
+            *(["--constraint", "{env}/" + CONSTRAINTS] if pin else []),
+            *(["-r", str(requirements)] if requirements else []),
+            *spec["install_args"],
+            *packages,
+            *extra,
+        ],
     ]
     return _built(ctx, "pip", spec, packages + ([f"-r {requirements.name}"] if requirements else []), steps)
 
@@ -258,8 +314,18 @@ def conda_steps(tool: str, spec: Mapping[str, Any]) -> list[list[str]]:
     channels = [w for c in spec["channels"] for w in ("--channel", c)]
     packages, env_file = list(spec["packages"]), spec.get("environment_file")
     if Path(tool).name.startswith("micromamba"):  # micromamba create takes an environment.yml with --file
-        return [[tool, "create", "--yes", "--prefix", "{env}", *channels,
-                 *(["--file", env_file["path"]] if env_file else []), *packages]]
+        return [
+            [
+                tool,
+                "create",
+                "--yes",
+                "--prefix",
+                "{env}",
+                *channels,
+                *(["--file", env_file["path"]] if env_file else []),
+                *packages,
+            ]
+        ]
     if env_file:  # conda/mamba: an environment.yml needs `env create`; extra packages come after
         steps = [[tool, "env", "create", "--prefix", "{env}", "--file", env_file["path"]]]
         return steps + ([[tool, "install", "--yes", "--prefix", "{env}", *channels, *packages]] if packages else [])
@@ -271,16 +337,22 @@ def _plan_conda(ctx: _Ctx) -> DepsPlan:
     packages = [str(p) for p in d.get("conda_packages") or []]
     env_file = _input_file("deps.environment_file", d.get("environment_file"), ctx.cwd)
     if not packages and env_file is None:
-        raise ConfigError.invalid("deps.conda_packages", packages,
-                                  "at least one package (or deps.environment_file=FILE), e.g. deps.conda_packages=[numpy]")
+        raise ConfigError.invalid(
+            "deps.conda_packages",
+            packages,
+            "at least one package (or deps.environment_file=FILE), e.g. deps.conda_packages=[numpy]",
+        )
     if env_file is None and not any(p.split("=")[0].split("<")[0].split(">")[0].strip() == "python" for p in packages):
         # tfrun's own code runs in the env: keep the Python version tfrun runs with.
         packages.append("python=" + ".".join(interpreter(ctx.base_python)["version"].split(".")[:2]))
     spec = {
-        "kind": "conda", "packages": packages, "channels": [str(c) for c in d.get("channels") or []],
+        "kind": "conda",
+        "packages": packages,
+        "channels": [str(c) for c in d.get("channels") or []],
         "environment_file": {"path": str(env_file), "sha256": _sha256(env_file.read_bytes())} if env_file else None,
         "pip_packages": [str(p) for p in d.get("pip_packages") or []],
-        "platform": interpreter(sys.executable)["platform"], "runtime": runtime_sources(),
+        "platform": interpreter(sys.executable)["platform"],
+        "runtime": runtime_sources(),
         "conda_exe": d.get("conda_exe"),
     }
     tool = find_conda(d.get("conda_exe")) or str(d.get("conda_exe") or "conda")
@@ -297,25 +369,41 @@ def _plan_modules(ctx: _Ctx) -> DepsPlan:
         raise ConfigError.invalid("deps.modules", modules, "at least one module name, e.g. deps.modules=[cuda/12.4]")
     lines = load_lines(modules, bool(d.get("purge")))
     slurm = ctx.target == "slurm"
-    return DepsPlan(kind="modules", target=ctx.target, python=ctx.base_python, base_python=ctx.base_python,
-                    packages=modules, setup=lines if slurm else [], modules=[] if slurm else lines)
+    return DepsPlan(
+        kind="modules",
+        target=ctx.target,
+        python=ctx.base_python,
+        base_python=ctx.base_python,
+        packages=modules,
+        setup=lines if slurm else [],
+        modules=[] if slurm else lines,
+    )
 
 
 def _plan_container(ctx: _Ctx) -> DepsPlan:
     d = ctx.deps
     image = d.get("image")
     if image in (None, "", "???"):
-        raise ConfigError.invalid("deps.image", image, "a .sif image file or a URI, e.g. deps.image=docker://tensorflow/tensorflow")
+        raise ConfigError.invalid(
+            "deps.image", image, "a .sif image file or a URI, e.g. deps.image=docker://tensorflow/tensorflow"
+        )
     if "://" not in str(image):
         image = str(_input_file("deps.image", image, ctx.cwd))
     runtime = _choice("deps.runtime", d.get("runtime", "apptainer"), container.RUNTIMES)
     nv = ctx.gpus if d.get("nv") is None else bool(d.get("nv"))
-    bound = container.binds([str(b) for b in d.get("binds") or []], ctx.run_dir, ctx.source_dir, ctx.script,
-                            runtime_sources())
+    bound = container.binds(
+        [str(b) for b in d.get("binds") or []], ctx.run_dir, ctx.source_dir, ctx.script, runtime_sources()
+    )
     prefix = container.command_prefix(runtime, str(image), nv, list(d.get("exec_args") or []), bound)
-    return DepsPlan(kind="container", target=ctx.target, python=str(d.get("python") or "python3"),
-                    base_python=ctx.base_python, packages=[str(image)], spec={"image": str(image), "runtime": runtime},
-                    command_prefix=prefix)
+    return DepsPlan(
+        kind="container",
+        target=ctx.target,
+        python=str(d.get("python") or "python3"),
+        base_python=ctx.base_python,
+        packages=[str(image)],
+        spec={"image": str(image), "runtime": runtime},
+        command_prefix=prefix,
+    )
 
 
 def python_words(plan: Any) -> list[str]:
@@ -335,12 +423,18 @@ def describe(deps: Mapping[str, Any]) -> list[str]:
     dp = DepsPlan.from_dict(deps)
     lines = [f"deps:       {dp.kind}: {' '.join(dp.packages)}"]
     if dp.key:
-        when = ("cached" if dp.cached else
-                "not built yet: the job's setup line builds it, build_on=job" if dp.setup else
-                "not built yet: built before the tasks start")
+        when = (
+            "cached"
+            if dp.cached
+            else "not built yet: the job's setup line builds it, build_on=job"
+            if dp.setup
+            else "not built yet: built before the tasks start"
+        )
         lines += [f"  env:      {dp.key} ({when})", f"  env path: {dp.path}"]
         # ENV: a temporary dir next to the env path, renamed to it when the build succeeds
-        lines += [f"  build:    {shlex.join(step).replace('{env}', 'ENV')}" for step in dp.steps] if not dp.cached else []
+        lines += (
+            [f"  build:    {shlex.join(step).replace('{env}', 'ENV')}" for step in dp.steps] if not dp.cached else []
+        )
     lines += [f"  setup:    {line}" for line in dp.setup]
     lines += [f"  before the tasks (bash -lc): {line}" for line in dp.modules]
     if dp.command_prefix:

@@ -22,6 +22,7 @@ COMPLETED with its files, the failure is recorded and printed, and ``tfrun`` exi
 
 TensorFlow, tf2onnx and onnxruntime are imported only inside functions.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,6 +59,7 @@ def settings_for(run_dir: str | os.PathLike[str], **overrides: Any) -> OnnxExpor
 
 # --- finding and loading the model -----------------------------------------------------
 
+
 def _is_saved_model(path: Path) -> bool:
     return (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file()
 
@@ -73,19 +75,25 @@ def find_model(outputs: Path, model: str | None = None) -> Path:
         raise ExportError(f"{outputs} does not exist: the script saved nothing")
     if (outputs / "model.keras").is_file():
         return outputs / "model.keras"
-    for found in (sorted(outputs.glob("*.keras")),
-                  [outputs] if _is_saved_model(outputs) else [],
-                  sorted(p for p in outputs.iterdir() if p.is_dir() and _is_saved_model(p)),
-                  sorted(outputs.glob("*.h5"))):
+    for found in (
+        sorted(outputs.glob("*.keras")),
+        [outputs] if _is_saved_model(outputs) else [],
+        sorted(p for p in outputs.iterdir() if p.is_dir() and _is_saved_model(p)),
+        sorted(outputs.glob("*.h5")),
+    ):
         if len(found) == 1:
             return found[0]
         if found:
             names = ", ".join(p.name for p in found)
-            raise ExportError(f"several models in {outputs} ({names}): choose one with export.model=NAME "
-                              f"(or tfrun export --model NAME)")
+            raise ExportError(
+                f"several models in {outputs} ({names}): choose one with export.model=NAME "
+                f"(or tfrun export --model NAME)"
+            )
     listing = ", ".join(sorted(p.name for p in outputs.iterdir())) or "nothing"
-    raise ExportError(f"no model in {outputs} (it holds: {listing}); save model.keras, a SavedModel "
-                      f"directory or an .h5 file there, or name it with export.model=PATH")
+    raise ExportError(
+        f"no model in {outputs} (it holds: {listing}); save model.keras, a SavedModel "
+        f"directory or an .h5 file there, or name it with export.model=PATH"
+    )
 
 
 @dataclasses.dataclass
@@ -107,10 +115,14 @@ def _keras_function(model: Any, kind: str, path: Path) -> Loaded:
 
     inputs = list(getattr(model, "inputs", None) or [])
     if not inputs:
-        raise ExportError(f"{path.name}: the model has no known inputs (a subclassed model never called?); "
-                          f"save a Sequential or functional model, or a SavedModel with a serving signature")
-    specs = [tf.TensorSpec([d for d in tuple(t.shape)], tf.as_dtype(t.dtype), name=_input_name(t.name, i))
-             for i, t in enumerate(inputs)]
+        raise ExportError(
+            f"{path.name}: the model has no known inputs (a subclassed model never called?); "
+            f"save a Sequential or functional model, or a SavedModel with a serving signature"
+        )
+    specs = [
+        tf.TensorSpec([d for d in tuple(t.shape)], tf.as_dtype(t.dtype), name=_input_name(t.name, i))
+        for i, t in enumerate(inputs)
+    ]
 
     def call(*args: Any) -> Any:
         return model(list(args) if len(args) > 1 else args[0], training=False)
@@ -124,8 +136,9 @@ def _load_saved_model(path: Path) -> Loaded:
     loaded = tf.saved_model.load(str(path))
     signature = loaded.signatures.get("serving_default")
     if signature is None:
-        raise ExportError(f"SavedModel {path} has no serving_default signature "
-                          f"(it has: {', '.join(loaded.signatures) or 'none'})")
+        raise ExportError(
+            f"SavedModel {path} has no serving_default signature (it has: {', '.join(loaded.signatures) or 'none'})"
+        )
     _, by_name = signature.structured_input_signature
     names = sorted(by_name)
     specs = [tf.TensorSpec(by_name[n].shape, by_name[n].dtype, name=_input_name(n, i)) for i, n in enumerate(names)]
@@ -165,6 +178,7 @@ def load(path: Path) -> Loaded:
 
 # --- conversion and the parity check ---------------------------------------------------
 
+
 def _nodes(graph: Any) -> list[Any]:
     """Every node of an ONNX graph, those inside If/Loop/Scan bodies included."""
     found = []
@@ -180,8 +194,11 @@ def unconverted_ops(model_proto: Any) -> list[tuple[str, str]]:
     """(op type, node name) of the nodes tf2onnx left as TensorFlow ops: ONNX has no such op."""
     import onnx.defs
 
-    return [(n.op_type, n.name) for n in _nodes(model_proto.graph)
-            if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)]
+    return [
+        (n.op_type, n.name)
+        for n in _nodes(model_proto.graph)
+        if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)
+    ]
 
 
 def convert(loaded: Loaded, opset: int) -> Any:
@@ -191,8 +208,7 @@ def convert(loaded: Loaded, opset: int) -> Any:
 
     top = max(constants.OPSET_TO_IR_VERSION)
     if not MIN_OPSET <= opset <= top:
-        raise ExportError(f"export.opset={opset} is not supported by tf2onnx {tf2onnx.__version__}: "
-                          f"{MIN_OPSET}..{top}")
+        raise ExportError(f"export.opset={opset} is not supported by tf2onnx {tf2onnx.__version__}: {MIN_OPSET}..{top}")
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     try:
         model_proto, _ = tf2onnx.convert.from_function(loaded.function, input_signature=loaded.specs, opset=opset)
@@ -202,8 +218,10 @@ def convert(loaded: Loaded, opset: int) -> Any:
     if bad:
         ops = sorted({op for op, _ in bad})
         nodes = ", ".join(f"{name} ({op})" for op, name in bad[:5])
-        raise ExportError(f"tf2onnx cannot convert the TensorFlow op{'s' if len(ops) > 1 else ''} "
-                          f"{', '.join(ops)} to ONNX (opset {opset}); node(s): {nodes}")
+        raise ExportError(
+            f"tf2onnx cannot convert the TensorFlow op{'s' if len(ops) > 1 else ''} "
+            f"{', '.join(ops)} to ONNX (opset {opset}); node(s): {nodes}"
+        )
     return model_proto
 
 
@@ -224,8 +242,9 @@ def sample_inputs(specs: list[Any], samples: int, seed: int = 0) -> list[Any]:
         elif dtype.is_bool:
             arrays.append(rng.random(shape) < 0.5)
         else:
-            raise ExportError(f"input {spec.name!r} has dtype {dtype.name}: tfrun makes sample inputs only "
-                              f"for numbers and booleans")
+            raise ExportError(
+                f"input {spec.name!r} has dtype {dtype.name}: tfrun makes sample inputs only for numbers and booleans"
+            )
     return arrays
 
 
@@ -264,6 +283,7 @@ def compare(model_proto: Any, loaded: Loaded, samples: int) -> float:
 
 # --- one export, recorded ----------------------------------------------------------------
 
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -277,14 +297,18 @@ def export_model(outputs: Path, settings: OnnxExportConfig, record: dict[str, An
     model_path = find_model(outputs, settings.model)
     record["model"] = str(model_path)
     loaded = load(model_path)
-    record.update(kind=loaded.kind, inputs=[{"name": s.name, "shape": s.shape.as_list(), "dtype": s.dtype.name}
-                                            for s in loaded.specs])
+    record.update(
+        kind=loaded.kind,
+        inputs=[{"name": s.name, "shape": s.shape.as_list(), "dtype": s.dtype.name} for s in loaded.specs],
+    )
     model_proto = convert(loaded, settings.opset)
     diff = compare(model_proto, loaded, settings.samples)
     record["max_abs_diff"] = diff
     if not diff <= settings.tolerance:
-        raise ExportError(f"onnxruntime and TensorFlow disagree: max abs diff {diff:.3g} > "
-                          f"export.tolerance={settings.tolerance:g} on {settings.samples} random inputs")
+        raise ExportError(
+            f"onnxruntime and TensorFlow disagree: max abs diff {diff:.3g} > "
+            f"export.tolerance={settings.tolerance:g} on {settings.samples} random inputs"
+        )
     rundir.write_atomic(target, model_proto.SerializeToString())
     record.update(onnx=str(target), passed=True)
 
@@ -292,9 +316,17 @@ def export_model(outputs: Path, settings: OnnxExportConfig, record: dict[str, An
 def export_run(run_dir: str | os.PathLike[str], settings: OnnxExportConfig) -> dict[str, Any]:
     """Export a run's model, write export.json; the record (``passed`` false with ``error`` on failure)."""
     started = time.time()
-    record: dict[str, Any] = {"format": "onnx", "model": None, "onnx": None, "opset": settings.opset,
-                              "tolerance": settings.tolerance, "samples": settings.samples,
-                              "max_abs_diff": None, "passed": False, "error": None}
+    record: dict[str, Any] = {
+        "format": "onnx",
+        "model": None,
+        "onnx": None,
+        "opset": settings.opset,
+        "tolerance": settings.tolerance,
+        "samples": settings.samples,
+        "max_abs_diff": None,
+        "passed": False,
+        "error": None,
+    }
     try:
         record["versions"] = _versions()
         export_model(RunPaths.of(run_dir).outputs, settings, record)
@@ -310,8 +342,10 @@ def export_run(run_dir: str | os.PathLike[str], settings: OnnxExportConfig) -> d
 def summary(record: Mapping[str, Any]) -> str:
     """One line about an export's outcome."""
     if record.get("passed"):
-        return (f"export onnx: {record['onnx']} (opset {record['opset']}, max abs diff "
-                f"{record['max_abs_diff']:.3g} <= {record['tolerance']:g}, {record['seconds']:.1f} s)")
+        return (
+            f"export onnx: {record['onnx']} (opset {record['opset']}, max abs diff "
+            f"{record['max_abs_diff']:.3g} <= {record['tolerance']:g}, {record['seconds']:.1f} s)"
+        )
     return f"export onnx FAILED: {record.get('error')}"
 
 

@@ -19,6 +19,7 @@ authentication, which is why it listens on loopback unless told otherwise.
 
 No TensorFlow here: only onnxruntime and numpy (and onnx, if installed, for the opset).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,9 +45,17 @@ READ_TIMEOUT_S = 60  # a client silent this long mid-request gets its 400 and th
 DRAIN_S = 5  # at most this long reading (and dropping) a refused body, so its sender sees the answer
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # onnxruntime's type names -> numpy dtype names
-_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
-           "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int16)": "int16", "tensor(int8)": "int8",
-           "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int16)": "int16",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
 
 
 # The JSON values (as json.loads gives them) each kind of input dtype takes, and how to say
@@ -61,8 +70,14 @@ _TAKES: dict[str, tuple[frozenset[type], str]] = {
 # C0 and C1 control characters (and the backslash, so an escape cannot be forged) as \xNN:
 # what http.server's own log_message does to what it logs.
 _CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {ord("\\"): "\\\\"}
-_JSON_NAMES = {str: "strings", type(None): "null", bool: "true/false", int: "whole numbers",
-               float: "numbers with a decimal point", dict: "objects"}
+_JSON_NAMES = {
+    str: "strings",
+    type(None): "null",
+    bool: "true/false",
+    int: "whole numbers",
+    float: "numbers with a decimal point",
+    dict: "objects",
+}
 
 
 class BadRequest(Exception):
@@ -89,8 +104,13 @@ class Served:
 
     def health(self) -> dict[str, Any]:
         """What GET /health answers."""
-        return {"status": "ok", "model": str(self.path), "opset": self.opset, "inputs": self.inputs,
-                "outputs": self.outputs}
+        return {
+            "status": "ok",
+            "model": str(self.path),
+            "opset": self.opset,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+        }
 
 
 def _opset(path: Path) -> int | None:
@@ -110,8 +130,14 @@ def load(path: Path) -> Served:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise TfrunError(f"onnxruntime cannot load {path}: {exc}") from exc
-    inputs = [{"name": i.name, "shape": [d if isinstance(d, int) else None for d in i.shape],
-               "dtype": _DTYPES.get(i.type, i.type)} for i in session.get_inputs()]
+    inputs = [
+        {
+            "name": i.name,
+            "shape": [d if isinstance(d, int) else None for d in i.shape],
+            "dtype": _DTYPES.get(i.type, i.type),
+        }
+        for i in session.get_inputs()
+    ]
     return Served(path, session, inputs, [o.name for o in session.get_outputs()], _opset(path))
 
 
@@ -124,8 +150,10 @@ def check_shape(name: str, expected: list[int | None], given: tuple[int, ...]) -
     """BadRequest unless ``given`` fits ``expected`` (None matches any size)."""
     fits = len(expected) == len(given) and all(e is None or e == g for e, g in zip(expected, given))
     if not fits:
-        raise BadRequest(f"input {name!r} has shape {list(given)}; the model expects {shape_text(expected)} "
-                         f"(N: any size), e.g. a batch of rows")
+        raise BadRequest(
+            f"input {name!r} has shape {list(given)}; the model expects {shape_text(expected)} "
+            f"(N: any size), e.g. a batch of rows"
+        )
 
 
 def _array(name: str, value: Any, spec: dict[str, Any]) -> Any:
@@ -139,8 +167,10 @@ def _array(name: str, value: Any, spec: dict[str, Any]) -> Any:
     except TypeError:  # an onnxruntime type numpy has no name for, e.g. tensor(string)
         dtype = np.dtype(object)  # kind "O": not one that JSON values are fed as
     if dtype.kind not in _TAKES:
-        raise BadRequest(f"input {name!r} is of type {spec['dtype']}, which tfrun serve cannot feed "
-                         f"(it feeds number and bool inputs)")
+        raise BadRequest(
+            f"input {name!r} is of type {spec['dtype']}, which tfrun serve cannot feed "
+            f"(it feeds number and bool inputs)"
+        )
     ragged = BadRequest(f"input {name!r} is not a rectangular array: its rows differ in length or depth")
     try:
         # dtype=object keeps every value as JSON gave it, for the type check; rows of
@@ -171,8 +201,9 @@ def predict(served: Served, payload: Any) -> dict[str, Any]:
     names = [i["name"] for i in served.inputs]
     if not isinstance(given, dict):
         if len(names) != 1:
-            raise BadRequest(f"the model has {len(names)} inputs: send {{\"inputs\": {{name: [...]}}}} "
-                             f"with names {names}")
+            raise BadRequest(
+                f'the model has {len(names)} inputs: send {{"inputs": {{name: [...]}}}} with names {names}'
+            )
         given = {names[0]: given}
     if sorted(given) != sorted(names):
         raise BadRequest(f"inputs {sorted(given)} given; the model's inputs are {names}")
@@ -267,8 +298,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             body = self.rfile.read(length)
         except TimeoutError as exc:
-            raise BadRequest(f"the body did not arrive within {self.timeout} s "
-                             f"(Content-Length announced {length} bytes)") from exc
+            raise BadRequest(
+                f"the body did not arrive within {self.timeout} s (Content-Length announced {length} bytes)"
+            ) from exc
         if len(body) < length:
             raise BadRequest(f"the body ended after {len(body)} bytes; its Content-Length announced {length}")
         return body
@@ -309,13 +341,18 @@ class Handler(BaseHTTPRequestHandler):
 def make_server(served: Served, host: str, port: int) -> ThreadingHTTPServer:
     """A threading HTTP server for the model (IPv6 if host is an IPv6 address)."""
     handler = type("ModelHandler", (Handler,), {"served": served})
-    server_class = type("Server", (ThreadingHTTPServer,), {
-        "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "daemon_threads": True})
+    server_class = type(
+        "Server",
+        (ThreadingHTTPServer,),
+        {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "daemon_threads": True},
+    )
     try:
         return server_class((host, port), handler)
     except OSError as exc:
-        raise TfrunError(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
-                         f"(choose another --port, or --port 0 for any free one)") from exc
+        raise TfrunError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+            f"(choose another --port, or --port 0 for any free one)"
+        ) from exc
 
 
 def model_path(run: str | None, model: str | None) -> Path:
@@ -345,16 +382,20 @@ def registered_path(uri: str, tracking_uri: str | None, dst: Path) -> Path:
     """The .onnx file of a registered model version (``models:/NAME/VERSION``), downloaded into ``dst``."""
     from tfrun.tracking import mlflow_sync
 
-    tracking = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow_sync.tracking_uri(
-        {}, rundir.runs_root())
+    tracking = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow_sync.tracking_uri({}, rundir.runs_root())
     try:
         return mlflow_sync.registered_onnx(uri, tracking, dst)
     except Exception as exc:
         raise TfrunError(f"cannot serve {uri} from MLflow at {tracking}: {type(exc).__name__}: {exc}") from exc
 
 
-def cmd_serve(run: str | None, host: str = "127.0.0.1", port: int = 8080, model: str | None = None,
-              tracking_uri: str | None = None) -> int:
+def cmd_serve(
+    run: str | None,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    model: str | None = None,
+    tracking_uri: str | None = None,
+) -> int:
     """``tfrun serve RUN``: serve until Ctrl-C (or SIGTERM); 0 once stopped."""
     if run and run.startswith("models:/"):
         with tempfile.TemporaryDirectory(prefix="tfrun-model-") as download:  # removed once serving ends
@@ -366,8 +407,10 @@ def _serve(served: Served, host: str, port: int) -> int:
     server = make_server(served, host, port)
     url = _url(host, server.server_address[1])
     if host not in LOOPBACK:
-        print(f"tfrun: warning: listening on {host}: anyone who can reach it can use the model "
-              f"(no authentication)", file=sys.stderr)
+        print(
+            f"tfrun: warning: listening on {host}: anyone who can reach it can use the model (no authentication)",
+            file=sys.stderr,
+        )
     shapes = ", ".join(f"{i['name']} {shape_text(i['shape'])}" for i in served.inputs)
     print(f"tfrun: serving {served.path} ({shapes}) at {url}", file=sys.stderr)
     print(f"tfrun: POST {url}/predict, GET {url}/health; Ctrl-C stops", file=sys.stderr, flush=True)
@@ -385,4 +428,3 @@ def _serve(served: Served, host: str, port: int) -> int:
         server.server_close()
     print("tfrun: serve stopped", file=sys.stderr, flush=True)
     return 0
-

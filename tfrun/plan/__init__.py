@@ -10,6 +10,7 @@ a run will do, before anything runs.
 ``Plan`` and ``Task`` are defined by the run dir's format (:mod:`tfrun.rundir`), which every
 task reads; they are re-exported here, where plans are made.
 """
+
 from __future__ import annotations
 
 from tfrun.rundir import Plan, Task

@@ -4,6 +4,7 @@ Building a plan has no side effects. ``--dry-run`` prints it, tests assert on it
 launchers write it to the run dir as ``plan.json``, and the bootstrap in every task
 reads it back (:class:`tfrun.rundir.Plan`) to learn what to do.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,9 @@ def local_gpus(local_rank: int, gpus_per_task: int) -> str | None:
     return ",".join(str(first + i) for i in range(gpus_per_task))
 
 
-def base_env(run_id: str, run_dir: str, ident: Mapping[str, int], role: str, world_size: int,
-             backend: str) -> dict[str, str]:
+def base_env(
+    run_id: str, run_dir: str, ident: Mapping[str, int], role: str, world_size: int, backend: str
+) -> dict[str, str]:
     """The TFRUN_* variables every task gets (also read by :func:`tfrun.task.context`)."""
     return {
         variables.RUN_ID: run_id,
@@ -99,23 +101,50 @@ def build_plan(run: RunConfig, run_dir: str | os.PathLike[str], sweep_dir: str |
     tasks = []
     roles = backend.roles(run.backend.options, world_size)
     for rank, (role, role_index, runs_script) in enumerate(roles):
-        ident = {"rank": rank, "local_rank": rank % compute.tasks_per_node, "node_index": rank // compute.tasks_per_node}
+        ident = {
+            "rank": rank,
+            "local_rank": rank % compute.tasks_per_node,
+            "node_index": rank // compute.tasks_per_node,
+        }
         env = {**base_env(run_id, str(run_path), ident, role, world_size, run.backend.name), **extra_env}
-        tasks.append(Task(
-            **ident, role=role, role_index=role_index, runs_script=runs_script, argv=argv, env=env,
-            gpus=local_gpus(ident["local_rank"], compute.gpus_per_rank) if compute.target == "local" else None,
-            tf_config=backend.tf_config(run.backend.options, roles, rank),
-        ))
+        tasks.append(
+            Task(
+                **ident,
+                role=role,
+                role_index=role_index,
+                runs_script=runs_script,
+                argv=argv,
+                env=env,
+                gpus=local_gpus(ident["local_rank"], compute.gpus_per_rank) if compute.target == "local" else None,
+                tf_config=backend.tf_config(run.backend.options, roles, rank),
+            )
+        )
 
     gpus = bool(compute.gpus_per_node or compute.gpus_per_task)
-    deps_plan = deps.plan_for(run.deps.options, entry.python or sys.executable, compute.target, gpus, str(run_path),
-                              str(entry.script), str(entry.source_dir), run.cwd)
+    deps_plan = deps.plan_for(
+        run.deps.options,
+        entry.python or sys.executable,
+        compute.target,
+        gpus,
+        str(run_path),
+        str(entry.script),
+        str(entry.source_dir),
+        run.cwd,
+    )
     python = deps_plan.python  # the environment's interpreter (or the container's)
     plan = Plan(
-        run_id=run_id, run_dir=str(run_path), target=compute.target, backend=run.backend.name,
-        script=str(entry.script), source_dir=str(entry.source_dir), python=python,
-        command=[*deps_plan.command_prefix, python, "-u", "-m", "tfrun.bootstrap", str(run_path)], tasks=tasks,
-        config=dict(run.data), deps=deps_plan.to_dict(), warnings=list(run.warnings),
+        run_id=run_id,
+        run_dir=str(run_path),
+        target=compute.target,
+        backend=run.backend.name,
+        script=str(entry.script),
+        source_dir=str(entry.source_dir),
+        python=python,
+        command=[*deps_plan.command_prefix, python, "-u", "-m", "tfrun.bootstrap", str(run_path)],
+        tasks=tasks,
+        config=dict(run.data),
+        deps=deps_plan.to_dict(),
+        warnings=list(run.warnings),
     )
     return replace(plan, request=target_request(plan, sweep_dir, compute))
 

@@ -7,6 +7,7 @@ them with :func:`plan_points`, the function :func:`compose_plans` uses too. Each
 runs from config/ in one hand-over (:mod:`tfrun.config.composition`: composed, resolved,
 checked, typed), and every run becomes a plan in :func:`plan_composed`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -23,8 +24,17 @@ from tfrun.plan.pools import point_requests
 from tfrun.rundir import Plan
 from tfrun.states import RunState
 
-__all__ = ["Planned", "TuningStudy", "compose_plans", "plan_points", "plan_run", "plan_sweep", "refuse_existing",
-           "sweep_requests"]
+__all__ = [
+    "Planned",
+    "TuningStudy",
+    "compose_plans",
+    "plan_points",
+    "plan_run",
+    "plan_sweep",
+    "refuse_existing",
+    "sweep_requests",
+]
+
 
 class Planned:
     """A plan and the composition it came from (what the run dir's ``.hydra`` files hold)."""
@@ -67,9 +77,11 @@ def refuse_existing(planned: Sequence[Planned]) -> None:
         if paths.plan.exists():
             state = rundir.read_status(paths.root).get("state") or "never started"
             on = "" if state == RunState.COMPLETED else f"to go on with that run: tfrun resume {paths.root}; "
-            raise ConfigError(f"{paths.root} holds a run already ({state}): a new run is not started over it; "
-                              f"{on}for a new one, choose another hydra.run.dir (hydra.sweep.dir for a sweep) "
-                              f"or remove that dir")
+            raise ConfigError(
+                f"{paths.root} holds a run already ({state}): a new run is not started over it; "
+                f"{on}for a new one, choose another hydra.run.dir (hydra.sweep.dir for a sweep) "
+                f"or remove that dir"
+            )
 
 
 def plan_composed(source: Composition) -> Planned:
@@ -77,14 +89,16 @@ def plan_composed(source: Composition) -> Planned:
     return Planned(build_plan(source.run, source.output_dir, source.sweep_dir), source)
 
 
-def plan_run(overrides: Sequence[str], config_dir: str | None = None,
-             config_name: str = composition.CONFIG_NAME) -> Planned:
+def plan_run(
+    overrides: Sequence[str], config_dir: str | None = None, config_name: str = composition.CONFIG_NAME
+) -> Planned:
     """A single run: composed and planned, its run dir not created yet (:meth:`Planned.write`)."""
     return plan_composed(composition.single(overrides, config_dir, config_name))
 
 
-def plan_points(loader: Any, sweep: DictConfig, job_overrides: Sequence[Sequence[str]],
-                initial_job_idx: int = 0) -> list[Planned]:
+def plan_points(
+    loader: Any, sweep: DictConfig, job_overrides: Sequence[Sequence[str]], initial_job_idx: int = 0
+) -> list[Planned]:
     """Plan a batch of a sweep's points (``sweep``: the multirun's config), composed and checked
     by config/ (:func:`tfrun.config.composition.points`). Nothing is written: a bad point
     raises before any run dir exists."""
@@ -98,14 +112,20 @@ def sweep_requests(plans: Sequence[Plan]) -> list[Plan]:
     return list(plans)
 
 
-def plan_sweep(overrides: Sequence[str], config_dir: str | None = None,
-               config_name: str = composition.CONFIG_NAME) -> list[Planned]:
+def plan_sweep(
+    overrides: Sequence[str], config_dir: str | None = None, config_name: str = composition.CONFIG_NAME
+) -> list[Planned]:
     """Every point of a grid sweep, as ``tfrun -m`` with Hydra's basic sweeper plans them."""
     return [plan_composed(one) for one in composition.grid(overrides, config_dir, config_name)]
 
 
-def compose_plans(overrides: Sequence[str], multirun: bool = False, config_dir: str | None = None,
-                  config_name: str = composition.CONFIG_NAME, write: bool = False) -> list[Plan]:
+def compose_plans(
+    overrides: Sequence[str],
+    multirun: bool = False,
+    config_dir: str | None = None,
+    config_name: str = composition.CONFIG_NAME,
+    write: bool = False,
+) -> list[Plan]:
     """Every plan ``tfrun [-m] OVERRIDES`` would launch (``write``: and create their run dirs,
     once every point is planned, as a launch does)."""
     if multirun:

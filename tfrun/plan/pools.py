@@ -8,6 +8,7 @@ its tasks an agent keeps an interpreter with the slot's environment and the heav
 script imports already loaded; each item then runs in a fresh process started from it
 (``warm``), in its own run dir, as a run of its own would.
 """
+
 from __future__ import annotations
 
 import ast
@@ -33,8 +34,19 @@ HEAVY = ("tensorflow", "keras", "tf_keras", "numpy", "scipy", "sklearn", "pandas
 IDLE_TIMEOUT_S = 60.0  # default: an allocation with nothing to do and no item fed ends after this
 AUTO_MIN_POINTS = 10  # compute.pack=auto: at least this many points per allocation
 # Compute keys an item may set for itself: they do not change what its slot is.
-PER_ITEM_KEYS = ("hang_timeout_s", "requeue_on_hang", "wait", "poll_s", "pack", "pack_size", "pack_slots",
-                 "array_parallelism", "stop_grace_s", "warm", "preload")
+PER_ITEM_KEYS = (
+    "hang_timeout_s",
+    "requeue_on_hang",
+    "wait",
+    "poll_s",
+    "pack",
+    "pack_size",
+    "pack_slots",
+    "array_parallelism",
+    "stop_grace_s",
+    "warm",
+    "preload",
+)
 
 
 @dataclass(frozen=True)
@@ -107,8 +119,13 @@ def _script_modules(script: str) -> tuple[str, ...]:
         return ()
     found: list[str] = []
     for node in ast.walk(tree):
-        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                 [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module]
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level
+            else []
+        )
         found += [n for n in names if n.split(".")[0] in HEAVY and n not in found]
     return tuple(found)
 
@@ -132,8 +149,14 @@ def warm_env(plan: Plan) -> dict[str, str]:
     return {k: v for k, v in plan.tasks[0].env.items() if not k.startswith(variables.PREFIX)}
 
 
-def _shape(compute: Mapping[str, Any], backend: str, python: list[str], setup: list[str], env: dict[str, str],
-           preload: list[str]) -> dict[str, Any]:
+def _shape(
+    compute: Mapping[str, Any],
+    backend: str,
+    python: list[str],
+    setup: list[str],
+    env: dict[str, str],
+    preload: list[str],
+) -> dict[str, Any]:
     """What an item's slot is made of, by the key a user sets it with."""
     shape = {f"compute.{k}": v for k, v in compute.items() if k not in PER_ITEM_KEYS}
     if compute.get("target") == "local":
@@ -144,8 +167,9 @@ def _shape(compute: Mapping[str, Any], backend: str, python: list[str], setup: l
 
 def plan_shape(plan: Plan) -> dict[str, Any]:
     """The slot a plan needs."""
-    return _shape(plan.compute, plan.backend, deps.python_words(plan), deps.setup_lines(plan), warm_env(plan),
-                  preload_for(plan))
+    return _shape(
+        plan.compute, plan.backend, deps.python_words(plan), deps.setup_lines(plan), warm_env(plan), preload_for(plan)
+    )
 
 
 def spec_shape(spec: PoolSpec) -> dict[str, Any]:
@@ -175,18 +199,31 @@ def check_items(first: Plan, plans: Sequence[Plan], what: str) -> None:
     for plan in plans:
         why = conflict(first, plan)
         if why:
-            raise ConfigError(f"{what}: the items of a pool share its slots, so they must ask for the same task "
-                              f"shape and environment, but {why}. Sweep that key in separate sweeps, or run "
-                              f"without a pool")
+            raise ConfigError(
+                f"{what}: the items of a pool share its slots, so they must ask for the same task "
+                f"shape and environment, but {why}. Sweep that key in separate sweeps, or run "
+                f"without a pool"
+            )
 
 
 def spec_for(first: Plan, allocations: int, slots: int, idle_timeout_s: float) -> PoolSpec:
     """The pool whose slots are shaped like ``first``'s tasks (checked: see :func:`check_settings`)."""
     c = Compute.of(first.compute)
-    return PoolSpec(target=first.target, allocations=allocations, slots=slots, nodes=int(c.nodes),
-                    tasks_per_node=int(c.tasks_per_node), backend=first.backend, python=deps.python_words(first),
-                    warm=str(c.warm), preload=preload_for(first), env=warm_env(first),
-                    idle_timeout_s=float(idle_timeout_s), compute=dict(first.compute), setup=deps.setup_lines(first))
+    return PoolSpec(
+        target=first.target,
+        allocations=allocations,
+        slots=slots,
+        nodes=int(c.nodes),
+        tasks_per_node=int(c.tasks_per_node),
+        backend=first.backend,
+        python=deps.python_words(first),
+        warm=str(c.warm),
+        preload=preload_for(first),
+        env=warm_env(first),
+        idle_timeout_s=float(idle_timeout_s),
+        compute=dict(first.compute),
+        setup=deps.setup_lines(first),
+    )
 
 
 def allocation_parameters(spec: PoolSpec) -> dict[str, Any]:
@@ -216,8 +253,16 @@ def slot_command(spec: PoolSpec, pool_dir: str | os.PathLike[str]) -> list[str]:
     its own share of the GPUs and memory, its stdin given to every task (the coordinator's
     orders reach each agent), a failing task not ending the others."""
     c = Compute.of(spec.compute)
-    step = ["srun", "--exact", f"--nodes={spec.nodes}", f"--ntasks={spec.world}",
-            f"--ntasks-per-node={spec.tasks_per_node}", "--input=all", "--kill-on-bad-exit=0", *c.srun_args]
+    step = [
+        "srun",
+        "--exact",
+        f"--nodes={spec.nodes}",
+        f"--ntasks={spec.world}",
+        f"--ntasks-per-node={spec.tasks_per_node}",
+        "--input=all",
+        "--kill-on-bad-exit=0",
+        *c.srun_args,
+    ]
     if c.cpus_per_task:
         # Said again, for every release: 24.11's srun takes the allocation's --cpus-per-task
         # (SLURM_CPUS_PER_TASK), 22.05's gives an --exact step one CPU per task.
@@ -233,18 +278,25 @@ def slot_command(spec: PoolSpec, pool_dir: str | os.PathLike[str]) -> list[str]:
 
 def describe(spec: PoolSpec, pool_dir: str | os.PathLike[str]) -> list[str]:
     """What ``--dry-run`` says of a pool, as lines."""
-    where = (f"{spec.allocations} Slurm allocation(s) of {spec.slots} slot(s)" if spec.target == "slurm"
-             else f"this machine, {spec.slots} slot(s)")
-    start = {"fork": "a fresh process forked from the slot's warm interpreter",
-             "spawn": "a fresh interpreter started ahead, its imports done",
-             "cold": "a new interpreter, started when the item comes"}[spec.warm]
+    where = (
+        f"{spec.allocations} Slurm allocation(s) of {spec.slots} slot(s)"
+        if spec.target == "slurm"
+        else f"this machine, {spec.slots} slot(s)"
+    )
+    start = {
+        "fork": "a fresh process forked from the slot's warm interpreter",
+        "spawn": "a fresh interpreter started ahead, its imports done",
+        "cold": "a new interpreter, started when the item comes",
+    }[spec.warm]
     imports = ", ".join(spec.preload) or "tfrun's bootstrap only"
     env = " ".join(f"{k}={v}" for k, v in sorted(spec.env.items()))
-    lines = [f"pool: {where}; a slot is {spec.nodes} node(s) x {spec.tasks_per_node} task(s), backend {spec.backend}",
-             f"  pool dir:   {pool_dir}",
-             f"  each item:  {start} (compute.warm={spec.warm}), its own run dir, status and logs",
-             f"  warm:       {imports} imported ahead" + (f", with {env}" if env else ""),
-             f"  ends:       once its queue is closed and drained; with nothing to run for {spec.idle_timeout_s:g} s"]
+    lines = [
+        f"pool: {where}; a slot is {spec.nodes} node(s) x {spec.tasks_per_node} task(s), backend {spec.backend}",
+        f"  pool dir:   {pool_dir}",
+        f"  each item:  {start} (compute.warm={spec.warm}), its own run dir, status and logs",
+        f"  warm:       {imports} imported ahead" + (f", with {env}" if env else ""),
+        f"  ends:       once its queue is closed and drained; with nothing to run for {spec.idle_timeout_s:g} s",
+    ]
     if spec.target == "slurm":
         lines.append(f"  each slot:  {shlex.join(slot_command(spec, pool_dir))}")
     else:
@@ -254,12 +306,17 @@ def describe(spec: PoolSpec, pool_dir: str | os.PathLike[str]) -> list[str]:
 
 def request(spec: PoolSpec, pool_dir: str | os.PathLike[str], runs: Sequence[str] = ()) -> dict[str, Any]:
     """For --dry-run: the pool, its allocations' sbatch script (Slurm), the items it would run."""
-    info: dict[str, Any] = {"pool": spec.to_dict(), "pool_dir": str(pool_dir), "runs": list(runs),
-                            "describe": describe(spec, pool_dir)}
+    info: dict[str, Any] = {
+        "pool": spec.to_dict(),
+        "pool_dir": str(pool_dir),
+        "runs": list(runs),
+        "describe": describe(spec, pool_dir),
+    }
     if spec.target == "slurm":
         folder = str(SweepPaths.of(pool_dir).submitit)
-        info["sbatch"] = sbatch.sbatch_text(allocation_parameters(spec), spec.python, folder,
-                                            array_size=spec.allocations)
+        info["sbatch"] = sbatch.sbatch_text(
+            allocation_parameters(spec), spec.python, folder, array_size=spec.allocations
+        )
         info["slot_step"] = shlex.join(slot_command(spec, pool_dir))
     return info
 

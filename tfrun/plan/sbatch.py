@@ -1,5 +1,6 @@
 """What a run or a sweep will submit to Slurm, as data: submitit's parameters and the exact
 sbatch script. Pure (``--dry-run`` shows it); :mod:`tfrun.targets.slurm` submits it."""
+
 from __future__ import annotations
 
 import os
@@ -80,7 +81,9 @@ def shell_words(python: str | Sequence[str]) -> str:
     return shlex.quote(python) if isinstance(python, str) else shlex.join(python)
 
 
-def sbatch_text(params: dict[str, Any], python: str | Sequence[str], folder: str | os.PathLike[str], array_size: int | None = None) -> str:
+def sbatch_text(
+    params: dict[str, Any], python: str | Sequence[str], folder: str | os.PathLike[str], array_size: int | None = None
+) -> str:
     """The exact sbatch script submitit will write for these parameters."""
     extra = {"map_count": array_size} if array_size and array_size > 1 else {}
     return submitit_compat.sbatch_script(submitit_command(python, folder), folder, **params, **extra)
@@ -128,8 +131,12 @@ def array_requests(plans: Sequence[Plan], sweep_dir: str) -> list[dict[str, Any]
     requests = []
     for group in parameter_groups(plans):
         for start in range(0, len(group), chunk):
-            part = group[start:start + chunk]
+            part = group[start : start + chunk]
             params = plan_parameters(part[0])
-            requests.append({"runs": [p.run_id for p in part],
-                             "sbatch": sbatch_text(params, deps.python_words(part[0]), folder, array_size=len(part))})
+            requests.append(
+                {
+                    "runs": [p.run_id for p in part],
+                    "sbatch": sbatch_text(params, deps.python_words(part[0]), folder, array_size=len(part)),
+                }
+            )
     return requests

@@ -8,6 +8,7 @@ killed. Each function here wraps
 one such part; ``tests/test_compat.py`` checks every one against the installed submitit
 and names the upgrade that changed it.
 """
+
 from __future__ import annotations
 
 import os

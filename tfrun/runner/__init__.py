@@ -5,6 +5,7 @@ asked to stop later (:mod:`~tfrun.runner.control`); the points of a sweep
 launcher plugin and the tuning study all come through here; the targets below do the acting
 (:mod:`tfrun.targets`).
 """
+
 from __future__ import annotations
 
 import sys
@@ -18,8 +19,9 @@ def _say_warning(text: str) -> None:
     print(f"tfrun: warning: {text}", file=sys.stderr)
 
 
-def launch(plan: Plan, out: IO[bytes] | None = None, report: bool = True,
-           warn: Callable[[str], None] | None = _say_warning) -> str:
+def launch(
+    plan: Plan, out: IO[bytes] | None = None, report: bool = True, warn: Callable[[str], None] | None = _say_warning
+) -> str:
     """Start a planned run where its compute target says and follow it (with
     ``compute.wait=false``: until its scheduler has it); its state. ``report``: print its outcome
     (the command line's; a notebook or a study's trial reads the state instead). ``warn``: how

@@ -1,6 +1,7 @@
 """The state of runs, and stopping them: what ``tfrun status|cancel|...`` and the Python API
 share. They read the run dir and, for Slurm runs not yet finished, ask Slurm about all the
 jobs concerned in one ``sacct`` call."""
+
 from __future__ import annotations
 
 import sys
@@ -102,8 +103,9 @@ def in_use(launches: Sequence[Mapping[str, Any]]) -> list[bool]:
 
     dirs = [Path(launch["run_dir"]) for launch in launches]
     statuses = [_readable_status(d) for d in dirs]
-    waiting = [job for d, s in zip(dirs, statuses) if s and s.get("state") not in FINAL
-               for job in targets.of(s).jobs([(d, s)])]
+    waiting = [
+        job for d, s in zip(dirs, statuses) if s and s.get("state") not in FINAL for job in targets.of(s).jobs([(d, s)])
+    ]
     jobs: dict[str, dict[str, str]] = {}
     if waiting:
         from tfrun.targets import slurm
@@ -120,8 +122,9 @@ def _readable_status(run_dir: Path) -> dict[str, Any] | None:
         return {"state": RunState.UNKNOWN}
 
 
-def _may_run(run_dir: Path, status: dict[str, Any] | None, launch: Mapping[str, Any],
-             jobs: Mapping[str, Mapping[str, str]]) -> bool:
+def _may_run(
+    run_dir: Path, status: dict[str, Any] | None, launch: Mapping[str, Any], jobs: Mapping[str, Mapping[str, str]]
+) -> bool:
     if status is None:
         return False
     state = status.get("state")

@@ -5,6 +5,7 @@ thin adapter around :func:`launch_points`, and by ``tfrun.sweep`` (:func:`run_po
 Every point is planned (and validated) before anything starts, so one bad point means
 nothing is submitted and no run dir is made.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,13 +34,17 @@ class SweepOutcome:
 def record_points(sweep_dir: Path, plans: Sequence[Plan], overrides: Sequence[Sequence[str]], **fields: Any) -> None:
     """Add points to the sweep's index (a tuning sweeper launches several batches), each with
     ``fields`` (a trial's number), in one write: a reader never sees a point without them."""
+
     def add(index: dict[str, Any]) -> None:
         known = {p["run_dir"] for p in index["points"]}
         for point in index["points"]:  # (one recorded before: its fields are these now)
             if point["run_dir"] in {p.run_dir for p in plans}:
                 point.update(fields)
-        index["points"] += [{"run_id": p.run_id, "run_dir": p.run_dir, "overrides": list(o), **fields}
-                            for p, o in zip(plans, overrides) if p.run_dir not in known]
+        index["points"] += [
+            {"run_id": p.run_id, "run_dir": p.run_dir, "overrides": list(o), **fields}
+            for p, o in zip(plans, overrides)
+            if p.run_dir not in known
+        ]
 
     rundir.update_json(SweepPaths.of(sweep_dir).index, add, {"points": []})
 
@@ -94,8 +99,13 @@ def _remove_empty_sweep(sweep_dir: Path) -> None:
         pass
 
 
-def launch_points(hydra_context: Any, config: Any, job_overrides: Sequence[Sequence[str]],
-                  initial_job_idx: int, task_function: Any = None) -> list[Any]:
+def launch_points(
+    hydra_context: Any,
+    config: Any,
+    job_overrides: Sequence[Sequence[str]],
+    initial_job_idx: int,
+    task_function: Any = None,
+) -> list[Any]:
     """Plan every point, launch them, and return Hydra JobReturns carrying each run's state."""
     from omegaconf import OmegaConf
 
@@ -139,9 +149,14 @@ def _job(planned: planner.Planned, hydra_context: Any, task_function: Any) -> An
     # A point planned from resolved values has no composition, and none is made for this:
     # Hydra reads a JobReturn's configs only in its callbacks, and a sweep with callbacks is
     # composed point by point (PointComposer.resolved).
-    ret = JobReturn(overrides=planned.overrides, cfg=planned.config if planned.composed else None,
-                    hydra_cfg=planned.hydra if planned.composed else None,
-                    working_dir=os.getcwd(), task_name=JobRuntime.instance().get("name"), status=JobStatus.COMPLETED)
+    ret = JobReturn(
+        overrides=planned.overrides,
+        cfg=planned.config if planned.composed else None,
+        hydra_cfg=planned.hydra if planned.composed else None,
+        working_dir=os.getcwd(),
+        task_name=JobRuntime.instance().get("name"),
+        status=JobStatus.COMPLETED,
+    )
     ret.return_value = planned.plan
     callbacks = getattr(hydra_context, "callbacks", None)
     if callbacks is not None and planned.composed and planned.hydra.hydra.get("callbacks"):
@@ -163,14 +178,18 @@ def _job_return(plan: Plan, ret: Any, state: str, sweep_dir: Path) -> Any:
     if state not in OK:
         SweepOutcome.failed.append(plan.run_id)
     if not metric:
-        ret.return_value = str(state)  # the word, not the enum: a Hydra callback may write it out (YAML refuses an enum)
+        ret.return_value = str(
+            state
+        )  # the word, not the enum: a Hydra callback may write it out (YAML refuses an enum)
         return ret
     value = objective_value(plan, metric) if state == RunState.COMPLETED else None
     record_objective(sweep_dir, plan, metric, value)
     if value is None:
         ret.status = JobStatus.FAILED
-        ret.return_value = RunFailed(f"run {plan.run_id} {state}" + ("" if state != RunState.COMPLETED else
-                                     f" without recording the objective metric {metric!r}"))
+        ret.return_value = RunFailed(
+            f"run {plan.run_id} {state}"
+            + ("" if state != RunState.COMPLETED else f" without recording the objective metric {metric!r}")
+        )
     else:
         ret.return_value = value
     return ret

@@ -10,6 +10,7 @@ sweeps, local sweeps and tuning studies), :mod:`~tfrun.targets.settle` (how a ru
 set of rules for every target), :mod:`~tfrun.targets.report` (what is printed when a run ends).
 A run's life across them is the runner's (:mod:`tfrun.runner`).
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping

@@ -5,6 +5,7 @@ Every rank's output is written to its log in the run dir and streamed to the ter
 stopped within ``compute.stop_grace_s``; Ctrl-C stops every task. Each task runs in its
 own process group so that whatever it started is stopped with it.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,8 +94,11 @@ def prestart() -> None:
         _prestarted_env = dict(os.environ)
         with preempt.blocked():  # taken by the bootstrap's handlers (see start)
             _prestarted = subprocess.Popen(
-                _bootstrap_command("--await"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                _bootstrap_command("--await"),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
 
@@ -116,8 +120,12 @@ def _take_prestarted(plan: Plan, env: dict[str, str]) -> subprocess.Popen[bytes]
         return None
     # Not the same command (deps=pip/conda/container), or this process's environment
     # changed since (deps=modules loads modules here): start the task the usual way.
-    if (plan.command != _bootstrap_command(plan.run_dir) or dict(os.environ) != _prestarted_env
-            or proc.poll() is not None or proc.stdin is None):
+    if (
+        plan.command != _bootstrap_command(plan.run_dir)
+        or dict(os.environ) != _prestarted_env
+        or proc.poll() is not None
+        or proc.stdin is None
+    ):
         _prestarted = proc
         dismiss_prestarted()
         return None
@@ -144,8 +152,14 @@ def start(plan: Plan, extra_env: dict[str, str] | None = None) -> list[subproces
                 # The task starts with the stop signals held: a Ctrl-C in its first moments (before
                 # the bootstrap catches them) would otherwise kill it; held, it is a stop request.
                 with preempt.blocked():
-                    proc = subprocess.Popen(plan.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+                    proc = subprocess.Popen(
+                        plan.command,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
             procs.append(proc)
     except BaseException:
         stop_all(procs, 0)  # a task that cannot start: the ones started already must not run on alone
@@ -153,9 +167,14 @@ def start(plan: Plan, extra_env: dict[str, str] | None = None) -> list[subproces
     return procs
 
 
-def _wait(procs: list[subprocess.Popen[bytes]], critical: set[int], timeout_s: float,
-          out: IO[bytes], cancelled: threading.Event | None = None,
-          cancel_request: Path | None = None) -> tuple[str, int | None]:
+def _wait(
+    procs: list[subprocess.Popen[bytes]],
+    critical: set[int],
+    timeout_s: float,
+    out: IO[bytes],
+    cancelled: threading.Event | None = None,
+    cancel_request: Path | None = None,
+) -> tuple[str, int | None]:
     """Block until all tasks end, a critical one fails, or the time limit; (state, failed rank).
     A cancel is asked for by the event (this process) or by the request file (`tfrun cancel`
     from anywhere: a signal to this process would reach whatever else runs in it)."""
@@ -257,12 +276,21 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
 
 def _record_launch_failure(plan: Plan, exc: BaseException) -> None:
     interrupted = isinstance(exc, KeyboardInterrupt)
-    reason = "interrupted (Ctrl-C) while launching" if interrupted else f"the launch failed: {type(exc).__name__}: {exc}"
+    reason = (
+        "interrupted (Ctrl-C) while launching" if interrupted else f"the launch failed: {type(exc).__name__}: {exc}"
+    )
     try:
         if rundir.read_status(plan.run_dir).get("state") not in FINAL:
             state = RunState.CANCELLED if interrupted else RunState.FAILED
-            rundir.update_status(plan.run_dir, run_id=plan.run_id, state=state, target="local", backend=plan.backend,
-                                 ended=time.time(), reason=reason)
+            rundir.update_status(
+                plan.run_dir,
+                run_id=plan.run_id,
+                state=state,
+                target="local",
+                backend=plan.backend,
+                ended=time.time(),
+                reason=reason,
+            )
     except OSError:  # the run dir itself cannot be written: the exception raised says why
         pass
 
@@ -274,11 +302,24 @@ def _run(plan: Plan, out: IO[bytes]) -> str:
     paths.cancel_request.unlink(missing_ok=True)  # a cancel of an earlier attempt is not this one's
     plan.save()
     extra_env = deps.prepare(plan)  # build or reuse the environment; a ConfigError here starts nothing
-    rundir.update_status(run_dir, run_id=plan.run_id, state=RunState.RUNNING, target="local", backend=plan.backend,
-                         started=time.time(), ended=None, world_size=len(plan.tasks), job_ids=[],
-                         launcher_pid=os.getpid(), launcher_started=rundir.process_started(os.getpid()),
-                         launcher_host=rundir.hostname(), failed_rank=None, reason=None,
-                         pool=None, pool_item=None)  # (an item of a pool resumed as a run of its own)
+    rundir.update_status(
+        run_dir,
+        run_id=plan.run_id,
+        state=RunState.RUNNING,
+        target="local",
+        backend=plan.backend,
+        started=time.time(),
+        ended=None,
+        world_size=len(plan.tasks),
+        job_ids=[],
+        launcher_pid=os.getpid(),
+        launcher_started=rundir.process_started(os.getpid()),
+        launcher_host=rundir.hostname(),
+        failed_rank=None,
+        reason=None,
+        pool=None,
+        pool_item=None,
+    )  # (an item of a pool resumed as a run of its own)
     procs = start(plan, extra_env)
     lock = threading.Lock()
     pumps = []
@@ -294,8 +335,9 @@ def _run(plan: Plan, out: IO[bytes]) -> str:
     cancelled = _IN_PROCESS.setdefault(os.path.realpath(run_dir), threading.Event())
     try:
         try:
-            state, failed = _wait(procs, critical, plan.compute["timeout_min"] * 60, out, cancelled,
-                                  paths.cancel_request)
+            state, failed = _wait(
+                procs, critical, plan.compute["timeout_min"] * 60, out, cancelled, paths.cancel_request
+            )
         except KeyboardInterrupt:
             state, failed = stop_gracefully(procs, out)
     except _Cancelled:  # also while stopping gracefully: the tasks are stopped below all the same
@@ -311,7 +353,15 @@ def _run(plan: Plan, out: IO[bytes]) -> str:
     first = None
     if failed is not None:  # the critical rank seen ending first
         first = {"failed_rank": failed, "host": rundir.hostname(), "reason": describe_exit(procs[failed].returncode)}
-    fields = settle(run_dir, Ending(state=state, exit_codes=codes, first_failure=first,
-                                    cancelled=state == RunState.CANCELLED, host=rundir.hostname()))
+    fields = settle(
+        run_dir,
+        Ending(
+            state=state,
+            exit_codes=codes,
+            first_failure=first,
+            cancelled=state == RunState.CANCELLED,
+            host=rundir.hostname(),
+        ),
+    )
     rundir.update_status(run_dir, **fields)
     return fields["state"]

@@ -10,6 +10,7 @@ A launcher following a sweep (:mod:`tfrun.targets.slurm`, :mod:`tfrun.targets.po
 asks :func:`sweep_view` for a live view, and :func:`busy` wraps a long step; both are
 what the command line registered in :data:`VIEWS`, on a terminal only, else plain lines.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -114,8 +115,9 @@ def ordered_metrics(record: Mapping[str, Any]) -> tuple[tuple[str, float], ...]:
     return tuple((k, values[k]) for k in [*first, *sorted(set(values) - set(first))])
 
 
-def time_left(epoch_times: Sequence[float], done: int, total: int | None, started: float | None,
-              now: float) -> float | None:
+def time_left(
+    epoch_times: Sequence[float], done: int, total: int | None, started: float | None, now: float
+) -> float | None:
     """Seconds left at the mean epoch time so far, or None when it cannot be told.
 
     ``epoch_times`` are when each finished epoch was recorded. With one epoch the mean is
@@ -133,18 +135,30 @@ def time_left(epoch_times: Sequence[float], done: int, total: int | None, starte
     return max(0.0, mean * (total - done) - max(0.0, now - epoch_times[-1]))
 
 
-def run_progress(name: str, label: str, status: Mapping[str, Any], epochs: Sequence[Mapping[str, Any]],
-                 total: int | None, now: float) -> RunProgress:
+def run_progress(
+    name: str, label: str, status: Mapping[str, Any], epochs: Sequence[Mapping[str, Any]], total: int | None, now: float
+) -> RunProgress:
     """One run's progress from its status and its epoch records (pure)."""
     state = status.get("state") or WAITING
     started, ended = status.get("started"), status.get("ended")
     done = int(epochs[-1]["epoch"]) + 1 if epochs else None
     elapsed = ((ended or now) - started) if started else None
     final = state in ENDED_STATES
-    left = None if final else time_left([float(r["time"]) for r in epochs if r.get("time")], done or 0, total,
-                                        started, now)
-    return RunProgress(name=name, label=label, state=state, epoch=done, epochs=total,
-                       metrics=ordered_metrics(epochs[-1]) if epochs else (), elapsed_s=elapsed, left_s=left)
+    left = (
+        None
+        if final
+        else time_left([float(r["time"]) for r in epochs if r.get("time")], done or 0, total, started, now)
+    )
+    return RunProgress(
+        name=name,
+        label=label,
+        state=state,
+        epoch=done,
+        epochs=total,
+        metrics=ordered_metrics(epochs[-1]) if epochs else (),
+        elapsed_s=elapsed,
+        left_s=left,
+    )
 
 
 class _Files:
@@ -184,21 +198,31 @@ def labels(path: Path, run_dirs: Sequence[Path]) -> dict[str, str]:
     points = (index or {}).get("points") or []
     # Overrides every point shares (entry.script=..., trainer.epochs=3) tell them apart from nothing.
     shared = set.intersection(*(set(p.get("overrides") or []) for p in points)) if len(points) > 1 else set()
-    found = {str(Path(p["run_dir"])): " ".join(o.lstrip("+") for o in p.get("overrides") or [] if o not in shared)
-             for p in points}
+    found = {
+        str(Path(p["run_dir"])): " ".join(o.lstrip("+") for o in p.get("overrides") or [] if o not in shared)
+        for p in points
+    }
     return {str(d): found.get(str(d), "") for d in run_dirs}
 
 
-def snapshot(path: Path, run_dirs: Sequence[Path], statuses: Sequence[Mapping[str, Any]],
-             now: float | None = None) -> Snapshot:
+def snapshot(
+    path: Path, run_dirs: Sequence[Path], statuses: Sequence[Mapping[str, Any]], now: float | None = None
+) -> Snapshot:
     """The progress of ``run_dirs`` (the runs ``path`` stands for) given their statuses."""
     now = time.time() if now is None else now
     sweep = not is_run_dir(path)
     names = labels(path, run_dirs)
     runs = tuple(
-        run_progress(run_dir.name if sweep else str(status.get("run_id") or run_dir.name), names[str(run_dir)],
-                     status, _FILES.epoch_records(run_dir), _FILES.total(run_dir), now)
-        for run_dir, status in zip(run_dirs, statuses))
+        run_progress(
+            run_dir.name if sweep else str(status.get("run_id") or run_dir.name),
+            names[str(run_dir)],
+            status,
+            _FILES.epoch_records(run_dir),
+            _FILES.total(run_dir),
+            now,
+        )
+        for run_dir, status in zip(run_dirs, statuses)
+    )
     return Snapshot(path=str(path), sweep=sweep, runs=runs, taken=now)
 
 

@@ -1,4 +1,5 @@
 """What tfrun prints when a run ends: where its outputs are, or which rank failed and why."""
+
 from __future__ import annotations
 
 import re

@@ -15,6 +15,7 @@ exit codes, its own account of the first failure, whether it was cancelled) and
 What the ranks and the watchdog left in the run dir (their records, the attempts, the hang,
 the policy's decision) is read here, so each target only says what it alone saw.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,12 +53,20 @@ class Ending:
 def settle(run_dir: str | os.PathLike[str], ending: Ending) -> dict[str, Any]:
     """The run's final status fields from ``ending`` and its run dir, by the rules above."""
     records = rundir.rank_records(run_dir)
-    codes = dict(ending.exit_codes) if ending.exit_codes is not None else \
-        {rank: record.get("exit_code") for rank, record in records.items()}
+    codes = (
+        dict(ending.exit_codes)
+        if ending.exit_codes is not None
+        else {rank: record.get("exit_code") for rank, record in records.items()}
+    )
     # No failed rank and no reason unless a rule gives them: a hang an earlier attempt recorded
     # (and was requeued for) is no account of how this one ended.
-    fields: dict[str, Any] = {"state": ending.state, "ended": time.time(), "failed_rank": None, "reason": None,
-                              "exit_codes": {str(rank): code for rank, code in sorted(codes.items())}}
+    fields: dict[str, Any] = {
+        "state": ending.state,
+        "ended": time.time(),
+        "failed_rank": None,
+        "reason": None,
+        "exit_codes": {str(rank): code for rank, code in sorted(codes.items())},
+    }
     decided = _decided(run_dir, ending, records, codes)
     if decided is None and ending.reason:
         decided = {"reason": ending.reason}
@@ -69,14 +78,20 @@ def settle(run_dir: str | os.PathLike[str], ending: Ending) -> dict[str, Any]:
     return fields
 
 
-def _decided(run_dir: str | os.PathLike[str], ending: Ending, records: dict[int, dict[str, Any]],
-             codes: dict[int, int | None]) -> dict[str, Any] | None:
+def _decided(
+    run_dir: str | os.PathLike[str], ending: Ending, records: dict[int, dict[str, Any]], codes: dict[int, int | None]
+) -> dict[str, Any] | None:
     """The fields of the first rule that holds (rules 1 to 5), or None."""
     state = ending.state
     if ending.cancelled:
         return {"state": RunState.CANCELLED, **({"reason": ending.reason} if ending.reason else {})}
-    return (preempted_fields(run_dir, state) or rundir.pruned_fields(run_dir, state)
-            or rundir.hang_fields(run_dir, state) or failure(ending, records, codes) or None)
+    return (
+        preempted_fields(run_dir, state)
+        or rundir.pruned_fields(run_dir, state)
+        or rundir.hang_fields(run_dir, state)
+        or failure(ending, records, codes)
+        or None
+    )
 
 
 def last_attempt(run_dir: str | os.PathLike[str], ended: bool = False) -> dict[str, Any]:
@@ -106,22 +121,31 @@ def failure(ending: Ending, records: dict[int, dict[str, Any]], codes: dict[int,
     if ending.first_failure:
         first = dict(ending.first_failure)
         record = records.get(int(first["failed_rank"]), {})
-        return {"failed_rank": first["failed_rank"], "host": first.get("host") or record.get("host"),
-                "reason": record.get("error") or first.get("reason")}  # the rank's own account is more precise
+        return {
+            "failed_rank": first["failed_rank"],
+            "host": first.get("host") or record.get("host"),
+            "reason": record.get("error") or first.get("reason"),
+        }  # the rank's own account is more precise
     failed = [rank for rank, code in codes.items() if code not in (None, 0)]
     if failed and ending.state == RunState.FAILED:
         rank = min(failed, key=lambda r: (records.get(r, {}).get("ended") or math.inf, r))
         record = records.get(rank, {})
         code = codes[rank]
         assert code is not None
-        return {"failed_rank": rank, "host": record.get("host") or ending.host,
-                "reason": record.get("error") or describe_exit(code)}
+        return {
+            "failed_rank": rank,
+            "host": record.get("host") or ending.host,
+            "reason": record.get("error") or describe_exit(code),
+        }
     unfinished = sorted(rank for rank, code in codes.items() if code is None)
     if unfinished:
         record = records.get(unfinished[0], {})
         said = f"{ending.scheduler} state" if ending.scheduler else "state"
-        return {"failed_rank": unfinished[0], "host": record.get("host") or ending.host,
-                "reason": f"killed before it finished ({said} {ending.state})"}
+        return {
+            "failed_rank": unfinished[0],
+            "host": record.get("host") or ending.host,
+            "reason": f"killed before it finished ({said} {ending.state})",
+        }
     return {}
 
 

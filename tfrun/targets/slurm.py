@@ -4,6 +4,7 @@ What is submitted was rendered at plan time (:mod:`tfrun.plan.sbatch`: submitit'
 parameters, the exact sbatch script); ``submit``/``run``/``run_many`` act. State comes from one batched ``sacct``
 query per poll for all of a launch's jobs, never one query per job.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,15 +28,23 @@ from tfrun.targets.settle import Ending, last_attempt, settle
 # Slurm's job states (sacct's, squeue's and scontrol's words) -> tfrun's. Anything not listed is
 # shown as Slurm says it.
 SLURM_TO_RUN_STATE: dict[str, RunState] = {
-    "PENDING": RunState.PENDING, "REQUEUED": RunState.PENDING, "REQUEUE_HOLD": RunState.PENDING,
+    "PENDING": RunState.PENDING,
+    "REQUEUED": RunState.PENDING,
+    "REQUEUE_HOLD": RunState.PENDING,
     "REQUEUE_FED": RunState.PENDING,
-    "RESIZING": RunState.RUNNING, "RUNNING": RunState.RUNNING, "COMPLETING": RunState.RUNNING,
+    "RESIZING": RunState.RUNNING,
+    "RUNNING": RunState.RUNNING,
+    "COMPLETING": RunState.RUNNING,
     "SUSPENDED": RunState.RUNNING,
-    "COMPLETED": RunState.COMPLETED, "CANCELLED": RunState.CANCELLED, "TIMEOUT": RunState.TIMEOUT,
+    "COMPLETED": RunState.COMPLETED,
+    "CANCELLED": RunState.CANCELLED,
+    "TIMEOUT": RunState.TIMEOUT,
     # Preempted and not requeued (PreemptMode=CANCEL): it can go on with tfrun resume. A job
     # Slurm requeues shows PENDING again (see query).
     "PREEMPTED": RunState.STOPPED,
-    "FAILED": RunState.FAILED, "NODE_FAIL": RunState.FAILED, "OUT_OF_MEMORY": RunState.FAILED,
+    "FAILED": RunState.FAILED,
+    "NODE_FAIL": RunState.FAILED,
+    "OUT_OF_MEMORY": RunState.FAILED,
     "BOOT_FAIL": RunState.FAILED,
     "DEADLINE": RunState.TIMEOUT,
 }
@@ -96,7 +105,7 @@ def submit(plans: Sequence[Plan], folder: str) -> list[str]:
     ids: list[str] = []
     chunk = max(1, sbatch.max_array_size())
     for start in range(0, len(plans), chunk):
-        part = plans[start:start + chunk]
+        part = plans[start : start + chunk]
         said = io.StringIO()
         try:
             # submitit prints sbatch's stderr when sbatch fails, and raises with the same text
@@ -162,9 +171,12 @@ def _sacct(job_ids: list[str]) -> dict[str, dict[str, str]]:
     if out is None or error:
         if not _told_no_accounting:
             _told_no_accounting = True
-            print(f"tfrun: Slurm accounting (sacct) does not answer ({error.splitlines()[-1] if error else '?'}): "
-                  f"job states come from squeue and scontrol, which forget a job minutes after it ends",
-                  file=sys.stderr, flush=True)
+            print(
+                f"tfrun: Slurm accounting (sacct) does not answer ({error.splitlines()[-1] if error else '?'}): "
+                f"job states come from squeue and scontrol, which forget a job minutes after it ends",
+                file=sys.stderr,
+                flush=True,
+            )
         return {}
     return submitit_compat.read_sacct(out.stdout)
 
@@ -215,8 +227,11 @@ def scancel(args: list[str]) -> None:
         print(f"tfrun: scancel {' '.join(args)}: {exc}", file=sys.stderr, flush=True)
         return
     if done.returncode != 0 and "Invalid job id" not in done.stderr:
-        print(f"tfrun: scancel {' '.join(args)}: {done.stderr.strip() or f'exit code {done.returncode}'}",
-              file=sys.stderr, flush=True)
+        print(
+            f"tfrun: scancel {' '.join(args)}: {done.stderr.strip() or f'exit code {done.returncode}'}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 _SRUN_TASK_ERROR = re.compile(r"^srun: error: (\S+): tasks? (\d+)(?:-\d+)?: (.+)$", re.M)
@@ -339,8 +354,15 @@ def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list
     return [final[j] for j in job_ids]
 
 
-def _poll(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float, tail: _LogTail | None,
-          last: dict[str, str], final: dict[str, str], view: progress.SweepView | None) -> None:
+def _poll(
+    plans: Sequence[Plan],
+    job_ids: Sequence[str],
+    poll_s: float,
+    tail: _LogTail | None,
+    last: dict[str, str],
+    final: dict[str, str],
+    view: progress.SweepView | None,
+) -> None:
     """:func:`follow`'s loop: one query per poll, state changes recorded, progress shown."""
     shown = ""
     while len(final) < len(plans):
@@ -382,22 +404,44 @@ def launch(plans: Sequence[Plan], folder: str) -> list[str]:
         job_ids = submit(plans, folder)
     except ConfigError as exc:
         for plan in plans:
-            rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.FAILED, target="slurm",
-                                 reason=str(exc), ended=time.time())
+            rundir.update_status(
+                plan.run_dir,
+                run_id=plan.run_id,
+                state=RunState.FAILED,
+                target="slurm",
+                reason=str(exc),
+                ended=time.time(),
+            )
         raise
     now = time.time()
     for plan, job_id in zip(plans, job_ids):
         earlier = rundir.read_status(plan.run_dir).get("job_ids") or []  # a resumed run keeps its history
-        rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.PENDING, target="slurm",
-                             submitit_folder=folder, backend=plan.backend, job_ids=[*earlier, job_id], submitted=now,
-                             started=now, ended=None, world_size=len(plan.tasks), failed_rank=None, reason=None,
-                             pool=None, pool_item=None)  # (an item of a pool resumed as a job of its own)
+        rundir.update_status(
+            plan.run_dir,
+            run_id=plan.run_id,
+            state=RunState.PENDING,
+            target="slurm",
+            submitit_folder=folder,
+            backend=plan.backend,
+            job_ids=[*earlier, job_id],
+            submitted=now,
+            started=now,
+            ended=None,
+            world_size=len(plan.tasks),
+            failed_rank=None,
+            reason=None,
+            pool=None,
+            pool_item=None,
+        )  # (an item of a pool resumed as a job of its own)
     return job_ids
 
 
 def _detached(job_ids: Sequence[str], where: str) -> None:
-    print(f"tfrun: jobs keep running: {', '.join(job_ids)}\n"
-          f"tfrun: follow with `tfrun status {where}` and `tfrun logs {where} -f`", file=sys.stderr)
+    print(
+        f"tfrun: jobs keep running: {', '.join(job_ids)}\n"
+        f"tfrun: follow with `tfrun status {where}` and `tfrun logs {where} -f`",
+        file=sys.stderr,
+    )
 
 
 def run(plan: Plan) -> str:
@@ -423,8 +467,12 @@ def run_many(plans: Sequence[Plan], sweep_dir: str) -> list[str]:
         for group in sbatch.parameter_groups(plans):
             job_ids += launch(group, folder)
             ordered += group
-    print(f"tfrun: submitted {len(ordered)} run(s) as job(s) {', '.join(sorted({j.split('_')[0] for j in job_ids}))}; "
-          f"sweep dir {sweep_dir}", file=sys.stderr, flush=True)
+    print(
+        f"tfrun: submitted {len(ordered)} run(s) as job(s) {', '.join(sorted({j.split('_')[0] for j in job_ids}))}; "
+        f"sweep dir {sweep_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
     if not plans[0].compute["wait"]:
         _detached(sorted({j.split("_")[0] for j in job_ids}), sweep_dir)
         return [RunState.PENDING] * len(plans)

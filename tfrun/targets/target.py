@@ -12,6 +12,7 @@ The runner (:mod:`tfrun.runner`) asks a target for these and never looks at whic
 :func:`tfrun.targets.get` and :func:`tfrun.targets.of` are the one place a name or a status
 becomes a target.
 """
+
 from __future__ import annotations
 
 import os
@@ -119,11 +120,16 @@ class LocalTarget(Target):
                     # running other things; it stops its tasks and records CANCELLED.
                     RunPaths.of(run_dir).cancel_request.touch()
                 else:  # gone; its pid may belong to another process by now
-                    rundir.update_status(run_dir, state=RunState.CANCELLED, ended=time.time(),
-                                         reason=f"cancelled with tfrun cancel (its launcher, pid {pid}, had ended)")
+                    rundir.update_status(
+                        run_dir,
+                        state=RunState.CANCELLED,
+                        ended=time.time(),
+                        reason=f"cancelled with tfrun cancel (its launcher, pid {pid}, had ended)",
+                    )
             else:
-                rundir.update_status(run_dir, state=RunState.CANCELLED, ended=time.time(),
-                                     reason="cancelled with tfrun cancel")
+                rundir.update_status(
+                    run_dir, state=RunState.CANCELLED, ended=time.time(), reason="cancelled with tfrun cancel"
+                )
             done.append(str(status.get("run_id", run_dir.name)))
         return done
 
@@ -185,15 +191,23 @@ class SlurmTarget(Target):
         from tfrun.targets import slurm
 
         # A sweep's points are cancelled by their arrays, one run by its job.
-        job_ids = sorted({j.split("_")[0] if whole else j for _, s in statuses
-                          if s.get("state") not in FINAL for j in s.get("job_ids", [])})
+        job_ids = sorted(
+            {
+                j.split("_")[0] if whole else j
+                for _, s in statuses
+                if s.get("state") not in FINAL
+                for j in s.get("job_ids", [])
+            }
+        )
         if job_ids:
             slurm.cancel(job_ids)
         done = []
         for run_dir, status in statuses:
             if status.get("state") in FINAL:
                 continue
-            rundir.update_status(run_dir, state=RunState.CANCELLED, ended=time.time(), reason="cancelled with tfrun cancel")
+            rundir.update_status(
+                run_dir, state=RunState.CANCELLED, ended=time.time(), reason="cancelled with tfrun cancel"
+            )
             jobs = status.get("job_ids", [])
             done.append(str(status.get("run_id", run_dir.name)) + (f" (job {', '.join(jobs)})" if jobs else ""))
         return done

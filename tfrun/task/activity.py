@@ -19,6 +19,7 @@ server), the Python health check that MultiWorkerMirroredStrategy runs every 30 
 TensorFlow's coordination service is off, and the watchdog (a child process of rank 0). Measured from ``/proc`` (Linux): elsewhere
 :meth:`Activity.sample` answers None and the rank is not watched by its activity.
 """
+
 from __future__ import annotations
 
 import os
@@ -100,8 +101,10 @@ class Activity:
             return None
         elapsed_ns = max(1.0, (time.monotonic() - self.sampled) * 1e9)
         self.sampled = time.monotonic()
-        spent = (any(ns > self.last.get(key, 0) for key, ns in now.items() if key not in tensorflow)
-                 or sum(ns - self.last.get(key, ns) for key, ns in tensorflow.items()) >= TF_BUSY * elapsed_ns)
+        spent = (
+            any(ns > self.last.get(key, 0) for key, ns in now.items() if key not in tensorflow)
+            or sum(ns - self.last.get(key, ns) for key, ns in tensorflow.items()) >= TF_BUSY * elapsed_ns
+        )
         self.last = now
         return spent
 

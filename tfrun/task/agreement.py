@@ -16,6 +16,7 @@ training, at most :data:`MAX_BATCHES` batches apart. A vote costs a collective o
 numbers (a few ms between CPU processes); spaced this way, 1-1.5 % of training time on
 batches of a few ms, less on longer ones; a stop waits about :data:`VOTE_EVERY_S` for its vote.
 """
+
 from __future__ import annotations
 
 import time

@@ -11,6 +11,7 @@ The chief writes the backup every rank restores; under ``backend=none`` with sev
 each rank trains a model of its own, and backs up and restores its own
 (``checkpoints/backup/rank<k>/``).
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,14 @@ class Entry:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Entry":
         """From ``state.json`` (a state written before backups knew of several fits: the first)."""
-        return cls(fit=int(data.get("fit", 0)), epoch=int(data["epoch"]), shift=int(data.get("shift", 0)),
-                   weights=str(data["weights"]), logs=data.get("logs"), attempt=data.get("attempt"))
+        return cls(
+            fit=int(data.get("fit", 0)),
+            epoch=int(data["epoch"]),
+            shift=int(data.get("shift", 0)),
+            weights=str(data["weights"]),
+            logs=data.get("logs"),
+            attempt=data.get("attempt"),
+        )
 
 
 def say(message: str) -> None:

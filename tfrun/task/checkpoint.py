@@ -12,6 +12,7 @@ the call the backup was made in: the calls before it were finished by an earlier
 and are skipped (they return the History they had; the model gets the backup's weights
 where they fit it), the ones after it start as they would.
 """
+
 from __future__ import annotations
 
 import os
@@ -123,8 +124,11 @@ def _history(module: ModuleType, model: Any, fit: int, initial_epoch: int) -> An
     """What a fit call finished by an earlier attempt returns: its epochs, from the run's metrics."""
     history = module.callbacks.History()
     history.set_model(model)
-    records = [r for r in metrics.read_metrics(RunPaths.of(context().run_dir or ".").metrics)
-               if r.get("epoch") is not None and int(r.get("fit") or 0) == fit]
+    records = [
+        r
+        for r in metrics.read_metrics(RunPaths.of(context().run_dir or ".").metrics)
+        if r.get("epoch") is not None and int(r.get("fit") or 0) == fit
+    ]
     history.epoch = list(range(initial_epoch, initial_epoch + len(records)))
     history.history = {}
     for record in records:
@@ -141,8 +145,10 @@ def _finished_earlier(model: Any, module: ModuleType, fit: int, initial_epoch: i
         _attempt.primed.add(id(model))
         why = _load(model, _attempt.points[0])
         if why is not None:
-            say(f"its model keeps its own weights: the backup (of fit call {_attempt.points[0].fit + 1}) "
-                f"does not fit it ({why.splitlines()[0]})")
+            say(
+                f"its model keeps its own weights: the backup (of fit call {_attempt.points[0].fit + 1}) "
+                f"does not fit it ({why.splitlines()[0]})"
+            )
     return Start(0, [], _history(module, model, fit, initial_epoch))
 
 
@@ -250,8 +256,9 @@ def _callback_classes(module: ModuleType) -> tuple[type, type]:
 
         def write(self, done: int, logs: dict[str, Any]) -> None:
             began = time.monotonic()
-            entry = Entry(self.fit, done, self.shift, backups.weights_name(done + self.shift), logs,
-                          rendezvous.attempt_key())
+            entry = Entry(
+                self.fit, done, self.shift, backups.weights_name(done + self.shift), logs, rendezvous.attempt_key()
+            )
             with heartbeat.busy("writing a backup"):
                 backups.commit(self.model.save_weights, entry)
             self.held, self.since = None, time.monotonic()

@@ -3,6 +3,7 @@
 Works outside tfrun too (a single task, no config), so a script that uses it still
 runs as plain ``python train.py``.
 """
+
 from __future__ import annotations
 
 import functools

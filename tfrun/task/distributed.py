@@ -12,6 +12,7 @@ script) need none of this. A script that wants to run under all of them writes::
 
 Everything here imports TensorFlow (and Horovod) inside the functions only.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Which GPUs a task sees. Pure, so that every case is a unit test."""
+
 from __future__ import annotations
 
 
@@ -18,7 +19,7 @@ def pin(existing: str | None, local_rank: int, gpus_per_task: int) -> tuple[str 
     devices = [d for d in existing.split(",") if d]
     if len(devices) == gpus_per_task:
         return existing, "bound by the scheduler"
-    share = devices[local_rank * gpus_per_task:(local_rank + 1) * gpus_per_task]
+    share = devices[local_rank * gpus_per_task : (local_rank + 1) * gpus_per_task]
     if len(share) < gpus_per_task:
         return existing, f"only {len(devices)} device(s) visible for local rank {local_rank}; left as is"
     return ",".join(share), f"slice of {existing} for local rank {local_rank}"

@@ -15,6 +15,7 @@ deadlock stops beating and using CPU while the thread still writes (the file say
 last progressed), and a process frozen as a whole stops writing too: either way the
 watchdog (:mod:`tfrun.task.watchdog`) sees its progress grow old.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,16 +32,24 @@ from tfrun.paths import RunPaths
 
 WRITE_S = 2.0
 
-_state: dict[str, Any] = {"step": None, "epoch": None, "phase": "started", "progressed": time.time(), "busy": None,
-                          "stepping": False, "active": time.time()}
+_state: dict[str, Any] = {
+    "step": None,
+    "epoch": None,
+    "phase": "started",
+    "progressed": time.time(),
+    "busy": None,
+    "stepping": False,
+    "active": time.time(),
+}
 _started = threading.Event()
 _news = threading.Event()  # a new phase or the first step: written at once, not WRITE_S later
 _busy_until: list[float | None] = [None]  # when a bounded hold stops counting as progress
 _ignored: list[int] = []  # child processes that are tfrun's, not the script's
 
 
-def beat(step: int | None = None, epoch: int | None = None, phase: str | None = None,
-         stepping: bool | None = None) -> None:
+def beat(
+    step: int | None = None, epoch: int | None = None, phase: str | None = None, stepping: bool | None = None
+) -> None:
     """This task made progress (cheap: a few assignments). A step also says that from now on
     steps are this task's progress (``stepping``), unless ``stepping=False``: a step that is
     only handed to others (a parameter-server chief's)."""

@@ -3,6 +3,7 @@
 Locally the launcher passes the rank (:data:`tfrun.variables.RANK`); on Slurm, srun sets ``SLURM_PROCID`` and
 friends. Every backend uses the resulting :class:`TaskIdentity` and nothing else.
 """
+
 from __future__ import annotations
 
 import os

@@ -9,6 +9,7 @@ the metrics record, and a stop at the next batch end when preemption is signalle
 batch of the three loops is a beat for the watchdog (:mod:`tfrun.task.heartbeat`); when the
 outermost loop returns, the script's activity is its progress again until the next.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -116,8 +117,11 @@ def _loop(module: ModuleType, name: str, original: Callable[..., Any]) -> Callab
         from tfrun.task import heartbeat
 
         callbacks = kwargs.get("callbacks")
-        if (len(args) > CALLBACKS_AT[name] or not heartbeat.running()
-                or isinstance(callbacks, module.callbacks.CallbackList)):  # fit's own validation
+        if (
+            len(args) > CALLBACKS_AT[name]
+            or not heartbeat.running()
+            or isinstance(callbacks, module.callbacks.CallbackList)
+        ):  # fit's own validation
             return original(self, *args, **kwargs)
         kwargs["callbacks"] = [*(callbacks or []), beat_callback(module)]
         with _stepping():

@@ -6,6 +6,7 @@ theirs, with an error that names both nodes, the address and the port. A node's 
 is not enough: Debian and many images map the machine's own name to ``127.0.1.1``, which
 is the node itself only from the inside.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -30,8 +31,9 @@ def interfaces() -> dict[str, list[str]]:
     """This host's IPv4 addresses by interface (lo included)."""
     import psutil
 
-    return {name: [a.address for a in addrs if a.family == socket.AF_INET]
-            for name, addrs in psutil.net_if_addrs().items()}
+    return {
+        name: [a.address for a in addrs if a.family == socket.AF_INET] for name, addrs in psutil.net_if_addrs().items()
+    }
 
 
 def _resolve(name: str) -> tuple[str | None, str]:
@@ -53,8 +55,9 @@ def own_address(node: str, iface: str | None = None) -> tuple[str, str]:
     if iface:
         addresses = [a for a in found.get(iface, []) if not is_loopback(a)]
         if not addresses:
-            raise BootstrapError(f"backend.iface={iface!r}: {node} has no IPv4 address on {iface!r} "
-                                 f"(its interfaces: {_listing(found)})")
+            raise BootstrapError(
+                f"backend.iface={iface!r}: {node} has no IPv4 address on {iface!r} (its interfaces: {_listing(found)})"
+            )
         return addresses[0], f"the address of backend.iface={iface}"
     resolved, error = _resolve(node)
     mine = {a: name for name, addrs in found.items() for a in addrs if not is_loopback(a)}
@@ -62,13 +65,14 @@ def own_address(node: str, iface: str | None = None) -> tuple[str, str]:
         return resolved, f"{node} resolves to it ({mine[resolved]})"
     said = f"{node} resolves to {resolved}" if resolved else f"{node} does not resolve here ({error})"
     if len(mine) == 1:
-        (address, name), = mine.items()
+        ((address, name),) = mine.items()
         return address, f"{said}; {address} ({name}) is this node's only other address"
     raise BootstrapError(
         f"cannot tell which address of {node} the other nodes reach: {said}, and {node} has "
         f"{'no address but loopback' if not mine else 'several'} ({_listing(found)}). Make {node} "
         f"resolve to its cluster address on {node} itself (/etc/hosts or DNS), or name the interface "
-        f"with backend.iface=NAME")
+        f"with backend.iface=NAME"
+    )
 
 
 def _listing(found: dict[str, list[str]]) -> str:

@@ -21,6 +21,7 @@ the run's backup; ranks of a synchronous job agree on that batch, see
 preparation, a rendezvous, ``hvd.init``) or while a task serves is noted and acted on when
 that is done (:func:`listening`): it is a stop too, never a failure.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -175,8 +176,11 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def end_as_terminated() -> None:
     """Slurm said the SIGTERM was no preemption (a cancel, the time limit, srun ending the
     step): now that the work is saved, end as SIGTERM ends a task."""
-    print(f"tfrun: Slurm is ending job {job_id()} ({_request.get('job_state', '?')}), not preempting it: "
-          f"ending now", file=sys.stderr, flush=True)
+    print(
+        f"tfrun: Slurm is ending job {job_id()} ({_request.get('job_state', '?')}), not preempting it: ending now",
+        file=sys.stderr,
+        flush=True,
+    )
     _die_of_sigterm()
 
 
@@ -267,8 +271,14 @@ def slurm_command(command: list[str], timeout_s: float) -> subprocess.CompletedP
     try:
         # A session of its own: a command that does not answer is killed with whatever it
         # started (a wrapper's children would hold its output open, and the wait with them).
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     try:

@@ -5,6 +5,7 @@ The SIGTERM's account is asked once, by rank 0, in a thread (never in a signal h
 by every rank): see :mod:`tfrun.task.preempt`; a step's, by the watchdog
 (:mod:`tfrun.task.watchdog`). Every query goes through :func:`tfrun.task.preempt.slurm_command`.
 """
+
 from __future__ import annotations
 
 import re
@@ -112,12 +113,19 @@ def account(job: str, partition: str | None = None, qos: str | None = None) -> d
     record = scontrol_fields("job", job, timeout_s=left())
     if not record:
         return {}
-    if (record.get("JobState") not in SLURM_STILL_RUNNING
-            or record.get("PreemptTime", "None") in ("None", "Unknown", "")):
+    if record.get("JobState") not in SLURM_STILL_RUNNING or record.get("PreemptTime", "None") in (
+        "None",
+        "Unknown",
+        "",
+    ):
         return {"preempted": False, "job_state": record.get("JobState")}
     partition, qos = record.get("Partition") or partition, record.get("QOS") or qos
-    found: dict[str, Any] = {"preempted": True, "preempt_time": record["PreemptTime"], "partition": partition,
-                             "qos": qos}
+    found: dict[str, Any] = {
+        "preempted": True,
+        "preempt_time": record["PreemptTime"],
+        "partition": partition,
+        "qos": qos,
+    }
     config = slurm_config(timeout_s=left())
     if config.get("SLURM_VERSION"):  # how the preemption ends differs between releases (tfrun.task.requeue)
         found["slurm_version"] = config["SLURM_VERSION"]
@@ -135,8 +143,9 @@ def _qos_preemption(qos: str | None, timeout_s: float) -> tuple[str | None, str 
     if not qos:
         return None, None
     try:
-        out = slurm_command(["sacctmgr", "-nP", "show", "qos", qos, "format=PreemptMode,GraceTime"],
-                            timeout_s).stdout.strip()
+        out = slurm_command(
+            ["sacctmgr", "-nP", "show", "qos", qos, "format=PreemptMode,GraceTime"], timeout_s
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None, None
     mode, _, grace = out.partition("|")

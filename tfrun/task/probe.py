@@ -7,6 +7,7 @@ the cluster's ``SlurmdPort`` and the address the node's ``NodeAddr``, both read 
 ``scontrol``; a node the probe cannot reach even while the job starts on it (its address does
 not resolve, a firewall, a port of its own) is *unknown*, said once, never taken for lost.
 """
+
 from __future__ import annotations
 
 import socket

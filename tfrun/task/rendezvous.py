@@ -5,6 +5,7 @@ the others wait for what they need. Nothing uses a fixed base port, so two jobs 
 share a node cannot collide. Files live under ``rendezvous/<attempt>/`` so that a
 requeued job never reads the addresses of its previous attempt.
 """
+
 from __future__ import annotations
 
 import os
@@ -96,8 +97,13 @@ def publish(run_dir: str | os.PathLike[str], name: str, data: dict[str, Any]) ->
     rundir.write_json(directory(run_dir) / f"{name}.json", data)
 
 
-def wait_for(run_dir: str | os.PathLike[str], names: list[str], timeout_s: float,
-             what: str = "peers", never: str = "published an address") -> dict[str, dict[str, Any]]:
+def wait_for(
+    run_dir: str | os.PathLike[str],
+    names: list[str],
+    timeout_s: float,
+    what: str = "peers",
+    never: str = "published an address",
+) -> dict[str, dict[str, Any]]:
     """Block until every name is published; a clear error naming the missing ones after timeout_s."""
     folder = directory(run_dir)
     deadline = time.monotonic() + timeout_s
@@ -113,8 +119,10 @@ def wait_for(run_dir: str | os.PathLike[str], names: list[str], timeout_s: float
             return found
         if time.monotonic() > deadline:
             missing = ", ".join(n for n in names if n not in found)
-            raise BootstrapError(f"timed out after {timeout_s:.0f} s waiting for {what}: {missing} never "
-                                 f"{never} in {folder} (did those tasks start?)")
+            raise BootstrapError(
+                f"timed out after {timeout_s:.0f} s waiting for {what}: {missing} never "
+                f"{never} in {folder} (did those tasks start?)"
+            )
         time.sleep(delay)
         delay = min(delay * 1.5, 0.5)
 

@@ -10,6 +10,7 @@ a run that cannot finish is not requeued forever. A preemption under ``PreemptMo
 is always requeued and does not count: Slurm requeues such a job by itself once the grace
 time is over, tfrun only does it as soon as the backup is written.
 """
+
 from __future__ import annotations
 
 import enum
@@ -71,8 +72,9 @@ def counts(attempt: Mapping[str, Any]) -> bool:
         return False
     if attempt.get("requeued_by") == "slurm":
         return False
-    by_slurm_rule = attempt.get("reason") == Cause.PREEMPTED.value and "REQUEUE" in str(
-        attempt.get("preempt_mode") or "").upper()
+    by_slurm_rule = (
+        attempt.get("reason") == Cause.PREEMPTED.value and "REQUEUE" in str(attempt.get("preempt_mode") or "").upper()
+    )
     return not by_slurm_rule
 
 
@@ -88,8 +90,9 @@ _WHAT = {
 }
 
 
-def decide(cause: Cause, request: Mapping[str, Any], earlier: Iterable[Mapping[str, Any]],
-           compute: Mapping[str, Any]) -> Decision:
+def decide(
+    cause: Cause, request: Mapping[str, Any], earlier: Iterable[Mapping[str, Any]], compute: Mapping[str, Any]
+) -> Decision:
     """May this attempt, stopping for ``cause`` (``request``: what asked, as
     :func:`tfrun.task.preempt.stop_request` gives it), be requeued after ``earlier`` attempts?"""
     if cause is Cause.PRUNED:
@@ -107,8 +110,9 @@ def decide(cause: Cause, request: Mapping[str, Any], earlier: Iterable[Mapping[s
     limit = int(compute.get("max_requeues", 3))
     so_far = done(earlier)
     if so_far >= limit:
-        return Decision(False, f"{_WHAT.get(cause, cause.value)} after {so_far} requeue(s) already "
-                               f"(compute.max_requeues={limit})")
+        return Decision(
+            False, f"{_WHAT.get(cause, cause.value)} after {so_far} requeue(s) already (compute.max_requeues={limit})"
+        )
     return Decision(True)
 
 

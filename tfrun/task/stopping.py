@@ -6,6 +6,7 @@ them (or end at once when there is no requeue). Locally the launcher records the
 stopped, resumable. What asked for the stop is recorded the moment it comes (rank 0,
 :func:`record_in_background`), with Slurm's account of a SIGTERM.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,10 +53,16 @@ def record_stop_request(plan: Plan, request: dict) -> None:
     preempt.learn(found)
     if found.get("preempted"):
         grace = f"; {found['grace_s']} s of grace time" if found.get("grace_s") is not None else ""
-        say(f"job {job} is being preempted (partition {found.get('partition', '?')}, "
-            f"PreemptMode={found.get('preempt_mode') or '?'}{grace})")
-        rundir.update_attempt(plan.run_dir, key, reason=requeue.Cause.PREEMPTED.value,
-                              **{k: v for k, v in found.items() if k != "preempted"})
+        say(
+            f"job {job} is being preempted (partition {found.get('partition', '?')}, "
+            f"PreemptMode={found.get('preempt_mode') or '?'}{grace})"
+        )
+        rundir.update_attempt(
+            plan.run_dir,
+            key,
+            reason=requeue.Cause.PREEMPTED.value,
+            **{k: v for k, v in found.items() if k != "preempted"},
+        )
     elif found:
         rundir.update_attempt(plan.run_dir, key, job_state=found.get("job_state"))
     else:
@@ -99,23 +106,46 @@ def after_stop_request(plan: Plan, ident: identity.TaskIdentity, code: int) -> i
     if cause is requeue.Cause.TERMINATED:
         # A requeue made meanwhile (the watchdog's, for a hang) stays recorded as it was.
         made = this_attempt(plan.run_dir)
-        rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=made.get("ended") or time.time(),
-                              terminated=True, **({} if "requeued" in made else {"requeued": False}))
+        rundir.update_attempt(
+            plan.run_dir,
+            rendezvous.attempt_key(),
+            ended=made.get("ended") or time.time(),
+            terminated=True,
+            **({} if "requeued" in made else {"requeued": False}),
+        )
         preempt.end_as_terminated()
     if not decision.requeue:
-        say(f"{decision.why_not}: not requeued" if cause is not requeue.Cause.PREEMPTED else
-            f"{cause.value}: not requeued ({decision.why_not}); continue it with: tfrun resume {plan.run_dir}")
-        rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=cause.value,
-                              requeued=False, why_not_requeued=decision.why_not)
+        say(
+            f"{decision.why_not}: not requeued"
+            if cause is not requeue.Cause.PREEMPTED
+            else f"{cause.value}: not requeued ({decision.why_not}); continue it with: tfrun resume {plan.run_dir}"
+        )
+        rundir.update_attempt(
+            plan.run_dir,
+            rendezvous.attempt_key(),
+            ended=time.time(),
+            reason=cause.value,
+            requeued=False,
+            why_not_requeued=decision.why_not,
+        )
         return code
     if requeue.requeued_as_it_ends(request):
         # Requeued by tfrun as well, it would be requeued once more when its next attempt
         # ends; kept waiting, Slurm would kill it at the end of the grace time, and then
         # requeue that one too. So the tasks end (rank 0 last: the others wait for this record).
-        say(f"{cause.value}: job {job} ends now and Slurm requeues it (PreemptMode=REQUEUE, Slurm "
-            f"{request.get('slurm_version')}); it resumes from the backup")
-        rundir.update_attempt(plan.run_dir, rendezvous.attempt_key(), ended=time.time(), reason=cause.value,
-                              requeued=True, requeued_by="slurm", requeued_as_it_ends=True)
+        say(
+            f"{cause.value}: job {job} ends now and Slurm requeues it (PreemptMode=REQUEUE, Slurm "
+            f"{request.get('slurm_version')}); it resumes from the backup"
+        )
+        rundir.update_attempt(
+            plan.run_dir,
+            rendezvous.attempt_key(),
+            ended=time.time(),
+            reason=cause.value,
+            requeued=True,
+            requeued_by="slurm",
+            requeued_as_it_ends=True,
+        )
         return code
     return _requeue(plan, job, cause, request, code)
 
@@ -140,8 +170,11 @@ def completed_earlier(run_dir: str) -> dict | None:
     it requeued during a preemption once more after its next attempt ends (see
     :data:`tfrun.task.requeue.REQUEUES_PREEMPTED_AS_IT_ENDS`), and that attempt has nothing left to do."""
     job, current = preempt.job_id(), rendezvous.attempt_key()
-    done = [a for a in rundir.attempts(run_dir)
-            if job and a.get("job_id") == job and a.get("attempt") != current and a.get("reason") == "completed"]
+    done = [
+        a
+        for a in rundir.attempts(run_dir)
+        if job and a.get("job_id") == job and a.get("attempt") != current and a.get("reason") == "completed"
+    ]
     return done[-1] if done else None
 
 

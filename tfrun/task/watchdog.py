@@ -32,6 +32,7 @@ ends once the pool settled the item. Slurm would not end it where it tracks a st
 processes by parent or group (proctrack/linuxproc, pgid): without rank 0 it is no child of
 the step's.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,8 +64,11 @@ ORPHAN_STEP_CHECK_S = 5.0
 NOT_JUDGED = ("serving", "ended")  # phases of a task that makes no progress of its own to judge
 # Frames of a rank that waits for the others (a collective, a barrier, a distributed step, a
 # compiled TensorFlow function: the collectives of a tf.function step run inside it).
-WAITING = re.compile(r"/horovod/|collective|all_?reduce|allgather|broadcast|barrier|/distribute/|rendezvous"
-                     r"|/eager/execute\.py quick_execute", re.IGNORECASE)
+WAITING = re.compile(
+    r"/horovod/|collective|all_?reduce|allgather|broadcast|barrier|/distribute/|rendezvous"
+    r"|/eager/execute\.py quick_execute",
+    re.IGNORECASE,
+)
 
 
 def say(message: str) -> None:
@@ -101,8 +105,9 @@ def judged(beats: dict[int, dict[str, Any]], roles: list[str], since: float) -> 
     return {r: t for r, t in found.items() if roles[r] != "evaluator" or not training}
 
 
-def stalled(beats: dict[int, dict[str, Any]], roles: list[str], timeout_s: float, now: float,
-            since: float) -> list[int]:
+def stalled(
+    beats: dict[int, dict[str, Any]], roles: list[str], timeout_s: float, now: float, since: float
+) -> list[int]:
     """The judged ranks, if none of them made progress for ``timeout_s``; else none."""
     ranks = judged(beats, roles, since)
     if ranks and all(now - when > timeout_s for when in ranks.values()):
@@ -113,11 +118,15 @@ def stalled(beats: dict[int, dict[str, Any]], roles: list[str], timeout_s: float
 def unwatched(beat: dict[str, Any], role: str) -> str | None:
     """Why a rank that runs the script is not judged by the watchdog; None if it is."""
     if role == "evaluator":
-        return ("a parameter-server evaluator is not judged while training goes on (it waits for the "
-                "chief's checkpoints); once the others have ended, by its steps or activity")
+        return (
+            "a parameter-server evaluator is not judged while training goes on (it waits for the "
+            "chief's checkpoints); once the others have ended, by its steps or activity"
+        )
     if beat.get("active") is None and not beat.get("stepping") and beat.get("phase") not in NOT_JUDGED:
-        return ("it reports no steps and its CPU cannot be read on this host (no /proc): call "
-                "tfrun.heartbeat(step) in its loop to have it watched")
+        return (
+            "it reports no steps and its CPU cannot be read on this host (no /proc): call "
+            "tfrun.heartbeat(step) in its loop to have it watched"
+        )
     return None
 
 
@@ -158,12 +167,22 @@ def blame(late: list[int], beats: dict[int, dict[str, Any]], dumps: dict[int, st
     def behind(rank: int) -> tuple[float, float, int]:
         beat = beats.get(rank, {})
         return (float(beat.get("step") or 0), float(beat.get("progressed", since)), rank)
+
     return min(late, key=behind)
 
 
-def report(beats: dict[int, dict[str, Any]], culprit: int, world_size: int, now: float, since: float,
-           lost: list[str], hosts: dict[int, str], stalled_too: bool = True) -> dict[str, Any]:
+def report(
+    beats: dict[int, dict[str, Any]],
+    culprit: int,
+    world_size: int,
+    now: float,
+    since: float,
+    lost: list[str],
+    hosts: dict[int, str],
+    stalled_too: bool = True,
+) -> dict[str, Any]:
     """The hang as status.json records it, with one sentence that says it all."""
+
     def age(rank: int) -> float:
         beat = beats.get(rank)
         if not beat:
@@ -173,16 +192,29 @@ def report(beats: dict[int, dict[str, Any]], culprit: int, world_size: int, now:
 
     host = hosts.get(culprit, "?")
     waiting = [r for r in range(world_size) if r != culprit and beats.get(r, {}).get("phase") not in NOT_JUDGED]
-    text = (f"rank {culprit} on {host} made no progress {where(beats.get(culprit))} ({age(culprit):.0f} s)"
-            + ("; ranks waiting: " + ", ".join(f"{r} on {hosts.get(r, '?')} ({where(beats.get(r))}, "
-                                                f"{age(r):.0f} s)" for r in waiting) if waiting else ""))
+    text = f"rank {culprit} on {host} made no progress {where(beats.get(culprit))} ({age(culprit):.0f} s)" + (
+        "; ranks waiting: "
+        + ", ".join(f"{r} on {hosts.get(r, '?')} ({where(beats.get(r))}, {age(r):.0f} s)" for r in waiting)
+        if waiting
+        else ""
+    )
     if lost:
         on_lost = [r for r, h in hosts.items() if h in lost]
-        text = (f"node {', '.join(lost)} lost: it does not answer on the network (cut off, or its slurmd is "
-                f"gone), ranks {', '.join(map(str, on_lost)) or '-'} on it" + ("; " + text if stalled_too else ""))
-    return {"rank": culprit, "host": host, "step": beats.get(culprit, {}).get("step"),
-            "epoch": beats.get(culprit, {}).get("epoch"), "stalled_s": round(age(culprit), 1),
-            "waiting": waiting, "lost_nodes": lost, "detected": now, "reason": text}
+        text = (
+            f"node {', '.join(lost)} lost: it does not answer on the network (cut off, or its slurmd is "
+            f"gone), ranks {', '.join(map(str, on_lost)) or '-'} on it" + ("; " + text if stalled_too else "")
+        )
+    return {
+        "rank": culprit,
+        "host": host,
+        "step": beats.get(culprit, {}).get("step"),
+        "epoch": beats.get(culprit, {}).get("epoch"),
+        "stalled_s": round(age(culprit), 1),
+        "waiting": waiting,
+        "lost_nodes": lost,
+        "detected": now,
+        "reason": text,
+    }
 
 
 class Watchdog:
@@ -286,10 +318,16 @@ class Watchdog:
         say(record["reason"])
         requeue = self._requeue_allowed()
         # Recorded before the requeue: Slurm ends this process with the job's tasks once it is done.
-        rundir.update_status(self.run_dir, hang={**record, "attempt": self.attempt, "requeued": requeue},
-                             failed_rank=culprit, host=record["host"], reason=f"hang: {record['reason']}")
-        rundir.update_attempt(self.run_dir, self.attempt, ended=time.time(), reason="hang", requeued=requeue,
-                              error=record["reason"])
+        rundir.update_status(
+            self.run_dir,
+            hang={**record, "attempt": self.attempt, "requeued": requeue},
+            failed_rank=culprit,
+            host=record["host"],
+            reason=f"hang: {record['reason']}",
+        )
+        rundir.update_attempt(
+            self.run_dir, self.attempt, ended=time.time(), reason="hang", requeued=requeue, error=record["reason"]
+        )
         self.end(beats, requeue, record)
 
     def _requeue_allowed(self) -> bool:
@@ -308,9 +346,12 @@ class Watchdog:
             # STACK_WAIT_S (it ends on its own; the ranks that can answer have had that long);
             # otherwise as long as it takes (30 s at most), then STACK_WAIT_S.
             sent = time.monotonic()
-            signalling = subprocess.Popen(["scancel", f"--signal={int(STACKS)}", f"{self.job}.{self.step}"],
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL)
+            signalling = subprocess.Popen(
+                ["scancel", f"--signal={int(STACKS)}", f"{self.job}.{self.step}"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             try:
                 signalling.wait(timeout=STACK_WAIT_S if lost else 30)
             except subprocess.TimeoutExpired:
@@ -350,8 +391,15 @@ class Watchdog:
         command = ["py-spy", "dump", *options, "--pid", str(beat.get("pid"))]
         if self.launcher == "slurm" and beat.get("host") != rundir.hostname():
             # the rank lives on another node: run py-spy there, as a step beside the job's own
-            command = ["srun", "--overlap", f"--jobid={self.job}", f"--nodelist={beat.get('host')}", "-N1", "-n1",
-                       *command]
+            command = [
+                "srun",
+                "--overlap",
+                f"--jobid={self.job}",
+                f"--nodelist={beat.get('host')}",
+                "-N1",
+                "-n1",
+                *command,
+            ]
         try:
             out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -367,7 +415,9 @@ class Watchdog:
                     pass
             return
         if os.environ.get(variables.POOL):  # a pool's item: its coordinator ends it, not the allocation
-            rundir.write_json(RunPaths.of(self.run_dir).signal_request, {"signal": int(signal.SIGKILL), "requeue": requeue})
+            rundir.write_json(
+                RunPaths.of(self.run_dir).signal_request, {"signal": int(signal.SIGKILL), "requeue": requeue}
+            )
             return
         if requeue:
             say(f"requeueing job {self.job} (compute.requeue_on_hang): it resumes from its last backup")
@@ -376,8 +426,9 @@ class Watchdog:
                 return
             say(f"could not requeue job {self.job}: {failure}; ending it instead")
             # The run then ends as a hang, with its rank and reason, not as a cancelled job.
-            rundir.update_status(self.run_dir, hang={**record, "attempt": self.attempt, "requeued": False,
-                                                     "requeue_failed": failure})
+            rundir.update_status(
+                self.run_dir, hang={**record, "attempt": self.attempt, "requeued": False, "requeue_failed": failure}
+            )
             rundir.update_attempt(self.run_dir, self.attempt, requeued=False, requeue_failed=failure)
         say(f"ending job {self.job}")
         # The whole job: a lost node's tasks could hold its step up until Slurm marks the node down.
@@ -396,9 +447,23 @@ def _read_from(path: Path, offset: int) -> str:
 def spawn(run_dir: str, attempt: str, launcher: str, timeout_s: float) -> int:
     """Start the watchdog of this attempt beside rank 0 (from rank 0's bootstrap); its pid."""
     with open(RunPaths.of(run_dir).watchdog_log, "ab") as log:
-        return subprocess.Popen([sys.executable, "-u", "-m", "tfrun.task.watchdog", run_dir, attempt, launcher,
-                                 str(timeout_s), str(os.getpid())], stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=launcher == "local").pid
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-u",
+                "-m",
+                "tfrun.task.watchdog",
+                run_dir,
+                attempt,
+                launcher,
+                str(timeout_s),
+                str(os.getpid()),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=launcher == "local",
+        ).pid
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ TensorFlow; the command runs it as a child process, and another one
 (``python -m tfrun.tracking.board --every 5 RUN_DIR...``) that converts the runs'
 ``tfrun.log_metric`` values into TensorBoard scalars (:class:`Converter`).
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,9 @@ def board_runs(path: Path, run_dirs: Sequence[Path]) -> list[BoardRun]:
     parameters do not tell it apart (a single run, repeated points) keeps its dir's name."""
     params = compare.point_params(path, run_dirs) if len(run_dirs) > 1 else [{} for _ in run_dirs]
     varying = compare.varying_keys(params)
-    names = [_safe(",".join(f"{k}={p.get(k, '-')}" for k in varying)) or _safe(d.name)
-             for d, p in zip(run_dirs, params)]
+    names = [
+        _safe(",".join(f"{k}={p.get(k, '-')}" for k in varying)) or _safe(d.name) for d, p in zip(run_dirs, params)
+    ]
     repeated = {n for n in names if names.count(n) > 1}
     return [BoardRun(f"{n}#{d.name}" if n in repeated else n, d) for n, d in zip(names, run_dirs)]
 
@@ -69,8 +71,17 @@ def link_runs(runs: Sequence[BoardRun], into: Path) -> Path:
 
 def command(logdir: Path, host: str, port: int, python: str | None = None) -> list[str]:
     """The TensorBoard command over ``logdir``."""
-    return [python or sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
-            "--host", host, "--port", str(port)]
+    return [
+        python or sys.executable,
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        str(logdir),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
 
 
 def describe(runs: Sequence[BoardRun], cmd: Sequence[str]) -> str:
@@ -83,8 +94,9 @@ def is_run_or_sweep(path: Path) -> bool:
     """A run dir, or a dir whose sweep index or subdirs hold run dirs."""
     if is_run_dir(path):
         return True
-    return path.is_dir() and (SweepPaths.of(path).index.is_file()
-                              or any(is_run_dir(p) for p in path.iterdir() if p.is_dir()))
+    return path.is_dir() and (
+        SweepPaths.of(path).index.is_file() or any(is_run_dir(p) for p in path.iterdir() if p.is_dir())
+    )
 
 
 def has_values(run_dir: Path) -> bool:
@@ -122,9 +134,11 @@ class Converter:
         if self.writer is None:
             self.writer = tf.summary.create_file_writer(str(self.folder))
             self.write = _batch_function(self.writer)
-        self.write(tf.constant([str(r["name"]) for r in values]),
-                   tf.constant([float(r["value"]) for r in values], tf.float32),
-                   tf.constant([int(r.get("step") or 0) for r in values], tf.int64))
+        self.write(
+            tf.constant([str(r["name"]) for r in values]),
+            tf.constant([float(r["value"]) for r in values], tf.float32),
+            tf.constant([int(r.get("step") or 0) for r in values], tf.int64),
+        )
         self.writer.flush()
         return len(values)
 
@@ -136,8 +150,13 @@ def _batch_function(writer: Any) -> Any:
 
     metadata = tensorboard.scalar_metadata()
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.float32),
-                                  tf.TensorSpec([None], tf.int64)])
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None], tf.string),
+            tf.TensorSpec([None], tf.float32),
+            tf.TensorSpec([None], tf.int64),
+        ]
+    )
     def write(tags: Any, values: Any, steps: Any) -> Any:
         with writer.as_default():
             for i in tf.range(tf.shape(values)[0]):

@@ -1,4 +1,5 @@
 """Runs side by side: the sweep table of ``tfrun runs --sweep`` and ``tfrun plot``."""
+
 from __future__ import annotations
 
 import math
@@ -88,8 +89,9 @@ def varying_keys(params: Sequence[dict[str, str]]) -> list[str]:
     return sorted(k for k in {k for p in params for k in p} if len({p.get(k) for p in params}) > 1)
 
 
-def sweep_table(sweep_dir: Path, run_dirs: Sequence[Path], statuses: Sequence[dict[str, Any]],
-                sort: str | None = None) -> str:
+def sweep_table(
+    sweep_dir: Path, run_dirs: Sequence[Path], statuses: Sequence[dict[str, Any]], sort: str | None = None
+) -> str:
     """A text table: the parameters that differ, state, duration, final/best of each metric.
     ``sort``: by that metric's final value, best first (a value that is not a number last).
     In a tuning study its objective is judged by the study's direction, and its best trial
@@ -120,8 +122,10 @@ def sweep_table(sweep_dir: Path, run_dirs: Sequence[Path], statuses: Sequence[di
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     if best and study:
-        lines.append(f"* the study's best: {study[0]}={best['objective']['value']:.6g} "
-                     f"({'maximize' if study[1] else 'minimize'})")
+        lines.append(
+            f"* the study's best: {study[0]}={best['objective']['value']:.6g} "
+            f"({'maximize' if study[1] else 'minimize'})"
+        )
     return "\n".join(lines)
 
 
@@ -129,12 +133,15 @@ def labels(sweep_dir: Path, run_dirs: Sequence[Path]) -> list[str]:
     """'3: trainer.lr=0.01' for each point: its name and the parameters that differ."""
     params = point_params(sweep_dir, run_dirs)
     varying = varying_keys(params)
-    return [f"{d.name}: " + " ".join(f"{k}={p.get(k)}" for k in varying) if varying else d.name
-            for d, p in zip(run_dirs, params)]
+    return [
+        f"{d.name}: " + " ".join(f"{k}={p.get(k)}" for k in varying) if varying else d.name
+        for d, p in zip(run_dirs, params)
+    ]
 
 
-def curves(run_dirs: Sequence[Path], metric: str, names: Sequence[str] | None = None
-           ) -> list[tuple[str, list[int], list[float], bool]]:
+def curves(
+    run_dirs: Sequence[Path], metric: str, names: Sequence[str] | None = None
+) -> list[tuple[str, list[int], list[float], bool]]:
     """(label, epochs, values, pruned) of each run that recorded ``metric``. Epochs count from
     1, as Keras prints them (``Epoch 1/3``) and ``tfrun status`` and ``watch`` show them;
     ``metrics.jsonl`` keeps Keras's own index, from 0."""
@@ -143,8 +150,9 @@ def curves(run_dirs: Sequence[Path], metric: str, names: Sequence[str] | None = 
         values = epoch_series(run_dir).get(metric)
         if values:
             pruned = rundir.read_status(run_dir).get("state") == RunState.PRUNED  # a tuning policy stopped it
-            found.append((f"{name} (pruned)" if pruned else name, [e + 1 for e, _ in values], [v for _, v in values],
-                          pruned))
+            found.append(
+                (f"{name} (pruned)" if pruned else name, [e + 1 for e, _ in values], [v for _, v in values], pruned)
+            )
     return found
 
 

@@ -16,6 +16,7 @@ task, when ``tfrun tensorboard`` shows the run (:func:`tfrun.tracking.board.conv
 summary op per value would cost the script far more than the value itself. A kill can
 leave a torn last line: readers skip it, and the next writer starts on a new line.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -188,12 +189,16 @@ class _Appender:
             self.columns.remove(columns)  # a thread that ended: its columns are empty for good
         if not batches:
             return b""
-        rows = zip(*batches[0]) if len(batches) == 1 else heapq.merge(*(zip(*b) for b in batches),
-                                                                       key=lambda row: row[3])
+        rows = (
+            zip(*batches[0]) if len(batches) == 1 else heapq.merge(*(zip(*b) for b in batches), key=lambda row: row[3])
+        )
         dumps = orjson.dumps  # ~3x faster than formatting in Python
-        return b"".join(dumps({"name": str(name), "step": step, "time": stamp, "value": value}) + b"\n"
-                        if math.isfinite(value) else _line({"name": name, "step": step, "time": stamp, "value": value})
-                        for name, value, step, stamp in rows)
+        return b"".join(
+            dumps({"name": str(name), "step": step, "time": stamp, "value": value}) + b"\n"
+            if math.isfinite(value)
+            else _line({"name": name, "step": step, "time": stamp, "value": value})
+            for name, value, step, stamp in rows
+        )
 
     @staticmethod
     def _write(path: Path, text: bytes, sync: bool) -> None:
@@ -220,8 +225,11 @@ class _Appender:
             try:
                 self.flush()
             except Exception as exc:  # a full or vanished disk must not end training
-                print(f"tfrun: warning: could not write metrics ({type(exc).__name__}: {exc})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"tfrun: warning: could not write metrics ({type(exc).__name__}: {exc})",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
 
 _appender = _Appender()
@@ -274,8 +282,11 @@ EPOCH_FIELDS = ("epoch", "time", "fit")
 
 def epoch_values(record: Mapping[str, Any]) -> dict[str, float]:
     """The metrics of an epoch record (what every reader shows, plots, or sends on)."""
-    return {k: float(v) for k, v in record.items()
-            if k not in EPOCH_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k not in EPOCH_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:

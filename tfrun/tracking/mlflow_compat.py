@@ -8,6 +8,7 @@ drives the monitor the fluent API starts, ``SystemMetricsMonitor``, itself.
 ``tests/test_compat.py`` checks each function here against the installed MLflow, naming
 the upgrade that changed it. Nothing else in tfrun imports ``mlflow.system_metrics``.
 """
+
 from __future__ import annotations
 
 import sys

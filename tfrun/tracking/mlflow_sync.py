@@ -11,6 +11,7 @@ that sees the run end sends whatever is missing. MLflow is imported only here, o
 when asked; the client, not MLflow's global "active run", so a script's own MLflow use
 is left alone.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from tfrun import rundir
 from tfrun.paths import RunPaths, SweepPaths
@@ -80,7 +81,7 @@ def client(uri: str) -> Any:
 
     if not uri.startswith("sqlite:///") or uri in _READY:
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
-    with rundir.locked(Path(uri[len("sqlite:///"):])):
+    with rundir.locked(Path(uri[len("sqlite:///") :])):
         _sqlite_file(uri)  # before MLflow opens it: made by SQLite, its mode would ignore the umask
         made = MlflowClient(tracking_uri=uri, registry_uri=uri)
         made.search_experiments(max_results=1)  # its first use: the tables, if missing, are made here
@@ -93,7 +94,7 @@ def _sqlite_file(uri: str) -> None:
     SQLite would make it 0644 whatever the umask, and a runs dir shared with a group needs
     the group's write permission the umask gives (its journals copy the file's mode)."""
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         if path.parent.is_dir() and not path.exists():
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))
 
@@ -137,11 +138,17 @@ def parent_run(cfg: Mapping[str, Any], runs_dir: Path, sweep_dir: Path) -> dict[
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
-def _log(mlflow: Any, run_id: str, *, metrics: list[Any] = (), params: list[Any] = (),  # type: ignore[assignment]
-         tags: list[Any] = ()) -> None:  # type: ignore[assignment]
+def _log(
+    mlflow: Any,
+    run_id: str,
+    *,
+    metrics: Sequence[Any] = (),
+    params: Sequence[Any] = (),
+    tags: Sequence[Any] = (),
+) -> None:
     for kind, items in (("params", list(params)), ("tags", list(tags)), ("metrics", list(metrics))):
         for chunk in _chunks(items, _BATCH[kind]):
             mlflow.log_batch(run_id, **{kind: chunk})
@@ -168,8 +175,11 @@ def open_run(run_dir: Path, config: Mapping[str, Any]) -> tuple[Any, dict[str, A
         # The user's tags (tfrun.tags, Experiment.submit(tags=...)) first: tfrun's own keys are its to set.
         redactor = Redactor(config)
         run_id = rundir.read_status(run_dir).get("run_id", run_dir.name)
-        tags = {**redactor.data(config["tfrun"].get("tags") or {}), "tfrun.run_dir": str(run_dir),
-                "tfrun.run_id": run_id}
+        tags = {
+            **redactor.data(config["tfrun"].get("tags") or {}),
+            "tfrun.run_dir": str(run_dir),
+            "tfrun.run_id": run_id,
+        }
         if parent:
             tags["mlflow.parentRunId"] = parent["run_id"]
         run = mlflow.create_run(experiment_id, run_name=run_dir.name if parent else run_id, tags=tags)
@@ -267,7 +277,10 @@ def register(mlflow: Any, run_id: str, name: str, run_dir: Path) -> str:
         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
             raise
     source = f"{mlflow.get_run(run_id).info.artifact_uri}/model"
-    tags = {"tfrun.run_dir": str(run_dir), "tfrun.onnx": str((RunPaths.of(run_dir).outputs / "model.onnx").exists()).lower()}
+    tags = {
+        "tfrun.run_dir": str(run_dir),
+        "tfrun.onnx": str((RunPaths.of(run_dir).outputs / "model.onnx").exists()).lower(),
+    }
     version = mlflow.create_model_version(name, source, run_id=run_id, tags=tags)
     return str(version.version)
 
@@ -339,8 +352,9 @@ class Live:
             known.pop("ended")
             _update(self.run_dir, lambda found: found.pop("ended", None))
         if self.config["tracking"].get("system_metrics"):
-            self.monitor = mlflow_compat.start_system_metrics(known["run_id"], known["tracking_uri"],
-                                                              resume=self.attempt_number() > 1)
+            self.monitor = mlflow_compat.start_system_metrics(
+                known["run_id"], known["tracking_uri"], resume=self.attempt_number() > 1
+            )
         _say(f"MLflow run {known['run_id']} at {known['tracking_uri']}")
         return Sender(self.run_dir, mlflow, known)
 
@@ -368,8 +382,10 @@ class Live:
             except Exception as exc:
                 wait = RETRY_INTERVAL_S
                 if not self.warned:
-                    _say(f"warning: MLflow unreachable ({type(exc).__name__}: {str(exc)[:200]}); metrics stay "
-                         f"in the run dir and are sent when it answers (or `tfrun sync {self.run_dir}`)")
+                    _say(
+                        f"warning: MLflow unreachable ({type(exc).__name__}: {str(exc)[:200]}); metrics stay "
+                        f"in the run dir and are sent when it answers (or `tfrun sync {self.run_dir}`)"
+                    )
                     self.warned = True
 
     def end(self, state: str | None) -> None:
@@ -392,15 +408,19 @@ class Live:
                     return
                 finish(self.run_dir, self.config, state)
             except Exception as exc:
-                _say(f"warning: could not end the MLflow run ({type(exc).__name__}: {str(exc)[:200]}); "
-                     f"`tfrun sync {self.run_dir}` sends the rest")
+                _say(
+                    f"warning: could not end the MLflow run ({type(exc).__name__}: {str(exc)[:200]}); "
+                    f"`tfrun sync {self.run_dir}` sends the rest"
+                )
             finally:
                 done.set()
 
         threading.Thread(target=last, name="tfrun-mlflow-end", daemon=True).start()
         if not done.wait(END_DEADLINE_S):
-            _say(f"warning: MLflow did not answer within {END_DEADLINE_S:.0f} s; `tfrun sync {self.run_dir}` "
-                 "sends the rest")
+            _say(
+                f"warning: MLflow did not answer within {END_DEADLINE_S:.0f} s; `tfrun sync {self.run_dir}` "
+                "sends the rest"
+            )
 
 
 def provenance_tags(run_dir: Path, attempt: str) -> dict[str, str]:
@@ -410,10 +430,14 @@ def provenance_tags(run_dir: Path, attempt: str) -> dict[str, str]:
     if not found:
         return {}
     git = found.get("git") or {}
-    tags = {"tfrun.git_commit": str(git.get("commit") or "none"), "tfrun.git_dirty": str(bool(git.get("dirty"))).lower(),
-            "tfrun.source_dir": str(found.get("source_dir")), "tfrun.hosts": ",".join(found.get("hosts") or []),
-            "tfrun.python": str((found.get("python") or {}).get("version")),
-            "tfrun.packages": str((found.get("packages") or {}).get("count"))}
+    tags = {
+        "tfrun.git_commit": str(git.get("commit") or "none"),
+        "tfrun.git_dirty": str(bool(git.get("dirty"))).lower(),
+        "tfrun.source_dir": str(found.get("source_dir")),
+        "tfrun.hosts": ",".join(found.get("hosts") or []),
+        "tfrun.python": str((found.get("python") or {}).get("version")),
+        "tfrun.packages": str((found.get("packages") or {}).get("count")),
+    }
     return {k: v[:_MAX_PARAM] for k, v in tags.items()}
 
 
@@ -433,8 +457,10 @@ def sync(run_dir: str | os.PathLike[str], state: str | None = None) -> dict[str,
     path = Path(run_dir)
     config = Plan.load(path).config
     if not wanted(config):
-        raise ValueError(f"run {path} was not launched with tracking=mlflow (its tracking.kind is "
-                         f"{(config.get('tracking') or {}).get('kind', 'none')!r})")
+        raise ValueError(
+            f"run {path} was not launched with tracking=mlflow (its tracking.kind is "
+            f"{(config.get('tracking') or {}).get('kind', 'none')!r})"
+        )
     _quick_failures()
     state = state or rundir.read_status(path).get("state")
     if state in FINAL:
@@ -480,7 +506,7 @@ def registered_onnx(uri: str, tracking: str, dst: Path) -> Path:
     """The ONNX file of ``models:/NAME/VERSION``, downloaded into ``dst``."""
     from mlflow.artifacts import download_artifacts
 
-    name, _, version = uri[len("models:/"):].rstrip("/").partition("/")
+    name, _, version = uri[len("models:/") :].rstrip("/").partition("/")
     if not name or not version:
         raise ValueError(f"{uri}: expected models:/NAME/VERSION")
     registry = client(tracking)  # its registry is the tracking store's (MLflow's default would be the cwd's)

@@ -10,6 +10,7 @@ script's path. Files, per attempt (the key of ``attempts.json``):
 - ``provenance/<attempt>.diff``: ``git diff HEAD`` of the source dir, when it is dirty;
 - ``provenance/<attempt>.packages.txt``: ``name==version`` per line, as ``pip freeze``.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,9 +59,16 @@ class Provenance:
 
 
 def _git(source_dir: str, *args: str, timeout: float) -> str:
-    return subprocess.run(["git", "-C", source_dir, *args], capture_output=True, text=True, errors="replace",
-                          check=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}).stdout
+    return subprocess.run(
+        ["git", "-C", source_dir, *args],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        check=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"},
+    ).stdout
 
 
 def git_state(source_dir: str, timeout: float = GIT_TIMEOUT_S, ignore: Sequence[str] = ()) -> GitState:
@@ -80,8 +88,12 @@ def git_state(source_dir: str, timeout: float = GIT_TIMEOUT_S, ignore: Sequence[
     except (OSError, subprocess.SubprocessError) as exc:
         return GitState(commit=commit, error=f"git: {type(exc).__name__}: {exc}")
     skip = [Path(p).resolve() for p in ignore]
-    untracked = tuple(e[3:] for e in entries if e.startswith("?? ")  # paths relative to the repo's top
-                      and not any(s.is_relative_to(Path(top, e[3:]).resolve()) for s in skip))
+    untracked = tuple(
+        e[3:]
+        for e in entries
+        if e.startswith("?? ")  # paths relative to the repo's top
+        and not any(s.is_relative_to(Path(top, e[3:]).resolve()) for s in skip)
+    )
     return GitState(commit=commit, dirty=dirty, diff=diff, untracked=untracked)
 
 
@@ -157,13 +169,26 @@ def _read_packages(entries: list[str]) -> tuple[str, ...]:
     return tuple(sorted(found.values(), key=str.lower))
 
 
-def collect(attempt: str, source_dir: str, hosts: Sequence[str], job_id: str | None,
-            git_timeout: float = GIT_TIMEOUT_S, run_dir: str | None = None) -> Provenance:
+def collect(
+    attempt: str,
+    source_dir: str,
+    hosts: Sequence[str],
+    job_id: str | None,
+    git_timeout: float = GIT_TIMEOUT_S,
+    run_dir: str | None = None,
+) -> Provenance:
     """This process's provenance for one attempt."""
     git = git_state(source_dir, git_timeout, ignore=[run_dir] if run_dir else [])
-    return Provenance(attempt=attempt, source_dir=source_dir, git=git,
-                      packages=packages(), python_version=sys.version.split()[0],
-                      python_executable=sys.executable, hosts=tuple(hosts), job_id=job_id)
+    return Provenance(
+        attempt=attempt,
+        source_dir=source_dir,
+        git=git,
+        packages=packages(),
+        python_version=sys.version.split()[0],
+        python_executable=sys.executable,
+        hosts=tuple(hosts),
+        job_id=job_id,
+    )
 
 
 def paths(run_dir: str | os.PathLike[str], attempt: str) -> dict[str, Path]:
@@ -191,25 +216,42 @@ def write(run_dir: str | os.PathLike[str], prov: Provenance) -> Path:
     return files["record"]
 
 
-def record(run_dir: str | os.PathLike[str], attempt: str, source_dir: str, node_hosts: Sequence[str],
-           task_nodes: Sequence[int], job_id: str | None) -> None:
+def record(
+    run_dir: str | os.PathLike[str],
+    attempt: str,
+    source_dir: str,
+    node_hosts: Sequence[str],
+    task_nodes: Sequence[int],
+    job_id: str | None,
+) -> None:
     """Collect and write (the hosts of the ranks: ``node_hosts[task_nodes[rank]]``); a failure
     is one line in the log, never the task's."""
     try:
         hosts = [node_hosts[node] if node < len(node_hosts) else "?" for node in task_nodes]
         write(run_dir, collect(attempt, source_dir, hosts, job_id, run_dir=str(run_dir)))
     except Exception as exc:  # provenance must never break training
-        print(f"tfrun: warning: no provenance for attempt {attempt}: {type(exc).__name__}: {exc}",
-              file=sys.stderr, flush=True)
+        print(
+            f"tfrun: warning: no provenance for attempt {attempt}: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
-def record_in_background(run_dir: str | os.PathLike[str], attempt: str, source_dir: str,
-                         node_hosts: Sequence[str], task_nodes: Sequence[int],
-                         job_id: str | None) -> threading.Thread:
+def record_in_background(
+    run_dir: str | os.PathLike[str],
+    attempt: str,
+    source_dir: str,
+    node_hosts: Sequence[str],
+    task_nodes: Sequence[int],
+    job_id: str | None,
+) -> threading.Thread:
     """:func:`record` in a thread, so that the script starts at once. Not a daemon: an
     interpreter that exits normally waits for it (it ends within the git timeouts)."""
-    thread = threading.Thread(target=record, name="tfrun-provenance",
-                              args=(run_dir, attempt, source_dir, list(node_hosts), list(task_nodes), job_id))
+    thread = threading.Thread(
+        target=record,
+        name="tfrun-provenance",
+        args=(run_dir, attempt, source_dir, list(node_hosts), list(task_nodes), job_id),
+    )
     thread.start()
     return thread
 

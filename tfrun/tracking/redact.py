@@ -8,6 +8,7 @@ by :data:`MASK`. The plan and the task's environment keep the real values: only 
 made for others to read are masked, all through :class:`Redactor` (and :func:`shown` for a
 single variable).
 """
+
 from __future__ import annotations
 
 import re
@@ -105,8 +106,10 @@ class Redactor:
         large); a binary file is copied as it is."""
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(source, encoding="utf-8", newline="") as src, \
-                    open(target, "w", encoding="utf-8", newline="") as dst:
+            with (
+                open(source, encoding="utf-8", newline="") as src,
+                open(target, "w", encoding="utf-8", newline="") as dst,
+            ):
                 for line in src:
                     dst.write(self.text(line))
         except UnicodeDecodeError:

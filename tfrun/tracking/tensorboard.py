@@ -1,5 +1,6 @@
 """TensorBoard event files of a run's metrics, under ``<run dir>/tensorboard`` (rank 0) or
 ``tensorboard/rank<N>``. Written only where the script already imported TensorFlow."""
+
 from __future__ import annotations
 
 import os

@@ -16,6 +16,7 @@ policy stops the trial at the first such epoch, whatever its schedule (it does n
 back), the study tells it as failed, and no comparison uses it (a NaN peer would make every
 comparison false, and stop the pruning of everyone). Optuna is told finite values only.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -67,18 +68,24 @@ def make(name: str, args: Mapping[str, Any] | None, objective: str | None) -> Po
         raise ConfigError.invalid("hydra.sweeper.policy", name, POLICIES)
     if name == "none":
         if args:
-            raise ConfigError(f"hydra.sweeper.policy_args={args} but hydra.sweeper.policy=none: choose a policy "
-                              f"({', '.join(POLICIES[1:])}) or drop the arguments")
+            raise ConfigError(
+                f"hydra.sweeper.policy_args={args} but hydra.sweeper.policy=none: choose a policy "
+                f"({', '.join(POLICIES[1:])}) or drop the arguments"
+            )
         return Policy()
     if not objective:
-        raise ConfigError(f"hydra.sweeper.policy={name} stops trials from the objective's values per epoch, but no "
-                          f"objective is set: add tfrun.objective=METRIC (a Keras metric such as val_accuracy, or "
-                          f"a value the script records with tfrun.log_metric)")
+        raise ConfigError(
+            f"hydra.sweeper.policy={name} stops trials from the objective's values per epoch, but no "
+            f"objective is set: add tfrun.objective=METRIC (a Keras metric such as val_accuracy, or "
+            f"a value the script records with tfrun.log_metric)"
+        )
     allowed = list(OWN[name]) if name in OWN else _optuna_arguments(name)
     unknown = sorted(set(args) - set(allowed))
     if unknown:
-        raise ConfigError(f"hydra.sweeper.policy_args.{unknown[0]}={args[unknown[0]]!r} is not an argument of "
-                          f"policy {name}: it takes {', '.join(allowed)}")
+        raise ConfigError(
+            f"hydra.sweeper.policy_args.{unknown[0]}={args[unknown[0]]!r} is not an argument of "
+            f"policy {name}: it takes {', '.join(allowed)}"
+        )
     if name in OWN:
         args = {**OWN[name], **args}
         _check_own(name, args)
@@ -89,8 +96,13 @@ def make(name: str, args: Mapping[str, Any] | None, objective: str | None) -> Po
 
 # Optuna's pruners check their arguments late or not at all (Hyperband builds its brackets when the
 # first trial asks, so a bad reduction_factor would fail mid-study): check them here, before anything runs.
-_OPTUNA_WHOLE = {"min_resource": 1, "max_resource": 1, "reduction_factor": 2, "min_early_stopping_rate": 0,
-                 "bootstrap_count": 0}
+_OPTUNA_WHOLE = {
+    "min_resource": 1,
+    "max_resource": 1,
+    "reduction_factor": 2,
+    "min_early_stopping_rate": 0,
+    "bootstrap_count": 0,
+}
 _OPTUNA_AUTO = {("asha", "min_resource"), ("hyperband", "max_resource")}
 
 
@@ -99,31 +111,41 @@ def _check_optuna(name: str, args: dict[str, Any]) -> None:
         least = _OPTUNA_WHOLE.get(key)
         auto = (name, key) in _OPTUNA_AUTO
         if least is not None and not is_whole(value, least) and not (auto and value == "auto"):
-            raise ConfigError.invalid(f"hydra.sweeper.policy_args.{key}", value,
-                                      f"a whole number, {least} or more{' (epochs)' if 'resource' in key else ''}"
-                                      f"{', or auto' if auto else ''}")
+            raise ConfigError.invalid(
+                f"hydra.sweeper.policy_args.{key}",
+                value,
+                f"a whole number, {least} or more{' (epochs)' if 'resource' in key else ''}"
+                f"{', or auto' if auto else ''}",
+            )
     low, high = args.get("min_resource", 1), args.get("max_resource", "auto")
     if name == "hyperband" and is_whole(low, 1) and is_whole(high, 1) and high < low:
-        raise ConfigError(f"hydra.sweeper.policy_args.max_resource={high} is below min_resource={low}: Hyperband "
-                          f"judges trials between the two (in epochs)")
+        raise ConfigError(
+            f"hydra.sweeper.policy_args.max_resource={high} is below min_resource={low}: Hyperband "
+            f"judges trials between the two (in epochs)"
+        )
 
 
 def _check_own(name: str, args: dict[str, Any]) -> None:
     for key in ("evaluation_interval", "delay_evaluation"):
         if not is_whole(args[key], 1 if key == "evaluation_interval" else 0):
-            raise ConfigError(f"hydra.sweeper.policy_args.{key}={args[key]!r}: an integer number of epochs, "
-                              f"{'at least 1' if key == 'evaluation_interval' else '0 or more'}")
+            raise ConfigError(
+                f"hydra.sweeper.policy_args.{key}={args[key]!r}: an integer number of epochs, "
+                f"{'at least 1' if key == 'evaluation_interval' else '0 or more'}"
+            )
     for key in ("slack_factor", "slack_amount"):
         if args.get(key) is not None and not (is_number(args[key]) and args[key] >= 0):
             raise ConfigError.invalid(f"hydra.sweeper.policy_args.{key}", args[key], "a number, 0 or more")
     if name == "bandit" and (args["slack_factor"] is None) == (args["slack_amount"] is None):
-        raise ConfigError(f"policy bandit takes one of hydra.sweeper.policy_args.slack_factor (a ratio, e.g. 0.1) "
-                          f"or slack_amount (in the metric's units), got slack_factor={args['slack_factor']} "
-                          f"slack_amount={args['slack_amount']}")
+        raise ConfigError(
+            f"policy bandit takes one of hydra.sweeper.policy_args.slack_factor (a ratio, e.g. 0.1) "
+            f"or slack_amount (in the metric's units), got slack_factor={args['slack_factor']} "
+            f"slack_amount={args['slack_amount']}"
+        )
     percentage = args.get("truncation_percentage")
     if name == "truncation" and not (is_number(percentage) and 1 <= percentage <= 99):
-        raise ConfigError(f"hydra.sweeper.policy_args.truncation_percentage={percentage!r}: "
-                          f"a percentage between 1 and 99")
+        raise ConfigError(
+            f"hydra.sweeper.policy_args.truncation_percentage={percentage!r}: a percentage between 1 and 99"
+        )
 
 
 def optuna_pruner(policy: Policy) -> Any:
@@ -181,8 +203,9 @@ def report(trial: OptunaTrial, curve: Curve, reported: set[int]) -> None:
         reported.add(epoch)
 
 
-def judge(policy: Policy, maximize: bool, curve: Curve, peers: Sequence[Curve], trial: OptunaTrial,
-          reported: set[int]) -> tuple[int, str] | None:
+def judge(
+    policy: Policy, maximize: bool, curve: Curve, peers: Sequence[Curve], trial: OptunaTrial, reported: set[int]
+) -> tuple[int, str] | None:
     """The study's look at a running trial: (epoch count, why) if ``policy`` stops it, else
     None. Its epochs not told yet (``reported``) are told to Optuna; ``asha`` and ``hyperband``
     are asked after each one, as in Optuna's own loop: successive halving records a rung's
@@ -227,15 +250,20 @@ def _own(policy: Policy, maximize: bool, curve: Curve, peers: Sequence[Curve]) -
         mine = statistics.fmean(curve[e] for e in range(1, at + 1) if e in curve)
         middle = statistics.median(statistics.fmean(p[e] for e in range(1, at + 1) if e in p) for p in others)
         if _worse(mine, middle, maximize):
-            return at, f"running average {mine:.4g} after {at} epoch(s) is worse than the median {middle:.4g} of {len(others)} other trial(s)"
+            return (
+                at,
+                f"running average {mine:.4g} after {at} epoch(s) is worse than the median {middle:.4g} of {len(others)} other trial(s)",
+            )
         return None
     values = [p[at] for p in others]
     count = len(values) + 1
     cut = int(float(policy.args["truncation_percentage"]) * count / 100)
     better = sum(1 for v in values if _worse(value, v, maximize))
     if cut >= 1 and better >= count - cut:
-        return at, (f"{value:.4g} after {at} epoch(s) is in the lowest {policy.args['truncation_percentage']}% of "
-                    f"{count} trial(s)")
+        return at, (
+            f"{value:.4g} after {at} epoch(s) is in the lowest {policy.args['truncation_percentage']}% of "
+            f"{count} trial(s)"
+        )
     return None
 
 
@@ -252,7 +280,9 @@ def bandit_bound(args: Mapping[str, Any], maximize: bool, best: float) -> float:
     return best - slack if maximize else best + slack
 
 
-def _bandit(args: Mapping[str, Any], maximize: bool, at: int, value: float, values: list[float]) -> tuple[int, str] | None:
+def _bandit(
+    args: Mapping[str, Any], maximize: bool, at: int, value: float, values: list[float]
+) -> tuple[int, str] | None:
     best = max(values) if maximize else min(values)
     bound = bandit_bound(args, maximize, best)
     if _worse(value, bound, maximize):

@@ -9,6 +9,7 @@ records its run dir there before it is submitted, so a follower started again on
 sweep (``tfrun tune resume``) re-follows the trials still running, tells the ones that ended
 meanwhile, and asks only for the trials still missing: none is lost or run twice.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,9 @@ class Study:
     """Runs a study to ``n_trials``: :meth:`run`. ``plan_trial(number, overrides)`` composes,
     plans and writes a trial's run dir (the sweeper's Hydra composition)."""
 
-    def __init__(self, found: Settings, space: Space, plan_trial: Callable[[int, list[str]], Plan],
-                 pool: Any = None) -> None:
+    def __init__(
+        self, found: Settings, space: Space, plan_trial: Callable[[int, list[str]], Plan], pool: Any = None
+    ) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -69,12 +71,17 @@ class Study:
         self.storage = open_storage(found)
         existing = [s.study_name for s in optuna.study.get_all_study_summaries(self.storage)]
         self.resumed = found.study_name in existing
-        self.study = optuna.create_study(storage=self.storage, study_name=found.study_name, load_if_exists=True,
-                                         direction=found.direction, sampler=make_sampler(found),
-                                         pruner=policies.optuna_pruner(found.policy))
+        self.study = optuna.create_study(
+            storage=self.storage,
+            study_name=found.study_name,
+            load_if_exists=True,
+            direction=found.direction,
+            sampler=make_sampler(found),
+            pruner=policies.optuna_pruner(found.policy),
+        )
         self.distributions = distributions(space)
         if found.sampler == "grid" and not self.resumed:
-            for params in space.grid()[:found.n_trials]:
+            for params in space.grid()[: found.n_trials]:
                 self.study.enqueue_trial(params)
         self.live: list[Live] = []
         self._threads: dict[int, threading.Thread] = {}
@@ -113,7 +120,7 @@ class Study:
             trial.set_user_attr("run_dir", plan.run_dir)
             trial.set_user_attr("overrides", overrides)
             self._record_point(plan, overrides, trial.number)
-            self._launch(plan, trial.number, overrides[:len(self.space.dimensions)])
+            self._launch(plan, trial.number, overrides[: len(self.space.dimensions)])
         except ConfigError as exc:  # this point cannot run (or Slurm refused it): a failed trial
             self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             if not self.launched:
@@ -177,8 +184,12 @@ class Study:
                     self._attach_thread(live)
                     say(f"trial {trial.number}: submitted now (the earlier follower ended before it did)")
             elif targets.followed_here(status.get("target")) and status.get("state") not in FINAL:
-                rundir.update_status(run_dir, state=RunState.FAILED, ended=time.time(),
-                                     reason="its tuning study's follower ended while it ran locally")
+                rundir.update_status(
+                    run_dir,
+                    state=RunState.FAILED,
+                    ended=time.time(),
+                    reason="its tuning study's follower ended while it ran locally",
+                )
             else:
                 if self.pool is not None and status.get("pool"):  # fed just before the earlier follower ended?
                     self.pool.launch(Plan.load(run_dir))
@@ -222,8 +233,10 @@ class Study:
         if self.pool is not None:
             self.pool.interrupted()  # a local pool ends with its follower: its trials are cancelled
         local_pool = self.pool is not None and targets.followed_here(self.target)
-        self._cancel([t for t in self.live if local_pool or (t.thread is not None and t.thread.is_alive())],
-                     "its tuning study's follower was stopped while it ran locally")
+        self._cancel(
+            [t for t in self.live if local_pool or (t.thread is not None and t.thread.is_alive())],
+            "its tuning study's follower was stopped while it ran locally",
+        )
 
     def _cancel(self, trials: list[Live], why: str) -> None:
         """Cancel trials in flight (a Slurm trial's job, a local one's tasks in this process's
@@ -255,11 +268,12 @@ class Study:
 
     def _curves(self) -> dict[int, dict[int, float]]:
         """Every trial's objective per epoch: the storage's reports, and the live trials' files."""
-        found = {t.number: {int(k): v for k, v in t.intermediate_values.items()}
-                 for t in self.study.get_trials(deepcopy=False)}
+        found = {
+            t.number: {int(k): v for k, v in t.intermediate_values.items()}
+            for t in self.study.get_trials(deepcopy=False)
+        }
         for live in self.live:
-            found[live.number] = {**found.get(live.number, {}),
-                                  **objective_curve(live.run_dir, self.found.objective)}
+            found[live.number] = {**found.get(live.number, {}), **objective_curve(live.run_dir, self.found.objective)}
         return found
 
     def _trial(self, live: Live) -> Any:
@@ -268,8 +282,9 @@ class Study:
 
         if live.handle is None:
             study_id = self.storage.get_study_id_from_name(self.found.study_name)
-            live.handle = optuna.trial.Trial(self.study, self.storage.get_trial_id_from_study_id_trial_number(
-                study_id, live.number))
+            live.handle = optuna.trial.Trial(
+                self.study, self.storage.get_trial_id_from_study_id_trial_number(study_id, live.number)
+            )
         return live.handle
 
     def _report(self, live: Live, curve: dict[int, float]) -> None:
@@ -290,15 +305,19 @@ class Study:
         it has no result (the samplers model a pruned trial from its last value)."""
         from optuna.trial import TrialState
 
-        rundir.write_json(RunPaths.of(live.run_dir).prune, {"policy": self.found.policy.name, "epoch": epoch,
-                                                            "why": why, "time": time.time(), "trial": live.number})
+        rundir.write_json(
+            RunPaths.of(live.run_dir).prune,
+            {"policy": self.found.policy.name, "epoch": epoch, "why": why, "time": time.time(), "trial": live.number},
+        )
         waiting = rundir.read_status(live.run_dir).get("state") in (RunState.PENDING, RunState.PREEMPTED)
         stop_request(live.run_dir)
         self.study.tell(live.number, state=TrialState.FAIL if failed else TrialState.PRUNED, skip_if_finished=True)
         live.draining = True  # followed (and holding its slot) until it has stopped
         rundir.update_point(self.found.sweep_dir, live.run_dir, state=RunState.PRUNED, pruned_epoch=epoch)
-        say(f"trial {live.number}: pruned after {epoch} epoch(s) ({self.found.policy.name}: {why})"
-            + ("; its job was waiting to run: cancelled" if waiting else ""))
+        say(
+            f"trial {live.number}: pruned after {epoch} epoch(s) ({self.found.policy.name}: {why})"
+            + ("; its job was waiting to run: cancelled" if waiting else "")
+        )
 
     def _ended(self, live: Live, status: dict[str, Any]) -> None:
         from optuna.trial import TrialState
@@ -319,8 +338,13 @@ class Study:
             why = status.get("reason") or (f"no {metric} recorded" if state == RunState.COMPLETED else state)
         if state == RunState.PRUNED or live.draining:  # (it may have completed before the stop request came)
             self.study.tell(live.number, state=TrialState.PRUNED, skip_if_finished=True)
-            rundir.update_point(self.found.sweep_dir, live.run_dir, state=state,
-                                pruned_epoch=status.get("pruned_epoch"), objective={"metric": metric, "value": value})
+            rundir.update_point(
+                self.found.sweep_dir,
+                live.run_dir,
+                state=state,
+                pruned_epoch=status.get("pruned_epoch"),
+                objective={"metric": metric, "value": value},
+            )
             return
         if value is None:
             self.study.tell(live.number, state=TrialState.FAIL, skip_if_finished=True)
@@ -329,7 +353,9 @@ class Study:
         else:
             self.study.tell(live.number, value, skip_if_finished=True)
             say(f"trial {live.number}: {state}: {metric}={value:.6g}")
-        rundir.update_point(self.found.sweep_dir, live.run_dir, state=state, objective={"metric": metric, "value": value})
+        rundir.update_point(
+            self.found.sweep_dir, live.run_dir, state=state, objective={"metric": metric, "value": value}
+        )
         if state == RunState.COMPLETED and not curve and not self._objective_recorded():
             self._objective_never_recorded(live)
 
@@ -346,14 +372,21 @@ class Study:
         from tfrun.tracking.compare import epoch_series
 
         recorded = sorted(epoch_series(live.run_dir))
-        self._cancel(list(self.live), f"its tuning study stopped: no trial records its objective {self.found.objective}")
+        self._cancel(
+            list(self.live), f"its tuning study stopped: no trial records its objective {self.found.objective}"
+        )
         self.live.clear()
         metric, where = self.found.objective, RunPaths.of(live.run_dir).metrics
-        what = (f"it recorded {', '.join(recorded)} ({where}): set tfrun.objective to one of them"
-                if recorded else f"it recorded no metric at all ({where} has none): a Keras fit records its "
-                                 f"metrics by itself, another script calls tfrun.log_metric(name, value, step)")
-        raise ConfigError(f"tfrun.objective={metric}: trial {live.number} completed without recording {metric}, and "
-                          f"no trial of the study has; {what}. The study stopped (its other trials were cancelled)")
+        what = (
+            f"it recorded {', '.join(recorded)} ({where}): set tfrun.objective to one of them"
+            if recorded
+            else f"it recorded no metric at all ({where} has none): a Keras fit records its "
+            f"metrics by itself, another script calls tfrun.log_metric(name, value, step)"
+        )
+        raise ConfigError(
+            f"tfrun.objective={metric}: trial {live.number} completed without recording {metric}, and "
+            f"no trial of the study has; {what}. The study stopped (its other trials were cancelled)"
+        )
 
 
 def _running() -> Any:
@@ -370,8 +403,14 @@ def _run_local(plan: Plan) -> None:
         with open(os.devnull, "wb") as sink:
             runner.launch(plan, out=sink, report=False, warn=None)
     except Exception as exc:  # the study goes on; the trial is a failed one
-        rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.FAILED, target="local", ended=time.time(),
-                             reason=f"could not run: {exc}")
+        rundir.update_status(
+            plan.run_dir,
+            run_id=plan.run_id,
+            state=RunState.FAILED,
+            target="local",
+            ended=time.time(),
+            reason=f"could not run: {exc}",
+        )
 
 
 def submitted_job(sweep_dir: Path, plan: Plan) -> str | None:
@@ -384,9 +423,21 @@ def submitted_job(sweep_dir: Path, plan: Plan) -> str | None:
     for job, args in submitit_compat.submitted(folder):
         if args and str(args[0]) == plan.run_dir:
             now = time.time()
-            rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.PENDING, target="slurm",
-                                 submitit_folder=str(folder), backend=plan.backend, job_ids=[job], submitted=now,
-                                 started=now, ended=None, world_size=len(plan.tasks), failed_rank=None, reason=None)
+            rundir.update_status(
+                plan.run_dir,
+                run_id=plan.run_id,
+                state=RunState.PENDING,
+                target="slurm",
+                submitit_folder=str(folder),
+                backend=plan.backend,
+                job_ids=[job],
+                submitted=now,
+                started=now,
+                ended=None,
+                world_size=len(plan.tasks),
+                failed_rank=None,
+                reason=None,
+            )
             return job
     return None
 
@@ -399,4 +450,3 @@ def stop_request(run_dir: Path) -> None:
     import signal
 
     control.signal(run_dir, signal.SIGUSR2)
-

@@ -6,6 +6,7 @@ Every check here runs before anything is submitted or any run dir is made: a bad
 policy, storage or space is a :class:`~tfrun.errors.ConfigError` (exit 2).
 Optuna is imported only inside functions: ``--dry-run`` and ``--help`` do not need it.
 """
+
 from __future__ import annotations
 
 import errno
@@ -29,7 +30,12 @@ from tfrun.tune import policies
 
 # sampler -> the packages it needs beyond Optuna (cmaes and gp are Optuna's, with extras).
 SAMPLERS: dict[str, tuple[str, ...]] = {
-    "random": (), "grid": (), "tpe": (), "qmc": ("scipy",), "cmaes": ("cmaes",), "gp": ("torch", "scipy"),
+    "random": (),
+    "grid": (),
+    "tpe": (),
+    "qmc": ("scipy",),
+    "cmaes": ("cmaes",),
+    "gp": ("torch", "scipy"),
 }
 Direction = Literal["maximize", "minimize"]  # as Optuna spells a study's direction
 DIRECTIONS: tuple[Direction, ...] = ("maximize", "minimize")
@@ -91,32 +97,48 @@ def settings(sweeper: Mapping[str, Any], objective: str | None, sweep_dir: Path)
         raise ConfigError.invalid("hydra.sweeper.sampler", sampler, SAMPLERS)
     missing = [p for p in SAMPLERS[sampler] if importlib.util.find_spec(p) is None]
     if missing:
-        raise ConfigError(f"hydra.sweeper.sampler={sampler} needs the package(s) {', '.join(missing)}, which are not "
-                          f"installed: pip install {' '.join(missing)}, or choose one of random, grid, tpe, qmc")
+        raise ConfigError(
+            f"hydra.sweeper.sampler={sampler} needs the package(s) {', '.join(missing)}, which are not "
+            f"installed: pip install {' '.join(missing)}, or choose one of random, grid, tpe, qmc"
+        )
     given = str(sweeper.get("direction"))
     if given not in DIRECTIONS:
         raise ConfigError.invalid("hydra.sweeper.direction", given, DIRECTIONS)
     direction = cast(Direction, given)  # one of DIRECTIONS, as checked
     policy = policies.make(str(sweeper.get("policy")), sweeper.get("policy_args") or {}, objective)
     if not objective:
-        raise ConfigError("hydra/sweeper=tfrun optimises a metric the trials record: add tfrun.objective=METRIC "
-                          "(e.g. tfrun.objective=val_accuracy, and hydra.sweeper.direction=minimize for a loss)")
+        raise ConfigError(
+            "hydra/sweeper=tfrun optimises a metric the trials record: add tfrun.objective=METRIC "
+            "(e.g. tfrun.objective=val_accuracy, and hydra.sweeper.direction=minimize for a loss)"
+        )
     seed = sweeper.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ConfigError.invalid("hydra.sweeper.seed", seed, "a whole number, or null for a random seed")
     startup = sweeper.get("n_startup_trials")
     if startup is not None:
         if sampler not in STARTUP_SAMPLERS:
-            raise ConfigError(f"hydra.sweeper.n_startup_trials={startup!r}: only the samplers that model the results "
-                              f"start with random trials ({', '.join(STARTUP_SAMPLERS)}); sampler={sampler} does not. "
-                              f"Remove the key, or choose one of those samplers")
+            raise ConfigError(
+                f"hydra.sweeper.n_startup_trials={startup!r}: only the samplers that model the results "
+                f"start with random trials ({', '.join(STARTUP_SAMPLERS)}); sampler={sampler} does not. "
+                f"Remove the key, or choose one of those samplers"
+            )
         if not is_whole(startup, 0):
-            raise ConfigError.invalid("hydra.sweeper.n_startup_trials", startup,
-                                      "a whole number, 0 or more (null: the sampler's default)")
-    found = Settings(sampler, _positive("n_trials", sweeper.get("n_trials")),
-                     _positive("max_parallel", sweeper.get("max_parallel")), direction, seed,
-                     str(sweeper["storage"]) if sweeper.get("storage") else None, policy, objective, sweep_dir,
-                     startup, extra={"pool": sweeper.get("pool")})  # checked with the trials' compute (targets.pool)
+            raise ConfigError.invalid(
+                "hydra.sweeper.n_startup_trials", startup, "a whole number, 0 or more (null: the sampler's default)"
+            )
+    found = Settings(
+        sampler,
+        _positive("n_trials", sweeper.get("n_trials")),
+        _positive("max_parallel", sweeper.get("max_parallel")),
+        direction,
+        seed,
+        str(sweeper["storage"]) if sweeper.get("storage") else None,
+        policy,
+        objective,
+        sweep_dir,
+        startup,
+        extra={"pool": sweeper.get("pool")},
+    )  # checked with the trials' compute (targets.pool)
     check_storage(found)
     return found
 
@@ -132,19 +154,24 @@ def check_storage(found: Settings) -> None:
     if found.storage and "://" in found.storage:
         scheme = found.storage.split("://", 1)[0].split("+", 1)[0]
         if scheme not in ("sqlite", "postgresql", "mysql", "oracle", "mssql"):
-            raise ConfigError.invalid("hydra.sweeper.storage", found.storage,
-                                      "a journal file path, or a database URL (sqlite:///PATH, postgresql://..., "
-                                      "mysql://...)")
+            raise ConfigError.invalid(
+                "hydra.sweeper.storage",
+                found.storage,
+                "a journal file path, or a database URL (sqlite:///PATH, postgresql://..., mysql://...)",
+            )
         return
     if not found.storage:
         return  # the sweep dir is made for it
     path = journal_path(found)
     where = path.parent
     if path.is_dir() or not where.is_dir() or not os.access(where, os.W_OK):
-        raise ConfigError.invalid("hydra.sweeper.storage", found.storage,
-                                  f"a journal file in an existing, writable directory ({where} "
-                                  f"{'is a directory itself' if path.is_dir() else 'does not exist or is not writable'}), "
-                                  f"or a database URL such as sqlite:///PATH")
+        raise ConfigError.invalid(
+            "hydra.sweeper.storage",
+            found.storage,
+            f"a journal file in an existing, writable directory ({where} "
+            f"{'is a directory itself' if path.is_dir() else 'does not exist or is not writable'}), "
+            f"or a database URL such as sqlite:///PATH",
+        )
 
 
 def open_storage(found: Settings) -> Any:
@@ -157,8 +184,10 @@ def open_storage(found: Settings) -> Any:
         try:
             return optuna.storages.RDBStorage(found.storage)
         except Exception as exc:  # SQLAlchemy's and the driver's own errors
-            raise ConfigError(f"hydra.sweeper.storage={found.storage!r}: the database cannot be opened ({exc}); "
-                              f"give a reachable database URL or a journal file path") from exc
+            raise ConfigError(
+                f"hydra.sweeper.storage={found.storage!r}: the database cannot be opened ({exc}); "
+                f"give a reachable database URL or a journal file path"
+            ) from exc
     path = journal_path(found)
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
@@ -217,12 +246,20 @@ def describe(found: Settings, space: Space) -> dict[str, Any]:
     """What ``--dry-run -m`` shows of a study."""
     grid = len(space.grid()) if found.sampler == "grid" else None
     startup = startup_trials(found)
-    notes = ", ".join(note for note in ("multivariate, constant liar" if found.sampler == "tpe" else "",
-                                        f"{startup} random trial(s) first" if startup is not None else "") if note)
+    notes = ", ".join(
+        note
+        for note in (
+            "multivariate, constant liar" if found.sampler == "tpe" else "",
+            f"{startup} random trial(s) first" if startup is not None else "",
+        )
+        if note
+    )
     return {
         "sweep_dir": str(found.sweep_dir),
-        "objective": found.objective, "direction": found.direction,
-        "sampler": found.sampler + (f" ({notes})" if notes else "")
+        "objective": found.objective,
+        "direction": found.direction,
+        "sampler": found.sampler
+        + (f" ({notes})" if notes else "")
         + (f" ({grid} combination(s), in the order written)" if grid is not None else ""),
         "seed": found.seed,
         "n_trials": min(found.n_trials, grid) if grid is not None else found.n_trials,
@@ -237,14 +274,15 @@ def describe(found: Settings, space: Space) -> dict[str, Any]:
 
 def describe_text(info: Mapping[str, Any]) -> str:
     """:func:`describe` as lines."""
-    lines = [f"tuning study in {info['sweep_dir']} (hydra/sweeper=tfrun, asynchronous: a trial starts as soon "
-             f"as one ends)",
-             f"  objective:  {info['objective']} ({info['direction']})",
-             f"  sampler:    {info['sampler']}, seed {info['seed']}",
-             f"  trials:     {info['n_trials']}, at most {info['max_parallel']} at once",
-             f"  policy:     {info['policy']}",
-             f"  storage:    {info['storage']}",
-             "  space:"]
+    lines = [
+        f"tuning study in {info['sweep_dir']} (hydra/sweeper=tfrun, asynchronous: a trial starts as soon as one ends)",
+        f"  objective:  {info['objective']} ({info['direction']})",
+        f"  sampler:    {info['sampler']}, seed {info['seed']}",
+        f"  trials:     {info['n_trials']}, at most {info['max_parallel']} at once",
+        f"  policy:     {info['policy']}",
+        f"  storage:    {info['storage']}",
+        "  space:",
+    ]
     lines += [f"    {line}" for line in info["space"]]
     if info["fixed"]:
         lines.append(f"  every trial: {' '.join(info['fixed'])}")
@@ -256,9 +294,13 @@ def save_invocation(found: Settings, sweep_overrides: list[str]) -> None:
     path = SweepPaths.of(found.sweep_dir).tune
     if path.exists():
         return
-    data = {"overrides": _INVOCATION.get("overrides") or sweep_overrides, "config_dir": _INVOCATION.get("config_dir"),
-            "config_name": _INVOCATION.get("config_name", "config"), "storage": found.storage_text(),
-            "cwd": os.getcwd()}
+    data = {
+        "overrides": _INVOCATION.get("overrides") or sweep_overrides,
+        "config_dir": _INVOCATION.get("config_dir"),
+        "config_name": _INVOCATION.get("config_name", "config"),
+        "storage": found.storage_text(),
+        "cwd": os.getcwd(),
+    }
     rundir.write_json(path, data)
 
 
@@ -276,9 +318,11 @@ def follow_alone(found: Settings) -> IO[str]:
         handle.seek(0)
         text = handle.read()
         handle.close()
-        raise TfrunError(f"the study in {found.sweep_dir} is being followed already, {_follower(text)}: a second "
-                         f"follower would start its trials twice. Let that one go on, or stop it (Ctrl-C: its Slurm "
-                         f"trials go on) and then run tfrun tune resume {found.sweep_dir}") from None
+        raise TfrunError(
+            f"the study in {found.sweep_dir} is being followed already, {_follower(text)}: a second "
+            f"follower would start its trials twice. Let that one go on, or stop it (Ctrl-C: its Slurm "
+            f"trials go on) and then run tfrun tune resume {found.sweep_dir}"
+        ) from None
     except OSError as exc:
         if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
             raise
@@ -303,7 +347,9 @@ def resume_argv(sweep_dir: Path) -> tuple[list[str], str]:
     """The ``tfrun -m`` command line that reattaches to a study, and the directory to run it in."""
     data = rundir.read_json(SweepPaths.of(sweep_dir).tune)
     if not data:
-        raise ConfigError(f"{sweep_dir} is not a tuning study of hydra/sweeper=tfrun (no {SweepPaths.of(sweep_dir).tune.name} in it)")
+        raise ConfigError(
+            f"{sweep_dir} is not a tuning study of hydra/sweeper=tfrun (no {SweepPaths.of(sweep_dir).tune.name} in it)"
+        )
     argv = [o for o in data["overrides"] if not o.startswith("hydra.sweep.dir=")]
     argv = ["-m", *argv, f"hydra.sweep.dir={sweep_dir.resolve()}"]
     if data.get("config_dir"):
@@ -361,8 +407,11 @@ def objective_times(run_dir: Path, metric: str) -> list[float]:
     """When each value of the objective was recorded, in order."""
     from tfrun.tracking import metrics
 
-    return [float(r["time"]) for r in metrics.read_metrics(RunPaths.of(run_dir).metrics)
-            if r.get("time") is not None and (metric in r if r.get("epoch") is not None else r.get("name") == metric)]
+    return [
+        float(r["time"])
+        for r in metrics.read_metrics(RunPaths.of(run_dir).metrics)
+        if r.get("time") is not None and (metric in r if r.get("epoch") is not None else r.get("name") == metric)
+    ]
 
 
 def epoch_times(run_dirs: Sequence[Path], metric: str) -> dict[Path, float]:
@@ -413,26 +462,40 @@ def summary(found: Settings) -> dict[str, Any]:
     best = best_point(found.sweep_dir, found.maximize)
     # Done: completed with a value for the objective (a run that completed without one, or with
     # one that is not a finite number, is a failed trial).
-    done = sum(1 for p in points
-               if p.get("state") == RunState.COMPLETED and (p.get("objective") or {}).get("value") is not None)
-    data = {"trials": len(points), "completed": done, "pruned": states.count(RunState.PRUNED),
-            "failed": len(points) - done - states.count(RunState.PRUNED),
-            "task_seconds": round(used, 1), "pruned_task_seconds": round(pruned_used, 1),
-            "pruned_full_estimate_s": round(pruned_full, 1), "saved_task_seconds": round(pruned_full - pruned_used, 1),
-            "best": best and {"run_dir": best["run_dir"], "value": best["objective"]["value"]},
-            "policy": found.policy.describe(), "sampler": found.sampler}
+    done = sum(
+        1
+        for p in points
+        if p.get("state") == RunState.COMPLETED and (p.get("objective") or {}).get("value") is not None
+    )
+    data = {
+        "trials": len(points),
+        "completed": done,
+        "pruned": states.count(RunState.PRUNED),
+        "failed": len(points) - done - states.count(RunState.PRUNED),
+        "task_seconds": round(used, 1),
+        "pruned_task_seconds": round(pruned_used, 1),
+        "pruned_full_estimate_s": round(pruned_full, 1),
+        "saved_task_seconds": round(pruned_full - pruned_used, 1),
+        "best": best and {"run_dir": best["run_dir"], "value": best["objective"]["value"]},
+        "policy": found.policy.describe(),
+        "sampler": found.sampler,
+    }
     rundir.update_json(path, lambda index: index.update(study=data), {"points": []})
     return data
 
 
 def summary_lines(data: dict[str, Any], objective: str) -> list[str]:
     """The study's account, as printed at its end."""
-    lines = [f"study: {data['trials']} trial(s): {data['completed']} done, {data['pruned']} pruned, "
-             f"{data['failed']} failed; {data['task_seconds']:.0f} task-s in all"]
+    lines = [
+        f"study: {data['trials']} trial(s): {data['completed']} done, {data['pruned']} pruned, "
+        f"{data['failed']} failed; {data['task_seconds']:.0f} task-s in all"
+    ]
     if data["pruned"]:
-        lines.append(f"compute saved by policy {data['policy']}: ~{data['saved_task_seconds']:.0f} task-s (pruned "
-                     f"trials ran {data['pruned_task_seconds']:.0f} task-s of an estimated "
-                     f"{data['pruned_full_estimate_s']:.0f} to their end)")
+        lines.append(
+            f"compute saved by policy {data['policy']}: ~{data['saved_task_seconds']:.0f} task-s (pruned "
+            f"trials ran {data['pruned_task_seconds']:.0f} task-s of an estimated "
+            f"{data['pruned_full_estimate_s']:.0f} to their end)"
+        )
     if data["best"]:
         lines.append(f"best trial: {data['best']['run_dir']} ({objective}={data['best']['value']:.6g})")
     return lines

@@ -28,8 +28,7 @@ class TfrunBasicSweeperConf(BasicSweeperConf):
     _target_: str = "hydra_plugins.tfrun_launcher.tfrun_basic_sweeper.BasicSweeper"
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="tfrun_basic", node=TfrunBasicSweeperConf,
-                             provider="tfrun")
+ConfigStore.instance().store(group="hydra/sweeper", name="tfrun_basic", node=TfrunBasicSweeperConf, provider="tfrun")
 
 
 class BasicSweeper(HydraBasicSweeper):

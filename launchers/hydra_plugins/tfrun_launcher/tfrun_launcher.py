@@ -47,6 +47,7 @@ class TfrunLauncher(Launcher):
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        returns: Any = launch_points(self.hydra_context, self.config, job_overrides, initial_job_idx,
-                                      self.task_function)
+        returns: Any = launch_points(
+            self.hydra_context, self.config, job_overrides, initial_job_idx, self.task_function
+        )
         return returns

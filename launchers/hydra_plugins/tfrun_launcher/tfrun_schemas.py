@@ -32,8 +32,12 @@ class TfrunSchemaSource(ConfigSource):
     def load_config(self, config_path: str) -> ConfigResult:
         from tfrun.config import store
 
-        return ConfigResult(config=store.schema_node(self._name(config_path)), path=self.full_path(),
-                            provider=self.provider, header={"package": None})
+        return ConfigResult(
+            config=store.schema_node(self._name(config_path)),
+            path=self.full_path(),
+            provider=self.provider,
+            header={"package": None},
+        )
 
     def available(self) -> bool:
         return True
@@ -60,7 +64,7 @@ class TfrunSchemaSource(ConfigSource):
     @staticmethod
     def _name(config_path: str) -> str:
         path = config_path.strip("/")
-        return path[:-len(".yaml")] if path.endswith(".yaml") else path
+        return path[: -len(".yaml")] if path.endswith(".yaml") else path
 
 
 class TfrunSchemaSearchPath(SearchPathPlugin):

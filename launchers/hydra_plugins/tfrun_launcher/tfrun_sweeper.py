@@ -83,15 +83,25 @@ class TfrunSweeper(Sweeper):
             found = tuning.settings(sweeper, config.tfrun.get("objective"), sweep_dir)
             if found.sampler == "grid":
                 space.grid()
-            first = planner.plan_points(loader, config, [space.overrides(space.first())], 0)[0].plan  # a bad config: nothing runs
+            first = planner.plan_points(loader, config, [space.overrides(space.first())], 0)[
+                0
+            ].plan  # a bad config: nothing runs
             pool_settings = trials.settings(sweeper.get("pool"), found.max_parallel, first.compute)
             if pool_settings is not None and first.target == "slurm" and not SweepPaths.of(sweep_dir).pool.exists():
                 trials.check_allocation(trials.spec(pool_settings, first), str(SweepPaths.of(sweep_dir).pool))
-            SweepOutcome.sweep_dir, SweepOutcome.objective, SweepOutcome.maximize = sweep_dir, found.objective, found.maximize
+            SweepOutcome.sweep_dir, SweepOutcome.objective, SweepOutcome.maximize = (
+                sweep_dir,
+                found.objective,
+                found.maximize,
+            )
             sweep_dir.mkdir(parents=True, exist_ok=True)
             with tuning.follow_alone(found):
-                running = study.Study(found, space, plan_trial,
-                                      trials.TrialPool(pool_settings, sweep_dir) if pool_settings is not None else None)
+                running = study.Study(
+                    found,
+                    space,
+                    plan_trial,
+                    trials.TrialPool(pool_settings, sweep_dir) if pool_settings is not None else None,
+                )
                 tuning.save_invocation(found, [*config.hydra.overrides.hydra, *arguments])
                 running.run()
         except ConfigError as exc:
@@ -104,8 +114,11 @@ class TfrunSweeper(Sweeper):
             print(f"tfrun: error: {exc}", file=sys.stderr)
             raise SystemExit(exc.exit_code)
         except KeyboardInterrupt:
-            print(f"tfrun: stopped following the study (its Slurm trials go on; local ones were cancelled); "
-                  f"continue it with: tfrun tune resume {sweep_dir}", file=sys.stderr)
+            print(
+                f"tfrun: stopped following the study (its Slurm trials go on; local ones were cancelled); "
+                f"continue it with: tfrun tune resume {sweep_dir}",
+                file=sys.stderr,
+            )
             raise SystemExit(130)
         for line in tuning.summary_lines(tuning.summary(found), found.objective):
             print(f"tfrun: {line}", file=sys.stderr)

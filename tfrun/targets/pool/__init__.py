@@ -15,6 +15,7 @@ Modules: :mod:`~tfrun.plan.pools` (the spec, pure), :mod:`~tfrun.targets.pool.st
 dir), :mod:`~tfrun.targets.pool.coordinator` (each allocation's loop),
 :mod:`~tfrun.targets.pool.slots` and :mod:`~tfrun.targets.pool.agent` (the slots).
 """
+
 from __future__ import annotations
 
 import os
@@ -68,9 +69,21 @@ class Pool(ABC):
         for plan in plans:
             if rundir.read_status(plan.run_dir).get("pool_item"):
                 continue
-            rundir.update_status(plan.run_dir, run_id=plan.run_id, state=RunState.PENDING, target=plan.target,
-                                 backend=plan.backend, world_size=len(plan.tasks), submitted=now, started=None,
-                                 ended=None, job_ids=[], failed_rank=None, reason=None, **self._owner())
+            rundir.update_status(
+                plan.run_dir,
+                run_id=plan.run_id,
+                state=RunState.PENDING,
+                target=plan.target,
+                backend=plan.backend,
+                world_size=len(plan.tasks),
+                submitted=now,
+                started=None,
+                ended=None,
+                job_ids=[],
+                failed_rank=None,
+                reason=None,
+                **self._owner(),
+            )
         items = self.store.feed([p.run_dir for p in plans])
         self.ensure()
         return items
@@ -81,16 +94,18 @@ class Pool(ABC):
     def signal(self, run_dir: str | os.PathLike[str], sig: int = signal.SIGUSR2, requeue: bool = False) -> None:
         """Deliver ``sig`` to one item's processes (a policy's stop: SIGUSR2, the item backs up
         and stops) through the coordinator holding it."""
-        rundir.write_json(RunPaths.of(run_dir).signal_request, {"signal": int(sig), "requeue": requeue,
-                                                               "time": time.time()})
+        rundir.write_json(
+            RunPaths.of(run_dir).signal_request, {"signal": int(sig), "requeue": requeue, "time": time.time()}
+        )
 
     def cancel(self, run_dir: str | os.PathLike[str]) -> None:
         """Cancel one item: never started if it waits, else its processes end; the others go on."""
         RunPaths.of(run_dir).cancel_request.touch()
         item = rundir.read_status(run_dir).get("pool_item")
         if item and self.store.take_back(item):
-            rundir.update_status(run_dir, state=RunState.CANCELLED, ended=time.time(),
-                                 reason="cancelled with tfrun cancel")
+            rundir.update_status(
+                run_dir, state=RunState.CANCELLED, ended=time.time(), reason="cancelled with tfrun cancel"
+            )
 
     def close(self) -> None:
         """No more items: each allocation ends as soon as the queue is drained."""
@@ -106,8 +121,12 @@ class Pool(ABC):
     def _cancel_waiting(self, item_id: str) -> None:
         data = rundir.read_json(self.store.queue / f"{item_id}.json") or {}
         if self.store.take_back(item_id) and data.get("run_dir"):
-            rundir.update_status(data["run_dir"], state=RunState.CANCELLED, ended=time.time(),
-                                 reason="its pool was stopped before it ran")
+            rundir.update_status(
+                data["run_dir"],
+                state=RunState.CANCELLED,
+                ended=time.time(),
+                reason="its pool was stopped before it ran",
+            )
 
     @abstractmethod
     def _end(self) -> None:
@@ -138,8 +157,7 @@ class SlurmPool(Pool):
 
     def live(self, states: dict[str, str]) -> list[str]:
         """Allocations that are queued or running and whose coordinator has not ended."""
-        return [j for j, s in states.items()
-                if s not in FINAL and self.store.state(j).get("state") != "ended"]
+        return [j for j, s in states.items() if s not in FINAL and self.store.state(j).get("state") != "ended"]
 
     def start(self, count: int | None = None) -> list[str]:
         """Submit ``count`` allocations (default: the pool's K) as one job array."""
@@ -176,9 +194,13 @@ class SlurmPool(Pool):
         # Allocations that ended without running anything (their slots would not start, Slurm
         # ended them early): the pool gives up after compute.max_requeues of them. One that ran
         # items and reached its time limit is simply followed by another.
-        failed = [j for j, s in states.items() if s in FINAL
-                  and self.store.state(j).get("why") not in ("drained", "idle")
-                  and not self.store.state(j).get("items")]
+        failed = [
+            j
+            for j, s in states.items()
+            if s in FINAL
+            and self.store.state(j).get("why") not in ("drained", "idle")
+            and not self.store.state(j).get("items")
+        ]
         if len(failed) > int(self.spec.compute.get("max_requeues", 3)):
             for item_id in waiting:
                 self._give_up(item_id, failed, states)
@@ -186,22 +208,33 @@ class SlurmPool(Pool):
         before = self.store.allocations()
         ids = self.start(min(self.spec.allocations, len(waiting)))
         if before:  # (the first ones are the sweep's or the study's to announce)
-            print(f"tfrun: pool: started allocation(s) {', '.join(ids)} for {len(waiting)} waiting item(s) (the "
-                  f"earlier ones ended: {', '.join(before)})", file=sys.stderr, flush=True)
+            print(
+                f"tfrun: pool: started allocation(s) {', '.join(ids)} for {len(waiting)} waiting item(s) (the "
+                f"earlier ones ended: {', '.join(before)})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _recover(self, item: Item, state: str) -> None:
         """An item whose allocation ended (killed, not requeued) while it ran: it resumes elsewhere."""
-        rundir.update_status(item.run_dir, state=RunState.PENDING,
-                             reason=f"its allocation {item.holder} ended ({state}) while it ran: back in the queue")
+        rundir.update_status(
+            item.run_dir,
+            state=RunState.PENDING,
+            reason=f"its allocation {item.holder} ended ({state}) while it ran: back in the queue",
+        )
         self.store.release(item)
 
     def _give_up(self, item_id: str, failed: list[str], states: dict[str, str]) -> None:
         data = rundir.read_json(self.store.queue / f"{item_id}.json") or {}
         if self.store.take_back(item_id) and data.get("run_dir"):
             last = failed[-1]
-            rundir.update_status(data["run_dir"], state=ended_state(states[last]), ended=time.time(),
-                                 reason=f"the pool's allocations ended before it ran ({len(failed)} ended "
-                                        f"early, the last {last} {states[last]}; compute.max_requeues)")
+            rundir.update_status(
+                data["run_dir"],
+                state=ended_state(states[last]),
+                ended=time.time(),
+                reason=f"the pool's allocations ended before it ran ({len(failed)} ended "
+                f"early, the last {last} {states[last]}; compute.max_requeues)",
+            )
 
     def _end(self) -> None:
         from tfrun.targets import slurm
@@ -220,8 +253,11 @@ class LocalPool(Pool):
 
     def _owner(self) -> dict[str, Any]:
         # A local item's launcher is this process: when it is gone, `tfrun status` shows LOST.
-        return {"launcher_pid": os.getpid(), "launcher_started": rundir.process_started(os.getpid()),
-                "launcher_host": rundir.hostname()}
+        return {
+            "launcher_pid": os.getpid(),
+            "launcher_started": rundir.process_started(os.getpid()),
+            "launcher_host": rundir.hostname(),
+        }
 
     def ensure(self) -> None:
         if self.store.stopped() or (self.thread is not None and self.thread.is_alive()):
@@ -270,12 +306,16 @@ def pool_rejected(spec: PoolSpec, exc: Exception) -> ConfigError:
     c = spec.compute
     per_node = c.get("gpus_per_node") and not c.get("gpus_per_task")
     gpus = f", {c['gpus_per_node'] * spec.slots} GPU(s) per node" if per_node else ""
-    asked = (f"{spec.nodes} node(s) x {spec.tasks_per_node * spec.slots} task(s){gpus} in partition "
-             f"{c.get('partition') or '(default)'}, {c['timeout_min']} min")
-    return ConfigError(f"the pool's allocation ({spec.slots} slot(s) of {spec.nodes} node(s) x "
-                       f"{spec.tasks_per_node} task(s): {asked}) cannot be had: {slurm._rejected(exc)}. Ask for "
-                       f"fewer slots per allocation (compute.pack_slots; a study: hydra.sweeper.pool.allocations "
-                       f"and max_parallel) or smaller items")
+    asked = (
+        f"{spec.nodes} node(s) x {spec.tasks_per_node * spec.slots} task(s){gpus} in partition "
+        f"{c.get('partition') or '(default)'}, {c['timeout_min']} min"
+    )
+    return ConfigError(
+        f"the pool's allocation ({spec.slots} slot(s) of {spec.nodes} node(s) x "
+        f"{spec.tasks_per_node} task(s): {asked}) cannot be had: {slurm._rejected(exc)}. Ask for "
+        f"fewer slots per allocation (compute.pack_slots; a study: hydra.sweeper.pool.allocations "
+        f"and max_parallel) or smaller items"
+    )
 
 
 def run_allocation(pool_dir: str) -> None:
@@ -286,10 +326,18 @@ def run_allocation(pool_dir: str) -> None:
     store = PoolStore(pool_dir)
     spec = store.spec()
     env = os.environ
-    allocation = (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if env.get("SLURM_ARRAY_JOB_ID")
-                  else env["SLURM_JOB_ID"])
-    coordinator = Coordinator(store, lambda i: SlurmSlot(spec, store, allocation, i), allocation, "slurm",
-                              restart=int(env.get("SLURM_RESTART_COUNT") or 0))
+    allocation = (
+        f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+        if env.get("SLURM_ARRAY_JOB_ID")
+        else env["SLURM_JOB_ID"]
+    )
+    coordinator = Coordinator(
+        store,
+        lambda i: SlurmSlot(spec, store, allocation, i),
+        allocation,
+        "slurm",
+        restart=int(env.get("SLURM_RESTART_COUNT") or 0),
+    )
     coordinator.install_signals()
     why = coordinator.run()
     coordinator.requeue_if_due(why)
@@ -315,8 +363,7 @@ def refresh_items(items: Sequence[tuple[Path, dict[str, Any]]], info: dict[str, 
             continue
         jobs = store.allocations()
         states = {j: slurm.tfrun_state(info[j]["State"]) if j in info else RunState.PENDING for j in jobs}
-        if not jobs or any(s not in FINAL and store.state(j).get("state") != "ended"
-                           for j, s in states.items()):
+        if not jobs or any(s not in FINAL and store.state(j).get("state") != "ended" for j, s in states.items()):
             continue
         last = jobs[-1]
         for run_dir, status in members:
@@ -324,9 +371,12 @@ def refresh_items(items: Sequence[tuple[Path, dict[str, Any]]], info: dict[str, 
             if where not in ("queue", "running"):
                 continue
             state = ended_state(states.get(str(holder or last), RunState.FAILED))
-            fields = {"state": state, "ended": time.time(),
-                      "reason": f"its pool's allocation {holder or last} ended ({states.get(str(holder or last))}) "
-                                f"before it {'finished' if where == 'running' else 'ran'}"}
+            fields = {
+                "state": state,
+                "ended": time.time(),
+                "reason": f"its pool's allocation {holder or last} ended ({states.get(str(holder or last))}) "
+                f"before it {'finished' if where == 'running' else 'ran'}",
+            }
             status.update(rundir.update_status(run_dir, **fields))
             store.finish(Item(str(status.get("pool_item")), str(run_dir), holder))
 
@@ -361,6 +411,10 @@ def cancel_items(run_dirs: Sequence[Path], statuses: Sequence[dict[str, Any]], w
             pool.stop()
             for run_dir, status in zip(run_dirs, statuses):
                 if status.get("state") not in FINAL and isinstance(pool, SlurmPool):
-                    rundir.update_status(run_dir, state=RunState.CANCELLED, ended=time.time(),
-                                         reason="cancelled with tfrun cancel (its pool was ended)")
+                    rundir.update_status(
+                        run_dir,
+                        state=RunState.CANCELLED,
+                        ended=time.time(),
+                        reason="cancelled with tfrun cancel (its pool was ended)",
+                    )
     return done

@@ -10,6 +10,7 @@ that process becomes the item's task of this rank, in a session of its own, and 
 line on stdout) and the next process is started ahead. The agent itself runs no user code, so
 nothing an item does (a global it sets, a crash, ``os._exit``) reaches the next one.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -165,8 +166,12 @@ class Ahead:
             os.close(read)
             self.pid, self.pipe = pid, write
             return
-        proc = subprocess.Popen([*self.spec.python, "-u", "-m", AGENT_MODULE, CHILD_FLAG, self.pool_dir],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True)
+        proc = subprocess.Popen(
+            [*self.spec.python, "-u", "-m", AGENT_MODULE, CHILD_FLAG, self.pool_dir],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            close_fds=True,
+        )
         assert proc.stdin is not None
         self.pid, self.pipe = proc.pid, os.dup(proc.stdin.fileno())
         proc.stdin.close()
@@ -175,8 +180,12 @@ class Ahead:
     def start(self, order: dict[str, Any]) -> int:
         """Hand the order to the process started ahead (or start one now): its pid."""
         if self.spec.warm == "cold":
-            proc = subprocess.Popen([*self.spec.python, "-u", "-m", AGENT_MODULE, CHILD_FLAG, self.pool_dir, COLD_FLAG],
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True)
+            proc = subprocess.Popen(
+                [*self.spec.python, "-u", "-m", AGENT_MODULE, CHILD_FLAG, self.pool_dir, COLD_FLAG],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                close_fds=True,
+            )
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(order).encode() + b"\n")
             proc.stdin.close()
@@ -258,8 +267,15 @@ class Agent:
         # Forked items share this interpreter's imports; otherwise each item's own process does them.
         done, failed = warm_up(self.spec, preload=self.spec.warm == "fork")
         self.ahead.prepare()
-        emit(ev="ready", rank=self.rank, pid=os.getpid(), host=rundir.hostname(), warm_s=time.monotonic() - started,
-             imported=done, failed=failed)
+        emit(
+            ev="ready",
+            rank=self.rank,
+            pid=os.getpid(),
+            host=rundir.hostname(),
+            warm_s=time.monotonic() - started,
+            imported=done,
+            failed=failed,
+        )
         for note in failed:
             say(f"could not import {note} ahead; the items import what they need themselves")
         try:

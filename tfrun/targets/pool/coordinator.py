@@ -9,6 +9,7 @@ which back up and stop; their items go back to the queue, to resume from their b
 this allocation runs again (it requeues itself, by tfrun's rule for a job of its own) or in
 another allocation of the pool. Finished items are never run again.
 """
+
 from __future__ import annotations
 
 import os
@@ -84,8 +85,15 @@ def item_ending(run_dir: str, codes: dict[int, int], outcome: str | None, stoppe
 class Coordinator:
     """Runs one allocation's slots until the pool's work is done (:meth:`run`)."""
 
-    def __init__(self, store: PoolStore, make_slot: Callable[[int], Slot], allocation: str, launcher: str,
-                 restart: int = 0, local_fields: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        store: PoolStore,
+        make_slot: Callable[[int], Slot],
+        allocation: str,
+        launcher: str,
+        restart: int = 0,
+        local_fields: dict[str, Any] | None = None,
+    ) -> None:
         self.store, self.make_slot, self.allocation, self.launcher = store, make_slot, allocation, launcher
         self.spec = store.spec()
         self.restart = restart
@@ -106,8 +114,14 @@ class Coordinator:
     # -- life --------------------------------------------------------------------------
     def run(self) -> str:
         """Until the work is done; returns why it ended (drained, idle, stopped, cancelled, ...)."""
-        self.store.write_state(self.allocation, state="starting", host=rundir.hostname(), pid=os.getpid(),
-                               restart=self.restart, started=time.time())
+        self.store.write_state(
+            self.allocation,
+            state="starting",
+            host=rundir.hostname(),
+            pid=os.getpid(),
+            restart=self.restart,
+            started=time.time(),
+        )
         for item in self.store.held(self.allocation):  # this allocation's earlier attempt was killed
             self._release(item, "its allocation was restarted", attempt=None)
         self.slots = [self.make_slot(i) for i in range(self.spec.slots)]
@@ -146,15 +160,24 @@ class Coordinator:
         finally:
             for run in list(self.running.values()):  # not ended in time
                 if why == "cancelled":
-                    self._settle(run.item, Ending(RunState.CANCELLED, run.codes, cancelled=True,
-                                                  reason="its pool was stopped while it ran"))
+                    self._settle(
+                        run.item,
+                        Ending(
+                            RunState.CANCELLED, run.codes, cancelled=True, reason="its pool was stopped while it ran"
+                        ),
+                    )
                 else:  # back in the queue, to resume elsewhere or in this allocation's next attempt
                     self._release(run.item, f"its allocation ended ({why}) while it ran", attempt=run.attempt)
             for slot in self.slots:
                 slot.stop()
         # A stop that may be followed by a requeue is not an end yet (requeue_if_due says).
-        self.store.write_state(self.allocation, state="stopping" if why in ("preempted", "timeout") else "ended",
-                               why=why, ended=time.time(), items=self.handed)
+        self.store.write_state(
+            self.allocation,
+            state="stopping" if why in ("preempted", "timeout") else "ended",
+            why=why,
+            ended=time.time(),
+            items=self.handed,
+        )
         self._say(f"allocation {self.allocation} ends: {why} ({self.handed} item(s) run)")
         return why
 
@@ -177,29 +200,46 @@ class Coordinator:
         earlier = list(self.store.state(self.allocation).get("requeues", []))
         decision = requeue.decide(cause, request, earlier, self.spec.compute)
         if not decision.requeue:
-            self._say(f"{why}: allocation {self.allocation} is not requeued ({decision.why_not}); its unfinished "
-                      f"items wait in the pool's queue")
+            self._say(
+                f"{why}: allocation {self.allocation} is not requeued ({decision.why_not}); its unfinished "
+                f"items wait in the pool's queue"
+            )
             self.store.write_state(self.allocation, state="ended")
             return
         if requeue.requeued_as_it_ends(request):
             # Slurm requeues this allocation as it ends; requeued by tfrun too, it would be
             # requeued once more when its next attempt ends. So it ends now.
-            record = {"reason": cause.value, "requeued": True, "requeued_by": "slurm", "time": time.time(),
-                      "preempted": True, "preempt_mode": request.get("preempt_mode")}
-            self.store.write_state(self.allocation, state="requeued", why=why, requeued=time.time(),
-                                   requeues=[*earlier, record])
-            self._say(f"{why}: allocation {self.allocation} ends now and Slurm requeues it (PreemptMode=REQUEUE, "
-                      f"Slurm {request.get('slurm_version')}); its items resume from their backups")
+            record = {
+                "reason": cause.value,
+                "requeued": True,
+                "requeued_by": "slurm",
+                "time": time.time(),
+                "preempted": True,
+                "preempt_mode": request.get("preempt_mode"),
+            }
+            self.store.write_state(
+                self.allocation, state="requeued", why=why, requeued=time.time(), requeues=[*earlier, record]
+            )
+            self._say(
+                f"{why}: allocation {self.allocation} ends now and Slurm requeues it (PreemptMode=REQUEUE, "
+                f"Slurm {request.get('slurm_version')}); its items resume from their backups"
+            )
             return
         failure = preempt.requeue(self.allocation)
         if failure:
             self._say(f"could not requeue allocation {self.allocation}: {failure}")
             self.store.write_state(self.allocation, state="ended")
             return
-        record = {"reason": cause.value, "requeued": True, "requeued_by": "tfrun", "time": time.time(),
-                  **{k: request[k] for k in ("preempted", "preempt_mode") if k in request}}
-        self.store.write_state(self.allocation, state="requeued", why=why, requeued=time.time(),
-                               requeues=[*earlier, record])
+        record = {
+            "reason": cause.value,
+            "requeued": True,
+            "requeued_by": "tfrun",
+            "time": time.time(),
+            **{k: request[k] for k in ("preempted", "preempt_mode") if k in request},
+        }
+        self.store.write_state(
+            self.allocation, state="requeued", why=why, requeued=time.time(), requeues=[*earlier, record]
+        )
         self._say(f"{why}: allocation {self.allocation} requeued; its items resume from their backups")
         preempt.wait_to_be_stopped()
 
@@ -239,8 +279,12 @@ class Coordinator:
                 return
             code = int(event["code"])
             run.codes[int(event["rank"])] = code
-            if code not in (0, preempt.EXIT_PREEMPTED) and int(event["rank"]) in run.critical and \
-                    len(run.codes) < self.spec.world and run.kill_at is None:
+            if (
+                code not in (0, preempt.EXIT_PREEMPTED)
+                and int(event["rank"]) in run.critical
+                and len(run.codes) < self.spec.world
+                and run.kill_at is None
+            ):
                 self._signal(run, signal.SIGTERM)  # as srun --kill-on-bad-exit: no rank waits for a dead peer
                 run.kill_at = time.monotonic() + self.grace_s
             if len(run.codes) == self.spec.world:
@@ -300,13 +344,25 @@ class Coordinator:
         plan = rundir.Plan.load(item.run_dir)
         minutes = plan.compute.get("timeout_min")
         now = time.time()
-        rundir.update_status(item.run_dir, state=RunState.RUNNING, started=now, ended=None, failed_rank=None,
-                             reason=None, exit_codes=None, allocation=self.allocation, slot=slot.index, attempt=attempt,
-                             job_ids=[self.allocation] if self.launcher == "slurm" else [], **self.local_fields)
+        rundir.update_status(
+            item.run_dir,
+            state=RunState.RUNNING,
+            started=now,
+            ended=None,
+            failed_rank=None,
+            reason=None,
+            exit_codes=None,
+            allocation=self.allocation,
+            slot=slot.index,
+            attempt=attempt,
+            job_ids=[self.allocation] if self.launcher == "slurm" else [],
+            **self.local_fields,
+        )
         RunPaths.of(item.run_dir).signal_request.unlink(missing_ok=True)  # meant for an earlier attempt
         env = {variables.ATTEMPT: attempt, variables.LAUNCHER: self.launcher, variables.POOL: str(self.store.path)}
-        run = Running(item, slot, attempt, now, time.monotonic() + 60 * float(minutes) if minutes else None,
-                      critical_ranks(plan))
+        run = Running(
+            item, slot, attempt, now, time.monotonic() + 60 * float(minutes) if minutes else None, critical_ranks(plan)
+        )
         self.running[item.id] = run
         slot.item = item.id
         if not slot.send({"op": "run", "item": item.id, "run_dir": item.run_dir, "env": env}):
@@ -354,8 +410,9 @@ class Coordinator:
                 self._begin_stop(reason)
         # While the allocation stops for a preemption or its time limit, an item that did not
         # complete runs again (one killed before its stop handler was in place included).
-        interrupted = self.stopping in ("preempted", "timeout") and not decided and \
-            any(c != 0 for c in run.codes.values())
+        interrupted = (
+            self.stopping in ("preempted", "timeout") and not decided and any(c != 0 for c in run.codes.values())
+        )
         if run.outcome == "release" or interrupted:
             self._release(run.item, self.stopping or "its processes ended", attempt=run.attempt)
             return
@@ -370,10 +427,12 @@ class Coordinator:
     def _release(self, item: Item, why: str, attempt: str | None) -> None:
         """Back in the queue: it resumes from its backup in the next slot that takes it."""
         if attempt is not None:
-            rundir.update_attempt(item.run_dir, attempt, ended=time.time(), reason=why, requeued=True,
-                                  requeued_by="tfrun")
-        rundir.update_status(item.run_dir, state=RunState.PENDING, reason=f"{why}: back in its pool's queue, to resume "
-                                                                     f"from its backup")
+            rundir.update_attempt(
+                item.run_dir, attempt, ended=time.time(), reason=why, requeued=True, requeued_by="tfrun"
+            )
+        rundir.update_status(
+            item.run_dir, state=RunState.PENDING, reason=f"{why}: back in its pool's queue, to resume from its backup"
+        )
         self.store.release(item)
 
     # -- stops ---------------------------------------------------------------------------
@@ -383,7 +442,10 @@ class Coordinator:
         if preemption.account(self.allocation).get("preempted"):
             return "preempted"
         elapsed = time.time() - self.began
-        if requeue.cause_of({"signal": preempt.SIGNALS[1].name}, elapsed, self.spec.compute) is requeue.Cause.TIME_LIMIT:
+        if (
+            requeue.cause_of({"signal": preempt.SIGNALS[1].name}, elapsed, self.spec.compute)
+            is requeue.Cause.TIME_LIMIT
+        ):
             return "timeout"
         return "item"
 

@@ -2,6 +2,7 @@
 order, and their events. On Slurm a slot is one ``srun`` job step, alive as long as the
 allocation (srun gives its stdin to every task and gathers their stdout); locally it is one
 agent process per task."""
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,9 @@ class Slot(ABC):
 
     def _spawn(self, command: list[str], env: dict[str, str] | None = None) -> None:
         with open(self.log, "ab") as log:
-            proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True
+            )
         assert proc.stdin is not None and proc.stdout is not None
         os.set_blocking(proc.stdout.fileno(), False)
         self.procs.append(proc)
@@ -93,7 +95,7 @@ class Slot(ABC):
             text = line.decode(errors="replace")
             if text.startswith(EVENT):
                 try:
-                    events.append(json.loads(text[len(EVENT):]))
+                    events.append(json.loads(text[len(EVENT) :]))
                 except ValueError:  # a line cut by something else writing to the same pipe
                     continue
         return events
@@ -131,8 +133,9 @@ class SlurmSlot(Slot):
 class LocalSlot(Slot):
     """One agent process per task, on this machine."""
 
-    def __init__(self, spec: PoolSpec, store: PoolStore, allocation: str, index: int,
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, spec: PoolSpec, store: PoolStore, allocation: str, index: int, extra_env: dict[str, str] | None = None
+    ) -> None:
         super().__init__(spec, store, allocation, index)
         self.extra_env = dict(extra_env or {})
 
@@ -153,4 +156,4 @@ def local_devices(spec: PoolSpec, index: int) -> str | None:
         return None
     given = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = [d for d in given.split(",") if d] if given else [str(i) for i in range(per * spec.slots)]
-    return ",".join(devices[index * per:(index + 1) * per])
+    return ",".join(devices[index * per : (index + 1) * per])

@@ -7,6 +7,7 @@ An item moves ``queue/ID.json`` -> ``running/ID@ALLOCATION.json`` (the claim: a 
 coordinators never both get it; the holder is in the name) -> ``done/ID.json``. An item whose
 allocation stopped before it finished goes back to ``queue/`` under its own id, so order is kept.
 """
+
 from __future__ import annotations
 
 import os
@@ -92,8 +93,10 @@ class PoolStore:
         me = os.getpid()
         if self._started is None:
             self._started = rundir.process_started(me)
-        rundir.write_json(self.path / FOLLOWER_FILE, {"pid": me, "started": self._started,
-                                                      "host": rundir.hostname(), "seen": time.time()})
+        rundir.write_json(
+            self.path / FOLLOWER_FILE,
+            {"pid": me, "started": self._started, "host": rundir.hostname(), "seen": time.time()},
+        )
 
     def followed(self) -> bool:
         """Does a follower still start allocations for this pool? Not once it has not been seen
@@ -189,7 +192,7 @@ class PoolStore:
 
     def finish(self, item: Item) -> None:
         """The item is settled: never run again."""
-        source = (self.running / f"{item.id}@{item.holder}.json" if item.holder else self.queue / f"{item.id}.json")
+        source = self.running / f"{item.id}@{item.holder}.json" if item.holder else self.queue / f"{item.id}.json"
         try:
             os.rename(source, self.done / f"{item.id}.json")
         except FileNotFoundError:

@@ -2,6 +2,7 @@
 ends as soon as the last point is done. On Slurm that is a packed sweep (``compute.pack_size``
 points per allocation, ``compute.pack_slots`` side by side); locally, one slot that runs the
 points one after another, each from a warm interpreter, its output shown as it comes."""
+
 from __future__ import annotations
 
 import os
@@ -39,9 +40,12 @@ def run_sweep(plans: Sequence[Plan], sweep_dir: str | os.PathLike[str]) -> list[
         pool.feed(plans)
     if isinstance(pool, SlurmPool):
         jobs = pool.store.allocations()
-        print(f"tfrun: submitted {len(plans)} run(s) to a pool of {spec.allocations} allocation(s) x {spec.slots} "
-              f"slot(s) (job(s) {', '.join(sorted({j.split('_')[0] for j in jobs}))}); sweep dir {sweep_dir}",
-              file=sys.stderr, flush=True)
+        print(
+            f"tfrun: submitted {len(plans)} run(s) to a pool of {spec.allocations} allocation(s) x {spec.slots} "
+            f"slot(s) (job(s) {', '.join(sorted({j.split('_')[0] for j in jobs}))}); sweep dir {sweep_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
         if not first.compute["wait"]:
             slurm._detached(sorted({j.split("_")[0] for j in jobs}), str(sweep_dir))
             return [RunState.PENDING] * len(plans)
@@ -93,8 +97,9 @@ def follow_local(pool: LocalPool, plans: Sequence[Plan]) -> list[str]:
         while plan.run_dir not in states:
             status = rundir.read_status(plan.run_dir)
             if status.get("state") != RunState.PENDING and plan.run_dir not in tails:
-                tails[plan.run_dir] = [_Tail(RunPaths.of(plan.run_dir).rank_log(t.rank), len(plan.tasks) > 1, t.rank)
-                                       for t in plan.tasks]
+                tails[plan.run_dir] = [
+                    _Tail(RunPaths.of(plan.run_dir).rank_log(t.rank), len(plan.tasks) > 1, t.rank) for t in plan.tasks
+                ]
             for tail in tails.get(plan.run_dir, []):
                 tail.pump()
             if status.get("state") in FINAL:
@@ -114,8 +119,12 @@ def follow_local(pool: LocalPool, plans: Sequence[Plan]) -> list[str]:
 
 
 def _not_run(plan: Plan) -> str:
-    rundir.update_status(plan.run_dir, state=RunState.FAILED, ended=time.time(),
-                         reason="its pool's slot could not be started (see the pool's logs)")
+    rundir.update_status(
+        plan.run_dir,
+        state=RunState.FAILED,
+        ended=time.time(),
+        reason="its pool's slot could not be started (see the pool's logs)",
+    )
     print_outcome(plan, RunState.FAILED)
     return RunState.FAILED
 

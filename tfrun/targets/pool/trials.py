@@ -2,6 +2,7 @@
 hands a trial to a pool rather than to a job of its own. By default the pool is one allocation
 of ``max_parallel`` slots shaped by the composed ``compute`` (locally: ``max_parallel`` slots
 on this machine); ``hydra.sweeper.pool=false`` gives a job (or a local process) per trial."""
+
 from __future__ import annotations
 
 import signal
@@ -41,28 +42,34 @@ def settings(raw: Any, max_parallel: int, compute: Mapping[str, Any]) -> PoolSet
         raise ConfigError.invalid("hydra.sweeper.pool", raw, f"false, true, or settings ({', '.join(KEYS)})")
     unknown = sorted(set(given) - set(KEYS))
     if unknown:
-        raise ConfigError.invalid(f"hydra.sweeper.pool.{unknown[0]}", given[unknown[0]],
-                                  f"a key of hydra.sweeper.pool: {', '.join(KEYS)}")
+        raise ConfigError.invalid(
+            f"hydra.sweeper.pool.{unknown[0]}", given[unknown[0]], f"a key of hydra.sweeper.pool: {', '.join(KEYS)}"
+        )
     found = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
     allocations, slots, idle = found["allocations"], found["slots"], found["idle_timeout_s"]
     if not is_whole(allocations, 1):
         raise ConfigError.invalid("hydra.sweeper.pool.allocations", allocations, "a whole number, 1 or more")
     if compute["target"] == "local" and allocations != 1:
-        raise ConfigError.invalid("hydra.sweeper.pool.allocations", allocations,
-                                  "1 with compute=local (the pool is this machine)")
+        raise ConfigError.invalid(
+            "hydra.sweeper.pool.allocations", allocations, "1 with compute=local (the pool is this machine)"
+        )
     if not (is_number(idle) and idle > 0):
         raise ConfigError.invalid("hydra.sweeper.pool.idle_timeout_s", idle, "a number of seconds > 0")
     if slots is None:
         if max_parallel % allocations:
-            raise ConfigError(f"hydra.sweeper.pool.allocations={allocations} does not divide "
-                              f"hydra.sweeper.max_parallel={max_parallel}: every allocation holds the same number of "
-                              f"slots, and the pool has max_parallel in all. Choose allocations that divide it")
+            raise ConfigError(
+                f"hydra.sweeper.pool.allocations={allocations} does not divide "
+                f"hydra.sweeper.max_parallel={max_parallel}: every allocation holds the same number of "
+                f"slots, and the pool has max_parallel in all. Choose allocations that divide it"
+            )
         slots = max_parallel // allocations
     if not is_whole(slots, 1) or slots * allocations != max_parallel:
-        raise ConfigError(f"hydra.sweeper.pool.slots={slots!r} with allocations={allocations} makes "
-                          f"{slots * allocations if is_whole(slots, 1) else '?'} slot(s), but "
-                          f"hydra.sweeper.max_parallel={max_parallel} trials run at once: the pool must have exactly "
-                          f"max_parallel slots (slots x allocations). Leave slots out to have it computed")
+        raise ConfigError(
+            f"hydra.sweeper.pool.slots={slots!r} with allocations={allocations} makes "
+            f"{slots * allocations if is_whole(slots, 1) else '?'} slot(s), but "
+            f"hydra.sweeper.max_parallel={max_parallel} trials run at once: the pool must have exactly "
+            f"max_parallel slots (slots x allocations). Leave slots out to have it computed"
+        )
     return PoolSettings(int(allocations), int(slots), float(idle))
 
 
@@ -70,10 +77,12 @@ def _no_packing(compute: Mapping[str, Any]) -> None:
     """A study's trials run in its pool; packing is for grid sweeps (``tfrun -m``)."""
     for key, off in (("pack", "off"), ("pack_size", 1), ("pack_slots", 1)):
         if key in compute and compute[key] != off:
-            raise ConfigError(f"compute.{key}={compute[key]!r} packs the points of a grid sweep; a tuning study "
-                              f"(hydra/sweeper=tfrun) runs its trials in a pool of hydra.sweeper.max_parallel slots "
-                              f"(hydra.sweeper.pool.*), or with hydra.sweeper.pool=false a job per trial. Remove "
-                              f"compute.{key}")
+            raise ConfigError(
+                f"compute.{key}={compute[key]!r} packs the points of a grid sweep; a tuning study "
+                f"(hydra/sweeper=tfrun) runs its trials in a pool of hydra.sweeper.max_parallel slots "
+                f"(hydra.sweeper.pool.*), or with hydra.sweeper.pool=false a job per trial. Remove "
+                f"compute.{key}"
+            )
 
 
 def spec(found: PoolSettings, first: Plan) -> PoolSpec:
@@ -113,8 +122,10 @@ class TrialPool:
         else:
             why = pools.misfit(self.pool.spec, plan)
             if why:
-                raise ConfigError(f"hydra.sweeper.pool: this trial cannot run in the study's pool: {why}. The "
-                                  f"trials of a pool share its slots; search that key with hydra.sweeper.pool=false")
+                raise ConfigError(
+                    f"hydra.sweeper.pool: this trial cannot run in the study's pool: {why}. The "
+                    f"trials of a pool share its slots; search that key with hydra.sweeper.pool=false"
+                )
         os_makedirs(plan)
         if plan.target == "slurm":
             deps.prepare(plan)
@@ -165,8 +176,10 @@ def os_makedirs(plan: Plan) -> None:
 def describe(found: PoolSettings | None, first: Plan, sweep_dir: str) -> list[str]:
     """``--dry-run -m hydra/sweeper=tfrun``: the study's pool."""
     if found is None:
-        return ["pool: none (hydra.sweeper.pool=false): each trial is a job of its own"
-                + (" (a Slurm job)" if first.target == "slurm" else " (a local process)")]
+        return [
+            "pool: none (hydra.sweeper.pool=false): each trial is a job of its own"
+            + (" (a Slurm job)" if first.target == "slurm" else " (a local process)")
+        ]
     pool_dir = pools.pool_dir_of(sweep_dir)
     request = pools.request(spec(found, first), pool_dir)
     lines = list(request["describe"])
