@@ -322,7 +322,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
     set-up, call and tear-down summed over every worker, longest first; what to look at when
     the suite grows slow. With --store-durations: each passed test's time, kept for the next
     run's order."""
-    _store_durations(terminalreporter, config)
+    if config.getoption("store_durations"):
+        _store_durations(terminalreporter)
     if not os.environ.get("TEST_FILE_TIMES"):
         return
     seconds: dict[str, float] = {}
@@ -341,10 +342,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
     terminalreporter.write_line(f"{sum(seconds.values()):8.0f}  {sum(map(len, tests.values())):4d} tests  in all")
 
 
-def _store_durations(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    """The set-up, call and tear-down time of every test that passed: in the session's basetemp
-    (durations.json, beside its tests' files), and with --store-durations merged into
-    tests/durations.json, where the tests this run did not run keep their times."""
+def _store_durations(terminalreporter: pytest.TerminalReporter) -> None:
+    """Merge the set-up, call and tear-down time of every test that passed into
+    tests/durations.json; the tests this run did not run keep their times."""
     spent: dict[str, float] = {}
     failed: set[str] = set()
     for reports in terminalreporter.stats.values():
@@ -353,12 +353,7 @@ def _store_durations(terminalreporter: pytest.TerminalReporter, config: pytest.C
                 spent[report.nodeid] = spent.get(report.nodeid, 0.0) + report.duration
                 if report.failed:
                     failed.add(report.nodeid)
-    passed = {nodeid: round(s, 1) for nodeid, s in spent.items() if nodeid not in failed}
-    if not passed:
-        return
-    if config.option.basetemp and Path(config.option.basetemp).is_dir():
-        (Path(config.option.basetemp) / "durations.json").write_text(json.dumps(dict(sorted(passed.items())), indent=0))
-    if config.getoption("store_durations"):
-        known, _ = _expected_s()
-        DURATIONS.write_text(json.dumps(dict(sorted({**known, **passed}.items())), indent=0) + "\n")
-        terminalreporter.write_line(f"tests/durations.json: the times of {len(passed)} tests written")
+    known, _ = _expected_s()
+    known.update({nodeid: round(s, 1) for nodeid, s in spent.items() if nodeid not in failed})
+    DURATIONS.write_text(json.dumps(dict(sorted(known.items())), indent=0) + "\n")
+    terminalreporter.write_line(f"tests/durations.json: the times of {len(spent) - len(failed)} tests written")
