@@ -17,20 +17,15 @@ keeps the tests from disturbing each other:
 - tests that share a fixture of their module's own (module-scoped: a training run several
   tests look at) run one after another on one worker, so that it is made once.
 
-The longest work is handed out first (after the ``alone`` tests, which want the cluster before
-other tests' jobs are on it): each test or group by its expected time, ``tests/durations.json``,
-what the tests took in an earlier whole run (``scripts/test --store-durations`` writes it again).
-A parallel run ends with its longest chain: a long test handed out last runs on alone. A test
-not in the file counts as a typical one.
+The longest work is handed out first: the tests of those groups, then the Slurm tests that
+train, then the rest.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
-import statistics
 import subprocess
 import time
 import uuid
@@ -92,26 +87,17 @@ def _group(item: pytest.Item) -> str | None:
     return None
 
 
-DURATIONS = Path(__file__).with_name("durations.json")
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--store-durations",
-        action="store_true",
-        help="write the times of the tests that passed into tests/durations.json (the order the "
-        "longest tests are handed out in)",
-    )
-
-
-def _expected_s() -> tuple[dict[str, float], float]:
-    """Each test's time in an earlier run (tests/durations.json), and the time a test not in it
-    counts as: the median."""
-    try:
-        known = {str(k): float(v) for k, v in json.loads(DURATIONS.read_text()).items()}
-    except (OSError, ValueError):
-        known = {}
-    return known, statistics.median(known.values()) if known else 1.0
+def _rank(item: pytest.Item) -> int:
+    """Lower first: the alone tests (before other tests' jobs are on the cluster), the tests on
+    pairs of nodes (the longest groups), other groups and Slurm tests that train, the other Slurm
+    tests (they mostly wait), the other tests that train, the rest."""
+    slurm, slow = item.get_closest_marker("slurm") is not None, item.get_closest_marker("slow") is not None
+    group = _group(item)
+    if group == "alone":
+        return 0
+    if group in (f"nodes-{p.partition}" for p in PAIRS.values()):
+        return 1
+    return 2 if group or (slurm and slow) else 3 if slurm else 4 if slow else 5
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -122,20 +108,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
         if item.get_closest_marker("slurm") or item.get_closest_marker("alone"):
             item.add_marker(pytest.mark.usefixtures("cluster"))
-    # The alone tests first, then the longest work: a group's tests together, in file order, at the
-    # place of their summed time.
-    known, typical = _expected_s()
-    cost: dict[str, float] = {}
+    # A group's tests stay together, in file order, at the place of its first-ranked test.
+    rank: dict[str, int] = {}
     for item in items:
         key = groups[item.nodeid] or item.nodeid
-        cost[key] = cost.get(key, 0.0) + known.get(item.nodeid, typical)
-    items.sort(
-        key=lambda item: (
-            groups[item.nodeid] != "alone",
-            -cost[groups[item.nodeid] or item.nodeid],
-            groups[item.nodeid] or item.nodeid,
-        )
-    )
+        rank[key] = min(rank.get(key, 9), _rank(item))
+    items.sort(key=lambda item: rank[groups[item.nodeid] or item.nodeid])
     if not config.getoption("collectonly") and any(item.get_closest_marker("slurm") for item in items):
         config.stash[_CLUSTER] = _cluster_problem()
 
@@ -320,10 +298,7 @@ def _ports_claimed_in_the_session(tmp_path_factory: pytest.TempPathFactory) -> N
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
     """With TEST_FILE_TIMES=1 (scripts/test sets it): each test file's time, its tests'
     set-up, call and tear-down summed over every worker, longest first; what to look at when
-    the suite grows slow. With --store-durations: each passed test's time, kept for the next
-    run's order."""
-    if config.getoption("store_durations"):
-        _store_durations(terminalreporter)
+    the suite grows slow."""
     if not os.environ.get("TEST_FILE_TIMES"):
         return
     seconds: dict[str, float] = {}
@@ -340,20 +315,3 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
     for name, spent in sorted(seconds.items(), key=lambda item: -item[1]):
         terminalreporter.write_line(f"{spent:8.0f}  {len(tests[name]):4d} tests  {name}")
     terminalreporter.write_line(f"{sum(seconds.values()):8.0f}  {sum(map(len, tests.values())):4d} tests  in all")
-
-
-def _store_durations(terminalreporter: pytest.TerminalReporter) -> None:
-    """Merge the set-up, call and tear-down time of every test that passed into
-    tests/durations.json; the tests this run did not run keep their times."""
-    spent: dict[str, float] = {}
-    failed: set[str] = set()
-    for reports in terminalreporter.stats.values():
-        for report in reports:
-            if isinstance(report, pytest.TestReport):
-                spent[report.nodeid] = spent.get(report.nodeid, 0.0) + report.duration
-                if report.failed:
-                    failed.add(report.nodeid)
-    known, _ = _expected_s()
-    known.update({nodeid: round(s, 1) for nodeid, s in spent.items() if nodeid not in failed})
-    DURATIONS.write_text(json.dumps(dict(sorted(known.items())), indent=0) + "\n")
-    terminalreporter.write_line(f"tests/durations.json: the times of {len(spent) - len(failed)} tests written")
