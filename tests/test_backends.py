@@ -588,3 +588,44 @@ def test_ps_slurm_servers_stop_when_the_chief_dies_hard(tmp_path: Path) -> None:
         assert f"tfrun: {who} stopping: no heartbeat from the chief for 12 s" in log, log[-1500:]
         assert read_json(run_dir / f"ranks/{rank}.json")["exit_code"] == 0
     assert_no_process_left(run_dir)
+
+
+# Records, at the interpreter's exit, that a task went through the interpreter's teardown.
+_TEARDOWN_NOTED = """import atexit, os
+
+
+def _noted():
+    with open(os.path.join(os.environ["TEST_TEARDOWN_DIR"], os.environ.get("TFRUN_RANK", "x")), "w") as f:
+        f.write("teardown")
+
+
+atexit.register(_noted)
+"""
+
+
+@pytest.mark.slow
+def test_a_server_task_ends_past_the_interpreters_teardown(tmp_path: Path) -> None:
+    """A parameter server or ps worker ends, once its records are written, without the
+    interpreter's teardown: TensorFlow's gRPC server can abort the process there (SIGABRT,
+    "FATAL: exception not rethrown"), and a run whose servers did their work failed. The
+    chief, which runs the script, still ends as any Python program does."""
+    hook, noted = tmp_path / "hook", tmp_path / "noted"
+    hook.mkdir()
+    noted.mkdir()
+    (hook / "sitecustomize.py").write_text(_TEARDOWN_NOTED)
+    result = run_tfrun(
+        tmp_path,
+        f"entry.script={DIGITS_DISTRIBUTED}",
+        "backend=ps",
+        "compute.tasks_per_node=4",
+        "trainer.epochs=1",
+        "trainer.steps_per_epoch=5",
+        timeout=RUN_TIMEOUT,
+        PYTHONPATH=str(hook),
+        TEST_TEARDOWN_DIR=str(noted),
+    )
+    assert result.returncode == 0, f"{result.stderr[-4000:]}\n{result.stdout[-4000:]}"
+    run_dir = run_dir_from(result.stderr)
+    assert sorted(p.name for p in noted.iterdir()) == ["0"]  # the chief alone, of ranks 0-3
+    status = read_json(run_dir / "status.json")
+    assert status["exit_codes"] == {"0": 0, "1": 0, "2": 0, "3": 0}, status

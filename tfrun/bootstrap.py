@@ -8,6 +8,7 @@ script as ``__main__`` with the planned ``sys.argv``.
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import gc
 import os
@@ -289,7 +290,27 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
             error = failure(exc)
     if error is None:
         code, error = work(plan, task)
-    return end(plan, ident, task, live, code, error)
+    code = end(plan, ident, task, live, code, error)
+    if not task.runs_script:
+        atexit.register(_exit_past_teardown, code)
+    return code
+
+
+def _exit_past_teardown(code: int) -> None:
+    """The last thing a task that served does (its records written, and on Slurm submitit's
+    too): end without the interpreter's teardown. A tf.distribute.Server cannot be stopped,
+    and its gRPC threads can abort the process while exit() tears them down ("terminate
+    called ... FATAL: exception not rethrown"): a server that did its work ended killed by
+    SIGABRT, and its run FAILED."""
+    logging = sys.modules.get("logging")  # its handlers flushed, if anything used it
+    if logging is not None:
+        logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed already: nothing left to write
+            pass
+    os._exit(code)
 
 
 def end(
