@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 from tfrun import rundir
 from tfrun.errors import ConfigError, TfrunError
 from tfrun.paths import RunPaths
-from tfrun.states import FINAL, OK, RunState
+from tfrun.states import OK, RunState
 
 
 class Run:
@@ -125,18 +125,21 @@ def _start(plans: Sequence[Any], wait: bool, sweep_dir: Path | None = None) -> N
     if wait:
         run_all()
     else:
-        _run_in_background(run_all, plans)
+        _run_in_background(run_all, plans, targets.get(plans[0].target).starting(plans[0].run_dir))
 
 
-def _run_in_background(run_all: Callable[[], None], plans: Sequence[Any]) -> None:
-    """Run ``run_all`` in a thread; return once the first run is running (its handle is then
-    usable), has ended, or its launch failed, which raises here as it would in the foreground.
+def _run_in_background(run_all: Callable[[], None], plans: Sequence[Any], started: threading.Event | None) -> None:
+    """Run ``run_all`` in a thread; return once the first run's tasks have been started
+    (``started`` is set: its handle is then usable and a cancel reaches it) or its launch
+    failed, which raises here as it would in the foreground. The event, not the run's status:
+    the status says RUNNING before the tasks are started, and one that could not start would
+    then fail in a thread nobody reads.
 
     A launch that fails after this returned is in the run's status (local.run records it
     FAILED, and the points of a sweep it did not get to are recorded FAILED too), where
     Run.wait() finds it."""
+    assert started is not None, "only a target that follows its runs here runs them in a thread"
     failed: list[BaseException] = []
-    first_run_dir = plans[0].run_dir
 
     def guarded() -> None:
         try:
@@ -147,11 +150,8 @@ def _run_in_background(run_all: Callable[[], None], plans: Sequence[Any]) -> Non
 
     thread = threading.Thread(target=guarded, daemon=True, name="tfrun-local")
     thread.start()
-    while thread.is_alive() and (state := rundir.read_status(first_run_dir).get("state")) != RunState.RUNNING:
-        if state in FINAL:  # ended before it was seen running, or its launch failed:
-            thread.join(1.0)  # then the thread is raising, and ends at once
-            break
-        time.sleep(0.05)
+    while thread.is_alive() and not started.wait(0.05):
+        pass
     if failed and not thread.is_alive():
         raise failed[0]
 

@@ -37,21 +37,23 @@ def run(args: argparse.Namespace) -> int:
     require("tfrun tensorboard", ["tensorboard"], "pip install tensorboard")
     links = board.link_runs(runs, Path(tempfile.mkdtemp(prefix="tfrun-tensorboard-")))
     cmd = board.command(links, args.host, args.port)
-    print(board.describe(runs, cmd), file=sys.stderr)
     # tfrun.log_metric values become TensorBoard scalars here, not in the task (a child
     # process: converting imports TensorFlow, which tfrun's CLI never does).
     convert = [sys.executable, "-m", "tfrun.tracking.board", *(str(r.run_dir) for r in runs)]
     if args.print_command:  # the links stay: the command is meant to be run
+        print(board.describe(runs, cmd), file=sys.stderr)
         if any(board.has_values(r.run_dir) for r in runs):
             subprocess.run(convert, stdin=subprocess.DEVNULL, check=False, start_new_session=True)
         print(shlex.join(cmd))
         return 0
-    return _serve(cmd, links, [convert[0], *convert[1:3], "--every", "5", *convert[3:]])
+    every = [convert[0], *convert[1:3], "--every", "5", *convert[3:]]
+    return _serve(cmd, links, every, board.describe(runs, cmd))
 
 
-def _serve(cmd: list[str], links: Path, convert: list[str]) -> int:
+def _serve(cmd: list[str], links: Path, convert: list[str], description: str) -> int:
     """Run TensorBoard (and the conversion of logged values, every few seconds) until it
-    ends or tfrun is stopped; then remove its dir of links."""
+    ends or tfrun is stopped; then remove its dir of links. ``description`` is printed once
+    both have been started (they are then tfrun's to end, however tfrun ends)."""
     import shutil
     import signal
 
@@ -61,6 +63,7 @@ def _serve(cmd: list[str], links: Path, convert: list[str]) -> int:
     # TensorBoard too: a Ctrl-C while it still imports would end it with a traceback. tfrun
     # stops it below, whenever tfrun is stopped.
     child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_end_with_parent)
+    print(description, file=sys.stderr)
     # A SIGTERM to tfrun, or its terminal closing (SIGHUP), ends TensorBoard too: as an exit,
     # the `finally` below runs.
     for sig in (signal.SIGTERM, signal.SIGHUP):

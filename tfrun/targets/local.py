@@ -220,6 +220,17 @@ def _raise_cancelled(signum: int, frame: object) -> None:
 # Runs launched by a thread of this process (tfrun.launch(wait=False)), by run dir: their
 # cancel flags, set without a look at the file system.
 _IN_PROCESS: dict[str, threading.Event] = {}
+# Runs a thread of this process is about to launch, by run dir: set once their tasks have been
+# started and a cancel reaches them in-process. The caller waits for it: a task that cannot
+# start then raises to the caller, not to a thread nobody reads (the status says RUNNING
+# before the tasks are started, so it cannot tell).
+_STARTING: dict[str, threading.Event] = {}
+
+
+def starting(run_dir: str | os.PathLike[str]) -> threading.Event:
+    """An event set once this process has started the run's tasks (ask before launching it;
+    :func:`run` forgets it as it returns or raises)."""
+    return _STARTING.setdefault(os.path.realpath(run_dir), threading.Event())
 
 
 def cancel_in_process(run_dir: str | os.PathLike[str]) -> bool:
@@ -272,6 +283,8 @@ def run(plan: Plan, out: IO[bytes] | None = None) -> str:
     except BaseException as exc:
         _record_launch_failure(plan, exc)
         raise
+    finally:
+        _STARTING.pop(os.path.realpath(plan.run_dir), None)
 
 
 def _record_launch_failure(plan: Plan, exc: BaseException) -> None:
@@ -333,6 +346,8 @@ def _run(plan: Plan, out: IO[bytes]) -> str:
     critical = critical_ranks(plan)
     previous = _cancel_on_sigterm()
     cancelled = _IN_PROCESS.setdefault(os.path.realpath(run_dir), threading.Event())
+    if (waiting := _STARTING.get(os.path.realpath(run_dir))) is not None:
+        waiting.set()
     try:
         try:
             state, failed = _wait(

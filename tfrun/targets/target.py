@@ -16,6 +16,7 @@ becomes a target.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -64,6 +65,12 @@ class Target(ABC):
         """Bring unfinished runs' statuses up to date from ``info`` (the scheduler's records of
         :meth:`jobs`), in their files and in place. A run that follows itself has nothing to do."""
 
+    def starting(self, run_dir: Path) -> threading.Event | None:
+        """For a run this process is about to run in a thread of its own (a target that
+        follows its runs here): an event set once the run's tasks have been started; until
+        then a task that cannot start may still fail the launch. None for other targets."""
+        return None
+
     def abandoned(self, status: dict[str, Any]) -> bool:
         """Will this unfinished run not end by itself (nothing follows it any more)?"""
         return False
@@ -92,6 +99,11 @@ class LocalTarget(Target):
         from tfrun.targets import local
 
         return local.run(plan, out)
+
+    def starting(self, run_dir: Path) -> threading.Event | None:
+        from tfrun.targets import local
+
+        return local.starting(run_dir)
 
     def abandoned(self, status: dict[str, Any]) -> bool:
         # Its launcher follows it; one on this host that is gone recorded no end: it never will.
