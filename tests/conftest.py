@@ -54,6 +54,19 @@ def pytest_configure(config: pytest.Config) -> None:
     if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") in ("load", "no"):
         config.option.dist = "loadgroup"
         config.option.loadscopereorder = False
+    # A worker parses the command line again, where --dist is not: told by the controller
+    # (pytest_configure_node), it names each grouped test by its group as loadgroup's workers do.
+    # Without this, the controller schedules every test on its own and a group's tests spread
+    # over the workers, each waiting for the others' locks.
+    if getattr(config, "workerinput", {}).get("tfrun_loadgroup"):
+        config.option.loadgroup = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: object) -> None:
+    """pytest-xdist's controller, for each worker it starts: whether tests go by group."""
+    config = node.config  # type: ignore[attr-defined]
+    node.workerinput["tfrun_loadgroup"] = config.getvalue("dist") == "loadgroup"  # type: ignore[attr-defined]
 
 
 # --- which tests share what ------------------------------------------------------------------
@@ -97,7 +110,10 @@ def _rank(item: pytest.Item) -> int:
         return 0
     if group in (f"nodes-{p.partition}" for p in PAIRS.values()):
         return 1
-    return 2 if group or (slurm and slow) else 3 if slurm else 4 if slow else 5
+    return 2 if group or (slurm and slow) else 3 if slurm else RANK_LOCAL_TRAINING if slow else 5
+
+
+RANK_LOCAL_TRAINING = 4  # _rank of a test that trains but needs no cluster
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -109,10 +125,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.get_closest_marker("slurm") or item.get_closest_marker("alone"):
             item.add_marker(pytest.mark.usefixtures("cluster"))
     # A group's tests stay together, in file order, at the place of its first-ranked test.
-    rank: dict[str, int] = {}
+    rank: dict[str, float] = {}
     for item in items:
         key = groups[item.nodeid] or item.nodeid
         rank[key] = min(rank.get(key, 9), _rank(item))
+    # While the alone tests run first, the other workers must not wait at the turnstile: they
+    # are handed tests that need no cluster (the first few that train), 3 each.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "alone" in rank:
+        beside = [key for key in rank if rank[key] == RANK_LOCAL_TRAINING][: 3 * (workers - 1)]
+        rank.update(dict.fromkeys(beside, 0.5))
     items.sort(key=lambda item: rank[groups[item.nodeid] or item.nodeid])
     if not config.getoption("collectonly") and any(item.get_closest_marker("slurm") for item in items):
         config.stash[_CLUSTER] = _cluster_problem()
@@ -311,7 +333,23 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatu
                 tests.setdefault(name, set()).add(report.nodeid)
     if not seconds:
         return
+    if os.environ.get("TEST_TIMELINE"):
+        _write_timeline(terminalreporter, Path(os.environ["TEST_TIMELINE"]))
     terminalreporter.section("time per test file (s, summed over the workers)")
     for name, spent in sorted(seconds.items(), key=lambda item: -item[1]):
         terminalreporter.write_line(f"{spent:8.0f}  {len(tests[name]):4d} tests  {name}")
     terminalreporter.write_line(f"{sum(seconds.values()):8.0f}  {sum(map(len, tests.values())):4d} tests  in all")
+
+
+def _write_timeline(terminalreporter: pytest.TerminalReporter, path: Path) -> None:
+    """Each test's start, end and worker, one line each (TEST_TIMELINE=FILE): the chains of a
+    parallel run, and which test ended it."""
+    spans: dict[str, tuple[float, float, str]] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if isinstance(report, pytest.TestReport):
+                worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", "-")
+                start, stop, _ = spans.get(report.nodeid, (report.start, report.stop, worker))
+                spans[report.nodeid] = (min(start, report.start), max(stop, report.stop), worker)
+    ordered = sorted(spans.items(), key=lambda item: item[1][0])
+    path.write_text("".join(f"{start:.1f} {stop:.1f} {worker} {nodeid}\n" for nodeid, (start, stop, worker) in ordered))
