@@ -21,6 +21,7 @@ from tests.helpers import (
     run_tfrun,
     scratch_env,
     stop,
+    text_of,
     wait_for,
     wait_gone,
 )
@@ -341,13 +342,21 @@ time.sleep(300)
 DEAF_SLEEP_SCRIPT = "import tfrun\ntfrun.on_preempt(lambda: None)\n" + SLEEP_SCRIPT
 
 
+# The main thread holds SIGUSR2 while it sleeps: the kernel gives the stop request to another
+# thread of the task (the heartbeat's), as it may whenever the main thread has a signal pending.
+HELD_SLEEP_SCRIPT = "import signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])\n" + SLEEP_SCRIPT
+
+
 @pytest.mark.slow
-def test_ctrl_c_once_stops_a_script_that_does_not_listen(tmp_path: Path) -> None:
+@pytest.mark.parametrize("script", [SLEEP_SCRIPT, HELD_SLEEP_SCRIPT], ids=["main thread", "another thread"])
+def test_ctrl_c_once_stops_a_script_that_does_not_listen(tmp_path: Path, script: str) -> None:
     """A script that neither fits with Keras nor listens for a stop is stopped at once by
-    the first Ctrl-C; the run is STOPPED (resumable) and no task is left."""
+    the first Ctrl-C; the run is STOPPED (resumable) and no task is left. Also when the stop
+    request reaches another thread than the main one, which sleeps in a blocking call: Python
+    runs the handler in the main thread, once that thread runs Python code again."""
     pids = tmp_path / "pids"
     pids.mkdir()
-    write_script(tmp_path, "sleep.py", SLEEP_SCRIPT.format(pids=pids))
+    write_script(tmp_path, "sleep.py", script.format(pids=pids))
     proc, _, _ = popen_tfrun(tmp_path, "entry.script=sleep.py", "compute.tasks_per_node=2")
     try:
         wait_for(lambda: (pids / "0").exists() and (pids / "1").exists(), 60, "both ranks to start")
@@ -363,6 +372,9 @@ def test_ctrl_c_once_stops_a_script_that_does_not_listen(tmp_path: Path) -> None
     assert read_json(run_dir_from(err_text) / "status.json")["state"] == "STOPPED"
     assert "tfrun resume" in err_text
     assert wait_gone(task_pids, timeout=5) == [], "tasks survived Ctrl-C"
+    for rank in (0, 1):  # woken without a stack dump (the watchdog's signal asks for one)
+        log = text_of(run_dir_from(err_text) / f"logs/rank{rank}.log")
+        assert "most recent call first" not in log, log
 
 
 @pytest.mark.slow

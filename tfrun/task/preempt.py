@@ -208,7 +208,41 @@ def install(slurm: bool = False) -> None:
         signal.signal(sig, _on_signal)
     if slurm:
         signal.signal(signal.SIGTERM, _on_sigterm)
+    _start_relay()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+# A signal sent to a process goes to any of its threads that does not hold it, and Python runs
+# the handler in the main thread once that thread runs Python code again. A main thread in a
+# long blocking call (time.sleep, a read, a wait) did not see a stop request that the kernel
+# gave to another thread (the heartbeat's, a library's) until the call returned: Slurm killed
+# the task KillWait later, its work unsaved. The relay wakes the main thread: Python writes the
+# number of every signal it handles to the wakeup fd, and the relay then sends _WAKE to the
+# main thread alone, which interrupts its call; the pending handlers run.
+# Ignored by default: harmless wherever its no-op handler is not in place. (Not SIGURG: that is
+# the watchdog's, for a faulthandler stack dump.)
+_WAKE = signal.SIGWINCH
+_relay_pid: list[int] = []  # the process whose relay runs (a forked child has none)
+
+
+def _start_relay() -> None:
+    if _relay_pid == [os.getpid()] or threading.current_thread() is not threading.main_thread():
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)  # a full pipe loses a byte, never blocks a handler
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    signal.signal(_WAKE, lambda signum, frame: None)
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def relay() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {*STOP_SIGNALS, _WAKE})  # the main thread's to take
+        while data := os.read(read, 64):
+            if any(number != _WAKE for number in data):
+                signal.pthread_kill(main, _WAKE)
+
+    threading.Thread(target=relay, daemon=True, name="tfrun-signal-relay").start()
+    _relay_pid[:] = [os.getpid()]
 
 
 def script_ended() -> None:
