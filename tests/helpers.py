@@ -356,6 +356,9 @@ class MlflowServer:
                 f"{self.host}:{self.port},{self.host}",
             ],
             cwd=self.folder,
+            # MLflow's job runner (Huey consumers for its own server-side jobs, which tfrun never
+            # asks for) costs a few seconds of CPU at every start.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             stdout=subprocess.DEVNULL,
             stderr=open(self.folder / "server.log", "a"),
             start_new_session=True,
