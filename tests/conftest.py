@@ -17,8 +17,9 @@ keeps the tests from disturbing each other:
 - tests that share a fixture of their module's own (module-scoped: a training run several
   tests look at) run one after another on one worker, so that it is made once.
 
-The longest work is handed out first: the tests of those groups, then the Slurm tests that
-train, then the rest.
+The alone tests are handed out first, with a few tests that need no cluster for the other
+workers meanwhile; then the longest work: the tests of those groups, the Slurm tests that
+train, and the rest.
 """
 
 from __future__ import annotations
