@@ -231,7 +231,9 @@ def test_container_command_line_locally_and_on_slurm(cache: Path) -> None:
     )
     srun = gpu.request["srun"]
     assert " singularity exec --nv --bind " in srun
-    assert srun.endswith(f"docker://tf/tf:2.21 python3 -u -m submitit.core._submit {gpu.run_dir}/.submitit")
+    assert srun.endswith(
+        f"docker://tf/tf:2.21 python3 -u -m tfrun.task.held -u -m submitit.core._submit {gpu.run_dir}/.submitit"
+    )
 
 
 def test_build_on_job_puts_the_build_in_the_jobs_setup(cache: Path) -> None:
@@ -241,7 +243,7 @@ def test_build_on_job_puts_the_build_in_the_jobs_setup(cache: Path) -> None:
     key = plan.deps["key"]
     line = f"-m tfrun.deps build {cache}/.specs/{key}.json || exit 1"
     assert any(ln.endswith(line) for ln in plan.request["sbatch"].splitlines())
-    assert f"{cache}/{key}/bin/python -u -m submitit.core._submit" in plan.request["srun"]
+    assert f"{cache}/{key}/bin/python -u -m tfrun.task.held -u -m submitit.core._submit" in plan.request["srun"]
 
 
 # --- real builds and runs: local ------------------------------------------------------

@@ -453,6 +453,71 @@ def test_a_stop_while_a_slurm_job_prepares_is_requeued(tmp_path: Path, job_name:
     assert sacct_state(job_id) == "COMPLETED"
 
 
+def _signal_mask(pid: int, field: str) -> int:
+    """A process's signal set from /proc (SigBlk: held, SigCgt: a handler is installed); 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return int(re.search(rf"^{field}:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+
+
+def _task_python(job_id: str) -> int | None:
+    """The pid of a Slurm task's interpreter in this job (not srun's: its argv[0] is a python)."""
+    needle = f"\0SLURM_JOB_ID={job_id}\0".encode()
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+            if argv and b"python" in Path(argv[0].decode()).name.encode() and b"submitit.core._submit" in argv:
+                if needle in b"\0" + (entry / "environ").read_bytes():
+                    return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.slurm
+def test_a_stop_in_a_slurm_tasks_first_moments_is_held_and_requeued(tmp_path: Path, job_name: str) -> None:
+    """Slurm may send the time-limit warning up to a minute early, within the first second of a
+    short job. SIGUSR2 as soon as the task's interpreter holds or handles it, before any import:
+    it must wait for tfrun's handlers (not kill the task, not reach submitit's, which would requeue
+    behind tfrun's back); the attempt stops before the script runs and the job is requeued."""
+    write_script(tmp_path, "fit.py", FIT_SCRIPT)
+    result = run_tfrun(
+        tmp_path,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.wait=false",
+        "entry.script=fit.py",
+        "trainer.epochs=2",
+        "trainer.batch_sleep=0",
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    job_id, run_dir = submitted(result.stderr)
+    usr2 = 1 << (signal.SIGUSR2 - 1)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    pid = None
+    while pid is None or not (_signal_mask(pid, "SigBlk") | _signal_mask(pid, "SigCgt")) & usr2:
+        assert time.monotonic() < deadline, "the task's interpreter did not start"
+        pid = _task_python(job_id) if pid is None or not Path(f"/proc/{pid}").exists() else pid
+        time.sleep(0.002)
+    caught = _signal_mask(pid, "SigCgt") & usr2
+    os.kill(pid, signal.SIGUSR2)
+    assert wait_final(tmp_path, run_dir) == "COMPLETED", text_of(run_dir / "logs/rank0.log")[-3000:]
+    tried = attempts(run_dir)
+    assert [(a["reason"], a.get("requeued")) for a in tried] == [("preempted", True), ("completed", None)], tried
+    # The held signal is taken as the handlers go in, before the rank's log is opened: what the
+    # task printed until then is in submitit's log of the step.
+    said = text_of(run_dir / f".submitit/{job_id}_0_log.out")
+    assert "tfrun: received SIGUSR2: checkpointing and stopping" in said, said
+    first, second = text_of(run_dir / "logs/rank0.log").split("tfrun: rank 0/1 on ", 2)[1:]
+    assert "tfrun: stopped on request before the script ran" in first, first
+    assert "rank 0 TRAINING DONE" in second, second
+    assert sacct_state(job_id) == "COMPLETED"
+    assert not caught, "a handler was in place before the stop signals were held: the test came late"
+
+
 @pytest.mark.slurm
 def test_a_preemption_slurm_does_not_answer_about_still_saves_the_work(
     tmp_path: Path, job_name: str, preempt_nodes: NodePair

@@ -71,6 +71,18 @@ def plan_parameters(plan: Plan, compute: Compute | None = None) -> dict[str, Any
     return params
 
 
+# A Slurm task's interpreter runs submitit's module through this one, which holds the stop
+# signals from its first line until the bootstrap's handlers take them (see the module). Named
+# here, not imported: the task's floor is above this one.
+HELD_MODULE = "tfrun.task.held"
+
+
+def task_python(plan: Plan) -> list[str]:
+    """What starts a Slurm task's Python: the deps' interpreter (or container command) with the
+    stop signals held from its first line."""
+    return [*deps.python_words(plan), "-u", "-m", HELD_MODULE]
+
+
 def submitit_command(python: str | Sequence[str], folder: str | os.PathLike[str]) -> str:
     """The command submitit puts after srun in the sbatch script."""
     return f"{shell_words(python)} -u -m {submitit_compat.SUBMIT_MODULE} {shlex.quote(str(folder))}"
@@ -98,7 +110,7 @@ def request(plan: Plan, sweep_dir: str | None = None, compute: Compute | None = 
     """What ``sbatch`` will get for this run (shown by ``--dry-run``); a sweep's runs share its folder."""
     params = plan_parameters(plan, compute)
     folder = str(SweepPaths.of(sweep_dir).submitit) if sweep_dir else submitit_folder(plan)
-    text = sbatch_text(params, deps.python_words(plan), folder)
+    text = sbatch_text(params, task_python(plan), folder)
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
     return {"parameters": params, "folder": folder, "sbatch": text, "srun": srun}
 
@@ -119,7 +131,7 @@ def parameter_groups(plans: Sequence[Plan]) -> list[list[Plan]]:
     """Plans whose Slurm parameters are equal go in one array (a sweep over nodes makes several)."""
     groups: dict[str, list[Plan]] = {}
     for plan in plans:
-        key = repr(sorted(plan_parameters(plan).items())) + shlex.join(deps.python_words(plan))
+        key = repr(sorted(plan_parameters(plan).items())) + shlex.join(task_python(plan))
         groups.setdefault(key, []).append(plan)
     return list(groups.values())
 
@@ -136,7 +148,7 @@ def array_requests(plans: Sequence[Plan], sweep_dir: str) -> list[dict[str, Any]
             requests.append(
                 {
                     "runs": [p.run_id for p in part],
-                    "sbatch": sbatch_text(params, deps.python_words(part[0]), folder, array_size=len(part)),
+                    "sbatch": sbatch_text(params, task_python(part[0]), folder, array_size=len(part)),
                 }
             )
     return requests

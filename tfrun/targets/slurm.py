@@ -66,8 +66,10 @@ def slurm_entry(run_dir: str) -> None:
 
     from tfrun.task import preempt
 
-    # Held from here until the bootstrap's handlers are in place (then delivered to them):
-    # submitit's own would requeue the job from rank 0 on SIGUSR2 behind tfrun's back.
+    # Held until the bootstrap's handlers are in place (then delivered to them): submitit's
+    # own would requeue the job from rank 0 on SIGUSR2 behind tfrun's back. The task's
+    # interpreter holds them from its start (tfrun.task.held); held again here for a call
+    # that was started any other way.
     preempt.block()
     from tfrun.bootstrap import run_task
 
@@ -101,7 +103,7 @@ def submit(plans: Sequence[Plan], folder: str) -> list[str]:
     """Submit plans that share compute parameters: one job, or job arrays split at MaxArraySize.
     What is sent is the request the plan rendered (what ``--dry-run`` shows), not derived again."""
     params = dict(plans[0].request.get("parameters") or sbatch.plan_parameters(plans[0]))
-    executor = _executor(folder, params, deps.python_words(plans[0]))
+    executor = _executor(folder, params, sbatch.task_python(plans[0]))
     ids: list[str] = []
     chunk = max(1, sbatch.max_array_size())
     for start in range(0, len(plans), chunk):
