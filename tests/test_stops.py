@@ -468,7 +468,7 @@ def _task_python(job_id: str) -> int | None:
     for entry in Path("/proc").iterdir():
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
-            if argv and b"python" in Path(argv[0].decode()).name.encode() and b"submitit.core._submit" in argv:
+            if argv and "python" in os.path.basename(argv[0].decode()) and b"submitit.core._submit" in argv:
                 if needle in b"\0" + (entry / "environ").read_bytes():
                     return int(entry.name)
         except OSError:
@@ -480,8 +480,8 @@ def _task_python(job_id: str) -> int | None:
 def test_a_stop_in_a_slurm_tasks_first_moments_is_held_and_requeued(tmp_path: Path, job_name: str) -> None:
     """Slurm may send the time-limit warning up to a minute early, within the first second of a
     short job. SIGUSR2 as soon as the task's interpreter holds or handles it, before any import:
-    it must wait for tfrun's handlers (not kill the task, not reach submitit's, which would requeue
-    behind tfrun's back); the attempt stops before the script runs and the job is requeued."""
+    it must wait for tfrun's handlers (not kill the task, not be lost to submitit's); the attempt
+    stops before the script runs and the job is requeued."""
     write_script(tmp_path, "fit.py", FIT_SCRIPT)
     result = run_tfrun(
         tmp_path,

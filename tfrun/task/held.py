@@ -5,7 +5,7 @@ Slurm may send the time-limit warning (``--signal``) up to a minute early, withi
 second of a short job, and a preemption's SIGTERM can come as early. Between the interpreter's
 start and the bootstrap's handlers (:func:`tfrun.task.preempt.install`) lie the imports of
 submitit, of the pickled call and of tfrun: SIGUSR1/SIGUSR2 would kill the task there, or
-reach submitit's handler, which would requeue the job behind tfrun's back. Held from here, a
+reach submitit's handler instead of tfrun's, and the stop would be lost. Held from here, a
 stop signal waits and is delivered to tfrun's handlers. What is left is the interpreter's own
 start, before this module's first line.
 """
