@@ -98,11 +98,17 @@ def allocations(sweep: Path) -> list[str]:
 
 
 def trials(sweep: Path) -> dict[int, dict]:
-    """Trial number -> its point in sweep.json, with its status."""
+    """Trial number -> its point in sweep.json, with its status: none yet ({}) for a trial the
+    study has recorded and not yet handed to the pool (a point is recorded, PENDING in
+    sweep.json, before its run's status is first written; tfrun's readers take it so too)."""
     return {
-        p["trial"]: {**p, "status": read_json(Path(p["run_dir"]) / "status.json")}
-        for p in read_json(sweep / "sweep.json")["points"]
+        p["trial"]: {**p, "status": status_of(Path(p["run_dir"]))} for p in read_json(sweep / "sweep.json")["points"]
     }
+
+
+def status_of(run_dir: Path) -> dict:
+    path = run_dir / "status.json"
+    return read_json(path) if path.exists() else {}
 
 
 def final_tells(sweep: Path) -> dict[int, list[int]]:
@@ -779,11 +785,7 @@ def test_an_idle_pool_ends_itself(tmp_path: Path, job_name: str) -> None:
     assert state == "COMPLETED", state
     record = read_json(sweep / "pool" / "allocations" / f"{job}.json")
     assert record["why"] == "idle", record
-    last = max(
-        read_json(Path(t["run_dir"]) / "status.json")["ended"]
-        for t in trials(sweep).values()
-        if read_json(Path(t["run_dir"]) / "status.json").get("ended")
-    )
+    last = max(t["status"]["ended"] for t in trials(sweep).values() if t["status"].get("ended"))
     assert 5 <= record["ended"] - last < 15, (record, last)
 
 
