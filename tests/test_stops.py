@@ -421,26 +421,31 @@ def fake_commands(tmp_path: Path, **scripts: str) -> dict[str, str]:
     return {"PATH": f"{folder}:{os.environ['PATH']}"}
 
 
+def submit_quick(tmp_path: Path, job_name: str, *overrides: str) -> tuple[str, Path]:
+    """Submit a 2-epoch Slurm run without following it: (job id, run dir)."""
+    result = run_tfrun(
+        tmp_path,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "compute.wait=false",
+        *overrides,
+        "trainer.epochs=2",
+        "trainer.batch_sleep=0",
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return submitted(result.stderr)
+
+
 @pytest.mark.slurm
 def test_a_stop_while_a_slurm_job_prepares_is_requeued(tmp_path: Path, job_name: str) -> None:
     """SIGUSR2 to both ranks while the bootstrap prepares (Horovod's rendezvous, hvd.init): the
     attempt stops before the script runs and the job is requeued, as it would be later; the
     second attempt trains in full."""
     write_script(tmp_path, "sync.py", SYNC_SCRIPT)
-    result = run_tfrun(
-        tmp_path,
-        "compute=slurm",
-        f"compute.job_name={job_name}",
-        "compute.wait=false",
-        "backend=horovod",
-        "compute.tasks_per_node=2",
-        "entry.script=sync.py",
-        "trainer.epochs=2",
-        "trainer.batch_sleep=0",
-        timeout=120,
+    job_id, run_dir = submit_quick(
+        tmp_path, job_name, "backend=horovod", "compute.tasks_per_node=2", "entry.script=sync.py"
     )
-    assert result.returncode == 0, result.stderr
-    job_id, run_dir = submitted(result.stderr)
     wait_for(lambda: all((run_dir / f"ranks/{r}.json").exists() for r in (0, 1)), JOB_TIMEOUT, "both ranks to start")
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
     assert wait_final(tmp_path, run_dir) == "COMPLETED", text_of(run_dir / "logs/rank0.log")[-3000:]
@@ -483,18 +488,7 @@ def test_a_stop_in_a_slurm_tasks_first_moments_is_held_and_requeued(tmp_path: Pa
     it must wait for tfrun's handlers (not kill the task, not be lost to submitit's); the attempt
     stops before the script runs and the job is requeued."""
     write_script(tmp_path, "fit.py", FIT_SCRIPT)
-    result = run_tfrun(
-        tmp_path,
-        "compute=slurm",
-        f"compute.job_name={job_name}",
-        "compute.wait=false",
-        "entry.script=fit.py",
-        "trainer.epochs=2",
-        "trainer.batch_sleep=0",
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    job_id, run_dir = submitted(result.stderr)
+    job_id, run_dir = submit_quick(tmp_path, job_name, "entry.script=fit.py")
     usr2 = 1 << (signal.SIGUSR2 - 1)
     deadline = time.monotonic() + JOB_TIMEOUT
     pid = None
