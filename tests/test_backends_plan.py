@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.helpers import run_tfrun
 from tfrun.backends import horovod, mwms, ps, tfconfig
@@ -245,6 +247,17 @@ def test_resolve_names_the_tasks_that_never_published(scratch: Path, attempt: st
     rendezvous.publish(plan.run_dir, "task-0", {"host": "localhost", "addr": "127.0.0.1", "port": 5000})
     with pytest.raises(BootstrapError, match=r"timed out after 0 s waiting for the other tasks: task-2 never"):
         mwms.setup(plan.config["backend"], local_identity(1, 1, 3), plan.run_dir, plan.tasks[1], plan)
+
+
+@given(published=st.floats(min_value=0, max_value=120))
+def test_a_rendezvous_sees_a_peer_a_tenth_of_its_wait_after_it_published(published: float) -> None:
+    """When the tasks meet, the one that waits looks again after a tenth of what it has waited
+    (20 ms to 0.5 s): the first look after a peer published is at most that late. A backoff that
+    grew by half at each look found a worker that published at 0.17 s only at 0.26 s."""
+    looked = 0.0
+    while looked < published:
+        looked += rendezvous.poll_interval(looked)
+    assert looked - published <= min(0.5, max(0.02, published / 10)) + 1e-9
 
 
 # --- compose-time errors, through the command line ------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 from tfrun import rundir
 from tfrun.errors import ConfigError, TfrunError
 from tfrun.paths import RunPaths
-from tfrun.states import OK, RunState
+from tfrun.states import ENDED, OK, RunState
 
 
 class Run:
@@ -51,10 +51,8 @@ class Run:
     def wait(self, timeout_s: float | None = None, poll_s: float = 2.0) -> str:
         """Block until the run ends, or is LOST (its launcher died: it will not end by
         itself), or timeout_s passes; its state."""
-        from tfrun.targets.progress import ENDED_STATES
-
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while (state := self.status()) not in ENDED_STATES:
+        while (state := self.status()) not in ENDED:
             if deadline is not None and time.monotonic() > deadline:
                 break
             time.sleep(poll_s)

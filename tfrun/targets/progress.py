@@ -22,13 +22,9 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping, Protocol, S
 
 from tfrun import rundir
 from tfrun.paths import RunPaths, SweepPaths, is_run_dir
-from tfrun.states import FINAL, RunState
+from tfrun.states import ENDED, RunState
 from tfrun.tracking import metrics as metrics_file
 
-# A local run whose launcher is gone without recording an end (killed with SIGKILL, the
-# machine rebooted): it will never end by itself.
-LOST = RunState.LOST
-ENDED_STATES = (*FINAL, LOST)
 WAITING = RunState.PENDING  # a sweep point that has not started yet (no status of its own)
 # The metrics shown first, when a run records them; the others follow by name.
 LEADING_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -50,7 +46,7 @@ class RunProgress:
     @property
     def ended(self) -> bool:
         """It will not change any more (by itself)."""
-        return self.state in ENDED_STATES
+        return self.state in ENDED
 
 
 @dataclass(frozen=True)
@@ -143,7 +139,7 @@ def run_progress(
     started, ended = status.get("started"), status.get("ended")
     done = int(epochs[-1]["epoch"]) + 1 if epochs else None
     elapsed = ((ended or now) - started) if started else None
-    final = state in ENDED_STATES
+    final = state in ENDED
     left = (
         None
         if final
