@@ -416,10 +416,13 @@ def test_cancel_one_point_leaves_the_others(tmp_path: Path, job_name: str) -> No
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_time_limit_reruns_only_unfinished_points(tmp_path: Path, job_name: str) -> None:
-    """A 1-minute allocation for 6 points of 8 s, one slot: the warning comes ~30 s in (Slurm
-    may send it up to a minute early: max_requeues is raised so that each attempt's early
-    warning is one more requeue), the running point stops and goes back to the queue, the
-    allocation is requeued, and its next attempt runs only the points not finished."""
+    """A 1-minute allocation for 6 points of 12 s, one slot: the warning comes before the
+    points are done, the running point stops and goes back to the queue, the allocation is
+    requeued, and its next attempt runs only the points not finished. (Slurm checks time
+    limits about every 30 s, so a warning asked for 30 s before the limit comes anywhere up to
+    it: Slurm 22.05 may send it up to a minute early, and max_requeues is raised so that each
+    attempt's early warning is one more requeue; with 24.11 none had come 48 s into the
+    allocation. The points' 72 s of work outlast the allocation, wherever the warning falls.)"""
     (tmp_path / "point.py").write_text(POINT)
     result = run_tfrun(
         tmp_path,
@@ -433,7 +436,7 @@ def test_time_limit_reruns_only_unfinished_points(tmp_path: Path, job_name: str)
         f"compute.job_name={job_name}",
         "entry.script=point.py",
         "trainer.i=range(0,6)",
-        "trainer.sleep=8",
+        "trainer.sleep=12",
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
@@ -455,7 +458,9 @@ def test_time_limit_reruns_only_unfinished_points(tmp_path: Path, job_name: str)
 @pytest.mark.slow
 def test_an_allocation_out_of_requeues_is_followed_by_another(tmp_path: Path, job_name: str) -> None:
     """compute.max_requeues=0: the allocation that gets the time-limit warning is not requeued;
-    the points it held go back to the queue and the follower starts another allocation for them."""
+    the points it held go back to the queue and the follower starts another allocation for them.
+    The points' 72 s of work outlast the 1-minute allocation, wherever the warning falls (see
+    test_time_limit_reruns_only_unfinished_points)."""
     (tmp_path / "point.py").write_text(POINT)
     result = run_tfrun(
         tmp_path,
@@ -469,7 +474,7 @@ def test_an_allocation_out_of_requeues_is_followed_by_another(tmp_path: Path, jo
         f"compute.job_name={job_name}",
         "entry.script=point.py",
         "trainer.i=range(0,6)",
-        "trainer.sleep=8",
+        "trainer.sleep=12",
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
