@@ -252,8 +252,8 @@ def test_resolve_names_the_tasks_that_never_published(scratch: Path, attempt: st
 @given(published=st.floats(min_value=0, max_value=120))
 def test_a_rendezvous_sees_a_peer_a_tenth_of_its_wait_after_it_published(published: float) -> None:
     """When the tasks meet, the one that waits looks again after a tenth of what it has waited
-    (20 ms to 0.5 s): the first look after a peer published is at most that late. A backoff that
-    grew by half at each look found a worker that published at 0.17 s only at 0.26 s."""
+    (20 ms to 0.5 s): the first look after a peer published is at most that late, where a
+    backoff that grows by half at each look sees a worker that published at 0.17 s at 0.26 s."""
     looked = 0.0
     while looked < published:
         looked += rendezvous.poll_interval(looked)

@@ -419,10 +419,10 @@ def test_time_limit_reruns_only_unfinished_points(tmp_path: Path, job_name: str)
     """A 1-minute allocation for 6 points of 12 s, one slot: the warning comes before the
     points are done, the running point stops and goes back to the queue, the allocation is
     requeued, and its next attempt runs only the points not finished. (Slurm checks time
-    limits about every 30 s, so a warning asked for 30 s before the limit comes anywhere up to
-    it: Slurm 22.05 may send it up to a minute early, and max_requeues is raised so that each
-    attempt's early warning is one more requeue; with 24.11 none had come 48 s into the
-    allocation. The points' 72 s of work outlast the allocation, wherever the warning falls.)"""
+    limits about every 30 s, so a warning asked for 30 s before the limit may come up to a
+    minute early, or only as the limit nears: max_requeues is raised so that each attempt's
+    early warning is one more requeue, and the points' 72 s of work outlast the allocation,
+    wherever the warning falls.)"""
     (tmp_path / "point.py").write_text(POINT)
     result = run_tfrun(
         tmp_path,

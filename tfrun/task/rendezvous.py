@@ -129,9 +129,9 @@ def wait_for(
 def poll_interval(waited_s: float) -> float:
     """How long a wait sleeps before it looks again, having waited ``waited_s`` already: a tenth
     of that, from 20 ms to 0.5 s. A peer is then seen at most about 10 % later than it
-    published, where a backoff that grows by half at each look is up to half the wait late
-    (it looks at 0.16, 0.26 and 0.42 s: a chief whose last worker published at 0.17 s started
-    at 0.26 s); a long wait still looks only twice a second."""
+    published (a backoff that grows by half at each look can be half the wait late: a chief
+    would start its script up to that much after its last worker published); a long wait
+    still looks only twice a second."""
     return min(0.5, max(0.02, waited_s / 10))
 
 
