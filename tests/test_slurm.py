@@ -354,6 +354,10 @@ def test_ctrl_c_while_following_detaches_and_the_job_keeps_running(tmp_path: Pat
             "tfrun to follow the running job",
         )
         job_id = submitted_job(err.read_text())
+        # The task interpreter tfrun starts while it composes a run serves local runs only: a
+        # run on Slurm lets it go before it is submitted, not when it ends.
+        waiting = [cmd for cmd in _children(proc.pid) if "tfrun.bootstrap" in cmd]
+        assert not waiting, f"tfrun still holds a task interpreter while it follows a Slurm job: {waiting}"
         proc.send_signal(signal.SIGINT)
         start = time.monotonic()
         code = proc.wait(timeout=30)
@@ -373,6 +377,17 @@ def test_ctrl_c_while_following_detaches_and_the_job_keeps_running(tmp_path: Pat
     assert cancelled.returncode == 0, cancelled.stderr
     assert sacct_state(job_id).startswith("CANCELLED")
     assert _first_line(tfrun_status(tmp_path, run_dir)).endswith(": CANCELLED")
+
+
+def _children(pid: int) -> list[str]:
+    """The command lines of a process's living children (a zombie's is empty)."""
+    commands = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            commands.append(Path(f"/proc/{child}/cmdline").read_text().replace("\0", " ").strip())
+        except OSError:  # it ended meanwhile
+            continue
+    return commands
 
 
 # --- 5: GPUs ---------------------------------------------------------------------------------

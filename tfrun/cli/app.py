@@ -173,6 +173,7 @@ def launch_plan(plan: Any) -> str:
 
 def run_single(argv: list[str]) -> int:
     """One run, composed once with the same configs Hydra's app would use."""
+    from tfrun import targets
     from tfrun.model import export
     from tfrun.plan.planner import plan_run
     from tfrun.targets import local
@@ -183,6 +184,8 @@ def run_single(argv: list[str]) -> int:
         planned = plan_run(overrides, config_dir=config_dir, config_name=config_name)
         planned.write()
         plan = planned.plan
+        if not targets.followed_here(plan.target):
+            local.dismiss_prestarted()  # the tasks start on the scheduler's nodes, not here
         state = launch_plan(plan)
     finally:
         local.dismiss_prestarted()
