@@ -16,6 +16,7 @@ import pytest
 
 from tests.helpers import (
     popen_tfrun,
+    read_json,
     run_dir_from,
     run_tfrun,
     scratch_env,
@@ -267,27 +268,37 @@ def _interrupted(project: Path, args: list[str], ready: str, tmp_path: Path) -> 
 def test_ctrl_c_stops_a_verb_that_runs_on(
     project: Path, verb: str, args: list[str], ready: str, tmp_path: Path
 ) -> None:
-    live = None
-    if "LIVE" in args:  # a run that trains on while it is watched
-        (project / "sleepy.py").write_text("import time\nprint('sleeping', flush=True)\ntime.sleep(120)\n")
-        live, _, _ = popen_tfrun(project, "entry.script=sleepy.py", name=f"live-{verb}")
-        wait_for(
-            lambda: any("sleeping" in text_of(p) for p in (project / "runs").glob("*/logs/rank0.log")),
-            120,
-            "the live run to start",
-        )
+    live, live_dir = None, None
     try:
-        live_dir = next(
-            (p.parents[1] for p in (project / "runs").glob("*/logs/rank0.log") if "sleeping" in text_of(p)), None
-        )
+        if "LIVE" in args:  # a run that trains on while it is watched: this test's own, not an
+            # earlier test's in the same project (ended, its log saying the same)
+            (project / "sleepy.py").write_text("import time\nprint('sleeping', flush=True)\ntime.sleep(120)\n")
+            earlier = set((project / "runs").glob("*"))
+            live, _, _ = popen_tfrun(project, "entry.script=sleepy.py", name=f"live-{verb}")
+            wait_for(lambda: _sleeping(project, earlier), 120, "the live run to start")
+            live_dir = _sleeping(project, earlier)
+            assert live_dir is not None and read_json(live_dir / "status.json")["state"] == "RUNNING"
         given = [a.replace("SERVED", str(named(project, "served"))).replace("LIVE", str(live_dir)) for a in args]
         code, output = _interrupted(project, given, ready, tmp_path)
         no_traceback((code, output), " ".join(given))
         assert code in (0, 130), output
     finally:
         if live is not None:
-            run_tfrun(project, "cancel", str(live_dir))
+            if live_dir is not None:
+                run_tfrun(project, "cancel", str(live_dir))
             stop(live)
+
+
+def _sleeping(project: Path, earlier: set[Path]) -> Path | None:
+    """The run dir, not among ``earlier``, whose script says it is sleeping."""
+    return next(
+        (
+            log.parents[1]
+            for log in (project / "runs").glob("*/logs/rank0.log")
+            if log.parents[1] not in earlier and "sleeping" in text_of(log)
+        ),
+        None,
+    )
 
 
 def test_tensorboard_ends_with_tfrun_even_when_tfrun_is_killed(project: Path, tmp_path: Path) -> None:
