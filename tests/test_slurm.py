@@ -587,6 +587,11 @@ print("SLEPT", flush=True)
 """
 
 
+def _running(name: str) -> list[str]:
+    """Ids of the running jobs (array elements) with this name."""
+    return [line.split()[0] for line in queued(name) if line.endswith(" RUNNING")]
+
+
 def _stop_slurmdbd() -> None:
     state = Path(os.environ.get("TFRUN_SLURM_DIR", "/var/lib/tfrun-slurm"))
     pid = int((state / "run" / "slurmdbd.pid").read_text().split()[0])
@@ -617,7 +622,16 @@ def test_states_stay_right_without_accounting(tmp_path: Path, job_name: str) -> 
     )
     try:
         wait_for(lambda: "submitted 2 run(s)" in err.read_text(), 120, "tfrun to submit the sweep")
+        # A job paused with SIGSTOP (paused first, so that it cannot end before the pause is
+        # seen): the queue says STOPPED (Slurm's word, not tfrun's final one) for a few of
+        # tfrun's polls, then it goes on.
+        wait_for(lambda: _running(job_name), JOB_TIMEOUT, "a point's job to run")
+        paused = _running(job_name)[0]
+        subprocess.run(["scancel", "--signal=STOP", paused], check=True, timeout=60)
+        wait_for(lambda: f"{paused} STOPPED" in queued(job_name), 30, "the queue to say STOPPED")
         _stop_slurmdbd()
+        time.sleep(4)  # the pause without accounting: four of tfrun's polls (compute.poll_s=1) see it
+        subprocess.run(["scancel", "--signal=CONT", paused], check=True, timeout=60)
         code = proc.wait(timeout=JOB_TIMEOUT)
         stderr = err.read_text()
         assert code == 0, stderr

@@ -36,6 +36,9 @@ SLURM_TO_RUN_STATE: dict[str, RunState] = {
     "RUNNING": RunState.RUNNING,
     "COMPLETING": RunState.RUNNING,
     "SUSPENDED": RunState.RUNNING,
+    # Sent SIGSTOP (scancel -s STOP; squeue's and scontrol's word, sacct says RUNNING): it keeps its
+    # allocation and goes on at SIGCONT. The same word as tfrun's own STOPPED, which is final.
+    "STOPPED": RunState.RUNNING,
     "COMPLETED": RunState.COMPLETED,
     "CANCELLED": RunState.CANCELLED,
     "TIMEOUT": RunState.TIMEOUT,
