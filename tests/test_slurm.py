@@ -380,12 +380,14 @@ def test_ctrl_c_while_following_detaches_and_the_job_keeps_running(tmp_path: Pat
 
 
 def _children(pid: int) -> list[str]:
-    """The command lines of a process's living children (a zombie's is empty)."""
+    """The command lines of a process's living children."""
+    import psutil
+
     commands = []
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+    for child in psutil.Process(pid).children():
         try:
-            commands.append(Path(f"/proc/{child}/cmdline").read_text().replace("\0", " ").strip())
-        except OSError:  # it ended meanwhile
+            commands.append(" ".join(child.cmdline()))
+        except psutil.Error:  # ended meanwhile, or a zombie
             continue
     return commands
 
