@@ -590,16 +590,28 @@ def test_ps_slurm_servers_stop_when_the_chief_dies_hard(tmp_path: Path) -> None:
     assert_no_process_left(run_dir)
 
 
-# Records, at the interpreter's exit, that a task went through the interpreter's teardown.
-_TEARDOWN_NOTED = """import atexit, os
+# --- How a task's process ends ------------------------------------------------------------------
+
+# In every process of a run (a sitecustomize): an exit handler that records that the process ran
+# its exit handlers, and an object, kept by a module, whose finalizer only the interpreter's
+# teardown would call, that records that the process went through it.
+_EXIT_NOTED = """import atexit, os
+
+_DIR = os.environ["TEST_EXIT_DIR"]
 
 
-def _noted():
-    with open(os.path.join(os.environ["TEST_TEARDOWN_DIR"], os.environ.get("TFRUN_RANK", "x")), "w") as f:
-        f.write("teardown")
+def _note(what):  # the rank as it is at the end (a task started ahead learns it later)
+    with open(os.path.join(_DIR, f"{what}-{os.environ.get('TFRUN_RANK', 'x')}"), "w") as f:
+        f.write(what)
 
 
-atexit.register(_noted)
+class _NotedAtTeardown:
+    def __del__(self):
+        _note("teardown")
+
+
+atexit.register(_note, "handlers")
+kept_until_teardown = _NotedAtTeardown()
 """
 
 
@@ -607,12 +619,12 @@ atexit.register(_noted)
 def test_a_server_task_ends_past_the_interpreters_teardown(tmp_path: Path) -> None:
     """A parameter server or ps worker ends, once its records are written, without the
     interpreter's teardown: TensorFlow's gRPC server can abort the process there (SIGABRT,
-    "FATAL: exception not rethrown"), and a run whose servers did their work failed. The
-    chief, which runs the script, still ends as any Python program does."""
+    "FATAL: exception not rethrown"), and a run whose servers did their work failed. Every
+    task ends so, the chief that runs the script too; each runs its exit handlers first."""
     hook, noted = tmp_path / "hook", tmp_path / "noted"
     hook.mkdir()
     noted.mkdir()
-    (hook / "sitecustomize.py").write_text(_TEARDOWN_NOTED)
+    (hook / "sitecustomize.py").write_text(_EXIT_NOTED)
     result = run_tfrun(
         tmp_path,
         f"entry.script={DIGITS_DISTRIBUTED}",
@@ -622,10 +634,70 @@ def test_a_server_task_ends_past_the_interpreters_teardown(tmp_path: Path) -> No
         "trainer.steps_per_epoch=5",
         timeout=RUN_TIMEOUT,
         PYTHONPATH=str(hook),
-        TEST_TEARDOWN_DIR=str(noted),
+        TEST_EXIT_DIR=str(noted),
     )
     assert result.returncode == 0, f"{result.stderr[-4000:]}\n{result.stdout[-4000:]}"
     run_dir = run_dir_from(result.stderr)
-    assert sorted(p.name for p in noted.iterdir()) == ["0"]  # the chief alone, of ranks 0-3
+    tasks = sorted(p.name for p in noted.iterdir() if not p.name.endswith("-x"))  # tfrun's own processes
+    assert tasks == [f"handlers-{rank}" for rank in range(4)], tasks
     status = read_json(run_dir / "status.json")
     assert status["exit_codes"] == {"0": 0, "1": 0, "2": 0, "3": 0}, status
+
+
+# A script that is done, but whose process would be aborted by the interpreter's teardown (as
+# TensorFlow's C++ threads can abort it: Python 3.11 ends a daemon thread that wants the GIL
+# back there with a forced unwind, which TensorFlow's code does not let through). It leaves an
+# exit handler and a thread still at work, which must both have their turn before it ends.
+ABORTED_AT_TEARDOWN = """\
+import atexit, os, threading, time
+import aborts_at_teardown  # a library's module state, torn down only at the interpreter's exit
+
+out = os.environ["TFRUN_OUTPUT_DIR"]
+
+
+def write(name):
+    with open(os.path.join(out, name), "w") as f:
+        f.write("ran")
+
+
+def later():
+    time.sleep(1.0)
+    write("thread")
+
+
+atexit.register(write, "handler")
+threading.Thread(target=later).start()
+print("SCRIPT DONE", flush=True)
+"""
+
+ABORTS_AT_TEARDOWN = """\
+import os
+
+
+class _AbortsAtTeardown:
+    def __del__(self, abort=os.abort):  # bound now: the module's globals are gone by then
+        abort()
+
+
+kept = _AbortsAtTeardown()
+"""
+
+
+@pytest.mark.parametrize("target", ["local", pytest.param("slurm", marks=pytest.mark.slurm)])
+def test_a_task_that_did_its_work_is_not_failed_by_the_interpreters_teardown(
+    tmp_path: Path, target: str, request: pytest.FixtureRequest
+) -> None:
+    """A run whose script completed once ended FAILED, its rank "killed by SIGABRT" after the
+    script's last line: the process died in the interpreter's teardown. Every task now ends
+    after its exit handlers and its threads, past the teardown (tfrun.task.ending)."""
+    (tmp_path / "aborts_at_teardown.py").write_text(ABORTS_AT_TEARDOWN)
+    script = tmp_path / "done.py"
+    script.write_text(ABORTED_AT_TEARDOWN)
+    args = [f"entry.script={script}"]
+    if target == "slurm":
+        args += ["compute=slurm", f"compute.job_name={request.getfixturevalue('job_name')}"]
+    run_dir = completed(tmp_path, *args)
+    assert "SCRIPT DONE" in (run_dir / "logs/rank0.log").read_text()
+    assert read_json(run_dir / "status.json")["exit_codes"] == {"0": 0}
+    assert (run_dir / "outputs/handler").read_text() == "ran", "the script's exit handler did not run"
+    assert (run_dir / "outputs/thread").read_text() == "ran", "the task ended before the script's thread"

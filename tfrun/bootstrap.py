@@ -8,7 +8,6 @@ script as ``__main__`` with the planned ``sys.argv``.
 
 from __future__ import annotations
 
-import atexit
 import faulthandler
 import gc
 import os
@@ -27,6 +26,7 @@ from tfrun.rundir import Plan, Task
 from tfrun.states import RunState
 from tfrun.task import (
     agreement,
+    ending,
     gpus,
     heartbeat,
     identity,
@@ -290,27 +290,7 @@ def run_task(run_dir: str, launcher: str = "local") -> int:
             error = failure(exc)
     if error is None:
         code, error = work(plan, task)
-    code = end(plan, ident, task, live, code, error)
-    if not task.runs_script:
-        atexit.register(_exit_past_teardown, code)
-    return code
-
-
-def _exit_past_teardown(code: int) -> None:
-    """The last thing a task that served does (its records written, and on Slurm submitit's
-    too): end without the interpreter's teardown. A tf.distribute.Server cannot be stopped,
-    and its gRPC threads can abort the process while exit() tears them down ("terminate
-    called ... FATAL: exception not rethrown"): a server that did its work ended killed by
-    SIGABRT, and its run FAILED."""
-    logging = sys.modules.get("logging")  # its handlers flushed, if anything used it
-    if logging is not None:
-        logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed already: nothing left to write
-            pass
-    os._exit(code)
+    return end(plan, ident, task, live, code, error)
 
 
 def end(
@@ -341,10 +321,11 @@ def end(
     sys.stdout.flush()
     sys.stderr.flush()
     preempt.exiting()
-    # The interpreter's last collections at exit walk every object TensorFlow made: ~2.5 s of
-    # CPU per task here, while the task's slot (a trial, a packed point, a node) is still
-    # held. Frozen, they are left to the end of the process; atexit handlers and the
-    # finalizers of objects freed by reference counting (open files, writers) still run.
+    # A full collection from here on (in the exit handlers, in submitit's result on Slurm)
+    # would walk every object TensorFlow made: ~2.5 s of CPU per task here, while the task's
+    # slot (a trial, a packed point, a node) is still held. Frozen, they are not walked; the
+    # finalizers of objects freed by reference counting still run. The process then ends
+    # past the interpreter's teardown (tfrun.task.ending).
     gc.freeze()
     return code
 
@@ -381,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: python -m tfrun.bootstrap RUN_DIR", file=sys.stderr)
         sys.exit(2)
     code = run_task(argv[0], os.environ.get(variables.LAUNCHER, "local"))
-    sys.exit(code)
+    ending.exit_past_teardown(code)  # as on Slurm (tfrun.task.held) and in a pool
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Start a Slurm task's Python with the stop signals held: ``python -u -m tfrun.task.held -u -m MODULE ARGS``
-runs MODULE as ``python -u -m MODULE ARGS`` would.
+runs MODULE as ``python -u -m MODULE ARGS`` would, and ends as a task ends, past the
+interpreter's teardown (:mod:`tfrun.task.ending`).
 
 Slurm may send the time-limit warning (``--signal``) up to a minute early, within the first
 second of a short job, and a preemption's SIGTERM can come as early. Between the interpreter's
@@ -16,6 +17,9 @@ preempt.block()
 
 import runpy  # noqa: E402  (after the signals are held: nothing before that line may take time)
 import sys  # noqa: E402
+import traceback  # noqa: E402
+
+from tfrun.task import ending  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -26,7 +30,14 @@ def main(argv: list[str]) -> None:
     if len(words) < 2 or words[0] != "-m":
         raise SystemExit("usage: python -u -m tfrun.task.held [-u] -m MODULE [ARGS]")
     sys.argv = [words[1], *words[2:]]  # argv[0] becomes the module's path, as with python -m
-    runpy.run_module(words[1], run_name="__main__", alter_sys=True)
+    try:
+        runpy.run_module(words[1], run_name="__main__", alter_sys=True)
+    except SystemExit as exc:  # submitit's, or the task's exit code (tfrun.targets.slurm)
+        ending.exit_past_teardown(ending.exit_code(exc))
+    except BaseException:  # what Python would print before it exits 1
+        traceback.print_exc()
+        ending.exit_past_teardown(1)
+    ending.exit_past_teardown(0)
 
 
 if __name__ == "__main__":

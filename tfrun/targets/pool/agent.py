@@ -26,6 +26,7 @@ from typing import Any
 from tfrun import rundir, variables
 from tfrun.paths import RunPaths
 from tfrun.plan.pools import AGENT_MODULE, PoolSpec
+from tfrun.task import ending
 
 EVENT = "tfrun-pool "  # starts every line the coordinator reads; anything else is noise
 CHILD_FLAG = "--child"
@@ -101,15 +102,7 @@ def become_item(order: dict[str, Any]) -> None:
     except BaseException as exc:  # tfrun's own failure before the script: the item fails, alone
         bootstrap.print_user_traceback(exc)
     finally:
-        import atexit
-
-        atexit._run_exitfuncs()  # what the script registered (its loggers, tracking clients)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
+        ending.exit_past_teardown(code)  # as every task ends
 
 
 def _reseed() -> None:
