@@ -644,10 +644,10 @@ def test_a_server_task_ends_past_the_interpreters_teardown(tmp_path: Path) -> No
     assert status["exit_codes"] == {"0": 0, "1": 0, "2": 0, "3": 0}, status
 
 
-# A script that is done, but whose process would be aborted by the interpreter's teardown (as
-# TensorFlow's C++ threads can abort it: Python 3.11 ends a daemon thread that wants the GIL
-# back there with a forced unwind, which TensorFlow's code does not let through). It leaves an
-# exit handler and a thread still at work, which must both have their turn before it ends.
+# A script that is done, but whose process would be aborted by the interpreter's teardown, as a
+# task's with TensorFlow loaded was seen to be ("terminate called ... FATAL: exception not
+# rethrown", SIGABRT), which no script can provoke on demand. It leaves an exit handler and a
+# thread still at work, which must both have their turn before the task ends.
 ABORTED_AT_TEARDOWN = """\
 import atexit, os, threading, time
 import aborts_at_teardown  # a library's module state, torn down only at the interpreter's exit

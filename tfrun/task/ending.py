@@ -7,8 +7,9 @@ streams. Then comes the interpreter's teardown, and that is where a task that di
 could still die:
 
 - Python 3.11 ends a daemon thread that wants the GIL back during the teardown with a forced
-  unwind (``pthread_exit``); one inside TensorFlow's C++ code aborts the process
-  ("terminate called after throwing an instance of ... FATAL: exception not rethrown");
+  unwind (``pthread_exit``); C++ code that catches it without letting it through aborts the
+  process ("terminate called after throwing an instance of ... FATAL: exception not
+  rethrown"), as a task that had run a Keras script was seen to end;
 - a ``tf.distribute.Server``, which cannot be stopped, aborts it the same way when ``exit()``
   destroys its gRPC threads.
 
@@ -20,7 +21,7 @@ task ends here instead (the bootstrap's local process, a Slurm task's
 Python's exit runs, then ``os._exit``.
 
 What the teardown alone would have done is not done: an object still held by a module at
-exit is not finalized (a file a module left open and unflushed keeps what it did not write).
+exit is not finalized (a file a module left open loses what it had not yet flushed).
 """
 
 from __future__ import annotations
