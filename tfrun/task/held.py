@@ -32,12 +32,13 @@ def main(argv: list[str]) -> None:
     sys.argv = [words[1], *words[2:]]  # argv[0] becomes the module's path, as with python -m
     try:
         runpy.run_module(words[1], run_name="__main__", alter_sys=True)
+        code = 0
     except SystemExit as exc:  # submitit's, or the task's exit code (tfrun.targets.slurm)
-        ending.exit_past_teardown(ending.exit_code(exc))
+        code = ending.exit_code(exc)
     except BaseException:  # what Python would print before it exits 1
         traceback.print_exc()
-        ending.exit_past_teardown(1)
-    ending.exit_past_teardown(0)
+        code = 1
+    ending.exit_past_teardown(code)
 
 
 if __name__ == "__main__":
