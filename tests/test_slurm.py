@@ -36,6 +36,7 @@ from tests.helpers import (
 
 DIGITS_EPOCHS = 2
 JOB_TIMEOUT = 300  # generous: other suites may hold the nodes for a while
+SLURM_STATE = Path(os.environ.get("TFRUN_SLURM_DIR", "/var/lib/tfrun-slurm"))
 
 
 # --- Slurm's own view ---------------------------------------------------------------------
@@ -268,6 +269,74 @@ def test_failing_rank_fails_the_job_quickly_and_is_reported(tmp_path: Path, job_
     assert "rank 1: node2" in shown
     assert "rank 1 on node2 failed" in shown
     assert 'raise ValueError("rank one gave up")' in shown and "| ValueError: rank one gave up" in shown
+
+
+GO_THEN_FAIL = """\
+import os, pathlib, time
+if os.environ["TFRUN_RANK"] == "1":
+    while not pathlib.Path({go!r}).exists():
+        time.sleep(0.1)
+    raise ValueError("rank one gave up")
+time.sleep(300)
+"""
+
+
+@pytest.mark.slurm
+def test_a_job_slurm_is_still_ending_on_a_node_is_waited_for(
+    tmp_path: Path, job_name: str, network_nodes: NodePair
+) -> None:
+    """Accounting says a job FAILED the moment its batch step ends; Slurm then ends what is left
+    of it on every node (COMPLETING), which a busy or slow node can take seconds to do. tfrun
+    returns once the job has left the queue, and says what it waits for."""
+    go = tmp_path / "go"
+    write_script(tmp_path, "fail.py", GO_THEN_FAIL.format(go=str(go)))
+    proc, _, err = popen_tfrun(
+        tmp_path,
+        "compute=slurm",
+        "compute.nodes=2",
+        f"compute.partition={network_nodes.partition}",
+        f"compute.job_name={job_name}",
+        "compute.poll_s=1",
+        "entry.script=fail.py",
+    )
+    slurmd = int((SLURM_STATE / "run" / f"slurmd-{network_nodes.second}.pid").read_text().split()[0])
+    try:
+        wait_for(lambda: "; run dir " in err.read_text(), 120, "tfrun to submit the job")
+        job_id = submitted_job(err.read_text())
+        run_dir = Path(err.read_text().split("; run dir ", 1)[1].splitlines()[0])
+        wait_for(lambda: (run_dir / "ranks" / "1.json").exists(), JOB_TIMEOUT, "rank 1 to start")
+        # The second node's slurmd paused (its job's processes go on): once the job has ended,
+        # Slurm waits on that node to end it. Resumed within MessageTimeout (10 s), so that the
+        # controller's request to it is answered, not retried later.
+        os.kill(slurmd, signal.SIGSTOP)
+        try:
+            go.touch()
+            wait_for(lambda: sacct_state(job_id) == "FAILED", 60, "accounting to say the job FAILED")
+            wait_for(
+                lambda: proc.poll() is not None or "waiting for Slurm to end job" in err.read_text(),
+                8,
+                "tfrun to say what it waits for",
+            )
+            left = queued(job_name)
+            assert proc.poll() is None, f"tfrun returned while Slurm was still ending the job: {left}"
+            assert left == [f"{job_id} COMPLETING"]
+        finally:
+            os.kill(slurmd, signal.SIGCONT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = err.read_text()
+    assert code == 1, stderr
+    # The nodes Slurm has not yet freed: the paused one, and any its answer holds up.
+    waiting = re.search(rf"^tfrun: waiting for Slurm to end job\(s\) {job_id} \(on (\S+)\)$", stderr, re.M)
+    assert waiting, stderr
+    named = subprocess.run(
+        ["scontrol", "show", "hostnames", waiting.group(1)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    assert network_nodes.second in named, stderr
+    assert queued(job_name) == []
+    assert f"rank 1 on {network_nodes.second} failed" in stderr and "ValueError: rank one gave up" in stderr
 
 
 # --- 4: cancel, and Ctrl-C detaches ---------------------------------------------------------
@@ -595,8 +664,7 @@ def _running(name: str) -> list[str]:
 
 
 def _stop_slurmdbd() -> None:
-    state = Path(os.environ.get("TFRUN_SLURM_DIR", "/var/lib/tfrun-slurm"))
-    pid = int((state / "run" / "slurmdbd.pid").read_text().split()[0])
+    pid = int((SLURM_STATE / "run" / "slurmdbd.pid").read_text().split()[0])
     os.kill(pid, signal.SIGTERM)
     wait_for(
         lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],

@@ -351,12 +351,68 @@ def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list
     finally:
         if view is not None:
             view.close()
-    if tail:
-        time.sleep(0.2)  # the last lines can land after sacct says the job ended
-        tail.pump()
+    _await_release(job_ids, tail)
     if len(plans) > 1 and sys.stderr.isatty() and view is None:
         print(file=sys.stderr)
     return [final[j] for j in job_ids]
+
+
+# How long tfrun waits, once its jobs have ended, for Slurm to end what is left of them: Slurm
+# sends SIGTERM, then SIGKILL after KillWait (30 s by default).
+RELEASE_WAIT_S = 45.0
+RELEASE_POLL_S = 0.5
+RELEASE_TOLD_AFTER_S = 3.0
+
+
+def _completing(job_ids: Sequence[str]) -> dict[str, str] | None:
+    """The jobs Slurm is still ending (COMPLETING: processes of theirs still run on a node, or
+    its epilog does), with the nodes it waits on; None if the queue did not answer."""
+    queued = _squeue(list(job_ids))
+    if queued is None:
+        return None
+    wanted = set(job_ids) | {j.split("_")[0] for j in job_ids}
+    return {job: found["NodeList"] for job, found in queued.items() if job in wanted and found["State"] == "COMPLETING"}
+
+
+def _await_release(job_ids: Sequence[str], tail: _LogTail | None) -> None:
+    """Once every job has ended (as accounting says), wait until Slurm has freed their nodes.
+
+    sacct says how a job ended the moment its batch script ends; Slurm then ends what is left
+    of it on each node (COMPLETING: processes, an epilog), which a busy or slow node can take
+    seconds to do. Returning before would say the run is over while some of it may still run.
+    Bounded: a node that cannot end a process is Slurm's to drain. Ctrl-C ends the wait: the
+    outcome is known already."""
+    with contextlib.suppress(KeyboardInterrupt):
+        _wait_while_completing(job_ids, tail)
+
+
+def _wait_while_completing(job_ids: Sequence[str], tail: _LogTail | None) -> None:
+    start = time.monotonic()
+    told = False
+    while True:
+        left = _completing(job_ids)
+        waited = time.monotonic() - start
+        if tail:  # after the query: once the job has left the queue, nothing more is written
+            tail.pump()
+        if not left:  # none left, or the queue did not answer: nothing to wait for
+            return
+        if waited >= RELEASE_WAIT_S:
+            print(
+                f"tfrun: Slurm is still ending job(s) {_jobs_on(left)} after {waited:.0f} s; not waiting longer",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        if not told and waited >= RELEASE_TOLD_AFTER_S:
+            told = True
+            print(f"tfrun: waiting for Slurm to end job(s) {_jobs_on(left)}", file=sys.stderr, flush=True)
+        time.sleep(RELEASE_POLL_S)
+
+
+def _jobs_on(found: dict[str, str], shown: int = 5) -> str:
+    named = [f"{job} (on {nodes})" if nodes else job for job, nodes in sorted(found.items())]
+    more = f" and {len(named) - shown} more" if len(named) > shown else ""
+    return ", ".join(named[:shown]) + more
 
 
 def _poll(
