@@ -108,6 +108,9 @@ from sklearn.datasets import load_digits
 parser = argparse.ArgumentParser()
 parser.add_argument("--epochs", type=int, default=8)
 parser.add_argument("--batch_sleep", type=float, default=0.2)
+# Batches take 0.25 s or more until this file exists: a test's job cannot end on its own before
+# the test has preempted it, however slow the machine is to show what the test checks first.
+parser.add_argument("--slow_until", default="")
 parser.add_argument("--output_dir", default=os.environ.get("TFRUN_OUTPUT_DIR", "outputs"))
 args = parser.parse_args()
 
@@ -142,7 +145,8 @@ class Slow(tf.keras.callbacks.Callback):
         self.record(epoch=epoch + 1, checksum=checksum())
 
     def on_train_batch_end(self, batch, logs=None):
-        time.sleep(args.batch_sleep)
+        slow = args.slow_until and not os.path.exists(args.slow_until)
+        time.sleep(max(args.batch_sleep, 0.25) if slow else args.batch_sleep)
 
 
 callbacks = [hvd.callbacks.BroadcastGlobalVariablesCallback(0), hvd.callbacks.MetricAverageCallback(), Slow()]
@@ -387,6 +391,7 @@ def test_preempted_horovod_job_is_requeued_and_every_rank_resumes_from_the_last_
         "entry.script=hvd_fit.py",
         f"trainer.epochs={epochs}",
         "trainer.batch_sleep=0.02",
+        f"trainer.slow_until={tmp_path / 'preempted'}",
         "tracking=mlflow",
         f"tracking.tracking_uri={server.uri}",
         "tracking.experiment=hvd",
@@ -399,6 +404,7 @@ def test_preempted_horovod_job_is_requeued_and_every_rank_resumes_from_the_last_
             wait_for(lambda: _mlflow_epochs(server.uri, "hvd"), 60, "epochs in MLflow while the job runs")
             assert proc.poll() is None and not metric_epochs(run_dir)[-1] == epochs - 1
             preempt_nodes.preempt(preempt_nodes.first, job_name=job_name)
+            (tmp_path / "preempted").touch()
             wait_for(
                 lambda: proc.poll() is not None or first_line_of_status(tmp_path, run_dir).endswith(": PREEMPTED"),
                 120,
@@ -467,6 +473,9 @@ PROGRESS_SCRIPT = """\
 import argparse, json, os, time
 parser = argparse.ArgumentParser()
 parser.add_argument("--slow_backup", type=int, default=0)
+# 25 epochs, and then on until this file exists: a test's job cannot end on its own before the
+# test has preempted it, however slow the machine is to start the test's other jobs.
+parser.add_argument("--go_on_until", default="")
 args = parser.parse_args()
 path = os.path.join(os.environ["TFRUN_RUN_DIR"], "progress.json")
 done = json.load(open(path))["epochs"] if os.path.exists(path) else 0
@@ -474,12 +483,14 @@ print(f"attempt {os.environ.get('SLURM_RESTART_COUNT', '0')} starts at epoch {do
 if args.slow_backup:
     import tfrun
     tfrun.on_preempt(lambda: time.sleep(300))
-for epoch in range(done, 25):
+epoch = done
+while epoch < 25 or (args.go_on_until and not os.path.exists(args.go_on_until)):
     time.sleep(1)
+    epoch += 1
     with open(path + ".tmp", "w") as f:
-        json.dump({"epochs": epoch + 1}, f)
+        json.dump({"epochs": epoch}, f)
     os.replace(path + ".tmp", path)
-    print(f"epoch {epoch + 1} saved", flush=True)
+    print(f"epoch {epoch} saved", flush=True)
 """
 
 
@@ -499,6 +510,7 @@ def test_preemption_where_slurm_cancels_and_past_the_grace_time(
     write_script(tmp_path, "fast.py", FAST_FIT)
     nodes = preempt_nodes
     common = ["compute=slurm", f"compute.job_name={job_name}", "compute.poll_s=1"]
+    preempted = tmp_path / "preempted"
     keras_proc, _, keras_err = popen_tfrun(
         tmp_path,
         *common,
@@ -517,6 +529,7 @@ def test_preemption_where_slurm_cancels_and_past_the_grace_time(
         f"compute.nodelist={nodes.first}",
         "compute.requeue_on_preempt=false",
         "entry.script=progress.py",
+        f"trainer.go_on_until={preempted}",
         name="scavenge",
     )
     slow_proc, _, slow_err = popen_tfrun(
@@ -526,6 +539,7 @@ def test_preemption_where_slurm_cancels_and_past_the_grace_time(
         f"compute.nodelist={nodes.first}",
         "entry.script=progress.py",
         "trainer.slow_backup=1",
+        f"trainer.go_on_until={preempted}",
         name="low",
     )
     procs = (keras_proc, cancelled_proc, slow_proc)
@@ -537,6 +551,7 @@ def test_preemption_where_slurm_cancels_and_past_the_grace_time(
             wait_for(lambda: "epoch 3 saved" in text_of(run_dir / "logs/rank0.log"), JOB_TIMEOUT, "three epochs")
         wait_for(lambda: len(metric_epochs(keras_dir)) >= 10, JOB_TIMEOUT, "ten epochs of the Keras fit")
         nodes.preempt(nodes.first, nodes.second, job_name=job_name)
+        preempted.touch()
         assert cancelled_proc.wait(timeout=JOB_TIMEOUT) != 0  # not completed
         assert slow_proc.wait(timeout=JOB_TIMEOUT) == 0, slow_err.read_text()
         assert keras_proc.wait(timeout=JOB_TIMEOUT) == 0, keras_err.read_text()
