@@ -361,7 +361,7 @@ def follow(plans: Sequence[Plan], job_ids: Sequence[str], poll_s: float) -> list
 # sends SIGTERM, then SIGKILL after KillWait (30 s by default).
 RELEASE_WAIT_S = 45.0
 RELEASE_POLL_S = 0.5
-RELEASE_TOLD_AFTER_S = 3.0
+RELEASE_TOLD_AFTER_S = 2.0
 
 
 def _completing(job_ids: Sequence[str]) -> dict[str, str] | None:
