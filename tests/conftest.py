@@ -35,9 +35,8 @@ from typing import IO, Iterator
 
 import pytest
 
-from tests.helpers import LOCAL_SLURM, NETWORK_NODES, PREEMPT_NODES, NodePair, cancel_jobs_named
+from tests.helpers import LOCAL_SLURM, NETWORK_NODES, PREEMPT_NODES, SLURM_STATE, NodePair, cancel_jobs_named
 
-SLURM_STATE = Path(os.environ.get("TFRUN_SLURM_DIR", "/var/lib/tfrun-slurm"))
 # How long a test session waits, as it starts, for a cluster that another session has degraded
 # for a moment (a node's link cut) before it calls the cluster down.
 CLUSTER_UP_WITHIN_S = 120

@@ -21,6 +21,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "digits" / "train.py"
 LOCAL_SLURM = REPO / "scripts" / "local-slurm"
+# The local cluster's state dir (pid files, locks, hosts files): scripts/test sets it for a release run from its root.
+SLURM_STATE = Path(os.environ.get("TFRUN_SLURM_DIR", "/var/lib/tfrun-slurm"))
 
 
 def tfrun_command() -> list[str]:

@@ -13,7 +13,6 @@ nodes of their own (``network_nodes``: no other test's jobs run there).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import subprocess
 import textwrap
@@ -22,11 +21,18 @@ from typing import Iterator
 
 import pytest
 
-from tests.helpers import NodePair, assert_on_separate_hosts, node_address, read_json, run_dir_from, run_tfrun
+from tests.helpers import (
+    SLURM_STATE,
+    NodePair,
+    assert_on_separate_hosts,
+    node_address,
+    read_json,
+    run_dir_from,
+    run_tfrun,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-STATE = Path(os.environ.get("TFRUN_SLURM_DIR", "/var/lib/tfrun-slurm"))
 RUN_TIMEOUT = 300
 
 # Two workers reduce their rank + 1: the sum is 3 on both only if they really met.
@@ -69,7 +75,7 @@ def in_node(node: str, *command: str) -> str:
 def node_hosts(node: str, edit: callable) -> Iterator[None]:
     """Change one node's own /etc/hosts for the test (written in place: the node reads it
     through a bind mount)."""
-    path = STATE / "hosts" / node
+    path = SLURM_STATE / "hosts" / node
     before = path.read_text()
     path.write_text(edit(before))
     try:
@@ -166,7 +172,7 @@ def test_every_node_is_a_host_of_its_own(tmp_path: Path, network_nodes: NodePair
 
 def test_every_node_answers_ssh_as_itself() -> None:
     """Launchers that start ranks over ssh (horovodrun, mpirun) reach each node's own sshd."""
-    key = STATE / "ssh" / "id_ed25519"
+    key = SLURM_STATE / "ssh" / "id_ed25519"
     for node in ("node1", "node2"):
         out = subprocess.run(
             [

@@ -23,6 +23,7 @@ import pytest
 
 from tests.helpers import (
     LOCAL_SLURM,
+    SLURM_STATE,
     NodePair,
     accounted,
     cancel_jobs_named,
@@ -36,7 +37,6 @@ from tests.helpers import (
 
 DIGITS_EPOCHS = 2
 JOB_TIMEOUT = 300  # generous: other suites may hold the nodes for a while
-SLURM_STATE = Path(os.environ.get("TFRUN_SLURM_DIR", "/var/lib/tfrun-slurm"))
 
 
 # --- Slurm's own view ---------------------------------------------------------------------
