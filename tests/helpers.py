@@ -122,7 +122,7 @@ def without(tmp_path: Path, *modules: str) -> dict[str, str]:
     return {"PYTHONPATH": path, "TFRUN_TEST_HIDDEN": ",".join(modules)}
 
 
-def popen_tfrun(tmp_path: Path, *args: str, name: str = "tfrun") -> tuple[subprocess.Popen, Path, Path]:
+def popen_tfrun(tmp_path: Path, *args: str, name: str = "tfrun", **env: str) -> tuple[subprocess.Popen, Path, Path]:
     """Start tfrun in the background, output to ``NAME.out``/``NAME.err``; SIGINT acts as in a
     terminal (a test runner started in the background may have it ignored)."""
     out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
@@ -130,7 +130,7 @@ def popen_tfrun(tmp_path: Path, *args: str, name: str = "tfrun") -> tuple[subpro
         proc = subprocess.Popen(
             [*tfrun_command(), *args],
             cwd=tmp_path,
-            env=scratch_env(tmp_path),
+            env=scratch_env(tmp_path, **env),
             stdin=subprocess.DEVNULL,
             stdout=fout,
             stderr=ferr,
@@ -275,6 +275,15 @@ class NodePair:
             check=True,
         )
         return out.stdout.strip()
+
+
+def has_started(job_id: str) -> bool:
+    """Has the job left Slurm's PENDING (it runs, is ending, or is gone from the queue)? Slurm
+    not answering is no start."""
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        return "Invalid job id" in out.stderr
+    return out.stdout.strip() not in ("", "PENDING")
 
 
 PREEMPT_NODES = NodePair("node4", "node5", "preempt", "preempt-low", "preempt-scavenge")

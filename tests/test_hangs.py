@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -196,6 +197,49 @@ def test_a_script_that_reports_no_steps_is_judged_by_what_it_does(tmp_path: Path
     assert status["hang"]["detected"] - blocked < 8 + 15, (status["hang"], blocked)
     log = (run_dir / "logs/rank0.log").read_text()
     assert any(path.endswith("silent.py") for path, _ in stacks_in(log)), log[-3000:]
+
+
+# py-spy as on a busy node, where a dump of a training rank takes many seconds of CPU: the real
+# one, started late. It notes when it was started.
+SLOW_PY_SPY = """\
+#!/bin/sh
+date +%s.%N >> "{started}"
+sleep {delay}
+exec "{real}" "$@"
+"""
+
+
+def test_a_hang_is_on_record_before_py_spy_has_read_the_stacks(tmp_path: Path) -> None:
+    """The rank that stopped, and why, are in status.json while py-spy still reads the stacks:
+    the user learns of the hang without waiting for it. Its stacks still reach the rank's log."""
+    real = Path(sys.executable).parent / "py-spy"
+    assert real.exists(), f"py-spy (a test dependency) is not installed beside {sys.executable}"
+    slow = tmp_path / "slow-bin"
+    slow.mkdir()
+    started = tmp_path / "py-spy-started"
+    (slow / "py-spy").write_text(SLOW_PY_SPY.format(started=started, delay=20, real=real))
+    (slow / "py-spy").chmod(0o755)
+    blocked = script(
+        tmp_path, "blocked.py", "import time\nprint('blocking', flush=True)\ntime.sleep(3600)  # blocked_here\n"
+    )
+    proc, _out, err = popen_tfrun(
+        tmp_path, f"entry.script={blocked}", "compute.hang_timeout_s=5", PATH=f"{slow}:{os.environ['PATH']}"
+    )
+    try:
+        wait_for(lambda: started.exists() or proc.poll() is not None, 180, "the watchdog to start py-spy")
+        assert proc.poll() is None, text_of(err)[-3000:]
+        (run_dir,) = [found.parent for found in tmp_path.glob("runs/*/status.json")]
+        status = read_json(run_dir / "status.json")
+        assert status.get("hang") and status.get("failed_rank") == 0, status
+        assert "rank 0 on" in status["reason"] and "made no progress" in status["reason"], status
+        assert proc.wait(timeout=120) == 1, text_of(err)[-3000:]
+    finally:
+        stop(proc)
+        for found in tmp_path.glob("runs/*/ranks"):
+            kill_tasks(found.parent)
+    assert hang_of(run_dir)["hang"]["rank"] == 0
+    log = (run_dir / "logs/rank0.log").read_text()
+    assert "rank 0's stacks from py-spy" in log and "blocked.py" in log.split("py-spy")[-1], log[-3000:]
 
 
 # A MultiWorkerMirroredStrategy custom loop (strategy.run in a tf.function) that never calls

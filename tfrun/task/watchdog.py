@@ -14,12 +14,14 @@ evaluator while training goes on (it waits for checkpoints), nor a rank whose ac
 cannot be measured (said once, in its log and in ``tfrun status``). Then it:
 
 1. asks every rank for its Python stacks, all threads (a signal the bootstrap hands to
-   ``faulthandler``), and with py-spy installed also takes each rank's stacks from outside
-   (native frames too, and a process frozen as a whole cannot answer a signal);
+   ``faulthandler``);
 2. names the rank that stopped first, its node, its last step and how long ago, and the
    ranks waiting, in ``status.json`` and the ranks' logs; a node that does not answer on
    the network is named as lost (:mod:`tfrun.task.probe`);
-3. ends the attempt: kills the job (it fails), or with ``compute.requeue_on_hang`` requeues
+3. with py-spy installed, takes each rank's stacks from outside too (native frames, and a
+   process frozen as a whole cannot answer a signal): only now, as it takes seconds of CPU
+   a rank, and far longer on a busy node;
+4. ends the attempt: kills the job (it fails), or with ``compute.requeue_on_hang`` requeues
    it (bounded by ``compute.max_requeues``), which then resumes from its last backup like a
    preempted one; a requeue Slurm refuses is recorded and the job ends as failed. Locally:
    kills the tasks.
@@ -328,6 +330,9 @@ class Watchdog:
         rundir.update_attempt(
             self.run_dir, self.attempt, ended=time.time(), reason="hang", requeued=requeue, error=record["reason"]
         )
+        # Only once the hang is on record: py-spy takes seconds of CPU a rank, far more on a busy
+        # node, and the user learns which rank stopped and why without waiting for it.
+        self.spy(beats, lost)
         self.end(beats, requeue, record)
 
     def _requeue_allowed(self) -> bool:
@@ -335,8 +340,8 @@ class Watchdog:
         return self.launcher == "slurm" and requeue.decide(requeue.Cause.HANG, {}, earlier, self.compute).requeue
 
     def stacks(self, beats: dict[int, dict[str, Any]], lost: list[str]) -> dict[int, str]:
-        """Every rank's Python stacks into its own log: faulthandler through a signal, and
-        py-spy from outside where it is installed. Returns what each rank's log gained."""
+        """Every rank's Python stacks into its own log, through a signal its faulthandler answers.
+        Returns what each rank's log gained."""
         logs = {r: RunPaths.of(self.run_dir).rank_log(r) for r in range(self.world_size)}
         sizes = {r: (log.stat().st_size if log.exists() else 0) for r, log in logs.items()}
         if self.launcher == "slurm" and self.job and self.step is not None:
@@ -366,18 +371,21 @@ class Watchdog:
                 except (OSError, KeyError, ValueError):
                     pass
             time.sleep(STACK_WAIT_S)
-        dumps = {r: _read_from(logs[r], sizes[r]) for r in logs}
+        return {r: _read_from(logs[r], sizes[r]) for r in logs}
+
+    def spy(self, beats: dict[int, dict[str, Any]], lost: list[str]) -> None:
+        """Every rank's stacks from outside into its own log, with py-spy where it is installed:
+        native frames too, and a process frozen as a whole, which cannot answer a signal."""
         # nothing runs on a node that cannot be reached
         spied = [(r, b) for r, b in sorted(beats.items()) if b.get("host") not in lost]
         if shutil.which("py-spy") is not None and spied:
-            # Every rank at once: a dump takes a second or two, through srun on another node
-            # several, and the job waits for them all.
+            # Every rank at once: a dump of a training rank takes 3-4 s (its native frames),
+            # through srun on another node more, and the job waits for them all.
             with ThreadPoolExecutor(max_workers=min(8, len(spied))) as pool:
                 spies = {rank: pool.submit(self._py_spy, beat) for rank, beat in spied}
                 for rank, spy in spies.items():
                     with open(RunPaths.of(self.run_dir).rank_log(rank), "a") as log:
                         log.write(f"tfrun: watchdog: rank {rank}'s stacks from py-spy:\n{spy.result()}\n")
-        return dumps
 
     def _py_spy(self, beat: dict[str, Any]) -> str:
         """``py-spy dump`` of a rank, native frames included; a process frozen as a whole
