@@ -276,6 +276,14 @@ class NodePair:
         )
         return out.stdout.strip()
 
+    def preempt_and_release(self, *nodes: str, job_name: str, release: Path) -> None:
+        """:meth:`preempt`, then create ``release``, the file the preempted jobs' scripts go on
+        until: only once the preempting job has started, that is once they have left its nodes
+        (Slurm preempts at its next scheduling pass, not as the job is submitted)."""
+        preemptor = self.preempt(*nodes, job_name=job_name)
+        wait_for(lambda: has_started(preemptor), 600, "the preempting job to start")
+        release.touch()
+
 
 def has_started(job_id: str) -> bool:
     """Has the job left Slurm's PENDING (it runs, is ending, or is gone from the queue)? Slurm

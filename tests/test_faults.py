@@ -30,7 +30,6 @@ from tests.helpers import (
     accounted,
     alive,
     assert_on_separate_hosts,
-    has_started,
     mlflow_runs,
     popen_tfrun,
     read_json,
@@ -407,10 +406,7 @@ def test_preempted_horovod_job_is_requeued_and_every_rank_resumes_from_the_last_
             # Already in MLflow while the job trains: sent from inside the job, not at its end.
             wait_for(lambda: _mlflow_epochs(server.uri, "hvd"), 60, "epochs in MLflow while the job runs")
             assert proc.poll() is None and not metric_epochs(run_dir)[-1] == epochs - 1
-            preemptor = preempt_nodes.preempt(preempt_nodes.first, job_name=job_name)
-            # The job goes on slowly until it is preempted: the preempting job starts only once it has left the node.
-            wait_for(lambda: has_started(preemptor), JOB_TIMEOUT, "the preempting job to start")
-            (tmp_path / "preempted").touch()
+            preempt_nodes.preempt_and_release(preempt_nodes.first, job_name=job_name, release=tmp_path / "preempted")
             wait_for(
                 lambda: proc.poll() is not None or first_line_of_status(tmp_path, run_dir).endswith(": PREEMPTED"),
                 120,
@@ -556,10 +552,7 @@ def test_preemption_where_slurm_cancels_and_past_the_grace_time(
         for run_dir in (cancelled_dir, slow_dir):
             wait_for(lambda: "epoch 3 saved" in text_of(run_dir / "logs/rank0.log"), JOB_TIMEOUT, "three epochs")
         wait_for(lambda: len(metric_epochs(keras_dir)) >= 10, JOB_TIMEOUT, "ten epochs of the Keras fit")
-        preemptor = nodes.preempt(nodes.first, nodes.second, job_name=job_name)
-        # The jobs go on until they are preempted: the preempting job starts only once they have left the nodes.
-        wait_for(lambda: has_started(preemptor), JOB_TIMEOUT, "the preempting job to start")
-        preempted.touch()
+        nodes.preempt_and_release(nodes.first, nodes.second, job_name=job_name, release=preempted)
         assert cancelled_proc.wait(timeout=JOB_TIMEOUT) != 0  # not completed
         assert slow_proc.wait(timeout=JOB_TIMEOUT) == 0, slow_err.read_text()
         assert keras_proc.wait(timeout=JOB_TIMEOUT) == 0, keras_err.read_text()

@@ -200,10 +200,10 @@ def test_a_script_that_reports_no_steps_is_judged_by_what_it_does(tmp_path: Path
 
 
 # py-spy as on a busy node, where a dump of a training rank takes many seconds of CPU: the real
-# one, started late. It notes when it was started.
+# one, started late. It leaves a file as it starts.
 SLOW_PY_SPY = """\
 #!/bin/sh
-date +%s.%N >> "{started}"
+touch "{started}"
 sleep {delay}
 exec "{real}" "$@"
 """
