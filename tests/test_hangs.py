@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    SLURM_STATE,
     NodePair,
     alive,
     node_address,
@@ -568,11 +569,8 @@ for i in range(1, args.steps + 1):
 print(f"rank {hvd.rank()}: {args.steps} steps in {time.time() - started:.0f} s, loss {float(loss):.3f}", flush=True)
 """
 TAPE_HANG_S = 20
-
-
-def slurmd_port() -> str:
-    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
-    return next(line.split("=", 1)[1].strip() for line in out.splitlines() if line.startswith("SlurmdPort "))
+# What slurmd logs, as an error, for a connection that sends it no message.
+SLURMD_EMPTY_CONNECTION = b"Zero Bytes were transmitted or received"
 
 
 @pytest.mark.slurm
@@ -580,10 +578,12 @@ def slurmd_port() -> str:
 def test_a_horovod_loop_that_never_calls_tfrun_runs_on_two_nodes_and_a_blocked_rank_is_found(
     tmp_path: Path, blocked: bool, job_name: str
 ) -> None:
-    """Healthy, it runs far past the hang timeout and completes, its nodes probed at the port
-    the cluster's slurmds listen on; with rank 1 blocked, the job ends within the timeout and a
-    little more, rank 1 on node2 named, its stack in its log."""
+    """Healthy, it runs far past the hang timeout and completes, its nodes probed through their
+    ranks' ports, and the slurmds' logs gain no error for it; with rank 1 blocked, the job ends
+    within the timeout and a little more, rank 1 on node2 named, its stack in its log."""
     tape = script(tmp_path, "tape.py", HOROVOD_TAPE)
+    slurmd_logs = [SLURM_STATE / "log" / f"slurmd-{node}.log" for node in ("node1", "node2")]
+    logged = [log.stat().st_size for log in slurmd_logs]
     result = run_tfrun(
         tmp_path,
         "compute=slurm",
@@ -598,8 +598,12 @@ def test_a_horovod_loop_that_never_calls_tfrun_runs_on_two_nodes_and_a_blocked_r
     )
     run_dir = run_dir_from(result.stderr)
     watch_log = (run_dir / "logs/watchdog.log").read_text()
-    port = slurmd_port()
-    assert f"node1 ({node_address('node1')}:{port}), node2 ({node_address('node2')}:{port})" in watch_log, watch_log
+    for log, size in zip(slurmd_logs, logged):
+        added = log.read_bytes()[size:]
+        assert SLURMD_EMPTY_CONNECTION not in added, f"{log}:\n{added[-2000:].decode(errors='replace')}"
+    for node in ("node1", "node2"):
+        probed = rf"lost-node probe: node {node} at {re.escape(node_address(node))}, rank \d on port \d+"
+        assert re.search(probed, watch_log), watch_log
     if not blocked:
         assert result.returncode == 0, result.stderr[-3000:]
         status = read_json(run_dir / "status.json")

@@ -1,19 +1,23 @@
 """The watchdog's notion of progress, piece by piece: which ranks it judges and when a run is
 hung (pure logic over heartbeats), what a process's activity is (measured on real processes
-and threads), and the lost-node probe (against the local cluster's slurmds)."""
+and threads), and the lost-node probe (ranks' ports on this machine, nodes' addresses from the local cluster)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 
 import pytest
 
+from tfrun.task import probe as probe_module
 from tfrun.task import watchdog
-from tfrun.task.probe import NodeProbe, slurmd_port
+from tfrun.task.probe import NodeProbe
 
 T = 20.0
 NOW = 1_000_000.0
@@ -194,12 +198,7 @@ def test_activity_is_the_cpu_of_the_script_not_of_tfrun() -> None:
     }, seen
 
 
-# --- the lost-node probe, on the local cluster ----------------------------------------------------
-
-
-def scontrol_config(key: str) -> str:
-    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
-    return next(line.split("=", 1)[1].strip() for line in out.splitlines() if line.split("=")[0].strip() == key)
+# --- the lost-node probe --------------------------------------------------------------------------
 
 
 def node_addr(node: str) -> str:
@@ -208,41 +207,86 @@ def node_addr(node: str) -> str:
 
 
 @pytest.mark.slurm
-def test_the_probe_asks_each_slurmd_where_slurm_says_it_is() -> None:
-    """The cluster's SlurmdPort (the local one is not Slurm's default 6818) at each NodeAddr;
-    a node whose name does not resolve is unknown, never lost."""
-    port = int(scontrol_config("SlurmdPort"))
-    assert slurmd_port() == port
+def test_the_probe_asks_each_node_where_slurm_says_it_is() -> None:
+    """Each node at its NodeAddr; a node whose name does not resolve is unknown, never lost."""
     probe = NodeProbe(["node1", "node2", "no-such-node.invalid"])
-    assert probe.targets == {"node1": (node_addr("node1"), port), "node2": (node_addr("node2"), port)}, probe.targets
+    assert probe.addresses == {"node1": node_addr("node1"), "node2": node_addr("node2")}, probe.addresses
+    assert probe.see({2: {"rank": 2, "host": "no-such-node.invalid", "probe_port": 4242}}) == []
     assert probe.unknown == {"no-such-node.invalid": "its address no-such-node.invalid does not resolve"}
-    assert f"node1 ({node_addr('node1')}:{port})" in probe.describe(), probe.describe()
-    assert probe.lost(time.time()) == [] and probe.lost(time.time() + 3600) == []
+    assert probe.targets == {} and probe.lost(time.time() + 3600) == []
+
+
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A port on this machine whose connections time out, as a node cut off the network: a
+    listener never accepting, its queue (of one) full."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            yield port
+
+
+def free_port() -> int:
+    """A port nothing listens on: connections to it are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def loopback_probe(*nodes: str) -> NodeProbe:
+    probe = NodeProbe([])
+    probe.nodes, probe.addresses = list(nodes), {node: "127.0.0.1" for node in nodes}
+    return probe
+
+
+def test_a_rank_answers_the_probe_on_its_port_and_its_node_is_watched_from_its_first_answer() -> None:
+    """listen() answers connections on every address, while the rank runs; a node is watched
+    once a rank of it is seen to answer, through each of its ranks; a node whose first rank
+    does not answer (a firewall) is unknown, never lost."""
+    ports = [probe_module.listen(), probe_module.listen()]
+    for port in ports:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass
+    if socket.has_dualstack_ipv6():
+        with socket.create_connection(("::1", ports[0]), timeout=2):
+            pass
+    with silent_port() as silent:
+        probe = loopback_probe("a", "b")
+        found = probe.see(
+            {
+                0: {"rank": 0, "host": "a", "probe_port": ports[0]},
+                1: {"rank": 1, "host": "a", "probe_port": ports[1]},
+                2: {"rank": 2, "host": "b", "probe_port": silent},
+                3: {"rank": 3, "host": "elsewhere", "probe_port": ports[0]},
+            }
+        )
+        assert found == [f"node a at 127.0.0.1, rank 0 on port {ports[0]}"], found
+        assert probe.targets == {"a": [("127.0.0.1", ports[0]), ("127.0.0.1", ports[1])]}, probe.targets
+        assert probe.unknown == {"b": f"rank 2 at 127.0.0.1:{silent} did not answer when it started"}, probe.unknown
+        assert probe.see({0: {"rank": 0, "host": "a", "probe_port": ports[0]}}) == []  # seen once
 
 
 def test_a_node_is_lost_only_while_another_answers() -> None:
-    """A slurmd that stays silent while another answers is lost after LOST_S; when none
-    answers (Slurm's daemons restarting, or this node cut off) no node's loss can be told."""
-    import socket
-
-    from tfrun.task import probe as probe_module
-
-    listening = socket.socket()
-    listening.bind(("127.0.0.1", 0))
-    listening.listen()
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
-    try:
-        answers, refuses = listening.getsockname(), closed.getsockname()
-        probe = NodeProbe([])
-        probe.targets = {"up": answers, "gone": refuses}
+    """A node whose ranks stay silent while another node answers is lost after LOST_S; a rank
+    whose port is refused has ended, but its node is there; when no node answers (this node
+    cut off) no node's loss can be told; a node answers while one of its ranks does."""
+    answering, ended = probe_module.listen(), free_port()
+    with silent_port() as silent:
+        probe = loopback_probe()
+        probe.targets = {
+            "up": [("127.0.0.1", answering)],
+            "ended": [("127.0.0.1", ended)],
+            "gone": [("127.0.0.1", silent)],
+        }
         now = time.time()
         assert probe.lost(now) == [] and probe.lost(now + probe_module.LOST_S + 1) == ["gone"]
         probe.silent = {"gone": time.time() - probe_module.LOST_S - 1}  # silent long enough already
         assert probe.confirm() == ["gone"]
-        probe = NodeProbe([])
-        probe.targets = {"a": refuses, "b": refuses}
+        probe.targets = {"up": [("127.0.0.1", silent), ("127.0.0.1", answering)], "gone": [("127.0.0.1", silent)]}
+        probe.silent = {}
+        assert probe.lost(now) == [] and probe.lost(now + probe_module.LOST_S + 1) == ["gone"]
+        probe = loopback_probe()
+        probe.targets = {"a": [("127.0.0.1", silent)], "b": [("127.0.0.1", silent)]}
         assert probe.lost(now) == [] and probe.lost(now + 3600) == [] and probe.confirm() == []
-    finally:
-        listening.close()
-        closed.close()

@@ -32,6 +32,7 @@ from tfrun.task import (
     identity,
     keras_hooks,
     preempt,
+    probe,
     rendezvous,
     requeue,
     stopping,
@@ -181,7 +182,9 @@ def begin(run_dir: str, launcher: str) -> tuple[Plan, identity.TaskIdentity, mlf
             return None
     # The watchdog's ask for every thread's stack, answered even when the script is stuck.
     faulthandler.register(watchdog.STACKS, file=sys.stderr, all_threads=True, chain=False)
-    heartbeat.start(run_dir, rendezvous.attempt_key(), ident.rank)
+    # Across nodes, each task answers the watchdog's lost-node probe on a port of its own.
+    listening = probe.listen() if len(probe.job_nodes(launcher)) > 1 else None
+    heartbeat.start(run_dir, rendezvous.attempt_key(), ident.rank, probe_port=listening)
     rundir.update_rank(
         run_dir,
         ident.rank,

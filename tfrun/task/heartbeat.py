@@ -31,6 +31,7 @@ from tfrun import rundir
 from tfrun.paths import RunPaths
 
 WRITE_S = 2.0
+PROBE_PORT = "probe_port"  # the heartbeat's field: where the task answers the lost-node probe
 
 _state: dict[str, Any] = {
     "step": None,
@@ -117,13 +118,16 @@ def path(run_dir: str | os.PathLike[str], attempt: str, rank: int) -> Path:
     return RunPaths.of(run_dir).heartbeat(attempt, rank)
 
 
-def start(run_dir: str, attempt: str, rank: int) -> None:
-    """Write this task's heartbeat from now on (a daemon thread; idempotent)."""
+def start(run_dir: str, attempt: str, rank: int, probe_port: int | None = None) -> None:
+    """Write this task's heartbeat from now on (a daemon thread; idempotent), with the port the
+    task listens on for the watchdog's lost-node probe, if it does (:mod:`tfrun.task.probe`)."""
     if _started.is_set():
         return
     _started.set()
     target = path(run_dir, attempt, rank)
     info = {"rank": rank, "pid": os.getpid(), "host": rundir.hostname(), "hostname": socket.gethostname()}
+    if probe_port is not None:
+        info[PROBE_PORT] = probe_port
     # Imported here, on the task's own thread, never in the daemon thread below: a script that
     # ends while a daemon thread is still importing crashes the interpreter at exit (SIGSEGV
     # in CPython's import lock), and a task that did its work would be reported as killed.

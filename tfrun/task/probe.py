@@ -1,31 +1,59 @@
-"""Is a node of the job still there? Its slurmd is asked, at the address and port Slurm uses.
+"""Is a node of the job still there? The ranks on it are asked, on the network.
 
-Every Slurm node runs a slurmd, and the nodes of a job reach each other's (Slurm forwards its
-messages through them). So a node whose slurmd stops answering has lost its network or its
-slurmd: its ranks are gone long before Slurm marks it down (``SlurmdTimeout``). The port is
-the cluster's ``SlurmdPort`` and the address the node's ``NodeAddr``, both read from
-``scontrol``; a node the probe cannot reach even while the job starts on it (its address does
-not resolve, a firewall, a port of its own) is *unknown*, said once, never taken for lost.
+Every task of a job across nodes listens on a port of its own (:func:`listen`: any free port,
+every address of its node), and says which in its heartbeat. The watchdog connects to it every
+few seconds, at the node's ``NodeAddr`` (read from ``scontrol``), and closes the connection at
+once; nothing is sent. A node answers when the connection is accepted, or refused (its network
+is there; the rank's end is seen elsewhere). A node none of whose ranks answers has lost its
+network: its ranks are gone long before Slurm marks it down (``SlurmdTimeout``).
+
+Not slurmd: a connection that sends no Slurm message is an error to slurmd, which logs two
+lines for each, every few seconds for as long as the job runs.
+
+A node the probe cannot reach when its first rank has started (its address does not resolve, a
+firewall) is *unknown*, said once, never taken for lost.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import cast
+from typing import Any, cast
 
-from tfrun.task import preempt, preemption
+from tfrun.task import heartbeat, identity, preempt
 
-ANSWER_S = 2.0  # a slurmd that is there answers a connection at once
-LOST_S = 12.0  # a node that has not answered for this long is lost (its network or slurmd gone)
+ANSWER_S = 2.0  # a node that is there answers a connection at once
+LOST_S = 12.0  # a node that has not answered for this long is lost (its network gone)
 
 
-def slurmd_port() -> int | None:
-    """The cluster's ``SlurmdPort`` (``scontrol show config``); None if it cannot be read."""
-    value = preemption.slurm_config().get("SlurmdPort", "")
-    return int(value) if value.isdigit() else None
+def job_nodes(launcher: str) -> list[str]:
+    """The nodes of this task's job step (of its allocation, outside a step) on Slurm."""
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
+    return identity.expand_nodelist(nodelist) if launcher == "slurm" and nodelist else []
+
+
+def listen() -> int:
+    """Listen on a free port, every address of this node, and accept and close every connection
+    (a thread): what the watchdog's probe connects to. The port."""
+    if socket.has_dualstack_ipv6():
+        server = socket.create_server(("", 0), family=socket.AF_INET6, dualstack_ipv6=True, backlog=64)
+    else:
+        server = socket.create_server(("", 0), backlog=64)
+
+    def accept_forever() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:  # closed: nothing left to answer
+                return
+            connection.close()
+
+    threading.Thread(target=accept_forever, daemon=True, name="tfrun-probe").start()
+    return int(server.getsockname()[1])
 
 
 def node_addresses(nodes: list[str], timeout_s: float = 10.0) -> dict[str, str]:
@@ -55,50 +83,56 @@ def resolve(address: str, port: int) -> tuple[str, int] | None:
 
 
 def answers(target: tuple[str, int], timeout_s: float = ANSWER_S) -> bool:
-    """Does a slurmd listen there (a connection opened, nothing sent)?"""
+    """Does the node answer there: the connection accepted (a rank listens) or refused (no
+    rank listens any more, but the node's network is there)?"""
     try:
         with socket.create_connection(target, timeout=timeout_s):
             return True
+    except ConnectionRefusedError:
+        return True
     except OSError:
         return False
 
 
 class NodeProbe:
-    """The job's nodes, asked every time :meth:`lost` is called."""
+    """The job's nodes, each asked through its ranks' ports, every time :meth:`lost` is called."""
 
     def __init__(self, nodes: list[str]) -> None:
-        self.targets: dict[str, tuple[str, int]] = {}  # node -> (address, port) of its slurmd
+        self.nodes = nodes
+        self.addresses = node_addresses(nodes) if nodes else {}
+        self.targets: dict[str, list[tuple[str, int]]] = {}  # node -> its ranks' (address, port)
         self.unknown: dict[str, str] = {}  # node -> why the probe cannot watch it
         self.silent: dict[str, float] = {}  # node -> since when it has not answered
-        port = slurmd_port()
-        if port is None:
-            self.unknown = {n: "the cluster's SlurmdPort could not be read (scontrol show config)" for n in nodes}
-            return
-        named = node_addresses(nodes)
-        for node in nodes:
-            address = named.get(node, node)
+        self.seen: set[tuple[str, int]] = set()  # (node, port) of the ranks taken already
+
+    def see(self, beats: dict[int, dict[str, Any]]) -> list[str]:
+        """Take the ports of ranks that started since the last call (their heartbeats): what the
+        probe now watches, a line for each node it had not watched. A node that does not answer
+        when its first rank is seen is out of the probe's sight (a firewall), not lost."""
+        found = []
+        for beat in beats.values():
+            node, port = beat.get("host"), beat.get(heartbeat.PROBE_PORT)
+            if node not in self.nodes or node in self.unknown or not isinstance(port, int) or (node, port) in self.seen:
+                continue
+            self.seen.add((node, port))
+            address = self.addresses.get(node, node)
             target = resolve(address, port)
             if target is None:
                 self.unknown[node] = f"its address {address} does not resolve"
-            else:
-                self.targets[node] = target
-        # The job has just started on every node: one that does not answer now is out of the
-        # probe's sight (a firewall, a port of its own), not lost.
-        for node, answered in self._ask(list(self.targets)).items():
-            if not answered:
-                address, port = self.targets.pop(node)
-                self.unknown[node] = f"its slurmd at {address}:{port} did not answer when the job started"
-
-    def describe(self) -> str:
-        """What is probed, and what is not, in one line."""
-        probed = ", ".join(f"{n} ({a}:{p})" for n, (a, p) in sorted(self.targets.items()))
-        unknown = "; ".join(f"{n} unknown: {why}" for n, why in sorted(self.unknown.items()))
-        return "; ".join(part for part in (f"asking the slurmd of {probed}" if probed else "", unknown) if part)
+            elif node not in self.targets:
+                if answers(target):
+                    self.targets[node] = [target]
+                    found.append(f"node {node} at {address}, rank {beat.get('rank')} on port {port}")
+                else:
+                    self.unknown[node] = f"rank {beat.get('rank')} at {address}:{port} did not answer when it started"
+            elif target not in self.targets[node]:
+                self.targets[node].append(target)
+        return found
 
     def lost(self, now: float | None = None) -> list[str]:
-        """The probed nodes whose slurmd has not answered for LOST_S while another's did. When
-        none answers (this node's own included), Slurm's daemons are restarting or this node is
-        cut off: no node's loss can be told from here."""
+        """The watched nodes that have not answered for LOST_S while another did. When none
+        answers (this node's own included), this node is the one cut off, or the network
+        as a whole is down for a moment: no node's loss can be told from here."""
         now = time.time() if now is None else now
         for node, answered in self._ask(list(self.targets)).items():
             if answered:
@@ -111,8 +145,7 @@ class NodeProbe:
 
     def confirm(self) -> list[str]:
         """The lost nodes, once a hang is found: a node that does not answer now is asked again
-        until it answers or has been silent for LOST_S (slurmds restart, on a reconfiguration or
-        an upgrade: a moment's silence is no loss)."""
+        until it answers or has been silent for LOST_S (a moment's silence is no loss)."""
         while True:
             lost = self.lost()
             if self._all_silent() or set(lost) == set(self.silent):
@@ -123,8 +156,11 @@ class NodeProbe:
         return bool(self.targets) and len(self.silent) == len(self.targets)
 
     def _ask(self, nodes: list[str]) -> dict[str, bool]:
-        """Every node at once: a silent one costs its whole timeout."""
-        if not nodes:
+        """Every rank of every node at once (a silent one costs its whole timeout): a node
+        answers when one of its ranks does."""
+        asks = [(node, target) for node in nodes for target in self.targets[node]]
+        if not asks:
             return {}
-        with ThreadPoolExecutor(max_workers=min(16, len(nodes))) as pool:
-            return dict(zip(nodes, pool.map(lambda n: answers(self.targets[n]), nodes)))
+        with ThreadPoolExecutor(max_workers=min(16, len(asks))) as pool:
+            answered = list(pool.map(lambda ask: answers(ask[1]), asks))
+        return {node: any(a for (n, _), a in zip(asks, answered) if n == node) for node in nodes}

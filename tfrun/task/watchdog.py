@@ -51,13 +51,13 @@ from typing import Any
 from tfrun import rundir, variables
 from tfrun.paths import RunPaths
 from tfrun.states import RunState
-from tfrun.task import heartbeat, identity, preempt, preemption, requeue
-from tfrun.task.probe import NodeProbe
+from tfrun.task import heartbeat, preempt, preemption, requeue
+from tfrun.task.probe import NodeProbe, job_nodes
 
 POLL_S = 1.0
 STACKS = signal.SIGURG  # faulthandler's signal in every task (ignored by anything else)
 STACK_WAIT_S = 3.0
-NODE_CHECK_S = 5.0  # across nodes: how often every node's slurmd is asked whether it is there
+NODE_CHECK_S = 5.0  # across nodes: how often every node is asked whether it is there (its ranks' ports)
 # On Slurm, how often the controller is asked whether the watchdog's job step still runs: while
 # rank 0 (its parent) lives, seldom (Slurm ends rank 0 with its step); once rank 0 is gone, more
 # often (the other ranks may still run and be watched, or the step may have ended with it).
@@ -203,8 +203,8 @@ def report(
     if lost:
         on_lost = [r for r, h in hosts.items() if h in lost]
         text = (
-            f"node {', '.join(lost)} lost: it does not answer on the network (cut off, or its slurmd is "
-            f"gone), ranks {', '.join(map(str, on_lost)) or '-'} on it" + ("; " + text if stalled_too else "")
+            f"node {', '.join(lost)} lost: it does not answer on the network (cut off, or down), "
+            f"ranks {', '.join(map(str, on_lost)) or '-'} on it" + ("; " + text if stalled_too else "")
         )
     return {
         "rank": culprit,
@@ -231,16 +231,11 @@ class Watchdog:
         # On a pool's item, the step is its slot's: it outlives the item (see _item_over).
         self.job, self.step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID")
         self.step_asked = time.monotonic()
-        nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
-        nodes = identity.expand_nodelist(nodelist) if launcher == "slurm" and nodelist else []
+        nodes = job_nodes(launcher)
         self.probe = NodeProbe(nodes) if len(nodes) > 1 else None
         self.notes: dict[str, str] = {}  # what the watchdog does not watch, said once each
 
     def run(self) -> None:
-        if self.probe is not None:
-            say(f"lost-node probe: {self.probe.describe()}")
-            for node, why in self.probe.unknown.items():
-                self.note(f"node {node}", f"node {node}: not probed for loss, {why}")
         checked = 0.0
         while True:
             time.sleep(POLL_S)
@@ -250,14 +245,25 @@ class Watchdog:
             now = time.time()
             self.note_unwatched(beats)
             late = stalled(beats, self.roles, self.timeout_s, now, self.since)
+            if self.probe is not None:
+                self.see_nodes(beats)
             if self.probe is not None and now - checked >= NODE_CHECK_S:
                 checked = now
                 lost = self.probe.lost(now)
-                if lost:  # training may go on without noticing (a killed slurmd): Slurm would end it later
+                if lost:  # the ranks there are out of reach: the others wait for them, or soon will
                     late = late or [r for r, b in beats.items() if b.get("host") in lost] or [0]
             if late:
                 self.act(beats, late, now)
                 return
+
+    def see_nodes(self, beats: dict[int, dict[str, Any]]) -> None:
+        """The lost-node probe takes the ports of ranks that started since: said in the watchdog's
+        log, and a node it cannot watch once in the run's status."""
+        assert self.probe is not None
+        for found in self.probe.see(beats):
+            say(f"lost-node probe: {found}")
+        for node, why in self.probe.unknown.items():
+            self.note(f"node {node}", f"node {node}: not probed for loss, {why}")
 
     def note_unwatched(self, beats: dict[int, dict[str, Any]]) -> None:
         """Say once, in the rank's log and in the run's status, which rank is not watched and why."""
