@@ -125,7 +125,7 @@ class NodeProbe:
                     found.append(f"node {node} at {address}, rank {beat.get('rank')} on port {port}")
                 else:
                     self.unknown[node] = f"rank {beat.get('rank')} at {address}:{port} did not answer when it started"
-            elif target not in self.targets[node]:
+            else:  # another rank of a watched node (each port is taken once: self.seen)
                 self.targets[node].append(target)
         return found
 
