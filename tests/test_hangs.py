@@ -331,6 +331,34 @@ def test_keras_evaluate_and_work_after_fit_are_not_a_hang(tmp_path: Path) -> Non
     assert status["state"] == "COMPLETED" and not status.get("hang"), status
 
 
+# Busy in Python on its main thread, for longer than the hang timeout: no steps, no TensorFlow.
+BUSY_IN_PYTHON = """\
+import argparse, time
+parser = argparse.ArgumentParser()
+parser.add_argument("--seconds", type=float, default=14)
+args = parser.parse_args()
+end, n = time.time() + args.seconds, 0
+while time.time() < end:
+    n += sum(i * i for i in range(1000))
+print("BUSY DONE", flush=True)
+"""
+
+
+def test_a_local_sweeps_point_busy_in_python_is_not_a_hang(tmp_path: Path) -> None:
+    """A sweep's points run in processes forked from a warm one, whose main thread Python 3.11
+    names by the parent's id: the script's CPU went unseen, and every point busy for longer
+    than the hang timeout without steps was ended as hung."""
+    busy = script(tmp_path, "busy.py", BUSY_IN_PYTHON)
+    result = run_tfrun(
+        tmp_path, "-m", f"entry.script={busy}", "trainer.seconds=14", "compute.hang_timeout_s=6", timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "BUSY DONE" in result.stdout
+    (status,) = [read_json(p) for p in (tmp_path / "runs").glob("sweep-*/0/status.json")]
+    assert status["state"] == "COMPLETED" and not status.get("hang"), status
+    assert status["pool_item"], status  # run as a pool's item, forked
+
+
 # Parameter-server training whose epochs (12 s: its chief waits 0.4 s after every batch) are far
 # longer than the hang timeout (6 s), with an evaluator that waits for the chief's end all that
 # time without using any CPU (blocked in a read of a pipe the chief opens last).

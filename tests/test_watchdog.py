@@ -173,7 +173,7 @@ ACTIVITY = textwrap.dedent("""\
     seen["an ignored child"] = spent(sleeping)
     child.kill()
     child.wait()
-    activity.sample()
+    spent(sleeping)  # the ended child's CPU, into what the next cases start from
     seen.update({
         "sleeping": spent(sleeping),
         "computing": spent(computing),
@@ -290,3 +290,71 @@ def test_a_node_is_lost_only_while_another_answers() -> None:
         probe = loopback_probe()
         probe.targets = {"a": [("127.0.0.1", silent)], "b": [("127.0.0.1", silent)]}
         assert probe.lost(now) == [] and probe.lost(now + 3600) == [] and probe.confirm() == []
+
+
+# A process forked from a warm one (a pool's item, a local sweep's point) that computes on its
+# main thread: its Activity is made there, as the bootstrap makes it.
+FORKED = textwrap.dedent("""\
+    import os, sys, time
+    from tfrun.task.activity import Activity
+
+    pid = os.fork()
+    if pid == 0:
+        activity = Activity()
+        activity.sample()
+        end = time.perf_counter() + 0.5
+        while time.perf_counter() < end:
+            pass
+        os._exit(0 if activity.sample() else 3)
+    _, status = os.waitpid(pid, 0)
+    sys.exit(os.waitstatus_to_exitcode(status))
+""")
+
+
+def test_activity_of_a_forked_process_is_its_own_main_threads() -> None:
+    """Python 3.11 keeps the parent's thread id as a forked child's main thread id: the CPU of
+    a pool item's script went unseen, and a script busy in Python was taken for a hang."""
+    out = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"the forked process's computing was not seen (exit {out.returncode}): {out.stderr}"
+
+
+# A script busy in Python (it holds the GIL between its releases) in a process of many threads
+# (TensorFlow's pools): tfrun's thread samples its activity. Each take of the GIL waits for the
+# busy thread's switch interval, made long here as on a loaded machine.
+GIL_BUSY = textwrap.dedent("""\
+    import json, sys, threading, time
+    from tfrun.task.activity import Activity
+
+    sys.setswitchinterval(0.05)
+    idle = threading.Event()
+    for _ in range(100):
+        threading.Thread(target=idle.wait, daemon=True).start()
+    activity = Activity()
+    took, found = [], []
+
+    def sample():
+        for _ in range(4):
+            time.sleep(0.3)
+            start = time.monotonic()
+            found.append(activity.sample())
+            took.append(time.monotonic() - start)
+
+    sampler = threading.Thread(target=sample, name="tfrun-sampler")
+    sampler.start()
+    end = time.monotonic() + 40
+    while sampler.is_alive() and time.monotonic() < end:
+        pass
+    idle.set()
+    print(json.dumps({"took": took, "found": found}))
+""")
+
+
+def test_a_script_busy_in_python_is_seen_at_once_among_many_threads() -> None:
+    """Seen from one read of its own thread's CPU: reading every thread's took a handoff of the
+    GIL per file, seconds a sample under load (the heartbeat unwritten as long, and a healthy
+    rank ended as hung)."""
+    out = subprocess.run([sys.executable, "-c", GIL_BUSY], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert len(seen["found"]) == 4 and all(seen["found"][1:]), seen
+    assert max(seen["took"][1:]) < 1.0, seen

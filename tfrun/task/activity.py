@@ -79,12 +79,17 @@ class Activity:
     spent since the last sample."""
 
     def __init__(self) -> None:
+        """Made on the thread that runs the script (the bootstrap's)."""
         self.ignored: set[int] = set()  # child processes that are tfrun's (the watchdog)
         self.last: dict[int | str, int] = {}
         self.sampled = time.monotonic()
         self.names: dict[int, str] = {}
         self.counted: dict[int, bool] = {}  # Python thread ident -> whether its CPU counts
-        self.main = threading.main_thread().native_id
+        # This thread's id, not threading.main_thread().native_id: in a process forked from a
+        # warm one (a pool's item, a local sweep's point) Python 3.11 keeps the parent's id
+        # there, and the script's CPU went unseen.
+        self.main: int | None = threading.get_native_id()
+        self._main_file: int | None = None  # its schedstat, kept open: one read a sample
 
     def ignore(self, pid: int) -> None:
         """Leave a child process (and its own children) out: it is tfrun's, not the script's."""
@@ -92,9 +97,20 @@ class Activity:
 
     def sample(self) -> bool | None:
         """True if the script used CPU since the last sample (the first sample: since the
-        process started); None if this system does not say."""
+        process started); None if this system does not say. Once the script's thread stops,
+        the first sample may still say True for what its other threads and children used
+        while it ran (read only then): a hang is seen one sample later, never a busy rank
+        taken for one."""
         if not _TASKS.is_dir() or self.main is None:
             return None
+        # The script's thread first, and alone when it ran. Every file read hands the GIL over
+        # and takes it back, and a script busy in Python makes each take wait for it: reading
+        # every thread's CPU then took seconds under load, the heartbeat went unwritten as long,
+        # and a busy rank looked stalled to the watchdog.
+        main = self._main_cpu()
+        if main is not None and main > self.last.get(self.main, main):
+            self.last[self.main] = main
+            return True
         script, tensorflow = self._threads()
         now = {**script, **tensorflow, **self._children()}
         if not now:
@@ -107,6 +123,16 @@ class Activity:
         )
         self.last = now
         return spent
+
+    def _main_cpu(self) -> int | None:
+        """CPU time of the script's thread (ns): one read of its schedstat, kept open."""
+        assert self.main is not None
+        try:
+            if self._main_file is None:
+                self._main_file = os.open(_TASKS / str(self.main) / "schedstat", os.O_RDONLY)
+            return int(os.pread(self._main_file, 128, 0).split()[0])
+        except (OSError, ValueError, IndexError):
+            return cpu_ns(self.main)
 
     def _threads(self) -> tuple[dict[int | str, int], dict[int | str, int]]:
         """CPU of the script's threads and of TensorFlow's, by thread id."""
