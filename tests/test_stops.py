@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -510,6 +511,47 @@ def test_a_stop_in_a_slurm_tasks_first_moments_is_held_and_requeued(tmp_path: Pa
     assert "rank 0 TRAINING DONE" in second, second
     assert sacct_state(job_id) == "COMPLETED"
     assert not caught, "a handler was in place before the stop signals were held: the test came late"
+
+
+# The tasks' interpreter, slow to start in the job's first step: it waits before Python runs
+# (where no handler and no held signal can be), having said so in a file.
+SLOW_START = """\
+#!/bin/sh
+if [ -n "$SLURM_JOB_ID" ] && [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ] && [ -z "$TFRUN_STOP_PENDING" ]; then
+    touch "{waiting}.$SLURM_PROCID"
+    sleep 120
+fi
+exec {python} "$@"
+"""
+
+
+@pytest.mark.slurm
+def test_a_stop_that_ends_a_slurm_tasks_interpreter_as_it_starts_is_sent_again_and_requeued(
+    tmp_path: Path, job_name: str
+) -> None:
+    """Slurm 24.11 may send a requeued job's time-limit warning within its first second: a
+    SIGUSR2 that comes before the task's Python can hold it (the interpreter's own start) kills
+    the task. The job's batch shell runs the step again with the stop pending: the task holds
+    it from its first line and stops before the script runs, the job is requeued by the one
+    rule, and the next attempt trains in full. (Before, the job ended FAILED, nothing requeued.)"""
+    write_script(tmp_path, "fit.py", FIT_SCRIPT)
+    slow = tmp_path / "slow-start"
+    slow.write_text(SLOW_START.format(waiting=tmp_path / "waiting", python=sys.executable))
+    slow.chmod(0o755)
+    job_id, run_dir = submit_quick(tmp_path, job_name, "entry.script=fit.py", f"entry.python={slow}")
+    wait_for(lambda: (tmp_path / "waiting.0").exists(), JOB_TIMEOUT, "the task's interpreter to start")
+    # As Slurm's time-limit warning is sent: to the job's steps, not to its batch shell.
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+    assert wait_final(tmp_path, run_dir) == "COMPLETED", text_of(run_dir / f".submitit/{job_id}_0_log.out")[-3000:]
+    tried = attempts(run_dir)
+    assert [(a["reason"], a.get("requeued")) for a in tried] == [("preempted", True), ("completed", None)], tried
+    said = text_of(run_dir / f".submitit/{job_id}_0_log.out")
+    assert "tfrun: SIGUSR2 ended the tasks before they could hold it: they run again with it pending" in said, said
+    assert "tfrun: received SIGUSR2: checkpointing and stopping" in said, said
+    first, second = text_of(run_dir / "logs/rank0.log").split("tfrun: rank 0/1 on ", 2)[1:]
+    assert "tfrun: stopped on request before the script ran" in first, first
+    assert "rank 0 TRAINING DONE" in second, second
+    assert sacct_state(job_id) == "COMPLETED"
 
 
 @pytest.mark.slurm

@@ -22,6 +22,8 @@ BACKEND = "TFRUN_BACKEND"  # none, horovod, ps or mwms
 LAUNCHER = "TFRUN_LAUNCHER"  # local or slurm: how the task learns who it is
 ATTEMPT = "TFRUN_ATTEMPT"  # the attempt's key (a local launch, a pool item's attempt); on Slurm from the job
 POOL = "TFRUN_POOL"  # a pool item's pool dir: what follows a stop request is its pool's to decide
+# -- set by a job's batch shell (tfrun.plan.sbatch), read by tfrun.task.held -----------------
+STOP_PENDING = "TFRUN_STOP_PENDING"  # USR1 or USR2: a stop that killed the tasks as they started, sent again
 
 # -- set by the user, read by tfrun ---------------------------------------------------------
 RUNS_DIR = "TFRUN_RUNS_DIR"  # where run dirs go and are looked up (default ./tfrun-runs)
@@ -43,6 +45,10 @@ MEANING: dict[str, str] = {
     LAUNCHER: "local or slurm (set by tfrun's launchers for the bootstrap)",
     ATTEMPT: "the attempt's key (set by tfrun's local launcher and pools)",
     POOL: "the pool dir of a pool's item (set by the pool's coordinator)",
+    STOP_PENDING: (
+        "USR1 or USR2: a stop signal that came while the tasks' interpreters started; they hold it"
+        " from their first line (set by the job's batch shell when it runs them again)"
+    ),
     RUNS_DIR: "where run dirs go and are looked up; default ./tfrun-runs (set by you)",
     ENV_CACHE: "where deps=pip|conda environments are kept; default ~/.cache/tfrun/envs (set by you)",
 }

@@ -8,7 +8,7 @@ import shlex
 import subprocess
 from typing import Any, Sequence
 
-from tfrun import backends, deps
+from tfrun import backends, deps, variables
 from tfrun.config.run_config import Compute
 from tfrun.paths import RunPaths, SweepPaths
 from tfrun.plan import submitit_compat
@@ -19,11 +19,24 @@ from tfrun.rundir import Plan
 # killed it (bash's default), and the job ended FAILED. The shell now passes it on to the
 # job's tasks and goes on; srun runs in the background so that the trap runs at once (bash
 # runs traps only between commands), and the script still ends with srun's exit status.
+#
+# A task holds the stop signals from the first line of its Python (tfrun.task.held), not
+# before: one that comes while the interpreter itself starts kills the task, srun exits
+# 128 + the signal's number, and the job would end FAILED with nothing requeued (Slurm 24.11
+# can send the time-limit warning of a requeued job within its first second). SIGUSR1 and
+# SIGUSR2 are only ever stop requests to a tfrun task (its handlers take them from then on):
+# when the step ends by one, its tasks run once more with it pending (STOP_PENDING), held
+# from their first line, and they stop before the script runs as they would for a stop that
+# comes while they prepare: the job is requeued by the one rule.
 BATCH_SHELL_LINES = [
     '_tfrun_stop() { scancel --signal="$1" "$SLURM_JOB_ID"; }',
     "trap '_tfrun_stop USR1' USR1",
     "trap '_tfrun_stop USR2' USR2",
-    'srun() { command srun "$@" & local pid=$!; while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done; wait "$pid"; }',
+    '_tfrun_srun() { command srun "$@" & local pid=$!; while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done; wait "$pid"; }',
+    '_tfrun_again() { echo "tfrun: SIG$1 ended the tasks before they could hold it: they run again with it pending" >&2;'
+    f' local sig=$1; shift; {variables.STOP_PENDING}=$sig _tfrun_srun "$@"; }}',
+    'srun() { _tfrun_srun "$@"; local code=$?; case $code in 138) _tfrun_again USR1 "$@";;'
+    ' 140) _tfrun_again USR2 "$@";; *) return $code;; esac; }',
 ]
 
 

@@ -8,12 +8,14 @@ start and the bootstrap's handlers (:func:`tfrun.task.preempt.install`) lie the 
 submitit, of the pickled call and of tfrun: SIGUSR1/SIGUSR2 would kill the task there, or
 reach submitit's handler instead of tfrun's, and the stop would be lost. Held from here, a
 stop signal waits and is delivered to tfrun's handlers. What is left is the interpreter's own
-start, before this module's first line.
+start, before this module's first line: a stop that kills the tasks there is sent again by the
+job's batch shell, which runs them once more with it pending (:mod:`tfrun.plan.sbatch`).
 """
 
 from tfrun.task import preempt
 
 preempt.block()
+preempt.resend_pending()  # a stop that killed this step's tasks as they started
 
 import runpy  # noqa: E402  (after the signals are held: nothing before that line may take time)
 import sys  # noqa: E402

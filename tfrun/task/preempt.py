@@ -33,6 +33,8 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+from tfrun import variables
+
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 STOP_SIGNALS = (*SIGNALS, signal.SIGTERM)
 KINDS = tuple(s.name for s in STOP_SIGNALS)  # what can ask a task to stop
@@ -189,6 +191,15 @@ def block() -> None:
     by one in its first moments; a held signal is delivered when the handlers are in place).
     The mask is inherited by the processes this one starts, as they start."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def resend_pending() -> None:
+    """Once the stop signals are held: a stop that killed this step's tasks as their interpreters
+    started (the job's batch shell runs them again with it in ``STOP_PENDING``), sent to this
+    process again, to be taken with the others when the handlers are in place."""
+    pending = os.environ.pop(variables.STOP_PENDING, "")
+    if pending in ("USR1", "USR2"):
+        os.kill(os.getpid(), getattr(signal, f"SIG{pending}"))
 
 
 @contextlib.contextmanager
