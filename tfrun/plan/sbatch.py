@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 from typing import Any, Sequence
 
@@ -35,8 +36,9 @@ BATCH_SHELL_LINES = [
     '_tfrun_srun() { command srun "$@" & local pid=$!; while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done; wait "$pid"; }',
     '_tfrun_again() { echo "tfrun: SIG$1 ended the tasks before they could hold it: they run again with it pending" >&2;'
     f' local sig=$1; shift; {variables.STOP_PENDING}=$sig _tfrun_srun "$@"; }}',
-    'srun() { _tfrun_srun "$@"; local code=$?; case $code in 138) _tfrun_again USR1 "$@";;'
-    ' 140) _tfrun_again USR2 "$@";; *) return $code;; esac; }',
+    # A task killed by a signal: srun exits 128 + its number (138, 140).
+    f'srun() {{ _tfrun_srun "$@"; local code=$?; case $code in {128 + signal.SIGUSR1}) _tfrun_again USR1 "$@";;'
+    f' {128 + signal.SIGUSR2}) _tfrun_again USR2 "$@";; *) return $code;; esac; }}',
 ]
 
 

@@ -88,7 +88,7 @@ class Activity:
         # This thread's id, not threading.main_thread().native_id: in a process forked from a
         # warm one (a pool's item, a local sweep's point) Python 3.11 keeps the parent's id
         # there, and the script's CPU went unseen.
-        self.main: int | None = threading.get_native_id()
+        self.main = threading.get_native_id()
         self._main_file: int | None = None  # its schedstat, kept open: one read a sample
 
     def ignore(self, pid: int) -> None:
@@ -101,7 +101,7 @@ class Activity:
         the first sample may still say True for what its other threads and children used
         while it ran (read only then): a hang is seen one sample later, never a busy rank
         taken for one."""
-        if not _TASKS.is_dir() or self.main is None:
+        if not _TASKS.is_dir():
             return None
         # The script's thread first, and alone when it ran. Every file read hands the GIL over
         # and takes it back, and a script busy in Python makes each take wait for it: reading
@@ -126,7 +126,6 @@ class Activity:
 
     def _main_cpu(self) -> int | None:
         """CPU time of the script's thread (ns): one read of its schedstat, kept open."""
-        assert self.main is not None
         try:
             if self._main_file is None:
                 self._main_file = os.open(_TASKS / str(self.main) / "schedstat", os.O_RDONLY)
@@ -136,7 +135,7 @@ class Activity:
 
     def _threads(self) -> tuple[dict[int | str, int], dict[int | str, int]]:
         """CPU of the script's threads and of TensorFlow's, by thread id."""
-        counted: set[int] = {self.main} if self.main is not None else set()
+        counted: set[int] = {self.main}
         frames = sys._current_frames()
         threads = threading.enumerate()
         for thread in threads:
