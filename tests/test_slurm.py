@@ -448,6 +448,83 @@ def test_ctrl_c_while_following_detaches_and_the_job_keeps_running(tmp_path: Pat
     assert _first_line(tfrun_status(tmp_path, run_dir)).endswith(": CANCELLED")
 
 
+# A line of the job's own script (compute.setup) that ends the job before srun starts a task,
+# from the attempt whose restart count is ``failing_from`` on (0: every attempt).
+def _setup_fails(failing_from: int) -> str:
+    line = (
+        f"test 0$SLURM_RESTART_COUNT -lt {failing_from} || "
+        "{ echo setup broke on attempt $((0$SLURM_RESTART_COUNT + 1)) >&2; exit 3; }"
+    )
+    return f'compute.setup=["{line}"]'
+
+
+def _ended_before_tasks(run_dir: Path, job_id: str, attempt: int) -> str:
+    log = run_dir / ".submitit" / f"{job_id}_0_log.out"
+    return (
+        f"the job ended before any of its tasks started; the end of its log ({log}): setup broke on attempt {attempt}"
+    )
+
+
+@pytest.mark.slurm
+def test_a_job_its_setup_ends_says_why(tmp_path: Path, job_name: str) -> None:
+    """No rank ran, so none is named: the reason is the last line the job wrote."""
+    write_script(tmp_path, "hello.py", "print('hello')\n")
+    result = run_tfrun(
+        tmp_path,
+        "compute=slurm",
+        f"compute.job_name={job_name}",
+        "entry.script=hello.py",
+        _setup_fails(0),
+        timeout=JOB_TIMEOUT,
+    )
+    assert result.returncode == 1, result.stderr
+    run_dir, job_id = run_dir_from(result.stderr), submitted_job(result.stderr)
+    why = _ended_before_tasks(run_dir, job_id, 1)
+    status = read_json(run_dir / "status.json")
+    assert (status["state"], status["failed_rank"], status["reason"]) == ("FAILED", None, why), status
+    assert f"tfrun: {why}\n" in result.stderr
+    assert f"  reason: {why}" in tfrun_status(tmp_path, run_dir)
+    assert sacct_state(job_id) == "FAILED"
+
+
+@pytest.mark.slurm
+def test_an_attempt_after_a_requeue_is_judged_by_its_own_lines(tmp_path: Path, job_name: str) -> None:
+    """The first attempt's rank is killed by the requeue (srun says so in the job's log, and
+    its record stays); the second attempt's setup ends the job. The run failed for the second
+    attempt's reason, not for the first's."""
+    write_script(tmp_path, "sleep.py", SLEEP_SCRIPT)
+    proc, out, err = popen_tfrun(
+        tmp_path,
+        "compute=slurm",
+        "compute.poll_s=0.5",
+        f"compute.job_name={job_name}",
+        "entry.script=sleep.py",
+        _setup_fails(1),
+    )
+    try:
+        wait_for(lambda: "sleeping" in out.read_text(), JOB_TIMEOUT, "the first attempt's rank to run")
+        job_id = submitted_job(err.read_text())
+        subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, timeout=60)
+        code = proc.wait(timeout=JOB_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = err.read_text()
+    assert code == 1, stderr
+    run_dir = run_dir_from(stderr)
+    why = _ended_before_tasks(run_dir, job_id, 2)
+    status = read_json(run_dir / "status.json")
+    assert (status["state"], status["failed_rank"], status["reason"]) == ("FAILED", None, why), status
+    assert f"tfrun: {why}\n" in stderr and "failed: killed by SIGTERM" not in stderr
+    assert f"  reason: {why}" in tfrun_status(tmp_path, run_dir)
+    log = (run_dir / ".submitit" / f"{job_id}_0_log.out").read_text()
+    first, second = f"tfrun: starting attempt {job_id}-0 on ", f"tfrun: starting attempt {job_id}-1 on "
+    assert first in log and second in log, log
+    assert "task 0: Terminated" in log.split(second)[0], log  # the first attempt's rank, as srun saw it end
+    assert read_json(run_dir / "ranks/0.json")["attempt"] == f"slurm-{job_id}-0"
+
+
 def _children(pid: int) -> list[str]:
     """The command lines of a process's living children."""
     import psutil

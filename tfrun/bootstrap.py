@@ -197,6 +197,7 @@ def begin(run_dir: str, launcher: str) -> tuple[Plan, identity.TaskIdentity, mlf
         error=None,
         job=os.environ.get("SLURM_JOB_ID"),
         step=os.environ.get("SLURM_STEP_ID"),
+        attempt=rendezvous.attempt_key(),
     )
     say(
         f"rank {ident.rank}/{ident.world_size} on {rundir.hostname()} (node {ident.node_index}, "

@@ -4,6 +4,7 @@ sbatch script. Pure (``--dry-run`` shows it); :mod:`tfrun.targets.slurm` submits
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -14,6 +15,10 @@ from tfrun.config.run_config import Compute
 from tfrun.paths import RunPaths, SweepPaths
 from tfrun.plan import submitit_compat
 from tfrun.rundir import Plan
+
+# The line that starts each attempt's part of a job's log ("... JOBID-RESTARTS on NODE").
+ATTEMPT_STARTS = "tfrun: starting attempt"
+ATTEMPT_STARTS_RE = re.compile(r"^" + re.escape(ATTEMPT_STARTS) + r" (\S+)-(\d+) on ", re.M)
 
 # The first lines of every job's script. A stop request sent to the batch shell (with the
 # job: ``scancel --full --signal=USR2``; alone: ``scancel --batch``, ``--signal=B:USR2@N``)
@@ -30,6 +35,9 @@ from tfrun.rundir import Plan
 # from their first line, and they stop before the script runs as they would for a stop that
 # comes while they prepare: the job is requeued by the one rule.
 BATCH_SHELL_LINES = [
+    # Each attempt of the job (Slurm starts the script again after a requeue) says so in the job's
+    # log first, which the job's attempts share: how an attempt ended is read from its own lines.
+    f'echo "{ATTEMPT_STARTS} $SLURM_JOB_ID-${{SLURM_RESTART_COUNT:-0}} on $SLURMD_NODENAME" >&2',
     '_tfrun_stop() { scancel --signal="$1" "$SLURM_JOB_ID"; }',
     "trap '_tfrun_stop USR1' USR1",
     "trap '_tfrun_stop USR2' USR2",

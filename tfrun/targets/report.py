@@ -14,13 +14,16 @@ from tfrun.states import RunState
 
 def failure_text(run_dir: str, status: dict) -> str:
     """Which rank failed, on which host, how, and the end of its log (after a hang, where its
-    script is stuck: the end of its log is the watchdog's dump of every thread)."""
+    script is stuck: the end of its log is the watchdog's dump of every thread); a run that
+    failed before any rank did (a job whose setup failed): why."""
     rank = status.get("failed_rank")
     if rank is None:
-        return ""
+        return status.get("reason") or "failed, and no rank recorded why"
     record = rundir.rank_records(run_dir).get(int(rank), {})
     host = record.get("host") or status.get("host") or "?"
-    reason = record.get("error") or status.get("reason") or "failed"  # the rank's own account first
+    # The status has the rank's own account (its error) where the rank's record is of the attempt
+    # that failed; a record an earlier attempt left is not.
+    reason = status.get("reason") or record.get("error") or "failed"
     log = RunPaths.of(run_dir).rank_log(int(rank))
     lines = [f"rank {rank} on {host} failed: {reason}"]
     stuck = stuck_at(rundir.tail(log, 400)) if status.get("hang") else None

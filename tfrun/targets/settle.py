@@ -48,11 +48,18 @@ class Ending:
     reason: str | None = None  # the target's words for the end, where no rule says more
     host: str | None = None  # where every rank ran, when the target knows (one machine)
     scheduler: str | None = None  # who reported the state, named in a reason ("Slurm")
+    # The attempt whose end this is (its key, as its tasks name it): the records an earlier
+    # attempt's ranks left are no account of it. None: the ranks' records, whichever there are.
+    attempt: str | None = None
 
 
 def settle(run_dir: str | os.PathLike[str], ending: Ending) -> dict[str, Any]:
     """The run's final status fields from ``ending`` and its run dir, by the rules above."""
-    records = rundir.rank_records(run_dir)
+    records = {
+        rank: record
+        for rank, record in rundir.rank_records(run_dir).items()
+        if ending.attempt is None or record.get("attempt") == ending.attempt
+    }
     codes = (
         dict(ending.exit_codes)
         if ending.exit_codes is not None

@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -24,6 +25,7 @@ from tfrun.plan import Plan, sbatch, submitit_compat
 from tfrun.states import FINAL, RunState
 from tfrun.targets import progress
 from tfrun.targets.settle import Ending, last_attempt, settle
+from tfrun.task import rendezvous
 
 # Slurm's job states (sacct's, squeue's and scontrol's words) -> tfrun's. Anything not listed is
 # shown as Slurm says it.
@@ -242,26 +244,53 @@ def scancel(args: list[str]) -> None:
 _SRUN_TASK_ERROR = re.compile(r"^srun: error: (\S+): tasks? (\d+)(?:-\d+)?: (.+)$", re.M)
 
 
-def srun_failure(run_dir: str) -> dict[str, Any] | None:
-    """The first task srun reported as failed (rank, host, how) in the job's own log.
+@dataclass(frozen=True)
+class JobLog:
+    """The part of a job's log (``%j_0_log.out``: the batch shell's and srun's lines) that its
+    last attempt wrote, and that attempt's key as its tasks name it (None: not known)."""
 
-    srun names the task that failed first, before those it then terminated, which the
-    ranks' records cannot do for a task killed by SIGKILL (it records nothing).
-    """
-    status = rundir.read_status(run_dir)
-    folder, jobs = status.get("submitit_folder"), status.get("job_ids") or []
-    if status.get("srun_log"):  # a packed point: its own step's srun
-        log = Path(status["srun_log"])
-    elif folder and jobs:
-        log = Path(folder) / f"{jobs[-1]}_0_log.out"
-    else:
-        return None
-    match = _SRUN_TASK_ERROR.search(rundir.tail(log, 200))
-    if not match:
-        return None
-    host, rank, how = match.groups()
-    reason = {"Killed": "killed by SIGKILL", "Terminated": "killed by SIGTERM"}.get(how.strip(), how.strip())
-    return {"failed_rank": int(rank), "host": host, "reason": reason}
+    path: Path | None
+    text: str
+    attempt: str | None
+
+    @classmethod
+    def of(cls, run_dir: str) -> JobLog:
+        status = rundir.read_status(run_dir)
+        folder, jobs = status.get("submitit_folder"), status.get("job_ids") or []
+        if status.get("srun_log"):  # a packed point: its own step's srun
+            path = Path(status["srun_log"])
+        elif folder and jobs:
+            path = Path(folder) / f"{jobs[-1]}_0_log.out"
+        else:
+            return cls(None, "", None)
+        text = rundir.tail(path, 200)
+        # The log is appended to by every attempt: an earlier one's lines are not this one's.
+        starts = list(sbatch.ATTEMPT_STARTS_RE.finditer(text))
+        if not starts:
+            return cls(path, text, None)
+        job, restarts = starts[-1].groups()
+        key = rendezvous.attempt_key({"SLURM_JOB_ID": job, "SLURM_RESTART_COUNT": restarts})
+        return cls(path, text[starts[-1].end() :].partition("\n")[2], key)
+
+    def srun_failure(self) -> dict[str, Any] | None:
+        """The first task srun reported as failed (rank, host, how).
+
+        srun names the task that failed first, before those it then terminated, which the
+        ranks' records cannot do for a task killed by SIGKILL (it records nothing).
+        """
+        match = _SRUN_TASK_ERROR.search(self.text)
+        if not match:
+            return None
+        host, rank, how = match.groups()
+        reason = {"Killed": "killed by SIGKILL", "Terminated": "killed by SIGTERM"}.get(how.strip(), how.strip())
+        return {"failed_rank": int(rank), "host": host, "reason": reason}
+
+    def before_tasks(self) -> str:
+        """Why an attempt none of whose tasks started ended: its setup (``compute.setup``, the
+        deps' lines) or srun itself failed, in the words its log ends with."""
+        said = [line.strip() for line in self.text.splitlines() if line.strip()]
+        end = f": {said[-1]}" if said else " (its log says nothing)"
+        return f"the job ended before any of its tasks started; the end of its log ({self.path}){end}"
 
 
 def shown_state(run_dir: str | os.PathLike[str], state: str) -> str:
@@ -282,9 +311,18 @@ def shown_state(run_dir: str | os.PathLike[str], state: str) -> str:
 
 def ending(run_dir: str, state: str) -> Ending:
     """What Slurm saw of a job's end: its state (as :func:`shown_state` says it) and, for a
-    failure or a time limit, the task srun reported first; the ranks' records say the rest."""
-    first = srun_failure(run_dir) if state in (RunState.FAILED, RunState.TIMEOUT) else None
-    return Ending(state=state, first_failure=first, scheduler="Slurm")
+    failure or a time limit, the task srun reported first in the last attempt's part of the
+    job's log; the ranks' records of that attempt say the rest. A failed attempt that started
+    no task ends with the words its log ends with."""
+    if state not in (RunState.FAILED, RunState.TIMEOUT):
+        return Ending(state=state, scheduler="Slurm")
+    log = JobLog.of(run_dir)
+    first = log.srun_failure()
+    reason = None
+    if state == RunState.FAILED and first is None and log.attempt is not None:
+        if not any(r.get("attempt") == log.attempt for r in rundir.rank_records(run_dir).values()):
+            reason = log.before_tasks()
+    return Ending(state=state, first_failure=first, scheduler="Slurm", attempt=log.attempt, reason=reason)
 
 
 class _LogTail:
