@@ -448,9 +448,9 @@ def test_ctrl_c_while_following_detaches_and_the_job_keeps_running(tmp_path: Pat
     assert _first_line(tfrun_status(tmp_path, run_dir)).endswith(": CANCELLED")
 
 
-# A line of the job's own script (compute.setup) that ends the job before srun starts a task,
-# from the attempt whose restart count is ``failing_from`` on (0: every attempt).
 def _setup_fails(failing_from: int) -> str:
+    """A line of the job's own script (compute.setup) that ends the job before srun starts a
+    task, from the attempt whose restart count is ``failing_from`` on (0: every attempt)."""
     line = (
         f"test 0$SLURM_RESTART_COUNT -lt {failing_from} || "
         "{ echo setup broke on attempt $((0$SLURM_RESTART_COUNT + 1)) >&2; exit 3; }"
